@@ -1,0 +1,191 @@
+// The activation table: one enum and one functor per activation, forward and derivative.
+//
+// Every kernel (CPU scalar and vectorized, CUDA) instantiates these same templates, so the
+// formulas exist exactly once. A functor is written against `MathOps<T>`, a tiny policy that
+// supplies exp/tanh/erf and a branch-free select for the value type T: plain float/double here
+// (usable from host and device code), at::vec::Vectorized<...> in cpu/vec_math.h.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define PYFASTNN_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define PYFASTNN_HOST_DEVICE inline
+#endif
+
+namespace pyfastnn {
+
+// Order and spelling are the Python API's: pyfastnn.ACTIVATIONS is read from kActivationNames.
+enum class Activation : int64_t {
+  Identity = 0,
+  Relu = 1,
+  LeakyRelu = 2,
+  Sigmoid = 3,
+  Tanh = 4,
+  Gelu = 5,      // x * Phi(x), erf form (F.gelu default)
+  GeluTanh = 6,  // tanh approximation (F.gelu(approximate="tanh"))
+  Silu = 7,
+};
+
+constexpr int64_t kNumActivations = 8;
+constexpr const char* kActivationNames[kNumActivations] = {
+    "identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu"};
+
+inline bool is_valid_activation(int64_t code) {
+  return code >= 0 && code < kNumActivations;
+}
+
+// Whether backward can take the derivative from the activation's output (so the output, which the
+// caller keeps anyway, is all that must be saved) or needs the pre-activation. leaky_relu with a
+// negative slope maps both signs of x to positive outputs, so its output no longer tells them apart.
+PYFASTNN_HOST_DEVICE bool derivative_from_output(Activation act, double negative_slope) {
+  switch (act) {
+    case Activation::Identity:
+    case Activation::Relu:
+    case Activation::Sigmoid:
+    case Activation::Tanh:
+      return true;
+    case Activation::LeakyRelu:
+      return negative_slope >= 0.0;
+    default:
+      return false;
+  }
+}
+
+// Scalar math policy (float or double), usable from host and device code.
+template <typename T>
+struct MathOps {
+  using Mask = bool;
+  PYFASTNN_HOST_DEVICE static T constant(double v) { return static_cast<T>(v); }
+  PYFASTNN_HOST_DEVICE static T exp(T x) { return std::exp(x); }
+  PYFASTNN_HOST_DEVICE static T tanh(T x) { return std::tanh(x); }
+  PYFASTNN_HOST_DEVICE static T erf(T x) { return std::erf(x); }
+  PYFASTNN_HOST_DEVICE static Mask less(T a, T b) { return a < b; }
+  PYFASTNN_HOST_DEVICE static Mask greater(T a, T b) { return a > b; }
+  PYFASTNN_HOST_DEVICE static T select(Mask m, T if_true, T if_false) { return m ? if_true : if_false; }
+};
+
+// One struct per activation with two templated members:
+//   forward(x, slope)     the activation of the pre-activation x;
+//   derivative(s, slope)  d act / dx, where s is the output y if derivative_from_output(), else x.
+// `slope` is leaky_relu's negative_slope (ignored by the others). NaN handling follows PyTorch.
+namespace act {
+
+struct Identity {
+  template <typename T> PYFASTNN_HOST_DEVICE static T forward(T x, T) { return x; }
+  template <typename T> PYFASTNN_HOST_DEVICE static T derivative(T, T) {
+    return MathOps<T>::constant(1.0);
+  }
+};
+
+struct Relu {
+  template <typename T> PYFASTNN_HOST_DEVICE static T forward(T x, T) {
+    using M = MathOps<T>;
+    const T zero = M::constant(0.0);
+    return M::select(M::less(x, zero), zero, x);  // NaN stays NaN, like torch.relu
+  }
+  // Valid from the output or the input: like threshold_backward, only s <= 0 blocks the gradient.
+  template <typename T> PYFASTNN_HOST_DEVICE static T derivative(T s, T) {
+    using M = MathOps<T>;
+    const T zero = M::constant(0.0);
+    return M::select(M::greater(s, zero), M::constant(1.0), zero);
+  }
+};
+
+struct LeakyRelu {
+  template <typename T> PYFASTNN_HOST_DEVICE static T forward(T x, T slope) {
+    using M = MathOps<T>;
+    return M::select(M::greater(x, M::constant(0.0)), x, x * slope);
+  }
+  // From the output only when slope >= 0 (then y > 0 exactly when x > 0); from the input always.
+  template <typename T> PYFASTNN_HOST_DEVICE static T derivative(T s, T slope) {
+    using M = MathOps<T>;
+    return M::select(M::greater(s, M::constant(0.0)), M::constant(1.0), slope);
+  }
+};
+
+struct Sigmoid {
+  template <typename T> PYFASTNN_HOST_DEVICE static T forward(T x, T) {
+    using M = MathOps<T>;
+    const T one = M::constant(1.0);
+    return one / (one + M::exp(M::constant(0.0) - x));
+  }
+  template <typename T> PYFASTNN_HOST_DEVICE static T derivative(T y, T) {
+    return y * (MathOps<T>::constant(1.0) - y);
+  }
+};
+
+struct Tanh {
+  template <typename T> PYFASTNN_HOST_DEVICE static T forward(T x, T) { return MathOps<T>::tanh(x); }
+  template <typename T> PYFASTNN_HOST_DEVICE static T derivative(T y, T) {
+    return MathOps<T>::constant(1.0) - y * y;
+  }
+};
+
+struct Gelu {  // x * Phi(x), Phi the standard normal CDF
+  template <typename T> PYFASTNN_HOST_DEVICE static T cdf(T x) {
+    using M = MathOps<T>;
+    return M::constant(0.5) * (M::constant(1.0) + M::erf(x * M::constant(0.70710678118654752440)));
+  }
+  template <typename T> PYFASTNN_HOST_DEVICE static T forward(T x, T) { return x * cdf(x); }
+  // Phi(x) + x * phi(x)
+  template <typename T> PYFASTNN_HOST_DEVICE static T derivative(T x, T) {
+    using M = MathOps<T>;
+    const T pdf = M::constant(0.39894228040143267794) * M::exp(M::constant(-0.5) * x * x);
+    return cdf(x) + x * pdf;
+  }
+};
+
+struct GeluTanh {  // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+  template <typename T> PYFASTNN_HOST_DEVICE static T forward(T x, T) {
+    using M = MathOps<T>;
+    const T inner = M::constant(0.79788456080286535588) * (x + M::constant(0.044715) * x * x * x);
+    return M::constant(0.5) * x * (M::constant(1.0) + M::tanh(inner));
+  }
+  template <typename T> PYFASTNN_HOST_DEVICE static T derivative(T x, T) {
+    using M = MathOps<T>;
+    const T one = M::constant(1.0);
+    const T x_sq = x * x;
+    const T t = M::tanh(M::constant(0.79788456080286535588) * (x + M::constant(0.044715) * x_sq * x));
+    const T d_inner = M::constant(0.79788456080286535588) * (one + M::constant(3.0 * 0.044715) * x_sq);
+    return M::constant(0.5) * (one + t) + M::constant(0.5) * x * (one - t * t) * d_inner;
+  }
+};
+
+struct Silu {  // x * sigmoid(x)
+  template <typename T> PYFASTNN_HOST_DEVICE static T forward(T x, T) {
+    using M = MathOps<T>;
+    return x / (M::constant(1.0) + M::exp(M::constant(0.0) - x));
+  }
+  // s (1 + x (1 - s)), s = sigmoid(x)
+  template <typename T> PYFASTNN_HOST_DEVICE static T derivative(T x, T) {
+    using M = MathOps<T>;
+    const T one = M::constant(1.0);
+    const T s = one / (one + M::exp(M::constant(0.0) - x));
+    return s * (one + x * (one - s));
+  }
+};
+
+}  // namespace act
+
+// The one switch from a runtime activation code to a compile-time functor (tiny-cuda-nn style):
+// `visit_activation(a, [&](auto functor) { using F = decltype(functor); ... })` instantiates the
+// body once per activation, so the per-element loop never branches on the activation.
+template <typename Body>
+PYFASTNN_HOST_DEVICE decltype(auto) visit_activation(Activation a, Body&& body) {
+  switch (a) {
+    case Activation::Relu: return body(act::Relu{});
+    case Activation::LeakyRelu: return body(act::LeakyRelu{});
+    case Activation::Sigmoid: return body(act::Sigmoid{});
+    case Activation::Tanh: return body(act::Tanh{});
+    case Activation::Gelu: return body(act::Gelu{});
+    case Activation::GeluTanh: return body(act::GeluTanh{});
+    case Activation::Silu: return body(act::Silu{});
+    case Activation::Identity:
+    default: return body(act::Identity{});
+  }
+}
+
+}  // namespace pyfastnn

@@ -1,0 +1,160 @@
+// Vectorized epilogue kernels. Included by exactly one translation unit per instruction set
+// (epilogue_<isa>.cpp), which defines CPU_CAPABILITY first; everything here lives in
+// namespace pyfastnn::cpu::CPU_CAPABILITY so the copies never collide.
+#pragma once
+
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <array>
+
+#include "epilogue.h"
+#include "vec_math.h"
+
+namespace pyfastnn::cpu {
+namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// Loads/stores one SIMD step of scalar_t as vectors of its math type: one vector for float/double,
+// two float vectors for bfloat16/half (whose register holds twice the lanes).
+template <typename scalar_t, typename = void>
+struct VecIO {
+  using Math = scalar_t;
+  static constexpr int kParts = 1;
+  using Parts = std::array<Vectorized<Math>, kParts>;
+  static constexpr int64_t kStep = Vectorized<scalar_t>::size();
+  static Parts load(const scalar_t* p, int64_t n) {
+    return {n == kStep ? Vectorized<Math>::loadu(p) : Vectorized<Math>::loadu(p, n)};
+  }
+  static void store(scalar_t* p, const Parts& v, int64_t n) {
+    if (n == kStep) {
+      v[0].store(p);
+    } else {
+      v[0].store(p, n);
+    }
+  }
+};
+
+template <typename scalar_t>
+struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<scalar_t>>> {
+  using Math = float;
+  static constexpr int kParts = 2;
+  using Parts = std::array<Vectorized<Math>, kParts>;
+  static constexpr int64_t kStep = Vectorized<scalar_t>::size();
+  static Parts load(const scalar_t* p, int64_t n) {
+    const auto raw = n == kStep ? Vectorized<scalar_t>::loadu(p) : Vectorized<scalar_t>::loadu(p, n);
+    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(raw);
+    return {lo, hi};
+  }
+  static void store(scalar_t* p, const Parts& v, int64_t n) {
+    const auto raw = at::vec::convert_from_float<scalar_t>(v[0], v[1]);
+    if (n == kStep) {
+      raw.store(p);
+    } else {
+      raw.store(p, n);
+    }
+  }
+};
+
+template <typename scalar_t, typename F>
+void forward_rows(const ForwardEpilogue& a, int64_t row_begin, int64_t row_end) {
+  using IO = VecIO<scalar_t>;
+  using Vec = Vectorized<typename IO::Math>;
+  const Vec slope(static_cast<typename IO::Math>(a.negative_slope));
+  const auto* acc = static_cast<const scalar_t*>(a.acc);
+  const auto* bias = static_cast<const scalar_t*>(a.bias);
+  auto* preact = static_cast<scalar_t*>(a.preact);
+  auto* out = static_cast<scalar_t*>(a.out);
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    const int64_t row = i * a.cols;
+    for (int64_t j = 0; j < a.cols; j += IO::kStep) {
+      const int64_t n = std::min<int64_t>(IO::kStep, a.cols - j);
+      auto v = IO::load(acc + row + j, n);
+      if (bias != nullptr) {
+        const auto b = IO::load(bias + j, n);
+        for (int k = 0; k < IO::kParts; ++k) v[k] = v[k] + b[k];
+      }
+      if (preact != nullptr) IO::store(preact + row + j, v, n);
+      for (int k = 0; k < IO::kParts; ++k) v[k] = F::forward(v[k], slope);
+      IO::store(out + row + j, v, n);
+    }
+  }
+}
+
+template <typename scalar_t, typename F>
+void backward_rows(const BackwardEpilogue& a, int64_t row_begin, int64_t row_end) {
+  using IO = VecIO<scalar_t>;
+  using Math = typename IO::Math;
+  using Vec = Vectorized<Math>;
+  constexpr bool kIdentity = std::is_same_v<F, act::Identity>;
+  const Vec slope(static_cast<Math>(a.negative_slope));
+  const auto* grad_out = static_cast<const scalar_t*>(a.grad_out);
+  const auto* saved = static_cast<const scalar_t*>(a.saved);
+  auto* grad_pre = static_cast<scalar_t*>(a.grad_pre);
+  auto* sums = static_cast<Math*>(a.column_sums);
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    const int64_t row = i * a.cols;
+    for (int64_t j = 0; j < a.cols; j += IO::kStep) {
+      const int64_t n = std::min<int64_t>(IO::kStep, a.cols - j);
+      auto g = IO::load(grad_out + row + j, n);
+      if constexpr (!kIdentity) {
+        const auto s = IO::load(saved + row + j, n);
+        for (int k = 0; k < IO::kParts; ++k) g[k] = g[k] * F::derivative(s[k], slope);
+      }
+      if (grad_pre != nullptr) IO::store(grad_pre + row + j, g, n);
+      if (sums != nullptr) {
+        for (int k = 0; k < IO::kParts; ++k) {
+          const int64_t offset = j + k * Vec::size();
+          const int64_t m = std::min<int64_t>(Vec::size(), a.cols - offset);
+          if (m <= 0) break;
+          auto total = Vec::loadu(sums + offset, m) + g[k];
+          total.store(sums + offset, m);
+        }
+      }
+    }
+  }
+}
+
+// One switch over dtypes, one over activations: every (dtype, activation) pair is its own loop.
+template <template <typename, typename> class Kernel, typename Args>
+void dispatch(const Args& a, int64_t row_begin, int64_t row_end) {
+  visit_activation(a.activation, [&](auto functor) {
+    using F = decltype(functor);
+    switch (a.dtype) {
+      case c10::ScalarType::Float: return Kernel<float, F>::run(a, row_begin, row_end);
+      case c10::ScalarType::Double: return Kernel<double, F>::run(a, row_begin, row_end);
+      case c10::ScalarType::BFloat16: return Kernel<c10::BFloat16, F>::run(a, row_begin, row_end);
+      case c10::ScalarType::Half: return Kernel<c10::Half, F>::run(a, row_begin, row_end);
+      default: return;  // dtypes are validated before any kernel runs
+    }
+  });
+}
+
+template <typename scalar_t, typename F>
+struct ForwardKernel {
+  static void run(const ForwardEpilogue& a, int64_t b, int64_t e) { forward_rows<scalar_t, F>(a, b, e); }
+};
+template <typename scalar_t, typename F>
+struct BackwardKernel {
+  static void run(const BackwardEpilogue& a, int64_t b, int64_t e) { backward_rows<scalar_t, F>(a, b, e); }
+};
+
+inline void forward_epilogue(const ForwardEpilogue& a, int64_t row_begin, int64_t row_end) {
+  dispatch<ForwardKernel>(a, row_begin, row_end);
+}
+inline void backward_epilogue(const BackwardEpilogue& a, int64_t row_begin, int64_t row_end) {
+  dispatch<BackwardKernel>(a, row_begin, row_end);
+}
+
+#define PYFASTNN_STRINGIFY_(x) #x
+#define PYFASTNN_STRINGIFY(x) PYFASTNN_STRINGIFY_(x)
+
+const EpilogueKernels& kernels() {
+  static const EpilogueKernels table{&forward_epilogue, &backward_epilogue,
+                                     PYFASTNN_STRINGIFY(CPU_CAPABILITY)};
+  return table;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace pyfastnn::cpu

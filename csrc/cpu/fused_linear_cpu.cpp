@@ -1,0 +1,128 @@
+// CPU implementation: ATen GEMMs (MKL / oneDNN, AMX for bfloat16) plus one fused element-wise
+// pass each way, parallelised with at::parallel_for (so torch.set_num_threads applies).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include "../fused_linear.h"
+#include "epilogue.h"
+
+namespace pyfastnn {
+namespace {
+
+// Below this many elements a pass is not worth waking other threads for.
+constexpr int64_t kElementsPerTask = 32768;
+
+// Bias-gradient rows are summed in fixed blocks whose partial sums are added in block order, so the
+// result depends only on the shape, never on the thread count or scheduling (bitwise reproducible).
+constexpr int64_t kMaxBlocks = 64;
+constexpr int64_t kMinRowsPerBlock = 16;
+
+at::Tensor as_matrix(const at::Tensor& t) {
+  return t.dim() == 2 ? t : t.reshape({-1, t.size(-1)});
+}
+
+std::vector<int64_t> output_shape(const at::Tensor& input, int64_t out_features) {
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() = out_features;
+  return shape;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> fused_linear_forward_cpu(const at::Tensor& input,
+                                                            const at::Tensor& weight,
+                                                            const std::optional<at::Tensor>& bias,
+                                                            int64_t activation, double negative_slope,
+                                                            bool keep_preact) {
+  check_fused_linear_args(input, weight, bias, activation);
+  const int64_t out_features = weight.size(0);
+  const at::Tensor x = as_matrix(input);
+  const int64_t rows = x.size(0);
+
+  // The GEMM writes into the buffer that must hold x @ W^T + bias afterwards: the pre-activation when
+  // it is kept, otherwise the output itself (then the epilogue runs in place).
+  at::Tensor out = at::empty({rows, out_features}, x.options());
+  at::Tensor preact = keep_preact ? at::empty({rows, out_features}, x.options()) : at::empty({0}, x.options());
+  at::Tensor acc = keep_preact ? preact : out;
+  if (rows > 0 && out_features > 0) {
+    at::mm_out(acc, x, weight.t());
+    const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+    const cpu::ForwardEpilogue args{input.scalar_type(),
+                                    static_cast<Activation>(activation),
+                                    negative_slope,
+                                    out_features,
+                                    acc.data_ptr(),
+                                    b.defined() ? b.data_ptr() : nullptr,
+                                    keep_preact ? preact.data_ptr() : nullptr,
+                                    out.data_ptr()};
+    const auto& kernels = cpu::epilogue_kernels();
+    const int64_t grain = std::max<int64_t>(1, kElementsPerTask / out_features);
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });
+  }
+  const auto shape = output_shape(input, out_features);
+  return {out.view(shape), keep_preact ? preact.view(shape) : preact};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& saved, int64_t activation, double negative_slope,
+    std::array<bool, 3> output_mask) {
+  check_fused_linear_args(input, weight, std::nullopt, activation);
+  const auto act = static_cast<Activation>(activation);
+  const int64_t out_features = weight.size(0);
+  const auto shape = output_shape(input, out_features);
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(shape), "pyfastnn: grad_output has shape ",
+                    grad_output.sizes(), ", expected ", at::IntArrayRef(shape));
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "pyfastnn: grad_output dtype ",
+                   grad_output.scalar_type(), " does not match input dtype ", input.scalar_type());
+  const bool needs_saved = act != Activation::Identity;
+  if (needs_saved) {
+    TORCH_CHECK_VALUE(saved.sizes() == at::IntArrayRef(shape), "pyfastnn: saved activation has shape ",
+                      saved.sizes(), ", expected ", at::IntArrayRef(shape));
+    TORCH_CHECK_TYPE(saved.scalar_type() == input.scalar_type(), "pyfastnn: saved activation dtype ",
+                     saved.scalar_type(), " does not match input dtype ", input.scalar_type());
+  }
+
+  const at::Tensor grad_out = as_matrix(grad_output).contiguous();  // e.g. expanded by sum().backward()
+  const int64_t rows = grad_out.size(0);
+  const at::Tensor s = needs_saved ? as_matrix(saved).contiguous() : at::Tensor();
+  at::Tensor grad_pre = needs_saved ? at::empty_like(grad_out) : grad_out;
+
+  at::Tensor grad_bias;
+  const auto opmath = at::toOpMathType(input.scalar_type());
+  if (output_mask[2] || needs_saved) {
+    const int64_t rows_per_block =
+        std::max(kMinRowsPerBlock, (rows + kMaxBlocks - 1) / kMaxBlocks);
+    const int64_t blocks = rows == 0 ? 0 : (rows + rows_per_block - 1) / rows_per_block;
+    at::Tensor partial_sums;
+    if (output_mask[2]) partial_sums = at::zeros({std::max<int64_t>(blocks, 1), out_features},
+                                                 input.options().dtype(opmath));
+    if (blocks > 0 && out_features > 0) {
+      const auto& kernels = cpu::epilogue_kernels();
+      const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (rows_per_block * out_features));
+      auto* sums = output_mask[2] ? static_cast<char*>(partial_sums.data_ptr()) : nullptr;
+      const int64_t sums_stride = out_features * at::elementSize(opmath);
+      at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t block = begin; block < end; ++block) {
+          const cpu::BackwardEpilogue args{
+              input.scalar_type(), act, negative_slope, out_features, grad_out.data_ptr(),
+              needs_saved ? s.data_ptr() : nullptr, needs_saved ? grad_pre.data_ptr() : nullptr,
+              sums != nullptr ? sums + block * sums_stride : nullptr};
+          kernels.backward(args, block * rows_per_block, std::min(rows, (block + 1) * rows_per_block));
+        }
+      });
+    }
+    if (output_mask[2]) {
+      grad_bias = blocks <= 1 ? partial_sums[0] : partial_sums.sum(0);
+      if (grad_bias.scalar_type() != input.scalar_type()) grad_bias = grad_bias.to(input.scalar_type());
+    }
+  }
+
+  at::Tensor grad_input, grad_weight;
+  if (output_mask[0]) grad_input = at::mm(grad_pre, weight).view(input.sizes());
+  if (output_mask[1]) grad_weight = at::mm(grad_pre.t(), as_matrix(input));
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace pyfastnn

@@ -1,0 +1,41 @@
+// C++ API of the fused Linear+activation ops (also reachable through the dispatcher as
+// torch.ops.pyfastnn.*). All tensors follow F.linear: input (*, in_features), weight
+// (out_features, in_features), bias (out_features) or none; the result is act(input @ weight^T + bias).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "activations.h"
+
+namespace pyfastnn {
+
+// Validates arguments for every backend. Errors surface in Python as TypeError (dtypes, devices)
+// or ValueError (shapes, activation code), each naming the offending argument.
+void check_fused_linear_args(const at::Tensor& input, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, int64_t activation);
+
+// Returns (output, preact); preact is the pre-activation when keep_preact, else an empty tensor.
+std::tuple<at::Tensor, at::Tensor> fused_linear_forward_cpu(const at::Tensor& input,
+                                                            const at::Tensor& weight,
+                                                            const std::optional<at::Tensor>& bias,
+                                                            int64_t activation, double negative_slope,
+                                                            bool keep_preact);
+
+// `saved` is what derivative_from_output() says backward needs: the output or the pre-activation.
+// Returns (grad_input, grad_weight, grad_bias); an entry is undefined where output_mask is false.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& saved, int64_t activation, double negative_slope,
+    std::array<bool, 3> output_mask);
+
+// act(F.linear(input, weight, bias)) from stock ATen ops: the reference the kernels are tested
+// against, and the differentiable path used for double backward.
+at::Tensor reference_fused_linear(const at::Tensor& input, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, int64_t activation,
+                                  double negative_slope);
+
+}  // namespace pyfastnn

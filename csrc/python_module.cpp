@@ -1,0 +1,30 @@
+// pyfastnn._C: loading it registers the torch.library ops (ops.cpp); the few pybind11 helpers here
+// describe the build. Ops themselves are reached through torch.ops.pyfastnn.
+#include <torch/extension.h>
+
+#include "cpu/epilogue.h"
+
+#ifndef PYFASTNN_CUDA_ARCHS
+#define PYFASTNN_CUDA_ARCHS ""
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "pyfastnn native extension: fused Linear+activation kernels";
+  m.def("activation_names", [] {
+    std::vector<std::string> names(pyfastnn::kActivationNames,
+                                   pyfastnn::kActivationNames + pyfastnn::kNumActivations);
+    return names;
+  }, "Activation names in enum order (the codes the ops take).");
+  m.def("derivative_from_output", [](int64_t activation, double negative_slope) {
+    return pyfastnn::derivative_from_output(static_cast<pyfastnn::Activation>(activation), negative_slope);
+  }, "Whether backward needs only the activation's output (else the pre-activation).");
+  m.def("cpu_isa", [] { return std::string(pyfastnn::cpu::epilogue_kernels().isa); },
+        "Instruction set of the CPU epilogue kernels in use.");
+  m.def("compiled_cpu_isas", [] { return std::string(pyfastnn::cpu::compiled_isas()); });
+#ifdef PYFASTNN_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  m.attr("cuda_archs") = std::string(PYFASTNN_CUDA_ARCHS);
+}

@@ -1,0 +1,15 @@
+"""pyfastnn: fused Linear+activation kernels for PyTorch (CPU and CUDA), as drop-in layers.
+
+>>> import torch, pyfastnn
+>>> layer = pyfastnn.FusedLinear(4, 3, activation="tanh")
+>>> layer(torch.randn(2, 4)).shape
+torch.Size([2, 3])
+"""
+
+from ._ops import ACTIVATIONS
+from ._version import __version__
+from .functional import fused_linear
+from .info import info
+from .nn import FusedLinear, activation_module
+
+__all__ = ["ACTIVATIONS", "FusedLinear", "activation_module", "fused_linear", "info", "__version__"]

@@ -1,0 +1,35 @@
+"""What this build of pyfastnn can do on this machine."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any, Dict
+
+import torch
+
+from . import _C
+from ._version import __version__
+
+
+def info() -> Dict[str, Any]:
+    """Versions, compiled backends and the CPU code path in use.
+
+    Example:
+        >>> import pyfastnn
+        >>> sorted(pyfastnn.info())[:3]
+        ['backends', 'cpu_isa', 'cpu_isas_compiled']
+    """
+    cuda_archs = [a for a in _C.cuda_archs.replace(";", " ").split() if a]
+    return {
+        "pyfastnn": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "backends": {"cpu": True, "cuda": bool(_C.with_cuda)},
+        "cuda_archs": cuda_archs,
+        "cuda_available": bool(_C.with_cuda) and torch.cuda.is_available(),
+        "cpu_isa": _C.cpu_isa(),
+        "cpu_isas_compiled": _C.compiled_cpu_isas().split(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
