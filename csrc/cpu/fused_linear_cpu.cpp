@@ -46,8 +46,16 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_forward_cpu(const at::Tensor& in
   at::Tensor preact = keep_preact ? at::empty({rows, out_features}, x.options()) : at::empty({0}, x.options());
   at::Tensor acc = keep_preact ? preact : out;
   if (rows > 0 && out_features > 0) {
-    at::mm_out(acc, x, weight.t());
-    const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+    at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+    if (b.defined() && at::isReducedFloatingType(input.scalar_type())) {
+      // bfloat16/half: add the bias inside the GEMM, before its single rounding, exactly as
+      // F.linear does; adding it after a rounded GEMM could flip the sign of near-zero
+      // pre-activations (and so relu's gradient mask) relative to nn.Linear.
+      at::addmm_out(acc, b, x, weight.t());
+      b = at::Tensor();
+    } else {
+      at::mm_out(acc, x, weight.t());
+    }
     const cpu::ForwardEpilogue args{input.scalar_type(),
                                     static_cast<Activation>(activation),
                                     negative_slope,

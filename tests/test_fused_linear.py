@@ -1,0 +1,160 @@
+"""pyfastnn.fused_linear against act(F.linear(...)): values, gradients, opcheck, compile, autocast."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyfastnn
+from samples import TOLERANCES, reference, sample_inputs
+
+ALL = list(sample_inputs())
+SMALL_F64 = list(sample_inputs(dtypes=(torch.float64,), small_only=True))
+
+
+def assert_close(actual, expected, dtype):
+    rtol, atol = TOLERANCES[dtype]
+    if dtype in (torch.bfloat16, torch.float16) and expected.numel():
+        # Two roundings of a cancelling expression (e.g. tanh' = 1 - y^2) can differ by an ulp of the
+        # largest value: judge absolute error on the tensor's own scale.
+        atol *= max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("sample", ALL, ids=repr)
+def test_forward_matches_reference(sample):
+    with torch.no_grad():
+        out = pyfastnn.fused_linear(*sample.tensors()[:2], sample.bias, **sample.kwargs())
+        expected = reference(sample.input, sample.weight, sample.bias, **sample.kwargs())
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert_close(out, expected, sample.dtype)
+
+
+@pytest.mark.parametrize("sample", ALL, ids=repr)
+def test_gradients_match_reference(sample):
+    out = pyfastnn.fused_linear(sample.input, sample.weight, sample.bias, **sample.kwargs())
+    expected = reference(sample.input, sample.weight, sample.bias, **sample.kwargs())
+    assert_close(out, expected, sample.dtype)
+    grad_out = torch.randn_like(expected)
+    grads = torch.autograd.grad(out, sample.tensors(), grad_out)
+    expected_grads = torch.autograd.grad(expected, sample.tensors(), grad_out)
+    for name, g, e in zip(("input", "weight", "bias"), grads, expected_grads):
+        assert g.shape == e.shape, name
+        assert_close(g, e, sample.dtype)
+
+
+@pytest.mark.parametrize("sample", SMALL_F64, ids=repr)
+def test_gradcheck(sample):
+    fn = lambda *t: pyfastnn.fused_linear(*t[:2], t[2] if len(t) > 2 else None, **sample.kwargs())  # noqa: E731
+    assert torch.autograd.gradcheck(fn, sample.tensors())
+
+
+@pytest.mark.parametrize("sample", [s for s in SMALL_F64 if s.name.startswith(("odd-", "nd-"))], ids=repr)
+def test_double_backward(sample):
+    fn = lambda *t: pyfastnn.fused_linear(*t[:2], t[2] if len(t) > 2 else None, **sample.kwargs())  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, sample.tensors())
+
+
+@pytest.mark.parametrize("sample", ALL, ids=repr)
+def test_opcheck(sample):
+    torch.library.opcheck(torch.ops.pyfastnn.fused_linear.default, sample.op_args())
+
+
+@pytest.mark.parametrize("requires", [(True, False, False), (False, True, True), (False, False, True)])
+def test_only_needed_gradients(requires):
+    x, w, b = torch.randn(6, 5), torch.randn(4, 5), torch.randn(4)
+    for t, r in zip((x, w, b), requires):
+        t.requires_grad_(r)
+    out = pyfastnn.fused_linear(x, w, b, "silu")
+    out.sum().backward()  # grad_output is an expanded (stride-0) tensor here
+    ref_inputs = [t.detach().clone().requires_grad_(r) for t, r in zip((x, w, b), requires)]
+    reference(*ref_inputs, activation="silu").sum().backward()
+    for t, r in zip((x, w, b), ref_inputs):
+        if t.requires_grad:
+            assert_close(t.grad, r.grad, torch.float32)
+        else:
+            assert t.grad is None
+
+
+def test_inputs_are_not_modified():
+    x, w, b = torch.randn(8, 5), torch.randn(4, 5), torch.randn(4)
+    copies = [t.clone() for t in (x, w, b)]
+    pyfastnn.fused_linear(x, w, b, "gelu")
+    for t, c in zip((x, w, b), copies):
+        assert torch.equal(t, c)
+
+
+def test_inference_mode():
+    x, w, b = torch.randn(8, 5), torch.randn(4, 5), torch.randn(4)
+    with torch.inference_mode():
+        out = pyfastnn.fused_linear(x, w, b, "tanh")
+    assert_close(out, reference(x, w, b, "tanh"), torch.float32)
+
+
+def test_none_and_none_string_mean_identity():
+    x, w = torch.randn(3, 4), torch.randn(2, 4)
+    for name in (None, "none", "identity"):
+        assert_close(pyfastnn.fused_linear(x, w, None, name), F.linear(x, w), torch.float32)
+
+
+def test_activations_table():
+    assert pyfastnn.ACTIVATIONS == (
+        "identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
+
+
+def test_nan_and_inf_propagate_like_pytorch():
+    x = torch.tensor([[float("nan"), 1.0], [float("inf"), -float("inf")], [-1.0, 2.0]])
+    w = torch.eye(2)
+    for act in pyfastnn.ACTIVATIONS:
+        out = pyfastnn.fused_linear(x, w, None, act)
+        torch.testing.assert_close(out, reference(x, w, None, act), equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_bf16_matches_linear(dtype):
+    x, layer = torch.randn(16, 32, dtype=dtype), torch.nn.Linear(32, 8).to(dtype)
+    fused = pyfastnn.FusedLinear.from_linear(layer, activation="gelu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused(x)
+        expected = F.gelu(layer(x))
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert_close(out, expected, torch.bfloat16)
+    out.float().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.dtype == layer.weight.dtype
+
+
+def _mlp(backend):
+    layers = [pyfastnn.FusedLinear(20, 32, activation="gelu"), pyfastnn.FusedLinear(32, 16, activation="relu"),
+              pyfastnn.FusedLinear(16, 4, activation=None)]
+    return torch.nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_matches_eager(backend):
+    torch._dynamo.reset()
+    model = _mlp(backend)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    x = torch.randn(8, 20)
+    eager_out = model(x)
+    eager_out.square().sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out = compiled(x)
+    torch.testing.assert_close(out, eager_out)
+    out.square().sum().backward()
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("sample", list(sample_inputs(small_only=True, requires_grad=False)), ids=repr)
+def test_opcheck_training_ops(sample):
+    """The forward/backward ops the autograd kernel calls, checked on their own."""
+    x, w, b, code, slope = sample.op_args()
+    keep_preact = not pyfastnn._C.derivative_from_output(code, slope)
+    torch.library.opcheck(torch.ops.pyfastnn.fused_linear_forward.default, (x, w, b, code, slope, keep_preact))
+    out, preact = torch.ops.pyfastnn.fused_linear_forward(x, w, b, code, slope, keep_preact)
+    saved = preact if keep_preact else out
+    mask = [True, True, b is not None]
+    torch.library.opcheck(torch.ops.pyfastnn.fused_linear_backward.default,
+                          (torch.randn_like(out), x, w, saved, code, slope, mask))
