@@ -10,7 +10,18 @@ from ._ops import activation_code, ops
 
 __all__ = ["fused_linear"]
 
-_fused_linear = ops.fused_linear.default
+_fused_linear_op = ops.fused_linear.default
+
+
+def _fused_linear(input, weight, bias, code: int, negative_slope: float) -> torch.Tensor:
+    """Calls the op; turns the dispatcher's generic error for a non-tensor argument into a TypeError."""
+    try:
+        return _fused_linear_op(input, weight, bias, code, negative_slope)
+    except RuntimeError:
+        for name, value in (("input", input), ("weight", weight), ("bias", bias)):
+            if not isinstance(value, torch.Tensor) and not (name == "bias" and value is None):
+                raise TypeError(f"pyfastnn: {name} must be a torch.Tensor, got {type(value).__name__}") from None
+        raise
 
 
 def fused_linear(

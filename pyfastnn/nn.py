@@ -7,11 +7,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._ops import activation_code, canonical_activation, ops
+from ._ops import activation_code, canonical_activation
+from .functional import _fused_linear
 
 __all__ = ["FusedLinear", "activation_module"]
-
-_fused_linear = ops.fused_linear.default
 
 
 class FusedLinear(nn.Module):

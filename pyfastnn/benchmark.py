@@ -1,0 +1,160 @@
+"""Side-by-side timing of fused_linear against PyTorch eager, torch.compile and the bare GEMMs.
+
+All variants of one case run interleaved in the same process, round after round, and each reports
+the median of its rounds, so machine noise hits them alike. Run it as ``pyfastnn bench`` or
+``python benchmarks/bench_fused_linear.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .functional import fused_linear
+from .info import info
+
+FULL_SHAPES = ((1, 784, 256), (64, 784, 256), (256, 784, 256), (1024, 784, 256), (64, 256, 128),
+               (4096, 1024, 1024))
+QUICK_SHAPES = ((1, 784, 256), (64, 784, 256), (64, 256, 128), (1024, 784, 256))
+ACTIVATIONS = ("relu", "gelu", "sigmoid")
+TORCH_ACT = {"relu": torch.relu, "gelu": F.gelu, "sigmoid": torch.sigmoid}
+
+
+def _time_interleaved(fns: Dict[str, Callable[[], object]], rounds: int, target_s: float) -> Dict[str, float]:
+    """Median seconds per call of each fn, measured in interleaved rounds."""
+    iters = {}
+    for name, fn in fns.items():  # warm up and calibrate each to ~target_s per round
+        fn()
+        start, n = time.perf_counter(), 0
+        while time.perf_counter() - start < target_s / 4 or n < 3:
+            fn()
+            n += 1
+        per_call = (time.perf_counter() - start) / n
+        iters[name] = max(1, int(target_s / per_call))
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(iters[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / iters[name])
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _variants(m: int, k: int, n: int, activation: str, backward: bool, with_compile: bool):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g) * k ** -0.5
+    b = torch.randn(n, generator=g)
+    grad = torch.randn(m, n, generator=g)
+    act = TORCH_ACT[activation]
+
+    def eager(x, w, b):
+        return act(F.linear(x, w, b))
+
+    def fused(x, w, b):
+        return fused_linear(x, w, b, activation)
+
+    if not backward:
+        wt = w.t()
+        fns = {
+            "fused": lambda: fused(x, w, b),
+            "eager": lambda: eager(x, w, b),
+            "gemm": lambda: torch.mm(x, wt),
+        }
+        if with_compile:
+            compiled = torch.compile(eager, dynamic=False)
+            fns["compile"] = lambda: compiled(x, w, b)
+        with torch.no_grad():
+            return {name: (lambda f=f: _no_grad(f)) for name, f in fns.items()}
+
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+
+    def train_step(fn):
+        def run():
+            out = fn(xs, ws, bs)
+            return torch.autograd.grad(out, (xs, ws, bs), grad)
+        return run
+
+    wt = w.t()
+    fns = {
+        "fused": train_step(fused),
+        "eager": train_step(eager),
+        # The floor: the three GEMMs of forward + backward and nothing else.
+        "gemm": lambda: (torch.mm(x, wt), torch.mm(grad, w), torch.mm(grad.t(), x)),
+    }
+    if with_compile:
+        fns["compile"] = train_step(torch.compile(eager, dynamic=False))
+    return fns
+
+
+def _no_grad(fn):
+    with torch.no_grad():
+        return fn()
+
+
+def run(shapes: Sequence = FULL_SHAPES, activations: Sequence[str] = ACTIVATIONS,
+        threads: Sequence[int] = (1, 2), with_compile: bool = True, rounds: int = 7,
+        target_s: float = 0.02, log=print) -> List[dict]:
+    results = []
+    previous_threads = torch.get_num_threads()
+    header = (f"{'shape':>16} {'act':>8} {'thr':>3} {'pass':>8} {'fused us':>9} {'eager us':>9} "
+              f"{'compile us':>10} {'gemm us':>8} {'eager/fused':>11} {'fused/gemm':>10}")
+    log(header)
+    log("-" * len(header))
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            for m, k, n in shapes:
+                for activation in activations:
+                    for backward in (False, True):
+                        fns = _variants(m, k, n, activation, backward, with_compile)
+                        times = _time_interleaved(fns, rounds, target_s)
+                        row = {
+                            "shape": [m, k, n], "activation": activation, "threads": t,
+                            "pass": "fwd+bwd" if backward else "fwd",
+                            **{f"{name}_us": s * 1e6 for name, s in times.items()},
+                            "speedup_vs_eager": times["eager"] / times["fused"],
+                            "fused_over_gemm": times["fused"] / times["gemm"],
+                        }
+                        if "compile" in times:
+                            row["speedup_vs_compile"] = times["compile"] / times["fused"]
+                        results.append(row)
+                        compile_text = f"{row['compile_us']:10.1f}" if "compile_us" in row else f"{'-':>10}"
+                        log(f"{f'{m}x{k}->{n}':>16} {activation:>8} {t:>3} {row['pass']:>8} "
+                            f"{row['fused_us']:9.1f} {row['eager_us']:9.1f} {compile_text} "
+                            f"{row['gemm_us']:8.1f} {row['speedup_vs_eager']:10.2f}x "
+                            f"{row['fused_over_gemm']:9.2f}x")
+    finally:
+        torch.set_num_threads(previous_threads)
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="pyfastnn bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="4 shapes, relu/gelu, 2 threads, no torch.compile (well under 30 s)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    parser.add_argument("--threads", type=int, nargs="+", help="thread counts (default 1 2)")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        kwargs = dict(shapes=QUICK_SHAPES, activations=("relu", "gelu"), threads=args.threads or (2,),
+                      with_compile=False, rounds=5, target_s=0.01)
+    else:
+        kwargs = dict(threads=args.threads or (1, 2), with_compile=not args.no_compile)
+    build = info()
+    print(f"pyfastnn {build['pyfastnn']} | torch {build['torch']} | CPU kernels {build['cpu_isa']} | "
+          f"float32, times are medians of interleaved rounds")
+    results = run(**kwargs)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": build, "results": results}, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,45 @@
+"""Bad arguments raise a clear Python exception naming the problem, never a crash or a wrong answer."""
+
+import pytest
+import torch
+
+import pyfastnn
+
+X, W, B = torch.randn(4, 5), torch.randn(3, 5), torch.randn(3)
+
+CASES = [
+    # (id, args, kwargs, exception, message pattern)
+    ("dtype_mismatch", (X, W.double(), None), {}, TypeError, "weight dtype .*Double.* does not match input dtype .*Float"),
+    ("bias_dtype_mismatch", (X, W, B.double()), {}, TypeError, "bias dtype"),
+    ("integer_input", (X.long(), W.long(), None), {}, TypeError, "input must be a floating-point tensor"),
+    ("complex_input", (X.cfloat(), W.cfloat(), None), {}, TypeError, "input must be a floating-point tensor"),
+    ("weight_not_2d", (X, W.reshape(15), None), {}, ValueError, "weight must be 2-D"),
+    ("weight_3d", (X, W.reshape(1, 3, 5), None), {}, ValueError, "weight must be 2-D"),
+    ("scalar_input", (torch.tensor(1.0), W, None), {}, ValueError, "at least 1 dimension"),
+    ("wrong_in_features", (torch.randn(4, 6), W, None), {}, ValueError, "in_features=6 .* in_features=5"),
+    ("wrong_bias_shape", (X, W, torch.randn(4)), {}, ValueError, r"bias must have shape \(out_features,\)"),
+    ("bias_2d", (X, W, B.reshape(1, 3)), {}, ValueError, "bias must have shape"),
+    ("unknown_activation", (X, W, None), {"activation": "swish"}, ValueError, "unknown activation 'swish'.*valid: identity, relu"),
+    ("activation_not_a_string", (X, W, None), {"activation": 3}, ValueError, "unknown activation 3"),
+    ("input_not_a_tensor", ([[1.0] * 5], W, None), {}, TypeError, "input must be a torch.Tensor, got list"),
+    ("bias_not_a_tensor", (X, W, 1.0), {}, TypeError, "bias must be a torch.Tensor, got float"),
+]
+
+
+@pytest.mark.parametrize("args,kwargs,exc,pattern", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_raises(args, kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        pyfastnn.fused_linear(*args, **kwargs)
+
+
+def test_bad_activation_code_on_raw_op():
+    with pytest.raises(ValueError, match="unknown activation code 42"):
+        torch.ops.pyfastnn.fused_linear(X, W, None, 42, 0.0)
+
+
+def test_bad_layer_arguments():
+    with pytest.raises(ValueError, match="unknown activation"):
+        pyfastnn.FusedLinear(3, 4, activation="softmax")
+    layer = pyfastnn.FusedLinear(3, 4)
+    with pytest.raises(ValueError, match="in_features=5"):
+        layer(torch.randn(2, 5))

@@ -1,0 +1,100 @@
+"""FusedLinear as a drop-in for nn.Linear + activation."""
+
+import pytest
+import torch
+from torch import nn
+
+import pyfastnn
+from samples import TOLERANCES, reference
+
+
+def test_parameters_and_init_match_nn_linear():
+    torch.manual_seed(3)
+    linear = nn.Linear(784, 256)
+    torch.manual_seed(3)
+    fused = pyfastnn.FusedLinear(784, 256, activation="relu")
+    assert [n for n, _ in fused.named_parameters()] == ["weight", "bias"]
+    assert torch.equal(fused.weight, linear.weight) and torch.equal(fused.bias, linear.bias)
+
+
+def test_state_dict_moves_both_ways():
+    linear, fused = nn.Linear(20, 7), pyfastnn.FusedLinear(20, 7, activation="tanh")
+    assert fused.load_state_dict(linear.state_dict()) is not None
+    assert torch.equal(fused.weight, linear.weight)
+    other = nn.Linear(20, 7)
+    other.load_state_dict(fused.state_dict())
+    x = torch.randn(5, 20)
+    torch.testing.assert_close(fused(x), torch.tanh(other(x)))
+    no_bias = pyfastnn.FusedLinear(20, 7, bias=False)
+    assert list(no_bias.state_dict()) == list(nn.Linear(20, 7, bias=False).state_dict()) == ["weight"]
+
+
+def test_drop_in_for_sequential():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(12, 8), nn.GELU(), nn.Linear(8, 3))
+    fused = nn.Sequential(pyfastnn.FusedLinear(12, 8, activation="gelu"), pyfastnn.FusedLinear(8, 3, activation=None))
+    fused[0].load_state_dict(plain[0].state_dict())
+    fused[1].load_state_dict(plain[2].state_dict())
+    x = torch.randn(4, 6, 12)
+    torch.testing.assert_close(fused(x), plain(x))
+    fused(x).sum().backward()
+    plain(x).sum().backward()
+    torch.testing.assert_close(fused[0].weight.grad, plain[0].weight.grad)
+
+
+def test_from_linear_shares_or_copies():
+    linear = nn.Linear(6, 4)
+    shared = pyfastnn.FusedLinear.from_linear(linear, activation="sigmoid")
+    assert shared.weight is linear.weight and shared.bias is linear.bias
+    copied = pyfastnn.FusedLinear.from_linear(linear, activation="sigmoid", copy=True)
+    assert copied.weight is not linear.weight and torch.equal(copied.weight, linear.weight)
+    with torch.no_grad():
+        linear.weight.add_(1.0)
+    assert torch.equal(shared.weight, linear.weight) and not torch.equal(copied.weight, linear.weight)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(shared(x), torch.sigmoid(linear(x)))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        pyfastnn.FusedLinear.from_linear(nn.Conv1d(1, 1, 1))
+
+
+def test_to_linear_is_the_plain_equivalent():
+    fused = pyfastnn.FusedLinear(6, 4, activation="leaky_relu", negative_slope=0.2)
+    plain = fused.to_linear()
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(plain(x), fused(x))
+    assert plain[0].weight is fused.weight
+
+
+def test_repr_like_nn_linear_plus_activation():
+    assert repr(pyfastnn.FusedLinear(784, 256)) == \
+        "FusedLinear(in_features=784, out_features=256, bias=True, activation=relu)"
+    assert "negative_slope=0.2" in repr(pyfastnn.FusedLinear(2, 3, activation="leaky_relu", negative_slope=0.2))
+    assert "activation=identity" in repr(pyfastnn.FusedLinear(2, 3, activation=None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_dtype_and_device_arguments(dtype):
+    layer = pyfastnn.FusedLinear(5, 3, activation="silu", device="cpu", dtype=dtype)
+    assert layer.weight.dtype == dtype and layer.bias.dtype == dtype
+    x = torch.randn(2, 5, dtype=dtype)
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(layer(x), reference(x, layer.weight, layer.bias, "silu"), rtol=rtol, atol=atol)
+
+
+def test_unknown_activation_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown activation 'swish'.*relu.*gelu_tanh"):
+        pyfastnn.FusedLinear(2, 3, activation="swish")
+
+
+def test_layer_trains():
+    torch.manual_seed(0)
+    model = nn.Sequential(pyfastnn.FusedLinear(2, 16, activation="tanh"), pyfastnn.FusedLinear(16, 1, activation="sigmoid"))
+    x = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    y = torch.tensor([[0.0], [1.0], [1.0], [0.0]])
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(500):
+        opt.zero_grad()
+        loss = nn.functional.binary_cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    assert ((model(x) > 0.5).float() == y).all(), "XOR not learned"
