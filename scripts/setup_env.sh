@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Creates (or reuses) a virtual environment with PyTorch and builds pyfastnn into it.
+#
+#   scripts/setup_env.sh            # .venv, CPU build of torch 2.13.0
+#   PYFASTNN_VENV=/path/to/venv PYFASTNN_TORCH="torch==2.14.1" scripts/setup_env.sh
+#
+# The extension is built with --no-build-isolation so it compiles against the torch in this
+# environment (an isolated build would download a separate multi-GB torch just to compile).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${PYFASTNN_VENV:-$ROOT/.venv}"
+TORCH_SPEC="${PYFASTNN_TORCH:-torch==2.13.0}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating virtual environment $VENV"
+  python3 -m venv "$VENV"
+fi
+echo "[setup] installing $TORCH_SPEC and tools"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+  "$TORCH_SPEC" numpy setuptools wheel ninja pytest hypothesis expecttest
+echo "[setup] building pyfastnn (C++ extension)"
+MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+  --no-build-isolation -e "$ROOT"
+"$VENV/bin/python" -c "import pyfastnn; print('[setup] pyfastnn', pyfastnn.__version__, 'ready:', pyfastnn.info()['cpu_isa'], 'kernels')"
