@@ -58,7 +58,7 @@ def _cuda_include_dirs() -> list[str]:
 
 
 def _extension():
-    cxx_flags = ["-O3", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
     define_macros = [("PYFASTNN_VERSION", f'"{VERSION}"')]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     if not _want_cuda():

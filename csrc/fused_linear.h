@@ -18,6 +18,11 @@ namespace pyfastnn {
 void check_fused_linear_args(const at::Tensor& input, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, int64_t activation);
 
+// act(input @ weight^T + bias), keeping nothing for backward (inference).
+at::Tensor fused_linear_cpu(const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, int64_t activation,
+                            double negative_slope);
+
 // Returns (output, preact); preact is the pre-activation when keep_preact, else an empty tensor.
 std::tuple<at::Tensor, at::Tensor> fused_linear_forward_cpu(const at::Tensor& input,
                                                             const at::Tensor& weight,

@@ -100,13 +100,6 @@ at::Tensor fused_linear_autograd(const at::Tensor& input, const at::Tensor& weig
   return FusedLinearFunction::apply(input, weight, bias, activation, negative_slope);
 }
 
-// Inference needs neither the pre-activation nor a graph node: one GEMM, one epilogue.
-at::Tensor fused_linear_cpu(const at::Tensor& input, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, int64_t activation,
-                            double negative_slope) {
-  return std::get<0>(fused_linear_forward_cpu(input, weight, bias, activation, negative_slope, false));
-}
-
 // Under torch.autocast the op runs in the autocast dtype, exactly as F.linear does.
 template <c10::DeviceType device_type>
 at::Tensor fused_linear_autocast(const at::Tensor& input, const at::Tensor& weight,

@@ -30,46 +30,68 @@ std::vector<int64_t> output_shape(const at::Tensor& input, int64_t out_features)
 
 }  // namespace
 
+namespace {
+
+// Allocates in the caller's final shape (*, out_features) and works on a 2-D view, so a 2-D input
+// costs no view ops at all: at small batch each dispatcher call is a visible share of the time.
+at::Tensor empty_output(const at::Tensor& input, int64_t out_features) {
+  return at::empty(output_shape(input, out_features), input.options());
+}
+
+// out = act(input @ weight^T + bias); when preact is given it receives input @ weight^T + bias.
+void forward_into(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  int64_t activation, double negative_slope, const at::Tensor& out, const at::Tensor* preact) {
+  const int64_t out_features = weight.size(0);
+  const at::Tensor x = as_matrix(input);
+  const int64_t rows = x.size(0);
+  if (rows == 0 || out_features == 0) return;
+  // The GEMM writes into the buffer that must hold x @ W^T + bias afterwards: the pre-activation when
+  // it is kept, otherwise the output itself (then the epilogue runs in place).
+  at::Tensor acc = as_matrix(preact != nullptr ? *preact : out);
+  at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  if (b.defined() && at::isReducedFloatingType(input.scalar_type())) {
+    // bfloat16/half: add the bias inside the GEMM, before its single rounding, exactly as
+    // F.linear does; adding it after a rounded GEMM could flip the sign of near-zero
+    // pre-activations (and so relu's gradient mask) relative to nn.Linear.
+    at::addmm_out(acc, b, x, weight.t());
+    b = at::Tensor();
+  } else {
+    at::mm_out(acc, x, weight.t());
+  }
+  const cpu::ForwardEpilogue args{input.scalar_type(),
+                                  static_cast<Activation>(activation),
+                                  negative_slope,
+                                  out_features,
+                                  acc.data_ptr(),
+                                  b.defined() ? b.data_ptr() : nullptr,
+                                  preact != nullptr ? preact->data_ptr() : nullptr,
+                                  out.data_ptr()};
+  const auto& kernels = cpu::epilogue_kernels();
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / out_features);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });
+}
+
+}  // namespace
+
+at::Tensor fused_linear_cpu(const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, int64_t activation,
+                            double negative_slope) {
+  check_fused_linear_args(input, weight, bias, activation);
+  at::Tensor out = empty_output(input, weight.size(0));
+  forward_into(input, weight, bias, activation, negative_slope, out, nullptr);
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> fused_linear_forward_cpu(const at::Tensor& input,
                                                             const at::Tensor& weight,
                                                             const std::optional<at::Tensor>& bias,
                                                             int64_t activation, double negative_slope,
                                                             bool keep_preact) {
   check_fused_linear_args(input, weight, bias, activation);
-  const int64_t out_features = weight.size(0);
-  const at::Tensor x = as_matrix(input);
-  const int64_t rows = x.size(0);
-
-  // The GEMM writes into the buffer that must hold x @ W^T + bias afterwards: the pre-activation when
-  // it is kept, otherwise the output itself (then the epilogue runs in place).
-  at::Tensor out = at::empty({rows, out_features}, x.options());
-  at::Tensor preact = keep_preact ? at::empty({rows, out_features}, x.options()) : at::empty({0}, x.options());
-  at::Tensor acc = keep_preact ? preact : out;
-  if (rows > 0 && out_features > 0) {
-    at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-    if (b.defined() && at::isReducedFloatingType(input.scalar_type())) {
-      // bfloat16/half: add the bias inside the GEMM, before its single rounding, exactly as
-      // F.linear does; adding it after a rounded GEMM could flip the sign of near-zero
-      // pre-activations (and so relu's gradient mask) relative to nn.Linear.
-      at::addmm_out(acc, b, x, weight.t());
-      b = at::Tensor();
-    } else {
-      at::mm_out(acc, x, weight.t());
-    }
-    const cpu::ForwardEpilogue args{input.scalar_type(),
-                                    static_cast<Activation>(activation),
-                                    negative_slope,
-                                    out_features,
-                                    acc.data_ptr(),
-                                    b.defined() ? b.data_ptr() : nullptr,
-                                    keep_preact ? preact.data_ptr() : nullptr,
-                                    out.data_ptr()};
-    const auto& kernels = cpu::epilogue_kernels();
-    const int64_t grain = std::max<int64_t>(1, kElementsPerTask / out_features);
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });
-  }
-  const auto shape = output_shape(input, out_features);
-  return {out.view(shape), keep_preact ? preact.view(shape) : preact};
+  at::Tensor out = empty_output(input, weight.size(0));
+  at::Tensor preact = keep_preact ? at::empty_like(out) : at::empty({0}, input.options());
+  forward_into(input, weight, bias, activation, negative_slope, out, keep_preact ? &preact : nullptr);
+  return {out, preact};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward_cpu(
@@ -104,8 +126,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward_cpu(
         std::max(kMinRowsPerBlock, (rows + kMaxBlocks - 1) / kMaxBlocks);
     const int64_t blocks = rows == 0 ? 0 : (rows + rows_per_block - 1) / rows_per_block;
     at::Tensor partial_sums;
-    if (output_mask[2]) partial_sums = at::zeros({std::max<int64_t>(blocks, 1), out_features},
-                                                 input.options().dtype(opmath));
+    if (output_mask[2]) {
+      partial_sums = blocks <= 1 ? at::zeros({out_features}, input.options().dtype(opmath))
+                                 : at::zeros({blocks, out_features}, input.options().dtype(opmath));
+    }
     if (blocks > 0 && out_features > 0) {
       const auto& kernels = cpu::epilogue_kernels();
       const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (rows_per_block * out_features));
@@ -122,13 +146,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward_cpu(
       });
     }
     if (output_mask[2]) {
-      grad_bias = blocks <= 1 ? partial_sums[0] : partial_sums.sum(0);
+      grad_bias = blocks <= 1 ? partial_sums : partial_sums.sum(0);
       if (grad_bias.scalar_type() != input.scalar_type()) grad_bias = grad_bias.to(input.scalar_type());
     }
   }
 
   at::Tensor grad_input, grad_weight;
-  if (output_mask[0]) grad_input = at::mm(grad_pre, weight).view(input.sizes());
+  if (output_mask[0]) {
+    grad_input = at::mm(grad_pre, weight);
+    if (input.dim() != 2) grad_input = grad_input.view(input.sizes());
+  }
   if (output_mask[1]) grad_weight = at::mm(grad_pre.t(), as_matrix(input));
   return {grad_input, grad_weight, grad_bias};
 }
