@@ -97,6 +97,14 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
 at::Tensor fused_linear_autograd(const at::Tensor& input, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, int64_t activation,
                                  double negative_slope) {
+  const bool needs_graph = at::GradMode::is_enabled() &&
+                           (input.requires_grad() || weight.requires_grad() ||
+                            (has_tensor(bias) && bias->requires_grad()));
+  if (!needs_graph) {
+    // Inference: no graph node, no saved tensors, no pre-activation; one GEMM and one epilogue.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return fused_linear_op().call(input, weight, bias, activation, negative_slope);
+  }
   return FusedLinearFunction::apply(input, weight, bias, activation, negative_slope);
 }
 

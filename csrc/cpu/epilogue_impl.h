@@ -57,6 +57,17 @@ struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
   }
 };
 
+// Calls body(offset, column, count) for each SIMD step of rows [row_begin, row_end) of a row-major
+// rows x cols buffer; the last step of a row may be partial (count < kStep).
+template <typename IO, typename Body>
+inline void for_each_step(int64_t row_begin, int64_t row_end, int64_t cols, const Body& body) {
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    for (int64_t j = 0; j < cols; j += IO::kStep) {
+      body(i * cols + j, j, std::min<int64_t>(IO::kStep, cols - j));
+    }
+  }
+}
+
 template <typename scalar_t, typename F>
 void forward_rows(const ForwardEpilogue& a, int64_t row_begin, int64_t row_end) {
   using IO = VecIO<scalar_t>;
@@ -66,20 +77,16 @@ void forward_rows(const ForwardEpilogue& a, int64_t row_begin, int64_t row_end) 
   const auto* bias = static_cast<const scalar_t*>(a.bias);
   auto* preact = static_cast<scalar_t*>(a.preact);
   auto* out = static_cast<scalar_t*>(a.out);
-  for (int64_t i = row_begin; i < row_end; ++i) {
-    const int64_t row = i * a.cols;
-    for (int64_t j = 0; j < a.cols; j += IO::kStep) {
-      const int64_t n = std::min<int64_t>(IO::kStep, a.cols - j);
-      auto v = IO::load(acc + row + j, n);
-      if (bias != nullptr) {
-        const auto b = IO::load(bias + j, n);
-        for (int k = 0; k < IO::kParts; ++k) v[k] = v[k] + b[k];
-      }
-      if (preact != nullptr) IO::store(preact + row + j, v, n);
-      for (int k = 0; k < IO::kParts; ++k) v[k] = F::forward(v[k], slope);
-      IO::store(out + row + j, v, n);
+  for_each_step<IO>(row_begin, row_end, a.cols, [&](int64_t offset, int64_t j, int64_t n) {
+    auto v = IO::load(acc + offset, n);
+    if (bias != nullptr) {
+      const auto b = IO::load(bias + j, n);
+      for (int k = 0; k < IO::kParts; ++k) v[k] = v[k] + b[k];
     }
-  }
+    if (preact != nullptr) IO::store(preact + offset, v, n);
+    for (int k = 0; k < IO::kParts; ++k) v[k] = F::forward(v[k], slope);
+    IO::store(out + offset, v, n);
+  });
 }
 
 template <typename scalar_t, typename F>
@@ -93,27 +100,22 @@ void backward_rows(const BackwardEpilogue& a, int64_t row_begin, int64_t row_end
   const auto* saved = static_cast<const scalar_t*>(a.saved);
   auto* grad_pre = static_cast<scalar_t*>(a.grad_pre);
   auto* sums = static_cast<Math*>(a.column_sums);
-  for (int64_t i = row_begin; i < row_end; ++i) {
-    const int64_t row = i * a.cols;
-    for (int64_t j = 0; j < a.cols; j += IO::kStep) {
-      const int64_t n = std::min<int64_t>(IO::kStep, a.cols - j);
-      auto g = IO::load(grad_out + row + j, n);
-      if constexpr (!kIdentity) {
-        const auto s = IO::load(saved + row + j, n);
-        for (int k = 0; k < IO::kParts; ++k) g[k] = g[k] * F::derivative(s[k], slope);
-      }
-      if (grad_pre != nullptr) IO::store(grad_pre + row + j, g, n);
-      if (sums != nullptr) {
-        for (int k = 0; k < IO::kParts; ++k) {
-          const int64_t offset = j + k * Vec::size();
-          const int64_t m = std::min<int64_t>(Vec::size(), a.cols - offset);
-          if (m <= 0) break;
-          auto total = Vec::loadu(sums + offset, m) + g[k];
-          total.store(sums + offset, m);
-        }
+  for_each_step<IO>(row_begin, row_end, a.cols, [&](int64_t offset, int64_t j, int64_t n) {
+    auto g = IO::load(grad_out + offset, n);
+    if constexpr (!kIdentity) {
+      const auto s = IO::load(saved + offset, n);
+      for (int k = 0; k < IO::kParts; ++k) g[k] = g[k] * F::derivative(s[k], slope);
+    }
+    if (grad_pre != nullptr) IO::store(grad_pre + offset, g, n);
+    if (sums != nullptr) {
+      for (int k = 0; k < IO::kParts; ++k) {
+        const int64_t column = j + k * Vec::size();
+        const int64_t m = std::min<int64_t>(Vec::size(), a.cols - column);
+        if (m <= 0) break;
+        (Vec::loadu(sums + column, m) + g[k]).store(sums + column, m);
       }
     }
-  }
+  });
 }
 
 // One switch over dtypes, one over activations: every (dtype, activation) pair is its own loop.
