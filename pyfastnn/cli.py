@@ -1,4 +1,4 @@
-"""Command line: ``pyfastnn info`` and ``pyfastnn bench`` (also ``python -m pyfastnn ...``)."""
+"""Command line: ``pyfastnn info | bench | train | demo`` (also ``python -m pyfastnn ...``)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     info_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     commands.add_parser("bench", help="fused_linear vs eager / torch.compile / bare GEMM (see bench --help)",
                         add_help=False)
+    commands.add_parser("train", help="train the lesson's MNIST classifier (see train --help)", add_help=False)
+    commands.add_parser("demo", help="the neural-network lesson end to end (see demo --help)", add_help=False)
     if not argv:
         parser.print_help()
         return 2
@@ -24,6 +26,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .benchmark import main as bench_main
 
         return bench_main(rest)
+    if args.command == "train":
+        from .train import main as train_main
+
+        return train_main(rest)
+    if args.command == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from .info import info

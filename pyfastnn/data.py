@@ -1,0 +1,213 @@
+"""MNIST and Fashion-MNIST from their IDX files, as in-memory tensors and shuffled batches.
+
+The files may be gzip-compressed or raw, in a flat folder or in torchvision's ``<Name>/raw`` layout.
+Every file is checked (magic number, dimensions, length) and a bad one raises :class:`IDXError`
+naming it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+__all__ = ["IDXError", "read_idx", "load_mnist", "load_fashion_mnist", "normalize", "Batches",
+           "MNIST_MEAN", "MNIST_STD", "find_mnist"]
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+PathLike = Union[str, os.PathLike]
+
+
+class IDXError(ValueError):
+    """An IDX file is missing, truncated, corrupt or not what was expected."""
+
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: PathLike, expected_ndim: Optional[int] = None) -> np.ndarray:
+    """Reads one IDX file (gzip or raw) into a numpy array, checking its header against its length."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        opener = gzip.open if head == b"\x1f\x8b" else open
+        with opener(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise IDXError(f"{path}: file not found") from None
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise IDXError(f"{path}: cannot read ({e})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise IDXError(f"{path}: not an IDX file (bad magic number {data[:4].hex() or 'empty'})")
+    ndim = data[3]
+    if expected_ndim is not None and ndim != expected_ndim:
+        raise IDXError(f"{path}: expected a {expected_ndim}-D IDX file, found {ndim}-D")
+    if len(data) < 4 + 4 * ndim:
+        raise IDXError(f"{path}: truncated header")
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    expected = 4 + 4 * ndim + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected:
+        raise IDXError(f"{path}: {'truncated' if len(data) < expected else 'trailing bytes'}: "
+                       f"{len(data)} bytes, header {shape} needs {expected}")
+    return np.frombuffer(data, dtype=dtype, offset=4 + 4 * ndim).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+@dataclass(frozen=True)
+class _Dataset:
+    folder: str  # torchvision's folder name (root/<folder>/raw)
+    mirrors: Tuple[str, ...]
+    md5: Dict[str, Optional[str]]  # MD5 of the decompressed file, where published
+
+
+_MNIST = _Dataset(
+    "MNIST",
+    ("https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/"),
+    {
+        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+    },
+)
+_FASHION = _Dataset(
+    "FashionMNIST",
+    ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+    {name: None for name in _MNIST.md5},  # only the .gz checksums are published: checked by shape
+)
+
+
+def _locate(root: Path, dataset: _Dataset, stem: str) -> Optional[Path]:
+    for folder in (root, root / dataset.folder / "raw", root / "raw"):
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _download(root: Path, dataset: _Dataset, stem: str) -> Path:
+    target_dir = root / dataset.folder / "raw"
+    target_dir.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for mirror in dataset.mirrors:
+        url = f"{mirror}{stem}.gz"
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                compressed = response.read()
+        except (urllib.error.URLError, OSError) as e:
+            errors.append(f"{url}: {e}")
+            continue
+        raw = gzip.decompress(compressed)
+        expected = dataset.md5[stem]
+        if expected is not None and hashlib.md5(raw).hexdigest() != expected:
+            errors.append(f"{url}: MD5 mismatch of the decompressed file")
+            continue
+        path = target_dir / stem
+        path.write_bytes(raw)
+        return path
+    raise IDXError(f"could not download {stem} (offline?). Tried:\n  " + "\n  ".join(errors) +
+                   f"\nPlace the IDX files in {root} (flat or {dataset.folder}/raw) and retry.")
+
+
+def _load(root: PathLike, dataset: _Dataset, train: bool, download: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    root = Path(root).expanduser()
+    prefix = "train" if train else "t10k"
+    arrays = []
+    for kind, ndim in (("images-idx3-ubyte", 3), ("labels-idx1-ubyte", 1)):
+        stem = f"{prefix}-{kind}"
+        path = _locate(root, dataset, stem)
+        if path is None:
+            if not download:
+                raise IDXError(f"{stem}[.gz] not found under {root} (flat or {dataset.folder}/raw); "
+                               f"pass download=True or point --data at the folder")
+            path = _download(root, dataset, stem)
+        arrays.append((path, read_idx(path, expected_ndim=ndim)))
+    (image_path, images), (label_path, labels) = arrays
+    if images.dtype != np.uint8 or images.shape[1:] != (28, 28):
+        raise IDXError(f"{image_path}: expected uint8 28x28 images, got {images.dtype} {images.shape[1:]}")
+    if labels.shape[0] != images.shape[0]:
+        raise IDXError(f"{label_path}: {labels.shape[0]} labels for {images.shape[0]} images")
+    if labels.size and labels.max() > 9:
+        raise IDXError(f"{label_path}: label {labels.max()} outside 0..9")
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def load_mnist(root: PathLike, train: bool = True, download: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MNIST as ``(uint8 images N x 28 x 28, int64 labels N)``.
+
+    ``download=True`` fetches missing files into ``root/MNIST/raw`` and verifies the MD5 of the
+    decompressed content against the published checksums.
+    """
+    return _load(root, _MNIST, train, download)
+
+
+def load_fashion_mnist(root: PathLike, train: bool = True, download: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST (same format and layout rules as :func:`load_mnist`)."""
+    return _load(root, _FASHION, train, download)
+
+
+def find_mnist(explicit: Optional[PathLike] = None) -> Optional[Path]:
+    """A folder holding MNIST: ``explicit``, else ``$PYFASTNN_MNIST``, else None."""
+    for candidate in (explicit, os.environ.get("PYFASTNN_MNIST")):
+        if candidate and _locate(Path(candidate), _MNIST, "t10k-images-idx3-ubyte"):
+            return Path(candidate)
+    return None
+
+
+def normalize(images: torch.Tensor, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> torch.Tensor:
+    """uint8 images -> float32 ``(x / 255 - mean) / std``, flattened to ``(N, 784)``, once for all."""
+    return ((images.reshape(images.shape[0], -1).to(torch.float32) / 255.0) - mean) / std
+
+
+class Batches:
+    """Shuffled mini-batches from in-memory tensors (no per-sample Python work).
+
+    With ``world_size > 1`` each rank takes its own shard of every epoch's permutation, like
+    ``DistributedSampler`` (the permutation depends only on seed and epoch, so ranks agree).
+    """
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, shuffle: bool = True,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.inputs, self.targets = inputs, targets
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        n = self.inputs.shape[0]
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(n)
+        if self.world_size > 1:
+            per_rank = n // self.world_size  # equal shards keep DDP's collectives in lockstep
+            order = order[: per_rank * self.world_size][self.rank::self.world_size]
+        return order
+
+    def __len__(self) -> int:
+        n = self.inputs.shape[0] // self.world_size if self.world_size > 1 else self.inputs.shape[0]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        order = self._indices()
+        for start in range(0, len(order), self.batch_size):
+            index = order[start:start + self.batch_size]
+            if self.drop_last and len(index) < self.batch_size:
+                break
+            yield self.inputs.index_select(0, index), self.targets.index_select(0, index)

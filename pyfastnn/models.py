@@ -1,0 +1,239 @@
+"""The neural-network lesson's models, rebuilt on pyfastnn's fused layers.
+
+- :class:`Perceptron`: one neuron, step output, the perceptron learning rule (AND, OR; not XOR).
+- :class:`NumpyTwoLayerNet`: the from-scratch numpy network with manual backprop (the reference).
+- :class:`TwoLayerNet`: the same network on fused sigmoid layers, trained through autograd.
+- :class:`SimpleNN`: Linear-ReLU-Linear-Sigmoid for XOR (BCE + Adam in the lesson).
+- :class:`MNISTClassifier`: 784-256-128-10 with ReLU and dropout, logits out.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .functional import fused_linear
+from .nn import FusedLinear
+
+__all__ = ["Perceptron", "NumpyTwoLayerNet", "TwoLayerNet", "SimpleNN", "MNISTClassifier",
+           "XOR_INPUTS", "XOR_TARGETS", "AND_TARGETS", "OR_TARGETS"]
+
+XOR_INPUTS = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float64)
+XOR_TARGETS = np.array([[0], [1], [1], [0]], dtype=np.float64)
+AND_TARGETS = np.array([0, 0, 0, 1])
+OR_TARGETS = np.array([0, 1, 1, 1])
+
+
+class Perceptron:
+    """A single neuron: ``step(w . x + b)``, the weighted sum computed by the fused op.
+
+    A single neuron draws one straight line, so it learns AND and OR but can never learn XOR.
+
+    Example:
+        >>> p = Perceptron(2, seed=0).fit([[0, 0], [0, 1], [1, 0], [1, 1]], [0, 0, 0, 1])
+        >>> p.predict([[0, 0], [0, 1], [1, 0], [1, 1]]).tolist()
+        [0, 0, 0, 1]
+    """
+
+    def __init__(self, n_inputs: int, seed: Optional[int] = None) -> None:
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.weights = torch.randn(1, n_inputs, dtype=torch.float64, generator=generator)
+        self.bias = torch.randn(1, dtype=torch.float64, generator=generator)
+
+    def weighted_sum(self, X) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(X, dtype=np.float64))
+        return fused_linear(x, self.weights, self.bias, activation="identity").reshape(-1)
+
+    def predict(self, X) -> np.ndarray:
+        """0/1 output for each row of X (step function: 1 where the weighted sum is > 0)."""
+        return (self.weighted_sum(X) > 0).to(torch.int64).numpy()
+
+    def fit(self, X, y, epochs: int = 100, lr: float = 0.1) -> "Perceptron":
+        """Perceptron rule: for each sample, ``w += lr * (target - output) * x`` (and b likewise).
+
+        Stops early once an epoch makes no mistakes.
+        """
+        X = np.asarray(X, dtype=np.float64)
+        y = np.asarray(y).reshape(-1)
+        for _ in range(epochs):
+            mistakes = 0
+            for xi, target in zip(X, y):
+                error = float(target) - float(self.predict(xi[None, :])[0])
+                if error != 0.0:
+                    mistakes += 1
+                    self.weights += lr * error * torch.from_numpy(xi)[None, :]
+                    self.bias += lr * error
+            if mistakes == 0:
+                break
+        return self
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -500, 500)))
+
+
+class NumpyTwoLayerNet:
+    """The lesson's from-scratch 2-layer network: sigmoid hidden and output, MSE, manual backprop.
+
+    Weights ``randn * init_scale`` (shape ``(in, out)``; the lesson's 0.01 by default), zero biases;
+    gradient descent on the batch. With the lesson's tiny initial weights every hidden unit starts
+    out nearly the same and XOR training sits on the saddle at loss 0.25; ``init_scale=1.0`` breaks
+    the symmetry and it learns.
+
+    Example:
+        >>> net = NumpyTwoLayerNet(2, 4, 1, seed=0)
+        >>> losses = net.fit(XOR_INPUTS, XOR_TARGETS, epochs=10, learning_rate=1.0)
+        >>> len(losses)
+        10
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, output_size: int, seed: int = 0,
+                 init_scale: float = 0.01) -> None:
+        rng = np.random.default_rng(seed)
+        self.W1 = rng.standard_normal((input_size, hidden_size)) * init_scale
+        self.b1 = np.zeros((1, hidden_size))
+        self.W2 = rng.standard_normal((hidden_size, output_size)) * init_scale
+        self.b2 = np.zeros((1, output_size))
+
+    def forward(self, X: np.ndarray) -> np.ndarray:
+        self.z1 = X @ self.W1 + self.b1
+        self.a1 = _sigmoid(self.z1)
+        self.z2 = self.a1 @ self.W2 + self.b2
+        self.a2 = _sigmoid(self.z2)
+        return self.a2
+
+    def backward(self, X: np.ndarray, y: np.ndarray, learning_rate: float) -> None:
+        """One gradient step from the cached forward pass (sigmoid' written from the outputs)."""
+        m = X.shape[0]
+        output_delta = (self.a2 - y) * self.a2 * (1 - self.a2)
+        hidden_delta = (output_delta @ self.W2.T) * self.a1 * (1 - self.a1)
+        self.W2 -= learning_rate * self.a1.T @ output_delta / m
+        self.b2 -= learning_rate * output_delta.sum(axis=0, keepdims=True) / m
+        self.W1 -= learning_rate * X.T @ hidden_delta / m
+        self.b1 -= learning_rate * hidden_delta.sum(axis=0, keepdims=True) / m
+
+    def fit(self, X, y, epochs: int = 1000, learning_rate: float = 0.1) -> List[float]:
+        """Trains for ``epochs`` full-batch steps; returns the MSE before each step."""
+        X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        losses = []
+        for _ in range(epochs):
+            output = self.forward(X)
+            losses.append(float(np.mean((y - output) ** 2)))
+            self.backward(X, y, learning_rate)
+        return losses
+
+
+class TwoLayerNet(nn.Module):
+    """:class:`NumpyTwoLayerNet` on fused sigmoid layers, trained through autograd.
+
+    ``fit`` applies the lesson's update rule: the gradient of ``sum((out - y)^2) / (2 m)`` (whose
+    derivative is the lesson's ``(a2 - y) / m`` error term) with plain gradient descent.
+
+    Example:
+        >>> net = TwoLayerNet.from_numpy(NumpyTwoLayerNet(2, 4, 1, seed=0))
+        >>> net(torch.zeros(1, 2, dtype=torch.float64)).shape
+        torch.Size([1, 1])
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, output_size: int, *, dtype=None) -> None:
+        super().__init__()
+        self.hidden = FusedLinear(input_size, hidden_size, activation="sigmoid", dtype=dtype)
+        self.output = FusedLinear(hidden_size, output_size, activation="sigmoid", dtype=dtype)
+
+    @classmethod
+    def from_numpy(cls, net: NumpyTwoLayerNet, dtype: torch.dtype = torch.float64) -> "TwoLayerNet":
+        """A copy of a numpy network's weights (transposed into nn.Linear's (out, in) layout)."""
+        model = cls(net.W1.shape[0], net.W1.shape[1], net.W2.shape[1], dtype=dtype)
+        with torch.no_grad():
+            for layer, W, b in ((model.hidden, net.W1, net.b1), (model.output, net.W2, net.b2)):
+                layer.weight.copy_(torch.from_numpy(W.T))
+                layer.bias.copy_(torch.from_numpy(b.reshape(-1)))
+        return model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.hidden(x))
+
+    def fit(self, X, y, epochs: int = 1000, learning_rate: float = 0.1) -> List[float]:
+        """Full-batch gradient descent; returns the MSE before each step (like the numpy net)."""
+        dtype = self.hidden.weight.dtype
+        X = torch.as_tensor(np.asarray(X), dtype=dtype)
+        y = torch.as_tensor(np.asarray(y), dtype=dtype)
+        losses = []
+        for _ in range(epochs):
+            out = self(X)
+            losses.append(torch.mean((y - out) ** 2).item())
+            objective = ((out - y) ** 2).sum() / (2 * X.shape[0])
+            grads = torch.autograd.grad(objective, list(self.parameters()))
+            with torch.no_grad():
+                for p, g in zip(self.parameters(), grads):
+                    p -= learning_rate * g
+        return losses
+
+
+class SimpleNN(nn.Module):
+    """The lesson's SimpleNN: Linear -> ReLU -> Linear -> Sigmoid, as two fused layers.
+
+    Example:
+        >>> SimpleNN(2, 4, 1)(torch.zeros(3, 2)).shape
+        torch.Size([3, 1])
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, output_size: int) -> None:
+        super().__init__()
+        self.layer1 = FusedLinear(input_size, hidden_size, activation="relu")
+        self.layer2 = FusedLinear(hidden_size, output_size, activation="sigmoid")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer2(self.layer1(x))
+
+    def to_torch(self) -> nn.Sequential:
+        """The plain-PyTorch twin (nn.Linear/nn.ReLU/nn.Linear/nn.Sigmoid) with copied weights."""
+        twin = nn.Sequential(*self.layer1.to_linear(), *self.layer2.to_linear())
+        return _detached_copy(twin)
+
+
+class MNISTClassifier(nn.Module):
+    """784 -> 256 -> 128 -> 10 with ReLU and dropout between layers; returns logits.
+
+    Accepts images ``(N, 1, 28, 28)`` or flat ``(N, 784)``.
+
+    Example:
+        >>> model = MNISTClassifier()
+        >>> model(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, hidden_sizes: Sequence[int] = (256, 128), dropout: float = 0.2,
+                 in_features: int = 28 * 28, num_classes: int = 10) -> None:
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        sizes = [in_features, *hidden_sizes]
+        layers: List[nn.Module] = []
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            layers.append(FusedLinear(fan_in, fan_out, activation="relu"))
+            layers.append(nn.Dropout(dropout))
+        layers.append(FusedLinear(sizes[-1], num_classes, activation=None))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x.flatten(1))
+
+    def to_torch(self) -> nn.Sequential:
+        """The plain-PyTorch twin (Flatten, Linear, ReLU, Dropout, ...) with copied weights."""
+        modules: List[nn.Module] = [nn.Flatten()]
+        for module in self.layers:
+            modules.extend(module.to_linear() if isinstance(module, FusedLinear) else [copy.deepcopy(module)])
+        return _detached_copy(nn.Sequential(*modules))
+
+
+def _detached_copy(model: nn.Module) -> nn.Module:
+    """Gives every parameter of ``model`` its own storage (to_linear() shares with the fused layer)."""
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, nn.Parameter(p.detach().clone(), p.requires_grad))
+    return model

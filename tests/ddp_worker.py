@@ -1,0 +1,15 @@
+"""Run under torchrun by test_train.py: a few DDP steps, then each rank saves its parameters."""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pyfastnn.train import TrainConfig, train
+
+out, data = Path(sys.argv[1]), sys.argv[2]
+result = train(TrainConfig(data=data, epochs=1, batch_size=32, max_steps=3, dropout=0.0, out=None,
+                           progress=False, plots=False))
+torch.save(result.model.state_dict(), out / f"rank{dist.get_rank()}.pt")
+dist.destroy_process_group()

@@ -1,0 +1,84 @@
+"""IDX reading, MNIST loading and batching."""
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from pyfastnn.data import Batches, IDXError, load_fashion_mnist, load_mnist, normalize, read_idx
+
+
+def _idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:
+    return struct.pack(">BBBB", 0, 0, type_code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def _write_split(folder, prefix, n, gz=True):
+    images = np.random.default_rng(0).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = np.arange(n, dtype=np.uint8) % 10
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, array in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels)):
+        data = _idx_bytes(array)
+        if gz:
+            (folder / (stem + ".gz")).write_bytes(gzip.compress(data))
+        else:
+            (folder / stem).write_bytes(data)
+    return images, labels
+
+
+@pytest.mark.parametrize("gz", [True, False])
+@pytest.mark.parametrize("layout", ["flat", "torchvision"])
+def test_load_synthetic_files(tmp_path, gz, layout):
+    folder = tmp_path if layout == "flat" else tmp_path / "FashionMNIST" / "raw"
+    images, labels = _write_split(folder, "t10k", 7, gz=gz)
+    x, y = load_fashion_mnist(tmp_path, train=False)
+    assert x.dtype == torch.uint8 and x.shape == (7, 28, 28) and y.dtype == torch.int64
+    assert np.array_equal(x.numpy(), images) and np.array_equal(y.numpy(), labels)
+
+
+@pytest.mark.parametrize("corrupt,message", [
+    (lambda b: b[:-10], "truncated"),
+    (lambda b: b + b"xx", "trailing bytes"),
+    (lambda b: b"\x01\x02" + b[2:], "bad magic"),
+    (lambda b: b"", "bad magic"),
+])
+def test_corrupt_files_raise_naming_the_file(tmp_path, corrupt, message):
+    path = tmp_path / "t10k-images-idx3-ubyte"
+    path.write_bytes(corrupt(_idx_bytes(np.zeros((2, 28, 28), dtype=np.uint8))))
+    with pytest.raises(IDXError, match=f"t10k-images-idx3-ubyte.*{message}"):
+        read_idx(path)
+
+
+def test_wrong_kind_of_file_and_missing_files(tmp_path):
+    _write_split(tmp_path, "t10k", 3)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(np.zeros((3, 28, 28), np.uint8))))
+    with pytest.raises(IDXError, match="labels-idx1-ubyte.*expected a 1-D"):
+        load_mnist(tmp_path, train=False)
+    with pytest.raises(IDXError, match="train-images-idx3-ubyte.*not found"):
+        load_mnist(tmp_path, train=True)
+    (tmp_path / "bad.gz").write_bytes(b"\x1f\x8bnot really gzip")
+    with pytest.raises(IDXError, match="bad.gz: cannot read"):
+        read_idx(tmp_path / "bad.gz")
+
+
+def test_real_mnist(mnist_dir):
+    x, y = load_mnist(mnist_dir, train=False)
+    assert x.shape == (10000, 28, 28) and y.shape == (10000,)
+    assert y.bincount().tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    flat = normalize(x)
+    assert flat.shape == (10000, 784) and abs(flat.mean().item()) < 0.05 and abs(flat.std().item() - 1) < 0.05
+
+
+def test_batches_cover_everything_once_and_shard_like_distributed_sampler():
+    inputs, targets = torch.arange(10).float().reshape(10, 1), torch.arange(10)
+    batches = Batches(inputs, targets, batch_size=3, seed=1)
+    seen = torch.cat([y for _, y in batches])
+    assert sorted(seen.tolist()) == list(range(10)) and len(batches) == 4
+    batches.set_epoch(1)
+    assert torch.cat([y for _, y in batches]).tolist() != seen.tolist()  # reshuffled per epoch
+    shards = [torch.cat([y for _, y in Batches(inputs, targets, 2, seed=1, rank=r, world_size=2)]) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 5
+    assert sorted(torch.cat(shards).tolist()) == list(range(10))
+    with pytest.raises(ValueError, match="batch_size"):
+        Batches(inputs, targets, batch_size=0)

@@ -1,0 +1,80 @@
+"""The lesson's models on fused layers, against their numpy / plain-PyTorch twins."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pyfastnn import FusedLinear, models
+
+X = models.XOR_INPUTS
+
+
+@pytest.mark.parametrize("targets", [models.AND_TARGETS, models.OR_TARGETS], ids=["AND", "OR"])
+def test_perceptron_learns_and_or(targets):
+    for seed in range(5):
+        p = models.Perceptron(2, seed=seed).fit(X, targets, epochs=100, lr=0.1)
+        assert p.predict(X).tolist() == targets.tolist()
+
+
+def test_perceptron_cannot_learn_xor():
+    for seed in range(5):
+        p = models.Perceptron(2, seed=seed).fit(X, models.XOR_TARGETS, epochs=1000, lr=0.1)
+        assert p.predict(X).tolist() != models.XOR_TARGETS.reshape(-1).astype(int).tolist()
+
+
+@pytest.mark.parametrize("init_scale", [0.01, 1.0])
+def test_fused_two_layer_net_follows_numpy_net_exactly(init_scale):
+    scratch = models.NumpyTwoLayerNet(2, 4, 1, seed=0, init_scale=init_scale)
+    fused = models.TwoLayerNet.from_numpy(scratch)
+    expected = scratch.fit(X, models.XOR_TARGETS, epochs=1000, learning_rate=1.0)
+    losses = fused.fit(X, models.XOR_TARGETS, epochs=1000, learning_rate=1.0)
+    np.testing.assert_allclose(losses, expected, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(fused.hidden.weight.detach().numpy(), scratch.W1.T, atol=1e-8)
+
+
+def test_numpy_net_learns_xor_with_symmetry_broken():
+    net = models.NumpyTwoLayerNet(2, 4, 1, seed=0, init_scale=1.0)
+    losses = net.fit(X, models.XOR_TARGETS, epochs=5000, learning_rate=1.0)
+    assert losses[-1] < 0.01 < losses[0]
+    assert ((net.forward(X) > 0.5) == (models.XOR_TARGETS > 0.5)).all()
+
+
+def _train_xor(model, steps=1000):
+    x = torch.tensor(X, dtype=torch.float32)
+    y = torch.tensor(models.XOR_TARGETS, dtype=torch.float32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    losses = []
+    for _ in range(steps):
+        loss = nn.functional.binary_cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, model(x).detach()
+
+
+def test_simple_nn_solves_xor_and_matches_plain_twin_step_by_step():
+    torch.manual_seed(0)
+    fused = models.SimpleNN(2, 4, 1)
+    twin = fused.to_torch()
+    assert [type(m) for m in twin] == [nn.Linear, nn.ReLU, nn.Linear, nn.Sigmoid]
+    fused_losses, predictions = _train_xor(fused)
+    twin_losses, _ = _train_xor(twin)
+    np.testing.assert_allclose(fused_losses, twin_losses, rtol=1e-4, atol=1e-5)
+    assert ((predictions > 0.5).float() == torch.tensor(models.XOR_TARGETS, dtype=torch.float32)).all()
+
+
+def test_mnist_classifier_shapes_twin_and_dropout():
+    model = models.MNISTClassifier()
+    assert [m.out_features for m in model.modules() if isinstance(m, FusedLinear)] == [256, 128, 10]
+    images = torch.randn(5, 1, 28, 28)
+    assert model(images).shape == (5, 10)
+    model.eval()
+    twin = model.to_torch().eval()
+    torch.testing.assert_close(twin(images), model(images.reshape(5, 784)))
+    assert sum(isinstance(m, nn.Dropout) for m in twin) == 2
+    twin[1].weight.data.add_(1.0)  # the twin owns its weights
+    assert not torch.equal(twin[1].weight, model.layers[0].weight)
+    with pytest.raises(ValueError, match="dropout"):
+        models.MNISTClassifier(dropout=1.0)
