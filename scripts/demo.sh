@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: set up, build, print what was built, run the quick benchmark.
+# The main job on a fresh machine: set up and build, print what was built, then run the lesson demo
+# (perceptron, XOR nets, activation plot, quick benchmark and, with MNIST present, a short MNIST run).
+# MNIST is read from $PYFASTNN_MNIST, else ../shared/data/mnist beside the project; nothing is downloaded.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PYFASTNN_VENV:-$ROOT/.venv}"
 "$ROOT/scripts/setup_env.sh"
 "$VENV/bin/pyfastnn" info
-"$VENV/bin/pyfastnn" bench --quick
+MNIST="${PYFASTNN_MNIST:-$ROOT/../shared/data/mnist}"
+"$VENV/bin/pyfastnn" demo --data "$MNIST" --out "${PYFASTNN_DEMO_OUT:-$ROOT/demo_output}"

@@ -17,7 +17,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 echo "[setup] installing $TORCH_SPEC and tools"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-  "$TORCH_SPEC" numpy setuptools wheel ninja pytest hypothesis expecttest
+  "$TORCH_SPEC" numpy tqdm matplotlib setuptools wheel ninja pytest hypothesis expecttest
 echo "[setup] building pyfastnn (C++ extension)"
 MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
   --no-build-isolation -e "$ROOT"
