@@ -60,6 +60,7 @@ def _fused_linear_forward_fake(input, weight, bias, activation, negative_slope, 
 @torch.library.register_fake("pyfastnn::fused_linear_backward")
 def _fused_linear_backward_fake(grad_output, input, weight, saved, activation, negative_slope, output_mask):
     grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0] else None
-    grad_weight = weight.new_empty(weight.shape) if output_mask[1] else None
+    # Computed as (input^T @ grad)^T, so it comes out with transposed strides.
+    grad_weight = weight.new_empty((weight.shape[1], weight.shape[0])).t() if output_mask[1] else None
     grad_bias = weight.new_empty(weight.shape[:1]) if output_mask[2] else None
     return grad_input, grad_weight, grad_bias

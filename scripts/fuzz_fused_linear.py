@@ -1,0 +1,31 @@
+"""Runs N random fused_linear cases (shapes with 0/1/primes/large K, N-D and strided inputs, every
+activation x dtype, bias or not, every requires_grad mix) against PyTorch; prints the mismatches.
+
+    python scripts/fuzz_fused_linear.py [--cases 10000] [--seed 0]
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from fuzzing import run  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=10000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    mismatches = run(args.cases, args.seed)
+    for line in mismatches:
+        print("MISMATCH", line)
+    print(f"{args.cases} cases, {len(mismatches)} mismatches, seed {args.seed}, {time.perf_counter() - start:.0f} s")
+    return 1 if mismatches else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Random fused_linear cases checked against act(F.linear(...)): shared by the bounded hypothesis test
+(tests/test_fuzz.py) and the long run (scripts/fuzz_fused_linear.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import List, Optional, Tuple
+
+import torch
+
+import pyfastnn
+from samples import assert_close, reference
+
+SIZES = (0, 1, 2, 3, 5, 7, 13, 16, 17, 31, 32, 33, 64, 127, 257)
+LARGE_K = (1031, 4099)
+DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+@dataclasses.dataclass
+class Case:
+    batch: Tuple[int, ...]
+    in_features: int
+    out_features: int
+    dtype: torch.dtype
+    activation: str
+    negative_slope: float
+    bias: bool
+    layout: str  # contiguous | input_transposed | input_strided | weight_transposed | weight_strided
+    requires_grad: Tuple[bool, bool, bool]
+    seed: int
+
+    def describe(self) -> str:
+        return (f"batch={self.batch} {self.in_features}->{self.out_features} {self.dtype} {self.activation}"
+                f"({self.negative_slope}) bias={self.bias} {self.layout} grad={self.requires_grad} seed={self.seed}")
+
+
+def random_case(rng: random.Random) -> Case:
+    ndim = rng.choice((1, 1, 1, 2, 3))
+    batch = tuple(rng.choice(SIZES[:9]) for _ in range(ndim))
+    in_features = rng.choice(SIZES + LARGE_K) if rng.random() < 0.15 else rng.choice(SIZES)
+    return Case(
+        batch=batch, in_features=in_features, out_features=rng.choice(SIZES), dtype=rng.choice(DTYPES),
+        activation=rng.choice(pyfastnn.ACTIVATIONS), negative_slope=rng.choice((0.01, 0.0, 0.3, -0.5)),
+        bias=rng.random() < 0.7,
+        layout=rng.choice(("contiguous", "input_transposed", "input_strided", "weight_transposed", "weight_strided")),
+        requires_grad=(rng.random() < 0.7, rng.random() < 0.7, rng.random() < 0.7), seed=rng.randrange(2**31))
+
+
+def _tensor(shape, dtype, generator, layout: Optional[str]) -> torch.Tensor:
+    make = lambda s: torch.randn(s, generator=generator, dtype=torch.float64).to(dtype)  # noqa: E731
+    if layout == "transposed" and len(shape) >= 2:
+        return make((*shape[:-2], shape[-1], shape[-2])).transpose(-1, -2)
+    if layout == "strided" and len(shape) >= 1:
+        return make((*shape[:-1], shape[-1] * 2))[..., ::2]
+    return make(shape)
+
+
+def build(case: Case):
+    g = torch.Generator().manual_seed(case.seed)
+    x = _tensor((*case.batch, case.in_features), case.dtype, g, case.layout.split("_")[1] if case.layout.startswith("input") else None)
+    w = _tensor((case.out_features, case.in_features), case.dtype, g,
+                case.layout.split("_")[1] if case.layout.startswith("weight") else None)
+    w = w * max(case.in_features, 1) ** -0.5
+    b = _tensor((case.out_features,), case.dtype, g, None) if case.bias else None
+    return x, w, b
+
+
+def check(case: Case) -> Optional[str]:
+    """None if fused_linear matches the reference in value and every gradient, else what differs."""
+    x, w, b = build(case)
+    leaves = [t for t in (x, w, b) if t is not None]
+    flags = case.requires_grad[:len(leaves)]
+    ours_in = [t.detach().clone().requires_grad_(r) for t, r in zip(leaves, flags)]
+    # The reference is float64 from the very same values: PyTorch's own reduced-precision paths round
+    # differently by layout (an N-D strided input rounds before adding the bias, a 2-D one after).
+    ref_in = [t.detach().to(torch.float64).requires_grad_(r) for t, r in zip(leaves, flags)]
+    kwargs = dict(activation=case.activation, negative_slope=case.negative_slope)
+    unpack = lambda ts: (ts[0], ts[1], ts[2] if case.bias else None)  # noqa: E731
+    try:
+        out = pyfastnn.fused_linear(*unpack(ours_in), **kwargs)
+        expected = reference(*unpack(ref_in), **kwargs)
+        assert_close(out, expected, case.dtype)
+        needs = [t for t in ours_in if t.requires_grad]
+        if needs and out.numel():
+            grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(case.seed + 1),
+                                   dtype=torch.float64).to(case.dtype)
+            grads = torch.autograd.grad(out, needs, grad_out)
+            expected_grads = torch.autograd.grad(expected, [t for t in ref_in if t.requires_grad],
+                                                 grad_out.to(torch.float64))
+            for got, want in zip(grads, expected_grads):
+                assert got.shape == want.shape, f"gradient shape {tuple(got.shape)} != {tuple(want.shape)}"
+                assert_close(got, want, case.dtype)
+    except AssertionError as e:
+        return f"{case.describe()}: {str(e).splitlines()[0] if str(e) else 'mismatch'}"
+    return None
+
+
+def run(cases: int, seed: int = 0) -> List[str]:
+    rng = random.Random(seed)
+    return [m for m in (check(random_case(rng)) for _ in range(cases)) if m is not None]

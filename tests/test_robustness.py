@@ -1,0 +1,111 @@
+"""Resources, graph reuse, threads and determinism: the op behaves like a well-made PyTorch op."""
+
+import gc
+import threading
+
+import pytest
+import torch
+
+import pyfastnn
+from samples import reference
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def _step(x, w, b, activation="gelu"):
+    out = pyfastnn.fused_linear(x, w, b, activation)
+    return (out,) + torch.autograd.grad(out, (x, w, b), torch.ones_like(out))
+
+
+def _leaves(seed=0, shape=(16, 32, 24)):
+    g = torch.Generator().manual_seed(seed)
+    m, k, n = shape
+    return [torch.randn(s, generator=g).requires_grad_() for s in ((m, k), (n, k), (n,))]
+
+
+def test_10000_calls_leave_memory_flat():
+    x, w, b = _leaves()
+    for _ in range(500):  # warm the allocator and caches
+        _step(x, w, b)
+    gc.collect()
+    tensors_before = sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+    rss_before = _rss_bytes()
+    for _ in range(10000):
+        _step(x, w, b)
+    gc.collect()
+    growth = _rss_bytes() - rss_before
+    assert growth < 4 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 10,000 forward+backward calls"
+    assert sum(isinstance(o, torch.Tensor) for o in gc.get_objects()) <= tensors_before
+
+
+def test_second_forward_before_backward():
+    x, w, b = _leaves()
+    y1, y2 = pyfastnn.fused_linear(x, w, b, "silu"), pyfastnn.fused_linear(x, w, b, "silu")
+    (y1 * 2 + y2).sum().backward()
+    rx, rw, rb = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    r1, r2 = reference(rx, rw, rb, "silu"), reference(rx, rw, rb, "silu")
+    (r1 * 2 + r2).sum().backward()
+    for ours, ref in ((x, rx), (w, rw), (b, rb)):
+        torch.testing.assert_close(ours.grad, ref.grad)
+
+
+def test_backward_twice_needs_retain_graph_like_pytorch():
+    x, w, b = _leaves()
+    out = pyfastnn.fused_linear(x, w, b, "tanh")
+    grad = torch.randn_like(out)
+    out.backward(grad, retain_graph=True)
+    first = w.grad.clone()
+    out.backward(grad)
+    torch.testing.assert_close(w.grad, 2 * first)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        out.backward(grad)
+
+
+def test_concurrent_python_threads_match_sequential_results():
+    inputs = [_leaves(seed) for seed in range(4)]
+    expected = [_step(*leaves) for leaves in inputs]
+    results = [None] * 4
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(50):
+                results[i] = _step(*inputs[i])
+        except Exception as e:  # surfaced below; a thread's exception would otherwise vanish
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for got, want in zip(results, expected):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bitwise_deterministic_run_to_run(threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runs = [_step(*_leaves(7, (300, 129, 70)), activation=act) for act in ("relu", "gelu") for _ in range(2)]
+    finally:
+        torch.set_num_threads(previous)
+    for first, second in ((runs[0], runs[1]), (runs[2], runs[3])):
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+
+
+def test_bias_gradient_independent_of_thread_count():
+    grads = []
+    previous = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        grads.append(_step(*_leaves(3, (2000, 8, 40)), activation="sigmoid")[3])
+    torch.set_num_threads(previous)
+    assert torch.equal(grads[0], grads[1])
