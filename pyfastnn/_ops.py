@@ -36,7 +36,13 @@ def canonical_activation(activation: Union[str, None]) -> str:
     return ACTIVATIONS[activation_code(activation)]
 
 
-def _output_shape(input: torch.Tensor, weight: torch.Tensor) -> list:
+def _output_shape(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> list:
+    """The checks the C++ kernels make, for the fake kernels (which also run for "meta" tensors)."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != input.device:
+            raise TypeError(f"pyfastnn: {name} is on {t.device} but input is on {input.device}")
+        if t is not None and t.dtype != input.dtype:
+            raise TypeError(f"pyfastnn: {name} dtype {t.dtype} does not match input dtype {input.dtype}")
     torch._check(weight.dim() == 2, lambda: f"pyfastnn: weight must be 2-D, got {weight.dim()}-D")
     torch._check(input.dim() >= 1, lambda: "pyfastnn: input must have at least 1 dimension")
     torch._check(
@@ -48,12 +54,12 @@ def _output_shape(input: torch.Tensor, weight: torch.Tensor) -> list:
 
 @torch.library.register_fake("pyfastnn::fused_linear")
 def _fused_linear_fake(input, weight, bias, activation, negative_slope):
-    return input.new_empty(_output_shape(input, weight))
+    return input.new_empty(_output_shape(input, weight, bias))
 
 
 @torch.library.register_fake("pyfastnn::fused_linear_forward")
 def _fused_linear_forward_fake(input, weight, bias, activation, negative_slope, keep_preact):
-    shape = _output_shape(input, weight)
+    shape = _output_shape(input, weight, bias)
     return input.new_empty(shape), input.new_empty(shape if keep_preact else [0])
 
 

@@ -22,6 +22,8 @@ CASES = [
     ("unknown_activation", (X, W, None), {"activation": "swish"}, ValueError, "unknown activation 'swish'.*valid: identity, relu"),
     ("activation_not_a_string", (X, W, None), {"activation": 3}, ValueError, "unknown activation 3"),
     ("input_not_a_tensor", ([[1.0] * 5], W, None), {}, TypeError, "input must be a torch.Tensor, got list"),
+    ("weight_on_other_device", (X, W.to("meta"), None), {}, TypeError, "weight is on meta but input is on cpu"),
+    ("bias_on_other_device", (X, W, B.to("meta")), {}, TypeError, "bias is on meta but input is on cpu"),
     ("bias_not_a_tensor", (X, W, 1.0), {}, TypeError, "bias must be a torch.Tensor, got float"),
 ]
 
