@@ -109,3 +109,20 @@ def test_bias_gradient_independent_of_thread_count():
         grads.append(_step(*_leaves(3, (2000, 8, 40)), activation="sigmoid")[3])
     torch.set_num_threads(previous)
     assert torch.equal(grads[0], grads[1])
+
+
+def test_moderately_large_output_with_ragged_tails():
+    """67M output elements over 65,537 rows of 1,025 columns (a SIMD tail on every row).
+
+    Offsets inside the kernels are int64 (row * cols + column), so outputs beyond 2^31 elements
+    index the same way; this case is the size the test machines can afford to check for real.
+    """
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(65537, 3, generator=g)
+    w = torch.randn(1025, 3, generator=g)
+    b = torch.randn(1025, generator=g, requires_grad=True)
+    out = pyfastnn.fused_linear(x, w, b, "relu")
+    expected = torch.relu(torch.nn.functional.linear(x, w, b))
+    torch.testing.assert_close(out, expected)
+    (grad_b,) = torch.autograd.grad(out, b, torch.ones_like(out))
+    torch.testing.assert_close(grad_b, (expected > 0).sum(0).float(), rtol=1e-6, atol=0)

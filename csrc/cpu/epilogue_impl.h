@@ -58,7 +58,8 @@ struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
 };
 
 // Calls body(offset, column, count) for each SIMD step of rows [row_begin, row_end) of a row-major
-// rows x cols buffer; the last step of a row may be partial (count < kStep).
+// rows x cols buffer; the last step of a row may be partial (count < kStep). Offsets are int64, so
+// buffers of more than 2^31 elements index correctly.
 template <typename IO, typename Body>
 inline void for_each_step(int64_t row_begin, int64_t row_end, int64_t cols, const Body& body) {
   for (int64_t i = row_begin; i < row_end; ++i) {
