@@ -58,7 +58,8 @@ def _cuda_include_dirs() -> list[str]:
 
 
 def _extension():
-    cxx_flags = ["-O3", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi",
+                 "-Wno-maybe-uninitialized"]  # GCC flags its own AVX-512 intrinsics headers
     define_macros = [("PYFASTNN_VERSION", f'"{VERSION}"')]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     if not _want_cuda():
@@ -73,7 +74,7 @@ def _extension():
         "pyfastnn._C", sources + _sources("csrc/cuda/*.cu"),
         include_dirs=[str(ROOT / "csrc")] + _cuda_include_dirs(),
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
-        define_macros=define_macros, libraries=["cublas", "cublasLt"],
+        define_macros=define_macros,
     )
 
 

@@ -15,14 +15,14 @@ using torch::autograd::variable_list;
 const auto& forward_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("pyfastnn::fused_linear_forward", "")
-                             .typed<decltype(fused_linear_forward_cpu)>();
+                             .typed<decltype(fused_linear_forward)>();
   return op;
 }
 
 const auto& backward_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("pyfastnn::fused_linear_backward", "")
-                             .typed<decltype(fused_linear_backward_cpu)>();
+                             .typed<decltype(fused_linear_backward)>();
   return op;
 }
 
@@ -138,11 +138,20 @@ TORCH_LIBRARY(pyfastnn, m) {
         tags);
 }
 
+// One implementation serves every device: the GEMMs are ATen's, the epilogue launcher the device's.
 TORCH_LIBRARY_IMPL(pyfastnn, CPU, m) {
-  m.impl("fused_linear", &fused_linear_cpu);
-  m.impl("fused_linear_forward", &fused_linear_forward_cpu);
-  m.impl("fused_linear_backward", &fused_linear_backward_cpu);
+  m.impl("fused_linear", &fused_linear_inference);
+  m.impl("fused_linear_forward", &fused_linear_forward);
+  m.impl("fused_linear_backward", &fused_linear_backward);
 }
+
+#ifdef PYFASTNN_WITH_CUDA
+TORCH_LIBRARY_IMPL(pyfastnn, CUDA, m) {
+  m.impl("fused_linear", &fused_linear_inference);
+  m.impl("fused_linear_forward", &fused_linear_forward);
+  m.impl("fused_linear_backward", &fused_linear_backward);
+}
+#endif
 
 TORCH_LIBRARY_IMPL(pyfastnn, Autograd, m) {
   m.impl("fused_linear", &fused_linear_autograd);

@@ -2,7 +2,7 @@
 // describe the build. Ops themselves are reached through torch.ops.pyfastnn.
 #include <torch/extension.h>
 
-#include "cpu/epilogue.h"
+#include "cpu/kernels.h"
 
 #ifndef PYFASTNN_CUDA_ARCHS
 #define PYFASTNN_CUDA_ARCHS ""

@@ -102,6 +102,7 @@ SMALL = {"nd_no_features", "empty_batch", "odd", "odd_no_bias", "nd", "nd_no_bia
 
 
 def _make(shape, dtype, device, layout, generator, scale=1.0):
+    # Drawn on the CPU in float64 from one generator, so every device and dtype sees the same values.
     if layout == "transposed":
         return (torch.randn(tuple(reversed(shape)), generator=generator, dtype=torch.float64) * scale
                 ).to(dtype=dtype, device=device).t()

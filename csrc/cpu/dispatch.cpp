@@ -3,7 +3,7 @@
 
 #include <string>
 
-#include "epilogue.h"
+#include "kernels.h"
 
 namespace pyfastnn::cpu {
 

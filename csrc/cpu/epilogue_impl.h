@@ -8,7 +8,7 @@
 #include <algorithm>
 #include <array>
 
-#include "epilogue.h"
+#include "kernels.h"
 #include "vec_math.h"
 
 namespace pyfastnn::cpu {

@@ -42,7 +42,7 @@ void test_against_reference(at::ScalarType dtype, double tol) {
         at::Tensor b = at::randn({s[2]}, opts);
         const auto act = static_cast<pyfastnn::Activation>(code);
         const bool keep_preact = !pyfastnn::derivative_from_output(act, slope);
-        auto [out, preact] = pyfastnn::fused_linear_forward_cpu(x, w, b, code, slope, keep_preact);
+        auto [out, preact] = pyfastnn::fused_linear_forward(x, w, b, code, slope, keep_preact);
 
         // Reference forward and gradients from ATen's autograd.
         at::Tensor xr = x.detach().to(at::kDouble).requires_grad_();
@@ -56,7 +56,7 @@ void test_against_reference(at::ScalarType dtype, double tol) {
 
         at::Tensor grad = at::randn_like(out);
         auto ref_grads = torch::autograd::grad({ref}, {xr, wr, br}, {grad.to(at::kDouble)});
-        auto [gx, gw, gb] = pyfastnn::fused_linear_backward_cpu(grad, x, w, keep_preact ? preact : out,
+        auto [gx, gw, gb] = pyfastnn::fused_linear_backward(grad, x, w, keep_preact ? preact : out,
                                                                 code, slope, {true, true, true});
         expect(close(gx, ref_grads[0], tol), "grad_input " + name);
         expect(close(gw, ref_grads[1], tol), "grad_weight " + name);
@@ -93,7 +93,7 @@ void test_scalar_matches_vectorized() {
 void test_bad_arguments_throw() {
   bool threw = false;
   try {
-    pyfastnn::fused_linear_forward_cpu(at::randn({2, 3}), at::randn({4, 5}), std::nullopt, 1, 0.0, false);
+    pyfastnn::fused_linear_forward(at::randn({2, 3}), at::randn({4, 5}), std::nullopt, 1, 0.0, false);
   } catch (const c10::ValueError&) {
     threw = true;
   }

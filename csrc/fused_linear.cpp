@@ -1,22 +1,14 @@
-// CPU implementation: ATen GEMMs (MKL / oneDNN, AMX for bfloat16) plus one fused element-wise
-// pass each way, parallelised with at::parallel_for (so torch.set_num_threads applies).
+// The fused Linear+activation ops for every device: ATen GEMMs (MKL/oneDNN on CPU, cuBLAS on CUDA)
+// plus one fused element-wise pass each way, launched by the device's epilogue launcher.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
+#include <c10/core/DeviceGuard.h>
 
-#include "../fused_linear.h"
 #include "epilogue.h"
+#include "fused_linear.h"
 
 namespace pyfastnn {
 namespace {
-
-// Below this many elements a pass is not worth waking other threads for.
-constexpr int64_t kElementsPerTask = 32768;
-
-// Bias-gradient rows are summed in fixed blocks whose partial sums are added in block order, so the
-// result depends only on the shape, never on the thread count or scheduling (bitwise reproducible).
-constexpr int64_t kMaxBlocks = 64;
-constexpr int64_t kMinRowsPerBlock = 16;
 
 // (*, features) -> (rows, features). Rows are counted explicitly: reshape(-1, 0) is ambiguous.
 at::Tensor as_matrix(const at::Tensor& t) {
@@ -33,14 +25,38 @@ std::vector<int64_t> output_shape(const at::Tensor& input, int64_t out_features)
   return shape;
 }
 
-}  // namespace
-
-namespace {
-
 // Allocates in the caller's final shape (*, out_features) and works on a 2-D view, so a 2-D input
 // costs no view ops at all: at small batch each dispatcher call is a visible share of the time.
 at::Tensor empty_output(const at::Tensor& input, int64_t out_features) {
   return at::empty(output_shape(input, out_features), input.options());
+}
+
+bool on_cuda(const at::Tensor& t) { return t.device().is_cuda(); }
+
+// Only a CUDA build registers CUDA kernels, so a CPU-only build never sees a CUDA tensor here.
+void launch(const ForwardEpilogue& args, int64_t rows, bool cuda_device) {
+#ifdef PYFASTNN_WITH_CUDA
+  if (cuda_device) return cuda::launch_forward_epilogue(args, rows);
+#endif
+  TORCH_CHECK(!cuda_device, "pyfastnn: this build has no CUDA kernels");
+  cpu::launch_forward_epilogue(args, rows);
+}
+
+void launch(const BackwardEpilogue& args, int64_t rows, int64_t rows_per_block, bool cuda_device) {
+#ifdef PYFASTNN_WITH_CUDA
+  if (cuda_device) return cuda::launch_backward_epilogue(args, rows, rows_per_block);
+#endif
+  TORCH_CHECK(!cuda_device, "pyfastnn: this build has no CUDA kernels");
+  cpu::launch_backward_epilogue(args, rows, rows_per_block);
+}
+
+// Bias-gradient rows are summed in fixed blocks whose partial sums are then added in block order, so
+// the result depends only on the shape, never on thread count or scheduling (bitwise reproducible).
+// CPU: at most 64 blocks of at least 16 rows; CUDA: at most 256 blocks of at least 64 rows, enough
+// thread blocks to fill the GPU while the partial sums stay small.
+int64_t rows_per_block(int64_t rows, bool cuda_device) {
+  if (cuda_device) return std::max<int64_t>(64, (rows + 255) / 256);
+  return std::max<int64_t>(16, (rows + 63) / 64);
 }
 
 // out = act(input @ weight^T + bias); when preact is given it receives input @ weight^T + bias.
@@ -63,47 +79,47 @@ void forward_into(const at::Tensor& input, const at::Tensor& weight, const std::
   } else {
     at::mm_out(acc, x, weight.t());
   }
-  const cpu::ForwardEpilogue args{input.scalar_type(),
-                                  static_cast<Activation>(activation),
-                                  negative_slope,
-                                  out_features,
-                                  acc.data_ptr(),
-                                  b.defined() ? b.data_ptr() : nullptr,
-                                  preact != nullptr ? preact->data_ptr() : nullptr,
-                                  out.data_ptr()};
-  const auto& kernels = cpu::epilogue_kernels();
-  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / out_features);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });
+  const ForwardEpilogue args{input.scalar_type(),
+                             static_cast<Activation>(activation),
+                             negative_slope,
+                             out_features,
+                             acc.data_ptr(),
+                             b.defined() ? b.data_ptr() : nullptr,
+                             preact != nullptr ? preact->data_ptr() : nullptr,
+                             out.data_ptr()};
+  launch(args, rows, on_cuda(input));
 }
 
 }  // namespace
 
-at::Tensor fused_linear_cpu(const at::Tensor& input, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, int64_t activation,
-                            double negative_slope) {
+at::Tensor fused_linear_inference(const at::Tensor& input, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, int64_t activation,
+                                  double negative_slope) {
   check_fused_linear_args(input, weight, bias, activation);
+  const c10::OptionalDeviceGuard device_guard(input.device());  // kernels launch on input's device
   at::Tensor out = empty_output(input, weight.size(0));
   forward_into(input, weight, bias, activation, negative_slope, out, nullptr);
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> fused_linear_forward_cpu(const at::Tensor& input,
-                                                            const at::Tensor& weight,
-                                                            const std::optional<at::Tensor>& bias,
-                                                            int64_t activation, double negative_slope,
-                                                            bool keep_preact) {
+std::tuple<at::Tensor, at::Tensor> fused_linear_forward(const at::Tensor& input, const at::Tensor& weight,
+                                                        const std::optional<at::Tensor>& bias,
+                                                        int64_t activation, double negative_slope,
+                                                        bool keep_preact) {
   check_fused_linear_args(input, weight, bias, activation);
+  const c10::OptionalDeviceGuard device_guard(input.device());
   at::Tensor out = empty_output(input, weight.size(0));
   at::Tensor preact = keep_preact ? at::empty_like(out) : at::empty({0}, input.options());
   forward_into(input, weight, bias, activation, negative_slope, out, keep_preact ? &preact : nullptr);
   return {out, preact};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& saved, int64_t activation, double negative_slope,
     std::array<bool, 3> output_mask) {
   check_fused_linear_args(input, weight, std::nullopt, activation);
+  const c10::OptionalDeviceGuard device_guard(input.device());
   const auto act = static_cast<Activation>(activation);
   const int64_t out_features = weight.size(0);
   const auto shape = output_shape(input, out_features);
@@ -111,12 +127,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward_cpu(
                     grad_output.sizes(), ", expected ", at::IntArrayRef(shape));
   TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "pyfastnn: grad_output dtype ",
                    grad_output.scalar_type(), " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK_TYPE(grad_output.device() == input.device(), "pyfastnn: grad_output is on ",
+                   grad_output.device(), " but input is on ", input.device());
   const bool needs_saved = act != Activation::Identity;
   if (needs_saved) {
     TORCH_CHECK_VALUE(saved.sizes() == at::IntArrayRef(shape), "pyfastnn: saved activation has shape ",
                       saved.sizes(), ", expected ", at::IntArrayRef(shape));
-    TORCH_CHECK_TYPE(saved.scalar_type() == input.scalar_type(), "pyfastnn: saved activation dtype ",
-                     saved.scalar_type(), " does not match input dtype ", input.scalar_type());
+    TORCH_CHECK_TYPE(saved.scalar_type() == input.scalar_type() && saved.device() == input.device(),
+                     "pyfastnn: saved activation must match input's dtype and device");
   }
 
   const at::Tensor grad_out = as_matrix(grad_output).contiguous();  // e.g. expanded by sum().backward()
@@ -125,30 +143,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward_cpu(
   at::Tensor grad_pre = needs_saved ? at::empty_like(grad_out) : grad_out;
 
   at::Tensor grad_bias;
-  const auto opmath = at::toOpMathType(input.scalar_type());
   if (output_mask[2] || needs_saved) {
-    const int64_t rows_per_block =
-        std::max(kMinRowsPerBlock, (rows + kMaxBlocks - 1) / kMaxBlocks);
-    const int64_t blocks = rows == 0 ? 0 : (rows + rows_per_block - 1) / rows_per_block;
+    const bool cuda_device = on_cuda(input);
+    const int64_t block_rows = rows_per_block(rows, cuda_device);
+    const int64_t blocks = (rows + block_rows - 1) / block_rows;
     at::Tensor partial_sums;
     if (output_mask[2]) {
-      partial_sums = blocks <= 1 ? at::zeros({out_features}, input.options().dtype(opmath))
-                                 : at::zeros({blocks, out_features}, input.options().dtype(opmath));
+      const auto options = input.options().dtype(at::toOpMathType(input.scalar_type()));
+      partial_sums = blocks <= 1 ? at::zeros({out_features}, options) : at::zeros({blocks, out_features}, options);
     }
     if (blocks > 0 && out_features > 0) {
-      const auto& kernels = cpu::epilogue_kernels();
-      const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (rows_per_block * out_features));
-      auto* sums = output_mask[2] ? static_cast<char*>(partial_sums.data_ptr()) : nullptr;
-      const int64_t sums_stride = out_features * at::elementSize(opmath);
-      at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t block = begin; block < end; ++block) {
-          const cpu::BackwardEpilogue args{
-              input.scalar_type(), act, negative_slope, out_features, grad_out.data_ptr(),
-              needs_saved ? s.data_ptr() : nullptr, needs_saved ? grad_pre.data_ptr() : nullptr,
-              sums != nullptr ? sums + block * sums_stride : nullptr};
-          kernels.backward(args, block * rows_per_block, std::min(rows, (block + 1) * rows_per_block));
-        }
-      });
+      const BackwardEpilogue args{input.scalar_type(), act, negative_slope, out_features, grad_out.data_ptr(),
+                                  needs_saved ? s.data_ptr() : nullptr, needs_saved ? grad_pre.data_ptr() : nullptr,
+                                  output_mask[2] ? partial_sums.data_ptr() : nullptr};
+      launch(args, rows, block_rows, cuda_device);
     }
     if (output_mask[2]) {
       grad_bias = blocks <= 1 ? partial_sums : partial_sums.sum(0);

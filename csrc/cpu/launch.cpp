@@ -1,0 +1,37 @@
+// CPU launchers: the epilogue kernels over row ranges with at::parallel_for (torch.set_num_threads
+// applies); tiny passes stay on the calling thread.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "kernels.h"
+
+namespace pyfastnn::cpu {
+namespace {
+// Below this many elements a pass is not worth waking other threads for.
+constexpr int64_t kElementsPerTask = 32768;
+}  // namespace
+
+void launch_forward_epilogue(const ForwardEpilogue& args, int64_t rows) {
+  const auto& kernels = epilogue_kernels();
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(args.cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });
+}
+
+void launch_backward_epilogue(const BackwardEpilogue& args, int64_t rows, int64_t rows_per_block) {
+  const auto& kernels = epilogue_kernels();
+  const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
+  const int64_t sums_stride = args.cols * (args.dtype == c10::ScalarType::Double ? 8 : 4);
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(rows_per_block * args.cols, 1));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      BackwardEpilogue block_args = args;
+      if (args.column_sums != nullptr) {
+        block_args.column_sums = static_cast<char*>(args.column_sums) + block * sums_stride;
+      }
+      kernels.backward(block_args, block * rows_per_block, std::min(rows, (block + 1) * rows_per_block));
+    }
+  });
+}
+
+}  // namespace pyfastnn::cpu

@@ -1,0 +1,48 @@
+// The element-wise passes around the GEMMs, on raw row-major buffers, shared by every device:
+//   forward:  out = act(acc + bias), optionally keeping preact = acc + bias;
+//   backward: grad_pre = grad_out * act'(saved), with per-row-block column sums for the bias gradient.
+// Each device supplies the two launchers below (cpu/launch.cpp, cuda/epilogue.cu).
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+#include "activations.h"
+
+namespace pyfastnn {
+
+struct ForwardEpilogue {
+  c10::ScalarType dtype;
+  Activation activation;
+  double negative_slope;
+  int64_t cols;
+  const void* acc;     // rows x cols GEMM result
+  const void* bias;    // cols, or null
+  void* preact;        // rows x cols, or null; may alias acc
+  void* out;           // rows x cols; may alias acc
+};
+
+struct BackwardEpilogue {
+  c10::ScalarType dtype;
+  Activation activation;
+  double negative_slope;
+  int64_t cols;
+  const void* grad_out;  // rows x cols
+  const void* saved;     // rows x cols output or pre-activation; unused for identity
+  void* grad_pre;        // rows x cols, or null (identity: grad_out is grad_pre)
+  void* column_sums;     // or null. Launchers: blocks x cols zeroed accumulators (float, double for
+                         // double), row b summing rows [b * rows_per_block, ...). Kernels: one row.
+};
+
+namespace cpu {
+void launch_forward_epilogue(const ForwardEpilogue& args, int64_t rows);
+void launch_backward_epilogue(const BackwardEpilogue& args, int64_t rows, int64_t rows_per_block);
+}  // namespace cpu
+
+namespace cuda {  // built only with CUDA (PYFASTNN_WITH_CUDA)
+void launch_forward_epilogue(const ForwardEpilogue& args, int64_t rows);
+void launch_backward_epilogue(const BackwardEpilogue& args, int64_t rows, int64_t rows_per_block);
+}  // namespace cuda
+
+}  // namespace pyfastnn
