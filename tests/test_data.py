@@ -82,3 +82,44 @@ def test_batches_cover_everything_once_and_shard_like_distributed_sampler():
     assert sorted(torch.cat(shards).tolist()) == list(range(10))
     with pytest.raises(ValueError, match="batch_size"):
         Batches(inputs, targets, batch_size=0)
+
+
+class _FakeResponse:
+    def __init__(self, payload):
+        self.payload = payload
+
+    def read(self):
+        return self.payload
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_download_verifies_decompressed_md5_and_explains_offline(tmp_path, mnist_dir, monkeypatch):
+    import urllib.error
+
+    import pyfastnn.data as data
+
+    def serve_real_files(url, timeout):  # a mirror serving the genuine (re-compressed) files
+        return _FakeResponse((mnist_dir / url.rsplit("/", 1)[1]).read_bytes())
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", serve_real_files)
+    images, labels = load_mnist(tmp_path / "cache", train=False, download=True)
+    assert images.shape == (10000, 28, 28) and (tmp_path / "cache" / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists()
+
+    def serve_wrong_file(url, timeout):
+        return _FakeResponse(gzip.compress(b"not mnist"))
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", serve_wrong_file)
+    with pytest.raises(IDXError, match="MD5 mismatch"):
+        load_mnist(tmp_path / "other", train=False, download=True)
+
+    def offline(url, timeout):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    with pytest.raises(IDXError, match=r"could not download t10k-images-idx3-ubyte \(offline\?\)"):
+        load_mnist(tmp_path / "third", train=False, download=True)
