@@ -192,8 +192,12 @@ def train(config: TrainConfig) -> TrainResult:
             from .plots import plot_predictions, plot_training_curves
 
             plot_training_curves(history, out / "curves.png")
-            _, _, predicted = evaluate(model, x_test[:32], y_test[:32])
-            plot_predictions(test_images[:32], test_labels[:32], predicted.cpu(), out / "predictions.png")
+            # The first 24 test images, then up to 8 the model gets wrong (marked in red).
+            _, _, predicted = evaluate(model, x_test, y_test)
+            predicted = predicted.cpu()
+            wrong = (predicted != test_labels).nonzero().flatten()[:8]
+            shown = torch.cat([torch.arange(min(24, len(test_labels))), wrong])
+            plot_predictions(test_images[shown], test_labels[shown], predicted[shown], out / "predictions.png")
     return TrainResult(model=model, metrics=metrics)
 
 
