@@ -6,7 +6,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PYFASTNN_VENV:-$ROOT/.venv}"
 "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
-"$VENV/bin/python" -m pytest tests "$@"
+"$VENV/bin/python" -m pytest "$@"
 
 BUILD="${PYFASTNN_CMAKE_BUILD:-$ROOT/build/cmake}"
 mkdir -p "$(dirname "$BUILD")"

@@ -8,8 +8,13 @@ import torch.distributed as dist
 
 from pyfastnn.train import TrainConfig, train
 
-out, data = Path(sys.argv[1]), sys.argv[2]
-result = train(TrainConfig(data=data, epochs=1, batch_size=32, max_steps=3, dropout=0.0, out=None,
-                           progress=False, plots=False))
-torch.save(result.model.state_dict(), out / f"rank{dist.get_rank()}.pt")
-dist.destroy_process_group()
+
+def main(out: Path, data: str) -> None:
+    result = train(TrainConfig(data=data, epochs=1, batch_size=32, max_steps=3, dropout=0.0, out=None,
+                               progress=False, plots=False))
+    torch.save(result.model.state_dict(), out / f"rank{dist.get_rank()}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])
