@@ -18,8 +18,6 @@ _ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 _ACTIVATION_CODES["none"] = _ACTIVATION_CODES["identity"]
 _ACTIVATION_CODES[None] = _ACTIVATION_CODES["identity"]
 
-ActivationName = Optional[str]
-
 
 def activation_code(activation: Union[str, None]) -> int:
     """The enum code of an activation name (``None`` and ``"none"`` mean identity)."""

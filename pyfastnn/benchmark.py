@@ -73,8 +73,7 @@ def _variants(m: int, k: int, n: int, activation: str, backward: bool, with_comp
         if with_compile:
             compiled = torch.compile(eager, dynamic=False)
             fns["compile"] = lambda: compiled(x, w, b)
-        with torch.no_grad():
-            return {name: (lambda f=f: _no_grad(f)) for name, f in fns.items()}
+        return {name: (lambda f=f: _no_grad(f)) for name, f in fns.items()}
 
     xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
 
