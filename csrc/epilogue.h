@@ -5,6 +5,9 @@
 #pragma once
 
 #include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 
@@ -34,6 +37,19 @@ struct BackwardEpilogue {
   void* column_sums;     // or null. Launchers: blocks x cols zeroed accumulators (float, double for
                          // double), row b summing rows [b * rows_per_block, ...). Kernels: one row.
 };
+
+// The one switch from a runtime dtype to a compile-time element type, shared by the CPU and CUDA
+// kernels: `visit_dtype(dtype, [&](auto tag) { using scalar_t = decltype(tag); ... })`.
+template <typename Body>
+void visit_dtype(c10::ScalarType dtype, Body&& body) {
+  switch (dtype) {
+    case c10::ScalarType::Float: return body(float{});
+    case c10::ScalarType::Double: return body(double{});
+    case c10::ScalarType::BFloat16: return body(c10::BFloat16{});
+    case c10::ScalarType::Half: return body(c10::Half{});
+    default: TORCH_CHECK_TYPE(false, "pyfastnn: unsupported dtype ", dtype);
+  }
+}
 
 namespace cpu {
 void launch_forward_epilogue(const ForwardEpilogue& args, int64_t rows);

@@ -120,34 +120,19 @@ void backward_rows(const BackwardEpilogue& a, int64_t row_begin, int64_t row_end
 }
 
 // One switch over dtypes, one over activations: every (dtype, activation) pair is its own loop.
-template <template <typename, typename> class Kernel, typename Args>
-void dispatch(const Args& a, int64_t row_begin, int64_t row_end) {
-  visit_activation(a.activation, [&](auto functor) {
-    using F = decltype(functor);
-    switch (a.dtype) {
-      case c10::ScalarType::Float: return Kernel<float, F>::run(a, row_begin, row_end);
-      case c10::ScalarType::Double: return Kernel<double, F>::run(a, row_begin, row_end);
-      case c10::ScalarType::BFloat16: return Kernel<c10::BFloat16, F>::run(a, row_begin, row_end);
-      case c10::ScalarType::Half: return Kernel<c10::Half, F>::run(a, row_begin, row_end);
-      default: return;  // dtypes are validated before any kernel runs
-    }
+inline void forward_epilogue(const ForwardEpilogue& a, int64_t row_begin, int64_t row_end) {
+  visit_dtype(a.dtype, [&](auto tag) {
+    visit_activation(a.activation, [&](auto functor) {
+      forward_rows<decltype(tag), decltype(functor)>(a, row_begin, row_end);
+    });
   });
 }
-
-template <typename scalar_t, typename F>
-struct ForwardKernel {
-  static void run(const ForwardEpilogue& a, int64_t b, int64_t e) { forward_rows<scalar_t, F>(a, b, e); }
-};
-template <typename scalar_t, typename F>
-struct BackwardKernel {
-  static void run(const BackwardEpilogue& a, int64_t b, int64_t e) { backward_rows<scalar_t, F>(a, b, e); }
-};
-
-inline void forward_epilogue(const ForwardEpilogue& a, int64_t row_begin, int64_t row_end) {
-  dispatch<ForwardKernel>(a, row_begin, row_end);
-}
 inline void backward_epilogue(const BackwardEpilogue& a, int64_t row_begin, int64_t row_end) {
-  dispatch<BackwardKernel>(a, row_begin, row_end);
+  visit_dtype(a.dtype, [&](auto tag) {
+    visit_activation(a.activation, [&](auto functor) {
+      backward_rows<decltype(tag), decltype(functor)>(a, row_begin, row_end);
+    });
+  });
 }
 
 #define PYFASTNN_STRINGIFY_(x) #x

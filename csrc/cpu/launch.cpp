@@ -1,5 +1,6 @@
 // CPU launchers: the epilogue kernels over row ranges with at::parallel_for (torch.set_num_threads
 // applies); tiny passes stay on the calling thread.
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -21,7 +22,7 @@ void launch_forward_epilogue(const ForwardEpilogue& args, int64_t rows) {
 void launch_backward_epilogue(const BackwardEpilogue& args, int64_t rows, int64_t rows_per_block) {
   const auto& kernels = epilogue_kernels();
   const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
-  const int64_t sums_stride = args.cols * (args.dtype == c10::ScalarType::Double ? 8 : 4);
+  const int64_t sums_stride = args.cols * c10::elementSize(at::toOpMathType(args.dtype));
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(rows_per_block * args.cols, 1));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {

@@ -5,8 +5,6 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -66,17 +64,6 @@ __global__ void backward_kernel(int64_t rows, int64_t cols, int64_t rows_per_blo
     opmath_t block_total = 0;
     for (int lane = 0; lane < kRowLanes; ++lane) block_total += lane_sums[lane][threadIdx.x];
     sums[int64_t(blockIdx.y) * cols + col] = block_total;
-  }
-}
-
-template <typename Body>
-void visit_dtype(c10::ScalarType dtype, Body&& body) {
-  switch (dtype) {
-    case c10::ScalarType::Float: return body(float{});
-    case c10::ScalarType::Double: return body(double{});
-    case c10::ScalarType::BFloat16: return body(c10::BFloat16{});
-    case c10::ScalarType::Half: return body(c10::Half{});
-    default: TORCH_CHECK_TYPE(false, "pyfastnn: unsupported dtype ", dtype, " on CUDA");
   }
 }
 
