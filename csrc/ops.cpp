@@ -139,18 +139,16 @@ TORCH_LIBRARY(pyfastnn, m) {
 }
 
 // One implementation serves every device: the GEMMs are ATen's, the epilogue launcher the device's.
-TORCH_LIBRARY_IMPL(pyfastnn, CPU, m) {
+static void register_device_kernels(torch::Library& m) {
   m.impl("fused_linear", &fused_linear_inference);
   m.impl("fused_linear_forward", &fused_linear_forward);
   m.impl("fused_linear_backward", &fused_linear_backward);
 }
 
+TORCH_LIBRARY_IMPL(pyfastnn, CPU, m) { register_device_kernels(m); }
+
 #ifdef PYFASTNN_WITH_CUDA
-TORCH_LIBRARY_IMPL(pyfastnn, CUDA, m) {
-  m.impl("fused_linear", &fused_linear_inference);
-  m.impl("fused_linear_forward", &fused_linear_forward);
-  m.impl("fused_linear_backward", &fused_linear_backward);
-}
+TORCH_LIBRARY_IMPL(pyfastnn, CUDA, m) { register_device_kernels(m); }
 #endif
 
 TORCH_LIBRARY_IMPL(pyfastnn, Autograd, m) {
