@@ -2,40 +2,96 @@
 #include <ATen/ATen.h>
 
 #include "fused_linear.h"
+#include "fused_mlp.h"
+
+#include <string>
 
 namespace pyfastnn {
+
+namespace {
+
+bool is_supported_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf;
+}
+
+// One Linear layer's parameters against the tensor that flows into it. `in_features_from` says
+// where the expected width comes from, for the message ("input" or "weights[l-1]").
+void check_layer(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                 int64_t activation, const c10::SymInt& in_features, const std::string& weight_name,
+                 const std::string& bias_name, const std::string& in_features_from) {
+  TORCH_CHECK_VALUE(is_valid_activation(activation), "pyfastnn: unknown activation code ",
+                    activation, " (valid: 0..", kNumActivations - 1, ")");
+  TORCH_CHECK_TYPE(weight.defined(), "pyfastnn: ", weight_name, " must be a tensor, not None");
+  TORCH_CHECK_TYPE(weight.scalar_type() == input.scalar_type(), "pyfastnn: ", weight_name, " dtype ",
+                   weight.scalar_type(), " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK_TYPE(weight.device() == input.device(), "pyfastnn: ", weight_name, " is on ", weight.device(),
+                   " but input is on ", input.device());
+  TORCH_CHECK_VALUE(weight.dim() == 2, "pyfastnn: ", weight_name,
+                    " must be 2-D (out_features, in_features), got ", weight.dim(), "-D with shape ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(in_features == weight.sym_size(1), "pyfastnn: ", in_features_from, " has in_features=",
+                    in_features, " but ", weight_name, " expects in_features=", weight.sym_size(1), " (",
+                    weight_name, " shape ", weight.sym_sizes(), ")");
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_TYPE(bias->scalar_type() == input.scalar_type(), "pyfastnn: ", bias_name, " dtype ",
+                     bias->scalar_type(), " does not match input dtype ", input.scalar_type());
+    TORCH_CHECK_TYPE(bias->device() == input.device(), "pyfastnn: ", bias_name, " is on ", bias->device(),
+                     " but input is on ", input.device());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->sym_size(0) == weight.sym_size(0), "pyfastnn: ", bias_name,
+                      " must have shape (out_features,) = (", weight.sym_size(0), ",), got ",
+                      bias->sym_sizes());
+  }
+}
+
+void check_input(const at::Tensor& input) {
+  TORCH_CHECK_TYPE(input.defined(), "pyfastnn: input must be a tensor, not None");
+  TORCH_CHECK_TYPE(is_supported_dtype(input.scalar_type()),
+                   "pyfastnn: input must be a floating-point tensor (float32, float64, bfloat16 or "
+                   "float16), got ", input.scalar_type());
+  TORCH_CHECK_VALUE(input.dim() >= 1, "pyfastnn: input must have at least 1 dimension (*, in_features)");
+}
+
+}  // namespace
 
 void check_fused_linear_args(const at::Tensor& input, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, int64_t activation) {
   TORCH_CHECK_VALUE(is_valid_activation(activation), "pyfastnn: unknown activation code ",
                     activation, " (valid: 0..", kNumActivations - 1, ")");
-  TORCH_CHECK_TYPE(input.defined() && weight.defined(),
-                   "pyfastnn: input and weight must be tensors, not None");
-  const auto dtype = input.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
-                       dtype == at::kHalf,
-                   "pyfastnn: input must be a floating-point tensor (float32, float64, bfloat16 or "
-                   "float16), got ", input.scalar_type());
-  TORCH_CHECK_TYPE(weight.scalar_type() == input.scalar_type(),
-                   "pyfastnn: weight dtype ", weight.scalar_type(), " does not match input dtype ",
-                   input.scalar_type());
-  TORCH_CHECK_TYPE(weight.device() == input.device(), "pyfastnn: weight is on ", weight.device(),
-                   " but input is on ", input.device());
-  TORCH_CHECK_VALUE(weight.dim() == 2, "pyfastnn: weight must be 2-D (out_features, in_features), got ",
-                    weight.dim(), "-D with shape ", weight.sizes());
-  TORCH_CHECK_VALUE(input.dim() >= 1, "pyfastnn: input must have at least 1 dimension (*, in_features)");
-  TORCH_CHECK_VALUE(input.sym_size(-1) == weight.sym_size(1), "pyfastnn: input has in_features=",
-                    input.sym_size(-1), " (last dimension) but weight expects in_features=",
-                    weight.sym_size(1), " (weight shape ", weight.sym_sizes(), ")");
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK_TYPE(bias->scalar_type() == input.scalar_type(), "pyfastnn: bias dtype ",
-                     bias->scalar_type(), " does not match input dtype ", input.scalar_type());
-    TORCH_CHECK_TYPE(bias->device() == input.device(), "pyfastnn: bias is on ", bias->device(),
-                     " but input is on ", input.device());
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->sym_size(0) == weight.sym_size(0),
-                      "pyfastnn: bias must have shape (out_features,) = (", weight.sym_size(0),
-                      ",), got ", bias->sym_sizes());
+  check_input(input);
+  check_layer(input, weight, bias, activation, input.sym_size(-1), "weight", "bias", "input (last dimension)");
+}
+
+void check_fused_mlp_args(const at::Tensor& input, at::TensorList weights,
+                          const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
+                          at::ArrayRef<double> dropout) {
+  const size_t layers = weights.size();
+  TORCH_CHECK_VALUE(layers >= 1, "pyfastnn: fused_mlp needs at least one weight");
+  TORCH_CHECK_VALUE(biases.size() == layers, "pyfastnn: got ", biases.size(), " biases for ", layers,
+                    " weights (pass None for a layer without bias)");
+  TORCH_CHECK_VALUE(activations.size() == layers, "pyfastnn: got ", activations.size(),
+                    " activations for ", layers, " layers");
+  TORCH_CHECK_VALUE(dropout.size() == layers, "pyfastnn: got ", dropout.size(), " dropout probabilities for ",
+                    layers, " layers");
+  check_input(input);
+  for (size_t l = 0; l < layers; ++l) {
+    const std::string index = "[" + std::to_string(l) + "]";
+    TORCH_CHECK_VALUE(dropout[l] >= 0.0 && dropout[l] < 1.0, "pyfastnn: dropout probability must be in [0, 1), got ",
+                      dropout[l], " for layer ", l);
+    check_layer(input, weights[l], biases.get(l), activations[l],
+                l == 0 ? input.sym_size(-1) : weights[l - 1].sym_size(0), "weights" + index, "biases" + index,
+                l == 0 ? std::string("input (last dimension)") : "layer " + std::to_string(l - 1) + "'s output");
   }
+}
+
+void check_saved_tensor(const char* name, const at::Tensor& t, const at::Tensor& input,
+                        at::IntArrayRef expected_shape) {
+  TORCH_CHECK_TYPE(t.defined(), "pyfastnn: ", name, " is missing");
+  TORCH_CHECK_VALUE(t.sizes() == expected_shape, "pyfastnn: ", name, " has shape ", t.sizes(),
+                    ", expected ", expected_shape);
+  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), "pyfastnn: ", name, " dtype ", t.scalar_type(),
+                   " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK_TYPE(t.device() == input.device(), "pyfastnn: ", name, " is on ", t.device(),
+                   " but input is on ", input.device());
 }
 
 at::Tensor reference_fused_linear(const at::Tensor& input, const at::Tensor& weight,

@@ -1,6 +1,7 @@
 // The element-wise passes around the GEMMs, on raw row-major buffers, shared by every device:
-//   forward:  out = act(acc + bias), optionally keeping preact = acc + bias;
-//   backward: grad_pre = grad_out * act'(saved), with per-row-block column sums for the bias gradient.
+//   forward:  out = act(acc + bias) (then dropout), optionally keeping preact = acc + bias;
+//   backward: grad_pre = grad_out * act'(saved) (times the dropout mask), with per-row-block column
+//             sums for the bias gradient.
 // Each device supplies the two launchers below (cpu/launch.cpp, cuda/epilogue.cu).
 #pragma once
 
@@ -12,6 +13,7 @@
 #include <cstdint>
 
 #include "activations.h"
+#include "dropout.h"
 
 namespace pyfastnn {
 
@@ -24,6 +26,11 @@ struct ForwardEpilogue {
   const void* bias;    // cols, or null
   void* preact;        // rows x cols, or null; may alias acc
   void* out;           // rows x cols; may alias acc
+  // Dropout after the activation when keep_mask is set: element e is kept (keep_mask[e] = 1, out
+  // scaled by 1 / (1 - p)) or zeroed (keep_mask[e] = 0), as drawn by `dropout`.
+  uint8_t* keep_mask = nullptr;  // rows x cols, or null
+  DropoutStream dropout{};
+  double dropout_p = 0.0;
 };
 
 struct BackwardEpilogue {
@@ -36,6 +43,11 @@ struct BackwardEpilogue {
   void* grad_pre;        // rows x cols, or null (identity: grad_out is grad_pre)
   void* column_sums;     // or null. Launchers: blocks x cols zeroed accumulators (float, double for
                          // double), row b summing rows [b * rows_per_block, ...). Kernels: one row.
+  // The forward's dropout mask, or null. With a mask, grad_pre is also multiplied by keep / (1 - p),
+  // and a saved *output* is the dropped-out one: kept elements are rescaled by (1 - p) before the
+  // derivative is taken from them (dropped ones get no gradient anyway).
+  const uint8_t* keep_mask = nullptr;
+  double dropout_p = 0.0;
 };
 
 // The one switch from a runtime dtype to a compile-time element type, shared by the CPU and CUDA

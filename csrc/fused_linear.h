@@ -18,6 +18,10 @@ namespace pyfastnn {
 void check_fused_linear_args(const at::Tensor& input, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, int64_t activation);
 
+// Checks a tensor handed to a backward op (a gradient or a saved activation) against the input.
+void check_saved_tensor(const char* name, const at::Tensor& t, const at::Tensor& input,
+                        at::IntArrayRef expected_shape);
+
 // act(input @ weight^T + bias), keeping nothing for backward (inference).
 at::Tensor fused_linear_inference(const at::Tensor& input, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, int64_t activation,

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "fused_linear.h"
+#include "fused_mlp.h"
 
 namespace pyfastnn {
 namespace {
@@ -108,6 +109,153 @@ at::Tensor fused_linear_autograd(const at::Tensor& input, const at::Tensor& weig
   return FusedLinearFunction::apply(input, weight, bias, activation, negative_slope);
 }
 
+const auto& mlp_forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pyfastnn::fused_mlp_forward", "")
+                             .typed<decltype(fused_mlp_forward)>();
+  return op;
+}
+
+const auto& mlp_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pyfastnn::fused_mlp_backward", "")
+                             .typed<decltype(fused_mlp_backward)>();
+  return op;
+}
+
+const auto& fused_mlp_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pyfastnn::fused_mlp", "")
+                             .typed<decltype(fused_mlp_inference)>();
+  return op;
+}
+
+// Autograd sees input, every weight and every present bias as inputs of ONE node; the bias list
+// itself (with its Nones) travels as a non-differentiable argument for the op call.
+class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, at::TensorList weights,
+                            at::TensorList present_biases, const BiasList& biases, at::IntArrayRef activations,
+                            double negative_slope, at::ArrayRef<double> dropout, bool training) {
+    at::Tensor output;
+    std::vector<at::Tensor> hidden, preacts, keep_masks;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(output, hidden, preacts, keep_masks) =
+          mlp_forward_op().call(input, weights, biases, activations, negative_slope, dropout, training);
+    }
+    const int64_t layers = static_cast<int64_t>(weights.size());
+    c10::List<bool> has_bias;
+    for (size_t l = 0; l < biases.size(); ++l) has_bias.push_back(has_tensor(biases.get(l)));
+    ctx->saved_data["layers"] = layers;
+    ctx->saved_data["biases"] = static_cast<int64_t>(present_biases.size());
+    ctx->saved_data["has_bias"] = has_bias;
+    ctx->saved_data["activations"] = activations.vec();
+    ctx->saved_data["negative_slope"] = negative_slope;
+    ctx->saved_data["dropout"] = dropout.vec();
+    variable_list to_save{input, output};
+    to_save.insert(to_save.end(), weights.begin(), weights.end());
+    to_save.insert(to_save.end(), present_biases.begin(), present_biases.end());
+    to_save.insert(to_save.end(), hidden.begin(), hidden.end());
+    to_save.insert(to_save.end(), preacts.begin(), preacts.end());
+    to_save.insert(to_save.end(), keep_masks.begin(), keep_masks.end());
+    ctx->save_for_backward(to_save);
+    for (const auto& mask : keep_masks) ctx->mark_non_differentiable({mask});
+    return output;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const int64_t layers = ctx->saved_data["layers"].toInt();
+    const int64_t bias_count = ctx->saved_data["biases"].toInt();
+    const auto has_bias = ctx->saved_data["has_bias"].toBoolList();
+    const auto activations = ctx->saved_data["activations"].toIntVector();
+    const double negative_slope = ctx->saved_data["negative_slope"].toDouble();
+    const auto dropout = ctx->saved_data["dropout"].toDoubleVector();
+    // Saved layout: input, output, weights[L], present biases[P], hidden[L-1], preacts[L], masks[L].
+    const at::Tensor& input = saved[0];
+    const at::Tensor& output = saved[1];
+    auto slice = [&](int64_t begin, int64_t count) {
+      return std::vector<at::Tensor>(saved.begin() + begin, saved.begin() + begin + count);
+    };
+    const auto weights = slice(2, layers);
+    const auto present_biases = slice(2 + layers, bias_count);
+    const auto hidden = slice(2 + layers + bias_count, layers - 1);
+    const auto preacts = slice(1 + 2 * layers + bias_count, layers);
+    const auto keep_masks = slice(1 + 3 * layers + bias_count, layers);
+
+    // Variable inputs, in order: input, weights, present biases.
+    c10::List<bool> mask;
+    mask.push_back(ctx->needs_input_grad(0));
+    for (int64_t l = 0; l < layers; ++l) mask.push_back(ctx->needs_input_grad(1 + l));
+    for (int64_t l = 0, b = 0; l < layers; ++l) mask.push_back(has_bias.get(l) && ctx->needs_input_grad(1 + layers + b++));
+
+    const size_t variable_inputs = 1 + layers + bias_count;
+    variable_list result(variable_inputs + 5);  // + biases list, activations, slope, dropout, training
+    const at::Tensor& grad_output = grad_outputs[0];
+    if (!grad_output.defined()) return result;
+
+    if (at::GradMode::is_enabled()) {
+      // backward(create_graph=True): differentiate the ATen reference with the same masks, so
+      // higher-order gradients are exact.
+      BiasList biases;
+      for (int64_t l = 0, b = 0; l < layers; ++l) {
+        biases.push_back(has_bias.get(l) ? std::optional<at::Tensor>(present_biases[b++]) : std::nullopt);
+      }
+      const at::Tensor out = reference_fused_mlp(input, weights, biases, activations, negative_slope, dropout, keep_masks);
+      variable_list inputs{input};
+      inputs.insert(inputs.end(), weights.begin(), weights.end());
+      inputs.insert(inputs.end(), present_biases.begin(), present_biases.end());
+      std::vector<size_t> wanted;
+      variable_list wanted_inputs;
+      for (size_t i = 0; i < variable_inputs; ++i) {
+        if (ctx->needs_input_grad(i)) {
+          wanted.push_back(i);
+          wanted_inputs.push_back(inputs[i]);
+        }
+      }
+      if (wanted.empty()) return result;
+      auto grads = torch::autograd::grad({out}, wanted_inputs, {grad_output}, /*retain_graph=*/true,
+                                         /*create_graph=*/true, /*allow_unused=*/true);
+      for (size_t k = 0; k < wanted.size(); ++k) result[wanted[k]] = grads[k];
+      return result;
+    }
+
+    auto [grad_input, grad_weights, grad_biases] = mlp_backward_op().call(
+        grad_output, input, weights, output, hidden, preacts, keep_masks, activations, negative_slope, dropout, mask);
+    if (mask.get(0)) result[0] = grad_input;
+    for (int64_t l = 0, b = 0; l < layers; ++l) {
+      if (mask.get(1 + l)) result[1 + l] = grad_weights[l];
+      if (has_bias.get(l)) {
+        if (mask.get(1 + layers + l)) result[1 + layers + b] = grad_biases[l];
+        ++b;
+      }
+    }
+    return result;
+  }
+};
+
+at::Tensor fused_mlp_autograd(const at::Tensor& input, at::TensorList weights, const BiasList& biases,
+                              at::IntArrayRef activations, double negative_slope, at::ArrayRef<double> dropout,
+                              bool training) {
+  std::vector<at::Tensor> present_biases;
+  bool needs_graph = at::GradMode::is_enabled() && input.requires_grad();
+  for (const auto& w : weights) needs_graph = needs_graph || (at::GradMode::is_enabled() && w.requires_grad());
+  for (size_t l = 0; l < biases.size(); ++l) {
+    const std::optional<at::Tensor> b = biases.get(l);
+    if (has_tensor(b)) {
+      present_biases.push_back(*b);
+      needs_graph = needs_graph || (at::GradMode::is_enabled() && b->requires_grad());
+    }
+  }
+  if (!needs_graph) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return fused_mlp_op().call(input, weights, biases, activations, negative_slope, dropout, training);
+  }
+  return FusedMLPFunction::apply(input, weights, at::TensorList(present_biases), biases, activations,
+                                 negative_slope, dropout, training);
+}
+
 // Under torch.autocast the op runs in the autocast dtype, exactly as F.linear does.
 template <c10::DeviceType device_type>
 at::Tensor fused_linear_autocast(const at::Tensor& input, const at::Tensor& weight,
@@ -124,6 +272,26 @@ at::Tensor fused_linear_autocast(const at::Tensor& input, const at::Tensor& weig
                                 activation, negative_slope);
 }
 
+template <c10::DeviceType device_type>
+at::Tensor fused_mlp_autocast(const at::Tensor& input, at::TensorList weights, const BiasList& biases,
+                              at::IntArrayRef activations, double negative_slope, at::ArrayRef<double> dropout,
+                              bool training) {
+  constexpr auto key = device_type == c10::DeviceType::CUDA ? c10::DispatchKey::AutocastCUDA
+                                                             : c10::DispatchKey::AutocastCPU;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
+  const auto dtype = at::autocast::get_autocast_dtype(device_type);
+  std::vector<at::Tensor> cast_weights;
+  for (const auto& w : weights) cast_weights.push_back(at::autocast::cached_cast(dtype, w, device_type));
+  BiasList cast_biases;
+  for (size_t l = 0; l < biases.size(); ++l) {
+    const std::optional<at::Tensor> b = biases.get(l);
+    cast_biases.push_back(has_tensor(b) ? std::optional<at::Tensor>(at::autocast::cached_cast(dtype, *b, device_type))
+                                        : std::nullopt);
+  }
+  return fused_mlp_op().call(at::autocast::cached_cast(dtype, input, device_type), cast_weights, cast_biases,
+                             activations, negative_slope, dropout, training);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pyfastnn, m) {
@@ -136,6 +304,18 @@ TORCH_LIBRARY(pyfastnn, m) {
   m.def("fused_linear_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor saved, "
         "int activation, float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
         tags);
+  // Dropout draws from torch's generator: the random ops carry nondeterministic_seeded.
+  const std::vector<at::Tag> seeded_tags{at::Tag::pt2_compliant_tag, at::Tag::nondeterministic_seeded};
+  m.def("fused_mlp(Tensor input, Tensor[] weights, Tensor?[] biases, int[] activations, float negative_slope, "
+        "float[] dropout, bool training) -> Tensor",
+        seeded_tags);
+  m.def("fused_mlp_forward(Tensor input, Tensor[] weights, Tensor?[] biases, int[] activations, "
+        "float negative_slope, float[] dropout, bool training) -> (Tensor, Tensor[], Tensor[], Tensor[])",
+        seeded_tags);
+  m.def("fused_mlp_backward(Tensor grad_output, Tensor input, Tensor[] weights, Tensor output, Tensor[] hidden, "
+        "Tensor[] preacts, Tensor[] keep_masks, int[] activations, float negative_slope, float[] dropout, "
+        "bool[] output_mask) -> (Tensor, Tensor[], Tensor[])",
+        tags);
 }
 
 // One implementation serves every device: the GEMMs are ATen's, the epilogue launcher the device's.
@@ -143,6 +323,9 @@ static void register_device_kernels(torch::Library& m) {
   m.impl("fused_linear", &fused_linear_inference);
   m.impl("fused_linear_forward", &fused_linear_forward);
   m.impl("fused_linear_backward", &fused_linear_backward);
+  m.impl("fused_mlp", &fused_mlp_inference);
+  m.impl("fused_mlp_forward", &fused_mlp_forward);
+  m.impl("fused_mlp_backward", &fused_mlp_backward);
 }
 
 TORCH_LIBRARY_IMPL(pyfastnn, CPU, m) { register_device_kernels(m); }
@@ -153,14 +336,17 @@ TORCH_LIBRARY_IMPL(pyfastnn, CUDA, m) { register_device_kernels(m); }
 
 TORCH_LIBRARY_IMPL(pyfastnn, Autograd, m) {
   m.impl("fused_linear", &fused_linear_autograd);
+  m.impl("fused_mlp", &fused_mlp_autograd);
 }
 
 TORCH_LIBRARY_IMPL(pyfastnn, AutocastCPU, m) {
   m.impl("fused_linear", &fused_linear_autocast<c10::DeviceType::CPU>);
+  m.impl("fused_mlp", &fused_mlp_autocast<c10::DeviceType::CPU>);
 }
 
 TORCH_LIBRARY_IMPL(pyfastnn, AutocastCUDA, m) {
   m.impl("fused_linear", &fused_linear_autocast<c10::DeviceType::CUDA>);
+  m.impl("fused_mlp", &fused_mlp_autocast<c10::DeviceType::CUDA>);
 }
 
 }  // namespace pyfastnn

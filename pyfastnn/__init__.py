@@ -8,8 +8,12 @@ torch.Size([2, 3])
 
 from ._ops import ACTIVATIONS
 from ._version import __version__
-from .functional import fused_linear
+from .functional import fused_linear, fused_mlp
+from .fuse import FusedRun, fuse
 from .info import info
-from .nn import FusedLinear, activation_module
+from .nn import FusedLinear, FusedMLP, activation_module
 
-__all__ = ["ACTIVATIONS", "FusedLinear", "activation_module", "fused_linear", "info", "__version__"]
+__all__ = [
+    "ACTIVATIONS", "FusedLinear", "FusedMLP", "FusedRun", "activation_module", "fuse", "fused_linear", "fused_mlp",
+    "info", "__version__",
+]

@@ -68,3 +68,56 @@ def _fused_linear_backward_fake(grad_output, input, weight, saved, activation, n
     grad_weight = weight.new_empty((weight.shape[1], weight.shape[0])).t() if output_mask[1] else None
     grad_bias = weight.new_empty(weight.shape[:1]) if output_mask[2] else None
     return grad_input, grad_weight, grad_bias
+
+
+def _rows(input: torch.Tensor):
+    rows = 1
+    for size in input.shape[:-1]:
+        rows = rows * size
+    return rows
+
+
+def _mlp_output_shape(input, weights, biases, activations, dropout) -> list:
+    """The C++ fused_mlp checks that shapes depend on, for the fake kernels."""
+    torch._check(len(weights) >= 1, lambda: "pyfastnn: fused_mlp needs at least one weight")
+    for name, values in (("biases", biases), ("activations", activations), ("dropout probabilities", dropout)):
+        if len(values) != len(weights):
+            raise ValueError(f"pyfastnn: got {len(values)} {name} for {len(weights)} layers")
+    features = input
+    for layer, (weight, bias) in enumerate(zip(weights, biases)):
+        if not 0.0 <= dropout[layer] < 1.0:
+            raise ValueError(f"pyfastnn: dropout probability must be in [0, 1), got {dropout[layer]} for layer {layer}")
+        _output_shape(features, weight, bias)
+        features = weight.new_empty((0, weight.shape[0])) if layer + 1 < len(weights) else features
+    return [*input.shape[:-1], weights[-1].shape[0]]
+
+
+@torch.library.register_fake("pyfastnn::fused_mlp")
+def _fused_mlp_fake(input, weights, biases, activations, negative_slope, dropout, training):
+    return input.new_empty(_mlp_output_shape(input, weights, biases, activations, dropout))
+
+
+@torch.library.register_fake("pyfastnn::fused_mlp_forward")
+def _fused_mlp_forward_fake(input, weights, biases, activations, negative_slope, dropout, training):
+    output = input.new_empty(_mlp_output_shape(input, weights, biases, activations, dropout))
+    rows = _rows(input)
+    hidden = [input.new_empty((rows, w.shape[0])) for w in weights[:-1]]
+    preacts = [input.new_empty((rows, w.shape[0]) if not _C.derivative_from_output(act, negative_slope) else (0,))
+               for w, act in zip(weights, activations)]
+    masks = [input.new_empty((rows, w.shape[0]) if training and p > 0 else (0,), dtype=torch.uint8)
+             for w, p in zip(weights, dropout)]
+    return output, hidden, preacts, masks
+
+
+@torch.library.register_fake("pyfastnn::fused_mlp_backward")
+def _fused_mlp_backward_fake(grad_output, input, weights, output, hidden, preacts, keep_masks, activations,
+                             negative_slope, dropout, output_mask):
+    layers = len(weights)
+    none = input.new_empty((0,))
+    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0] else none
+    # Weight gradients come out as (x^T @ grad)^T: transposed strides, as in fused_linear_backward.
+    grad_weights = [w.new_empty((w.shape[1], w.shape[0])).t() if output_mask[1 + l] else none
+                    for l, w in enumerate(weights)]
+    grad_biases = [w.new_empty(w.shape[:1]) if output_mask[1 + layers + l] else none
+                   for l, w in enumerate(weights)]
+    return grad_input, grad_weights, grad_biases

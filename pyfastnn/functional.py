@@ -1,16 +1,17 @@
-"""Functional interface: ``fused_linear(input, weight, bias, activation)``."""
+"""Functional interface: ``fused_linear`` (one layer) and ``fused_mlp`` (a whole stack of layers)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
 from ._ops import activation_code, ops
 
-__all__ = ["fused_linear"]
+__all__ = ["fused_linear", "fused_mlp"]
 
 _fused_linear_op = ops.fused_linear.default
+_fused_mlp_op = ops.fused_mlp.default
 
 
 def _fused_linear(input, weight, bias, code: int, negative_slope: float) -> torch.Tensor:
@@ -52,3 +53,72 @@ def fused_linear(
         True
     """
     return _fused_linear(input, weight, bias, activation_code(activation), float(negative_slope))
+
+
+def _fused_mlp(input, weights, biases, codes, negative_slope: float, dropout, training: bool) -> torch.Tensor:
+    """Calls the op; names a non-tensor argument in a TypeError instead of the dispatcher's error."""
+    try:
+        return _fused_mlp_op(input, weights, biases, codes, negative_slope, dropout, training)
+    except RuntimeError:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"pyfastnn: input must be a torch.Tensor, got {type(input).__name__}") from None
+        for name, values in (("weights", weights), ("biases", biases)):
+            for i, value in enumerate(values):
+                if not isinstance(value, torch.Tensor) and not (name == "biases" and value is None):
+                    raise TypeError(f"pyfastnn: {name}[{i}] must be a torch.Tensor, got {type(value).__name__}") from None
+        raise
+
+
+def _per_layer(value, layers: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != layers:
+            raise ValueError(f"pyfastnn: got {len(value)} values for {name}, expected {layers} (one per layer)")
+        return list(value)
+    return [value] * layers
+
+
+def fused_mlp(
+    input: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    activation: Union[str, None, Sequence[Optional[str]]] = "relu",
+    output_activation: Optional[str] = "identity",
+    dropout: Union[float, Sequence[float]] = 0.0,
+    training: bool = False,
+    *,
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
+    """A whole MLP, ``Linear -> activation (-> dropout)`` per hidden layer and ``Linear ->
+    output_activation`` last, as ONE op forward and ONE op backward.
+
+    Args:
+        input: ``(*, in_features)``.
+        weights: ``[(out_0, in_features), (out_1, out_0), ...]``, the ``nn.Linear`` layout.
+        biases: one ``(out_l,)`` tensor or ``None`` per layer; ``None`` for no biases at all.
+        activation: hidden layers' activation, one name or one per hidden layer.
+        output_activation: the last layer's activation.
+        dropout: probability after each hidden activation (one value, or one per hidden layer);
+            applied only when ``training``. Masks come from torch's generator (``torch.manual_seed``
+            reproduces them) and are kept as bytes for backward.
+        training: apply dropout (like ``nn.Dropout`` in ``train()`` mode).
+        negative_slope: ``leaky_relu``'s slope.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, pyfastnn
+        >>> x = torch.randn(8, 4)
+        >>> w1, b1, w2, b2 = torch.randn(16, 4), torch.randn(16), torch.randn(3, 16), torch.randn(3)
+        >>> y = pyfastnn.fused_mlp(x, [w1, w2], [b1, b2], activation="relu")
+        >>> torch.allclose(y, F.linear(F.relu(F.linear(x, w1, b1)), w2, b2), atol=1e-5)
+        True
+    """
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, (list, tuple)):
+        raise TypeError(f"pyfastnn: weights must be a list of tensors, got {type(weights).__name__}")
+    layers = len(weights)
+    if layers == 0:
+        raise ValueError("pyfastnn: fused_mlp needs at least one weight")
+    biases = [None] * layers if biases is None else list(biases)
+    hidden_acts = _per_layer(activation, layers - 1, "activation") if layers > 1 else []
+    hidden_dropout = _per_layer(dropout, layers - 1, "dropout") if layers > 1 else []
+    codes = [activation_code(a) for a in hidden_acts] + [activation_code(output_activation)]
+    probabilities = [float(p) for p in hidden_dropout] + [0.0]
+    return _fused_mlp(input, list(weights), biases, codes, float(negative_slope), probabilities, bool(training))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .functional import fused_linear
-from .nn import FusedLinear
+from .nn import FusedLinear, FusedMLP
 
 __all__ = ["Perceptron", "NumpyTwoLayerNet", "TwoLayerNet", "SimpleNN", "MNISTClassifier",
            "XOR_INPUTS", "XOR_TARGETS", "AND_TARGETS", "OR_TARGETS"]
@@ -199,7 +199,9 @@ class SimpleNN(nn.Module):
 class MNISTClassifier(nn.Module):
     """784 -> 256 -> 128 -> 10 with ReLU and dropout between layers; returns logits.
 
-    Accepts images ``(N, 1, 28, 28)`` or flat ``(N, 784)``.
+    The layers are one :class:`~pyfastnn.FusedMLP` (one op forward, one op backward), whose state
+    dict has the keys of the lesson's ``nn.Sequential`` (``layers.0.weight``, ``layers.3.weight``,
+    ``layers.6.weight`` ...). Accepts images ``(N, 1, 28, 28)`` or flat ``(N, 784)``.
 
     Example:
         >>> model = MNISTClassifier()
@@ -212,23 +214,14 @@ class MNISTClassifier(nn.Module):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        sizes = [in_features, *hidden_sizes]
-        layers: List[nn.Module] = []
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-            layers.append(FusedLinear(fan_in, fan_out, activation="relu"))
-            layers.append(nn.Dropout(dropout))
-        layers.append(FusedLinear(sizes[-1], num_classes, activation=None))
-        self.layers = nn.Sequential(*layers)
+        self.layers = FusedMLP([in_features, *hidden_sizes, num_classes], activation="relu", dropout=dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x.flatten(1))
 
     def to_torch(self) -> nn.Sequential:
         """The plain-PyTorch twin (Flatten, Linear, ReLU, Dropout, ...) with copied weights."""
-        modules: List[nn.Module] = [nn.Flatten()]
-        for module in self.layers:
-            modules.extend(module.to_linear() if isinstance(module, FusedLinear) else [copy.deepcopy(module)])
-        return _detached_copy(nn.Sequential(*modules))
+        return _detached_copy(nn.Sequential(nn.Flatten(), *self.layers.to_sequential()))
 
 
 def _detached_copy(model: nn.Module) -> nn.Module:

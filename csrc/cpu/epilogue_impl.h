@@ -72,12 +72,15 @@ inline void for_each_step(int64_t row_begin, int64_t row_end, int64_t cols, cons
 template <typename scalar_t, typename F>
 void forward_rows(const ForwardEpilogue& a, int64_t row_begin, int64_t row_end) {
   using IO = VecIO<scalar_t>;
-  using Vec = Vectorized<typename IO::Math>;
-  const Vec slope(static_cast<typename IO::Math>(a.negative_slope));
+  using Math = typename IO::Math;
+  using Vec = Vectorized<Math>;
+  const Vec slope(static_cast<Math>(a.negative_slope));
   const auto* acc = static_cast<const scalar_t*>(a.acc);
   const auto* bias = static_cast<const scalar_t*>(a.bias);
   auto* preact = static_cast<scalar_t*>(a.preact);
   auto* out = static_cast<scalar_t*>(a.out);
+  uint8_t* keep = a.keep_mask;
+  const auto kept_scale = static_cast<Math>(1.0 / (1.0 - a.dropout_p));
   for_each_step<IO>(row_begin, row_end, a.cols, [&](int64_t offset, int64_t j, int64_t n) {
     auto v = IO::load(acc + offset, n);
     if (bias != nullptr) {
@@ -86,6 +89,14 @@ void forward_rows(const ForwardEpilogue& a, int64_t row_begin, int64_t row_end) 
     }
     if (preact != nullptr) IO::store(preact + offset, v, n);
     for (int k = 0; k < IO::kParts; ++k) v[k] = F::forward(v[k], slope);
+    if (keep != nullptr) {
+      // Draws for a whole step (a pure function of the index, so lanes past n are harmless), as
+      // multipliers 0 or 1/(1-p); the loop has a fixed trip count and vectorizes.
+      Math multiplier[IO::kStep];
+      for (int64_t e = 0; e < IO::kStep; ++e) multiplier[e] = a.dropout.keep(offset + e) ? kept_scale : Math(0);
+      for (int64_t e = 0; e < n; ++e) keep[offset + e] = multiplier[e] != Math(0);
+      for (int k = 0; k < IO::kParts; ++k) v[k] = v[k] * Vec::loadu(multiplier + k * Vec::size());
+    }
     IO::store(out + offset, v, n);
   });
 }
@@ -101,11 +112,24 @@ void backward_rows(const BackwardEpilogue& a, int64_t row_begin, int64_t row_end
   const auto* saved = static_cast<const scalar_t*>(a.saved);
   auto* grad_pre = static_cast<scalar_t*>(a.grad_pre);
   auto* sums = static_cast<Math*>(a.column_sums);
+  const uint8_t* keep = a.keep_mask;
+  const auto kept_scale = static_cast<Math>(1.0 / (1.0 - a.dropout_p));
+  // A saved output went through dropout: undo its 1/(1-p) to get the activation's own output back.
+  const bool rescale_saved = keep != nullptr && derivative_from_output(a.activation, a.negative_slope);
+  const Vec saved_scale(static_cast<Math>(1.0 - a.dropout_p));
   for_each_step<IO>(row_begin, row_end, a.cols, [&](int64_t offset, int64_t j, int64_t n) {
     auto g = IO::load(grad_out + offset, n);
     if constexpr (!kIdentity) {
-      const auto s = IO::load(saved + offset, n);
-      for (int k = 0; k < IO::kParts; ++k) g[k] = g[k] * F::derivative(s[k], slope);
+      auto s = IO::load(saved + offset, n);
+      for (int k = 0; k < IO::kParts; ++k) {
+        if (rescale_saved) s[k] = s[k] * saved_scale;
+        g[k] = g[k] * F::derivative(s[k], slope);
+      }
+    }
+    if (keep != nullptr) {
+      Math multiplier[IO::kStep] = {};
+      for (int64_t e = 0; e < n; ++e) multiplier[e] = keep[offset + e] != 0 ? kept_scale : Math(0);
+      for (int k = 0; k < IO::kParts; ++k) g[k] = g[k] * Vec::loadu(multiplier + k * Vec::size());
     }
     if (grad_pre != nullptr) IO::store(grad_pre + offset, g, n);
     if (sums != nullptr) {

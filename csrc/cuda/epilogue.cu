@@ -70,6 +70,7 @@ __global__ void backward_kernel(int64_t rows, int64_t cols, int64_t rows_per_blo
 }  // namespace
 
 void launch_forward_epilogue(const ForwardEpilogue& a, int64_t rows) {
+  TORCH_CHECK_NOT_IMPLEMENTED(a.keep_mask == nullptr, "pyfastnn: fused dropout is not implemented for CUDA yet");
   const int64_t total = rows * a.cols;
   if (total == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -88,6 +89,7 @@ void launch_forward_epilogue(const ForwardEpilogue& a, int64_t rows) {
 }
 
 void launch_backward_epilogue(const BackwardEpilogue& a, int64_t rows, int64_t rows_per_block) {
+  TORCH_CHECK_NOT_IMPLEMENTED(a.keep_mask == nullptr, "pyfastnn: fused dropout is not implemented for CUDA yet");
   if (rows == 0 || a.cols == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t row_blocks = (rows + rows_per_block - 1) / rows_per_block;

@@ -1,0 +1,172 @@
+// The fused MLP ops for every device: layer_forward / layer_backward chained inside one call, so a
+// whole network costs one dispatcher call and one autograd node each way.
+#include "fused_mlp.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/DeviceGuard.h>
+
+#include <mutex>
+
+#include "fused_linear.h"
+#include "layer.h"
+
+namespace pyfastnn {
+namespace {
+
+bool dropout_runs(double p, bool training) { return training && p > 0.0; }
+
+// One 64-bit seed per layer and call from torch's default generator: torch.manual_seed reproduces
+// every mask.
+uint64_t draw_dropout_seed() {
+  auto* generator = at::check_generator<at::CPUGeneratorImpl>(at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(generator->mutex_);
+  return generator->random64();
+}
+
+std::vector<int64_t> output_shape(const at::Tensor& input, int64_t out_features) {
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() = out_features;
+  return shape;
+}
+
+// `save`: keep what backward needs (hidden outputs, pre-activations, masks); else only the output.
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> run_forward(
+    const at::Tensor& input, at::TensorList weights, const BiasList& biases, at::IntArrayRef activations,
+    double negative_slope, at::ArrayRef<double> dropout, bool training, bool save) {
+  check_fused_mlp_args(input, weights, biases, activations, dropout);
+  const c10::OptionalDeviceGuard device_guard(input.device());
+  const size_t layers = weights.size();
+  for (size_t l = 0; l < layers; ++l) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!dropout_runs(dropout[l], training) || input.device().is_cpu(),
+                                "pyfastnn: fused dropout is not implemented for ", input.device().type(),
+                                " yet; use training=False or dropout 0 there");
+  }
+  const auto options = input.options();
+  const at::Tensor none = at::empty({0}, options);
+  std::vector<at::Tensor> hidden, preacts, keep_masks;
+  at::Tensor x = detail::as_matrix(input);
+  const int64_t rows = x.size(0);
+  at::Tensor output;
+  for (size_t l = 0; l < layers; ++l) {
+    const bool last = l + 1 == layers;
+    const auto act = static_cast<Activation>(activations[l]);
+    const int64_t out_features = weights[l].size(0);
+    // The last layer allocates in the caller's shape (*, out); hidden layers stay 2-D.
+    at::Tensor y = last ? at::empty(output_shape(input, out_features), options) : at::empty({rows, out_features}, options);
+    at::Tensor y_matrix = last ? detail::as_matrix(y) : y;
+    const bool keep_preact = save && !derivative_from_output(act, negative_slope);
+    at::Tensor preact = keep_preact ? at::empty({rows, out_features}, options) : none;
+    detail::LayerDropout layer_dropout;
+    if (dropout_runs(dropout[l], training)) {
+      layer_dropout.p = dropout[l];
+      layer_dropout.stream = DropoutStream::make(draw_dropout_seed(), dropout[l]);
+      layer_dropout.keep_mask = at::empty({rows, out_features}, options.dtype(at::kByte));
+    }
+    detail::layer_forward(x, weights[l], biases.get(l), act, negative_slope, y_matrix,
+                          keep_preact ? &preact : nullptr, layer_dropout);
+    if (save) {
+      preacts.push_back(preact);
+      keep_masks.push_back(layer_dropout.keep_mask.defined() ? layer_dropout.keep_mask
+                                                              : at::empty({0}, options.dtype(at::kByte)));
+      if (!last) hidden.push_back(y_matrix);
+    }
+    x = y_matrix;
+    if (last) output = y;
+  }
+  return {output, hidden, preacts, keep_masks};
+}
+
+}  // namespace
+
+at::Tensor fused_mlp_inference(const at::Tensor& input, at::TensorList weights, const BiasList& biases,
+                               at::IntArrayRef activations, double negative_slope, at::ArrayRef<double> dropout,
+                               bool training) {
+  return std::get<0>(run_forward(input, weights, biases, activations, negative_slope, dropout, training, false));
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+fused_mlp_forward(const at::Tensor& input, at::TensorList weights, const BiasList& biases,
+                  at::IntArrayRef activations, double negative_slope, at::ArrayRef<double> dropout,
+                  bool training) {
+  return run_forward(input, weights, biases, activations, negative_slope, dropout, training, true);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_mlp_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights, const at::Tensor& output,
+    at::TensorList hidden, at::TensorList preacts, at::TensorList keep_masks, at::IntArrayRef activations,
+    double negative_slope, at::ArrayRef<double> dropout, const c10::List<bool>& output_mask) {
+  const size_t layers = weights.size();
+  check_fused_mlp_args(input, weights, BiasList(std::vector<std::optional<at::Tensor>>(layers)), activations,
+                       dropout);
+  TORCH_CHECK_VALUE(hidden.size() + 1 == layers && preacts.size() == layers && keep_masks.size() == layers,
+                    "pyfastnn: fused_mlp_backward got ", hidden.size(), " hidden, ", preacts.size(),
+                    " pre-activation and ", keep_masks.size(), " mask tensors for ", layers, " layers");
+  TORCH_CHECK_VALUE(output_mask.size() == 1 + 2 * layers, "pyfastnn: output_mask needs ", 1 + 2 * layers,
+                    " entries (input, weights, biases), got ", output_mask.size());
+  const c10::OptionalDeviceGuard device_guard(input.device());
+  const auto out_shape = output_shape(input, weights[layers - 1].size(0));
+  check_saved_tensor("grad_output", grad_output, input, out_shape);
+
+  const at::Tensor none = at::empty({0}, input.options());
+  std::vector<at::Tensor> grad_weights(layers, none), grad_biases(layers, none);
+  at::Tensor grad_input = none;
+  // Walk down only as far as the lowest layer that needs a gradient.
+  const bool need_input = output_mask.get(0);
+  int64_t lowest = need_input ? 0 : -1;
+  for (size_t l = 0; l < layers && lowest < 0; ++l) {
+    if (output_mask.get(1 + l) || output_mask.get(1 + layers + l)) lowest = static_cast<int64_t>(l);
+  }
+  if (lowest < 0) return {grad_input, grad_weights, grad_biases};
+
+  const at::Tensor input_matrix = detail::as_matrix(input);
+  const int64_t rows = input_matrix.size(0);
+  at::Tensor grad = detail::as_matrix(grad_output).contiguous();  // e.g. expanded by sum().backward()
+  for (int64_t l = static_cast<int64_t>(layers) - 1; l >= lowest; --l) {
+    const auto act = static_cast<Activation>(activations[l]);
+    const bool last = l + 1 == static_cast<int64_t>(layers);
+    const std::vector<int64_t> layer_shape{rows, weights[l].size(0)};
+    at::Tensor saved;
+    if (act != Activation::Identity) {
+      const bool from_output = derivative_from_output(act, negative_slope);
+      saved = from_output ? (last ? detail::as_matrix(output) : hidden[l]) : preacts[l];
+      check_saved_tensor(from_output ? "saved output" : "saved pre-activation", saved, input, layer_shape);
+      saved = saved.contiguous();
+    }
+    detail::LayerDropout layer_dropout;
+    if (keep_masks[l].dim() == 2) {
+      TORCH_CHECK_VALUE(keep_masks[l].sizes() == at::IntArrayRef(layer_shape) &&
+                            keep_masks[l].scalar_type() == at::kByte && keep_masks[l].device() == input.device(),
+                        "pyfastnn: keep_masks[", l, "] must be a uint8 tensor of shape ", at::IntArrayRef(layer_shape),
+                        " on ", input.device());
+      layer_dropout.p = dropout[l];
+      layer_dropout.keep_mask = keep_masks[l].contiguous();
+    }
+    const at::Tensor& layer_input = l == 0 ? input_matrix : hidden[l - 1];
+    if (l > 0) check_saved_tensor("hidden output", layer_input, input, {rows, weights[l - 1].size(0)});
+    auto grads = detail::layer_backward(grad, layer_input, weights[l], saved, act, negative_slope, layer_dropout,
+                                        l > lowest || need_input, output_mask.get(1 + l),
+                                        output_mask.get(1 + layers + l));
+    if (grads.weight.defined()) grad_weights[l] = grads.weight;
+    if (grads.bias.defined()) grad_biases[l] = grads.bias;
+    grad = grads.input;
+  }
+  if (need_input) grad_input = input.dim() == 2 ? grad : grad.view(input.sizes());
+  return {grad_input, grad_weights, grad_biases};
+}
+
+at::Tensor reference_fused_mlp(const at::Tensor& input, at::TensorList weights, const BiasList& biases,
+                               at::IntArrayRef activations, double negative_slope, at::ArrayRef<double> dropout,
+                               at::TensorList keep_masks) {
+  at::Tensor x = input;
+  for (size_t l = 0; l < weights.size(); ++l) {
+    x = reference_fused_linear(x, weights[l], biases.get(l), activations[l], negative_slope);
+    if (l < keep_masks.size() && keep_masks[l].dim() == 2) {
+      // nn.Dropout's arithmetic: input * (mask / (1 - p)).
+      x = x * (keep_masks[l].view(x.sizes()).to(x.scalar_type()) / (1.0 - dropout[l]));
+    }
+  }
+  return x;
+}
+
+}  // namespace pyfastnn
