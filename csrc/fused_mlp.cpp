@@ -43,7 +43,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
                                 " yet; use training=False or dropout 0 there");
   }
   const auto options = input.options();
-  const at::Tensor none = at::empty({0}, options);
   std::vector<at::Tensor> hidden, preacts, keep_masks;
   at::Tensor x = detail::as_matrix(input);
   const int64_t rows = x.size(0);
@@ -56,7 +55,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
     at::Tensor y = last ? at::empty(output_shape(input, out_features), options) : at::empty({rows, out_features}, options);
     at::Tensor y_matrix = last ? detail::as_matrix(y) : y;
     const bool keep_preact = save && !derivative_from_output(act, negative_slope);
-    at::Tensor preact = keep_preact ? at::empty({rows, out_features}, options) : none;
+    // Placeholders are separate empty tensors: outputs of an op must not alias each other.
+    at::Tensor preact = at::empty(keep_preact ? std::vector<int64_t>{rows, out_features} : std::vector<int64_t>{0}, options);
     detail::LayerDropout layer_dropout;
     if (dropout_runs(dropout[l], training)) {
       layer_dropout.p = dropout[l];
@@ -108,9 +108,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
   const auto out_shape = output_shape(input, weights[layers - 1].size(0));
   check_saved_tensor("grad_output", grad_output, input, out_shape);
 
-  const at::Tensor none = at::empty({0}, input.options());
-  std::vector<at::Tensor> grad_weights(layers, none), grad_biases(layers, none);
-  at::Tensor grad_input = none;
+  // Gradients not asked for are separate empty tensors (outputs of an op must not alias each other).
+  const auto none = [&] { return at::empty({0}, input.options()); };
+  std::vector<at::Tensor> grad_weights, grad_biases;
+  for (size_t l = 0; l < layers; ++l) {
+    grad_weights.push_back(none());
+    grad_biases.push_back(none());
+  }
+  at::Tensor grad_input = none();
   // Walk down only as far as the lowest layer that needs a gradient.
   const bool need_input = output_mask.get(0);
   int64_t lowest = need_input ? 0 : -1;

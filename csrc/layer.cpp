@@ -7,6 +7,7 @@
 
 #include <algorithm>
 
+#include "cpu/kernels.h"
 #include "epilogue.h"
 
 namespace pyfastnn::detail {
@@ -40,6 +41,46 @@ int64_t rows_per_block(int64_t rows, bool cuda_device) {
   return std::max<int64_t>(16, (rows + 63) / 64);
 }
 
+// The small-batch CPU kernels take float/double row-major operands with 1..kSmallGemmRows rows;
+// anything else goes to ATen's GEMM.
+bool use_small_gemm(const at::Tensor& rows_operand, const at::Tensor& other) {
+  const int64_t rows = rows_operand.size(0);
+  const auto dtype = rows_operand.scalar_type();
+  return rows_operand.device().is_cpu() && rows >= 1 && rows <= cpu::kSmallGemmRows &&
+         (dtype == at::kFloat || dtype == at::kDouble) && rows_operand.is_contiguous() && other.is_contiguous() &&
+         rows_operand.numel() > 0 && other.numel() > 0;
+}
+
+void small_gemm(cpu::SmallGemmKind kind, const at::Tensor& a, const at::Tensor& b, const at::Tensor& y,
+                int64_t n, int64_t k) {
+  cpu::launch_small_gemm(kind, {a.scalar_type(), a.size(0), n, k, a.data_ptr(), b.data_ptr(), y.data_ptr()});
+}
+
+// out = x @ w^T into a preallocated contiguous buffer.
+void matmul_xwt(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
+  if (use_small_gemm(x, w) && out.is_contiguous()) {
+    return small_gemm(cpu::SmallGemmKind::XWt, x, w, out, w.size(0), w.size(1));
+  }
+  at::mm_out(out, x, w.t());
+}
+
+// grad @ w: the input gradient.
+at::Tensor matmul_gw(const at::Tensor& grad, const at::Tensor& w) {
+  if (!use_small_gemm(grad, w)) return at::mm(grad, w);
+  at::Tensor y = at::empty({grad.size(0), w.size(1)}, grad.options());
+  small_gemm(cpu::SmallGemmKind::GW, grad, w, y, w.size(0), w.size(1));
+  return y;
+}
+
+// grad^T @ x: the weight gradient, row-major (out, in) like the parameter, so autograd's
+// AccumulateGrad can keep it without a copy.
+at::Tensor matmul_gtx(const at::Tensor& grad, const at::Tensor& x) {
+  if (!use_small_gemm(grad, x)) return at::mm(grad.t(), x);
+  at::Tensor y = at::empty({grad.size(1), x.size(1)}, grad.options());
+  small_gemm(cpu::SmallGemmKind::GtX, grad, x, y, grad.size(1), x.size(1));
+  return y;
+}
+
 }  // namespace
 
 at::Tensor as_matrix(const at::Tensor& t) {
@@ -68,7 +109,7 @@ void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
     at::addmm_out(acc, b, x, weight.t());
     b = at::Tensor();
   } else {
-    at::mm_out(acc, x, weight.t());
+    matmul_xwt(x, weight, acc);
   }
   ForwardEpilogue args{x.scalar_type(),
                        activation,
@@ -122,9 +163,8 @@ LayerGrads layer_backward(const at::Tensor& grad_out, const at::Tensor& x, const
       if (grads.bias.scalar_type() != grad_out.scalar_type()) grads.bias = grads.bias.to(grad_out.scalar_type());
     }
   }
-  if (need_input) grads.input = at::mm(grad_pre, weight);
-  // As (x^T @ grad_pre)^T, the layout MKL runs fastest here (and the one eager autograd produces).
-  if (need_weight) grads.weight = at::mm(x.t(), grad_pre).t();
+  if (need_input) grads.input = matmul_gw(grad_pre, weight);
+  if (need_weight) grads.weight = matmul_gtx(grad_pre, x);
   return grads;
 }
 

@@ -64,8 +64,7 @@ def _fused_linear_forward_fake(input, weight, bias, activation, negative_slope, 
 @torch.library.register_fake("pyfastnn::fused_linear_backward")
 def _fused_linear_backward_fake(grad_output, input, weight, saved, activation, negative_slope, output_mask):
     grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0] else None
-    # Computed as (input^T @ grad)^T, so it comes out with transposed strides.
-    grad_weight = weight.new_empty((weight.shape[1], weight.shape[0])).t() if output_mask[1] else None
+    grad_weight = weight.new_empty(weight.shape) if output_mask[1] else None
     grad_bias = weight.new_empty(weight.shape[:1]) if output_mask[2] else None
     return grad_input, grad_weight, grad_bias
 
@@ -115,8 +114,7 @@ def _fused_mlp_backward_fake(grad_output, input, weights, output, hidden, preact
     layers = len(weights)
     none = input.new_empty((0,))
     grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0] else none
-    # Weight gradients come out as (x^T @ grad)^T: transposed strides, as in fused_linear_backward.
-    grad_weights = [w.new_empty((w.shape[1], w.shape[0])).t() if output_mask[1 + l] else none
+    grad_weights = [w.new_empty(w.shape) if output_mask[1 + l] else none
                     for l, w in enumerate(weights)]
     grad_biases = [w.new_empty(w.shape[:1]) if output_mask[1 + layers + l] else none
                    for l, w in enumerate(weights)]

@@ -109,10 +109,15 @@ def _fused_module(layers: List[Layer], as_mlp: bool = False) -> nn.Module:
     return fused[0] if len(fused) == 1 and not as_mlp else FusedMLP.from_layers(fused)
 
 
+def _worth_fusing(layers: List[Layer]) -> bool:
+    """A lone Linear with nothing after it gains nothing from fusion."""
+    return bool(layers) and (len(layers) > 1 or layers[0][1] != "identity" or layers[0][3] > 0.0)
+
+
 def _fuse_sequential(seq: nn.Sequential, path: str, report: List[FusedRun]) -> nn.Module:
     modules = list(seq)
     layers, end = parse_layers(modules, 0)
-    if layers and end == len(modules):
+    if _worth_fusing(layers) and end == len(modules):
         # The whole Sequential is one run: a FusedMLP takes its place, and its layers take the
         # Linear modules' indices, so the state-dict keys stay exactly the same.
         fused = _fused_module(layers, as_mlp=True)
@@ -123,8 +128,7 @@ def _fuse_sequential(seq: nn.Sequential, path: str, report: List[FusedRun]) -> n
     i = 0
     while i < len(modules):
         layers, end = parse_layers(modules, i)
-        # A lone Linear with nothing after it gains nothing from fusion.
-        if layers and (len(layers) > 1 or layers[0][1] != "identity" or layers[0][3] > 0.0):
+        if _worth_fusing(layers):
             fused = _fused_module(layers)
             report.append(FusedRun(f"{path}{len(kept)}", tuple(_describe(m) for m in modules[i:end]),
                                    type(fused).__name__))

@@ -95,10 +95,14 @@ SHAPES = (
     ("sliced", (4,), 6, 5, True, "sliced"),
     ("wide_tail", (5,), 8, 45, True, "contiguous"),  # 45 columns: a full SIMD step plus a tail
     ("nd_no_features", (2, 3), 0, 4, True, "contiguous"),  # in_features = 0: output is act(bias)
+    # 2 and 4 rows take the small-batch CPU kernels: 37 and 200 inputs end in a SIMD tail, 13 and 130
+    # outputs in a partial block.
+    ("two_rows_tails", (2,), 37, 13, True, "contiguous"),
+    ("four_rows", (4,), 200, 130, True, "contiguous"),
 )
 
 SMALL = {"nd_no_features", "empty_batch", "odd", "odd_no_bias", "nd", "nd_no_bias", "input_transposed",
-         "weight_transposed", "sliced", "wide_tail"}
+         "weight_transposed", "sliced", "wide_tail", "two_rows_tails"}
 
 
 def _make(shape, dtype, device, layout, generator, scale=1.0):
@@ -145,3 +149,84 @@ def sample_inputs(
                     if activation == "leaky_relu":
                         label += f"({slope})"
                     yield Sample(x, w, b, activation, slope, label)
+
+
+@dataclasses.dataclass
+class MLPSample:
+    """One call of fused_mlp: input, per-layer weights/biases/activations/dropout, and an id."""
+
+    input: torch.Tensor
+    weights: list
+    biases: list
+    activations: list  # one name per layer (the last is the output activation)
+    dropout: list      # one probability per layer
+    negative_slope: float
+    name: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.input.dtype
+
+    def tensors(self) -> Tuple[torch.Tensor, ...]:
+        return (self.input, *self.weights, *[b for b in self.biases if b is not None])
+
+    def rebuild(self, tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, list, list]:
+        """(input, weights, biases) from a flat tuple laid out like tensors()."""
+        layers = len(self.weights)
+        rest = iter(tensors[1 + layers:])
+        return tensors[0], list(tensors[1:1 + layers]), [next(rest) if b is not None else None for b in self.biases]
+
+    def op_args(self, training: bool, tensors: Optional[Sequence[torch.Tensor]] = None) -> tuple:
+        """Positional arguments of torch.ops.pyfastnn.fused_mlp / fused_mlp_forward."""
+        x, weights, biases = self.rebuild(tensors if tensors is not None else self.tensors())
+        codes = [pyfastnn.ACTIVATIONS.index(a) for a in self.activations]
+        return (x, weights, biases, codes, self.negative_slope, list(self.dropout), training)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def reference_mlp(input, weights, biases, activations, negative_slope=0.01, keep_masks=None, dropout=None):
+    """What fused_mlp must equal: the layers one by one in stock PyTorch; keep_masks[l] (uint8, or
+    None/empty for none) applies dropout after layer l exactly as nn.Dropout does (x * mask / (1 - p))."""
+    x = input
+    for layer, (w, b, activation) in enumerate(zip(weights, biases, activations)):
+        x = reference(x, w, b, activation, negative_slope)
+        if keep_masks is not None and keep_masks[layer].dim() == 2:
+            x = x * (keep_masks[layer].reshape(x.shape).to(x.dtype) / (1 - dropout[layer]))
+    return x
+
+
+# (name, leading input shape, widths, hidden activations + output activation, bias pattern, dropout)
+MLP_SHAPES = (
+    ("lesson", (64,), (784, 256, 128, 10), ("relu", "relu", "identity"), (True, True, True), 0.2),
+    ("one_layer", (5,), (7, 3), ("tanh",), (True,), 0.0),
+    ("one_row", (1,), (784, 256, 128, 10), ("relu", "relu", "identity"), (True, True, True), 0.2),
+    ("mixed_acts", (6,), (9, 12, 8, 4), ("gelu", "sigmoid", "tanh"), (True, False, True), 0.3),
+    ("leaky_silu", (3,), (5, 8, 6, 2), ("leaky_relu", "silu", "gelu_tanh"), (False, True, False), 0.1),
+    ("nd", (2, 3, 4), (7, 11, 5), ("relu", "sigmoid"), (True, True), 0.5),
+    ("empty_batch", (0,), (5, 4, 3), ("relu", "identity"), (True, True), 0.2),
+)
+MLP_SMALL = {"one_layer", "mixed_acts", "leaky_silu", "nd", "empty_batch"}
+
+
+def mlp_sample_inputs(dtypes: Sequence[torch.dtype] = DTYPES, small_only: bool = False, with_dropout: bool = True,
+                      requires_grad: bool = True, seed: int = 0) -> Iterator[MLPSample]:
+    """Every MLP_SHAPES entry per dtype; hidden layers get the entry's dropout (0 if not with_dropout)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, batch, widths, activations, has_bias, p in MLP_SHAPES:
+        if small_only and name not in MLP_SMALL:
+            continue
+        for dtype in dtypes:
+            x = _make((*batch, widths[0]), dtype, "cpu", "plain", generator)
+            weights = [_make((n, k), dtype, "cpu", "plain", generator, scale=k ** -0.5)
+                       for k, n in zip(widths[:-1], widths[1:])]
+            biases = [_make((n,), dtype, "cpu", "plain", generator) if bias else None
+                      for n, bias in zip(widths[1:], has_bias)]
+            for t in (x, *weights, *biases):
+                if t is not None:
+                    t.requires_grad_(requires_grad)
+            dropout = [p if with_dropout else 0.0] * (len(weights) - 1) + [0.0]
+            label = f"{name}-{str(dtype).replace('torch.', '')}" + ("-dropout" if with_dropout and p else "")
+            yield MLPSample(x, weights, biases, list(activations), dropout, -0.2 if name == "leaky_silu" else 0.01,
+                            label)

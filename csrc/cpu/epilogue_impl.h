@@ -9,6 +9,7 @@
 #include <array>
 
 #include "kernels.h"
+#include "small_gemm_impl.h"
 #include "vec_math.h"
 
 namespace pyfastnn::cpu {
@@ -163,8 +164,8 @@ inline void backward_epilogue(const BackwardEpilogue& a, int64_t row_begin, int6
 #define PYFASTNN_STRINGIFY(x) PYFASTNN_STRINGIFY_(x)
 
 const EpilogueKernels& kernels() {
-  static const EpilogueKernels table{&forward_epilogue, &backward_epilogue,
-                                     PYFASTNN_STRINGIFY(CPU_CAPABILITY)};
+  static const EpilogueKernels table{&forward_epilogue, &backward_epilogue, &small_xwt_entry,
+                                     &small_gw_entry,   &small_gtx_entry,   PYFASTNN_STRINGIFY(CPU_CAPABILITY)};
   return table;
 }
 

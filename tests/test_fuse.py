@@ -1,0 +1,221 @@
+"""FusedMLP as a module (init, state dicts, conversions) and pyfastnn.fuse on the lesson's models and
+on module trees it must partly leave alone."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import pyfastnn
+from pyfastnn import FusedLinear, FusedMLP
+
+
+class ModernNetwork(nn.Module):
+    """The lesson's MNIST network, as written there."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(784, 256), nn.ReLU(), nn.Dropout(0.2),
+            nn.Linear(256, 128), nn.ReLU(), nn.Dropout(0.2),
+            nn.Linear(128, 10),
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class SimpleNN(nn.Module):
+    """The lesson's XOR network, as written there (attributes, not a Sequential)."""
+
+    def __init__(self, input_size, hidden_size, output_size):
+        super().__init__()
+        self.layer1 = nn.Linear(input_size, hidden_size)
+        self.relu = nn.ReLU()
+        self.layer2 = nn.Linear(hidden_size, output_size)
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x):
+        x = self.layer1(x)
+        x = self.relu(x)
+        x = self.layer2(x)
+        x = self.sigmoid(x)
+        return x
+
+
+def assert_same_function(original, fused, x, train_grads=True):
+    original.eval(), fused.eval()
+    torch.testing.assert_close(fused(x), original(x))
+    if train_grads:
+        original.train(), fused.train()
+        grads = torch.autograd.grad(original(x).square().sum(), list(original.parameters()))
+        fused_grads = torch.autograd.grad(fused(x).square().sum(), list(fused.parameters()))
+        assert len(grads) == len(fused_grads)
+        for g, f in zip(grads, fused_grads):
+            torch.testing.assert_close(f, g)
+
+
+def test_fused_mlp_initialises_like_the_sequential_of_linears():
+    torch.manual_seed(3)
+    mlp = FusedMLP([30, 20, 10, 5], dropout=0.1)
+    torch.manual_seed(3)
+    plain = nn.Sequential(nn.Linear(30, 20), nn.ReLU(), nn.Dropout(0.1), nn.Linear(20, 10), nn.ReLU(),
+                          nn.Dropout(0.1), nn.Linear(10, 5))
+    assert list(mlp.state_dict()) == list(plain.state_dict())
+    for (name, a), b in zip(mlp.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_fused_mlp_state_dict_both_ways_and_conversions():
+    mlp = FusedMLP([8, 6, 4], activation="tanh", output_activation="sigmoid", dropout=0.0)
+    plain = mlp.to_sequential()
+    assert [type(m) for m in plain] == [nn.Linear, nn.Tanh, nn.Linear, nn.Sigmoid]
+    assert plain[0].weight is mlp[0].weight  # shares parameters
+    other = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 4), nn.Sigmoid())
+    mlp.load_state_dict(other.state_dict())
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(mlp(x), other(x))
+    back = FusedMLP.from_sequential(other)
+    assert back[1].weight is other[2].weight
+    copied = FusedMLP.from_sequential(other, copy=True)
+    assert copied[1].weight is not other[2].weight and torch.equal(copied[1].weight, other[2].weight)
+    torch.testing.assert_close(back(x), other(x))
+    with pytest.raises(ValueError, match="stopped at module 1"):
+        FusedMLP.from_sequential(nn.Sequential(nn.Linear(8, 6), nn.Softplus()))
+
+
+def test_fused_mlp_repr_len_and_indexing():
+    mlp = FusedMLP([784, 256, 128, 10], dropout=0.2)
+    assert len(mlp) == 3 and [layer.out_features for layer in mlp] == [256, 128, 10]
+    assert "(3): FusedLinear(in_features=256, out_features=128, bias=True, activation=relu, dropout=0.2)" in repr(mlp)
+    assert mlp[-1].activation == "identity"
+
+
+@pytest.mark.parametrize("bad", [dict(sizes=[5]), dict(sizes=[4, -1]), dict(sizes=[4, 3], activation="swish")])
+def test_fused_mlp_bad_arguments(bad):
+    args = dict(sizes=[4, 3])
+    args.update(bad)
+    with pytest.raises(ValueError):
+        FusedMLP(**args)
+
+
+def test_fused_linear_dropout_layer():
+    torch.manual_seed(0)
+    layer = FusedLinear(50, 40, activation="sigmoid", dropout=0.25)
+    assert "dropout=0.25" in repr(layer)
+    plain = layer.to_linear()
+    assert [type(m) for m in plain] == [nn.Linear, nn.Sigmoid, nn.Dropout]
+    x = torch.randn(30, 50)
+    layer.eval()
+    torch.testing.assert_close(layer(x), plain.eval()(x))
+    layer.train()
+    out = layer(x)
+    dropped = (out == 0).float().mean().item()
+    assert 0.15 < dropped < 0.35
+    kept = out != 0
+    torch.testing.assert_close(out[kept], (plain[1](plain[0](x)) / 0.75)[kept])
+
+
+def test_fuse_lesson_modern_network():
+    torch.manual_seed(0)
+    model = ModernNetwork()
+    runs = []
+    fused = pyfastnn.fuse(model, report=runs)
+    assert type(fused.layers) is FusedMLP and fused is not model
+    assert [str(r) for r in runs] == [
+        "layers: Linear(784, 256) -> ReLU -> Dropout(0.2) -> Linear(256, 128) -> ReLU -> Dropout(0.2) -> "
+        "Linear(128, 10) => FusedMLP"]
+    assert list(fused.state_dict()) == list(model.state_dict())  # checkpoints load either way
+    assert type(model.layers) is nn.Sequential  # the original is untouched
+    x = torch.randn(16, 784)
+    assert_same_function(model, fused, x, train_grads=False)
+    # Training gradients are equal once dropout is off.
+    no_dropout = copy.deepcopy(model)
+    for module in no_dropout.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    assert_same_function(no_dropout, pyfastnn.fuse(no_dropout), x)
+
+
+def test_fuse_lesson_simple_nn_by_tracing():
+    torch.manual_seed(0)
+    model = SimpleNN(2, 4, 1)
+    runs = []
+    fused = pyfastnn.fuse(model, report=runs)
+    assert [type(m) for m in fused.children()] == [FusedLinear, FusedLinear]
+    assert [r.module for r in runs] == ["FusedLinear", "FusedLinear"]
+    assert list(fused.state_dict()) == list(model.state_dict())
+    assert_same_function(model, fused, torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]))
+
+
+def test_fuse_nested_and_partial_runs():
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 8), nn.Softplus(), nn.Linear(8, 4),
+                                      nn.LeakyReLU(0.2))
+            self.head = nn.Sequential(nn.LayerNorm(4), nn.Sequential(nn.Linear(4, 3), nn.Tanh()))
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    model = Block()
+    runs = []
+    fused = pyfastnn.fuse(model, report=runs)
+    kinds = [type(m).__name__ for m in fused.body]
+    # Linear-GELU-Linear is one run (Softplus is not fused), then Linear-LeakyReLU on its own.
+    assert kinds == ["FusedMLP", "Softplus", "FusedLinear"]
+    assert type(fused.head[1]) is FusedMLP  # the nested Sequential is one run: replaced whole
+    assert len(runs) == 3
+    assert_same_function(model, fused, torch.randn(5, 6))
+
+
+def test_fuse_leaves_unfusable_modules_alone():
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 3)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                return self.relu(self.linear(x))
+            return x
+
+    model = nn.Sequential(Untraceable(), nn.Linear(3, 2))
+    runs = []
+    fused = pyfastnn.fuse(model, report=runs)
+    assert runs == [] and type(fused[0]) is Untraceable and type(fused[1]) is nn.Linear
+
+
+def test_fuse_inplace_shares_parameters():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    weight = model[0].weight
+    fused = pyfastnn.fuse(model, inplace=True)
+    assert fused[0].weight is weight
+
+
+def test_fuse_verbose_and_bad_argument(capsys):
+    pyfastnn.fuse(nn.Sequential(nn.Linear(2, 2)), verbose=True)
+    assert "nothing to fuse" in capsys.readouterr().out
+    with pytest.raises(TypeError, match="nn.Module"):
+        pyfastnn.fuse("model")
+
+
+def test_fused_model_trains_like_the_original():
+    """A few Adam steps from the same start give the same weights (dropout off)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    fused = pyfastnn.fuse(model)
+    x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
+    for m in (model, fused):
+        optimizer = torch.optim.Adam(m.parameters(), lr=1e-2)
+        for _ in range(5):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            optimizer.step()
+    for a, b in zip(model.parameters(), fused.parameters()):
+        torch.testing.assert_close(a, b)

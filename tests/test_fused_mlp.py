@@ -1,0 +1,286 @@
+"""pyfastnn.fused_mlp and FusedMLP against the layers run one by one in PyTorch: values, gradients,
+gradcheck, opcheck, compile, autocast, fused dropout (masks, statistics, reproducibility)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyfastnn
+from samples import assert_close, mlp_sample_inputs, reference_mlp
+
+ops = torch.ops.pyfastnn
+NO_DROPOUT = list(mlp_sample_inputs(with_dropout=False))
+WITH_DROPOUT = [s for s in mlp_sample_inputs() if any(s.dropout)]
+SMALL_F64 = list(mlp_sample_inputs(dtypes=(torch.float64,), small_only=True))
+
+
+def run(sample, training, tensors=None):
+    return ops.fused_mlp(*sample.op_args(training, tensors))
+
+
+def masks_of(sample, seed):
+    """The keep masks fused_mlp draws after torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return ops.fused_mlp_forward(*sample.op_args(True))[3]
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("sample", NO_DROPOUT, ids=repr)
+def test_values_and_gradients_match_layer_by_layer(sample, training):
+    out = run(sample, training)
+    expected = reference_mlp(sample.input, sample.weights, sample.biases, sample.activations, sample.negative_slope)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert_close(out, expected, sample.dtype)
+    grad_out = torch.randn_like(expected)
+    grads = torch.autograd.grad(out, sample.tensors(), grad_out)
+    expected_grads = torch.autograd.grad(expected, sample.tensors(), grad_out)
+    for g, e in zip(grads, expected_grads):
+        assert g.shape == e.shape and g.stride() == e.stride()
+        assert_close(g, e, sample.dtype)
+
+
+@pytest.mark.parametrize("sample", WITH_DROPOUT, ids=repr)
+def test_dropout_matches_reference_with_the_same_masks(sample):
+    masks = masks_of(sample, seed=7)
+    torch.manual_seed(7)
+    out = run(sample, training=True)
+    expected = reference_mlp(sample.input, sample.weights, sample.biases, sample.activations,
+                             sample.negative_slope, masks, sample.dropout)
+    assert_close(out, expected, sample.dtype)
+    grad_out = torch.randn_like(expected)
+    for g, e in zip(torch.autograd.grad(out, sample.tensors(), grad_out),
+                    torch.autograd.grad(expected, sample.tensors(), grad_out)):
+        assert_close(g, e, sample.dtype)
+
+
+@pytest.mark.parametrize("sample", SMALL_F64, ids=repr)
+def test_gradcheck_and_gradgradcheck(sample):
+    def fn(*tensors):
+        torch.manual_seed(3)  # the same dropout masks on every evaluation
+        return run(sample, training=True, tensors=tensors)
+
+    assert torch.autograd.gradcheck(fn, sample.tensors())
+    assert torch.autograd.gradgradcheck(fn, sample.tensors())
+
+
+@pytest.mark.parametrize("sample", NO_DROPOUT + WITH_DROPOUT[:3], ids=repr)
+def test_opcheck(sample):
+    if any(sample.dropout):
+        # Random masks differ between the runs opcheck compares; everything else is checked.
+        utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+        torch.library.opcheck(ops.fused_mlp.default, sample.op_args(True), test_utils=utils)
+        torch.library.opcheck(ops.fused_mlp.default, sample.op_args(False))
+    else:
+        torch.library.opcheck(ops.fused_mlp.default, sample.op_args(True))
+
+
+def test_opcheck_forward_and_backward_ops():
+    sample = next(s for s in mlp_sample_inputs(requires_grad=False) if s.name == "mixed_acts-float32-dropout")
+    args = sample.op_args(False)
+    torch.library.opcheck(ops.fused_mlp_forward.default, args)
+    with torch.no_grad():
+        out, hidden, preacts, masks = ops.fused_mlp_forward(*args)
+    layers = len(sample.weights)
+    for training in (False, True):
+        torch.manual_seed(0)
+        out, hidden, preacts, masks = ops.fused_mlp_forward(*sample.op_args(training))
+        backward_args = (torch.randn_like(out), sample.input, sample.weights, out, hidden, preacts, masks,
+                         args[3], args[4], args[5], [True] * (1 + 2 * layers))
+        torch.library.opcheck(ops.fused_mlp_backward.default, backward_args)
+
+
+def test_only_needed_layers_are_visited():
+    sample = next(s for s in NO_DROPOUT if s.name == "mixed_acts-float32")
+    x, weights, biases = sample.rebuild([t.detach() for t in sample.tensors()])
+    weights[2].requires_grad_()  # only the last layer's weight: nothing below it is differentiated
+    out = pyfastnn.fused_mlp(x, weights, biases, ["gelu", "sigmoid"], "tanh")
+    (grad,) = torch.autograd.grad(out.sum(), [weights[2]])
+    weights[2].requires_grad_(False)
+    w = weights[2].clone().requires_grad_()
+    expected = reference_mlp(x, weights[:2] + [w], biases, ["gelu", "sigmoid", "tanh"])
+    (expected_grad,) = torch.autograd.grad(expected.sum(), [w])
+    assert_close(grad, expected_grad, torch.float32)
+
+
+def test_dropout_statistics_match_nn_dropout():
+    torch.manual_seed(0)
+    rows, cols = 1000, 1000
+    identity = torch.eye(cols)
+    x = torch.full((rows, cols), 3.0)
+    for p in (0.1, 0.2, 0.5, 0.9):
+        out = ops.fused_mlp(x, [identity], [None], [0], 0.01, [p], True)
+        kept = out != 0
+        n = kept.numel()
+        # Bernoulli(1 - p): the kept count lies within 5 standard deviations of n(1 - p) ...
+        assert abs(kept.sum().item() - n * (1 - p)) < 5 * (n * p * (1 - p)) ** 0.5
+        # ... kept values are scaled by exactly 1 / (1 - p), like nn.Dropout's ...
+        torch.testing.assert_close(out[kept], torch.full_like(out[kept], 3.0 / (1 - p)))
+        reference = nn.Dropout(p)(x)
+        assert set(reference.unique().tolist()) == set(out.unique().tolist())
+        # ... and neighbours (in a row and in a column) are uncorrelated.
+        k = kept.double()
+        for a, b in ((k[:, 1:], k[:, :-1]), (k[1:], k[:-1])):
+            correlation = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+            assert abs(correlation) < 5 / n ** 0.5
+        # Every column and every row is kept at the same rate (no position bias).
+        for rate in (k.mean(0), k.mean(1)):
+            assert (rate - (1 - p)).abs().max().item() < 6 * (p * (1 - p) / rows) ** 0.5
+
+
+def test_dropout_is_reproducible_and_fresh_per_call():
+    sample = next(s for s in WITH_DROPOUT if s.name == "lesson-float32-dropout")
+    first = masks_of(sample, seed=11)
+    again = masks_of(sample, seed=11)
+    other = masks_of(sample, seed=12)
+    for a, b, c in zip(first, again, other):
+        assert torch.equal(a, b)
+        if a.numel():
+            assert not torch.equal(a, c)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        ops.fused_mlp_forward(*sample.op_args(True))
+        next_call = ops.fused_mlp_forward(*sample.op_args(True))[3]
+    assert not torch.equal(first[0], next_call[0])
+
+
+def test_dropout_does_not_depend_on_thread_count():
+    sample = next(s for s in WITH_DROPOUT if s.name == "lesson-float32-dropout")
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            torch.manual_seed(5)
+            out = run(sample, training=True)
+            results.append((out, torch.autograd.grad(out.sum(), sample.tensors())))
+    finally:
+        torch.set_num_threads(threads)
+    (out1, grads1), (out4, grads4) = results
+    assert torch.equal(out1, out4)
+    assert all(torch.equal(a, b) for a, b in zip(grads1, grads4))
+
+
+def test_eval_mode_has_no_dropout_and_train_mode_does():
+    torch.manual_seed(0)
+    mlp = pyfastnn.FusedMLP([20, 30, 5], dropout=0.5)
+    x = torch.randn(8, 20)
+    plain = mlp.to_sequential()
+    mlp.eval(), plain.eval()
+    torch.testing.assert_close(mlp(x), plain(x))
+    mlp.train()
+    assert not torch.allclose(mlp(x), mlp(x))
+
+
+@pytest.mark.parametrize("p", [1.0, -0.1, 1.5, float("nan")])
+def test_bad_dropout_probability(p):
+    with pytest.raises(ValueError, match="dropout"):
+        pyfastnn.FusedMLP([4, 4, 2], dropout=p)
+    with pytest.raises(ValueError, match="dropout"):
+        pyfastnn.FusedLinear(4, 4, dropout=p)
+    with pytest.raises(ValueError, match="dropout"):
+        pyfastnn.fused_mlp(torch.randn(2, 4), [torch.randn(4, 4), torch.randn(2, 4)], dropout=p, training=True)
+
+
+BAD_MLP_CALLS = [
+    # (id, kwargs for fused_mlp, exception, message pattern)
+    ("widths_do_not_chain", dict(weights=[torch.randn(6, 4), torch.randn(2, 5)]), ValueError,
+     r"layer 0's output has in_features=6 but weights\[1\] expects in_features=5"),
+    ("input_width", dict(input=torch.randn(3, 5)), ValueError, r"in_features=5 but weights\[0\] expects in_features=4"),
+    ("dtype_in_layer_1", dict(weights=[torch.randn(6, 4), torch.randn(2, 6).double()]), TypeError,
+     r"weights\[1\] dtype"),
+    ("bias_shape", dict(biases=[torch.randn(6), torch.randn(3)]), ValueError, r"biases\[1\] must have shape"),
+    ("bias_count", dict(biases=[torch.randn(6)]), ValueError, "got 1 biases for 2 weights"),
+    ("no_weights", dict(weights=[]), ValueError, "at least one weight"),
+    ("weights_not_list", dict(weights=torch.randn(6, 4)), TypeError, "weights must be a list"),
+    ("weight_not_tensor", dict(weights=[torch.randn(6, 4), "w"]), TypeError, r"weights\[1\] must be a torch.Tensor"),
+    ("activation_count", dict(activation=["relu", "relu"]), ValueError, "expected 1"),
+    ("unknown_activation", dict(activation="swish"), ValueError, "unknown activation"),
+    ("integer_input", dict(input=torch.ones(3, 4, dtype=torch.long)), TypeError, "floating-point"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,exc,pattern", BAD_MLP_CALLS, ids=[c[0] for c in BAD_MLP_CALLS])
+def test_bad_mlp_arguments(name, kwargs, exc, pattern):
+    args = dict(input=torch.randn(3, 4), weights=[torch.randn(6, 4), torch.randn(2, 6)], biases=None)
+    args.update(kwargs)
+    with pytest.raises(exc, match=pattern):
+        pyfastnn.fused_mlp(**args)
+
+
+def test_bad_arguments_to_the_backward_op():
+    x, w = torch.randn(3, 4), [torch.randn(6, 4), torch.randn(2, 6)]
+    out, hidden, preacts, masks = ops.fused_mlp_forward(x, w, [None, None], [1, 0], 0.01, [0.0, 0.0], True)
+    with pytest.raises(ValueError, match="output_mask needs 5 entries"):
+        ops.fused_mlp_backward(torch.ones_like(out), x, w, out, hidden, preacts, masks, [1, 0], 0.01, [0.0, 0.0], [True])
+    with pytest.raises(ValueError, match="grad_output has shape"):
+        ops.fused_mlp_backward(torch.ones(3, 3), x, w, out, hidden, preacts, masks, [1, 0], 0.01, [0.0, 0.0],
+                               [True] * 5)
+    with pytest.raises(ValueError, match="hidden output has shape"):
+        ops.fused_mlp_backward(torch.ones_like(out), x, w, out, [torch.ones(3, 5)], preacts, masks, [1, 0], 0.01,
+                               [0.0, 0.0], [True] * 5)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("train", [False, True])
+def test_torch_compile_fullgraph(backend, train):
+    torch.manual_seed(0)
+    model = nn.Sequential(pyfastnn.FusedMLP([12, 16, 8, 3], activation="gelu", dropout=0.0), nn.LogSoftmax(-1))
+    model.train(train)
+    x = torch.randn(5, 12)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    expected = model(x)
+    out = compiled(x)
+    torch.testing.assert_close(out, expected)
+    if train:
+        params = list(model.parameters())
+        torch.testing.assert_close(torch.autograd.grad(out.sum(), params), torch.autograd.grad(expected.sum(), params))
+
+
+def test_torch_compile_with_dropout_is_seeded_like_eager():
+    mlp = pyfastnn.FusedMLP([12, 16, 3], dropout=0.5)
+    x = torch.randn(5, 12)
+    compiled = torch.compile(mlp, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(1)
+    expected = mlp(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(compiled(x), expected)
+
+
+def test_autocast_bfloat16_like_nn_linear():
+    torch.manual_seed(0)
+    mlp = pyfastnn.FusedMLP([16, 32, 4], activation="relu")
+    plain = mlp.to_sequential()
+    x = torch.randn(6, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mlp(x)
+        expected = plain(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert_close(out, expected, torch.bfloat16)
+
+
+def test_saved_activations_are_no_larger_than_eager():
+    """What a training step keeps for backward beyond the parameters and the input: fused = hidden
+    outputs + byte masks, never more than eager (which also keeps each activation's output and a byte
+    mask per dropout)."""
+    def saved_bytes(model, x):
+        total = 0
+        free = {p.data_ptr() for p in model.parameters()} | {x.data_ptr()}
+
+        def pack(t):
+            nonlocal total
+            if t.data_ptr() not in free:  # a reference to a parameter or the input costs nothing
+                free.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x).sum()
+        return total
+
+    torch.manual_seed(0)
+    fused = pyfastnn.FusedMLP([784, 256, 128, 10], dropout=0.2)
+    x = torch.randn(64, 784)
+    fused_bytes, eager_bytes = saved_bytes(fused, x), saved_bytes(fused.to_sequential(), x)
+    assert fused_bytes <= eager_bytes, (fused_bytes, eager_bytes)
