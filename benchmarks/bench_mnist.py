@@ -3,11 +3,14 @@
     python benchmarks/bench_mnist.py [--quick] [--full-script --data DIR] [--json PATH]
 
 1. Training step (zero_grad + forward + loss + backward + Adam step) at batch 64 and 256:
-   pyfastnn's MNISTClassifier with fused Adam, vs the lesson's eager model with the lesson's
-   ``optim.Adam``, vs eager with torch's fused Adam, vs ``torch.compile`` of the eager model.
+   pyfastnn's MNISTClassifier (one FusedMLP) with fused Adam, vs the lesson's eager model with the
+   lesson's ``optim.Adam``, vs eager with torch's fused Adam, vs ``pyfastnn.fuse`` of the eager
+   model with fused Adam, vs ``torch.compile`` of the eager model.
 2. Inference latency at batch 1 and 64 (eval mode, no grad).
-3. One epoch over in-memory batches (60,000 samples) per variant.
-4. ``--full-script``: the lesson's complete 5-epoch script (per-sample Dataset + DataLoader, eager
+3. Activation memory of a training step: bytes autograd keeps for backward beyond parameters and
+   input (exact, from saved-tensor hooks).
+4. One epoch over in-memory batches (60,000 samples) per variant.
+5. ``--full-script``: the lesson's complete 5-epoch script (per-sample Dataset + DataLoader, eager
    model, optim.Adam) against ``pyfastnn train`` on the same data: wall time and test accuracy.
 All times are medians of interleaved rounds; CPU, float32.
 """
@@ -24,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyfastnn import fuse
 from pyfastnn.benchmark import _time_interleaved
 from pyfastnn.data import MNIST_MEAN, MNIST_STD, find_mnist, load_mnist
 from pyfastnn.info import info
@@ -59,6 +63,8 @@ def bench_steps(batch_sizes, rounds, target_s, with_compile, log):
         }
         plain_fused_adam = _models()[1]
         variants["eager+fusedAdam"] = _train_step(plain_fused_adam, make_adam(plain_fused_adam.parameters(), 1e-3), x, y)
+        converted = fuse(_models()[1])
+        variants["fuse(eager)"] = _train_step(converted, make_adam(converted.parameters(), 1e-3), x, y)
         if with_compile:
             plain_c = _models()[1]
             variants["compile"] = _train_step(torch.compile(plain_c), torch.optim.Adam(plain_c.parameters(), lr=1e-3), x, y)
@@ -81,6 +87,31 @@ def bench_inference(batch_sizes, rounds, target_s, with_compile, log):
             times = _time_interleaved(variants, rounds, target_s)
         rows.append(_report(f"inference B={batch}", times, log))
     return rows
+
+
+def _saved_bytes(model, x):
+    """Bytes autograd keeps for backward in one forward, beyond parameters and the input."""
+    total = 0
+    free = {p.data_ptr() for p in model.parameters()} | {x.data_ptr()}
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in free:
+            free.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return total
+
+
+def bench_memory(log, batch=64):
+    fused, plain = _models()
+    x = torch.randn(batch, 784)
+    sizes = {"pyfastnn": _saved_bytes(fused, x), "eager": _saved_bytes(plain, x)}
+    return _report(f"saved for backward B={batch}", {k: float(v) for k, v in sizes.items()}, log, unit="KiB",
+                   scale=1 / 1024)
 
 
 def bench_epoch(log, batch=64, n=60000):
@@ -174,6 +205,7 @@ def main(argv=None) -> int:
           f"(Nx) = that variant's time / pyfastnn's")
     results = bench_steps((64, 256), 5 if args.quick else 9, 0.05, not args.quick, print)
     results += bench_inference((1, 64), 5 if args.quick else 9, 0.02, not args.quick, print)
+    results.append(bench_memory(print))
     if not args.quick:
         results.append(bench_epoch(print))
     if args.full_script:

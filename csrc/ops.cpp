@@ -160,7 +160,6 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
     to_save.insert(to_save.end(), preacts.begin(), preacts.end());
     to_save.insert(to_save.end(), keep_masks.begin(), keep_masks.end());
     ctx->save_for_backward(to_save);
-    for (const auto& mask : keep_masks) ctx->mark_non_differentiable({mask});
     return output;
   }
 

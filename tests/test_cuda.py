@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pyfastnn
-from samples import assert_close, reference, sample_inputs
+from samples import assert_close, mlp_sample_inputs, reference, reference_mlp, sample_inputs
 
 CUDA = torch.cuda.is_available() and pyfastnn.info()["backends"]["cuda"]
 pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and a CUDA build of pyfastnn")
@@ -90,3 +90,26 @@ def test_second_gpu():
     out = pyfastnn.fused_linear(x, w, None, "tanh")
     assert out.device == x.device
     assert_close(out, reference(x, w, None, "tanh"), torch.float32)
+
+
+@pytest.mark.parametrize("sample", list(mlp_sample_inputs(dtypes=DTYPES[:2] + DTYPES[3:], with_dropout=False)) if CUDA else [],
+                         ids=repr)
+def test_cuda_fused_mlp_matches_reference(sample):
+    tensors = [t.detach().cuda().requires_grad_() for t in sample.tensors()]
+    args = sample.op_args(training=True, tensors=tensors)
+    out = torch.ops.pyfastnn.fused_mlp(*args)
+    x, weights, biases = sample.rebuild(tensors)
+    expected = reference_mlp(x, weights, biases, sample.activations, sample.negative_slope)
+    assert_close(out, expected, sample.dtype)
+    grad = torch.randn_like(expected)
+    for got, want in zip(torch.autograd.grad(out, tensors, grad), torch.autograd.grad(expected, tensors, grad)):
+        assert_close(got, want, sample.dtype)
+
+
+def test_cuda_fused_dropout_is_not_implemented_yet():
+    mlp = pyfastnn.FusedMLP([16, 32, 4], dropout=0.2).cuda()
+    x = torch.randn(8, 16, device="cuda")
+    with pytest.raises(NotImplementedError, match="fused dropout"):
+        mlp(x)
+    mlp.eval()
+    assert mlp(x).shape == (8, 4)

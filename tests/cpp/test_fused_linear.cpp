@@ -10,6 +10,7 @@
 
 #include "cpu/vec_math.h"
 #include "fused_linear.h"
+#include "fused_mlp.h"
 
 namespace {
 
@@ -66,6 +67,53 @@ void test_against_reference(at::ScalarType dtype, double tol) {
   }
 }
 
+// The whole-MLP ops (with dropout) against the ATen reference run with the masks they drew.
+void test_mlp_against_reference(at::ScalarType dtype, double tol) {
+  const int64_t batches[] = {0, 1, 3, 64};
+  for (int64_t rows : batches) {
+    const auto opts = at::TensorOptions().dtype(dtype);
+    const std::vector<int64_t> widths{37, 45, 16, 3};
+    std::vector<at::Tensor> weights;
+    pyfastnn::BiasList biases;
+    for (size_t l = 0; l + 1 < widths.size(); ++l) {
+      weights.push_back(at::randn({widths[l + 1], widths[l]}, opts) * (1.0 / std::sqrt(double(widths[l]))));
+      biases.push_back(l == 1 ? std::nullopt : std::optional<at::Tensor>(at::randn({widths[l + 1]}, opts)));
+    }
+    const std::vector<int64_t> activations{5, 3, 0};  // gelu (keeps preact), sigmoid (output), identity
+    const std::vector<double> dropout{0.3, 0.5, 0.0};
+    at::Tensor x = at::randn({rows, widths[0]}, opts);
+    auto [out, hidden, preacts, masks] =
+        pyfastnn::fused_mlp_forward(x, weights, biases, activations, 0.01, dropout, /*training=*/true);
+    const std::string name = "mlp " + std::string(c10::toString(dtype)) + " rows=" + std::to_string(rows);
+
+    at::Tensor xr = x.to(at::kDouble).requires_grad_();
+    std::vector<at::Tensor> wr;
+    pyfastnn::BiasList br;
+    std::vector<at::Tensor> leaves{xr};
+    for (size_t l = 0; l < weights.size(); ++l) {
+      wr.push_back(weights[l].to(at::kDouble).requires_grad_());
+      leaves.push_back(wr.back());
+    }
+    for (size_t l = 0; l < weights.size(); ++l) {
+      const std::optional<at::Tensor> b = biases.get(l);
+      br.push_back(b.has_value() ? std::optional<at::Tensor>(b->to(at::kDouble).requires_grad_()) : std::nullopt);
+      if (b.has_value()) leaves.push_back(*br.get(l));
+    }
+    at::Tensor ref = pyfastnn::reference_fused_mlp(xr, wr, br, activations, 0.01, dropout, masks);
+    expect(close(out, ref.detach(), tol), "forward " + name);
+
+    at::Tensor grad = at::randn_like(out);
+    auto ref_grads = torch::autograd::grad({ref}, leaves, {grad.to(at::kDouble)});
+    c10::List<bool> mask;
+    for (int i = 0; i < 7; ++i) mask.push_back(true);
+    auto [gx, gws, gbs] = pyfastnn::fused_mlp_backward(grad, x, weights, out, hidden, preacts, masks, activations,
+                                                       0.01, dropout, mask);
+    expect(close(gx, ref_grads[0], tol), "grad_input " + name);
+    for (size_t l = 0; l < 3; ++l) expect(close(gws[l], ref_grads[1 + l], tol), "grad_weight " + name);
+    expect(close(gbs[0], ref_grads[4], tol) && close(gbs[2], ref_grads[5], tol), "grad_bias " + name);
+  }
+}
+
 // The functors must give the same numbers in scalar form (CUDA, tails) and SIMD form (CPU).
 void test_scalar_matches_vectorized() {
   using Vec = at::vec::Vectorized<float>;
@@ -107,6 +155,8 @@ int main() {
   test_against_reference(at::kFloat, 1e-4);
   test_against_reference(at::kDouble, 1e-10);
   test_against_reference(at::kBFloat16, 3e-2);
+  test_mlp_against_reference(at::kFloat, 1e-4);
+  test_mlp_against_reference(at::kDouble, 1e-10);
   test_scalar_matches_vectorized();
   test_bad_arguments_throw();
   if (failures != 0) {
