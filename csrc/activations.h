@@ -54,6 +54,13 @@ PYFASTNN_HOST_DEVICE bool derivative_from_output(Activation act, double negative
   }
 }
 
+// Whether act'(y) is 0 wherever the output y is exactly 0 (relu: y = 0 means x <= 0; sigmoid's
+// output is never 0 otherwise). After dropout, the saved output then already says where the gradient
+// vanishes, so backward can scale by 1 / (1 - p) without reading the mask.
+PYFASTNN_HOST_DEVICE bool derivative_vanishes_at_zero_output(Activation act) {
+  return act == Activation::Relu || act == Activation::Sigmoid;
+}
+
 // Scalar math policy (float or double), usable from host and device code.
 template <typename T>
 struct MathOps {

@@ -34,11 +34,13 @@ void launch(const BackwardEpilogue& args, int64_t rows, int64_t rows_per_block, 
 
 // Bias-gradient rows are summed in fixed blocks whose partial sums are then added in block order, so
 // the result depends only on the shape, never on thread count or scheduling (bitwise reproducible).
-// CPU: at most 64 blocks of at least 16 rows; CUDA: at most 256 blocks of at least 64 rows, enough
-// thread blocks to fill the GPU while the partial sums stay small.
-int64_t rows_per_block(int64_t rows, bool cuda_device) {
+// CPU: at most 64 blocks of at least 16 rows and ~16K elements (a pass too small to split between
+// threads is one block, with no second reduction); CUDA: at most 256 blocks of at least 64 rows,
+// enough thread blocks to fill the GPU while the partial sums stay small.
+int64_t rows_per_block(int64_t rows, int64_t cols, bool cuda_device) {
   if (cuda_device) return std::max<int64_t>(64, (rows + 255) / 256);
-  return std::max<int64_t>(16, (rows + 63) / 64);
+  const int64_t by_size = (16384 + cols - 1) / std::max<int64_t>(cols, 1);
+  return std::max({int64_t{16}, by_size, (rows + 63) / 64});
 }
 
 // The small-batch CPU kernels take float/double row-major operands with 1..kSmallGemmRows rows;
@@ -140,7 +142,7 @@ LayerGrads layer_backward(const at::Tensor& grad_out, const at::Tensor& x, const
   LayerGrads grads;
   if (need_bias || needs_pass) {
     const bool cuda_device = on_cuda(x);
-    const int64_t block_rows = rows_per_block(rows, cuda_device);
+    const int64_t block_rows = rows_per_block(rows, out_features, cuda_device);
     const int64_t blocks = (rows + block_rows - 1) / block_rows;
     at::Tensor partial_sums;
     if (need_bias) {

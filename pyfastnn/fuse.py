@@ -106,7 +106,8 @@ def _describe(module: nn.Module) -> str:
 def _fused_module(layers: List[Layer], as_mlp: bool = False) -> nn.Module:
     fused = [FusedLinear.from_linear(linear, activation, negative_slope=slope, dropout=p)
              for linear, activation, slope, p in layers]
-    return fused[0] if len(fused) == 1 and not as_mlp else FusedMLP.from_layers(fused)
+    module = fused[0] if len(fused) == 1 and not as_mlp else FusedMLP.from_layers(fused)
+    return module.train(layers[0][0].training)  # a model fused in eval() stays in eval()
 
 
 def _worth_fusing(layers: List[Layer]) -> bool:
@@ -201,6 +202,7 @@ def _fuse_traced(module: nn.Module, path: str, report: List[FusedRun]) -> nn.Mod
                 described.append(_describe(gm.get_submodule(after.target)))
         linear = gm.get_submodule(node.target)
         fused = FusedLinear.from_linear(linear, activation[0], negative_slope=activation[1], dropout=p)
+        fused.train(linear.training)
         # The fused layer takes the Linear's name, so its parameters keep their state-dict keys.
         owner_name, _, attr = node.target.rpartition(".")
         setattr(gm.get_submodule(owner_name) if owner_name else gm, attr, fused)

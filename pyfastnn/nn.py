@@ -142,7 +142,8 @@ class FusedMLP(nn.Module):
     ``nn.Linear``), registered under the indices the equivalent ``nn.Sequential`` gives its
     ``nn.Linear`` modules, so the state dicts of the two are interchangeable as they are
     (:meth:`to_sequential`, :meth:`from_sequential`). The layers are run by the fused op, not called
-    one by one: hooks on them do not fire.
+    one by one: hooks on them do not fire, and their activation and dropout are read once, when the
+    FusedMLP is built (their parameters are read on every call).
 
     Args:
         sizes: ``[in_features, hidden_1, ..., out_features]`` (at least two entries).

@@ -191,6 +191,15 @@ def test_fuse_leaves_unfusable_modules_alone():
     assert runs == [] and type(fused[0]) is Untraceable and type(fused[1]) is nn.Linear
 
 
+def test_fuse_keeps_eval_mode():
+    torch.manual_seed(0)
+    model = ModernNetwork().eval()
+    fused = pyfastnn.fuse(model)
+    assert not any(m.training for m in fused.modules())
+    x = torch.randn(4, 784)
+    torch.testing.assert_close(fused(x), model(x))
+
+
 def test_fuse_inplace_shares_parameters():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     weight = model[0].weight

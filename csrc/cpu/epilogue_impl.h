@@ -118,6 +118,8 @@ void backward_rows(const BackwardEpilogue& a, int64_t row_begin, int64_t row_end
   // A saved output went through dropout: undo its 1/(1-p) to get the activation's own output back.
   const bool rescale_saved = keep != nullptr && derivative_from_output(a.activation, a.negative_slope);
   const Vec saved_scale(static_cast<Math>(1.0 - a.dropout_p));
+  // relu, sigmoid: a dropped element's saved output is 0, where the derivative is 0 already.
+  const bool mask_implied = rescale_saved && derivative_vanishes_at_zero_output(a.activation);
   for_each_step<IO>(row_begin, row_end, a.cols, [&](int64_t offset, int64_t j, int64_t n) {
     auto g = IO::load(grad_out + offset, n);
     if constexpr (!kIdentity) {
@@ -127,7 +129,9 @@ void backward_rows(const BackwardEpilogue& a, int64_t row_begin, int64_t row_end
         g[k] = g[k] * F::derivative(s[k], slope);
       }
     }
-    if (keep != nullptr) {
+    if (mask_implied) {
+      for (int k = 0; k < IO::kParts; ++k) g[k] = g[k] * Vec(kept_scale);
+    } else if (keep != nullptr) {
       Math multiplier[IO::kStep] = {};
       for (int64_t e = 0; e < n; ++e) multiplier[e] = keep[offset + e] != 0 ? kept_scale : Math(0);
       for (int k = 0; k < IO::kParts; ++k) g[k] = g[k] * Vec::loadu(multiplier + k * Vec::size());
