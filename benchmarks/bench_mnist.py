@@ -5,11 +5,12 @@
 1. Training step (zero_grad + forward + loss + backward + Adam step) at batch 64 and 256:
    pyfastnn's MNISTClassifier (one FusedMLP) with fused Adam, vs the lesson's eager model with the
    lesson's ``optim.Adam``, vs eager with torch's fused Adam, vs ``pyfastnn.fuse`` of the eager
-   model with fused Adam, vs ``torch.compile`` of the eager model.
+   model with fused Adam, vs ``torch.compile`` of the eager model; and the floor no implementation
+   can go below: the step's eight GEMMs plus torch's fused Adam kernel.
 2. Inference latency at batch 1 and 64 (eval mode, no grad).
 3. Activation memory of a training step: bytes autograd keeps for backward beyond parameters and
    input (exact, from saved-tensor hooks).
-4. One epoch over in-memory batches (60,000 samples) per variant.
+4. One epoch over in-memory batches (60,000 samples) per variant, alternating, median of 3.
 5. ``--full-script``: the lesson's complete 5-epoch script (per-sample Dataset + DataLoader, eager
    model, optim.Adam) against ``pyfastnn train`` on the same data: wall time and test accuracy.
 All times are medians of interleaved rounds; CPU, float32.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -52,6 +54,28 @@ def _train_step(model, optimizer, x, y):
     return step
 
 
+def _floor_step(batch):
+    """The arithmetic no implementation of the step can skip: its eight GEMMs (3 forward; weight
+    gradients of all 3 layers and input gradients of the top 2) and torch's fused Adam kernel."""
+    sizes = (784, 256, 128, 10)
+    x = torch.randn(batch, 784)
+    weights = [torch.randn(n, k) for k, n in zip(sizes[:-1], sizes[1:])]
+    acts = [x] + [torch.randn(batch, n) for n in sizes[1:]]
+    params = [torch.nn.Parameter(w.clone()) for w in weights] + [torch.nn.Parameter(torch.zeros(n)) for n in sizes[1:]]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = make_adam(params, 1e-3)
+
+    def step():
+        for layer, w in enumerate(weights):
+            torch.mm(acts[layer], w.t())
+            torch.mm(acts[layer + 1].t(), acts[layer])
+            if layer > 0:
+                torch.mm(acts[layer + 1], w)
+        optimizer.step()
+    return step
+
+
 def bench_steps(batch_sizes, rounds, target_s, with_compile, log):
     rows = []
     for batch in batch_sizes:
@@ -65,6 +89,7 @@ def bench_steps(batch_sizes, rounds, target_s, with_compile, log):
         variants["eager+fusedAdam"] = _train_step(plain_fused_adam, make_adam(plain_fused_adam.parameters(), 1e-3), x, y)
         converted = fuse(_models()[1])
         variants["fuse(eager)"] = _train_step(converted, make_adam(converted.parameters(), 1e-3), x, y)
+        variants["GEMM+Adam floor"] = _floor_step(batch)
         if with_compile:
             plain_c = _models()[1]
             variants["compile"] = _train_step(torch.compile(plain_c), torch.optim.Adam(plain_c.parameters(), lr=1e-3), x, y)
@@ -114,18 +139,21 @@ def bench_memory(log, batch=64):
                    scale=1 / 1024)
 
 
-def bench_epoch(log, batch=64, n=60000):
-    """One pass over n in-memory samples per variant (no data pipeline)."""
+def bench_epoch(log, batch=64, n=60000, rounds=3):
+    """One pass over n in-memory samples per variant (no data pipeline); the variants alternate,
+    `rounds` epochs each, and each reports its median epoch."""
     x, y = torch.randn(n, 784), torch.randint(0, 10, (n,))
     fused, plain = _models()
     steps = {"pyfastnn": (fused, make_adam(fused.parameters(), 1e-3)),
              "eager": (plain, torch.optim.Adam(plain.parameters(), lr=1e-3))}
-    times = {}
-    for name, (model, optimizer) in steps.items():
-        start = time.perf_counter()
-        for i in range(0, n, batch):
-            _train_step(model, optimizer, x[i:i + batch], y[i:i + batch])()
-        times[name] = time.perf_counter() - start
+    samples = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, (model, optimizer) in steps.items():
+            start = time.perf_counter()
+            for i in range(0, n, batch):
+                _train_step(model, optimizer, x[i:i + batch], y[i:i + batch])()
+            samples[name].append(time.perf_counter() - start)
+    times = {name: statistics.median(values) for name, values in samples.items()}
     return _report("epoch B=64 (60k samples)", times, log, unit="s", scale=1.0)
 
 

@@ -40,6 +40,40 @@ def chain_rule_example(x: float = 2.0, w: float = 3.0, b: float = 1.0, target: f
             "w_new": w - lr * by_hand}
 
 
+def _fuse_demo() -> float:
+    """Fuses the plain-PyTorch MNIST network and times one training step of each, side by side."""
+    import torch.nn.functional as F
+
+    from .benchmark import _time_interleaved
+    from .fuse import fuse
+    from .train import make_adam
+
+    torch.manual_seed(0)
+    plain = models.MNISTClassifier().to_torch()
+    runs: list = []
+    fused = fuse(plain, report=runs)
+    for run_ in runs:
+        print("fused", run_)
+    x, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
+    fused.eval(), plain.eval()
+    print("eval outputs equal:", torch.allclose(fused(x), plain(x), atol=1e-5))
+    fused.train(), plain.train()
+
+    def step(model, optimizer):
+        def run_step():
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        return run_step
+
+    times = _time_interleaved({"fused": step(fused, make_adam(fused.parameters(), 1e-3)),
+                               "eager": step(plain, torch.optim.Adam(plain.parameters(), lr=1e-3))}, 5, 0.05)
+    speedup = times["eager"] / times["fused"]
+    print(f"train step: fused {times['fused'] * 1e6:.0f} us, eager (optim.Adam) {times['eager'] * 1e6:.0f} us "
+          f"-> {speedup:.2f}x")
+    return speedup
+
+
 def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bool = True) -> dict:
     from .plots import plot_activations, plot_loss
 
@@ -102,6 +136,9 @@ def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bo
 
         run_bench(shapes=((64, 784, 256), (1, 784, 256)), activations=("relu", "gelu"),
                   threads=(torch.get_num_threads(),), with_compile=False, rounds=5, target_s=0.01)
+
+        _section("Whole-network fusion: pyfastnn.fuse on the lesson's MNIST network (train step, batch 64)")
+        summary["fuse_step_speedup"] = _fuse_demo()
 
     root = find_mnist(data)
     if root is None:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import List, Optional, Sequence
 
 import numpy as np

@@ -3,7 +3,6 @@ gradcheck, opcheck, compile, autocast, fused dropout (masks, statistics, reprodu
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import pyfastnn
