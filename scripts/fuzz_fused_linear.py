@@ -1,7 +1,9 @@
 """Runs N random fused_linear cases (shapes with 0/1/primes/large K, N-D and strided inputs, every
 activation x dtype, bias or not, every requires_grad mix) against PyTorch; prints the mismatches.
+With --mlp: random fused_mlp stacks (1-4 layers, per-layer activations, biases and dropout, training
+or not) against the float64 layer-by-layer reference with the same masks.
 
-    python scripts/fuzz_fused_linear.py [--cases 10000] [--seed 0]
+    python scripts/fuzz_fused_linear.py [--cases 10000] [--seed 0] [--mlp]
 """
 
 import argparse
@@ -11,16 +13,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fuzzing import run  # noqa: E402
+from fuzzing import run, run_mlp  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mlp", action="store_true", help="fuzz fused_mlp instead of fused_linear")
     args = parser.parse_args()
     start = time.perf_counter()
-    mismatches = run(args.cases, args.seed)
+    mismatches = (run_mlp if args.mlp else run)(args.cases, args.seed)
     for line in mismatches:
         print("MISMATCH", line)
     print(f"{args.cases} cases, {len(mismatches)} mismatches, seed {args.seed}, {time.perf_counter() - start:.0f} s")

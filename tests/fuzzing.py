@@ -99,3 +99,81 @@ def check(case: Case) -> Optional[str]:
 def run(cases: int, seed: int = 0) -> List[str]:
     rng = random.Random(seed)
     return [m for m in (check(random_case(rng)) for _ in range(cases)) if m is not None]
+
+
+@dataclasses.dataclass
+class MLPCase:
+    batch: Tuple[int, ...]
+    widths: Tuple[int, ...]
+    dtype: torch.dtype
+    activations: Tuple[str, ...]  # per layer, the last is the output activation
+    negative_slope: float
+    biases: Tuple[bool, ...]
+    dropout: Tuple[float, ...]    # per layer; used when training
+    training: bool
+    input_requires_grad: bool
+    seed: int
+
+    def describe(self) -> str:
+        return (f"batch={self.batch} widths={self.widths} {self.dtype} {self.activations}({self.negative_slope}) "
+                f"biases={self.biases} dropout={self.dropout} training={self.training} "
+                f"input_grad={self.input_requires_grad} seed={self.seed}")
+
+
+def random_mlp_case(rng: random.Random) -> MLPCase:
+    layers = rng.choice((1, 2, 3, 4))
+    widths = tuple(rng.choice(SIZES[1:]) for _ in range(layers + 1))
+    return MLPCase(
+        batch=tuple(rng.choice(SIZES[:9]) for _ in range(rng.choice((1, 1, 2)))), widths=widths,
+        dtype=rng.choice(DTYPES), activations=tuple(rng.choice(pyfastnn.ACTIVATIONS) for _ in range(layers)),
+        negative_slope=rng.choice((0.01, 0.0, -0.5)), biases=tuple(rng.random() < 0.7 for _ in range(layers)),
+        dropout=tuple(rng.choice((0.0, 0.1, 0.5, 0.9)) for _ in range(layers)), training=rng.random() < 0.7,
+        input_requires_grad=rng.random() < 0.5, seed=rng.randrange(2**31))
+
+
+def check_mlp(case: MLPCase) -> Optional[str]:
+    """None if fused_mlp (with the masks it drew) matches the float64 layer-by-layer reference in value
+    and every gradient, else what differs."""
+    from samples import reference_mlp
+
+    g = torch.Generator().manual_seed(case.seed)
+    x = _tensor((*case.batch, case.widths[0]), case.dtype, g, None)
+    weights = [_tensor((n, k), case.dtype, g, None) * k ** -0.5 for k, n in zip(case.widths[:-1], case.widths[1:])]
+    biases = [_tensor((n,), case.dtype, g, None) if has else None for n, has in zip(case.widths[1:], case.biases)]
+    leaves = [x, *weights, *[b for b in biases if b is not None]]
+    flags = [case.input_requires_grad] + [True] * (len(leaves) - 1)
+    ours = [t.detach().clone().requires_grad_(r) for t, r in zip(leaves, flags)]
+    refs = [t.detach().to(torch.float64).requires_grad_(r) for t, r in zip(leaves, flags)]
+
+    def split(ts):
+        rest = iter(ts[1 + len(weights):])
+        return ts[0], list(ts[1:1 + len(weights)]), [next(rest) if b is not None else None for b in biases]
+
+    codes = [pyfastnn.ACTIVATIONS.index(a) for a in case.activations]
+    args = (codes, case.negative_slope, list(case.dropout), case.training)
+    try:
+        torch.manual_seed(case.seed)
+        out = torch.ops.pyfastnn.fused_mlp(*split(ours), *args)
+        torch.manual_seed(case.seed)  # the same draws again, for the masks
+        with torch.no_grad():
+            masks = torch.ops.pyfastnn.fused_mlp_forward(*split([t.detach() for t in ours]), *args)[3]
+        expected = reference_mlp(*split(refs), case.activations, case.negative_slope, masks, case.dropout)
+        assert_close(out, expected, case.dtype)
+        needs = [t for t in ours if t.requires_grad]
+        if out.numel():
+            grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(case.seed + 1),
+                                   dtype=torch.float64).to(case.dtype)
+            grads = torch.autograd.grad(out, needs, grad_out)
+            expected_grads = torch.autograd.grad(expected, [t for t in refs if t.requires_grad],
+                                                 grad_out.to(torch.float64))
+            for got, want in zip(grads, expected_grads):
+                assert got.shape == want.shape, f"gradient shape {tuple(got.shape)} != {tuple(want.shape)}"
+                assert_close(got, want, case.dtype)
+    except AssertionError as e:
+        return f"{case.describe()}: {str(e).splitlines()[0] if str(e) else 'mismatch'}"
+    return None
+
+
+def run_mlp(cases: int, seed: int = 0) -> List[str]:
+    rng = random.Random(seed)
+    return [m for m in (check_mlp(random_mlp_case(rng)) for _ in range(cases)) if m is not None]
