@@ -14,32 +14,43 @@ bool is_supported_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf;
 }
 
-// One Linear layer's parameters against the tensor that flows into it. `in_features_from` says
-// where the expected width comes from, for the message ("input" or "weights[l-1]").
+// Names for messages, built only when a check fails: "weight" for fused_linear (layer < 0),
+// "weights[l]" for layer l of fused_mlp.
+std::string parameter_name(const char* single, const char* list, int64_t layer) {
+  return layer < 0 ? std::string(single) : std::string(list) + "[" + std::to_string(layer) + "]";
+}
+std::string source_name(int64_t layer) {
+  return layer <= 0 ? std::string("input (last dimension)") : "layer " + std::to_string(layer - 1) + "'s output";
+}
+
+// One Linear layer's parameters against the tensor that flows into it (`in_features` wide).
 void check_layer(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                 int64_t activation, const c10::SymInt& in_features, const std::string& weight_name,
-                 const std::string& bias_name, const std::string& in_features_from) {
+                 int64_t activation, const c10::SymInt& in_features, int64_t layer) {
   TORCH_CHECK_VALUE(is_valid_activation(activation), "pyfastnn: unknown activation code ",
                     activation, " (valid: 0..", kNumActivations - 1, ")");
-  TORCH_CHECK_TYPE(weight.defined(), "pyfastnn: ", weight_name, " must be a tensor, not None");
-  TORCH_CHECK_TYPE(weight.scalar_type() == input.scalar_type(), "pyfastnn: ", weight_name, " dtype ",
-                   weight.scalar_type(), " does not match input dtype ", input.scalar_type());
-  TORCH_CHECK_TYPE(weight.device() == input.device(), "pyfastnn: ", weight_name, " is on ", weight.device(),
-                   " but input is on ", input.device());
-  TORCH_CHECK_VALUE(weight.dim() == 2, "pyfastnn: ", weight_name,
+  TORCH_CHECK_TYPE(weight.defined(), "pyfastnn: ", parameter_name("weight", "weights", layer),
+                   " must be a tensor, not None");
+  TORCH_CHECK_TYPE(weight.scalar_type() == input.scalar_type(), "pyfastnn: ",
+                   parameter_name("weight", "weights", layer), " dtype ", weight.scalar_type(),
+                   " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK_TYPE(weight.device() == input.device(), "pyfastnn: ", parameter_name("weight", "weights", layer),
+                   " is on ", weight.device(), " but input is on ", input.device());
+  TORCH_CHECK_VALUE(weight.dim() == 2, "pyfastnn: ", parameter_name("weight", "weights", layer),
                     " must be 2-D (out_features, in_features), got ", weight.dim(), "-D with shape ",
                     weight.sizes());
-  TORCH_CHECK_VALUE(in_features == weight.sym_size(1), "pyfastnn: ", in_features_from, " has in_features=",
-                    in_features, " but ", weight_name, " expects in_features=", weight.sym_size(1), " (",
-                    weight_name, " shape ", weight.sym_sizes(), ")");
+  TORCH_CHECK_VALUE(in_features == weight.sym_size(1), "pyfastnn: ", source_name(layer), " has in_features=",
+                    in_features, " but ", parameter_name("weight", "weights", layer), " expects in_features=",
+                    weight.sym_size(1), " (", parameter_name("weight", "weights", layer), " shape ",
+                    weight.sym_sizes(), ")");
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK_TYPE(bias->scalar_type() == input.scalar_type(), "pyfastnn: ", bias_name, " dtype ",
-                     bias->scalar_type(), " does not match input dtype ", input.scalar_type());
-    TORCH_CHECK_TYPE(bias->device() == input.device(), "pyfastnn: ", bias_name, " is on ", bias->device(),
-                     " but input is on ", input.device());
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->sym_size(0) == weight.sym_size(0), "pyfastnn: ", bias_name,
-                      " must have shape (out_features,) = (", weight.sym_size(0), ",), got ",
-                      bias->sym_sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == input.scalar_type(), "pyfastnn: ",
+                     parameter_name("bias", "biases", layer), " dtype ", bias->scalar_type(),
+                     " does not match input dtype ", input.scalar_type());
+    TORCH_CHECK_TYPE(bias->device() == input.device(), "pyfastnn: ", parameter_name("bias", "biases", layer),
+                     " is on ", bias->device(), " but input is on ", input.device());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->sym_size(0) == weight.sym_size(0), "pyfastnn: ",
+                      parameter_name("bias", "biases", layer), " must have shape (out_features,) = (",
+                      weight.sym_size(0), ",), got ", bias->sym_sizes());
   }
 }
 
@@ -58,7 +69,7 @@ void check_fused_linear_args(const at::Tensor& input, const at::Tensor& weight,
   TORCH_CHECK_VALUE(is_valid_activation(activation), "pyfastnn: unknown activation code ",
                     activation, " (valid: 0..", kNumActivations - 1, ")");
   check_input(input);
-  check_layer(input, weight, bias, activation, input.sym_size(-1), "weight", "bias", "input (last dimension)");
+  check_layer(input, weight, bias, activation, input.sym_size(-1), /*layer=*/-1);
 }
 
 void check_fused_mlp_args(const at::Tensor& input, at::TensorList weights,
@@ -74,12 +85,10 @@ void check_fused_mlp_args(const at::Tensor& input, at::TensorList weights,
                     layers, " layers");
   check_input(input);
   for (size_t l = 0; l < layers; ++l) {
-    const std::string index = "[" + std::to_string(l) + "]";
     TORCH_CHECK_VALUE(dropout[l] >= 0.0 && dropout[l] < 1.0, "pyfastnn: dropout probability must be in [0, 1), got ",
                       dropout[l], " for layer ", l);
     check_layer(input, weights[l], biases.get(l), activations[l],
-                l == 0 ? input.sym_size(-1) : weights[l - 1].sym_size(0), "weights" + index, "biases" + index,
-                l == 0 ? std::string("input (last dimension)") : "layer " + std::to_string(l - 1) + "'s output");
+                l == 0 ? input.sym_size(-1) : weights[l - 1].sym_size(0), static_cast<int64_t>(l));
   }
 }
 

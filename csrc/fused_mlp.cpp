@@ -55,8 +55,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
     at::Tensor y = last ? at::empty(output_shape(input, out_features), options) : at::empty({rows, out_features}, options);
     at::Tensor y_matrix = last ? detail::as_matrix(y) : y;
     const bool keep_preact = save && !derivative_from_output(act, negative_slope);
-    // Placeholders are separate empty tensors: outputs of an op must not alias each other.
-    at::Tensor preact = at::empty(keep_preact ? std::vector<int64_t>{rows, out_features} : std::vector<int64_t>{0}, options);
+    at::Tensor preact;
+    if (save) {  // placeholders are separate empty tensors: outputs of an op must not alias each other
+      preact = at::empty(keep_preact ? std::vector<int64_t>{rows, out_features} : std::vector<int64_t>{0}, options);
+    }
     detail::LayerDropout layer_dropout;
     if (dropout_runs(dropout[l], training)) {
       layer_dropout.p = dropout[l];
