@@ -254,8 +254,14 @@ class FusedMLP(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # The layers' own parameter dicts: assigning a new Parameter to a layer is still seen.
         parameters = self._parameter_dicts
-        return _fused_mlp(input, [p["weight"] for p in parameters], [p["bias"] for p in parameters],
-                          self._activation_codes, self.negative_slope, self._dropout, self.training)
+        try:
+            weights = [p["weight"] for p in parameters]
+            biases = [p["bias"] for p in parameters]
+        except KeyError:  # a parametrized layer (e.g. weight_norm) computes its weight on access
+            weights = [layer.weight for layer in self]
+            biases = [layer.bias for layer in self]
+        return _fused_mlp(input, weights, biases, self._activation_codes, self.negative_slope, self._dropout,
+                          self.training)
 
 
 def activation_module(activation: Optional[str], negative_slope: float = 0.01) -> nn.Module:

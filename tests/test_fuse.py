@@ -92,6 +92,17 @@ def test_fused_mlp_repr_len_and_indexing():
     assert mlp[-1].activation == "identity"
 
 
+def test_fused_mlp_with_a_parametrized_layer():
+    torch.manual_seed(0)
+    mlp = FusedMLP([6, 5, 3])
+    plain = mlp.to_sequential()
+    torch.nn.utils.parametrizations.weight_norm(mlp[0])
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(mlp(x), plain(x))
+    mlp(x).sum().backward()
+    assert mlp[0].parametrizations.weight.original0.grad is not None
+
+
 @pytest.mark.parametrize("bad", [dict(sizes=[5]), dict(sizes=[4, -1]), dict(sizes=[4, 3], activation="swish")])
 def test_fused_mlp_bad_arguments(bad):
     args = dict(sizes=[4, 3])
