@@ -40,3 +40,14 @@ def test_cli_bench_quick_writes_json(tmp_path):
     data = json.loads(out.read_text())
     assert {r["pass"] for r in data["results"]} == {"fwd", "fwd+bwd"}
     assert all(r["fused_us"] > 0 and r["eager_us"] > 0 for r in data["results"])
+
+
+def test_cli_demo_runs_the_whole_lesson(tmp_path, mnist_dir):
+    """The README's main job (scripts/demo.sh) minus its setup: every section, pictures, fusion."""
+    result = _run("demo", "--data", str(mnist_dir), "--out", str(tmp_path), "--mnist-steps", "20")
+    assert result.returncode == 0, result.stderr
+    for section in ("Perceptron", "XOR from scratch", "SimpleNN on XOR", "Quick benchmark",
+                    "Whole-network fusion", "=> FusedMLP", "eval outputs equal: True", "test accuracy after 20 steps"):
+        assert section in result.stdout, section
+    for picture in ("activations.png", "xor_scratch_loss.png", "mnist/curves.png", "mnist/predictions.png"):
+        assert (tmp_path / picture).stat().st_size > 0, picture
