@@ -8,16 +8,10 @@
 namespace pyfastnn {
 namespace {
 
-std::vector<int64_t> output_shape(const at::Tensor& input, int64_t out_features) {
-  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
-  shape.back() = out_features;
-  return shape;
-}
-
 // Allocates in the caller's final shape (*, out_features) and works on a 2-D view, so a 2-D input
 // costs no view ops at all: at small batch each dispatcher call is a visible share of the time.
 at::Tensor empty_output(const at::Tensor& input, int64_t out_features) {
-  return at::empty(output_shape(input, out_features), input.options());
+  return at::empty(detail::output_shape(input, out_features), input.options());
 }
 
 }  // namespace
@@ -54,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward(
   check_fused_linear_args(input, weight, std::nullopt, activation);
   const c10::OptionalDeviceGuard device_guard(input.device());
   const auto act = static_cast<Activation>(activation);
-  const auto shape = output_shape(input, weight.size(0));
+  const auto shape = detail::output_shape(input, weight.size(0));
   check_saved_tensor("grad_output", grad_output, input, shape);
   const bool needs_saved = act != Activation::Identity;
   if (needs_saved) check_saved_tensor("saved activation", saved, input, shape);

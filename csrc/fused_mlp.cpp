@@ -24,12 +24,6 @@ uint64_t draw_dropout_seed() {
   return generator->random64();
 }
 
-std::vector<int64_t> output_shape(const at::Tensor& input, int64_t out_features) {
-  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
-  shape.back() = out_features;
-  return shape;
-}
-
 // `save`: keep what backward needs (hidden outputs, pre-activations, masks); else only the output.
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> run_forward(
     const at::Tensor& input, at::TensorList weights, const BiasList& biases, at::IntArrayRef activations,
@@ -52,7 +46,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
     const auto act = static_cast<Activation>(activations[l]);
     const int64_t out_features = weights[l].size(0);
     // The last layer allocates in the caller's shape (*, out); hidden layers stay 2-D.
-    at::Tensor y = last ? at::empty(output_shape(input, out_features), options) : at::empty({rows, out_features}, options);
+    at::Tensor y = last ? at::empty(detail::output_shape(input, out_features), options) : at::empty({rows, out_features}, options);
     at::Tensor y_matrix = last ? detail::as_matrix(y) : y;
     const bool keep_preact = save && !derivative_from_output(act, negative_slope);
     at::Tensor preact;
@@ -107,7 +101,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
   TORCH_CHECK_VALUE(output_mask.size() == 1 + 2 * layers, "pyfastnn: output_mask needs ", 1 + 2 * layers,
                     " entries (input, weights, biases), got ", output_mask.size());
   const c10::OptionalDeviceGuard device_guard(input.device());
-  const auto out_shape = output_shape(input, weights[layers - 1].size(0));
+  const auto out_shape = detail::output_shape(input, weights[layers - 1].size(0));
   check_saved_tensor("grad_output", grad_output, input, out_shape);
 
   // Gradients not asked for are separate empty tensors (outputs of an op must not alias each other).

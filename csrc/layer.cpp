@@ -94,6 +94,12 @@ at::Tensor as_matrix(const at::Tensor& t) {
   return t.reshape({rows, sizes.back()});
 }
 
+std::vector<int64_t> output_shape(const at::Tensor& input, int64_t out_features) {
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() = out_features;
+  return shape;
+}
+
 void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    Activation activation, double negative_slope, const at::Tensor& out,
                    const at::Tensor* preact, const LayerDropout& dropout) {

@@ -7,6 +7,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "activations.h"
 #include "dropout.h"
@@ -15,6 +16,9 @@ namespace pyfastnn::detail {
 
 // (*, features) -> (rows, features), a view where possible.
 at::Tensor as_matrix(const at::Tensor& t);
+
+// The shape of a layer's output for `input` (*, in_features): (*, out_features).
+std::vector<int64_t> output_shape(const at::Tensor& input, int64_t out_features);
 
 // Dropout after a layer's activation: p, the keep mask to write (forward) or read (backward).
 struct LayerDropout {

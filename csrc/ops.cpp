@@ -13,25 +13,25 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// The typed handle of one of our ops, for calling it through the dispatcher (each caller keeps its
+// own in a function-local static, so the lookup happens once).
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
 const auto& forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("pyfastnn::fused_linear_forward", "")
-                             .typed<decltype(fused_linear_forward)>();
+  static const auto op = find_op<decltype(fused_linear_forward)>("pyfastnn::fused_linear_forward");
   return op;
 }
 
 const auto& backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("pyfastnn::fused_linear_backward", "")
-                             .typed<decltype(fused_linear_backward)>();
+  static const auto op = find_op<decltype(fused_linear_backward)>("pyfastnn::fused_linear_backward");
   return op;
 }
 
 const auto& fused_linear_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("pyfastnn::fused_linear", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                               const std::optional<at::Tensor>&, int64_t, double)>();
+  static const auto op = find_op<decltype(fused_linear_inference)>("pyfastnn::fused_linear");
   return op;
 }
 
@@ -110,23 +110,17 @@ at::Tensor fused_linear_autograd(const at::Tensor& input, const at::Tensor& weig
 }
 
 const auto& mlp_forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("pyfastnn::fused_mlp_forward", "")
-                             .typed<decltype(fused_mlp_forward)>();
+  static const auto op = find_op<decltype(fused_mlp_forward)>("pyfastnn::fused_mlp_forward");
   return op;
 }
 
 const auto& mlp_backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("pyfastnn::fused_mlp_backward", "")
-                             .typed<decltype(fused_mlp_backward)>();
+  static const auto op = find_op<decltype(fused_mlp_backward)>("pyfastnn::fused_mlp_backward");
   return op;
 }
 
 const auto& fused_mlp_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("pyfastnn::fused_mlp", "")
-                             .typed<decltype(fused_mlp_inference)>();
+  static const auto op = find_op<decltype(fused_mlp_inference)>("pyfastnn::fused_mlp");
   return op;
 }
 
@@ -144,11 +138,8 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
       std::tie(output, hidden, preacts, keep_masks) =
           mlp_forward_op().call(input, weights, biases, activations, negative_slope, dropout, training);
     }
-    const int64_t layers = static_cast<int64_t>(weights.size());
     c10::List<bool> has_bias;
     for (size_t l = 0; l < biases.size(); ++l) has_bias.push_back(has_tensor(biases.get(l)));
-    ctx->saved_data["layers"] = layers;
-    ctx->saved_data["biases"] = static_cast<int64_t>(present_biases.size());
     ctx->saved_data["has_bias"] = has_bias;
     ctx->saved_data["activations"] = activations.vec();
     ctx->saved_data["negative_slope"] = negative_slope;
@@ -165,10 +156,11 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    const int64_t layers = ctx->saved_data["layers"].toInt();
-    const int64_t bias_count = ctx->saved_data["biases"].toInt();
     const auto has_bias = ctx->saved_data["has_bias"].toBoolList();
     const auto activations = ctx->saved_data["activations"].toIntVector();
+    const int64_t layers = static_cast<int64_t>(activations.size());
+    int64_t bias_count = 0;
+    for (int64_t l = 0; l < layers; ++l) bias_count += has_bias.get(l);
     const double negative_slope = ctx->saved_data["negative_slope"].toDouble();
     const auto dropout = ctx->saved_data["dropout"].toDoubleVector();
     // Saved layout: input, output, weights[L], present biases[P], hidden[L-1], preacts[L], masks[L].
@@ -238,16 +230,16 @@ at::Tensor fused_mlp_autograd(const at::Tensor& input, at::TensorList weights, c
                               at::IntArrayRef activations, double negative_slope, at::ArrayRef<double> dropout,
                               bool training) {
   std::vector<at::Tensor> present_biases;
-  bool needs_graph = at::GradMode::is_enabled() && input.requires_grad();
-  for (const auto& w : weights) needs_graph = needs_graph || (at::GradMode::is_enabled() && w.requires_grad());
+  bool any_requires_grad = input.requires_grad();
+  for (const auto& w : weights) any_requires_grad = any_requires_grad || w.requires_grad();
   for (size_t l = 0; l < biases.size(); ++l) {
     const std::optional<at::Tensor> b = biases.get(l);
     if (has_tensor(b)) {
       present_biases.push_back(*b);
-      needs_graph = needs_graph || (at::GradMode::is_enabled() && b->requires_grad());
+      any_requires_grad = any_requires_grad || b->requires_grad();
     }
   }
-  if (!needs_graph) {
+  if (!(at::GradMode::is_enabled() && any_requires_grad)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return fused_mlp_op().call(input, weights, biases, activations, negative_slope, dropout, training);
   }
