@@ -26,11 +26,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pyfastnn import fuse
-from pyfastnn.benchmark import _time_interleaved
+from pyfastnn.benchmark import _time_interleaved, saved_for_backward_bytes, train_step
 from pyfastnn.data import MNIST_MEAN, MNIST_STD, find_mnist, load_mnist
 from pyfastnn.info import info
 from pyfastnn.models import MNISTClassifier
@@ -43,15 +42,6 @@ def _models():
     torch.manual_seed(0)
     fused = MNISTClassifier()
     return fused, fused.to_torch()
-
-
-def _train_step(model, optimizer, x, y):
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-    return step
 
 
 def _floor_step(batch):
@@ -82,17 +72,17 @@ def bench_steps(batch_sizes, rounds, target_s, with_compile, log):
         x, y = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
         fused, plain = _models()
         variants = {
-            "pyfastnn": _train_step(fused, make_adam(fused.parameters(), 1e-3), x, y),
-            "eager": _train_step(plain, torch.optim.Adam(plain.parameters(), lr=1e-3), x, y),
+            "pyfastnn": train_step(fused, make_adam(fused.parameters(), 1e-3), x, y),
+            "eager": train_step(plain, torch.optim.Adam(plain.parameters(), lr=1e-3), x, y),
         }
         plain_fused_adam = _models()[1]
-        variants["eager+fusedAdam"] = _train_step(plain_fused_adam, make_adam(plain_fused_adam.parameters(), 1e-3), x, y)
+        variants["eager+fusedAdam"] = train_step(plain_fused_adam, make_adam(plain_fused_adam.parameters(), 1e-3), x, y)
         converted = fuse(_models()[1])
-        variants["fuse(eager)"] = _train_step(converted, make_adam(converted.parameters(), 1e-3), x, y)
+        variants["fuse(eager)"] = train_step(converted, make_adam(converted.parameters(), 1e-3), x, y)
         variants["GEMM+Adam floor"] = _floor_step(batch)
         if with_compile:
             plain_c = _models()[1]
-            variants["compile"] = _train_step(torch.compile(plain_c), torch.optim.Adam(plain_c.parameters(), lr=1e-3), x, y)
+            variants["compile"] = train_step(torch.compile(plain_c), torch.optim.Adam(plain_c.parameters(), lr=1e-3), x, y)
         times = _time_interleaved(variants, rounds, target_s)
         rows.append(_report(f"train step B={batch}", times, log))
     return rows
@@ -114,27 +104,10 @@ def bench_inference(batch_sizes, rounds, target_s, with_compile, log):
     return rows
 
 
-def _saved_bytes(model, x):
-    """Bytes autograd keeps for backward in one forward, beyond parameters and the input."""
-    total = 0
-    free = {p.data_ptr() for p in model.parameters()} | {x.data_ptr()}
-
-    def pack(t):
-        nonlocal total
-        if t.data_ptr() not in free:
-            free.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return total
-
-
 def bench_memory(log, batch=64):
     fused, plain = _models()
     x = torch.randn(batch, 784)
-    sizes = {"pyfastnn": _saved_bytes(fused, x), "eager": _saved_bytes(plain, x)}
+    sizes = {"pyfastnn": saved_for_backward_bytes(fused, x), "eager": saved_for_backward_bytes(plain, x)}
     return _report(f"saved for backward B={batch}", {k: float(v) for k, v in sizes.items()}, log, unit="KiB",
                    scale=1 / 1024)
 
@@ -151,7 +124,7 @@ def bench_epoch(log, batch=64, n=60000, rounds=3):
         for name, (model, optimizer) in steps.items():
             start = time.perf_counter()
             for i in range(0, n, batch):
-                _train_step(model, optimizer, x[i:i + batch], y[i:i + batch])()
+                train_step(model, optimizer, x[i:i + batch], y[i:i + batch])()
             samples[name].append(time.perf_counter() - start)
     times = {name: statistics.median(values) for name, values in samples.items()}
     return _report("epoch B=64 (60k samples)", times, log, unit="s", scale=1.0)

@@ -47,6 +47,33 @@ def _time_interleaved(fns: Dict[str, Callable[[], object]], rounds: int, target_
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def train_step(model, optimizer, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One classifier training step as a callable: zero_grad, forward, cross-entropy, backward, step."""
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return step
+
+
+def saved_for_backward_bytes(model, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward in one forward of ``model(x)``, beyond the parameters and
+    the input (references to those cost nothing); each storage counted once."""
+    total = 0
+    free = {p.data_ptr() for p in model.parameters()} | {x.data_ptr()}
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in free:
+            free.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return total
+
+
 def _variants(m: int, k: int, n: int, activation: str, backward: bool, with_compile: bool):
     if with_compile:
         torch._dynamo.reset()  # each case compiles afresh instead of hitting the recompile limit

@@ -42,9 +42,7 @@ def chain_rule_example(x: float = 2.0, w: float = 3.0, b: float = 1.0, target: f
 
 def _fuse_demo() -> float:
     """Fuses the plain-PyTorch MNIST network and times one training step of each, side by side."""
-    import torch.nn.functional as F
-
-    from .benchmark import _time_interleaved
+    from .benchmark import _time_interleaved, train_step
     from .fuse import fuse
     from .train import make_adam
 
@@ -59,15 +57,9 @@ def _fuse_demo() -> float:
     print("eval outputs equal:", torch.allclose(fused(x), plain(x), atol=1e-5))
     fused.train(), plain.train()
 
-    def step(model, optimizer):
-        def run_step():
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-        return run_step
-
-    times = _time_interleaved({"fused": step(fused, make_adam(fused.parameters(), 1e-3)),
-                               "eager": step(plain, torch.optim.Adam(plain.parameters(), lr=1e-3))}, 5, 0.05)
+    times = _time_interleaved({"fused": train_step(fused, make_adam(fused.parameters(), 1e-3), x, y),
+                               "eager": train_step(plain, torch.optim.Adam(plain.parameters(), lr=1e-3), x, y)},
+                              5, 0.05)
     speedup = times["eager"] / times["fused"]
     print(f"train step: fused {times['fused'] * 1e6:.0f} us, eager (optim.Adam) {times['eager'] * 1e6:.0f} us "
           f"-> {speedup:.2f}x")

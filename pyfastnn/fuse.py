@@ -81,11 +81,11 @@ def parse_layers(modules: List[nn.Module], start: int) -> Tuple[List[Layer], int
     while i < len(modules) and type(modules[i]) is nn.Linear:
         j = i + 1
         activation, slope, p = "identity", 0.01, 0.0
-        if j < len(modules) and _activation_of(modules[j]) is not None:
-            activation, slope = _activation_of(modules[j])
+        if j < len(modules) and (found := _activation_of(modules[j])) is not None:
+            activation, slope = found
             j += 1
-        if j < len(modules) and _dropout_of(modules[j]) is not None:
-            p = _dropout_of(modules[j])
+        if j < len(modules) and (found_p := _dropout_of(modules[j])) is not None:
+            p = found_p
             j += 1
         layer = (modules[i], activation, slope, p)
         if layers and not _chains(layers[-1], layer):
@@ -196,8 +196,8 @@ def _fuse_traced(module: nn.Module, path: str, report: List[FusedRun]) -> nn.Mod
         if len(act_node.users) == 1:
             after = next(iter(act_node.users))
             if (after.op == "call_module" and after.args == (act_node,) and not after.kwargs
-                    and _dropout_of(gm.get_submodule(after.target)) is not None):
-                p = _dropout_of(gm.get_submodule(after.target))
+                    and (found_p := _dropout_of(gm.get_submodule(after.target))) is not None):
+                p = found_p
                 last = after
                 described.append(_describe(gm.get_submodule(after.target)))
         linear = gm.get_submodule(node.target)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fuzzing import run, run_mlp  # noqa: E402
+from fuzzing import run  # noqa: E402
 
 
 def main() -> int:
@@ -23,7 +23,7 @@ def main() -> int:
     parser.add_argument("--mlp", action="store_true", help="fuzz fused_mlp instead of fused_linear")
     args = parser.parse_args()
     start = time.perf_counter()
-    mismatches = (run_mlp if args.mlp else run)(args.cases, args.seed)
+    mismatches = run(args.cases, args.seed, mlp=args.mlp)
     for line in mismatches:
         print("MISMATCH", line)
     print(f"{args.cases} cases, {len(mismatches)} mismatches, seed {args.seed}, {time.perf_counter() - start:.0f} s")

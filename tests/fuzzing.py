@@ -66,6 +66,22 @@ def build(case: Case):
     return x, w, b
 
 
+def _grad_output(out: torch.Tensor, case) -> torch.Tensor:
+    return torch.randn(out.shape, generator=torch.Generator().manual_seed(case.seed + 1),
+                       dtype=torch.float64).to(case.dtype)
+
+
+def _assert_gradients_close(grads, expected_grads, dtype: torch.dtype, scale: float = 1.0) -> None:
+    """Gradient by gradient; `scale` divides both sides, widening the absolute tolerance by it."""
+    for got, want in zip(grads, expected_grads):
+        assert got.shape == want.shape, f"gradient shape {tuple(got.shape)} != {tuple(want.shape)}"
+        assert_close(got / scale, want / scale, dtype)
+
+
+def _mismatch(case, error: AssertionError) -> str:
+    return f"{case.describe()}: {str(error).splitlines()[0] if str(error) else 'mismatch'}"
+
+
 def check(case: Case) -> Optional[str]:
     """None if fused_linear matches the reference in value and every gradient, else what differs."""
     x, w, b = build(case)
@@ -83,22 +99,21 @@ def check(case: Case) -> Optional[str]:
         assert_close(out, expected, case.dtype)
         needs = [t for t in ours_in if t.requires_grad]
         if needs and out.numel():
-            grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(case.seed + 1),
-                                   dtype=torch.float64).to(case.dtype)
+            grad_out = _grad_output(out, case)
             grads = torch.autograd.grad(out, needs, grad_out)
             expected_grads = torch.autograd.grad(expected, [t for t in ref_in if t.requires_grad],
                                                  grad_out.to(torch.float64))
-            for got, want in zip(grads, expected_grads):
-                assert got.shape == want.shape, f"gradient shape {tuple(got.shape)} != {tuple(want.shape)}"
-                assert_close(got, want, case.dtype)
+            _assert_gradients_close(grads, expected_grads, case.dtype)
     except AssertionError as e:
-        return f"{case.describe()}: {str(e).splitlines()[0] if str(e) else 'mismatch'}"
+        return _mismatch(case, e)
     return None
 
 
-def run(cases: int, seed: int = 0) -> List[str]:
+def run(cases: int, seed: int = 0, mlp: bool = False) -> List[str]:
+    """The mismatches among `cases` random fused_linear cases (fused_mlp cases with `mlp`)."""
+    make, verify = (random_mlp_case, check_mlp) if mlp else (random_case, check)
     rng = random.Random(seed)
-    return [m for m in (check(random_case(rng)) for _ in range(cases)) if m is not None]
+    return [m for m in (verify(make(rng)) for _ in range(cases)) if m is not None]
 
 
 @dataclasses.dataclass
@@ -180,34 +195,24 @@ def check_mlp(case: MLPCase) -> Optional[str]:
             assert ours_error <= 2 * eager_error, (f"bfloat16 error {ours_error:.4g} exceeds twice eager "
                                                    f"PyTorch's ({eager_error:.4g})")
         needs = [t for t in ours if t.requires_grad]
-        # Gradients in float32/float64. In bfloat16 every backpropagated gradient is rounded again and
-        # relu-like masks flip on pre-activations within rounding of 0, so bfloat16 gradients of a deep
-        # stack (PyTorch's own included) drift from float64 by more than any fixed tolerance; they are
-        # checked against PyTorch's bfloat16 in tests/test_fused_mlp.py instead.
-        checked = [i for i, t in enumerate(ours) if t.requires_grad and case.dtype != torch.bfloat16]
         if out.numel() and needs:
-            grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(case.seed + 1),
-                                   dtype=torch.float64).to(case.dtype)
-            grads = dict(zip([i for i, t in enumerate(ours) if t.requires_grad],
-                             torch.autograd.grad(out, needs, grad_out)))
-            expected_grads = dict(zip([i for i, t in enumerate(refs) if t.requires_grad],
-                                      torch.autograd.grad(expected, [t for t in refs if t.requires_grad],
-                                                          grad_out.to(torch.float64))))
-            # Each dropout scales the terms of the gradient sums by 1/(1-p) (10x at p = 0.9), and their
-            # rounding with them, while cancellation can leave the sum itself small: the absolute
-            # tolerance grows by that factor.
-            amplification = 1.0
-            for p in (case.dropout if case.training else ()):
-                amplification /= 1.0 - p
-            for i in checked:
-                got, want = grads[i], expected_grads[i]
-                assert got.shape == want.shape, f"gradient shape {tuple(got.shape)} != {tuple(want.shape)}"
-                assert_close(got / amplification, want / amplification, case.dtype)
+            grad_out = _grad_output(out, case)
+            grads = torch.autograd.grad(out, needs, grad_out)  # bfloat16 too: it must run
+            # Gradients are compared in float32/float64. In bfloat16 every backpropagated gradient is
+            # rounded again and relu-like masks flip on pre-activations within rounding of 0, so
+            # bfloat16 gradients of a deep stack (PyTorch's own included) drift from float64 by more
+            # than any fixed tolerance; they are checked against PyTorch's bfloat16 in
+            # tests/test_fused_mlp.py instead.
+            if case.dtype != torch.bfloat16:
+                expected_grads = torch.autograd.grad(expected, [t for t in refs if t.requires_grad],
+                                                     grad_out.to(torch.float64))
+                # Each dropout scales the terms of the gradient sums by 1/(1-p) (10x at p = 0.9), and
+                # their rounding with them, while cancellation can leave the sum itself small: the
+                # absolute tolerance grows by that factor.
+                amplification = 1.0
+                for p in (case.dropout if case.training else ()):
+                    amplification /= 1.0 - p
+                _assert_gradients_close(grads, expected_grads, case.dtype, amplification)
     except AssertionError as e:
-        return f"{case.describe()}: {str(e).splitlines()[0] if str(e) else 'mismatch'}"
+        return _mismatch(case, e)
     return None
-
-
-def run_mlp(cases: int, seed: int = 0) -> List[str]:
-    rng = random.Random(seed)
-    return [m for m in (check_mlp(random_mlp_case(rng)) for _ in range(cases)) if m is not None]

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import pyfastnn
+from pyfastnn.benchmark import saved_for_backward_bytes
 from samples import assert_close, mlp_sample_inputs, reference_mlp
 
 ops = torch.ops.pyfastnn
@@ -263,23 +264,8 @@ def test_saved_activations_are_no_larger_than_eager():
     """What a training step keeps for backward beyond the parameters and the input: fused = hidden
     outputs + byte masks, never more than eager (which also keeps each activation's output and a byte
     mask per dropout)."""
-    def saved_bytes(model, x):
-        total = 0
-        free = {p.data_ptr() for p in model.parameters()} | {x.data_ptr()}
-
-        def pack(t):
-            nonlocal total
-            if t.data_ptr() not in free:  # a reference to a parameter or the input costs nothing
-                free.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x).sum()
-        return total
-
     torch.manual_seed(0)
     fused = pyfastnn.FusedMLP([784, 256, 128, 10], dropout=0.2)
     x = torch.randn(64, 784)
-    fused_bytes, eager_bytes = saved_bytes(fused, x), saved_bytes(fused.to_sequential(), x)
+    fused_bytes, eager_bytes = saved_for_backward_bytes(fused, x), saved_for_backward_bytes(fused.to_sequential(), x)
     assert fused_bytes <= eager_bytes, (fused_bytes, eager_bytes)
