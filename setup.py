@@ -1,54 +1,143 @@
 """Build script for pyfastnn: compiles the C++ (and, when available, CUDA) kernels into pyfastnn._C.
 
 Install with ``pip install --no-build-isolation .``: the extension must be compiled against the torch
-that will import it, and an isolated build would fetch a fresh (multi-GB) torch instead of using the
-one installed. Environment knobs:
+that will import it (see pyproject.toml). Environment knobs:
 
 - ``PYFASTNN_CUDA=0`` builds CPU-only; ``PYFASTNN_CUDA=1`` requires the CUDA backend (fails loudly if
-  torch has no CUDA or no toolkit is found); unset: CUDA when both are available.
+  torch has no CUDA or no complete toolkit is found); unset: CUDA when both are available, else the
+  CPU backend (with a warning when only part of a CUDA setup was found).
 - ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default here: 8.0 9.0+PTX).
 - ``MAX_JOBS`` caps parallel compile jobs (ninja).
+
+The sources and compiler flags come from cmake/sources.json, which the CMake build reads too. The CPU
+kernels are compiled once per CPU capability with per-file flags (NOTE [ Linking AVX and non-AVX
+files ] in csrc/cpu/dispatch.cpp).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import glob
+import json
 import os
+import platform
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils import cpp_extension
-
 ROOT = Path(__file__).parent.resolve()
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "pyfastnn" / "_version.py").read_text()).group(1)
+BUILD_CONFIG = json.loads((ROOT / "cmake" / "sources.json").read_text())
+INSTALL_COMMAND = "pip install --no-build-isolation ."
 
 
-def _sources(pattern: str) -> list[str]:
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(str(ROOT / pattern)))
+def import_torch():
+    """torch and its cpp_extension, or exit at once saying what to run.
+
+    torch is deliberately not a build requirement in pyproject.toml: pip's isolated build would
+    install the newest torch from the index (a multi-GB CUDA wheel) into a throwaway environment and
+    compile against it, so the extension would not match the torch that imports it. Without torch
+    there, an isolated build stops here within seconds instead.
+    """
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as error:
+        sys.exit(
+            f"pyfastnn compiles its kernels against the torch installed in the environment it installs "
+            f"into, and this build environment has no torch ({error}). pip's default isolated build "
+            f"cannot see your torch; install torch first if needed, then run:\n\n"
+            f"    {INSTALL_COMMAND}\n\n"
+            f"(the environment needs setuptools and wheel, and ninja for a parallel build: "
+            f"pip install setuptools wheel ninja)"
+        )
+    return torch, cpp_extension
 
 
-def _want_cuda() -> bool:
-    choice = os.environ.get("PYFASTNN_CUDA", "").strip()
-    cuda_sources = _sources("csrc/cuda/*.cu")
-    available = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None and bool(cuda_sources)
-    if choice == "0":
+def sources(patterns: list[str]) -> list[str]:
+    """Repository-relative paths matching the globs, sorted."""
+    found = {os.path.relpath(p, ROOT) for pattern in patterns for p in glob.glob(str(ROOT / pattern))}
+    return sorted(found)
+
+
+@functools.lru_cache(maxsize=None)
+def is_gcc(compiler: str) -> bool:
+    """Whether the compiler command is GCC (the gcc_* flag lists apply to it alone)."""
+    try:
+        banner = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    except OSError:
         return False
+    return "clang" not in banner.lower() and ("gcc" in banner.lower() or "free software foundation" in banner.lower())
+
+
+def cpu_capabilities(machine: str, compiler_type: str) -> list[dict]:
+    """The CPU capabilities to compile kernels for: x86-64 gets the AVX ones (GCC/clang flags)."""
+    x86_64 = machine.lower() in ("x86_64", "amd64")
+    return [c for c in BUILD_CONFIG["cpu_capabilities"]
+            if not c["x86_64_only"] or (x86_64 and compiler_type == "unix")]
+
+
+def cuda_toolkit_problem(cuda_home: Optional[str]) -> Optional[str]:
+    """Why the CUDA toolkit at cuda_home cannot build the extension, or None if it looks complete."""
+    if not cuda_home:
+        return "no CUDA toolkit found (set CUDA_HOME)"
+    home = Path(cuda_home)
+    if not os.access(home / "bin" / "nvcc", os.X_OK):
+        return f"{home / 'bin' / 'nvcc'} is missing"
+    if not (home / "include" / "cuda_runtime.h").is_file():
+        return f"the CUDA toolkit at {home} has no include/cuda_runtime.h"
+    libraries = [home / lib / name for lib in ("lib64", "lib") for name in ("libcudart.so", "libcudart_static.a")]
+    if not any(p.exists() for p in libraries):
+        return f"the CUDA toolkit at {home} has no lib64/libcudart.so"
+    return None
+
+
+def find_cuda_home(torch_guess: Optional[str]) -> Optional[str]:
+    """torch's CUDA_HOME, or (torch without CUDA does not look) the toolkit a user would point it at."""
+    if torch_guess:
+        return torch_guess
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if explicit:
+        return explicit
+    nvcc = shutil.which("nvcc")
+    return str(Path(nvcc).resolve().parent.parent) if nvcc else None
+
+
+def want_cuda(choice: str, torch_cuda: Optional[str], cuda_home: Optional[str],
+              have_sources: bool) -> tuple[bool, Optional[str]]:
+    """Whether to build the CUDA backend, and a warning to show when a CUDA setup was half found.
+
+    choice is PYFASTNN_CUDA ("0", "1" or ""); exits with the reason when "1" cannot be honoured.
+    """
+    if choice == "0":
+        return False, None
+    problems = []
+    if not torch_cuda:
+        problems.append("this torch is built without CUDA")
+    toolkit = cuda_toolkit_problem(cuda_home)
+    if toolkit:
+        problems.append(toolkit)
+    if not have_sources:
+        problems.append("no CUDA sources")
+    if not problems:
+        return True, None
     if choice == "1":
-        if not available:
-            sys.exit(
-                "PYFASTNN_CUDA=1 but the CUDA backend cannot be built: "
-                f"torch CUDA={torch.version.cuda!r}, CUDA_HOME={cpp_extension.CUDA_HOME!r}, "
-                f"{len(cuda_sources)} CUDA sources"
-            )
-        return True
-    return available
+        sys.exit(f"PYFASTNN_CUDA=1 but the CUDA backend cannot be built: {'; '.join(problems)}")
+    # Only part of a CUDA setup (an nvcc on PATH, a CUDA torch without toolkit, ...): say why the
+    # CPU backend is built instead of failing later at compile or link time.
+    half_found = bool(torch_cuda) or bool(cuda_home)
+    warning = (f"building the CPU backend only: {'; '.join(problems)} "
+               f"(set PYFASTNN_CUDA=0 to silence this, PYFASTNN_CUDA=1 to require CUDA)") if half_found else None
+    return False, warning
 
 
-def _cuda_include_dirs() -> list[str]:
+def cuda_include_dirs() -> list[str]:
     # Toolkits without the cuBLAS/cuSPARSE headers: the CUDA torch wheels ship them as nvidia-* packages.
     dirs = []
     for site in sys.path:
@@ -57,40 +146,103 @@ def _cuda_include_dirs() -> list[str]:
     return sorted({d for d in dirs if os.path.isdir(d)})
 
 
-def _extension():
-    cxx_flags = ["-O3", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi",
-                 "-Wno-maybe-uninitialized"]  # GCC flags its own AVX-512 intrinsics headers
+def build_record_path(extension_path: str) -> str:
+    """Where the build records the torch it compiled against: beside the extension, as pyfastnn/extension.py
+    expects (``_C.cpython-311-x86_64-linux-gnu.so`` -> ``_C.cpython-311-x86_64-linux-gnu.json``)."""
+    return str(Path(extension_path).with_suffix(".json"))
+
+
+def extension_and_command():
+    torch, cpp_extension = import_torch()
+
+    class BuildExtensionPerCapability(cpp_extension.BuildExtension):
+        """torch's BuildExtension, plus the CPU kernels compiled once per capability with that
+        capability's flags (setuptools has no per-file flags), linked after the other objects, and a
+        record of the torch the extension was compiled against."""
+
+        def build_extension(self, ext) -> None:
+            gcc = is_gcc(cpp_extension.get_cxx_compiler())
+            kernel_objects = []
+            for capability in ext.cpu_capabilities:
+                flags = capability["flags"] + (capability["gcc_flags"] if gcc else [])
+                extra = copy.deepcopy(ext.extra_compile_args)
+                if isinstance(extra, dict):
+                    extra["cxx"] = extra["cxx"] + flags
+                else:
+                    extra = extra + flags
+                # One folder per capability: the objects of one source must not overwrite each other.
+                kernel_objects += self.compiler.compile(
+                    ext.cpu_kernel_sources,
+                    output_dir=os.path.join(self.build_temp, "cpu_capability", capability["name"]),
+                    macros=ext.define_macros, include_dirs=ext.include_dirs, debug=self.debug,
+                    extra_postargs=extra, depends=ext.depends,
+                )
+            own_objects = ext.extra_objects
+            ext.extra_objects = list(own_objects or []) + kernel_objects  # linked last, in capability order
+            try:
+                super().build_extension(ext)
+            finally:
+                ext.extra_objects = own_objects
+            record = {"torch": torch.__version__, "cuda": ext.cuda_version,
+                      "cpu_capabilities": [c["name"] for c in ext.cpu_capabilities]}
+            Path(build_record_path(self.get_ext_fullpath(ext.name))).write_text(json.dumps(record) + "\n")
+
+        def copy_extensions_to_source(self) -> None:  # --inplace and editable installs
+            super().copy_extensions_to_source()
+            build_py = self.get_finalized_command("build_py")
+            for ext in self.extensions:
+                inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+                shutil.copyfile(build_record_path(regular_file), build_record_path(inplace_file))
+
+    gcc = is_gcc(cpp_extension.get_cxx_compiler())
+    cxx_flags = ["-O3", "-fvisibility=hidden"] + BUILD_CONFIG["cxx_flags"] + (BUILD_CONFIG["gcc_cxx_flags"] if gcc else [])
+    kernel_sources = sources(BUILD_CONFIG["cpu_kernels"])
+    cxx_sources = [s for s in sources(BUILD_CONFIG["cxx_sources"]) if s not in kernel_sources]
+    cuda_sources = sources(BUILD_CONFIG["cuda_sources"])
+    capabilities = cpu_capabilities(platform.machine(), "unix" if os.name == "posix" else os.name)
     define_macros = [("PYFASTNN_VERSION", f'"{VERSION}"')]
-    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    if not _want_cuda():
-        return cpp_extension.CppExtension(
-            "pyfastnn._C", sources, include_dirs=[str(ROOT / "csrc")],
+    define_macros += [(BUILD_CONFIG["cpu_capability_define"] + c["name"], None) for c in capabilities]
+
+    with_cuda, warning = want_cuda(os.environ.get("PYFASTNN_CUDA", "").strip(), torch.version.cuda,
+                                   find_cuda_home(cpp_extension.CUDA_HOME), bool(cuda_sources))
+    if warning:
+        print(f"WARNING: pyfastnn: {warning}", file=sys.stderr)  # setuptools filters warnings.warn
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0 9.0+PTX")
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        define_macros += [("PYFASTNN_WITH_CUDA", None), ("PYFASTNN_CUDA_ARCHS", f'"{archs}"')]
+        extension = cpp_extension.CUDAExtension(
+            "pyfastnn._C", cxx_sources + cuda_sources,
+            include_dirs=[str(ROOT / "csrc")] + cuda_include_dirs(),
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            define_macros=define_macros,
+        )
+    else:
+        extension = cpp_extension.CppExtension(
+            "pyfastnn._C", cxx_sources, include_dirs=[str(ROOT / "csrc")],
             extra_compile_args={"cxx": cxx_flags}, define_macros=define_macros,
         )
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0 9.0+PTX")
-    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
-    define_macros += [("PYFASTNN_WITH_CUDA", None), ("PYFASTNN_CUDA_ARCHS", f'"{archs}"')]
-    return cpp_extension.CUDAExtension(
-        "pyfastnn._C", sources + _sources("csrc/cuda/*.cu"),
-        include_dirs=[str(ROOT / "csrc")] + _cuda_include_dirs(),
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
-        define_macros=define_macros,
+    extension.cpu_kernel_sources = kernel_sources
+    extension.cpu_capabilities = capabilities
+    extension.cuda_version = torch.version.cuda if with_cuda else None
+    return extension, BuildExtensionPerCapability
+
+
+if __name__ == "__main__":  # also how pip's setuptools backend runs this file; tests import the helpers
+    extension, build_ext = extension_and_command()
+    setup(
+        name="pyfastnn",
+        version=VERSION,
+        description="Fused Linear+activation kernels (CPU and CUDA) for PyTorch, as drop-in layers",
+        long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+        long_description_content_type="text/markdown",
+        license="MIT",
+        python_requires=">=3.9",
+        packages=find_packages(include=["pyfastnn", "pyfastnn.*"]),
+        install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
+        extras_require={"test": ["pytest", "hypothesis", "expecttest"]},
+        ext_modules=[extension],
+        cmdclass={"build_ext": build_ext},
+        entry_points={"console_scripts": ["pyfastnn = pyfastnn.cli:main"]},
+        zip_safe=False,
     )
-
-
-setup(
-    name="pyfastnn",
-    version=VERSION,
-    description="Fused Linear+activation kernels (CPU and CUDA) for PyTorch, as drop-in layers",
-    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
-    long_description_content_type="text/markdown",
-    license="MIT",
-    python_requires=">=3.9",
-    packages=find_packages(include=["pyfastnn", "pyfastnn.*"]),
-    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
-    extras_require={"test": ["pytest", "hypothesis", "expecttest"]},
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
-    entry_points={"console_scripts": ["pyfastnn = pyfastnn.cli:main"]},
-    zip_safe=False,
-)

@@ -7,7 +7,9 @@ from typing import Optional, Union
 
 import torch
 
-from . import _C  # noqa: F401  (loading the library registers torch.ops.pyfastnn.*)
+from .extension import load_extension
+
+_C = load_extension()  # loading the library registers torch.ops.pyfastnn.*
 
 ops = torch.ops.pyfastnn
 

@@ -8,6 +8,7 @@ from typing import Any, Dict
 import torch
 
 from . import _C
+from .extension import build_record
 from ._version import __version__
 
 
@@ -20,9 +21,11 @@ def info() -> Dict[str, Any]:
         ['backends', 'cpu_isa', 'cpu_isas_compiled']
     """
     cuda_archs = [a for a in _C.cuda_archs.replace(";", " ").split() if a]
+    record = build_record() or {}
     return {
         "pyfastnn": __version__,
         "torch": torch.__version__,
+        "torch_built_against": record.get("torch"),
         "python": platform.python_version(),
         "backends": {"cpu": True, "cuda": bool(_C.with_cuda)},
         "cuda_archs": cuda_archs,

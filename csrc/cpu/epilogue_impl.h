@@ -1,5 +1,5 @@
-// Vectorized epilogue kernels. Included by exactly one translation unit per instruction set
-// (epilogue_<isa>.cpp), which defines CPU_CAPABILITY first; everything here lives in
+// Vectorized epilogue kernels. Included by epilogue_kernels.cpp alone, which the build compiles once
+// per CPU capability with -DCPU_CAPABILITY=<name>; everything here lives in
 // namespace pyfastnn::cpu::CPU_CAPABILITY so the copies never collide.
 #pragma once
 

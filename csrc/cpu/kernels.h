@@ -1,4 +1,4 @@
-// The CPU epilogue kernels, compiled once per instruction set (epilogue_<isa>.cpp) and picked at
+// The CPU epilogue kernels, compiled once per CPU capability (epilogue_kernels.cpp) and picked at
 // run time (dispatch.cpp).
 #pragma once
 

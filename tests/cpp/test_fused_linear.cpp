@@ -3,11 +3,18 @@
 #include <ATen/ATen.h>
 #include <torch/torch.h>
 
+#include <ATen/Version.h>
+
+#include <cctype>
 #include <cmath>
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
+#include <sstream>
 #include <string>
+#include <vector>
 
+#include "cpu/kernels.h"
 #include "cpu/vec_math.h"
 #include "fused_linear.h"
 #include "fused_mlp.h"
@@ -148,9 +155,63 @@ void test_bad_arguments_throw() {
   expect(threw, "wrong in_features throws ValueError");
 }
 
+// The CPU capabilities this CPU supports, as ATen names them (ATen asks the same features of each).
+std::vector<std::string> supported_cpu_capabilities() {
+  std::vector<std::string> supported{"DEFAULT"};
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) supported.push_back("AVX2");
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    supported.push_back("AVX512");
+  }
+#endif
+  return supported;
+}
+
+bool contains(const std::vector<std::string>& names, const std::string& name) {
+  return std::find(names.begin(), names.end(), name) != names.end();
+}
+
+// Every kernel copy the CPU can run is in the build (a compiler that silently drops one fails
+// here), and the one in use is ATen's choice.
+void test_kernel_variants(const std::vector<std::string>& supported) {
+  std::vector<std::string> compiled;
+  std::istringstream words(pyfastnn::cpu::compiled_isas());
+  for (std::string word; words >> word;) compiled.push_back(word);
+  for (const auto& capability : supported) {
+    expect(contains(compiled, capability), "the CPU supports " + capability + " but the build has no " + capability +
+                                               " kernels (compiled: " + pyfastnn::cpu::compiled_isas() + ")");
+  }
+  const std::string aten = at::get_cpu_capability();
+  const std::string in_use = pyfastnn::cpu::epilogue_kernels().isa;
+  std::string expected = "DEFAULT";
+  if (contains(compiled, aten)) {
+    expected = aten;
+  } else if (aten == "AVX512" && contains(compiled, "AVX2")) {
+    expected = "AVX2";
+  }
+  expect(in_use == expected, "kernels in use " + in_use + ", expected " + expected + " (ATen: " + aten + ")");
+  std::printf("CPU kernels compiled: %s; in use: %s (ATen capability %s)\n", pyfastnn::cpu::compiled_isas(),
+              in_use.c_str(), aten.c_str());
+}
+
 }  // namespace
 
+// The test runs once per kernel copy (ctest sets ATEN_CPU_CAPABILITY). ATen trusts that variable
+// without asking the CPU, so a capability this CPU lacks is skipped (exit code 77) before any op runs.
 int main() {
+  const auto supported = supported_cpu_capabilities();
+  if (const char* requested = std::getenv("ATEN_CPU_CAPABILITY")) {
+    std::string upper(requested);
+    std::transform(upper.begin(), upper.end(), upper.begin(), [](unsigned char c) { return std::toupper(c); });
+    if (!contains(supported, upper)) {
+      std::printf("skipped: this CPU cannot run the %s kernels\n", upper.c_str());
+      return 77;
+    }
+  }
+  test_kernel_variants(supported);
   at::manual_seed(0);
   test_against_reference(at::kFloat, 1e-4);
   test_against_reference(at::kDouble, 1e-10);

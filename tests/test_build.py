@@ -1,0 +1,198 @@
+"""The build: every CPU kernel copy the CPU supports is compiled in and runs, the extension refuses a
+torch it was not built against, and setup.py fails fast (or falls back to the CPU backend) with a
+message that says what to do."""
+
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pyfastnn
+from pyfastnn import extension
+
+ROOT = Path(__file__).resolve().parents[1]
+ATEN_NEEDS = {  # the CPU flags ATen asks for before it picks a capability (cpuinfo names)
+    "AVX2": {"avx2", "fma"},
+    "AVX512": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
+}
+
+
+def cpu_flags() -> set:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to read the CPU's features from")
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    pytest.skip("/proc/cpuinfo lists no CPU flags (not an x86 CPU)")
+
+
+def supported_capabilities() -> list:
+    flags = cpu_flags()
+    return ["DEFAULT"] + [name for name, needs in ATEN_NEEDS.items() if needs <= flags]
+
+
+def load_setup_module():
+    """setup.py's helpers, without running setup() (it runs only as __main__)."""
+    spec = importlib.util.spec_from_file_location("pyfastnn_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_python(code: str, cwd: Path = ROOT, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 kernel copies")
+def test_every_kernel_copy_the_cpu_supports_is_compiled():
+    compiled = pyfastnn.info()["cpu_isas_compiled"]
+    missing = [name for name in supported_capabilities() if name not in compiled]
+    assert not missing, f"this CPU supports {missing} but the build has only {compiled} kernels"
+
+
+KERNEL_CHECK = """
+import torch, torch.nn.functional as F, pyfastnn
+torch.manual_seed(0)
+references = {"identity": lambda t: t, "leaky_relu": lambda t: F.leaky_relu(t, 0.01),
+              "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10), (torch.bfloat16, 3e-2)):
+    for rows in (1, 3, 64):
+        x, w, b = torch.randn(rows, 37, dtype=dtype), torch.randn(45, 37, dtype=dtype) / 6, torch.randn(45, dtype=dtype)
+        for name in pyfastnn.ACTIVATIONS:
+            ref = references.get(name, getattr(F, name, None))
+            out = pyfastnn.fused_linear(x, w, b, activation=name)
+            err = (out.double() - ref(F.linear(x.double(), w.double(), b.double()))).abs().max().item()
+            assert err <= tol * 10, (name, dtype, rows, err)
+print(pyfastnn.info()["cpu_isa"])
+"""
+
+
+@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2", "AVX512"])
+def test_each_kernel_copy_follows_aten_and_matches_pytorch(capability):
+    if capability not in pyfastnn.info()["cpu_isas_compiled"]:
+        pytest.skip(f"no {capability} kernels in this build (x86-64 only)")
+    if capability not in supported_capabilities():
+        pytest.skip(f"this CPU cannot run {capability} code")  # ATen trusts ATEN_CPU_CAPABILITY blindly
+    result = run_python(KERNEL_CHECK, ATEN_CPU_CAPABILITY=capability.lower())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == capability
+
+
+def test_build_records_the_torch_it_compiled_against():
+    record = extension.build_record()
+    assert record is not None, "the build wrote no record beside the extension"
+    assert record["torch"] == torch.__version__
+    assert record["cpu_capabilities"] == pyfastnn.info()["cpu_isas_compiled"]
+    assert pyfastnn.info()["torch_built_against"] == torch.__version__
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"torch": "2.12.1", "cuda": None}, "built against torch 2.12.1, but torch 2.13.0+cpu is installed"),
+    ({"torch": "2.13.0+cu128", "cuda": "12.8"}, "built with CUDA 12.8 against torch 2.13.0+cu128"),
+])
+def test_torch_mismatch_is_a_clear_import_error(record, message):
+    with pytest.raises(ImportError, match="rebuild pyfastnn") as error:
+        extension.check_built_for(record, "2.13.0+cpu", None)
+    assert message in str(error.value) and "pip install --no-build-isolation ." in str(error.value)
+
+
+def test_same_release_with_another_local_tag_loads():
+    extension.check_built_for({"torch": "2.13.0+cpu", "cuda": None}, "2.13.0+cu128", "12.8")
+
+
+def test_importing_under_another_torch_names_both_versions(tmp_path):
+    # A copy of the installed package whose record says it was built against another torch: the
+    # import must stop before loading the library, with both versions and the rebuild command.
+    package = tmp_path / "pyfastnn"
+    shutil.copytree(Path(pyfastnn.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    [record_file] = package.glob("_C.*.json")
+    record_file.write_text(json.dumps({**json.loads(record_file.read_text()), "torch": "2.99.0"}))
+    result = run_python("import pyfastnn", cwd=tmp_path)
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("ImportError: pyfastnn's extension was built against torch 2.99.0, but torch "
+                                f"{torch.__version__} is installed"), result.stderr
+    assert "pip install --no-build-isolation ." in last_line
+
+
+def test_setup_without_torch_fails_at_once_with_the_command():
+    # What pip's isolated build runs into: no torch importable. It must stop before compiling anything.
+    code = ("import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', 'egg_info']; "
+            "exec(compile(open('setup.py').read(), 'setup.py', 'exec'), {'__name__': '__main__', '__file__': 'setup.py'})")
+    result = run_python(code)
+    assert result.returncode == 1
+    assert "pip install --no-build-isolation ." in result.stderr and "has no torch" in result.stderr
+
+
+def make_toolkit(root: Path, *, headers: bool = True, runtime: bool = True) -> str:
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (root / "bin" / "nvcc").chmod(0o755)
+    if headers:
+        (root / "include").mkdir()
+        (root / "include" / "cuda_runtime.h").write_text("")
+    if runtime:
+        (root / "lib64").mkdir()
+        (root / "lib64" / "libcudart.so").write_text("")
+    return str(root)
+
+
+def test_cuda_choice(tmp_path):
+    setup_module = load_setup_module()
+    want_cuda = setup_module.want_cuda
+    full = make_toolkit(tmp_path / "full")
+    nvcc_only = make_toolkit(tmp_path / "nvcc-only", headers=False, runtime=False)
+    no_runtime = make_toolkit(tmp_path / "no-runtime", runtime=False)
+
+    assert want_cuda("", "12.8", full, True) == (True, None)
+    assert want_cuda("", None, None, True) == (False, None)  # a plain CPU setup: nothing to warn about
+    assert want_cuda("0", "12.8", full, True) == (False, None)
+    # Half a CUDA setup, PYFASTNN_CUDA unset: the CPU backend, with a warning saying why.
+    with_cuda, warning = want_cuda("", "12.8", nvcc_only, True)
+    assert not with_cuda and "cuda_runtime.h" in warning and "CPU backend" in warning
+    with_cuda, warning = want_cuda("", "12.8", no_runtime, True)
+    assert not with_cuda and "libcudart" in warning
+    with_cuda, warning = want_cuda("", None, full, True)
+    assert not with_cuda and "without CUDA" in warning
+    with_cuda, warning = want_cuda("", "12.8", None, True)
+    assert not with_cuda and "no CUDA toolkit" in warning
+    with pytest.raises(SystemExit, match="PYFASTNN_CUDA=1 but the CUDA backend cannot be built: .*cuda_runtime.h"):
+        want_cuda("1", "12.8", nvcc_only, True)
+
+
+def test_setup_with_a_half_found_toolkit_builds_cpu_with_a_warning(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "PYFASTNN_CUDA"}
+    env["CUDA_HOME"] = make_toolkit(tmp_path / "cuda", headers=False, runtime=False)
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "building the CPU backend only" in result.stderr
+
+
+def test_cpu_capabilities_per_machine():
+    setup_module = load_setup_module()
+    names = lambda machine, compiler: [c["name"] for c in setup_module.cpu_capabilities(machine, compiler)]  # noqa: E731
+    assert names("x86_64", "unix") == ["DEFAULT", "AVX2", "AVX512"]
+    assert names("aarch64", "unix") == ["DEFAULT"]
+    assert names("AMD64", "msvc") == ["DEFAULT"]
+
+
+def test_one_source_list_for_both_builds():
+    config = json.loads((ROOT / "cmake" / "sources.json").read_text())
+    assert "include(cmake/PyfastnnSources.cmake)" in (ROOT / "CMakeLists.txt").read_text()
+    assert "sources.json" in (ROOT / "cmake" / "PyfastnnSources.cmake").read_text()
+    for kernel in config["cpu_kernels"]:
+        assert (ROOT / kernel).is_file(), kernel
+    assert not list((ROOT / "csrc").rglob("isa_macros.h"))
+    offenders = [str(p) for p in (ROOT / "csrc").rglob("*") if p.is_file() and "pragma GCC target" in p.read_text()]
+    assert not offenders, offenders
