@@ -89,3 +89,20 @@ function(pyfastnn_add_library target)
   endforeach()
   set(PYFASTNN_CPU_CAPABILITIES "${_capabilities}" PARENT_SCOPE)
 endfunction()
+
+# A ctest that checks NOTE [ Linking AVX and non-AVX files ] on <target>'s kernel objects.
+function(pyfastnn_add_kernel_object_test target)
+  list(LENGTH PYFASTNN_CPU_CAPABILITIES _count)
+  if(_count LESS 2 OR NOT CMAKE_NM)
+    return()
+  endif()
+  set(_objects "")
+  foreach(_name IN LISTS PYFASTNN_CPU_CAPABILITIES)
+    if(NOT _name STREQUAL "DEFAULT")
+      list(APPEND _objects "${_name}=$<TARGET_OBJECTS:${target}_cpu_${_name}>")
+    endif()
+  endforeach()
+  add_test(NAME ${target}_kernel_objects
+           COMMAND ${CMAKE_COMMAND} -DNM=${CMAKE_NM} "-DDEFAULT_OBJECT=$<TARGET_OBJECTS:${target}_cpu_DEFAULT>"
+                   "-DOBJECTS=${_objects}" -P "${PROJECT_SOURCE_DIR}/cmake/CheckKernelObjects.cmake")
+endfunction()

@@ -14,10 +14,12 @@
 // instructions. The linker keeps one copy, the first it sees; had it kept the AVX2 one, code outside
 // the dispatch below would run AVX2 instructions and crash a CPU without them. So both builds
 // (setup.py and cmake/PyfastnnSources.cmake, from the one list in cmake/sources.json) link every
-// other object first, then the kernel objects in the order DEFAULT, AVX2, AVX512. The kernel
-// translation unit also stays lean (the kernels and the headers they need, no static initializers),
-// so that few such functions exist at all. The build defines PYFASTNN_HAVE_CPU_CAPABILITY_<NAME>
-// for every copy it compiled: the capabilities present are exactly the ones declared here.
+// other object first, then the kernel objects in the order DEFAULT, AVX2, AVX512: every such
+// function of an AVX object is also in the DEFAULT kernel object (same source), whose copy wins; the
+// ctest pyfastnn_ops_kernel_objects (cmake/CheckKernelObjects.cmake) checks exactly that. The kernel
+// translation unit also stays lean (the kernels and the headers they need, no globals with
+// constructors), so that few such functions exist at all. The build defines
+// PYFASTNN_HAVE_CPU_CAPABILITY_<NAME> for every copy it compiled: exactly the copies declared here.
 
 namespace pyfastnn::cpu {
 
