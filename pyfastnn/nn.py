@@ -65,7 +65,7 @@ class FusedLinear(nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.dropout = _check_dropout(dropout)
+        self.dropout = dropout
         self.in_features = in_features
         self.out_features = out_features
         self.activation = activation
@@ -79,6 +79,15 @@ class FusedLinear(nn.Module):
 
     # The very same initialisation as nn.Linear (kaiming-uniform weight, fan-in-uniform bias).
     reset_parameters = nn.Linear.reset_parameters
+
+    def __setstate__(self, state: dict) -> None:
+        # Modules pickled whole before these attributes became properties kept them as plain values.
+        for name in ("activation", "negative_slope", "dropout"):
+            if name in state:
+                state["_" + name] = state.pop(name)
+        if "_activation" in state:
+            state["_activation_code"] = activation_code(state["_activation"])
+        super().__setstate__(state)
 
     @property
     def activation(self) -> str:

@@ -502,3 +502,18 @@ def test_full_model_save_and_load_after_fuse():
     x = torch.randn(3, 4)
     torch.testing.assert_close(loaded(x), model(x))
     assert list(loaded.state_dict()) == list(model.state_dict())
+
+
+def test_torchscript_support_is_as_documented():
+    """TorchScript is deprecated upstream; the README states what works: jit.trace of FusedLinear."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    layer = FusedLinear(4, 5, activation="gelu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(layer, (x,))
+        torch.testing.assert_close(traced(x), layer(x))
+        with pytest.raises(RuntimeError, match="unsupported input list type"):
+            torch.jit.trace(_mlp((4, 6, 2)), (x,))
+        with pytest.raises(torch.jit.frontend.NotSupportedError):
+            torch.jit.script(layer)
