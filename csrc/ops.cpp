@@ -1,8 +1,11 @@
 // Operator schemas and the device-independent kernels: autograd (C++, so a training step pays one
 // dispatcher call each way and no Python) and autocast. Backends register their own kernels.
 #include <ATen/autocast_mode.h>
+#include <ATen/FuncTorchTLS.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "fused_linear.h"
 #include "fused_mlp.h"
@@ -37,6 +40,37 @@ const auto& fused_linear_op() {
 
 bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// NOTE [Forward-mode AD and torch.func]
+// A C++ autograd::Function has no forward (JVP) formula: dual tensors passing through it would
+// come out with zero tangents. And torch.func's transforms (grad, vjp, jacrev, vmap, ...) refuse
+// C++ autograd Functions outright. So when any argument carries a forward-mode tangent
+// (torch.func.jvp, jacfwd, torch.autograd.forward_ad) or a torch.func transform is active, the
+// autograd kernels run the ATen reference instead (the composite that double backward
+// differentiates): its ops have forward derivatives and functorch rules, so the tangent is exact,
+// act'(pre) * (dx W^T + x dW^T + db) layer by layer, and every transform composes. With dropout
+// active, fused_mlp first runs its own forward for the masks, so the values equal the fused path's.
+bool has_forward_grad(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+bool has_forward_grad(const std::optional<at::Tensor>& t) { return t.has_value() && has_forward_grad(*t); }
+// Asks functorch the very question autograd::Function::apply asks it (it throws inside a transform).
+bool in_functorch_transform() {
+  const auto& functorch_tls = at::functorch::functorchTLSAccessor();
+  if (!functorch_tls) return false;  // functorch never used on this thread
+  try {
+    functorch_tls->checkSupportsCppAutogradFunction();
+    return false;
+  } catch (const c10::Error&) {
+    return true;
+  }
+}
+
+// NOTE [Identity saves nothing]
+// Backward of an identity layer needs neither its output nor its pre-activation. Saving the output
+// anyway would make autograd refuse in-place ops on it (`y += x` after nn.Linear is legal), so an
+// empty placeholder is saved in its place (the backward ops do not read it for identity).
+at::Tensor saved_or_placeholder(int64_t activation, const at::Tensor& needed) {
+  return static_cast<Activation>(activation) == Activation::Identity ? at::empty({0}, needed.options()) : needed;
+}
+
 class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
@@ -52,7 +86,7 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["negative_slope"] = negative_slope;
     ctx->saved_data["has_bias"] = has_tensor(bias);
-    ctx->save_for_backward({input, weight, from_output ? output : preact,
+    ctx->save_for_backward({input, weight, saved_or_placeholder(activation, from_output ? output : preact),
                             has_tensor(bias) ? *bias : at::Tensor()});
     return output;
   }
@@ -98,6 +132,11 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
 at::Tensor fused_linear_autograd(const at::Tensor& input, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, int64_t activation,
                                  double negative_slope) {
+  if (has_forward_grad(input) || has_forward_grad(weight) || has_forward_grad(bias) || in_functorch_transform()) {
+    // See NOTE [Forward-mode AD and torch.func].
+    check_fused_linear_args(input, weight, bias, activation);
+    return reference_fused_linear(input, weight, bias, activation, negative_slope);
+  }
   const bool needs_graph = at::GradMode::is_enabled() &&
                            (input.requires_grad() || weight.requires_grad() ||
                             (has_tensor(bias) && bias->requires_grad()));
@@ -144,7 +183,7 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
     ctx->saved_data["activations"] = activations.vec();
     ctx->saved_data["negative_slope"] = negative_slope;
     ctx->saved_data["dropout"] = dropout.vec();
-    variable_list to_save{input, output};
+    variable_list to_save{input, saved_or_placeholder(activations.back(), output)};
     to_save.insert(to_save.end(), weights.begin(), weights.end());
     to_save.insert(to_save.end(), present_biases.begin(), present_biases.end());
     to_save.insert(to_save.end(), hidden.begin(), hidden.end());
@@ -229,6 +268,20 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
 at::Tensor fused_mlp_autograd(const at::Tensor& input, at::TensorList weights, const BiasList& biases,
                               at::IntArrayRef activations, double negative_slope, at::ArrayRef<double> dropout,
                               bool training) {
+  bool use_reference = has_forward_grad(input) || in_functorch_transform();
+  for (const auto& w : weights) use_reference = use_reference || has_forward_grad(w);
+  for (size_t l = 0; l < biases.size(); ++l) use_reference = use_reference || has_forward_grad(biases.get(l));
+  if (use_reference) {
+    // See NOTE [Forward-mode AD and torch.func]. The masks come from the fused forward (same draws).
+    check_fused_mlp_args(input, weights, biases, activations, dropout);
+    std::vector<at::Tensor> keep_masks;
+    if (training && std::any_of(dropout.begin(), dropout.end(), [](double p) { return p > 0.0; })) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      keep_masks = std::get<3>(mlp_forward_op().call(input, weights, biases, activations, negative_slope, dropout,
+                                                     training));
+    }
+    return reference_fused_mlp(input, weights, biases, activations, negative_slope, dropout, keep_masks);
+  }
   std::vector<at::Tensor> present_biases;
   bool any_requires_grad = input.requires_grad();
   for (const auto& w : weights) any_requires_grad = any_requires_grad || w.requires_grad();

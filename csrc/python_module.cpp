@@ -3,6 +3,8 @@
 #include <torch/extension.h>
 
 #include "cpu/kernels.h"
+#include "fused_linear.h"
+#include "fused_mlp.h"
 
 #ifndef PYFASTNN_CUDA_ARCHS
 #define PYFASTNN_CUDA_ARCHS ""
@@ -18,6 +20,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("derivative_from_output", [](int64_t activation, double negative_slope) {
     return pyfastnn::derivative_from_output(static_cast<pyfastnn::Activation>(activation), negative_slope);
   }, "Whether backward needs only the activation's output (else the pre-activation).");
+  // The kernels' own argument checks, for the fake kernels: one source of every check and message.
+  m.def("check_fused_linear_args", [](const at::Tensor& input, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias, int64_t activation) {
+    pyfastnn::check_fused_linear_args(input, weight, bias, activation);
+  });
+  m.def("check_fused_mlp_args", [](const at::Tensor& input, const std::vector<at::Tensor>& weights,
+                                   const std::vector<std::optional<at::Tensor>>& biases,
+                                   const std::vector<int64_t>& activations, const std::vector<double>& dropout) {
+    pyfastnn::check_fused_mlp_args(input, weights, pyfastnn::BiasList(biases), activations, dropout);
+  });
   m.def("cpu_isa", [] { return std::string(pyfastnn::cpu::epilogue_kernels().isa); },
         "Instruction set of the CPU epilogue kernels in use.");
   m.def("compiled_cpu_isas", [] { return std::string(pyfastnn::cpu::compiled_isas()); });

@@ -36,35 +36,27 @@ def canonical_activation(activation: Union[str, None]) -> str:
     return ACTIVATIONS[activation_code(activation)]
 
 
-def _output_shape(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> list:
-    """The checks the C++ kernels make, for the fake kernels (which also run for "meta" tensors)."""
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != input.device:
-            raise TypeError(f"pyfastnn: {name} is on {t.device} but input is on {input.device}")
-        if t is not None and t.dtype != input.dtype:
-            raise TypeError(f"pyfastnn: {name} dtype {t.dtype} does not match input dtype {input.dtype}")
-    torch._check(weight.dim() == 2, lambda: f"pyfastnn: weight must be 2-D, got {weight.dim()}-D")
-    torch._check(input.dim() >= 1, lambda: "pyfastnn: input must have at least 1 dimension")
-    torch._check(
-        input.shape[-1] == weight.shape[1],
-        lambda: f"pyfastnn: input has in_features={input.shape[-1]} but weight expects {weight.shape[1]}",
-    )
+def _output_shape(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: int) -> list:
+    """Runs the C++ kernels' own argument checks (same exception types and messages) for the fake
+    kernels, which also run for "meta" tensors; returns the output shape."""
+    _C.check_fused_linear_args(input, weight, bias, activation)
     return [*input.shape[:-1], weight.shape[0]]
 
 
 @torch.library.register_fake("pyfastnn::fused_linear")
 def _fused_linear_fake(input, weight, bias, activation, negative_slope):
-    return input.new_empty(_output_shape(input, weight, bias))
+    return input.new_empty(_output_shape(input, weight, bias, activation))
 
 
 @torch.library.register_fake("pyfastnn::fused_linear_forward")
 def _fused_linear_forward_fake(input, weight, bias, activation, negative_slope, keep_preact):
-    shape = _output_shape(input, weight, bias)
+    shape = _output_shape(input, weight, bias, activation)
     return input.new_empty(shape), input.new_empty(shape if keep_preact else [0])
 
 
 @torch.library.register_fake("pyfastnn::fused_linear_backward")
 def _fused_linear_backward_fake(grad_output, input, weight, saved, activation, negative_slope, output_mask):
+    _output_shape(input, weight, None, activation)
     grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0] else None
     grad_weight = weight.new_empty(weight.shape) if output_mask[1] else None
     grad_bias = weight.new_empty(weight.shape[:1]) if output_mask[2] else None
@@ -79,17 +71,8 @@ def _rows(input: torch.Tensor):
 
 
 def _mlp_output_shape(input, weights, biases, activations, dropout) -> list:
-    """The C++ fused_mlp checks that shapes depend on, for the fake kernels."""
-    torch._check(len(weights) >= 1, lambda: "pyfastnn: fused_mlp needs at least one weight")
-    for name, values in (("biases", biases), ("activations", activations), ("dropout probabilities", dropout)):
-        if len(values) != len(weights):
-            raise ValueError(f"pyfastnn: got {len(values)} {name} for {len(weights)} layers")
-    features = input
-    for layer, (weight, bias) in enumerate(zip(weights, biases)):
-        if not 0.0 <= dropout[layer] < 1.0:
-            raise ValueError(f"pyfastnn: dropout probability must be in [0, 1), got {dropout[layer]} for layer {layer}")
-        _output_shape(features, weight, bias)
-        features = weight.new_empty((0, weight.shape[0])) if layer + 1 < len(weights) else features
+    """The C++ fused_mlp argument checks (one source, see _output_shape); returns the output shape."""
+    _C.check_fused_mlp_args(input, list(weights), list(biases), list(activations), list(dropout))
     return [*input.shape[:-1], weights[-1].shape[0]]
 
 
@@ -121,3 +104,38 @@ def _fused_mlp_backward_fake(grad_output, input, weights, output, hidden, preact
     grad_biases = [w.new_empty(w.shape[:1]) if output_mask[1 + layers + l] else none
                    for l, w in enumerate(weights)]
     return grad_input, grad_weights, grad_biases
+
+
+# vmap: a batched input is just more leading dimensions for the ops, so vmap over data runs the
+# fused kernels once; batched parameters (model ensembles) run them once per sample.
+def _select(t: Optional[torch.Tensor], dim: Optional[int], index: int) -> Optional[torch.Tensor]:
+    return t if t is None or dim is None else t.select(dim, index)
+
+
+@torch.library.register_vmap("pyfastnn::fused_linear")
+def _fused_linear_vmap(info, in_dims, input, weight, bias, activation, negative_slope):
+    input_dim, weight_dim, bias_dim = in_dims[:3]
+    if weight_dim is None and bias_dim is None:
+        return ops.fused_linear(input.movedim(input_dim, 0), weight, bias, activation, negative_slope), 0
+    outputs = [ops.fused_linear(_select(input, input_dim, i), _select(weight, weight_dim, i),
+                                _select(bias, bias_dim, i), activation, negative_slope)
+               for i in range(info.batch_size)]
+    return torch.stack(outputs), 0
+
+
+@torch.library.register_vmap("pyfastnn::fused_mlp")
+def _fused_mlp_vmap(info, in_dims, input, weights, biases, activations, negative_slope, dropout, training):
+    input_dim, weight_dims, bias_dims = in_dims[:3]
+    if training and any(p > 0 for p in dropout) and info.randomness != "different":
+        # Like torch's own random ops under vmap: each sample's mask must be asked for explicitly.
+        raise RuntimeError(f"vmap: fused_mlp draws dropout masks in training mode, which vmap's randomness="
+                           f"{info.randomness!r} does not allow; use torch.vmap(..., randomness='different') "
+                           f"(each sample draws its own masks) or eval mode")
+    if input_dim is not None and all(d is None for d in (*weight_dims, *bias_dims)):
+        return ops.fused_mlp(input.movedim(input_dim, 0), weights, biases, activations, negative_slope, dropout,
+                             training), 0
+    outputs = [ops.fused_mlp(_select(input, input_dim, i), [_select(w, d, i) for w, d in zip(weights, weight_dims)],
+                             [_select(b, d, i) for b, d in zip(biases, bias_dims)], activations, negative_slope,
+                             dropout, training)
+               for i in range(info.batch_size)]
+    return torch.stack(outputs), 0

@@ -69,12 +69,29 @@ def _fused_mlp(input, weights, biases, codes, negative_slope: float, dropout, tr
         raise
 
 
-def _per_layer(value, layers: int, name: str) -> list:
+def _per_layer(value, layers: int, name: str, check) -> list:
+    """One value per layer: a list/tuple of exactly `layers` values, or one value for all (checked
+    by `check` even when there is no layer to apply it to)."""
     if isinstance(value, (list, tuple)):
         if len(value) != layers:
-            raise ValueError(f"pyfastnn: got {len(value)} values for {name}, expected {layers} (one per layer)")
-        return list(value)
-    return [value] * layers
+            raise ValueError(f"pyfastnn: got {len(value)} values for {name}, expected {layers} (one per hidden layer)")
+        return [check(v) for v in value]
+    checked = check(value)
+    return [checked] * layers
+
+
+def _dropout_probability(p) -> float:
+    p = float(p)
+    if not 0.0 <= p < 1.0:  # also rejects NaN
+        raise ValueError(f"pyfastnn: dropout probability must be in [0, 1), got {p}")
+    return p
+
+
+def _tensor_list(values, name: str) -> list:
+    """A list from a list, tuple or other iterable of tensors (nn.ParameterList included)."""
+    if isinstance(values, (torch.Tensor, str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"pyfastnn: {name} must be a list of tensors, got {type(values).__name__}")
+    return list(values)
 
 
 def fused_mlp(
@@ -93,7 +110,8 @@ def fused_mlp(
 
     Args:
         input: ``(*, in_features)``.
-        weights: ``[(out_0, in_features), (out_1, out_0), ...]``, the ``nn.Linear`` layout.
+        weights: ``[(out_0, in_features), (out_1, out_0), ...]``, the ``nn.Linear`` layout (a list,
+            tuple or ``nn.ParameterList``).
         biases: one ``(out_l,)`` tensor or ``None`` per layer; ``None`` for no biases at all.
         activation: hidden layers' activation, one name or one per hidden layer.
         output_activation: the last layer's activation.
@@ -111,14 +129,11 @@ def fused_mlp(
         >>> torch.allclose(y, F.linear(F.relu(F.linear(x, w1, b1)), w2, b2), atol=1e-5)
         True
     """
-    if isinstance(weights, torch.Tensor) or not isinstance(weights, (list, tuple)):
-        raise TypeError(f"pyfastnn: weights must be a list of tensors, got {type(weights).__name__}")
+    weights = _tensor_list(weights, "weights")
     layers = len(weights)
     if layers == 0:
         raise ValueError("pyfastnn: fused_mlp needs at least one weight")
-    biases = [None] * layers if biases is None else list(biases)
-    hidden_acts = _per_layer(activation, layers - 1, "activation") if layers > 1 else []
-    hidden_dropout = _per_layer(dropout, layers - 1, "dropout") if layers > 1 else []
-    codes = [activation_code(a) for a in hidden_acts] + [activation_code(output_activation)]
-    probabilities = [float(p) for p in hidden_dropout] + [0.0]
-    return _fused_mlp(input, list(weights), biases, codes, float(negative_slope), probabilities, bool(training))
+    biases = [None] * layers if biases is None else _tensor_list(biases, "biases")
+    codes = _per_layer(activation, layers - 1, "activation", activation_code) + [activation_code(output_activation)]
+    probabilities = _per_layer(dropout, layers - 1, "dropout", _dropout_probability) + [0.0]
+    return _fused_mlp(input, weights, biases, codes, float(negative_slope), probabilities, bool(training))

@@ -5,20 +5,28 @@ Two passes, innermost modules first:
 * inside every ``nn.Sequential`` (nested ones too), each maximal run of ``nn.Linear``, optional
   supported activation, optional ``nn.Dropout`` layers becomes one :class:`~pyfastnn.FusedMLP`
   (two or more layers) or :class:`~pyfastnn.FusedLinear` (one layer); a Sequential that is one
-  run altogether is replaced by a FusedMLP with the same state-dict keys;
+  run altogether is replaced by a FusedMLP with the same state-dict keys. In a Sequential that
+  keeps other modules, the fused module takes the index of the run's first module and the
+  modules it absorbed become ``nn.Identity``, so indices stay; the Sequential's state dict keeps
+  the original keys (its state-dict hooks map ``"1.3.weight"`` of a FusedMLP at 1 to ``"4.weight"``);
 * any other module with ``nn.Linear`` children (say ``forward`` calls ``self.layer1``, then
-  ``self.relu``) is traced with ``torch.fx``; each Linear whose only use is a supported activation
-  (then optionally an ``nn.Dropout``) becomes a FusedLinear under the Linear's own name, and the
-  module becomes a ``torch.fx.GraphModule``. Modules that cannot be traced are left as they are.
+  ``self.relu``) is traced with ``torch.fx``; each Linear called at one place only, whose only use
+  is a supported activation (then optionally an ``nn.Dropout``), becomes a FusedLinear under the
+  Linear's own name, and the module becomes a ``torch.fx.GraphModule``. Modules that cannot be
+  traced, and modules whose traced graph differs between ``train()`` and ``eval()`` (a
+  ``self.training`` branch or ``F.dropout(..., self.training)``; a graph would freeze one mode), are
+  left as they are.
 
-The fused modules hold the very same parameter tensors; everything else is left alone.
+Modules with hooks are never absorbed (fusion would bypass the hooks); :func:`fuse` warns about
+them. The fused modules hold the very same parameter tensors; everything else is left alone.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +49,18 @@ class FusedRun:
         return f"{self.path or '<root>'}: {' -> '.join(self.replaced)} => {self.module}"
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether `module` has forward/backward hooks of its own, which a fused module would bypass."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
 def _activation_of(module: nn.Module) -> Optional[Tuple[str, float]]:
     """(activation name, negative_slope) for the activation modules the kernels implement, else None.
     Exact types only: a subclass may change what forward does."""
     kind = type(module)
+    if has_hooks(module):
+        return None
     if kind is nn.ReLU:
         return "relu", 0.01
     if kind is nn.LeakyReLU:
@@ -56,13 +72,17 @@ def _activation_of(module: nn.Module) -> Optional[Tuple[str, float]]:
 
 
 def _dropout_of(module: nn.Module) -> Optional[float]:
-    if type(module) is nn.Dropout and 0.0 <= module.p < 1.0:
+    if type(module) is nn.Dropout and 0.0 <= module.p < 1.0 and not has_hooks(module):
         return float(module.p)
     return None
 
 
 # One parsed layer: (linear, activation name, negative_slope, dropout probability).
 Layer = Tuple[nn.Linear, str, float, float]
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and not has_hooks(module)
 
 
 def _chains(previous: Layer, layer: Layer) -> bool:
@@ -78,7 +98,7 @@ def parse_layers(modules: List[nn.Module], start: int) -> Tuple[List[Layer], int
     and the index just past it."""
     layers: List[Layer] = []
     i = start
-    while i < len(modules) and type(modules[i]) is nn.Linear:
+    while i < len(modules) and _is_plain_linear(modules[i]):
         j = i + 1
         activation, slope, p = "identity", 0.01, 0.0
         if j < len(modules) and (found := _activation_of(modules[j])) is not None:
@@ -115,35 +135,75 @@ def _worth_fusing(layers: List[Layer]) -> bool:
     return bool(layers) and (len(layers) > 1 or layers[0][1] != "identity" or layers[0][3] > 0.0)
 
 
-def _fuse_sequential(seq: nn.Sequential, path: str, report: List[FusedRun]) -> nn.Module:
+def _rename(key: str, table: Dict[str, str], levels: int) -> str:
+    parts = key.split(".")
+    head = ".".join(parts[:levels])
+    if len(parts) > levels and head in table:
+        return table[head] + "." + ".".join(parts[levels:])
+    return key
+
+
+class SaveOriginalKeys:
+    """State-dict post-hook of a Sequential whose runs became FusedMLP modules in place: saves the
+    layer that stood at index ``i`` of the original Sequential as ``"i.*"``, not as
+    ``"<FusedMLP index>.<layer index>.*"``. ``renames`` maps ``{"4": "1.3", ...}``."""
+
+    def __init__(self, renames: Dict[str, str]) -> None:
+        self.originals = {fused: original for original, fused in renames.items()}
+
+    def __call__(self, module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
+        entries = [(k, state_dict.pop(k)) for k in [k for k in state_dict if k.startswith(prefix)]]
+        for key, value in entries:  # re-inserted in the same order, renamed where needed
+            state_dict[prefix + _rename(key[len(prefix):], self.originals, levels=2)] = value
+
+
+class LoadOriginalKeys:
+    """The load_state_dict pre-hook matching :class:`SaveOriginalKeys` (original keys load)."""
+
+    def __init__(self, renames: Dict[str, str]) -> None:
+        self.renames = dict(renames)
+
+    def __call__(self, module: nn.Module, state_dict, prefix: str, local_metadata, strict, missing_keys,
+                 unexpected_keys, error_msgs) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            renamed = prefix + _rename(key[len(prefix):], self.renames, levels=1)
+            if renamed != key:
+                state_dict[renamed] = state_dict.pop(key)
+
+
+def _fuse_sequential(seq: nn.Sequential, path: str, report: List[FusedRun], replace_whole: bool = True) -> nn.Module:
     modules = list(seq)
+    names = list(seq._modules)
     layers, end = parse_layers(modules, 0)
-    if _worth_fusing(layers) and end == len(modules):
+    if replace_whole and _worth_fusing(layers) and end == len(modules):
         # The whole Sequential is one run: a FusedMLP takes its place, and its layers take the
         # Linear modules' indices, so the state-dict keys stay exactly the same.
         fused = _fused_module(layers, as_mlp=True)
         if list(fused.state_dict()) == list(seq.state_dict()):
             report.append(FusedRun(path.rstrip("."), tuple(_describe(m) for m in modules), "FusedMLP"))
             return fused
-    kept: List[nn.Module] = []
+    # Otherwise each run is replaced where it stands: the fused module under the name of the run's
+    # first module, nn.Identity under the others' (indices, len() and append() keep working).
+    renames: Dict[str, str] = {}
     i = 0
     while i < len(modules):
         layers, end = parse_layers(modules, i)
-        if _worth_fusing(layers):
-            fused = _fused_module(layers)
-            report.append(FusedRun(f"{path}{len(kept)}", tuple(_describe(m) for m in modules[i:end]),
-                                   type(fused).__name__))
-            kept.append(fused)
-            i = end
-        else:
-            kept.append(modules[i])
+        if not _worth_fusing(layers):
             i += 1
-    if len(kept) != len(modules):
-        # Renumbered 0..n-1 like any Sequential (gaps would make Sequential.append overwrite).
-        for name in list(seq._modules):
-            del seq._modules[name]
-        for index, module in enumerate(kept):
-            seq.add_module(str(index), module)
+            continue
+        fused = _fused_module(layers)
+        report.append(FusedRun(f"{path}{names[i]}", tuple(_describe(m) for m in modules[i:end]), type(fused).__name__))
+        setattr(seq, names[i], fused)
+        for j in range(i + 1, end):
+            setattr(seq, names[j], nn.Identity())
+        if isinstance(fused, FusedMLP):
+            linears = [names[j] for j in range(i, end) if any(modules[j] is layer[0] for layer in layers)]
+            for original, (layer_name, _) in zip(linears, fused.named_children()):
+                renames[original] = f"{names[i]}.{layer_name}"
+        i = end
+    if renames:
+        seq.register_state_dict_post_hook(SaveOriginalKeys(renames))
+        seq.register_load_state_dict_pre_hook(LoadOriginalKeys(renames))
     return seq
 
 
@@ -176,17 +236,38 @@ def _node_activation(gm: torch.fx.GraphModule, node: torch.fx.Node, source: torc
     return None
 
 
+def _trace_in_mode(module: nn.Module, training: bool) -> torch.fx.Graph:
+    """The graph of `module.forward` with ``module.training`` set to `training` (restored after)."""
+    was_training = module.training
+    module.training = training  # the module's own flag only: submodules are leaves of the trace
+    try:
+        return _ShallowTracer().trace(module)
+    finally:
+        module.training = was_training
+
+
 def _fuse_traced(module: nn.Module, path: str, report: List[FusedRun]) -> nn.Module:
     try:
-        graph = _ShallowTracer().trace(module)
+        graph = _trace_in_mode(module, module.training)
+        other = _trace_in_mode(module, not module.training)
     except Exception:  # data-dependent control flow and the like: leave the module alone
+        return module
+    if graph.python_code("self").src != other.python_code("self").src:
+        # forward reads self.training (an `if self.training:` branch, F.dropout(x, p, self.training)):
+        # a traced graph would keep the mode it was traced in forever.
         return module
     gm = torch.fx.GraphModule(module, graph, class_name=type(module).__name__)
     changed = False
+    call_counts: Dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            call_counts[node.target] = call_counts.get(node.target, 0) + 1
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or type(gm.get_submodule(node.target)) is not nn.Linear:
+        if node.op != "call_module" or not _is_plain_linear(gm.get_submodule(node.target)):
             continue
-        if len(node.users) != 1:
+        if len(node.users) != 1 or call_counts[node.target] != 1:
+            # A Linear called at several places must stay one: fusing it (swapped by name) would
+            # give every call site the activation of one of them.
             continue
         act_node = next(iter(node.users))
         activation = _node_activation(gm, act_node, node)
@@ -220,7 +301,8 @@ def _fuse_traced(module: nn.Module, path: str, report: List[FusedRun]) -> nn.Mod
     return gm
 
 
-def _fuse_tree(module: nn.Module, path: str, report: List[FusedRun]) -> nn.Module:
+def _fuse_tree(module: nn.Module, path: str, report: List[FusedRun], keep_root: bool = False) -> nn.Module:
+    """Fuses `module`'s subtree; with `keep_root`, `module` itself is changed in place, never replaced."""
     if isinstance(module, (FusedLinear, FusedMLP)):
         return module
     for name, child in list(module.named_children()):
@@ -228,9 +310,17 @@ def _fuse_tree(module: nn.Module, path: str, report: List[FusedRun]) -> nn.Modul
         if new_child is not child:
             setattr(module, name, new_child)
     if isinstance(module, nn.Sequential):
-        return _fuse_sequential(module, path, report)
+        return _fuse_sequential(module, path, report, replace_whole=not keep_root)
     if any(type(child) is nn.Linear for child in module.children()):
-        return _fuse_traced(module, path, report)
+        found: List[FusedRun] = []
+        traced = _fuse_traced(module, path, found)
+        if keep_root and traced is not module:
+            warnings.warn(f"pyfastnn.fuse(inplace=True) left the forward of the top-level {type(module).__name__} "
+                          f"unfused: fusing it replaces the module by a torch.fx.GraphModule, which cannot happen "
+                          f"in place; use `model = pyfastnn.fuse(model)` for that", stacklevel=3)
+            return module
+        report.extend(found)
+        return traced
     return module
 
 
@@ -246,7 +336,10 @@ def fuse(model: nn.Module, inplace: bool = False, *, report: Optional[list] = No
 
     Args:
         model: any module; it is deep-copied first unless ``inplace``.
-        inplace: modify ``model`` itself (the fused modules then share its parameter tensors).
+        inplace: modify ``model`` itself (the fused modules then share its parameter tensors) and
+            return it: a Sequential that is one run keeps its class (the run becomes a FusedMLP at
+            index 0), and a top-level module whose own ``forward`` would need tracing is left
+            unfused with a warning (only a new ``GraphModule`` could run the fused graph).
         report: a list that receives one :class:`FusedRun` per replacement.
         verbose: print the replacements.
 
@@ -268,8 +361,14 @@ def fuse(model: nn.Module, inplace: bool = False, *, report: Optional[list] = No
         raise TypeError(f"fuse expects an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
+    hooked = [name or type(model).__name__ for name, module in model.named_modules()
+              if type(module) is nn.Linear and has_hooks(module)]
+    if hooked:
+        warnings.warn(f"pyfastnn.fuse left {', '.join(hooked)} unfused: they have forward/backward hooks "
+                      f"(or a hook-based reparametrization such as prune), which a fused module would bypass",
+                      stacklevel=2)
     runs: List[FusedRun] = []
-    model = _fuse_tree(model, "", runs)
+    model = _fuse_tree(model, "", runs, keep_root=inplace)
     if verbose:
         for run in runs:
             print(f"pyfastnn.fuse: {run}")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Iterable, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ._ops import activation_code, canonical_activation
 from .functional import _fused_linear, _fused_mlp
@@ -20,11 +22,16 @@ def _check_dropout(p: float) -> float:
     return p
 
 
+_LEAKY_RELU = activation_code("leaky_relu")
+
+
 class FusedLinear(nn.Module):
     """``nn.Linear`` followed by an activation (and optionally dropout), one fused op each way.
 
     Parameters are named, shaped and initialised exactly like ``nn.Linear``'s (``weight`` of shape
     ``(out_features, in_features)``, optional ``bias``), so state dicts move freely between the two.
+    ``activation``, ``negative_slope`` and ``dropout`` are read on every call: assigning one changes
+    what the layer computes (and is checked like the constructor argument).
 
     Args:
         in_features: size of each input sample.
@@ -44,8 +51,6 @@ class FusedLinear(nn.Module):
         torch.Size([64, 256])
     """
 
-    __constants__ = ["in_features", "out_features", "activation", "negative_slope", "dropout"]
-
     def __init__(
         self,
         in_features: int,
@@ -60,12 +65,11 @@ class FusedLinear(nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.dropout = _check_dropout(dropout)
+        self.dropout = dropout
         self.in_features = in_features
         self.out_features = out_features
-        self.activation = canonical_activation(activation)
-        self.negative_slope = float(negative_slope)
-        self._activation_code = activation_code(self.activation)
+        self.activation = activation
+        self.negative_slope = negative_slope
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
@@ -75,6 +79,43 @@ class FusedLinear(nn.Module):
 
     # The very same initialisation as nn.Linear (kaiming-uniform weight, fan-in-uniform bias).
     reset_parameters = nn.Linear.reset_parameters
+
+    def __setstate__(self, state: dict) -> None:
+        # Modules pickled whole before these attributes became properties kept them as plain values.
+        for name in ("activation", "negative_slope", "dropout"):
+            if name in state:
+                state["_" + name] = state.pop(name)
+        if "_activation" in state:
+            state["_activation_code"] = activation_code(state["_activation"])
+        super().__setstate__(state)
+
+    @property
+    def activation(self) -> str:
+        """The activation's canonical name; assigning a name (or ``None``) changes the computation."""
+        return self._activation
+
+    @activation.setter
+    def activation(self, value: Optional[str]) -> None:
+        code = activation_code(value)  # raises ValueError for an unknown name
+        self._activation, self._activation_code = canonical_activation(value), code
+
+    @property
+    def negative_slope(self) -> float:
+        """``leaky_relu``'s slope for negative inputs."""
+        return self._negative_slope
+
+    @negative_slope.setter
+    def negative_slope(self, value: float) -> None:
+        self._negative_slope = float(value)
+
+    @property
+    def dropout(self) -> float:
+        """Dropout probability after the activation in ``train()`` mode; must be in ``[0, 1)``."""
+        return self._dropout
+
+    @dropout.setter
+    def dropout(self, value: float) -> None:
+        self._dropout = _check_dropout(value)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.dropout > 0.0 and self.training:  # a one-layer fused MLP with dropout after it
@@ -99,6 +140,9 @@ class FusedLinear(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if isinstance(linear.weight, nn.parameter.UninitializedParameter):
+            raise ValueError("from_linear got an uninitialized nn.LazyLinear (in_features is not known yet); "
+                             "run one forward pass through it first")
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     activation=activation, negative_slope=negative_slope, dropout=dropout, device="meta")
         take = (lambda p: nn.Parameter(p.detach().clone(), p.requires_grad)) if copy else (lambda p: p)
@@ -113,16 +157,31 @@ class FusedLinear(nn.Module):
         return nn.Sequential(*self._plain_modules(keep_identity=True))
 
     def _plain_modules(self, keep_identity: bool) -> List[nn.Module]:
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device="meta")
-        linear.weight = self.weight
-        linear.bias = self.bias
-        modules: List[nn.Module] = [linear]
+        modules: List[nn.Module] = [self._plain_linear()]
         if keep_identity or self.activation != "identity":
             modules.append(activation_module(self.activation, self.negative_slope))
         if self.dropout > 0.0:
             modules.append(nn.Dropout(self.dropout))
         return modules
+
+    def _plain_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` sharing this layer's parameters, and its parametrizations if it has any."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        for name in ("weight", "bias"):
+            if parametrize.is_parametrized(self, name):
+                # A placeholder parametrization gives `linear` the parametrized class and property;
+                # then the layer's own ParametrizationList (with its original tensors) replaces it.
+                parametrize.register_parametrization(linear, name, nn.Identity(), unsafe=True)
+                linear.parametrizations[name] = self.parametrizations[name]
+            elif name in self._parameters:
+                setattr(linear, name, self._parameters[name])
+            else:
+                raise RuntimeError(
+                    f"pyfastnn: this layer's {name} is computed by a forward pre-hook (torch.nn.utils.prune, "
+                    f"weight_norm or spectral_norm), which an nn.Linear copy would not run; remove it first "
+                    f"(e.g. prune.remove) or use torch.nn.utils.parametrize / parametrizations, which are "
+                    f"carried over")
+        return linear
 
     def extra_repr(self) -> str:
         text = (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -142,8 +201,11 @@ class FusedMLP(nn.Module):
     ``nn.Linear``), registered under the indices the equivalent ``nn.Sequential`` gives its
     ``nn.Linear`` modules, so the state dicts of the two are interchangeable as they are
     (:meth:`to_sequential`, :meth:`from_sequential`). The layers are run by the fused op, not called
-    one by one: hooks on them do not fire, and their activation and dropout are read once, when the
-    FusedMLP is built (their parameters are read on every call).
+    one by one. Their parameters, activation, dropout and ``negative_slope`` are read on every
+    call (assigning a new layer or attribute takes effect); their forward pre-hooks run before the
+    fused op, so ``torch.nn.utils.prune`` and the hook-based ``weight_norm`` / ``spectral_norm``
+    work, as do ``torch.nn.utils.parametrize`` parametrizations; forward and backward hooks on a
+    layer raise ``RuntimeError`` (the layer's output is never a separate tensor).
 
     Args:
         sizes: ``[in_features, hidden_1, ..., out_features]`` (at least two entries).
@@ -176,7 +238,7 @@ class FusedMLP(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        sizes = [int(n) for n in sizes]
+        sizes = _layer_sizes(sizes)
         if len(sizes) < 2 or any(n < 0 for n in sizes):
             raise ValueError(f"sizes must list at least in_features and out_features (>= 0), got {sizes}")
         dropout = _check_dropout(dropout)
@@ -191,23 +253,23 @@ class FusedMLP(nn.Module):
     def _set_layers(self, layers: Sequence[FusedLinear]) -> None:
         if not layers:
             raise ValueError("a FusedMLP needs at least one layer")
-        slopes = {layer.negative_slope for layer in layers if layer.activation == "leaky_relu"}
-        if len(slopes) > 1:
-            raise ValueError(f"all leaky_relu layers of one FusedMLP need the same negative_slope, got {sorted(slopes)}")
+        for layer in layers:
+            if not isinstance(layer, FusedLinear):
+                raise TypeError(f"a FusedMLP's layers must be FusedLinear modules, got {type(layer).__name__}")
+        _common_negative_slope(layers)
         for before, after in zip(layers[:-1], layers[1:]):
             if before.out_features != after.in_features:
                 raise ValueError(f"layer widths do not chain: {before.out_features} outputs feed "
                                  f"{after.in_features} inputs")
-        self.negative_slope = slopes.pop() if slopes else 0.01
         index = 0
         for layer in layers:  # the indices nn.Sequential gives the nn.Linear modules
             self.add_module(str(index), layer)
             index += 1 + (layer.activation != "identity") + (layer.dropout > 0.0)
-        # Fixed at construction: the forward pass reads these instead of every layer's attributes
-        # (a few microseconds per call, a visible share at batch 1).
-        self._activation_codes = [layer._activation_code for layer in layers]
-        self._dropout = [layer.dropout for layer in layers]
-        self._parameter_dicts = [layer._parameters for layer in layers]
+
+    @property
+    def negative_slope(self) -> float:
+        """The ``leaky_relu`` slope of its leaky layers (they must agree; 0.01 when there are none)."""
+        return _common_negative_slope(list(self))
 
     @classmethod
     def from_layers(cls, layers: Iterable[FusedLinear]) -> "FusedMLP":
@@ -252,16 +314,72 @@ class FusedMLP(nn.Module):
         return nn.Sequential(*modules)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        # The layers' own parameter dicts: assigning a new Parameter to a layer is still seen.
-        parameters = self._parameter_dicts
+        # Everything is read from the layers on every call (a few microseconds): replacing a layer,
+        # assigning a parameter or an attribute, export's attribute snapshots, parametrizations and
+        # hook-based reparametrizations are all seen.
+        weights, biases, codes, dropout = [], [], [], []
+        slope: Optional[float] = None
+        for name, layer in self._modules.items():
+            if not isinstance(layer, FusedLinear):
+                raise TypeError(f"pyfastnn: FusedMLP layer {name!r} must be a FusedLinear, got {type(layer).__name__}")
+            if layer._forward_pre_hooks or layer._forward_hooks or layer._backward_hooks or \
+                    layer._backward_pre_hooks:
+                _run_layer_pre_hooks(layer, name, input)
+            parameters = layer._parameters
+            # A parametrized or hook-reparametrized layer computes its weight on access.
+            weights.append(parameters["weight"] if "weight" in parameters else layer.weight)
+            biases.append(parameters["bias"] if "bias" in parameters else layer.bias)
+            code = layer._activation_code
+            if code == _LEAKY_RELU:
+                if slope is not None and layer._negative_slope != slope:
+                    _common_negative_slope(list(self))  # raises, naming the slopes
+                slope = layer._negative_slope
+            codes.append(code)
+            dropout.append(layer._dropout)
+        return _fused_mlp(input, weights, biases, codes, 0.01 if slope is None else slope, dropout, self.training)
+
+
+def _layer_sizes(sizes) -> List[int]:
+    """``FusedMLP``'s ``sizes`` as integers; floats, strings and other non-integers are refused."""
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
+        raise TypeError(f"sizes must be a sequence of integers, got {type(sizes).__name__}")
+    result = []
+    for n in sizes:
+        if isinstance(n, bool):
+            raise TypeError(f"sizes must be integers, got {n!r}")
         try:
-            weights = [p["weight"] for p in parameters]
-            biases = [p["bias"] for p in parameters]
-        except KeyError:  # a parametrized layer (e.g. weight_norm) computes its weight on access
-            weights = [layer.weight for layer in self]
-            biases = [layer.bias for layer in self]
-        return _fused_mlp(input, weights, biases, self._activation_codes, self.negative_slope, self._dropout,
-                          self.training)
+            result.append(operator.index(n))
+        except TypeError:
+            raise TypeError(f"sizes must be integers, got {n!r} ({type(n).__name__})") from None
+    return result
+
+
+def _common_negative_slope(layers: Sequence[FusedLinear]) -> float:
+    slopes = {layer.negative_slope for layer in layers if layer.activation == "leaky_relu"}
+    if len(slopes) > 1:
+        raise ValueError(f"all leaky_relu layers of one FusedMLP need the same negative_slope, got {sorted(slopes)}")
+    return slopes.pop() if slopes else 0.01
+
+
+def _run_layer_pre_hooks(layer: nn.Module, name: str, input: torch.Tensor) -> None:
+    """Runs a layer's forward pre-hooks before the fused op, so that hook-based reparametrizations
+    (``torch.nn.utils.prune``, old-style ``weight_norm`` / ``spectral_norm``) recompute its weight.
+    Hooks that need the layer's own input or output cannot work inside one fused op: refused."""
+    if layer._forward_hooks or layer._backward_hooks or layer._backward_pre_hooks:
+        raise RuntimeError(
+            f"pyfastnn: FusedMLP layer {name!r} has forward or backward hooks, but the FusedMLP runs all "
+            f"its layers inside one fused op, so they would never see the layer's output or gradient; "
+            f"register them on the FusedMLP itself, or use to_sequential()")
+    for hook_id, hook in list(layer._forward_pre_hooks.items()):
+        if hook_id in layer._forward_pre_hooks_with_kwargs:
+            result = hook(layer, (input,), {})
+        else:
+            result = hook(layer, (input,))
+        if result is not None:
+            raise RuntimeError(
+                f"pyfastnn: a forward pre-hook of FusedMLP layer {name!r} returned a replacement input, which "
+                f"cannot be applied inside the fused op (the layer's input is not a separate tensor); "
+                f"use to_sequential() for such hooks")
 
 
 def activation_module(activation: Optional[str], negative_slope: float = 0.01) -> nn.Module:

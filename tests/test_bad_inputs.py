@@ -34,6 +34,26 @@ def test_bad_input_raises(args, kwargs, exc, pattern):
         pyfastnn.fused_linear(*args, **kwargs)
 
 
+@pytest.mark.parametrize("args,kwargs,exc,pattern", [c[1:] for c in CASES if c[0] != "input_not_a_tensor"],
+                         ids=[c[0] for c in CASES if c[0] != "input_not_a_tensor"])
+def test_fake_kernels_raise_what_the_kernels_raise(args, kwargs, exc, pattern):
+    """torch.compile / FakeTensor / "meta" tensors reject the same calls, with the same exception."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    on_meta = tuple(a.to("meta") if isinstance(a, torch.Tensor) and a.device.type == "cpu" else a for a in args)
+    if any(isinstance(a, torch.Tensor) and a.device.type == "meta" for a in args):
+        on_meta = args  # the device cases: meta tensors mixed with cpu ones, as they are
+    with pytest.raises(exc, match=pattern):
+        pyfastnn.fused_linear(*on_meta, **kwargs)
+    mode = FakeTensorMode()
+    fakes = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+    with mode, pytest.raises(exc, match=pattern):
+        pyfastnn.fused_linear(*fakes, **kwargs)
+    if args[2] is None or isinstance(args[2], torch.Tensor):  # and the whole-MLP op, as a one-layer MLP
+        with mode, pytest.raises(exc, match=pattern.replace("weight ", "weights\\[0\\] ").replace("bias ", "biases\\[0\\] ")):
+            pyfastnn.fused_mlp(fakes[0], [fakes[1]], [fakes[2]], output_activation=kwargs.get("activation", "relu"))
+
+
 def test_bad_activation_code_on_raw_op():
     with pytest.raises(ValueError, match="unknown activation code 42"):
         torch.ops.pyfastnn.fused_linear(X, W, None, 42, 0.0)

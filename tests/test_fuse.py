@@ -177,8 +177,10 @@ def test_fuse_nested_and_partial_runs():
     runs = []
     fused = pyfastnn.fuse(model, report=runs)
     kinds = [type(m).__name__ for m in fused.body]
-    # Linear-GELU-Linear is one run (Softplus is not fused), then Linear-LeakyReLU on its own.
-    assert kinds == ["FusedMLP", "Softplus", "FusedLinear"]
+    # Linear-GELU-Linear is one run (Softplus is not fused), then Linear-LeakyReLU on its own; each
+    # takes its first module's index and leaves nn.Identity in the others' places.
+    assert kinds == ["FusedMLP", "Identity", "Identity", "Softplus", "FusedLinear", "Identity"]
+    assert list(fused.state_dict()) == list(model.state_dict())
     assert type(fused.head[1]) is FusedMLP  # the nested Sequential is one run: replaced whole
     assert len(runs) == 3
     assert_same_function(model, fused, torch.randn(5, 6))

@@ -1,0 +1,525 @@
+"""Drop-in behaviour where plain PyTorch users would notice a difference: torch.export, forward-mode
+AD and vmap, fuse() on shared modules / mode-dependent graphs / partial Sequentials / hooks,
+in-place ops after identity outputs, live layer attributes and hook-based reparametrizations."""
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.nn.utils.prune
+from torch import nn
+
+import pyfastnn
+from pyfastnn import FusedLinear, FusedMLP
+from samples import reference, reference_mlp
+
+
+def _mlp(sizes=(8, 16, 12, 4), **kwargs) -> FusedMLP:
+    torch.manual_seed(0)
+    return FusedMLP(list(sizes), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.export
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
+@pytest.mark.parametrize("make", [lambda: _mlp(activation="gelu"),
+                                  lambda: FusedLinear(8, 5, activation="tanh")], ids=["FusedMLP", "FusedLinear"])
+def test_export_matches_module_and_leaves_it_working(strict, make):
+    module = make().eval()
+    x = torch.randn(5, 8)
+    expected = module(x)
+    for _ in range(2):  # a second export of the same module works too
+        program = torch.export.export(module, (x,), strict=strict)
+        torch.testing.assert_close(program.module()(x), expected)
+    out = module(x)
+    assert type(out) is torch.Tensor  # not a FakeTensor left behind by export
+    torch.testing.assert_close(out, expected)
+    module.train()
+    module(x).sum().backward()
+    first = module[0] if isinstance(module, FusedMLP) else module
+    assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
+
+
+def test_replacing_a_layer_is_seen_by_forward():
+    mlp = _mlp((8, 6, 3))
+    new_layer = FusedLinear(8, 6, activation="tanh")
+    setattr(mlp, "0", new_layer)
+    x = torch.randn(4, 8)
+    expected = F.linear(torch.tanh(F.linear(x, new_layer.weight, new_layer.bias)), mlp[1].weight, mlp[1].bias)
+    torch.testing.assert_close(mlp(x), expected)
+    mlp[1].weight = nn.Parameter(torch.randn(3, 6))  # a new Parameter is seen as well
+    expected = F.linear(torch.tanh(F.linear(x, new_layer.weight, new_layer.bias)), mlp[1].weight, mlp[1].bias)
+    torch.testing.assert_close(mlp(x), expected)
+    setattr(mlp, "2", nn.Linear(6, 3))  # the second layer's name, as in nn.Sequential (ReLU at 1)
+    with pytest.raises(TypeError, match="layer '2' must be a FusedLinear, got Linear"):
+        mlp(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward-mode AD and vmap
+
+
+@pytest.mark.parametrize("activation", pyfastnn.ACTIVATIONS)
+def test_forward_ad_of_fused_linear_matches_pytorch(activation):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(5, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64), \
+        torch.randn(4, dtype=torch.float64)
+    tangents = tuple(torch.randn_like(t) for t in (x, w, b))
+
+    def fused(x, w, b):
+        return pyfastnn.fused_linear(x, w, b, activation, negative_slope=0.2)
+
+    def plain(x, w, b):
+        return reference(x, w, b, activation, 0.2)
+
+    out, tangent = torch.func.jvp(fused, (x, w, b), tangents)
+    expected_out, expected_tangent = torch.func.jvp(plain, (x, w, b), tangents)
+    torch.testing.assert_close(out, expected_out)
+    torch.testing.assert_close(tangent, expected_tangent)
+    assert tangent.abs().sum() > 0
+    torch.testing.assert_close(torch.func.jacfwd(fused, argnums=(0, 1, 2))(x, w, b),
+                               torch.func.jacrev(plain, argnums=(0, 1, 2))(x, w, b))
+    torch.testing.assert_close(torch.func.jacrev(fused, argnums=(0, 1, 2))(x, w, b),
+                               torch.func.jacrev(plain, argnums=(0, 1, 2))(x, w, b))
+    torch.testing.assert_close(torch.func.hessian(lambda w: fused(x, w, b).sum())(w),
+                               torch.func.hessian(lambda w: plain(x, w, b).sum())(w))
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(w, tangents[1])  # a tangent on the weight alone
+        dual_tangent = fwAD.unpack_dual(fused(x, dual, b)).tangent
+    _, expected_w = torch.func.jvp(lambda w: plain(x, w, b), (w,), (tangents[1],))
+    torch.testing.assert_close(dual_tangent, expected_w)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_forward_ad_of_fused_mlp(dropout):
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    weights = [torch.randn(9, 5, dtype=torch.float64), torch.randn(7, 9, dtype=torch.float64),
+               torch.randn(3, 7, dtype=torch.float64)]
+    biases = [torch.randn(9, dtype=torch.float64), None, torch.randn(3, dtype=torch.float64)]
+    acts = ["gelu", "tanh"]
+
+    def fused(x, *weights):
+        torch.manual_seed(7)  # the same dropout masks on every call
+        return pyfastnn.fused_mlp(x, list(weights), biases, acts, "sigmoid", dropout, training=True)
+
+    if dropout == 0.0:  # against the layers run one by one in PyTorch
+        def plain(x, *weights):
+            return reference_mlp(x, list(weights), biases, acts + ["sigmoid"])
+
+        tangents = tuple(torch.randn_like(t) for t in (x, *weights))
+        out, tangent = torch.func.jvp(fused, (x, *weights), tangents)
+        expected_out, expected_tangent = torch.func.jvp(plain, (x, *weights), tangents)
+        torch.testing.assert_close(out, expected_out)
+        torch.testing.assert_close(tangent, expected_tangent)
+    # Forward mode (the reference with the kernel's masks) against reverse mode (the fused backward):
+    forward_jacobian = torch.func.jacfwd(fused, argnums=(0, 1, 2, 3))(x, *weights)
+    reverse_jacobian = torch.func.jacrev(fused, argnums=(0, 1, 2, 3))(x, *weights)
+    torch.testing.assert_close(forward_jacobian, reverse_jacobian)
+    assert all(j.abs().sum() > 0 for j in forward_jacobian)
+    torch.testing.assert_close(fused(x, *weights), torch.func.jvp(fused, (x, *weights),
+                                                                  tuple(torch.zeros_like(t) for t in (x, *weights)))[0])
+
+
+def test_forward_ad_through_the_layers():
+    mlp = _mlp((4, 6, 2), activation="silu").double()
+    x, v = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    plain = mlp.to_sequential()
+    _, tangent = torch.func.jvp(mlp, (x,), (v,))
+    _, expected = torch.func.jvp(plain, (x,), (v,))
+    torch.testing.assert_close(tangent, expected)
+
+
+def test_vmap_over_the_batch_and_over_weights():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(5, 3, 7), torch.randn(4, 7), torch.randn(4)
+    out = torch.vmap(lambda x: pyfastnn.fused_linear(x, w, b, "gelu"))(x)
+    torch.testing.assert_close(out, F.gelu(F.linear(x, w, b)))
+    ws = torch.randn(5, 4, 7)
+    out = torch.vmap(lambda w: pyfastnn.fused_linear(x[0], w, b, "relu"))(ws)
+    torch.testing.assert_close(out, torch.stack([F.relu(F.linear(x[0], wi, b)) for wi in ws]))
+    weights = [torch.randn(6, 7), torch.randn(2, 6)]
+    out = torch.vmap(lambda x: pyfastnn.fused_mlp(x, weights, None, "tanh"))(x)
+    torch.testing.assert_close(out, F.linear(torch.tanh(F.linear(x, weights[0])), weights[1]))
+    # Batched biases and weights of a whole MLP (an ensemble), and dropout, which must say how masks vary.
+    ensemble = [torch.randn(5, 6, 7), torch.randn(5, 2, 6)]
+    out = torch.vmap(lambda ws, x: pyfastnn.fused_mlp(x, list(ws), None, "relu"), in_dims=(0, None))(ensemble, x[0])
+    expected = torch.stack([F.linear(F.relu(F.linear(x[0], a)), b) for a, b in zip(*ensemble)])
+    torch.testing.assert_close(out, expected)
+
+    def with_dropout(x):
+        return pyfastnn.fused_mlp(x, weights, None, "tanh", dropout=0.5, training=True)
+
+    with pytest.raises(RuntimeError, match="randomness='different'"):
+        torch.vmap(with_dropout)(x)
+    out = torch.vmap(with_dropout, randomness="different")(torch.ones(64, 3, 7))
+    hidden_kept = out.std(dim=0)  # different masks per sample: the outputs vary across the batch
+    assert (hidden_kept > 0).all()
+    # Per-sample gradients (vmap of grad), the usual reason for vmap.
+    grads = torch.vmap(torch.func.grad(lambda w, x: pyfastnn.fused_linear(x, w, b, "tanh").sum()),
+                       in_dims=(None, 0))(w, x[:, 0])
+    expected = torch.stack([torch.func.grad(lambda w: torch.tanh(F.linear(xi, w, b)).sum())(w) for xi in x[:, 0]])
+    torch.testing.assert_close(grads, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# fuse(): shared modules, train/eval-dependent graphs, partial Sequentials, hooks, inplace
+
+
+def test_fuse_leaves_a_linear_called_at_several_sites_alone():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.fc(x)))
+
+    torch.manual_seed(0)
+    model = Shared()
+    x = torch.randn(8, 4)
+    runs = []
+    fused = pyfastnn.fuse(model, report=runs)
+    torch.testing.assert_close(fused(x), model(x))
+    assert runs == []
+
+
+class FunctionalDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc2(F.dropout(torch.relu(self.fc1(x)), 0.5, self.training))
+
+
+class BranchOnTraining(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        x = torch.relu(self.fc1(x))
+        if self.training:
+            x = self.drop(x)
+        return self.fc2(x)
+
+
+@pytest.mark.parametrize("model_type", [FunctionalDropout, BranchOnTraining])
+def test_fuse_follows_train_and_eval_after_fusion(model_type):
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    for fused_in_train in (True, False):
+        model = model_type().train(fused_in_train)
+        fused = pyfastnn.fuse(model)
+        fused.eval(), model.eval()
+        torch.testing.assert_close(fused(x), model(x))  # fused in train(): no dropout left in eval()
+        fused.train()
+        outs = torch.stack([fused(x) for _ in range(4)])
+        assert not torch.allclose(outs[0], outs[1])  # fused in eval(): dropout back in train()
+
+
+def test_fuse_keeps_the_state_dict_keys_of_partly_fused_sequentials():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.LayerNorm(8), nn.Linear(8, 3))
+    fused = pyfastnn.fuse(model)
+    assert list(fused.state_dict()) == list(model.state_dict()) == \
+        ["0.weight", "0.bias", "2.weight", "2.bias", "3.weight", "3.bias"]
+    assert len(fused) == len(model) and type(fused[1]) is nn.Identity and type(fused[2]) is nn.LayerNorm
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(fused(x), model(x))
+    other = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.LayerNorm(8), nn.Linear(8, 3))
+    fused.load_state_dict(other.state_dict())
+    torch.testing.assert_close(fused(x), other(x))
+    model.load_state_dict(fused.state_dict())
+    torch.testing.assert_close(model(x), other(x))
+
+
+def test_fuse_keeps_keys_when_a_fused_mlp_sits_inside_a_larger_sequential():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 8), nn.GELU(),
+                          nn.Linear(8, 3))
+    runs = []
+    fused = pyfastnn.fuse(model, report=runs)
+    assert [str(r) for r in runs] == [
+        "1: Linear(12, 16) -> ReLU -> Dropout(0.2) -> Linear(16, 8) -> GELU -> Linear(8, 3) => FusedMLP"]
+    assert type(fused[1]) is FusedMLP and all(type(m) is nn.Identity for m in list(fused)[2:])
+    assert list(fused.state_dict()) == list(model.state_dict())
+    x = torch.randn(4, 3, 4)
+    fused.eval(), model.eval()
+    torch.testing.assert_close(fused(x), model(x))
+    fresh = copy.deepcopy(model)
+    for p in fresh.parameters():
+        nn.init.normal_(p)
+    fused.load_state_dict(fresh.state_dict())  # strict: every original key is accepted
+    torch.testing.assert_close(fused(x), fresh.eval()(x))
+    model.load_state_dict(fused.state_dict())
+    torch.testing.assert_close(model(x), fresh(x))
+    # The key mapping survives copies, pickling and a nesting level.
+    for clone in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        assert list(clone.state_dict()) == list(model.state_dict())
+    wrapped = pyfastnn.fuse(nn.Sequential(nn.LayerNorm(3, elementwise_affine=False), copy.deepcopy(model)))
+    assert list(wrapped.state_dict()) == ["1." + k for k in model.state_dict()]
+
+
+def test_fuse_inplace_changes_the_sequential_itself():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 2))
+    plain = copy.deepcopy(seq)
+    keys = list(seq.state_dict())
+    result = pyfastnn.fuse(seq, inplace=True)
+    assert result is seq and type(seq[0]) is FusedMLP and list(seq.state_dict()) == keys
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(seq(x), plain(x))
+
+    class Traced(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x))
+
+    model = Traced()
+    with pytest.warns(UserWarning, match="inplace=True.*left the forward of the top-level Traced unfused"):
+        assert pyfastnn.fuse(model, inplace=True) is model
+    assert type(model.fc) is nn.Linear
+
+
+def test_fuse_leaves_hooked_modules_alone_and_says_so():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2), nn.Tanh())
+    seen = []
+    model[0].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with pytest.warns(UserWarning, match="left 0 unfused: they have forward/backward hooks"):
+        fused = pyfastnn.fuse(model)
+    assert type(fused[0]) is nn.Linear and type(fused[2]) is FusedLinear
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(fused(x), model(x))
+    assert len(seen) == 2  # the hook fired for the fused copy too
+    # A hooked activation is not absorbed either.
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    model[1].register_forward_pre_hook(lambda module, args: seen.append("relu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused = pyfastnn.fuse(model)
+    assert [type(m) for m in fused] == [nn.Linear, nn.ReLU]
+
+
+# ---------------------------------------------------------------------------------------------
+# In-place ops after identity outputs
+
+
+def test_inplace_op_after_identity_output_like_nn_linear():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    linear = nn.Linear(6, 6)
+    layer = FusedLinear.from_linear(linear, activation=None, copy=True)
+    mlp = _mlp((6, 8, 6))
+    plain = mlp.to_sequential()
+    for module, twin in ((layer, linear), (mlp, plain)):
+        grads = []
+        for m in (module, twin):
+            y = m(x)
+            y += x  # legal after nn.Linear: its backward needs only input and weight
+            y.square().sum().backward()
+            grads.append([p.grad.clone() for p in m.parameters()])
+            m.zero_grad()
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b)
+    weights = [torch.randn(8, 6, requires_grad=True), torch.randn(6, 8, requires_grad=True)]
+    y = pyfastnn.fused_mlp(x, weights, None, "relu", dropout=0.3, training=True)
+    y.mul_(2)
+    y.sum().backward()
+    assert all(w.grad is not None for w in weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer attributes mean what they say
+
+
+def test_assigning_layer_attributes_changes_the_computation():
+    torch.manual_seed(0)
+    layer = FusedLinear(5, 4, activation="relu")
+    x = torch.randn(3, 5)
+    layer.activation = "tanh"
+    torch.testing.assert_close(layer(x), torch.tanh(F.linear(x, layer.weight, layer.bias)))
+    assert "activation=tanh" in repr(layer)
+    layer.activation = None
+    assert layer.activation == "identity"
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    with pytest.raises(ValueError, match="unknown activation 'softmax'"):
+        layer.activation = "softmax"
+    with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\)"):
+        layer.dropout = 1.5
+    assert layer.activation == "identity" and layer.dropout == 0.0  # unchanged by the refused values
+
+    mlp = _mlp((5, 6, 2))
+    mlp[0].activation = "leaky_relu"
+    mlp[0].negative_slope = 0.3
+    expected = F.linear(F.leaky_relu(F.linear(x, mlp[0].weight, mlp[0].bias), 0.3), mlp[1].weight, mlp[1].bias)
+    torch.testing.assert_close(mlp(x), expected)
+    assert mlp.negative_slope == 0.3
+    mlp[1].activation, mlp[1].negative_slope = "leaky_relu", 0.1
+    with pytest.raises(ValueError, match="same negative_slope"):
+        mlp(x)
+    mlp[1].negative_slope = 0.3
+    mlp[0].dropout = 0.5  # now read by the fused op in train(): about half the hidden units drop
+    mlp[1].activation = None
+    mlp.train()
+    x = torch.randn(512, 5)
+    mlp[1].weight.data = torch.eye(2, 6)
+    mlp[1].bias.data.zero_()
+    hidden = F.leaky_relu(F.linear(x, mlp[0].weight, mlp[0].bias), 0.3)[:, :2]
+    out = mlp(x)
+    kept = out != 0
+    assert 0.35 < 1 - kept.float().mean().item() < 0.65
+    torch.testing.assert_close(out[kept], (hidden * 2)[kept])
+
+
+# ---------------------------------------------------------------------------------------------
+# Hook-based utilities and parametrizations on FusedMLP layers
+
+
+def _reference_of(mlp: FusedMLP, x: torch.Tensor) -> torch.Tensor:
+    """The MLP computed layer by layer from each layer's current `weight` attribute."""
+    return reference_mlp(x, [layer.weight for layer in mlp], [layer.bias for layer in mlp],
+                         [layer.activation for layer in mlp], mlp.negative_slope)
+
+
+@pytest.mark.parametrize("utility", ["spectral_norm", "weight_norm", "prune"])
+def test_hook_based_reparametrizations_train_on_fused_mlp_layers(utility):
+    torch.manual_seed(0)
+    mlp = _mlp((6, 10, 3), activation="tanh").double()
+    if utility == "spectral_norm":
+        nn.utils.spectral_norm(mlp[0])
+    elif utility == "weight_norm":
+        nn.utils.weight_norm(mlp[1])
+    else:
+        torch.nn.utils.prune.l1_unstructured(mlp[0], "weight", amount=0.5)
+    optimizer = torch.optim.SGD(mlp.parameters(), lr=0.1)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    for _ in range(3):  # the second step failed when the weight was computed only once
+        optimizer.zero_grad()
+        out = mlp(x)
+        expected = _reference_of(mlp, x)  # the weights the pre-hooks computed for this call
+        torch.testing.assert_close(out, expected)
+        grads = torch.autograd.grad(expected.sum(), list(mlp.parameters()), retain_graph=True)
+        out.sum().backward()
+        for p, g in zip(mlp.parameters(), grads):
+            assert p.grad is not None
+            torch.testing.assert_close(p.grad, g)
+        optimizer.step()
+    with pytest.raises(RuntimeError, match="computed by a forward pre-hook"):
+        mlp.to_sequential()
+
+
+def test_parametrized_layers_convert_to_sequential():
+    torch.manual_seed(0)
+    mlp = _mlp((6, 10, 3))
+    nn.utils.parametrizations.weight_norm(mlp[0])
+    plain = mlp.to_sequential()
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(plain(x), mlp(x))
+    assert list(plain.state_dict()) == list(mlp.state_dict())
+    plain(x).sum().backward()
+    assert mlp[0].parametrizations.weight.original0.grad is not None  # shared, not copied
+
+
+def test_forward_and_backward_hooks_on_layers_are_refused_clearly():
+    mlp = _mlp((4, 5, 2))
+    mlp[1].register_forward_hook(lambda module, args, out: None)
+    with pytest.raises(RuntimeError, match="layer '2' has forward or backward hooks"):
+        mlp(torch.randn(2, 4))
+    mlp = _mlp((4, 5, 2))
+    mlp[0].register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    with pytest.raises(RuntimeError, match="returned a replacement input"):
+        mlp(torch.randn(2, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Smaller checks
+
+
+def test_fused_mlp_argument_checks():
+    x, w = torch.randn(2, 4), torch.randn(3, 4)
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        pyfastnn.fused_mlp(x, [w], activation="swish")
+    with pytest.raises(ValueError, match="dropout probability"):
+        pyfastnn.fused_mlp(x, [w], dropout=2.0)
+    with pytest.raises(TypeError, match="sizes must be integers, got 3.7"):
+        FusedMLP([8, 3.7, 2])
+    with pytest.raises(TypeError, match="sizes must be a sequence of integers, got str"):
+        FusedMLP("82")
+    assert FusedMLP(torch.Size([3, 4, 2]))[1].out_features == 2
+    params = nn.ParameterList([nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(2, 5))])
+    biases = nn.ParameterList([nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(2))])
+    out = pyfastnn.fused_mlp(x, params, biases, "relu")
+    torch.testing.assert_close(out, F.linear(F.relu(F.linear(x, params[0], biases[0])), params[1], biases[1]))
+    out.sum().backward()
+    assert params[0].grad is not None and biases[1].grad is not None
+
+
+def test_from_linear_refuses_an_uninitialized_lazy_linear():
+    with pytest.raises(ValueError, match="uninitialized nn.LazyLinear"):
+        FusedLinear.from_linear(nn.LazyLinear(6))
+    lazy = nn.LazyLinear(6)
+    lazy(torch.randn(2, 3))
+    assert FusedLinear.from_linear(lazy).in_features == 3
+
+
+def test_nan_and_inf_differences_from_pytorch_are_as_documented():
+    """The README's list of the few special values where the kernels differ from PyTorch."""
+    x = torch.tensor([[float("nan"), 3e38, float("inf"), -float("inf"), 1.0]]).t()
+    w = torch.ones(1, 1)
+    for activation in pyfastnn.ACTIVATIONS:
+        out = pyfastnn.fused_linear(x, w, None, activation)
+        expected = reference(x, w, None, activation)
+        if activation == "gelu":  # PyTorch overflows to inf at 3e38 and gives NaN at +inf; x * Phi(x) = x
+            assert out[1].item() == torch.tensor(3e38).item() and out[2].item() == float("inf")
+            assert expected[1].item() == float("inf") and expected[2].isnan()
+            out, expected = out[[0, 3, 4]], expected[[0, 3, 4]]
+        torch.testing.assert_close(out, expected, equal_nan=True)
+    # relu's derivative at a NaN pre-activation: 0 here; PyTorch's threshold_backward passes the gradient.
+    xr = torch.tensor([[float("nan")], [2.0]], requires_grad=True)
+    pyfastnn.fused_linear(xr, w, None, "relu").sum().backward()
+    assert xr.grad.tolist() == [[0.0], [1.0]]
+    xt = xr.detach().clone().requires_grad_()
+    torch.relu(xt).sum().backward()
+    assert xt.grad.tolist() == [[1.0], [1.0]]
+
+
+def test_full_model_save_and_load_after_fuse():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    fused = pyfastnn.fuse(model)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert list(loaded.state_dict()) == list(model.state_dict())
+
+
+def test_torchscript_support_is_as_documented():
+    """TorchScript is deprecated upstream; the README states what works: jit.trace of FusedLinear."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    layer = FusedLinear(4, 5, activation="gelu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(layer, (x,))
+        torch.testing.assert_close(traced(x), layer(x))
+        with pytest.raises(RuntimeError, match="unsupported input list type"):
+            torch.jit.trace(_mlp((4, 6, 2)), (x,))
+        with pytest.raises(torch.jit.frontend.NotSupportedError):
+            torch.jit.script(layer)
