@@ -1,9 +1,23 @@
-"""CUDA: fused_linear vs eager act(F.linear) vs torch._addmm_activation (cuBLASLt epilogue, relu and
-gelu) vs torch.compile, forward and forward+backward, fp32/bf16/fp16 (needs a GPU).
+"""CUDA: pyfastnn against eager PyTorch, cuBLASLt's own epilogue and the bare GEMMs (needs a GPU).
 
     python benchmarks/bench_cuda.py [--quick] [--json PATH]
 
-Timed with torch.utils.benchmark (CUDA-synchronised), medians; ratios > 1 mean pyfastnn is faster.
+One process, side by side, medians of CUDA-synchronised timings (torch.utils.benchmark), in
+microseconds. Columns, per shape x dtype x activation:
+
+- ``pyfastnn``: ``fused_linear`` (forward under ``torch.no_grad()``: inference; forward+backward:
+  ``torch.autograd.grad`` of input, weight and bias);
+- ``eager``: ``act(F.linear(x, w, b))`` the same way;
+- ``addmm_act``: ``torch._addmm_activation`` (cuBLASLt's relu / tanh-GELU epilogue), forward only
+  (it has no backward), for relu and gelu_tanh;
+- ``gemm``: the bare forward GEMM ``x @ w.t()``; ``3gemm``: the forward GEMM plus the two backward
+  GEMMs (``g @ w``, ``g.t() @ x``), the floor of a layer's forward+backward.
+
+Then ``fused_mlp`` 65536x1024->1024->1024->1024 (relu hidden, identity output, the input needs no
+gradient) forward+backward against its 8 bare GEMMs (3 forward, 5 backward), and the activation
+pass alone in GB/s against a device-to-device copy: the pass is timed as the difference between
+``fused_linear`` with that activation and with identity (the same GEMM with its bias epilogue), and
+moves 2 x rows x out elements (read the GEMM result, write the output).
 """
 
 from __future__ import annotations
@@ -18,16 +32,32 @@ from torch.utils import benchmark
 
 import pyfastnn
 
-SHAPES = ((64, 784, 256), (1024, 784, 256), (4096, 1024, 1024), (16384, 4096, 4096))
-QUICK_SHAPES = ((64, 784, 256), (4096, 1024, 1024))
-ACTS = {"relu": torch.relu, "gelu": F.gelu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "silu": F.silu}
+SHAPES = ((65536, 1024, 1024), (8192, 4096, 4096), (4096, 784, 256))
+QUICK_SHAPES = ((65536, 1024, 1024),)
+ACTS = {
+    "identity": lambda t: t,
+    "relu": torch.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "sigmoid": torch.sigmoid,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "leaky_relu": F.leaky_relu,
+}
+QUICK_ACTS = ("identity", "relu", "gelu_tanh", "gelu", "silu")
+EPILOGUE_ACTS = {"relu": False, "gelu_tanh": True}  # torch._addmm_activation(use_gelu=...)
 
 
-def _median_us(fn) -> float:
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2).median * 1e6
+def _median_us(fn, min_run_time: float) -> float:
+    fn()  # warm-up: cuBLASLt heuristics, caching allocator
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e6
 
 
-def run(shapes, dtypes, activations, with_compile=True):
+def _fmt(times: dict) -> str:
+    return " ".join(f"{k}={v:8.1f}" for k, v in times.items())
+
+
+def layer_rows(shapes, dtypes, activations, min_run_time):
     rows = []
     for m, k, n in shapes:
         for dtype in dtypes:
@@ -35,53 +65,127 @@ def run(shapes, dtypes, activations, with_compile=True):
             w = torch.randn(n, k, device="cuda", dtype=dtype) * k ** -0.5
             b = torch.randn(n, device="cuda", dtype=dtype)
             grad = torch.randn(m, n, device="cuda", dtype=dtype)
+            xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+            with torch.no_grad():
+                gemm_us = _median_us(lambda: x @ w.t(), min_run_time)
+                floor_us = _median_us(lambda: (x @ w.t(), grad @ w, grad.t() @ x), min_run_time)
+            identity_fwd_us = None
             for name in activations:
                 act = ACTS[name]
-                variants = {
-                    "fused": lambda x, w, b: pyfastnn.fused_linear(x, w, b, name),
-                    "eager": lambda x, w, b: act(F.linear(x, w, b)),
-                }
-                if name in ("relu", "gelu"):
-                    variants["addmm_activation"] = lambda x, w, b: torch._addmm_activation(
-                        b, x, w.t(), use_gelu=(name == "gelu"))
-                if with_compile:
-                    variants["compile"] = torch.compile(lambda x, w, b: act(F.linear(x, w, b)), dynamic=False)
                 for backward in (False, True):
                     times = {}
-                    for label, fn in variants.items():
-                        if backward:
-                            xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
-                            call = lambda fn=fn, xs=xs, ws=ws, bs=bs: torch.autograd.grad(fn(xs, ws, bs), (xs, ws, bs), grad)
-                        else:
-                            call = lambda fn=fn: fn(x, w, b)
-                        with torch.set_grad_enabled(backward):
-                            times[label] = _median_us(call)
+                    if backward:
+                        times["pyfastnn"] = _median_us(lambda: torch.autograd.grad(
+                            pyfastnn.fused_linear(xs, ws, bs, name), (xs, ws, bs), grad), min_run_time)
+                        times["eager"] = _median_us(lambda: torch.autograd.grad(
+                            act(F.linear(xs, ws, bs)), (xs, ws, bs), grad), min_run_time)
+                        times["3gemm"] = floor_us
+                    else:
+                        with torch.no_grad():
+                            times["pyfastnn"] = _median_us(lambda: pyfastnn.fused_linear(x, w, b, name), min_run_time)
+                            times["eager"] = _median_us(lambda: act(F.linear(x, w, b)), min_run_time)
+                            if name in EPILOGUE_ACTS:
+                                use_gelu = EPILOGUE_ACTS[name]
+                                times["addmm_act"] = _median_us(
+                                    lambda: torch._addmm_activation(b, x, w.t(), use_gelu=use_gelu), min_run_time)
+                        times["gemm"] = gemm_us
+                    floor = times["3gemm" if backward else "gemm"]
                     row = {"shape": [m, k, n], "dtype": str(dtype).replace("torch.", ""), "activation": name,
-                           "pass": "fwd+bwd" if backward else "fwd", **{f"{k_}_us": v for k_, v in times.items()},
-                           **{f"speedup_vs_{k_}": v / times["fused"] for k_, v in times.items() if k_ != "fused"}}
+                           "pass": "fwd+bwd" if backward else "fwd", **{f"{key}_us": v for key, v in times.items()},
+                           "pyfastnn_vs_eager": times["eager"] / times["pyfastnn"],
+                           "pyfastnn_over_floor": times["pyfastnn"] / floor}
+                    if not backward and name == "identity":
+                        identity_fwd_us = times["pyfastnn"]
+                    if not backward and identity_fwd_us is not None and name != "identity":
+                        pass_us = max(times["pyfastnn"] - identity_fwd_us, 1e-3)
+                        row["activation_pass_GBps"] = 2 * m * n * x.element_size() / pass_us / 1e3
                     rows.append(row)
-                    print(f"{m}x{k}->{n} {row['dtype']:>8} {name:>7} {row['pass']:>7} "
-                          + " ".join(f"{k_}={v:9.1f}us" for k_, v in times.items())
-                          + "  " + " ".join(f"{k_[11:]}/fused={v:.2f}x" for k_, v in row.items() if k_.startswith("speedup")),
+                    print(f"{m}x{k}->{n} {row['dtype']:>8} {name:>10} {row['pass']:>7} {_fmt(times)}  "
+                          f"eager/pyfastnn={row['pyfastnn_vs_eager']:.2f}x pyfastnn/floor={row['pyfastnn_over_floor']:.2f}x"
+                          + (f" pass={row['activation_pass_GBps']:.0f} GB/s" if "activation_pass_GBps" in row else ""),
                           flush=True)
+    return rows
+
+
+def copy_bandwidth_rows(dtypes, min_run_time, elements=65536 * 1024):
+    rows = []
+    for dtype in dtypes:
+        src = torch.randn(elements, device="cuda", dtype=dtype)
+        dst = torch.empty_like(src)
+        us = _median_us(lambda: dst.copy_(src), min_run_time)
+        gbps = 2 * elements * src.element_size() / us / 1e3
+        rows.append({"copy_elements": elements, "dtype": str(dtype).replace("torch.", ""), "copy_us": us,
+                     "copy_GBps": gbps})
+        print(f"device-to-device copy {elements} x {rows[-1]['dtype']}: {us:.1f} us, {gbps:.0f} GB/s", flush=True)
+    return rows
+
+
+def mlp_rows(dtypes, min_run_time, rows_=65536, width=1024, layers=3):
+    rows = []
+    for dtype in dtypes:
+        x = torch.randn(rows_, width, device="cuda", dtype=dtype)
+        weights = [(torch.randn(width, width, device="cuda", dtype=dtype) * width ** -0.5).requires_grad_()
+                   for _ in range(layers)]
+        biases = [torch.randn(width, device="cuda", dtype=dtype, requires_grad=True) for _ in range(layers)]
+        grad = torch.randn(rows_, width, device="cuda", dtype=dtype)
+        params = (*weights, *biases)
+        fused_us = _median_us(lambda: torch.autograd.grad(
+            pyfastnn.fused_mlp(x, weights, biases, "relu", "identity"), params, grad), min_run_time)
+
+        def eager():
+            h = x
+            for layer in range(layers):
+                h = F.linear(h, weights[layer], biases[layer])
+                if layer + 1 < layers:
+                    h = torch.relu(h)
+            return torch.autograd.grad(h, params, grad)
+
+        eager_us = _median_us(eager, min_run_time)
+        w = [t.detach() for t in weights]
+
+        def bare_gemms():  # 3 forward, then per layer a weight GEMM and (above the first) a data GEMM
+            h = [x]
+            for layer in range(layers):
+                h.append(h[-1] @ w[layer].t())
+            g = grad
+            for layer in reversed(range(layers)):
+                g.t() @ h[layer]
+                if layer > 0:
+                    g = g @ w[layer]
+
+        with torch.no_grad():
+            gemm_us = _median_us(bare_gemms, min_run_time)
+        row = {"mlp": f"{rows_}x{width}" + f"->{width}" * layers, "dtype": str(dtype).replace("torch.", ""),
+               "pyfastnn_us": fused_us, "eager_us": eager_us, "bare_gemms_us": gemm_us,
+               "pyfastnn_vs_eager": eager_us / fused_us, "pyfastnn_over_gemms": fused_us / gemm_us}
+        rows.append(row)
+        print(f"fused_mlp {row['mlp']} {row['dtype']:>8} fwd+bwd pyfastnn={fused_us:8.1f} eager={eager_us:8.1f} "
+              f"8gemm={gemm_us:8.1f}  eager/pyfastnn={row['pyfastnn_vs_eager']:.2f}x "
+              f"pyfastnn/gemms={row['pyfastnn_over_gemms']:.2f}x", flush=True)
     return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="bfloat16, the first shape, five activations")
     parser.add_argument("--json")
+    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
-    print(pyfastnn.info(), torch.cuda.get_device_name())
-    rows = run(QUICK_SHAPES if args.quick else SHAPES,
-               (torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16, torch.float16),
-               ("relu", "gelu", "sigmoid") if args.quick else tuple(ACTS), with_compile=not args.quick)
+    print(pyfastnn.info(), torch.__version__, torch.cuda.get_device_name(), flush=True)
+    dtypes = (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float16, torch.float32)
+    results = {
+        "layers": layer_rows(QUICK_SHAPES if args.quick else SHAPES, dtypes,
+                             QUICK_ACTS if args.quick else tuple(ACTS), args.min_run_time),
+        "fused_mlp": mlp_rows(dtypes, args.min_run_time),
+        "copy": copy_bandwidth_rows(dtypes, args.min_run_time),
+    }
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"info": pyfastnn.info(), "device": torch.cuda.get_device_name(), "results": rows}, f, indent=2)
+            json.dump({"info": pyfastnn.info(), "torch": torch.__version__, "device": torch.cuda.get_device_name(),
+                       "allow_tf32": torch.backends.cuda.matmul.allow_tf32, **results}, f, indent=2)
     return 0
 
 

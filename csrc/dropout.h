@@ -34,3 +34,45 @@ struct DropoutStream {
 };
 
 }  // namespace pyfastnn
+
+namespace pyfastnn {
+
+// CUDA's dropout stream: Philox4x32-10 (Salmon et al., SC'11), counter-based like PyTorch's own CUDA
+// RNG. Element e reads 32-bit word e % 4 of Philox(counter = {e / 4, offset}, key = seed), where
+// (seed, offset) come from torch's CUDA generator once per layer and call (the offset advances every
+// call, so masks are fresh each call and each CUDA-graph replay). Like DropoutStream, any element is a
+// pure function of its index: masks do not depend on the launch configuration.
+struct Philox4x32 {
+  uint32_t word[4];
+
+  PYFASTNN_HOST_DEVICE static Philox4x32 generate(uint64_t group, uint64_t offset, uint64_t seed) {
+    uint32_t c0 = static_cast<uint32_t>(group), c1 = static_cast<uint32_t>(group >> 32);
+    uint32_t c2 = static_cast<uint32_t>(offset), c3 = static_cast<uint32_t>(offset >> 32);
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+      const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+      const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
+      const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
+      c0 = hi1 ^ c1 ^ k0;
+      c1 = lo1;
+      c2 = hi0 ^ c3 ^ k1;
+      c3 = lo0;
+      k0 += 0x9E3779B9u;  // the key schedule's Weyl constants
+      k1 += 0xBB67AE85u;
+    }
+    return {{c0, c1, c2, c3}};
+  }
+};
+
+// keep(e) for the CUDA stream: the 32-bit draw >= threshold (the same threshold as DropoutStream).
+struct PhiloxDropout {
+  uint64_t seed, offset, threshold;
+
+  PYFASTNN_HOST_DEVICE bool keep(int64_t element) const {
+    const auto e = static_cast<uint64_t>(element);
+    return Philox4x32::generate(e >> 2, offset, seed).word[e & 3] >= threshold;
+  }
+};
+
+}  // namespace pyfastnn

@@ -23,13 +23,14 @@ struct ForwardEpilogue {
   double negative_slope;
   int64_t cols;
   const void* acc;     // rows x cols GEMM result
-  const void* bias;    // cols, or null
+  const void* bias;    // cols, or null (always null on CUDA, where the GEMM adds it)
   void* preact;        // rows x cols, or null; may alias acc
   void* out;           // rows x cols; may alias acc
   // Dropout after the activation when keep_mask is set: element e is kept (keep_mask[e] = 1, out
-  // scaled by 1 / (1 - p)) or zeroed (keep_mask[e] = 0), as drawn by `dropout`.
+  // scaled by 1 / (1 - p)) or zeroed (keep_mask[e] = 0), as drawn by `dropout` on the CPU; the CUDA
+  // launcher draws a Philox state from torch's CUDA generator instead (PhiloxDropout).
   uint8_t* keep_mask = nullptr;  // rows x cols, or null
-  DropoutStream dropout{};
+  DropoutStream dropout{};  // CPU only
   double dropout_p = 0.0;
 };
 
@@ -71,6 +72,10 @@ void launch_backward_epilogue(const BackwardEpilogue& args, int64_t rows, int64_
 namespace cuda {  // built only with CUDA (PYFASTNN_WITH_CUDA)
 void launch_forward_epilogue(const ForwardEpilogue& args, int64_t rows);
 void launch_backward_epilogue(const BackwardEpilogue& args, int64_t rows, int64_t rows_per_block);
+// The relu bit mask of a rows x cols output (NOTE [relu bit masks] in layer.h), where cuBLASLt did
+// not write it: mask_row_bytes bytes per row, bit c % 8 of byte c / 8 set where out > 0.
+void launch_pack_relu_mask(c10::ScalarType dtype, const void* out, int64_t rows, int64_t cols, uint8_t* mask,
+                           int64_t mask_row_bytes);
 }  // namespace cuda
 
 }  // namespace pyfastnn

@@ -16,8 +16,8 @@ namespace {
 
 bool dropout_runs(double p, bool training) { return training && p > 0.0; }
 
-// One 64-bit seed per layer and call from torch's default generator: torch.manual_seed reproduces
-// every mask.
+// CPU: one 64-bit seed per layer and call from torch's default generator: torch.manual_seed
+// reproduces every mask.
 uint64_t draw_dropout_seed() {
   auto* generator = at::check_generator<at::CPUGeneratorImpl>(at::detail::getDefaultCPUGenerator());
   std::lock_guard<std::mutex> lock(generator->mutex_);
@@ -31,11 +31,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   check_fused_mlp_args(input, weights, biases, activations, dropout);
   const c10::OptionalDeviceGuard device_guard(input.device());
   const size_t layers = weights.size();
-  for (size_t l = 0; l < layers; ++l) {
-    TORCH_CHECK_NOT_IMPLEMENTED(!dropout_runs(dropout[l], training) || input.device().is_cpu(),
-                                "pyfastnn: fused dropout is not implemented for ", input.device().type(),
-                                " yet; use training=False or dropout 0 there");
-  }
   const auto options = input.options();
   std::vector<at::Tensor> hidden, preacts, keep_masks;
   at::Tensor x = detail::as_matrix(input);
@@ -49,18 +44,24 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
     at::Tensor y = last ? at::empty(detail::output_shape(input, out_features), options) : at::empty({rows, out_features}, options);
     at::Tensor y_matrix = last ? detail::as_matrix(y) : y;
     const bool keep_preact = save && !derivative_from_output(act, negative_slope);
+    // CUDA relu hidden layers keep cuBLASLt's bit mask in this slot instead (NOTE [relu bit masks]).
+    const bool keep_relu_mask = save && detail::keeps_relu_mask(input, act, last, dropout_runs(dropout[l], training));
     at::Tensor preact;
-    if (save) {  // placeholders are separate empty tensors: outputs of an op must not alias each other
+    if (keep_relu_mask) {
+      preact = at::empty({rows, detail::relu_mask_row_bytes(out_features)}, options.dtype(at::kByte));
+    } else if (save) {  // placeholders are separate empty tensors: outputs of an op must not alias each other
       preact = at::empty(keep_preact ? std::vector<int64_t>{rows, out_features} : std::vector<int64_t>{0}, options);
     }
     detail::LayerDropout layer_dropout;
     if (dropout_runs(dropout[l], training)) {
       layer_dropout.p = dropout[l];
-      layer_dropout.stream = DropoutStream::make(draw_dropout_seed(), dropout[l]);
+      // CPU: a SplitMix64 stream seeded here; CUDA: the launcher takes a Philox state from torch's
+      // CUDA generator (graph-safe), see PhiloxDropout.
+      if (input.device().is_cpu()) layer_dropout.stream = DropoutStream::make(draw_dropout_seed(), dropout[l]);
       layer_dropout.keep_mask = at::empty({rows, out_features}, options.dtype(at::kByte));
     }
     detail::layer_forward(x, weights[l], biases.get(l), act, negative_slope, y_matrix,
-                          keep_preact ? &preact : nullptr, layer_dropout);
+                          keep_preact ? &preact : nullptr, layer_dropout, keep_relu_mask ? &preact : nullptr);
     if (save) {
       preacts.push_back(preact);
       keep_masks.push_back(layer_dropout.keep_mask.defined() ? layer_dropout.keep_mask
@@ -123,8 +124,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
   const at::Tensor input_matrix = detail::as_matrix(input);
   const int64_t rows = input_matrix.size(0);
   at::Tensor grad = detail::as_matrix(grad_output).contiguous();  // e.g. expanded by sum().backward()
+  // Set when the layer above already applied this layer's activation derivative (and dropout-free
+  // bias gradient) inside its data-gradient GEMM: `grad` is then the pre-activation gradient.
+  bool grad_is_preact = false;
+  at::Tensor bias_from_above;
   for (int64_t l = static_cast<int64_t>(layers) - 1; l >= lowest; --l) {
-    const auto act = static_cast<Activation>(activations[l]);
+    const auto act = grad_is_preact ? Activation::Identity : static_cast<Activation>(activations[l]);
     const bool last = l + 1 == static_cast<int64_t>(layers);
     const std::vector<int64_t> layer_shape{rows, weights[l].size(0)};
     at::Tensor saved;
@@ -135,7 +140,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
       saved = saved.contiguous();
     }
     detail::LayerDropout layer_dropout;
-    if (keep_masks[l].dim() == 2) {
+    if (keep_masks[l].dim() == 2 && !grad_is_preact) {
       TORCH_CHECK_VALUE(keep_masks[l].sizes() == at::IntArrayRef(layer_shape) &&
                             keep_masks[l].scalar_type() == at::kByte && keep_masks[l].device() == input.device(),
                         "pyfastnn: keep_masks[", l, "] must be a uint8 tensor of shape ", at::IntArrayRef(layer_shape),
@@ -145,12 +150,33 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
     }
     const at::Tensor& layer_input = l == 0 ? input_matrix : hidden[l - 1];
     if (l > 0) check_saved_tensor("hidden output", layer_input, input, {rows, weights[l - 1].size(0)});
+    // The layer below may have its derivative applied by this layer's data-gradient GEMM (CUDA, no
+    // dropout after it: tanh-GELU from its saved pre-activation, relu from its saved bit mask).
+    std::optional<detail::BelowLayer> below;
+    const auto below_act = l > lowest ? static_cast<Activation>(activations[l - 1]) : Activation::Identity;
+    if ((below_act == Activation::GeluTanh || below_act == Activation::Relu) && keep_masks[l - 1].dim() != 2 &&
+        preacts[l - 1].dim() == 2) {
+      const int64_t features = weights[l - 1].size(0);
+      if (below_act == Activation::Relu) {
+        TORCH_CHECK_VALUE(preacts[l - 1].scalar_type() == at::kByte && preacts[l - 1].device() == input.device() &&
+                              preacts[l - 1].sizes() == at::IntArrayRef({rows, detail::relu_mask_row_bytes(features)}),
+                          "pyfastnn: preacts[", l - 1, "] must be the relu bit mask, uint8 of shape (", rows, ", ",
+                          detail::relu_mask_row_bytes(features), ") on ", input.device());
+      } else {
+        check_saved_tensor("saved pre-activation", preacts[l - 1], input, {rows, features});
+      }
+      below = detail::BelowLayer{below_act, preacts[l - 1].contiguous(), output_mask.get(1 + layers + l - 1)};
+    }
+    const bool need_bias = output_mask.get(1 + layers + l) && !bias_from_above.defined();
     auto grads = detail::layer_backward(grad, layer_input, weights[l], saved, act, negative_slope, layer_dropout,
-                                        l > lowest || need_input, output_mask.get(1 + l),
-                                        output_mask.get(1 + layers + l));
+                                        l > lowest || need_input, output_mask.get(1 + l), need_bias,
+                                        below ? &*below : nullptr);
     if (grads.weight.defined()) grad_weights[l] = grads.weight;
     if (grads.bias.defined()) grad_biases[l] = grads.bias;
+    if (bias_from_above.defined() && output_mask.get(1 + layers + l)) grad_biases[l] = bias_from_above;
     grad = grads.input;
+    grad_is_preact = grads.input_is_below_preact_grad;
+    bias_from_above = grads.below_bias;
   }
   if (need_input) grad_input = input.dim() == 2 ? grad : grad.view(input.sizes());
   return {grad_input, grad_weights, grad_biases};

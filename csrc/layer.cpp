@@ -9,6 +9,9 @@
 
 #include "cpu/kernels.h"
 #include "epilogue.h"
+#ifdef PYFASTNN_WITH_CUDA
+#include "cuda/blaslt.h"
+#endif
 
 namespace pyfastnn::detail {
 namespace {
@@ -83,6 +86,149 @@ at::Tensor matmul_gtx(const at::Tensor& grad, const at::Tensor& x) {
   return y;
 }
 
+
+// The backward element-wise pass: grad_pre = grad_out * act'(saved) (and the dropout mask) where
+// grad_pre is defined, and the bias gradient (column sums of that product) when need_sums. The sums
+// are taken in fixed row blocks (see rows_per_block), so they are bitwise reproducible.
+struct BackwardPass {
+  const at::Tensor& grad_out;
+  const at::Tensor& saved;
+  Activation activation;
+  double negative_slope;
+  const LayerDropout& dropout;
+
+  // Returns the bias gradient (undefined unless need_sums).
+  at::Tensor run(const at::Tensor& grad_pre, bool need_sums) const {
+    const int64_t rows = grad_out.size(0);
+    const int64_t cols = grad_out.size(1);
+    const bool cuda_device = on_cuda(grad_out);
+    const int64_t block_rows = rows_per_block(rows, cols, cuda_device);
+    const int64_t blocks = (rows + block_rows - 1) / block_rows;
+    at::Tensor partial_sums;
+    if (need_sums) {
+      const auto options = grad_out.options().dtype(at::toOpMathType(grad_out.scalar_type()));
+      partial_sums = blocks <= 1 ? at::zeros({cols}, options) : at::zeros({blocks, cols}, options);
+    }
+    if (blocks > 0 && cols > 0 && (need_sums || grad_pre.defined())) {
+      BackwardEpilogue args{grad_out.scalar_type(), activation, negative_slope, cols, grad_out.data_ptr(),
+                            saved.defined() ? saved.data_ptr() : nullptr,
+                            grad_pre.defined() ? grad_pre.data_ptr() : nullptr,
+                            need_sums ? partial_sums.data_ptr() : nullptr};
+      if (dropout.keep_mask.defined()) {
+        args.keep_mask = dropout.keep_mask.data_ptr<uint8_t>();
+        args.dropout_p = dropout.p;
+      }
+      launch(args, rows, block_rows, cuda_device);
+    }
+    if (!need_sums) return at::Tensor();
+    at::Tensor sums = blocks <= 1 ? partial_sums : partial_sums.sum(0);
+    return sums.scalar_type() == grad_out.scalar_type() ? sums : sums.to(grad_out.scalar_type());
+  }
+};
+
+// grads.input = grad_pre @ W; on CUDA with the layer below's relu or tanh-GELU derivative (and its
+// bias gradient) fused in where cuBLASLt takes it.
+void input_grad(LayerGrads& grads, const at::Tensor& grad_pre, const at::Tensor& weight, const BelowLayer* below) {
+#ifdef PYFASTNN_WITH_CUDA
+  if (below != nullptr && on_cuda(weight) && weight.is_contiguous() && grad_pre.is_contiguous() &&
+      below->aux.is_contiguous()) {
+    const int64_t rows = grad_pre.size(0), out_features = weight.size(0), in_features = weight.size(1);
+    const bool relu = below->activation == Activation::Relu;
+    TORCH_INTERNAL_ASSERT(relu || below->activation == Activation::GeluTanh);
+    TORCH_INTERNAL_ASSERT(below->aux.sizes() == at::IntArrayRef({rows, relu ? relu_mask_row_bytes(in_features)
+                                                                             : in_features}));
+    at::Tensor grad_input = at::empty({rows, in_features}, grad_pre.options());
+    at::Tensor below_bias = below->need_bias ? at::empty({in_features}, grad_pre.options()) : at::Tensor();
+    // Row-major grad_input (rows, in) is column-major in x rows: D = W^T (stored in x out) * grad_pre^T.
+    cuda::LtGemm gemm{grad_pre.scalar_type(), /*transpose_a=*/false, /*transpose_b=*/false, in_features, rows,
+                      out_features, weight.data_ptr(), in_features, grad_pre.data_ptr(), out_features,
+                      grad_input.data_ptr(), in_features};
+    gemm.epilogue = relu ? cuda::GemmEpilogue::DRelu : cuda::GemmEpilogue::DGeluTanh;
+    gemm.aux = below->aux.data_ptr();
+    gemm.aux_ld = relu ? below->aux.size(1) * 8 : in_features;  // bits for the relu mask
+    gemm.bias = below_bias.defined() ? below_bias.data_ptr() : nullptr;
+    if (cuda::lt_matmul(gemm)) {
+      grads.input = grad_input;
+      grads.input_is_below_preact_grad = true;
+      grads.below_bias = below_bias;
+      return;
+    }
+  }
+#endif
+  grads.input = matmul_gw(grad_pre, weight);
+}
+
+#ifdef PYFASTNN_WITH_CUDA
+// x @ W^T (+ bias) on CUDA, with the activation fused into cuBLASLt's epilogue where it has it (relu,
+// the tanh-form GELU; identity) and no dropout follows. Returns true when that finished the layer
+// (out, and preact where asked, written); otherwise the GEMM result with its bias is in the
+// accumulation buffer (preact if kept, else out) and the element-wise pass must follow.
+bool cuda_gemm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, Activation activation,
+                       bool dropout_runs, const at::Tensor& out, const at::Tensor* preact,
+                       const at::Tensor* relu_mask) {
+  const int64_t rows = x.size(0), out_features = w.size(0), in_features = w.size(1);
+  const at::Tensor& acc = preact != nullptr ? *preact : out;
+  if (x.is_contiguous() && w.is_contiguous()) {
+    // Row-major out (rows, out) is column-major out^T: D (out x rows) = op_T(W stored in x out) * x^T.
+    cuda::LtGemm gemm{x.scalar_type(), /*transpose_a=*/true, /*transpose_b=*/false, out_features, rows,
+                      in_features, w.data_ptr(), in_features, x.data_ptr(), in_features, acc.data_ptr(),
+                      out_features};
+    gemm.bias = b.defined() ? b.data_ptr() : nullptr;
+    gemm.epilogue = b.defined() ? cuda::GemmEpilogue::Bias : cuda::GemmEpilogue::Default;
+    bool finished = false;
+    if (!dropout_runs) {
+      if (activation == Activation::Identity && preact == nullptr) {
+        finished = true;
+      } else if (activation == Activation::Relu && preact == nullptr) {  // relu's backward reads the output
+        gemm.epilogue = relu_mask != nullptr ? cuda::GemmEpilogue::ReluAux : cuda::GemmEpilogue::Relu;
+        if (relu_mask != nullptr) {
+          gemm.aux = relu_mask->data_ptr();
+          gemm.aux_ld = relu_mask->size(1) * 8;  // in bits
+        }
+        finished = true;
+      } else if (activation == Activation::GeluTanh && preact == nullptr) {
+        gemm.epilogue = cuda::GemmEpilogue::GeluTanh;
+        gemm.d = out.data_ptr();
+        finished = true;
+      } else if (activation == Activation::GeluTanh && out_features % 8 == 0) {
+        // The pre-activation backward needs is cuBLASLt's GELU aux output: (rows, out) row-major.
+        gemm.epilogue = cuda::GemmEpilogue::GeluTanhAux;
+        gemm.d = out.data_ptr();
+        gemm.aux = preact->data_ptr();
+        gemm.aux_ld = out_features;
+        finished = true;
+      }
+    }
+    if (cuda::lt_matmul(gemm)) return finished;
+  }
+  // Fallback: ATen's GEMM with the bias added inside it (before its single rounding, as F.linear).
+  if (b.defined()) {
+    at::Tensor acc_out = acc;
+    at::addmm_out(acc_out, b, x, w.t());
+  } else {
+    at::Tensor acc_out = acc;
+    at::mm_out(acc_out, x, w.t());
+  }
+  return false;
+}
+
+// grad_W = grad_pre^T @ x with the bias gradient (sums of grad_pre over rows) in the same cuBLASLt
+// call. Returns (grad_W, grad_b), grad_b undefined where cuBLASLt declined (grad_W then from ATen).
+std::tuple<at::Tensor, at::Tensor> cuda_weight_and_bias_grad(const at::Tensor& grad_pre, const at::Tensor& x) {
+  const int64_t rows = x.size(0), in_features = x.size(1), out_features = grad_pre.size(1);
+  at::Tensor grad_weight = at::empty({out_features, in_features}, x.options());
+  at::Tensor grad_bias = at::empty({out_features}, x.options());
+  // Row-major grad_W (out, in) is column-major in x out: D = x^T (in x rows) * op_T(grad_pre^T stored out x rows).
+  cuda::LtGemm gemm{x.scalar_type(), /*transpose_a=*/false, /*transpose_b=*/true, in_features, out_features, rows,
+                    x.data_ptr(), in_features, grad_pre.data_ptr(), out_features, grad_weight.data_ptr(),
+                    in_features};
+  gemm.epilogue = cuda::GemmEpilogue::BiasGradB;
+  gemm.bias = grad_bias.data_ptr();
+  if (grad_pre.is_contiguous() && cuda::lt_matmul(gemm)) return {grad_weight, grad_bias};
+  return {matmul_gtx(grad_pre, x), at::Tensor()};
+}
+#endif
+
 }  // namespace
 
 at::Tensor as_matrix(const at::Tensor& t) {
@@ -100,9 +246,17 @@ std::vector<int64_t> output_shape(const at::Tensor& input, int64_t out_features)
   return shape;
 }
 
+bool keeps_relu_mask(const at::Tensor& input, Activation activation, bool last_layer, bool dropout_runs) {
+  const auto dtype = input.scalar_type();
+  return input.is_cuda() && activation == Activation::Relu && !last_layer && !dropout_runs &&
+         (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16);
+}
+
+int64_t relu_mask_row_bytes(int64_t features) { return (features + 127) / 128 * 16; }
+
 void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    Activation activation, double negative_slope, const at::Tensor& out,
-                   const at::Tensor* preact, const LayerDropout& dropout) {
+                   const at::Tensor* preact, const LayerDropout& dropout, const at::Tensor* relu_mask) {
   const int64_t rows = x.size(0);
   const int64_t out_features = weight.size(0);
   if (rows == 0 || out_features == 0) return;
@@ -110,7 +264,13 @@ void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
   // it is kept, otherwise the output itself (then the epilogue runs in place).
   at::Tensor acc = preact != nullptr ? *preact : out;
   at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  if (b.defined() && at::isReducedFloatingType(x.scalar_type())) {
+  const bool cuda_device = on_cuda(x);
+  if (cuda_device) {
+#ifdef PYFASTNN_WITH_CUDA
+    if (cuda_gemm_forward(x, weight, b, activation, dropout.keep_mask.defined(), out, preact, relu_mask)) return;
+#endif
+    b = at::Tensor();  // on CUDA the GEMM has added it (NOTE [CUDA epilogue passes])
+  } else if (b.defined() && at::isReducedFloatingType(x.scalar_type())) {
     // bfloat16/half: add the bias inside the GEMM, before its single rounding, exactly as
     // F.linear does; adding it after a rounded GEMM could flip the sign of near-zero
     // pre-activations (and so relu's gradient mask) relative to nn.Linear.
@@ -129,49 +289,46 @@ void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
                        out.data_ptr()};
   if (dropout.keep_mask.defined()) {
     args.keep_mask = dropout.keep_mask.data_ptr<uint8_t>();
-    args.dropout = dropout.stream;
+    args.dropout = dropout.stream;  // CPU only: the CUDA launcher draws its own Philox state
     args.dropout_p = dropout.p;
   }
-  launch(args, rows, on_cuda(x));
+  launch(args, rows, cuda_device);
+#ifdef PYFASTNN_WITH_CUDA
+  if (relu_mask != nullptr) {  // cuBLASLt declined: the same bit mask from the output
+    TORCH_INTERNAL_ASSERT(activation == Activation::Relu && relu_mask->size(1) == relu_mask_row_bytes(out_features));
+    cuda::launch_pack_relu_mask(x.scalar_type(), out.data_ptr(), rows, out_features, relu_mask->data_ptr<uint8_t>(),
+                                relu_mask->size(1));
+  }
+#endif
 }
 
 LayerGrads layer_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                           const at::Tensor& saved, Activation activation, double negative_slope,
-                          const LayerDropout& dropout, bool need_input, bool need_weight, bool need_bias) {
-  const int64_t rows = grad_out.size(0);
-  const int64_t out_features = weight.size(0);
+                          const LayerDropout& dropout, bool need_input, bool need_weight, bool need_bias,
+                          const BelowLayer* below) {
   const bool has_dropout = dropout.keep_mask.defined();
   const bool needs_pass = activation != Activation::Identity || has_dropout;
   // Identity without dropout: grad_out already is the pre-activation gradient.
   at::Tensor grad_pre = needs_pass ? at::empty_like(grad_out) : grad_out;
+  BackwardPass pass{grad_out, saved, activation, negative_slope, dropout};
 
   LayerGrads grads;
-  if (need_bias || needs_pass) {
-    const bool cuda_device = on_cuda(x);
-    const int64_t block_rows = rows_per_block(rows, out_features, cuda_device);
-    const int64_t blocks = (rows + block_rows - 1) / block_rows;
-    at::Tensor partial_sums;
-    if (need_bias) {
-      const auto options = grad_out.options().dtype(at::toOpMathType(grad_out.scalar_type()));
-      partial_sums = blocks <= 1 ? at::zeros({out_features}, options) : at::zeros({blocks, out_features}, options);
+#ifdef PYFASTNN_WITH_CUDA
+  // CUDA: the bias gradient rides in the weight-gradient GEMM (cuBLASLt's BGRADB epilogue), so the
+  // element-wise pass, when there is one, only writes grad_pre.
+  if (on_cuda(x) && need_bias && need_weight && cuda::lt_enabled() &&
+      cuda::lt_supports(x.scalar_type(), x.size(1), weight.size(0), x.size(0)) && x.is_contiguous()) {
+    if (needs_pass) pass.run(grad_pre, /*need_sums=*/false);
+    std::tie(grads.weight, grads.bias) = cuda_weight_and_bias_grad(grad_pre, x);
+    if (!grads.bias.defined()) {  // cuBLASLt declined: sum grad_pre's columns ourselves
+      grads.bias = BackwardPass{grad_pre, at::Tensor(), Activation::Identity, 0.0, {}}.run(at::Tensor(), true);
     }
-    if (blocks > 0 && out_features > 0) {
-      BackwardEpilogue args{grad_out.scalar_type(), activation, negative_slope, out_features, grad_out.data_ptr(),
-                            saved.defined() ? saved.data_ptr() : nullptr,
-                            needs_pass ? grad_pre.data_ptr() : nullptr,
-                            need_bias ? partial_sums.data_ptr() : nullptr};
-      if (has_dropout) {
-        args.keep_mask = dropout.keep_mask.data_ptr<uint8_t>();
-        args.dropout_p = dropout.p;
-      }
-      launch(args, rows, block_rows, cuda_device);
-    }
-    if (need_bias) {
-      grads.bias = blocks <= 1 ? partial_sums : partial_sums.sum(0);
-      if (grads.bias.scalar_type() != grad_out.scalar_type()) grads.bias = grads.bias.to(grad_out.scalar_type());
-    }
+    if (need_input) input_grad(grads, grad_pre, weight, below);
+    return grads;
   }
-  if (need_input) grads.input = matmul_gw(grad_pre, weight);
+#endif
+  if (need_bias || needs_pass) grads.bias = pass.run(needs_pass ? grad_pre : at::Tensor(), need_bias);
+  if (need_input) input_grad(grads, grad_pre, weight, below);
   if (need_weight) grads.weight = matmul_gtx(grad_pre, x);
   return grads;
 }

@@ -27,20 +27,44 @@ struct LayerDropout {
   at::Tensor keep_mask;    // uint8 rows x cols; undefined: no dropout
 };
 
+// NOTE [relu bit masks]
+// On CUDA a relu hidden layer of fused_mlp (float32/float16/bfloat16, no dropout after it) keeps the
+// bit mask of its positive outputs that cuBLASLt's RELU_AUX epilogue writes: uint8 (rows,
+// relu_mask_row_bytes(features)), bit f % 8 of byte f / 8 of a row for feature f, rows padded to 128
+// bits as cuBLASLt requires. It travels in the layer's pre-activation slot (relu needs no
+// pre-activation), and the layer above reads it in its data-gradient GEMM (DRELU_BGRAD).
+bool keeps_relu_mask(const at::Tensor& input, Activation activation, bool last_layer, bool dropout_runs);
+int64_t relu_mask_row_bytes(int64_t features);
+
 // out = dropout(act(x @ weight^T + bias)) for x (rows, in); out and preact are (rows, out)
-// buffers (preact may be null: not kept).
+// buffers (preact may be null: not kept); relu_mask, for relu on CUDA, receives the bit mask above.
 void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    Activation activation, double negative_slope, const at::Tensor& out,
-                   const at::Tensor* preact, const LayerDropout& dropout);
+                   const at::Tensor* preact, const LayerDropout& dropout, const at::Tensor* relu_mask = nullptr);
 
 struct LayerGrads {
   at::Tensor input, weight, bias;  // undefined where not asked for
+  // Set when `input` already is the pre-activation gradient of the layer below (its activation
+  // derivative rode in this layer's data-gradient GEMM, see BelowLayer); below_bias is then that
+  // layer's bias gradient where it was asked for.
+  bool input_is_below_preact_grad = false;
+  at::Tensor below_bias;
+};
+
+// The layer under this one in a stack, when its activation derivative may be applied by this layer's
+// data-gradient GEMM (CUDA, without dropout after it: cuBLASLt's DGELU_BGRAD for gelu_tanh, from its
+// pre-activation, DRELU_BGRAD for relu, from its bit mask).
+struct BelowLayer {
+  Activation activation;  // GeluTanh or Relu
+  at::Tensor aux;         // gelu_tanh: the pre-activation (rows, in); relu: the bit mask
+  bool need_bias;         // whether its bias gradient is wanted
 };
 
 // Gradients of layer_forward given grad_out (rows, out) and `saved`: the layer's output where
 // derivative_from_output(), else its pre-activation (unused for identity without dropout).
 LayerGrads layer_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                           const at::Tensor& saved, Activation activation, double negative_slope,
-                          const LayerDropout& dropout, bool need_input, bool need_weight, bool need_bias);
+                          const LayerDropout& dropout, bool need_input, bool need_weight, bool need_bias,
+                          const BelowLayer* below = nullptr);
 
 }  // namespace pyfastnn::detail

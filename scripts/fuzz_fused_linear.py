@@ -1,15 +1,18 @@
 """Runs N random fused_linear cases (shapes with 0/1/primes/large K, N-D and strided inputs, every
 activation x dtype, bias or not, every requires_grad mix) against PyTorch; prints the mismatches.
 With --mlp: random fused_mlp stacks (1-4 layers, per-layer activations, biases and dropout, training
-or not) against the float64 layer-by-layer reference with the same masks.
+or not) against the float64 layer-by-layer reference with the same masks. --device cuda runs every
+case on the GPU (float16 joins the dtypes there).
 
-    python scripts/fuzz_fused_linear.py [--cases 10000] [--seed 0] [--mlp]
+    python scripts/fuzz_fused_linear.py [--cases 10000] [--seed 0] [--mlp] [--device cuda]
 """
 
 import argparse
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -21,12 +24,16 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mlp", action="store_true", help="fuzz fused_mlp instead of fused_linear")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
     args = parser.parse_args()
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is visible")
     start = time.perf_counter()
-    mismatches = run(args.cases, args.seed, mlp=args.mlp)
+    mismatches = run(args.cases, args.seed, mlp=args.mlp, device=args.device)
     for line in mismatches:
         print("MISMATCH", line)
-    print(f"{args.cases} cases, {len(mismatches)} mismatches, seed {args.seed}, {time.perf_counter() - start:.0f} s")
+    print(f"{args.cases} cases on {args.device}, {len(mismatches)} mismatches, seed {args.seed}, "
+          f"{time.perf_counter() - start:.0f} s")
     return 1 if mismatches else 0
 
 

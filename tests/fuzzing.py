@@ -1,5 +1,5 @@
 """Random fused_linear cases checked against act(F.linear(...)): shared by the bounded hypothesis test
-(tests/test_fuzz.py) and the long run (scripts/fuzz_fused_linear.py)."""
+(tests/test_fuzz.py) and the long run (scripts/fuzz_fused_linear.py), on the CPU or a CUDA device."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ from samples import assert_close, reference
 SIZES = (0, 1, 2, 3, 5, 7, 13, 16, 17, 31, 32, 33, 64, 127, 257)
 LARGE_K = (1031, 4099)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+CUDA_DTYPES = DTYPES + (torch.float16,)
+
+
+def dtypes_for(device: str) -> Tuple[torch.dtype, ...]:
+    """The dtypes fuzzed on a device: float16 too on CUDA."""
+    return CUDA_DTYPES if torch.device(device).type == "cuda" else DTYPES
 
 
 @dataclasses.dataclass
@@ -29,26 +35,30 @@ class Case:
     layout: str  # contiguous | input_transposed | input_strided | weight_transposed | weight_strided
     requires_grad: Tuple[bool, bool, bool]
     seed: int
+    device: str = "cpu"
 
     def describe(self) -> str:
         return (f"batch={self.batch} {self.in_features}->{self.out_features} {self.dtype} {self.activation}"
-                f"({self.negative_slope}) bias={self.bias} {self.layout} grad={self.requires_grad} seed={self.seed}")
+                f"({self.negative_slope}) bias={self.bias} {self.layout} grad={self.requires_grad} seed={self.seed}"
+                f" device={self.device}")
 
 
-def random_case(rng: random.Random) -> Case:
+def random_case(rng: random.Random, device: str = "cpu") -> Case:
     ndim = rng.choice((1, 1, 1, 2, 3))
     batch = tuple(rng.choice(SIZES[:9]) for _ in range(ndim))
     in_features = rng.choice(SIZES + LARGE_K) if rng.random() < 0.15 else rng.choice(SIZES)
     return Case(
-        batch=batch, in_features=in_features, out_features=rng.choice(SIZES), dtype=rng.choice(DTYPES),
+        batch=batch, in_features=in_features, out_features=rng.choice(SIZES), dtype=rng.choice(dtypes_for(device)),
         activation=rng.choice(pyfastnn.ACTIVATIONS), negative_slope=rng.choice((0.01, 0.0, 0.3, -0.5)),
         bias=rng.random() < 0.7,
         layout=rng.choice(("contiguous", "input_transposed", "input_strided", "weight_transposed", "weight_strided")),
-        requires_grad=(rng.random() < 0.7, rng.random() < 0.7, rng.random() < 0.7), seed=rng.randrange(2**31))
+        requires_grad=(rng.random() < 0.7, rng.random() < 0.7, rng.random() < 0.7), seed=rng.randrange(2**31),
+        device=device)
 
 
-def _tensor(shape, dtype, generator, layout: Optional[str]) -> torch.Tensor:
-    make = lambda s: torch.randn(s, generator=generator, dtype=torch.float64).to(dtype)  # noqa: E731
+def _tensor(shape, dtype, generator, layout: Optional[str], device: str = "cpu") -> torch.Tensor:
+    # Drawn on the CPU (the same values on every device), then moved before any view is taken.
+    make = lambda s: torch.randn(s, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)  # noqa: E731
     if layout == "transposed" and len(shape) >= 2:
         return make((*shape[:-2], shape[-1], shape[-2])).transpose(-1, -2)
     if layout == "strided" and len(shape) >= 1:
@@ -58,17 +68,18 @@ def _tensor(shape, dtype, generator, layout: Optional[str]) -> torch.Tensor:
 
 def build(case: Case):
     g = torch.Generator().manual_seed(case.seed)
-    x = _tensor((*case.batch, case.in_features), case.dtype, g, case.layout.split("_")[1] if case.layout.startswith("input") else None)
+    x = _tensor((*case.batch, case.in_features), case.dtype, g,
+                case.layout.split("_")[1] if case.layout.startswith("input") else None, case.device)
     w = _tensor((case.out_features, case.in_features), case.dtype, g,
-                case.layout.split("_")[1] if case.layout.startswith("weight") else None)
+                case.layout.split("_")[1] if case.layout.startswith("weight") else None, case.device)
     w = w * max(case.in_features, 1) ** -0.5
-    b = _tensor((case.out_features,), case.dtype, g, None) if case.bias else None
+    b = _tensor((case.out_features,), case.dtype, g, None, case.device) if case.bias else None
     return x, w, b
 
 
 def _grad_output(out: torch.Tensor, case) -> torch.Tensor:
     return torch.randn(out.shape, generator=torch.Generator().manual_seed(case.seed + 1),
-                       dtype=torch.float64).to(case.dtype)
+                       dtype=torch.float64).to(dtype=case.dtype, device=out.device)
 
 
 def _assert_gradients_close(grads, expected_grads, dtype: torch.dtype, scale: float = 1.0) -> None:
@@ -109,11 +120,11 @@ def check(case: Case) -> Optional[str]:
     return None
 
 
-def run(cases: int, seed: int = 0, mlp: bool = False) -> List[str]:
-    """The mismatches among `cases` random fused_linear cases (fused_mlp cases with `mlp`)."""
+def run(cases: int, seed: int = 0, mlp: bool = False, device: str = "cpu") -> List[str]:
+    """The mismatches among `cases` random fused_linear cases (fused_mlp cases with `mlp`) on `device`."""
     make, verify = (random_mlp_case, check_mlp) if mlp else (random_case, check)
     rng = random.Random(seed)
-    return [m for m in (verify(make(rng)) for _ in range(cases)) if m is not None]
+    return [m for m in (verify(make(rng, device)) for _ in range(cases)) if m is not None]
 
 
 @dataclasses.dataclass
@@ -128,22 +139,23 @@ class MLPCase:
     training: bool
     input_requires_grad: bool
     seed: int
+    device: str = "cpu"
 
     def describe(self) -> str:
         return (f"batch={self.batch} widths={self.widths} {self.dtype} {self.activations}({self.negative_slope}) "
                 f"biases={self.biases} dropout={self.dropout} training={self.training} "
-                f"input_grad={self.input_requires_grad} seed={self.seed}")
+                f"input_grad={self.input_requires_grad} seed={self.seed} device={self.device}")
 
 
-def random_mlp_case(rng: random.Random) -> MLPCase:
+def random_mlp_case(rng: random.Random, device: str = "cpu") -> MLPCase:
     layers = rng.choice((1, 2, 3, 4))
     widths = tuple(rng.choice(SIZES[1:]) for _ in range(layers + 1))
     return MLPCase(
         batch=tuple(rng.choice(SIZES[:9]) for _ in range(rng.choice((1, 1, 2)))), widths=widths,
-        dtype=rng.choice(DTYPES), activations=tuple(rng.choice(pyfastnn.ACTIVATIONS) for _ in range(layers)),
+        dtype=rng.choice(dtypes_for(device)), activations=tuple(rng.choice(pyfastnn.ACTIVATIONS) for _ in range(layers)),
         negative_slope=rng.choice((0.01, 0.0, -0.5)), biases=tuple(rng.random() < 0.7 for _ in range(layers)),
         dropout=tuple(rng.choice((0.0, 0.1, 0.5, 0.9)) for _ in range(layers)), training=rng.random() < 0.7,
-        input_requires_grad=rng.random() < 0.5, seed=rng.randrange(2**31))
+        input_requires_grad=rng.random() < 0.5, seed=rng.randrange(2**31), device=device)
 
 
 def check_mlp(case: MLPCase) -> Optional[str]:
@@ -152,9 +164,11 @@ def check_mlp(case: MLPCase) -> Optional[str]:
     from samples import reference_mlp
 
     g = torch.Generator().manual_seed(case.seed)
-    x = _tensor((*case.batch, case.widths[0]), case.dtype, g, None)
-    weights = [_tensor((n, k), case.dtype, g, None) * k ** -0.5 for k, n in zip(case.widths[:-1], case.widths[1:])]
-    biases = [_tensor((n,), case.dtype, g, None) if has else None for n, has in zip(case.widths[1:], case.biases)]
+    x = _tensor((*case.batch, case.widths[0]), case.dtype, g, None, case.device)
+    weights = [_tensor((n, k), case.dtype, g, None, case.device) * k ** -0.5
+               for k, n in zip(case.widths[:-1], case.widths[1:])]
+    biases = [_tensor((n,), case.dtype, g, None, case.device) if has else None
+              for n, has in zip(case.widths[1:], case.biases)]
     leaves = [x, *weights, *[b for b in biases if b is not None]]
     flags = [case.input_requires_grad] + [True] * (len(leaves) - 1)
     ours = [t.detach().clone().requires_grad_(r) for t, r in zip(leaves, flags)]
@@ -184,15 +198,15 @@ def check_mlp(case: MLPCase) -> Optional[str]:
         try:
             assert_close(out, expected, case.dtype)
         except AssertionError:
-            if case.dtype != torch.bfloat16:
+            if case.dtype not in (torch.bfloat16, torch.float16):
                 raise
-            # Deep bfloat16 stacks (with 1/(1-p) up to 10x) can exceed the one-layer tolerance; then
-            # pyfastnn must be no further from float64 than twice eager PyTorch's own bfloat16 run.
+            # Deep bfloat16/float16 stacks (with 1/(1-p) up to 10x) can exceed the one-layer tolerance;
+            # then pyfastnn must be no further from float64 than twice eager PyTorch's own run.
             eager = reference_mlp(*split([t.detach() for t in leaves]), case.activations, case.negative_slope,
                                   masks, case.dropout)
             ours_error = (out.detach().double() - expected).abs().max().item()
             eager_error = (eager.double() - expected).abs().max().item()
-            assert ours_error <= 2 * eager_error, (f"bfloat16 error {ours_error:.4g} exceeds twice eager "
+            assert ours_error <= 2 * eager_error, (f"{case.dtype} error {ours_error:.4g} exceeds twice eager "
                                                    f"PyTorch's ({eager_error:.4g})")
         needs = [t for t in ours if t.requires_grad]
         if out.numel() and needs:
@@ -203,7 +217,7 @@ def check_mlp(case: MLPCase) -> Optional[str]:
             # bfloat16 gradients of a deep stack (PyTorch's own included) drift from float64 by more
             # than any fixed tolerance; they are checked against PyTorch's bfloat16 in
             # tests/test_fused_mlp.py instead.
-            if case.dtype != torch.bfloat16:
+            if case.dtype not in (torch.bfloat16, torch.float16):
                 expected_grads = torch.autograd.grad(expected, [t for t in refs if t.requires_grad],
                                                      grad_out.to(torch.float64))
                 # Each dropout scales the terms of the gradient sums by 1/(1-p) (10x at p = 0.9), and

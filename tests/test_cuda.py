@@ -1,12 +1,17 @@
-"""The CUDA backend against PyTorch and against the CPU kernels. Runs where a GPU is visible
-(scripts/gpu_check.sh); elsewhere these are skipped, and CI instead compiles the CUDA build and
-runs the CPU suite on it."""
+"""The CUDA backend against PyTorch and against the CPU kernels: cuBLASLt epilogues and their fallback,
+every activation and dtype against a float64 reference, odd shapes and alignments, fused_mlp, fused
+dropout (statistics, reproducibility, CUDA-graph replays), CUDA-graph capture of forward+backward.
+Runs where a GPU is visible (scripts/gpu_check.sh); elsewhere these are skipped, and CI instead
+compiles the CUDA build and runs the CPU suite on it."""
 
 import pytest
 import torch
+from torch import nn
 
 import pyfastnn
 from samples import assert_close, mlp_sample_inputs, reference, reference_mlp, sample_inputs
+
+ops = torch.ops.pyfastnn
 
 CUDA = torch.cuda.is_available() and pyfastnn.info()["backends"]["cuda"]
 pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and a CUDA build of pyfastnn")
@@ -92,9 +97,112 @@ def test_second_gpu():
     assert_close(out, reference(x, w, None, "tanh"), torch.float32)
 
 
-@pytest.mark.parametrize("sample", list(mlp_sample_inputs(dtypes=DTYPES[:2] + DTYPES[3:], with_dropout=False)) if CUDA else [],
+MLP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(params=["cublaslt", "fallback"])
+def gemm_path(request, monkeypatch):
+    """Runs a test on both GEMM paths: cuBLASLt epilogues, and ATen GEMMs + pyfastnn's own passes
+    (PYFASTNN_CUBLASLT=0, read at every call)."""
+    if request.param == "fallback":
+        monkeypatch.setenv("PYFASTNN_CUBLASLT", "0")
+    else:
+        monkeypatch.delenv("PYFASTNN_CUBLASLT", raising=False)
+    return request.param
+
+
+def _float64_error(fn, tensors, grad):
+    """Max abs error of fn's output and gradients against the same computation in float64 on the
+    GPU, each divided by that reference's scale."""
+    wide = [t.detach().double().requires_grad_() for t in tensors]
+    expected = fn(*wide)
+    expected_grads = torch.autograd.grad(expected, wide, grad.double())
+    out = fn(*tensors)
+    grads = torch.autograd.grad(out, tensors, grad)
+    errors = []
+    for got, want in zip((out, *grads), (expected, *expected_grads)):
+        scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+        errors.append((got.double() - want).abs().max().item() / scale if want.numel() else 0.0)
+    return errors
+
+
+# (rows, in, out): 128-bit aligned everywhere; odd sizes (scalar passes, cuBLASLt alignment 2-4 bytes).
+LAYER_SHAPES = ((256, 512, 384), (33, 17, 9), (130, 64, 72))
+
+
+@pytest.mark.parametrize("shape", LAYER_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("activation", pyfastnn.ACTIVATIONS)
+def test_every_activation_and_dtype_as_close_to_float64_as_eager(activation, dtype, shape, gemm_path):
+    rows, k, n = shape
+    generator = torch.Generator(device="cuda").manual_seed(rows + k + n)
+    x = torch.randn(rows, k, device="cuda", generator=generator).to(dtype).requires_grad_()
+    w = (torch.randn(n, k, device="cuda", generator=generator) * k ** -0.5).to(dtype).requires_grad_()
+    b = torch.randn(n, device="cuda", generator=generator).to(dtype).requires_grad_()
+    grad = torch.randn(rows, n, device="cuda", generator=generator).to(dtype)
+    fused = _float64_error(lambda *t: pyfastnn.fused_linear(*t, activation=activation), (x, w, b), grad)
+    eager = _float64_error(lambda *t: reference(*t, activation=activation), (x, w, b), grad)
+    eps = torch.finfo(dtype).eps
+    for what, got, want in zip(("output", "grad input", "grad weight", "grad bias"), fused, eager):
+        # As close as eager, up to a few roundings of the dtype (fusion rounds in other places).
+        assert got <= 2 * want + 8 * eps, f"{what}: {got:.3g} vs eager {want:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "gelu_tanh", "identity", "silu"])
+def test_cublaslt_and_fallback_paths_agree(activation, dtype, monkeypatch):
+    x = torch.randn(512, 256, device="cuda", dtype=dtype, requires_grad=True)
+    w = (torch.randn(128, 256, device="cuda") / 16).to(dtype).requires_grad_()
+    b = torch.randn(128, device="cuda", dtype=dtype, requires_grad=True)
+    grad = torch.randn(512, 128, device="cuda", dtype=dtype)
+    results = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv("PYFASTNN_CUBLASLT", setting)
+        out = pyfastnn.fused_linear(x, w, b, activation)
+        results.append((out, *torch.autograd.grad(out, (x, w, b), grad)))
+    expected = reference(x, w, b, activation)
+    expected_grads = torch.autograd.grad(expected, (x, w, b), grad)
+    for lt, fallback, want in zip(results[0], results[1], (expected, *expected_grads)):
+        assert_close(lt, want, dtype)
+        assert_close(fallback, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "gelu_tanh", "sigmoid"])
+def test_misaligned_views_and_transposed_operands(activation, dtype, gemm_path):
+    # Storage offsets of one element: pointers are 2- or 4-byte aligned, never 16 (cuBLASLt must pick
+    # a kernel for that alignment or decline, the vectorized passes fall back to one element per step).
+    rows, k, n = 96, 64, 40
+    x = torch.randn(rows * k + 1, device="cuda", dtype=dtype)[1:].view(rows, k).requires_grad_()
+    w = (torch.randn(n * k + 1, device="cuda") / 8).to(dtype)[1:].view(n, k).requires_grad_()
+    b = torch.randn(n + 1, device="cuda", dtype=dtype)[1:].requires_grad_()
+    for inputs in ((x, w, b), (x.t().contiguous().t(), w, b), (x, w.t().contiguous().t(), b)):
+        out = pyfastnn.fused_linear(*inputs, activation=activation)
+        expected = reference(*inputs, activation=activation)
+        assert_close(out, expected, dtype)
+        grad = torch.randn_like(expected)
+        for got, want in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+            assert_close(got, want, dtype)
+
+
+def test_large_buffer_vectorized_and_one_element_paths():
+    # 65537 x 16 elements: a multiple of the vector width (128-bit loads); 65537 x 15: odd, so the
+    # forward and backward passes take their one-element path, over about a million elements each.
+    x = torch.randn(65537, 32, device="cuda", requires_grad=True)
+    w = torch.randn(16, 32, device="cuda", requires_grad=True)
+    for n in (16, 15):
+        weight = w[:n]
+        out = pyfastnn.fused_linear(x, weight, None, "silu")
+        expected = reference(x, weight, None, "silu")
+        assert_close(out, expected, torch.float32)
+        grad = torch.randn_like(out)
+        for got, want in zip(torch.autograd.grad(out, (x, weight), grad), torch.autograd.grad(expected, (x, weight), grad)):
+            assert_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("sample", list(mlp_sample_inputs(dtypes=MLP_DTYPES, with_dropout=False)) if CUDA else [],
                          ids=repr)
-def test_cuda_fused_mlp_matches_reference(sample):
+def test_cuda_fused_mlp_matches_reference(sample, gemm_path):
     tensors = [t.detach().cuda().requires_grad_() for t in sample.tensors()]
     args = sample.op_args(training=True, tensors=tensors)
     out = torch.ops.pyfastnn.fused_mlp(*args)
@@ -106,10 +214,204 @@ def test_cuda_fused_mlp_matches_reference(sample):
         assert_close(got, want, sample.dtype)
 
 
-def test_cuda_fused_dropout_is_not_implemented_yet():
+@pytest.mark.parametrize("activations", [("relu", "relu", "identity"), ("gelu_tanh", "gelu_tanh", "identity"),
+                                         ("gelu", "silu", "tanh"), ("leaky_relu", "relu", "sigmoid")], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_fused_mlp_stack_on_both_paths(activations, dtype, gemm_path):
+    # Wide aligned layers: cuBLASLt takes every GEMM, derivative epilogues ride in the data-gradient GEMMs.
+    torch.manual_seed(0)
+    widths = (256, 512, 256, 128)
+    x = torch.randn(384, widths[0], device="cuda", dtype=dtype, requires_grad=True)
+    weights = [(torch.randn(n, k, device="cuda") * k ** -0.5).to(dtype).requires_grad_()
+               for k, n in zip(widths[:-1], widths[1:])]
+    biases = [torch.randn(n, device="cuda", dtype=dtype, requires_grad=True) for n in widths[1:]]
+    out = pyfastnn.fused_mlp(x, weights, biases, list(activations[:-1]), activations[-1])
+    expected = reference_mlp(x, weights, biases, activations)
+    assert_close(out, expected, dtype)
+    grad = torch.randn_like(expected)
+    tensors = (x, *weights, *biases)
+    for got, want in zip(torch.autograd.grad(out, tensors, grad), torch.autograd.grad(expected, tensors, grad)):
+        assert_close(got, want, dtype)
+    # Only the weights: the input gradient is never formed, the lowest layer's data GEMM is skipped.
+    got = torch.autograd.grad(pyfastnn.fused_mlp(x.detach(), weights, biases, list(activations[:-1]),
+                                                 activations[-1]), weights, grad)
+    want = torch.autograd.grad(reference_mlp(x.detach(), weights, biases, activations), weights, grad)
+    for g, e in zip(got, want):
+        assert_close(g, e, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_relu_bit_mask_layout_and_fake(dtype, gemm_path):
+    # NOTE [relu bit masks]: bit f % 8 of byte f / 8 of a row says output f > 0, rows padded to 128
+    # bits. cuBLASLt writes it on one path, pyfastnn's kernel on the other: both must match this.
+    torch.manual_seed(0)
+    rows, widths = 300, (64, 200, 8)
+    x = torch.randn(rows, widths[0], device="cuda", dtype=dtype)
+    weights = [(torch.randn(n, k, device="cuda") * k ** -0.5).to(dtype) for k, n in zip(widths[:-1], widths[1:])]
+    biases = [torch.randn(n, device="cuda", dtype=dtype) for n in widths[1:]]
+    args = (x, weights, biases, [1, 0], 0.01, [0.0, 0.0], True)
+    out, hidden, preacts, masks = ops.fused_mlp_forward(*args)
+    assert preacts[0].dtype == torch.uint8 and preacts[0].shape == (rows, 32)  # 200 features padded to 256 bits
+    shifts = torch.arange(8, device="cuda", dtype=torch.int32)
+    bits = ((preacts[0].to(torch.int32).unsqueeze(-1) >> shifts) & 1).view(rows, 256)
+    assert torch.equal(bits[:, :widths[1]].bool(), hidden[0] > 0)  # padding bits are unspecified
+    torch.library.opcheck(ops.fused_mlp_forward.default, args)
+
+
+# --- fused dropout -------------------------------------------------------------------------------
+
+def _masks(sample_args, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return ops.fused_mlp_forward(*sample_args)[3]
+
+
+@pytest.mark.parametrize("shape", [(1000, 1000), (999, 1001)], ids=str)
+def test_cuda_dropout_statistics_match_nn_dropout(shape):
+    # (999, 1001): an element count that is no multiple of the vector width (the one-element path).
+    torch.manual_seed(0)
+    rows, cols = shape
+    identity = torch.eye(cols, device="cuda")
+    x = torch.full((rows, cols), 3.0, device="cuda")
+    for p in (0.1, 0.2, 0.5, 0.9):
+        out = ops.fused_mlp(x, [identity], [None], [0], 0.01, [p], True)
+        kept = out != 0
+        n = kept.numel()
+        assert abs(kept.sum().item() - n * (1 - p)) < 5 * (n * p * (1 - p)) ** 0.5
+        torch.testing.assert_close(out[kept], torch.full_like(out[kept], 3.0 / (1 - p)))
+        assert set(nn.Dropout(p)(x).unique().tolist()) == set(out.unique().tolist())
+        k = kept.double()
+        # Neighbours in a row, in a column, and 4 apart (one Philox call serves 4 elements) are uncorrelated.
+        for a, b in ((k[:, 1:], k[:, :-1]), (k[1:], k[:-1]), (k[:, 4:], k[:, :-4])):
+            correlation = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+            assert abs(correlation) < 5 / n ** 0.5
+        for rate in (k.mean(0), k.mean(1)):
+            assert (rate - (1 - p)).abs().max().item() < 6 * (p * (1 - p) / min(rows, cols)) ** 0.5
+
+
+def test_cuda_dropout_is_reproducible_and_fresh_per_call():
+    sample = next(s for s in mlp_sample_inputs(requires_grad=False) if s.name == "lesson-float32-dropout")
+    args = sample.op_args(True, [t.cuda() for t in sample.tensors()])
+    first, again, other = _masks(args, 11), _masks(args, 11), _masks(args, 12)
+    for a, b, c in zip(first, again, other):
+        assert a.device.type == "cuda" and a.dtype == torch.uint8
+        assert torch.equal(a, b)
+        if a.numel():
+            assert not torch.equal(a, c)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        ops.fused_mlp_forward(*args)
+        next_call = ops.fused_mlp_forward(*args)[3]
+    assert not torch.equal(first[0], next_call[0])
+    # Two layers of one call get different masks too.
+    assert not torch.equal(first[0][:, :128], first[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activations", [("relu", "relu", "identity"), ("gelu", "sigmoid", "tanh"),
+                                         ("leaky_relu", "gelu_tanh", "silu"), ("identity", "tanh", "relu")], ids=str)
+def test_cuda_dropout_gradients_use_the_same_mask(activations, dtype, gemm_path):
+    torch.manual_seed(1)
+    widths = (48, 64, 40, 24)
+    x = torch.randn(70, widths[0], device="cuda", dtype=dtype, requires_grad=True)
+    weights = [(torch.randn(n, k, device="cuda") * k ** -0.5).to(dtype).requires_grad_()
+               for k, n in zip(widths[:-1], widths[1:])]
+    biases = [torch.randn(n, device="cuda", dtype=dtype, requires_grad=True) for n in widths[1:]]
+    codes = [pyfastnn.ACTIVATIONS.index(a) for a in activations]
+    dropout = [0.3, 0.5, 0.2]  # after every layer, the output layer included
+    tensors = (x, *weights, *biases)
+    torch.manual_seed(5)
+    out = ops.fused_mlp(x, weights, biases, codes, -0.1, dropout, True)
+    masks = _masks((x, weights, biases, codes, -0.1, dropout, True), 5)
+    expected = reference_mlp(x, weights, biases, activations, -0.1, masks, dropout)
+    assert_close(out, expected, dtype)
+    grad = torch.randn_like(expected)
+    for got, want in zip(torch.autograd.grad(out, tensors, grad), torch.autograd.grad(expected, tensors, grad)):
+        assert_close(got, want, dtype)
+
+
+def test_cuda_dropout_in_a_captured_graph_draws_fresh_masks_each_replay():
+    torch.manual_seed(0)
+    widths = (64, 128, 32)
+    x = torch.randn(256, widths[0], device="cuda")
+    weights = [(torch.randn(n, k, device="cuda") * k ** -0.5).requires_grad_() for k, n in zip(widths[:-1], widths[1:])]
+    biases = [torch.randn(n, device="cuda", requires_grad=True) for n in widths[1:]]
+    codes, dropout = [1, 0], [0.5, 0.25]
+    grad = torch.randn(256, widths[-1], device="cuda")
+    mask_all = [True] * 5
+
+    def step():
+        out, hidden, preacts, masks = ops.fused_mlp_forward(x, weights, biases, codes, 0.01, dropout, True)
+        grads = ops.fused_mlp_backward(grad, x, weights, out, hidden, preacts, masks, codes, 0.01, dropout, mask_all)
+        return out, masks, grads
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(2):  # warm-up outside the graph, as CUDA graphs require
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out, masks, (grad_x, grad_ws, grad_bs) = step()
+    seen = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        seen.append([m.clone() for m in masks])
+        expected = reference_mlp(x, weights, biases, ["relu", "identity"], 0.01, masks, dropout)
+        assert_close(out, expected, torch.float32)
+        want = torch.autograd.grad(expected, (weights[0], weights[1], biases[0], biases[1]), grad)
+        for got, e in zip((grad_ws[0], grad_ws[1], grad_bs[0], grad_bs[1]), want):
+            assert_close(got, e, torch.float32)
+    for layer in range(2):
+        assert not torch.equal(seen[0][layer], seen[1][layer])
+        assert not torch.equal(seen[1][layer], seen[2][layer])
+    # Replays draw from the generator like eager calls: the same seed gives the same replay masks.
+    torch.manual_seed(123)
+    graph.replay()
+    first = [m.clone() for m in masks]
+    torch.manual_seed(123)
+    graph.replay()
+    assert all(torch.equal(a, b) for a, b in zip(first, masks))
+
+
+def test_fused_mlp_module_with_dropout_trains_on_cuda():
     mlp = pyfastnn.FusedMLP([16, 32, 4], dropout=0.2).cuda()
     x = torch.randn(8, 16, device="cuda")
-    with pytest.raises(NotImplementedError, match="fused dropout"):
-        mlp(x)
+    out = mlp(x)
+    out.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mlp.parameters())
     mlp.eval()
-    assert mlp(x).shape == (8, 4)
+    torch.testing.assert_close(mlp(x), mlp(x))
+
+
+# --- CUDA graphs ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_forward_and_backward_captured_in_a_cuda_graph(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(pyfastnn.FusedLinear(64, 128, activation="gelu_tanh"),
+                          pyfastnn.FusedMLP([128, 256, 64, 16], activation="relu")).cuda().to(dtype)
+    x = torch.randn(512, 64, device="cuda", dtype=dtype, requires_grad=True)
+    grad = torch.randn(512, 16, device="cuda", dtype=dtype)
+    params = [x, *model.parameters()]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            torch.autograd.grad(model(x), params, grad)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = model(x)
+        static_grads = torch.autograd.grad(static_out, params, grad)
+    for scale in (1.0, -0.5):
+        with torch.no_grad():
+            x.mul_(scale)
+        graph.replay()
+        expected = model(x)
+        expected_grads = torch.autograd.grad(expected, params, grad)
+        assert_close(static_out, expected, dtype)
+        for got, want in zip(static_grads, expected_grads):
+            assert_close(got, want, dtype)

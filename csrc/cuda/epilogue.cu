@@ -1,12 +1,25 @@
 // CUDA launchers for the fused epilogues: the same activation functors as the CPU (activations.h,
-// __host__ __device__), one templated kernel per (dtype, activation), launched on the current
-// stream of the tensors' device and checked after every launch.
+// __host__ __device__), one templated kernel per (dtype, activation, vector width), launched on the
+// current stream of the tensors' device and checked after every launch.
+//
+// NOTE [CUDA epilogue passes]
+// On CUDA the bias always rides in the GEMM (cuBLASLt's bias epilogue, or addmm in the fallback), so
+// the forward pass is purely element-wise: out = dropout(act(acc)). It runs over the flat buffer in
+// 128-bit vectors (4 floats, 8 halves/bfloat16s, 2 doubles) when the element count and every pointer
+// allow, else one element per step; no division per element. The backward pass without a bias sum
+// is the same shape of loop; with a bias sum it is a 2-D kernel whose column sums are reduced in a
+// fixed order (bitwise reproducible, no atomics).
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <ATen/cuda/PhiloxUtils.cuh>
+#include <ATen/core/DistributionsHelper.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 
 #include "../epilogue.h"
@@ -15,34 +28,132 @@ namespace pyfastnn::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kColumnsPerBlock = 32;  // backward: one warp across columns ...
+constexpr int kColumnsPerBlock = 32;  // backward with bias sums: one warp across columns ...
 constexpr int kRowLanes = 8;          // ... times 8 row lanes
+constexpr int kVectorBytes = 16;      // one 128-bit load or store
 
-// Grid-stride loop over rows x cols with 64-bit indices (buffers may exceed 2^31 elements).
-template <typename scalar_t, typename F>
-__global__ void forward_kernel(int64_t total, int64_t cols, const scalar_t* acc, const scalar_t* bias,
-                               scalar_t* preact, scalar_t* out, double negative_slope) {
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename scalar_t>
+constexpr int vector_width() {
+  return kVectorBytes / static_cast<int>(sizeof(scalar_t));
+}
+
+// The random numbers of one forward dropout: a Philox state that torch's generator handed out
+// (see PhiloxDropout in dropout.h), unpacked inside the kernel so that a captured CUDA graph reads
+// the offset current at each replay.
+struct DropoutArgs {
+  at::PhiloxCudaState philox;
+  uint64_t threshold;
+  double kept_scale;  // 1 / (1 - p)
+};
+
+// Element-wise backward: g * act'(s), then the dropout mask (see BackwardEpilogue).
+template <typename F, typename opmath_t>
+__device__ __forceinline__ opmath_t backward_element(opmath_t g, opmath_t s, bool kept, bool has_mask,
+                                                     bool rescale_saved, bool mask_implied, opmath_t saved_scale,
+                                                     opmath_t kept_scale, opmath_t slope) {
+  if constexpr (!std::is_same_v<F, act::Identity>) {
+    if (rescale_saved) s *= saved_scale;
+    g *= F::derivative(s, slope);
+  }
+  if (mask_implied) return g * kept_scale;
+  if (has_mask) return g * (kept ? kept_scale : opmath_t(0));
+  return g;
+}
+
+template <typename scalar_t, typename F, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(int64_t chunks, const scalar_t* acc, scalar_t* preact, scalar_t* out, uint8_t* keep_mask,
+                   DropoutArgs dropout, double negative_slope) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const opmath_t slope = static_cast<opmath_t>(negative_slope);
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += int64_t(blockDim.x) * gridDim.x) {
-    opmath_t v = static_cast<opmath_t>(acc[i]);
-    if (bias != nullptr) v += static_cast<opmath_t>(bias[i % cols]);
-    if (preact != nullptr) preact[i] = static_cast<scalar_t>(v);
-    out[i] = static_cast<scalar_t>(F::forward(v, slope));
+  const auto slope = static_cast<opmath_t>(negative_slope);
+  const auto kept_scale = static_cast<opmath_t>(dropout.kept_scale);
+  PhiloxDropout stream{0, 0, dropout.threshold};
+  if (keep_mask != nullptr) {
+    const auto seed_and_offset = at::cuda::philox::unpack(dropout.philox);
+    stream.seed = std::get<0>(seed_and_offset);
+    stream.offset = std::get<1>(seed_and_offset);
+  }
+  for (int64_t chunk = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; chunk < chunks;
+       chunk += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t first = chunk * kVec;
+    const auto in = *reinterpret_cast<const Pack<scalar_t, kVec>*>(acc + first);
+    if (preact != nullptr && preact != acc) *reinterpret_cast<Pack<scalar_t, kVec>*>(preact + first) = in;
+    Pack<scalar_t, kVec> result;
+    Pack<uint8_t, kVec> kept;
+    Philox4x32 draws{};
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      opmath_t y = F::forward(static_cast<opmath_t>(in.v[j]), slope);
+      if (keep_mask != nullptr) {
+        const auto e = static_cast<uint64_t>(first + j);
+        // Chunks of 4 or 8 start at multiples of 4: one Philox call serves 4 elements.
+        const bool fresh = kVec % 4 == 0 ? j % 4 == 0 : (j == 0 || (e & 3) == 0);
+        if (fresh) draws = Philox4x32::generate(e >> 2, stream.offset, stream.seed);
+        kept.v[j] = draws.word[e & 3] >= stream.threshold;
+        y *= kept.v[j] ? kept_scale : opmath_t(0);  // multiply, as nn.Dropout does (inf * 0 is NaN)
+      }
+      result.v[j] = static_cast<scalar_t>(y);
+    }
+    *reinterpret_cast<Pack<scalar_t, kVec>*>(out + first) = result;
+    if (keep_mask != nullptr) *reinterpret_cast<Pack<uint8_t, kVec>*>(keep_mask + first) = kept;
   }
 }
 
-// Block (x: 32 columns, y: 8 row lanes) handles one row block of rows_per_block rows: each thread
-// accumulates its column over its rows, the 8 lanes are added in a fixed order in shared memory, and
-// the block writes its own row of partial sums (no atomics: the result is reproducible).
-template <typename scalar_t, typename F>
-__global__ void backward_kernel(int64_t rows, int64_t cols, int64_t rows_per_block, const scalar_t* grad_out,
-                                const scalar_t* saved, scalar_t* grad_pre, at::opmath_type<scalar_t>* sums,
-                                double negative_slope) {
+struct BackwardFlags {
+  bool rescale_saved;  // the saved output went through dropout: scale it back by (1 - p)
+  bool mask_implied;   // ... and act' vanishes where it is 0: skip reading the mask
+  double saved_scale, kept_scale, negative_slope;
+};
+
+// Backward without a bias sum, over the flat buffer like forward_kernel.
+template <typename scalar_t, typename F, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    backward_flat_kernel(int64_t chunks, const scalar_t* grad_out, const scalar_t* saved, scalar_t* grad_pre,
+                         const uint8_t* keep_mask, BackwardFlags flags) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr bool kIdentity = std::is_same_v<F, act::Identity>;
-  const opmath_t slope = static_cast<opmath_t>(negative_slope);
+  const auto slope = static_cast<opmath_t>(flags.negative_slope);
+  const auto saved_scale = static_cast<opmath_t>(flags.saved_scale);
+  const auto kept_scale = static_cast<opmath_t>(flags.kept_scale);
+  const bool read_mask = keep_mask != nullptr && !flags.mask_implied;
+  for (int64_t chunk = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; chunk < chunks;
+       chunk += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t first = chunk * kVec;
+    const auto g = *reinterpret_cast<const Pack<scalar_t, kVec>*>(grad_out + first);
+    Pack<scalar_t, kVec> s{};
+    if constexpr (!kIdentity) s = *reinterpret_cast<const Pack<scalar_t, kVec>*>(saved + first);
+    Pack<uint8_t, kVec> kept{};
+    if (read_mask) kept = *reinterpret_cast<const Pack<uint8_t, kVec>*>(keep_mask + first);
+    Pack<scalar_t, kVec> result;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      result.v[j] = static_cast<scalar_t>(backward_element<F>(
+          static_cast<opmath_t>(g.v[j]), static_cast<opmath_t>(s.v[j]), kept.v[j] != 0, read_mask,
+          flags.rescale_saved, flags.mask_implied, saved_scale, kept_scale, slope));
+    }
+    *reinterpret_cast<Pack<scalar_t, kVec>*>(grad_pre + first) = result;
+  }
+}
+
+// Backward with the bias sum. Block (x: 32 columns, y: 8 row lanes) handles one row block of
+// rows_per_block rows: each thread accumulates its column over its rows, the 8 lanes are added in a
+// fixed order in shared memory, and the block writes its own row of partial sums (no atomics: the
+// result is reproducible).
+template <typename scalar_t, typename F>
+__global__ void backward_sums_kernel(int64_t rows, int64_t cols, int64_t rows_per_block, const scalar_t* grad_out,
+                                     const scalar_t* saved, scalar_t* grad_pre, const uint8_t* keep_mask,
+                                     at::opmath_type<scalar_t>* sums, BackwardFlags flags) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  constexpr bool kIdentity = std::is_same_v<F, act::Identity>;
+  const auto slope = static_cast<opmath_t>(flags.negative_slope);
+  const auto saved_scale = static_cast<opmath_t>(flags.saved_scale);
+  const auto kept_scale = static_cast<opmath_t>(flags.kept_scale);
+  const bool read_mask = keep_mask != nullptr && !flags.mask_implied;
   __shared__ opmath_t lane_sums[kRowLanes][kColumnsPerBlock];
   const int64_t col = int64_t(blockIdx.x) * kColumnsPerBlock + threadIdx.x;
   const int64_t row_begin = int64_t(blockIdx.y) * rows_per_block;
@@ -51,13 +162,14 @@ __global__ void backward_kernel(int64_t rows, int64_t cols, int64_t rows_per_blo
   if (col < cols) {
     for (int64_t r = row_begin + threadIdx.y; r < row_end; r += kRowLanes) {
       const int64_t i = r * cols + col;
-      opmath_t g = static_cast<opmath_t>(grad_out[i]);
-      if constexpr (!kIdentity) g *= F::derivative(static_cast<opmath_t>(saved[i]), slope);
+      const opmath_t s = kIdentity ? opmath_t(0) : static_cast<opmath_t>(saved[i]);
+      const opmath_t g = backward_element<F>(static_cast<opmath_t>(grad_out[i]), s, read_mask && keep_mask[i] != 0,
+                                             read_mask, flags.rescale_saved, flags.mask_implied, saved_scale,
+                                             kept_scale, slope);
       if (grad_pre != nullptr) grad_pre[i] = static_cast<scalar_t>(g);
       total += g;
     }
   }
-  if (sums == nullptr) return;
   lane_sums[threadIdx.y][threadIdx.x] = total;
   __syncthreads();
   if (threadIdx.y == 0 && col < cols) {
@@ -67,45 +179,133 @@ __global__ void backward_kernel(int64_t rows, int64_t cols, int64_t rows_per_blo
   }
 }
 
+// One thread per mask byte: 8 outputs of one row (padding bits past the last column are 0).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    pack_relu_mask_kernel(int64_t rows, int64_t cols, int64_t row_bytes, const scalar_t* out, uint8_t* mask) {
+  const int64_t total = rows * row_bytes;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t row = i / row_bytes;  // one division per byte, not per element
+    const int64_t first = (i - row * row_bytes) * 8;
+    uint8_t bits = 0;
+    for (int b = 0; b < 8 && first + b < cols; ++b) {
+      if (static_cast<at::opmath_type<scalar_t>>(out[row * cols + first + b]) > 0) bits |= uint8_t(1u << b);
+    }
+    mask[i] = bits;
+  }
+}
+
+bool aligned(const void* pointer, size_t bytes) {
+  return pointer == nullptr || reinterpret_cast<uintptr_t>(pointer) % bytes == 0;
+}
+
+// Blocks for a grid-stride loop over `chunks` work items: enough to fill every SM several times over.
+int grid_for(int64_t chunks) {
+  const int max_blocks = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * 16;
+  return static_cast<int>(std::min<int64_t>((chunks + kThreads - 1) / kThreads, max_blocks));
+}
+
+// One Philox state per layer and call from torch's default CUDA generator for this device: seeded by
+// torch.manual_seed, advanced every call, and graph-safe (under capture the offset is read from
+// device memory that each replay advances).
+at::PhiloxCudaState draw_philox_state() {
+  auto* generator = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+      std::nullopt, at::cuda::detail::getDefaultCUDAGenerator());
+  std::lock_guard<std::mutex> lock(generator->mutex_);
+  // Offsets are counted in 32-bit draws per thread by torch's convention; each of our elements uses
+  // its own counter, so any fresh offset gives fresh draws: reserve 4, torch's granularity.
+  return generator->philox_cuda_state(4);
+}
+
 }  // namespace
 
 void launch_forward_epilogue(const ForwardEpilogue& a, int64_t rows) {
-  TORCH_CHECK_NOT_IMPLEMENTED(a.keep_mask == nullptr, "pyfastnn: fused dropout is not implemented for CUDA yet");
+  TORCH_INTERNAL_ASSERT(a.bias == nullptr, "pyfastnn: on CUDA the bias is added by the GEMM");
   const int64_t total = rows * a.cols;
   if (total == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int max_blocks = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * 8;
-  const int blocks = static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, max_blocks));
+  DropoutArgs dropout{};
+  if (a.keep_mask != nullptr) {
+    dropout.philox = draw_philox_state();
+    dropout.threshold = DropoutStream::make(0, a.dropout_p).threshold;
+    dropout.kept_scale = 1.0 / (1.0 - a.dropout_p);
+  }
   visit_dtype(a.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
+    constexpr int kVec = vector_width<scalar_t>();
+    const bool vectorized = total % kVec == 0 && aligned(a.acc, kVectorBytes) && aligned(a.preact, kVectorBytes) &&
+                            aligned(a.out, kVectorBytes) && aligned(a.keep_mask, kVec);
     visit_activation(a.activation, [&](auto functor) {
       using F = decltype(functor);
-      forward_kernel<scalar_t, F><<<blocks, kThreads, 0, stream>>>(
-          total, a.cols, static_cast<const scalar_t*>(a.acc), static_cast<const scalar_t*>(a.bias),
-          static_cast<scalar_t*>(a.preact), static_cast<scalar_t*>(a.out), a.negative_slope);
+      const auto* acc = static_cast<const scalar_t*>(a.acc);
+      auto* preact = static_cast<scalar_t*>(a.preact);
+      auto* out = static_cast<scalar_t*>(a.out);
+      if (vectorized) {
+        forward_kernel<scalar_t, F, kVec><<<grid_for(total / kVec), kThreads, 0, stream>>>(
+            total / kVec, acc, preact, out, a.keep_mask, dropout, a.negative_slope);
+      } else {
+        forward_kernel<scalar_t, F, 1><<<grid_for(total), kThreads, 0, stream>>>(
+            total, acc, preact, out, a.keep_mask, dropout, a.negative_slope);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }
 
+void launch_pack_relu_mask(c10::ScalarType dtype, const void* out, int64_t rows, int64_t cols, uint8_t* mask,
+                           int64_t mask_row_bytes) {
+  const int64_t total = rows * mask_row_bytes;
+  if (total == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  visit_dtype(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    pack_relu_mask_kernel<scalar_t><<<grid_for(total), kThreads, 0, stream>>>(
+        rows, cols, mask_row_bytes, static_cast<const scalar_t*>(out), mask);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 void launch_backward_epilogue(const BackwardEpilogue& a, int64_t rows, int64_t rows_per_block) {
-  TORCH_CHECK_NOT_IMPLEMENTED(a.keep_mask == nullptr, "pyfastnn: fused dropout is not implemented for CUDA yet");
   if (rows == 0 || a.cols == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t row_blocks = (rows + rows_per_block - 1) / rows_per_block;
-  TORCH_CHECK(row_blocks <= 65535, "pyfastnn: too many row blocks for one launch (", row_blocks, ")");
-  const dim3 grid(static_cast<unsigned>((a.cols + kColumnsPerBlock - 1) / kColumnsPerBlock),
-                  static_cast<unsigned>(row_blocks));
-  const dim3 block(kColumnsPerBlock, kRowLanes);
+  BackwardFlags flags{};
+  flags.rescale_saved = a.keep_mask != nullptr && derivative_from_output(a.activation, a.negative_slope);
+  flags.mask_implied = flags.rescale_saved && derivative_vanishes_at_zero_output(a.activation);
+  flags.saved_scale = 1.0 - a.dropout_p;
+  flags.kept_scale = a.keep_mask != nullptr ? 1.0 / (1.0 - a.dropout_p) : 1.0;
+  flags.negative_slope = a.negative_slope;
   visit_dtype(a.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     using opmath_t = at::opmath_type<scalar_t>;
     visit_activation(a.activation, [&](auto functor) {
       using F = decltype(functor);
-      backward_kernel<scalar_t, F><<<grid, block, 0, stream>>>(
-          rows, a.cols, rows_per_block, static_cast<const scalar_t*>(a.grad_out),
-          static_cast<const scalar_t*>(a.saved), static_cast<scalar_t*>(a.grad_pre),
-          static_cast<opmath_t*>(a.column_sums), a.negative_slope);
+      const auto* grad_out = static_cast<const scalar_t*>(a.grad_out);
+      const auto* saved = static_cast<const scalar_t*>(a.saved);
+      auto* grad_pre = static_cast<scalar_t*>(a.grad_pre);
+      if (a.column_sums != nullptr) {
+        const int64_t row_blocks = (rows + rows_per_block - 1) / rows_per_block;
+        TORCH_CHECK(row_blocks <= 65535, "pyfastnn: too many row blocks for one launch (", row_blocks, ")");
+        const dim3 grid(static_cast<unsigned>((a.cols + kColumnsPerBlock - 1) / kColumnsPerBlock),
+                        static_cast<unsigned>(row_blocks));
+        const dim3 block(kColumnsPerBlock, kRowLanes);
+        backward_sums_kernel<scalar_t, F><<<grid, block, 0, stream>>>(
+            rows, a.cols, rows_per_block, grad_out, saved, grad_pre, a.keep_mask,
+            static_cast<opmath_t*>(a.column_sums), flags);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+      TORCH_INTERNAL_ASSERT(grad_pre != nullptr, "pyfastnn: a backward pass with nothing to write");
+      const int64_t total = rows * a.cols;
+      constexpr int kVec = vector_width<scalar_t>();
+      const bool vectorized = total % kVec == 0 && aligned(grad_out, kVectorBytes) && aligned(saved, kVectorBytes) &&
+                              aligned(grad_pre, kVectorBytes) && aligned(a.keep_mask, kVec);
+      if (vectorized) {
+        backward_flat_kernel<scalar_t, F, kVec><<<grid_for(total / kVec), kThreads, 0, stream>>>(
+            total / kVec, grad_out, saved, grad_pre, a.keep_mask, flags);
+      } else {
+        backward_flat_kernel<scalar_t, F, 1><<<grid_for(total), kThreads, 0, stream>>>(
+            total, grad_out, saved, grad_pre, a.keep_mask, flags);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

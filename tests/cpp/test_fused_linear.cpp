@@ -16,6 +16,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/vec_math.h"
+#include "dropout.h"
 #include "fused_linear.h"
 #include "fused_mlp.h"
 
@@ -197,6 +198,27 @@ void test_kernel_variants(const std::vector<std::string>& supported) {
               in_use.c_str(), aten.c_str());
 }
 
+// CUDA dropout's Philox4x32-10 (dropout.h, host and device code alike) against the known-answer
+// vectors of its reference implementation (Random123), and its keep() against its definition.
+void test_philox_known_answers() {
+  struct Vector { uint64_t group, offset, seed; uint32_t expected[4]; };
+  const Vector vectors[] = {
+      {0, 0, 0, {0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u}},
+      {~0ull, ~0ull, ~0ull, {0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu}},
+      {0x85a308d3243f6a88ull, 0x0370734413198a2eull, 0x299f31d0a4093822ull,
+       {0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u}},
+  };
+  for (const auto& v : vectors) {
+    const auto words = pyfastnn::Philox4x32::generate(v.group, v.offset, v.seed).word;
+    expect(std::equal(words, words + 4, v.expected), "Philox4x32-10 known answer");
+  }
+  const pyfastnn::PhiloxDropout stream{12345, 8, pyfastnn::DropoutStream::make(0, 0.5).threshold};
+  for (int64_t e = 0; e < 64; ++e) {
+    const auto draw = pyfastnn::Philox4x32::generate(static_cast<uint64_t>(e) / 4, 8, 12345).word[e % 4];
+    expect(stream.keep(e) == (draw >= stream.threshold), "PhiloxDropout::keep reads word e % 4 of group e / 4");
+  }
+}
+
 }  // namespace
 
 // The test runs once per kernel copy (ctest sets ATEN_CPU_CAPABILITY). ATen trusts that variable
@@ -220,6 +242,7 @@ int main() {
   test_mlp_against_reference(at::kDouble, 1e-10);
   test_scalar_matches_vectorized();
   test_bad_arguments_throw();
+  test_philox_known_answers();
   if (failures != 0) {
     std::printf("%d failures\n", failures);
     return 1;

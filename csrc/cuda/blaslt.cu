@@ -1,0 +1,177 @@
+// cuBLASLt GEMMs with fused epilogues: see NOTE [cuBLASLt epilogues and the fallback] in blaslt.h.
+#include "blaslt.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
+#include <c10/util/Exception.h>
+#include <cublasLt.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+
+namespace pyfastnn::cuda {
+namespace {
+
+// RAII owners of the three cuBLASLt descriptors (created and destroyed per call: cheap host work).
+struct MatmulDesc {
+  cublasLtMatmulDesc_t raw = nullptr;
+  MatmulDesc(cublasComputeType_t compute, cudaDataType_t scale) {
+    TORCH_CUDABLAS_CHECK(cublasLtMatmulDescCreate(&raw, compute, scale));
+  }
+  ~MatmulDesc() { cublasLtMatmulDescDestroy(raw); }
+  template <typename T>
+  void set(cublasLtMatmulDescAttributes_t attribute, const T& value) {
+    TORCH_CUDABLAS_CHECK(cublasLtMatmulDescSetAttribute(raw, attribute, &value, sizeof(value)));
+  }
+};
+
+struct Layout {
+  cublasLtMatrixLayout_t raw = nullptr;
+  // A stored matrix of rows x cols (column-major, leading dimension ld).
+  Layout(cudaDataType_t type, int64_t rows, int64_t cols, int64_t ld) {
+    TORCH_CUDABLAS_CHECK(cublasLtMatrixLayoutCreate(&raw, type, static_cast<uint64_t>(rows),
+                                                    static_cast<uint64_t>(cols), ld));
+  }
+  ~Layout() { cublasLtMatrixLayoutDestroy(raw); }
+};
+
+struct Preference {
+  cublasLtMatmulPreference_t raw = nullptr;
+  Preference() { TORCH_CUDABLAS_CHECK(cublasLtMatmulPreferenceCreate(&raw)); }
+  ~Preference() { cublasLtMatmulPreferenceDestroy(raw); }
+  template <typename T>
+  void set(cublasLtMatmulPreferenceAttributes_t attribute, const T& value) {
+    TORCH_CUDABLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(raw, attribute, &value, sizeof(value)));
+  }
+};
+
+// The largest power of two (up to 256) dividing the address, as torch tells cuBLASLt.
+uint32_t alignment_of(const void* pointer) {
+  const auto address = reinterpret_cast<uintptr_t>(pointer);
+  uint32_t alignment = 256;
+  while (alignment > 1 && address % alignment != 0) alignment /= 2;
+  return alignment;
+}
+
+// The workspace size torch uses for its own cuBLASLt calls: CUBLASLT_WORKSPACE_SIZE KiB, else 1 MiB.
+size_t workspace_bytes() {
+  static const size_t bytes = [] {
+    size_t kib = 1024;
+    if (const char* value = std::getenv("CUBLASLT_WORKSPACE_SIZE")) {
+      char* end = nullptr;
+      const long long parsed = std::strtoll(value, &end, 10);
+      if (end != value && parsed >= 0) kib = static_cast<size_t>(parsed);
+    }
+    return kib * 1024;
+  }();
+  return bytes;
+}
+
+cublasLtEpilogue_t to_cublaslt(GemmEpilogue epilogue, bool has_bias) {
+  switch (epilogue) {
+    case GemmEpilogue::Default: return CUBLASLT_EPILOGUE_DEFAULT;
+    case GemmEpilogue::Bias: return CUBLASLT_EPILOGUE_BIAS;
+    case GemmEpilogue::Relu: return has_bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
+    case GemmEpilogue::ReluAux: return has_bias ? CUBLASLT_EPILOGUE_RELU_AUX_BIAS : CUBLASLT_EPILOGUE_RELU_AUX;
+    case GemmEpilogue::GeluTanh: return has_bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU;
+    case GemmEpilogue::GeluTanhAux: return has_bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+    case GemmEpilogue::DRelu: return has_bias ? CUBLASLT_EPILOGUE_DRELU_BGRAD : CUBLASLT_EPILOGUE_DRELU;
+    case GemmEpilogue::DGeluTanh: return has_bias ? CUBLASLT_EPILOGUE_DGELU_BGRAD : CUBLASLT_EPILOGUE_DGELU;
+    case GemmEpilogue::BiasGradB: return CUBLASLT_EPILOGUE_BGRADB;
+  }
+  return CUBLASLT_EPILOGUE_DEFAULT;
+}
+
+bool uses_aux(GemmEpilogue e) {
+  return e == GemmEpilogue::ReluAux || e == GemmEpilogue::GeluTanhAux || e == GemmEpilogue::DRelu ||
+         e == GemmEpilogue::DGeluTanh;
+}
+
+}  // namespace
+
+bool lt_enabled() {
+  const char* value = std::getenv("PYFASTNN_CUBLASLT");  // read per call: tests switch it at run time
+  return value == nullptr || std::strcmp(value, "0") != 0;
+}
+
+bool lt_supports(c10::ScalarType dtype, int64_t m, int64_t n, int64_t k) {
+  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return false;  // float64: cuBLAS
+  // The limits torch itself applies before its cuBLASLt bias epilogue (degenerate and huge
+  // dimensions hit cuBLASLt bugs there), and int32 leading dimensions.
+  constexpr int64_t kMaxDim = 65535LL * 32;
+  return m > 1 && n > 1 && k > 1 && m < kMaxDim && n < kMaxDim && k < kMaxDim;
+}
+
+bool lt_matmul(const LtGemm& g) {
+  if (!lt_enabled() || !lt_supports(g.dtype, g.m, g.n, g.k)) return false;
+  const bool has_bias = g.bias != nullptr;
+  TORCH_INTERNAL_ASSERT(g.epilogue != GemmEpilogue::Bias || has_bias, "pyfastnn: Bias epilogue without a bias");
+  TORCH_INTERNAL_ASSERT(g.epilogue != GemmEpilogue::BiasGradB || has_bias, "pyfastnn: BiasGradB without a bias");
+  TORCH_INTERNAL_ASSERT(!uses_aux(g.epilogue) || (g.aux != nullptr && g.aux_ld >= g.m),
+                        "pyfastnn: cuBLASLt epilogue without its auxiliary buffer");
+  // cuBLASLt's documented requirements on the auxiliary buffer's leading dimension.
+  const bool relu_mask = g.epilogue == GemmEpilogue::ReluAux || g.epilogue == GemmEpilogue::DRelu;
+  if (uses_aux(g.epilogue) && g.aux_ld % (relu_mask ? 128 : 8) != 0) return false;
+
+  const cudaDataType_t type = g.dtype == at::kFloat ? CUDA_R_32F : g.dtype == at::kHalf ? CUDA_R_16F : CUDA_R_16BF;
+  // Float32 follows torch.backends.cuda.matmul.allow_tf32 (torch.set_float32_matmul_precision).
+  const cublasComputeType_t compute = g.dtype == at::kFloat && at::globalContext().allowTF32CuBLAS()
+                                          ? CUBLAS_COMPUTE_32F_FAST_TF32
+                                          : CUBLAS_COMPUTE_32F;
+  MatmulDesc desc(compute, CUDA_R_32F);
+  const cublasOperation_t op_a = g.transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_b = g.transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  desc.set(CUBLASLT_MATMUL_DESC_TRANSA, op_a);
+  desc.set(CUBLASLT_MATMUL_DESC_TRANSB, op_b);
+  const cublasLtEpilogue_t epilogue = to_cublaslt(g.epilogue, has_bias);
+  desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue);
+  // Pointers go in before the heuristic query: it reads their alignment.
+  if (has_bias) desc.set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias);
+  if (uses_aux(g.epilogue)) {
+    desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, g.aux);
+    desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, g.aux_ld);
+  }
+
+  // Stored shapes: op(A) is m x k, so A is stored k x m when transposed; likewise B.
+  Layout a_layout(type, g.transpose_a ? g.k : g.m, g.transpose_a ? g.m : g.k, g.lda);
+  Layout b_layout(type, g.transpose_b ? g.n : g.k, g.transpose_b ? g.k : g.n, g.ldb);
+  Layout d_layout(type, g.m, g.n, g.ldd);
+
+  const size_t workspace_size = workspace_bytes();
+  Preference preference;
+  preference.set(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, workspace_size);
+  preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, alignment_of(g.a));
+  preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, alignment_of(g.b));
+  preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, alignment_of(g.d));
+  preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, alignment_of(g.d));
+
+  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  cublasLtMatmulHeuristicResult_t heuristic = {};
+  int found = 0;
+  const cublasStatus_t query = cublasLtMatmulAlgoGetHeuristic(handle, desc.raw, a_layout.raw, b_layout.raw,
+                                                               d_layout.raw, d_layout.raw, preference.raw, 1,
+                                                               &heuristic, &found);
+  if (query != CUBLAS_STATUS_SUCCESS || found == 0) return false;  // NOT_SUPPORTED or no algorithm
+
+  // The workspace comes from torch's caching allocator (graph-capture safe, stream-ordered).
+  const at::Tensor workspace =
+      at::empty({static_cast<int64_t>(workspace_size)}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA));
+  const float alpha = 1.0f, beta = 0.0f;
+  const cublasStatus_t status =
+      cublasLtMatmul(handle, desc.raw, &alpha, g.a, a_layout.raw, g.b, b_layout.raw, &beta, g.d, d_layout.raw,
+                     g.d, d_layout.raw, &heuristic.algo, workspace.data_ptr(), workspace_size,
+                     at::cuda::getCurrentCUDAStream());
+  // A failed launch leaves D unwritten (cuBLASLt validates before launching): fall back.
+  if (status != CUBLAS_STATUS_SUCCESS) {
+    TORCH_WARN_ONCE("pyfastnn: cublasLtMatmul failed (", at::cuda::blas::_cublasGetErrorEnum(status),
+                    "), using cuBLAS and pyfastnn's epilogue instead");
+    return false;
+  }
+  return true;
+}
+
+}  // namespace pyfastnn::cuda
