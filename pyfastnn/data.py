@@ -181,6 +181,9 @@ class Batches:
                  seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if inputs.shape[0] != targets.shape[0] or inputs.device != targets.device:
+            raise ValueError(f"inputs ({inputs.shape[0]} rows on {inputs.device}) and targets ({targets.shape[0]} rows "
+                             f"on {targets.device}) must have as many rows, on one device")
         self.inputs, self.targets = inputs, targets
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
@@ -204,10 +207,16 @@ class Batches:
         n = self.inputs.shape[0] // self.world_size if self.world_size > 1 else self.inputs.shape[0]
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        order = self._indices()
+    def batch_indices(self) -> Iterator[torch.Tensor]:
+        """Each batch's row indices, on the device of the tensors (the order is drawn on the CPU, so
+        every device and every rank sees the same order for a seed, and moved there once per epoch)."""
+        order = self._indices().to(self.inputs.device)
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
             if self.drop_last and len(index) < self.batch_size:
                 break
+            yield index
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        for index in self.batch_indices():
             yield self.inputs.index_select(0, index), self.targets.index_select(0, index)
