@@ -259,11 +259,19 @@ def bench_cuda_training(data, log, epochs=5):
 
 
 def bench_whole_process(data, log, rounds=3, epochs=5):
-    """Both runs as fresh processes, interpreter start to exit, alternating; medians of `rounds`."""
+    """Both runs as fresh processes, interpreter start to exit, alternating; medians of `rounds`.
+    Beside the wall time, each child's CPU time (user + system): on a machine shared with other work
+    it varies less than wall time."""
+    import resource
     import subprocess
     import tempfile
 
+    def children_cpu_s():
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
     samples = {"lesson": [], "pyfastnn": []}
+    cpu_samples = {"lesson": [], "pyfastnn": []}
     accuracy = {}
     with tempfile.TemporaryDirectory() as scratch:
         commands = {
@@ -274,9 +282,10 @@ def bench_whole_process(data, log, rounds=3, epochs=5):
         }
         for _ in range(rounds):
             for name, command in commands.items():
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), children_cpu_s()
                 done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
                 samples[name].append(time.perf_counter() - start)
+                cpu_samples[name].append(children_cpu_s() - cpu_start)
                 if done.returncode != 0:
                     raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
                 if name == "lesson":
@@ -284,13 +293,16 @@ def bench_whole_process(data, log, rounds=3, epochs=5):
                 else:
                     accuracy[name] = json.loads((Path(scratch) / "run" / "metrics.json").read_text())["test_accuracy"]
     times = {name: statistics.median(values) for name, values in samples.items()}
+    cpu = {name: statistics.median(values) for name, values in cpu_samples.items()}
     row = {"name": f"whole process, {epochs} epochs", "lesson_s": times["lesson"], "pyfastnn_s": times["pyfastnn"],
            "lesson_samples_s": samples["lesson"], "pyfastnn_samples_s": samples["pyfastnn"],
-           "speedup": times["lesson"] / times["pyfastnn"], "lesson_accuracy": accuracy["lesson"],
-           "pyfastnn_accuracy": accuracy["pyfastnn"]}
+           "speedup": times["lesson"] / times["pyfastnn"], "lesson_cpu_s": cpu["lesson"],
+           "pyfastnn_cpu_s": cpu["pyfastnn"], "cpu_ratio": cpu["lesson"] / cpu["pyfastnn"],
+           "lesson_accuracy": accuracy["lesson"], "pyfastnn_accuracy": accuracy["pyfastnn"]}
     log(f"{row['name']:>26}: lesson script {times['lesson']:6.1f} s (acc {accuracy['lesson']:.4f}) | "
-        f"pyfastnn train {times['pyfastnn']:6.1f} s (acc {accuracy['pyfastnn']:.4f}) | {row['speedup']:.2f}x "
-        f"(medians of {rounds}; all: {', '.join(f'{v:.1f}' for v in samples['lesson'])} | "
+        f"pyfastnn train {times['pyfastnn']:6.1f} s (acc {accuracy['pyfastnn']:.4f}) | {row['speedup']:.2f}x wall, "
+        f"{row['cpu_ratio']:.2f}x CPU time ({cpu['lesson']:.1f} / {cpu['pyfastnn']:.1f} s) "
+        f"(medians of {rounds}; all wall: {', '.join(f'{v:.1f}' for v in samples['lesson'])} | "
         f"{', '.join(f'{v:.1f}' for v in samples['pyfastnn'])})")
     return row
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -21,6 +23,7 @@ from torch import nn
 
 from .cuda_graph import CUDAGraphStep, cuda_graph_step
 from .data import Batches, load_fashion_mnist, load_mnist, normalize
+from .info import info
 from .models import MNISTClassifier
 
 LOADERS = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist}
@@ -146,16 +149,22 @@ def train(config: TrainConfig) -> TrainResult:
         raise ValueError("no data folder given (--data DIR)")
     rank, world_size, device = _distributed(_check_device(config.device))
     on_cuda = device.startswith("cuda")
+    if on_cuda and config.backend == "fused" and not info()["backends"]["cuda"]:
+        raise ValueError("this pyfastnn build has no CUDA kernels (see `pyfastnn info`); rebuild it with "
+                         "PYFASTNN_CUDA=1, or train the plain twin with --backend torch")
     graphed = _use_cuda_graph(config.cuda_graph, on_cuda, world_size)
     torch.manual_seed(config.seed)
     load = LOADERS[config.dataset]
-    train_images, train_labels = load(config.data, train=True, download=config.download)
-    test_images, test_labels = load(config.data, train=False, download=config.download)
-    # Moved to the device once; every batch is then gathered there.
-    x_train, x_test = normalize(train_images).to(device), normalize(test_images).to(device)
-    y_train, y_test = train_labels.to(device), test_labels.to(device)
-
-    model = build_model(config).to(device)
+    optimizer_import = _import_in_background("torch._dynamo")
+    try:
+        train_images, train_labels = load(config.data, train=True, download=config.download)
+        test_images, test_labels = load(config.data, train=False, download=config.download)
+        # Moved to the device once; every batch is then gathered there.
+        x_train, x_test = normalize(train_images).to(device), normalize(test_images).to(device)
+        y_train, y_test = train_labels.to(device), test_labels.to(device)
+        model = build_model(config).to(device)
+    finally:
+        optimizer_import.join()
     optimizer = make_adam(model.parameters(), config.lr, capturable=graphed)
     history: List[Dict] = []
     start_epoch = 0
@@ -264,6 +273,16 @@ def train(config: TrainConfig) -> TrainResult:
             shown = torch.cat([torch.arange(min(24, len(test_labels))), wrong])
             plot_predictions(test_images[shown], test_labels[shown], predicted[shown], out / "predictions.png")
     return TrainResult(model=model, metrics=metrics)
+
+
+def _import_in_background(module: str) -> threading.Thread:
+    """Starts importing ``module`` on a helper thread. torch.optim imports torch._dynamo when an
+    optimizer is made (about a second of a short run); reading and decoding the data meanwhile runs
+    mostly outside the GIL, so the two overlap. The caller joins the thread before it needs the
+    module, and imports nothing else until then (two threads importing at once could deadlock)."""
+    thread = threading.Thread(target=importlib.import_module, args=(module,), name=f"import {module}", daemon=True)
+    thread.start()
+    return thread
 
 
 def _use_cuda_graph(requested: Optional[bool], on_cuda: bool, world_size: int) -> bool:
