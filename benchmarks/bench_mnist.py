@@ -1,6 +1,7 @@
 """The lesson's MNIST classifier: pyfastnn vs the plain PyTorch model, side by side in one process.
 
     python benchmarks/bench_mnist.py [--quick] [--full-script --data DIR] [--json PATH]
+    python benchmarks/bench_mnist.py --device cuda [--quick] [--data DIR] [--json PATH]
 
 1. Training step (zero_grad + forward + loss + backward + Adam step) at batch 64 and 256:
    pyfastnn's MNISTClassifier (one FusedMLP) with fused Adam, vs the lesson's eager model with the
@@ -13,7 +14,16 @@
 4. One epoch over in-memory batches (60,000 samples) per variant, alternating, median of 3.
 5. ``--full-script``: the lesson's complete 5-epoch script (per-sample Dataset + DataLoader, eager
    model, optim.Adam) against ``pyfastnn train`` on the same data: wall time and test accuracy.
+6. ``--whole-process N``: the same two as fresh processes, from interpreter start to exit (imports,
+   data loading, training, evaluation and, for ``pyfastnn train``, checkpoints, metrics.json and
+   pictures), alternating, N rounds, medians.
 All times are medians of interleaved rounds; CPU, float32.
+
+With ``--device cuda``: the training step at batch 64 and 8192 of the lesson's model (dropout 0.2)
+eager (nn.Sequential, fused Adam), eager+graph, FusedMLP, FusedMLP+graph (``pyfastnn.cuda_graph_step``
+with capturable fused Adam), each timed between device synchronizations; then (with MNIST found)
+the 5-epoch ``pyfastnn train --device cuda`` with and without the graph, and the lesson's script on
+the GPU (DataLoader, batches copied to the device as the lesson does).
 """
 
 from __future__ import annotations
@@ -28,7 +38,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pyfastnn import fuse
+import torch.nn.functional as F
+
+from pyfastnn import cuda_graph_step, fuse
 from pyfastnn.benchmark import _time_interleaved, saved_for_backward_bytes, train_step
 from pyfastnn.data import MNIST_MEAN, MNIST_STD, find_mnist, load_mnist
 from pyfastnn.info import info
@@ -144,19 +156,21 @@ class _LessonDataset(torch.utils.data.Dataset):
         return (image - MNIST_MEAN) / MNIST_STD, int(self.labels[i])
 
 
-def lesson_script(data, epochs=5):
-    """The lesson's MNIST script as written: DataLoader, eager model, optim.Adam(1e-3), batch 64."""
+def lesson_script(data, epochs=5, device="cpu"):
+    """The lesson's MNIST script as written: DataLoader, eager model, optim.Adam(1e-3), batch 64,
+    each batch moved to ``device``."""
     torch.manual_seed(0)
     train_set = _LessonDataset(*load_mnist(data, train=True))
     test_set = _LessonDataset(*load_mnist(data, train=False))
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=64, shuffle=True)
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=64)
-    model = MNISTClassifier().to_torch()
+    model = MNISTClassifier().to_torch().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     criterion = nn.CrossEntropyLoss()
     for _ in range(epochs):
         model.train()
         for images, targets in train_loader:
+            images, targets = images.to(device), targets.to(device)
             optimizer.zero_grad()
             criterion(model(images), targets).backward()
             optimizer.step()
@@ -164,6 +178,7 @@ def lesson_script(data, epochs=5):
     correct = 0
     with torch.no_grad():
         for images, targets in test_loader:
+            images, targets = images.to(device), targets.to(device)
             correct += (model(images).argmax(1) == targets).sum().item()
     return correct / len(test_set)
 
@@ -183,11 +198,120 @@ def bench_full_script(data, log, epochs=5):
     return row
 
 
-def _report(name, times, log, unit="us", scale=1e6):
+def _time_cuda(fns, rounds, iters):
+    """Median seconds per call of each fn: `iters` calls between two device synchronizations, in
+    interleaved rounds (after a warm-up that also lets the graphed steps capture)."""
+    for fn in fns.values():
+        for _ in range(5):
+            fn()
+    torch.cuda.synchronize()
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            torch.cuda.synchronize()
+            samples[name].append((time.perf_counter() - start) / iters)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def bench_cuda_steps(batch_sizes, rounds, iters, log):
+    """The lesson's model (dropout 0.2) on the GPU: eager and FusedMLP steps, each also as one graph."""
+    rows = []
+    for batch in batch_sizes:
+        x = torch.randn(batch, 784, device="cuda")
+        y = torch.randint(0, 10, (batch,), device="cuda")
+        variants = {}
+        for name, make in (("FusedMLP", lambda: _models()[0]), ("eager", lambda: _models()[1])):
+            model = make().cuda()
+            variants[name] = train_step(model, make_adam(model.parameters(), 1e-3), x, y)
+            graphed = make().cuda()
+            step = cuda_graph_step(graphed, F.cross_entropy, make_adam(graphed.parameters(), 1e-3, capturable=True),
+                                   (x, y))
+            variants[f"{name}+graph"] = step.replay
+        times = _time_cuda(variants, rounds, iters)
+        times = {"FusedMLP+graph": times.pop("FusedMLP+graph"), **times}  # the ratios are against it
+        rows.append(_report(f"cuda train step B={batch}", times, log, base_name="FusedMLP+graph"))
+    return rows
+
+
+def bench_cuda_training(data, log, epochs=5):
+    """5 epochs of `pyfastnn train --device cuda`, graphed and not, and the lesson's script on the GPU."""
+    common = dict(data=str(data), epochs=epochs, device="cuda", out=None, progress=False, plots=False)
+    row = {"name": f"cuda {epochs}-epoch training"}
+    for label, graph in (("graph", True), ("eager", False)):
+        start = time.perf_counter()
+        result = train(TrainConfig(cuda_graph=graph, **common))
+        row[f"{label}_process_s"] = time.perf_counter() - start
+        row[f"{label}_train_s"] = result.metrics["train_seconds"]
+        row[f"{label}_accuracy"] = result.metrics["test_accuracy"]
+    start = time.perf_counter()
+    row["lesson_accuracy"] = lesson_script(data, epochs, device="cuda")
+    row["lesson_s"] = time.perf_counter() - start
+    row["speedup_graph_vs_lesson"] = row["lesson_s"] / row["graph_train_s"]
+    log(f"{row['name']:>26}: graph: train loop {row['graph_train_s']:.2f} s, whole call {row['graph_process_s']:.2f} s "
+        f"(acc {row['graph_accuracy']:.4f}) | no graph: {row['eager_train_s']:.2f} s (acc {row['eager_accuracy']:.4f})"
+        f" | lesson script {row['lesson_s']:.1f} s (acc {row['lesson_accuracy']:.4f}) -> "
+        f"{row['speedup_graph_vs_lesson']:.1f}x")
+    return row
+
+
+def bench_whole_process(data, log, rounds=3, epochs=5):
+    """Both runs as fresh processes, interpreter start to exit, alternating; medians of `rounds`.
+    Beside the wall time, each child's CPU time (user + system): on a machine shared with other work
+    it varies less than wall time."""
+    import resource
+    import subprocess
+    import tempfile
+
+    def children_cpu_s():
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    samples = {"lesson": [], "pyfastnn": []}
+    cpu_samples = {"lesson": [], "pyfastnn": []}
+    accuracy = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        commands = {
+            "lesson": [sys.executable, str(Path(__file__).resolve()), "--lesson-script", "--data", str(data),
+                       "--epochs", str(epochs)],
+            "pyfastnn": [sys.executable, "-m", "pyfastnn", "train", "mnist", "--data", str(data), "--epochs",
+                         str(epochs), "--out", str(Path(scratch) / "run")],
+        }
+        for _ in range(rounds):
+            for name, command in commands.items():
+                start, cpu_start = time.perf_counter(), children_cpu_s()
+                done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+                samples[name].append(time.perf_counter() - start)
+                cpu_samples[name].append(children_cpu_s() - cpu_start)
+                if done.returncode != 0:
+                    raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+                if name == "lesson":
+                    accuracy[name] = float(done.stdout.split()[-1])
+                else:
+                    accuracy[name] = json.loads((Path(scratch) / "run" / "metrics.json").read_text())["test_accuracy"]
+    times = {name: statistics.median(values) for name, values in samples.items()}
+    cpu = {name: statistics.median(values) for name, values in cpu_samples.items()}
+    row = {"name": f"whole process, {epochs} epochs", "lesson_s": times["lesson"], "pyfastnn_s": times["pyfastnn"],
+           "lesson_samples_s": samples["lesson"], "pyfastnn_samples_s": samples["pyfastnn"],
+           "speedup": times["lesson"] / times["pyfastnn"], "lesson_cpu_s": cpu["lesson"],
+           "pyfastnn_cpu_s": cpu["pyfastnn"], "cpu_ratio": cpu["lesson"] / cpu["pyfastnn"],
+           "lesson_accuracy": accuracy["lesson"], "pyfastnn_accuracy": accuracy["pyfastnn"]}
+    log(f"{row['name']:>26}: lesson script {times['lesson']:6.1f} s (acc {accuracy['lesson']:.4f}) | "
+        f"pyfastnn train {times['pyfastnn']:6.1f} s (acc {accuracy['pyfastnn']:.4f}) | {row['speedup']:.2f}x wall, "
+        f"{row['cpu_ratio']:.2f}x CPU time ({cpu['lesson']:.1f} / {cpu['pyfastnn']:.1f} s) "
+        f"(medians of {rounds}; all wall: {', '.join(f'{v:.1f}' for v in samples['lesson'])} | "
+        f"{', '.join(f'{v:.1f}' for v in samples['pyfastnn'])})")
+    return row
+
+
+def _report(name, times, log, unit="us", scale=1e6, base_name="pyfastnn"):
     row = {"name": name, **{f"{k}_{unit}": v * scale for k, v in times.items()}}
-    base = times["pyfastnn"]
-    row.update({f"speedup_vs_{k}": v / base for k, v in times.items() if k != "pyfastnn"})
-    cells = " | ".join(f"{k} {v * scale:9.1f} {unit}" + ("" if k == "pyfastnn" else f" ({v / base:.2f}x)")
+    base = times[base_name]
+    row.update({f"speedup_vs_{k}": v / base for k, v in times.items() if k != base_name})
+    cells = " | ".join(f"{k} {v * scale:9.1f} {unit}" + ("" if k == base_name else f" ({v / base:.2f}x)")
                        for k, v in times.items())
     log(f"{name:>26}: {cells}")
     return row
@@ -200,8 +324,17 @@ def main(argv=None) -> int:
     parser.add_argument("--data", help="MNIST folder for --full-script (default: $PYFASTNN_MNIST or ../shared/data/mnist)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--whole-process", type=int, metavar="ROUNDS",
+                        help="also the lesson script vs `pyfastnn train` as whole processes, ROUNDS alternations")
+    parser.add_argument("--lesson-script", action="store_true", help=argparse.SUPPRESS)  # one run, for --whole-process
     args = parser.parse_args(argv)
+    if args.lesson_script:
+        print(f"lesson test accuracy {lesson_script(args.data, args.epochs):.4f}")
+        return 0
     build = info()
+    if args.device == "cuda":
+        return _main_cuda(args, parser, build)
     print(f"pyfastnn {build['pyfastnn']} | torch {build['torch']} | {build['threads']} threads | "
           f"(Nx) = that variant's time / pyfastnn's")
     results = bench_steps((64, 256), 5 if args.quick else 9, 0.05, not args.quick, print)
@@ -209,15 +342,38 @@ def main(argv=None) -> int:
     results.append(bench_memory(print))
     if not args.quick:
         results.append(bench_epoch(print))
-    if args.full_script:
+    if args.full_script or args.whole_process:
         data = find_mnist(args.data) or find_mnist(str(ROOT.parent / "shared" / "data" / "mnist"))
         if data is None:
-            parser.error("--full-script needs MNIST (--data DIR)")
-        results.append(bench_full_script(data, print, args.epochs))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"info": build, "results": results}, indent=2))
-        print(f"wrote {args.json}")
+            parser.error("--full-script and --whole-process need MNIST (--data DIR)")
+        if args.full_script:
+            results.append(bench_full_script(data, print, args.epochs))
+        if args.whole_process:
+            results.append(bench_whole_process(data, print, args.whole_process, args.epochs))
+    _write_json(args.json, build, results)
     return 0
+
+
+def _main_cuda(args, parser, build) -> int:
+    if not build["cuda_available"]:
+        parser.error("--device cuda needs a CUDA GPU and a CUDA build of pyfastnn (see pyfastnn info)")
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 as on the CPU
+    print(f"pyfastnn {build['pyfastnn']} | torch {build['torch']} | {torch.cuda.get_device_name()} | "
+          f"(Nx) = that variant's time / FusedMLP+graph's")
+    results = bench_cuda_steps((64, 8192), 5 if args.quick else 9, 100 if args.quick else 500, print)
+    data = find_mnist(args.data) or find_mnist(str(ROOT.parent / "shared" / "data" / "mnist"))
+    if data is not None and not args.quick:
+        results.append(bench_cuda_training(data, print, args.epochs))
+    elif not args.quick:
+        print("5-epoch run skipped: no MNIST (--data DIR or $PYFASTNN_MNIST)")
+    _write_json(args.json, build, results)
+    return 0
+
+
+def _write_json(path, build, results) -> None:
+    if path:
+        Path(path).write_text(json.dumps({"info": build, "results": results}, indent=2))
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def _fuse_demo() -> float:
     return speedup
 
 
-def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bool = True) -> dict:
+def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bool = True,
+        device: str = "cpu") -> dict:
     from .plots import plot_activations, plot_loss
 
     out.mkdir(parents=True, exist_ok=True)
@@ -136,14 +137,14 @@ def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bo
     if root is None:
         _section("MNIST: skipped (no data; pass --data DIR or set PYFASTNN_MNIST)")
     else:
-        _section(f"MNIST: {mnist_steps} training steps of the 784-256-128-10 classifier ({root})")
+        _section(f"MNIST: {mnist_steps} training steps of the 784-256-128-10 classifier on {device} ({root})")
         from .train import TrainConfig, train
 
         result = train(TrainConfig(data=str(root), epochs=1, max_steps=mnist_steps, out=str(out / "mnist"),
-                                   progress=True))
+                                   progress=True, device=device))
         summary["mnist_test_accuracy"] = result.metrics["test_accuracy"]
         print(f"test accuracy after {mnist_steps} steps: {result.metrics['test_accuracy']:.4f} "
-              f"(full run: pyfastnn train mnist --data {root})")
+              f"(full run: pyfastnn train mnist --data {root} --device {device})")
     print(f"\nPictures are in {out.resolve()}")
     return summary
 
@@ -154,6 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", default="demo_output", help="folder for the pictures")
     parser.add_argument("--mnist-steps", type=int, default=300)
     parser.add_argument("--no-bench", action="store_true")
+    parser.add_argument("--device", default="cpu", help="where the MNIST run trains: cpu or cuda")
     args = parser.parse_args(argv)
-    run(Path(args.out), args.data, args.mnist_steps, bench=not args.no_bench)
+    run(Path(args.out), args.data, args.mnist_steps, bench=not args.no_bench, device=args.device)
     return 0

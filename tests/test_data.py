@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyfastnn.data import Batches, IDXError, load_fashion_mnist, load_mnist, normalize, read_idx
+from pyfastnn.data import MNIST_MEAN, MNIST_STD, Batches, IDXError, load_fashion_mnist, load_mnist, normalize, read_idx
 
 
 def _idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:
@@ -123,3 +123,25 @@ def test_download_verifies_decompressed_md5_and_explains_offline(tmp_path, mnist
     monkeypatch.setattr(data.urllib.request, "urlopen", offline)
     with pytest.raises(IDXError, match=r"could not download t10k-images-idx3-ubyte \(offline\?\)"):
         load_mnist(tmp_path / "third", train=False, download=True)
+
+
+def test_normalize_is_the_formula_bit_for_bit_and_leaves_its_input_alone():
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    expected = ((images.reshape(5, -1).to(torch.float32) / 255.0) - MNIST_MEAN) / MNIST_STD
+    assert torch.equal(normalize(images), expected)
+    as_float = images.to(torch.float32).reshape(5, 784)
+    before = as_float.clone()
+    normalize(as_float)
+    assert torch.equal(as_float, before)
+
+
+def test_batches_refuse_mismatched_inputs_and_targets():
+    with pytest.raises(ValueError, match=r"inputs \(4 rows on cpu\) and targets \(3 rows on cpu\)"):
+        Batches(torch.zeros(4, 2), torch.zeros(3), batch_size=2)
+
+
+def test_batch_indices_gather_the_same_batches_as_iteration():
+    inputs, targets = torch.arange(14).float().reshape(7, 2), torch.arange(7)
+    batches = Batches(inputs, targets, batch_size=3, seed=2)
+    for index, (x, y) in zip(batches.batch_indices(), batches):
+        assert index.device == inputs.device and torch.equal(targets[index], y) and torch.equal(inputs[index], x)

@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from pyfastnn.train import TrainConfig, train
+from pyfastnn.models import MNISTClassifier
+from pyfastnn.train import TrainConfig, evaluate, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,3 +63,45 @@ def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path, mnist
         # The allreduce sums the two half-batch gradients in another order than one process does;
         # Adam's g / sqrt(v) turns that rounding into up to ~1e-6 for near-zero gradients.
         torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_device_and_graph_options_are_checked_before_any_work(mnist_dir):
+    common = dict(data=str(mnist_dir), out=None, progress=False, plots=False)
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        train(TrainConfig(device="gpu", **common))
+    with pytest.raises(ValueError, match="device must be cpu or cuda, got 'meta'"):
+        train(TrainConfig(device="meta", **common))
+    with pytest.raises(ValueError, match="--cuda-graph needs --device cuda"):
+        train(TrainConfig(cuda_graph=True, **common))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"torch.cuda.is_available\(\) is False"):
+            train(TrainConfig(device="cuda", **common))
+
+
+def test_cpu_run_is_not_graphed_and_says_so(mnist_dir):
+    result = train(TrainConfig(data=str(mnist_dir), epochs=1, max_steps=5, out=None, progress=False, plots=False))
+    assert result.metrics["cuda_graph"] is False and result.metrics["config"]["cuda_graph"] is None
+
+
+def test_resume_from_a_gpu_checkpoint_keeps_this_optimizers_flags(tmp_path, mnist_dir):
+    # A checkpoint written by a graphed GPU run has capturable Adam groups; resumed on the CPU the
+    # optimizer keeps its own (fused, not capturable) implementation and continues exactly.
+    common = dict(data=str(mnist_dir), max_steps=20, progress=False, plots=False)
+    straight = train(TrainConfig(epochs=2, out=str(tmp_path / "a"), **common))
+    train(TrainConfig(epochs=1, out=str(tmp_path / "b"), **common))
+    checkpoint = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    for group in checkpoint["optimizer"]["param_groups"]:
+        group["capturable"] = True
+    torch.save(checkpoint, tmp_path / "b" / "gpu.pt")
+    resumed = train(TrainConfig(epochs=2, out=str(tmp_path / "c"), resume=str(tmp_path / "b" / "gpu.pt"), **common))
+    for (name, p), q in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_evaluate_in_one_forward_matches_chunks():
+    torch.manual_seed(0)
+    model = MNISTClassifier()
+    x, y = torch.randn(2500, 784), torch.randint(0, 10, (2500,))
+    chunked, whole = evaluate(model, x, y, batch_size=1000), evaluate(model, x, y, batch_size=None)
+    assert abs(chunked[0] - whole[0]) < 1e-5 and chunked[1] == whole[1] and torch.equal(chunked[2], whole[2])
+    assert model.training  # left in the mode it was in
