@@ -46,7 +46,10 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
     path = Path(path)
     # Same folder, so the rename stays on one file system and is atomic; a dot name keeps it out of globs.
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as e:  # name the file asked for, not the temporary one
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     try:
         with os.fdopen(descriptor, "wb") as f:
             yield f

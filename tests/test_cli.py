@@ -252,3 +252,28 @@ def test_bench_bad_arguments_fail_before_benchmarking(capsys, tmp_path):
 def test_info_bad_arguments(capsys):
     status, _, err = _cli(capsys, "info", "--verbose")
     assert status == 2 and "unrecognized arguments: --verbose" in err and "Traceback" not in err
+
+
+def test_unexpected_errors_are_one_line_with_the_type_and_the_debug_hint(capsys, monkeypatch):
+    from pyfastnn.command import command_parser, run_command
+
+    parser = command_parser("pyfastnn check")
+
+    def body():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    assert run_command(parser, parser.parse_args([]), body) == 1
+    assert capsys.readouterr().err == ("pyfastnn check: error: RuntimeError: CUDA error: an illegal memory access was "
+                                       "encountered (--debug or PYFASTNN_DEBUG=1 shows the traceback)\n")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        run_command(parser, parser.parse_args(["--debug"]), body)
+
+
+def test_atomic_write_names_the_target_when_its_folder_is_missing(tmp_path):
+    from pyfastnn.files import atomic_write
+
+    target = tmp_path / "missing" / "metrics.json"
+    with pytest.raises(FileNotFoundError) as caught:
+        with atomic_write(target) as f:
+            f.write(b"{}")
+    assert caught.value.filename == str(target)

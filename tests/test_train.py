@@ -22,7 +22,7 @@ def test_train_cli_writes_metrics_checkpoint_and_plots(tmp_path, mnist_dir):
          "--max-steps", "60", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0.8 < metrics["test_accuracy"] <= 1.0
+    assert 0.8 < metrics["test_accuracy"] <= 1.0 and metrics["completed"] is True and metrics["checkpoint_epoch"] == 1
     assert metrics["history"][0]["steps"] == 60
     for name in ("checkpoint.pt", "curves.png", "predictions.png"):
         assert (out / name).stat().st_size > 0, name
