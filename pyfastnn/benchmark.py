@@ -7,15 +7,17 @@ the median of its rounds, so machine noise hits them alike. Run it as ``pyfastnn
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .command import command_parser, positive_int, run_command
+from .files import atomic_write, ensure_writable_folder
 from .functional import fused_linear
 from .info import info
 
@@ -165,13 +167,21 @@ def run(shapes: Sequence = FULL_SHAPES, activations: Sequence[str] = ACTIVATIONS
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="pyfastnn bench", description=__doc__.splitlines()[0])
+    parser = command_parser("pyfastnn bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="4 shapes, relu/gelu, 2 threads, no torch.compile (well under 30 s)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
-    parser.add_argument("--threads", type=int, nargs="+", help="thread counts (default 1 2)")
+    parser.add_argument("--threads", type=positive_int, nargs="+", help="thread counts (default 1 2)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     args = parser.parse_args(argv)
+    return run_command(parser, args, lambda: _bench(args))
+
+
+def _bench(args) -> int:
+    if args.json:  # a bad path fails now, not after the benchmark has run
+        if Path(args.json).is_dir():
+            raise IsADirectoryError(f"--json {args.json} is a folder; give a file name")
+        ensure_writable_folder(Path(args.json).parent, "folder for --json")
     if args.quick:
         kwargs = dict(shapes=QUICK_SHAPES, activations=("relu", "gelu"), threads=args.threads or (2,),
                       with_compile=False, rounds=5, target_s=0.01)
@@ -182,7 +192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"float32, times are medians of interleaved rounds")
     results = run(**kwargs)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"info": build, "results": results}, f, indent=2)
+        with atomic_write(args.json) as f:
+            f.write(json.dumps({"info": build, "results": results}, indent=2).encode())
         print(f"wrote {args.json}")
     return 0

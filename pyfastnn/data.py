@@ -21,6 +21,8 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .files import atomic_write
+
 __all__ = ["IDXError", "read_idx", "load_mnist", "load_fashion_mnist", "normalize", "Batches",
            "MNIST_MEAN", "MNIST_STD", "find_mnist"]
 
@@ -114,7 +116,8 @@ def _download(root: Path, dataset: _Dataset, stem: str) -> Path:
             errors.append(f"{url}: MD5 mismatch of the decompressed file")
             continue
         path = target_dir / stem
-        path.write_bytes(raw)
+        with atomic_write(path) as f:  # an interrupted download leaves no half file behind
+            f.write(raw)
         return path
     raise IDXError(f"could not download {stem} (offline?). Tried:\n  " + "\n  ".join(errors) +
                    f"\nPlace the IDX files in {root} (flat or {dataset.folder}/raw) and retry.")
@@ -129,6 +132,8 @@ def _load(root: PathLike, dataset: _Dataset, train: bool, download: bool) -> Tup
         path = _locate(root, dataset, stem)
         if path is None:
             if not download:
+                if not root.is_dir():
+                    raise IDXError(f"data folder {root} " + ("is not a folder" if root.exists() else "does not exist"))
                 raise IDXError(f"{stem}[.gz] not found under {root} (flat or {dataset.folder}/raw); "
                                f"pass download=True or point --data at the folder")
             path = _download(root, dataset, stem)

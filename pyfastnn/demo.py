@@ -7,7 +7,7 @@ fused twin, SimpleNN on XOR, the activation plot, a quick benchmark and, when MN
 
 from __future__ import annotations
 
-import argparse
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from . import models
-from .data import find_mnist
+from .command import command_parser, positive_int, run_command
+from .data import find_mnist, load_mnist
+from .files import ensure_writable_folder
 
 
 def _section(title: str) -> None:
@@ -135,7 +137,9 @@ def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bo
 
     root = find_mnist(data)
     if root is None:
-        _section("MNIST: skipped (no data; pass --data DIR or set PYFASTNN_MNIST)")
+        env = os.environ.get("PYFASTNN_MNIST")
+        _section(f"MNIST: skipped ($PYFASTNN_MNIST={env} holds no MNIST files; pass --data DIR)" if env else
+                 "MNIST: skipped (no data; pass --data DIR or set PYFASTNN_MNIST)")
     else:
         _section(f"MNIST: {mnist_steps} training steps of the 784-256-128-10 classifier on {device} ({root})")
         from .train import TrainConfig, train
@@ -150,12 +154,23 @@ def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bo
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="pyfastnn demo", description=__doc__.splitlines()[0])
+    parser = command_parser("pyfastnn demo", description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="MNIST folder (default: $PYFASTNN_MNIST)")
     parser.add_argument("--out", default="demo_output", help="folder for the pictures")
-    parser.add_argument("--mnist-steps", type=int, default=300)
+    parser.add_argument("--mnist-steps", type=positive_int, default=300)
     parser.add_argument("--no-bench", action="store_true")
     parser.add_argument("--device", default="cpu", help="where the MNIST run trains: cpu or cuda")
     args = parser.parse_args(argv)
-    run(Path(args.out), args.data, args.mnist_steps, bench=not args.no_bench, device=args.device)
+    return run_command(parser, args, lambda: _demo(args))
+
+
+def _demo(args) -> int:
+    # Mistakes in --data, --device or --out fail now, naming the problem, not after minutes of lesson.
+    from .train import check_device
+
+    check_device(args.device, "fused")
+    if args.data is not None:
+        load_mnist(args.data, train=False)
+    out = ensure_writable_folder(args.out)
+    run(out, args.data, args.mnist_steps, bench=not args.no_bench, device=args.device)
     return 0

@@ -7,6 +7,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from .files import atomic_write
+
 
 def _pyplot():
     import matplotlib
@@ -110,8 +112,12 @@ def plot_predictions(images: torch.Tensor, labels: torch.Tensor, predictions: to
 
 
 def _save(fig, path) -> Path:
+    """Writes the figure atomically in the format its suffix names (PNG when it has none) and closes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    _pyplot().close(fig)
+    try:
+        with atomic_write(path) as f:
+            fig.savefig(f, format=path.suffix[1:].lower() or "png", dpi=100)
+    finally:
+        _pyplot().close(fig)
     return path

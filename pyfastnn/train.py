@@ -12,8 +12,10 @@ import dataclasses
 import importlib
 import json
 import os
+import pickle
 import threading
 import time
+import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -21,12 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .command import InvalidArgument, check_number, command_parser, run_command
 from .cuda_graph import CUDAGraphStep, cuda_graph_step
 from .data import Batches, load_fashion_mnist, load_mnist, normalize
-from .info import info
+from .files import atomic_write, ensure_writable_folder
 from .models import MNISTClassifier
 
 LOADERS = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist}
+BACKENDS = ("fused", "torch")
+CHECKPOINT_KEYS = ("model", "optimizer", "history", "epoch", "rng_state")
+PLOT_FILES = ("curves.png", "predictions.png")
 
 
 @dataclasses.dataclass
@@ -55,13 +61,75 @@ class TrainResult:
     metrics: Dict
 
 
+class CheckpointError(ValueError):
+    """A ``--resume`` checkpoint is missing, unreadable, or not one that fits this model."""
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raises :class:`~pyfastnn.command.InvalidArgument` naming the first setting that cannot work.
+
+    Only values are checked here (files are checked when opened), so a run fails before it loads
+    data or trains, and the command line reports it as a usage error.
+
+    Example:
+        >>> check_config(TrainConfig(data="mnist"))
+        >>> check_config(TrainConfig(data="mnist", dropout=1.0))
+        Traceback (most recent call last):
+        ...
+        pyfastnn.command.InvalidArgument: dropout must be < 1, got 1.0
+    """
+    if config.dataset not in LOADERS:
+        raise InvalidArgument("dataset", f"must be one of {', '.join(sorted(LOADERS))}, got {config.dataset!r}")
+    if not config.data:
+        raise InvalidArgument("data", "is required: the folder with the IDX files")
+    check_number("epochs", config.epochs, 0, integer=True)
+    check_number("batch_size", config.batch_size, 1, integer=True)
+    check_number("lr", config.lr, 0, include_minimum=False)
+    check_number("dropout", config.dropout, 0, 1, include_maximum=False)
+    check_number("seed", config.seed, 0, 2 ** 63 - 1, integer=True)
+    if config.max_steps is not None:
+        check_number("max_steps", config.max_steps, 1, integer=True)
+    if config.out is not None and not str(config.out):
+        raise InvalidArgument("out", "must be a folder (or None for no files), got ''")
+    _check_backend(config.backend)
+    check_device(config.device, config.backend)
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise InvalidArgument("backend", f"must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+def check_device(device: str, backend: str) -> None:
+    """Raises :class:`~pyfastnn.command.InvalidArgument` unless ``backend`` can train on ``device`` here."""
+    usage = f"must be cpu, cuda or cuda:N, got {device!r}"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidArgument("device", usage) from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type != "cuda":
+        raise InvalidArgument("device", usage)
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise InvalidArgument("device", f"{device!r} is not available: {why} (torch {torch.__version__})")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise InvalidArgument("device", f"{device!r} is not available: {torch.cuda.device_count()} CUDA device(s)")
+    if backend == "fused":
+        from .info import info
+
+        if not info()["backends"]["cuda"]:
+            raise InvalidArgument("device", f"{device!r} needs pyfastnn's CUDA kernels, which this build lacks "
+                                            "(rebuild with CUDA, or train the plain twin: --backend torch)")
+
+
 def build_model(config: TrainConfig) -> nn.Module:
     """The lesson's classifier; the torch backend gets the plain twin with the very same weights."""
+    _check_backend(config.backend)
     model = MNISTClassifier(dropout=config.dropout)
     if config.backend == "torch":
         model = model.to_torch()
-    elif config.backend != "fused":
-        raise ValueError(f"backend must be 'fused' or 'torch', got {config.backend!r}")
     return model
 
 
@@ -92,22 +160,6 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict) -> None
                                                              torch.float32)
 
 
-def _check_device(device: str) -> str:
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; use cpu or cuda (or cuda:N)") from None
-    if parsed.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {device!r}")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but this torch sees no CUDA GPU "
-                             f"(torch.cuda.is_available() is False)")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
-    return device
-
-
 def _distributed(device: str):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
@@ -121,6 +173,82 @@ def _distributed(device: str):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
     return rank, dist.get_world_size(), device
+
+
+def load_checkpoint(path) -> Dict:
+    """Reads a checkpoint written by :func:`train` (tensors on the CPU); :class:`CheckpointError` names the file.
+
+    Only tensors and plain data are unpickled (``weights_only=True``): a checkpoint cannot run code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: " + ("is a folder, not a file" if path.is_dir() else "no such file"))
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged or another file
+        raise CheckpointError(f"checkpoint {path}: not a checkpoint file (truncated, damaged or another kind of file)")
+    try:  # torch.load does not verify the archive's checksums: damaged tensor bytes would load silently
+        with zipfile.ZipFile(path) as archive:
+            failing = archive.testzip()
+        damaged = None if failing is None else f"{failing} fails its checksum"
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        damaged = str(e) or type(e).__name__
+    if damaged is not None:
+        raise CheckpointError(f"checkpoint {path}: cannot be read, damaged ({damaged})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line), "")
+        raise CheckpointError(f"checkpoint {path}: holds objects other than tensors and plain data, which are not "
+                              f"loaded ({detail or type(e).__name__})") from e
+    except Exception as e:  # torch reports a damaged archive as RuntimeError, OSError or EOFError
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path}: cannot be read, damaged ({reason})") from e
+    missing = [key for key in CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: not a pyfastnn training checkpoint (no {', '.join(missing)})")
+    return state
+
+
+def restore_checkpoint(state: Dict, path, model: nn.Module, optimizer: torch.optim.Optimizer, device: str):
+    """Puts a loaded checkpoint's weights, optimizer state and RNG state back; returns (history, epoch)."""
+    try:
+        model.load_state_dict(state["model"])
+        _load_optimizer_state(optimizer, state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {path}: does not fit this model ({reason})") from e
+    torch.set_rng_state(state["rng_state"].cpu())  # dropout masks continue exactly where they stopped
+    if device.startswith("cuda") and state.get("cuda_rng_state") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng_state"].cpu())
+    return list(state["history"]), int(state["epoch"])
+
+
+def save_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer, history: List[Dict], epoch: int,
+                    config: TrainConfig, device: str) -> None:
+    """Everything :func:`restore_checkpoint` needs to continue exactly, written atomically."""
+    with atomic_write(path) as f:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "history": history, "epoch": epoch, "config": dataclasses.asdict(config),
+                    "rng_state": torch.get_rng_state(),
+                    "cuda_rng_state": torch.cuda.get_rng_state() if device.startswith("cuda") else None}, f)
+
+
+def run_metrics(config: TrainConfig, device: str, world_size: int, graphed: bool, history: List[Dict],
+                completed: bool, checkpoint_epoch: Optional[int]) -> Dict:
+    """The content of metrics.json: ``completed`` stays false until every file of the run is written,
+    ``checkpoint_epoch`` is the epoch of the checkpoint.pt this run wrote (None before its first)."""
+    return {
+        "completed": completed, "checkpoint_epoch": checkpoint_epoch,
+        "dataset": config.dataset, "backend": config.backend, "device": device, "world_size": world_size,
+        "cuda_graph": graphed, "config": dataclasses.asdict(config), "history": history,
+        "test_accuracy": history[-1]["test_accuracy"] if history else None,
+        "train_seconds": sum(h["seconds"] for h in history),
+    }
+
+
+def write_json(path, data: Dict) -> None:
+    """``data`` as indented JSON, written atomically."""
+    with atomic_write(path) as f:
+        f.write(json.dumps(data, indent=2).encode())
 
 
 @torch.no_grad()
@@ -142,17 +270,18 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batc
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Trains per ``config``; writes checkpoint, metrics.json and plots to ``config.out`` (rank 0)."""
-    if config.dataset not in LOADERS:
-        raise ValueError(f"dataset must be one of {sorted(LOADERS)}, got {config.dataset!r}")
-    if config.data is None:
-        raise ValueError("no data folder given (--data DIR)")
-    rank, world_size, device = _distributed(_check_device(config.device))
+    """Trains per ``config``; writes checkpoint, metrics.json and plots to ``config.out`` (rank 0).
+
+    Settings, the resume checkpoint and the output folder are checked before the data is loaded.
+    metrics.json is written first with ``completed: false`` and rewritten after every epoch beside
+    its checkpoint; only the last write, after the plots, says ``completed: true``.
+    """
+    check_config(config)
+    resumed = load_checkpoint(config.resume) if config.resume else None
+    rank, world_size, device = _distributed(config.device)
     on_cuda = device.startswith("cuda")
-    if on_cuda and config.backend == "fused" and not info()["backends"]["cuda"]:
-        raise ValueError("this pyfastnn build has no CUDA kernels (see `pyfastnn info`); rebuild it with "
-                         "PYFASTNN_CUDA=1, or train the plain twin with --backend torch")
     graphed = _use_cuda_graph(config.cuda_graph, on_cuda, world_size)
+    out = ensure_writable_folder(config.out) if config.out is not None and rank == 0 else None
     torch.manual_seed(config.seed)
     load = LOADERS[config.dataset]
     optimizer_import = _import_in_background("torch._dynamo")
@@ -168,21 +297,19 @@ def train(config: TrainConfig) -> TrainResult:
     optimizer = make_adam(model.parameters(), config.lr, capturable=graphed)
     history: List[Dict] = []
     start_epoch = 0
-    if config.resume:
-        state = torch.load(config.resume, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        _load_optimizer_state(optimizer, state["optimizer"])
-        history, start_epoch = state["history"], state["epoch"]
-        torch.set_rng_state(state["rng_state"].cpu())  # dropout masks continue exactly where they stopped
-        if on_cuda and state.get("cuda_rng_state") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng_state"].cpu())
+    if resumed is not None:
+        history, start_epoch = restore_checkpoint(resumed, config.resume, model, optimizer, device)
+    checkpoint_epoch: Optional[int] = None
+    if out is not None:
+        for name in PLOT_FILES:  # the previous run's pictures would pass for this run's
+            (out / name).unlink(missing_ok=True)
+        write_json(out / "metrics.json", run_metrics(config, device, world_size, graphed, history, False, checkpoint_epoch))
     trained = model
     if world_size > 1:
         trained = nn.parallel.DistributedDataParallel(model)
 
     batches = Batches(x_train, y_train, config.batch_size, shuffle=True, seed=config.seed,
                       rank=rank, world_size=world_size)
-    out = Path(config.out) if config.out and rank == 0 else None
     # The epoch's running sums stay on the device (no sync per step); a CUDA graph captures their
     # in-place updates, so they are zeroed in place each epoch, never replaced.
     loss_sum = torch.zeros((), device=device)
@@ -246,21 +373,18 @@ def train(config: TrainConfig) -> TrainResult:
             print(f"epoch {h['epoch']}: train loss {h['train_loss']:.4f} acc {h['train_accuracy']:.4f} | "
                   f"test loss {h['test_loss']:.4f} acc {h['test_accuracy']:.4f} | {seconds:.1f} s")
         if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "history": history, "epoch": epoch + 1, "config": dataclasses.asdict(config),
-                        "rng_state": torch.get_rng_state(),
-                        "cuda_rng_state": torch.cuda.get_rng_state() if on_cuda else None},
-                       out / "checkpoint.pt")
+            checkpoint_epoch = epoch + 1
+            save_checkpoint(out / "checkpoint.pt", model, optimizer, history, checkpoint_epoch, config, device)
+            write_json(out / "metrics.json", run_metrics(config, device, world_size, graphed, history, False, checkpoint_epoch))
 
-    metrics = {
-        "dataset": config.dataset, "backend": config.backend, "device": device, "world_size": world_size,
-        "cuda_graph": graphed, "config": dataclasses.asdict(config), "history": history,
-        "test_accuracy": history[-1]["test_accuracy"] if history else None,
-        "train_seconds": sum(h["seconds"] for h in history),
-    }
+    if rank == 0 and config.progress and start_epoch >= config.epochs:
+        done = f"the checkpoint has {start_epoch} epoch(s) done, " if resumed is not None else ""
+        print(f"nothing to train: {done}epochs is {config.epochs}")
+    if out is not None and checkpoint_epoch is None:  # no epoch ran: the folder still gets the state it ends with
+        checkpoint_epoch = start_epoch
+        save_checkpoint(out / "checkpoint.pt", model, optimizer, history, checkpoint_epoch, config, device)
+    metrics = run_metrics(config, device, world_size, graphed, history, True, checkpoint_epoch)
     if out is not None:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if config.plots and history:
             from .plots import plot_predictions, plot_training_curves
 
@@ -272,6 +396,7 @@ def train(config: TrainConfig) -> TrainResult:
             wrong = (predicted != test_labels).nonzero().flatten()[:8]
             shown = torch.cat([torch.arange(min(24, len(test_labels))), wrong])
             plot_predictions(test_images[shown], test_labels[shown], predicted[shown], out / "predictions.png")
+        write_json(out / "metrics.json", metrics)
     return TrainResult(model=model, metrics=metrics)
 
 
@@ -290,10 +415,10 @@ def _use_cuda_graph(requested: Optional[bool], on_cuda: bool, world_size: int) -
     if requested is None:
         return on_cuda and world_size == 1
     if requested and not on_cuda:
-        raise ValueError("--cuda-graph needs --device cuda")
+        raise InvalidArgument("cuda_graph", "needs --device cuda")
     if requested and world_size > 1:
-        raise ValueError("--cuda-graph is not supported with DistributedDataParallel (torchrun); "
-                         "use --no-cuda-graph")
+        raise InvalidArgument("cuda_graph", "is not supported with DistributedDataParallel (torchrun); "
+                                            "use --no-cuda-graph")
     return requested
 
 
@@ -327,7 +452,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="pyfastnn train", description=__doc__.splitlines()[0])
+    parser = command_parser("pyfastnn train", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     config = TrainConfig(
@@ -336,10 +461,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress,
         plots=not args.no_plots, download=args.download, cuda_graph=args.cuda_graph,
     )
+    return run_command(parser, args, lambda: _train_and_report(config))
+
+
+def _train_and_report(config: TrainConfig) -> int:
     result = train(config)
-    if int(os.environ.get("RANK", "0")) == 0 and config.out:
-        print(f"test accuracy {result.metrics['test_accuracy']:.4f}; wrote {config.out}/metrics.json, "
-              f"checkpoint.pt" + (", curves.png, predictions.png" if config.plots else ""))
+    if int(os.environ.get("RANK", "0")) == 0:
+        accuracy = result.metrics["test_accuracy"]
+        summary = "no epoch trained" if accuracy is None else f"test accuracy {accuracy:.4f}"
+        if config.out:
+            plots = ", " + ", ".join(PLOT_FILES) if config.plots and result.metrics["history"] else ""
+            summary += f"; wrote {config.out}/metrics.json, checkpoint.pt{plots}"
+        print(summary)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
 

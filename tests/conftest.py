@@ -22,3 +22,22 @@ def mnist_dir() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist_dir(tmp_path_factory) -> Path:
+    """MNIST-format IDX files with 96 training and 40 test images: training runs in a blink."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("tiny_mnist")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 96), ("t10k", 40)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        for stem, array in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels)):
+            header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+            (folder / f"{stem}.gz").write_bytes(gzip.compress(header + array.tobytes()))
+    return folder

@@ -1,5 +1,6 @@
 """The training command: files it writes, resume, backends agreeing, DDP under torchrun."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ def test_train_cli_writes_metrics_checkpoint_and_plots(tmp_path, mnist_dir):
          "--max-steps", "60", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0.8 < metrics["test_accuracy"] <= 1.0
+    assert 0.8 < metrics["test_accuracy"] <= 1.0 and metrics["completed"] is True and metrics["checkpoint_epoch"] == 1
     assert metrics["history"][0]["steps"] == 60
     for name in ("checkpoint.pt", "curves.png", "predictions.png"):
         assert (out / name).stat().st_size > 0, name
@@ -67,14 +68,14 @@ def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path, mnist
 
 def test_device_and_graph_options_are_checked_before_any_work(mnist_dir):
     common = dict(data=str(mnist_dir), out=None, progress=False, plots=False)
-    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+    with pytest.raises(ValueError, match="must be cpu, cuda or cuda:N, got 'gpu'"):
         train(TrainConfig(device="gpu", **common))
-    with pytest.raises(ValueError, match="device must be cpu or cuda, got 'meta'"):
+    with pytest.raises(ValueError, match="must be cpu, cuda or cuda:N, got 'meta'"):
         train(TrainConfig(device="meta", **common))
-    with pytest.raises(ValueError, match="--cuda-graph needs --device cuda"):
+    with pytest.raises(ValueError, match="cuda_graph needs --device cuda"):
         train(TrainConfig(cuda_graph=True, **common))
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match=r"torch.cuda.is_available\(\) is False"):
+        with pytest.raises(ValueError, match="'cuda' is not available"):
             train(TrainConfig(device="cuda", **common))
 
 
@@ -105,3 +106,118 @@ def test_evaluate_in_one_forward_matches_chunks():
     chunked, whole = evaluate(model, x, y, batch_size=1000), evaluate(model, x, y, batch_size=None)
     assert abs(chunked[0] - whole[0]) < 1e-5 and chunked[1] == whole[1] and torch.equal(chunked[2], whole[2])
     assert model.training  # left in the mode it was in
+
+# --- The files a run leaves: metrics.json says whether it completed; every file is replaced atomically ---
+
+def _train_cli(*args):
+    from pyfastnn.cli import main
+
+    return main(["train", "mnist", "--no-progress", *args])
+
+
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_epochs_zero_writes_metrics_and_checkpoint(tmp_path, tiny_mnist_dir, capsys):
+    out = tmp_path / "run"
+    assert _train_cli("--data", str(tiny_mnist_dir), "--epochs", "0", "--out", str(out)) == 0
+    metrics = _metrics(out)
+    assert metrics["completed"] is True and metrics["history"] == [] and metrics["test_accuracy"] is None
+    assert metrics["checkpoint_epoch"] == 0 and torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 0
+    assert not (out / "curves.png").exists()  # nothing to plot
+    assert "no epoch trained" in capsys.readouterr().out
+
+
+def test_resume_of_a_finished_run_trains_nothing_and_writes_its_files(tmp_path, tiny_mnist_dir, capsys):
+    common = ["--data", str(tiny_mnist_dir), "--batch-size", "32", "--epochs", "2", "--no-plots"]
+    assert _train_cli(*common, "--out", str(tmp_path / "a")) == 0
+    finished = _metrics(tmp_path / "a")
+    from pyfastnn.cli import main
+
+    capsys.readouterr()
+    assert main(["train", "mnist", *common, "--resume", str(tmp_path / "a" / "checkpoint.pt"),
+                 "--out", str(tmp_path / "b")]) == 0
+    assert "nothing to train: the checkpoint has 2 epoch(s) done, epochs is 2" in capsys.readouterr().out
+    resumed = _metrics(tmp_path / "b")
+    assert resumed["completed"] is True and resumed["history"] == finished["history"]
+    before = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    after = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert after["epoch"] == 2
+    for name, tensor in before["model"].items():
+        assert torch.equal(tensor, after["model"][name]), name
+
+
+def test_interrupted_run_leaves_its_folder_marked_incomplete(tmp_path, tiny_mnist_dir, monkeypatch, capsys):
+    import pyfastnn.train as train_module
+
+    out = tmp_path / "run"
+    common = ["--data", str(tiny_mnist_dir), "--batch-size", "32", "--out", str(out)]
+    assert _train_cli(*common, "--epochs", "1") == 0  # a previous, finished run in the same folder
+    assert _metrics(out)["completed"] is True and (out / "curves.png").exists()
+
+    saves = []
+    real_save = train_module.save_checkpoint
+
+    def save_then_interrupt(*args, **kwargs):  # Ctrl-C during the second epoch
+        if saves:
+            raise KeyboardInterrupt
+        saves.append(args)
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_interrupt)
+    assert _train_cli(*common, "--epochs", "3", "--seed", "1") == 130
+    assert capsys.readouterr().err.strip().endswith("pyfastnn train: interrupted")
+    metrics = _metrics(out)
+    assert metrics["completed"] is False and metrics["config"]["epochs"] == 3 and metrics["config"]["seed"] == 1
+    assert [h["epoch"] for h in metrics["history"]] == [1] and metrics["checkpoint_epoch"] == 1
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert not (out / "curves.png").exists()  # the previous run's pictures are gone, not passed off as this run's
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json"]  # no temporary files
+
+
+def test_failed_writes_leave_the_previous_files_whole(tmp_path, tiny_mnist_dir, monkeypatch, capsys):
+    out = tmp_path / "run"
+    common = ["--data", str(tiny_mnist_dir), "--batch-size", "32", "--out", str(out), "--epochs", "1"]
+    assert _train_cli(*common) == 0
+    checkpoint = (out / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):  # writes part of the file, then the disk is full
+        with (open(f, "wb") if isinstance(f, (str, os.PathLike)) else contextlib.nullcontext(f)) as stream:
+            stream.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    assert _train_cli(*common, "--seed", "1") == 1
+    assert capsys.readouterr().err.strip() == f"pyfastnn train: error: {out / 'checkpoint.pt'}: No space left on device"
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint  # the old checkpoint, whole
+    assert _metrics(out)["completed"] is False
+    monkeypatch.setattr(torch, "save", real_save)
+
+    from matplotlib.figure import Figure
+
+    assert _train_cli(*common) == 0
+    picture = (out / "curves.png").read_bytes()
+
+    def broken_savefig(self, f, *args, **kwargs):
+        (open(f, "wb") if isinstance(f, (str, os.PathLike)) else f).write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    from pyfastnn.plots import plot_loss
+
+    with pytest.raises(OSError, match="No space"):
+        plot_loss([1.0, 0.5], out / "curves.png")
+    assert (out / "curves.png").read_bytes() == picture
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_config_checks_for_library_users(tiny_mnist_dir):
+    from pyfastnn.command import InvalidArgument
+
+    common = dict(data=str(tiny_mnist_dir), out=None, progress=False, plots=False)
+    for bad in (dict(lr=0.0), dict(batch_size=0), dict(epochs=1.5), dict(dropout=1.0), dict(device="tpu"),
+                dict(backend="jax"), dict(dataset="cifar"), dict(data=None), dict(max_steps=0)):
+        with pytest.raises(InvalidArgument):
+            train(TrainConfig(**{**common, **bad}))

@@ -1,0 +1,141 @@
+"""What every ``pyfastnn`` subcommand shares: its parser, and how a mistake or failure is reported.
+
+A bad argument value ends as argparse does (usage, then ``prog: error: argument --name: problem``,
+exit status 2); any other failure prints one ``prog: error: ...`` line and exits with status 1.
+``--debug`` (or ``PYFASTNN_DEBUG=1`` in the environment) shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+__all__ = ["InvalidArgument", "check_number", "command_parser", "run_command", "describe_error", "DEBUG_ENV",
+           "positive_int", "non_negative_int"]
+
+DEBUG_ENV = "PYFASTNN_DEBUG"
+EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class InvalidArgument(ValueError):
+    """A setting has a value it cannot take; ``name`` is the setting (``batch_size``), ``problem`` why.
+
+    Example:
+        >>> str(InvalidArgument("batch_size", "must be >= 1, got 0"))
+        'batch_size must be >= 1, got 0'
+    """
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name} {problem}")
+        self.name, self.problem = name, problem
+
+    @property
+    def option(self) -> str:
+        """The command-line spelling of the setting: ``--batch-size``."""
+        return "--" + self.name.replace("_", "-")
+
+
+def check_number(name: str, value, minimum=None, maximum=None, *, integer: bool = False,
+                 include_minimum: bool = True, include_maximum: bool = True) -> None:
+    """Raises :class:`InvalidArgument` unless ``value`` is a finite number in the given range.
+
+    Example:
+        >>> check_number("lr", 1e-3, 0, include_minimum=False)
+        >>> check_number("lr", float("nan"), 0, include_minimum=False)
+        Traceback (most recent call last):
+        ...
+        pyfastnn.command.InvalidArgument: lr must be a finite number, got nan
+        >>> check_number("epochs", 2.5, 0, integer=True)
+        Traceback (most recent call last):
+        ...
+        pyfastnn.command.InvalidArgument: epochs must be an integer, got 2.5
+    """
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidArgument(name, f"must be an integer, got {value!r}")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidArgument(name, f"must be a finite number, got {value!r}")
+    if minimum is not None and (value < minimum or (value == minimum and not include_minimum)):
+        raise InvalidArgument(name, f"must be {'>=' if include_minimum else '>'} {minimum}, got {value!r}")
+    if maximum is not None and (value > maximum or (value == maximum and not include_maximum)):
+        raise InvalidArgument(name, f"must be {'<=' if include_maximum else '<'} {maximum}, got {value!r}")
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
+
+
+def command_parser(prog: str, description: Optional[str] = None) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` for a subcommand, with the shared ``--debug`` flag."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full Python traceback on failure (also {DEBUG_ENV}=1)")
+    return parser
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for the user: the message alone for the errors users cause, the type name added otherwise.
+
+    Example:
+        >>> describe_error(FileNotFoundError(2, "No such file or directory", "runs/x.pt"))
+        'runs/x.pt: No such file or directory'
+        >>> describe_error(KeyError("epoch"))
+        "KeyError: 'epoch'"
+    """
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    message = str(error)
+    if isinstance(error, (OSError, ValueError)) and message:  # files, data and values the user chose
+        return message
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, body: Callable[[], int]) -> int:
+    """Runs ``body()`` for ``parser``'s parsed ``args``, turning its exceptions into the exit statuses above.
+
+    Example:
+        >>> parser = command_parser("demo-command")
+        >>> def body():
+        ...     raise FileNotFoundError(2, "No such file or directory", "data/x.gz")
+        >>> import contextlib, io
+        >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+        ...     status = run_command(parser, parser.parse_args([]), body)
+        >>> status, err.getvalue()
+        (1, 'demo-command: error: data/x.gz: No such file or directory\\n')
+    """
+    debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        return body()
+    except InvalidArgument as e:
+        if debug:
+            raise
+        parser.error(f"argument {e.option}: {e.problem}")  # usage and exit status 2, like argparse's own checks
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - the user gets one line; --debug shows the rest
+        if debug:
+            raise
+        hint = "" if isinstance(e, (OSError, ValueError)) else f" (--debug or {DEBUG_ENV}=1 shows the traceback)"
+        print(f"{parser.prog}: error: {describe_error(e)}{hint}", file=sys.stderr)
+        return EXIT_FAILURE
+    raise AssertionError("unreachable: parser.error exits")

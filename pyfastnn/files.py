@@ -1,0 +1,112 @@
+"""Writing files so that they are never seen half-written, and checking output folders up front.
+
+Every file pyfastnn writes (checkpoints, metrics, pictures, benchmark results, downloads) goes
+through :func:`atomic_write`: the bytes go to a temporary file beside the target, which is renamed
+over it only once complete, so an interrupted or failed write leaves the previous file (or none).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator, Union
+
+__all__ = ["atomic_write", "ensure_writable_folder"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
+    """Opens a binary file whose content replaces ``path`` atomically when the block ends without error.
+
+    On an exception the temporary file is removed and ``path`` is left as it was. The file gets the
+    usual permissions (``0o666`` less the umask), like ``open(path, "wb")`` would.
+
+    Example:
+        >>> import json, tempfile, pathlib
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "result.json"
+        >>> with atomic_write(target) as f:
+        ...     f.write(json.dumps({"ok": True}).encode())
+        12
+        >>> json.loads(target.read_text())
+        {'ok': True}
+        >>> try:
+        ...     with atomic_write(target) as f:
+        ...         _ = f.write(b"half")
+        ...         raise KeyboardInterrupt
+        ... except KeyboardInterrupt:
+        ...     pass
+        >>> json.loads(target.read_text()), sorted(p.name for p in target.parent.iterdir())
+        ({'ok': True}, ['result.json'])
+    """
+    path = Path(path)
+    # Same folder, so the rename stays on one file system and is atomic; a dot name keeps it out of globs.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as e:  # name the file asked for, not the temporary one
+        raise type(e)(e.errno, e.strerror, str(path)) from None
+    try:
+        with os.fdopen(descriptor, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # the content is on disk before the name points at it
+        os.replace(temporary, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        if isinstance(e, OSError) and e.filename is None and e.errno and e.strerror:
+            raise type(e)(e.errno, e.strerror, str(path)) from e  # "disk full" names the file it hit
+        raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Makes the rename itself durable where the platform allows (POSIX); best effort elsewhere."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def ensure_writable_folder(path: PathLike, what: str = "output folder") -> Path:
+    """Creates ``path`` (with parents) if needed and proves a file can be written there.
+
+    Raises ``NotADirectoryError``, ``PermissionError`` or another ``OSError`` whose message names
+    ``what`` and the path, so that a run fails before its work rather than when saving it.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp()) / "runs" / "a"
+        >>> ensure_writable_folder(folder) == folder, folder.is_dir(), list(folder.iterdir())
+        (True, True, [])
+        >>> (folder / "notes").write_text("x")
+        1
+        >>> try:
+        ...     ensure_writable_folder(folder / "notes" / "b")
+        ... except NotADirectoryError as e:
+        ...     print(str(e).replace(str(folder), "FOLDER"))
+        output folder FOLDER/notes/b cannot be created: FOLDER/notes is a file
+    """
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{what} {path} is a file, not a folder" if existing == path
+                                 else f"{what} {path} cannot be created: {existing} is a file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise type(e)(f"{what} {path} is not writable ({e.strerror or e})") from None
+    return path
