@@ -3,6 +3,8 @@
 # (no network needed). In order, each step logged to OUTDIR/<step>.log with its time:
 #   build                   pip install -e . with PYFASTNN_CUDA=1 (TORCH_CUDA_ARCH_LIST, default 9.0)
 #   test_cuda               tests/test_cuda.py (cuBLASLt and fallback paths, dropout, CUDA graphs)
+#   test_cuda_train         tests/test_cuda_train.py + tests/test_cuda_graph.py (training on the GPU,
+#                           cuda_graph_step, the 5-epoch run; MNIST from $PYFASTNN_MNIST)
 #   test_cpu_on_cuda_build  the CPU suite on the same build
 #   fuzz_cuda / fuzz_mlp_cuda   scripts/fuzz_fused_linear.py --device cuda (FUZZ_CASES each, default 1000;
 #                           FUZZ_CASES=10000 for the full acceptance run)
@@ -10,6 +12,7 @@
 #                           reaches every kernel (vectorized and one-element passes, dropout, the
 #                           shared-memory bias-sum kernel via the fallback path)
 #   bench_cuda              benchmarks/bench_cuda.py --json OUTDIR/bench_cuda.json
+#   bench_mnist_cuda        benchmarks/bench_mnist.py --device cuda --json OUTDIR/bench_mnist_cuda.json
 # Sized to finish in about 6 minutes on an H200 (build ~1 min); --quick skips the CPU suite and
 # runs the quick benchmark. Exit status 0 only if every step passed.
 #
@@ -41,6 +44,8 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs, logs to OUT/NAME.log, remember
 step build 300 "$PYTHON" -m pip install --no-build-isolation --no-deps -e . || { echo "build failed"; exit 1; }
 "$PYTHON" -c "import pyfastnn; print(pyfastnn.info())" >> "$OUT/env.log" 2>&1
 step test_cuda 240 "$PYTHON" -m pytest tests/test_cuda.py -q -x -p no:cacheprovider --junitxml="$OUT/test_cuda.xml"
+step test_cuda_train 300 "$PYTHON" -m pytest tests/test_cuda_train.py tests/test_cuda_graph.py pyfastnn/cuda_graph.py \
+  -q -x -p no:cacheprovider --junitxml="$OUT/test_cuda_train.xml"
 if [ -z "$QUICK" ]; then
   step test_cpu_on_cuda_build 240 "$PYTHON" -m pytest tests -q -x -p no:cacheprovider --ignore=tests/test_cuda.py \
     -k "not opcheck and not train"
@@ -60,5 +65,7 @@ else
   status=1
 fi
 step bench_cuda 300 "$PYTHON" benchmarks/bench_cuda.py ${QUICK:+--quick} --min-run-time 0.05 --json "$OUT/bench_cuda.json"
+step bench_mnist_cuda 300 "$PYTHON" benchmarks/bench_mnist.py --device cuda ${QUICK:+--quick} \
+  --json "$OUT/bench_mnist_cuda.json"
 echo "[gpu_check] done, status $status; logs in $OUT"
 exit $status
