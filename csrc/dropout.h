@@ -37,17 +37,21 @@ struct DropoutStream {
 
 namespace pyfastnn {
 
-// CUDA's dropout stream: Philox4x32-10 (Salmon et al., SC'11), counter-based like PyTorch's own CUDA
-// RNG. Element e reads 32-bit word e % 4 of Philox(counter = {e / 4, offset}, key = seed), where
-// (seed, offset) come from torch's CUDA generator once per layer and call (the offset advances every
-// call, so masks are fresh each call and each CUDA-graph replay). Like DropoutStream, any element is a
-// pure function of its index: masks do not depend on the launch configuration.
+// CUDA's dropout stream: Philox4x32-10 (Salmon et al., SC'11), the generator of PyTorch's own CUDA
+// RNG, used the way curand_init(seed, subsequence, offset) uses it. Element e reads 32-bit word e % 4
+// of Philox(counter = {offset / 4, e / 4}, key = seed), where (seed, offset) come from torch's CUDA
+// generator once per layer and call. The low 64 counter bits are the offset, as for every torch
+// kernel (thread t of a torch kernel draws counters {offset / 4 + k, t}): the 4 offset units this call
+// reserves own counter {offset / 4, *} outright, so masks are fresh each call and each CUDA-graph
+// replay, and never share random bits with any other torch random op. Like DropoutStream, any element
+// is a pure function of its index: masks do not depend on the launch configuration.
 struct Philox4x32 {
   uint32_t word[4];
 
-  PYFASTNN_HOST_DEVICE static Philox4x32 generate(uint64_t group, uint64_t offset, uint64_t seed) {
-    uint32_t c0 = static_cast<uint32_t>(group), c1 = static_cast<uint32_t>(group >> 32);
-    uint32_t c2 = static_cast<uint32_t>(offset), c3 = static_cast<uint32_t>(offset >> 32);
+  // The 128-bit counter is {low, high} (words c0..c3 from the least significant), the key is seed.
+  PYFASTNN_HOST_DEVICE static Philox4x32 generate(uint64_t low, uint64_t high, uint64_t seed) {
+    uint32_t c0 = static_cast<uint32_t>(low), c1 = static_cast<uint32_t>(low >> 32);
+    uint32_t c2 = static_cast<uint32_t>(high), c3 = static_cast<uint32_t>(high >> 32);
     uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
     for (int round = 0; round < 10; ++round) {
       const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
@@ -71,7 +75,7 @@ struct PhiloxDropout {
 
   PYFASTNN_HOST_DEVICE bool keep(int64_t element) const {
     const auto e = static_cast<uint64_t>(element);
-    return Philox4x32::generate(e >> 2, offset, seed).word[e & 3] >= threshold;
+    return Philox4x32::generate(offset / 4, e >> 2, seed).word[e & 3] >= threshold;
   }
 };
 

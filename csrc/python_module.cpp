@@ -5,6 +5,7 @@
 #include "cpu/kernels.h"
 #include "fused_linear.h"
 #include "fused_mlp.h"
+#include "layer.h"
 
 #ifndef PYFASTNN_CUDA_ARCHS
 #define PYFASTNN_CUDA_ARCHS ""
@@ -30,6 +31,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                    const std::vector<int64_t>& activations, const std::vector<double>& dropout) {
     pyfastnn::check_fused_mlp_args(input, weights, pyfastnn::BiasList(biases), activations, dropout);
   });
+  // Where fused_mlp_forward keeps a relu bit mask instead of a pre-activation (NOTE [relu bit masks]).
+  m.def("keeps_relu_mask", [](const at::Tensor& input, int64_t activation, bool last_layer, bool dropout_runs) {
+    return pyfastnn::detail::keeps_relu_mask(input, static_cast<pyfastnn::Activation>(activation), last_layer,
+                                             dropout_runs);
+  });
+  m.def("relu_mask_row_bytes", &pyfastnn::detail::relu_mask_row_bytes);
   m.def("cpu_isa", [] { return std::string(pyfastnn::cpu::epilogue_kernels().isa); },
         "Instruction set of the CPU epilogue kernels in use.");
   m.def("compiled_cpu_isas", [] { return std::string(pyfastnn::cpu::compiled_isas()); });

@@ -91,9 +91,8 @@ def _fused_mlp_forward_fake(input, weights, biases, activations, negative_slope,
     # CUDA relu hidden layers keep cuBLASLt's relu bit mask there instead (NOTE [relu bit masks] in
     # csrc/layer.h): uint8, each row padded to 128 bits.
     for layer, (w, act, p) in enumerate(zip(weights[:-1], activations, dropout)):
-        if (input.device.type == "cuda" and act == ACTIVATIONS.index("relu") and not (training and p > 0)
-                and input.dtype in (torch.float32, torch.float16, torch.bfloat16)):
-            preacts[layer] = input.new_empty((rows, (w.shape[0] + 127) // 128 * 16), dtype=torch.uint8)
+        if _C.keeps_relu_mask(input, act, False, bool(training and p > 0)):
+            preacts[layer] = input.new_empty((rows, _C.relu_mask_row_bytes(w.shape[0])), dtype=torch.uint8)
     masks = [input.new_empty((rows, w.shape[0]) if training and p > 0 else (0,), dtype=torch.uint8)
              for w, p in zip(weights, dropout)]
     return output, hidden, preacts, masks

@@ -104,8 +104,7 @@ def plot_predictions(images: torch.Tensor, labels: torch.Tensor, predictions: to
         text = f"\u2713 {predicted}" if right else f"\u2717 {predicted} (true {truth})"
         ax.text(left + width / 2, top - 1.5, text, ha="center", va="bottom", fontsize=9,
                 color="green" if right else "red")
-    colormap = plt.get_cmap("gray").copy()
-    colormap.set_bad("white")  # the gaps
+    colormap = plt.get_cmap("gray").with_extremes(bad="white")  # the gaps between tiles
     ax.imshow(np.ma.masked_invalid(mosaic), cmap=colormap, vmin=0.0, vmax=1.0, aspect="auto",
               interpolation="nearest")
     return _save(fig, path)

@@ -93,6 +93,11 @@ def check_config(config: TrainConfig) -> None:
         raise InvalidArgument("out", "must be a folder (or None for no files), got ''")
     _check_backend(config.backend)
     check_device(config.device, config.backend)
+    if config.cuda_graph and not config.device.startswith("cuda"):
+        raise InvalidArgument("cuda_graph", "needs --device cuda")
+    if config.cuda_graph and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InvalidArgument("cuda_graph", "is not supported with DistributedDataParallel (torchrun); "
+                                            "use --no-cuda-graph")
 
 
 def _check_backend(backend: str) -> None:
@@ -285,15 +290,15 @@ def train(config: TrainConfig) -> TrainResult:
     torch.manual_seed(config.seed)
     load = LOADERS[config.dataset]
     optimizer_import = _import_in_background("torch._dynamo")
-    try:
+    try:  # only file reading and gzip decoding overlap the import: they import nothing
         train_images, train_labels = load(config.data, train=True, download=config.download)
         test_images, test_labels = load(config.data, train=False, download=config.download)
-        # Moved to the device once; every batch is then gathered there.
-        x_train, x_test = normalize(train_images).to(device), normalize(test_images).to(device)
-        y_train, y_test = train_labels.to(device), test_labels.to(device)
-        model = build_model(config).to(device)
     finally:
         optimizer_import.join()
+    # Moved to the device once; every batch is then gathered there.
+    x_train, x_test = normalize(train_images).to(device), normalize(test_images).to(device)
+    y_train, y_test = train_labels.to(device), test_labels.to(device)
+    model = build_model(config).to(device)
     optimizer = make_adam(model.parameters(), config.lr, capturable=graphed)
     history: List[Dict] = []
     start_epoch = 0
@@ -402,24 +407,25 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _import_in_background(module: str) -> threading.Thread:
     """Starts importing ``module`` on a helper thread. torch.optim imports torch._dynamo when an
-    optimizer is made (about a second of a short run); reading and decoding the data meanwhile runs
-    mostly outside the GIL, so the two overlap. The caller joins the thread before it needs the
-    module, and imports nothing else until then (two threads importing at once could deadlock)."""
-    thread = threading.Thread(target=importlib.import_module, args=(module,), name=f"import {module}", daemon=True)
+    optimizer is made (about a second of a short run); reading and gzip-decoding the data meanwhile
+    runs mostly outside the GIL, so the two overlap. The caller joins the thread before it imports or
+    builds anything else (two threads importing at once may see each other's half-made modules)."""
+
+    def import_quietly() -> None:
+        try:
+            importlib.import_module(module)
+        except BaseException:  # noqa: BLE001 - the main thread's own import raises it again, where it is reported
+            pass
+
+    thread = threading.Thread(target=import_quietly, name=f"import {module}", daemon=True)
     thread.start()
     return thread
 
 
 def _use_cuda_graph(requested: Optional[bool], on_cuda: bool, world_size: int) -> bool:
-    """Whether the step runs as a CUDA graph: by default on a GPU in one process."""
-    if requested is None:
-        return on_cuda and world_size == 1
-    if requested and not on_cuda:
-        raise InvalidArgument("cuda_graph", "needs --device cuda")
-    if requested and world_size > 1:
-        raise InvalidArgument("cuda_graph", "is not supported with DistributedDataParallel (torchrun); "
-                                            "use --no-cuda-graph")
-    return requested
+    """Whether the step runs as a CUDA graph: by default on a GPU in one process (check_config has
+    refused the combinations that cannot be graphed)."""
+    return on_cuda and world_size == 1 if requested is None else requested
 
 
 def _progress(total: int, description: str, enabled: bool):
@@ -437,7 +443,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--dropout", type=float, default=0.2)
-    parser.add_argument("--backend", choices=("fused", "torch"), default="fused")
+    parser.add_argument("--backend", choices=BACKENDS, default="fused")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                         help="run each training step as one CUDA graph replay (default: on with --device cuda "

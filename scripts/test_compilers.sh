@@ -43,7 +43,7 @@ apt_mirror() {
 # Nothing may stay mounted inside the root once we are done (or before it is deleted).
 unmount_all() {
   local target
-  for target in "$JAIL/work/ccache" "$JAIL/dev" "$JAIL/sys" "$JAIL/proc"; do
+  for target in "$JAIL/pyfastnn/ccache" "$JAIL/dev" "$JAIL/sys" "$JAIL/proc"; do
     if mountpoint -q "$target"; then umount -l "$target"; fi
   done
   if grep -q " $JAIL/" /proc/mounts; then
@@ -77,15 +77,15 @@ else
 fi
 
 # This checkout's files and the venv's torch (hard links where the file system allows: no copy).
-rm -rf "$JAIL/work/src"
-mkdir -p "$JAIL/work/src" "$JAIL/work/torch"
-(cd "$ROOT" && git ls-files -co --exclude-standard | tar -cf - -T -) | tar -xf - -C "$JAIL/work/src"
+rm -rf "$JAIL/pyfastnn/src"
+mkdir -p "$JAIL/pyfastnn/src" "$JAIL/pyfastnn/torch"
+(cd "$ROOT" && git ls-files -co --exclude-standard | tar -cf - -T -) | tar -xf - -C "$JAIL/pyfastnn/src"
 TORCH_DIR="$("$VENV/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
 TORCH_VERSION="$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
-TORCH_COPY="/work/torch/$TORCH_VERSION"
+TORCH_COPY="/pyfastnn/torch/$TORCH_VERSION"
 if [ ! -f "$JAIL$TORCH_COPY/.complete" ]; then
   say "placing torch $TORCH_VERSION in the root"
-  rm -rf "$JAIL/work/torch"/*
+  rm -rf "$JAIL/pyfastnn/torch"/*
   mkdir -p "$JAIL$TORCH_COPY"
   for dir in "$TORCH_DIR" "$TORCH_DIR.libs"; do
     [ -d "$dir" ] || continue
@@ -96,17 +96,17 @@ fi
 
 # torch reads the CPU's features and topology from /proc and /sys; ccache's cache outlives the root.
 for target in proc sys dev; do mount --bind "/$target" "$JAIL/$target"; done
-mkdir -p "$CACHE/ccache" "$JAIL/work/ccache"
-mount --bind "$CACHE/ccache" "$JAIL/work/ccache"
+mkdir -p "$CACHE/ccache" "$JAIL/pyfastnn/ccache"
+mount --bind "$CACHE/ccache" "$JAIL/pyfastnn/ccache"
 
 status=0
 for compiler in $COMPILERS; do
-  build="/work/build-$compiler"
+  build="/pyfastnn/build-$compiler"
   say "$compiler: $(chroot "$JAIL" "$compiler" --version | head -n 1)"
-  if ! chroot "$JAIL" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root CCACHE_DIR=/work/ccache \
+  if ! chroot "$JAIL" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root CCACHE_DIR=/pyfastnn/ccache \
       CCACHE_MAXSIZE=2G /bin/bash -c "set -e
         rm -rf '$build'
-        cmake -S /work/src -B '$build' -G Ninja -DCMAKE_CXX_COMPILER='$compiler' -DCMAKE_CXX_COMPILER_LAUNCHER=ccache \
+        cmake -S /pyfastnn/src -B '$build' -G Ninja -DCMAKE_CXX_COMPILER='$compiler' -DCMAKE_CXX_COMPILER_LAUNCHER=ccache \
           -DCMAKE_PREFIX_PATH='$TORCH_COPY/torch/share/cmake' > '$build.configure.log' 2>&1 || { cat '$build.configure.log'; exit 1; }
         grep 'pyfastnn CPU kernels' '$build.configure.log'
         cmake --build '$build' -j '${MAX_JOBS:-2}' > '$build.build.log' 2>&1 || { cat '$build.build.log'; exit 1; }

@@ -57,20 +57,6 @@ uint32_t alignment_of(const void* pointer) {
   return alignment;
 }
 
-// The workspace size torch uses for its own cuBLASLt calls: CUBLASLT_WORKSPACE_SIZE KiB, else 1 MiB.
-size_t workspace_bytes() {
-  static const size_t bytes = [] {
-    size_t kib = 1024;
-    if (const char* value = std::getenv("CUBLASLT_WORKSPACE_SIZE")) {
-      char* end = nullptr;
-      const long long parsed = std::strtoll(value, &end, 10);
-      if (end != value && parsed >= 0) kib = static_cast<size_t>(parsed);
-    }
-    return kib * 1024;
-  }();
-  return bytes;
-}
-
 cublasLtEpilogue_t to_cublaslt(GemmEpilogue epilogue, bool has_bias) {
   switch (epilogue) {
     case GemmEpilogue::Default: return CUBLASLT_EPILOGUE_DEFAULT;
@@ -141,7 +127,9 @@ bool lt_matmul(const LtGemm& g) {
   Layout b_layout(type, g.transpose_b ? g.n : g.k, g.transpose_b ? g.k : g.n, g.ldb);
   Layout d_layout(type, g.m, g.n, g.ldd);
 
-  const size_t workspace_size = workspace_bytes();
+  // torch's own cuBLASLt workspace for this stream (its size follows CUBLASLT_WORKSPACE_SIZE and the
+  // GPU, larger on Hopper): no allocation per call, stream-ordered, and safe under graph capture.
+  const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
   Preference preference;
   preference.set(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, workspace_size);
   preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, alignment_of(g.a));
@@ -157,13 +145,11 @@ bool lt_matmul(const LtGemm& g) {
                                                                &heuristic, &found);
   if (query != CUBLAS_STATUS_SUCCESS || found == 0) return false;  // NOT_SUPPORTED or no algorithm
 
-  // The workspace comes from torch's caching allocator (graph-capture safe, stream-ordered).
-  const at::Tensor workspace =
-      at::empty({static_cast<int64_t>(workspace_size)}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA));
+  void* workspace = at::cuda::getCUDABlasLtWorkspace();
   const float alpha = 1.0f, beta = 0.0f;
   const cublasStatus_t status =
       cublasLtMatmul(handle, desc.raw, &alpha, g.a, a_layout.raw, g.b, b_layout.raw, &beta, g.d, d_layout.raw,
-                     g.d, d_layout.raw, &heuristic.algo, workspace.data_ptr(), workspace_size,
+                     g.d, d_layout.raw, &heuristic.algo, workspace, workspace_size,
                      at::cuda::getCurrentCUDAStream());
   // A failed launch leaves D unwritten (cuBLASLt validates before launching): fall back.
   if (status != CUBLAS_STATUS_SUCCESS) {

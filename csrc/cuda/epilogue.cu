@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kThreads)
         const auto e = static_cast<uint64_t>(first + j);
         // Chunks of 4 or 8 start at multiples of 4: one Philox call serves 4 elements.
         const bool fresh = kVec % 4 == 0 ? j % 4 == 0 : (j == 0 || (e & 3) == 0);
-        if (fresh) draws = Philox4x32::generate(e >> 2, stream.offset, stream.seed);
+        if (fresh) draws = Philox4x32::generate(stream.offset / 4, e >> 2, stream.seed);
         kept.v[j] = draws.word[e & 3] >= stream.threshold;
         y *= kept.v[j] ? kept_scale : opmath_t(0);  // multiply, as nn.Dropout does (inf * 0 is NaN)
       }
@@ -212,8 +212,8 @@ at::PhiloxCudaState draw_philox_state() {
   auto* generator = at::get_generator_or_default<at::CUDAGeneratorImpl>(
       std::nullopt, at::cuda::detail::getDefaultCUDAGenerator());
   std::lock_guard<std::mutex> lock(generator->mutex_);
-  // Offsets are counted in 32-bit draws per thread by torch's convention; each of our elements uses
-  // its own counter, so any fresh offset gives fresh draws: reserve 4, torch's granularity.
+  // Offsets count 32-bit draws per thread (torch's convention); each element group draws one 128-bit
+  // block at counter {offset / 4, group}, so 4 is all a call uses (see Philox4x32 in dropout.h).
   return generator->philox_cuda_state(4);
 }
 

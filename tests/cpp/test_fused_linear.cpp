@@ -201,7 +201,7 @@ void test_kernel_variants(const std::vector<std::string>& supported) {
 // CUDA dropout's Philox4x32-10 (dropout.h, host and device code alike) against the known-answer
 // vectors of its reference implementation (Random123), and its keep() against its definition.
 void test_philox_known_answers() {
-  struct Vector { uint64_t group, offset, seed; uint32_t expected[4]; };
+  struct Vector { uint64_t low, high, key; uint32_t expected[4]; };
   const Vector vectors[] = {
       {0, 0, 0, {0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u}},
       {~0ull, ~0ull, ~0ull, {0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu}},
@@ -209,13 +209,14 @@ void test_philox_known_answers() {
        {0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u}},
   };
   for (const auto& v : vectors) {
-    const auto words = pyfastnn::Philox4x32::generate(v.group, v.offset, v.seed).word;
-    expect(std::equal(words, words + 4, v.expected), "Philox4x32-10 known answer");
+    const pyfastnn::Philox4x32 draws = pyfastnn::Philox4x32::generate(v.low, v.high, v.key);
+    expect(std::equal(draws.word, draws.word + 4, v.expected), "Philox4x32-10 known answer");
   }
   const pyfastnn::PhiloxDropout stream{12345, 8, pyfastnn::DropoutStream::make(0, 0.5).threshold};
   for (int64_t e = 0; e < 64; ++e) {
-    const auto draw = pyfastnn::Philox4x32::generate(static_cast<uint64_t>(e) / 4, 8, 12345).word[e % 4];
-    expect(stream.keep(e) == (draw >= stream.threshold), "PhiloxDropout::keep reads word e % 4 of group e / 4");
+    const auto draw = pyfastnn::Philox4x32::generate(8 / 4, static_cast<uint64_t>(e) / 4, 12345).word[e % 4];
+    expect(stream.keep(e) == (draw >= stream.threshold),
+           "PhiloxDropout::keep reads word e % 4 of counter {offset / 4, e / 4}");
   }
 }
 
