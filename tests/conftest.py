@@ -41,3 +41,12 @@ def tiny_mnist_dir(tmp_path_factory) -> Path:
             header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
             (folder / f"{stem}.gz").write_bytes(gzip.compress(header + array.tobytes()))
     return folder
+
+
+@pytest.fixture
+def exact_fp32():
+    """float32 CUDA matmuls without TF32 for the test, so comparisons are as tight as on the CPU."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous

@@ -230,3 +230,31 @@ def mlp_sample_inputs(dtypes: Sequence[torch.dtype] = DTYPES, small_only: bool =
             label = f"{name}-{str(dtype).replace('torch.', '')}" + ("-dropout" if with_dropout and p else "")
             yield MLPSample(x, weights, biases, list(activations), dropout, -0.2 if name == "leaky_silu" else 0.01,
                             label)
+
+
+#: Whether the CUDA tests can run here: a GPU and a pyfastnn build with CUDA kernels.
+CUDA_READY = torch.cuda.is_available() and pyfastnn.info()["backends"]["cuda"]
+
+
+def assert_dropout_statistics(device: str, rows: int, cols: int) -> None:
+    """fused_mlp's dropout on ``device`` behaves like nn.Dropout for p in (0.1, 0.2, 0.5, 0.9)."""
+    identity = torch.eye(cols, device=device)
+    x = torch.full((rows, cols), 3.0, device=device)
+    for p in (0.1, 0.2, 0.5, 0.9):
+        out = torch.ops.pyfastnn.fused_mlp(x, [identity], [None], [0], 0.01, [p], True)
+        kept = out != 0
+        n = kept.numel()
+        # Bernoulli(1 - p): the kept count lies within 5 standard deviations of n(1 - p) ...
+        assert abs(kept.sum().item() - n * (1 - p)) < 5 * (n * p * (1 - p)) ** 0.5
+        # ... kept values are scaled by exactly 1 / (1 - p), like nn.Dropout's ...
+        torch.testing.assert_close(out[kept], torch.full_like(out[kept], 3.0 / (1 - p)))
+        assert set(torch.nn.Dropout(p)(x).unique().tolist()) == set(out.unique().tolist())
+        # ... neighbours in a row, in a column and 4 apart (CUDA: one Philox block serves 4 elements)
+        # are uncorrelated ...
+        k = kept.double()
+        for a, b in ((k[:, 1:], k[:, :-1]), (k[1:], k[:-1]), (k[:, 4:], k[:, :-4])):
+            correlation = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+            assert abs(correlation) < 5 / n ** 0.5
+        # ... and every column and every row is kept at the same rate (no position bias).
+        for rate in (k.mean(0), k.mean(1)):
+            assert (rate - (1 - p)).abs().max().item() < 6 * (p * (1 - p) / min(rows, cols)) ** 0.5

@@ -9,24 +9,18 @@ import torch
 from torch import nn
 
 import pyfastnn
-from samples import assert_close, mlp_sample_inputs, reference, reference_mlp, sample_inputs
+from samples import (CUDA_READY, assert_close, assert_dropout_statistics, mlp_sample_inputs, reference,
+                     reference_mlp, sample_inputs)
 
 ops = torch.ops.pyfastnn
 
-CUDA = torch.cuda.is_available() and pyfastnn.info()["backends"]["cuda"]
-pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and a CUDA build of pyfastnn")
+# float32 is compared without TF32, as on the CPU; TF32 itself is tested on its own below.
+pytestmark = [pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA GPU and a CUDA build of pyfastnn"),
+              pytest.mark.usefixtures("exact_fp32")]
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-SAMPLES = list(sample_inputs(device="cuda", dtypes=DTYPES)) if CUDA else []
+SAMPLES = list(sample_inputs(device="cuda", dtypes=DTYPES)) if CUDA_READY else []
 
-
-@pytest.fixture(autouse=True)
-def exact_fp32():
-    # Compare float32 without TF32, as the CPU does; TF32 itself is covered below.
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=repr)
@@ -200,7 +194,7 @@ def test_large_buffer_vectorized_and_one_element_paths():
             assert_close(got, want, torch.float32)
 
 
-@pytest.mark.parametrize("sample", list(mlp_sample_inputs(dtypes=MLP_DTYPES, with_dropout=False)) if CUDA else [],
+@pytest.mark.parametrize("sample", list(mlp_sample_inputs(dtypes=MLP_DTYPES, with_dropout=False)) if CUDA_READY else [],
                          ids=repr)
 def test_cuda_fused_mlp_matches_reference(sample, gemm_path):
     tensors = [t.detach().cuda().requires_grad_() for t in sample.tensors()]
@@ -270,23 +264,7 @@ def _masks(sample_args, seed):
 def test_cuda_dropout_statistics_match_nn_dropout(shape):
     # (999, 1001): an element count that is no multiple of the vector width (the one-element path).
     torch.manual_seed(0)
-    rows, cols = shape
-    identity = torch.eye(cols, device="cuda")
-    x = torch.full((rows, cols), 3.0, device="cuda")
-    for p in (0.1, 0.2, 0.5, 0.9):
-        out = ops.fused_mlp(x, [identity], [None], [0], 0.01, [p], True)
-        kept = out != 0
-        n = kept.numel()
-        assert abs(kept.sum().item() - n * (1 - p)) < 5 * (n * p * (1 - p)) ** 0.5
-        torch.testing.assert_close(out[kept], torch.full_like(out[kept], 3.0 / (1 - p)))
-        assert set(nn.Dropout(p)(x).unique().tolist()) == set(out.unique().tolist())
-        k = kept.double()
-        # Neighbours in a row, in a column, and 4 apart (one Philox call serves 4 elements) are uncorrelated.
-        for a, b in ((k[:, 1:], k[:, :-1]), (k[1:], k[:-1]), (k[:, 4:], k[:, :-4])):
-            correlation = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
-            assert abs(correlation) < 5 / n ** 0.5
-        for rate in (k.mean(0), k.mean(1)):
-            assert (rate - (1 - p)).abs().max().item() < 6 * (p * (1 - p) / min(rows, cols)) ** 0.5
+    assert_dropout_statistics("cuda", *shape)
 
 
 def test_cuda_dropout_is_reproducible_and_fresh_per_call():

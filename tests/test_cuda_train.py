@@ -15,19 +15,13 @@ import torch.nn.functional as F
 import pyfastnn
 from pyfastnn.models import MNISTClassifier
 from pyfastnn.train import TrainConfig, make_adam, train
+from samples import CUDA_READY
 
-CUDA = torch.cuda.is_available() and pyfastnn.info()["backends"]["cuda"]
-pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and a CUDA build of pyfastnn")
+# Graph and eager run the same kernels; TF32 off keeps the reference comparisons tight.
+pytestmark = [pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA GPU and a CUDA build of pyfastnn"),
+              pytest.mark.usefixtures("exact_fp32")]
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True)
-def exact_fp32():
-    # Graph and eager run the same kernels; TF32 off keeps the reference comparisons tight.
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _batches(count, rows, seed=0):

@@ -7,7 +7,7 @@ from torch import nn
 
 import pyfastnn
 from pyfastnn.benchmark import saved_for_backward_bytes
-from samples import assert_close, mlp_sample_inputs, reference_mlp
+from samples import assert_close, assert_dropout_statistics, mlp_sample_inputs, reference_mlp
 
 ops = torch.ops.pyfastnn
 NO_DROPOUT = list(mlp_sample_inputs(with_dropout=False))
@@ -106,27 +106,7 @@ def test_only_needed_layers_are_visited():
 
 def test_dropout_statistics_match_nn_dropout():
     torch.manual_seed(0)
-    rows, cols = 1000, 1000
-    identity = torch.eye(cols)
-    x = torch.full((rows, cols), 3.0)
-    for p in (0.1, 0.2, 0.5, 0.9):
-        out = ops.fused_mlp(x, [identity], [None], [0], 0.01, [p], True)
-        kept = out != 0
-        n = kept.numel()
-        # Bernoulli(1 - p): the kept count lies within 5 standard deviations of n(1 - p) ...
-        assert abs(kept.sum().item() - n * (1 - p)) < 5 * (n * p * (1 - p)) ** 0.5
-        # ... kept values are scaled by exactly 1 / (1 - p), like nn.Dropout's ...
-        torch.testing.assert_close(out[kept], torch.full_like(out[kept], 3.0 / (1 - p)))
-        reference = nn.Dropout(p)(x)
-        assert set(reference.unique().tolist()) == set(out.unique().tolist())
-        # ... and neighbours (in a row and in a column) are uncorrelated.
-        k = kept.double()
-        for a, b in ((k[:, 1:], k[:, :-1]), (k[1:], k[:-1])):
-            correlation = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
-            assert abs(correlation) < 5 / n ** 0.5
-        # Every column and every row is kept at the same rate (no position bias).
-        for rate in (k.mean(0), k.mean(1)):
-            assert (rate - (1 - p)).abs().max().item() < 6 * (p * (1 - p) / rows) ** 0.5
+    assert_dropout_statistics("cpu", 1000, 1000)
 
 
 def test_dropout_is_reproducible_and_fresh_per_call():
