@@ -230,6 +230,7 @@ def extension_and_command():
 
 if __name__ == "__main__":  # also how pip's setuptools backend runs this file; tests import the helpers
     extension, build_ext = extension_and_command()
+    lesson_requires = ["numpy", "tqdm", "matplotlib"]  # pyfastnn.lesson.REQUIREMENTS, checked at its import
     setup(
         name="pyfastnn",
         version=VERSION,
@@ -238,9 +239,10 @@ if __name__ == "__main__":  # also how pip's setuptools backend runs this file; 
         long_description_content_type="text/markdown",
         license="MIT",
         python_requires=">=3.9",
-        packages=find_packages(include=["pyfastnn", "pyfastnn.*"]),
-        install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
-        extras_require={"test": ["pytest", "hypothesis", "expecttest"]},
+        packages=find_packages(include=["pyfastnn", "pyfastnn.*"]),  # the library and pyfastnn.lesson
+        # The library needs torch alone; the lesson (pyfastnn train / demo) is an extra.
+        install_requires=["torch>=2.4"],
+        extras_require={"lesson": lesson_requires, "test": ["pytest", "hypothesis", "expecttest", *lesson_requires]},
         ext_modules=[extension],
         cmdclass={"build_ext": build_ext},
         entry_points={"console_scripts": ["pyfastnn = pyfastnn.cli:main"]},

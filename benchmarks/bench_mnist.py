@@ -41,11 +41,11 @@ from torch import nn
 import torch.nn.functional as F
 
 from pyfastnn import cuda_graph_step, fuse
-from pyfastnn.benchmark import _time_interleaved, saved_for_backward_bytes, train_step
-from pyfastnn.data import MNIST_MEAN, MNIST_STD, find_mnist, load_mnist
+from pyfastnn.benchmark import saved_for_backward_bytes, time_interleaved, train_step
+from pyfastnn.lesson.data import MNIST_MEAN, MNIST_STD, find_mnist, load_mnist
 from pyfastnn.info import info
-from pyfastnn.models import MNISTClassifier
-from pyfastnn.train import TrainConfig, make_adam, train
+from pyfastnn.lesson.models import MNISTClassifier
+from pyfastnn.lesson.train import TrainConfig, make_adam, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def bench_steps(batch_sizes, rounds, target_s, with_compile, log):
         if with_compile:
             plain_c = _models()[1]
             variants["compile"] = train_step(torch.compile(plain_c), torch.optim.Adam(plain_c.parameters(), lr=1e-3), x, y)
-        times = _time_interleaved(variants, rounds, target_s)
+        times = time_interleaved(variants, rounds, target_s)
         rows.append(_report(f"train step B={batch}", times, log))
     return rows
 
@@ -111,7 +111,7 @@ def bench_inference(batch_sizes, rounds, target_s, with_compile, log):
             compiled = torch.compile(_models()[1].eval())
             variants["compile"] = lambda: compiled(x)
         with torch.no_grad():
-            times = _time_interleaved(variants, rounds, target_s)
+            times = time_interleaved(variants, rounds, target_s)
         rows.append(_report(f"inference B={batch}", times, log))
     return rows
 

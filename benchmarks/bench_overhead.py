@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import pyfastnn
-from pyfastnn.benchmark import _time_interleaved
+from pyfastnn.benchmark import time_interleaved
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
         "eager step: relu(F.linear) + autograd.grad": lambda: torch.autograd.grad(torch.relu(F.linear(x, w, b)), (x, w, b), grad),
         "trivial autograd.grad (s * 2)": lambda: torch.autograd.grad(s * 2, (s,), ones),
     }
-    for name, seconds in _time_interleaved(cases, rounds=9, target_s=0.02).items():
+    for name, seconds in time_interleaved(cases, rounds=9, target_s=0.02).items():
         print(f"{name:>44}: {seconds * 1e6:7.1f} us")
 
 

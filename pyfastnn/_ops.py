@@ -1,5 +1,6 @@
-"""Loads the native ops and registers what the Python side owes them: fake (meta) kernels for
-torch.compile / FakeTensor, and the activation table read from the C++ enum."""
+"""The one place that loads the native ops, and what the Python side owes them: the activation
+table read from the C++ enum, the calls of the ops with their argument vocabulary (activation
+codes, dropout probabilities), fake (meta) kernels for torch.compile / FakeTensor and vmap rules."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import torch
 
 from .extension import load_extension
 
-_C = load_extension()  # loading the library registers torch.ops.pyfastnn.*
+#: The compiled extension, ``pyfastnn._C``; loading it registers ``torch.ops.pyfastnn.*``.
+native = load_extension()
 
 ops = torch.ops.pyfastnn
 
 #: Names of the supported activations, in the order of the C++ enum (their integer codes).
-ACTIVATIONS: tuple = tuple(_C.activation_names())
+ACTIVATIONS: tuple = tuple(native.activation_names())
 
 _ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 _ACTIVATION_CODES["none"] = _ACTIVATION_CODES["identity"]
@@ -36,10 +38,61 @@ def canonical_activation(activation: Union[str, None]) -> str:
     return ACTIVATIONS[activation_code(activation)]
 
 
+def dropout_probability(p: float) -> float:
+    """``p`` as a float, or ValueError unless it is a dropout probability the kernels take: [0, 1).
+
+    The kernels check the same range (``check_fused_mlp_args``); this is the check for values
+    given before any tensor exists (layer attributes, one value for every layer).
+
+    Example:
+        >>> dropout_probability(0.2)
+        0.2
+        >>> dropout_probability(1)
+        Traceback (most recent call last):
+        ...
+        ValueError: pyfastnn: dropout probability must be in [0, 1), got 1.0
+    """
+    p = float(p)
+    if not 0.0 <= p < 1.0:  # also rejects NaN
+        raise ValueError(f"pyfastnn: dropout probability must be in [0, 1), got {p}")
+    return p
+
+
+_fused_linear_op = ops.fused_linear.default
+_fused_mlp_op = ops.fused_mlp.default
+
+
+def run_fused_linear(input, weight, bias, code: int, negative_slope: float) -> torch.Tensor:
+    """Calls the fused_linear op with an activation code; turns the dispatcher's generic error for a
+    non-tensor argument into a TypeError naming it."""
+    try:
+        return _fused_linear_op(input, weight, bias, code, negative_slope)
+    except RuntimeError:
+        for name, value in (("input", input), ("weight", weight), ("bias", bias)):
+            if not isinstance(value, torch.Tensor) and not (name == "bias" and value is None):
+                raise TypeError(f"pyfastnn: {name} must be a torch.Tensor, got {type(value).__name__}") from None
+        raise
+
+
+def run_fused_mlp(input, weights, biases, codes, negative_slope: float, dropout, training: bool) -> torch.Tensor:
+    """Calls the fused_mlp op with activation codes; names a non-tensor argument in a TypeError
+    instead of the dispatcher's error."""
+    try:
+        return _fused_mlp_op(input, weights, biases, codes, negative_slope, dropout, training)
+    except RuntimeError:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"pyfastnn: input must be a torch.Tensor, got {type(input).__name__}") from None
+        for name, values in (("weights", weights), ("biases", biases)):
+            for i, value in enumerate(values):
+                if not isinstance(value, torch.Tensor) and not (name == "biases" and value is None):
+                    raise TypeError(f"pyfastnn: {name}[{i}] must be a torch.Tensor, got {type(value).__name__}") from None
+        raise
+
+
 def _output_shape(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: int) -> list:
     """Runs the C++ kernels' own argument checks (same exception types and messages) for the fake
     kernels, which also run for "meta" tensors; returns the output shape."""
-    _C.check_fused_linear_args(input, weight, bias, activation)
+    native.check_fused_linear_args(input, weight, bias, activation)
     return [*input.shape[:-1], weight.shape[0]]
 
 
@@ -72,7 +125,7 @@ def _rows(input: torch.Tensor):
 
 def _mlp_output_shape(input, weights, biases, activations, dropout) -> list:
     """The C++ fused_mlp argument checks (one source, see _output_shape); returns the output shape."""
-    _C.check_fused_mlp_args(input, list(weights), list(biases), list(activations), list(dropout))
+    native.check_fused_mlp_args(input, list(weights), list(biases), list(activations), list(dropout))
     return [*input.shape[:-1], weights[-1].shape[0]]
 
 
@@ -86,13 +139,13 @@ def _fused_mlp_forward_fake(input, weights, biases, activations, negative_slope,
     output = input.new_empty(_mlp_output_shape(input, weights, biases, activations, dropout))
     rows = _rows(input)
     hidden = [input.new_empty((rows, w.shape[0])) for w in weights[:-1]]
-    preacts = [input.new_empty((rows, w.shape[0]) if not _C.derivative_from_output(act, negative_slope) else (0,))
+    preacts = [input.new_empty((rows, w.shape[0]) if not native.derivative_from_output(act, negative_slope) else (0,))
                for w, act in zip(weights, activations)]
     # CUDA relu hidden layers keep cuBLASLt's relu bit mask there instead (NOTE [relu bit masks] in
     # csrc/layer.h): uint8, each row padded to 128 bits.
     for layer, (w, act, p) in enumerate(zip(weights[:-1], activations, dropout)):
-        if _C.keeps_relu_mask(input, act, False, bool(training and p > 0)):
-            preacts[layer] = input.new_empty((rows, _C.relu_mask_row_bytes(w.shape[0])), dtype=torch.uint8)
+        if native.keeps_relu_mask(input, act, False, bool(training and p > 0)):
+            preacts[layer] = input.new_empty((rows, native.relu_mask_row_bytes(w.shape[0])), dtype=torch.uint8)
     masks = [input.new_empty((rows, w.shape[0]) if training and p > 0 else (0,), dtype=torch.uint8)
              for w, p in zip(weights, dropout)]
     return output, hidden, preacts, masks

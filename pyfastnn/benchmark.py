@@ -1,8 +1,11 @@
-"""Side-by-side timing of fused_linear against PyTorch eager, torch.compile and the bare GEMMs.
+"""Benchmarking: the public timing helpers and ``pyfastnn bench``.
 
-All variants of one case run interleaved in the same process, round after round, and each reports
-the median of its rounds, so machine noise hits them alike. Run it as ``pyfastnn bench`` or
-``python benchmarks/bench_fused_linear.py``.
+- :func:`time_interleaved` times several callables side by side (interleaved rounds, medians);
+- :func:`train_step` wraps one classifier training step as a callable to time;
+- :func:`saved_for_backward_bytes` measures what autograd keeps for backward;
+- ``pyfastnn bench`` (:func:`main`, also ``python benchmarks/bench_fused_linear.py``) times
+  fused_linear against PyTorch eager, torch.compile and the bare GEMMs, every variant of one case
+  interleaved in the same process, so machine noise hits them alike.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from .files import atomic_write, ensure_writable_folder
 from .functional import fused_linear
 from .info import info
 
+__all__ = ["time_interleaved", "train_step", "saved_for_backward_bytes", "run", "main"]
+
 FULL_SHAPES = ((1, 784, 256), (64, 784, 256), (256, 784, 256), (1024, 784, 256), (64, 256, 128),
                (4096, 1024, 1024))
 QUICK_SHAPES = ((1, 784, 256), (64, 784, 256), (64, 256, 128), (1024, 784, 256))
@@ -28,8 +33,28 @@ ACTIVATIONS = ("relu", "gelu", "sigmoid")
 TORCH_ACT = {"relu": torch.relu, "gelu": F.gelu, "sigmoid": torch.sigmoid}
 
 
-def _time_interleaved(fns: Dict[str, Callable[[], object]], rounds: int, target_s: float) -> Dict[str, float]:
-    """Median seconds per call of each fn, measured in interleaved rounds."""
+def time_interleaved(fns: Dict[str, Callable[[], object]], rounds: int = 7,
+                     target_s: float = 0.02) -> Dict[str, float]:
+    """Median seconds per call of each function, measured side by side.
+
+    Each function is warmed up and calibrated to about ``target_s`` seconds per round; then every
+    round times each function in turn, so machine noise (another process, frequency changes) hits
+    all of them alike, and each reports the median of its ``rounds`` rounds. Compare the results as
+    ratios taken in one call.
+
+    Example:
+        >>> import torch, pyfastnn
+        >>> from pyfastnn.benchmark import time_interleaved
+        >>> x, w = torch.randn(64, 32), torch.randn(16, 32)
+        >>> times = time_interleaved({"fused": lambda: pyfastnn.fused_linear(x, w),
+        ...                           "eager": lambda: torch.relu(x @ w.t())}, rounds=3, target_s=0.002)
+        >>> sorted(times), all(t > 0 for t in times.values())
+        (['eager', 'fused'], True)
+    """
+    if rounds < 1:
+        raise ValueError(f"time_interleaved: rounds must be >= 1, got {rounds}")
+    if not target_s > 0:
+        raise ValueError(f"time_interleaved: target_s must be > 0, got {target_s}")
     iters = {}
     for name, fn in fns.items():  # warm up and calibrate each to ~target_s per round
         fn()
@@ -50,7 +75,15 @@ def _time_interleaved(fns: Dict[str, Callable[[], object]], rounds: int, target_
 
 
 def train_step(model, optimizer, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """One classifier training step as a callable: zero_grad, forward, cross-entropy, backward, step."""
+    """One classifier training step as a callable: zero_grad, forward, cross-entropy, backward, step.
+
+    Example:
+        >>> import torch, pyfastnn
+        >>> model = pyfastnn.FusedMLP([4, 8, 3])
+        >>> step = train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(5, 4),
+        ...                   torch.tensor([0, 1, 2, 0, 1]))
+        >>> step()  # one optimizer step on the batch
+    """
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
@@ -60,7 +93,14 @@ def train_step(model, optimizer, x: torch.Tensor, y: torch.Tensor) -> Callable[[
 
 def saved_for_backward_bytes(model, x: torch.Tensor) -> int:
     """Bytes autograd keeps for backward in one forward of ``model(x)``, beyond the parameters and
-    the input (references to those cost nothing); each storage counted once."""
+    the input (references to those cost nothing); each storage counted once.
+
+    Example:
+        >>> import torch, pyfastnn
+        >>> model = pyfastnn.FusedLinear(4, 3, activation="relu")  # keeps only its output (float32)
+        >>> saved_for_backward_bytes(model, torch.randn(2, 4, requires_grad=True))
+        24
+    """
     total = 0
     free = {p.data_ptr() for p in model.parameters()} | {x.data_ptr()}
 
@@ -132,6 +172,8 @@ def _no_grad(fn):
 def run(shapes: Sequence = FULL_SHAPES, activations: Sequence[str] = ACTIVATIONS,
         threads: Sequence[int] = (1, 2), with_compile: bool = True, rounds: int = 7,
         target_s: float = 0.02, log=print) -> List[dict]:
+    """Times fused_linear against eager PyTorch, the bare GEMMs (and torch.compile) for every shape x
+    activation x thread count, forward and forward+backward; logs a table, returns one dict per row."""
     results = []
     previous_threads = torch.get_num_threads()
     header = (f"{'shape':>16} {'act':>8} {'thr':>3} {'pass':>8} {'fused us':>9} {'eager us':>9} "
@@ -145,7 +187,7 @@ def run(shapes: Sequence = FULL_SHAPES, activations: Sequence[str] = ACTIVATIONS
                 for activation in activations:
                     for backward in (False, True):
                         fns = _variants(m, k, n, activation, backward, with_compile)
-                        times = _time_interleaved(fns, rounds, target_s)
+                        times = time_interleaved(fns, rounds, target_s)
                         row = {
                             "shape": [m, k, n], "activation": activation, "threads": t,
                             "pass": "fwd+bwd" if backward else "fwd",

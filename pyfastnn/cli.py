@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
+
+from .command import DEBUG_ENV, EXIT_FAILURE
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -26,14 +29,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .benchmark import main as bench_main
 
         return bench_main(rest)
-    if args.command == "train":
-        from .train import main as train_main
-
-        return train_main(rest)
-    if args.command == "demo":
-        from .demo import main as demo_main
-
-        return demo_main(rest)
+    if args.command in ("train", "demo"):
+        lesson_main = _lesson_command(args.command, rest)
+        return EXIT_FAILURE if lesson_main is None else lesson_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from .info import info
@@ -46,6 +44,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for key, value in details.items():
             print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _lesson_command(command: str, argv: Sequence[str]) -> Optional[Callable[[Sequence[str]], int]]:
+    """The ``main`` of a lesson command, imported only now: the library works without the lesson's
+    extra dependencies. Without them, prints one line naming them and the command that installs
+    them, and returns None."""
+    try:
+        if command == "train":
+            from .lesson.train import main
+        else:
+            from .lesson.demo import main
+    except ModuleNotFoundError as error:
+        if (error.name or "").partition(".")[0] == __package__ or "--debug" in argv \
+                or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise  # a module of our own missing is a broken install, not a missing extra
+        print(f"pyfastnn {command}: error: {error}", file=sys.stderr)
+        return None
+    return main
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 __all__ = ["InvalidArgument", "check_number", "command_parser", "run_command", "describe_error", "DEBUG_ENV",
+           "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED",
            "positive_int", "non_negative_int"]
 
 DEBUG_ENV = "PYFASTNN_DEBUG"

@@ -6,24 +6,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._ops import activation_code, ops
+from ._ops import activation_code, dropout_probability, run_fused_linear, run_fused_mlp
 
 __all__ = ["fused_linear", "fused_mlp"]
-
-_fused_linear_op = ops.fused_linear.default
-_fused_mlp_op = ops.fused_mlp.default
-
-
-def _fused_linear(input, weight, bias, code: int, negative_slope: float) -> torch.Tensor:
-    """Calls the op; turns the dispatcher's generic error for a non-tensor argument into a TypeError."""
-    try:
-        return _fused_linear_op(input, weight, bias, code, negative_slope)
-    except RuntimeError:
-        for name, value in (("input", input), ("weight", weight), ("bias", bias)):
-            if not isinstance(value, torch.Tensor) and not (name == "bias" and value is None):
-                raise TypeError(f"pyfastnn: {name} must be a torch.Tensor, got {type(value).__name__}") from None
-        raise
-
 
 def fused_linear(
     input: torch.Tensor,
@@ -52,21 +37,7 @@ def fused_linear(
         >>> torch.allclose(y, torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b)), atol=1e-6)
         True
     """
-    return _fused_linear(input, weight, bias, activation_code(activation), float(negative_slope))
-
-
-def _fused_mlp(input, weights, biases, codes, negative_slope: float, dropout, training: bool) -> torch.Tensor:
-    """Calls the op; names a non-tensor argument in a TypeError instead of the dispatcher's error."""
-    try:
-        return _fused_mlp_op(input, weights, biases, codes, negative_slope, dropout, training)
-    except RuntimeError:
-        if not isinstance(input, torch.Tensor):
-            raise TypeError(f"pyfastnn: input must be a torch.Tensor, got {type(input).__name__}") from None
-        for name, values in (("weights", weights), ("biases", biases)):
-            for i, value in enumerate(values):
-                if not isinstance(value, torch.Tensor) and not (name == "biases" and value is None):
-                    raise TypeError(f"pyfastnn: {name}[{i}] must be a torch.Tensor, got {type(value).__name__}") from None
-        raise
+    return run_fused_linear(input, weight, bias, activation_code(activation), float(negative_slope))
 
 
 def _per_layer(value, layers: int, name: str, check) -> list:
@@ -78,13 +49,6 @@ def _per_layer(value, layers: int, name: str, check) -> list:
         return [check(v) for v in value]
     checked = check(value)
     return [checked] * layers
-
-
-def _dropout_probability(p) -> float:
-    p = float(p)
-    if not 0.0 <= p < 1.0:  # also rejects NaN
-        raise ValueError(f"pyfastnn: dropout probability must be in [0, 1), got {p}")
-    return p
 
 
 def _tensor_list(values, name: str) -> list:
@@ -135,5 +99,5 @@ def fused_mlp(
         raise ValueError("pyfastnn: fused_mlp needs at least one weight")
     biases = [None] * layers if biases is None else _tensor_list(biases, "biases")
     codes = _per_layer(activation, layers - 1, "activation", activation_code) + [activation_code(output_activation)]
-    probabilities = _per_layer(dropout, layers - 1, "dropout", _dropout_probability) + [0.0]
-    return _fused_mlp(input, weights, biases, codes, float(negative_slope), probabilities, bool(training))
+    probabilities = _per_layer(dropout, layers - 1, "dropout", dropout_probability) + [0.0]
+    return run_fused_mlp(input, weights, biases, codes, float(negative_slope), probabilities, bool(training))

@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ._patterns import (FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, Layer, activation_of, dropout_of, has_hooks,
+                        is_plain_linear, parse_layers)
 from .nn import FusedLinear, FusedMLP
 
 __all__ = ["fuse", "FusedRun"]
@@ -47,72 +48,6 @@ class FusedRun:
 
     def __str__(self) -> str:
         return f"{self.path or '<root>'}: {' -> '.join(self.replaced)} => {self.module}"
-
-
-def has_hooks(module: nn.Module) -> bool:
-    """Whether `module` has forward/backward hooks of its own, which a fused module would bypass."""
-    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
-
-
-def _activation_of(module: nn.Module) -> Optional[Tuple[str, float]]:
-    """(activation name, negative_slope) for the activation modules the kernels implement, else None.
-    Exact types only: a subclass may change what forward does."""
-    kind = type(module)
-    if has_hooks(module):
-        return None
-    if kind is nn.ReLU:
-        return "relu", 0.01
-    if kind is nn.LeakyReLU:
-        return "leaky_relu", float(module.negative_slope)
-    if kind is nn.GELU:
-        return ("gelu" if module.approximate == "none" else "gelu_tanh"), 0.01
-    simple = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.SiLU: "silu", nn.Identity: "identity"}
-    return (simple[kind], 0.01) if kind in simple else None
-
-
-def _dropout_of(module: nn.Module) -> Optional[float]:
-    if type(module) is nn.Dropout and 0.0 <= module.p < 1.0 and not has_hooks(module):
-        return float(module.p)
-    return None
-
-
-# One parsed layer: (linear, activation name, negative_slope, dropout probability).
-Layer = Tuple[nn.Linear, str, float, float]
-
-
-def _is_plain_linear(module: nn.Module) -> bool:
-    return type(module) is nn.Linear and not has_hooks(module)
-
-
-def _chains(previous: Layer, layer: Layer) -> bool:
-    """Whether `layer` can run in the same fused op as `previous`."""
-    a, b = previous[0], layer[0]
-    same_slope = previous[1] != "leaky_relu" or layer[1] != "leaky_relu" or previous[2] == layer[2]
-    return (a.out_features == b.in_features and a.weight.dtype == b.weight.dtype
-            and a.weight.device == b.weight.device and same_slope)
-
-
-def parse_layers(modules: List[nn.Module], start: int) -> Tuple[List[Layer], int]:
-    """The longest fusable run of ``Linear (activation) (Dropout)`` layers from ``modules[start]``,
-    and the index just past it."""
-    layers: List[Layer] = []
-    i = start
-    while i < len(modules) and _is_plain_linear(modules[i]):
-        j = i + 1
-        activation, slope, p = "identity", 0.01, 0.0
-        if j < len(modules) and (found := _activation_of(modules[j])) is not None:
-            activation, slope = found
-            j += 1
-        if j < len(modules) and (found_p := _dropout_of(modules[j])) is not None:
-            p = found_p
-            j += 1
-        layer = (modules[i], activation, slope, p)
-        if layers and not _chains(layers[-1], layer):
-            break
-        layers.append(layer)
-        i = j
-    return layers, i
 
 
 def _describe(module: nn.Module) -> str:
@@ -207,13 +142,6 @@ def _fuse_sequential(seq: nn.Sequential, path: str, report: List[FusedRun], repl
     return seq
 
 
-# Functions (and tensor methods) the traced pass accepts as activations when called on the Linear's
-# output alone.
-_FUNCTION_ACTIVATIONS = {torch.relu: "relu", F.relu: "relu", torch.sigmoid: "sigmoid", torch.tanh: "tanh",
-                         F.silu: "silu", F.gelu: "gelu"}
-_METHOD_ACTIVATIONS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
-
-
 class _ShallowTracer(torch.fx.Tracer):
     """Keeps every submodule a leaf: each module level is fused on its own."""
 
@@ -226,13 +154,13 @@ def _node_activation(gm: torch.fx.GraphModule, node: torch.fx.Node, source: torc
     if node.args[:1] != (source,) or len(node.args) > 1:
         return None
     if node.op == "call_module":
-        return None if node.kwargs else _activation_of(gm.get_submodule(node.target))
-    if node.op == "call_function" and node.target in _FUNCTION_ACTIVATIONS:
+        return None if node.kwargs else activation_of(gm.get_submodule(node.target))
+    if node.op == "call_function" and node.target in FUNCTION_ACTIVATIONS:
         if node.kwargs.get("inplace", False) or set(node.kwargs) - {"inplace"}:
             return None
-        return _FUNCTION_ACTIVATIONS[node.target], 0.01
-    if node.op == "call_method" and node.target in _METHOD_ACTIVATIONS and not node.kwargs:
-        return _METHOD_ACTIVATIONS[node.target], 0.01
+        return FUNCTION_ACTIVATIONS[node.target], 0.01
+    if node.op == "call_method" and node.target in METHOD_ACTIVATIONS and not node.kwargs:
+        return METHOD_ACTIVATIONS[node.target], 0.01
     return None
 
 
@@ -263,7 +191,7 @@ def _fuse_traced(module: nn.Module, path: str, report: List[FusedRun]) -> nn.Mod
         if node.op == "call_module":
             call_counts[node.target] = call_counts.get(node.target, 0) + 1
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not _is_plain_linear(gm.get_submodule(node.target)):
+        if node.op != "call_module" or not is_plain_linear(gm.get_submodule(node.target)):
             continue
         if len(node.users) != 1 or call_counts[node.target] != 1:
             # A Linear called at several places must stay one: fusing it (swapped by name) would
@@ -277,7 +205,7 @@ def _fuse_traced(module: nn.Module, path: str, report: List[FusedRun]) -> nn.Mod
         if len(act_node.users) == 1:
             after = next(iter(act_node.users))
             if (after.op == "call_module" and after.args == (act_node,) and not after.kwargs
-                    and (found_p := _dropout_of(gm.get_submodule(after.target))) is not None):
+                    and (found_p := dropout_of(gm.get_submodule(after.target))) is not None):
                 p = found_p
                 last = after
                 described.append(_describe(gm.get_submodule(after.target)))

@@ -7,9 +7,9 @@ from typing import Any, Dict
 
 import torch
 
-from . import _C
-from .extension import build_record
+from ._ops import native
 from ._version import __version__
+from .extension import build_record
 
 
 def info() -> Dict[str, Any]:
@@ -20,18 +20,18 @@ def info() -> Dict[str, Any]:
         >>> sorted(pyfastnn.info())[:3]
         ['backends', 'cpu_isa', 'cpu_isas_compiled']
     """
-    cuda_archs = [a for a in _C.cuda_archs.replace(";", " ").split() if a]
+    cuda_archs = [a for a in native.cuda_archs.replace(";", " ").split() if a]
     record = build_record() or {}
     return {
         "pyfastnn": __version__,
         "torch": torch.__version__,
         "torch_built_against": record.get("torch"),
         "python": platform.python_version(),
-        "backends": {"cpu": True, "cuda": bool(_C.with_cuda)},
+        "backends": {"cpu": True, "cuda": bool(native.with_cuda)},
         "cuda_archs": cuda_archs,
-        "cuda_available": bool(_C.with_cuda) and torch.cuda.is_available(),
-        "cpu_isa": _C.cpu_isa(),
-        "cpu_isas_compiled": _C.compiled_cpu_isas().split(),
+        "cuda_available": bool(native.with_cuda) and torch.cuda.is_available(),
+        "cpu_isa": native.cpu_isa(),
+        "cpu_isas_compiled": native.compiled_cpu_isas().split(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),

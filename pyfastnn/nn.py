@@ -9,17 +9,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._ops import activation_code, canonical_activation
-from .functional import _fused_linear, _fused_mlp
+from ._ops import activation_code, canonical_activation, dropout_probability, run_fused_linear, run_fused_mlp
+from ._patterns import activation_module, parse_layers
 
 __all__ = ["FusedLinear", "FusedMLP", "activation_module"]
-
-
-def _check_dropout(p: float) -> float:
-    p = float(p)
-    if not 0.0 <= p < 1.0:  # also rejects NaN
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    return p
 
 
 _LEAKY_RELU = activation_code("leaky_relu")
@@ -115,13 +108,13 @@ class FusedLinear(nn.Module):
 
     @dropout.setter
     def dropout(self, value: float) -> None:
-        self._dropout = _check_dropout(value)
+        self._dropout = dropout_probability(value)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.dropout > 0.0 and self.training:  # a one-layer fused MLP with dropout after it
-            return _fused_mlp(input, [self.weight], [self.bias], [self._activation_code], self.negative_slope,
+            return run_fused_mlp(input, [self.weight], [self.bias], [self._activation_code], self.negative_slope,
                               [self.dropout], True)
-        return _fused_linear(input, self.weight, self.bias, self._activation_code, self.negative_slope)
+        return run_fused_linear(input, self.weight, self.bias, self._activation_code, self.negative_slope)
 
     @classmethod
     def from_linear(
@@ -241,7 +234,7 @@ class FusedMLP(nn.Module):
         sizes = _layer_sizes(sizes)
         if len(sizes) < 2 or any(n < 0 for n in sizes):
             raise ValueError(f"sizes must list at least in_features and out_features (>= 0), got {sizes}")
-        dropout = _check_dropout(dropout)
+        dropout = dropout_probability(dropout)
         activation = canonical_activation(activation)  # checked even when there is no hidden layer
         last = len(sizes) - 2
         layers = [FusedLinear(fan_in, fan_out, bias, activation if i < last else output_activation,
@@ -283,8 +276,6 @@ class FusedMLP(nn.Module):
     def from_sequential(cls, sequential: nn.Sequential, *, copy: bool = False) -> "FusedMLP":
         """The FusedMLP equivalent to ``Linear, activation, (Dropout,) ..., Linear, (activation)``,
         sharing its parameters (or copies of them with ``copy=True``)."""
-        from .fuse import parse_layers  # the one parser of Linear/activation/Dropout runs
-
         modules = list(sequential)
         layers, used = parse_layers(modules, 0)
         if used != len(modules) or not layers:
@@ -336,7 +327,7 @@ class FusedMLP(nn.Module):
                 slope = layer._negative_slope
             codes.append(code)
             dropout.append(layer._dropout)
-        return _fused_mlp(input, weights, biases, codes, 0.01 if slope is None else slope, dropout, self.training)
+        return run_fused_mlp(input, weights, biases, codes, 0.01 if slope is None else slope, dropout, self.training)
 
 
 def _layer_sizes(sizes) -> List[int]:
@@ -381,17 +372,3 @@ def _run_layer_pre_hooks(layer: nn.Module, name: str, input: torch.Tensor) -> No
                 f"cannot be applied inside the fused op (the layer's input is not a separate tensor); "
                 f"use to_sequential() for such hooks")
 
-
-def activation_module(activation: Optional[str], negative_slope: float = 0.01) -> nn.Module:
-    """The ``torch.nn`` module computing the named activation (the reference for our kernels)."""
-    name = canonical_activation(activation)
-    return {
-        "identity": lambda: nn.Identity(),
-        "relu": lambda: nn.ReLU(),
-        "leaky_relu": lambda: nn.LeakyReLU(negative_slope),
-        "sigmoid": lambda: nn.Sigmoid(),
-        "tanh": lambda: nn.Tanh(),
-        "gelu": lambda: nn.GELU(),
-        "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-        "silu": lambda: nn.SiLU(),
-    }[name]()

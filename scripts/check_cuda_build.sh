@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Keeps the CUDA backend compiling where there is no GPU: builds a copy of the tree against the CUDA
 # build of torch (torch==2.14.1 here) with PYFASTNN_CUDA=1 for sm_90, imports it, and runs the test
-# suite on it (the CPU paths; tests/test_cuda.py runs only where a GPU is visible).
+# suite on it (the CPU paths; tests/library/test_cuda.py runs only where a GPU is visible).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WORK="${PYFASTNN_CUDA_WORKDIR:-$ROOT/build/cuda-check}"

@@ -10,13 +10,10 @@ case on the GPU (float16 joins the dtypes there).
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from fuzzing import run  # noqa: E402
+from pyfastnn.testing import run
 
 
 def main() -> int:

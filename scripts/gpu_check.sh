@@ -2,13 +2,13 @@
 # The one-command GPU check, for a machine with a GPU and a CUDA build of torch already installed
 # (no network needed). In order, each step logged to OUTDIR/<step>.log with its time:
 #   build                   pip install -e . with PYFASTNN_CUDA=1 (TORCH_CUDA_ARCH_LIST, default 9.0)
-#   test_cuda               tests/test_cuda.py (cuBLASLt and fallback paths, dropout, CUDA graphs)
-#   test_cuda_train         tests/test_cuda_train.py + tests/test_cuda_graph.py (training on the GPU,
+#   test_cuda               tests/library/test_cuda.py (cuBLASLt and fallback paths, dropout, CUDA graphs)
+#   test_cuda_train         tests/lesson/test_cuda_train.py + tests/library/test_cuda_graph.py (training on the GPU,
 #                           cuda_graph_step, the 5-epoch run; MNIST from $PYFASTNN_MNIST)
 #   test_cpu_on_cuda_build  the CPU suite on the same build
 #   fuzz_cuda / fuzz_mlp_cuda   scripts/fuzz_fused_linear.py --device cuda (FUZZ_CASES each, default 1000;
 #                           FUZZ_CASES=10000 for the full acceptance run)
-#   memcheck / racecheck    compute-sanitizer over a small selection of tests/test_cuda.py that
+#   memcheck / racecheck    compute-sanitizer over a small selection of tests/library/test_cuda.py that
 #                           reaches every kernel (vectorized and one-element passes, dropout, the
 #                           shared-memory bias-sum kernel via the fallback path)
 #   bench_cuda              benchmarks/bench_cuda.py --json OUTDIR/bench_cuda.json
@@ -43,11 +43,11 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs, logs to OUT/NAME.log, remember
 { nvidia-smi; "$PYTHON" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; } > "$OUT/env.log" 2>&1
 step build 300 "$PYTHON" -m pip install --no-build-isolation --no-deps -e . || { echo "build failed"; exit 1; }
 "$PYTHON" -c "import pyfastnn; print(pyfastnn.info())" >> "$OUT/env.log" 2>&1
-step test_cuda 240 "$PYTHON" -m pytest tests/test_cuda.py -q -x -p no:cacheprovider --junitxml="$OUT/test_cuda.xml"
-step test_cuda_train 300 "$PYTHON" -m pytest tests/test_cuda_train.py tests/test_cuda_graph.py pyfastnn/cuda_graph.py \
+step test_cuda 240 "$PYTHON" -m pytest tests/library/test_cuda.py -q -x -p no:cacheprovider --junitxml="$OUT/test_cuda.xml"
+step test_cuda_train 300 "$PYTHON" -m pytest tests/lesson/test_cuda_train.py tests/library/test_cuda_graph.py pyfastnn/cuda_graph.py \
   -q -x -p no:cacheprovider --junitxml="$OUT/test_cuda_train.xml"
 if [ -z "$QUICK" ]; then
-  step test_cpu_on_cuda_build 240 "$PYTHON" -m pytest tests -q -x -p no:cacheprovider --ignore=tests/test_cuda.py \
+  step test_cpu_on_cuda_build 240 "$PYTHON" -m pytest tests -q -x -p no:cacheprovider --ignore=tests/library/test_cuda.py \
     -k "not opcheck and not train"
 fi
 step fuzz_cuda 120 "$PYTHON" scripts/fuzz_fused_linear.py --device cuda --cases "$FUZZ_CASES"
@@ -58,7 +58,7 @@ SANITIZE_TESTS='(misaligned and relu and float32) or (gradients_use_the_same_mas
 if command -v compute-sanitizer > /dev/null 2>&1; then
   for tool in memcheck racecheck; do
     step "$tool" 150 compute-sanitizer --tool "$tool" --error-exitcode 1 \
-      "$PYTHON" -m pytest tests/test_cuda.py -q -x -p no:cacheprovider -k "$SANITIZE_TESTS"
+      "$PYTHON" -m pytest tests/library/test_cuda.py -q -x -p no:cacheprovider -k "$SANITIZE_TESTS"
   done
 else
   echo "[gpu_check] compute-sanitizer not found: memcheck and racecheck NOT run" | tee "$OUT/sanitizers.log"

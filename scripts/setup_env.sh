@@ -15,15 +15,16 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating virtual environment $VENV"
   python3 -m venv "$VENV"
 fi
-echo "[setup] installing $TORCH_SPEC and tools"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-  "$TORCH_SPEC" numpy tqdm matplotlib setuptools wheel ninja pytest hypothesis expecttest
+echo "[setup] installing $TORCH_SPEC and the build tools"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC" setuptools wheel ninja
 # torch's own guess of the CUDA toolkit can be wrong; name the usual location when CUDA is wanted.
 if [ "${PYFASTNN_CUDA:-}" != "0" ] && [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
-echo "[setup] building pyfastnn (C++ extension${PYFASTNN_CUDA:+, PYFASTNN_CUDA=$PYFASTNN_CUDA})"
+# The lesson's and the tests' dependencies come from setup.py's extras (pip install "pyfastnn[lesson]"
+# is what a library user adds for `pyfastnn train` / `demo`).
+echo "[setup] building pyfastnn (C++ extension${PYFASTNN_CUDA:+, PYFASTNN_CUDA=$PYFASTNN_CUDA}) with the lesson and test extras"
 MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-  --no-build-isolation -e "$ROOT"
+  --no-build-isolation -e "$ROOT[lesson,test]"
 cd "$ROOT"  # import this tree's build, whatever folder the caller is in
 "$VENV/bin/python" -c "import pyfastnn; print('[setup] pyfastnn', pyfastnn.__version__, 'ready:', pyfastnn.info()['cpu_isa'], 'kernels')"

@@ -1,4 +1,5 @@
-"""The one generator of test inputs for the fused ops, and the PyTorch reference they must match."""
+"""The one generator of test inputs for the fused ops (the reference they must match is
+:mod:`pyfastnn.testing`), and the checks the CPU and CUDA tests share."""
 
 from __future__ import annotations
 
@@ -6,33 +7,10 @@ import dataclasses
 from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 import pyfastnn
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-
-# (rtol, atol) per dtype for comparisons against the PyTorch reference.
-TOLERANCES = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float64: (1e-10, 1e-10),
-    torch.bfloat16: (2e-2, 2e-2),
-    torch.float16: (2e-3, 2e-3),
-}
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    """The comparison every test uses: per-dtype tolerances, the absolute one on the tensor's scale.
-
-    Gradients of weight and bias are sums over every row; summed in another order (or rounded once
-    more, in bfloat16) they differ by rounding proportional to the largest value, so an element that
-    cancels to near zero is judged against the tensor's magnitude rather than its own.
-    """
-    rtol, atol = TOLERANCES[dtype]
-    if expected.numel():
-        atol *= max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol, atol=atol, equal_nan=True)
-
 
 @dataclasses.dataclass
 class Sample:
@@ -62,21 +40,6 @@ class Sample:
 
     def __repr__(self) -> str:
         return self.name
-
-
-def reference(input, weight, bias=None, activation="relu", negative_slope=0.01):
-    """What fused_linear must equal: act(F.linear(...)) from stock PyTorch."""
-    pre = F.linear(input, weight, bias)
-    return {
-        "identity": lambda t: t,
-        "relu": F.relu,
-        "leaky_relu": lambda t: F.leaky_relu(t, negative_slope),
-        "sigmoid": torch.sigmoid,
-        "tanh": torch.tanh,
-        "gelu": F.gelu,
-        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-        "silu": F.silu,
-    }[activation](pre)
 
 
 # (name, leading input shape, in_features, out_features, bias, layout)
@@ -184,17 +147,6 @@ class MLPSample:
 
     def __repr__(self) -> str:
         return self.name
-
-
-def reference_mlp(input, weights, biases, activations, negative_slope=0.01, keep_masks=None, dropout=None):
-    """What fused_mlp must equal: the layers one by one in stock PyTorch; keep_masks[l] (uint8, or
-    None/empty for none) applies dropout after layer l exactly as nn.Dropout does (x * mask / (1 - p))."""
-    x = input
-    for layer, (w, b, activation) in enumerate(zip(weights, biases, activations)):
-        x = reference(x, w, b, activation, negative_slope)
-        if keep_masks is not None and keep_masks[layer].dim() == 2:
-            x = x * (keep_masks[layer].reshape(x.shape).to(x.dtype) / (1 - dropout[layer]))
-    return x
 
 
 # (name, leading input shape, widths, hidden activations + output activation, bias pattern, dropout)

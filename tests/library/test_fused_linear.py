@@ -6,7 +6,8 @@ import torch._inductor.config
 import torch.nn.functional as F
 
 import pyfastnn
-from samples import assert_close, reference, sample_inputs
+from pyfastnn.testing import assert_close, reference
+from samples import sample_inputs
 
 ALL = list(sample_inputs())
 SMALL_F64 = list(sample_inputs(dtypes=(torch.float64,), small_only=True))

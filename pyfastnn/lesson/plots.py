@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+import numpy as np
 import torch
 
-from .files import atomic_write
+from ..files import atomic_write
+from ..functional import fused_linear
 
 
 def _pyplot():
@@ -21,8 +23,6 @@ def _pyplot():
 
 def plot_activations(path, names: Sequence[str] = ("sigmoid", "relu", "tanh", "leaky_relu", "gelu", "silu")) -> Path:
     """Each activation and its derivative, both computed by pyfastnn's fused op and its backward."""
-    from .functional import fused_linear
-
     plt = _pyplot()
     x = torch.linspace(-5, 5, 201, dtype=torch.float64).reshape(-1, 1).requires_grad_()
     one = torch.ones(1, 1, dtype=torch.float64)
@@ -80,8 +80,6 @@ def plot_predictions(images: torch.Tensor, labels: torch.Tensor, predictions: to
     The grid is one image (the digits tiled with white gaps) under one set of axes with a caption
     per tile: a fraction of the time of one axes per digit, which the training command pays once.
     """
-    import numpy as np
-
     plt = _pyplot()
     n = images.shape[0]
     rows = max(1, -(-n // columns))

@@ -1,5 +1,5 @@
 """pyfastnn.cuda_graph_step: every misuse is named before anything runs (these checks need no GPU;
-the graph itself is tested in test_cuda_train.py, where a GPU is)."""
+the graph itself is tested in tests/lesson/test_cuda_train.py, where a GPU is)."""
 
 import pytest
 import torch
@@ -7,12 +7,11 @@ import torch.nn.functional as F
 
 import pyfastnn
 from pyfastnn.cuda_graph import CUDAGraphStep
-from pyfastnn.train import make_adam
 
 
 def _setup():
     model = pyfastnn.FusedMLP([6, 5, 3])
-    return model, make_adam(model.parameters(), 1e-3), (torch.randn(4, 6), torch.randint(0, 3, (4,)))
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3), (torch.randn(4, 6), torch.randint(0, 3, (4,)))
 
 
 def test_exported_from_the_package():

@@ -1,6 +1,6 @@
-"""The installed package, its info() and command line."""
+"""The lesson's commands, ``pyfastnn train`` and ``pyfastnn demo``: the whole lesson runs, and every
+mistake or failure ends in one line with the right exit status."""
 
-import json
 import os
 import subprocess
 import sys
@@ -8,45 +8,12 @@ import sys
 import pytest
 import torch
 
-import pyfastnn
-
-
-def test_info_reports_build_and_runtime():
-    details = pyfastnn.info()
-    assert details["pyfastnn"] == pyfastnn.__version__
-    assert details["torch"] == torch.__version__
-    assert details["backends"]["cpu"] is True
-    assert details["cpu_isa"] in details["cpu_isas_compiled"]
-    assert details["threads"] == torch.get_num_threads()
-
-
-def _run(*args):
-    return subprocess.run([sys.executable, "-m", "pyfastnn", *args], capture_output=True, text=True, timeout=300)
-
-
-def test_cli_info_json():
-    result = _run("info", "--json")
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["pyfastnn"] == pyfastnn.__version__
-
-
-def test_cli_without_command_prints_help():
-    result = _run()
-    assert result.returncode == 2 and "info" in result.stdout and "bench" in result.stdout
-
-
-def test_cli_bench_quick_writes_json(tmp_path):
-    out = tmp_path / "bench.json"
-    result = _run("bench", "--quick", "--json", str(out))
-    assert result.returncode == 0, result.stderr
-    data = json.loads(out.read_text())
-    assert {r["pass"] for r in data["results"]} == {"fwd", "fwd+bwd"}
-    assert all(r["fused_us"] > 0 and r["eager_us"] > 0 for r in data["results"])
+from commands import cli, error_line, run_cli
 
 
 def test_cli_demo_runs_the_whole_lesson(tmp_path, mnist_dir):
     """The README's main job (scripts/demo.sh) minus its setup: every section, pictures, fusion."""
-    result = _run("demo", "--data", str(mnist_dir), "--out", str(tmp_path), "--mnist-steps", "20")
+    result = run_cli("demo", "--data", str(mnist_dir), "--out", str(tmp_path), "--mnist-steps", "20")
     assert result.returncode == 0, result.stderr
     for section in ("Perceptron", "XOR from scratch", "SimpleNN on XOR", "Quick benchmark",
                     "Whole-network fusion", "=> FusedMLP", "eval outputs equal: True", "test accuracy after 20 steps"):
@@ -56,26 +23,6 @@ def test_cli_demo_runs_the_whole_lesson(tmp_path, mnist_dir):
 
 
 # --- Mistakes and failures: one line, exit status 2 for usage, 1 for failures, --debug for the traceback ---
-
-def _cli(capsys, *args):
-    """Runs ``pyfastnn ARGS`` in this process: (exit status, stdout, stderr)."""
-    from pyfastnn.cli import main
-
-    try:
-        status = main(list(args))
-    except SystemExit as e:  # argparse's usage errors
-        status = e.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
-def _error_line(err: str, prog: str) -> str:
-    """The one error line, checked to be the last line and free of a traceback."""
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert lines and lines[-1].startswith(f"{prog}: error: "), err
-    return lines[-1]
-
 
 @pytest.mark.parametrize("option,value,problem", [
     ("--lr", "0", "must be > 0"),
@@ -95,24 +42,24 @@ def _error_line(err: str, prog: str) -> str:
 def test_train_bad_argument_values_are_usage_errors(capsys, tmp_path, tiny_mnist_dir, option, value, problem):
     out = tmp_path / "run"
     args = ["train", "mnist", "--data", str(tiny_mnist_dir), "--out", str(out), "--no-progress", f"{option}={value}"]
-    status, stdout, err = _cli(capsys, *args)
-    line = _error_line(err, "pyfastnn train")
+    status, stdout, err = cli(capsys, *args)
+    line = error_line(err, "pyfastnn train")
     assert status == 2 and err.startswith("usage: pyfastnn train")
     assert f"argument {option}: " in line and problem in line, line
     assert not out.exists() and "epoch" not in stdout  # nothing trained, nothing written
 
 
 def test_train_argparse_errors_keep_exit_status_2(capsys, tiny_mnist_dir):
-    assert _cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--lr", "fast")[0] == 2
-    assert _cli(capsys, "train", "mnist")[0] == 2  # --data missing
-    assert _cli(capsys, "train", "cifar", "--data", str(tiny_mnist_dir))[0] == 2
+    assert cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--lr", "fast")[0] == 2
+    assert cli(capsys, "train", "mnist")[0] == 2  # --data missing
+    assert cli(capsys, "train", "cifar", "--data", str(tiny_mnist_dir))[0] == 2
 
 
 def test_train_missing_data_folder_is_one_line_naming_it(capsys, tmp_path):
     missing = tmp_path / "nowhere"
-    status, _, err = _cli(capsys, "train", "mnist", "--data", str(missing), "--out", str(tmp_path / "run"))
+    status, _, err = cli(capsys, "train", "mnist", "--data", str(missing), "--out", str(tmp_path / "run"))
     assert status == 1
-    assert _error_line(err, "pyfastnn train") == f"pyfastnn train: error: data folder {missing} does not exist"
+    assert error_line(err, "pyfastnn train") == f"pyfastnn train: error: data folder {missing} does not exist"
     assert len(err.strip().splitlines()) == 1
 
 
@@ -122,8 +69,8 @@ def test_train_corrupt_data_file_is_one_line_naming_it(capsys, tmp_path, tiny_mn
     for source in tiny_mnist_dir.iterdir():
         (data / source.name).write_bytes(source.read_bytes())
     (data / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b not gzip at all")
-    status, _, err = _cli(capsys, "train", "mnist", "--data", str(data), "--out", str(tmp_path / "run"))
-    line = _error_line(err, "pyfastnn train")
+    status, _, err = cli(capsys, "train", "mnist", "--data", str(data), "--out", str(tmp_path / "run"))
+    line = error_line(err, "pyfastnn train")
     assert status == 1 and "train-labels-idx1-ubyte.gz: cannot read" in line, line
 
 
@@ -132,8 +79,8 @@ def test_train_unwritable_out_fails_before_loading_or_training(capsys, tmp_path,
     blocker = tmp_path / "blocker"
     blocker.write_text("a file, not a folder")
     out = blocker if case == "out_is_a_file" else blocker / "run"
-    status, stdout, err = _cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--out", str(out))
-    line = _error_line(err, "pyfastnn train")
+    status, stdout, err = cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--out", str(out))
+    line = error_line(err, "pyfastnn train")
     assert status == 1 and f"output folder {out}" in line and "is a file" in line, line
     assert "epoch" not in stdout + err
     assert blocker.read_text() == "a file, not a folder"
@@ -166,35 +113,35 @@ def test_train_corrupt_resume_checkpoint_is_one_line_naming_it(capsys, tmp_path,
     else:
         checkpoint.write_bytes(b"" if content == "empty" else b"\x00garbage" * 40)
     out = tmp_path / "run"
-    status, stdout, err = _cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--out", str(out),
+    status, stdout, err = cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--out", str(out),
                                "--resume", str(checkpoint))
-    line = _error_line(err, "pyfastnn train")
+    line = error_line(err, "pyfastnn train")
     assert status == 1 and f"checkpoint {checkpoint}: " in line and problem in line, line
     assert "Errno" not in line and "epoch" not in stdout
 
 
 def test_train_resume_of_missing_file_or_other_model(capsys, tmp_path, tiny_mnist_dir):
     missing = tmp_path / "missing.pt"
-    status, _, err = _cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--resume", str(missing),
+    status, _, err = cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--resume", str(missing),
                           "--out", str(tmp_path / "a"))
-    assert status == 1 and _error_line(err, "pyfastnn train").endswith(f"checkpoint {missing}: no such file")
+    assert status == 1 and error_line(err, "pyfastnn train").endswith(f"checkpoint {missing}: no such file")
 
-    from pyfastnn.train import TrainConfig, train
+    from pyfastnn.lesson.train import TrainConfig, train
 
     first = tmp_path / "first"
     train(TrainConfig(data=str(tiny_mnist_dir), epochs=1, max_steps=1, out=str(first), progress=False, plots=False))
     state = torch.load(first / "checkpoint.pt", weights_only=True)
     state["model"]["layers.0.weight"] = torch.zeros(5, 5)
     torch.save(state, tmp_path / "other.pt")
-    status, _, err = _cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--epochs", "2",
+    status, _, err = cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--epochs", "2",
                           "--resume", str(tmp_path / "other.pt"), "--out", str(tmp_path / "b"))
-    line = _error_line(err, "pyfastnn train")
+    line = error_line(err, "pyfastnn train")
     assert status == 1 and "other.pt: does not fit this model" in line, line
 
 
 def test_debug_flag_and_environment_show_the_traceback(capsys, tmp_path, monkeypatch):
     from pyfastnn.cli import main
-    from pyfastnn.data import IDXError
+    from pyfastnn.lesson.data import IDXError
 
     args = ["train", "mnist", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")]
     with pytest.raises(IDXError, match="does not exist"):
@@ -208,72 +155,31 @@ def test_debug_flag_and_environment_show_the_traceback(capsys, tmp_path, monkeyp
 
 def test_python_m_pyfastnn_exit_statuses_and_one_line_errors(tmp_path):
     missing = tmp_path / "nowhere"
-    failed = _run("train", "mnist", "--data", str(missing), "--out", str(tmp_path / "run"))
+    failed = run_cli("train", "mnist", "--data", str(missing), "--out", str(tmp_path / "run"))
     assert failed.returncode == 1
     assert failed.stderr.strip() == f"pyfastnn train: error: data folder {missing} does not exist"
-    usage = _run("train", "mnist", "--data", str(missing), "--batch-size", "0")
+    usage = run_cli("train", "mnist", "--data", str(missing), "--batch-size", "0")
     assert usage.returncode == 2 and usage.stderr.strip().endswith("argument --batch-size: must be >= 1, got 0")
     traced = subprocess.run([sys.executable, "-m", "pyfastnn", "train", "mnist", "--data", str(missing)],
                             capture_output=True, text=True, timeout=300, env={**os.environ, "PYFASTNN_DEBUG": "1"})
     assert traced.returncode == 1 and "Traceback" in traced.stderr and "IDXError" in traced.stderr
-    assert _run("nonsense").returncode == 2
-    assert _run("info", "--bogus").returncode == 2
+    assert run_cli("nonsense").returncode == 2
+    assert run_cli("info", "--bogus").returncode == 2
 
 
 def test_demo_missing_data_folder_is_named_before_the_lesson_runs(capsys, tmp_path):
     missing = tmp_path / "nowhere"
-    status, stdout, err = _cli(capsys, "demo", "--data", str(missing), "--out", str(tmp_path / "pictures"))
+    status, stdout, err = cli(capsys, "demo", "--data", str(missing), "--out", str(tmp_path / "pictures"))
     assert status == 1
-    assert _error_line(err, "pyfastnn demo") == f"pyfastnn demo: error: data folder {missing} does not exist"
+    assert error_line(err, "pyfastnn demo") == f"pyfastnn demo: error: data folder {missing} does not exist"
     assert "Perceptron" not in stdout and not (tmp_path / "pictures").exists()
 
 
 def test_demo_bad_arguments(capsys, tmp_path, tiny_mnist_dir):
-    status, _, err = _cli(capsys, "demo", "--mnist-steps", "0")
-    assert status == 2 and "argument --mnist-steps: must be >= 1, got 0" in _error_line(err, "pyfastnn demo")
+    status, _, err = cli(capsys, "demo", "--mnist-steps", "0")
+    assert status == 2 and "argument --mnist-steps: must be >= 1, got 0" in error_line(err, "pyfastnn demo")
     blocker = tmp_path / "blocker"
     blocker.write_text("")
-    status, stdout, err = _cli(capsys, "demo", "--data", str(tiny_mnist_dir), "--out", str(blocker))
-    assert status == 1 and f"output folder {blocker} is a file" in _error_line(err, "pyfastnn demo")
+    status, stdout, err = cli(capsys, "demo", "--data", str(tiny_mnist_dir), "--out", str(blocker))
+    assert status == 1 and f"output folder {blocker} is a file" in error_line(err, "pyfastnn demo")
     assert "Perceptron" not in stdout
-
-
-def test_bench_bad_arguments_fail_before_benchmarking(capsys, tmp_path):
-    status, _, err = _cli(capsys, "bench", "--quick", "--threads", "0")
-    assert status == 2 and "argument --threads: must be >= 1, got 0" in _error_line(err, "pyfastnn bench")
-    status, stdout, err = _cli(capsys, "bench", "--quick", "--json", str(tmp_path))
-    assert status == 1 and "is a folder" in _error_line(err, "pyfastnn bench") and "fused us" not in stdout
-    blocker = tmp_path / "blocker"
-    blocker.write_text("")
-    status, stdout, err = _cli(capsys, "bench", "--quick", "--json", str(blocker / "bench.json"))
-    assert status == 1 and f"{blocker} is a file" in _error_line(err, "pyfastnn bench") and "fused us" not in stdout
-
-
-def test_info_bad_arguments(capsys):
-    status, _, err = _cli(capsys, "info", "--verbose")
-    assert status == 2 and "unrecognized arguments: --verbose" in err and "Traceback" not in err
-
-
-def test_unexpected_errors_are_one_line_with_the_type_and_the_debug_hint(capsys, monkeypatch):
-    from pyfastnn.command import command_parser, run_command
-
-    parser = command_parser("pyfastnn check")
-
-    def body():
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-    assert run_command(parser, parser.parse_args([]), body) == 1
-    assert capsys.readouterr().err == ("pyfastnn check: error: RuntimeError: CUDA error: an illegal memory access was "
-                                       "encountered (--debug or PYFASTNN_DEBUG=1 shows the traceback)\n")
-    with pytest.raises(RuntimeError, match="illegal memory access"):
-        run_command(parser, parser.parse_args(["--debug"]), body)
-
-
-def test_atomic_write_names_the_target_when_its_folder_is_missing(tmp_path):
-    from pyfastnn.files import atomic_write
-
-    target = tmp_path / "missing" / "metrics.json"
-    with pytest.raises(FileNotFoundError) as caught:
-        with atomic_write(target) as f:
-            f.write(b"{}")
-    assert caught.value.filename == str(target)

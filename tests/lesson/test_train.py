@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyfastnn.models import MNISTClassifier
-from pyfastnn.train import TrainConfig, evaluate, train
+from pyfastnn.lesson.models import MNISTClassifier
+from pyfastnn.lesson.train import TrainConfig, evaluate, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_train_cli_writes_metrics_checkpoint_and_plots(tmp_path, mnist_dir):
@@ -53,7 +53,7 @@ def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path, mnist
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path), str(mnist_dir)],
+         str(ROOT / "tests" / "lesson" / "ddp_worker.py"), str(tmp_path), str(mnist_dir)],
         capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
@@ -149,7 +149,7 @@ def test_resume_of_a_finished_run_trains_nothing_and_writes_its_files(tmp_path, 
 
 
 def test_interrupted_run_leaves_its_folder_marked_incomplete(tmp_path, tiny_mnist_dir, monkeypatch, capsys):
-    import pyfastnn.train as train_module
+    import pyfastnn.lesson.train as train_module
 
     out = tmp_path / "run"
     common = ["--data", str(tiny_mnist_dir), "--batch-size", "32", "--out", str(out)]
@@ -205,7 +205,7 @@ def test_failed_writes_leave_the_previous_files_whole(tmp_path, tiny_mnist_dir, 
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Figure, "savefig", broken_savefig)
-    from pyfastnn.plots import plot_loss
+    from pyfastnn.lesson.plots import plot_loss
 
     with pytest.raises(OSError, match="No space"):
         plot_loss([1.0, 0.5], out / "curves.png")

@@ -17,7 +17,7 @@ import torch
 import pyfastnn
 from pyfastnn import extension
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ATEN_NEEDS = {  # the CPU flags ATen asks for before it picks a capability (cpuinfo names)
     "AVX2": {"avx2", "fma"},
     "AVX512": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"},

@@ -7,7 +7,8 @@ from torch import nn
 
 import pyfastnn
 from pyfastnn.benchmark import saved_for_backward_bytes
-from samples import assert_close, assert_dropout_statistics, mlp_sample_inputs, reference_mlp
+from pyfastnn.testing import assert_close, reference_mlp
+from samples import assert_dropout_statistics, mlp_sample_inputs
 
 ops = torch.ops.pyfastnn
 NO_DROPOUT = list(mlp_sample_inputs(with_dropout=False))

@@ -1,16 +1,97 @@
-"""Random fused_linear cases checked against act(F.linear(...)): shared by the bounded hypothesis test
-(tests/test_fuzz.py) and the long run (scripts/fuzz_fused_linear.py), on the CPU or a CUDA device."""
+"""Reference implementations and random-case checkers for the fused ops, for tests and long fuzzing runs.
+
+- :func:`reference` / :func:`reference_mlp`: what ``fused_linear`` / ``fused_mlp`` must equal, computed
+  by stock PyTorch (``torch.nn`` activation modules, ``F.linear``);
+- :func:`assert_close`: the comparison with per-dtype tolerances every check uses;
+- :func:`random_case` / :func:`check` and :func:`random_mlp_case` / :func:`check_mlp`: random calls
+  (shapes with 0, 1, primes and large K, N-D and strided inputs, every activation x dtype, biases,
+  requires_grad mixes; MLP stacks with per-layer dropout) checked value by value and gradient by
+  gradient against the float64 reference; :func:`run` runs many, on the CPU or a CUDA device.
+
+The bounded property test (``tests/library/test_fuzz.py``) and ``scripts/fuzz_fused_linear.py`` both
+use them. Only torch and pyfastnn are imported here.
+
+Example:
+    >>> import random
+    >>> from pyfastnn.testing import check, random_case, run
+    >>> check(random_case(random.Random(0))) is None  # None: no mismatch
+    True
+    >>> run(cases=20, seed=1, mlp=True)  # the mismatches, one line each
+    []
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import random
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 import pyfastnn
-from samples import assert_close, reference
+
+__all__ = ["TOLERANCES", "assert_close", "reference", "reference_mlp", "Case", "MLPCase", "random_case",
+           "random_mlp_case", "build", "check", "check_mlp", "run", "dtypes_for"]
+
+# (rtol, atol) per dtype for comparisons against the PyTorch reference.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float64: (1e-10, 1e-10),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """The comparison every test uses: per-dtype tolerances, the absolute one on the tensor's scale.
+
+    Gradients of weight and bias are sums over every row; summed in another order (or rounded once
+    more, in bfloat16) they differ by rounding proportional to the largest value, so an element that
+    cancels to near zero is judged against the tensor's magnitude rather than its own.
+
+    Example:
+        >>> assert_close(torch.tensor([100.0, 1e-4]), torch.tensor([100.0, 0.0]), torch.float32)
+    """
+    rtol, atol = TOLERANCES[dtype]
+    if expected.numel():
+        atol *= max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol, atol=atol, equal_nan=True)
+
+
+def reference(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+              activation: Optional[str] = "relu", negative_slope: float = 0.01) -> torch.Tensor:
+    """What fused_linear must equal: ``act(F.linear(...))`` from stock PyTorch, the activation being
+    the ``torch.nn`` module of :func:`pyfastnn.activation_module`.
+
+    Example:
+        >>> x, w = torch.randn(3, 4), torch.randn(2, 4)
+        >>> torch.allclose(pyfastnn.fused_linear(x, w, activation="silu"), reference(x, w, activation="silu"))
+        True
+    """
+    return pyfastnn.activation_module(activation, negative_slope)(F.linear(input, weight, bias))
+
+
+def reference_mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
+                  activations: Sequence[Optional[str]], negative_slope: float = 0.01,
+                  keep_masks: Optional[Sequence[torch.Tensor]] = None,
+                  dropout: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """What fused_mlp must equal: the layers one by one in stock PyTorch; keep_masks[l] (uint8, or
+    None/empty for none) applies dropout after layer l exactly as nn.Dropout does (x * mask / (1 - p)).
+
+    Example:
+        >>> x, w1, w2 = torch.randn(5, 4), torch.randn(8, 4), torch.randn(3, 8)
+        >>> out = pyfastnn.fused_mlp(x, [w1, w2], activation="tanh")
+        >>> torch.allclose(out, reference_mlp(x, [w1, w2], [None, None], ["tanh", "identity"]), atol=1e-5)
+        True
+    """
+    x = input
+    for layer, (w, b, activation) in enumerate(zip(weights, biases, activations)):
+        x = reference(x, w, b, activation, negative_slope)
+        if keep_masks is not None and keep_masks[layer].dim() == 2:
+            x = x * (keep_masks[layer].reshape(x.shape).to(x.dtype) / (1 - dropout[layer]))
+    return x
+
 
 SIZES = (0, 1, 2, 3, 5, 7, 13, 16, 17, 31, 32, 33, 64, 127, 257)
 LARGE_K = (1031, 4099)
@@ -66,7 +147,8 @@ def _tensor(shape, dtype, generator, layout: Optional[str], device: str = "cpu")
     return make(shape)
 
 
-def build(case: Case):
+def build(case: Case) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The case's (input, weight, bias), drawn from its seed in its layout, dtype and device."""
     g = torch.Generator().manual_seed(case.seed)
     x = _tensor((*case.batch, case.in_features), case.dtype, g,
                 case.layout.split("_")[1] if case.layout.startswith("input") else None, case.device)
@@ -161,8 +243,6 @@ def random_mlp_case(rng: random.Random, device: str = "cpu") -> MLPCase:
 def check_mlp(case: MLPCase) -> Optional[str]:
     """None if fused_mlp (with the masks it drew) matches the float64 layer-by-layer reference in value
     (every dtype) and every gradient (float32/float64), else what differs."""
-    from samples import reference_mlp
-
     g = torch.Generator().manual_seed(case.seed)
     x = _tensor((*case.batch, case.widths[0]), case.dtype, g, None, case.device)
     weights = [_tensor((n, k), case.dtype, g, None, case.device) * k ** -0.5
@@ -216,7 +296,7 @@ def check_mlp(case: MLPCase) -> Optional[str]:
             # rounded again and relu-like masks flip on pre-activations within rounding of 0, so
             # bfloat16 gradients of a deep stack (PyTorch's own included) drift from float64 by more
             # than any fixed tolerance; they are checked against PyTorch's bfloat16 in
-            # tests/test_fused_mlp.py instead.
+            # tests/library/test_fused_mlp.py instead.
             if case.dtype not in (torch.bfloat16, torch.float16):
                 expected_grads = torch.autograd.grad(expected, [t for t in refs if t.requires_grad],
                                                      grad_out.to(torch.float64))

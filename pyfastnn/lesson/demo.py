@@ -14,10 +14,16 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..benchmark import run as run_bench
+from ..benchmark import time_interleaved, train_step
+from ..command import command_parser, positive_int, run_command
+from ..files import ensure_writable_folder
+from ..functional import fused_linear
+from ..fuse import fuse
 from . import models
-from .command import command_parser, positive_int, run_command
 from .data import find_mnist, load_mnist
-from .files import ensure_writable_folder
+from .plots import plot_activations, plot_loss
+from .train import TrainConfig, check_device, make_adam, train
 
 
 def _section(title: str) -> None:
@@ -32,8 +38,6 @@ def chain_rule_example(x: float = 2.0, w: float = 3.0, b: float = 1.0, target: f
     y = w * x + b
     loss = (y - target) ** 2
     by_hand = 2 * (y - target) * x
-    from .functional import fused_linear
-
     w_t = torch.tensor([[w]], dtype=torch.float64, requires_grad=True)
     y_t = fused_linear(torch.tensor([[x]], dtype=torch.float64), w_t, torch.tensor([b], dtype=torch.float64),
                        activation=None)
@@ -44,10 +48,6 @@ def chain_rule_example(x: float = 2.0, w: float = 3.0, b: float = 1.0, target: f
 
 def _fuse_demo() -> float:
     """Fuses the plain-PyTorch MNIST network and times one training step of each, side by side."""
-    from .benchmark import _time_interleaved, train_step
-    from .fuse import fuse
-    from .train import make_adam
-
     torch.manual_seed(0)
     plain = models.MNISTClassifier().to_torch()
     runs: list = []
@@ -59,9 +59,9 @@ def _fuse_demo() -> float:
     print("eval outputs equal:", torch.allclose(fused(x), plain(x), atol=1e-5))
     fused.train(), plain.train()
 
-    times = _time_interleaved({"fused": train_step(fused, make_adam(fused.parameters(), 1e-3), x, y),
-                               "eager": train_step(plain, torch.optim.Adam(plain.parameters(), lr=1e-3), x, y)},
-                              5, 0.05)
+    times = time_interleaved({"fused": train_step(fused, make_adam(fused.parameters(), 1e-3), x, y),
+                              "eager": train_step(plain, torch.optim.Adam(plain.parameters(), lr=1e-3), x, y)},
+                             5, 0.05)
     speedup = times["eager"] / times["fused"]
     print(f"train step: fused {times['fused'] * 1e6:.0f} us, eager (optim.Adam) {times['eager'] * 1e6:.0f} us "
           f"-> {speedup:.2f}x")
@@ -70,8 +70,6 @@ def _fuse_demo() -> float:
 
 def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bool = True,
         device: str = "cpu") -> dict:
-    from .plots import plot_activations, plot_loss
-
     out.mkdir(parents=True, exist_ok=True)
     summary = {}
     X = models.XOR_INPUTS
@@ -127,8 +125,6 @@ def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bo
 
     if bench:
         _section("Quick benchmark: fused_linear vs PyTorch eager (float32, medians)")
-        from .benchmark import run as run_bench
-
         run_bench(shapes=((64, 784, 256), (1, 784, 256)), activations=("relu", "gelu"),
                   threads=(torch.get_num_threads(),), with_compile=False, rounds=5, target_s=0.01)
 
@@ -142,8 +138,6 @@ def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bo
                  "MNIST: skipped (no data; pass --data DIR or set PYFASTNN_MNIST)")
     else:
         _section(f"MNIST: {mnist_steps} training steps of the 784-256-128-10 classifier on {device} ({root})")
-        from .train import TrainConfig, train
-
         result = train(TrainConfig(data=str(root), epochs=1, max_steps=mnist_steps, out=str(out / "mnist"),
                                    progress=True, device=device))
         summary["mnist_test_accuracy"] = result.metrics["test_accuracy"]
@@ -166,8 +160,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _demo(args) -> int:
     # Mistakes in --data, --device or --out fail now, naming the problem, not after minutes of lesson.
-    from .train import check_device
-
     check_device(args.device, "fused")
     if args.data is not None:
         load_mnist(args.data, train=False)

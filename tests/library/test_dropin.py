@@ -15,7 +15,7 @@ from torch import nn
 
 import pyfastnn
 from pyfastnn import FusedLinear, FusedMLP
-from samples import reference, reference_mlp
+from pyfastnn.testing import reference, reference_mlp
 
 
 def _mlp(sizes=(8, 16, 12, 4), **kwargs) -> FusedMLP:

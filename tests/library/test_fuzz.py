@@ -6,7 +6,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fuzzing import check, check_mlp, random_case, random_mlp_case
+from pyfastnn.testing import check, check_mlp, random_case, random_mlp_case
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)

@@ -23,11 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .command import InvalidArgument, check_number, command_parser, run_command
-from .cuda_graph import CUDAGraphStep, cuda_graph_step
+from ..command import InvalidArgument, check_number, command_parser, run_command
+from ..cuda_graph import CUDAGraphStep, cuda_graph_step
+from ..files import atomic_write, ensure_writable_folder
+from ..info import info
 from .data import Batches, load_fashion_mnist, load_mnist, normalize
-from .files import atomic_write, ensure_writable_folder
 from .models import MNISTClassifier
+from .plots import plot_predictions, plot_training_curves
 
 LOADERS = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist}
 BACKENDS = ("fused", "torch")
@@ -122,8 +124,6 @@ def check_device(device: str, backend: str) -> None:
     if parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise InvalidArgument("device", f"{device!r} is not available: {torch.cuda.device_count()} CUDA device(s)")
     if backend == "fused":
-        from .info import info
-
         if not info()["backends"]["cuda"]:
             raise InvalidArgument("device", f"{device!r} needs pyfastnn's CUDA kernels, which this build lacks "
                                             "(rebuild with CUDA, or train the plain twin: --backend torch)")
@@ -391,8 +391,6 @@ def train(config: TrainConfig) -> TrainResult:
     metrics = run_metrics(config, device, world_size, graphed, history, True, checkpoint_epoch)
     if out is not None:
         if config.plots and history:
-            from .plots import plot_predictions, plot_training_curves
-
             plot_training_curves(history, out / "curves.png")
             if predicted is None:  # resumed from a finished run: nothing trained, nothing evaluated yet
                 _, _, predicted = evaluate(model, x_test, y_test, batch_size=None if on_cuda else 1000)

@@ -1,4 +1,4 @@
-"""Run under torchrun by test_train.py (gloo) and test_cuda_train.py (nccl, third argument "cuda"):
+"""Run under torchrun by tests/lesson/test_train.py (gloo) and test_cuda_train.py (nccl, third argument "cuda"):
 a few DDP steps, then each rank saves its parameters."""
 
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pyfastnn.train import TrainConfig, train
+from pyfastnn.lesson.train import TrainConfig, train
 
 
 def main(out: Path, data: str, device: str = "cpu") -> None:

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .functional import fused_linear
-from .nn import FusedLinear, FusedMLP
+from ..functional import fused_linear
+from ..nn import FusedLinear, FusedMLP
 
 __all__ = ["Perceptron", "NumpyTwoLayerNet", "TwoLayerNet", "SimpleNN", "MNISTClassifier",
            "XOR_INPUTS", "XOR_TARGETS", "AND_TARGETS", "OR_TARGETS"]

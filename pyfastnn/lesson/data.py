@@ -21,7 +21,7 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .files import atomic_write
+from ..files import atomic_write
 
 __all__ = ["IDXError", "read_idx", "load_mnist", "load_fashion_mnist", "normalize", "Batches",
            "MNIST_MEAN", "MNIST_STD", "find_mnist"]

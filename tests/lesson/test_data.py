@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyfastnn.data import MNIST_MEAN, MNIST_STD, Batches, IDXError, load_fashion_mnist, load_mnist, normalize, read_idx
+from pyfastnn.lesson.data import MNIST_MEAN, MNIST_STD, Batches, IDXError, load_fashion_mnist, load_mnist, normalize, read_idx
 
 
 def _idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:
@@ -101,7 +101,7 @@ class _FakeResponse:
 def test_download_verifies_decompressed_md5_and_explains_offline(tmp_path, mnist_dir, monkeypatch):
     import urllib.error
 
-    import pyfastnn.data as data
+    import pyfastnn.lesson.data as data
 
     def serve_real_files(url, timeout):  # a mirror serving the genuine (re-compressed) files
         return _FakeResponse((mnist_dir / url.rsplit("/", 1)[1]).read_bytes())

@@ -1,6 +1,6 @@
 """Training on a GPU: the CUDA-graph step against the eager loop, ``pyfastnn train --device cuda``
 end to end (graph, resume, files, accuracy), DDP with nccl, the demo and the benchmark. Runs where a
-GPU is visible (scripts/gpu_check.sh); elsewhere skipped, like test_cuda.py."""
+GPU is visible (scripts/gpu_check.sh); elsewhere skipped, like tests/library/test_cuda.py."""
 
 import json
 import os
@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 
 import pyfastnn
-from pyfastnn.models import MNISTClassifier
-from pyfastnn.train import TrainConfig, make_adam, train
+from pyfastnn.lesson.models import MNISTClassifier
+from pyfastnn.lesson.train import TrainConfig, make_adam, train
 from samples import CUDA_READY
 
 # Graph and eager run the same kernels; TF32 off keeps the reference comparisons tight.
 pytestmark = [pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA GPU and a CUDA build of pyfastnn"),
               pytest.mark.usefixtures("exact_fp32")]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 
@@ -220,7 +220,7 @@ def test_ddp_nccl_two_gpus_match_one_process(tmp_path, mnist_dir):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path), str(mnist_dir), "cuda"],
+         str(ROOT / "tests" / "lesson" / "ddp_worker.py"), str(tmp_path), str(mnist_dir), "cuda"],
         capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))

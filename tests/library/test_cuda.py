@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import pyfastnn
-from samples import (CUDA_READY, assert_close, assert_dropout_statistics, mlp_sample_inputs, reference,
-                     reference_mlp, sample_inputs)
+from pyfastnn.testing import assert_close, reference, reference_mlp
+from samples import CUDA_READY, assert_dropout_statistics, mlp_sample_inputs, sample_inputs
 
 ops = torch.ops.pyfastnn
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from pyfastnn import FusedLinear, models
+from pyfastnn import FusedLinear
+from pyfastnn.lesson import models
 
 X = models.XOR_INPUTS
 

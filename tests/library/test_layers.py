@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import pyfastnn
-from samples import TOLERANCES, reference
+from pyfastnn.testing import TOLERANCES, reference
 
 
 def test_parameters_and_init_match_nn_linear():

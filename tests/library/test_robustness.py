@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pyfastnn
-from samples import reference
+from pyfastnn.testing import reference
 
 
 def _rss_bytes() -> int:

@@ -1,0 +1,139 @@
+"""The torch.nn vocabulary the fused layers speak, shared by :mod:`pyfastnn.nn` and :mod:`pyfastnn.fuse`:
+which ``torch.nn`` module (and, in traced code, which function) computes each activation, and the
+one parser of ``Linear -> activation (-> Dropout)`` runs.
+
+Only exact module types count: a subclass may change what ``forward`` does, and a module with hooks
+would have them bypassed by a fused op.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._ops import ACTIVATIONS, canonical_activation, dropout_probability
+
+__all__ = ["ACTIVATION_MODULES", "FUNCTION_ACTIVATIONS", "METHOD_ACTIVATIONS", "Layer", "activation_module",
+           "activation_of", "dropout_of", "has_hooks", "is_plain_linear", "parse_layers"]
+
+DEFAULT_NEGATIVE_SLOPE = 0.01
+
+#: The one table of activation name -> (torch.nn module type, the attributes that select it).
+#: ``leaky_relu``'s ``negative_slope`` is a parameter of the activation, not part of its identity.
+ACTIVATION_MODULES: Dict[str, Tuple[type, Dict[str, object]]] = {
+    "identity": (nn.Identity, {}),
+    "relu": (nn.ReLU, {}),
+    "leaky_relu": (nn.LeakyReLU, {}),
+    "sigmoid": (nn.Sigmoid, {}),
+    "tanh": (nn.Tanh, {}),
+    "gelu": (nn.GELU, {"approximate": "none"}),
+    "gelu_tanh": (nn.GELU, {"approximate": "tanh"}),
+    "silu": (nn.SiLU, {}),
+}
+if set(ACTIVATION_MODULES) != set(ACTIVATIONS):  # the kernels' enum and this table must agree
+    raise ImportError(f"pyfastnn: the kernels implement {sorted(ACTIVATIONS)}, but the torch.nn table names "
+                      f"{sorted(ACTIVATION_MODULES)}; rebuild the extension from the same sources")
+
+#: Functions a traced ``forward`` may apply to a Linear's output (called on it alone, no keywords
+#: but ``inplace``), and tensor methods likewise.
+FUNCTION_ACTIVATIONS: Dict[Callable, str] = {torch.relu: "relu", F.relu: "relu", torch.sigmoid: "sigmoid",
+                                             torch.tanh: "tanh", F.silu: "silu", F.gelu: "gelu"}
+METHOD_ACTIVATIONS: Dict[str, str] = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
+
+
+def activation_module(activation: Optional[str], negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> nn.Module:
+    """The ``torch.nn`` module computing the named activation (the reference for our kernels).
+
+    Example:
+        >>> activation_module("gelu_tanh")
+        GELU(approximate='tanh')
+        >>> activation_module(None)
+        Identity()
+    """
+    name = canonical_activation(activation)
+    kind, attributes = ACTIVATION_MODULES[name]
+    if name == "leaky_relu":
+        return kind(negative_slope)
+    return kind(**attributes)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward/backward hooks of its own, which a fused module would bypass."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def activation_of(module: nn.Module) -> Optional[Tuple[str, float]]:
+    """(activation name, negative_slope) for an activation module the kernels implement, else None.
+
+    Example:
+        >>> activation_of(nn.LeakyReLU(0.2)), activation_of(nn.GELU()), activation_of(nn.Softplus())
+        (('leaky_relu', 0.2), ('gelu', 0.01), None)
+    """
+    if has_hooks(module):
+        return None
+    for name, (kind, attributes) in ACTIVATION_MODULES.items():
+        if type(module) is kind and all(getattr(module, key) == value for key, value in attributes.items()):
+            slope = float(module.negative_slope) if name == "leaky_relu" else DEFAULT_NEGATIVE_SLOPE
+            return name, slope
+    return None
+
+
+def dropout_of(module: nn.Module) -> Optional[float]:
+    """The probability of an ``nn.Dropout`` the kernels can apply, else None (``p = 1`` included)."""
+    if type(module) is not nn.Dropout or has_hooks(module):
+        return None
+    try:
+        return dropout_probability(module.p)
+    except ValueError:
+        return None
+
+
+# One parsed layer: (linear, activation name, negative_slope, dropout probability).
+Layer = Tuple[nn.Linear, str, float, float]
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is exactly an ``nn.Linear`` without hooks (a fused layer can replace it)."""
+    return type(module) is nn.Linear and not has_hooks(module)
+
+
+def _chains(previous: Layer, layer: Layer) -> bool:
+    """Whether `layer` can run in the same fused op as `previous`."""
+    a, b = previous[0], layer[0]
+    same_slope = previous[1] != "leaky_relu" or layer[1] != "leaky_relu" or previous[2] == layer[2]
+    return (a.out_features == b.in_features and a.weight.dtype == b.weight.dtype
+            and a.weight.device == b.weight.device and same_slope)
+
+
+def parse_layers(modules: List[nn.Module], start: int) -> Tuple[List[Layer], int]:
+    """The longest fusable run of ``Linear (activation) (Dropout)`` layers from ``modules[start]``,
+    and the index just past it.
+
+    Example:
+        >>> modules = [nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 2), nn.Softmax(-1)]
+        >>> layers, end = parse_layers(modules, 0)
+        >>> [(activation, p) for _, activation, _, p in layers], end
+        ([('relu', 0.1), ('identity', 0.0)], 4)
+    """
+    layers: List[Layer] = []
+    i = start
+    while i < len(modules) and is_plain_linear(modules[i]):
+        j = i + 1
+        activation, slope, p = "identity", DEFAULT_NEGATIVE_SLOPE, 0.0
+        if j < len(modules) and (found := activation_of(modules[j])) is not None:
+            activation, slope = found
+            j += 1
+        if j < len(modules) and (found_p := dropout_of(modules[j])) is not None:
+            p = found_p
+            j += 1
+        layer = (modules[i], activation, slope, p)
+        if layers and not _chains(layers[-1], layer):
+            break
+        layers.append(layer)
+        i = j
+    return layers, i
+

@@ -1,0 +1,82 @@
+"""The installed package, its info() and the library's commands (info, bench); the lesson's commands
+are tested in tests/lesson/test_commands.py."""
+
+import json
+
+import pytest
+import torch
+
+import pyfastnn
+from commands import cli, error_line, run_cli
+
+
+def test_info_reports_build_and_runtime():
+    details = pyfastnn.info()
+    assert details["pyfastnn"] == pyfastnn.__version__
+    assert details["torch"] == torch.__version__
+    assert details["backends"]["cpu"] is True
+    assert details["cpu_isa"] in details["cpu_isas_compiled"]
+    assert details["threads"] == torch.get_num_threads()
+
+
+def test_cli_info_json():
+    result = run_cli("info", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["pyfastnn"] == pyfastnn.__version__
+
+
+def test_cli_without_command_prints_help():
+    result = run_cli()
+    assert result.returncode == 2 and "info" in result.stdout and "bench" in result.stdout
+
+
+def test_cli_bench_quick_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", "--quick", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert {r["pass"] for r in data["results"]} == {"fwd", "fwd+bwd"}
+    assert all(r["fused_us"] > 0 and r["eager_us"] > 0 for r in data["results"])
+
+
+# --- Mistakes and failures: one line, exit status 2 for usage, 1 for failures, --debug for the traceback ---
+
+def test_bench_bad_arguments_fail_before_benchmarking(capsys, tmp_path):
+    status, _, err = cli(capsys, "bench", "--quick", "--threads", "0")
+    assert status == 2 and "argument --threads: must be >= 1, got 0" in error_line(err, "pyfastnn bench")
+    status, stdout, err = cli(capsys, "bench", "--quick", "--json", str(tmp_path))
+    assert status == 1 and "is a folder" in error_line(err, "pyfastnn bench") and "fused us" not in stdout
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    status, stdout, err = cli(capsys, "bench", "--quick", "--json", str(blocker / "bench.json"))
+    assert status == 1 and f"{blocker} is a file" in error_line(err, "pyfastnn bench") and "fused us" not in stdout
+
+
+def test_info_bad_arguments(capsys):
+    status, _, err = cli(capsys, "info", "--verbose")
+    assert status == 2 and "unrecognized arguments: --verbose" in err and "Traceback" not in err
+
+
+def test_unexpected_errors_are_one_line_with_the_type_and_the_debug_hint(capsys, monkeypatch):
+    from pyfastnn.command import command_parser, run_command
+
+    parser = command_parser("pyfastnn check")
+
+    def body():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    assert run_command(parser, parser.parse_args([]), body) == 1
+    assert capsys.readouterr().err == ("pyfastnn check: error: RuntimeError: CUDA error: an illegal memory access was "
+                                       "encountered (--debug or PYFASTNN_DEBUG=1 shows the traceback)\n")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        run_command(parser, parser.parse_args(["--debug"]), body)
+
+
+def test_atomic_write_names_the_target_when_its_folder_is_missing(tmp_path):
+    from pyfastnn.files import atomic_write
+
+    target = tmp_path / "missing" / "metrics.json"
+    with pytest.raises(FileNotFoundError) as caught:
+        with atomic_write(target) as f:
+            f.write(b"{}")
+    assert caught.value.filename == str(target)
