@@ -1,6 +1,7 @@
 """pyfastnn.lesson as a package: what it exports, the extra it needs, and the one line the commands
 print when that extra is missing."""
 
+import importlib
 import importlib.metadata
 import re
 import subprocess
@@ -19,6 +20,8 @@ def test_the_lesson_exports_its_classes_and_functions():
         assert cls.__name__ in pyfastnn.lesson.__all__
     for name in pyfastnn.lesson.__all__:
         assert hasattr(pyfastnn.lesson, name), name
+    for module in ("models", "data", "train", "demo", "plots"):  # no exported name hides a module
+        assert importlib.import_module(f"pyfastnn.lesson.{module}") is getattr(pyfastnn.lesson, module)
 
 
 def test_the_lesson_extra_lists_what_the_lesson_checks_for():
