@@ -1,10 +1,10 @@
 # ctest script: NOTE [ Linking AVX and non-AVX files ] (csrc/cpu/dispatch.cpp), checked on the
 # objects. Every weak symbol (an inline function or template the compiler emitted out of line) that a
 # capability's kernel object defines outside that capability's own namespaces must also be defined
-# by the DEFAULT kernel object, which is linked before it: then the linker keeps a copy compiled
-# without AVX instructions.
+# by a DEFAULT kernel object: those are all linked before every other capability's, so the linker
+# keeps a copy compiled without AVX instructions.
 #
-#   cmake -DNM=<nm> -DDEFAULT_OBJECT=<obj> -DOBJECTS=<cap>=<obj>;... -P CheckKernelObjects.cmake
+#   cmake -DNM=<nm> -DDEFAULT_OBJECTS=<obj>|<obj>... -DOBJECTS=<cap>=<obj>|<obj>...;... -P CheckKernelObjects.cmake
 function(weak_symbols object out)
   execute_process(COMMAND "${NM}" --defined-only "${object}" OUTPUT_VARIABLE _listing RESULT_VARIABLE _rc)
   if(NOT _rc EQUAL 0)
@@ -20,30 +20,46 @@ function(weak_symbols object out)
   set(${out} "${_symbols}" PARENT_SCOPE)
 endfunction()
 
-weak_symbols("${DEFAULT_OBJECT}" default_symbols)
+string(REPLACE "|" ";" default_objects "${DEFAULT_OBJECTS}")
+list(LENGTH default_objects default_count)
+set(default_symbols "")
+foreach(object IN LISTS default_objects)
+  weak_symbols("${object}" symbols)
+  list(APPEND default_symbols ${symbols})
+endforeach()
 set(problems 0)
 foreach(entry IN LISTS OBJECTS)
-  string(REPLACE "=" ";" entry "${entry}")
-  list(GET entry 0 capability)
-  list(GET entry 1 object)
+  string(FIND "${entry}" "=" split)
+  string(SUBSTRING "${entry}" 0 ${split} capability)
+  math(EXPR split "${split} + 1")
+  string(SUBSTRING "${entry}" ${split} -1 objects)
+  string(REPLACE "|" ";" objects "${objects}")
+  list(LENGTH objects count)
+  if(NOT count EQUAL default_count)
+    message(SEND_ERROR "${capability} has ${count} kernel objects, DEFAULT has ${default_count}")
+    math(EXPR problems "${problems} + 1")
+  endif()
   string(LENGTH "${capability}" length)
-  weak_symbols("${object}" symbols)
   set(checked 0)
-  foreach(symbol IN LISTS symbols)
-    # Mangled names of the capability's namespaces (pyfastnn::cpu::AVX2, at::vec::AVX2) hold "4AVX2".
-    string(FIND "${symbol}" "${length}${capability}" own)
-    if(own EQUAL -1)
-      math(EXPR checked "${checked} + 1")
-      list(FIND default_symbols "${symbol}" found)
-      if(found EQUAL -1)
-        message(SEND_ERROR "${symbol} is emitted by the ${capability} kernel object but not by the DEFAULT one "
-                           "linked before it: the linker could keep its ${capability} copy")
-        math(EXPR problems "${problems} + 1")
+  foreach(object IN LISTS objects)
+    weak_symbols("${object}" symbols)
+    foreach(symbol IN LISTS symbols)
+      # Mangled names of the capability's namespaces (pyfastnn::cpu::AVX2, at::vec::AVX2) hold "4AVX2".
+      string(FIND "${symbol}" "${length}${capability}" own)
+      if(own EQUAL -1)
+        math(EXPR checked "${checked} + 1")
+        list(FIND default_symbols "${symbol}" found)
+        if(found EQUAL -1)
+          message(SEND_ERROR "${symbol} is emitted by the ${capability} kernel object ${object} but by no DEFAULT "
+                             "one linked before it: the linker could keep its ${capability} copy")
+          math(EXPR problems "${problems} + 1")
+        endif()
       endif()
-    endif()
+    endforeach()
   endforeach()
-  message(STATUS "${capability}: ${checked} shared weak symbols, each also in the DEFAULT kernel object")
+  message(STATUS "${capability}: ${checked} shared weak symbols in ${count} objects, each also in a DEFAULT "
+                 "kernel object")
 endforeach()
 if(problems GREATER 0)
-  message(FATAL_ERROR "${problems} symbols could resolve to an AVX copy")
+  message(FATAL_ERROR "${problems} problems: symbols could resolve to an AVX copy")
 endif()

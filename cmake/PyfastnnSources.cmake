@@ -96,13 +96,15 @@ function(pyfastnn_add_kernel_object_test target)
   if(_count LESS 2 OR NOT CMAKE_NM)
     return()
   endif()
+  # Each capability has one object per kernel source: "|" separates them (";" separates capabilities).
   set(_objects "")
   foreach(_name IN LISTS PYFASTNN_CPU_CAPABILITIES)
     if(NOT _name STREQUAL "DEFAULT")
-      list(APPEND _objects "${_name}=$<TARGET_OBJECTS:${target}_cpu_${_name}>")
+      list(APPEND _objects "${_name}=$<JOIN:$<TARGET_OBJECTS:${target}_cpu_${_name}>,|>")
     endif()
   endforeach()
   add_test(NAME ${target}_kernel_objects
-           COMMAND ${CMAKE_COMMAND} -DNM=${CMAKE_NM} "-DDEFAULT_OBJECT=$<TARGET_OBJECTS:${target}_cpu_DEFAULT>"
+           COMMAND ${CMAKE_COMMAND} -DNM=${CMAKE_NM}
+                   "-DDEFAULT_OBJECTS=$<JOIN:$<TARGET_OBJECTS:${target}_cpu_DEFAULT>,|>"
                    "-DOBJECTS=${_objects}" -P "${PROJECT_SOURCE_DIR}/cmake/CheckKernelObjects.cmake")
 endfunction()

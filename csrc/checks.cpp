@@ -1,10 +1,9 @@
-// Argument checks and the ATen reference, shared by every backend.
-#include <ATen/ATen.h>
-
-#include "fused_linear.h"
-#include "fused_mlp.h"
+// The argument checks of the fused ops (checks.h).
+#include "checks.h"
 
 #include <string>
+
+#include "activations.h"
 
 namespace pyfastnn {
 
@@ -23,7 +22,8 @@ std::string source_name(int64_t layer) {
   return layer <= 0 ? std::string("input (last dimension)") : "layer " + std::to_string(layer - 1) + "'s output";
 }
 
-// One Linear layer's parameters against the tensor that flows into it (`in_features` wide).
+// One Linear layer (its activation code and parameters) against the tensor that flows into it
+// (`in_features` wide).
 void check_layer(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                  int64_t activation, const c10::SymInt& in_features, int64_t layer) {
   TORCH_CHECK_VALUE(is_valid_activation(activation), "pyfastnn: unknown activation code ",
@@ -42,7 +42,7 @@ void check_layer(const at::Tensor& input, const at::Tensor& weight, const std::o
                     in_features, " but ", parameter_name("weight", "weights", layer), " expects in_features=",
                     weight.sym_size(1), " (", parameter_name("weight", "weights", layer), " shape ",
                     weight.sym_sizes(), ")");
-  if (bias.has_value() && bias->defined()) {
+  if (has_tensor(bias)) {
     TORCH_CHECK_TYPE(bias->scalar_type() == input.scalar_type(), "pyfastnn: ",
                      parameter_name("bias", "biases", layer), " dtype ", bias->scalar_type(),
                      " does not match input dtype ", input.scalar_type());
@@ -66,14 +66,12 @@ void check_input(const at::Tensor& input) {
 
 void check_fused_linear_args(const at::Tensor& input, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, int64_t activation) {
-  TORCH_CHECK_VALUE(is_valid_activation(activation), "pyfastnn: unknown activation code ",
-                    activation, " (valid: 0..", kNumActivations - 1, ")");
   check_input(input);
   check_layer(input, weight, bias, activation, input.sym_size(-1), /*layer=*/-1);
 }
 
 void check_fused_mlp_args(const at::Tensor& input, at::TensorList weights,
-                          const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
+                          const BiasList& biases, at::IntArrayRef activations,
                           at::ArrayRef<double> dropout) {
   const size_t layers = weights.size();
   TORCH_CHECK_VALUE(layers >= 1, "pyfastnn: fused_mlp needs at least one weight");
@@ -101,23 +99,6 @@ void check_saved_tensor(const char* name, const at::Tensor& t, const at::Tensor&
                    " does not match input dtype ", input.scalar_type());
   TORCH_CHECK_TYPE(t.device() == input.device(), "pyfastnn: ", name, " is on ", t.device(),
                    " but input is on ", input.device());
-}
-
-at::Tensor reference_fused_linear(const at::Tensor& input, const at::Tensor& weight,
-                                  const std::optional<at::Tensor>& bias, int64_t activation,
-                                  double negative_slope) {
-  const at::Tensor pre = at::linear(input, weight, bias);
-  switch (static_cast<Activation>(activation)) {
-    case Activation::Identity: return pre;
-    case Activation::Relu: return at::relu(pre);
-    case Activation::LeakyRelu: return at::leaky_relu(pre, negative_slope);
-    case Activation::Sigmoid: return at::sigmoid(pre);
-    case Activation::Tanh: return at::tanh(pre);
-    case Activation::Gelu: return at::gelu(pre, "none");
-    case Activation::GeluTanh: return at::gelu(pre, "tanh");
-    case Activation::Silu: return at::silu(pre);
-  }
-  TORCH_CHECK_VALUE(false, "pyfastnn: unknown activation code ", activation);
 }
 
 }  // namespace pyfastnn

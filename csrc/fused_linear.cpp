@@ -1,8 +1,10 @@
 // The fused Linear+activation ops for every device: one layer_forward / layer_backward each way.
+#include "fused_linear.h"
+
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 
-#include "fused_linear.h"
+#include "checks.h"
 #include "layer.h"
 
 namespace pyfastnn {

@@ -13,15 +13,6 @@
 
 namespace pyfastnn {
 
-// Validates arguments for every backend. Errors surface in Python as TypeError (dtypes, devices)
-// or ValueError (shapes, activation code), each naming the offending argument.
-void check_fused_linear_args(const at::Tensor& input, const at::Tensor& weight,
-                             const std::optional<at::Tensor>& bias, int64_t activation);
-
-// Checks a tensor handed to a backward op (a gradient or a saved activation) against the input.
-void check_saved_tensor(const char* name, const at::Tensor& t, const at::Tensor& input,
-                        at::IntArrayRef expected_shape);
-
 // act(input @ weight^T + bias), keeping nothing for backward (inference).
 at::Tensor fused_linear_inference(const at::Tensor& input, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, int64_t activation,
@@ -39,11 +30,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& saved, int64_t activation, double negative_slope,
     std::array<bool, 3> output_mask);
-
-// act(F.linear(input, weight, bias)) from stock ATen ops: the reference the kernels are tested
-// against, and the differentiable path used for double backward.
-at::Tensor reference_fused_linear(const at::Tensor& input, const at::Tensor& weight,
-                                  const std::optional<at::Tensor>& bias, int64_t activation,
-                                  double negative_slope);
 
 }  // namespace pyfastnn

@@ -8,7 +8,7 @@
 
 #include <mutex>
 
-#include "fused_linear.h"
+#include "checks.h"
 #include "layer.h"
 
 namespace pyfastnn {
@@ -180,20 +180,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
   }
   if (need_input) grad_input = input.dim() == 2 ? grad : grad.view(input.sizes());
   return {grad_input, grad_weights, grad_biases};
-}
-
-at::Tensor reference_fused_mlp(const at::Tensor& input, at::TensorList weights, const BiasList& biases,
-                               at::IntArrayRef activations, double negative_slope, at::ArrayRef<double> dropout,
-                               at::TensorList keep_masks) {
-  at::Tensor x = input;
-  for (size_t l = 0; l < weights.size(); ++l) {
-    x = reference_fused_linear(x, weights[l], biases.get(l), activations[l], negative_slope);
-    if (l < keep_masks.size() && keep_masks[l].dim() == 2) {
-      // nn.Dropout's arithmetic: input * (mask / (1 - p)).
-      x = x * (keep_masks[l].view(x.sizes()).to(x.scalar_type()) / (1.0 - dropout[l]));
-    }
-  }
-  return x;
 }
 
 }  // namespace pyfastnn

@@ -16,10 +16,6 @@ namespace pyfastnn {
 
 using BiasList = c10::List<std::optional<at::Tensor>>;
 
-// Errors name the layer: "weights[1] ...", "dropout probability must be in [0, 1) ... for layer 0".
-void check_fused_mlp_args(const at::Tensor& input, at::TensorList weights, const BiasList& biases,
-                          at::IntArrayRef activations, at::ArrayRef<double> dropout);
-
 // The MLP's output, keeping nothing for backward.
 at::Tensor fused_mlp_inference(const at::Tensor& input, at::TensorList weights, const BiasList& biases,
                                at::IntArrayRef activations, double negative_slope, at::ArrayRef<double> dropout,
@@ -43,11 +39,5 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
     const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights, const at::Tensor& output,
     at::TensorList hidden, at::TensorList preacts, at::TensorList keep_masks, at::IntArrayRef activations,
     double negative_slope, at::ArrayRef<double> dropout, const c10::List<bool>& output_mask);
-
-// The same network from stock ATen ops, applying the given keep masks (empty: no dropout): the
-// reference for tests and the differentiable path for double backward.
-at::Tensor reference_fused_mlp(const at::Tensor& input, at::TensorList weights, const BiasList& biases,
-                               at::IntArrayRef activations, double negative_slope, at::ArrayRef<double> dropout,
-                               at::TensorList keep_masks);
 
 }  // namespace pyfastnn

@@ -7,7 +7,8 @@
 
 #include <algorithm>
 
-#include "cpu/kernels.h"
+#include "checks.h"
+#include "cpu/gemm.h"
 #include "epilogue.h"
 #ifdef PYFASTNN_WITH_CUDA
 #include "cuda/blaslt.h"
@@ -46,46 +47,16 @@ int64_t rows_per_block(int64_t rows, int64_t cols, bool cuda_device) {
   return std::max({int64_t{16}, by_size, (rows + 63) / 64});
 }
 
-// The small-batch CPU kernels take float/double row-major operands with 1..kSmallGemmRows rows;
-// anything else goes to ATen's GEMM.
-bool use_small_gemm(const at::Tensor& rows_operand, const at::Tensor& other) {
-  const int64_t rows = rows_operand.size(0);
-  const auto dtype = rows_operand.scalar_type();
-  return rows_operand.device().is_cpu() && rows >= 1 && rows <= cpu::kSmallGemmRows &&
-         (dtype == at::kFloat || dtype == at::kDouble) && rows_operand.is_contiguous() && other.is_contiguous() &&
-         rows_operand.numel() > 0 && other.numel() > 0;
-}
-
-void small_gemm(cpu::SmallGemmKind kind, const at::Tensor& a, const at::Tensor& b, const at::Tensor& y,
-                int64_t n, int64_t k) {
-  cpu::launch_small_gemm(kind, {a.scalar_type(), a.size(0), n, k, a.data_ptr(), b.data_ptr(), y.data_ptr()});
-}
-
-// out = x @ w^T into a preallocated contiguous buffer.
-void matmul_xwt(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
-  if (use_small_gemm(x, w) && out.is_contiguous()) {
-    return small_gemm(cpu::SmallGemmKind::XWt, x, w, out, w.size(0), w.size(1));
-  }
-  at::mm_out(out, x, w.t());
-}
-
+// The device's GEMMs for the gradients: the CPU picks its own (cpu/gemm.h), CUDA runs ATen's (cuBLAS).
 // grad @ w: the input gradient.
 at::Tensor matmul_gw(const at::Tensor& grad, const at::Tensor& w) {
-  if (!use_small_gemm(grad, w)) return at::mm(grad, w);
-  at::Tensor y = at::empty({grad.size(0), w.size(1)}, grad.options());
-  small_gemm(cpu::SmallGemmKind::GW, grad, w, y, w.size(0), w.size(1));
-  return y;
+  return on_cuda(grad) ? at::mm(grad, w) : cpu::matmul_gw(grad, w);
 }
 
-// grad^T @ x: the weight gradient, row-major (out, in) like the parameter, so autograd's
-// AccumulateGrad can keep it without a copy.
+// grad^T @ x: the weight gradient, row-major (out, in) like the parameter.
 at::Tensor matmul_gtx(const at::Tensor& grad, const at::Tensor& x) {
-  if (!use_small_gemm(grad, x)) return at::mm(grad.t(), x);
-  at::Tensor y = at::empty({grad.size(1), x.size(1)}, grad.options());
-  small_gemm(cpu::SmallGemmKind::GtX, grad, x, y, grad.size(1), x.size(1));
-  return y;
+  return on_cuda(grad) ? at::mm(grad.t(), x) : cpu::matmul_gtx(grad, x);
 }
-
 
 // The backward element-wise pass: grad_pre = grad_out * act'(saved) (and the dropout mask) where
 // grad_pre is defined, and the bias gradient (column sums of that product) when need_sums. The sums
@@ -263,7 +234,7 @@ void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
   // The GEMM writes into the buffer that must hold x @ W^T + bias afterwards: the pre-activation when
   // it is kept, otherwise the output itself (then the epilogue runs in place).
   at::Tensor acc = preact != nullptr ? *preact : out;
-  at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  at::Tensor b = has_tensor(bias) ? bias->contiguous() : at::Tensor();
   const bool cuda_device = on_cuda(x);
   if (cuda_device) {
 #ifdef PYFASTNN_WITH_CUDA
@@ -277,7 +248,7 @@ void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
     at::addmm_out(acc, b, x, weight.t());
     b = at::Tensor();
   } else {
-    matmul_xwt(x, weight, acc);
+    cpu::matmul_xwt_out(x, weight, acc);
   }
   ForwardEpilogue args{x.scalar_type(),
                        activation,

@@ -1,10 +1,10 @@
-// pyfastnn._C: loading it registers the torch.library ops (ops.cpp); the few pybind11 helpers here
-// describe the build. Ops themselves are reached through torch.ops.pyfastnn.
+// pyfastnn._C: loading it registers the torch.library ops (registration.cpp); the few pybind11
+// helpers here describe the build. Ops themselves are reached through torch.ops.pyfastnn.
 #include <torch/extension.h>
 
+#include "activations.h"
+#include "checks.h"
 #include "cpu/kernels.h"
-#include "fused_linear.h"
-#include "fused_mlp.h"
 #include "layer.h"
 
 #ifndef PYFASTNN_CUDA_ARCHS

@@ -9,7 +9,6 @@
 #include <array>
 
 #include "kernels.h"
-#include "small_gemm_impl.h"
 #include "vec_math.h"
 
 namespace pyfastnn::cpu {
@@ -162,15 +161,6 @@ inline void backward_epilogue(const BackwardEpilogue& a, int64_t row_begin, int6
       backward_rows<decltype(tag), decltype(functor)>(a, row_begin, row_end);
     });
   });
-}
-
-#define PYFASTNN_STRINGIFY_(x) #x
-#define PYFASTNN_STRINGIFY(x) PYFASTNN_STRINGIFY_(x)
-
-const EpilogueKernels& kernels() {
-  static const EpilogueKernels table{&forward_epilogue, &backward_epilogue, &small_xwt_entry,
-                                     &small_gw_entry,   &small_gtx_entry,   PYFASTNN_STRINGIFY(CPU_CAPABILITY)};
-  return table;
 }
 
 }  // namespace CPU_CAPABILITY

@@ -14,3 +14,14 @@
 #endif
 
 #include "epilogue_impl.h"
+
+namespace pyfastnn::cpu {
+namespace CPU_CAPABILITY {
+
+const EpilogueKernels& epilogue_kernels() {
+  static const EpilogueKernels table{&forward_epilogue, &backward_epilogue, PYFASTNN_CPU_CAPABILITY_NAME};
+  return table;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace pyfastnn::cpu

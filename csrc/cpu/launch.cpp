@@ -1,4 +1,4 @@
-// CPU launchers: the epilogue kernels over row ranges with at::parallel_for (torch.set_num_threads
+// CPU launchers of the epilogue passes (epilogue.h): the epilogue kernels over row ranges with at::parallel_for (torch.set_num_threads
 // applies); tiny passes stay on the calling thread.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -33,27 +33,6 @@ void launch_backward_epilogue(const BackwardEpilogue& args, int64_t rows, int64_
       kernels.backward(block_args, block * rows_per_block, std::min(rows, (block + 1) * rows_per_block));
     }
   });
-}
-
-void launch_small_gemm(SmallGemmKind kind, const SmallGemm& args) {
-  const auto& kernels = epilogue_kernels();
-  // Split the dimension that indexes independent outputs so each task gets at least kMacsPerTask
-  // multiply-adds: a 1x784 @ 784x256 product uses two threads, a 1x128 @ 128x10 one. Columns of gw
-  // go in blocks of 128 (a multiple of every kernel's column step), so no split moves a column from the vector
-  // loop to the scalar tail: results never depend on the thread count.
-  constexpr int64_t kMacsPerTask = 65536;
-  constexpr int64_t kColumnBlock = 128;
-  if (kind == SmallGemmKind::GW) {
-    const int64_t blocks = (args.k + kColumnBlock - 1) / kColumnBlock;
-    const int64_t grain = std::max<int64_t>(1, kMacsPerTask / std::max<int64_t>(args.rows * args.n * kColumnBlock, 1));
-    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-      kernels.small_gw(args, begin * kColumnBlock, std::min(args.k, end * kColumnBlock));
-    });
-    return;
-  }
-  const int64_t grain = std::max<int64_t>(1, kMacsPerTask / std::max<int64_t>(args.rows * args.k, 1));
-  const auto kernel = kind == SmallGemmKind::XWt ? kernels.small_xwt : kernels.small_gtx;
-  at::parallel_for(0, args.n, grain, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
 }
 
 }  // namespace pyfastnn::cpu

@@ -2,8 +2,8 @@
 // BLAS libraries are tuned for large shapes: at one row, MKL spends ~16 us on 1x784 @ 784x256, a
 // product that streams 0.8 MB of weights and nothing else. These kernels stream each operand once
 // with SIMD FMAs over the long dimension and keep every partial sum in registers. Included by
-// epilogue_impl.h (one copy per instruction set); each call fills the slice [begin, end) of the
-// dimension the launcher splits between threads, in an order independent of the split.
+// small_gemm_kernels.cpp (one copy per instruction set); each call fills the slice [begin, end) of
+// the dimension the launcher (gemm.cpp) splits between threads, in an order independent of the split.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>

@@ -5,12 +5,16 @@
 #include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/Exceptions.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/util/Exception.h>
 #include <cublasLt.h>
 
+#include <array>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 
 namespace pyfastnn::cuda {
@@ -77,6 +81,46 @@ bool uses_aux(GemmEpilogue e) {
          e == GemmEpilogue::DGeluTanh;
 }
 
+// NOTE [cuBLASLt heuristic cache]
+// cublasLtMatmulAlgoGetHeuristic costs host time on every call, while a training loop repeats the
+// same few problems. Its answer depends only on the device, the problem (types, compute type,
+// transposes, sizes, leading dimensions, epilogue, bias and aux leading dimension), the workspace
+// size and the alignments of the pointers (the preferences and descriptor attributes it reads), so
+// the answer, including "no algorithm", is kept per such key. The cache is bounded: a run with
+// ever-changing shapes starts it afresh rather than growing without end.
+using HeuristicKey = std::array<int64_t, 21>;
+
+struct HeuristicAnswer {
+  bool found = false;
+  cublasLtMatmulHeuristicResult_t heuristic = {};
+};
+
+class HeuristicCache {
+ public:
+  bool lookup(const HeuristicKey& key, HeuristicAnswer& answer) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = answers_.find(key);
+    if (it == answers_.end()) return false;
+    answer = it->second;
+    return true;
+  }
+  void store(const HeuristicKey& key, const HeuristicAnswer& answer) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (answers_.size() >= kMaxEntries) answers_.clear();
+    answers_[key] = answer;
+  }
+
+ private:
+  static constexpr size_t kMaxEntries = 4096;
+  std::mutex mutex_;
+  std::map<HeuristicKey, HeuristicAnswer> answers_;
+};
+
+HeuristicCache& heuristic_cache() {
+  static HeuristicCache cache;
+  return cache;
+}
+
 }  // namespace
 
 bool lt_enabled() {
@@ -138,12 +182,24 @@ bool lt_matmul(const LtGemm& g) {
   preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, alignment_of(g.d));
 
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
-  cublasLtMatmulHeuristicResult_t heuristic = {};
-  int found = 0;
-  const cublasStatus_t query = cublasLtMatmulAlgoGetHeuristic(handle, desc.raw, a_layout.raw, b_layout.raw,
-                                                               d_layout.raw, d_layout.raw, preference.raw, 1,
-                                                               &heuristic, &found);
-  if (query != CUBLAS_STATUS_SUCCESS || found == 0) return false;  // NOT_SUPPORTED or no algorithm
+  // NOTE [cuBLASLt heuristic cache]
+  const HeuristicKey key{static_cast<int64_t>(c10::cuda::current_device()), static_cast<int64_t>(g.dtype),
+                         static_cast<int64_t>(compute), g.transpose_a, g.transpose_b, g.m, g.n, g.k, g.lda, g.ldb,
+                         g.ldd, static_cast<int64_t>(epilogue), g.aux_ld, static_cast<int64_t>(workspace_size),
+                         alignment_of(g.a), alignment_of(g.b), alignment_of(g.d),
+                         has_bias ? alignment_of(g.bias) : 0, uses_aux(g.epilogue) ? alignment_of(g.aux) : 0,
+                         has_bias, uses_aux(g.epilogue)};
+  HeuristicAnswer answer;
+  if (!heuristic_cache().lookup(key, answer)) {
+    int found = 0;
+    const cublasStatus_t query = cublasLtMatmulAlgoGetHeuristic(handle, desc.raw, a_layout.raw, b_layout.raw,
+                                                                 d_layout.raw, d_layout.raw, preference.raw, 1,
+                                                                 &answer.heuristic, &found);
+    answer.found = query == CUBLAS_STATUS_SUCCESS && found > 0;  // else NOT_SUPPORTED or no algorithm
+    heuristic_cache().store(key, answer);
+  }
+  if (!answer.found) return false;
+  const cublasLtMatmulHeuristicResult_t& heuristic = answer.heuristic;
 
   void* workspace = at::cuda::getCUDABlasLtWorkspace();
   const float alpha = 1.0f, beta = 0.0f;

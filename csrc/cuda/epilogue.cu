@@ -51,20 +51,6 @@ struct DropoutArgs {
   double kept_scale;  // 1 / (1 - p)
 };
 
-// Element-wise backward: g * act'(s), then the dropout mask (see BackwardEpilogue).
-template <typename F, typename opmath_t>
-__device__ __forceinline__ opmath_t backward_element(opmath_t g, opmath_t s, bool kept, bool has_mask,
-                                                     bool rescale_saved, bool mask_implied, opmath_t saved_scale,
-                                                     opmath_t kept_scale, opmath_t slope) {
-  if constexpr (!std::is_same_v<F, act::Identity>) {
-    if (rescale_saved) s *= saved_scale;
-    g *= F::derivative(s, slope);
-  }
-  if (mask_implied) return g * kept_scale;
-  if (has_mask) return g * (kept ? kept_scale : opmath_t(0));
-  return g;
-}
-
 template <typename scalar_t, typename F, int kVec>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(int64_t chunks, const scalar_t* acc, scalar_t* preact, scalar_t* out, uint8_t* keep_mask,
@@ -110,6 +96,35 @@ struct BackwardFlags {
   double saved_scale, kept_scale, negative_slope;
 };
 
+// The flags of one backward launch as the kernels use them: scalars in the op-math type, and whether
+// the dropout mask is read at all.
+template <typename opmath_t>
+struct BackwardScalars {
+  opmath_t slope, saved_scale, kept_scale;
+  bool rescale_saved, mask_implied, read_mask;
+
+  __device__ __forceinline__ BackwardScalars(const BackwardFlags& flags, const uint8_t* keep_mask)
+      : slope(static_cast<opmath_t>(flags.negative_slope)),
+        saved_scale(static_cast<opmath_t>(flags.saved_scale)),
+        kept_scale(static_cast<opmath_t>(flags.kept_scale)),
+        rescale_saved(flags.rescale_saved),
+        mask_implied(flags.mask_implied),
+        read_mask(keep_mask != nullptr && !flags.mask_implied) {}
+
+  // One element of grad_pre: g * act'(s), then the dropout mask (see BackwardEpilogue); `kept` is
+  // the element's mask entry where read_mask.
+  template <typename F>
+  __device__ __forceinline__ opmath_t grad_pre(opmath_t g, opmath_t s, bool kept) const {
+    if constexpr (!std::is_same_v<F, act::Identity>) {
+      if (rescale_saved) s *= saved_scale;
+      g *= F::derivative(s, slope);
+    }
+    if (mask_implied) return g * kept_scale;
+    if (read_mask) return g * (kept ? kept_scale : opmath_t(0));
+    return g;
+  }
+};
+
 // Backward without a bias sum, over the flat buffer like forward_kernel.
 template <typename scalar_t, typename F, int kVec>
 __global__ void __launch_bounds__(kThreads)
@@ -117,10 +132,7 @@ __global__ void __launch_bounds__(kThreads)
                          const uint8_t* keep_mask, BackwardFlags flags) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr bool kIdentity = std::is_same_v<F, act::Identity>;
-  const auto slope = static_cast<opmath_t>(flags.negative_slope);
-  const auto saved_scale = static_cast<opmath_t>(flags.saved_scale);
-  const auto kept_scale = static_cast<opmath_t>(flags.kept_scale);
-  const bool read_mask = keep_mask != nullptr && !flags.mask_implied;
+  const BackwardScalars<opmath_t> scalars(flags, keep_mask);
   for (int64_t chunk = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; chunk < chunks;
        chunk += int64_t(blockDim.x) * gridDim.x) {
     const int64_t first = chunk * kVec;
@@ -128,13 +140,12 @@ __global__ void __launch_bounds__(kThreads)
     Pack<scalar_t, kVec> s{};
     if constexpr (!kIdentity) s = *reinterpret_cast<const Pack<scalar_t, kVec>*>(saved + first);
     Pack<uint8_t, kVec> kept{};
-    if (read_mask) kept = *reinterpret_cast<const Pack<uint8_t, kVec>*>(keep_mask + first);
+    if (scalars.read_mask) kept = *reinterpret_cast<const Pack<uint8_t, kVec>*>(keep_mask + first);
     Pack<scalar_t, kVec> result;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      result.v[j] = static_cast<scalar_t>(backward_element<F>(
-          static_cast<opmath_t>(g.v[j]), static_cast<opmath_t>(s.v[j]), kept.v[j] != 0, read_mask,
-          flags.rescale_saved, flags.mask_implied, saved_scale, kept_scale, slope));
+      result.v[j] = static_cast<scalar_t>(scalars.template grad_pre<F>(
+          static_cast<opmath_t>(g.v[j]), static_cast<opmath_t>(s.v[j]), kept.v[j] != 0));
     }
     *reinterpret_cast<Pack<scalar_t, kVec>*>(grad_pre + first) = result;
   }
@@ -150,10 +161,7 @@ __global__ void backward_sums_kernel(int64_t rows, int64_t cols, int64_t rows_pe
                                      at::opmath_type<scalar_t>* sums, BackwardFlags flags) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr bool kIdentity = std::is_same_v<F, act::Identity>;
-  const auto slope = static_cast<opmath_t>(flags.negative_slope);
-  const auto saved_scale = static_cast<opmath_t>(flags.saved_scale);
-  const auto kept_scale = static_cast<opmath_t>(flags.kept_scale);
-  const bool read_mask = keep_mask != nullptr && !flags.mask_implied;
+  const BackwardScalars<opmath_t> scalars(flags, keep_mask);
   __shared__ opmath_t lane_sums[kRowLanes][kColumnsPerBlock];
   const int64_t col = int64_t(blockIdx.x) * kColumnsPerBlock + threadIdx.x;
   const int64_t row_begin = int64_t(blockIdx.y) * rows_per_block;
@@ -163,9 +171,8 @@ __global__ void backward_sums_kernel(int64_t rows, int64_t cols, int64_t rows_pe
     for (int64_t r = row_begin + threadIdx.y; r < row_end; r += kRowLanes) {
       const int64_t i = r * cols + col;
       const opmath_t s = kIdentity ? opmath_t(0) : static_cast<opmath_t>(saved[i]);
-      const opmath_t g = backward_element<F>(static_cast<opmath_t>(grad_out[i]), s, read_mask && keep_mask[i] != 0,
-                                             read_mask, flags.rescale_saved, flags.mask_implied, saved_scale,
-                                             kept_scale, slope);
+      const opmath_t g = scalars.template grad_pre<F>(static_cast<opmath_t>(grad_out[i]), s,
+                                                      scalars.read_mask && keep_mask[i] != 0);
       if (grad_pre != nullptr) grad_pre[i] = static_cast<scalar_t>(g);
       total += g;
     }

@@ -19,6 +19,7 @@
 #include "dropout.h"
 #include "fused_linear.h"
 #include "fused_mlp.h"
+#include "reference.h"
 
 namespace {
 
@@ -194,6 +195,9 @@ void test_kernel_variants(const std::vector<std::string>& supported) {
     expected = "AVX2";
   }
   expect(in_use == expected, "kernels in use " + in_use + ", expected " + expected + " (ATen: " + aten + ")");
+  const std::string small_gemm_in_use = pyfastnn::cpu::small_gemm_kernels().isa;
+  expect(small_gemm_in_use == expected,
+         "small GEMM kernels in use " + small_gemm_in_use + ", expected " + expected + " (ATen: " + aten + ")");
   std::printf("CPU kernels compiled: %s; in use: %s (ATen capability %s)\n", pyfastnn::cpu::compiled_isas(),
               in_use.c_str(), aten.c_str());
 }

@@ -1,44 +1,27 @@
-// Operator schemas and the device-independent kernels: autograd (C++, so a training step pays one
-// dispatcher call each way and no Python) and autocast. Backends register their own kernels.
-#include <ATen/autocast_mode.h>
+// The Autograd kernels (autograd.h). Each op's kernel picks one of three paths: inference (no graph:
+// straight to the device kernel), the fused autograd Function (forward keeps what backward needs,
+// backward is one more fused op), or the ATen reference where autograd needs derivatives the fused
+// backward does not give (NOTE [Forward-mode AD and torch.func], create_graph=True).
+#include "autograd.h"
+
 #include <ATen/FuncTorchTLS.h>
 #include <torch/autograd.h>
-#include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <tuple>
+#include <vector>
 
-#include "fused_linear.h"
-#include "fused_mlp.h"
+#include "activations.h"
+#include "checks.h"
+#include "reference.h"
+#include "registration.h"
 
 namespace pyfastnn {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// The typed handle of one of our ops, for calling it through the dispatcher (each caller keeps its
-// own in a function-local static, so the lookup happens once).
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-const auto& forward_op() {
-  static const auto op = find_op<decltype(fused_linear_forward)>("pyfastnn::fused_linear_forward");
-  return op;
-}
-
-const auto& backward_op() {
-  static const auto op = find_op<decltype(fused_linear_backward)>("pyfastnn::fused_linear_backward");
-  return op;
-}
-
-const auto& fused_linear_op() {
-  static const auto op = find_op<decltype(fused_linear_inference)>("pyfastnn::fused_linear");
-  return op;
-}
-
-bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // NOTE [Forward-mode AD and torch.func]
 // A C++ autograd::Function has no forward (JVP) formula: dual tensors passing through it would
@@ -81,7 +64,8 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     at::Tensor output, preact;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(output, preact) = forward_op().call(input, weight, bias, activation, negative_slope, !from_output);
+      std::tie(output, preact) =
+          ops::fused_linear_forward().call(input, weight, bias, activation, negative_slope, !from_output);
     }
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["negative_slope"] = negative_slope;
@@ -123,45 +107,11 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
       }
       return result;
     }
-    auto [grad_input, grad_weight, grad_bias] = backward_op().call(
+    auto [grad_input, grad_weight, grad_bias] = ops::fused_linear_backward().call(
         grad_output, input, weight, saved[2], activation, negative_slope, mask);
     return {grad_input, grad_weight, grad_bias, at::Tensor(), at::Tensor()};
   }
 };
-
-at::Tensor fused_linear_autograd(const at::Tensor& input, const at::Tensor& weight,
-                                 const std::optional<at::Tensor>& bias, int64_t activation,
-                                 double negative_slope) {
-  if (has_forward_grad(input) || has_forward_grad(weight) || has_forward_grad(bias) || in_functorch_transform()) {
-    // See NOTE [Forward-mode AD and torch.func].
-    check_fused_linear_args(input, weight, bias, activation);
-    return reference_fused_linear(input, weight, bias, activation, negative_slope);
-  }
-  const bool needs_graph = at::GradMode::is_enabled() &&
-                           (input.requires_grad() || weight.requires_grad() ||
-                            (has_tensor(bias) && bias->requires_grad()));
-  if (!needs_graph) {
-    // Inference: no graph node, no saved tensors, no pre-activation; one GEMM and one epilogue.
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return fused_linear_op().call(input, weight, bias, activation, negative_slope);
-  }
-  return FusedLinearFunction::apply(input, weight, bias, activation, negative_slope);
-}
-
-const auto& mlp_forward_op() {
-  static const auto op = find_op<decltype(fused_mlp_forward)>("pyfastnn::fused_mlp_forward");
-  return op;
-}
-
-const auto& mlp_backward_op() {
-  static const auto op = find_op<decltype(fused_mlp_backward)>("pyfastnn::fused_mlp_backward");
-  return op;
-}
-
-const auto& fused_mlp_op() {
-  static const auto op = find_op<decltype(fused_mlp_inference)>("pyfastnn::fused_mlp");
-  return op;
-}
 
 // Autograd sees input, every weight and every present bias as inputs of ONE node; the bias list
 // itself (with its Nones) travels as a non-differentiable argument for the op call.
@@ -175,7 +125,7 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(output, hidden, preacts, keep_masks) =
-          mlp_forward_op().call(input, weights, biases, activations, negative_slope, dropout, training);
+          ops::fused_mlp_forward().call(input, weights, biases, activations, negative_slope, dropout, training);
     }
     c10::List<bool> has_bias;
     for (size_t l = 0; l < biases.size(); ++l) has_bias.push_back(has_tensor(biases.get(l)));
@@ -251,7 +201,7 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
       return result;
     }
 
-    auto [grad_input, grad_weights, grad_biases] = mlp_backward_op().call(
+    auto [grad_input, grad_weights, grad_biases] = ops::fused_mlp_backward().call(
         grad_output, input, weights, output, hidden, preacts, keep_masks, activations, negative_slope, dropout, mask);
     if (mask.get(0)) result[0] = grad_input;
     for (int64_t l = 0, b = 0; l < layers; ++l) {
@@ -265,6 +215,27 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
   }
 };
 
+}  // namespace
+
+at::Tensor fused_linear_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, int64_t activation,
+                                 double negative_slope) {
+  if (has_forward_grad(input) || has_forward_grad(weight) || has_forward_grad(bias) || in_functorch_transform()) {
+    // See NOTE [Forward-mode AD and torch.func].
+    check_fused_linear_args(input, weight, bias, activation);
+    return reference_fused_linear(input, weight, bias, activation, negative_slope);
+  }
+  const bool needs_graph = at::GradMode::is_enabled() &&
+                           (input.requires_grad() || weight.requires_grad() ||
+                            (has_tensor(bias) && bias->requires_grad()));
+  if (!needs_graph) {
+    // Inference: no graph node, no saved tensors, no pre-activation; one GEMM and one epilogue.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return ops::fused_linear().call(input, weight, bias, activation, negative_slope);
+  }
+  return FusedLinearFunction::apply(input, weight, bias, activation, negative_slope);
+}
+
 at::Tensor fused_mlp_autograd(const at::Tensor& input, at::TensorList weights, const BiasList& biases,
                               at::IntArrayRef activations, double negative_slope, at::ArrayRef<double> dropout,
                               bool training) {
@@ -277,8 +248,8 @@ at::Tensor fused_mlp_autograd(const at::Tensor& input, at::TensorList weights, c
     std::vector<at::Tensor> keep_masks;
     if (training && std::any_of(dropout.begin(), dropout.end(), [](double p) { return p > 0.0; })) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      keep_masks = std::get<3>(mlp_forward_op().call(input, weights, biases, activations, negative_slope, dropout,
-                                                     training));
+      keep_masks = std::get<3>(
+          ops::fused_mlp_forward().call(input, weights, biases, activations, negative_slope, dropout, training));
     }
     return reference_fused_mlp(input, weights, biases, activations, negative_slope, dropout, keep_masks);
   }
@@ -294,103 +265,10 @@ at::Tensor fused_mlp_autograd(const at::Tensor& input, at::TensorList weights, c
   }
   if (!(at::GradMode::is_enabled() && any_requires_grad)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return fused_mlp_op().call(input, weights, biases, activations, negative_slope, dropout, training);
+    return ops::fused_mlp().call(input, weights, biases, activations, negative_slope, dropout, training);
   }
   return FusedMLPFunction::apply(input, weights, at::TensorList(present_biases), biases, activations,
                                  negative_slope, dropout, training);
-}
-
-// Under torch.autocast the op runs in the autocast dtype, exactly as F.linear does.
-template <c10::DeviceType device_type>
-at::Tensor fused_linear_autocast(const at::Tensor& input, const at::Tensor& weight,
-                                 const std::optional<at::Tensor>& bias, int64_t activation,
-                                 double negative_slope) {
-  constexpr auto key = device_type == c10::DeviceType::CUDA ? c10::DispatchKey::AutocastCUDA
-                                                             : c10::DispatchKey::AutocastCPU;
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
-  const auto dtype = at::autocast::get_autocast_dtype(device_type);
-  std::optional<at::Tensor> cast_bias;
-  if (has_tensor(bias)) cast_bias = at::autocast::cached_cast(dtype, *bias, device_type);
-  return fused_linear_op().call(at::autocast::cached_cast(dtype, input, device_type),
-                                at::autocast::cached_cast(dtype, weight, device_type), cast_bias,
-                                activation, negative_slope);
-}
-
-template <c10::DeviceType device_type>
-at::Tensor fused_mlp_autocast(const at::Tensor& input, at::TensorList weights, const BiasList& biases,
-                              at::IntArrayRef activations, double negative_slope, at::ArrayRef<double> dropout,
-                              bool training) {
-  constexpr auto key = device_type == c10::DeviceType::CUDA ? c10::DispatchKey::AutocastCUDA
-                                                             : c10::DispatchKey::AutocastCPU;
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
-  const auto dtype = at::autocast::get_autocast_dtype(device_type);
-  std::vector<at::Tensor> cast_weights;
-  for (const auto& w : weights) cast_weights.push_back(at::autocast::cached_cast(dtype, w, device_type));
-  BiasList cast_biases;
-  for (size_t l = 0; l < biases.size(); ++l) {
-    const std::optional<at::Tensor> b = biases.get(l);
-    cast_biases.push_back(has_tensor(b) ? std::optional<at::Tensor>(at::autocast::cached_cast(dtype, *b, device_type))
-                                        : std::nullopt);
-  }
-  return fused_mlp_op().call(at::autocast::cached_cast(dtype, input, device_type), cast_weights, cast_biases,
-                             activations, negative_slope, dropout, training);
-}
-
-}  // namespace
-
-TORCH_LIBRARY(pyfastnn, m) {
-  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
-  m.def("fused_linear(Tensor input, Tensor weight, Tensor? bias, int activation, float negative_slope) -> Tensor",
-        tags);
-  m.def("fused_linear_forward(Tensor input, Tensor weight, Tensor? bias, int activation, "
-        "float negative_slope, bool keep_preact) -> (Tensor, Tensor)",
-        tags);
-  m.def("fused_linear_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor saved, "
-        "int activation, float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
-        tags);
-  // Dropout draws from torch's generator: the random ops carry nondeterministic_seeded.
-  const std::vector<at::Tag> seeded_tags{at::Tag::pt2_compliant_tag, at::Tag::nondeterministic_seeded};
-  m.def("fused_mlp(Tensor input, Tensor[] weights, Tensor?[] biases, int[] activations, float negative_slope, "
-        "float[] dropout, bool training) -> Tensor",
-        seeded_tags);
-  m.def("fused_mlp_forward(Tensor input, Tensor[] weights, Tensor?[] biases, int[] activations, "
-        "float negative_slope, float[] dropout, bool training) -> (Tensor, Tensor[], Tensor[], Tensor[])",
-        seeded_tags);
-  m.def("fused_mlp_backward(Tensor grad_output, Tensor input, Tensor[] weights, Tensor output, Tensor[] hidden, "
-        "Tensor[] preacts, Tensor[] keep_masks, int[] activations, float negative_slope, float[] dropout, "
-        "bool[] output_mask) -> (Tensor, Tensor[], Tensor[])",
-        tags);
-}
-
-// One implementation serves every device: the GEMMs are ATen's, the epilogue launcher the device's.
-static void register_device_kernels(torch::Library& m) {
-  m.impl("fused_linear", &fused_linear_inference);
-  m.impl("fused_linear_forward", &fused_linear_forward);
-  m.impl("fused_linear_backward", &fused_linear_backward);
-  m.impl("fused_mlp", &fused_mlp_inference);
-  m.impl("fused_mlp_forward", &fused_mlp_forward);
-  m.impl("fused_mlp_backward", &fused_mlp_backward);
-}
-
-TORCH_LIBRARY_IMPL(pyfastnn, CPU, m) { register_device_kernels(m); }
-
-#ifdef PYFASTNN_WITH_CUDA
-TORCH_LIBRARY_IMPL(pyfastnn, CUDA, m) { register_device_kernels(m); }
-#endif
-
-TORCH_LIBRARY_IMPL(pyfastnn, Autograd, m) {
-  m.impl("fused_linear", &fused_linear_autograd);
-  m.impl("fused_mlp", &fused_mlp_autograd);
-}
-
-TORCH_LIBRARY_IMPL(pyfastnn, AutocastCPU, m) {
-  m.impl("fused_linear", &fused_linear_autocast<c10::DeviceType::CPU>);
-  m.impl("fused_mlp", &fused_mlp_autocast<c10::DeviceType::CPU>);
-}
-
-TORCH_LIBRARY_IMPL(pyfastnn, AutocastCUDA, m) {
-  m.impl("fused_linear", &fused_linear_autocast<c10::DeviceType::CUDA>);
-  m.impl("fused_mlp", &fused_mlp_autocast<c10::DeviceType::CUDA>);
 }
 
 }  // namespace pyfastnn

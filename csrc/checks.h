@@ -1,0 +1,29 @@
+// The argument checks of the fused ops, shared by every backend and by the Python fake kernels
+// (through pyfastnn._C): the one source of every check and its message. Errors surface in Python as
+// TypeError (dtypes, devices, missing tensors) or ValueError (shapes, activation codes, dropout
+// probabilities), each naming the offending argument.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "fused_mlp.h"  // BiasList
+
+namespace pyfastnn {
+
+// Whether an optional tensor argument (a bias) was given.
+inline bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+void check_fused_linear_args(const at::Tensor& input, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, int64_t activation);
+
+// Errors name the layer: "weights[1] ...", "dropout probability must be in [0, 1) ... for layer 0".
+void check_fused_mlp_args(const at::Tensor& input, at::TensorList weights, const BiasList& biases,
+                          at::IntArrayRef activations, at::ArrayRef<double> dropout);
+
+// Checks a tensor handed to a backward op (a gradient or a saved activation) against the input.
+void check_saved_tensor(const char* name, const at::Tensor& t, const at::Tensor& input,
+                        at::IntArrayRef expected_shape);
+
+}  // namespace pyfastnn
