@@ -301,8 +301,9 @@ def bench_whole_process(data, log, rounds=3, epochs=5):
     cpu = {name: statistics.median(values) for name, values in cpu_samples.items()}
     # The floor of any 5-epoch run: that fixed cost plus every batch's step at the GEMM+Adam floor
     # (no data loading, loss, autograd, evaluation or output files counted).
-    steps = epochs * -(-60000 // 64)
-    step_floor_s = time_interleaved({"floor": _floor_step(64)}, 9, 0.05)["floor"]
+    batch = TrainConfig().batch_size  # the lesson's, as both runs use
+    steps = epochs * -(-len(load_mnist(data, train=True)[1]) // batch)
+    step_floor_s = time_interleaved({"floor": _floor_step(batch)}, 9, 0.05)["floor"]
     floor_s = times["import torch + torch._dynamo"] + steps * step_floor_s
     row = {"name": f"whole process, {epochs} epochs", "lesson_s": times["lesson"], "pyfastnn_s": times["pyfastnn"],
            "lesson_samples_s": samples["lesson"], "pyfastnn_samples_s": samples["pyfastnn"],
