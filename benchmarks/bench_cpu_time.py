@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 import pyfastnn
+from pyfastnn.benchmark import BENCH_ACTIVATIONS
 
 SHAPES = [(1, 784, 256), (4, 784, 256), (64, 784, 256), (64, 256, 128), (256, 784, 256)]
-ACTIVATIONS = ["relu", "gelu", "sigmoid"]
 
 
 def cpu_time_per_call(fn, calls: int, rounds: int) -> float:
@@ -44,7 +44,7 @@ def main() -> None:
           f"min CPU us per call over {args.rounds} rounds")
     print(f"{'shape':>14} {'act':>8} {'pass':>8} {'fused':>9} {'eager':>9} {'eager/fused':>11}")
     for m, k, n in SHAPES:
-        for act in ACTIVATIONS:
+        for act in BENCH_ACTIVATIONS:
             x = torch.randn(m, k, requires_grad=True)
             w = (torch.randn(n, k) / k**0.5).requires_grad_()
             b = torch.randn(n, requires_grad=True)

@@ -18,6 +18,9 @@ ops = torch.ops.pyfastnn
 #: Names of the supported activations, in the order of the C++ enum (their integer codes).
 ACTIVATIONS: tuple = tuple(native.activation_names())
 
+#: ``leaky_relu``'s slope for negative inputs when none is given (torch.nn.LeakyReLU's default).
+DEFAULT_NEGATIVE_SLOPE = 0.01
+
 _ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 _ACTIVATION_CODES["none"] = _ACTIVATION_CODES["identity"]
 _ACTIVATION_CODES[None] = _ACTIVATION_CODES["identity"]

@@ -14,12 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._ops import ACTIVATIONS, canonical_activation, dropout_probability
+from ._ops import ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, canonical_activation, dropout_probability
 
 __all__ = ["ACTIVATION_MODULES", "FUNCTION_ACTIVATIONS", "METHOD_ACTIVATIONS", "Layer", "activation_module",
            "activation_of", "dropout_of", "has_hooks", "is_plain_linear", "parse_layers"]
-
-DEFAULT_NEGATIVE_SLOPE = 0.01
 
 #: The one table of activation name -> (torch.nn module type, the attributes that select it).
 #: ``leaky_relu``'s ``negative_slope`` is a parameter of the activation, not part of its identity.

@@ -24,12 +24,13 @@ from .files import atomic_write, ensure_writable_folder
 from .functional import fused_linear
 from .info import info
 
-__all__ = ["time_interleaved", "train_step", "saved_for_backward_bytes", "run", "main"]
+__all__ = ["BENCH_ACTIVATIONS", "time_interleaved", "train_step", "saved_for_backward_bytes", "run", "main"]
 
 FULL_SHAPES = ((1, 784, 256), (64, 784, 256), (256, 784, 256), (1024, 784, 256), (64, 256, 128),
                (4096, 1024, 1024))
 QUICK_SHAPES = ((1, 784, 256), (64, 784, 256), (64, 256, 128), (1024, 784, 256))
-ACTIVATIONS = ("relu", "gelu", "sigmoid")
+#: The activations `pyfastnn bench` times (a cheap, a costly and a saturating one), not pyfastnn.ACTIVATIONS.
+BENCH_ACTIVATIONS = ("relu", "gelu", "sigmoid")
 TORCH_ACT = {"relu": torch.relu, "gelu": F.gelu, "sigmoid": torch.sigmoid}
 
 
@@ -169,7 +170,7 @@ def _no_grad(fn):
         return fn()
 
 
-def run(shapes: Sequence = FULL_SHAPES, activations: Sequence[str] = ACTIVATIONS,
+def run(shapes: Sequence = FULL_SHAPES, activations: Sequence[str] = BENCH_ACTIVATIONS,
         threads: Sequence[int] = (1, 2), with_compile: bool = True, rounds: int = 7,
         target_s: float = 0.02, log=print) -> List[dict]:
     """Times fused_linear against eager PyTorch, the bare GEMMs (and torch.compile) for every shape x

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Callable, Optional, Sequence
 
-from .command import DEBUG_ENV, EXIT_FAILURE
+from .command import EXIT_FAILURE, debug_requested
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -56,8 +55,7 @@ def _lesson_command(command: str, argv: Sequence[str]) -> Optional[Callable[[Seq
         else:
             from .lesson.demo import main
     except ModuleNotFoundError as error:
-        if (error.name or "").partition(".")[0] == __package__ or "--debug" in argv \
-                or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        if (error.name or "").partition(".")[0] == __package__ or debug_requested(argv):
             raise  # a module of our own missing is a broken install, not a missing extra
         print(f"pyfastnn {command}: error: {error}", file=sys.stderr)
         return None

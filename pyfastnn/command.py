@@ -14,6 +14,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 __all__ = ["InvalidArgument", "check_number", "command_parser", "run_command", "describe_error", "DEBUG_ENV",
+           "debug_requested",
            "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED",
            "positive_int", "non_negative_int"]
 
@@ -91,6 +92,17 @@ def command_parser(prog: str, description: Optional[str] = None) -> argparse.Arg
     return parser
 
 
+def debug_requested(argv: Sequence[str] = (), *, flag: bool = False) -> bool:
+    """Whether the user asked for full tracebacks: ``--debug`` among ``argv`` (or ``flag``, the parsed
+    option), or ``PYFASTNN_DEBUG`` set to anything but ``0`` in the environment.
+
+    Example:
+        >>> debug_requested(["train", "--debug"]), debug_requested(["train"], flag=True)
+        (True, True)
+    """
+    return flag or "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
 def describe_error(error: BaseException) -> str:
     """One line for the user: the message alone for the errors users cause, the type name added otherwise.
 
@@ -121,7 +133,7 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, body:
         >>> status, err.getvalue()
         (1, 'demo-command: error: data/x.gz: No such file or directory\\n')
     """
-    debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    debug = debug_requested(flag=bool(getattr(args, "debug", False)))
     try:
         return body()
     except InvalidArgument as e:

@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._ops import activation_code, dropout_probability, run_fused_linear, run_fused_mlp
+from ._ops import DEFAULT_NEGATIVE_SLOPE, activation_code, dropout_probability, run_fused_linear, run_fused_mlp
 
 __all__ = ["fused_linear", "fused_mlp"]
 
@@ -16,7 +16,7 @@ def fused_linear(
     bias: Optional[torch.Tensor] = None,
     activation: Optional[str] = "relu",
     *,
-    negative_slope: float = 0.01,
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> torch.Tensor:
     """``act(F.linear(input, weight, bias))`` in one fused op, forward and backward.
 
@@ -67,7 +67,7 @@ def fused_mlp(
     dropout: Union[float, Sequence[float]] = 0.0,
     training: bool = False,
     *,
-    negative_slope: float = 0.01,
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> torch.Tensor:
     """A whole MLP, ``Linear -> activation (-> dropout)`` per hidden layer and ``Linear ->
     output_activation`` last, as ONE op forward and ONE op backward.

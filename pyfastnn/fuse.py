@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ._ops import DEFAULT_NEGATIVE_SLOPE
 from ._patterns import (FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, Layer, activation_of, dropout_of, has_hooks,
                         is_plain_linear, parse_layers)
 from .nn import FusedLinear, FusedMLP
@@ -158,9 +159,9 @@ def _node_activation(gm: torch.fx.GraphModule, node: torch.fx.Node, source: torc
     if node.op == "call_function" and node.target in FUNCTION_ACTIVATIONS:
         if node.kwargs.get("inplace", False) or set(node.kwargs) - {"inplace"}:
             return None
-        return FUNCTION_ACTIVATIONS[node.target], 0.01
+        return FUNCTION_ACTIVATIONS[node.target], DEFAULT_NEGATIVE_SLOPE
     if node.op == "call_method" and node.target in METHOD_ACTIVATIONS and not node.kwargs:
-        return METHOD_ACTIVATIONS[node.target], 0.01
+        return METHOD_ACTIVATIONS[node.target], DEFAULT_NEGATIVE_SLOPE
     return None
 
 

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._ops import activation_code, canonical_activation, dropout_probability, run_fused_linear, run_fused_mlp
+from ._ops import (DEFAULT_NEGATIVE_SLOPE, activation_code, canonical_activation, dropout_probability, run_fused_linear,
+                   run_fused_mlp)
 from ._patterns import activation_module, parse_layers
 
 __all__ = ["FusedLinear", "FusedMLP", "activation_module"]
@@ -51,7 +52,7 @@ class FusedLinear(nn.Module):
         bias: bool = True,
         activation: Optional[str] = "relu",
         *,
-        negative_slope: float = 0.01,
+        negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
         dropout: float = 0.0,
         device=None,
         dtype=None,
@@ -122,7 +123,7 @@ class FusedLinear(nn.Module):
         linear: nn.Linear,
         activation: Optional[str] = "relu",
         *,
-        negative_slope: float = 0.01,
+        negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
         dropout: float = 0.0,
         copy: bool = False,
     ) -> "FusedLinear":
@@ -226,7 +227,7 @@ class FusedMLP(nn.Module):
         dropout: float = 0.0,
         bias: bool = True,
         *,
-        negative_slope: float = 0.01,
+        negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
         device=None,
         dtype=None,
     ) -> None:
@@ -327,7 +328,8 @@ class FusedMLP(nn.Module):
                 slope = layer._negative_slope
             codes.append(code)
             dropout.append(layer._dropout)
-        return run_fused_mlp(input, weights, biases, codes, 0.01 if slope is None else slope, dropout, self.training)
+        slope = DEFAULT_NEGATIVE_SLOPE if slope is None else slope
+        return run_fused_mlp(input, weights, biases, codes, slope, dropout, self.training)
 
 
 def _layer_sizes(sizes) -> List[int]:
@@ -349,7 +351,7 @@ def _common_negative_slope(layers: Sequence[FusedLinear]) -> float:
     slopes = {layer.negative_slope for layer in layers if layer.activation == "leaky_relu"}
     if len(slopes) > 1:
         raise ValueError(f"all leaky_relu layers of one FusedMLP need the same negative_slope, got {sorted(slopes)}")
-    return slopes.pop() if slopes else 0.01
+    return slopes.pop() if slopes else DEFAULT_NEGATIVE_SLOPE
 
 
 def _run_layer_pre_hooks(layer: nn.Module, name: str, input: torch.Tensor) -> None:

@@ -1,7 +1,8 @@
 """Reference implementations and random-case checkers for the fused ops, for tests and long fuzzing runs.
 
 - :func:`reference` / :func:`reference_mlp`: what ``fused_linear`` / ``fused_mlp`` must equal, computed
-  by stock PyTorch (``torch.nn`` activation modules, ``F.linear``);
+  by stock PyTorch (``F.linear`` and the ``torch.nn.functional`` activations of
+  :data:`REFERENCE_ACTIVATIONS`, a table written here, independent of the library's own);
 - :func:`assert_close`: the comparison with per-dtype tolerances every check uses;
 - :func:`random_case` / :func:`check` and :func:`random_mlp_case` / :func:`check_mlp`: random calls
   (shapes with 0, 1, primes and large K, N-D and strided inputs, every activation x dtype, biases,
@@ -24,15 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 import pyfastnn
 
-__all__ = ["TOLERANCES", "assert_close", "reference", "reference_mlp", "Case", "MLPCase", "random_case",
-           "random_mlp_case", "build", "check", "check_mlp", "run", "dtypes_for"]
+__all__ = ["TOLERANCES", "REFERENCE_ACTIVATIONS", "assert_close", "reference", "reference_mlp", "Case", "MLPCase",
+           "random_case", "random_mlp_case", "build", "check", "check_mlp", "run", "dtypes_for"]
 
 # (rtol, atol) per dtype for comparisons against the PyTorch reference.
 TOLERANCES = {
@@ -59,17 +60,36 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol, atol=atol, equal_nan=True)
 
 
+#: Each activation as stock ``torch.nn.functional`` computes it, given (pre-activation, negative_slope).
+#: Written out here on purpose, not read from the library's own tables (``pyfastnn.activation_module``):
+#: a wrong row there would otherwise be copied by the reference and pass unnoticed.
+REFERENCE_ACTIVATIONS: Dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "identity": lambda t, slope: t,
+    "relu": lambda t, slope: F.relu(t),
+    "leaky_relu": lambda t, slope: F.leaky_relu(t, slope),
+    "sigmoid": lambda t, slope: torch.sigmoid(t),
+    "tanh": lambda t, slope: torch.tanh(t),
+    "gelu": lambda t, slope: F.gelu(t),
+    "gelu_tanh": lambda t, slope: F.gelu(t, approximate="tanh"),
+    "silu": lambda t, slope: F.silu(t),
+}
+
+
 def reference(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
               activation: Optional[str] = "relu", negative_slope: float = 0.01) -> torch.Tensor:
-    """What fused_linear must equal: ``act(F.linear(...))`` from stock PyTorch, the activation being
-    the ``torch.nn`` module of :func:`pyfastnn.activation_module`.
+    """What fused_linear must equal: ``act(F.linear(...))`` from stock PyTorch, ``act`` from
+    :data:`REFERENCE_ACTIVATIONS` (``None``/``"none"`` mean identity; the default slope is
+    ``F.leaky_relu``'s own, written out rather than taken from the library).
 
     Example:
         >>> x, w = torch.randn(3, 4), torch.randn(2, 4)
         >>> torch.allclose(pyfastnn.fused_linear(x, w, activation="silu"), reference(x, w, activation="silu"))
         True
     """
-    return pyfastnn.activation_module(activation, negative_slope)(F.linear(input, weight, bias))
+    name = "identity" if activation in (None, "none") else activation
+    if name not in REFERENCE_ACTIVATIONS:
+        raise ValueError(f"reference: unknown activation {activation!r}; known: {', '.join(REFERENCE_ACTIVATIONS)}")
+    return REFERENCE_ACTIVATIONS[name](F.linear(input, weight, bias), negative_slope)
 
 
 def reference_mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],

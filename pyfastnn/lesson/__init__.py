@@ -19,13 +19,13 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
+# The packages the lesson needs beyond the library's, and how to install them: described in the
+# library, where they can be read without the lesson (which needs them to import).
+from ..extras import LESSON_INSTALL_COMMAND as INSTALL_COMMAND
+from ..extras import LESSON_REQUIREMENTS as REQUIREMENTS
+from ..extras import missing_lesson_requirements
 
-#: The packages the lesson needs beyond the library's (the ``lesson`` extra in setup.py).
-REQUIREMENTS = ("numpy", "tqdm", "matplotlib")
-INSTALL_COMMAND = 'pip install "pyfastnn[lesson]"'
-
-_missing = [name for name in REQUIREMENTS if importlib.util.find_spec(name) is None]
+_missing = missing_lesson_requirements()
 if _missing:
     # One line naming what is missing and how to get it, before any lesson module fails on it.
     raise ModuleNotFoundError(f"the pyfastnn lesson needs {', '.join(_missing)}, which "

@@ -72,3 +72,10 @@ def test_debug_shows_the_traceback_of_a_missing_extra():
         sys.exit(main(["train", "--debug", "--help"]))
     """)
     assert result.returncode == 1 and "Traceback" in result.stderr and "ModuleNotFoundError" in result.stderr
+
+
+@pytest.mark.parametrize("module", ["models", "data", "train", "demo", "plots"])
+def test_the_lesson_modules_live_under_pyfastnn_lesson_alone(module):
+    assert importlib.import_module(f"pyfastnn.lesson.{module}").__name__ == f"pyfastnn.lesson.{module}"
+    with pytest.raises(ModuleNotFoundError, match=f"No module named 'pyfastnn.{module}'"):
+        importlib.import_module(f"pyfastnn.{module}")

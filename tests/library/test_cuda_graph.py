@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 import pyfastnn
-from pyfastnn.cuda_graph import CUDAGraphStep
 
 
 def _setup():
@@ -90,11 +89,16 @@ def test_optimizer_parameters_off_the_batch_device_are_named(monkeypatch):
         pyfastnn.cuda_graph_step(model, F.cross_entropy, optimizer, batch)
 
 
-def test_step_object_checks_each_batch_before_touching_the_graph():
-    # The per-call checks, on a step object assembled without a GPU (its buffers on the CPU).
-    model, optimizer, (x, y) = _setup()
-    step = object.__new__(CUDAGraphStep)
-    step.inputs, step.model, step._training = (x.clone(), y.clone()), model, True
+def test_step_object_checks_each_batch_before_touching_the_graph(monkeypatch):
+    # The per-call checks, on a step made by the public constructor without a GPU: every tensor's
+    # device reads as CUDA, and the side stream (made by the constructor, used only by the steps
+    # these checks stop before) is a stand-in. Nothing here reaches a kernel or the graph.
+    model, _, (x, y) = _setup()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda t: torch.device("cuda", 0)))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: None)
+    step = pyfastnn.cuda_graph_step(model, F.cross_entropy, optimizer, (x, y))
+    assert isinstance(step, pyfastnn.CUDAGraphStep) and not step.captured
     with pytest.raises(ValueError, match="got 1 tensors, the example batch had 2"):
         step(x)
     with pytest.raises(TypeError, match=r"batch\[1\] must be a tensor, got list"):

@@ -142,11 +142,32 @@ def test_torch_compile_fullgraph_matches_eager(backend):
         torch.testing.assert_close(compiled(x), model(x))
 
 
+def _keeps_preactivation(activation: str, negative_slope: float) -> bool:
+    """Whether fused_linear's autograd keeps the pre-activation for backward (else the output it
+    returns is all it keeps), seen through the tensors the public op saves."""
+    x, w = torch.randn(2, 3, requires_grad=True), torch.randn(5, 3, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = pyfastnn.fused_linear(x, w, torch.randn(5), activation=activation, negative_slope=negative_slope)
+    output_shaped = [t for t in saved if t.shape == out.shape]
+    assert len(output_shaped) <= 1, [t.shape for t in saved]
+    return any(t.data_ptr() != out.data_ptr() for t in output_shaped)
+
+
+@pytest.mark.parametrize("activation, negative_slope, keeps", [
+    ("relu", 0.01, False), ("sigmoid", 0.01, False), ("tanh", 0.01, False), ("identity", 0.01, False),
+    ("leaky_relu", 0.01, False), ("leaky_relu", -0.5, True),  # a negative slope: the output's sign is ambiguous
+    ("gelu", 0.01, True), ("gelu_tanh", 0.01, True), ("silu", 0.01, True),
+])
+def test_backward_keeps_the_output_when_the_derivative_can_use_it(activation, negative_slope, keeps):
+    assert _keeps_preactivation(activation, negative_slope) is keeps
+
+
 @pytest.mark.parametrize("sample", list(sample_inputs(small_only=True, requires_grad=False)), ids=repr)
 def test_opcheck_training_ops(sample):
-    """The forward/backward ops the autograd kernel calls, checked on their own."""
+    """The forward/backward ops the autograd kernel calls, checked on their own, with what it passes them."""
     x, w, b, code, slope = sample.op_args()
-    keep_preact = not pyfastnn._C.derivative_from_output(code, slope)
+    keep_preact = _keeps_preactivation(sample.activation, slope)
     torch.library.opcheck(torch.ops.pyfastnn.fused_linear_forward.default, (x, w, b, code, slope, keep_preact))
     out, preact = torch.ops.pyfastnn.fused_linear_forward(x, w, b, code, slope, keep_preact)
     saved = preact if keep_preact else out

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import pyfastnn
-from pyfastnn.testing import TOLERANCES, reference
+from pyfastnn.testing import REFERENCE_ACTIVATIONS, TOLERANCES, reference
 
 
 def test_parameters_and_init_match_nn_linear():
@@ -98,3 +98,18 @@ def test_layer_trains():
         loss.backward()
         opt.step()
     assert ((model(x) > 0.5).float() == y).all(), "XOR not learned"
+
+
+def test_the_reference_covers_every_activation():
+    assert sorted(REFERENCE_ACTIVATIONS) == sorted(pyfastnn.ACTIVATIONS)
+
+
+@pytest.mark.parametrize("activation", pyfastnn.ACTIVATIONS)
+@pytest.mark.parametrize("negative_slope", [0.01, -0.3])
+def test_activation_module_computes_what_torch_functional_does(activation, negative_slope):
+    # The library's table of torch.nn modules (which fuse() and to_sequential() rely on) against the
+    # reference's independent table of torch.nn.functional calls.
+    x, w, b = torch.randn(6, 5), torch.randn(4, 5), torch.randn(4)
+    module = pyfastnn.activation_module(activation, negative_slope)
+    torch.testing.assert_close(module(torch.nn.functional.linear(x, w, b)),
+                               reference(x, w, b, activation, negative_slope), rtol=0, atol=0)

@@ -1,6 +1,8 @@
 """The package's architecture, enforced: no import circles among pyfastnn's modules, no private name
-used outside its module, the library never imports the lesson (only the command line loads it, on
-demand), and ``import pyfastnn`` leaves the lesson, tqdm and matplotlib unimported.
+used outside its module (a private module, function or attribute of a pyfastnn object, in the
+package and in the scripts, benchmarks and tests that use it), the library never imports the lesson
+(only the command line loads it, on demand), ``import pyfastnn`` leaves the lesson, tqdm and
+matplotlib unimported, and the tests collect without the lesson's extra.
 
 The checks read the sources with ``ast``; each is also run on a small tree with a deliberate
 violation, so that a checker that finds nothing cannot pass unnoticed.
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Set
 
 import pytest
+
+from pyfastnn.extras import LESSON_REQUIREMENTS
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "pyfastnn"
@@ -62,6 +66,31 @@ class SourceTree:
         for name, path in self.modules.items():
             if path.suffix == ".py":
                 yield name, path
+
+    def private_attributes(self) -> Dict[str, Set[str]]:
+        """Private attribute name -> the modules whose classes define it (methods, class attributes,
+        ``self._x = ...`` in a method): what other modules may not reach into on their objects."""
+        if not hasattr(self, "_private_attributes"):
+            found: Dict[str, Set[str]] = {}
+            for name, path in self.sources():
+                for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                    if not isinstance(node, ast.ClassDef):
+                        continue
+                    attributes = []
+                    for member in node.body:  # methods and class attributes
+                        if isinstance(member, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                            attributes.append(member.name)
+                        elif isinstance(member, (ast.Assign, ast.AnnAssign)):
+                            targets = member.targets if isinstance(member, ast.Assign) else [member.target]
+                            attributes += [t.id for t in targets if isinstance(t, ast.Name)]
+                    attributes += [member.attr for member in ast.walk(node)  # self._x = ... in a method
+                                   if isinstance(member, ast.Attribute) and isinstance(member.ctx, ast.Store)
+                                   and isinstance(member.value, ast.Name) and member.value.id == "self"]
+                    for attribute in attributes:
+                        if is_private(attribute) and attribute.strip("_"):
+                            found.setdefault(attribute, set()).add(name)
+            self._private_attributes = found
+        return self._private_attributes
 
 
 def _resolve(importer: str, is_package: bool, node: ast.ImportFrom) -> Optional[str]:
@@ -135,6 +164,7 @@ def scan(tree: SourceTree, name: str, path: Path, in_package: bool = True) -> Fi
                     imports.append(Import(name, base, node.lineno, id(node) in lazy))
                     if is_private(alias.name):
                         private.append(f"{where}:{node.lineno}: imports private name {alias.name} from {base}")
+    private_attributes = tree.private_attributes()
     for node in ast.walk(source):
         if isinstance(node, ast.Attribute) and is_private(node.attr):
             owner = _attribute_owner(node.value, module_aliases)
@@ -142,6 +172,13 @@ def scan(tree: SourceTree, name: str, path: Path, in_package: bool = True) -> Fi
                 target = f"{owner}.{node.attr}"
                 if not (tree.is_module(target) and private_module_allowed(target)):
                     private.append(f"{where}:{node.lineno}: uses private name {node.attr} of {owner}")
+            elif owner is None and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                # An object's private attribute, e.g. ``step._training``: the modules whose classes
+                # define that name may use it; anyone else reaches into another module's objects.
+                owners = private_attributes.get(node.attr, set())
+                if owners and name not in owners:
+                    private.append(f"{where}:{node.lineno}: uses private attribute {node.attr} of an object "
+                                   f"of {', '.join(sorted(owners))}")
     return Findings(imports, private)
 
 
@@ -212,7 +249,9 @@ def check_tree(root: Path, scripts: Sequence[Path] = ()) -> Report:
 
 
 def _scripts() -> List[Path]:
-    return sorted([*(ROOT / "scripts").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")])
+    """Every Python file outside the package that uses it: scripts, benchmarks, tests, conftest files."""
+    return sorted([*ROOT.glob("*.py"), *(ROOT / "scripts").glob("*.py"), *(ROOT / "benchmarks").glob("*.py"),
+                   *(ROOT / "tests").rglob("*.py")])
 
 
 def test_the_package_has_no_import_circles():
@@ -270,6 +309,28 @@ def test_a_private_name_used_across_modules_is_found(tmp_path, source, problem):
     assert len(found) == 1 and problem in found[0], found
 
 
+def test_a_private_attribute_of_another_modules_object_is_found(tmp_path):
+    root = _write_package(tmp_path, {
+        "pyfastnn/graph.py": """
+            class Step:
+                _limit = 3
+                def __init__(self):
+                    self._training = True
+                def _replay(self):
+                    return self._training and self._limit  # its own module: fine
+            """,
+        "pyfastnn/nn.py": "from .graph import Step\nstep = Step()\n",
+    })
+    script = tmp_path / "test_step.py"
+    script.write_text("import pyfastnn.nn\nstep = pyfastnn.nn.step\nstep._training = False\nstep._replay()\n"
+                      "print(step._limit, step.__dict__, step._unknown)\n")
+    found = check_tree(root, [script]).private_uses
+    # _unknown is no pyfastnn class's name (e.g. torch's own internals): not this rule's business.
+    assert sorted(f.split(": ", 1)[1] for f in found) == sorted(
+        f"uses private attribute {name} of an object of pyfastnn.graph"
+        for name in ("_training", "_replay", "_limit")), found
+
+
 def test_private_modules_are_for_the_package_alone(tmp_path):
     root = _write_package(tmp_path, {"pyfastnn/_ops.py": "native = None\n",
                                      "pyfastnn/nn.py": "from ._ops import native\n"})
@@ -323,3 +384,23 @@ def test_the_library_runs_without_the_lesson_dependencies():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "FusedMLP (3, 2) True"
+
+
+def test_the_tests_collect_without_the_lesson_dependencies():
+    # pytest in an interpreter where the lesson extra's packages cannot be imported: the lesson's
+    # modules and tests are left out of collection (conftest.py), the library's tests and docstring
+    # examples are collected without an error.
+    code = textwrap.dedent(f"""
+        import sys
+        for name in {LESSON_REQUIREMENTS!r}:
+            sys.modules[name] = None
+        import pytest
+        sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "tests/library", "tests/lesson",
+                              "pyfastnn"]))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    collected = result.stdout.splitlines()
+    assert any(line.startswith("tests/library/test_layout.py::") for line in collected), result.stdout[-3000:]
+    assert any(line.startswith("pyfastnn/nn.py::") for line in collected), result.stdout[-3000:]
+    assert not [line for line in collected if line.startswith(("tests/lesson/", "pyfastnn/lesson/"))]
