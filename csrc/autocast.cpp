@@ -37,7 +37,7 @@ at::Tensor fused_linear_autocast(const at::Tensor& input, const at::Tensor& weig
                                  const std::optional<at::Tensor>& bias, int64_t activation,
                                  double negative_slope) {
   const AutocastCall<device_type> autocast;
-  return ops::fused_linear().call(autocast.cast(input), autocast.cast(weight), autocast.cast(bias), activation,
+  return ops::fused_linear_op().call(autocast.cast(input), autocast.cast(weight), autocast.cast(bias), activation,
                                   negative_slope);
 }
 
@@ -51,7 +51,7 @@ at::Tensor fused_mlp_autocast(const at::Tensor& input, at::TensorList weights, c
   for (const auto& w : weights) cast_weights.push_back(autocast.cast(w));
   BiasList cast_biases;
   for (size_t l = 0; l < biases.size(); ++l) cast_biases.push_back(autocast.cast(biases.get(l)));
-  return ops::fused_mlp().call(autocast.cast(input), cast_weights, cast_biases, activations, negative_slope,
+  return ops::fused_mlp_op().call(autocast.cast(input), cast_weights, cast_biases, activations, negative_slope,
                                dropout, training);
 }
 

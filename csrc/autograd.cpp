@@ -65,7 +65,7 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(output, preact) =
-          ops::fused_linear_forward().call(input, weight, bias, activation, negative_slope, !from_output);
+          ops::fused_linear_forward_op().call(input, weight, bias, activation, negative_slope, !from_output);
     }
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["negative_slope"] = negative_slope;
@@ -107,7 +107,7 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
       }
       return result;
     }
-    auto [grad_input, grad_weight, grad_bias] = ops::fused_linear_backward().call(
+    auto [grad_input, grad_weight, grad_bias] = ops::fused_linear_backward_op().call(
         grad_output, input, weight, saved[2], activation, negative_slope, mask);
     return {grad_input, grad_weight, grad_bias, at::Tensor(), at::Tensor()};
   }
@@ -125,7 +125,7 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(output, hidden, preacts, keep_masks) =
-          ops::fused_mlp_forward().call(input, weights, biases, activations, negative_slope, dropout, training);
+          ops::fused_mlp_forward_op().call(input, weights, biases, activations, negative_slope, dropout, training);
     }
     c10::List<bool> has_bias;
     for (size_t l = 0; l < biases.size(); ++l) has_bias.push_back(has_tensor(biases.get(l)));
@@ -168,7 +168,9 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
     c10::List<bool> mask;
     mask.push_back(ctx->needs_input_grad(0));
     for (int64_t l = 0; l < layers; ++l) mask.push_back(ctx->needs_input_grad(1 + l));
-    for (int64_t l = 0, b = 0; l < layers; ++l) mask.push_back(has_bias.get(l) && ctx->needs_input_grad(1 + layers + b++));
+    for (int64_t l = 0, b = 0; l < layers; ++l) {
+      mask.push_back(has_bias.get(l) && ctx->needs_input_grad(1 + layers + b++));
+    }
 
     const size_t variable_inputs = 1 + layers + bias_count;
     variable_list result(variable_inputs + 5);  // + biases list, activations, slope, dropout, training
@@ -182,7 +184,8 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
       for (int64_t l = 0, b = 0; l < layers; ++l) {
         biases.push_back(has_bias.get(l) ? std::optional<at::Tensor>(present_biases[b++]) : std::nullopt);
       }
-      const at::Tensor out = reference_fused_mlp(input, weights, biases, activations, negative_slope, dropout, keep_masks);
+      const at::Tensor out =
+          reference_fused_mlp(input, weights, biases, activations, negative_slope, dropout, keep_masks);
       variable_list inputs{input};
       inputs.insert(inputs.end(), weights.begin(), weights.end());
       inputs.insert(inputs.end(), present_biases.begin(), present_biases.end());
@@ -201,7 +204,7 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
       return result;
     }
 
-    auto [grad_input, grad_weights, grad_biases] = ops::fused_mlp_backward().call(
+    auto [grad_input, grad_weights, grad_biases] = ops::fused_mlp_backward_op().call(
         grad_output, input, weights, output, hidden, preacts, keep_masks, activations, negative_slope, dropout, mask);
     if (mask.get(0)) result[0] = grad_input;
     for (int64_t l = 0, b = 0; l < layers; ++l) {
@@ -231,7 +234,7 @@ at::Tensor fused_linear_autograd(const at::Tensor& input, const at::Tensor& weig
   if (!needs_graph) {
     // Inference: no graph node, no saved tensors, no pre-activation; one GEMM and one epilogue.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return ops::fused_linear().call(input, weight, bias, activation, negative_slope);
+    return ops::fused_linear_op().call(input, weight, bias, activation, negative_slope);
   }
   return FusedLinearFunction::apply(input, weight, bias, activation, negative_slope);
 }
@@ -249,7 +252,7 @@ at::Tensor fused_mlp_autograd(const at::Tensor& input, at::TensorList weights, c
     if (training && std::any_of(dropout.begin(), dropout.end(), [](double p) { return p > 0.0; })) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       keep_masks = std::get<3>(
-          ops::fused_mlp_forward().call(input, weights, biases, activations, negative_slope, dropout, training));
+          ops::fused_mlp_forward_op().call(input, weights, biases, activations, negative_slope, dropout, training));
     }
     return reference_fused_mlp(input, weights, biases, activations, negative_slope, dropout, keep_masks);
   }
@@ -265,7 +268,7 @@ at::Tensor fused_mlp_autograd(const at::Tensor& input, at::TensorList weights, c
   }
   if (!(at::GradMode::is_enabled() && any_requires_grad)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return ops::fused_mlp().call(input, weights, biases, activations, negative_slope, dropout, training);
+    return ops::fused_mlp_op().call(input, weights, biases, activations, negative_slope, dropout, training);
   }
   return FusedMLPFunction::apply(input, weights, at::TensorList(present_biases), biases, activations,
                                  negative_slope, dropout, training);

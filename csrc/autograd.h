@@ -6,7 +6,7 @@
 
 #include <optional>
 
-#include "fused_mlp.h"  // BiasList
+#include "tensor_args.h"
 
 namespace pyfastnn {
 

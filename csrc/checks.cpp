@@ -83,11 +83,17 @@ void check_fused_mlp_args(const at::Tensor& input, at::TensorList weights,
                     layers, " layers");
   check_input(input);
   for (size_t l = 0; l < layers; ++l) {
-    TORCH_CHECK_VALUE(dropout[l] >= 0.0 && dropout[l] < 1.0, "pyfastnn: dropout probability must be in [0, 1), got ",
-                      dropout[l], " for layer ", l);
+    check_dropout_probability(dropout[l], static_cast<int64_t>(l));
     check_layer(input, weights[l], biases.get(l), activations[l],
                 l == 0 ? input.sym_size(-1) : weights[l - 1].sym_size(0), static_cast<int64_t>(l));
   }
+}
+
+void check_dropout_probability(double p, int64_t layer) {
+  if (p >= 0.0 && p < 1.0) return;  // false for NaN
+  constexpr const char* kMessage = "pyfastnn: dropout probability must be in [0, 1), got ";
+  if (layer >= 0) TORCH_CHECK_VALUE(false, kMessage, p, " for layer ", layer);
+  TORCH_CHECK_VALUE(false, kMessage, p);
 }
 
 void check_saved_tensor(const char* name, const at::Tensor& t, const at::Tensor& input,

@@ -8,12 +8,9 @@
 
 #include <optional>
 
-#include "fused_mlp.h"  // BiasList
+#include "tensor_args.h"
 
 namespace pyfastnn {
-
-// Whether an optional tensor argument (a bias) was given.
-inline bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 void check_fused_linear_args(const at::Tensor& input, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, int64_t activation);
@@ -21,6 +18,10 @@ void check_fused_linear_args(const at::Tensor& input, const at::Tensor& weight,
 // Errors name the layer: "weights[1] ...", "dropout probability must be in [0, 1) ... for layer 0".
 void check_fused_mlp_args(const at::Tensor& input, at::TensorList weights, const BiasList& biases,
                           at::IntArrayRef activations, at::ArrayRef<double> dropout);
+
+// A dropout probability p must be in [0, 1) (NaN is not): "pyfastnn: dropout probability must be in
+// [0, 1), got <p>", followed by " for layer <layer>" when layer >= 0.
+void check_dropout_probability(double p, int64_t layer = -1);
 
 // Checks a tensor handed to a backward op (a gradient or a saved activation) against the input.
 void check_saved_tensor(const char* name, const at::Tensor& t, const at::Tensor& input,

@@ -64,14 +64,18 @@ void visit_dtype(c10::ScalarType dtype, Body&& body) {
   }
 }
 
+// backward_rows_per_block: the rows per bias-gradient block of a rows x cols backward pass, each
+// device's own tuning; it depends only on the shape, so the sums are bitwise reproducible.
 namespace cpu {
 void launch_forward_epilogue(const ForwardEpilogue& args, int64_t rows);
 void launch_backward_epilogue(const BackwardEpilogue& args, int64_t rows, int64_t rows_per_block);
+int64_t backward_rows_per_block(int64_t rows, int64_t cols);
 }  // namespace cpu
 
 namespace cuda {  // built only with CUDA (PYFASTNN_WITH_CUDA)
 void launch_forward_epilogue(const ForwardEpilogue& args, int64_t rows);
 void launch_backward_epilogue(const BackwardEpilogue& args, int64_t rows, int64_t rows_per_block);
+int64_t backward_rows_per_block(int64_t rows, int64_t cols);
 // The relu bit mask of a rows x cols output (NOTE [relu bit masks] in layer.h), where cuBLASLt did
 // not write it: mask_row_bytes bytes per row, bit c % 8 of byte c / 8 set where out > 0.
 void launch_pack_relu_mask(c10::ScalarType dtype, const void* out, int64_t rows, int64_t cols, uint8_t* mask,

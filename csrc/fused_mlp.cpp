@@ -41,7 +41,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
     const auto act = static_cast<Activation>(activations[l]);
     const int64_t out_features = weights[l].size(0);
     // The last layer allocates in the caller's shape (*, out); hidden layers stay 2-D.
-    at::Tensor y = last ? at::empty(detail::output_shape(input, out_features), options) : at::empty({rows, out_features}, options);
+    at::Tensor y = last ? at::empty(detail::output_shape(input, out_features), options)
+                        : at::empty({rows, out_features}, options);
     at::Tensor y_matrix = last ? detail::as_matrix(y) : y;
     const bool keep_preact = save && !derivative_from_output(act, negative_slope);
     // CUDA relu hidden layers keep cuBLASLt's bit mask in this slot instead (NOTE [relu bit masks]).

@@ -5,16 +5,15 @@
 // probability applied after layer l when `training` (0 for none). Reachable as torch.ops.pyfastnn.*.
 #pragma once
 
-#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <tuple>
 #include <vector>
 
-namespace pyfastnn {
+#include "tensor_args.h"
 
-using BiasList = c10::List<std::optional<at::Tensor>>;
+namespace pyfastnn {
 
 // The MLP's output, keeping nothing for backward.
 at::Tensor fused_mlp_inference(const at::Tensor& input, at::TensorList weights, const BiasList& biases,
@@ -24,9 +23,9 @@ at::Tensor fused_mlp_inference(const at::Tensor& input, at::TensorList weights, 
 // Returns (output, hidden, preacts, keep_masks): hidden[l] is layer l's output (rows, out_l) for
 // l < L-1 (the next layer's input, after dropout); preacts[l] the pre-activation where backward needs
 // it (!derivative_from_output) or, for a CUDA relu hidden layer, its uint8 relu bit mask (each row
-// padded to 128 bits, as cuBLASLt's RELU_AUX epilogues read it), else empty; keep_masks[l] the uint8 (rows, out_l) dropout mask where
-// dropout ran, else empty. Dropout draws from torch's default generator of the input's device
-// (CPU: SplitMix64 seeded from it; CUDA: Philox, graph-safe).
+// padded to 128 bits, as cuBLASLt's RELU_AUX epilogues read it), else empty; keep_masks[l] the uint8
+// (rows, out_l) dropout mask where dropout ran, else empty. Dropout draws from torch's default
+// generator of the input's device (CPU: SplitMix64 seeded from it; CUDA: Philox, graph-safe).
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
 fused_mlp_forward(const at::Tensor& input, at::TensorList weights, const BiasList& biases,
                   at::IntArrayRef activations, double negative_slope, at::ArrayRef<double> dropout,

@@ -5,13 +5,11 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
-#include <algorithm>
-
-#include "checks.h"
 #include "cpu/gemm.h"
 #include "epilogue.h"
+#include "tensor_args.h"
 #ifdef PYFASTNN_WITH_CUDA
-#include "cuda/blaslt.h"
+#include "cuda/gemm.h"
 #endif
 
 namespace pyfastnn::detail {
@@ -38,13 +36,13 @@ void launch(const BackwardEpilogue& args, int64_t rows, int64_t rows_per_block, 
 
 // Bias-gradient rows are summed in fixed blocks whose partial sums are then added in block order, so
 // the result depends only on the shape, never on thread count or scheduling (bitwise reproducible).
-// CPU: at most 64 blocks of at least 16 rows and ~16K elements (a pass too small to split between
-// threads is one block, with no second reduction); CUDA: at most 256 blocks of at least 64 rows,
-// enough thread blocks to fill the GPU while the partial sums stay small.
+// The block size is the device launcher's own tuning (epilogue.h).
 int64_t rows_per_block(int64_t rows, int64_t cols, bool cuda_device) {
-  if (cuda_device) return std::max<int64_t>(64, (rows + 255) / 256);
-  const int64_t by_size = (16384 + cols - 1) / std::max<int64_t>(cols, 1);
-  return std::max({int64_t{16}, by_size, (rows + 63) / 64});
+#ifdef PYFASTNN_WITH_CUDA
+  if (cuda_device) return cuda::backward_rows_per_block(rows, cols);
+#endif
+  TORCH_CHECK(!cuda_device, "pyfastnn: this build has no CUDA kernels");
+  return cpu::backward_rows_per_block(rows, cols);
 }
 
 // The device's GEMMs for the gradients: the CPU picks its own (cpu/gemm.h), CUDA runs ATen's (cuBLAS).
@@ -101,25 +99,15 @@ struct BackwardPass {
 // bias gradient) fused in where cuBLASLt takes it.
 void input_grad(LayerGrads& grads, const at::Tensor& grad_pre, const at::Tensor& weight, const BelowLayer* below) {
 #ifdef PYFASTNN_WITH_CUDA
-  if (below != nullptr && on_cuda(weight) && weight.is_contiguous() && grad_pre.is_contiguous() &&
-      below->aux.is_contiguous()) {
-    const int64_t rows = grad_pre.size(0), out_features = weight.size(0), in_features = weight.size(1);
+  if (below != nullptr && on_cuda(weight)) {
     const bool relu = below->activation == Activation::Relu;
-    TORCH_INTERNAL_ASSERT(relu || below->activation == Activation::GeluTanh);
-    TORCH_INTERNAL_ASSERT(below->aux.sizes() == at::IntArrayRef({rows, relu ? relu_mask_row_bytes(in_features)
-                                                                             : in_features}));
-    at::Tensor grad_input = at::empty({rows, in_features}, grad_pre.options());
-    at::Tensor below_bias = below->need_bias ? at::empty({in_features}, grad_pre.options()) : at::Tensor();
-    // Row-major grad_input (rows, in) is column-major in x rows: D = W^T (stored in x out) * grad_pre^T.
-    cuda::LtGemm gemm{grad_pre.scalar_type(), /*transpose_a=*/false, /*transpose_b=*/false, in_features, rows,
-                      out_features, weight.data_ptr(), in_features, grad_pre.data_ptr(), out_features,
-                      grad_input.data_ptr(), in_features};
-    gemm.epilogue = relu ? cuda::GemmEpilogue::DRelu : cuda::GemmEpilogue::DGeluTanh;
-    gemm.aux = below->aux.data_ptr();
-    gemm.aux_ld = relu ? below->aux.size(1) * 8 : in_features;  // bits for the relu mask
-    gemm.bias = below_bias.defined() ? below_bias.data_ptr() : nullptr;
-    if (cuda::lt_matmul(gemm)) {
-      grads.input = grad_input;
+    TORCH_INTERNAL_ASSERT(below->aux.sizes() ==
+                          at::IntArrayRef({grad_pre.size(0), relu ? relu_mask_row_bytes(weight.size(1))
+                                                                  : weight.size(1)}));
+    auto [below_preact_grad, below_bias] =
+        cuda::input_grad_through_below(grad_pre, weight, below->activation, below->aux, below->need_bias);
+    if (below_preact_grad.defined()) {
+      grads.input = below_preact_grad;
       grads.input_is_below_preact_grad = true;
       grads.below_bias = below_bias;
       return;
@@ -128,77 +116,6 @@ void input_grad(LayerGrads& grads, const at::Tensor& grad_pre, const at::Tensor&
 #endif
   grads.input = matmul_gw(grad_pre, weight);
 }
-
-#ifdef PYFASTNN_WITH_CUDA
-// x @ W^T (+ bias) on CUDA, with the activation fused into cuBLASLt's epilogue where it has it (relu,
-// the tanh-form GELU; identity) and no dropout follows. Returns true when that finished the layer
-// (out, and preact where asked, written); otherwise the GEMM result with its bias is in the
-// accumulation buffer (preact if kept, else out) and the element-wise pass must follow.
-bool cuda_gemm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, Activation activation,
-                       bool dropout_runs, const at::Tensor& out, const at::Tensor* preact,
-                       const at::Tensor* relu_mask) {
-  const int64_t rows = x.size(0), out_features = w.size(0), in_features = w.size(1);
-  const at::Tensor& acc = preact != nullptr ? *preact : out;
-  if (x.is_contiguous() && w.is_contiguous()) {
-    // Row-major out (rows, out) is column-major out^T: D (out x rows) = op_T(W stored in x out) * x^T.
-    cuda::LtGemm gemm{x.scalar_type(), /*transpose_a=*/true, /*transpose_b=*/false, out_features, rows,
-                      in_features, w.data_ptr(), in_features, x.data_ptr(), in_features, acc.data_ptr(),
-                      out_features};
-    gemm.bias = b.defined() ? b.data_ptr() : nullptr;
-    gemm.epilogue = b.defined() ? cuda::GemmEpilogue::Bias : cuda::GemmEpilogue::Default;
-    bool finished = false;
-    if (!dropout_runs) {
-      if (activation == Activation::Identity && preact == nullptr) {
-        finished = true;
-      } else if (activation == Activation::Relu && preact == nullptr) {  // relu's backward reads the output
-        gemm.epilogue = relu_mask != nullptr ? cuda::GemmEpilogue::ReluAux : cuda::GemmEpilogue::Relu;
-        if (relu_mask != nullptr) {
-          gemm.aux = relu_mask->data_ptr();
-          gemm.aux_ld = relu_mask->size(1) * 8;  // in bits
-        }
-        finished = true;
-      } else if (activation == Activation::GeluTanh && preact == nullptr) {
-        gemm.epilogue = cuda::GemmEpilogue::GeluTanh;
-        gemm.d = out.data_ptr();
-        finished = true;
-      } else if (activation == Activation::GeluTanh && out_features % 8 == 0) {
-        // The pre-activation backward needs is cuBLASLt's GELU aux output: (rows, out) row-major.
-        gemm.epilogue = cuda::GemmEpilogue::GeluTanhAux;
-        gemm.d = out.data_ptr();
-        gemm.aux = preact->data_ptr();
-        gemm.aux_ld = out_features;
-        finished = true;
-      }
-    }
-    if (cuda::lt_matmul(gemm)) return finished;
-  }
-  // Fallback: ATen's GEMM with the bias added inside it (before its single rounding, as F.linear).
-  if (b.defined()) {
-    at::Tensor acc_out = acc;
-    at::addmm_out(acc_out, b, x, w.t());
-  } else {
-    at::Tensor acc_out = acc;
-    at::mm_out(acc_out, x, w.t());
-  }
-  return false;
-}
-
-// grad_W = grad_pre^T @ x with the bias gradient (sums of grad_pre over rows) in the same cuBLASLt
-// call. Returns (grad_W, grad_b), grad_b undefined where cuBLASLt declined (grad_W then from ATen).
-std::tuple<at::Tensor, at::Tensor> cuda_weight_and_bias_grad(const at::Tensor& grad_pre, const at::Tensor& x) {
-  const int64_t rows = x.size(0), in_features = x.size(1), out_features = grad_pre.size(1);
-  at::Tensor grad_weight = at::empty({out_features, in_features}, x.options());
-  at::Tensor grad_bias = at::empty({out_features}, x.options());
-  // Row-major grad_W (out, in) is column-major in x out: D = x^T (in x rows) * op_T(grad_pre^T stored out x rows).
-  cuda::LtGemm gemm{x.scalar_type(), /*transpose_a=*/false, /*transpose_b=*/true, in_features, out_features, rows,
-                    x.data_ptr(), in_features, grad_pre.data_ptr(), out_features, grad_weight.data_ptr(),
-                    in_features};
-  gemm.epilogue = cuda::GemmEpilogue::BiasGradB;
-  gemm.bias = grad_bias.data_ptr();
-  if (grad_pre.is_contiguous() && cuda::lt_matmul(gemm)) return {grad_weight, grad_bias};
-  return {matmul_gtx(grad_pre, x), at::Tensor()};
-}
-#endif
 
 }  // namespace
 
@@ -238,7 +155,7 @@ void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
   const bool cuda_device = on_cuda(x);
   if (cuda_device) {
 #ifdef PYFASTNN_WITH_CUDA
-    if (cuda_gemm_forward(x, weight, b, activation, dropout.keep_mask.defined(), out, preact, relu_mask)) return;
+    if (cuda::gemm_forward(x, weight, b, activation, dropout.keep_mask.defined(), out, preact, relu_mask)) return;
 #endif
     b = at::Tensor();  // on CUDA the GEMM has added it (NOTE [CUDA epilogue passes])
   } else if (b.defined() && at::isReducedFloatingType(x.scalar_type())) {
@@ -287,10 +204,9 @@ LayerGrads layer_backward(const at::Tensor& grad_out, const at::Tensor& x, const
 #ifdef PYFASTNN_WITH_CUDA
   // CUDA: the bias gradient rides in the weight-gradient GEMM (cuBLASLt's BGRADB epilogue), so the
   // element-wise pass, when there is one, only writes grad_pre.
-  if (on_cuda(x) && need_bias && need_weight && cuda::lt_enabled() &&
-      cuda::lt_supports(x.scalar_type(), x.size(1), weight.size(0), x.size(0)) && x.is_contiguous()) {
+  if (on_cuda(x) && need_bias && need_weight && cuda::fuses_bias_grad(x, weight.size(0))) {
     if (needs_pass) pass.run(grad_pre, /*need_sums=*/false);
-    std::tie(grads.weight, grads.bias) = cuda_weight_and_bias_grad(grad_pre, x);
+    std::tie(grads.weight, grads.bias) = cuda::weight_and_bias_grad(grad_pre, x);
     if (!grads.bias.defined()) {  // cuBLASLt declined: sum grad_pre's columns ourselves
       grads.bias = BackwardPass{grad_pre, at::Tensor(), Activation::Identity, 0.0, {}}.run(at::Tensor(), true);
     }

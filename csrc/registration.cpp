@@ -25,32 +25,32 @@ OpHandle<Kernel> find_op(const char* name) {
 
 }  // namespace
 
-const OpHandle<decltype(fused_linear_inference)>& fused_linear() {
+const OpHandle<decltype(fused_linear_inference)>& fused_linear_op() {
   static const auto op = find_op<decltype(fused_linear_inference)>("pyfastnn::fused_linear");
   return op;
 }
 
-const OpHandle<decltype(pyfastnn::fused_linear_forward)>& fused_linear_forward() {
+const OpHandle<decltype(pyfastnn::fused_linear_forward)>& fused_linear_forward_op() {
   static const auto op = find_op<decltype(pyfastnn::fused_linear_forward)>("pyfastnn::fused_linear_forward");
   return op;
 }
 
-const OpHandle<decltype(pyfastnn::fused_linear_backward)>& fused_linear_backward() {
+const OpHandle<decltype(pyfastnn::fused_linear_backward)>& fused_linear_backward_op() {
   static const auto op = find_op<decltype(pyfastnn::fused_linear_backward)>("pyfastnn::fused_linear_backward");
   return op;
 }
 
-const OpHandle<decltype(fused_mlp_inference)>& fused_mlp() {
+const OpHandle<decltype(fused_mlp_inference)>& fused_mlp_op() {
   static const auto op = find_op<decltype(fused_mlp_inference)>("pyfastnn::fused_mlp");
   return op;
 }
 
-const OpHandle<decltype(pyfastnn::fused_mlp_forward)>& fused_mlp_forward() {
+const OpHandle<decltype(pyfastnn::fused_mlp_forward)>& fused_mlp_forward_op() {
   static const auto op = find_op<decltype(pyfastnn::fused_mlp_forward)>("pyfastnn::fused_mlp_forward");
   return op;
 }
 
-const OpHandle<decltype(pyfastnn::fused_mlp_backward)>& fused_mlp_backward() {
+const OpHandle<decltype(pyfastnn::fused_mlp_backward)>& fused_mlp_backward_op() {
   static const auto op = find_op<decltype(pyfastnn::fused_mlp_backward)>("pyfastnn::fused_mlp_backward");
   return op;
 }

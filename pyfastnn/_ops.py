@@ -44,8 +44,9 @@ def canonical_activation(activation: Union[str, None]) -> str:
 def dropout_probability(p: float) -> float:
     """``p`` as a float, or ValueError unless it is a dropout probability the kernels take: [0, 1).
 
-    The kernels check the same range (``check_fused_mlp_args``); this is the check for values
-    given before any tensor exists (layer attributes, one value for every layer).
+    The check and its message are the kernels' own (``check_dropout_probability``, also run by
+    ``check_fused_mlp_args``); this is the entry for values given before any tensor exists (layer
+    attributes, one value for every layer). NaN is rejected too.
 
     Example:
         >>> dropout_probability(0.2)
@@ -53,11 +54,14 @@ def dropout_probability(p: float) -> float:
         >>> dropout_probability(1)
         Traceback (most recent call last):
         ...
-        ValueError: pyfastnn: dropout probability must be in [0, 1), got 1.0
+        ValueError: pyfastnn: dropout probability must be in [0, 1), got 1
+        >>> dropout_probability(float("nan"))
+        Traceback (most recent call last):
+        ...
+        ValueError: pyfastnn: dropout probability must be in [0, 1), got nan
     """
     p = float(p)
-    if not 0.0 <= p < 1.0:  # also rejects NaN
-        raise ValueError(f"pyfastnn: dropout probability must be in [0, 1), got {p}")
+    native.check_dropout_probability(p)
     return p
 
 

@@ -8,17 +8,17 @@
 // NOTE [ Linking AVX and non-AVX files ]
 // The kernel sources (epilogue_kernels.cpp, small_gemm_kernels.cpp) are compiled once per CPU
 // capability, each copy with its own instruction-set flags (-mavx2 ..., -mavx512f ...) and its own
-// namespace (pyfastnn::cpu::AVX2, ...), exactly as ATen builds aten/src/ATen/native/cpu. Only functions in those namespaces differ by name; an inline
-// function from a shared header (c10, ATen, the standard library) that the compiler chooses not to
-// inline is emitted in every object that calls it, in the AVX2 object compiled with AVX2
-// instructions. The linker keeps one copy, the first it sees; had it kept the AVX2 one, code outside
-// the dispatch below would run AVX2 instructions and crash a CPU without them. So both builds
-// (setup.py and cmake/PyfastnnSources.cmake, from the one list in cmake/sources.json) link every
-// other object first, then the kernel objects in the order DEFAULT, AVX2, AVX512: every such
-// function of an AVX object is also in a DEFAULT kernel object (same sources), whose copy wins; the
-// ctest pyfastnn_ops_kernel_objects (cmake/CheckKernelObjects.cmake) checks exactly that. The kernel
-// translation units also stay lean (the kernels and the headers they need, no globals with
-// constructors), so that few such functions exist at all. The build defines
+// namespace (pyfastnn::cpu::AVX2, ...), exactly as ATen builds aten/src/ATen/native/cpu. Only
+// functions in those namespaces differ by name; an inline function from a shared header (c10, ATen,
+// the standard library) that the compiler chooses not to inline is emitted in every object that calls
+// it, in the AVX2 object compiled with AVX2 instructions. The linker keeps one copy, the first it
+// sees; had it kept the AVX2 one, code outside the dispatch below would run AVX2 instructions and
+// crash a CPU without them. So both builds (setup.py and cmake/PyfastnnSources.cmake, from the one
+// list in cmake/sources.json) link every other object first, then the kernel objects in the order
+// DEFAULT, AVX2, AVX512: every such function of an AVX object is also in a DEFAULT kernel object (same
+// sources), whose copy wins; the ctest pyfastnn_ops_kernel_objects (cmake/CheckKernelObjects.cmake)
+// checks exactly that. The kernel translation units also stay lean (the kernels and the headers they
+// need, no globals with constructors), so that few such functions exist at all. The build defines
 // PYFASTNN_HAVE_CPU_CAPABILITY_<NAME> for every copy it compiled: exactly the copies declared here.
 
 namespace pyfastnn::cpu {

@@ -29,8 +29,8 @@ void launch_small_gemm(SmallGemmKind kind, const SmallGemm& args) {
   const auto& kernels = small_gemm_kernels();
   // Split the dimension that indexes independent outputs so each task gets at least kMacsPerTask
   // multiply-adds: a 1x784 @ 784x256 product uses two threads, a 1x128 @ 128x10 one. Columns of gw
-  // go in blocks of 128 (a multiple of every kernel's column step), so no split moves a column from the vector
-  // loop to the scalar tail: results never depend on the thread count.
+  // go in blocks of 128 (a multiple of every kernel's column step), so no split moves a column from
+  // the vector loop to the scalar tail: results never depend on the thread count.
   constexpr int64_t kMacsPerTask = 65536;
   constexpr int64_t kColumnBlock = 128;
   if (kind == SmallGemmKind::GW) {

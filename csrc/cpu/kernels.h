@@ -36,11 +36,6 @@ struct SmallGemmKernels {
   const char* isa;
 };
 
-// In a kernel source: the name of the capability it is compiled for ("AVX2"), for the tables' isa.
-#define PYFASTNN_STRINGIFY_(x) #x
-#define PYFASTNN_STRINGIFY(x) PYFASTNN_STRINGIFY_(x)
-#define PYFASTNN_CPU_CAPABILITY_NAME PYFASTNN_STRINGIFY(CPU_CAPABILITY)
-
 // The copies for the best instruction set this CPU supports (ATEN_CPU_CAPABILITY caps it, as in ATen).
 const EpilogueKernels& epilogue_kernels();
 const SmallGemmKernels& small_gemm_kernels();

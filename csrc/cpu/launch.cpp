@@ -1,5 +1,5 @@
-// CPU launchers of the epilogue passes (epilogue.h): the epilogue kernels over row ranges with at::parallel_for (torch.set_num_threads
-// applies); tiny passes stay on the calling thread.
+// CPU launchers of the epilogue passes (epilogue.h): the epilogue kernels over row ranges with
+// at::parallel_for (torch.set_num_threads applies); tiny passes stay on the calling thread.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -17,6 +17,13 @@ void launch_forward_epilogue(const ForwardEpilogue& args, int64_t rows) {
   const auto& kernels = epilogue_kernels();
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(args.cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });
+}
+
+// At most 64 blocks of at least 16 rows and ~16K elements: a pass too small to split between threads
+// is one block, with no second reduction.
+int64_t backward_rows_per_block(int64_t rows, int64_t cols) {
+  const int64_t by_size = (16384 + cols - 1) / std::max<int64_t>(cols, 1);
+  return std::max({int64_t{16}, by_size, (rows + 63) / 64});
 }
 
 void launch_backward_epilogue(const BackwardEpilogue& args, int64_t rows, int64_t rows_per_block) {

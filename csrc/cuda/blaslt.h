@@ -1,6 +1,6 @@
 // One cuBLASLt GEMM with an optional fused epilogue, on torch's cuBLASLt handle and current stream
 // (CUDA builds only). Column-major like cuBLAS: D (m x n, ldd) = op(A) op(B) (+ epilogue), with
-// op(A) m x k and op(B) k x n. layer.cpp maps its row-major layers onto it.
+// op(A) m x k and op(B) k x n. gemm.cpp maps the row-major layers onto it.
 //
 // NOTE [cuBLASLt epilogues and the fallback]
 // cuBLASLt fuses the bias, relu and the tanh-form GELU into the GEMM's epilogue, and in backward the

@@ -272,6 +272,10 @@ void launch_pack_relu_mask(c10::ScalarType dtype, const void* out, int64_t rows,
   });
 }
 
+// At most 256 blocks of at least 64 rows: enough thread blocks to fill the GPU while the partial sums
+// stay small.
+int64_t backward_rows_per_block(int64_t rows, int64_t /*cols*/) { return std::max<int64_t>(64, (rows + 255) / 256); }
+
 void launch_backward_epilogue(const BackwardEpilogue& a, int64_t rows, int64_t rows_per_block) {
   if (rows == 0 || a.cols == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
