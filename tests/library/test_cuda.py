@@ -208,17 +208,23 @@ def test_cuda_fused_mlp_matches_reference(sample, gemm_path):
         assert_close(got, want, sample.dtype)
 
 
+def _mlp_tensors(rows, widths, dtype):
+    """An MLP's input, weights (scaled by 1/sqrt(fan-in)) and biases on the GPU, all requiring grad,
+    drawn from torch's default generator in that order."""
+    x = torch.randn(rows, widths[0], device="cuda", dtype=dtype, requires_grad=True)
+    weights = [(torch.randn(n, k, device="cuda") * k ** -0.5).to(dtype).requires_grad_()
+               for k, n in zip(widths[:-1], widths[1:])]
+    biases = [torch.randn(n, device="cuda", dtype=dtype, requires_grad=True) for n in widths[1:]]
+    return x, weights, biases
+
+
 @pytest.mark.parametrize("activations", [("relu", "relu", "identity"), ("gelu_tanh", "gelu_tanh", "identity"),
                                          ("gelu", "silu", "tanh"), ("leaky_relu", "relu", "sigmoid")], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_fused_mlp_stack_on_both_paths(activations, dtype, gemm_path):
     # Wide aligned layers: cuBLASLt takes every GEMM, derivative epilogues ride in the data-gradient GEMMs.
     torch.manual_seed(0)
-    widths = (256, 512, 256, 128)
-    x = torch.randn(384, widths[0], device="cuda", dtype=dtype, requires_grad=True)
-    weights = [(torch.randn(n, k, device="cuda") * k ** -0.5).to(dtype).requires_grad_()
-               for k, n in zip(widths[:-1], widths[1:])]
-    biases = [torch.randn(n, device="cuda", dtype=dtype, requires_grad=True) for n in widths[1:]]
+    x, weights, biases = _mlp_tensors(384, (256, 512, 256, 128), dtype)
     out = pyfastnn.fused_mlp(x, weights, biases, list(activations[:-1]), activations[-1])
     expected = reference_mlp(x, weights, biases, activations)
     assert_close(out, expected, dtype)
@@ -290,11 +296,7 @@ def test_cuda_dropout_is_reproducible_and_fresh_per_call():
                                          ("leaky_relu", "gelu_tanh", "silu"), ("identity", "tanh", "relu")], ids=str)
 def test_cuda_dropout_gradients_use_the_same_mask(activations, dtype, gemm_path):
     torch.manual_seed(1)
-    widths = (48, 64, 40, 24)
-    x = torch.randn(70, widths[0], device="cuda", dtype=dtype, requires_grad=True)
-    weights = [(torch.randn(n, k, device="cuda") * k ** -0.5).to(dtype).requires_grad_()
-               for k, n in zip(widths[:-1], widths[1:])]
-    biases = [torch.randn(n, device="cuda", dtype=dtype, requires_grad=True) for n in widths[1:]]
+    x, weights, biases = _mlp_tensors(70, (48, 64, 40, 24), dtype)
     codes = [pyfastnn.ACTIVATIONS.index(a) for a in activations]
     dropout = [0.3, 0.5, 0.2]  # after every layer, the output layer included
     tensors = (x, *weights, *biases)
