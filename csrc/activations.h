@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define PYFASTNN_HOST_DEVICE __host__ __device__ __forceinline__
@@ -70,6 +71,7 @@ struct MathOps {
   PYFASTNN_HOST_DEVICE static T tanh(T x) { return std::tanh(x); }
   PYFASTNN_HOST_DEVICE static T erf(T x) { return std::erf(x); }
   PYFASTNN_HOST_DEVICE static Mask less(T a, T b) { return a < b; }
+  PYFASTNN_HOST_DEVICE static Mask less_equal(T a, T b) { return a <= b; }
   PYFASTNN_HOST_DEVICE static Mask greater(T a, T b) { return a > b; }
   PYFASTNN_HOST_DEVICE static T select(Mask m, T if_true, T if_false) { return m ? if_true : if_false; }
 };
@@ -93,7 +95,7 @@ struct Relu {
     const T zero = M::constant(0.0);
     return M::select(M::less(x, zero), zero, x);  // NaN stays NaN, like torch.relu
   }
-  // Valid from the output or the input: like threshold_backward, only s <= 0 blocks the gradient.
+  // Valid from the output or the input. Backward selects rather than multiplies (chain_rule below).
   template <typename T> PYFASTNN_HOST_DEVICE static T derivative(T s, T) {
     using M = MathOps<T>;
     const T zero = M::constant(0.0);
@@ -176,6 +178,20 @@ struct Silu {  // x * sigmoid(x)
 };
 
 }  // namespace act
+
+// The pre-activation's gradient g * act'(s), as every backward kernel applies it. relu selects
+// instead, like torch's threshold_backward: where s <= 0 no gradient passes even when g is inf or
+// NaN (a multiplication would make NaN there), and a NaN s lets g through.
+template <typename F, typename T>
+PYFASTNN_HOST_DEVICE T chain_rule(T g, T s, T slope) {
+  if constexpr (std::is_same_v<F, act::Relu>) {
+    using M = MathOps<T>;
+    const T zero = M::constant(0.0);
+    return M::select(M::less_equal(s, zero), zero, g);
+  } else {
+    return g * F::derivative(s, slope);
+  }
+}
 
 // The one switch from a runtime activation code to a compile-time functor (tiny-cuda-nn style):
 // `visit_activation(a, [&](auto functor) { using F = decltype(functor); ... })` instantiates the

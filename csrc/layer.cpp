@@ -76,7 +76,9 @@ struct BackwardPass {
     at::Tensor partial_sums;
     if (need_sums) {
       const auto options = grad_out.options().dtype(at::toOpMathType(grad_out.scalar_type()));
-      partial_sums = blocks <= 1 ? at::zeros({cols}, options) : at::zeros({blocks, cols}, options);
+      const auto shape = blocks <= 1 ? std::vector<int64_t>{cols} : std::vector<int64_t>{blocks, cols};
+      // The CUDA kernel writes every block's sums; the CPU kernels add into them. No rows: zeros.
+      partial_sums = cuda_device && blocks > 0 ? at::empty(shape, options) : at::zeros(shape, options);
     }
     if (blocks > 0 && cols > 0 && (need_sums || grad_pre.defined())) {
       BackwardEpilogue args{grad_out.scalar_type(), activation, negative_slope, cols, grad_out.data_ptr(),
@@ -167,6 +169,8 @@ void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
   } else {
     cpu::matmul_xwt_out(x, weight, acc);
   }
+  // Identity with no bias left to add, no dropout and no pre-activation: the GEMM wrote the output.
+  if (activation == Activation::Identity && !b.defined() && preact == nullptr && !dropout.keep_mask.defined()) return;
   ForwardEpilogue args{x.scalar_type(),
                        activation,
                        negative_slope,

@@ -125,7 +125,7 @@ void backward_rows(const BackwardEpilogue& a, int64_t row_begin, int64_t row_end
       auto s = IO::load(saved + offset, n);
       for (int k = 0; k < IO::kParts; ++k) {
         if (rescale_saved) s[k] = s[k] * saved_scale;
-        g[k] = g[k] * F::derivative(s[k], slope);
+        g[k] = chain_rule<F>(g[k], s[k], slope);
       }
     }
     if (mask_implied) {

@@ -81,12 +81,42 @@ bool uses_aux(GemmEpilogue e) {
          e == GemmEpilogue::DGeluTanh;
 }
 
+// Float32 products use TF32 where torch's own cuBLAS would (torch.backends.cuda.matmul.fp32_precision,
+// allow_tf32, torch.set_float32_matmul_precision; never inside torch's NoTF32Guard). The precision
+// query, not allowTF32CuBLAS(): that one throws once a user has set the newer API alone.
+cublasComputeType_t compute_type(c10::ScalarType dtype) {
+  const bool tf32 = dtype == at::kFloat && !at::NoTF32Guard::should_disable_tf32() &&
+                    at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+                        at::Float32Precision::TF32;
+  return tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+}
+
+// The split-K reductions cuBLASLt may use for half and bfloat16, as torch allows them for its own
+// cuBLASLt GEMMs (torch.backends.cuda.matmul.allow_{fp16,bf16}_reduced_precision_reduction):
+// CUBLASLT_REDUCTION_SCHEME_MASK allows every scheme, NONE none but the plain GEMM.
+uint32_t reduction_schemes(c10::ScalarType dtype) {
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return CUBLASLT_REDUCTION_SCHEME_MASK;
+  const at::CuBLASReductionOption option = dtype == at::kHalf ? at::globalContext().allowFP16ReductionCuBLAS()
+                                                              : at::globalContext().allowBF16ReductionCuBLAS();
+  switch (option) {
+    case at::CuBLASReductionOption::AllowReducedPrecisionWithSplitK:
+      return CUBLASLT_REDUCTION_SCHEME_MASK;
+    case at::CuBLASReductionOption::DisallowReducedPrecisionAllowSplitK:
+      return CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE | CUBLASLT_REDUCTION_SCHEME_NONE;
+    case at::CuBLASReductionOption::DisallowReducedPrecisionDisallowSplitK:
+      return CUBLASLT_REDUCTION_SCHEME_NONE;
+  }
+  return CUBLASLT_REDUCTION_SCHEME_NONE;  // an option added later: the strictest choice
+}
+
 // NOTE [cuBLASLt heuristic cache]
 // cublasLtMatmulAlgoGetHeuristic costs host time on every call, while a training loop repeats the
 // same few problems. Its answer depends only on the device, the problem (types, compute type,
 // transposes, sizes, leading dimensions, epilogue, bias and aux leading dimension), the workspace
-// size and the alignments of the pointers (the preferences and descriptor attributes it reads), so
-// the answer, including "no algorithm", is kept per such key. The cache is bounded: a run with
+// size, the allowed reduction schemes and the alignments of the pointers (the preferences and
+// descriptor attributes it reads), so the answer, including "no algorithm", is kept per such key.
+// An algorithm whose launch failed is remembered as "no algorithm" for its key, so the fallback is
+// not preceded by the same failing launch on every call. The cache is bounded: a run with
 // ever-changing shapes starts it afresh rather than growing without end.
 using HeuristicKey = std::array<int64_t, 21>;
 
@@ -146,12 +176,13 @@ bool lt_matmul(const LtGemm& g) {
   // cuBLASLt's documented requirements on the auxiliary buffer's leading dimension.
   const bool relu_mask = g.epilogue == GemmEpilogue::ReluAux || g.epilogue == GemmEpilogue::DRelu;
   if (uses_aux(g.epilogue) && g.aux_ld % (relu_mask ? 128 : 8) != 0) return false;
+  // cuBLASLt's alignment preferences cover A, B, C and D only; a kernel it picks may still assume a
+  // 16-byte aligned bias or aux buffer (a sliced bias is not), and would fault rather than decline.
+  if ((has_bias && alignment_of(g.bias) < 16) || (uses_aux(g.epilogue) && alignment_of(g.aux) < 16)) return false;
 
   const cudaDataType_t type = g.dtype == at::kFloat ? CUDA_R_32F : g.dtype == at::kHalf ? CUDA_R_16F : CUDA_R_16BF;
-  // Float32 follows torch.backends.cuda.matmul.allow_tf32 (torch.set_float32_matmul_precision).
-  const cublasComputeType_t compute = g.dtype == at::kFloat && at::globalContext().allowTF32CuBLAS()
-                                          ? CUBLAS_COMPUTE_32F_FAST_TF32
-                                          : CUBLAS_COMPUTE_32F;
+  const cublasComputeType_t compute = compute_type(g.dtype);
+  const uint32_t reductions = reduction_schemes(g.dtype);
   MatmulDesc desc(compute, CUDA_R_32F);
   const cublasOperation_t op_a = g.transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t op_b = g.transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -174,13 +205,6 @@ bool lt_matmul(const LtGemm& g) {
   // torch's own cuBLASLt workspace for this stream (its size follows CUBLASLT_WORKSPACE_SIZE and the
   // GPU, larger on Hopper): no allocation per call, stream-ordered, and safe under graph capture.
   const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
-  Preference preference;
-  preference.set(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, workspace_size);
-  preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, alignment_of(g.a));
-  preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, alignment_of(g.b));
-  preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, alignment_of(g.d));
-  preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, alignment_of(g.d));
-
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   // NOTE [cuBLASLt heuristic cache]
   const HeuristicKey key{static_cast<int64_t>(c10::cuda::current_device()), static_cast<int64_t>(g.dtype),
@@ -188,9 +212,18 @@ bool lt_matmul(const LtGemm& g) {
                          g.ldd, static_cast<int64_t>(epilogue), g.aux_ld, static_cast<int64_t>(workspace_size),
                          alignment_of(g.a), alignment_of(g.b), alignment_of(g.d),
                          has_bias ? alignment_of(g.bias) : 0, uses_aux(g.epilogue) ? alignment_of(g.aux) : 0,
-                         has_bias, uses_aux(g.epilogue)};
+                         has_bias, static_cast<int64_t>(reductions)};
   HeuristicAnswer answer;
   if (!heuristic_cache().lookup(key, answer)) {
+    Preference preference;
+    preference.set(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, workspace_size);
+    preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, alignment_of(g.a));
+    preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, alignment_of(g.b));
+    preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, alignment_of(g.d));
+    preference.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, alignment_of(g.d));
+    if (reductions != CUBLASLT_REDUCTION_SCHEME_MASK) {
+      preference.set(CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, reductions);
+    }
     int found = 0;
     const cublasStatus_t query = cublasLtMatmulAlgoGetHeuristic(handle, desc.raw, a_layout.raw, b_layout.raw,
                                                                  d_layout.raw, d_layout.raw, preference.raw, 1,
@@ -209,6 +242,7 @@ bool lt_matmul(const LtGemm& g) {
                      at::cuda::getCurrentCUDAStream());
   // A failed launch leaves D unwritten (cuBLASLt validates before launching): fall back.
   if (status != CUBLAS_STATUS_SUCCESS) {
+    heuristic_cache().store(key, HeuristicAnswer{});
     TORCH_WARN_ONCE("pyfastnn: cublasLtMatmul failed (", at::cuda::blas::_cublasGetErrorEnum(status),
                     "), using cuBLAS and pyfastnn's epilogue instead");
     return false;

@@ -117,7 +117,7 @@ struct BackwardScalars {
   __device__ __forceinline__ opmath_t grad_pre(opmath_t g, opmath_t s, bool kept) const {
     if constexpr (!std::is_same_v<F, act::Identity>) {
       if (rescale_saved) s *= saved_scale;
-      g *= F::derivative(s, slope);
+      g = chain_rule<F>(g, s, slope);
     }
     if (mask_implied) return g * kept_scale;
     if (read_mask) return g * (kept ? kept_scale : opmath_t(0));

@@ -57,10 +57,41 @@ def test_cuda_autocast(dtype):
     assert_close(out, expected, dtype)
 
 
-def test_tf32_follows_pytorch_setting():
-    x, w = torch.randn(256, 512, device="cuda"), torch.randn(128, 512, device="cuda")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    assert_close(pyfastnn.fused_linear(x, w, None, None), torch.nn.functional.linear(x, w), torch.bfloat16)
+def _tf32_on(api: str) -> None:
+    if api == "allow_tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    else:  # the newer API alone: torch then refuses to read allow_tf32 (exact_fp32 sets both back)
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+
+
+@pytest.mark.parametrize("api", ["allow_tf32", "fp32_precision"])
+@pytest.mark.parametrize("activation", ["relu", "gelu_tanh", "sigmoid"])  # cuBLASLt epilogue and our pass
+def test_tf32_follows_pytorch_setting(api, activation):
+    x, w, b = torch.randn(256, 512, device="cuda"), torch.randn(128, 512, device="cuda"), torch.randn(128, device="cuda")
+    exact = reference(x.double(), w.double(), b.double(), activation)
+    ieee_error = (pyfastnn.fused_linear(x, w, b, activation).double() - exact).abs().max().item()
+    _tf32_on(api)
+    out = pyfastnn.fused_linear(x, w, b, activation)
+    assert_close(out, reference(x, w, b, activation), torch.bfloat16)  # eager under the same setting
+    # TF32 keeps 10 mantissa bits: its error over k=512 is orders of magnitude above float32's.
+    assert (out.double() - exact).abs().max().item() > 30 * ieee_error
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_reduction_setting_is_followed(dtype):
+    """Long k and a small output invite split-K; with reduced-precision reductions forbidden, the
+    products stay as accurate as eager's under the same setting."""
+    matmul = torch.backends.cuda.matmul
+    name = "allow_fp16_reduced_precision_reduction" if dtype == torch.float16 else "allow_bf16_reduced_precision_reduction"
+    previous = getattr(matmul, name)
+    x, w, b = (torch.randn(s, device="cuda", dtype=dtype) for s in ((64, 16384), (64, 16384), (64,)))
+    try:
+        for allowed in (True, False):
+            setattr(matmul, name, allowed)
+            for activation in ("relu", "gelu_tanh", "tanh", None):
+                assert_close(pyfastnn.fused_linear(x, w, b, activation), reference(x, w, b, activation), dtype)
+    finally:
+        setattr(matmul, name, previous)
 
 
 def test_non_default_stream_and_cuda_graphs():

@@ -102,6 +102,23 @@ def test_nan_and_inf_propagate_like_pytorch():
         torch.testing.assert_close(out, reference(x, w, None, act), equal_nan=True)
 
 
+@pytest.mark.parametrize("activation", pyfastnn.ACTIVATIONS)
+def test_nan_and_inf_gradients_like_pytorch(activation):
+    """Pre-activations from the bias alone (zero input and weight keep the GEMM finite), then an
+    upstream gradient with inf and NaN: the bias gradient of a one-row batch is the pre-activation's
+    gradient itself. relu passes nothing where its output is <= 0, even an inf, and lets the
+    gradient through a NaN output, as torch's threshold_backward does."""
+    pre = torch.tensor([float("nan"), -1.0, 2.0, 0.0, -float("inf"), float("inf"), -3.0, 0.5])
+    grad_out = torch.tensor([[float("inf"), float("inf"), 1.0, float("inf"), float("nan"), 2.0, -float("inf"), 1.0]])
+    x, w = torch.zeros(1, 3), torch.zeros(8, 3)
+    grads = []
+    for fn in (pyfastnn.fused_linear, reference):
+        b = pre.clone().requires_grad_()
+        fn(x, w, b, activation).backward(grad_out)
+        grads.append(b.grad)
+    torch.testing.assert_close(grads[0], grads[1], equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_autocast_bf16_matches_linear(dtype):
     x, layer = torch.randn(16, 32, dtype=dtype), torch.nn.Linear(32, 8).to(dtype)
