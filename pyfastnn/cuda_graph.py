@@ -114,7 +114,10 @@ class CUDAGraphStep:
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # On the batch's device and the warm-up's stream: torch.cuda.graph's own default stream
+            # belongs to whichever device was current when it was first made, and a capture there
+            # would record none of this device's kernels.
+            with torch.cuda.device(self.inputs[0].device), torch.cuda.graph(graph, stream=self._side_stream):
                 self._forward_backward_step()
         except RuntimeError as e:
             raise RuntimeError(f"cuda_graph_step: capturing the step failed ({e}). Everything in a captured step "

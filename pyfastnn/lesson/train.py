@@ -223,7 +223,7 @@ def restore_checkpoint(state: Dict, path, model: nn.Module, optimizer: torch.opt
         raise CheckpointError(f"checkpoint {path}: does not fit this model ({reason})") from e
     torch.set_rng_state(state["rng_state"].cpu())  # dropout masks continue exactly where they stopped
     if device.startswith("cuda") and state.get("cuda_rng_state") is not None:
-        torch.cuda.set_rng_state(state["cuda_rng_state"].cpu())
+        torch.cuda.set_rng_state(state["cuda_rng_state"].cpu(), device)
     return list(state["history"]), int(state["epoch"])
 
 
@@ -234,7 +234,7 @@ def save_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer, hi
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "history": history, "epoch": epoch, "config": dataclasses.asdict(config),
                     "rng_state": torch.get_rng_state(),
-                    "cuda_rng_state": torch.cuda.get_rng_state() if device.startswith("cuda") else None}, f)
+                    "cuda_rng_state": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}, f)
 
 
 def run_metrics(config: TrainConfig, device: str, world_size: int, graphed: bool, history: List[Dict],

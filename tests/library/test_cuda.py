@@ -97,6 +97,7 @@ def test_reduced_precision_reduction_setting_is_followed(dtype):
 def test_non_default_stream_and_cuda_graphs():
     x, w, b = (torch.randn(s, device="cuda") for s in ((64, 32), (16, 32), (16,)))
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # x, w, b were written on the default stream
     with torch.cuda.stream(stream):
         out = pyfastnn.fused_linear(x, w, b, "gelu")
     stream.synchronize()
@@ -167,10 +168,12 @@ def test_every_activation_and_dtype_as_close_to_float64_as_eager(activation, dty
     grad = torch.randn(rows, n, device="cuda", generator=generator).to(dtype)
     fused = _float64_error(lambda *t: pyfastnn.fused_linear(*t, activation=activation), (x, w, b), grad)
     eager = _float64_error(lambda *t: reference(*t, activation=activation), (x, w, b), grad)
-    eps = torch.finfo(dtype).eps
+    # As close as eager, up to a few roundings of the dtype (fusion rounds in other places). In float64
+    # eager is the reference itself (its error 0): the floor then covers another summation order of
+    # the GEMM's k-blocks and of the bias gradient (tens of eps).
+    floor = (64 if dtype == torch.float64 else 8) * torch.finfo(dtype).eps
     for what, got, want in zip(("output", "grad input", "grad weight", "grad bias"), fused, eager):
-        # As close as eager, up to a few roundings of the dtype (fusion rounds in other places).
-        assert got <= 2 * want + 8 * eps, f"{what}: {got:.3g} vs eager {want:.3g}"
+        assert got <= 2 * want + floor, f"{what}: {got:.3g} vs eager {want:.3g}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
