@@ -4,6 +4,8 @@
 # (rc, seconds) and the final status. Most telling first, so a run cut short still says the most:
 #   env                     nvidia-smi, torch, the lesson extra's packages, compute-sanitizer (env.log)
 #   build                   pip install -e . with PYFASTNN_CUDA=1 (TORCH_CUDA_ARCH_LIST, default 9.0)
+#   lesson_extra            only where the lesson extra is missing and GPU_CHECK_WHEELS names a folder
+#                           of wheels for it (a machine without network): pip install --no-index from it
 #   (then stops at once unless torch sees a GPU and pyfastnn has its CUDA backend: every GPU test
 #    would otherwise be skipped and pass)
 #   test_cuda               tests/library/test_cuda.py (cuBLASLt and fallback paths, dropout, CUDA graphs)
@@ -21,7 +23,11 @@
 # ends with its summary before an outer limit stops it. --full: FUZZ_CASES 10000 (the acceptance run),
 # the CPU suite, and a budget of 1500 s. Exit status 0 only if every step ran and passed.
 #
-#   PYFASTNN_MNIST=DIR scripts/gpu_check.sh OUTDIR [--full]
+#   PYFASTNN_MNIST=DIR [GPU_CHECK_WHEELS=DIR] scripts/gpu_check.sh OUTDIR [--full]
+#
+# The wheels for an offline machine with Python 3.12, fetched where there is network:
+#   pip download --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+#     --only-binary=:all: numpy tqdm matplotlib -d DIR
 set -uo pipefail
 OUT="${1:?usage: scripts/gpu_check.sh OUTDIR [--full]}"
 MODE="${2:-}"
@@ -82,7 +88,13 @@ fi
 step test_cuda 200 "${PYTEST[@]}" tests/library/test_cuda.py --junitxml="$OUT/test_cuda.xml"
 step test_cuda_graph 60 "${PYTEST[@]}" tests/library/test_cuda_graph.py pyfastnn/cuda_graph.py \
   --junitxml="$OUT/test_cuda_graph.xml"
-LESSON_MISSING="$("$PYTHON" -c "from pyfastnn.extras import missing_lesson_requirements as m; print(' '.join(m()))")"
+lesson_missing() { "$PYTHON" -c "from pyfastnn.extras import missing_lesson_requirements as m; print(' '.join(m()))"; }
+LESSON_MISSING="$(lesson_missing)"
+if [ -n "$LESSON_MISSING" ] && [ -d "${GPU_CHECK_WHEELS:-}" ]; then
+  # shellcheck disable=SC2086 # one package name per word
+  step lesson_extra 60 "$PYTHON" -m pip install --no-index --find-links "$GPU_CHECK_WHEELS" $LESSON_MISSING
+  LESSON_MISSING="$(lesson_missing)"
+fi
 if [ -n "$LESSON_MISSING" ]; then
   note test_cuda_train "NOT RUN: the lesson extra lacks $LESSON_MISSING"
 elif [ ! -d "${PYFASTNN_MNIST:-$ROOT/../shared/data/mnist}" ]; then
