@@ -109,8 +109,13 @@ def find_cuda_home(torch_guess: Optional[str]) -> Optional[str]:
     return str(Path(nvcc).resolve().parent.parent) if nvcc else None
 
 
+# The CUDA backend reads torch's matmul precision settings through at::Float32Backend and
+# at::CuBLASReductionOption, which torch has since 2.10.
+MIN_TORCH_FOR_CUDA = (2, 10)
+
+
 def want_cuda(choice: str, torch_cuda: Optional[str], cuda_home: Optional[str],
-              have_sources: bool) -> tuple[bool, Optional[str]]:
+              have_sources: bool, *, torch_version: str) -> tuple[bool, Optional[str]]:
     """Whether to build the CUDA backend, and a warning to show when a CUDA setup was half found.
 
     choice is PYFASTNN_CUDA ("0", "1" or ""); exits with the reason when "1" cannot be honoured.
@@ -120,6 +125,9 @@ def want_cuda(choice: str, torch_cuda: Optional[str], cuda_home: Optional[str],
     problems = []
     if not torch_cuda:
         problems.append("this torch is built without CUDA")
+    elif tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", torch_version).groups()) < MIN_TORCH_FOR_CUDA:
+        problems.append(f"the CUDA backend needs torch >= {'.'.join(map(str, MIN_TORCH_FOR_CUDA))}, "
+                        f"this is {torch_version}")
     toolkit = cuda_toolkit_problem(cuda_home)
     if toolkit:
         problems.append(toolkit)
@@ -204,7 +212,8 @@ def extension_and_command():
     define_macros += [(BUILD_CONFIG["cpu_capability_define"] + c["name"], None) for c in capabilities]
 
     with_cuda, warning = want_cuda(os.environ.get("PYFASTNN_CUDA", "").strip(), torch.version.cuda,
-                                   find_cuda_home(cpp_extension.CUDA_HOME), bool(cuda_sources))
+                                   find_cuda_home(cpp_extension.CUDA_HOME), bool(cuda_sources),
+                                   torch_version=torch.__version__)
     if warning:
         print(f"WARNING: pyfastnn: {warning}", file=sys.stderr)  # setuptools filters warnings.warn
     if with_cuda:

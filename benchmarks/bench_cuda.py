@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": pyfastnn.info(), "torch": torch.__version__, "device": torch.cuda.get_device_name(),
-                       "allow_tf32": torch.backends.cuda.matmul.allow_tf32, **results}, f, indent=2)
+                       "fp32_precision": torch.backends.cuda.matmul.fp32_precision, **results}, f, indent=2)
     return 0
 
 

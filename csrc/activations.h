@@ -57,7 +57,8 @@ PYFASTNN_HOST_DEVICE bool derivative_from_output(Activation act, double negative
 
 // Whether act'(y) is 0 wherever the output y is exactly 0 (relu: y = 0 means x <= 0; sigmoid's
 // output is never 0 otherwise). After dropout, the saved output then already says where the gradient
-// vanishes, so backward can scale by 1 / (1 - p) without reading the mask.
+// vanishes, so backward can scale by 1 / (1 - p) without reading the mask. (A dropped relu output of
+// inf is saved as inf * 0 = NaN, where relu passes no gradient either: Relu::active.)
 PYFASTNN_HOST_DEVICE bool derivative_vanishes_at_zero_output(Activation act) {
   return act == Activation::Relu || act == Activation::Sigmoid;
 }
@@ -71,7 +72,6 @@ struct MathOps {
   PYFASTNN_HOST_DEVICE static T tanh(T x) { return std::tanh(x); }
   PYFASTNN_HOST_DEVICE static T erf(T x) { return std::erf(x); }
   PYFASTNN_HOST_DEVICE static Mask less(T a, T b) { return a < b; }
-  PYFASTNN_HOST_DEVICE static Mask less_equal(T a, T b) { return a <= b; }
   PYFASTNN_HOST_DEVICE static Mask greater(T a, T b) { return a > b; }
   PYFASTNN_HOST_DEVICE static T select(Mask m, T if_true, T if_false) { return m ? if_true : if_false; }
 };
@@ -95,11 +95,14 @@ struct Relu {
     const T zero = M::constant(0.0);
     return M::select(M::less(x, zero), zero, x);  // NaN stays NaN, like torch.relu
   }
-  // Valid from the output or the input. Backward selects rather than multiplies (chain_rule below).
+  // Where the gradient passes, from the output or the input alike: s > 0. A NaN passes nothing, in
+  // every path (the CUDA bit masks and dropout's saved outputs, where a dropped inf is NaN, agree).
+  template <typename T> PYFASTNN_HOST_DEVICE static auto active(T s) {
+    return MathOps<T>::greater(s, MathOps<T>::constant(0.0));
+  }
   template <typename T> PYFASTNN_HOST_DEVICE static T derivative(T s, T) {
     using M = MathOps<T>;
-    const T zero = M::constant(0.0);
-    return M::select(M::greater(s, zero), M::constant(1.0), zero);
+    return M::select(active(s), M::constant(1.0), M::constant(0.0));
   }
 };
 
@@ -180,14 +183,12 @@ struct Silu {  // x * sigmoid(x)
 }  // namespace act
 
 // The pre-activation's gradient g * act'(s), as every backward kernel applies it. relu selects
-// instead, like torch's threshold_backward: where s <= 0 no gradient passes even when g is inf or
-// NaN (a multiplication would make NaN there), and a NaN s lets g through.
+// instead, like torch's threshold_backward: an inactive unit passes no gradient even when g is inf
+// or NaN (a multiplication would make NaN there).
 template <typename F, typename T>
 PYFASTNN_HOST_DEVICE T chain_rule(T g, T s, T slope) {
   if constexpr (std::is_same_v<F, act::Relu>) {
-    using M = MathOps<T>;
-    const T zero = M::constant(0.0);
-    return M::select(M::less_equal(s, zero), zero, g);
+    return MathOps<T>::select(F::active(s), g, MathOps<T>::constant(0.0));
   } else {
     return g * F::derivative(s, slope);
   }

@@ -31,6 +31,7 @@
 set -uo pipefail
 OUT="${1:?usage: scripts/gpu_check.sh OUTDIR [--full]}"
 MODE="${2:-}"
+case "$MODE" in "" | --full) ;; *) echo "usage: scripts/gpu_check.sh OUTDIR [--full] (unknown: $MODE)" >&2; exit 2 ;; esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 if [ "$MODE" = "--full" ]; then
@@ -54,16 +55,22 @@ note() {  # note NAME TEXT: a summary line for a step that did not run
   status=1
 }
 
+finish() {  # the summary's last line, then the exit status
+  echo "[gpu_check] done in $SECONDS s, status $status; logs in $OUT" | tee -a "$OUT/summary.txt"
+  exit $status
+}
+
 step() {  # step NAME LIMIT_S COMMAND...: runs within the budget left, logs, records rc and time
   local name="$1" limit="$2"; shift 2
-  local left=$((BUDGET - SECONDS))
+  local left=$((BUDGET - SECONDS - 10))  # 10 s: timeout's grace before it kills
   if [ "$left" -lt 20 ]; then note "$name" "NOT RUN (the $BUDGET s budget is spent)"; return 1; fi
   [ "$limit" -gt "$left" ] && limit="$left"
   echo "[gpu_check] $name (limit $limit s)"
   local start=$SECONDS
   timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  local line="$name: rc=$rc in $((SECONDS - start)) s$([ $rc -eq 124 ] && echo " (timed out after $limit s)")"
+  local line="$name: rc=$rc in $((SECONDS - start)) s"
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then line="$line (timed out after $limit s)"; fi
   echo "[gpu_check] $line" | tee -a "$OUT/summary.txt"
   tail -n 3 "$OUT/$name.log"
   [ $rc -eq 0 ] || status=1
@@ -78,11 +85,11 @@ step() {  # step NAME LIMIT_S COMMAND...: runs within the budget left, logs, rec
   "$SANITIZER" --version | tail -n 1
   echo "PYFASTNN_MNIST=${PYFASTNN_MNIST:-unset}"
 } > "$OUT/env.log" 2>&1
-step build 240 "$PYTHON" -m pip install --no-build-isolation --no-deps -e . || { echo "build failed"; exit 1; }
+step build 240 "$PYTHON" -m pip install --no-build-isolation --no-deps -e . || finish
 "$PYTHON" -c "import pyfastnn; print(pyfastnn.info())" >> "$OUT/env.log" 2>&1
 if ! "$PYTHON" -c "import sys, torch, pyfastnn; sys.exit(not (torch.cuda.is_available() and pyfastnn.info()['backends']['cuda']))"; then
   note cuda "torch sees no GPU or pyfastnn was built without CUDA (env.log): every GPU test would be skipped"
-  exit 1
+  finish
 fi
 
 step test_cuda 200 "${PYTEST[@]}" tests/library/test_cuda.py --junitxml="$OUT/test_cuda.xml"
@@ -129,5 +136,4 @@ if [ "$MODE" = "--full" ]; then
   step test_cpu_on_cuda_build 600 "${PYTEST[@]}" tests --ignore=tests/library/test_cuda.py \
     --ignore=tests/lesson/test_cuda_train.py
 fi
-echo "[gpu_check] done in $SECONDS s, status $status; logs in $OUT" | tee -a "$OUT/summary.txt"
-exit $status
+finish

@@ -18,7 +18,6 @@ struct MathOps<at::vec::Vectorized<S>> {
   static inline Vec tanh(const Vec& x) { return x.tanh(); }
   static inline Vec erf(const Vec& x) { return x.erf(); }
   static inline Mask less(const Vec& a, const Vec& b) { return a < b; }
-  static inline Mask less_equal(const Vec& a, const Vec& b) { return a <= b; }
   static inline Mask greater(const Vec& a, const Vec& b) { return a > b; }
   static inline Vec select(const Mask& m, const Vec& if_true, const Vec& if_false) {
     return Vec::blendv(if_false, if_true, m);

@@ -208,8 +208,8 @@ def test_train_cli_cuda_five_epochs_reaches_the_lesson_accuracy(tmp_path, mnist_
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["device"].startswith("cuda") and metrics["cuda_graph"] is True
-    # The lesson's runs span 97.74-97.97 %; the GPU draws other dropout masks, like another seed.
-    assert metrics["test_accuracy"] >= 0.975, metrics["test_accuracy"]
+    # The goal for 5 epochs on a GPU; the lesson's own runs on the CPU reach 97.74-97.97 %.
+    assert metrics["test_accuracy"] >= 0.976, metrics["test_accuracy"]
     for name in ("checkpoint.pt", "curves.png", "predictions.png"):
         assert (out / name).stat().st_size > 0, name
     print(f"5 epochs on the GPU: {metrics['train_seconds']:.2f} s of training, test accuracy "

@@ -2,6 +2,7 @@
 torch it was not built against, and setup.py fails fast (or falls back to the CPU backend) with a
 message that says what to do."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -149,7 +150,7 @@ def make_toolkit(root: Path, *, headers: bool = True, runtime: bool = True) -> s
 
 def test_cuda_choice(tmp_path):
     setup_module = load_setup_module()
-    want_cuda = setup_module.want_cuda
+    want_cuda = functools.partial(setup_module.want_cuda, torch_version="2.13.0+cu130")
     full = make_toolkit(tmp_path / "full")
     nvcc_only = make_toolkit(tmp_path / "nvcc-only", headers=False, runtime=False)
     no_runtime = make_toolkit(tmp_path / "no-runtime", runtime=False)
@@ -168,6 +169,12 @@ def test_cuda_choice(tmp_path):
     assert not with_cuda and "no CUDA toolkit" in warning
     with pytest.raises(SystemExit, match="PYFASTNN_CUDA=1 but the CUDA backend cannot be built: .*cuda_runtime.h"):
         want_cuda("1", "12.8", nvcc_only, True)
+    # A CUDA torch older than the backend's torch API: CPU only, saying so; an error when CUDA is required.
+    with_cuda, warning = setup_module.want_cuda("", "12.8", full, True, torch_version="2.9.1+cu128")
+    assert not with_cuda and "needs torch >= 2.10, this is 2.9.1+cu128" in warning
+    with pytest.raises(SystemExit, match="needs torch >= 2.10"):
+        setup_module.want_cuda("1", "12.8", full, True, torch_version="2.9.1+cu128")
+    assert setup_module.want_cuda("", "13.0", full, True, torch_version="2.11.0+cu130") == (True, None)
 
 
 def test_setup_with_a_half_found_toolkit_builds_cpu_with_a_warning(tmp_path):

@@ -106,8 +106,9 @@ def test_nan_and_inf_propagate_like_pytorch():
 def test_nan_and_inf_gradients_like_pytorch(activation):
     """Pre-activations from the bias alone (zero input and weight keep the GEMM finite), then an
     upstream gradient with inf and NaN: the bias gradient of a one-row batch is the pre-activation's
-    gradient itself. relu passes nothing where its output is <= 0, even an inf, and lets the
-    gradient through a NaN output, as torch's threshold_backward does."""
+    gradient itself. relu passes nothing where its output is <= 0, even an inf, as torch's
+    threshold_backward does; at a NaN pre-activation it passes nothing either (the README's one
+    documented difference, test_nan_and_inf_differences_from_pytorch_are_as_documented)."""
     pre = torch.tensor([float("nan"), -1.0, 2.0, 0.0, -float("inf"), float("inf"), -3.0, 0.5])
     grad_out = torch.tensor([[float("inf"), float("inf"), 1.0, float("inf"), float("nan"), 2.0, -float("inf"), 1.0]])
     x, w = torch.zeros(1, 3), torch.zeros(8, 3)
@@ -116,6 +117,9 @@ def test_nan_and_inf_gradients_like_pytorch(activation):
         b = pre.clone().requires_grad_()
         fn(x, w, b, activation).backward(grad_out)
         grads.append(b.grad)
+    if activation == "relu":
+        assert grads[0][0] == 0 and grads[1][0] == float("inf")
+        grads = [g[1:] for g in grads]
     torch.testing.assert_close(grads[0], grads[1], equal_nan=True)
 
 

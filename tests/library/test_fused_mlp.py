@@ -56,6 +56,28 @@ def test_dropout_matches_reference_with_the_same_masks(sample):
         assert_close(g, e, sample.dtype)
 
 
+def test_relu_dropout_gradients_at_inf_and_nan_pre_activations():
+    """A dropped inf output is saved as NaN (inf * 0, as nn.Dropout computes it) and must pass no
+    gradient, while a kept inf passes it scaled, as in PyTorch; a NaN pre-activation passes none
+    (the README's documented difference from threshold_backward)."""
+    x = torch.zeros(64, 3)
+    w1, b1 = torch.zeros(4, 3), torch.tensor([float("inf"), float("nan"), 1.0, -1.0], requires_grad=True)
+    w2, b2 = torch.ones(2, 4), torch.zeros(2)
+    codes = [pyfastnn.ACTIVATIONS.index("relu"), pyfastnn.ACTIVATIONS.index("identity")]
+    args = (x, [w1, w2], [b1, b2], codes, 0.01, [0.5, 0.0], True)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        masks = ops.fused_mlp_forward(*args)[3]
+    grad_out = torch.randn(64, 2)
+    torch.manual_seed(3)
+    (grad_b1,) = torch.autograd.grad(ops.fused_mlp(*args), [b1], grad_out)
+    expected = reference_mlp(x, [w1, w2], [b1, b2], ["relu", "identity"], 0.01, masks, [0.5, 0.0])
+    (expected_b1,) = torch.autograd.grad(expected, [b1], grad_out)
+    assert 0 < masks[0][:, 0].sum() < 64  # some rows dropped the inf unit, some kept it
+    torch.testing.assert_close(grad_b1[[0, 2, 3]], expected_b1[[0, 2, 3]])
+    assert grad_b1[1] == 0 and expected_b1[1].isfinite()
+
+
 @pytest.mark.parametrize("sample", SMALL_F64, ids=repr)
 def test_gradcheck_and_gradgradcheck(sample):
     def fn(*tensors):
