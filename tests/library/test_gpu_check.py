@@ -1,0 +1,73 @@
+"""scripts/gpu_check.sh, the one-run GPU check, kept in step with the tree it checks. It runs only where
+a GPU is, so here every file and test selection it names is checked to exist, and its exits that need
+no GPU are run with a stand-in Python: a refused mode, a failed build, a machine without a GPU."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+TEXT = SCRIPT.read_text()
+
+
+def run_script(out: Path, *args: str, python: Optional[Path] = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": str(python)} if python else dict(os.environ)
+    return subprocess.run(["bash", str(SCRIPT), str(out), *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def stand_in_python(folder: Path, body: str) -> Path:
+    """An executable called in place of Python: `body` is shell code that sees the arguments in $*."""
+    path = folder / "python"
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_every_file_it_names_exists():
+    named = set(re.findall(r"\b((?:tests|scripts|benchmarks|pyfastnn)/[\w/.-]+\.(?:py|sh))", TEXT))
+    assert len(named) >= 8, named
+    assert sorted(p for p in named if not (ROOT / p).is_file()) == []
+
+
+def test_the_sanitizer_selection_reaches_every_kernel_and_captures_no_graph():
+    selection = re.search(r"SANITIZE_TESTS='([^']+)'", TEXT).group(1)
+    result = subprocess.run([sys.executable, "-m", "pytest", "tests/library/test_cuda.py", "--collect-only", "-q",
+                             "-p", "no:cacheprovider", "-k", selection],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    ids = [line for line in result.stdout.splitlines() if "::" in line]
+    # Vectorized and one-element passes, both GEMM paths, dropout forward and backward, the bias-sum
+    # kernel (fallback path) and the relu mask packer.
+    assert {i.split("::")[1].split("[")[0] for i in ids} == {
+        "test_misaligned_views_and_transposed_operands", "test_cuda_dropout_gradients_use_the_same_mask",
+        "test_cuda_dropout_statistics_match_nn_dropout", "test_large_buffer_vectorized_and_one_element_paths",
+        "test_relu_bit_mask_layout_and_fake"}, result.stdout
+    assert any("fallback" in i for i in ids) and any("cublaslt" in i for i in ids)
+    # memcheck runs without the caching allocator, which graph capture needs.
+    assert not [i for i in ids if "captur" in i or "graph" in i]
+
+
+def test_an_unknown_mode_is_refused(tmp_path):
+    result = run_script(tmp_path, "--quick")
+    assert result.returncode == 2 and "unknown: --quick" in result.stderr
+
+
+def test_a_failed_build_stops_with_the_summary_and_status(tmp_path):
+    result = run_script(tmp_path / "out", python=stand_in_python(tmp_path, "exit 1"))
+    assert result.returncode == 1
+    summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    assert summary[0].startswith("[gpu_check] build: rc=1"), summary
+    assert re.fullmatch(r"\[gpu_check\] done in \d+ s, status 1; logs in .*", summary[-1]), summary
+
+
+def test_without_a_gpu_it_fails_instead_of_skipping_every_test(tmp_path):
+    # pip succeeds; the check that torch sees a GPU and pyfastnn has CUDA fails, as on a CPU machine.
+    python = stand_in_python(tmp_path, 'case "$*" in *torch.cuda.is_available*) exit 1 ;; esac\nexit 0')
+    result = run_script(tmp_path / "out", python=python)
+    assert result.returncode == 1
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "build: rc=0" in summary and "torch sees no GPU" in summary, summary
+    assert "test_cuda" not in summary and summary.splitlines()[-1].startswith("[gpu_check] done in")
