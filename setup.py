@@ -204,6 +204,9 @@ def extension_and_command():
 
     gcc = is_gcc(cpp_extension.get_cxx_compiler())
     cxx_flags = ["-O3", "-fvisibility=hidden"] + BUILD_CONFIG["cxx_flags"] + (BUILD_CONFIG["gcc_cxx_flags"] if gcc else [])
+    # at::parallel_for is an OpenMP loop only when compiled with OpenMP (cmake/sources.json).
+    openmp = BUILD_CONFIG["gcc_openmp_flags"] if gcc and torch.backends.openmp.is_available() else []
+    cxx_flags += openmp
     kernel_sources = sources(BUILD_CONFIG["cpu_kernels"])
     cxx_sources = [s for s in sources(BUILD_CONFIG["cxx_sources"]) if s not in kernel_sources]
     cuda_sources = sources(BUILD_CONFIG["cuda_sources"])
@@ -224,12 +227,12 @@ def extension_and_command():
             "pyfastnn._C", cxx_sources + cuda_sources,
             include_dirs=[str(ROOT / "csrc")] + cuda_include_dirs(),
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
-            define_macros=define_macros,
+            extra_link_args=openmp, define_macros=define_macros,
         )
     else:
         extension = cpp_extension.CppExtension(
             "pyfastnn._C", cxx_sources, include_dirs=[str(ROOT / "csrc")],
-            extra_compile_args={"cxx": cxx_flags}, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp, define_macros=define_macros,
         )
     extension.cpu_kernel_sources = kernel_sources
     extension.cpu_capabilities = capabilities

@@ -4,6 +4,7 @@
 
 #include "activations.h"
 #include "checks.h"
+#include "cpu/denormals.h"
 #include "cpu/kernels.h"
 #include "layer.h"
 
@@ -42,10 +43,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", [] { return std::string(pyfastnn::cpu::epilogue_kernels().isa); },
         "Instruction set of the CPU epilogue kernels in use.");
   m.def("compiled_cpu_isas", [] { return std::string(pyfastnn::cpu::compiled_isas()); });
+  m.def("set_flush_denormal_on_all_threads", &pyfastnn::cpu::set_flush_denormal_on_all_threads,
+        "Flush denormals (or not) on the calling thread and every intra-op thread; false if unsupported.");
+  m.def("flush_denormal_enabled", &pyfastnn::cpu::flush_denormal_enabled,
+        "Whether the calling thread flushes denormals.");
 #ifdef PYFASTNN_WITH_CUDA
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;
 #endif
   m.attr("cuda_archs") = std::string(PYFASTNN_CUDA_ARCHS);
+  // How at::parallel_for runs in this build (cmake/sources.json, gcc_openmp_flags).
+#ifdef _OPENMP
+  m.attr("parallel_loops") = std::string("openmp");
+#else
+  m.attr("parallel_loops") = std::string("serial");
+#endif
 }

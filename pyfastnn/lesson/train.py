@@ -25,6 +25,7 @@ from torch import nn
 
 from ..command import InvalidArgument, check_number, command_parser, run_command
 from ..cuda_graph import CUDAGraphStep, cuda_graph_step
+from ..denormals import flush_denormals
 from ..files import atomic_write, ensure_writable_folder
 from ..info import info
 from .data import Batches, load_fashion_mnist, load_mnist, normalize
@@ -55,6 +56,7 @@ class TrainConfig:
     plots: bool = True
     download: bool = False
     cuda_graph: Optional[bool] = None  # the whole step as one CUDA graph; None: on CUDA in one process
+    flush_denormals: bool = True  # CPU: denormal floats become zero on every thread while training
 
 
 @dataclasses.dataclass
@@ -329,58 +331,62 @@ def train(config: TrainConfig) -> TrainResult:
 
     graph_steps: Dict[int, CUDAGraphStep] = {}  # one graph per batch size (the last batch is smaller)
     predicted = None
-    for epoch in range(start_epoch, config.epochs):
-        batches.set_epoch(epoch)
-        trained.train()
-        steps = len(batches) if config.max_steps is None else min(len(batches), config.max_steps)
-        progress = _progress(steps, f"epoch {epoch + 1}/{config.epochs}", config.progress and rank == 0)
-        loss_sum.zero_()
-        correct.zero_()
-        seen, started = 0, time.perf_counter()
-        for step, index in enumerate(batches.batch_indices()):
-            if step >= steps:
-                break
-            if graphed:
-                graph_step = graph_steps.get(len(index))
-                if graph_step is None:  # its example batch is this batch; later ones are gathered into it
-                    graph_step = graph_steps[len(index)] = cuda_graph_step(
-                        trained, loss_and_tally, optimizer, (x_train[index], y_train[index]),
-                        warmup_steps=1 if graph_steps else 3)  # the first graph's warm-up made the lazy state
+    # Adam's moments of units that stop learning decay into denormals, which slow every CPU thread's
+    # arithmetic from the second epoch on (NOTE [Denormals on every thread] in csrc/cpu/denormals.h).
+    with flush_denormals(config.flush_denormals and not on_cuda):
+        for epoch in range(start_epoch, config.epochs):
+            batches.set_epoch(epoch)
+            trained.train()
+            steps = len(batches) if config.max_steps is None else min(len(batches), config.max_steps)
+            progress = _progress(steps, f"epoch {epoch + 1}/{config.epochs}", config.progress and rank == 0)
+            loss_sum.zero_()
+            correct.zero_()
+            seen, started = 0, time.perf_counter()
+            for step, index in enumerate(batches.batch_indices()):
+                if step >= steps:
+                    break
+                if graphed:
+                    graph_step = graph_steps.get(len(index))
+                    if graph_step is None:  # its example batch is this batch; later ones are gathered into it
+                        graph_step = graph_steps[len(index)] = cuda_graph_step(
+                            trained, loss_and_tally, optimizer, (x_train[index], y_train[index]),
+                            warmup_steps=1 if graph_steps else 3)  # the first graph's warm-up made the lazy state
+                    else:
+                        torch.index_select(x_train, 0, index, out=graph_step.inputs[0])
+                        torch.index_select(y_train, 0, index, out=graph_step.inputs[1])
+                    graph_step.replay()
                 else:
-                    torch.index_select(x_train, 0, index, out=graph_step.inputs[0])
-                    torch.index_select(y_train, 0, index, out=graph_step.inputs[1])
-                graph_step.replay()
-            else:
-                x, y = x_train.index_select(0, index), y_train.index_select(0, index)
-                optimizer.zero_grad(set_to_none=True)
-                loss_and_tally(trained(x), y).backward()
-                optimizer.step()
-            seen += len(index)
+                    x, y = x_train.index_select(0, index), y_train.index_select(0, index)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_and_tally(trained(x), y).backward()
+                    optimizer.step()
+                seen += len(index)
+                if progress is not None:
+                    progress.update(1)
+                    if step % 50 == 0 or step == steps - 1:
+                        rate = seen * world_size / (time.perf_counter() - started)
+                        progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
+                                             acc=f"{correct.item() / seen:.4f}", samples_s=f"{rate:,.0f}")
             if progress is not None:
-                progress.update(1)
-                if step % 50 == 0 or step == steps - 1:
-                    rate = seen * world_size / (time.perf_counter() - started)
-                    progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
-                                         acc=f"{correct.item() / seen:.4f}", samples_s=f"{rate:,.0f}")
-        if progress is not None:
-            progress.close()
-        train_loss, train_correct = loss_sum.item(), correct.item()  # waits for the epoch's last step
-        seconds = time.perf_counter() - started
-        test_loss, test_accuracy, predicted = evaluate(model, x_test, y_test, batch_size=None if on_cuda else 1000)
-        history.append({
-            "epoch": epoch + 1, "steps": steps, "train_loss": train_loss / max(seen, 1),
-            "train_accuracy": train_correct / max(seen, 1), "test_loss": test_loss,
-            "test_accuracy": test_accuracy, "seconds": seconds,
-            "samples_per_s": seen * world_size / max(seconds, 1e-9),
-        })
-        if rank == 0 and config.progress:
-            h = history[-1]
-            print(f"epoch {h['epoch']}: train loss {h['train_loss']:.4f} acc {h['train_accuracy']:.4f} | "
-                  f"test loss {h['test_loss']:.4f} acc {h['test_accuracy']:.4f} | {seconds:.1f} s")
-        if out is not None:
-            checkpoint_epoch = epoch + 1
-            save_checkpoint(out / "checkpoint.pt", model, optimizer, history, checkpoint_epoch, config, device)
-            write_json(out / "metrics.json", run_metrics(config, device, world_size, graphed, history, False, checkpoint_epoch))
+                progress.close()
+            train_loss, train_correct = loss_sum.item(), correct.item()  # waits for the epoch's last step
+            seconds = time.perf_counter() - started
+            test_loss, test_accuracy, predicted = evaluate(model, x_test, y_test, batch_size=None if on_cuda else 1000)
+            history.append({
+                "epoch": epoch + 1, "steps": steps, "train_loss": train_loss / max(seen, 1),
+                "train_accuracy": train_correct / max(seen, 1), "test_loss": test_loss,
+                "test_accuracy": test_accuracy, "seconds": seconds,
+                "samples_per_s": seen * world_size / max(seconds, 1e-9),
+            })
+            if rank == 0 and config.progress:
+                h = history[-1]
+                print(f"epoch {h['epoch']}: train loss {h['train_loss']:.4f} acc {h['train_accuracy']:.4f} | "
+                      f"test loss {h['test_loss']:.4f} acc {h['test_accuracy']:.4f} | {seconds:.1f} s")
+            if out is not None:
+                checkpoint_epoch = epoch + 1
+                save_checkpoint(out / "checkpoint.pt", model, optimizer, history, checkpoint_epoch, config, device)
+                write_json(out / "metrics.json",
+                           run_metrics(config, device, world_size, graphed, history, False, checkpoint_epoch))
 
     if rank == 0 and config.progress and start_epoch >= config.epochs:
         done = f"the checkpoint has {start_epoch} epoch(s) done, " if resumed is not None else ""
@@ -446,6 +452,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                         help="run each training step as one CUDA graph replay (default: on with --device cuda "
                              "in one process)")
+    parser.add_argument("--flush-denormals", action=argparse.BooleanOptionalAction, default=True,
+                        help="on the CPU, flush denormal floats to zero on every thread while training "
+                             "(default: on; they slow each step as Adam's moments of idle units decay)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/mnist", help="checkpoint, metrics.json and plots go here")
     parser.add_argument("--resume", help="checkpoint to continue from")
@@ -464,6 +473,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dropout=args.dropout, backend=args.backend, device=args.device, seed=args.seed, out=args.out,
         resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress,
         plots=not args.no_plots, download=args.download, cuda_graph=args.cuda_graph,
+        flush_denormals=args.flush_denormals,
     )
     return run_command(parser, args, lambda: _train_and_report(config))
 

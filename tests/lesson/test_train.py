@@ -57,8 +57,15 @@ def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path, mnist
         capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    single = train(TrainConfig(data=str(mnist_dir), epochs=1, batch_size=64, max_steps=3, dropout=0.0, out=None,
-                               progress=False, plots=False)).model.state_dict()
+    # One thread like each rank: the GEMMs round differently with another thread count, and Adam's
+    # first steps turn any rounding of a near-zero gradient into a step of up to lr.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = train(TrainConfig(data=str(mnist_dir), epochs=1, batch_size=64, max_steps=3, dropout=0.0,
+                                   out=None, progress=False, plots=False)).model.state_dict()
+    finally:
+        torch.set_num_threads(threads)
     for name in single:
         assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
         # The allreduce sums the two half-batch gradients in another order than one process does;
@@ -221,3 +228,29 @@ def test_config_checks_for_library_users(tiny_mnist_dir):
                 dict(backend="jax"), dict(dataset="cifar"), dict(data=None), dict(max_steps=0)):
         with pytest.raises(InvalidArgument):
             train(TrainConfig(**{**common, **bad}))
+
+
+
+@pytest.mark.parametrize("flag, flush", [((), True), (("--no-flush-denormals",), False)])
+def test_cpu_training_flushes_denormals_unless_asked_not_to_and_restores_the_mode(
+        tmp_path, tiny_mnist_dir, monkeypatch, flag, flush):
+    from pyfastnn.lesson import train as train_module
+
+    def calling_thread_flushes() -> bool:
+        return bool(torch.tensor(1e-30) * 1e-10 == 0)  # 1e-40 is denormal in float32
+
+    modes = []  # the calling thread's mode at every forward
+    build_model = train_module.build_model
+
+    def recording_build_model(config):
+        model = build_model(config)
+        model.register_forward_pre_hook(lambda module, args: modes.append(calling_thread_flushes()))
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", recording_build_model)
+    out = tmp_path / "run"
+    assert _train_cli("--data", str(tiny_mnist_dir), "--epochs", "1", "--max-steps", "3", "--no-plots",
+                      "--out", str(out), *flag) == 0
+    assert modes and set(modes) == {flush}  # training steps and evaluation alike
+    assert _metrics(out)["config"]["flush_denormals"] is flush
+    assert not calling_thread_flushes()

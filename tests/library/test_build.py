@@ -203,3 +203,13 @@ def test_one_source_list_for_both_builds():
     assert not list((ROOT / "csrc").rglob("isa_macros.h"))
     offenders = [str(p) for p in (ROOT / "csrc").rglob("*") if p.is_file() and "pragma GCC target" in p.read_text()]
     assert not offenders, offenders
+
+
+def test_the_build_runs_its_loops_on_torchs_threads():
+    """Compiled without OpenMP, at::parallel_for is a serial loop and every kernel runs on the calling
+    thread; with GCC against an OpenMP torch the build must compile it as OpenMP (cmake/sources.json)."""
+    from torch.utils import cpp_extension
+
+    openmp_build = torch.backends.openmp.is_available() and load_setup_module().is_gcc(
+        cpp_extension.get_cxx_compiler())
+    assert pyfastnn.info()["cpu_parallel_loops"] == ("openmp" if openmp_build else "serial")
