@@ -76,6 +76,28 @@ def is_gcc(compiler: str) -> bool:
     return "clang" not in banner.lower() and ("gcc" in banner.lower() or "free software foundation" in banner.lower())
 
 
+def openmp_flags(gcc: bool, platform_name: str, parallel_info: str, torch_lib: Path) -> tuple[list[str], list[str]]:
+    """(compile, link) flags that make at::parallel_for an OpenMP loop on torch's own runtime.
+
+    ATen's parallel_for is header code: compiled without OpenMP it is a serial loop. With GCC on Linux
+    and a torch whose ATen runs on OpenMP, the sources get ``-fopenmp`` and the extension links the
+    libgomp torch ships (its soname, hashed in some wheels, is the one already loaded with torch), or
+    the compiler's where torch ships none; anything else (clang's libomp beside torch's libgomp, another
+    backend) would start a second runtime, so it builds serial loops (cmake/sources.json).
+
+    Example:
+        >>> openmp_flags(True, "linux", "ATen parallel backend: OpenMP", Path("/nonexistent"))
+        (['-fopenmp'], ['-fopenmp'])
+        >>> openmp_flags(False, "linux", "ATen parallel backend: OpenMP", Path("/nonexistent"))
+        ([], [])
+    """
+    flags = BUILD_CONFIG["gcc_openmp_flags"]
+    if not (gcc and platform_name.startswith("linux") and "ATen parallel backend: OpenMP" in parallel_info):
+        return [], []
+    shipped = sorted(torch_lib.glob("libgomp*.so*"))
+    return flags, [str(shipped[0])] if shipped else flags
+
+
 def cpu_capabilities(machine: str, compiler_type: str) -> list[dict]:
     """The CPU capabilities to compile kernels for: x86-64 gets the AVX ones (GCC/clang flags)."""
     x86_64 = machine.lower() in ("x86_64", "amd64")
@@ -204,9 +226,9 @@ def extension_and_command():
 
     gcc = is_gcc(cpp_extension.get_cxx_compiler())
     cxx_flags = ["-O3", "-fvisibility=hidden"] + BUILD_CONFIG["cxx_flags"] + (BUILD_CONFIG["gcc_cxx_flags"] if gcc else [])
-    # at::parallel_for is an OpenMP loop only when compiled with OpenMP (cmake/sources.json).
-    openmp = BUILD_CONFIG["gcc_openmp_flags"] if gcc and torch.backends.openmp.is_available() else []
-    cxx_flags += openmp
+    openmp_compile, openmp_link = openmp_flags(gcc, sys.platform, torch.__config__.parallel_info(),
+                                               Path(torch.__file__).parent / "lib")
+    cxx_flags += openmp_compile
     kernel_sources = sources(BUILD_CONFIG["cpu_kernels"])
     cxx_sources = [s for s in sources(BUILD_CONFIG["cxx_sources"]) if s not in kernel_sources]
     cuda_sources = sources(BUILD_CONFIG["cuda_sources"])
@@ -227,12 +249,12 @@ def extension_and_command():
             "pyfastnn._C", cxx_sources + cuda_sources,
             include_dirs=[str(ROOT / "csrc")] + cuda_include_dirs(),
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
-            extra_link_args=openmp, define_macros=define_macros,
+            extra_link_args=openmp_link, define_macros=define_macros,
         )
     else:
         extension = cpp_extension.CppExtension(
             "pyfastnn._C", cxx_sources, include_dirs=[str(ROOT / "csrc")],
-            extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp_link, define_macros=define_macros,
         )
     extension.cpu_kernel_sources = kernel_sources
     extension.cpu_capabilities = capabilities

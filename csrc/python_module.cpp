@@ -1,5 +1,6 @@
 // pyfastnn._C: loading it registers the torch.library ops (registration.cpp); the few pybind11
 // helpers here describe the build. Ops themselves are reached through torch.ops.pyfastnn.
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include "activations.h"
@@ -43,8 +44,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", [] { return std::string(pyfastnn::cpu::epilogue_kernels().isa); },
         "Instruction set of the CPU epilogue kernels in use.");
   m.def("compiled_cpu_isas", [] { return std::string(pyfastnn::cpu::compiled_isas()); });
-  m.def("set_flush_denormal_on_all_threads", &pyfastnn::cpu::set_flush_denormal_on_all_threads,
-        "Flush denormals (or not) on the calling thread and every intra-op thread; false if unsupported.");
+  m.def("set_flush_denormal_on_threads", &pyfastnn::cpu::set_flush_denormal_on_threads,
+        "Flush denormals (or not) on the calling thread and the intra-op threads; the number of threads set.");
   m.def("flush_denormal_enabled", &pyfastnn::cpu::flush_denormal_enabled,
         "Whether the calling thread flushes denormals.");
 #ifdef PYFASTNN_WITH_CUDA
@@ -54,8 +55,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.attr("cuda_archs") = std::string(PYFASTNN_CUDA_ARCHS);
   // How at::parallel_for runs in this build (cmake/sources.json, gcc_openmp_flags).
-#ifdef _OPENMP
+#if defined(_OPENMP)
   m.attr("parallel_loops") = std::string("openmp");
+#elif defined(INTRA_OP_PARALLEL)
+  m.attr("parallel_loops") = std::string("native");  // ATen's own thread pool
 #else
   m.attr("parallel_loops") = std::string("serial");
 #endif

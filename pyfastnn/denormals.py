@@ -11,7 +11,10 @@ csrc/cpu/denormals.h).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator
+
+import torch
 
 from ._ops import native
 
@@ -21,10 +24,15 @@ __all__ = ["flush_denormals"]
 @contextlib.contextmanager
 def flush_denormals(enabled: bool = True) -> Iterator[bool]:
     """Within the block, CPU arithmetic flushes denormal floats (below 2**-126 in float32) to zero on
-    the calling thread and on every thread of torch's intra-op pool; on exit every one of those
-    threads returns to the calling thread's mode from before. Yields whether the CPU has the mode
-    (False: nothing changed). ``enabled=False`` makes it a no-op block, for code that decides at run
-    time. Threads added later by ``torch.set_num_threads`` start without the mode.
+    the calling thread and on every thread of torch's intra-op pool; on exit those threads return to
+    the calling thread's mode from before (flush-to-zero and denormals-are-zero together).
+
+    Yields whether every thread of the pool flushes: False where the CPU has no such mode (nothing
+    changed), or, with a warning, where this build's loops do not run on torch's pool (then only some
+    threads flush; ``pyfastnn.info()["cpu_parallel_loops"]`` says how they run). ``enabled=False``
+    makes it a no-op block, for code that decides at run time. Other threads (other Python threads,
+    torch's inter-op pool) keep their own mode; change ``torch.set_num_threads`` before the block,
+    not inside it, since threads the pool had idle when the block began may join without the mode.
 
     Example:
         >>> import torch, pyfastnn
@@ -39,10 +47,19 @@ def flush_denormals(enabled: bool = True) -> Iterator[bool]:
     if not enabled:
         yield False
         return
+    threads = torch.get_num_threads()
     before = native.flush_denormal_enabled()
-    supported = native.set_flush_denormal_on_all_threads(True)
+    reached = native.set_flush_denormal_on_threads(True, threads)
+    if reached == 0:
+        yield False
+        return
+    if reached < threads:
+        warnings.warn(f"flush_denormals: only {reached} of torch's {threads} threads flush denormals; this build "
+                      f"runs its loops {native.parallel_loops!r}, not one per thread of torch's pool", RuntimeWarning,
+                      stacklevel=3)
     try:
-        yield supported
+        yield reached >= threads
     finally:
-        if supported:
-            native.set_flush_denormal_on_all_threads(before)
+        # The larger of the thread counts at entry and now: a pool shrunk inside the block keeps its
+        # idle threads, which would otherwise join a later, larger team still flushing.
+        native.set_flush_denormal_on_threads(before, max(threads, torch.get_num_threads()))

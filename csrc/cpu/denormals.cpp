@@ -3,8 +3,10 @@
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
 
-#include <atomic>
-#include <cstdint>
+#include <algorithm>
+#include <mutex>
+#include <set>
+#include <thread>
 
 #if defined(__SSE__) || defined(_M_X64)
 #include <xmmintrin.h>
@@ -12,22 +14,30 @@
 
 namespace pyfastnn::cpu {
 
-bool set_flush_denormal_on_all_threads(bool on) {
+int64_t set_flush_denormal_on_threads(bool on, int64_t min_threads) {
   // ATen's own switch (the one torch.set_flush_denormal uses), so both agree on what the mode is and
   // on which CPUs have it.
   if (!at::globalContext().setFlushDenormal(on)) {
-    return false;
+    return 0;
   }
-  // One index per pool thread: ATen's OpenMP parallel_for hands each thread of the team one chunk.
-  std::atomic<bool> all_set{true};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t begin, int64_t end) {
+  const int previous_threads = at::get_num_threads();
+  const int64_t team = std::max<int64_t>(previous_threads, min_threads);
+  if (team != previous_threads) {
+    at::set_num_threads(static_cast<int>(team));
+  }
+  std::mutex mutex;
+  std::set<std::thread::id> reached{std::this_thread::get_id()};
+  at::parallel_for(0, team, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      if (!at::globalContext().setFlushDenormal(on)) {
-        all_set = false;
-      }
+      at::globalContext().setFlushDenormal(on);
     }
+    std::lock_guard<std::mutex> lock(mutex);
+    reached.insert(std::this_thread::get_id());
   });
-  return all_set.load();
+  if (team != previous_threads) {
+    at::set_num_threads(previous_threads);
+  }
+  return static_cast<int64_t>(reached.size());
 }
 
 bool flush_denormal_enabled() {

@@ -9,16 +9,24 @@
 // instruction touching it takes a microcode assist. The lesson's MNIST run slows by about 15 % from
 // its second epoch for that alone (benchmarks/RESULTS.md); flushing them on every thread keeps each
 // epoch as fast as the first. Values below 2^-126 (float) become zero; nothing else changes.
+//
+// The pool's threads are reached by a parallel_for with one index per thread, which ATen's OpenMP
+// backend hands out one per thread of the team. libgomp keeps idle threads beyond the current team,
+// so a team smaller than an earlier one misses them: callers pass the largest team they have used.
 #pragma once
+
+#include <cstdint>
 
 namespace pyfastnn::cpu {
 
-// Sets (or clears) flush-to-zero and denormals-are-zero on the calling thread and on each thread of
-// ATen's intra-op pool as it is now (a pool grown later by torch.set_num_threads starts without it).
-// Returns false, changing nothing, where the CPU has no such mode.
-bool set_flush_denormal_on_all_threads(bool on);
+// Sets (or clears) flush-to-zero and denormals-are-zero on the calling thread and on the threads of a
+// parallel_for team of max(at::get_num_threads(), min_threads) threads (the thread count is raised
+// for that call alone). Returns how many distinct threads were set, the caller included: fewer than
+// the team where parallel_for does not run one index per thread (a build without OpenMP runs it all
+// on the caller); 0, changing nothing, where the CPU has no such mode.
+int64_t set_flush_denormal_on_threads(bool on, int64_t min_threads);
 
-// Whether the calling thread flushes denormals.
+// Whether the calling thread flushes denormals (flush-to-zero and denormals-are-zero both set).
 bool flush_denormal_enabled();
 
 }  // namespace pyfastnn::cpu

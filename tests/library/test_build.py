@@ -205,11 +205,39 @@ def test_one_source_list_for_both_builds():
     assert not offenders, offenders
 
 
+
 def test_the_build_runs_its_loops_on_torchs_threads():
     """Compiled without OpenMP, at::parallel_for is a serial loop and every kernel runs on the calling
-    thread; with GCC against an OpenMP torch the build must compile it as OpenMP (cmake/sources.json)."""
+    thread; with GCC on Linux against an OpenMP torch the build must compile it as OpenMP."""
     from torch.utils import cpp_extension
 
-    openmp_build = torch.backends.openmp.is_available() and load_setup_module().is_gcc(
-        cpp_extension.get_cxx_compiler())
-    assert pyfastnn.info()["cpu_parallel_loops"] == ("openmp" if openmp_build else "serial")
+    setup_module = load_setup_module()
+    openmp = torch.__config__.parallel_info()
+    native_backend = "ATen parallel backend: native" in openmp
+    compile_flags, _ = setup_module.openmp_flags(setup_module.is_gcc(cpp_extension.get_cxx_compiler()),
+                                                 sys.platform, openmp, Path(torch.__file__).parent / "lib")
+    expected = "openmp" if compile_flags else ("native" if native_backend else "serial")
+    assert pyfastnn.info()["cpu_parallel_loops"] == expected
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_one_openmp_runtime_is_loaded():
+    """The extension's loops must run on torch's OpenMP runtime, not on a second one of their own."""
+    result = run_python("import pyfastnn, re\n"
+                        "libs = {l.split()[-1] for l in open('/proc/self/maps') if re.search(r'lib(g|i)?omp', l)}\n"
+                        "print(len({re.sub(r'.*/', '', p) for p in libs}), sorted(libs))")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] in ("0", "1"), result.stdout
+
+
+def test_openmp_flags_link_the_runtime_torch_ships(tmp_path):
+    openmp_flags = load_setup_module().openmp_flags
+    backend = "ATen parallel backend: OpenMP"
+    assert openmp_flags(True, "linux", backend, tmp_path) == (["-fopenmp"], ["-fopenmp"])  # the compiler's libgomp
+    shipped = tmp_path / "libgomp-a34b3233.so.1"  # some wheels ship it under a hashed name
+    shipped.write_bytes(b"")
+    assert openmp_flags(True, "linux", backend, tmp_path) == (["-fopenmp"], [str(shipped)])
+    # A second runtime (clang's libomp), another backend or platform: serial loops.
+    assert openmp_flags(False, "linux", backend, tmp_path) == ([], [])
+    assert openmp_flags(True, "linux", "ATen parallel backend: native thread pool", tmp_path) == ([], [])
+    assert openmp_flags(True, "darwin", backend, tmp_path) == ([], [])

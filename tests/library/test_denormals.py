@@ -7,11 +7,13 @@ the calling code.
 """
 
 import contextlib
+import types
 
 import pytest
 import torch
 
 import pyfastnn
+import pyfastnn.denormals
 
 DENORMAL_PRODUCT = (1e-30, 1e-10)
 
@@ -32,46 +34,89 @@ def denormal_products(n: int = 1 << 22) -> torch.Tensor:
     return torch.full((n,), a) * b
 
 
+def every_thread_flushes() -> bool:
+    return int((denormal_products() != 0).sum()) == 0
+
+
+def no_thread_flushes() -> bool:
+    return bool((denormal_products() > 0).all())
+
+
 def calling_thread_flushes() -> bool:
     return bool((denormal_products(1) == 0).all())  # one element: computed on this thread
+
+
+@pytest.fixture(autouse=True)
+def flushing_supported():
+    with pyfastnn.flush_denormals() as flushing:
+        pass
+    if not flushing:
+        pytest.skip("this CPU has no flush-to-zero mode, or this build's loops miss torch's threads")
 
 
 @pytest.mark.parametrize("n_threads", [1, 4])
 def test_every_thread_flushes_inside_and_none_after(n_threads):
     with threads(n_threads):
-        assert bool((denormal_products() > 0).all())  # the mode is off to begin with
+        assert no_thread_flushes()  # the mode is off to begin with
         with pyfastnn.flush_denormals() as flushing:
-            if not flushing:
-                pytest.skip("this CPU has no flush-to-zero mode")
-            inside = denormal_products()
-            assert calling_thread_flushes()
-        assert int((inside != 0).sum()) == 0  # not one thread kept a denormal
-        assert bool((denormal_products() > 0).all())
-        assert not calling_thread_flushes()
+            assert flushing is True
+            assert every_thread_flushes() and calling_thread_flushes()
+        assert no_thread_flushes() and not calling_thread_flushes()
 
 
 def test_disabled_block_changes_nothing():
     with pyfastnn.flush_denormals(enabled=False) as flushing:
-        assert flushing is False and bool((denormal_products() > 0).all())
+        assert flushing is False and no_thread_flushes()
 
 
-def test_the_calling_threads_previous_mode_is_restored():
-    if not torch.set_flush_denormal(True):
-        pytest.skip("this CPU has no flush-to-zero mode")
-    try:
+def test_nested_blocks_keep_flushing_until_the_outer_one_ends():
+    with threads(4):
         with pyfastnn.flush_denormals():
-            pass
-        assert calling_thread_flushes()  # it was on before the block
-    finally:
-        torch.set_flush_denormal(False)
-        with pyfastnn.flush_denormals():  # leaving it returns every thread to the calling thread's "off"
-            pass
-    assert bool((denormal_products() > 0).all())
+            with pyfastnn.flush_denormals():
+                pass
+            assert every_thread_flushes()
+        assert no_thread_flushes()
+
+
+def test_a_pool_shrunk_inside_the_block_does_not_keep_flushing_threads():
+    # libgomp keeps the threads a smaller team leaves idle; a later, larger team reuses them.
+    with threads(4):
+        with pyfastnn.flush_denormals():
+            torch.set_num_threads(1)
+        torch.set_num_threads(4)
+        assert no_thread_flushes()
+
+
+def test_the_calling_threads_previous_mode_is_restored_on_every_thread():
+    with threads(4):
+        torch.set_flush_denormal(True)
+        try:
+            with pyfastnn.flush_denormals():
+                pass
+            assert every_thread_flushes()  # it was on before the block: the whole pool keeps it
+        finally:
+            torch.set_flush_denormal(False)
+            with pyfastnn.flush_denormals():  # leaving it returns every thread to the calling thread's "off"
+                pass
+        assert no_thread_flushes()
 
 
 def test_an_exception_in_the_block_still_restores_the_mode():
     with pytest.raises(RuntimeError, match="inside"):
         with pyfastnn.flush_denormals():
             raise RuntimeError("inside")
-    assert not calling_thread_flushes() and bool((denormal_products() > 0).all())
+    assert no_thread_flushes() and not calling_thread_flushes()
 
+
+def test_a_build_whose_loops_miss_torchs_threads_says_so(monkeypatch):
+    real = pyfastnn.denormals.native
+    serial = types.SimpleNamespace(
+        flush_denormal_enabled=real.flush_denormal_enabled, parallel_loops="serial",
+        # as a serial build would: parallel_for runs every index on the calling thread
+        set_flush_denormal_on_threads=lambda on, n: min(1, real.set_flush_denormal_on_threads(on, 1)))
+    monkeypatch.setattr(pyfastnn.denormals, "native", serial)
+    with threads(2):
+        with pytest.warns(RuntimeWarning, match="only 1 of torch's 2 threads"):
+            with pyfastnn.flush_denormals() as flushing:
+                assert flushing is False and calling_thread_flushes()
+        assert not calling_thread_flushes()
