@@ -91,11 +91,11 @@ def openmp_flags(gcc: bool, platform_name: str, parallel_info: str, torch_lib: P
         >>> openmp_flags(False, "linux", "ATen parallel backend: OpenMP", Path("/nonexistent"))
         ([], [])
     """
-    flags = BUILD_CONFIG["gcc_openmp_flags"]
+    flags = list(BUILD_CONFIG["gcc_openmp_flags"])
     if not (gcc and platform_name.startswith("linux") and "ATen parallel backend: OpenMP" in parallel_info):
         return [], []
     shipped = sorted(torch_lib.glob("libgomp*.so*"))
-    return flags, [str(shipped[0])] if shipped else flags
+    return flags, [str(shipped[0])] if shipped else list(flags)
 
 
 def cpu_capabilities(machine: str, compiler_type: str) -> list[dict]:

@@ -114,7 +114,7 @@ function(pyfastnn_add_library target)
   target_include_directories(${target} PUBLIC "${PROJECT_SOURCE_DIR}/csrc")
   target_link_libraries(${target} PUBLIC ${TORCH_LIBRARIES})
   target_compile_options(${target} PRIVATE ${_warnings} ${_openmp})
-  target_link_libraries(${target} PUBLIC ${_openmp_link})  # after the objects: --as-needed keeps it
+  target_link_libraries(${target} PRIVATE ${_openmp_link})  # after the objects: --as-needed keeps it
   foreach(_name IN LISTS _capabilities)
     target_compile_definitions(${target} PRIVATE ${_define_prefix}${_name})
   endforeach()

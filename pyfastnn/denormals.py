@@ -28,8 +28,10 @@ def flush_denormals(enabled: bool = True) -> Iterator[bool]:
     the calling thread's mode from before (flush-to-zero and denormals-are-zero together).
 
     Yields whether every thread of the pool flushes: False where the CPU has no such mode (nothing
-    changed), or, with a warning, where this build's loops do not run on torch's pool (then only some
-    threads flush; ``pyfastnn.info()["cpu_parallel_loops"]`` says how they run). ``enabled=False``
+    changed), or, with a warning, where this build's loops do not run one per thread of torch's pool
+    (then only some threads flush; ``pyfastnn.info()["cpu_parallel_loops"]`` says how they run: every
+    thread is reached with ``"openmp"``, at best some with ``"native"``, the caller alone with
+    ``"serial"``). ``enabled=False``
     makes it a no-op block, for code that decides at run time. Other threads (other Python threads,
     torch's inter-op pool) keep their own mode; change ``torch.set_num_threads`` before the block,
     not inside it, since threads the pool had idle when the block began may join without the mode.
@@ -53,11 +55,11 @@ def flush_denormals(enabled: bool = True) -> Iterator[bool]:
     if reached == 0:
         yield False
         return
-    if reached < threads:
-        warnings.warn(f"flush_denormals: only {reached} of torch's {threads} threads flush denormals; this build "
-                      f"runs its loops {native.parallel_loops!r}, not one per thread of torch's pool", RuntimeWarning,
-                      stacklevel=3)
-    try:
+    try:  # a warning turned into an error must restore the mode too
+        if reached < threads:
+            warnings.warn(f"flush_denormals: only {reached} of torch's {threads} threads flush denormals; this "
+                          f"build runs its loops {native.parallel_loops!r}, not one per thread of torch's pool",
+                          RuntimeWarning, stacklevel=3)
         yield reached >= threads
     finally:
         # The larger of the thread counts at entry and now: a pool shrunk inside the block keeps its

@@ -32,7 +32,8 @@ def info() -> Dict[str, Any]:
         "cuda_available": bool(native.with_cuda) and torch.cuda.is_available(),
         "cpu_isa": native.cpu_isa(),
         "cpu_isas_compiled": native.compiled_cpu_isas().split(),
-        "cpu_parallel_loops": native.parallel_loops,  # "openmp": on torch's threads; "serial": calling thread
+        # "openmp": on torch's threads; "native": ATen's own pool; "serial": the calling thread
+        "cpu_parallel_loops": native.parallel_loops,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),

@@ -4,27 +4,56 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <limits>
 #include <mutex>
 #include <set>
 #include <thread>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__SSE__) || defined(_M_X64)
 #include <xmmintrin.h>
 #endif
 
 namespace pyfastnn::cpu {
 
+namespace {
+
+#ifdef _OPENMP
+// Sets the OpenMP team size of the calling thread for one call and puts it back, whatever happens:
+// at::set_num_threads would also reset MKL's, oneDNN's and the pthreadpool's thread settings.
+class TeamSizeGuard {
+ public:
+  explicit TeamSizeGuard(int team) : previous_(omp_get_max_threads()) {
+    if (team != previous_) {
+      omp_set_num_threads(team);
+    }
+  }
+  ~TeamSizeGuard() { omp_set_num_threads(previous_); }
+  TeamSizeGuard(const TeamSizeGuard&) = delete;
+  TeamSizeGuard& operator=(const TeamSizeGuard&) = delete;
+
+ private:
+  int previous_;
+};
+#endif
+
+}  // namespace
+
 int64_t set_flush_denormal_on_threads(bool on, int64_t min_threads) {
+  TORCH_CHECK(min_threads >= 0 && min_threads <= std::numeric_limits<int>::max(),
+              "set_flush_denormal_on_threads: min_threads out of range: ", min_threads);
   // ATen's own switch (the one torch.set_flush_denormal uses), so both agree on what the mode is and
   // on which CPUs have it.
   if (!at::globalContext().setFlushDenormal(on)) {
     return 0;
   }
-  const int previous_threads = at::get_num_threads();
-  const int64_t team = std::max<int64_t>(previous_threads, min_threads);
-  if (team != previous_threads) {
-    at::set_num_threads(static_cast<int>(team));
-  }
+  int64_t team = at::get_num_threads();
+#ifdef _OPENMP
+  team = std::max<int64_t>(team, min_threads);
+  TeamSizeGuard team_size(static_cast<int>(team));
+#endif
   std::mutex mutex;
   std::set<std::thread::id> reached{std::this_thread::get_id()};
   at::parallel_for(0, team, 1, [&](int64_t begin, int64_t end) {
@@ -34,9 +63,6 @@ int64_t set_flush_denormal_on_threads(bool on, int64_t min_threads) {
     std::lock_guard<std::mutex> lock(mutex);
     reached.insert(std::this_thread::get_id());
   });
-  if (team != previous_threads) {
-    at::set_num_threads(previous_threads);
-  }
   return static_cast<int64_t>(reached.size());
 }
 

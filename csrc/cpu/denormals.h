@@ -11,8 +11,10 @@
 // epoch as fast as the first. Values below 2^-126 (float) become zero; nothing else changes.
 //
 // The pool's threads are reached by a parallel_for with one index per thread, which ATen's OpenMP
-// backend hands out one per thread of the team. libgomp keeps idle threads beyond the current team,
-// so a team smaller than an earlier one misses them: callers pass the largest team they have used.
+// backend hands out one per thread of the team (ATen's native pool queues its tasks, so there the
+// reach is best effort, and counted). libgomp parks the threads of a larger team while no parallel
+// region runs (torch.set_num_threads(1) runs none), and a later larger team takes them back: callers
+// pass the largest team they have used.
 #pragma once
 
 #include <cstdint>
@@ -20,10 +22,11 @@
 namespace pyfastnn::cpu {
 
 // Sets (or clears) flush-to-zero and denormals-are-zero on the calling thread and on the threads of a
-// parallel_for team of max(at::get_num_threads(), min_threads) threads (the thread count is raised
-// for that call alone). Returns how many distinct threads were set, the caller included: fewer than
-// the team where parallel_for does not run one index per thread (a build without OpenMP runs it all
-// on the caller); 0, changing nothing, where the CPU has no such mode.
+// parallel_for team of at::get_num_threads() threads, or min_threads where that is more (with OpenMP:
+// the calling thread's team size is raised for this call alone). Returns how many distinct threads
+// were set, the caller included: fewer than the team where parallel_for does not run one index per
+// thread (a build without OpenMP runs it all on the caller); 0, changing nothing, where the CPU has
+// no such mode.
 int64_t set_flush_denormal_on_threads(bool on, int64_t min_threads);
 
 // Whether the calling thread flushes denormals (flush-to-zero and denormals-are-zero both set).

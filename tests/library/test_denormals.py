@@ -8,6 +8,7 @@ the calling code.
 
 import contextlib
 import types
+import warnings
 
 import pytest
 import torch
@@ -47,15 +48,21 @@ def calling_thread_flushes() -> bool:
 
 
 @pytest.fixture(autouse=True)
-def flushing_supported():
-    with pyfastnn.flush_denormals() as flushing:
-        pass
-    if not flushing:
-        pytest.skip("this CPU has no flush-to-zero mode, or this build's loops miss torch's threads")
+def flush_mode():
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero mode")
+    torch.set_flush_denormal(False)
+
+
+@pytest.fixture
+def openmp_pool():
+    loops = pyfastnn.info()["cpu_parallel_loops"]
+    if loops != "openmp":  # tests/library/test_build.py checks that the build is OpenMP where it can be
+        pytest.skip(f"reaching every pool thread needs loops on torch's OpenMP threads; this build's are {loops!r}")
 
 
 @pytest.mark.parametrize("n_threads", [1, 4])
-def test_every_thread_flushes_inside_and_none_after(n_threads):
+def test_every_thread_flushes_inside_and_none_after(n_threads, openmp_pool):
     with threads(n_threads):
         assert no_thread_flushes()  # the mode is off to begin with
         with pyfastnn.flush_denormals() as flushing:
@@ -69,7 +76,7 @@ def test_disabled_block_changes_nothing():
         assert flushing is False and no_thread_flushes()
 
 
-def test_nested_blocks_keep_flushing_until_the_outer_one_ends():
+def test_nested_blocks_keep_flushing_until_the_outer_one_ends(openmp_pool):
     with threads(4):
         with pyfastnn.flush_denormals():
             with pyfastnn.flush_denormals():
@@ -78,7 +85,7 @@ def test_nested_blocks_keep_flushing_until_the_outer_one_ends():
         assert no_thread_flushes()
 
 
-def test_a_pool_shrunk_inside_the_block_does_not_keep_flushing_threads():
+def test_a_pool_shrunk_inside_the_block_does_not_keep_flushing_threads(openmp_pool):
     # libgomp keeps the threads a smaller team leaves idle; a later, larger team reuses them.
     with threads(4):
         with pyfastnn.flush_denormals():
@@ -87,7 +94,7 @@ def test_a_pool_shrunk_inside_the_block_does_not_keep_flushing_threads():
         assert no_thread_flushes()
 
 
-def test_the_calling_threads_previous_mode_is_restored_on_every_thread():
+def test_the_calling_threads_previous_mode_is_restored_on_every_thread(openmp_pool):
     with threads(4):
         torch.set_flush_denormal(True)
         try:
@@ -101,7 +108,7 @@ def test_the_calling_threads_previous_mode_is_restored_on_every_thread():
         assert no_thread_flushes()
 
 
-def test_an_exception_in_the_block_still_restores_the_mode():
+def test_an_exception_in_the_block_still_restores_the_mode(openmp_pool):
     with pytest.raises(RuntimeError, match="inside"):
         with pyfastnn.flush_denormals():
             raise RuntimeError("inside")
@@ -110,13 +117,18 @@ def test_an_exception_in_the_block_still_restores_the_mode():
 
 def test_a_build_whose_loops_miss_torchs_threads_says_so(monkeypatch):
     real = pyfastnn.denormals.native
-    serial = types.SimpleNamespace(
+    serial = types.SimpleNamespace(  # as a build whose parallel_for runs every index on the caller
         flush_denormal_enabled=real.flush_denormal_enabled, parallel_loops="serial",
-        # as a serial build would: parallel_for runs every index on the calling thread
-        set_flush_denormal_on_threads=lambda on, n: min(1, real.set_flush_denormal_on_threads(on, 1)))
+        set_flush_denormal_on_threads=lambda on, min_threads: int(torch.set_flush_denormal(on)))
     monkeypatch.setattr(pyfastnn.denormals, "native", serial)
     with threads(2):
         with pytest.warns(RuntimeWarning, match="only 1 of torch's 2 threads"):
             with pyfastnn.flush_denormals() as flushing:
                 assert flushing is False and calling_thread_flushes()
+        assert not calling_thread_flushes()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the warning raised where the block begins
+            with pytest.raises(RuntimeWarning):
+                with pyfastnn.flush_denormals():
+                    pass
         assert not calling_thread_flushes()
