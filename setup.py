@@ -76,23 +76,25 @@ def is_gcc(compiler: str) -> bool:
     return "clang" not in banner.lower() and ("gcc" in banner.lower() or "free software foundation" in banner.lower())
 
 
-def openmp_flags(gcc: bool, platform_name: str, parallel_info: str, torch_lib: Path) -> tuple[list[str], list[str]]:
+def openmp_flags(gcc: bool, platform_name: str, aten_config: str, torch_lib: Path) -> tuple[list[str], list[str]]:
     """(compile, link) flags that make at::parallel_for an OpenMP loop on torch's own runtime.
 
     ATen's parallel_for is header code: compiled without OpenMP it is a serial loop. With GCC on Linux
-    and a torch whose ATen runs on OpenMP, the sources get ``-fopenmp`` and the extension links the
+    and a torch whose ATen runs on OpenMP (``aten_config``, the text of its ATen/Config.h, defines
+    AT_PARALLEL_OPENMP 1, as CMake reads it too), the sources get ``-fopenmp`` and the extension links the
     libgomp torch ships (its soname, hashed in some wheels, is the one already loaded with torch), or
     the compiler's where torch ships none; anything else (clang's libomp beside torch's libgomp, another
     backend) would start a second runtime, so it builds serial loops (cmake/sources.json).
 
     Example:
-        >>> openmp_flags(True, "linux", "ATen parallel backend: OpenMP", Path("/nonexistent"))
+        >>> openmp_flags(True, "linux", "#define AT_PARALLEL_OPENMP 1", Path("/nonexistent"))
         (['-fopenmp'], ['-fopenmp'])
-        >>> openmp_flags(False, "linux", "ATen parallel backend: OpenMP", Path("/nonexistent"))
+        >>> openmp_flags(False, "linux", "#define AT_PARALLEL_OPENMP 1", Path("/nonexistent"))
         ([], [])
     """
     flags = list(BUILD_CONFIG["gcc_openmp_flags"])
-    if not (gcc and platform_name.startswith("linux") and "ATen parallel backend: OpenMP" in parallel_info):
+    aten_on_openmp = re.search(r"^#define AT_PARALLEL_OPENMP 1", aten_config, re.MULTILINE) is not None
+    if not (gcc and platform_name.startswith("linux") and aten_on_openmp):
         return [], []
     shipped = sorted(torch_lib.glob("libgomp*.so*"))
     return flags, [str(shipped[0])] if shipped else list(flags)
@@ -226,8 +228,9 @@ def extension_and_command():
 
     gcc = is_gcc(cpp_extension.get_cxx_compiler())
     cxx_flags = ["-O3", "-fvisibility=hidden"] + BUILD_CONFIG["cxx_flags"] + (BUILD_CONFIG["gcc_cxx_flags"] if gcc else [])
-    openmp_compile, openmp_link = openmp_flags(gcc, sys.platform, torch.__config__.parallel_info(),
-                                               Path(torch.__file__).parent / "lib")
+    torch_root = Path(torch.__file__).parent
+    openmp_compile, openmp_link = openmp_flags(gcc, sys.platform, (torch_root / "include/ATen/Config.h").read_text(),
+                                               torch_root / "lib")
     cxx_flags += openmp_compile
     kernel_sources = sources(BUILD_CONFIG["cpu_kernels"])
     cxx_sources = [s for s in sources(BUILD_CONFIG["cxx_sources"]) if s not in kernel_sources]

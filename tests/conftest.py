@@ -9,6 +9,15 @@ torch.manual_seed(0)
 _SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 
 
+@pytest.fixture
+def torch_threads():
+    """Sets torch's intra-op thread count (``torch_threads(n)``) for the rest of the test; the count
+    it had before comes back when the test ends, passed or failed."""
+    previous = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     """The real MNIST files: $PYFASTNN_MNIST, else ../shared/data/mnist beside the project.

@@ -56,10 +56,8 @@ int64_t set_flush_denormal_on_threads(bool on, int64_t min_threads) {
 #endif
   std::mutex mutex;
   std::set<std::thread::id> reached{std::this_thread::get_id()};
-  at::parallel_for(0, team, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      at::globalContext().setFlushDenormal(on);
-    }
+  at::parallel_for(0, team, 1, [&](int64_t /*begin*/, int64_t /*end*/) {  // the mode is per thread, not per index
+    at::globalContext().setFlushDenormal(on);
     std::lock_guard<std::mutex> lock(mutex);
     reached.insert(std::this_thread::get_id());
   });

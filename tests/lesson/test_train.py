@@ -49,7 +49,7 @@ def test_fused_and_torch_backends_agree(mnist_dir):
     assert abs(fused.metrics["history"][0]["train_loss"] - plain.metrics["history"][0]["train_loss"]) < 1e-3
 
 
-def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path, mnist_dir):
+def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path, mnist_dir, torch_threads):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -59,13 +59,9 @@ def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path, mnist
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     # One thread like each rank: the GEMMs round differently with another thread count, and Adam's
     # first steps turn any rounding of a near-zero gradient into a step of up to lr.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = train(TrainConfig(data=str(mnist_dir), epochs=1, batch_size=64, max_steps=3, dropout=0.0,
-                                   out=None, progress=False, plots=False)).model.state_dict()
-    finally:
-        torch.set_num_threads(threads)
+    torch_threads(1)
+    single = train(TrainConfig(data=str(mnist_dir), epochs=1, batch_size=64, max_steps=3, dropout=0.0,
+                               out=None, progress=False, plots=False)).model.state_dict()
     for name in single:
         assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
         # The allreduce sums the two half-batch gradients in another order than one process does;

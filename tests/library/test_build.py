@@ -247,12 +247,13 @@ def test_loading_the_extension_maps_no_openmp_runtime_beyond_torchs():
 
 def test_openmp_flags_link_the_runtime_torch_ships(tmp_path):
     openmp_flags = load_setup_module().openmp_flags
-    backend = "ATen parallel backend: OpenMP"
-    assert openmp_flags(True, "linux", backend, tmp_path) == (["-fopenmp"], ["-fopenmp"])  # the compiler's libgomp
+    on_openmp = "#define AT_PARALLEL_OPENMP 1\n#define AT_PARALLEL_NATIVE 0\n"  # as in ATen/Config.h
+    on_native = "#define AT_PARALLEL_OPENMP 0\n#define AT_PARALLEL_NATIVE 1\n"
+    assert openmp_flags(True, "linux", on_openmp, tmp_path) == (["-fopenmp"], ["-fopenmp"])  # the compiler's libgomp
     shipped = tmp_path / "libgomp-a34b3233.so.1"  # some wheels ship it under a hashed name
     shipped.write_bytes(b"")
-    assert openmp_flags(True, "linux", backend, tmp_path) == (["-fopenmp"], [str(shipped)])
+    assert openmp_flags(True, "linux", on_openmp, tmp_path) == (["-fopenmp"], [str(shipped)])
     # A second runtime (clang's libomp), another backend or platform: serial loops.
-    assert openmp_flags(False, "linux", backend, tmp_path) == ([], [])
-    assert openmp_flags(True, "linux", "ATen parallel backend: native thread pool", tmp_path) == ([], [])
-    assert openmp_flags(True, "darwin", backend, tmp_path) == ([], [])
+    assert openmp_flags(False, "linux", on_openmp, tmp_path) == ([], [])
+    assert openmp_flags(True, "linux", on_native, tmp_path) == ([], [])
+    assert openmp_flags(True, "darwin", on_openmp, tmp_path) == ([], [])

@@ -6,7 +6,6 @@ whether each of them was reached; with more threads than cores the pool has thre
 the calling code.
 """
 
-import contextlib
 import types
 import warnings
 
@@ -17,16 +16,6 @@ import pyfastnn
 import pyfastnn.denormals
 
 DENORMAL_PRODUCT = (1e-30, 1e-10)
-
-
-@contextlib.contextmanager
-def threads(n: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def denormal_products(n: int = 1 << 22) -> torch.Tensor:
@@ -62,13 +51,13 @@ def openmp_pool():
 
 
 @pytest.mark.parametrize("n_threads", [1, 4])
-def test_every_thread_flushes_inside_and_none_after(n_threads, openmp_pool):
-    with threads(n_threads):
-        assert no_thread_flushes()  # the mode is off to begin with
-        with pyfastnn.flush_denormals() as flushing:
-            assert flushing is True
-            assert every_thread_flushes() and calling_thread_flushes()
-        assert no_thread_flushes() and not calling_thread_flushes()
+def test_every_thread_flushes_inside_and_none_after(n_threads, openmp_pool, torch_threads):
+    torch_threads(n_threads)
+    assert no_thread_flushes()  # the mode is off to begin with
+    with pyfastnn.flush_denormals() as flushing:
+        assert flushing is True
+        assert every_thread_flushes() and calling_thread_flushes()
+    assert no_thread_flushes() and not calling_thread_flushes()
 
 
 def test_disabled_block_changes_nothing():
@@ -76,36 +65,36 @@ def test_disabled_block_changes_nothing():
         assert flushing is False and no_thread_flushes()
 
 
-def test_nested_blocks_keep_flushing_until_the_outer_one_ends(openmp_pool):
-    with threads(4):
+def test_nested_blocks_keep_flushing_until_the_outer_one_ends(openmp_pool, torch_threads):
+    torch_threads(4)
+    with pyfastnn.flush_denormals():
         with pyfastnn.flush_denormals():
-            with pyfastnn.flush_denormals():
-                pass
-            assert every_thread_flushes()
-        assert no_thread_flushes()
+            pass
+        assert every_thread_flushes()
+    assert no_thread_flushes()
 
 
-def test_a_pool_shrunk_inside_the_block_does_not_keep_flushing_threads(openmp_pool):
+def test_a_pool_shrunk_inside_the_block_does_not_keep_flushing_threads(openmp_pool, torch_threads):
     # libgomp keeps the threads a smaller team leaves idle; a later, larger team reuses them.
-    with threads(4):
+    torch_threads(4)
+    with pyfastnn.flush_denormals():
+        torch_threads(1)
+    torch_threads(4)
+    assert no_thread_flushes()
+
+
+def test_the_calling_threads_previous_mode_is_restored_on_every_thread(openmp_pool, torch_threads):
+    torch_threads(4)
+    torch.set_flush_denormal(True)
+    try:
         with pyfastnn.flush_denormals():
-            torch.set_num_threads(1)
-        torch.set_num_threads(4)
-        assert no_thread_flushes()
-
-
-def test_the_calling_threads_previous_mode_is_restored_on_every_thread(openmp_pool):
-    with threads(4):
-        torch.set_flush_denormal(True)
-        try:
-            with pyfastnn.flush_denormals():
-                pass
-            assert every_thread_flushes()  # it was on before the block: the whole pool keeps it
-        finally:
-            torch.set_flush_denormal(False)
-            with pyfastnn.flush_denormals():  # leaving it returns every thread to the calling thread's "off"
-                pass
-        assert no_thread_flushes()
+            pass
+        assert every_thread_flushes()  # it was on before the block: the whole pool keeps it
+    finally:
+        torch.set_flush_denormal(False)
+        with pyfastnn.flush_denormals():  # leaving it returns every thread to the calling thread's "off"
+            pass
+    assert no_thread_flushes()
 
 
 def test_an_exception_in_the_block_still_restores_the_mode(openmp_pool):
@@ -115,20 +104,20 @@ def test_an_exception_in_the_block_still_restores_the_mode(openmp_pool):
     assert no_thread_flushes() and not calling_thread_flushes()
 
 
-def test_a_build_whose_loops_miss_torchs_threads_says_so(monkeypatch):
+def test_a_build_whose_loops_miss_torchs_threads_says_so(monkeypatch, torch_threads):
     real = pyfastnn.denormals.native
     serial = types.SimpleNamespace(  # as a build whose parallel_for runs every index on the caller
         flush_denormal_enabled=real.flush_denormal_enabled, parallel_loops="serial",
         set_flush_denormal_on_threads=lambda on, min_threads: int(torch.set_flush_denormal(on)))
     monkeypatch.setattr(pyfastnn.denormals, "native", serial)
-    with threads(2):
-        with pytest.warns(RuntimeWarning, match="only 1 of torch's 2 threads"):
-            with pyfastnn.flush_denormals() as flushing:
-                assert flushing is False and calling_thread_flushes()
-        assert not calling_thread_flushes()
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # the warning raised where the block begins
-            with pytest.raises(RuntimeWarning):
-                with pyfastnn.flush_denormals():
-                    pass
-        assert not calling_thread_flushes()
+    torch_threads(2)
+    with pytest.warns(RuntimeWarning, match="only 1 of torch's 2 threads"):
+        with pyfastnn.flush_denormals() as flushing:
+            assert flushing is False and calling_thread_flushes()
+    assert not calling_thread_flushes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning raised where the block begins
+        with pytest.raises(RuntimeWarning):
+            with pyfastnn.flush_denormals():
+                pass
+    assert not calling_thread_flushes()

@@ -148,19 +148,15 @@ def test_dropout_is_reproducible_and_fresh_per_call():
     assert not torch.equal(first[0], next_call[0])
 
 
-def test_dropout_does_not_depend_on_thread_count():
+def test_dropout_does_not_depend_on_thread_count(torch_threads):
     sample = next(s for s in WITH_DROPOUT if s.name == "lesson-float32-dropout")
-    threads = torch.get_num_threads()
-    try:
-        results, masks = [], []
-        for n in (1, 4):
-            torch.set_num_threads(n)
-            masks.append(masks_of(sample, seed=5))
-            torch.manual_seed(5)
-            out = run(sample, training=True)
-            results.append((out, torch.autograd.grad(out.sum(), sample.tensors())))
-    finally:
-        torch.set_num_threads(threads)
+    results, masks = [], []
+    for n in (1, 4):
+        torch_threads(n)
+        masks.append(masks_of(sample, seed=5))
+        torch.manual_seed(5)
+        out = run(sample, training=True)
+        results.append((out, torch.autograd.grad(out.sum(), sample.tensors())))
     assert all(torch.equal(a, b) for a, b in zip(*masks))  # the very same units dropped
     # Values equal up to rounding: ATen's GEMM may sum in another order with another thread count.
     (out1, grads1), (out4, grads4) = results

@@ -89,25 +89,19 @@ def test_concurrent_python_threads_match_sequential_results():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_bitwise_deterministic_run_to_run(threads):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        runs = [_step(*_leaves(7, (300, 129, 70)), activation=act) for act in ("relu", "gelu") for _ in range(2)]
-    finally:
-        torch.set_num_threads(previous)
+def test_bitwise_deterministic_run_to_run(threads, torch_threads):
+    torch_threads(threads)
+    runs = [_step(*_leaves(7, (300, 129, 70)), activation=act) for act in ("relu", "gelu") for _ in range(2)]
     for first, second in ((runs[0], runs[1]), (runs[2], runs[3])):
         for a, b in zip(first, second):
             assert torch.equal(a, b)
 
 
-def test_bias_gradient_independent_of_thread_count():
+def test_bias_gradient_independent_of_thread_count(torch_threads):
     grads = []
-    previous = torch.get_num_threads()
     for threads in (1, 2):
-        torch.set_num_threads(threads)
+        torch_threads(threads)
         grads.append(_step(*_leaves(3, (2000, 8, 40)), activation="sigmoid")[3])
-    torch.set_num_threads(previous)
     assert torch.equal(grads[0], grads[1])
 
 
