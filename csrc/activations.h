@@ -196,9 +196,11 @@ PYFASTNN_HOST_DEVICE T chain_rule(T g, T s, T slope) {
 
 // The one switch from a runtime activation code to a compile-time functor (tiny-cuda-nn style):
 // `visit_activation(a, [&](auto functor) { using F = decltype(functor); ... })` instantiates the
-// body once per activation, so the per-element loop never branches on the activation.
+// body once per activation, so the per-element loop never branches on the activation. Host code
+// only (the CPU loops and the CUDA launchers): under nvcc a __host__ __device__ visitor of a host
+// lambda draws a warning per instantiation.
 template <typename Body>
-PYFASTNN_HOST_DEVICE decltype(auto) visit_activation(Activation a, Body&& body) {
+inline decltype(auto) visit_activation(Activation a, Body&& body) {
   switch (a) {
     case Activation::Relu: return body(act::Relu{});
     case Activation::LeakyRelu: return body(act::LeakyRelu{});

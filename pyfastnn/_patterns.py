@@ -8,7 +8,7 @@ would have them bypassed by a fused op.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import AbstractSet, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -95,8 +95,10 @@ Layer = Tuple[nn.Linear, str, float, float]
 
 
 def is_plain_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is exactly an ``nn.Linear`` without hooks (a fused layer can replace it)."""
-    return type(module) is nn.Linear and not has_hooks(module)
+    """Whether ``module`` is exactly an ``nn.Linear`` holding only its weight and bias, without hooks
+    (a fused layer can replace it; an extra parameter, buffer or submodule would be lost)."""
+    return (type(module) is nn.Linear and not has_hooks(module) and set(module._parameters) <= {"weight", "bias"}
+            and not module._buffers and not module._modules)
 
 
 def _chains(previous: Layer, layer: Layer) -> bool:
@@ -107,9 +109,14 @@ def _chains(previous: Layer, layer: Layer) -> bool:
             and a.weight.device == b.weight.device and same_slope)
 
 
-def parse_layers(modules: List[nn.Module], start: int) -> Tuple[List[Layer], int]:
+def parse_layers(modules: List[nn.Module], start: int,
+                 pinned: AbstractSet[int] = frozenset()) -> Tuple[List[Layer], int]:
     """The longest fusable run of ``Linear (activation) (Dropout)`` layers from ``modules[start]``,
     and the index just past it.
+
+    A Dropout joins its Linear only in the same train/eval mode (the fused layer has one mode: a
+    Dropout switched on or off by itself stays a Dropout). Modules whose ``id`` is in ``pinned``
+    (called from elsewhere too) are never absorbed.
 
     Example:
         >>> modules = [nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 2), nn.Softmax(-1)]
@@ -119,13 +126,17 @@ def parse_layers(modules: List[nn.Module], start: int) -> Tuple[List[Layer], int
     """
     layers: List[Layer] = []
     i = start
-    while i < len(modules) and is_plain_linear(modules[i]):
+    def usable(k: int) -> bool:
+        return k < len(modules) and id(modules[k]) not in pinned
+
+    while usable(i) and is_plain_linear(modules[i]):
         j = i + 1
         activation, slope, p = "identity", DEFAULT_NEGATIVE_SLOPE, 0.0
-        if j < len(modules) and (found := activation_of(modules[j])) is not None:
+        if usable(j) and (found := activation_of(modules[j])) is not None:
             activation, slope = found
             j += 1
-        if j < len(modules) and (found_p := dropout_of(modules[j])) is not None:
+        if (usable(j) and (found_p := dropout_of(modules[j])) is not None
+                and modules[j].training == modules[i].training):
             p = found_p
             j += 1
         layer = (modules[i], activation, slope, p)

@@ -17,16 +17,22 @@ Two passes, innermost modules first:
   ``self.training`` branch or ``F.dropout(..., self.training)``; a graph would freeze one mode), are
   left as they are.
 
-Modules with hooks are never absorbed (fusion would bypass the hooks); :func:`fuse` warns about
-them. The fused modules hold the very same parameter tensors; everything else is left alone.
+Modules with hooks are never absorbed (fusion would bypass the hooks), nor replaced (a Sequential
+with hooks is fused in place, a traced module with hooks is left as it is); :func:`fuse` warns about
+them. A module some ``forward`` calls from outside its owner (``self.block.fc(x)``) is never
+absorbed either: that call would get the fused activation too. (Only traceable ``forward`` methods
+are read for such calls; one that cannot be traced is taken to call its own children only.) The
+fused modules hold the very same parameter tensors; everything else is left alone.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -60,10 +66,11 @@ def _describe(module: nn.Module) -> str:
 
 
 def _fused_module(layers: List[Layer], as_mlp: bool = False) -> nn.Module:
+    # Each fused layer takes its Linear's train/eval mode (parse_layers absorbed only Dropouts in
+    # that mode), so a model fused in eval() stays in eval().
     fused = [FusedLinear.from_linear(linear, activation, negative_slope=slope, dropout=p)
              for linear, activation, slope, p in layers]
-    module = fused[0] if len(fused) == 1 and not as_mlp else FusedMLP.from_layers(fused)
-    return module.train(layers[0][0].training)  # a model fused in eval() stays in eval()
+    return fused[0] if len(fused) == 1 and not as_mlp else FusedMLP.from_layers(fused)
 
 
 def _worth_fusing(layers: List[Layer]) -> bool:
@@ -107,10 +114,11 @@ class LoadOriginalKeys:
                 state_dict[renamed] = state_dict.pop(key)
 
 
-def _fuse_sequential(seq: nn.Sequential, path: str, report: List[FusedRun], replace_whole: bool = True) -> nn.Module:
+def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_whole: bool = True) -> nn.Module:
     modules = list(seq)
     names = list(seq._modules)
-    layers, end = parse_layers(modules, 0)
+    report = fusion.report
+    layers, end = parse_layers(modules, 0, fusion.pinned)
     if replace_whole and _worth_fusing(layers) and end == len(modules):
         # The whole Sequential is one run: a FusedMLP takes its place, and its layers take the
         # Linear modules' indices, so the state-dict keys stay exactly the same.
@@ -123,7 +131,7 @@ def _fuse_sequential(seq: nn.Sequential, path: str, report: List[FusedRun], repl
     renames: Dict[str, str] = {}
     i = 0
     while i < len(modules):
-        layers, end = parse_layers(modules, i)
+        layers, end = parse_layers(modules, i, fusion.pinned)
         if not _worth_fusing(layers):
             i += 1
             continue
@@ -175,7 +183,39 @@ def _trace_in_mode(module: nn.Module, training: bool) -> torch.fx.Graph:
         module.training = was_training
 
 
-def _fuse_traced(module: nn.Module, path: str, report: List[FusedRun]) -> nn.Module:
+def _forward_is_traceable(module: nn.Module) -> bool:
+    """Whether tracing can stand for every call: a parameter with a default (``scale=None``) or a
+    ``*args``/``**kwargs`` would be traced as a tensor, and an ``if scale is not None`` branch frozen."""
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return all(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+               for p in parameters)
+
+
+def _absorbable(module: nn.Module, fusion: "_Fusion") -> bool:
+    return id(module) not in fusion.pinned
+
+
+def _graph_module(module: nn.Module, graph: torch.fx.Graph) -> torch.fx.GraphModule:
+    """A GraphModule running `graph` that keeps all of `module`: GraphModule alone copies only what
+    the graph uses (unused submodules, parameters and buffers, and their state-dict keys, would be
+    lost) and the plain attributes (``self.num_classes``)."""
+    gm = torch.fx.GraphModule(module, graph, class_name=type(module).__name__)
+    gm.__dict__["_modules"] = OrderedDict(module._modules)
+    gm.__dict__["_parameters"] = OrderedDict(module._parameters)
+    gm.__dict__["_buffers"] = OrderedDict(module._buffers)
+    gm.__dict__["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
+    for name, value in vars(module).items():
+        if not name.startswith("_") and not hasattr(gm, name):
+            gm.__dict__[name] = value
+    return gm
+
+
+def _fuse_traced(module: nn.Module, path: str, fusion: "_Fusion") -> nn.Module:
+    if not _forward_is_traceable(module):
+        return module
     try:
         graph = _trace_in_mode(module, module.training)
         other = _trace_in_mode(module, not module.training)
@@ -185,70 +225,116 @@ def _fuse_traced(module: nn.Module, path: str, report: List[FusedRun]) -> nn.Mod
         # forward reads self.training (an `if self.training:` branch, F.dropout(x, p, self.training)):
         # a traced graph would keep the mode it was traced in forever.
         return module
-    gm = torch.fx.GraphModule(module, graph, class_name=type(module).__name__)
-    changed = False
+    gm = _graph_module(module, graph)
+    absorbed: Set[str] = set()  # the activation and Dropout modules the fused layers took over
     call_counts: Dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             call_counts[node.target] = call_counts.get(node.target, 0) + 1
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not is_plain_linear(gm.get_submodule(node.target)):
+        if node.op != "call_module" or "." in node.target:  # a grandchild: its owner's business
+            continue
+        linear = gm.get_submodule(node.target)
+        if not is_plain_linear(linear) or not _absorbable(linear, fusion):
             continue
         if len(node.users) != 1 or call_counts[node.target] != 1:
             # A Linear called at several places must stay one: fusing it (swapped by name) would
             # give every call site the activation of one of them.
             continue
         act_node = next(iter(node.users))
+        if act_node.op == "call_module" and not _absorbable(gm.get_submodule(act_node.target), fusion):
+            continue
         activation = _node_activation(gm, act_node, node)
         if activation is None:
             continue
-        last, p, described = act_node, 0.0, [_describe(gm.get_submodule(node.target)), str(act_node.target)]
+        last, p, described = act_node, 0.0, [_describe(linear), str(act_node.target)]
         if len(act_node.users) == 1:
             after = next(iter(act_node.users))
             if (after.op == "call_module" and after.args == (act_node,) and not after.kwargs
-                    and (found_p := dropout_of(gm.get_submodule(after.target))) is not None):
+                    and (dropout := gm.get_submodule(after.target)).training == linear.training
+                    and _absorbable(dropout, fusion) and (found_p := dropout_of(dropout)) is not None):
                 p = found_p
                 last = after
-                described.append(_describe(gm.get_submodule(after.target)))
-        linear = gm.get_submodule(node.target)
+                described.append(_describe(dropout))
         fused = FusedLinear.from_linear(linear, activation[0], negative_slope=activation[1], dropout=p)
-        fused.train(linear.training)
         # The fused layer takes the Linear's name, so its parameters keep their state-dict keys.
-        owner_name, _, attr = node.target.rpartition(".")
-        setattr(gm.get_submodule(owner_name) if owner_name else gm, attr, fused)
+        setattr(gm, node.target, fused)
         last.replace_all_uses_with(node)
         for dead in ([last, act_node] if last is not act_node else [act_node]):
+            if dead.op == "call_module":
+                absorbed.add(dead.target)
             gm.graph.erase_node(dead)
-        report.append(FusedRun(f"{path}{node.target}", tuple(described), "FusedLinear"))
-        changed = True
-    if not changed:
+        fusion.report.append(FusedRun(f"{path}{node.target}", tuple(described), "FusedLinear"))
+    if not fusion.report:
         return module
+    still_used = {node.target for node in gm.graph.nodes if node.op == "call_module"}
+    for name in absorbed - still_used:
+        delattr(gm, name)
     gm.graph.lint()
-    gm.delete_all_unused_submodules()
     gm.recompile()
-    gm.train(module.training)
+    gm.training = module.training  # its own flag only: the children keep theirs (a Dropout on in eval())
     return gm
 
 
-def _fuse_tree(module: nn.Module, path: str, report: List[FusedRun], keep_root: bool = False) -> nn.Module:
+def _hooks_lost_by_replacing(module: nn.Module) -> bool:
+    """Whether a new module object in `module`'s place would drop hooks registered on it."""
+    return has_hooks(module) or bool(module._state_dict_hooks or module._state_dict_pre_hooks
+                                     or module._load_state_dict_pre_hooks or module._load_state_dict_post_hooks)
+
+
+def _is_sequential(module: nn.Module) -> bool:
+    """An nn.Sequential whose forward is Sequential's own (a subclass may compute something else)."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+@dataclass
+class _Fusion:
+    report: List[FusedRun]
+    pinned: Set[int]   # ids of modules called from outside their owner's forward
+    hooked: List[str]  # modules left unfused for their hooks
+
+
+def _called_from_outside(model: nn.Module) -> Set[int]:
+    """ids of the modules that some traceable ``forward`` calls past their owner
+    (``self.block.fc(x)``, ``self.layers[0](x)``)."""
+    pinned: Set[int] = set()
+    for module in model.modules():
+        if not module._modules or isinstance(module, (FusedLinear, FusedMLP)) or _is_sequential(module):
+            continue
+        try:
+            graph = _ShallowTracer().trace(module)
+        except Exception:
+            continue
+        for node in graph.nodes:
+            if node.op == "call_module" and "." in node.target:
+                pinned.add(id(module.get_submodule(node.target)))
+    return pinned
+
+
+def _fuse_tree(module: nn.Module, path: str, fusion: _Fusion, keep_root: bool = False) -> nn.Module:
     """Fuses `module`'s subtree; with `keep_root`, `module` itself is changed in place, never replaced."""
     if isinstance(module, (FusedLinear, FusedMLP)):
         return module
     for name, child in list(module.named_children()):
-        new_child = _fuse_tree(child, f"{path}{name}.", report)
+        new_child = _fuse_tree(child, f"{path}{name}.", fusion)
         if new_child is not child:
             setattr(module, name, new_child)
-    if isinstance(module, nn.Sequential):
-        return _fuse_sequential(module, path, report, replace_whole=not keep_root)
-    if any(type(child) is nn.Linear for child in module.children()):
-        found: List[FusedRun] = []
+    keep = keep_root or _hooks_lost_by_replacing(module)
+    if _is_sequential(module):
+        # Only a plain Sequential may become a FusedMLP: a subclass would lose its class and methods.
+        return _fuse_sequential(module, path, fusion, replace_whole=not keep and type(module) is nn.Sequential)
+    if any(is_plain_linear(child) for child in module.children()):
+        if keep and not keep_root:
+            fusion.hooked.append(path.rstrip(".") or type(module).__name__)
+            return module
+        found = _Fusion([], fusion.pinned, fusion.hooked)
         traced = _fuse_traced(module, path, found)
         if keep_root and traced is not module:
             warnings.warn(f"pyfastnn.fuse(inplace=True) left the forward of the top-level {type(module).__name__} "
                           f"unfused: fusing it replaces the module by a torch.fx.GraphModule, which cannot happen "
                           f"in place; use `model = pyfastnn.fuse(model)` for that", stacklevel=3)
             return module
-        report.extend(found)
+        fusion.report.extend(found.report)
         return traced
     return module
 
@@ -289,15 +375,21 @@ def fuse(model: nn.Module, inplace: bool = False, *, report: Optional[list] = No
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse expects an nn.Module, got {type(model).__name__}")
     if not inplace:
-        model = copy.deepcopy(model)
+        try:
+            model = copy.deepcopy(model)
+        except Exception as error:  # e.g. torch.nn.utils.prune's derived weights refuse deepcopy
+            raise RuntimeError(f"pyfastnn.fuse could not copy the model ({error}); fuse it in place with "
+                               f"inplace=True, or remove what stops the copy first") from error
     hooked = [name or type(model).__name__ for name, module in model.named_modules()
               if type(module) is nn.Linear and has_hooks(module)]
+    fusion = _Fusion([], _called_from_outside(model), [])
+    model = _fuse_tree(model, "", fusion, keep_root=inplace)
+    hooked += fusion.hooked
     if hooked:
-        warnings.warn(f"pyfastnn.fuse left {', '.join(hooked)} unfused: they have forward/backward hooks "
-                      f"(or a hook-based reparametrization such as prune), which a fused module would bypass",
+        warnings.warn(f"pyfastnn.fuse left {', '.join(hooked)} unfused: they have hooks (or a hook-based "
+                      f"reparametrization such as prune), which a fused or traced module would bypass",
                       stacklevel=2)
-    runs: List[FusedRun] = []
-    model = _fuse_tree(model, "", runs, keep_root=inplace)
+    runs = fusion.report
     if verbose:
         for run in runs:
             print(f"pyfastnn.fuse: {run}")

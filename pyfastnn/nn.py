@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import operator
-from typing import Iterable, Iterator, List, Optional, Sequence
+from collections import OrderedDict
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -127,7 +128,7 @@ class FusedLinear(nn.Module):
         dropout: float = 0.0,
         copy: bool = False,
     ) -> "FusedLinear":
-        """A FusedLinear computing ``dropout(activation(linear(x)))``.
+        """A FusedLinear computing ``dropout(activation(linear(x)))``, in ``linear``'s train/eval mode.
 
         By default it shares ``linear``'s parameters (training one trains the other); ``copy=True``
         gives it independent copies instead.
@@ -143,20 +144,22 @@ class FusedLinear(nn.Module):
         layer.weight = take(linear.weight)
         if linear.bias is not None:
             layer.bias = take(linear.bias)
+        layer.training = linear.training
         return layer
 
     def to_linear(self) -> nn.Sequential:
         """The plain-PyTorch equivalent (``nn.Linear``, activation module, ``nn.Dropout`` if any),
-        sharing parameters."""
-        return nn.Sequential(*self._plain_modules(keep_identity=True))
+        sharing parameters, in this layer's train/eval mode."""
+        return nn.Sequential(*self._plain_modules(keep_identity=True)).train(self.training)
 
     def _plain_modules(self, keep_identity: bool) -> List[nn.Module]:
+        """The layer as torch.nn modules, each in this layer's train/eval mode."""
         modules: List[nn.Module] = [self._plain_linear()]
         if keep_identity or self.activation != "identity":
             modules.append(activation_module(self.activation, self.negative_slope))
         if self.dropout > 0.0:
             modules.append(nn.Dropout(self.dropout))
-        return modules
+        return [module.train(self.training) for module in modules]
 
     def _plain_linear(self) -> nn.Linear:
         """An ``nn.Linear`` sharing this layer's parameters, and its parametrizations if it has any."""
@@ -194,8 +197,10 @@ class FusedMLP(nn.Module):
     Its layers are :class:`FusedLinear` modules that hold the parameters (initialised like
     ``nn.Linear``), registered under the indices the equivalent ``nn.Sequential`` gives its
     ``nn.Linear`` modules, so the state dicts of the two are interchangeable as they are
-    (:meth:`to_sequential`, :meth:`from_sequential`). The layers are run by the fused op, not called
-    one by one. Their parameters, activation, dropout and ``negative_slope`` are read on every
+    (:meth:`to_sequential`, :meth:`from_sequential`; the indices are given when the layers are set,
+    and stay when a layer's activation or dropout changes later). The layers are run by the fused
+    op, not called one by one; each layer's dropout follows that layer's train/eval mode, as each
+    ``nn.Dropout`` of a Sequential follows its own. Their parameters, activation, dropout and ``negative_slope`` are read on every
     call (assigning a new layer or attribute takes effect); their forward pre-hooks run before the
     fused op, so ``torch.nn.utils.prune`` and the hook-based ``weight_norm`` / ``spectral_norm``
     work, as do ``torch.nn.utils.parametrize`` parametrizations; forward and backward hooks on a
@@ -267,10 +272,12 @@ class FusedMLP(nn.Module):
 
     @classmethod
     def from_layers(cls, layers: Iterable[FusedLinear]) -> "FusedMLP":
-        """A FusedMLP running the given layers (sharing their parameters, activations, dropout)."""
+        """A FusedMLP running the given layers (sharing their parameters, activations, dropout and
+        train/eval modes); it is in ``train()`` mode if they all are."""
         mlp = cls.__new__(cls)
         nn.Module.__init__(mlp)
         mlp._set_layers(list(layers))
+        mlp.training = all(layer.training for layer in mlp)
         return mlp
 
     @classmethod
@@ -299,11 +306,20 @@ class FusedMLP(nn.Module):
 
     def to_sequential(self) -> nn.Sequential:
         """The plain-PyTorch equivalent (``nn.Linear``/activation/``nn.Dropout`` modules), sharing
-        parameters; its state dict has the same keys as this module's."""
-        modules: List[nn.Module] = []
-        for layer in self:
-            modules.extend(layer._plain_modules(keep_identity=False))
-        return nn.Sequential(*modules)
+        parameters, each module in its layer's train/eval mode; its state dict has the same keys as
+        this module's."""
+        modules: Dict[str, nn.Module] = {}
+        for name, layer in self._modules.items():
+            for k, module in enumerate(layer._plain_modules(keep_identity=False)):  # type: ignore[union-attr]
+                # Each Linear under its layer's name; the modules after it under the next indices,
+                # unless a layer's activation or dropout was added since the indices were given.
+                key = name if k == 0 else str(int(name) + k) if name.isdigit() else f"{name}_{k}"
+                if k and key in self._modules or key in modules:
+                    key = f"{name}_{type(module).__name__.lower()}"
+                modules[key] = module
+        plain = nn.Sequential(OrderedDict(modules))
+        plain.training = self.training
+        return plain
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # Everything is read from the layers on every call (a few microseconds): replacing a layer,
@@ -327,9 +343,9 @@ class FusedMLP(nn.Module):
                     _common_negative_slope(list(self))  # raises, naming the slopes
                 slope = layer._negative_slope
             codes.append(code)
-            dropout.append(layer._dropout)
+            dropout.append(layer._dropout if layer.training else 0.0)  # each layer's own mode
         slope = DEFAULT_NEGATIVE_SLOPE if slope is None else slope
-        return run_fused_mlp(input, weights, biases, codes, slope, dropout, self.training)
+        return run_fused_mlp(input, weights, biases, codes, slope, dropout, any(p > 0.0 for p in dropout))
 
 
 def _layer_sizes(sizes) -> List[int]:

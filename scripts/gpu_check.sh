@@ -3,6 +3,7 @@
 # (no network needed). Each step logs to OUTDIR/<step>.log; OUTDIR/summary.txt has one line per step
 # (rc, seconds) and the final status. Most telling first, so a run cut short still says the most:
 #   env                     nvidia-smi, torch, the lesson extra's packages, compute-sanitizer (env.log)
+#   ninja                   only where ninja is missing and GPU_CHECK_WHEELS has its wheel
 #   build                   pip install -e . with PYFASTNN_CUDA=1 (TORCH_CUDA_ARCH_LIST, default 9.0)
 #   lesson_extra            only where the lesson extra is missing and GPU_CHECK_WHEELS names a folder
 #                           of wheels for it (a machine without network): pip install --no-index from it
@@ -27,7 +28,7 @@
 #
 # The wheels for an offline machine with Python 3.12, fetched where there is network:
 #   pip download --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-#     --only-binary=:all: numpy tqdm matplotlib -d DIR
+#     --only-binary=:all: numpy tqdm matplotlib ninja -d DIR
 set -uo pipefail
 OUT="${1:?usage: scripts/gpu_check.sh OUTDIR [--full]}"
 MODE="${2:-}"
@@ -46,7 +47,9 @@ export PYFASTNN_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_J
 export CI=1  # tests that need MNIST fail instead of skipping when it is missing
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
-PYTEST=("$PYTHON" -m pytest -q -p no:cacheprovider --maxfail=30 -o faulthandler_timeout=120 -rfE)
+# -v: every test's name is in the log as it finishes, so a step stopped by its time limit still
+# says which tests passed and failed.
+PYTEST=("$PYTHON" -m pytest -v -p no:cacheprovider --maxfail=30 -o faulthandler_timeout=120 -rfE)
 status=0
 : > "$OUT/summary.txt"
 
@@ -83,8 +86,13 @@ step() {  # step NAME LIMIT_S COMMAND...: runs within the budget left, logs, rec
   "$PYTHON" -c "from pyfastnn.extras import missing_lesson_requirements as m; print('lesson extra missing:', m() or 'nothing')"
   "$PYTHON" -c "import triton; print('triton', triton.__version__)" || echo "no triton: torch.compile tests fail"
   "$SANITIZER" --version | tail -n 1
+  "$PYTHON" -m ninja --version 2>/dev/null || ninja --version || echo "no ninja: torch builds one source at a time"
   echo "PYFASTNN_MNIST=${PYFASTNN_MNIST:-unset}"
 } > "$OUT/env.log" 2>&1
+if ! "$PYTHON" -c "import torch.utils.cpp_extension as c; c.verify_ninja_availability()" 2>/dev/null \
+    && [ -d "${GPU_CHECK_WHEELS:-}" ]; then  # without ninja torch compiles the sources one by one
+  step ninja 30 "$PYTHON" -m pip install --no-index --find-links "$GPU_CHECK_WHEELS" ninja
+fi
 step build 240 "$PYTHON" -m pip install --no-build-isolation --no-deps -e . || finish
 "$PYTHON" -c "import pyfastnn; print(pyfastnn.info())" >> "$OUT/env.log" 2>&1
 if ! "$PYTHON" -c "import sys, torch, pyfastnn; sys.exit(not (torch.cuda.is_available() and pyfastnn.info()['backends']['cuda']))"; then

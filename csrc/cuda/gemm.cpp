@@ -8,6 +8,13 @@
 
 namespace pyfastnn::cuda {
 
+namespace {
+// cuBLASLt's GELU epilogues compute tanh approximately: within half and bfloat16 rounding, but a
+// float32 result would stray ~1e-4 from torch's gelu(x, "tanh") (torch's own test of
+// _addmm_activation allows float32 that much). float32 takes the bias epilogue and our own pass.
+bool lt_gelu_matches_torch(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::kBFloat16; }
+}  // namespace
+
 bool gemm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, Activation activation,
                   bool dropout_runs, const at::Tensor& out, const at::Tensor* preact, const at::Tensor* relu_mask) {
   const int64_t rows = x.size(0), out_features = w.size(0), in_features = w.size(1);
@@ -29,6 +36,8 @@ bool gemm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
           gemm.aux_ld = relu_mask->size(1) * 8;  // in bits
         }
         finished = true;
+      } else if (activation == Activation::GeluTanh && !lt_gelu_matches_torch(x.scalar_type())) {
+        // the bias epilogue, then the activation pass
       } else if (activation == Activation::GeluTanh && preact == nullptr) {
         gemm.epilogue = GemmEpilogue::GeluTanh;
         gemm.d = out.data_ptr();
@@ -61,6 +70,7 @@ std::tuple<at::Tensor, at::Tensor> input_grad_through_below(const at::Tensor& gr
   const int64_t rows = grad_pre.size(0), out_features = weight.size(0), in_features = weight.size(1);
   const bool relu = below_activation == Activation::Relu;
   TORCH_INTERNAL_ASSERT(relu || below_activation == Activation::GeluTanh);
+  if (!relu && !lt_gelu_matches_torch(grad_pre.scalar_type())) return {};
   at::Tensor grad_input = at::empty({rows, in_features}, grad_pre.options());
   at::Tensor below_bias = need_below_bias ? at::empty({in_features}, grad_pre.options()) : at::Tensor();
   // Row-major grad_input (rows, in) is column-major in x rows: D = W^T (stored in x out) * grad_pre^T.

@@ -291,8 +291,32 @@ def test_relu_bit_mask_layout_and_fake(dtype, gemm_path):
     assert preacts[0].dtype == torch.uint8 and preacts[0].shape == (rows, 32)  # 200 features padded to 256 bits
     shifts = torch.arange(8, device="cuda", dtype=torch.int32)
     bits = ((preacts[0].to(torch.int32).unsqueeze(-1) >> shifts) & 1).view(rows, 256)
-    assert torch.equal(bits[:, :widths[1]].bool(), hidden[0] > 0)  # padding bits are unspecified
+    assert torch.equal(bits[:, :widths[1]].bool(), hidden[0] > 0)
+    assert not bits[:, widths[1]:].any()  # padding zeroed on both paths: outputs never hold stale memory
     torch.library.opcheck(ops.fused_mlp_forward.default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_relu_stack_at_nan_and_exactly_zero_like_torch(dtype, gemm_path):
+    # cuBLASLt's relu epilogues (and the bit mask DRELU reads) must agree with torch where the
+    # pre-activation is NaN (the output stays NaN) or exactly zero (no gradient passes).
+    torch.manual_seed(0)
+    x, weights, _ = _mlp_tensors(256, (128, 256, 128), dtype)
+    with torch.no_grad():
+        x[0] = 0.0               # no biases: every first-layer pre-activation of row 0 is exactly 0
+        x[1, 3] = float("nan")   # row 1 is NaN from the first layer on
+    activations = ("relu", "relu")
+    out = pyfastnn.fused_mlp(x, weights, None, ["relu"], "relu")
+    expected = reference_mlp(x, weights, [None, None], activations)
+    assert torch.equal(out.isnan(), expected.isnan()) and out[1].isnan().all()
+    assert_close(out, expected, dtype)
+    rows = torch.tensor([0, 2, 3], device="cuda")  # the rows without NaN
+    grad = torch.zeros_like(expected)
+    grad[rows] = torch.randn(len(rows), expected.shape[1], device="cuda", dtype=dtype)
+    (got,) = torch.autograd.grad(pyfastnn.fused_mlp(x, weights, None, ["relu"], "relu"), x, grad)
+    (want,) = torch.autograd.grad(reference_mlp(x, weights, [None, None], activations), x, grad)
+    assert not got[0].any() and not want[0].any()
+    assert_close(got[rows], want[rows], dtype)
 
 
 # --- fused dropout -------------------------------------------------------------------------------

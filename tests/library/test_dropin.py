@@ -299,7 +299,7 @@ def test_fuse_leaves_hooked_modules_alone_and_says_so():
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2), nn.Tanh())
     seen = []
     model[0].register_forward_hook(lambda module, args, out: seen.append(out.shape))
-    with pytest.warns(UserWarning, match="left 0 unfused: they have forward/backward hooks"):
+    with pytest.warns(UserWarning, match="left 0 unfused: they have hooks"):
         fused = pyfastnn.fuse(model)
     assert type(fused[0]) is nn.Linear and type(fused[2]) is FusedLinear
     x = torch.randn(3, 4)
@@ -312,6 +312,178 @@ def test_fuse_leaves_hooked_modules_alone_and_says_so():
         warnings.simplefilter("error")
         fused = pyfastnn.fuse(model)
     assert [type(m) for m in fused] == [nn.Linear, nn.ReLU]
+
+
+def _stochastic(module: nn.Module, x: torch.Tensor) -> bool:
+    return not torch.equal(module(x), module(x))
+
+
+class ReluDropoutNet(nn.Module):
+    """Linear -> ReLU -> Dropout -> Linear written out in forward (the traced path of fuse)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.drop, self.out = nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(self.drop(self.act(self.fc(x))))
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 4)),
+                                  ReluDropoutNet], ids=["Sequential", "traced"])
+def test_fuse_keeps_each_dropouts_own_mode(make):
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    # A Dropout switched off in a training model stays off; one switched on in an evaluating model
+    # (Monte Carlo dropout) stays on: such a Dropout is not absorbed by a layer of the other mode.
+    for model_mode, dropout_mode in ((True, False), (False, True)):
+        model = make().train(model_mode)
+        dropout = next(m for m in model.modules() if isinstance(m, nn.Dropout))
+        dropout.train(dropout_mode)
+        fused = pyfastnn.fuse(model)
+        assert any(isinstance(m, FusedLinear) for m in fused.modules())
+        assert _stochastic(fused, x) == dropout_mode == _stochastic(model, x)
+        if not dropout_mode:
+            torch.testing.assert_close(fused(x), model(x))
+
+
+def test_fused_mlp_layers_follow_their_own_mode():
+    mlp = _mlp(dropout=0.5).eval()
+    x = torch.randn(32, 8)
+    assert not _stochastic(mlp, x)
+    mlp[0].train()  # Monte Carlo dropout on the first layer only, like one nn.Dropout in train()
+    assert _stochastic(mlp, x)
+    plain = mlp.to_sequential()
+    assert [m.training for m in plain] == [True, True, True, False, False, False, False]
+    assert _stochastic(plain, x)
+
+
+def test_fuse_keeps_the_hooks_of_modules_it_would_replace():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    seq = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    seq.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    seq.register_forward_hook(lambda module, args, out: out + 1)
+    fused = pyfastnn.fuse(seq)
+    assert isinstance(fused, nn.Sequential) and isinstance(fused[0], FusedMLP)  # fused in place
+    torch.testing.assert_close(fused(x), seq(x))
+    net = ReluDropoutNet().eval()
+    net.register_forward_hook(lambda module, args, out: out * 0)
+    with pytest.warns(UserWarning, match="left ReluDropoutNet unfused: they have hooks"):
+        fused = pyfastnn.fuse(net)
+    assert type(fused) is ReluDropoutNet and len(fused._forward_hooks) == 1
+    torch.testing.assert_close(fused(x), net(x))
+
+
+class Residual(nn.Sequential):
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+class NamedBlock(nn.Sequential):
+    def depth(self):
+        return len(self)
+
+
+def test_fuse_sequential_subclasses_keep_what_they_compute_and_their_class():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    model = nn.Sequential(Residual(nn.Linear(8, 8), nn.ReLU()), NamedBlock(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)))
+    fused = pyfastnn.fuse(model).eval()
+    torch.testing.assert_close(fused(x), model.eval()(x))
+    assert isinstance(fused[1], NamedBlock) and fused[1].depth() == 3  # fused in place, not replaced
+    assert any(isinstance(m, FusedLinear) for m in fused[0].modules())
+
+
+def test_fuse_leaves_modules_called_from_outside_their_owner_alone():
+    class Outside(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seq = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh())
+
+        def forward(self, x):
+            return self.seq(x) + self.seq[0](x) + self.seq[3](x)  # the first Linear and the Tanh, bare
+
+    torch.manual_seed(0)
+    model, x = Outside(), torch.randn(4, 8)
+    runs = []
+    fused = pyfastnn.fuse(model, report=runs)
+    torch.testing.assert_close(fused(x), model(x))
+    assert runs == [] and type(fused.seq[0]) is nn.Linear and type(fused.seq[3]) is nn.Tanh
+
+
+def test_traced_fuse_keeps_unused_submodules_buffers_and_attributes():
+    class WithExtras(ReluDropoutNet):
+        def __init__(self):
+            super().__init__()
+            self.aux_head = nn.Linear(16, 2)  # used by another method only
+            self.register_buffer("step", torch.zeros((), dtype=torch.long))
+            self.num_classes = 4
+
+    torch.manual_seed(0)
+    model = WithExtras().eval()
+    fused = pyfastnn.fuse(model)
+    assert isinstance(fused.fc, FusedLinear) and not hasattr(fused, "act") and not hasattr(fused, "drop")
+    assert fused.num_classes == 4 and isinstance(fused.aux_head, nn.Linear)
+    assert list(fused.state_dict()) == list(model.state_dict())
+    assert str(fused.load_state_dict(model.state_dict())) == "<All keys matched successfully>"
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(fused(x), model(x))
+
+
+def test_fuse_leaves_a_forward_with_optional_arguments_alone():
+    class Optional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x, scale=None):
+            h = torch.relu(self.fc(x))
+            return h if scale is None else h * scale  # tracing would keep only one branch
+
+    model, x = Optional(), torch.randn(4, 8)
+    fused = pyfastnn.fuse(model)
+    torch.testing.assert_close(fused(x), model(x))
+    torch.testing.assert_close(fused(x, scale=2.0), model(x, scale=2.0))
+
+
+def test_conversions_keep_the_train_and_eval_modes():
+    mlp = _mlp(dropout=0.5).eval()
+    x = torch.randn(32, 8)
+    for plain in (mlp.to_sequential(), mlp[0].to_linear()):
+        assert not plain.training and not any(m.training for m in plain.modules())
+    torch.testing.assert_close(mlp.to_sequential()(x), mlp(x))
+    seq = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 4)).eval()
+    assert not FusedMLP.from_sequential(seq).training
+    assert not FusedLinear.from_linear(seq[0]).training
+
+
+@pytest.mark.parametrize("change", ["activation off", "activation on", "dropout on"])
+def test_to_sequential_keeps_the_keys_after_a_layer_changes(change):
+    mlp = _mlp(sizes=(8, 16, 12, 4))  # keys 0.*, 2.*, 4.*
+    layer = mlp[1] if change != "activation on" else mlp[2]
+    if change == "activation off":
+        layer.activation = None
+    elif change == "activation on":
+        layer.activation = "relu"
+    else:
+        layer.dropout = 0.25
+    plain = mlp.to_sequential()
+    assert list(plain.state_dict()) == list(mlp.state_dict())
+    mlp.eval(), plain.eval()
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(plain(x), mlp(x))
+
+
+def test_fuse_leaves_a_linear_with_extra_state_alone_and_explains_a_failed_copy():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+    model[0].register_buffer("calibration", torch.ones(8))
+    fused = pyfastnn.fuse(model)
+    assert type(fused[0]) is nn.Linear and list(fused.state_dict()) == list(model.state_dict())
+    pruned = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+    torch.nn.utils.prune.l1_unstructured(pruned[0], "weight", amount=0.5)
+    with pytest.raises(RuntimeError, match="could not copy the model.*inplace=True"):
+        pyfastnn.fuse(pruned)
 
 
 # ---------------------------------------------------------------------------------------------
