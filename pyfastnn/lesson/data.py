@@ -143,8 +143,9 @@ def _load(root: PathLike, dataset: _Dataset, train: bool, download: bool) -> Tup
         raise IDXError(f"{image_path}: expected uint8 28x28 images, got {images.dtype} {images.shape[1:]}")
     if labels.shape[0] != images.shape[0]:
         raise IDXError(f"{label_path}: {labels.shape[0]} labels for {images.shape[0]} images")
-    if labels.size and labels.max() > 9:
-        raise IDXError(f"{label_path}: label {labels.max()} outside 0..9")
+    if labels.size and (labels.max() > 9 or labels.min() < 0):
+        bad = labels.max() if labels.max() > 9 else labels.min()
+        raise IDXError(f"{label_path}: label {bad} outside 0..9")
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))  # read_idx's arrays are copies
 
 

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import math
 import os
 import pickle
 import threading
@@ -215,13 +216,33 @@ def load_checkpoint(path) -> Dict:
     return state
 
 
+#: The settings that define a run: a resumed run continues with the checkpoint's (its optimizer state
+#: carries the learning rate), so asking for others is refused rather than recorded but not applied.
+RUN_SETTINGS = ("dataset", "backend", "lr", "batch_size", "dropout", "seed")
+
+
+def check_resume_settings(state: Dict, path, config: TrainConfig) -> None:
+    """Raises :class:`CheckpointError` naming each run setting of ``config`` that differs from the
+    checkpoint's (``epochs``, ``max_steps``, the device and the output options may change)."""
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        return  # written without its settings: nothing to compare
+    wanted = dataclasses.asdict(config)
+    differ = [f"{name} {saved[name]!r} (asked: {wanted[name]!r})" for name in RUN_SETTINGS
+              if name in saved and saved[name] != wanted[name]]
+    if differ:
+        raise CheckpointError(f"checkpoint {path}: was trained with {', '.join(differ)}; resume with the "
+                              f"checkpoint's settings, or start a new run without --resume")
+
+
 def restore_checkpoint(state: Dict, path, model: nn.Module, optimizer: torch.optim.Optimizer, device: str):
     """Puts a loaded checkpoint's weights, optimizer state and RNG state back; returns (history, epoch)."""
     try:
         model.load_state_dict(state["model"])
         _load_optimizer_state(optimizer, state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
-        reason = str(e).strip().splitlines()[0]
+        # load_state_dict's first line is only a header ("Error(s) in loading state_dict for ...:").
+        reason = " ".join(line.strip() for line in str(e).strip().splitlines()[:2]) or type(e).__name__
         raise CheckpointError(f"checkpoint {path}: does not fit this model ({reason})") from e
     torch.set_rng_state(state["rng_state"].cpu())  # dropout masks continue exactly where they stopped
     if device.startswith("cuda") and state.get("cuda_rng_state") is not None:
@@ -254,8 +275,19 @@ def run_metrics(config: TrainConfig, device: str, world_size: int, graphed: bool
 
 def write_json(path, data: Dict) -> None:
     """``data`` as indented JSON, written atomically."""
+    # A diverged run's NaN or inf losses are written as null: bare NaN is not JSON.
     with atomic_write(path) as f:
-        f.write(json.dumps(data, indent=2).encode())
+        f.write(json.dumps(_finite_or_none(data), indent=2, allow_nan=False).encode())
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
 
 
 @torch.no_grad()
@@ -285,6 +317,8 @@ def train(config: TrainConfig) -> TrainResult:
     """
     check_config(config)
     resumed = load_checkpoint(config.resume) if config.resume else None
+    if resumed is not None:
+        check_resume_settings(resumed, config.resume, config)
     rank, world_size, device = _distributed(config.device)
     on_cuda = device.startswith("cuda")
     graphed = _use_cuda_graph(config.cuda_graph, on_cuda, world_size)

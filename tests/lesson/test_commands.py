@@ -139,6 +139,31 @@ def test_train_resume_of_missing_file_or_other_model(capsys, tmp_path, tiny_mnis
     assert status == 1 and "other.pt: does not fit this model" in line, line
 
 
+def test_train_resume_refuses_other_run_settings(capsys, tmp_path, tiny_mnist_dir):
+    common = ["train", "mnist", "--data", str(tiny_mnist_dir), "--max-steps", "1", "--no-progress", "--no-plots"]
+    assert cli(capsys, *common, "--epochs", "1", "--out", str(tmp_path / "a"))[0] == 0
+    checkpoint = tmp_path / "a" / "checkpoint.pt"
+    # The optimizer state carries the learning rate: another one would be recorded but not applied.
+    status, _, err = cli(capsys, *common, "--epochs", "2", "--lr", "0.5", "--dropout", "0.5",
+                         "--resume", str(checkpoint), "--out", str(tmp_path / "b"))
+    line = error_line(err, "pyfastnn train")
+    assert status == 1 and "was trained with lr 0.001 (asked: 0.5), dropout 0.2 (asked: 0.5)" in line, line
+    assert not (tmp_path / "b").exists()
+    assert cli(capsys, *common, "--epochs", "2", "--resume", str(checkpoint), "--out", str(tmp_path / "c"))[0] == 0
+
+
+def test_a_diverged_run_writes_valid_json(tmp_path, tiny_mnist_dir):
+    import json
+
+    from pyfastnn.lesson.train import TrainConfig, train
+
+    out = tmp_path / "diverged"
+    train(TrainConfig(data=str(tiny_mnist_dir), epochs=1, lr=1e30, out=str(out), progress=False, plots=False))
+    text = (out / "metrics.json").read_text()
+    metrics = json.loads(text, parse_constant=lambda name: pytest.fail(f"metrics.json holds bare {name}"))
+    assert metrics["history"][0]["train_loss"] is None  # NaN, written as null
+
+
 def test_debug_flag_and_environment_show_the_traceback(capsys, tmp_path, monkeypatch):
     from pyfastnn.cli import main
     from pyfastnn.lesson.data import IDXError

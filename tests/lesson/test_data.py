@@ -62,6 +62,15 @@ def test_wrong_kind_of_file_and_missing_files(tmp_path):
         read_idx(tmp_path / "bad.gz")
 
 
+@pytest.mark.parametrize("bad_label", [10, -1])
+def test_labels_outside_0_to_9_raise_naming_the_file(tmp_path, bad_label):
+    _write_split(tmp_path, "t10k", 3)
+    labels = np.array([1, bad_label, 2], dtype=np.int8)  # type code 0x09: signed bytes
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(labels, 0x09)))
+    with pytest.raises(IDXError, match=f"t10k-labels-idx1-ubyte.gz: label {bad_label} outside 0..9"):
+        load_mnist(tmp_path, train=False)
+
+
 def test_real_mnist(mnist_dir):
     x, y = load_mnist(mnist_dir, train=False)
     assert x.shape == (10000, 28, 28) and y.shape == (10000,)
