@@ -174,13 +174,22 @@ def _node_activation(gm: torch.fx.GraphModule, node: torch.fx.Node, source: torc
 
 
 def _trace_in_mode(module: nn.Module, training: bool) -> torch.fx.Graph:
-    """The graph of `module.forward` with ``module.training`` set to `training` (restored after)."""
-    was_training = module.training
+    """The graph of `module.forward` with ``module.training`` set to `training`. Tracing runs forward
+    on proxies: whatever it assigns to the module (``self.last = x``, a buffer, the training flag)
+    is put back after, keeping only the attributes the graph reads (the tracer's tensor constants)."""
+    attributes, buffers = dict(vars(module)), dict(module._buffers)
     module.training = training  # the module's own flag only: submodules are leaves of the trace
+    graph = None
     try:
-        return _ShallowTracer().trace(module)
+        graph = _ShallowTracer().trace(module)
+        return graph
     finally:
-        module.training = was_training
+        read = {node.target.split(".")[0] for node in graph.nodes if node.op == "get_attr"} if graph else set()
+        for name in [name for name in vars(module) if name not in attributes and name not in read]:
+            del vars(module)[name]
+        vars(module).update(attributes)
+        module._buffers.clear()
+        module._buffers.update(buffers)
 
 
 def _forward_is_traceable(module: nn.Module) -> bool:
@@ -227,6 +236,7 @@ def _fuse_traced(module: nn.Module, path: str, fusion: "_Fusion") -> nn.Module:
         return module
     gm = _graph_module(module, graph)
     absorbed: Set[str] = set()  # the activation and Dropout modules the fused layers took over
+    fused_before = len(fusion.report)
     call_counts: Dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -265,7 +275,7 @@ def _fuse_traced(module: nn.Module, path: str, fusion: "_Fusion") -> nn.Module:
                 absorbed.add(dead.target)
             gm.graph.erase_node(dead)
         fusion.report.append(FusedRun(f"{path}{node.target}", tuple(described), "FusedLinear"))
-    if not fusion.report:
+    if len(fusion.report) == fused_before:  # nothing fused here
         return module
     still_used = {node.target for node in gm.graph.nodes if node.op == "call_module"}
     for name in absorbed - still_used:
@@ -299,10 +309,12 @@ def _called_from_outside(model: nn.Module) -> Set[int]:
     (``self.block.fc(x)``, ``self.layers[0](x)``)."""
     pinned: Set[int] = set()
     for module in model.modules():
-        if not module._modules or isinstance(module, (FusedLinear, FusedMLP)) or _is_sequential(module):
+        # Only a module with grandchildren can call past its children.
+        if (not any(child._modules for child in module.children()) or isinstance(module, (FusedLinear, FusedMLP))
+                or _is_sequential(module)):
             continue
         try:
-            graph = _ShallowTracer().trace(module)
+            graph = _trace_in_mode(module, module.training)
         except Exception:
             continue
         for node in graph.nodes:

@@ -92,6 +92,8 @@ step() {  # step NAME LIMIT_S COMMAND...: runs within the budget left, logs, rec
 if ! "$PYTHON" -c "import torch.utils.cpp_extension as c; c.verify_ninja_availability()" 2>/dev/null \
     && [ -d "${GPU_CHECK_WHEELS:-}" ]; then  # without ninja torch compiles the sources one by one
   step ninja 30 "$PYTHON" -m pip install --no-index --find-links "$GPU_CHECK_WHEELS" ninja
+  # torch runs `ninja` from PATH: a virtual environment's bin folder may not be on it
+  PATH="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
 fi
 step build 240 "$PYTHON" -m pip install --no-build-isolation --no-deps -e . || finish
 "$PYTHON" -c "import pyfastnn; print(pyfastnn.info())" >> "$OUT/env.log" 2>&1

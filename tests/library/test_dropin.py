@@ -412,6 +412,42 @@ def test_fuse_leaves_modules_called_from_outside_their_owner_alone():
     assert runs == [] and type(fused.seq[0]) is nn.Linear and type(fused.seq[3]) is nn.Tanh
 
 
+class Remembers(nn.Module):
+    """Stores what forward saw and counts calls in a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.last = nn.LayerNorm(4), None
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.last, self.calls, self.fresh = x.detach(), self.calls + 1, x
+        return self.norm(x)
+
+
+class RemembersThenFc(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.memo, self.seq, self.fc = Remembers(), nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 2)
+
+    def forward(self, x):
+        self.seen = x
+        return torch.sigmoid(self.fc(self.seq(self.memo(x))))
+
+
+def test_tracing_leaves_nothing_of_the_trace_on_the_modules():
+    torch.manual_seed(0)
+    model = RemembersThenFc()
+    fused = pyfastnn.fuse(model)
+    assert isinstance(fused.fc, FusedLinear)
+    assert not hasattr(model, "seen") and not hasattr(fused, "seen")
+    for module in (model, fused):  # the traces ran forward on proxies: nothing of them stayed
+        assert module.memo.last is None and module.memo.calls.item() == 0 and not hasattr(module.memo, "fresh")
+    pickle.loads(pickle.dumps(fused))
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(fused(x), model(x))
+
+
 def test_traced_fuse_keeps_unused_submodules_buffers_and_attributes():
     class WithExtras(ReluDropoutNet):
         def __init__(self):
