@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -209,12 +211,22 @@ def run(shapes: Sequence = FULL_SHAPES, activations: Sequence[str] = BENCH_ACTIV
     return results
 
 
+def thread_count(text: str) -> int:
+    """A --threads value: 1 up to the CPUs this process may use (more only oversubscribes them, and
+    torch aborts on counts in the tens of thousands)."""
+    count = positive_int(text)
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if count > available:
+        raise argparse.ArgumentTypeError(f"must be at most {available} (the CPUs available), got {count}")
+    return count
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = command_parser("pyfastnn bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="4 shapes, relu/gelu, 2 threads, no torch.compile (well under 30 s)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
-    parser.add_argument("--threads", type=positive_int, nargs="+", help="thread counts (default 1 2)")
+    parser.add_argument("--threads", type=thread_count, nargs="+", help="thread counts (default 1 2)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     args = parser.parse_args(argv)
     return run_command(parser, args, lambda: _bench(args))

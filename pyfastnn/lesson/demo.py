@@ -161,8 +161,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _demo(args) -> int:
     # Mistakes in --data, --device or --out fail now, naming the problem, not after minutes of lesson.
     check_device(args.device, "fused")
-    if args.data is not None:
+    if args.data is not None:  # both splits: a damaged training file would otherwise fail last
         load_mnist(args.data, train=False)
+        load_mnist(args.data, train=True)
     out = ensure_writable_folder(args.out)
     run(out, args.data, args.mnist_steps, bench=not args.no_bench, device=args.device)
     return 0

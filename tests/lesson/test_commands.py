@@ -200,6 +200,18 @@ def test_demo_missing_data_folder_is_named_before_the_lesson_runs(capsys, tmp_pa
     assert "Perceptron" not in stdout and not (tmp_path / "pictures").exists()
 
 
+def test_demo_damaged_training_file_is_named_before_the_lesson_runs(capsys, tmp_path, tiny_mnist_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    for source in tiny_mnist_dir.iterdir():
+        (data / source.name).write_bytes(source.read_bytes())
+    damaged = next(data.glob("train-images*"))
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    status, stdout, err = cli(capsys, "demo", "--data", str(data), "--out", str(tmp_path / "pictures"))
+    assert status == 1 and damaged.name in error_line(err, "pyfastnn demo")
+    assert "Perceptron" not in stdout
+
+
 def test_demo_bad_arguments(capsys, tmp_path, tiny_mnist_dir):
     status, _, err = cli(capsys, "demo", "--mnist-steps", "0")
     assert status == 2 and "argument --mnist-steps: must be >= 1, got 0" in error_line(err, "pyfastnn demo")

@@ -46,6 +46,8 @@ def test_cli_bench_quick_writes_json(tmp_path):
 def test_bench_bad_arguments_fail_before_benchmarking(capsys, tmp_path):
     status, _, err = cli(capsys, "bench", "--quick", "--threads", "0")
     assert status == 2 and "argument --threads: must be >= 1, got 0" in error_line(err, "pyfastnn bench")
+    status, _, err = cli(capsys, "bench", "--quick", "--threads", "100000")  # torch aborts on such counts
+    assert status == 2 and "argument --threads: must be at most" in error_line(err, "pyfastnn bench")
     status, stdout, err = cli(capsys, "bench", "--quick", "--json", str(tmp_path))
     assert status == 1 and "is a folder" in error_line(err, "pyfastnn bench") and "fused us" not in stdout
     blocker = tmp_path / "blocker"
