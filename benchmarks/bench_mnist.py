@@ -348,9 +348,12 @@ def main(argv=None) -> int:
     if args.lesson_script:
         print(f"lesson test accuracy {lesson_script(args.data, args.epochs):.4f}")
         return 0
+    data = _mnist_folder(args.data, parser)  # before minutes of benchmarks
+    if (args.full_script or args.whole_process) and data is None:
+        parser.error("--full-script and --whole-process need MNIST (--data DIR)")
     build = info()
     if args.device == "cuda":
-        return _main_cuda(args, parser, build)
+        return _main_cuda(args, parser, build, data)
     print(f"pyfastnn {build['pyfastnn']} | torch {build['torch']} | {build['threads']} threads | "
           f"(Nx) = that variant's time / pyfastnn's")
     results = bench_steps((64, 256), 5 if args.quick else 9, 0.05, not args.quick, print)
@@ -358,32 +361,39 @@ def main(argv=None) -> int:
     results.append(bench_memory(print))
     if not args.quick:
         results.append(bench_epoch(print))
-    if args.full_script or args.whole_process:
-        data = find_mnist(args.data) or find_mnist(str(ROOT.parent / "shared" / "data" / "mnist"))
-        if data is None:
-            parser.error("--full-script and --whole-process need MNIST (--data DIR)")
-        if args.full_script:
-            results.append(bench_full_script(data, print, args.epochs))
-        if args.whole_process:
-            results.append(bench_whole_process(data, print, args.whole_process, args.epochs))
+    if args.full_script:
+        results.append(bench_full_script(data, print, args.epochs))
+    if args.whole_process:
+        results.append(bench_whole_process(data, print, args.whole_process, args.epochs))
     _write_json(args.json, build, results)
     return 0
 
 
-def _main_cuda(args, parser, build) -> int:
+def _main_cuda(args, parser, build, data) -> int:
     if not build["cuda_available"]:
         parser.error("--device cuda needs a CUDA GPU and a CUDA build of pyfastnn (see pyfastnn info)")
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 as on the CPU
     print(f"pyfastnn {build['pyfastnn']} | torch {build['torch']} | {torch.cuda.get_device_name()} | "
           f"(Nx) = that variant's time / FusedMLP+graph's")
     results = bench_cuda_steps((64, 8192), 5 if args.quick else 9, 100 if args.quick else 500, print)
-    data = find_mnist(args.data) or find_mnist(str(ROOT.parent / "shared" / "data" / "mnist"))
     if data is not None and not args.quick:
         results.append(bench_cuda_training(data, print, args.epochs))
     elif not args.quick:
         print("5-epoch run skipped: no MNIST (--data DIR or $PYFASTNN_MNIST)")
     _write_json(args.json, build, results)
     return 0
+
+
+def _mnist_folder(data, parser):
+    """--data when given (checked: a wrong folder is an error, not replaced by another), else
+    $PYFASTNN_MNIST or ../shared/data/mnist beside the project; None where neither holds MNIST."""
+    if data is None:
+        return find_mnist() or find_mnist(ROOT.parent / "shared" / "data" / "mnist")
+    try:
+        load_mnist(data, train=False)
+    except (OSError, ValueError) as error:
+        parser.error(f"--data: {error}")
+    return Path(data)
 
 
 def _write_json(path, build, results) -> None:

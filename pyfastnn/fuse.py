@@ -173,20 +173,21 @@ def _node_activation(gm: torch.fx.GraphModule, node: torch.fx.Node, source: torc
     return None
 
 
-def _trace_in_mode(module: nn.Module, training: bool) -> torch.fx.Graph:
-    """The graph of `module.forward` with ``module.training`` set to `training`. Tracing runs forward
-    on proxies: whatever it assigns to the module (``self.last = x``, a buffer, the training flag)
-    is put back after, keeping only the attributes the graph reads (the tracer's tensor constants)."""
+def _trace_in_mode(module: nn.Module, training: bool) -> Tuple[torch.fx.Graph, Dict[str, torch.Tensor]]:
+    """The graph of `module.forward` with ``module.training`` set to `training`, and the tensor
+    constants it reads (tensors forward creates, which the tracer stores on the module as
+    ``_tensor_constant0``...). Tracing runs forward on proxies: whatever it assigns to the module
+    (``self.last = x``, a buffer, the training flag, those constants) is put back after."""
     attributes, buffers = dict(vars(module)), dict(module._buffers)
     module.training = training  # the module's own flag only: submodules are leaves of the trace
-    graph = None
+    graph, constants = None, {}
     try:
         graph = _ShallowTracer().trace(module)
-        return graph
+        constants = {node.target: getattr(module, node.target) for node in graph.nodes
+                     if node.op == "get_attr" and node.target not in attributes and "." not in node.target}
+        return graph, constants
     finally:
-        read = {node.target.split(".")[0] for node in graph.nodes if node.op == "get_attr"} if graph else set()
-        for name in [name for name in vars(module) if name not in attributes and name not in read]:
-            del vars(module)[name]
+        vars(module).clear()
         vars(module).update(attributes)
         module._buffers.clear()
         module._buffers.update(buffers)
@@ -207,34 +208,82 @@ def _absorbable(module: nn.Module, fusion: "_Fusion") -> bool:
     return id(module) not in fusion.pinned
 
 
-def _graph_module(module: nn.Module, graph: torch.fx.Graph) -> torch.fx.GraphModule:
-    """A GraphModule running `graph` that keeps all of `module`: GraphModule alone copies only what
-    the graph uses (unused submodules, parameters and buffers, and their state-dict keys, would be
-    lost) and the plain attributes (``self.num_classes``)."""
-    gm = torch.fx.GraphModule(module, graph, class_name=type(module).__name__)
-    gm.__dict__["_modules"] = OrderedDict(module._modules)
-    gm.__dict__["_parameters"] = OrderedDict(module._parameters)
-    gm.__dict__["_buffers"] = OrderedDict(module._buffers)
-    gm.__dict__["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
-    for name, value in vars(module).items():
-        if not name.startswith("_") and not hasattr(gm, name):
-            gm.__dict__[name] = value
-    return gm
+class _KeepingGraphModule(torch.fx.GraphModule):
+    """A GraphModule that keeps all of the module it was traced from. GraphModule alone keeps only
+    what its graph uses, when built and again when copied or unpickled: unused submodules,
+    parameters and buffers (and their state-dict keys) would be lost, and with them the plain
+    attributes (``self.num_classes``) and which buffers are non-persistent."""
+
+    _KEPT = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
+
+    @classmethod
+    def keeping(cls, module: nn.Module, graph: torch.fx.Graph,
+                constants: Dict[str, torch.Tensor]) -> "_KeepingGraphModule":
+        """A GraphModule running `graph` with all of `module`, and the graph's tensor `constants` as
+        non-persistent buffers (they follow ``.to()``; the state dict keeps the module's keys)."""
+        vars(module).update(constants)  # where GraphModule looks for what the graph reads
+        try:
+            gm = cls(module, graph, class_name=type(module).__name__)
+        finally:
+            for name in constants:
+                del vars(module)[name]
+        plain = {name: value for name, value in vars(module).items()
+                 if not name.startswith("_") and not hasattr(gm, name)}
+        kept = {name: copy.copy(vars(module)[name]) for name in cls._KEPT}
+        kept["_buffers"].update(constants)
+        kept["_non_persistent_buffers_set"].update(constants)
+        gm._restore({**kept, **plain}, tuple(plain), type(module).__name__)
+        return gm
+
+    def _restore(self, kept: Dict[str, object], plain_names: Tuple[str, ...], class_name: str) -> None:
+        self.__dict__.update(kept)
+        self.__dict__["_plain_attribute_names"] = plain_names
+        type(self).__name__ = class_name  # each GraphModule has a class of its own
+
+    def _kept(self) -> Dict[str, object]:
+        return {name: self.__dict__[name] for name in self._KEPT + self._plain_attribute_names}
+
+    def __deepcopy__(self, memo):
+        clone = super().__deepcopy__(memo)  # copied self.__dict__ through memo: the kept values are those copies
+        clone._restore(copy.deepcopy(self._kept(), memo), self._plain_attribute_names, type(self).__name__)
+        return clone
+
+    def __copy__(self):
+        clone = _KeepingGraphModule(self, self.graph, class_name=type(self).__name__)
+        clone.meta = self.meta
+        clone._restore({name: copy.copy(value) if name in self._KEPT else value
+                        for name, value in self._kept().items()}, self._plain_attribute_names,
+                       type(self).__name__)
+        return clone
+
+    def __reduce__(self):
+        rebuild, arguments = super().__reduce__()
+        return _unpickle_keeping_graph_module, (rebuild, arguments, self._kept(), self._plain_attribute_names,
+                                                type(self).__name__)
+
+
+def _unpickle_keeping_graph_module(rebuild, arguments, kept: Dict[str, object],
+                                   plain_names: Tuple[str, ...], class_name: str) -> _KeepingGraphModule:
+    gm = rebuild(*arguments)  # a plain GraphModule holding what the graph uses
+    restored = _KeepingGraphModule(gm, gm.graph)
+    restored._restore(kept, plain_names, class_name)
+    restored.training = gm.training
+    return restored
 
 
 def _fuse_traced(module: nn.Module, path: str, fusion: "_Fusion") -> nn.Module:
     if not _forward_is_traceable(module):
         return module
     try:
-        graph = _trace_in_mode(module, module.training)
-        other = _trace_in_mode(module, not module.training)
+        graph, constants = _trace_in_mode(module, module.training)
+        other, _ = _trace_in_mode(module, not module.training)
     except Exception:  # data-dependent control flow and the like: leave the module alone
         return module
     if graph.python_code("self").src != other.python_code("self").src:
         # forward reads self.training (an `if self.training:` branch, F.dropout(x, p, self.training)):
         # a traced graph would keep the mode it was traced in forever.
         return module
-    gm = _graph_module(module, graph)
+    gm = _KeepingGraphModule.keeping(module, graph, constants)
     absorbed: Set[str] = set()  # the activation and Dropout modules the fused layers took over
     fused_before = len(fusion.report)
     call_counts: Dict[str, int] = {}
@@ -314,7 +363,7 @@ def _called_from_outside(model: nn.Module) -> Set[int]:
                 or _is_sequential(module)):
             continue
         try:
-            graph = _trace_in_mode(module, module.training)
+            graph, _ = _trace_in_mode(module, module.training)
         except Exception:
             continue
         for node in graph.nodes:

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from ._ops import (DEFAULT_NEGATIVE_SLOPE, activation_code, canonical_activation, dropout_probability, run_fused_linear,
                    run_fused_mlp)
-from ._patterns import activation_module, parse_layers
+from ._patterns import activation_module, dropout_of, parse_layers
 
 __all__ = ["FusedLinear", "FusedMLP", "activation_module"]
 
@@ -287,8 +287,13 @@ class FusedMLP(nn.Module):
         modules = list(sequential)
         layers, used = parse_layers(modules, 0)
         if used != len(modules) or not layers:
+            stop = modules[used] if used < len(modules) else None
+            why = ""
+            if layers and dropout_of(stop) is not None and stop.training != layers[-1][0].training:
+                why = (f" (a Dropout in {_mode(stop)} mode after a Linear in {_mode(layers[-1][0])} mode: a fused "
+                       "layer has one mode; call .train() or .eval() on the Sequential first)")
             raise ValueError("from_sequential needs a Sequential of Linear -> activation (-> Dropout) "
-                             f"layers only; stopped at module {used}: {modules[used] if used < len(modules) else None}")
+                             f"layers only; stopped at module {used}: {stop}{why}")
         fused = [FusedLinear.from_linear(linear, act, negative_slope=slope, dropout=p, copy=copy)
                  for linear, act, slope, p in layers]
         return cls.from_layers(fused)
@@ -390,3 +395,7 @@ def _run_layer_pre_hooks(layer: nn.Module, name: str, input: torch.Tensor) -> No
                 f"cannot be applied inside the fused op (the layer's input is not a separate tensor); "
                 f"use to_sequential() for such hooks")
 
+
+
+def _mode(module: nn.Module) -> str:
+    return "train" if module.training else "eval"

@@ -164,10 +164,11 @@ def load_fashion_mnist(root: PathLike, train: bool = True, download: bool = Fals
 
 
 def find_mnist(explicit: Optional[PathLike] = None) -> Optional[Path]:
-    """A folder holding MNIST: ``explicit``, else ``$PYFASTNN_MNIST``, else None."""
-    for candidate in (explicit, os.environ.get("PYFASTNN_MNIST")):
-        if candidate and _locate(Path(candidate), _MNIST, "t10k-images-idx3-ubyte"):
-            return Path(candidate)
+    """A folder holding MNIST: ``explicit`` when given (None if it holds none: a wrong folder is not
+    silently replaced by another), else ``$PYFASTNN_MNIST``, else None."""
+    candidate = explicit if explicit is not None else os.environ.get("PYFASTNN_MNIST")
+    if candidate and _locate(Path(candidate), _MNIST, "t10k-images-idx3-ubyte"):
+        return Path(candidate)
     return None
 
 

@@ -213,7 +213,33 @@ def load_checkpoint(path) -> Dict:
     missing = [key for key in CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
     if missing:
         raise CheckpointError(f"checkpoint {path}: not a pyfastnn training checkpoint (no {', '.join(missing)})")
+    wrong = _misshapen_entries(state)
+    if wrong:
+        raise CheckpointError(f"checkpoint {path}: not a pyfastnn training checkpoint ({'; '.join(wrong)})")
     return state
+
+
+#: What each history entry holds (metrics.json and the plots read them all).
+HISTORY_FIELDS = ("epoch", "steps", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds",
+                  "samples_per_s")
+
+
+def _misshapen_entries(state: Dict) -> List[str]:
+    """What in a checkpoint's entries is not what :func:`save_checkpoint` writes (edited, or another program's)."""
+    wrong = [f"{key} is {type(state[key]).__name__}, not {kind.__name__}"
+             for key, kind in (("model", dict), ("optimizer", dict), ("history", list), ("epoch", int),
+                               ("rng_state", torch.Tensor))
+             if not isinstance(state[key], kind) or isinstance(state[key], bool)]
+    if isinstance(state["epoch"], int) and state["epoch"] < 0:
+        wrong.append(f"epoch is {state['epoch']}")
+    if isinstance(state["history"], list):
+        for i, entry in enumerate(state["history"]):
+            if not isinstance(entry, dict) or any(
+                    not isinstance(entry.get(name), (int, float)) or isinstance(entry.get(name), bool)
+                    for name in HISTORY_FIELDS):
+                wrong.append(f"history entry {i} lacks a number for one of {', '.join(HISTORY_FIELDS)}")
+                break
+    return wrong
 
 
 #: The settings that define a run: a resumed run continues with the checkpoint's (its optimizer state
@@ -240,13 +266,17 @@ def restore_checkpoint(state: Dict, path, model: nn.Module, optimizer: torch.opt
     try:
         model.load_state_dict(state["model"])
         _load_optimizer_state(optimizer, state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
         # load_state_dict's first line is only a header ("Error(s) in loading state_dict for ...:").
         reason = " ".join(line.strip() for line in str(e).strip().splitlines()[:2]) or type(e).__name__
         raise CheckpointError(f"checkpoint {path}: does not fit this model ({reason})") from e
-    torch.set_rng_state(state["rng_state"].cpu())  # dropout masks continue exactly where they stopped
-    if device.startswith("cuda") and state.get("cuda_rng_state") is not None:
-        torch.cuda.set_rng_state(state["cuda_rng_state"].cpu(), device)
+    try:  # dropout masks continue exactly where they stopped
+        torch.set_rng_state(state["rng_state"].cpu())
+        if device.startswith("cuda") and state.get("cuda_rng_state") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng_state"].cpu(), device)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {path}: its random-number generator state cannot be restored "
+                              f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
     return list(state["history"]), int(state["epoch"])
 
 

@@ -4,6 +4,7 @@ mistake or failure ends in one line with the right exit status."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,6 +140,30 @@ def test_train_resume_of_missing_file_or_other_model(capsys, tmp_path, tiny_mnis
     assert status == 1 and "other.pt: does not fit this model" in line, line
 
 
+@pytest.mark.parametrize("edit,problem", [
+    (lambda state: state.update(epoch="2"), "epoch is str, not int"),
+    (lambda state: state.update(epoch=-1), "epoch is -1"),
+    (lambda state: state.update(history={}), "history is dict, not list"),
+    (lambda state: state["history"][0].pop("seconds"), "history entry 0 lacks a number"),
+    (lambda state: state.update(model=[1, 2]), "model is list, not dict"),
+    (lambda state: state.update(rng_state=[0]), "rng_state is list, not Tensor"),
+    (lambda state: state.update(rng_state=torch.zeros(3)), "random-number generator state cannot be restored"),
+    (lambda state: state["model"].update({"layers.0.weight": "w"}), "does not fit this model"),
+])
+def test_train_resume_of_an_edited_checkpoint_names_what_is_wrong(capsys, tmp_path, tiny_mnist_dir, edit, problem):
+    from pyfastnn.lesson.train import TrainConfig, train
+
+    train(TrainConfig(data=str(tiny_mnist_dir), epochs=1, max_steps=1, out=str(tmp_path / "a"), progress=False,
+                      plots=False))
+    state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    edit(state)
+    torch.save(state, tmp_path / "edited.pt")
+    status, _, err = cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--epochs", "2", "--no-plots",
+                         "--resume", str(tmp_path / "edited.pt"), "--out", str(tmp_path / "b"))
+    line = error_line(err, "pyfastnn train")
+    assert status == 1 and f"checkpoint {tmp_path / 'edited.pt'}: " in line and problem in line, line
+
+
 def test_train_resume_refuses_other_run_settings(capsys, tmp_path, tiny_mnist_dir):
     common = ["train", "mnist", "--data", str(tiny_mnist_dir), "--max-steps", "1", "--no-progress", "--no-plots"]
     assert cli(capsys, *common, "--epochs", "1", "--out", str(tmp_path / "a"))[0] == 0
@@ -220,3 +245,12 @@ def test_demo_bad_arguments(capsys, tmp_path, tiny_mnist_dir):
     status, stdout, err = cli(capsys, "demo", "--data", str(tiny_mnist_dir), "--out", str(blocker))
     assert status == 1 and f"output folder {blocker} is a file" in error_line(err, "pyfastnn demo")
     assert "Perceptron" not in stdout
+
+
+def test_bench_mnist_refuses_a_wrong_data_folder_before_benchmarking(tmp_path, mnist_dir):
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_mnist.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--full-script", "--data", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYFASTNN_MNIST": str(mnist_dir)})  # not taken instead
+    assert result.returncode == 2 and str(tmp_path) in error_line(result.stderr, "bench_mnist.py")
+    assert "train step" not in result.stdout

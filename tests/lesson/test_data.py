@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pyfastnn.lesson.data import MNIST_MEAN, MNIST_STD, Batches, IDXError, load_fashion_mnist, load_mnist, normalize, read_idx
+from pyfastnn.lesson.data import (MNIST_MEAN, MNIST_STD, Batches, IDXError, find_mnist, load_fashion_mnist, load_mnist,
+                                  normalize, read_idx)
 
 
 def _idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:
@@ -154,3 +155,11 @@ def test_batch_indices_gather_the_same_batches_as_iteration():
     batches = Batches(inputs, targets, batch_size=3, seed=2)
     for index, (x, y) in zip(batches.batch_indices(), batches):
         assert index.device == inputs.device and torch.equal(targets[index], y) and torch.equal(inputs[index], x)
+
+
+def test_find_mnist_never_replaces_a_wrong_folder_by_another(tmp_path, mnist_dir, monkeypatch):
+    monkeypatch.setenv("PYFASTNN_MNIST", str(mnist_dir))
+    assert find_mnist() == mnist_dir and find_mnist(str(mnist_dir)) == mnist_dir
+    assert find_mnist(tmp_path) is None  # given explicitly, but empty: not $PYFASTNN_MNIST instead
+    monkeypatch.delenv("PYFASTNN_MNIST")
+    assert find_mnist() is None

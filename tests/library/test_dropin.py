@@ -454,17 +454,48 @@ def test_traced_fuse_keeps_unused_submodules_buffers_and_attributes():
             super().__init__()
             self.aux_head = nn.Linear(16, 2)  # used by another method only
             self.register_buffer("step", torch.zeros((), dtype=torch.long))
+            self.register_buffer("cache", torch.ones(3), persistent=False)
             self.num_classes = 4
 
     torch.manual_seed(0)
     model = WithExtras().eval()
     fused = pyfastnn.fuse(model)
     assert isinstance(fused.fc, FusedLinear) and not hasattr(fused, "act") and not hasattr(fused, "drop")
-    assert fused.num_classes == 4 and isinstance(fused.aux_head, nn.Linear)
-    assert list(fused.state_dict()) == list(model.state_dict())
-    assert str(fused.load_state_dict(model.state_dict())) == "<All keys matched successfully>"
     x = torch.randn(4, 8)
-    torch.testing.assert_close(fused(x), model(x))
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    # GraphModule by itself rebuilds from what its graph uses when copied or unpickled
+    for clone in (fused, copy.deepcopy(fused), copy.copy(fused), pickle.loads(pickle.dumps(fused)),
+                  torch.load(buffer, weights_only=False)):
+        assert clone.num_classes == 4 and isinstance(clone.aux_head, nn.Linear) and type(clone).__name__ == "WithExtras"
+        assert list(clone.state_dict()) == list(model.state_dict())
+        assert dict(clone.named_buffers()).keys() == {"step", "cache"} and "cache" not in clone.state_dict()
+        assert str(clone.load_state_dict(model.state_dict())) == "<All keys matched successfully>"
+        torch.testing.assert_close(clone(x), model(x))
+    clone = copy.deepcopy(fused)
+    assert clone.aux_head.weight is not fused.aux_head.weight and clone.step is not fused.step
+
+
+class ScalesByAConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.fc(x)) * torch.tensor([1.0, 2.0, 3.0])  # a tensor made by forward: a trace constant
+
+
+def test_traced_fuse_keeps_a_forwards_tensor_constants_out_of_the_state_dict():
+    torch.manual_seed(0)
+    model, x = ScalesByAConstant(), torch.randn(2, 4)
+    fused = pyfastnn.fuse(model)
+    assert isinstance(fused.fc, FusedLinear) and not hasattr(model, "_tensor_constant0")
+    assert list(fused.state_dict()) == list(model.state_dict()) == ["fc.weight", "fc.bias"]
+    for clone in (fused, copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        torch.testing.assert_close(clone(x), model(x))
+    torch.testing.assert_close(fused.double()(x.double()), model.double()(x.double()))  # the constant follows .to()
 
 
 def test_fuse_leaves_a_forward_with_optional_arguments_alone():
@@ -491,6 +522,9 @@ def test_conversions_keep_the_train_and_eval_modes():
     torch.testing.assert_close(mlp.to_sequential()(x), mlp(x))
     seq = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 4)).eval()
     assert not FusedMLP.from_sequential(seq).training
+    seq[2].train()  # Monte Carlo dropout: no fused layer has two modes
+    with pytest.raises(ValueError, match=r"stopped at module 2: .*a Dropout in train mode after a Linear in eval mode"):
+        FusedMLP.from_sequential(seq)
     assert not FusedLinear.from_linear(seq[0]).training
 
 
