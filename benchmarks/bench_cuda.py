@@ -7,6 +7,9 @@ microseconds. Columns, per shape x dtype x activation:
 
 - ``pyfastnn``: ``fused_linear`` (forward under ``torch.no_grad()``: inference; forward+backward:
   ``torch.autograd.grad`` of input, weight and bias);
+- ``relu_epi`` (relu rows): ``fused_linear`` inside ``pyfastnn.cuda_relu_epilogue()``, relu in
+  cuBLASLt's epilogue (opt-in: NaN pre-activations may become 0); by default relu takes the bias
+  epilogue and pyfastnn's own pass, which keeps NaN as torch does;
 - ``eager``: ``act(F.linear(x, w, b))`` the same way;
 - ``addmm_act``: ``torch._addmm_activation`` (cuBLASLt's relu / tanh-GELU epilogue), forward only
   (it has no backward), for relu and gelu_tanh;
@@ -77,12 +80,20 @@ def layer_rows(shapes, dtypes, activations, min_run_time):
                     if backward:
                         times["pyfastnn"] = _median_us(lambda: torch.autograd.grad(
                             pyfastnn.fused_linear(xs, ws, bs, name), (xs, ws, bs), grad), min_run_time)
+                        if name == "relu":
+                            with pyfastnn.cuda_relu_epilogue():
+                                times["relu_epi"] = _median_us(lambda: torch.autograd.grad(
+                                    pyfastnn.fused_linear(xs, ws, bs, name), (xs, ws, bs), grad), min_run_time)
                         times["eager"] = _median_us(lambda: torch.autograd.grad(
                             act(F.linear(xs, ws, bs)), (xs, ws, bs), grad), min_run_time)
                         times["3gemm"] = floor_us
                     else:
                         with torch.no_grad():
                             times["pyfastnn"] = _median_us(lambda: pyfastnn.fused_linear(x, w, b, name), min_run_time)
+                            if name == "relu":
+                                with pyfastnn.cuda_relu_epilogue():
+                                    times["relu_epi"] = _median_us(lambda: pyfastnn.fused_linear(x, w, b, name),
+                                                                   min_run_time)
                             times["eager"] = _median_us(lambda: act(F.linear(x, w, b)), min_run_time)
                             if name in EPILOGUE_ACTS:
                                 use_gelu = EPILOGUE_ACTS[name]
@@ -131,6 +142,9 @@ def mlp_rows(dtypes, min_run_time, rows_=65536, width=1024, layers=3):
         params = (*weights, *biases)
         fused_us = _median_us(lambda: torch.autograd.grad(
             pyfastnn.fused_mlp(x, weights, biases, "relu", "identity"), params, grad), min_run_time)
+        with pyfastnn.cuda_relu_epilogue():
+            epilogue_us = _median_us(lambda: torch.autograd.grad(
+                pyfastnn.fused_mlp(x, weights, biases, "relu", "identity"), params, grad), min_run_time)
 
         def eager():
             h = x
@@ -156,12 +170,14 @@ def mlp_rows(dtypes, min_run_time, rows_=65536, width=1024, layers=3):
         with torch.no_grad():
             gemm_us = _median_us(bare_gemms, min_run_time)
         row = {"mlp": f"{rows_}x{width}" + f"->{width}" * layers, "dtype": str(dtype).replace("torch.", ""),
-               "pyfastnn_us": fused_us, "eager_us": eager_us, "bare_gemms_us": gemm_us,
-               "pyfastnn_vs_eager": eager_us / fused_us, "pyfastnn_over_gemms": fused_us / gemm_us}
+               "pyfastnn_us": fused_us, "relu_epi_us": epilogue_us, "eager_us": eager_us, "bare_gemms_us": gemm_us,
+               "pyfastnn_vs_eager": eager_us / fused_us, "pyfastnn_over_gemms": fused_us / gemm_us,
+               "relu_epi_over_gemms": epilogue_us / gemm_us}
         rows.append(row)
-        print(f"fused_mlp {row['mlp']} {row['dtype']:>8} fwd+bwd pyfastnn={fused_us:8.1f} eager={eager_us:8.1f} "
-              f"8gemm={gemm_us:8.1f}  eager/pyfastnn={row['pyfastnn_vs_eager']:.2f}x "
-              f"pyfastnn/gemms={row['pyfastnn_over_gemms']:.2f}x", flush=True)
+        print(f"fused_mlp {row['mlp']} {row['dtype']:>8} fwd+bwd pyfastnn={fused_us:8.1f} relu_epi={epilogue_us:8.1f} "
+              f"eager={eager_us:8.1f} 8gemm={gemm_us:8.1f}  eager/pyfastnn={row['pyfastnn_vs_eager']:.2f}x "
+              f"pyfastnn/gemms={row['pyfastnn_over_gemms']:.2f}x relu_epi/gemms={row['relu_epi_over_gemms']:.2f}x",
+              flush=True)
     return rows
 
 

@@ -46,12 +46,17 @@ bool in_functorch_transform() {
   }
 }
 
-// NOTE [Identity saves nothing]
-// Backward of an identity layer needs neither its output nor its pre-activation. Saving the output
-// anyway would make autograd refuse in-place ops on it (`y += x` after nn.Linear is legal), so an
-// empty placeholder is saved in its place (the backward ops do not read it for identity).
-at::Tensor saved_or_placeholder(int64_t activation, const at::Tensor& needed) {
-  return static_cast<Activation>(activation) == Activation::Identity ? at::empty({0}, needed.options()) : needed;
+// NOTE [Save only what backward reads]
+// Backward reads a layer's output only where the derivative comes from it (relu, sigmoid, tanh);
+// identity needs neither output nor pre-activation. Saving the output anyway would make autograd
+// refuse in-place ops on it (`y += x` after nn.Linear or F.gelu is legal), so an empty placeholder
+// is saved in its place (the backward ops do not read it).
+at::Tensor saved_if_read(bool read, const at::Tensor& tensor) {
+  return read ? tensor : at::empty({0}, tensor.options());
+}
+
+bool reads_saved_tensor(int64_t activation) {
+  return static_cast<Activation>(activation) != Activation::Identity;
 }
 
 class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction> {
@@ -70,7 +75,7 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["negative_slope"] = negative_slope;
     ctx->saved_data["has_bias"] = has_tensor(bias);
-    ctx->save_for_backward({input, weight, saved_or_placeholder(activation, from_output ? output : preact),
+    ctx->save_for_backward({input, weight, saved_if_read(reads_saved_tensor(activation), from_output ? output : preact),
                             has_tensor(bias) ? *bias : at::Tensor()});
     return output;
   }
@@ -133,7 +138,12 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
     ctx->saved_data["activations"] = activations.vec();
     ctx->saved_data["negative_slope"] = negative_slope;
     ctx->saved_data["dropout"] = dropout.vec();
-    variable_list to_save{input, saved_or_placeholder(activations.back(), output)};
+    // The output layer's derivative reads the output or its saved pre-activation (gelu, silu).
+    const auto output_activation = activations.back();
+    variable_list to_save{input, saved_if_read(reads_saved_tensor(output_activation) &&
+                                                   derivative_from_output(static_cast<Activation>(output_activation),
+                                                                          negative_slope),
+                                               output)};
     to_save.insert(to_save.end(), weights.begin(), weights.end());
     to_save.insert(to_save.end(), present_biases.begin(), present_biases.end());
     to_save.insert(to_save.end(), hidden.begin(), hidden.end());
@@ -250,9 +260,18 @@ at::Tensor fused_mlp_autograd(const at::Tensor& input, at::TensorList weights, c
     check_fused_mlp_args(input, weights, biases, activations, dropout);
     std::vector<at::Tensor> keep_masks;
     if (training && std::any_of(dropout.begin(), dropout.end(), [](double p) { return p > 0.0; })) {
+      // Only the masks are wanted: detached, so that no transform's autograd meets the forward's
+      // out= GEMMs (torch.func.grad / jvp track the arguments even below the Autograd key).
+      std::vector<at::Tensor> plain_weights;
+      for (const auto& w : weights) plain_weights.push_back(w.detach());
+      BiasList plain_biases;
+      for (size_t l = 0; l < biases.size(); ++l) {
+        const std::optional<at::Tensor> b = biases.get(l);
+        plain_biases.push_back(has_tensor(b) ? std::optional<at::Tensor>(b->detach()) : std::nullopt);
+      }
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      keep_masks = std::get<3>(
-          ops::fused_mlp_forward_op().call(input, weights, biases, activations, negative_slope, dropout, training));
+      keep_masks = std::get<3>(ops::fused_mlp_forward_op().call(input.detach(), plain_weights, plain_biases,
+                                                                activations, negative_slope, dropout, training));
     }
     return reference_fused_mlp(input, weights, biases, activations, negative_slope, dropout, keep_masks);
   }

@@ -38,8 +38,8 @@ void check_layer(const at::Tensor& input, const at::Tensor& weight, const std::o
   TORCH_CHECK_VALUE(weight.dim() == 2, "pyfastnn: ", parameter_name("weight", "weights", layer),
                     " must be 2-D (out_features, in_features), got ", weight.dim(), "-D with shape ",
                     weight.sizes());
-  TORCH_CHECK_VALUE(in_features == weight.sym_size(1), "pyfastnn: ", source_name(layer), " has in_features=",
-                    in_features, " but ", parameter_name("weight", "weights", layer), " expects in_features=",
+  TORCH_CHECK_VALUE(in_features == weight.sym_size(1), "pyfastnn: ", source_name(layer), " has ",
+                    in_features, " features but ", parameter_name("weight", "weights", layer), " expects in_features=",
                     weight.sym_size(1), " (", parameter_name("weight", "weights", layer), " shape ",
                     weight.sym_sizes(), ")");
   if (has_tensor(bias)) {

@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include <atomic>
+
 #include "cpu/gemm.h"
 #include "epilogue.h"
 #include "tensor_args.h"
@@ -143,6 +145,13 @@ bool keeps_relu_mask(const at::Tensor& input, Activation activation, bool last_l
 }
 
 int64_t relu_mask_row_bytes(int64_t features) { return (features + 127) / 128 * 16; }
+
+namespace {
+std::atomic<bool> relu_epilogue{false};  // NOTE [The relu epilogue and NaN]
+}  // namespace
+
+bool relu_epilogue_allowed() { return relu_epilogue.load(std::memory_order_relaxed); }
+void set_relu_epilogue_allowed(bool allowed) { relu_epilogue.store(allowed, std::memory_order_relaxed); }
 
 void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    Activation activation, double negative_slope, const at::Tensor& out,

@@ -36,6 +36,15 @@ struct LayerDropout {
 bool keeps_relu_mask(const at::Tensor& input, Activation activation, bool last_layer, bool dropout_runs);
 int64_t relu_mask_row_bytes(int64_t features);
 
+// NOTE [The relu epilogue and NaN]
+// cuBLASLt's relu epilogues are reported to write 0 where the pre-activation is NaN; torch.relu keeps
+// NaN, and so does every other path here. A NaN made finite hides a diverged network (a layer with
+// NaN weights would output zeros, its loss finite), so relu takes the bias epilogue and our own pass
+// (which also packs the bit mask) unless the user opts in to the epilogue for speed
+// (pyfastnn.cuda_relu_epilogue()). Process-wide, read at each layer call.
+bool relu_epilogue_allowed();
+void set_relu_epilogue_allowed(bool allowed);
+
 // out = dropout(act(x @ weight^T + bias)) for x (rows, in); out and preact are (rows, out)
 // buffers (preact may be null: not kept); relu_mask, for relu on CUDA, receives the bit mask above.
 void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -41,6 +41,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                              dropout_runs);
   });
   m.def("relu_mask_row_bytes", &pyfastnn::detail::relu_mask_row_bytes);
+  m.def("relu_epilogue_allowed", &pyfastnn::detail::relu_epilogue_allowed);
+  m.def("set_relu_epilogue_allowed", &pyfastnn::detail::set_relu_epilogue_allowed,
+        "Whether CUDA relu layers may use cuBLASLt's relu epilogue (NOTE [The relu epilogue and NaN]).");
   m.def("cpu_isa", [] { return std::string(pyfastnn::cpu::epilogue_kernels().isa); },
         "Instruction set of the CPU epilogue kernels in use.");
   m.def("compiled_cpu_isas", [] { return std::string(pyfastnn::cpu::compiled_isas()); });

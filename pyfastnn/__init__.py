@@ -9,6 +9,7 @@ torch.Size([2, 3])
 from ._ops import ACTIVATIONS
 from ._version import __version__
 from .cuda_graph import CUDAGraphStep, cuda_graph_step
+from .cuda_options import cuda_relu_epilogue
 from .denormals import flush_denormals
 from .functional import fused_linear, fused_mlp
 from .fuse import FusedRun, fuse
@@ -18,5 +19,5 @@ from .nn import FusedLinear, FusedMLP, activation_module
 __all__ = [
     "ACTIVATIONS", "FusedLinear", "FusedMLP", "FusedRun", "activation_module", "flush_denormals", "fuse", "fused_linear",
     "fused_mlp", "info", "__version__",
-    "CUDAGraphStep", "cuda_graph_step",
+    "CUDAGraphStep", "cuda_graph_step", "cuda_relu_epilogue",
 ]

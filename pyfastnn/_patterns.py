@@ -17,7 +17,7 @@ from torch import nn
 from ._ops import ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, canonical_activation, dropout_probability
 
 __all__ = ["ACTIVATION_MODULES", "FUNCTION_ACTIVATIONS", "METHOD_ACTIVATIONS", "Layer", "activation_module",
-           "activation_of", "dropout_of", "has_hooks", "is_plain_linear", "parse_layers"]
+           "activation_of", "chain_mismatch", "dropout_of", "has_hooks", "is_plain_linear", "parse_layers"]
 
 #: The one table of activation name -> (torch.nn module type, the attributes that select it).
 #: ``leaky_relu``'s ``negative_slope`` is a parameter of the activation, not part of its identity.
@@ -59,9 +59,11 @@ def activation_module(activation: Optional[str], negative_slope: float = DEFAULT
 
 
 def has_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` has forward/backward hooks of its own, which a fused module would bypass."""
+    """Whether ``module`` has hooks of its own, which a fused module in its place would not have:
+    forward/backward hooks (bypassed) and state-dict hooks (a key renamed or added for it lost)."""
     return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+                or module._backward_pre_hooks or module._state_dict_hooks or module._state_dict_pre_hooks
+                or module._load_state_dict_pre_hooks or module._load_state_dict_post_hooks)
 
 
 def activation_of(module: nn.Module) -> Optional[Tuple[str, float]]:
@@ -101,12 +103,16 @@ def is_plain_linear(module: nn.Module) -> bool:
             and not module._buffers and not module._modules)
 
 
-def _chains(previous: Layer, layer: Layer) -> bool:
-    """Whether `layer` can run in the same fused op as `previous`."""
+def chain_mismatch(previous: Layer, layer: Layer) -> Optional[str]:
+    """Why `layer` cannot run in the same fused op as `previous`, or None if it can."""
     a, b = previous[0], layer[0]
-    same_slope = previous[1] != "leaky_relu" or layer[1] != "leaky_relu" or previous[2] == layer[2]
-    return (a.out_features == b.in_features and a.weight.dtype == b.weight.dtype
-            and a.weight.device == b.weight.device and same_slope)
+    if a.out_features != b.in_features:
+        return f"{a.out_features} features out of one Linear, {b.in_features} into the next"
+    if a.weight.dtype != b.weight.dtype or a.weight.device != b.weight.device:
+        return f"Linear layers in {a.weight.dtype} on {a.weight.device} and {b.weight.dtype} on {b.weight.device}"
+    if previous[1] == layer[1] == "leaky_relu" and previous[2] != layer[2]:
+        return f"LeakyReLU slopes {previous[2]} and {layer[2]} (one fused op has one slope)"
+    return None
 
 
 def parse_layers(modules: List[nn.Module], start: int,
@@ -140,7 +146,7 @@ def parse_layers(modules: List[nn.Module], start: int,
             p = found_p
             j += 1
         layer = (modules[i], activation, slope, p)
-        if layers and not _chains(layers[-1], layer):
+        if layers and chain_mismatch(layers[-1], layer) is not None:
             break
         layers.append(layer)
         i = j

@@ -101,17 +101,27 @@ class SaveOriginalKeys:
 
 
 class LoadOriginalKeys:
-    """The load_state_dict pre-hook matching :class:`SaveOriginalKeys` (original keys load)."""
+    """The load_state_dict pre-hook matching :class:`SaveOriginalKeys` (original keys load), and,
+    as :meth:`name_original_keys`, its post-hook: missing or unexpected keys are reported by their
+    original names too."""
 
     def __init__(self, renames: Dict[str, str]) -> None:
         self.renames = dict(renames)
+        self.originals = {fused: original for original, fused in renames.items()}
+        self.prefix = ""  # the module's prefix in the load under way
 
     def __call__(self, module: nn.Module, state_dict, prefix: str, local_metadata, strict, missing_keys,
                  unexpected_keys, error_msgs) -> None:
+        self.prefix = prefix
         for key in [k for k in state_dict if k.startswith(prefix)]:
             renamed = prefix + _rename(key[len(prefix):], self.renames, levels=1)
             if renamed != key:
                 state_dict[renamed] = state_dict.pop(key)
+
+    def name_original_keys(self, module: nn.Module, incompatible_keys) -> None:
+        for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
+            keys[:] = [self.prefix + _rename(key[len(self.prefix):], self.originals, levels=2)
+                       if key.startswith(self.prefix) else key for key in keys]
 
 
 def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_whole: bool = True) -> nn.Module:
@@ -147,15 +157,39 @@ def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_w
         i = end
     if renames:
         seq.register_state_dict_post_hook(SaveOriginalKeys(renames))
-        seq.register_load_state_dict_pre_hook(LoadOriginalKeys(renames))
+        loader = LoadOriginalKeys(renames)
+        seq.register_load_state_dict_pre_hook(loader)
+        seq.register_load_state_dict_post_hook(loader.name_original_keys)
     return seq
 
 
 class _ShallowTracer(torch.fx.Tracer):
-    """Keeps every submodule a leaf: each module level is fused on its own."""
+    """Keeps every submodule a leaf (each module level is fused on its own), and notes whether
+    ``forward`` sets a mode a graph does not record: grad mode (``with torch.no_grad():``,
+    ``torch.set_grad_enabled``), inference mode or autocast (``with torch.autocast(...)``)."""
+
+    _MODE_SETTERS = ((torch._C, "_set_grad_enabled"), (torch._C, "_InferenceMode"), (torch, "set_autocast_enabled"))
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
+
+    def trace(self, root, concrete_args=None):
+        self.sets_modes = False
+        originals = [getattr(owner, name) for owner, name in self._MODE_SETTERS]
+
+        def noting(setter):
+            def call(*args, **kwargs):
+                self.sets_modes = True
+                return setter(*args, **kwargs)
+            return call
+
+        for (owner, name), setter in zip(self._MODE_SETTERS, originals):
+            setattr(owner, name, noting(setter))
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            for (owner, name), setter in zip(self._MODE_SETTERS, originals):
+                setattr(owner, name, setter)
 
 
 def _node_activation(gm: torch.fx.GraphModule, node: torch.fx.Node, source: torch.fx.Node):
@@ -173,24 +207,58 @@ def _node_activation(gm: torch.fx.GraphModule, node: torch.fx.Node, source: torc
     return None
 
 
-def _trace_in_mode(module: nn.Module, training: bool) -> Tuple[torch.fx.Graph, Dict[str, torch.Tensor]]:
-    """The graph of `module.forward` with ``module.training`` set to `training`, and the tensor
-    constants it reads (tensors forward creates, which the tracer stores on the module as
-    ``_tensor_constant0``...). Tracing runs forward on proxies: whatever it assigns to the module
-    (``self.last = x``, a buffer, the training flag, those constants) is put back after."""
-    attributes, buffers = dict(vars(module)), dict(module._buffers)
-    module.training = training  # the module's own flag only: submodules are leaves of the trace
-    graph, constants = None, {}
+@dataclass
+class _Trace:
+    graph: torch.fx.Graph
+    constants: Dict[str, torch.Tensor]  # tensors forward creates: the tracer keeps them as _tensor_constant0...
+    reads: Dict[str, object]  # the plain attributes forward read (self.flag), each frozen into the graph
+    frozen: Optional[str]  # why the graph cannot stand for forward, if it cannot
+
+
+def _trace(module: nn.Module, flip_modes: bool = False) -> _Trace:
+    """`module.forward` traced as it stands, or with the train/eval flag of `module` and of each of
+    its submodules flipped. Tracing runs forward on proxies: whatever it assigns to the modules
+    (``self.last = x``, a buffer, the flags, the tracer's constants) is put back after."""
+    modules = list(module.modules())
+    flags = [m.training for m in modules]
+    attributes, buffers, children = dict(vars(module)), dict(module._buffers), dict(module._modules)
+    plain = {name for name, value in attributes.items() if not name.startswith("_") and name != "training"}
+    reads: Dict[str, object] = {}
+    cls = type(module)
+
+    def __getattribute__(self, name):  # notes forward's reads of plain attributes
+        value = cls.__getattribute__(self, name)
+        if name in plain and self is module:
+            reads.setdefault(name, value)
+        return value
+
+    tracer = _ShallowTracer()
+    if flip_modes:
+        for m, flag in zip(modules, flags):
+            m.training = not flag
+    module.__class__ = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__})
     try:
-        graph = _ShallowTracer().trace(module)
+        graph = tracer.trace(module)
         constants = {node.target: getattr(module, node.target) for node in graph.nodes
                      if node.op == "get_attr" and node.target not in attributes and "." not in node.target}
-        return graph, constants
+        changed = sorted({name for name, value in vars(module).items()
+                          if name not in constants and (name not in attributes or attributes[name] is not value)}
+                         - {"training"}
+                         | {name for name, value in module._buffers.items() if buffers.get(name, value) is not value}
+                         | set(module._modules).symmetric_difference(children))
     finally:
+        module.__class__ = cls
         vars(module).clear()
         vars(module).update(attributes)
         module._buffers.clear()
         module._buffers.update(buffers)
+        module._modules.clear()
+        module._modules.update(children)
+        for m, flag in zip(modules, flags):
+            m.training = flag
+    frozen = (f"forward assigns {', '.join(changed)}" if changed else
+              "forward sets grad mode, inference mode or autocast" if tracer.sets_modes else None)
+    return _Trace(graph, constants, reads, frozen)
 
 
 def _forward_is_traceable(module: nn.Module) -> bool:
@@ -212,61 +280,84 @@ class _KeepingGraphModule(torch.fx.GraphModule):
     """A GraphModule that keeps all of the module it was traced from. GraphModule alone keeps only
     what its graph uses, when built and again when copied or unpickled: unused submodules,
     parameters and buffers (and their state-dict keys) would be lost, and with them the plain
-    attributes (``self.num_classes``) and which buffers are non-persistent."""
+    attributes (``self.num_classes``) and which buffers are non-persistent.
 
-    _KEPT = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
+    The graph froze the plain attributes forward read (``if self.return_hidden:``): a call after
+    one of them changed raises instead of computing what the old value said."""
+
+    # What GraphModule's own constructor would not keep; the plain attributes' names are listed in
+    # _plain_names, the values forward read while traced in _traced_with.
+    _KEPT = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set", "_plain_names", "_traced_with")
 
     @classmethod
-    def keeping(cls, module: nn.Module, graph: torch.fx.Graph,
-                constants: Dict[str, torch.Tensor]) -> "_KeepingGraphModule":
-        """A GraphModule running `graph` with all of `module`, and the graph's tensor `constants` as
-        non-persistent buffers (they follow ``.to()``; the state dict keeps the module's keys)."""
-        vars(module).update(constants)  # where GraphModule looks for what the graph reads
+    def keeping(cls, module: nn.Module, trace: _Trace) -> "_KeepingGraphModule":
+        """A GraphModule running ``trace.graph`` with all of `module`, and the graph's tensor constants
+        as non-persistent buffers (they follow ``.to()``; the state dict keeps the module's keys)."""
+        vars(module).update(trace.constants)  # where GraphModule looks for what the graph reads
         try:
-            gm = cls(module, graph, class_name=type(module).__name__)
+            gm = cls(module, trace.graph, class_name=type(module).__name__)
         finally:
-            for name in constants:
+            for name in trace.constants:
                 del vars(module)[name]
         plain = {name: value for name, value in vars(module).items()
                  if not name.startswith("_") and not hasattr(gm, name)}
-        kept = {name: copy.copy(vars(module)[name]) for name in cls._KEPT}
-        kept["_buffers"].update(constants)
-        kept["_non_persistent_buffers_set"].update(constants)
-        gm._restore({**kept, **plain}, tuple(plain), type(module).__name__)
+        kept = {"_modules": OrderedDict(module._modules), "_parameters": OrderedDict(module._parameters),
+                "_buffers": OrderedDict(module._buffers, **trace.constants),
+                "_non_persistent_buffers_set": module._non_persistent_buffers_set | set(trace.constants),
+                "_plain_names": tuple(plain), "_traced_with": dict(trace.reads)}
+        gm._restore({**kept, **plain}, type(module).__name__)
         return gm
 
-    def _restore(self, kept: Dict[str, object], plain_names: Tuple[str, ...], class_name: str) -> None:
+    def _restore(self, kept: Dict[str, object], class_name: str) -> None:
         self.__dict__.update(kept)
-        self.__dict__["_plain_attribute_names"] = plain_names
         type(self).__name__ = class_name  # each GraphModule has a class of its own
 
     def _kept(self) -> Dict[str, object]:
-        return {name: self.__dict__[name] for name in self._KEPT + self._plain_attribute_names}
+        return {name: self.__dict__[name] for name in self._KEPT + self._plain_names}
+
+    def __call__(self, *args, **kwargs):
+        for name, traced in self._traced_with.items():
+            now = self.__dict__.get(name, _MISSING)
+            if not _same(now, traced):
+                raise RuntimeError(
+                    f"this {type(self).__name__} was fused by pyfastnn.fuse with its forward traced while "
+                    f"{name} was {traced!r}; it is now {'deleted' if now is _MISSING else repr(now)}, which the "
+                    f"traced forward cannot follow: fuse the original module again after changing {name}")
+        return super().__call__(*args, **kwargs)
 
     def __deepcopy__(self, memo):
         clone = super().__deepcopy__(memo)  # copied self.__dict__ through memo: the kept values are those copies
-        clone._restore(copy.deepcopy(self._kept(), memo), self._plain_attribute_names, type(self).__name__)
+        clone._restore(copy.deepcopy(self._kept(), memo), type(self).__name__)
         return clone
 
     def __copy__(self):
         clone = _KeepingGraphModule(self, self.graph, class_name=type(self).__name__)
         clone.meta = self.meta
         clone._restore({name: copy.copy(value) if name in self._KEPT else value
-                        for name, value in self._kept().items()}, self._plain_attribute_names,
-                       type(self).__name__)
+                        for name, value in self._kept().items()}, type(self).__name__)
         return clone
 
     def __reduce__(self):
         rebuild, arguments = super().__reduce__()
-        return _unpickle_keeping_graph_module, (rebuild, arguments, self._kept(), self._plain_attribute_names,
-                                                type(self).__name__)
+        return _unpickle_keeping_graph_module, (rebuild, arguments, self._kept(), type(self).__name__)
 
 
-def _unpickle_keeping_graph_module(rebuild, arguments, kept: Dict[str, object],
-                                   plain_names: Tuple[str, ...], class_name: str) -> _KeepingGraphModule:
+_MISSING = object()
+
+
+def _same(a: object, b: object) -> bool:
+    if a is b:
+        return True
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # an == that gives no single truth value (arrays) or fails
+        return False
+
+
+def _unpickle_keeping_graph_module(rebuild, arguments, kept: Dict[str, object], class_name: str) -> _KeepingGraphModule:
     gm = rebuild(*arguments)  # a plain GraphModule holding what the graph uses
     restored = _KeepingGraphModule(gm, gm.graph)
-    restored._restore(kept, plain_names, class_name)
+    restored._restore(kept, class_name)
     restored.training = gm.training
     return restored
 
@@ -275,15 +366,15 @@ def _fuse_traced(module: nn.Module, path: str, fusion: "_Fusion") -> nn.Module:
     if not _forward_is_traceable(module):
         return module
     try:
-        graph, constants = _trace_in_mode(module, module.training)
-        other, _ = _trace_in_mode(module, not module.training)
+        trace = _trace(module)
+        other = _trace(module, flip_modes=True)
     except Exception:  # data-dependent control flow and the like: leave the module alone
         return module
-    if graph.python_code("self").src != other.python_code("self").src:
-        # forward reads self.training (an `if self.training:` branch, F.dropout(x, p, self.training)):
+    if trace.frozen or trace.graph.python_code("self").src != other.graph.python_code("self").src:
+        # forward reads a training flag (an `if self.training:` branch, F.dropout(x, p, self.training)):
         # a traced graph would keep the mode it was traced in forever.
         return module
-    gm = _KeepingGraphModule.keeping(module, graph, constants)
+    gm = _KeepingGraphModule.keeping(module, trace)
     absorbed: Set[str] = set()  # the activation and Dropout modules the fused layers took over
     fused_before = len(fusion.report)
     call_counts: Dict[str, int] = {}
@@ -335,12 +426,6 @@ def _fuse_traced(module: nn.Module, path: str, fusion: "_Fusion") -> nn.Module:
     return gm
 
 
-def _hooks_lost_by_replacing(module: nn.Module) -> bool:
-    """Whether a new module object in `module`'s place would drop hooks registered on it."""
-    return has_hooks(module) or bool(module._state_dict_hooks or module._state_dict_pre_hooks
-                                     or module._load_state_dict_pre_hooks or module._load_state_dict_post_hooks)
-
-
 def _is_sequential(module: nn.Module) -> bool:
     """An nn.Sequential whose forward is Sequential's own (a subclass may compute something else)."""
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
@@ -363,7 +448,7 @@ def _called_from_outside(model: nn.Module) -> Set[int]:
                 or _is_sequential(module)):
             continue
         try:
-            graph, _ = _trace_in_mode(module, module.training)
+            graph = _trace(module).graph
         except Exception:
             continue
         for node in graph.nodes:
@@ -380,7 +465,7 @@ def _fuse_tree(module: nn.Module, path: str, fusion: _Fusion, keep_root: bool = 
         new_child = _fuse_tree(child, f"{path}{name}.", fusion)
         if new_child is not child:
             setattr(module, name, new_child)
-    keep = keep_root or _hooks_lost_by_replacing(module)
+    keep = keep_root or has_hooks(module)
     if _is_sequential(module):
         # Only a plain Sequential may become a FusedMLP: a subclass would lose its class and methods.
         return _fuse_sequential(module, path, fusion, replace_whole=not keep and type(module) is nn.Sequential)

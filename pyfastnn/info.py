@@ -30,6 +30,8 @@ def info() -> Dict[str, Any]:
         "backends": {"cpu": True, "cuda": bool(native.with_cuda)},
         "cuda_archs": cuda_archs,
         "cuda_available": bool(native.with_cuda) and torch.cuda.is_available(),
+        # pyfastnn.cuda_relu_epilogue(): relu inside cuBLASLt's GEMM, NaN pre-activations may become 0
+        "cuda_relu_epilogue": native.relu_epilogue_allowed(),
         "cpu_isa": native.cpu_isa(),
         "cpu_isas_compiled": native.compiled_cpu_isas().split(),
         # "openmp": on torch's threads; "native": ATen's own pool; "serial": the calling thread

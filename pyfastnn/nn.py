@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from ._ops import (DEFAULT_NEGATIVE_SLOPE, activation_code, canonical_activation, dropout_probability, run_fused_linear,
                    run_fused_mlp)
-from ._patterns import activation_module, dropout_of, parse_layers
+from ._patterns import activation_module, chain_mismatch, dropout_of, parse_layers
 
 __all__ = ["FusedLinear", "FusedMLP", "activation_module"]
 
@@ -292,6 +292,8 @@ class FusedMLP(nn.Module):
             if layers and dropout_of(stop) is not None and stop.training != layers[-1][0].training:
                 why = (f" (a Dropout in {_mode(stop)} mode after a Linear in {_mode(layers[-1][0])} mode: a fused "
                        "layer has one mode; call .train() or .eval() on the Sequential first)")
+            elif layers and (following := parse_layers(modules, used)[0]):
+                why = f" ({chain_mismatch(layers[-1], following[0])})"
             raise ValueError("from_sequential needs a Sequential of Linear -> activation (-> Dropout) "
                              f"layers only; stopped at module {used}: {stop}{why}")
         fused = [FusedLinear.from_linear(linear, act, negative_slope=slope, dropout=p, copy=copy)
@@ -308,6 +310,13 @@ class FusedMLP(nn.Module):
     def __getitem__(self, index: int) -> FusedLinear:
         """The index-th layer (by position, like a list)."""
         return list(self._modules.values())[index]  # type: ignore[return-value]
+
+    def __setitem__(self, index: int, layer: FusedLinear) -> None:
+        """Replaces the index-th layer (by position); it keeps that layer's name, so the state-dict keys
+        stay."""
+        if not isinstance(layer, FusedLinear):
+            raise TypeError(f"FusedMLP layers are FusedLinear modules, got {type(layer).__name__}")
+        setattr(self, list(self._modules)[index], layer)
 
     def to_sequential(self) -> nn.Sequential:
         """The plain-PyTorch equivalent (``nn.Linear``/activation/``nn.Dropout`` modules), sharing

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include "../layer.h"
 #include "blaslt.h"
 
 namespace pyfastnn::cuda {
@@ -29,7 +30,8 @@ bool gemm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
     if (!dropout_runs) {
       if (activation == Activation::Identity && preact == nullptr) {
         finished = true;
-      } else if (activation == Activation::Relu && preact == nullptr) {  // relu's backward reads the output
+      } else if (activation == Activation::Relu && preact == nullptr && detail::relu_epilogue_allowed()) {
+        // relu's backward reads the output (or the bit mask); see NOTE [The relu epilogue and NaN]
         gemm.epilogue = relu_mask != nullptr ? GemmEpilogue::ReluAux : GemmEpilogue::Relu;
         if (relu_mask != nullptr) {
           gemm.aux = relu_mask->data_ptr();

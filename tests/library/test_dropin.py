@@ -128,6 +128,23 @@ def test_forward_ad_of_fused_mlp(dropout):
                                                                   tuple(torch.zeros_like(t) for t in (x, *weights)))[0])
 
 
+def test_torch_func_through_dropout_in_a_module_with_trainable_parameters():
+    torch.manual_seed(0)
+    mlp = FusedMLP([4, 8, 3], dropout=0.5).train()  # its parameters require grad, as in any model
+    x, v = torch.randn(5, 4), torch.randn(5, 4)
+
+    def run(x):
+        torch.manual_seed(3)  # the same masks on every call
+        return mlp(x)
+
+    out, tangent = torch.func.jvp(run, (x,), (v,))
+    torch.testing.assert_close(out, run(x))
+    torch.testing.assert_close(torch.einsum("oibj,bj->oi", torch.func.jacfwd(run)(x), v), tangent)
+    leaf = x.clone().requires_grad_()
+    (want,) = torch.autograd.grad(run(leaf).sum(), leaf)  # the fused backward
+    torch.testing.assert_close(torch.func.grad(lambda x: run(x).sum())(x), want)
+
+
 def test_forward_ad_through_the_layers():
     mlp = _mlp((4, 6, 2), activation="silu").double()
     x, v = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
@@ -268,6 +285,13 @@ def test_fuse_keeps_keys_when_a_fused_mlp_sits_inside_a_larger_sequential():
         assert list(clone.state_dict()) == list(model.state_dict())
     wrapped = pyfastnn.fuse(nn.Sequential(nn.LayerNorm(3, elementwise_affine=False), copy.deepcopy(model)))
     assert list(wrapped.state_dict()) == ["1." + k for k in model.state_dict()]
+    # Keys missing or unexpected are named as the user wrote them, not by the fused layer's names.
+    partial = {k: v for k, v in wrapped.state_dict().items() if k != "1.4.weight"}
+    for clone in (wrapped, copy.deepcopy(wrapped), pickle.loads(pickle.dumps(wrapped))):
+        assert clone.load_state_dict({**partial, "1.6.extra": torch.ones(1)}, strict=False) == \
+            (["1.4.weight"], ["1.6.extra"])
+        with pytest.raises(RuntimeError, match='Missing key\\(s\\) in state_dict: "1.4.weight"'):
+            clone.load_state_dict(partial)
 
 
 def test_fuse_inplace_changes_the_sequential_itself():
@@ -435,17 +459,116 @@ class RemembersThenFc(nn.Module):
         return torch.sigmoid(self.fc(self.seq(self.memo(x))))
 
 
-def test_tracing_leaves_nothing_of_the_trace_on_the_modules():
+def test_a_forward_that_assigns_to_its_module_is_left_alone_and_the_trace_leaves_nothing():
     torch.manual_seed(0)
     model = RemembersThenFc()
     fused = pyfastnn.fuse(model)
-    assert isinstance(fused.fc, FusedLinear)
+    # The traced graph could not replay `self.seen = x`: the module keeps its own forward.
+    assert type(fused) is RemembersThenFc and type(fused.fc) is nn.Linear
     assert not hasattr(model, "seen") and not hasattr(fused, "seen")
     for module in (model, fused):  # the traces ran forward on proxies: nothing of them stayed
         assert module.memo.last is None and module.memo.calls.item() == 0 and not hasattr(module.memo, "fresh")
-    pickle.loads(pickle.dumps(fused))
     x = torch.randn(3, 4)
     torch.testing.assert_close(fused(x), model(x))
+    assert fused.seen is x
+
+
+class Distills(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.student, self.teacher = nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, x):
+        with torch.no_grad():  # a graph does not record grad mode
+            target = torch.relu(self.teacher(x))
+        return torch.relu(self.student(x)) - target
+
+
+class FullPrecisionHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        with torch.autocast("cpu", enabled=False):  # nor autocast
+            return self.head(h.float())
+
+
+class ReadsAChildsFlag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.drop = nn.Linear(8, 8), nn.Dropout(0.5)
+
+    def forward(self, x):
+        return F.dropout(torch.relu(self.fc(x)), 0.5, self.drop.training)
+
+
+def test_fuse_leaves_forwards_that_switch_modes_a_graph_cannot_record_alone():
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, requires_grad=True)
+    model = Distills()
+    fused = pyfastnn.fuse(model)
+    assert type(fused) is Distills
+    fused(x).sum().backward()
+    assert fused.teacher.weight.grad is None and fused.student.weight.grad is not None
+
+    model = FullPrecisionHead()
+    fused = pyfastnn.fuse(model)
+    assert type(fused) is FullPrecisionHead
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused(x).dtype == model(x).dtype == torch.float32
+
+
+def test_fuse_leaves_a_forward_reading_a_childs_training_flag_alone():
+    torch.manual_seed(0)
+    model = ReadsAChildsFlag()  # in train mode
+    fused = pyfastnn.fuse(model)
+    assert type(fused) is ReadsAChildsFlag
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(fused.eval()(x), model.eval()(x))
+
+
+class MaybeHidden(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 2)
+        self.return_hidden, self.num_classes = False, 2
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        return h if self.return_hidden else self.out(h)
+
+
+def test_a_traced_module_refuses_calls_after_an_attribute_its_forward_read_changed():
+    torch.manual_seed(0)
+    model, x = MaybeHidden(), torch.randn(4, 8)
+    fused = pyfastnn.fuse(model)
+    assert isinstance(fused.fc, FusedLinear)
+    fused.num_classes = 3  # forward never reads it
+    torch.testing.assert_close(fused(x), model(x))
+    for clone in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused)), fused):
+        torch.testing.assert_close(clone(x), model(x))
+        clone.return_hidden = True  # the graph took the other branch
+        with pytest.raises(RuntimeError, match="traced while return_hidden was False; it is now True"):
+            clone(x)
+        clone.return_hidden = False
+        torch.testing.assert_close(clone(x), model(x))
+
+
+def test_fuse_keeps_a_linears_state_dict_hooks():
+    def from_legacy_names(module, state_dict, prefix, *args):
+        for old, new in (("W", "weight"), ("b", "bias")):
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    model[0].register_load_state_dict_pre_hook(from_legacy_names)
+    with pytest.warns(UserWarning, match="left 0 unfused: they have hooks"):
+        fused = pyfastnn.fuse(model)
+    assert type(fused[0]) is nn.Linear
+    legacy = {"0.W": torch.ones(4, 4), "0.b": torch.ones(4), "2.weight": torch.ones(2, 4), "2.bias": torch.ones(2)}
+    assert str(fused.load_state_dict(legacy)) == "<All keys matched successfully>"
 
 
 def test_traced_fuse_keeps_unused_submodules_buffers_and_attributes():
@@ -582,6 +705,22 @@ def test_inplace_op_after_identity_output_like_nn_linear():
     y.mul_(2)
     y.sum().backward()
     assert all(w.grad is not None for w in weights)
+    # gelu, gelu_tanh and silu differentiate from their pre-activation, as torch's do: the output
+    # may be changed in place (sigmoid, tanh and relu read it, and refuse like torch's).
+    for act, torch_act in (("gelu", F.gelu), ("silu", F.silu)):
+        for kind in ("mlp", "one layer in training"):
+            ws = [w.detach().requires_grad_() for w in weights]
+            if kind == "mlp":
+                y, want = pyfastnn.fused_mlp(x, ws, None, "tanh", act), torch_act(torch.tanh(x @ ws[0].t()) @ ws[1].t())
+            else:
+                y, want = pyfastnn.fused_mlp(x, ws[:1], None, [], act, training=True), torch_act(x @ ws[0].t())
+            y.mul_(2)
+            (got,) = torch.autograd.grad(y.sum(), ws[0])
+            torch.testing.assert_close(got, torch.autograd.grad((want * 2).sum(), ws[0])[0])
+    y = pyfastnn.fused_mlp(x, weights, None, "relu", "sigmoid")
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -83,6 +83,12 @@ def test_fused_mlp_state_dict_both_ways_and_conversions():
     torch.testing.assert_close(back(x), other(x))
     with pytest.raises(ValueError, match="stopped at module 1"):
         FusedMLP.from_sequential(nn.Sequential(nn.Linear(8, 6), nn.Softplus()))
+    with pytest.raises(ValueError, match=r"stopped at module 2: .*\(LeakyReLU slopes 0.1 and 0.2 \(one fused op"):
+        FusedMLP.from_sequential(nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(0.1), nn.Linear(4, 4), nn.LeakyReLU(0.2)))
+    with pytest.raises(ValueError, match=r"\(Linear layers in torch.float32 on cpu and torch.float64 on cpu\)"):
+        FusedMLP.from_sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4).double()))
+    with pytest.raises(ValueError, match=r"\(4 features out of one Linear, 5 into the next\)"):
+        FusedMLP.from_sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(5, 4)))
 
 
 def test_fused_mlp_repr_len_and_indexing():
@@ -90,6 +96,13 @@ def test_fused_mlp_repr_len_and_indexing():
     assert len(mlp) == 3 and [layer.out_features for layer in mlp] == [256, 128, 10]
     assert "(3): FusedLinear(in_features=256, out_features=128, bias=True, activation=relu, dropout=0.2)" in repr(mlp)
     assert mlp[-1].activation == "identity"
+    keys, layer = list(mlp.state_dict()), FusedLinear(256, 128, activation="tanh")
+    mlp[1] = layer
+    assert mlp[1] is layer and mlp[-2] is layer and list(mlp.state_dict()) == keys
+    with pytest.raises(TypeError, match="FusedMLP layers are FusedLinear modules, got Linear"):
+        mlp[0] = nn.Linear(784, 256)
+    with pytest.raises(IndexError):
+        mlp[3] = layer
 
 
 def test_fused_mlp_with_a_parametrized_layer():

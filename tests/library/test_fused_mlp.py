@@ -189,8 +189,8 @@ def test_bad_dropout_probability(p):
 BAD_MLP_CALLS = [
     # (id, kwargs for fused_mlp, exception, message pattern)
     ("widths_do_not_chain", dict(weights=[torch.randn(6, 4), torch.randn(2, 5)]), ValueError,
-     r"layer 0's output has in_features=6 but weights\[1\] expects in_features=5"),
-    ("input_width", dict(input=torch.randn(3, 5)), ValueError, r"in_features=5 but weights\[0\] expects in_features=4"),
+     r"layer 0's output has 6 features but weights\[1\] expects in_features=5"),
+    ("input_width", dict(input=torch.randn(3, 5)), ValueError, r"has 5 features but weights\[0\] expects in_features=4"),
     ("dtype_in_layer_1", dict(weights=[torch.randn(6, 4), torch.randn(2, 6).double()]), TypeError,
      r"weights\[1\] dtype"),
     ("bias_shape", dict(biases=[torch.randn(6), torch.randn(3)]), ValueError, r"biases\[1\] must have shape"),

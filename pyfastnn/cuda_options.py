@@ -1,0 +1,41 @@
+"""Options of the CUDA backend that trade an exact match with PyTorch for speed; off by default.
+
+Like ``torch.backends.cuda.matmul.allow_tf32``, they are process-wide and read at each op call (a
+CUDA graph keeps what was in force when it was captured).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from ._ops import native
+
+__all__ = ["cuda_relu_epilogue"]
+
+
+@contextlib.contextmanager
+def cuda_relu_epilogue(enabled: bool = True) -> Iterator[None]:
+    """Within the block, CUDA relu layers (float32, float16, bfloat16, no dropout) may apply relu
+    inside cuBLASLt's GEMM epilogue instead of a separate pass over the output: one pass over
+    memory less per layer, at the price of NaN. cuBLASLt's relu epilogue is reported to write 0
+    where the pre-activation is NaN, where ``torch.relu`` keeps NaN; a network whose weights turned
+    NaN would then give finite outputs and losses, which is why this is off by default. On exit the
+    setting from before returns. CPU layers are unaffected.
+
+    Example:
+        >>> import torch, pyfastnn
+        >>> x, w = torch.randn(4, 8), torch.randn(16, 8)
+        >>> with pyfastnn.cuda_relu_epilogue():
+        ...     y = pyfastnn.fused_linear(x, w, None, "relu")  # on a GPU: relu inside the GEMM
+        >>> torch.equal(y, pyfastnn.fused_linear(x, w, None, "relu"))  # CPU: the same either way
+        True
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"cuda_relu_epilogue: enabled must be True or False, got {enabled!r}")
+    before = native.relu_epilogue_allowed()
+    native.set_relu_epilogue_allowed(enabled)
+    try:
+        yield
+    finally:
+        native.set_relu_epilogue_allowed(before)
