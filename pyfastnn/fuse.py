@@ -13,9 +13,11 @@ Two passes, innermost modules first:
   ``self.relu``) is traced with ``torch.fx``; each Linear called at one place only, whose only use
   is a supported activation (then optionally an ``nn.Dropout``), becomes a FusedLinear under the
   Linear's own name, and the module becomes a ``torch.fx.GraphModule``. Modules that cannot be
-  traced, and modules whose traced graph differs between ``train()`` and ``eval()`` (a
-  ``self.training`` branch or ``F.dropout(..., self.training)``; a graph would freeze one mode), are
-  left as they are.
+  traced, modules whose traced graph differs between ``train()`` and ``eval()`` (a
+  ``self.training`` branch or ``F.dropout(..., self.training)``, a child's flag too; a graph would
+  freeze one mode), and forwards doing what a graph does not record (assigning to the module,
+  setting grad mode, inference mode or autocast) are left as they are. The plain attributes a
+  traced forward read are frozen into its graph: the GraphModule refuses calls after one changed.
 
 Modules with hooks are never absorbed (fusion would bypass the hooks), nor replaced (a Sequential
 with hooks is fused in place, a traced module with hooks is left as it is); :func:`fuse` warns about
