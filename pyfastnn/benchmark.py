@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .command import command_parser, positive_int, run_command
+from .command import command_parser, path_argument, positive_int, run_command
 from .files import atomic_write, ensure_writable_folder
 from .functional import fused_linear
 from .info import info
@@ -227,7 +227,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="4 shapes, relu/gelu, 2 threads, no torch.compile (well under 30 s)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--threads", type=thread_count, nargs="+", help="thread counts (default 1 2)")
-    parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    parser.add_argument("--json", metavar="PATH", type=path_argument, help="write the results as JSON here")
     args = parser.parse_args(argv)
     return run_command(parser, args, lambda: _bench(args))
 

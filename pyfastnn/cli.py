@@ -7,15 +7,26 @@ import json
 import sys
 from typing import Callable, Optional, Sequence
 
-from .command import EXIT_FAILURE, debug_requested
+from .command import EXIT_FAILURE, EXIT_INTERRUPTED, debug_requested
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:  # Ctrl-C while a command's modules load, before its own handling starts
+        return _main(argv)
+    except KeyboardInterrupt:
+        if debug_requested(argv):
+            raise
+        print("pyfastnn: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="pyfastnn", description="Fused Linear+activation kernels for PyTorch.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     info_parser = commands.add_parser("info", help="versions, compiled backends, CPU code path, threads")
     info_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info_parser.add_argument("--debug", action="store_true", help="show the full Python traceback on failure")
     commands.add_parser("bench", help="fused_linear vs eager / torch.compile / bare GEMM (see bench --help)",
                         add_help=False)
     commands.add_parser("train", help="train the lesson's MNIST classifier (see train --help)", add_help=False)

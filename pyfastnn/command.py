@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 __all__ = ["InvalidArgument", "check_number", "command_parser", "run_command", "describe_error", "DEBUG_ENV",
            "debug_requested",
            "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED",
-           "positive_int", "non_negative_int"]
+           "positive_int", "non_negative_int", "path_argument"]
 
 DEBUG_ENV = "PYFASTNN_DEBUG"
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -82,6 +82,23 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 positive_int = _int_at_least(1)
 non_negative_int = _int_at_least(0)
+
+
+def path_argument(text: str) -> str:
+    """A file or folder on the command line: ``~`` expanded as a shell would (also in ``--out=~/x``,
+    which the shell leaves alone); an empty string refused.
+
+    Example:
+        >>> import os
+        >>> path_argument("~/runs") == os.path.join(os.path.expanduser("~"), "runs")
+        True
+    """
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a path, got an empty string")
+    return os.path.expanduser(text)
+
+
+path_argument.__name__ = "path"
 
 
 def command_parser(prog: str, description: Optional[str] = None) -> argparse.ArgumentParser:

@@ -8,11 +8,12 @@ over it only once complete, so an interrupted or failed write leaves the previou
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator, Union
+from typing import BinaryIO, Iterator, NoReturn, Union
 
 __all__ = ["atomic_write", "ensure_writable_folder"]
 
@@ -24,7 +25,10 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
     """Opens a binary file whose content replaces ``path`` atomically when the block ends without error.
 
     On an exception the temporary file is removed and ``path`` is left as it was. The file gets the
-    usual permissions (``0o666`` less the umask), like ``open(path, "wb")`` would.
+    usual permissions (``0o666`` less the umask), like ``open(path, "wb")`` would. Where ``path`` is
+    a symbolic link, the file it points to is replaced (the link stays); where it is a device or a
+    pipe (``/dev/null``, ``/dev/stdout``), the bytes are written into it, as ``open`` would: there is
+    no file to replace. A folder raises ``IsADirectoryError`` before the block runs.
 
     Example:
         >>> import json, tempfile, pathlib
@@ -43,13 +47,23 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
         >>> json.loads(target.read_text()), sorted(p.name for p in target.parent.iterdir())
         ({'ok': True}, ['result.json'])
     """
-    path = Path(path)
+    shown = str(path)  # errors name the file asked for, not the link's target or the temporary file
+    path = Path(os.path.realpath(path))
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), shown)
+    if path.exists() and not path.is_file():  # a device or a pipe: nothing to replace
+        try:
+            with open(path, "wb") as f:
+                yield f
+        except OSError as e:
+            _raise_naming(e, shown)
+        return
     # Same folder, so the rename stays on one file system and is atomic; a dot name keeps it out of globs.
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    except OSError as e:  # name the file asked for, not the temporary one
-        raise type(e)(e.errno, e.strerror, str(path)) from None
+    except OSError as e:
+        _raise_naming(e, shown, cause=False)
     try:
         with os.fdopen(descriptor, "wb") as f:
             yield f
@@ -59,10 +73,20 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
-        if isinstance(e, OSError) and e.filename is None and e.errno and e.strerror:
-            raise type(e)(e.errno, e.strerror, str(path)) from e  # "disk full" names the file it hit
+        if isinstance(e, OSError):
+            _raise_naming(e, shown)  # "disk full" names the file it hit
         raise
     _sync_folder(path.parent)
+
+
+def _raise_naming(error: OSError, path: str, cause: bool = True) -> NoReturn:
+    """Raises `error` again naming `path` (not a temporary file): ``[Errno 28] No space left on device: 'run/metrics.json'``."""
+    if not (error.errno and error.strerror):
+        raise error
+    renamed = type(error)(error.errno, error.strerror, path)
+    if cause:
+        raise renamed from error
+    raise renamed from None
 
 
 def _sync_folder(folder: Path) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from ..benchmark import run as run_bench
 from ..benchmark import time_interleaved, train_step
-from ..command import command_parser, positive_int, run_command
+from ..command import command_parser, path_argument, positive_int, run_command
 from ..files import ensure_writable_folder
 from ..functional import fused_linear
 from ..fuse import fuse
@@ -139,7 +139,7 @@ def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bo
     else:
         _section(f"MNIST: {mnist_steps} training steps of the 784-256-128-10 classifier on {device} ({root})")
         result = train(TrainConfig(data=str(root), epochs=1, max_steps=mnist_steps, out=str(out / "mnist"),
-                                   progress=True, device=device))
+                                   progress=True, device=device, overwrite=True))  # the demo's own folder
         summary["mnist_test_accuracy"] = result.metrics["test_accuracy"]
         print(f"test accuracy after {mnist_steps} steps: {result.metrics['test_accuracy']:.4f} "
               f"(full run: pyfastnn train mnist --data {root} --device {device})")
@@ -149,8 +149,8 @@ def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bo
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = command_parser("pyfastnn demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="MNIST folder (default: $PYFASTNN_MNIST)")
-    parser.add_argument("--out", default="demo_output", help="folder for the pictures")
+    parser.add_argument("--data", type=path_argument, help="MNIST folder (default: $PYFASTNN_MNIST)")
+    parser.add_argument("--out", type=path_argument, default="demo_output", help="folder for the pictures")
     parser.add_argument("--mnist-steps", type=positive_int, default=300)
     parser.add_argument("--no-bench", action="store_true")
     parser.add_argument("--device", default="cpu", help="where the MNIST run trains: cpu or cuda")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import importlib
 import json
 import math
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..command import InvalidArgument, check_number, command_parser, run_command
+from ..command import InvalidArgument, check_number, command_parser, path_argument, run_command
 from ..cuda_graph import CUDAGraphStep, cuda_graph_step
 from ..denormals import flush_denormals
 from ..files import atomic_write, ensure_writable_folder
@@ -58,6 +59,7 @@ class TrainConfig:
     download: bool = False
     cuda_graph: Optional[bool] = None  # the whole step as one CUDA graph; None: on CUDA in one process
     flush_denormals: bool = True  # CPU: denormal floats become zero on every thread while training
+    overwrite: bool = False  # start a new run in an ``out`` folder that holds another run's files
 
 
 @dataclasses.dataclass
@@ -118,6 +120,8 @@ def check_device(device: str, backend: str) -> None:
     except (RuntimeError, TypeError, ValueError):
         raise InvalidArgument("device", usage) from None
     if parsed.type == "cpu":
+        if parsed.index not in (None, 0):
+            raise InvalidArgument("device", f"{device!r}: the CPU takes no device index (use cpu)")
         return
     if parsed.type != "cuda":
         raise InvalidArgument("device", usage)
@@ -152,9 +156,60 @@ def make_adam(params, lr: float, capturable: bool = False) -> torch.optim.Optimi
         return torch.optim.Adam(params, lr=lr, **options)
 
 
-def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict) -> None:
+#: The optimizer settings a checkpoint's param_groups must share with this run's Adam (its lr is
+#: the run's --lr, checked with the other run settings).
+ADAM_SETTINGS = ("betas", "eps", "weight_decay", "amsgrad", "maximize")
+
+
+def _optimizer_state_problems(optimizer: torch.optim.Optimizer, state: Dict) -> List[str]:
+    """What in a checkpoint's optimizer state does not fit ``optimizer``: torch's load_state_dict
+    checks only the parameter counts, and Adam's fused kernel reads moment tensors of another shape
+    out of bounds (a crash, or memory silently overwritten) at the first step."""
+    groups, per_parameter = state.get("param_groups"), state.get("state")
+    if not isinstance(groups, list) or not isinstance(per_parameter, dict) or len(groups) != len(optimizer.param_groups):
+        return ["it is not the state of one Adam parameter group"]
+    problems = []
+    for group, own in zip(groups, optimizer.param_groups):
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+            return ["its parameter group is not a dict listing its parameters"]
+        lr = group.get("lr")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+            problems.append(f"lr {lr!r}")
+        problems += [f"{key} {group.get(key)!r} (this run: {own[key]!r})" for key in ADAM_SETTINGS
+                     if key in own and group.get(key) != own[key]]
+        if len(group["params"]) != len(own["params"]):
+            problems.append(f"{len(group['params'])} parameters (this model: {len(own['params'])})")
+            continue
+        for index, parameter in zip(group["params"], own["params"]):
+            moments = per_parameter.get(index)
+            if moments is None:
+                continue  # a parameter that never stepped has no state yet
+            wanted = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if own.get("amsgrad") else set())
+            if not isinstance(moments, dict) or set(moments) != wanted:
+                problems.append(f"parameter {index}'s state holds {sorted(moments) if isinstance(moments, dict) else moments!r}"
+                                f" (Adam's: {sorted(wanted)})")
+                continue
+            for name in sorted(wanted - {"step"}):
+                tensor = moments[name]
+                if not (isinstance(tensor, torch.Tensor) and tensor.shape == parameter.shape
+                        and tensor.dtype == parameter.dtype):
+                    shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                    problems.append(f"parameter {index}'s {name} is {shape} (the parameter: {tuple(parameter.shape)} "
+                                    f"{str(parameter.dtype).replace('torch.', '')})")
+            step = moments["step"]
+            if not ((isinstance(step, torch.Tensor) and step.numel() == 1) or
+                    (isinstance(step, (int, float)) and not isinstance(step, bool))):
+                problems.append(f"parameter {index}'s step is {step!r}")
+    return problems
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict, path) -> None:
     """Loads a checkpoint's optimizer state but keeps this optimizer's implementation flags (a
     checkpoint written on a GPU with ``capturable=True`` resumes on the CPU and the other way round)."""
+    problems = _optimizer_state_problems(optimizer, state)
+    if problems:
+        raise CheckpointError(f"checkpoint {path}: its optimizer state does not fit this run's Adam: "
+                              f"{'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}")
     flags = [{key: group[key] for key in ("fused", "foreach", "capturable") if key in group}
              for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
@@ -265,7 +320,9 @@ def restore_checkpoint(state: Dict, path, model: nn.Module, optimizer: torch.opt
     """Puts a loaded checkpoint's weights, optimizer state and RNG state back; returns (history, epoch)."""
     try:
         model.load_state_dict(state["model"])
-        _load_optimizer_state(optimizer, state["optimizer"])
+        _load_optimizer_state(optimizer, state["optimizer"], path)
+    except CheckpointError:
+        raise
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
         # load_state_dict's first line is only a header ("Error(s) in loading state_dict for ...:").
         reason = " ".join(line.strip() for line in str(e).strip().splitlines()[:2]) or type(e).__name__
@@ -280,14 +337,29 @@ def restore_checkpoint(state: Dict, path, model: nn.Module, optimizer: torch.opt
     return list(state["history"]), int(state["epoch"])
 
 
+def _check_no_other_run(out: Path, resume: Optional[str]) -> None:
+    """Raises FileExistsError where ``out`` holds files of a run other than the one resumed: a new
+    run would replace its checkpoint after the first epoch and its pictures at once."""
+    held = [name for name in ("checkpoint.pt", "metrics.json") if (out / name).exists()]
+    if not held or (resume is not None and (out / "checkpoint.pt").exists()
+                    and os.path.samefile(resume, out / "checkpoint.pt")):
+        return
+    raise FileExistsError(f"output folder {out} holds another run ({', '.join(held)}): continue it with --resume "
+                          f"{out / 'checkpoint.pt'}, start over there with --overwrite, or choose another --out")
+
+
 def save_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer, history: List[Dict], epoch: int,
                     config: TrainConfig, device: str) -> None:
     """Everything :func:`restore_checkpoint` needs to continue exactly, written atomically."""
+    # Serialized in memory first: torch.save writing into a full disk reports only "unexpected pos";
+    # the file write then fails with the system's own reason, naming the file.
+    serialized = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "history": history, "epoch": epoch, "config": dataclasses.asdict(config),
+                "rng_state": torch.get_rng_state(),
+                "cuda_rng_state": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}, serialized)
     with atomic_write(path) as f:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "history": history, "epoch": epoch, "config": dataclasses.asdict(config),
-                    "rng_state": torch.get_rng_state(),
-                    "cuda_rng_state": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}, f)
+        f.write(serialized.getbuffer())
 
 
 def run_metrics(config: TrainConfig, device: str, world_size: int, graphed: bool, history: List[Dict],
@@ -353,6 +425,8 @@ def train(config: TrainConfig) -> TrainResult:
     on_cuda = device.startswith("cuda")
     graphed = _use_cuda_graph(config.cuda_graph, on_cuda, world_size)
     out = ensure_writable_folder(config.out) if config.out is not None and rank == 0 else None
+    if out is not None and not config.overwrite:
+        _check_no_other_run(out, config.resume)
     torch.manual_seed(config.seed)
     load = LOADERS[config.dataset]
     optimizer_import = _import_in_background("torch._dynamo")
@@ -506,7 +580,8 @@ def _progress(total: int, description: str, enabled: bool):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", choices=sorted(LOADERS))
-    parser.add_argument("--data", required=True, help="folder with the IDX files (flat or <Name>/raw)")
+    parser.add_argument("--data", type=path_argument, required=True,
+                        help="folder with the IDX files (flat or <Name>/raw)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -520,8 +595,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on the CPU, flush denormal floats to zero on every thread while training "
                              "(default: on; they slow each step as Adam's moments of idle units decay)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/mnist", help="checkpoint, metrics.json and plots go here")
-    parser.add_argument("--resume", help="checkpoint to continue from")
+    parser.add_argument("--out", type=path_argument, default="runs/mnist",
+                        help="checkpoint, metrics.json and plots go here")
+    parser.add_argument("--resume", type=path_argument, help="checkpoint to continue from")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an --out folder that holds another run (its files are replaced)")
     parser.add_argument("--max-steps", type=int, help="at most this many steps per epoch")
     parser.add_argument("--download", action="store_true", help="fetch missing files from the public mirrors")
     parser.add_argument("--no-progress", action="store_true")
@@ -537,7 +615,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dropout=args.dropout, backend=args.backend, device=args.device, seed=args.seed, out=args.out,
         resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress,
         plots=not args.no_plots, download=args.download, cuda_graph=args.cuda_graph,
-        flush_denormals=args.flush_denormals,
+        flush_denormals=args.flush_denormals, overwrite=args.overwrite,
     )
     return run_command(parser, args, lambda: _train_and_report(config))
 

@@ -38,7 +38,9 @@ def test_cli_demo_runs_the_whole_lesson(tmp_path, mnist_dir):
     ("--seed", "-3", "must be >= 0"),
     ("--device", "gpu", "must be cpu, cuda or cuda:N"),
     ("--device", "cuda:99", "is not available"),
-    ("--out", "", "must be a folder"),
+    ("--out", "", "must be a path, got an empty string"),
+    ("--resume", " ", "must be a path, got an empty string"),
+    ("--device", "cpu:1", "the CPU takes no device index"),
 ])
 def test_train_bad_argument_values_are_usage_errors(capsys, tmp_path, tiny_mnist_dir, option, value, problem):
     out = tmp_path / "run"
@@ -48,6 +50,16 @@ def test_train_bad_argument_values_are_usage_errors(capsys, tmp_path, tiny_mnist
     assert status == 2 and err.startswith("usage: pyfastnn train")
     assert f"argument {option}: " in line and problem in line, line
     assert not out.exists() and "epoch" not in stdout  # nothing trained, nothing written
+
+
+def test_paths_on_the_command_line_expand_the_home_folder(capsys, tmp_path, tiny_mnist_dir, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    status, stdout, _ = cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--out=~/run", "--epochs", "1",
+                            "--max-steps", "1", "--no-progress", "--no-plots")
+    assert status == 0 and (tmp_path / "run" / "checkpoint.pt").is_file() and f"wrote {tmp_path}/run/" in stdout
+    status, _, _ = cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--out=~/again", "--epochs", "2",
+                       "--max-steps", "1", "--no-progress", "--no-plots", "--resume=~/run/checkpoint.pt")
+    assert status == 0 and (tmp_path / "again" / "checkpoint.pt").is_file()
 
 
 def test_train_argparse_errors_keep_exit_status_2(capsys, tiny_mnist_dir):
@@ -149,6 +161,14 @@ def test_train_resume_of_missing_file_or_other_model(capsys, tmp_path, tiny_mnis
     (lambda state: state.update(rng_state=[0]), "rng_state is list, not Tensor"),
     (lambda state: state.update(rng_state=torch.zeros(3)), "random-number generator state cannot be restored"),
     (lambda state: state["model"].update({"layers.0.weight": "w"}), "does not fit this model"),
+    # Adam's fused kernel would read or write moments of another shape out of bounds at the first step.
+    (lambda state: state["optimizer"]["state"][0].update(exp_avg=torch.zeros(3)),
+     "its optimizer state does not fit this run's Adam: parameter 0's exp_avg is (3,) (the parameter: (256, 784)"),
+    (lambda state: state["optimizer"]["state"][1].pop("exp_avg_sq"), "parameter 1's state holds ['exp_avg', 'step']"),
+    (lambda state: state["optimizer"]["param_groups"][0].update(betas=(2.0, 3.0)),
+     "betas (2.0, 3.0) (this run: (0.9, 0.999))"),
+    (lambda state: state["optimizer"]["param_groups"][0].update(lr="x"), "optimizer state does not fit this run's Adam: lr 'x'"),
+    (lambda state: state["optimizer"].update(param_groups=[]), "not the state of one Adam parameter group"),
 ])
 def test_train_resume_of_an_edited_checkpoint_names_what_is_wrong(capsys, tmp_path, tiny_mnist_dir, edit, problem):
     from pyfastnn.lesson.train import TrainConfig, train
@@ -162,6 +182,22 @@ def test_train_resume_of_an_edited_checkpoint_names_what_is_wrong(capsys, tmp_pa
                          "--resume", str(tmp_path / "edited.pt"), "--out", str(tmp_path / "b"))
     line = error_line(err, "pyfastnn train")
     assert status == 1 and f"checkpoint {tmp_path / 'edited.pt'}: " in line and problem in line, line
+
+
+def test_a_new_run_never_replaces_another_runs_files_unless_asked(capsys, tmp_path, tiny_mnist_dir):
+    common = ["train", "mnist", "--data", str(tiny_mnist_dir), "--max-steps", "1", "--no-progress", "--no-plots"]
+    out = tmp_path / "run"
+    assert cli(capsys, *common, "--epochs", "1", "--out", str(out))[0] == 0
+    trained = (out / "checkpoint.pt").read_bytes()
+    status, _, err = cli(capsys, *common, "--epochs", "0", "--out", str(out))
+    line = error_line(err, "pyfastnn train")
+    assert status == 1 and f"output folder {out} holds another run (checkpoint.pt, metrics.json)" in line, line
+    assert "--resume" in line and "--overwrite" in line and (out / "checkpoint.pt").read_bytes() == trained
+    # Resuming in place continues that run; --overwrite starts a new one there.
+    assert cli(capsys, *common, "--epochs", "2", "--out", str(out), "--resume", str(out / "checkpoint.pt"))[0] == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert cli(capsys, *common, "--epochs", "0", "--out", str(out), "--overwrite")[0] == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 0
 
 
 def test_train_resume_refuses_other_run_settings(capsys, tmp_path, tiny_mnist_dir):

@@ -1,6 +1,5 @@
 """The training command: files it writes, resume, backends agreeing, DDP under torchrun."""
 
-import contextlib
 import json
 import os
 import subprocess
@@ -169,7 +168,7 @@ def test_interrupted_run_leaves_its_folder_marked_incomplete(tmp_path, tiny_mnis
         real_save(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_interrupt)
-    assert _train_cli(*common, "--epochs", "3", "--seed", "1") == 130
+    assert _train_cli(*common, "--epochs", "3", "--seed", "1", "--overwrite") == 130
     assert capsys.readouterr().err.strip().endswith("pyfastnn train: interrupted")
     metrics = _metrics(out)
     assert metrics["completed"] is False and metrics["config"]["epochs"] == 3 and metrics["config"]["seed"] == 1
@@ -183,20 +182,21 @@ def test_failed_writes_leave_the_previous_files_whole(tmp_path, tiny_mnist_dir, 
     out = tmp_path / "run"
     common = ["--data", str(tiny_mnist_dir), "--batch-size", "32", "--out", str(out), "--epochs", "1"]
     assert _train_cli(*common) == 0
+    common.append("--overwrite")  # the runs below replace that one
     checkpoint = (out / "checkpoint.pt").read_bytes()
-    real_save = torch.save
+    real_fsync = os.fsync
 
-    def disk_full(obj, f, *args, **kwargs):  # writes part of the file, then the disk is full
-        with (open(f, "wb") if isinstance(f, (str, os.PathLike)) else contextlib.nullcontext(f)) as stream:
-            stream.write(b"PK\x03\x04 half a checkpoint")
-        raise OSError(28, "No space left on device")
+    def disk_full(descriptor):  # the checkpoint's bytes were written, but the disk is full
+        if "checkpoint.pt" in os.readlink(f"/proc/self/fd/{descriptor}"):
+            raise OSError(28, "No space left on device")
+        real_fsync(descriptor)
 
-    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
     assert _train_cli(*common, "--seed", "1") == 1
     assert capsys.readouterr().err.strip() == f"pyfastnn train: error: {out / 'checkpoint.pt'}: No space left on device"
     assert (out / "checkpoint.pt").read_bytes() == checkpoint  # the old checkpoint, whole
     assert _metrics(out)["completed"] is False
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(os, "fsync", real_fsync)
 
     from matplotlib.figure import Figure
 

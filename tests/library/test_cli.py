@@ -84,3 +84,47 @@ def test_atomic_write_names_the_target_when_its_folder_is_missing(tmp_path):
         with atomic_write(target) as f:
             f.write(b"{}")
     assert caught.value.filename == str(target)
+
+
+def test_atomic_write_writes_through_links_and_devices_and_refuses_folders(tmp_path):
+    import os
+    import stat
+
+    from pyfastnn.files import atomic_write
+
+    real, link = tmp_path / "real.json", tmp_path / "link.json"
+    real.write_text("old")
+    link.symlink_to(real)
+    with atomic_write(link) as f:
+        f.write(b"new")
+    assert link.is_symlink() and real.read_text() == "new"
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)  # like /dev/null or /dev/stdout: no file to replace, the bytes go into it
+    reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with atomic_write(pipe) as f:
+            f.write(b"through")
+        assert os.read(reader, 100) == b"through" and stat.S_ISFIFO(os.stat(pipe).st_mode)
+    finally:
+        os.close(reader)
+    with pytest.raises(IsADirectoryError) as caught:
+        with atomic_write(tmp_path) as f:
+            raise AssertionError("the block must not run")
+    assert caught.value.filename == str(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "pipe", "real.json"]
+
+
+def test_atomic_write_names_the_target_when_the_rename_fails(tmp_path, monkeypatch):
+    import os
+
+    from pyfastnn.files import atomic_write
+
+    def refuse(source, target):
+        raise OSError(28, "No space left on device", source, None, target)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OSError) as caught:
+        with atomic_write(tmp_path / "metrics.json") as f:
+            f.write(b"{}")
+    assert caught.value.filename == str(tmp_path / "metrics.json") and ".tmp" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
