@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import pyfastnn
 from pyfastnn.benchmark import BENCH_ACTIVATIONS
+from pyfastnn.command import positive_int
 
 SHAPES = [(1, 784, 256), (4, 784, 256), (64, 784, 256), (64, 256, 128), (256, 784, 256)]
 
@@ -35,7 +36,7 @@ def cpu_time_per_call(fn, calls: int, rounds: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=positive_int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 import pyfastnn
+from pyfastnn.files import atomic_write, check_output_file
 
 SHAPES = ((65536, 1024, 1024), (8192, 4096, 4096), (4096, 784, 256))
 QUICK_SHAPES = ((65536, 1024, 1024),)
@@ -187,6 +188,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
     args = parser.parse_args(argv)
+    if args.json:
+        try:
+            check_output_file(args.json)
+        except OSError as error:
+            parser.error(str(error))
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
@@ -199,9 +205,11 @@ def main(argv=None) -> int:
         "copy": copy_bandwidth_rows(dtypes, args.min_run_time),
     }
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"info": pyfastnn.info(), "torch": torch.__version__, "device": torch.cuda.get_device_name(),
-                       "fp32_precision": torch.backends.cuda.matmul.fp32_precision, **results}, f, indent=2)
+        with atomic_write(args.json) as f:
+            f.write(json.dumps({"info": pyfastnn.info(), "torch": torch.__version__,
+                                "device": torch.cuda.get_device_name(),
+                                "fp32_precision": getattr(torch.backends.cuda.matmul, "fp32_precision", None),
+                                **results}, indent=2).encode())
     return 0
 
 

@@ -42,6 +42,8 @@ import torch.nn.functional as F
 
 from pyfastnn import cuda_graph_step, fuse
 from pyfastnn.benchmark import saved_for_backward_bytes, time_interleaved, train_step
+from pyfastnn.command import positive_int
+from pyfastnn.files import atomic_write, check_output_file
 from pyfastnn.lesson.data import MNIST_MEAN, MNIST_STD, find_mnist, load_mnist
 from pyfastnn.info import info
 from pyfastnn.lesson.models import MNISTClassifier
@@ -338,10 +340,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="steps and inference only, no compile")
     parser.add_argument("--full-script", action="store_true", help="also the 5-epoch lesson script vs pyfastnn train")
     parser.add_argument("--data", help="MNIST folder for --full-script (default: $PYFASTNN_MNIST or ../shared/data/mnist)")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=positive_int, default=5)
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--whole-process", type=int, metavar="ROUNDS",
+    parser.add_argument("--whole-process", type=positive_int, metavar="ROUNDS",
                         help="also the lesson script vs `pyfastnn train` as whole processes, ROUNDS alternations")
     parser.add_argument("--lesson-script", action="store_true", help=argparse.SUPPRESS)  # one run, for --whole-process
     args = parser.parse_args(argv)
@@ -349,6 +351,11 @@ def main(argv=None) -> int:
         print(f"lesson test accuracy {lesson_script(args.data, args.epochs):.4f}")
         return 0
     data = _mnist_folder(args.data, parser)  # before minutes of benchmarks
+    if args.json:
+        try:
+            check_output_file(args.json)
+        except OSError as error:
+            parser.error(str(error))
     if (args.full_script or args.whole_process) and data is None:
         parser.error("--full-script and --whole-process need MNIST (--data DIR)")
     build = info()
@@ -398,7 +405,8 @@ def _mnist_folder(data, parser):
 
 def _write_json(path, build, results) -> None:
     if path:
-        Path(path).write_text(json.dumps({"info": build, "results": results}, indent=2))
+        with atomic_write(path) as f:
+            f.write(json.dumps({"info": build, "results": results}, indent=2).encode())
         print(f"wrote {path}")
 
 

@@ -15,14 +15,13 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .command import command_parser, path_argument, positive_int, run_command
-from .files import atomic_write, ensure_writable_folder
+from .files import atomic_write, check_output_file
 from .functional import fused_linear
 from .info import info
 
@@ -234,9 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _bench(args) -> int:
     if args.json:  # a bad path fails now, not after the benchmark has run
-        if Path(args.json).is_dir():
-            raise IsADirectoryError(f"--json {args.json} is a folder; give a file name")
-        ensure_writable_folder(Path(args.json).parent, "folder for --json")
+        check_output_file(args.json)
     if args.quick:
         kwargs = dict(shapes=QUICK_SHAPES, activations=("relu", "gelu"), threads=args.threads or (2,),
                       with_compile=False, rounds=5, target_s=0.01)

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator, NoReturn, Union
 
-__all__ = ["atomic_write", "ensure_writable_folder"]
+__all__ = ["atomic_write", "ensure_writable_folder", "check_output_file"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -133,4 +133,26 @@ def ensure_writable_folder(path: PathLike, what: str = "output folder") -> Path:
             pass
     except OSError as e:
         raise type(e)(f"{what} {path} is not writable ({e.strerror or e})") from None
+    return path
+
+
+def check_output_file(path: PathLike, what: str = "--json") -> Path:
+    """Checks up front that a file can be written at ``path`` (not a folder; its folder created and
+    writable), so that a long run fails before its work rather than when saving it.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> check_output_file(folder / "out" / "bench.json") == folder / "out" / "bench.json"
+        True
+        >>> try:
+        ...     check_output_file(folder)
+        ... except IsADirectoryError as e:
+        ...     print(str(e).replace(str(folder), "FOLDER"))
+        --json FOLDER is a folder; give a file name
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder; give a file name")
+    ensure_writable_folder(path.parent, f"folder for {what}")
     return path

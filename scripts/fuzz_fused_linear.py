@@ -13,17 +13,24 @@ import time
 
 import torch
 
+from pyfastnn.command import positive_int
 from pyfastnn.testing import run
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=10000)
+    parser.add_argument("--cases", type=positive_int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mlp", action="store_true", help="fuzz fused_mlp instead of fused_linear")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
     args = parser.parse_args()
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        parser.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is visible")
     start = time.perf_counter()
     mismatches = run(args.cases, args.seed, mlp=args.mlp, device=args.device)

@@ -23,8 +23,26 @@ if [ "${PYFASTNN_CUDA:-}" != "0" ] && [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local
 fi
 # The lesson's and the tests' dependencies come from setup.py's extras (pip install "pyfastnn[lesson]"
 # is what a library user adds for `pyfastnn train` / `demo`).
-echo "[setup] building pyfastnn (C++ extension${PYFASTNN_CUDA:+, PYFASTNN_CUDA=$PYFASTNN_CUDA}) with the lesson and test extras"
-MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-  --no-build-isolation -e "$ROOT[lesson,test]"
 cd "$ROOT"  # import this tree's build, whatever folder the caller is in
+# A re-run keeps the extension when it loads under this torch, was built with the CUDA choice asked
+# for, and no build input changed since (pip would otherwise rebuild it from scratch every time).
+up_to_date() {
+  local built
+  built="$(ls pyfastnn/_C.*.so 2>/dev/null | head -n 1)"
+  [ -n "$built" ] && [ -z "$(find csrc cmake setup.py CMakeLists.txt -newer "$built" -print -quit)" ] &&
+    "$VENV/bin/python" - "${PYFASTNN_CUDA:-}" 2>/dev/null <<'PY'
+import importlib.util, sys, pyfastnn, pyfastnn.extras
+want, cuda = sys.argv[1], pyfastnn.info()["backends"]["cuda"]
+extras_missing = pyfastnn.extras.missing_lesson_requirements() or [
+    name for name in ("pytest", "hypothesis", "expecttest") if importlib.util.find_spec(name) is None]
+sys.exit(bool(extras_missing) or (want == "1" and not cuda) or (want == "0" and cuda))
+PY
+}
+if up_to_date; then
+  echo "[setup] pyfastnn's extension is up to date with csrc/ and this torch: not rebuilt (touch setup.py to force)"
+else
+  echo "[setup] building pyfastnn (C++ extension${PYFASTNN_CUDA:+, PYFASTNN_CUDA=$PYFASTNN_CUDA}) with the lesson and test extras"
+  MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+    --no-build-isolation -e "$ROOT[lesson,test]"
+fi
 "$VENV/bin/python" -c "import pyfastnn; print('[setup] pyfastnn', pyfastnn.__version__, 'ready:', pyfastnn.info()['cpu_isa'], 'kernels')"

@@ -100,7 +100,6 @@ def _locate(root: Path, dataset: _Dataset, stem: str) -> Optional[Path]:
 
 def _download(root: Path, dataset: _Dataset, stem: str) -> Path:
     target_dir = root / dataset.folder / "raw"
-    target_dir.mkdir(parents=True, exist_ok=True)
     errors = []
     for mirror in dataset.mirrors:
         url = f"{mirror}{stem}.gz"
@@ -116,11 +115,12 @@ def _download(root: Path, dataset: _Dataset, stem: str) -> Path:
             errors.append(f"{url}: MD5 mismatch of the decompressed file")
             continue
         path = target_dir / stem
+        target_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed download leaves no empty folders
         with atomic_write(path) as f:  # an interrupted download leaves no half file behind
             f.write(raw)
         return path
-    raise IDXError(f"could not download {stem} (offline?). Tried:\n  " + "\n  ".join(errors) +
-                   f"\nPlace the IDX files in {root} (flat or {dataset.folder}/raw) and retry.")
+    raise IDXError(f"could not download {stem} (offline?): {'; '.join(errors)}; place the IDX files in {root} "
+                   f"(flat or {dataset.folder}/raw) and retry")
 
 
 def _load(root: PathLike, dataset: _Dataset, train: bool, download: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -135,18 +135,29 @@ def _load(root: PathLike, dataset: _Dataset, train: bool, download: bool) -> Tup
                 if not root.is_dir():
                     raise IDXError(f"data folder {root} " + ("is not a folder" if root.exists() else "does not exist"))
                 raise IDXError(f"{stem}[.gz] not found under {root} (flat or {dataset.folder}/raw); "
-                               f"pass download=True or point --data at the folder")
+                               f"download it (--download, or download=True) or point --data at the folder")
             path = _download(root, dataset, stem)
         arrays.append((path, read_idx(path, expected_ndim=ndim)))
     (image_path, images), (label_path, labels) = arrays
     if images.dtype != np.uint8 or images.shape[1:] != (28, 28):
         raise IDXError(f"{image_path}: expected uint8 28x28 images, got {images.dtype} {images.shape[1:]}")
+    if images.shape[0] == 0:
+        raise IDXError(f"{image_path}: holds no images")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise IDXError(f"{label_path}: expected integer labels, got {labels.dtype}")
+    if dataset is _FASHION and labels.dtype == np.uint8 and _label_file_md5(labels) == _MNIST.md5[f"{prefix}-labels-idx1-ubyte"]:
+        raise IDXError(f"{label_path}: these are MNIST's labels, not Fashion-MNIST's (the files have the same names)")
     if labels.shape[0] != images.shape[0]:
         raise IDXError(f"{label_path}: {labels.shape[0]} labels for {images.shape[0]} images")
     if labels.size and (labels.max() > 9 or labels.min() < 0):
         bad = labels.max() if labels.max() > 9 else labels.min()
         raise IDXError(f"{label_path}: label {bad} outside 0..9")
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))  # read_idx's arrays are copies
+
+
+def _label_file_md5(labels: np.ndarray) -> str:
+    """The MD5 of the decompressed IDX file holding these uint8 labels (as MNIST publishes them)."""
+    return hashlib.md5(b"\x00\x00\x08\x01" + struct.pack(">I", len(labels)) + labels.tobytes()).hexdigest()
 
 
 def load_mnist(root: PathLike, train: bool = True, download: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -161,9 +161,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _demo(args) -> int:
     # Mistakes in --data, --device or --out fail now, naming the problem, not after minutes of lesson.
     check_device(args.device, "fused")
-    if args.data is not None:  # both splits: a damaged training file would otherwise fail last
-        load_mnist(args.data, train=False)
-        load_mnist(args.data, train=True)
+    data = args.data if args.data is not None else find_mnist()  # --data, else $PYFASTNN_MNIST if it holds MNIST
+    if data is not None:  # both splits: a damaged training file would otherwise fail last
+        load_mnist(data, train=False)
+        load_mnist(data, train=True)
     out = ensure_writable_folder(args.out)
-    run(out, args.data, args.mnist_steps, bench=not args.no_bench, device=args.device)
+    if data is not None:
+        ensure_writable_folder(out / "mnist", "folder for the MNIST run")
+    run(out, data, args.mnist_steps, bench=not args.no_bench, device=args.device)
     return 0

@@ -311,6 +311,10 @@ def check_resume_settings(state: Dict, path, config: TrainConfig) -> None:
     wanted = dataclasses.asdict(config)
     differ = [f"{name} {saved[name]!r} (asked: {wanted[name]!r})" for name in RUN_SETTINGS
               if name in saved and saved[name] != wanted[name]]
+    # Each process trains on its shard of every epoch: another count is another run.
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.get("world_size", processes) != processes:
+        differ.append(f"{state['world_size']!r} process(es) (asked: {processes})")
     if differ:
         raise CheckpointError(f"checkpoint {path}: was trained with {', '.join(differ)}; resume with the "
                               f"checkpoint's settings, or start a new run without --resume")
@@ -349,13 +353,13 @@ def _check_no_other_run(out: Path, resume: Optional[str]) -> None:
 
 
 def save_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer, history: List[Dict], epoch: int,
-                    config: TrainConfig, device: str) -> None:
+                    config: TrainConfig, device: str, world_size: int = 1) -> None:
     """Everything :func:`restore_checkpoint` needs to continue exactly, written atomically."""
     # Serialized in memory first: torch.save writing into a full disk reports only "unexpected pos";
     # the file write then fails with the system's own reason, naming the file.
     serialized = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "history": history, "epoch": epoch, "config": dataclasses.asdict(config),
+                "history": history, "epoch": epoch, "config": dataclasses.asdict(config), "world_size": world_size,
                 "rng_state": torch.get_rng_state(),
                 "cuda_rng_state": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}, serialized)
     with atomic_write(path) as f:
@@ -522,7 +526,8 @@ def train(config: TrainConfig) -> TrainResult:
                       f"test loss {h['test_loss']:.4f} acc {h['test_accuracy']:.4f} | {seconds:.1f} s")
             if out is not None:
                 checkpoint_epoch = epoch + 1
-                save_checkpoint(out / "checkpoint.pt", model, optimizer, history, checkpoint_epoch, config, device)
+                save_checkpoint(out / "checkpoint.pt", model, optimizer, history, checkpoint_epoch, config, device,
+                                world_size)
                 write_json(out / "metrics.json",
                            run_metrics(config, device, world_size, graphed, history, False, checkpoint_epoch))
 
@@ -531,7 +536,8 @@ def train(config: TrainConfig) -> TrainResult:
         print(f"nothing to train: {done}epochs is {config.epochs}")
     if out is not None and checkpoint_epoch is None:  # no epoch ran: the folder still gets the state it ends with
         checkpoint_epoch = start_epoch
-        save_checkpoint(out / "checkpoint.pt", model, optimizer, history, checkpoint_epoch, config, device)
+        save_checkpoint(out / "checkpoint.pt", model, optimizer, history, checkpoint_epoch, config, device,
+                        world_size)
     metrics = run_metrics(config, device, world_size, graphed, history, True, checkpoint_epoch)
     if out is not None:
         if config.plots and history:

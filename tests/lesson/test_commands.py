@@ -169,6 +169,7 @@ def test_train_resume_of_missing_file_or_other_model(capsys, tmp_path, tiny_mnis
      "betas (2.0, 3.0) (this run: (0.9, 0.999))"),
     (lambda state: state["optimizer"]["param_groups"][0].update(lr="x"), "optimizer state does not fit this run's Adam: lr 'x'"),
     (lambda state: state["optimizer"].update(param_groups=[]), "not the state of one Adam parameter group"),
+    (lambda state: state.update(world_size=2), "was trained with 2 process(es) (asked: 1)"),  # torchrun's shards
 ])
 def test_train_resume_of_an_edited_checkpoint_names_what_is_wrong(capsys, tmp_path, tiny_mnist_dir, edit, problem):
     from pyfastnn.lesson.train import TrainConfig, train
@@ -271,6 +272,24 @@ def test_demo_damaged_training_file_is_named_before_the_lesson_runs(capsys, tmp_
     status, stdout, err = cli(capsys, "demo", "--data", str(data), "--out", str(tmp_path / "pictures"))
     assert status == 1 and damaged.name in error_line(err, "pyfastnn demo")
     assert "Perceptron" not in stdout
+
+
+def test_demo_checks_pyfastnn_mnist_and_its_mnist_folder_before_the_lesson_runs(capsys, tmp_path, tiny_mnist_dir,
+                                                                               monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    for source in tiny_mnist_dir.iterdir():
+        (data / source.name).write_bytes(source.read_bytes())
+    monkeypatch.setenv("PYFASTNN_MNIST", str(data))
+    out = tmp_path / "pictures"
+    out.mkdir()
+    (out / "mnist").write_text("a file where the MNIST run's folder goes")
+    status, stdout, err = cli(capsys, "demo", "--out", str(out))
+    assert status == 1 and f"{out / 'mnist'} is a file" in error_line(err, "pyfastnn demo") and "Perceptron" not in stdout
+    damaged = next(data.glob("train-labels*"))
+    damaged.write_bytes(b"\x1f\x8b not gzip at all")
+    status, stdout, err = cli(capsys, "demo", "--out", str(tmp_path / "other"))
+    assert status == 1 and damaged.name in error_line(err, "pyfastnn demo") and "Perceptron" not in stdout
 
 
 def test_demo_bad_arguments(capsys, tmp_path, tiny_mnist_dir):

@@ -131,8 +131,31 @@ def test_download_verifies_decompressed_md5_and_explains_offline(tmp_path, mnist
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(data.urllib.request, "urlopen", offline)
-    with pytest.raises(IDXError, match=r"could not download t10k-images-idx3-ubyte \(offline\?\)"):
+    with pytest.raises(IDXError, match=r"could not download t10k-images-idx3-ubyte \(offline\?\)") as caught:
         load_mnist(tmp_path / "third", train=False, download=True)
+    assert "\n" not in str(caught.value) and "Name or service not known" in str(caught.value)
+    assert not (tmp_path / "third" / "MNIST").exists()  # no empty folders left behind
+
+
+def test_labels_must_be_integers_images_present_and_fashion_not_mnist(tmp_path, mnist_dir):
+    from pyfastnn.lesson.data import load_fashion_mnist
+
+    with pytest.raises(IDXError, match="these are MNIST's labels, not Fashion-MNIST's"):
+        load_fashion_mnist(mnist_dir, train=False)
+    images = np.zeros((2, 28, 28), np.uint8)
+    for name, labels, problem in (("floats", np.array([3.7, 1.0], ">f8"), "expected integer labels, got float64"),
+                                  ("empty", None, "holds no images")):
+        folder = tmp_path / name
+        folder.mkdir()
+        kept = images if labels is not None else images[:0]
+        (folder / "t10k-images-idx3-ubyte").write_bytes(struct.pack(">BBBBIII", 0, 0, 8, 3, len(kept), 28, 28)
+                                                        + kept.tobytes())
+        labels = labels if labels is not None else np.zeros(0, np.uint8)
+        code = 0x0E if labels.dtype.kind == "f" else 0x08
+        (folder / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">BBBBI", 0, 0, code, 1, len(labels))
+                                                        + labels.tobytes())
+        with pytest.raises(IDXError, match=problem):
+            load_mnist(folder, train=False)
 
 
 def test_normalize_is_the_formula_bit_for_bit_and_leaves_its_input_alone():
