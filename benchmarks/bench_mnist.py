@@ -280,7 +280,7 @@ def bench_whole_process(data, log, rounds=3, epochs=5):
             "lesson": [sys.executable, str(Path(__file__).resolve()), "--lesson-script", "--data", str(data),
                        "--epochs", str(epochs)],
             "pyfastnn": [sys.executable, "-m", "pyfastnn", "train", "mnist", "--data", str(data), "--epochs",
-                         str(epochs), "--out", str(Path(scratch) / "run")],
+                         str(epochs), "--out", str(Path(scratch) / "run"), "--overwrite"],  # each round anew
         }
         # The fixed cost any script pays before its first step: the interpreter, torch, and the
         # torch._dynamo that torch.optim imports when an optimizer first runs.

@@ -21,7 +21,9 @@ def cuda_relu_epilogue(enabled: bool = True) -> Iterator[None]:
     memory less per layer, at the price of NaN. cuBLASLt's relu epilogue is reported to write 0
     where the pre-activation is NaN, where ``torch.relu`` keeps NaN; a network whose weights turned
     NaN would then give finite outputs and losses, which is why this is off by default. On exit the
-    setting from before returns. CPU layers are unaffected.
+    setting from before returns. CPU layers are unaffected. The setting is process-wide, like torch's
+    backend flags: blocks nest within a thread, but blocks entered and left from several threads at
+    once restore each other's settings in the order they end.
 
     Example:
         >>> import torch, pyfastnn

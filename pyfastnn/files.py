@@ -53,10 +53,11 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), shown)
     if path.exists() and not path.is_file():  # a device or a pipe: nothing to replace
         try:
-            with open(path, "wb") as f:
-                yield f
+            f = open(path, "wb")
         except OSError as e:
-            _raise_naming(e, shown)
+            _raise_naming(e, shown, cause=False)
+        with f:
+            yield f
         return
     # Same folder, so the rename stays on one file system and is atomic; a dot name keeps it out of globs.
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -73,8 +74,9 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
-        if isinstance(e, OSError):
-            _raise_naming(e, shown)  # "disk full" names the file it hit
+        # "disk full" names the file it hit; an error about another file (one the block reads) keeps its name
+        if isinstance(e, OSError) and (e.filename is None or os.fspath(e.filename) == str(temporary)):
+            _raise_naming(e, shown)
         raise
     _sync_folder(path.parent)
 

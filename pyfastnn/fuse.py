@@ -29,9 +29,13 @@ fused modules hold the very same parameter tensors; everything else is left alon
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import math
+import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Tuple
@@ -165,33 +169,33 @@ def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_w
     return seq
 
 
-class _ShallowTracer(torch.fx.Tracer):
-    """Keeps every submodule a leaf (each module level is fused on its own), and notes whether
-    ``forward`` sets a mode a graph does not record: grad mode (``with torch.no_grad():``,
-    ``torch.set_grad_enabled``), inference mode or autocast (``with torch.autocast(...)``)."""
+def _execution_modes() -> Tuple:
+    """The thread's modes a traced graph does not record: grad mode, and autocast per device."""
+    return (torch.is_grad_enabled(),
+            *((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) for device in ("cpu", "cuda")))
 
-    _MODE_SETTERS = ((torch._C, "_set_grad_enabled"), (torch._C, "_InferenceMode"), (torch, "set_autocast_enabled"))
+
+class _ShallowTracer(torch.fx.Tracer):
+    """Keeps every submodule a leaf (each module level is fused on its own), and notes whether the
+    modes a graph does not record (grad mode, autocast) differ anywhere in ``forward`` from those the
+    trace began in. :func:`_trace` traces each module twice, once with grad mode on and autocast off
+    and once the other way round, so ``with torch.no_grad():``, ``torch.enable_grad()``,
+    ``torch.autocast(...)`` in either sense show up in one of the two. (These modes are the thread's
+    own: tracing changes nothing other threads see.)"""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
 
     def trace(self, root, concrete_args=None):
-        self.sets_modes = False
-        originals = [getattr(owner, name) for owner, name in self._MODE_SETTERS]
+        self.modes = _execution_modes()
+        self.switches_modes = False
+        graph = super().trace(root, concrete_args)
+        self.switches_modes |= _execution_modes() != self.modes
+        return graph
 
-        def noting(setter):
-            def call(*args, **kwargs):
-                self.sets_modes = True
-                return setter(*args, **kwargs)
-            return call
-
-        for (owner, name), setter in zip(self._MODE_SETTERS, originals):
-            setattr(owner, name, noting(setter))
-        try:
-            return super().trace(root, concrete_args)
-        finally:
-            for (owner, name), setter in zip(self._MODE_SETTERS, originals):
-                setattr(owner, name, setter)
+    def create_node(self, *args, **kwargs):
+        self.switches_modes |= _execution_modes() != self.modes
+        return super().create_node(*args, **kwargs)
 
 
 def _node_activation(gm: torch.fx.GraphModule, node: torch.fx.Node, source: torch.fx.Node):
@@ -217,49 +221,87 @@ class _Trace:
     frozen: Optional[str]  # why the graph cannot stand for forward, if it cannot
 
 
+#: What every nn.Module holds in its __dict__ (training, _parameters, the hook dicts...): not the user's.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+#: Values a graph may freeze: immutable, with an equality that says whether they changed.
+_FREEZABLE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+_reads = threading.local()  # the attribute reads of the trace running on this thread
+
+
+_recording_classes: "weakref.WeakKeyDictionary[type, type]" = weakref.WeakKeyDictionary()
+
+
+def _recording_class(cls: type) -> type:
+    """The class a module of class `cls` takes while it is traced: it notes which of the module's
+    own plain attributes forward reads (the graph freezes their values). Made once per class (class
+    creation runs the user's ``__init_subclass__``; the name keeps it apart from the user's classes)."""
+    if cls not in _recording_classes:
+        def __getattribute__(self, name):
+            value = cls.__getattribute__(self, name)
+            recording = getattr(_reads, "active", None)
+            if recording is not None and recording[0] is self and name in recording[1]:
+                recording[2].setdefault(name, value)
+            return value
+
+        _recording_classes[cls] = type(f"_PyfastnnTraced{cls.__name__}", (cls,),
+                                       {"__getattribute__": __getattribute__, "__module__": cls.__module__})
+    return _recording_classes[cls]
+
+
+def _frozen_value(value: object) -> bool:
+    return isinstance(value, _FREEZABLE) or (isinstance(value, tuple) and all(map(_frozen_value, value)))
+
+
 def _trace(module: nn.Module, flip_modes: bool = False) -> _Trace:
-    """`module.forward` traced as it stands, or with the train/eval flag of `module` and of each of
-    its submodules flipped. Tracing runs forward on proxies: whatever it assigns to the modules
-    (``self.last = x``, a buffer, the flags, the tracer's constants) is put back after."""
+    """`module.forward` traced as it stands (grad mode on, autocast off), or with the train/eval flag
+    of `module` and of each of its submodules flipped (grad mode off, autocast on). Tracing runs
+    forward on proxies: whatever it assigns to the modules (``self.last = x``, a buffer, a parameter,
+    the flags, the tracer's constants) is put back after, and ``frozen`` says why the graph cannot
+    stand for ``forward`` where it cannot."""
     modules = list(module.modules())
     flags = [m.training for m in modules]
-    attributes, buffers, children = dict(vars(module)), dict(module._buffers), dict(module._modules)
-    plain = {name for name, value in attributes.items() if not name.startswith("_") and name != "training"}
+    attributes, cls = dict(vars(module)), type(module)
+    members = {name: dict(getattr(module, name)) for name in ("_parameters", "_buffers", "_modules")}
+    plain = set(attributes) - _MODULE_INTERNALS
     reads: Dict[str, object] = {}
-    cls = type(module)
-
-    def __getattribute__(self, name):  # notes forward's reads of plain attributes
-        value = cls.__getattribute__(self, name)
-        if name in plain and self is module:
-            reads.setdefault(name, value)
-        return value
-
     tracer = _ShallowTracer()
-    if flip_modes:
-        for m, flag in zip(modules, flags):
-            m.training = not flag
-    module.__class__ = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__})
+    modes = contextlib.ExitStack()
     try:
-        graph = tracer.trace(module)
+        if flip_modes:
+            for m, flag in zip(modules, flags):
+                m.training = not flag
+            modes.enter_context(torch.no_grad())
+            modes.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        else:
+            modes.enter_context(torch.enable_grad())
+            modes.enter_context(torch.autocast("cpu", enabled=False))
+        module.__class__ = _recording_class(cls)
+        _reads.active = (module, plain, reads)
+        with modes:
+            graph = tracer.trace(module)
         constants = {node.target: getattr(module, node.target) for node in graph.nodes
                      if node.op == "get_attr" and node.target not in attributes and "." not in node.target}
-        changed = sorted({name for name, value in vars(module).items()
-                          if name not in constants and (name not in attributes or attributes[name] is not value)}
-                         - {"training"}
-                         | {name for name, value in module._buffers.items() if buffers.get(name, value) is not value}
-                         | set(module._modules).symmetric_difference(children))
+        changed = {name for name, value in vars(module).items()
+                   if name not in constants and (name not in attributes or attributes[name] is not value)}
+        for name, before in members.items():
+            now = getattr(module, name)
+            changed |= {key for key in set(now) | set(before) if now.get(key) is not before.get(key)}
     finally:
+        _reads.active = None
         module.__class__ = cls
         vars(module).clear()
         vars(module).update(attributes)
-        module._buffers.clear()
-        module._buffers.update(buffers)
-        module._modules.clear()
-        module._modules.update(children)
+        for name, before in members.items():
+            getattr(module, name).clear()
+            getattr(module, name).update(before)
         for m, flag in zip(modules, flags):
             m.training = flag
-    frozen = (f"forward assigns {', '.join(changed)}" if changed else
-              "forward sets grad mode, inference mode or autocast" if tracer.sets_modes else None)
+    changed -= {"training"}
+    unfreezable = sorted(name for name, value in reads.items() if not _frozen_value(value))
+    frozen = (f"forward assigns {', '.join(sorted(changed))}" if changed else
+              "forward sets grad mode or autocast" if tracer.switches_modes else
+              f"forward reads {', '.join(unfreezable)}, which a graph cannot follow" if unfreezable else None)
     return _Trace(graph, constants, reads, frozen)
 
 
@@ -282,14 +324,16 @@ class _KeepingGraphModule(torch.fx.GraphModule):
     """A GraphModule that keeps all of the module it was traced from. GraphModule alone keeps only
     what its graph uses, when built and again when copied or unpickled: unused submodules,
     parameters and buffers (and their state-dict keys) would be lost, and with them the plain
-    attributes (``self.num_classes``) and which buffers are non-persistent.
+    attributes (``self.num_classes``), which buffers are non-persistent, and hooks added later.
 
-    The graph froze the plain attributes forward read (``if self.return_hidden:``): a call after
-    one of them changed raises instead of computing what the old value said."""
+    The graph froze the plain attributes forward read (``if self.return_hidden:``; only immutable
+    values are let through, see :func:`_trace`): a call after one of them changed raises instead of
+    computing what the old value said."""
 
-    # What GraphModule's own constructor would not keep; the plain attributes' names are listed in
-    # _plain_names, the values forward read while traced in _traced_with.
-    _KEPT = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set", "_plain_names", "_traced_with")
+    # What GraphModule's own constructor and copies would not keep; the plain attributes' names are
+    # listed in _plain_names, the values forward read while traced in _traced_with.
+    _KEPT = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set", "_plain_names", "_traced_with",
+             *sorted(name for name in _MODULE_INTERNALS if "hook" in name))
 
     @classmethod
     def keeping(cls, module: nn.Module, trace: _Trace) -> "_KeepingGraphModule":
@@ -301,8 +345,7 @@ class _KeepingGraphModule(torch.fx.GraphModule):
         finally:
             for name in trace.constants:
                 del vars(module)[name]
-        plain = {name: value for name, value in vars(module).items()
-                 if not name.startswith("_") and not hasattr(gm, name)}
+        plain = {name: vars(module)[name] for name in _plain_attribute_names(module)}
         kept = {"_modules": OrderedDict(module._modules), "_parameters": OrderedDict(module._parameters),
                 "_buffers": OrderedDict(module._buffers, **trace.constants),
                 "_non_persistent_buffers_set": module._non_persistent_buffers_set | set(trace.constants),
@@ -315,7 +358,7 @@ class _KeepingGraphModule(torch.fx.GraphModule):
         type(self).__name__ = class_name  # each GraphModule has a class of its own
 
     def _kept(self) -> Dict[str, object]:
-        return {name: self.__dict__[name] for name in self._KEPT + self._plain_names}
+        return {name: self.__dict__[name] for name in self._KEPT + self._plain_names if name in self.__dict__}
 
     def __call__(self, *args, **kwargs):
         for name, traced in self._traced_with.items():
@@ -344,16 +387,37 @@ class _KeepingGraphModule(torch.fx.GraphModule):
         return _unpickle_keeping_graph_module, (rebuild, arguments, self._kept(), type(self).__name__)
 
 
+def _plain_attribute_names(module: nn.Module) -> List[str]:
+    """The user's own attributes of `module` (``self.num_classes``, ``self._scale``): what its
+    __dict__ holds beyond nn.Module's internals."""
+    return [name for name in vars(module) if name not in _MODULE_INTERNALS]
+
+
+_GRAPH_MODULE_NAMES: Set[str] = set()
+
+
+def _clashes_with_graph_module(module: nn.Module) -> List[str]:
+    """The user's attributes a GraphModule has too (``meta``, ``graph``, ``code``...): a traced
+    module with one of them cannot keep it."""
+    if not _GRAPH_MODULE_NAMES:
+        _GRAPH_MODULE_NAMES.update(set(vars(torch.fx.GraphModule(nn.Module(), torch.fx.Graph()))) - _MODULE_INTERNALS)
+        _GRAPH_MODULE_NAMES.update(dir(torch.fx.GraphModule))
+    return [name for name in _plain_attribute_names(module) if name in _GRAPH_MODULE_NAMES]
+
+
 _MISSING = object()
 
 
 def _same(a: object, b: object) -> bool:
+    """Whether a frozen value (:data:`_FREEZABLE`, or a tuple of them) is unchanged: the same type
+    and equal, NaN equal to NaN."""
     if a is b:
         return True
-    try:
-        return type(a) is type(b) and bool(a == b)
-    except Exception:  # an == that gives no single truth value (arrays) or fails
+    if type(a) is not type(b):
         return False
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return bool(a == b) or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
 
 
 def _unpickle_keeping_graph_module(rebuild, arguments, kept: Dict[str, object], class_name: str) -> _KeepingGraphModule:
@@ -372,7 +436,8 @@ def _fuse_traced(module: nn.Module, path: str, fusion: "_Fusion") -> nn.Module:
         other = _trace(module, flip_modes=True)
     except Exception:  # data-dependent control flow and the like: leave the module alone
         return module
-    if trace.frozen or trace.graph.python_code("self").src != other.graph.python_code("self").src:
+    if (trace.frozen or other.frozen or _clashes_with_graph_module(module)
+            or trace.graph.python_code("self").src != other.graph.python_code("self").src):
         # forward reads a training flag (an `if self.training:` branch, F.dropout(x, p, self.training)):
         # a traced graph would keep the mode it was traced in forever.
         return module

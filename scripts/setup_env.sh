@@ -24,12 +24,16 @@ fi
 # The lesson's and the tests' dependencies come from setup.py's extras (pip install "pyfastnn[lesson]"
 # is what a library user adds for `pyfastnn train` / `demo`).
 cd "$ROOT"  # import this tree's build, whatever folder the caller is in
-# A re-run keeps the extension when it loads under this torch, was built with the CUDA choice asked
-# for, and no build input changed since (pip would otherwise rebuild it from scratch every time).
+# A re-run keeps the extension when it is installed in this environment, loads under its torch, was
+# built with the same settings, and no build input changed since (pip would otherwise rebuild it
+# from scratch every time).
+SETTINGS="venv=$VENV torch=$TORCH_SPEC cuda=${PYFASTNN_CUDA:-} archs=${TORCH_CUDA_ARCH_LIST:-} cuda_home=${CUDA_HOME:-}"
+STAMP="$ROOT/build/setup_env.settings"
 up_to_date() {
   local built
   built="$(ls pyfastnn/_C.*.so 2>/dev/null | head -n 1)"
-  [ -n "$built" ] && [ -z "$(find csrc cmake setup.py CMakeLists.txt -newer "$built" -print -quit)" ] &&
+  [ -n "$built" ] && [ -x "$VENV/bin/pyfastnn" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$SETTINGS" ] &&
+    [ -z "$(find csrc cmake setup.py CMakeLists.txt -newer "$built" -print -quit)" ] &&
     "$VENV/bin/python" - "${PYFASTNN_CUDA:-}" 2>/dev/null <<'PY'
 import importlib.util, sys, pyfastnn, pyfastnn.extras
 want, cuda = sys.argv[1], pyfastnn.info()["backends"]["cuda"]
@@ -44,5 +48,6 @@ else
   echo "[setup] building pyfastnn (C++ extension${PYFASTNN_CUDA:+, PYFASTNN_CUDA=$PYFASTNN_CUDA}) with the lesson and test extras"
   MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
     --no-build-isolation -e "$ROOT[lesson,test]"
+  mkdir -p "$ROOT/build" && echo "$SETTINGS" > "$STAMP"
 fi
 "$VENV/bin/python" -c "import pyfastnn; print('[setup] pyfastnn', pyfastnn.__version__, 'ready:', pyfastnn.info()['cpu_isa'], 'kernels')"

@@ -348,8 +348,9 @@ def _check_no_other_run(out: Path, resume: Optional[str]) -> None:
     if not held or (resume is not None and (out / "checkpoint.pt").exists()
                     and os.path.samefile(resume, out / "checkpoint.pt")):
         return
-    raise FileExistsError(f"output folder {out} holds another run ({', '.join(held)}): continue it with --resume "
-                          f"{out / 'checkpoint.pt'}, start over there with --overwrite, or choose another --out")
+    resume_hint = f"continue it with --resume {out / 'checkpoint.pt'}, " if "checkpoint.pt" in held else ""
+    raise FileExistsError(f"output folder {out} holds another run ({', '.join(held)}): {resume_hint}start over "
+                          f"there with --overwrite, or choose another --out")
 
 
 def save_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer, history: List[Dict], epoch: int,

@@ -128,3 +128,9 @@ def test_atomic_write_names_the_target_when_the_rename_fails(tmp_path, monkeypat
             f.write(b"{}")
     assert caught.value.filename == str(tmp_path / "metrics.json") and ".tmp" not in str(caught.value)
     assert list(tmp_path.iterdir()) == []
+    # An error about another file, one the block reads, keeps that file's name.
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError) as caught:
+        with atomic_write(tmp_path / "out.bin") as f:
+            f.write((tmp_path / "missing-input").read_bytes())
+    assert caught.value.filename == str(tmp_path / "missing-input") and list(tmp_path.iterdir()) == []

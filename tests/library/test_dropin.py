@@ -5,6 +5,7 @@ in-place ops after identity outputs, live layer attributes and hook-based repara
 import copy
 import io
 import pickle
+import threading
 import warnings
 
 import pytest
@@ -554,6 +555,67 @@ def test_a_traced_module_refuses_calls_after_an_attribute_its_forward_read_chang
             clone(x)
         clone.return_hidden = False
         torch.testing.assert_close(clone(x), model(x))
+
+
+def _Scaled(name, value, read) -> nn.Module:
+    """A module whose forward reads its attribute `name` (set to `value`) through `read`."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            setattr(self, name, value)
+
+        def forward(self, x):
+            return read(self, torch.relu(self.fc(x)))
+
+    return Scaled()
+
+
+@pytest.mark.parametrize("name, value, read, fused", [
+    ("_scale", 2.0, lambda self, h: h * self._scale, True),           # private names are frozen and guarded too
+    ("eps", float("nan"), lambda self, h: h + (self.eps != self.eps), True),
+    ("scales", [2.0], lambda self, h: h * self.scales[0], False),      # mutable: changed in place unseen
+    ("history", [], lambda self, h: (self.history.append(1), h)[1], False),
+    ("mask", torch.full((4,), 2.0), lambda self, h: h * self.mask, False),  # a tensor that is no buffer
+    ("meta", {"scale": 2.0}, lambda self, h: h * self.meta["scale"], False),  # GraphModule's own name
+    ("gain", None, lambda self, h: (setattr(self, "gain", nn.Parameter(torch.ones(4))), h)[1], False),
+])
+def test_fuse_freezes_only_immutable_attributes_and_leaves_other_forwards_alone(name, value, read, fused):
+    torch.manual_seed(0)
+    model, x = _Scaled(name, value, read), torch.randn(3, 4)
+    result = pyfastnn.fuse(model)
+    assert isinstance(result.fc, FusedLinear) is fused and isinstance(result, torch.fx.GraphModule) is fused
+    assert sorted(vars(model)) == sorted(vars(_Scaled(name, value, read)))  # tracing left nothing behind
+    torch.testing.assert_close(result(x), model(x))
+    if fused and name == "_scale":
+        result._scale = 3.0
+        with pytest.raises(RuntimeError, match="traced while _scale was 2.0; it is now 3.0"):
+            result(x)
+    if fused and name == "eps":
+        result.eps = float("nan")  # NaN again: unchanged
+        torch.testing.assert_close(result(x), model(x))
+
+
+def test_fuse_is_unaffected_by_other_threads_grad_mode_and_keeps_later_hooks_through_copies():
+    stop = threading.Event()
+
+    def toggle():
+        while not stop.is_set():
+            with torch.no_grad():
+                pass
+
+    thread = threading.Thread(target=toggle)
+    thread.start()
+    try:  # the modes tracing watches are each thread's own
+        assert all(isinstance(pyfastnn.fuse(MaybeHidden()).fc, FusedLinear) for _ in range(20))
+    finally:
+        stop.set()
+        thread.join()
+    fused, calls = pyfastnn.fuse(MaybeHidden()), []
+    fused.register_forward_hook(lambda *args: calls.append(1))
+    for clone in (copy.deepcopy(fused), copy.copy(fused), fused):
+        clone(torch.randn(2, 8))
+    assert len(calls) == 3
 
 
 def test_fuse_keeps_a_linears_state_dict_hooks():
