@@ -33,6 +33,7 @@ import contextlib
 import copy
 import inspect
 import math
+import re
 import threading
 import warnings
 import weakref
@@ -240,7 +241,9 @@ def _recording_class(cls: type) -> type:
         def __getattribute__(self, name):
             value = cls.__getattribute__(self, name)
             recording = getattr(_reads, "active", None)
-            if recording is not None and recording[0] is self and name in recording[1]:
+            # (the tracer itself probes _tensor_constant<N> names when it numbers forward's tensors)
+            if (recording is not None and recording[0] is self and name in recording[1]
+                    and not name.startswith("_tensor_constant")):
                 recording[2].setdefault(name, value)
             return value
 
@@ -303,6 +306,14 @@ def _trace(module: nn.Module, flip_modes: bool = False) -> _Trace:
               "forward sets grad mode or autocast" if tracer.switches_modes else
               f"forward reads {', '.join(unfreezable)}, which a graph cannot follow" if unfreezable else None)
     return _Trace(graph, constants, reads, frozen)
+
+
+def _comparable_source(graph: torch.fx.Graph) -> str:
+    """The graph's code with its tensor constants numbered in order of appearance: the tracer numbers
+    them from a counter shared by all traces, so two traces of one forward may differ there alone."""
+    numbers: Dict[str, str] = {}
+    return re.sub(r"_tensor_constant\d+", lambda m: numbers.setdefault(m.group(), f"_tensor_constant#{len(numbers)}"),
+                  graph.python_code("self").src)
 
 
 def _forward_is_traceable(module: nn.Module) -> bool:
@@ -437,7 +448,7 @@ def _fuse_traced(module: nn.Module, path: str, fusion: "_Fusion") -> nn.Module:
     except Exception:  # data-dependent control flow and the like: leave the module alone
         return module
     if (trace.frozen or other.frozen or _clashes_with_graph_module(module)
-            or trace.graph.python_code("self").src != other.graph.python_code("self").src):
+            or _comparable_source(trace.graph) != _comparable_source(other.graph)):
         # forward reads a training flag (an `if self.training:` branch, F.dropout(x, p, self.training)):
         # a traced graph would keep the mode it was traced in forever.
         return module

@@ -681,6 +681,9 @@ def test_traced_fuse_keeps_a_forwards_tensor_constants_out_of_the_state_dict():
     for clone in (fused, copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
         torch.testing.assert_close(clone(x), model(x))
     torch.testing.assert_close(fused.double()(x.double()), model.double()(x.double()))  # the constant follows .to()
+    traced_before = ScalesByAConstant()
+    torch.fx.symbolic_trace(traced_before)  # leaves _tensor_constant0 on it; fuse's traces number theirs on
+    assert isinstance(pyfastnn.fuse(traced_before).fc, FusedLinear)
 
 
 def test_fuse_leaves_a_forward_with_optional_arguments_alone():
