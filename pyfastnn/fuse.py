@@ -15,9 +15,10 @@ Two passes, innermost modules first:
   Linear's own name, and the module becomes a ``torch.fx.GraphModule``. Modules that cannot be
   traced, modules whose traced graph differs between ``train()`` and ``eval()`` (a
   ``self.training`` branch or ``F.dropout(..., self.training)``, a child's flag too; a graph would
-  freeze one mode), and forwards doing what a graph does not record (assigning to the module,
-  setting grad mode, inference mode or autocast) are left as they are. The plain attributes a
-  traced forward read are frozen into its graph: the GraphModule refuses calls after one changed.
+  freeze one mode), and forwards doing what a graph does not record (taking more than one input,
+  assigning to the module, setting grad mode, inference mode or autocast, making tensors that differ
+  between traces, reading mutable or class-level values) are left as they are. The immutable
+  attributes a traced forward reads are frozen into its graph, whose first step raises if one changed.
 
 Modules with hooks are never absorbed (fusion would bypass the hooks), nor replaced (a Sequential
 with hooks is fused in place, a traced module with hooks is left as it is); :func:`fuse` warns about
@@ -34,6 +35,7 @@ import copy
 import inspect
 import math
 import re
+import sys
 import threading
 import warnings
 import weakref
@@ -171,18 +173,17 @@ def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_w
 
 
 def _execution_modes() -> Tuple:
-    """The thread's modes a traced graph does not record: grad mode, and autocast per device."""
-    return (torch.is_grad_enabled(),
+    """The thread's modes a traced graph does not record: grad mode, inference mode, autocast per device."""
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
             *((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) for device in ("cpu", "cuda")))
 
 
 class _ShallowTracer(torch.fx.Tracer):
     """Keeps every submodule a leaf (each module level is fused on its own), and notes whether the
-    modes a graph does not record (grad mode, autocast) differ anywhere in ``forward`` from those the
-    trace began in. :func:`_trace` traces each module twice, once with grad mode on and autocast off
-    and once the other way round, so ``with torch.no_grad():``, ``torch.enable_grad()``,
-    ``torch.autocast(...)`` in either sense show up in one of the two. (These modes are the thread's
-    own: tracing changes nothing other threads see.)"""
+    modes a graph does not record (grad mode, inference mode, autocast) differ anywhere in ``forward``
+    from those the trace began in. :func:`_trace` traces each module twice, in opposite modes, so
+    ``with torch.no_grad():``, ``torch.enable_grad()``, ``torch.autocast(...)`` in either sense show
+    up in one of the two. (These modes are the thread's own: tracing changes nothing other threads see.)"""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
@@ -218,7 +219,7 @@ def _node_activation(gm: torch.fx.GraphModule, node: torch.fx.Node, source: torc
 class _Trace:
     graph: torch.fx.Graph
     constants: Dict[str, torch.Tensor]  # tensors forward creates: the tracer keeps them as _tensor_constant0...
-    reads: Dict[str, object]  # the plain attributes forward read (self.flag), each frozen into the graph
+    reads: Dict[str, object]  # "path.name" -> value: the plain attributes forward read, frozen into the graph
     frozen: Optional[str]  # why the graph cannot stand for forward, if it cannot
 
 
@@ -227,29 +228,49 @@ _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 #: Values a graph may freeze: immutable, with an equality that says whether they changed.
 _FREEZABLE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 
-_reads = threading.local()  # the attribute reads of the trace running on this thread
-
-
-_recording_classes: "weakref.WeakKeyDictionary[type, type]" = weakref.WeakKeyDictionary()
+_reads = threading.local()  # while a traced forward runs on this thread: {module: (path, plain names)}, reads
 
 
 def _recording_class(cls: type) -> type:
-    """The class a module of class `cls` takes while it is traced: it notes which of the module's
-    own plain attributes forward reads (the graph freezes their values). Made once per class (class
-    creation runs the user's ``__init_subclass__``; the name keeps it apart from the user's classes)."""
+    """The class a module of class `cls` takes while it (or the module that owns it) is traced: it
+    notes the plain attributes forward reads, the module's own and its submodules' (the graph freezes
+    their values), and the class-level values and ``__dict__`` it reads (which no guard could follow).
+    Made once per class: class creation runs the user's ``__init_subclass__``, and the name keeps it
+    apart from the user's classes."""
     if cls not in _recording_classes:
         def __getattribute__(self, name):
             value = cls.__getattribute__(self, name)
-            recording = getattr(_reads, "active", None)
-            # (the tracer itself probes _tensor_constant<N> names when it numbers forward's tensors)
-            if (recording is not None and recording[0] is self and name in recording[1]
-                    and not name.startswith("_tensor_constant")):
-                recording[2].setdefault(name, value)
+            watched = getattr(_reads, "watched", None)
+            if watched is not None and self in watched and not _read_by_torch(sys._getframe(1)):
+                path, plain = watched[self]
+                if name in plain or name == "__dict__":
+                    _reads.values.setdefault(f"{path}{name}", value)
+                elif name not in _MODULE_INTERNALS and _is_class_data(cls, name):
+                    _reads.values.setdefault(f"{path}{name} (a class attribute)", _CLASS_ATTRIBUTE)
             return value
 
         _recording_classes[cls] = type(f"_PyfastnnTraced{cls.__name__}", (cls,),
                                        {"__getattribute__": __getattribute__, "__module__": cls.__module__})
     return _recording_classes[cls]
+
+
+_recording_classes: "weakref.WeakKeyDictionary[type, type]" = weakref.WeakKeyDictionary()
+_CLASS_ATTRIBUTE = object()  # the value noted for a class-level read: never frozen
+
+
+def _read_by_torch(frame) -> bool:
+    """Whether a read comes from torch itself (the tracer, nn.Module's machinery), not from forward."""
+    module = frame.f_globals.get("__name__", "")
+    return module == "torch" or module.startswith("torch.")
+
+
+def _is_class_data(cls: type, name: str) -> bool:
+    """Whether ``name`` is a plain value on the class (``scale = 1.0``), not a method or descriptor."""
+    try:
+        found = inspect.getattr_static(cls, name)
+    except AttributeError:
+        return False
+    return not (callable(found) or hasattr(found, "__get__"))
 
 
 def _frozen_value(value: object) -> bool:
@@ -258,54 +279,67 @@ def _frozen_value(value: object) -> bool:
 
 def _trace(module: nn.Module, flip_modes: bool = False) -> _Trace:
     """`module.forward` traced as it stands (grad mode on, autocast off), or with the train/eval flag
-    of `module` and of each of its submodules flipped (grad mode off, autocast on). Tracing runs
-    forward on proxies: whatever it assigns to the modules (``self.last = x``, a buffer, a parameter,
-    the flags, the tracer's constants) is put back after, and ``frozen`` says why the graph cannot
-    stand for ``forward`` where it cannot."""
-    modules = list(module.modules())
-    flags = [m.training for m in modules]
-    attributes, cls = dict(vars(module)), type(module)
+    of `module` and of each of its submodules flipped (grad mode off, inference mode on, float16
+    autocast on). Tracing runs forward on proxies: whatever it assigns to the modules (``self.last =
+    x``, a buffer, a parameter, the flags, the tracer's constants) is put back after, and ``frozen``
+    says why the graph cannot stand for ``forward`` where it cannot."""
+    named = list(module.named_modules())
+    flags = [m.training for _, m in named]
+    classes = [type(m) for _, m in named]
+    attributes = dict(vars(module))
     members = {name: dict(getattr(module, name)) for name in ("_parameters", "_buffers", "_modules")}
-    plain = set(attributes) - _MODULE_INTERNALS
-    reads: Dict[str, object] = {}
+    watched = {m: (f"{path}." if path else "", set(vars(m)) - _MODULE_INTERNALS) for path, m in named}
     tracer = _ShallowTracer()
     modes = contextlib.ExitStack()
     try:
         if flip_modes:
-            for m, flag in zip(modules, flags):
+            for (_, m), flag in zip(named, flags):
                 m.training = not flag
-            modes.enter_context(torch.no_grad())
-            modes.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+            modes.enter_context(torch.inference_mode())
+            modes.enter_context(torch.autocast("cpu", dtype=torch.float16))
         else:
             modes.enter_context(torch.enable_grad())
             modes.enter_context(torch.autocast("cpu", enabled=False))
-        module.__class__ = _recording_class(cls)
-        _reads.active = (module, plain, reads)
+        for (_, m), cls in zip(named, classes):
+            m.__class__ = _recording_class(cls)
+        _reads.watched, _reads.values = watched, {}
         with modes:
             graph = tracer.trace(module)
+        reads = _reads.values
+        _reads.watched = _reads.values = None  # what follows reads the modules too
+        existing = set(attributes) | set(members["_parameters"]) | set(members["_buffers"]) | set(members["_modules"])
         constants = {node.target: getattr(module, node.target) for node in graph.nodes
-                     if node.op == "get_attr" and node.target not in attributes and "." not in node.target}
+                     if node.op == "get_attr" and node.target.split(".")[0] not in existing}
         changed = {name for name, value in vars(module).items()
                    if name not in constants and (name not in attributes or attributes[name] is not value)}
         for name, before in members.items():
             now = getattr(module, name)
             changed |= {key for key in set(now) | set(before) if now.get(key) is not before.get(key)}
     finally:
-        _reads.active = None
-        module.__class__ = cls
+        _reads.watched = _reads.values = None
+        for (_, m), cls in zip(named, classes):
+            m.__class__ = cls
         vars(module).clear()
         vars(module).update(attributes)
         for name, before in members.items():
             getattr(module, name).clear()
             getattr(module, name).update(before)
-        for m, flag in zip(modules, flags):
+        for (_, m), flag in zip(named, flags):
             m.training = flag
     changed -= {"training"}
     unfreezable = sorted(name for name, value in reads.items() if not _frozen_value(value))
     frozen = (f"forward assigns {', '.join(sorted(changed))}" if changed else
-              "forward sets grad mode or autocast" if tracer.switches_modes else
+              "forward sets grad mode, inference mode or autocast" if tracer.switches_modes else
               f"forward reads {', '.join(unfreezable)}, which a graph cannot follow" if unfreezable else None)
     return _Trace(graph, constants, reads, frozen)
+
+
+def _same_constants(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> bool:
+    """Whether two traces made the same tensors (a random draw, or a value picked by a mode, differs)."""
+    first, second = list(a.values()), list(b.values())
+    return len(first) == len(second) and all(
+        x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.detach().cpu(), y.detach().cpu())
+        for x, y in zip(first, second))
 
 
 def _comparable_source(graph: torch.fx.Graph) -> str:
@@ -317,14 +351,16 @@ def _comparable_source(graph: torch.fx.Graph) -> str:
 
 
 def _forward_is_traceable(module: nn.Module) -> bool:
-    """Whether tracing can stand for every call: a parameter with a default (``scale=None``) or a
-    ``*args``/``**kwargs`` would be traced as a tensor, and an ``if scale is not None`` branch frozen."""
+    """Whether tracing can stand for every call: ``forward(self, x)``, one input, which the trace
+    stands in for with a proxy. A second argument may be a flag (``neg is True`` would be traced as
+    False and frozen), a defaulted one ``None`` (an ``if scale is not None`` branch frozen), and
+    ``*args``/``**kwargs`` anything."""
     try:
-        parameters = inspect.signature(module.forward).parameters.values()
+        parameters = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
         return False
-    return all(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-               for p in parameters)
+    return (len(parameters) == 1 and parameters[0].default is inspect.Parameter.empty
+            and parameters[0].kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
 
 
 def _absorbable(module: nn.Module, fusion: "_Fusion") -> bool:
@@ -362,7 +398,22 @@ class _KeepingGraphModule(torch.fx.GraphModule):
                 "_non_persistent_buffers_set": module._non_persistent_buffers_set | set(trace.constants),
                 "_plain_names": tuple(plain), "_traced_with": dict(trace.reads)}
         gm._restore({**kept, **plain}, type(module).__name__)
+        gm._insert_check()
         return gm
+
+    def _insert_check(self) -> None:
+        """Starts forward with :func:`_check_unchanged` of the attributes the graph froze: inside
+        forward, so torch.compile sees it in nested modules too. (Unpickling re-traces the generated
+        code, which would run the check once and drop it: it is inserted again then.)"""
+        if not self._traced_with:
+            return
+        first = next(node for node in self.graph.nodes if node.op != "placeholder")
+        with self.graph.inserting_before(first), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # get_attr of plain attributes, which FX expects less
+            now = tuple(self.graph.get_attr(name) for name in self._traced_with)
+            self.graph.call_function(_check_unchanged,
+                                     (type(self).__name__, self.graph.get_attr("_traced_with"), now))
+        self.recompile()
 
     def _restore(self, kept: Dict[str, object], class_name: str) -> None:
         self.__dict__.update(kept)
@@ -370,16 +421,6 @@ class _KeepingGraphModule(torch.fx.GraphModule):
 
     def _kept(self) -> Dict[str, object]:
         return {name: self.__dict__[name] for name in self._KEPT + self._plain_names if name in self.__dict__}
-
-    def __call__(self, *args, **kwargs):
-        for name, traced in self._traced_with.items():
-            now = self.__dict__.get(name, _MISSING)
-            if not _same(now, traced):
-                raise RuntimeError(
-                    f"this {type(self).__name__} was fused by pyfastnn.fuse with its forward traced while "
-                    f"{name} was {traced!r}; it is now {'deleted' if now is _MISSING else repr(now)}, which the "
-                    f"traced forward cannot follow: fuse the original module again after changing {name}")
-        return super().__call__(*args, **kwargs)
 
     def __deepcopy__(self, memo):
         clone = super().__deepcopy__(memo)  # copied self.__dict__ through memo: the kept values are those copies
@@ -416,7 +457,14 @@ def _clashes_with_graph_module(module: nn.Module) -> List[str]:
     return [name for name in _plain_attribute_names(module) if name in _GRAPH_MODULE_NAMES]
 
 
-_MISSING = object()
+def _check_unchanged(class_name: str, traced_with: Dict[str, object], now: Tuple) -> None:
+    """The first step of a traced module's forward: raises if an attribute its graph froze changed."""
+    for (name, traced), value in zip(traced_with.items(), now):
+        if not _same(value, traced):
+            raise RuntimeError(
+                f"this {class_name} was fused by pyfastnn.fuse with its forward traced while {name} was "
+                f"{traced!r}; it is now {value!r}, which the traced forward cannot follow: fuse the original "
+                f"module again after changing {name}")
 
 
 def _same(a: object, b: object) -> bool:
@@ -436,6 +484,8 @@ def _unpickle_keeping_graph_module(rebuild, arguments, kept: Dict[str, object], 
     restored = _KeepingGraphModule(gm, gm.graph)
     restored._restore(kept, class_name)
     restored.training = gm.training
+    if not any(node.target is _check_unchanged for node in restored.graph.nodes):
+        restored._insert_check()
     return restored
 
 
@@ -448,7 +498,8 @@ def _fuse_traced(module: nn.Module, path: str, fusion: "_Fusion") -> nn.Module:
     except Exception:  # data-dependent control flow and the like: leave the module alone
         return module
     if (trace.frozen or other.frozen or _clashes_with_graph_module(module)
-            or _comparable_source(trace.graph) != _comparable_source(other.graph)):
+            or _comparable_source(trace.graph) != _comparable_source(other.graph)
+            or not _same_constants(trace.constants, other.constants)):
         # forward reads a training flag (an `if self.training:` branch, F.dropout(x, p, self.training)):
         # a traced graph would keep the mode it was traced in forever.
         return module
@@ -496,6 +547,7 @@ def _fuse_traced(module: nn.Module, path: str, fusion: "_Fusion") -> nn.Module:
     if len(fusion.report) == fused_before:  # nothing fused here
         return module
     still_used = {node.target for node in gm.graph.nodes if node.op == "call_module"}
+    still_used |= {name.split(".")[0] for name in trace.reads if "." in name}  # forward reads their attributes
     for name in absorbed - still_used:
         delattr(gm, name)
     gm.graph.lint()

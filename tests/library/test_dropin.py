@@ -596,6 +596,107 @@ def test_fuse_freezes_only_immutable_attributes_and_leaves_other_forwards_alone(
         torch.testing.assert_close(result(x), model(x))
 
 
+class Normalizes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("mean", torch.full((4,), 0.5))
+        self.scale = nn.Parameter(torch.full((4,), 2.0))
+
+    def forward(self, x):
+        return torch.relu(self.fc(x - self.mean)) * self.scale
+
+
+def test_traced_fuse_keeps_the_buffers_and_parameters_forward_reads_in_the_state_dict():
+    torch.manual_seed(0)
+    model, x = Normalizes(), torch.randn(3, 4)
+    fused = pyfastnn.fuse(model)
+    assert isinstance(fused.fc, FusedLinear) and list(fused.state_dict()) == list(model.state_dict())
+    assert "mean" in fused.state_dict() and dict(fused.named_parameters()).keys() == {"scale", "fc.weight", "fc.bias"}
+    torch.testing.assert_close(fused(x), model(x))
+
+
+class Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.temperature = 1.0
+
+    def forward(self, x):
+        return x
+
+
+class ReadsAround(nn.Module):
+    """forward reads, by `how`, something a graph would freeze."""
+    CLASS_SCALE = 2.0
+
+    def __init__(self, how):
+        super().__init__()
+        self.fc, self.head, self.how, self._config = nn.Linear(4, 4), Head(), how, {"scale": 1.0}
+
+    def __getattr__(self, name):
+        if name == "config_scale":
+            return self.__dict__["_config"]["scale"]
+        return super().__getattr__(name)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        if self.how == "class attribute":
+            return h * self.CLASS_SCALE
+        if self.how == "__dict__":
+            return h * self.config_scale
+        if self.how == "child attribute":
+            return self.head(h) / self.head.temperature
+        if self.how == "training-dependent constant":
+            return h * torch.tensor(0.5 if self.training else 1.0)
+        if self.how == "grad-dependent constant":
+            return h * torch.tensor(2.0 if torch.is_grad_enabled() else 1.0)
+        if self.how == "random constant":
+            return h + torch.randn(4)
+        if self.how == "inference-mode branch":
+            return h * 3.0 if torch.is_inference_mode_enabled() else h
+        return h
+
+
+@pytest.mark.parametrize("how", ["class attribute", "__dict__", "training-dependent constant",
+                                 "grad-dependent constant", "random constant", "inference-mode branch"])
+def test_fuse_leaves_forwards_alone_that_a_graph_would_freeze_unseen(how):
+    torch.manual_seed(0)
+    model = ReadsAround(how)
+    fused = pyfastnn.fuse(model)
+    assert type(fused) is ReadsAround and type(fused.fc) is nn.Linear
+
+
+def test_a_childs_attribute_forward_reads_is_guarded_also_under_torch_compile():
+    torch.manual_seed(0)
+    model, x = ReadsAround("child attribute"), torch.randn(3, 4)
+    outer = nn.Sequential(nn.LayerNorm(4), model)
+    fused = pyfastnn.fuse(outer)
+    assert isinstance(fused[1].fc, FusedLinear)
+    torch.testing.assert_close(fused(x), outer(x))
+    fused[1].head.temperature = 4.0
+    with pytest.raises(RuntimeError, match="traced while head.temperature was 1.0; it is now 4.0"):
+        fused(x)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="head.temperature"):  # the check is inside the nested forward
+        torch.compile(fused, backend="eager")(x)
+
+
+def test_fuse_traces_only_forwards_of_one_input():
+    class Signed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, negate):
+            h = torch.relu(self.fc(x))
+            return -h if negate is True else h  # a proxy is never True: tracing would freeze one branch
+
+    model, x = Signed(), torch.randn(3, 4)
+    fused = pyfastnn.fuse(model)
+    assert type(fused) is Signed
+    torch.testing.assert_close(fused(x, True), model(x, True))
+
+
 def test_fuse_is_unaffected_by_other_threads_grad_mode_and_keeps_later_hooks_through_copies():
     stop = threading.Event()
 
