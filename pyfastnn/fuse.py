@@ -17,8 +17,10 @@ Two passes, innermost modules first:
   ``self.training`` branch or ``F.dropout(..., self.training)``, a child's flag too; a graph would
   freeze one mode), and forwards doing what a graph does not record (taking more than one input,
   assigning to the module, setting grad mode, inference mode or autocast, making tensors that differ
-  between traces, reading mutable or class-level values) are left as they are. The immutable
-  attributes a traced forward reads are frozen into its graph, whose first step raises if one changed.
+  between traces, reading mutable or class-level values or missing attributes) are left as they
+  are, and so is a Sequential subclass with its own forward. Tracing runs on a copy sharing the
+  tensors, so forward's writes never reach the model. The immutable attributes a traced forward
+  reads are frozen into its graph, whose first step raises if one changed.
 
 Modules with hooks are never absorbed (fusion would bypass the hooks), nor replaced (a Sequential
 with hooks is fused in place, a traced module with hooks is left as it is); :func:`fuse` warns about
@@ -32,11 +34,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import enum
 import inspect
 import math
+import numbers
 import re
 import sys
 import threading
+import types
 import warnings
 import weakref
 from collections import OrderedDict
@@ -225,8 +230,10 @@ class _Trace:
 
 #: What every nn.Module holds in its __dict__ (training, _parameters, the hook dicts...): not the user's.
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
-#: Values a graph may freeze: immutable, with an equality that says whether they changed.
-_FREEZABLE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+#: Values a graph may freeze: immutable, with an equality that says whether they changed (numbers
+#: include numpy's scalars; functions, like ``self.act = F.relu``, compare by identity).
+_FREEZABLE = (type(None), bool, numbers.Number, str, bytes, torch.dtype, torch.device, enum.Enum,
+              types.FunctionType, types.BuiltinFunctionType)
 
 _reads = threading.local()  # while a traced forward runs on this thread: {module: (path, plain names)}, reads
 
@@ -234,28 +241,46 @@ _reads = threading.local()  # while a traced forward runs on this thread: {modul
 def _recording_class(cls: type) -> type:
     """The class a module of class `cls` takes while it (or the module that owns it) is traced: it
     notes the plain attributes forward reads, the module's own and its submodules' (the graph freezes
-    their values), and the class-level values and ``__dict__`` it reads (which no guard could follow).
-    Made once per class: class creation runs the user's ``__init_subclass__``, and the name keeps it
-    apart from the user's classes."""
+    their values), optional buffers and parameters it finds None, and what no check could follow:
+    class-level values, ``__dict__``, ``__class__`` (the tracing class stands in for it) and
+    attributes it probes but that are missing (``getattr(self, "t", 1.0)``). Made once per class:
+    class creation runs the user's ``__init_subclass__``, and the name keeps it apart from the
+    user's classes."""
     if cls not in _recording_classes:
+        def note(module, name, value):
+            watched = getattr(_reads, "watched", None)
+            if watched is not None and module in watched and not _read_by_torch(sys._getframe(2)):
+                path, _ = watched[module]
+                _reads.values.setdefault(f"{path}{name}", value)
+
         def __getattribute__(self, name):
             value = cls.__getattribute__(self, name)
             watched = getattr(_reads, "watched", None)
-            if watched is not None and self in watched and not _read_by_torch(sys._getframe(1)):
-                path, plain = watched[self]
-                if name in plain or name == "__dict__":
-                    _reads.values.setdefault(f"{path}{name}", value)
+            if watched is not None and self in watched:
+                if name in watched[self][1] or name in ("__dict__", "__class__"):
+                    note(self, name, value if name != "__class__" else _UNFOLLOWABLE)
                 elif name not in _MODULE_INTERNALS and _is_class_data(cls, name):
-                    _reads.values.setdefault(f"{path}{name} (a class attribute)", _CLASS_ATTRIBUTE)
+                    note(self, f"{name} (a class attribute)", _UNFOLLOWABLE)
+            return value
+
+        def __getattr__(self, name):  # parameters, buffers, submodules, and misses
+            try:
+                value = cls.__getattr__(self, name)
+            except AttributeError:
+                note(self, f"{name} (missing)", _UNFOLLOWABLE)
+                raise
+            if value is None:  # an optional buffer or parameter: `if self.mean is not None` is frozen
+                note(self, name, None)
             return value
 
         _recording_classes[cls] = type(f"_PyfastnnTraced{cls.__name__}", (cls,),
-                                       {"__getattribute__": __getattribute__, "__module__": cls.__module__})
+                                       {"__getattribute__": __getattribute__, "__getattr__": __getattr__,
+                                        "__module__": cls.__module__})
     return _recording_classes[cls]
 
 
 _recording_classes: "weakref.WeakKeyDictionary[type, type]" = weakref.WeakKeyDictionary()
-_CLASS_ATTRIBUTE = object()  # the value noted for a class-level read: never frozen
+_UNFOLLOWABLE = object()  # the value noted for a read no check could follow: never frozen
 
 
 def _read_by_torch(frame) -> bool:
@@ -277,56 +302,56 @@ def _frozen_value(value: object) -> bool:
     return isinstance(value, _FREEZABLE) or (isinstance(value, tuple) and all(map(_frozen_value, value)))
 
 
+def _tracing_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module`'s structure and plain attributes sharing its tensors: tracing runs forward
+    on proxies, and whatever forward writes (``self.last = h``, ``self.history.append(h)``, into a
+    child) lands in the copy, never in the module fused or given back."""
+    memo: Dict[int, object] = {}
+    for tensor in (*module.parameters(), *module.buffers()):
+        memo[id(tensor)] = tensor
+    return copy.deepcopy(module, memo)
+
+
 def _trace(module: nn.Module, flip_modes: bool = False) -> _Trace:
-    """`module.forward` traced as it stands (grad mode on, autocast off), or with the train/eval flag
-    of `module` and of each of its submodules flipped (grad mode off, inference mode on, float16
-    autocast on). Tracing runs forward on proxies: whatever it assigns to the modules (``self.last =
-    x``, a buffer, a parameter, the flags, the tracer's constants) is put back after, and ``frozen``
-    says why the graph cannot stand for ``forward`` where it cannot."""
+    """`module.forward` traced on a :func:`_tracing_copy` as it stands (grad mode on, autocast off),
+    or with the train/eval flag of the module and of each of its submodules flipped (grad mode off,
+    inference mode on, float16 autocast on). ``frozen`` says why the graph cannot stand for
+    ``forward`` where it cannot (a copy raising on deepcopy raises here: the module is not traced)."""
+    module = _tracing_copy(module)
     named = list(module.named_modules())
-    flags = [m.training for _, m in named]
-    classes = [type(m) for _, m in named]
-    attributes = dict(vars(module))
-    members = {name: dict(getattr(module, name)) for name in ("_parameters", "_buffers", "_modules")}
+    before = {m: (dict(vars(m)), *(dict(getattr(m, name)) for name in ("_parameters", "_buffers", "_modules")))
+              for _, m in named}
     watched = {m: (f"{path}." if path else "", set(vars(m)) - _MODULE_INTERNALS) for path, m in named}
+    if flip_modes:
+        for _, m in named:
+            m.training = not m.training
     tracer = _ShallowTracer()
-    modes = contextlib.ExitStack()
-    try:
+    with contextlib.ExitStack() as modes:
         if flip_modes:
-            for (_, m), flag in zip(named, flags):
-                m.training = not flag
             modes.enter_context(torch.inference_mode())
             modes.enter_context(torch.autocast("cpu", dtype=torch.float16))
         else:
             modes.enter_context(torch.enable_grad())
             modes.enter_context(torch.autocast("cpu", enabled=False))
-        for (_, m), cls in zip(named, classes):
-            m.__class__ = _recording_class(cls)
+        for _, m in named:
+            m.__class__ = _recording_class(type(m))
         _reads.watched, _reads.values = watched, {}
-        with modes:
+        try:
             graph = tracer.trace(module)
-        reads = _reads.values
-        _reads.watched = _reads.values = None  # what follows reads the modules too
-        existing = set(attributes) | set(members["_parameters"]) | set(members["_buffers"]) | set(members["_modules"])
-        constants = {node.target: getattr(module, node.target) for node in graph.nodes
-                     if node.op == "get_attr" and node.target.split(".")[0] not in existing}
-        changed = {name for name, value in vars(module).items()
-                   if name not in constants and (name not in attributes or attributes[name] is not value)}
-        for name, before in members.items():
-            now = getattr(module, name)
-            changed |= {key for key in set(now) | set(before) if now.get(key) is not before.get(key)}
-    finally:
-        _reads.watched = _reads.values = None
-        for (_, m), cls in zip(named, classes):
-            m.__class__ = cls
-        vars(module).clear()
-        vars(module).update(attributes)
-        for name, before in members.items():
-            getattr(module, name).clear()
-            getattr(module, name).update(before)
-        for (_, m), flag in zip(named, flags):
-            m.training = flag
-    changed -= {"training"}
+            reads = _reads.values
+        finally:
+            _reads.watched = _reads.values = None
+    attributes, parameters, buffers, children = before[module]
+    existing = set(attributes) | set(parameters) | set(buffers) | set(children)
+    constants = {node.target: getattr(module, node.target) for node in graph.nodes
+                 if node.op == "get_attr" and node.target.split(".")[0] not in existing}
+    changed = set()
+    for path, m in named:  # assignments anywhere in the subtree: the graph would not make them
+        now = (vars(m), m._parameters, m._buffers, m._modules)
+        for was, is_ in zip(before[m], now):
+            changed |= {f"{path}.{key}" if path else key for key in set(was) | set(is_)
+                        if key not in ("training", "__class__") and is_.get(key) is not was.get(key)
+                        and not (m is module and key in constants)}
     unfreezable = sorted(name for name, value in reads.items() if not _frozen_value(value))
     frozen = (f"forward assigns {', '.join(sorted(changed))}" if changed else
               "forward sets grad mode, inference mode or autocast" if tracer.switches_modes else
@@ -384,21 +409,21 @@ class _KeepingGraphModule(torch.fx.GraphModule):
 
     @classmethod
     def keeping(cls, module: nn.Module, trace: _Trace) -> "_KeepingGraphModule":
-        """A GraphModule running ``trace.graph`` with all of `module`, and the graph's tensor constants
-        as non-persistent buffers (they follow ``.to()``; the state dict keeps the module's keys)."""
+        """A GraphModule running ``trace.graph`` with all of `module`, and the graph's tensor constants."""
         vars(module).update(trace.constants)  # where GraphModule looks for what the graph reads
         try:
             gm = cls(module, trace.graph, class_name=type(module).__name__)
         finally:
             for name in trace.constants:
                 del vars(module)[name]
-        plain = {name: vars(module)[name] for name in _plain_attribute_names(module)}
+        # The tensors forward creates stay plain attributes, as forward made them: outside the state
+        # dict, and not following .to() / .half() (the original makes them anew, in their own dtype).
+        plain = {**{name: vars(module)[name] for name in _plain_attribute_names(module)}, **trace.constants}
         kept = {"_modules": OrderedDict(module._modules), "_parameters": OrderedDict(module._parameters),
-                "_buffers": OrderedDict(module._buffers, **trace.constants),
-                "_non_persistent_buffers_set": module._non_persistent_buffers_set | set(trace.constants),
+                "_buffers": OrderedDict(module._buffers),
+                "_non_persistent_buffers_set": set(module._non_persistent_buffers_set),
                 "_plain_names": tuple(plain), "_traced_with": dict(trace.reads)}
         gm._restore({**kept, **plain}, type(module).__name__)
-        gm._insert_check()
         return gm
 
     def _insert_check(self) -> None:
@@ -417,6 +442,9 @@ class _KeepingGraphModule(torch.fx.GraphModule):
 
     def _restore(self, kept: Dict[str, object], class_name: str) -> None:
         self.__dict__.update(kept)
+        for members in (self._parameters, self._buffers, self._modules):
+            for name in members:  # GraphModule copies a None buffer the graph reads as a plain attribute
+                self.__dict__.pop(name, None)
         type(self).__name__ = class_name  # each GraphModule has a class of its own
 
     def _kept(self) -> Dict[str, object]:
@@ -490,19 +518,29 @@ def _unpickle_keeping_graph_module(rebuild, arguments, kept: Dict[str, object], 
 
 
 def _fuse_traced(module: nn.Module, path: str, fusion: "_Fusion") -> nn.Module:
+    """`module` as a GraphModule with its Linear -> activation runs fused, or `module` itself where
+    tracing cannot stand for its forward (see the module docstring)."""
     if not _forward_is_traceable(module):
         return module
     try:
         trace = _trace(module)
         other = _trace(module, flip_modes=True)
-    except Exception:  # data-dependent control flow and the like: leave the module alone
+    except Exception:  # data-dependent control flow, values torch.fx cannot record: leave it alone
         return module
     if (trace.frozen or other.frozen or _clashes_with_graph_module(module)
+            # a graph differing between the traces read a training flag or a mode: it would keep one forever
             or _comparable_source(trace.graph) != _comparable_source(other.graph)
             or not _same_constants(trace.constants, other.constants)):
-        # forward reads a training flag (an `if self.training:` branch, F.dropout(x, p, self.training)):
-        # a traced graph would keep the mode it was traced in forever.
         return module
+    try:
+        fused_before = len(fusion.report)
+        return _fused_graph_module(module, path, fusion, trace)
+    except Exception:  # an attribute GraphModule cannot hold, and the like: leave it alone
+        del fusion.report[fused_before:]
+        return module
+
+
+def _fused_graph_module(module: nn.Module, path: str, fusion: "_Fusion", trace: _Trace) -> nn.Module:
     gm = _KeepingGraphModule.keeping(module, trace)
     absorbed: Set[str] = set()  # the activation and Dropout modules the fused layers took over
     fused_before = len(fusion.report)
@@ -521,15 +559,19 @@ def _fuse_traced(module: nn.Module, path: str, fusion: "_Fusion") -> nn.Module:
             # give every call site the activation of one of them.
             continue
         act_node = next(iter(node.users))
-        if act_node.op == "call_module" and not _absorbable(gm.get_submodule(act_node.target), fusion):
+        # An activation module called elsewhere too stays one module: absorbing it at one call site
+        # would split it in two (changing its negative_slope would then reach only the other call).
+        if act_node.op == "call_module" and (not _absorbable(gm.get_submodule(act_node.target), fusion)
+                                             or call_counts[act_node.target] != 1):
             continue
         activation = _node_activation(gm, act_node, node)
         if activation is None:
             continue
-        last, p, described = act_node, 0.0, [_describe(linear), str(act_node.target)]
+        last, p, described = act_node, 0.0, [_describe(linear), getattr(act_node.target, "__name__", str(act_node.target))]
         if len(act_node.users) == 1:
             after = next(iter(act_node.users))
             if (after.op == "call_module" and after.args == (act_node,) and not after.kwargs
+                    and call_counts[after.target] == 1
                     and (dropout := gm.get_submodule(after.target)).training == linear.training
                     and _absorbable(dropout, fusion) and (found_p := dropout_of(dropout)) is not None):
                 p = found_p
@@ -551,6 +593,7 @@ def _fuse_traced(module: nn.Module, path: str, fusion: "_Fusion") -> nn.Module:
     for name in absorbed - still_used:
         delattr(gm, name)
     gm.graph.lint()
+    gm._insert_check()  # after lint: a frozen None (an optional buffer) reads as missing to lint
     gm.recompile()
     gm.training = module.training  # its own flag only: the children keep theirs (a Dropout on in eval())
     return gm
@@ -599,6 +642,8 @@ def _fuse_tree(module: nn.Module, path: str, fusion: _Fusion, keep_root: bool = 
     if _is_sequential(module):
         # Only a plain Sequential may become a FusedMLP: a subclass would lose its class and methods.
         return _fuse_sequential(module, path, fusion, replace_whole=not keep and type(module) is nn.Sequential)
+    if isinstance(module, nn.Sequential):
+        return module  # a subclass with its own forward: tracing would take its indexing and methods away
     if any(is_plain_linear(child) for child in module.children()):
         if keep and not keep_root:
             fusion.hooked.append(path.rstrip(".") or type(module).__name__)

@@ -417,7 +417,8 @@ def test_fuse_sequential_subclasses_keep_what_they_compute_and_their_class():
     fused = pyfastnn.fuse(model).eval()
     torch.testing.assert_close(fused(x), model.eval()(x))
     assert isinstance(fused[1], NamedBlock) and fused[1].depth() == 3  # fused in place, not replaced
-    assert any(isinstance(m, FusedLinear) for m in fused[0].modules())
+    # With its own forward it is left as it is: a traced GraphModule would lose its indexing and methods.
+    assert type(fused[0]) is Residual and len(fused[0]) == 2 and type(fused[0][0]) is nn.Linear
 
 
 def test_fuse_leaves_modules_called_from_outside_their_owner_alone():
@@ -697,6 +698,76 @@ def test_fuse_traces_only_forwards_of_one_input():
     torch.testing.assert_close(fused(x, True), model(x, True))
 
 
+class Keeps(nn.Module):
+    """forward writes into a list and into a child: side effects tracing must not leave behind."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.block, self.seen = nn.Linear(4, 4), Head(), []
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        self.seen.append(1)
+        self.block.last = h
+        return h
+
+
+def test_tracing_writes_nothing_into_the_users_objects_even_in_place():
+    model = Keeps()
+    fused = pyfastnn.fuse(model, inplace=True)
+    assert fused is model and model.seen == [] and not hasattr(model.block, "last")
+    pickle.dumps(model)  # no proxy left inside it
+    model(torch.randn(2, 4))
+    assert model.seen == [1]
+
+
+class Optional(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.fc, self.act, self.how = nn.Linear(4, 4), nn.LeakyReLU(0.1), how
+        self.register_buffer("mean", None)
+        self.gate = torch.sigmoid  # a function attribute: frozen by identity
+
+    def forward(self, x):
+        h = self.act(self.fc(x))
+        if self.how == "shared activation":
+            return self.act(h)
+        if self.how == "probe":
+            return h * getattr(self, "scale", 1.0)
+        if self.mean is not None:
+            h = h - self.mean
+        return self.gate(h)
+
+
+def test_optional_buffers_are_guarded_probes_refused_and_shared_activations_kept_whole():
+    torch.manual_seed(0)
+    model, x = Optional("optional buffer"), torch.randn(3, 4)
+    fused = pyfastnn.fuse(model)
+    assert isinstance(fused.fc, FusedLinear)
+    torch.testing.assert_close(fused(x), model(x))
+    fused.mean = torch.ones(4)  # an optional buffer set after fusion: the graph skipped `h - self.mean`
+    with pytest.raises(RuntimeError, match="traced while mean was None"):
+        fused(x)
+    # `act` called twice: absorbing it at one call would split it in two; `scale` probed: the default is frozen
+    for how in ("shared activation", "probe"):
+        assert type(pyfastnn.fuse(Optional(how))) is Optional
+
+
+def test_the_report_names_functional_activations():
+    runs = []
+    pyfastnn.fuse(SimpleFunctional(), report=runs)
+    assert [str(run) for run in runs] == ["fc: Linear(4, 4) -> relu => FusedLinear"]
+
+
+class SimpleFunctional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.gate = nn.Linear(4, 4), torch.relu
+
+    def forward(self, x):
+        return F.relu(self.fc(x)) + self.gate(x)
+
+
 def test_fuse_is_unaffected_by_other_threads_grad_mode_and_keeps_later_hooks_through_copies():
     stop = threading.Event()
 
@@ -781,7 +852,8 @@ def test_traced_fuse_keeps_a_forwards_tensor_constants_out_of_the_state_dict():
     assert list(fused.state_dict()) == list(model.state_dict()) == ["fc.weight", "fc.bias"]
     for clone in (fused, copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
         torch.testing.assert_close(clone(x), model(x))
-    torch.testing.assert_close(fused.double()(x.double()), model.double()(x.double()))  # the constant follows .to()
+    # The constant stays as forward made it, float32: a half model's output is promoted as the original's.
+    assert fused.half()(x.half()).dtype == model.half()(x.half()).dtype == torch.float32
     traced_before = ScalesByAConstant()
     torch.fx.symbolic_trace(traced_before)  # leaves _tensor_constant0 on it; fuse's traces number theirs on
     assert isinstance(pyfastnn.fuse(traced_before).fc, FusedLinear)
