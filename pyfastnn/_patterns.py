@@ -98,9 +98,12 @@ Layer = Tuple[nn.Linear, str, float, float]
 
 def is_plain_linear(module: nn.Module) -> bool:
     """Whether ``module`` is exactly an ``nn.Linear`` holding only its weight and bias, without hooks
-    (a fused layer can replace it; an extra parameter, buffer or submodule would be lost)."""
+    (a fused layer can replace it; an extra parameter, buffer, submodule or attribute would be lost)."""
     return (type(module) is nn.Linear and not has_hooks(module) and set(module._parameters) <= {"weight", "bias"}
-            and not module._buffers and not module._modules)
+            and not module._buffers and not module._modules and set(vars(module)) <= _LINEAR_ATTRIBUTES)
+
+
+_LINEAR_ATTRIBUTES = frozenset(vars(nn.Linear(1, 1)))
 
 
 def chain_mismatch(previous: Layer, layer: Layer) -> Optional[str]:

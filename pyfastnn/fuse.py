@@ -25,21 +25,24 @@ Two passes, innermost modules first:
 Modules with hooks are never absorbed (fusion would bypass the hooks), nor replaced (a Sequential
 with hooks is fused in place, a traced module with hooks is left as it is); :func:`fuse` warns about
 them. A module some ``forward`` calls from outside its owner (``self.block.fc(x)``) is never
-absorbed either: that call would get the fused activation too. (Only traceable ``forward`` methods
-are read for such calls; one that cannot be traced is taken to call its own children only.) The
-fused modules hold the very same parameter tensors; everything else is left alone.
+absorbed either: that call would get the fused activation too (such calls are read from the traced
+graph, or from the source of a ``forward`` that cannot be traced). The fused modules hold the very
+same parameter tensors; everything else is left alone.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import enum
 import inspect
 import math
 import numbers
+import operator
 import re
 import sys
+import textwrap
 import threading
 import types
 import warnings
@@ -205,6 +208,10 @@ class _ShallowTracer(torch.fx.Tracer):
         return super().create_node(*args, **kwargs)
 
 
+#: Activation modules without settings: one shared instance may be absorbed at each of its calls.
+_STATELESS_ACTIVATIONS = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.SiLU, nn.Identity)
+
+
 def _node_activation(gm: torch.fx.GraphModule, node: torch.fx.Node, source: torch.fx.Node):
     """(name, slope) when `node` applies a supported activation to `source` and nothing else."""
     if node.args[:1] != (source,) or len(node.args) > 1:
@@ -359,6 +366,33 @@ def _trace(module: nn.Module, flip_modes: bool = False) -> _Trace:
     return _Trace(graph, constants, reads, frozen)
 
 
+_IN_PLACE_OPERATORS = frozenset({operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                                 operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
+                                 operator.ixor, operator.ilshift, operator.irshift, operator.imatmul})
+_VIEW_METHODS = frozenset({"view", "view_as", "reshape", "expand", "expand_as", "narrow", "select", "t", "transpose",
+                           "permute", "squeeze", "unsqueeze", "flatten", "unflatten", "as_strided", "unbind",
+                           "split", "chunk", "diagonal", "movedim", "contiguous", "detach"})
+
+
+def _constant_escapes(graph: torch.fx.Graph, constants: Dict[str, torch.Tensor]) -> bool:
+    """Whether a tensor forward creates (a graph constant, made once) is changed in place or returned:
+    forward makes a fresh one per call (``acc = torch.zeros(2); acc += y``), the graph would share one."""
+    reached = [node for node in graph.nodes if node.op == "get_attr" and node.target in constants]
+    seen = set(reached)
+    while reached:
+        node = reached.pop()
+        for user in node.users:
+            name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
+            if user.op == "output" or (user.args[:1] == (node,) and (
+                    user.target in _IN_PLACE_OPERATORS or user.kwargs.get("inplace")
+                    or (name.endswith("_") and not name.endswith("__")))):
+                return True
+            if user not in seen and (user.target is operator.getitem or name in _VIEW_METHODS):
+                seen.add(user)
+                reached.append(user)  # a view of it: changing the view changes it
+    return False
+
+
 def _same_constants(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> bool:
     """Whether two traces made the same tensors (a random draw, or a value picked by a mode, differs)."""
     first, second = list(a.values()), list(b.values())
@@ -380,6 +414,8 @@ def _forward_is_traceable(module: nn.Module) -> bool:
     stands in for with a proxy. A second argument may be a flag (``neg is True`` would be traced as
     False and frozen), a defaulted one ``None`` (an ``if scale is not None`` branch frozen), and
     ``*args``/``**kwargs`` anything."""
+    if type(module).__call__ is not nn.Module.__call__:
+        return False  # its own __call__ (say, scaling the input first) would be lost in a GraphModule
     try:
         parameters = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
@@ -530,7 +566,8 @@ def _fuse_traced(module: nn.Module, path: str, fusion: "_Fusion") -> nn.Module:
     if (trace.frozen or other.frozen or _clashes_with_graph_module(module)
             # a graph differing between the traces read a training flag or a mode: it would keep one forever
             or _comparable_source(trace.graph) != _comparable_source(other.graph)
-            or not _same_constants(trace.constants, other.constants)):
+            or not _same_constants(trace.constants, other.constants)
+            or _constant_escapes(trace.graph, trace.constants)):
         return module
     try:
         fused_before = len(fusion.report)
@@ -559,10 +596,12 @@ def _fused_graph_module(module: nn.Module, path: str, fusion: "_Fusion", trace: 
             # give every call site the activation of one of them.
             continue
         act_node = next(iter(node.users))
-        # An activation module called elsewhere too stays one module: absorbing it at one call site
-        # would split it in two (changing its negative_slope would then reach only the other call).
-        if act_node.op == "call_module" and (not _absorbable(gm.get_submodule(act_node.target), fusion)
-                                             or call_counts[act_node.target] != 1):
+        # An activation module with settings (LeakyReLU's slope, GELU's form) called elsewhere too stays
+        # one module: absorbing it at one call site would split it (a new slope would reach one call
+        # only). One without settings (a shared `self.relu`) is absorbed wherever it follows a Linear.
+        if act_node.op == "call_module" and (
+                not _absorbable(activation_module_at := gm.get_submodule(act_node.target), fusion)
+                or (call_counts[act_node.target] != 1 and type(activation_module_at) not in _STATELESS_ACTIVATIONS)):
             continue
         activation = _node_activation(gm, act_node, node)
         if activation is None:
@@ -612,8 +651,9 @@ class _Fusion:
 
 
 def _called_from_outside(model: nn.Module) -> Set[int]:
-    """ids of the modules that some traceable ``forward`` calls past their owner
-    (``self.block.fc(x)``, ``self.layers[0](x)``)."""
+    """ids of the modules that some ``forward`` calls past their owner (``self.block.fc(x)``,
+    ``self.layers[0](x)``): read from the traced graph where ``forward`` traces, else from its
+    source (:func:`_reached_in_source`)."""
     pinned: Set[int] = set()
     for module in model.modules():
         # Only a module with grandchildren can call past its children.
@@ -623,11 +663,54 @@ def _called_from_outside(model: nn.Module) -> Set[int]:
         try:
             graph = _trace(module).graph
         except Exception:
+            pinned |= _reached_in_source(module)
             continue
         for node in graph.nodes:
             if node.op == "call_module" and "." in node.target:
                 pinned.add(id(module.get_submodule(node.target)))
     return pinned
+
+
+def _reached_in_source(module: nn.Module) -> Set[int]:
+    """ids of the grandchildren (and deeper) an untraceable ``forward`` may call past their owner:
+    every ``self.a.b`` in its source, and every child of an ``self.a[...]`` it indexes or slices;
+    all of them where the source cannot be read."""
+    descendants = {id(m) for m in module.modules()} - {id(module)} - {id(m) for m in module.children()}
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(module).forward)))
+    except (OSError, TypeError, SyntaxError):
+        return descendants
+    function = tree.body[0]
+    if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) or not function.args.args:
+        return descendants
+    me = function.args.args[0].arg
+
+    def path_of(node) -> Optional[List[str]]:  # self.a.b -> ["a", "b"]
+        names = []
+        while isinstance(node, ast.Attribute):
+            names.append(node.attr)
+            node = node.value
+        return names[::-1] if isinstance(node, ast.Name) and node.id == me else None
+
+    reached: Set[int] = set()
+    for node in ast.walk(function):
+        names = path_of(node.value) if isinstance(node, ast.Subscript) else path_of(node)
+        if not names:
+            continue
+        try:
+            target = module.get_submodule(".".join(names[:2] if isinstance(node, ast.Subscript) else names))
+        except AttributeError:
+            try:  # self.a.b.weight and the like: the deepest module on the path
+                target = module.get_submodule(".".join(names[:-1])) if len(names) > 1 else None
+            except AttributeError:
+                target = None
+        if target is None or target is module:
+            continue
+        if isinstance(node, ast.Subscript):
+            reached |= {id(child) for child in target.children()}
+        elif len(names) > 1:
+            reached.add(id(target))
+    return reached & descendants
 
 
 def _fuse_tree(module: nn.Module, path: str, fusion: _Fusion, keep_root: bool = False) -> nn.Module:

@@ -753,6 +753,96 @@ def test_optional_buffers_are_guarded_probes_refused_and_shared_activations_kept
         assert type(pyfastnn.fuse(Optional(how))) is Optional
 
 
+class Untraceable(nn.Module):
+    """A data-dependent branch (untraceable) that calls into its children's children."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.block, self.mlp, self.how = ReluBlock(), nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)), how
+
+    def forward(self, x):
+        if x.sum() > 0:  # a tensor decides: torch.fx cannot trace this
+            x = x * 2
+        if self.how == "grandchild":
+            return self.block(x) + self.block.fc(x)  # the bare Linear, without the block's relu
+        return self.mlp(x) + self.mlp[0](x) + self.mlp[:2](x)
+
+
+class ReluBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
+@pytest.mark.parametrize("how", ["grandchild", "indexing"])
+def test_calls_past_the_owner_in_an_untraceable_forward_are_read_from_its_source(how):
+    torch.manual_seed(0)
+    model, x = Untraceable(how), torch.randn(3, 4)
+    fused = pyfastnn.fuse(model)
+    torch.testing.assert_close(fused(x), model(x))
+    torch.testing.assert_close(fused(-x), model(-x))
+
+
+class MakesTensors(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.fc, self.how = nn.Linear(4, 2), how
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        if self.how == "accumulates":
+            total = torch.zeros(2)
+            total += h.sum(0)  # in place into a tensor forward made: a fresh one each call
+            return total
+        out = torch.zeros(x.shape[0], 3)
+        out[:, :2] = h
+        return out  # returned: each call's output its own tensor
+
+
+@pytest.mark.parametrize("how", ["accumulates", "fills"])
+def test_tensors_forward_creates_and_changes_in_place_are_never_shared_between_calls(how):
+    torch.manual_seed(0)
+    model, x = MakesTensors(how), torch.randn(3, 4)
+    fused = pyfastnn.fuse(model)
+    first = fused(x)
+    torch.testing.assert_close(fused(x), model(x))
+    torch.testing.assert_close(first, model(x))  # not changed by the second call
+
+
+def test_fuse_keeps_what_a_linears_extra_attribute_or_an_own_call_would_lose():
+    class Doubles(ReluBlock):
+        def __call__(self, x):
+            return super().__call__(x * 2)
+
+    tagged = ReluBlock()
+    tagged.fc.scale = 2.0  # an attribute of the Linear itself: FusedLinear would not have it
+    for model in (Doubles(), tagged):
+        fused = pyfastnn.fuse(model)
+        assert type(fused.fc) is nn.Linear and (not hasattr(model.fc, "scale") or fused.fc.scale == 2.0)
+        x = torch.randn(3, 4)
+        torch.testing.assert_close(fused(x), model(x))
+
+
+def test_a_shared_activation_module_without_settings_is_absorbed_at_each_call():
+    class SharedRelu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3, self.relu = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4), nn.ReLU()
+
+        def forward(self, x):
+            return self.fc3(self.relu(self.fc2(self.relu(self.fc1(x)))))
+
+    torch.manual_seed(0)
+    model, runs, x = SharedRelu(), [], torch.randn(3, 8)
+    fused = pyfastnn.fuse(model, report=runs)
+    assert [str(run) for run in runs] == ["fc1: Linear(8, 16) -> relu => FusedLinear",
+                                          "fc2: Linear(16, 16) -> relu => FusedLinear"]
+    torch.testing.assert_close(fused(x), model(x))
+
+
 def test_the_report_names_functional_activations():
     runs = []
     pyfastnn.fuse(SimpleFunctional(), report=runs)
