@@ -26,8 +26,8 @@ Modules with hooks are never absorbed (fusion would bypass the hooks), nor repla
 with hooks is fused in place, a traced module with hooks is left as it is); :func:`fuse` warns about
 them. A module some ``forward`` calls from outside its owner (``self.block.fc(x)``) is never
 absorbed either: that call would get the fused activation too (such calls are read from the traced
-graph, or from the source of a ``forward`` that cannot be traced). The fused modules hold the very
-same parameter tensors; everything else is left alone.
+graph and from the source of the module's class). The fused modules hold the very same parameter
+tensors; everything else is left alone.
 """
 
 from __future__ import annotations
@@ -383,9 +383,10 @@ def _constant_escapes(graph: torch.fx.Graph, constants: Dict[str, torch.Tensor])
         node = reached.pop()
         for user in node.users:
             name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
-            if user.op == "output" or (user.args[:1] == (node,) and (
-                    user.target in _IN_PLACE_OPERATORS or user.kwargs.get("inplace")
-                    or (name.endswith("_") and not name.endswith("__")))):
+            if (user.op in ("output", "call_module")  # returned, or handed to a module that may change it
+                    or user.kwargs.get("out") is node  # written into (torch.add(a, b, out=acc))
+                    or (user.args[:1] == (node,) and (user.target in _IN_PLACE_OPERATORS or user.kwargs.get("inplace")
+                                                      or (name.endswith("_") and not name.endswith("__"))))):
                 return True
             if user not in seen and (user.target is operator.getitem or name in _VIEW_METHODS):
                 seen.add(user)
@@ -582,9 +583,14 @@ def _fused_graph_module(module: nn.Module, path: str, fusion: "_Fusion", trace: 
     absorbed: Set[str] = set()  # the activation and Dropout modules the fused layers took over
     fused_before = len(fusion.report)
     call_counts: Dict[str, int] = {}
+    after_linear: Dict[str, int] = {}  # per activation module: its calls right after a Linear's only use
     for node in gm.graph.nodes:
         if node.op == "call_module":
             call_counts[node.target] = call_counts.get(node.target, 0) + 1
+            source = node.args[0] if node.args else None
+            if (isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1
+                    and is_plain_linear(gm.get_submodule(source.target))):
+                after_linear[node.target] = after_linear.get(node.target, 0) + 1
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or "." in node.target:  # a grandchild: its owner's business
             continue
@@ -601,7 +607,10 @@ def _fused_graph_module(module: nn.Module, path: str, fusion: "_Fusion", trace: 
         # only). One without settings (a shared `self.relu`) is absorbed wherever it follows a Linear.
         if act_node.op == "call_module" and (
                 not _absorbable(activation_module_at := gm.get_submodule(act_node.target), fusion)
-                or (call_counts[act_node.target] != 1 and type(activation_module_at) not in _STATELESS_ACTIVATIONS)):
+                or (call_counts[act_node.target] != 1
+                    and (type(activation_module_at) not in _STATELESS_ACTIVATIONS
+                         # used elsewhere too: replacing it after fusion would reach those calls only
+                         or after_linear.get(act_node.target) != call_counts[act_node.target]))):
             continue
         activation = _node_activation(gm, act_node, node)
         if activation is None:
@@ -651,19 +660,19 @@ class _Fusion:
 
 
 def _called_from_outside(model: nn.Module) -> Set[int]:
-    """ids of the modules that some ``forward`` calls past their owner (``self.block.fc(x)``,
-    ``self.layers[0](x)``): read from the traced graph where ``forward`` traces, else from its
-    source (:func:`_reached_in_source`)."""
+    """ids of the modules some code of a module's class may call past their owner (``self.block.fc(x)``,
+    ``self.mlp[0](x)``): what its traced graph calls, and what its class's source reaches
+    (:func:`_reached_in_source`), which also sees branches and modes the trace did not take."""
     pinned: Set[int] = set()
     for module in model.modules():
         # Only a module with grandchildren can call past its children.
         if (not any(child._modules for child in module.children()) or isinstance(module, (FusedLinear, FusedMLP))
                 or _is_sequential(module)):
             continue
+        pinned |= _reached_in_source(module)
         try:
             graph = _trace(module).graph
         except Exception:
-            pinned |= _reached_in_source(module)
             continue
         for node in graph.nodes:
             if node.op == "call_module" and "." in node.target:
@@ -671,46 +680,78 @@ def _called_from_outside(model: nn.Module) -> Set[int]:
     return pinned
 
 
+#: Module methods that reach a module's children (``next(self.block.children())``).
+_STRUCTURE_METHODS = frozenset({"children", "named_children", "modules", "named_modules", "get_submodule",
+                                "apply", "__getitem__", "_modules"})
+
+
 def _reached_in_source(module: nn.Module) -> Set[int]:
-    """ids of the grandchildren (and deeper) an untraceable ``forward`` may call past their owner:
-    every ``self.a.b`` in its source, and every child of an ``self.a[...]`` it indexes or slices;
-    all of them where the source cannot be read."""
-    descendants = {id(m) for m in module.modules()} - {id(module)} - {id(m) for m in module.children()}
+    """ids of the grandchildren (and deeper) the source of `module`'s class may call past their
+    owner: ``self.a.b(...)`` pins ``a.b``; ``self.a`` used otherwise than called or read through
+    (indexed, iterated, passed on, aliased: ``blk = self.block``) pins everything below ``a``. All
+    of them where the source cannot be read."""
+    below = {id(m) for m in module.modules()} - {id(module)} - {id(m) for m in module.children()}
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(type(module).forward)))
+        trees = [ast.parse(textwrap.dedent(source)) for source in _class_sources(type(module))]
     except (OSError, TypeError, SyntaxError):
-        return descendants
-    function = tree.body[0]
-    if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) or not function.args.args:
-        return descendants
-    me = function.args.args[0].arg
-
-    def path_of(node) -> Optional[List[str]]:  # self.a.b -> ["a", "b"]
-        names = []
-        while isinstance(node, ast.Attribute):
-            names.append(node.attr)
-            node = node.value
-        return names[::-1] if isinstance(node, ast.Name) and node.id == me else None
-
+        return below
+    functions = [function for tree in trees for function in ast.walk(tree)
+                 if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+                 and getattr(function, "name", "") != "__init__"]  # what __init__ reaches ran before fusing
+    parents = {child: node for function in functions for node in ast.walk(function)
+               for child in ast.iter_child_nodes(node)}
+    selves = {function.args.args[0].arg for function in functions if function.args.args}
     reached: Set[int] = set()
-    for node in ast.walk(function):
-        names = path_of(node.value) if isinstance(node, ast.Subscript) else path_of(node)
-        if not names:
+    for node in (node for function in functions for node in ast.walk(function)):
+        if (not isinstance(node, ast.Attribute) or isinstance(parents.get(node), ast.Attribute)
+                or isinstance(node.ctx, (ast.Store, ast.Del))):
+            continue  # only whole chains read: self.a.b, not its self.a part, nor `self.a = ...`
+        names, root = [], node
+        while isinstance(root, ast.Attribute):
+            names.append(root.attr)
+            root = root.value
+        if not (isinstance(root, ast.Name) and root.id in selves):
             continue
-        try:
-            target = module.get_submodule(".".join(names[:2] if isinstance(node, ast.Subscript) else names))
-        except AttributeError:
-            try:  # self.a.b.weight and the like: the deepest module on the path
-                target = module.get_submodule(".".join(names[:-1])) if len(names) > 1 else None
-            except AttributeError:
-                target = None
-        if target is None or target is module:
+        names.reverse()
+        depth = 0  # how many names lead to a submodule
+        while depth < len(names) and _has_submodule(module, names[:depth + 1]):
+            depth += 1
+        if depth == 0:
             continue
-        if isinstance(node, ast.Subscript):
-            reached |= {id(child) for child in target.children()}
-        elif len(names) > 1:
-            reached.add(id(target))
-    return reached & descendants
+        target = module.get_submodule(".".join(names[:depth]))
+        parent = parents.get(node)
+        called = isinstance(parent, ast.Call) and parent.func is node
+        if depth == len(names) and called:
+            if depth > 1:
+                reached.add(id(target))  # self.a.b(x): a call past a's forward
+        elif depth == len(names) or names[depth] in _STRUCTURE_METHODS:
+            reached |= {id(m) for m in target.modules()} - {id(target)}  # indexed, iterated, passed on
+        elif depth > 1:
+            reached.add(id(target))  # self.a.b.weight: read past a
+    return reached & below
+
+
+def _class_sources(cls: type) -> List[str]:
+    """The source of `cls` and of its bases up to nn.Module, and of every function they hold that is
+    written elsewhere (``forward = shared_forward``)."""
+    sources = []
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object) or klass.__module__.startswith("torch."):
+            continue
+        sources.append(inspect.getsource(klass))
+        for value in vars(klass).values():
+            function = inspect.unwrap(getattr(value, "__func__", value))
+            if inspect.isfunction(function) and not function.__qualname__.startswith(klass.__qualname__ + "."):
+                sources.append(inspect.getsource(function))
+    return sources
+
+
+def _has_submodule(module: nn.Module, names: List[str]) -> bool:
+    try:
+        module.get_submodule(".".join(names))
+        return True
+    except AttributeError:
+        return False
 
 
 def _fuse_tree(module: nn.Module, path: str, fusion: _Fusion, keep_root: bool = False) -> nn.Module:

@@ -786,10 +786,50 @@ def test_calls_past_the_owner_in_an_untraceable_forward_are_read_from_its_source
     torch.testing.assert_close(fused(-x), model(-x))
 
 
+class PastTheOwner(nn.Module):
+    """Reaches block.fc or mlp[0] past their owners in ways one trace does not show."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.block, self.mlp, self.how = ReluBlock(), nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)), how
+        self.return_preact = False
+
+    def first_linear(self):
+        return self.block.fc  # a helper method
+
+    def forward(self, x):
+        if self.how == "training only" and self.training:
+            return self.block.fc(x)  # the pre-activation, for an auxiliary loss
+        if self.how == "flag" and self.return_preact:
+            return self.block.fc(x)
+        if self.how == "helper":
+            return self.first_linear()(x) + self.block(x)
+        if self.how == "alias":
+            block = self.block
+            return block.fc(x) + block(x)
+        if self.how == "getattr":
+            return getattr(self.block, "fc")(x) + self.block(x)
+        if self.how == "iteration":
+            for layer in self.mlp:
+                return layer(x) + self.mlp(x)
+        return self.block(x) + self.mlp(x)
+
+
+@pytest.mark.parametrize("how", ["training only", "flag", "helper", "alias", "getattr", "iteration"])
+def test_calls_past_the_owner_that_one_trace_does_not_show_keep_their_targets(how):
+    torch.manual_seed(0)
+    model, x = PastTheOwner(how).eval(), torch.randn(3, 4)
+    fused = pyfastnn.fuse(model)
+    for mode in ("eval", "train"):
+        getattr(model, mode)(), getattr(fused, mode)()
+        model.return_preact = fused.return_preact = mode == "train"
+        torch.testing.assert_close(fused(x), model(x))
+
+
 class MakesTensors(nn.Module):
     def __init__(self, how):
         super().__init__()
-        self.fc, self.how = nn.Linear(4, 2), how
+        self.fc, self.how, self.keep = nn.Linear(4, 2), how, nn.Identity()
 
     def forward(self, x):
         h = torch.relu(self.fc(x))
@@ -797,19 +837,28 @@ class MakesTensors(nn.Module):
             total = torch.zeros(2)
             total += h.sum(0)  # in place into a tensor forward made: a fresh one each call
             return total
+        if self.how == "handed to a module":
+            return h, self.keep(torch.zeros(2))  # nn.Identity hands it back: the caller may change it
+        if self.how == "written by out=":
+            total = torch.zeros(2)
+            torch.add(total, h.detach().sum(0), out=total)
+            return h + total
         out = torch.zeros(x.shape[0], 3)
         out[:, :2] = h
         return out  # returned: each call's output its own tensor
 
 
-@pytest.mark.parametrize("how", ["accumulates", "fills"])
+@pytest.mark.parametrize("how", ["accumulates", "fills", "handed to a module", "written by out="])
 def test_tensors_forward_creates_and_changes_in_place_are_never_shared_between_calls(how):
     torch.manual_seed(0)
     model, x = MakesTensors(how), torch.randn(3, 4)
     fused = pyfastnn.fuse(model)
     first = fused(x)
+    if how == "handed to a module":
+        first[1].add_(1.0)  # the caller changes what it got
     torch.testing.assert_close(fused(x), model(x))
-    torch.testing.assert_close(first, model(x))  # not changed by the second call
+    if how != "handed to a module":
+        torch.testing.assert_close(first, model(x))  # not changed by the second call
 
 
 def test_fuse_keeps_what_a_linears_extra_attribute_or_an_own_call_would_lose():
@@ -840,6 +889,16 @@ def test_a_shared_activation_module_without_settings_is_absorbed_at_each_call():
     fused = pyfastnn.fuse(model, report=runs)
     assert [str(run) for run in runs] == ["fc1: Linear(8, 16) -> relu => FusedLinear",
                                           "fc2: Linear(16, 16) -> relu => FusedLinear"]
+    torch.testing.assert_close(fused(x), model(x))
+
+    class AlsoElsewhere(SharedRelu):
+        def forward(self, x):
+            return self.fc3(self.relu(self.fc2(self.relu(self.fc1(x)) - 0.1)))
+
+    model = AlsoElsewhere()
+    fused = pyfastnn.fuse(model)  # absorbing it at some calls only: replacing it later would reach the rest
+    assert type(fused) is AlsoElsewhere
+    model.relu = fused.relu = nn.Tanh()
     torch.testing.assert_close(fused(x), model(x))
 
 
