@@ -893,7 +893,8 @@ def test_a_shared_activation_module_without_settings_is_absorbed_at_each_call():
 
     class AlsoElsewhere(SharedRelu):
         def forward(self, x):
-            return self.fc3(self.relu(self.fc2(self.relu(self.fc1(x)) - 0.1)))
+            h = self.relu(self.fc2(self.relu(self.fc1(x))))
+            return self.fc3(self.relu(h - 0.1))  # a third call, after no Linear
 
     model = AlsoElsewhere()
     fused = pyfastnn.fuse(model)  # absorbing it at some calls only: replacing it later would reach the rest
