@@ -665,6 +665,9 @@ def _called_from_outside(model: nn.Module) -> Set[int]:
     (:func:`_reached_in_source`), which also sees branches and modes the trace did not take."""
     pinned: Set[int] = set()
     for module in model.modules():
+        if type(module) is not nn.Sequential and _is_sequential(module) and module._modules:
+            pinned |= _reached_in_source(module)  # a subclass's own methods may index it: self[0](x)
+            continue
         # Only a module with grandchildren can call past its children.
         if (not any(child._modules for child in module.children()) or isinstance(module, (FusedLinear, FusedMLP))
                 or _is_sequential(module)):
@@ -686,54 +689,106 @@ _STRUCTURE_METHODS = frozenset({"children", "named_children", "modules", "named_
 
 
 def _reached_in_source(module: nn.Module) -> Set[int]:
-    """ids of the grandchildren (and deeper) the source of `module`'s class may call past their
+    """ids of the modules below `module`'s children that the source of its class may call past their
     owner: ``self.a.b(...)`` pins ``a.b``; ``self.a`` used otherwise than called or read through
-    (indexed, iterated, passed on, aliased: ``blk = self.block``) pins everything below ``a``. All
-    of them where the source cannot be read."""
-    below = {id(m) for m in module.modules()} - {id(module)} - {id(m) for m in module.children()}
+    (indexed, iterated, passed on, aliased: ``blk = self.block``) pins a's children, and everything
+    below ``a`` where the function also reads attributes through another name (``blk.fc(x)``). In a
+    Sequential subclass, ``self[i]`` and ``for m in self`` pin its own children. All of them where
+    the class's source cannot be read."""
+    below = {id(m) for m in module.modules()} - {id(module)}
+    if not isinstance(module, nn.Sequential):
+        below -= {id(m) for m in module.children()}
     try:
-        trees = [ast.parse(textwrap.dedent(source)) for source in _class_sources(type(module))]
+        trees = [_parse(source) for source in _class_sources(type(module))]
     except (OSError, TypeError, SyntaxError):
         return below
     functions = [function for tree in trees for function in ast.walk(tree)
                  if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
                  and getattr(function, "name", "") != "__init__"]  # what __init__ reaches ran before fusing
-    parents = {child: node for function in functions for node in ast.walk(function)
-               for child in ast.iter_child_nodes(node)}
-    selves = {function.args.args[0].arg for function in functions if function.args.args}
     reached: Set[int] = set()
-    for node in (node for function in functions for node in ast.walk(function)):
-        if (not isinstance(node, ast.Attribute) or isinstance(parents.get(node), ast.Attribute)
-                or isinstance(node.ctx, (ast.Store, ast.Del))):
-            continue  # only whole chains read: self.a.b, not its self.a part, nor `self.a = ...`
-        names, root = [], node
-        while isinstance(root, ast.Attribute):
-            names.append(root.attr)
-            root = root.value
-        if not (isinstance(root, ast.Name) and root.id in selves):
+    for function in functions:
+        if not function.args.args:
             continue
-        names.reverse()
-        depth = 0  # how many names lead to a submodule
-        while depth < len(names) and _has_submodule(module, names[:depth + 1]):
-            depth += 1
-        if depth == 0:
-            continue
-        target = module.get_submodule(".".join(names[:depth]))
-        parent = parents.get(node)
-        called = isinstance(parent, ast.Call) and parent.func is node
-        if depth == len(names) and called:
-            if depth > 1:
-                reached.add(id(target))  # self.a.b(x): a call past a's forward
-        elif depth == len(names) or names[depth] in _STRUCTURE_METHODS:
-            reached |= {id(m) for m in target.modules()} - {id(target)}  # indexed, iterated, passed on
-        elif depth > 1:
-            reached.add(id(target))  # self.a.b.weight: read past a
+        me = function.args.args[0].arg
+        parents = {child: node for node in ast.walk(function) for child in ast.iter_child_nodes(node)}
+        # A loop variable or alias of a child (`for b in self.blocks`, `blk = self.block`) whose
+        # attributes the function reads (`b.fc(x)`) may reach past that child's forward.
+        aliases = _aliases(function, me)
+        through_aliases = any(isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                              and node.value.id in aliases for node in ast.walk(function))
+        for node in ast.walk(function):
+            if isinstance(node, ast.Name) and node.id == me and isinstance(module, nn.Sequential):
+                parent = parents.get(node)
+                harmless = (isinstance(parent, ast.Attribute)
+                            or (isinstance(parent, ast.Call) and (parent.func is node or (
+                                isinstance(parent.func, ast.Name) and parent.func.id in _HARMLESS_BUILTINS))))
+                if not harmless:
+                    reached |= {id(m) for m in module.children()}  # self[0](x), for m in self, list(self)
+                continue
+            if (not isinstance(node, ast.Attribute) or isinstance(parents.get(node), ast.Attribute)
+                    or isinstance(node.ctx, (ast.Store, ast.Del))):
+                continue  # only whole chains read: self.a.b, not its self.a part, nor `self.a = ...`
+            names, root = [], node
+            while isinstance(root, ast.Attribute):
+                names.append(root.attr)
+                root = root.value
+            if not (isinstance(root, ast.Name) and root.id == me):
+                continue
+            names.reverse()
+            path = _submodule_path(module, names)
+            if not path:
+                continue
+            target = _submodule(module, path)
+            parent = parents.get(node)
+            called = isinstance(parent, ast.Call) and parent.func is node
+            if len(path) == len(names) and called:
+                if len(path) > 1:
+                    reached.add(id(target))  # self.a.b(x): a call past a's forward
+            elif len(path) == len(names) or names[len(path)] in _STRUCTURE_METHODS:
+                reached |= ({id(m) for m in target.modules()} - {id(target)} if through_aliases
+                            else {id(m) for m in target.children()})  # indexed, iterated, passed on
+            elif len(path) > 1:
+                reached.add(id(target))  # self.a.b.weight: read past a
     return reached & below
+
+
+#: Builtins that take a module without calling into it.
+_HARMLESS_BUILTINS = frozenset({"len", "isinstance", "type", "id", "repr", "str", "hash", "print", "hasattr"})
+
+
+def _aliases(function: ast.AST, me: str) -> Set[str]:
+    """Names a function binds to something reached from ``self`` (``for b in self.blocks``,
+    ``for i, b in enumerate(self.blocks)``, ``blk = self.block``, ``first = self.mlp[0]``)."""
+    def from_self(node) -> bool:
+        return any(isinstance(inner, ast.Name) and inner.id == me for inner in ast.walk(node))
+
+    def names(target) -> Set[str]:
+        return {inner.id for inner in ast.walk(target) if isinstance(inner, ast.Name)}
+
+    bound: Set[str] = set()
+    for node in ast.walk(function):
+        if isinstance(node, (ast.For, ast.AsyncFor, ast.comprehension)) and from_self(node.iter):
+            bound |= names(node.target)
+        elif isinstance(node, ast.Assign) and from_self(node.value):
+            bound |= {name for target in node.targets for name in names(target)}
+        elif isinstance(node, ast.NamedExpr) and from_self(node.value):
+            bound |= names(node.target)
+    return bound - {me}
+
+
+def _parse(source: str) -> ast.Module:
+    """A method's or class's source parsed wherever it was indented (a class inside a function whose
+    strings reach column 0 cannot be dedented)."""
+    try:
+        return ast.parse(textwrap.dedent(source))
+    except SyntaxError:
+        return ast.parse("if True:\n" + source)
 
 
 def _class_sources(cls: type) -> List[str]:
     """The source of `cls` and of its bases up to nn.Module, and of every function they hold that is
-    written elsewhere (``forward = shared_forward``)."""
+    written elsewhere (``forward = shared_forward``; functions without a source, like those
+    ``dataclass`` generates, are skipped)."""
     sources = []
     for klass in cls.__mro__:
         if klass in (nn.Module, object) or klass.__module__.startswith("torch."):
@@ -742,16 +797,27 @@ def _class_sources(cls: type) -> List[str]:
         for value in vars(klass).values():
             function = inspect.unwrap(getattr(value, "__func__", value))
             if inspect.isfunction(function) and not function.__qualname__.startswith(klass.__qualname__ + "."):
-                sources.append(inspect.getsource(function))
+                with contextlib.suppress(OSError, TypeError):
+                    sources.append(inspect.getsource(function))
     return sources
 
 
-def _has_submodule(module: nn.Module, names: List[str]) -> bool:
-    try:
-        module.get_submodule(".".join(names))
-        return True
-    except AttributeError:
-        return False
+def _submodule_path(module: nn.Module, names: List[str]) -> List[str]:
+    """The longest start of `names` naming submodules (through ``_modules`` only: no property runs)."""
+    path, current = [], module
+    for name in names:
+        child = current._modules.get(name) if isinstance(current, nn.Module) else None
+        if child is None:
+            break
+        path.append(name)
+        current = child
+    return path
+
+
+def _submodule(module: nn.Module, path: List[str]) -> nn.Module:
+    for name in path:
+        module = module._modules[name]
+    return module
 
 
 def _fuse_tree(module: nn.Module, path: str, fusion: _Fusion, keep_root: bool = False) -> nn.Module:

@@ -903,6 +903,53 @@ def test_a_shared_activation_module_without_settings_is_absorbed_at_each_call():
     torch.testing.assert_close(fused(x), model(x))
 
 
+class Stage(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.fc2(torch.relu(self.fc1(x))))
+
+
+class Stages(nn.Module):
+    """Blocks called in a loop (transformer- and ResNet-style), and a property that raises."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks, self._seen = nn.ModuleList(Stage() for _ in range(3)), None
+
+    @property
+    def seen(self):
+        if self._seen is None:
+            raise RuntimeError("call forward first")  # reading the source must never run this
+        return self._seen
+
+    def summary(self):
+        return self.seen.shape
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class PreActivation(nn.Sequential):
+    def pre_activation(self, x):
+        return self[0](x)  # the first Linear alone: fusing it with the ReLU would change this
+
+
+def test_looped_blocks_fuse_and_methods_that_index_a_sequential_keep_it():
+    torch.manual_seed(0)
+    model, x, runs = Stages(), torch.randn(3, 8), []
+    fused = pyfastnn.fuse(model, report=runs)
+    assert len(runs) == 6 and all(isinstance(block.fc1, FusedLinear) for block in fused.blocks)
+    torch.testing.assert_close(fused(x), model(x))
+    seq = PreActivation(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    fused = pyfastnn.fuse(seq)
+    torch.testing.assert_close(fused.pre_activation(x), seq.pre_activation(x))
+
+
 def test_the_report_names_functional_activations():
     runs = []
     pyfastnn.fuse(SimpleFunctional(), report=runs)
