@@ -243,6 +243,8 @@ _FREEZABLE = (type(None), bool, numbers.Number, str, bytes, torch.dtype, torch.d
               types.FunctionType, types.BuiltinFunctionType)
 
 _reads = threading.local()  # while a traced forward runs on this thread: {module: (path, plain names)}, reads
+_recording_classes: "weakref.WeakKeyDictionary[type, type]" = weakref.WeakKeyDictionary()
+_UNFOLLOWABLE = object()  # the value noted for a read no check could follow: never frozen
 
 
 def _recording_class(cls: type) -> type:
@@ -284,10 +286,6 @@ def _recording_class(cls: type) -> type:
                                        {"__getattribute__": __getattribute__, "__getattr__": __getattr__,
                                         "__module__": cls.__module__})
     return _recording_classes[cls]
-
-
-_recording_classes: "weakref.WeakKeyDictionary[type, type]" = weakref.WeakKeyDictionary()
-_UNFOLLOWABLE = object()  # the value noted for a read no check could follow: never frozen
 
 
 def _read_by_torch(frame) -> bool:
@@ -405,8 +403,9 @@ def _same_constants(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> b
 def _comparable_source(graph: torch.fx.Graph) -> str:
     """The graph's code with its tensor constants numbered in order of appearance: the tracer numbers
     them from a counter shared by all traces, so two traces of one forward may differ there alone."""
-    numbers: Dict[str, str] = {}
-    return re.sub(r"_tensor_constant\d+", lambda m: numbers.setdefault(m.group(), f"_tensor_constant#{len(numbers)}"),
+    renumbered: Dict[str, str] = {}
+    return re.sub(r"_tensor_constant\d+",
+                  lambda m: renumbered.setdefault(m.group(), f"_tensor_constant#{len(renumbered)}"),
                   graph.python_code("self").src)
 
 
@@ -735,10 +734,9 @@ def _reached_in_source(module: nn.Module) -> Set[int]:
             if not (isinstance(root, ast.Name) and root.id == me):
                 continue
             names.reverse()
-            path = _submodule_path(module, names)
+            path, target = _submodule_path(module, names)
             if not path:
                 continue
-            target = _submodule(module, path)
             parent = parents.get(node)
             called = isinstance(parent, ast.Call) and parent.func is node
             if len(path) == len(names) and called:
@@ -802,22 +800,17 @@ def _class_sources(cls: type) -> List[str]:
     return sources
 
 
-def _submodule_path(module: nn.Module, names: List[str]) -> List[str]:
-    """The longest start of `names` naming submodules (through ``_modules`` only: no property runs)."""
-    path, current = [], module
+def _submodule_path(module: nn.Module, names: List[str]) -> Tuple[List[str], nn.Module]:
+    """The longest start of `names` naming submodules (through ``_modules`` only: no property runs),
+    and the submodule it names."""
+    path = []
     for name in names:
-        child = current._modules.get(name) if isinstance(current, nn.Module) else None
+        child = module._modules.get(name)
         if child is None:
             break
         path.append(name)
-        current = child
-    return path
-
-
-def _submodule(module: nn.Module, path: List[str]) -> nn.Module:
-    for name in path:
-        module = module._modules[name]
-    return module
+        module = child
+    return path, module
 
 
 def _fuse_tree(module: nn.Module, path: str, fusion: _Fusion, keep_root: bool = False) -> nn.Module:

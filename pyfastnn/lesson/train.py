@@ -173,7 +173,7 @@ def _optimizer_state_problems(optimizer: torch.optim.Optimizer, state: Dict) -> 
         if not isinstance(group, dict) or not isinstance(group.get("params"), list):
             return ["its parameter group is not a dict listing its parameters"]
         lr = group.get("lr")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        if not (_is_number(lr) and math.isfinite(lr) and lr > 0):
             problems.append(f"lr {lr!r}")
         problems += [f"{key} {group.get(key)!r} (this run: {own[key]!r})" for key in ADAM_SETTINGS
                      if key in own and group.get(key) != own[key]]
@@ -197,8 +197,7 @@ def _optimizer_state_problems(optimizer: torch.optim.Optimizer, state: Dict) -> 
                     problems.append(f"parameter {index}'s {name} is {shape} (the parameter: {tuple(parameter.shape)} "
                                     f"{str(parameter.dtype).replace('torch.', '')})")
             step = moments["step"]
-            if not ((isinstance(step, torch.Tensor) and step.numel() == 1) or
-                    (isinstance(step, (int, float)) and not isinstance(step, bool))):
+            if not ((isinstance(step, torch.Tensor) and step.numel() == 1) or _is_number(step)):
                 problems.append(f"parameter {index}'s step is {step!r}")
     return problems
 
@@ -279,6 +278,11 @@ HISTORY_FIELDS = ("epoch", "steps", "train_loss", "train_accuracy", "test_loss",
                   "samples_per_s")
 
 
+def _is_number(value) -> bool:
+    """An int or a float, not a bool (which Python counts as an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _misshapen_entries(state: Dict) -> List[str]:
     """What in a checkpoint's entries is not what :func:`save_checkpoint` writes (edited, or another program's)."""
     wrong = [f"{key} is {type(state[key]).__name__}, not {kind.__name__}"
@@ -289,9 +293,7 @@ def _misshapen_entries(state: Dict) -> List[str]:
         wrong.append(f"epoch is {state['epoch']}")
     if isinstance(state["history"], list):
         for i, entry in enumerate(state["history"]):
-            if not isinstance(entry, dict) or any(
-                    not isinstance(entry.get(name), (int, float)) or isinstance(entry.get(name), bool)
-                    for name in HISTORY_FIELDS):
+            if not isinstance(entry, dict) or not all(_is_number(entry.get(name)) for name in HISTORY_FIELDS):
                 wrong.append(f"history entry {i} lacks a number for one of {', '.join(HISTORY_FIELDS)}")
                 break
     return wrong
@@ -345,8 +347,7 @@ def _check_no_other_run(out: Path, resume: Optional[str]) -> None:
     """Raises FileExistsError where ``out`` holds files of a run other than the one resumed: a new
     run would replace its checkpoint after the first epoch and its pictures at once."""
     held = [name for name in ("checkpoint.pt", "metrics.json") if (out / name).exists()]
-    if not held or (resume is not None and (out / "checkpoint.pt").exists()
-                    and os.path.samefile(resume, out / "checkpoint.pt")):
+    if not held or (resume is not None and "checkpoint.pt" in held and os.path.samefile(resume, out / "checkpoint.pt")):
         return
     resume_hint = f"continue it with --resume {out / 'checkpoint.pt'}, " if "checkpoint.pt" in held else ""
     raise FileExistsError(f"output folder {out} holds another run ({', '.join(held)}): {resume_hint}start over "

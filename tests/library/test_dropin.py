@@ -295,6 +295,15 @@ def test_fuse_keeps_keys_when_a_fused_mlp_sits_inside_a_larger_sequential():
             clone.load_state_dict(partial)
 
 
+class ReluBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
 def test_fuse_inplace_changes_the_sequential_itself():
     torch.manual_seed(0)
     seq = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 2))
@@ -305,16 +314,8 @@ def test_fuse_inplace_changes_the_sequential_itself():
     x = torch.randn(3, 5)
     torch.testing.assert_close(seq(x), plain(x))
 
-    class Traced(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(5, 3)
-
-        def forward(self, x):
-            return torch.relu(self.fc(x))
-
-    model = Traced()
-    with pytest.warns(UserWarning, match="inplace=True.*left the forward of the top-level Traced unfused"):
+    model = ReluBlock()
+    with pytest.warns(UserWarning, match="inplace=True.*left the forward of the top-level ReluBlock unfused"):
         assert pyfastnn.fuse(model, inplace=True) is model
     assert type(model.fc) is nn.Linear
 
@@ -766,15 +767,6 @@ class Untraceable(nn.Module):
         if self.how == "grandchild":
             return self.block(x) + self.block.fc(x)  # the bare Linear, without the block's relu
         return self.mlp(x) + self.mlp[0](x) + self.mlp[:2](x)
-
-
-class ReluBlock(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return torch.relu(self.fc(x))
 
 
 @pytest.mark.parametrize("how", ["grandchild", "indexing"])
