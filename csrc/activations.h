@@ -124,15 +124,24 @@ struct Sigmoid {
     const T one = M::constant(1.0);
     return one / (one + M::exp(M::constant(0.0) - x));
   }
+  // y is clamped to sigmoid's range: an output saved after dropout in half or bfloat16 and scaled
+  // back by (1 - p) can round just past 1, which would turn the derivative's sign (NaN stays NaN).
   template <typename T> PYFASTNN_HOST_DEVICE static T derivative(T y, T) {
-    return y * (MathOps<T>::constant(1.0) - y);
+    using M = MathOps<T>;
+    const T one = M::constant(1.0);
+    y = M::select(M::greater(y, one), one, y);
+    return y * (one - y);
   }
 };
 
 struct Tanh {
   template <typename T> PYFASTNN_HOST_DEVICE static T forward(T x, T) { return MathOps<T>::tanh(x); }
+  // y is clamped to [-1, 1] for the reason Sigmoid's is (NaN stays NaN).
   template <typename T> PYFASTNN_HOST_DEVICE static T derivative(T y, T) {
-    return MathOps<T>::constant(1.0) - y * y;
+    using M = MathOps<T>;
+    const T one = M::constant(1.0), minus_one = M::constant(-1.0);
+    y = M::select(M::greater(y, one), one, M::select(M::less(y, minus_one), minus_one, y));
+    return one - y * y;
   }
 };
 

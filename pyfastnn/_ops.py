@@ -4,9 +4,11 @@ codes, dropout probabilities), fake (meta) kernels for torch.compile / FakeTenso
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Union
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from .extension import load_extension
 
@@ -59,10 +61,33 @@ def dropout_probability(p: float) -> float:
         Traceback (most recent call last):
         ...
         ValueError: pyfastnn: dropout probability must be in [0, 1), got nan
+        >>> dropout_probability("0.5")
+        Traceback (most recent call last):
+        ...
+        TypeError: pyfastnn: dropout probability must be a real number, got '0.5'
     """
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"pyfastnn: dropout probability must be a real number, got {p!r}")
     p = float(p)
     native.check_dropout_probability(p)
     return p
+
+
+def check_flag(owner: str, name: str, value: object) -> bool:
+    """``value`` if it is True or False, else TypeError: a string such as ``"no"`` or a number would
+    otherwise pass for a flag by its truth value.
+
+    Example:
+        >>> check_flag("fused_mlp", "training", False)
+        False
+        >>> check_flag("fused_mlp", "training", "no")
+        Traceback (most recent call last):
+        ...
+        TypeError: fused_mlp: training must be True or False, got 'no'
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be True or False, got {value!r}")
+    return value
 
 
 _fused_linear_op = ops.fused_linear.default
@@ -74,7 +99,7 @@ def run_fused_linear(input, weight, bias, code: int, negative_slope: float) -> t
     non-tensor argument into a TypeError naming it."""
     try:
         return _fused_linear_op(input, weight, bias, code, negative_slope)
-    except RuntimeError:
+    except (RuntimeError, TypeError, AttributeError):  # the latter two from meta tensors' fake kernels
         for name, value in (("input", input), ("weight", weight), ("bias", bias)):
             if not isinstance(value, torch.Tensor) and not (name == "bias" and value is None):
                 raise TypeError(f"pyfastnn: {name} must be a torch.Tensor, got {type(value).__name__}") from None
@@ -86,7 +111,7 @@ def run_fused_mlp(input, weights, biases, codes, negative_slope: float, dropout,
     instead of the dispatcher's error."""
     try:
         return _fused_mlp_op(input, weights, biases, codes, negative_slope, dropout, training)
-    except RuntimeError:
+    except (RuntimeError, TypeError, AttributeError):  # the latter two from meta tensors' fake kernels
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"pyfastnn: input must be a torch.Tensor, got {type(input).__name__}") from None
         for name, values in (("weights", weights), ("biases", biases)):
@@ -171,8 +196,56 @@ def _fused_mlp_backward_fake(grad_output, input, weights, output, hidden, preact
     return grad_input, grad_weights, grad_biases
 
 
+# FLOP counts for torch.utils.flop_counter.FlopCounterMode, counted as its formulas count aten.mm
+# (2 per multiply-add) for the GEMMs each op runs; the element-wise passes are not counted, as
+# FlopCounterMode counts none for aten's activations either. The formulas receive shapes.
+def _gemm_flops(rows_shape, weight_shape) -> int:
+    rows = 1
+    for size in rows_shape[:-1]:
+        rows *= size
+    return 2 * rows * weight_shape[0] * weight_shape[1]
+
+
+@register_flop_formula([ops.fused_linear, ops.fused_linear_forward])
+def _fused_linear_flops(input, weight, *args, out_shape=None, **kwargs) -> int:
+    return _gemm_flops(input, weight)
+
+
+@register_flop_formula(ops.fused_linear_backward)
+def _fused_linear_backward_flops(grad_output, input, weight, saved, activation, negative_slope, output_mask,
+                                 out_shape=None, **kwargs) -> int:
+    return _gemm_flops(input, weight) * (bool(output_mask[0]) + bool(output_mask[1]))
+
+
+@register_flop_formula([ops.fused_mlp, ops.fused_mlp_forward])
+def _fused_mlp_flops(input, weights, *args, out_shape=None, **kwargs) -> int:
+    return sum(_gemm_flops(input, w) for w in weights)
+
+
+@register_flop_formula(ops.fused_mlp_backward)
+def _fused_mlp_backward_flops(grad_output, input, weights, output, hidden, preacts, keep_masks, activations,
+                              negative_slope, dropout, output_mask, out_shape=None, **kwargs) -> int:
+    # As the kernel walks: from the top down to the lowest layer with a gradient to give; each layer
+    # there computes its weight gradient if asked and its input gradient unless it is the lowest one
+    # and the input needs none.
+    layers = len(weights)
+    wanted = [l for l in range(layers) if output_mask[1 + l] or output_mask[1 + layers + l]]
+    lowest = 0 if output_mask[0] else (wanted[0] if wanted else layers)
+    flops = 0
+    for l in range(lowest, layers):
+        gemm = _gemm_flops(input, weights[l])
+        flops += gemm * (bool(output_mask[1 + l]) + (l > lowest or bool(output_mask[0])))
+    return flops
+
+
 # vmap: a batched input is just more leading dimensions for the ops, so vmap over data runs the
-# fused kernels once; batched parameters (model ensembles) run them once per sample.
+# fused kernels once; batched parameters (model ensembles) run them once per sample. Samples that
+# are 0-d take the per-sample path too, where the op refuses them as it does outside vmap (moved to
+# the front, the vmap dimension would pass for the features).
+def _batch_as_rows(input: torch.Tensor, dim: Optional[int]) -> bool:
+    return dim is not None and input.dim() > 1
+
+
 def _select(t: Optional[torch.Tensor], dim: Optional[int], index: int) -> Optional[torch.Tensor]:
     return t if t is None or dim is None else t.select(dim, index)
 
@@ -180,7 +253,7 @@ def _select(t: Optional[torch.Tensor], dim: Optional[int], index: int) -> Option
 @torch.library.register_vmap("pyfastnn::fused_linear")
 def _fused_linear_vmap(info, in_dims, input, weight, bias, activation, negative_slope):
     input_dim, weight_dim, bias_dim = in_dims[:3]
-    if weight_dim is None and bias_dim is None:
+    if _batch_as_rows(input, input_dim) and weight_dim is None and bias_dim is None:
         return ops.fused_linear(input.movedim(input_dim, 0), weight, bias, activation, negative_slope), 0
     outputs = [ops.fused_linear(_select(input, input_dim, i), _select(weight, weight_dim, i),
                                 _select(bias, bias_dim, i), activation, negative_slope)
@@ -196,7 +269,7 @@ def _fused_mlp_vmap(info, in_dims, input, weights, biases, activations, negative
         raise RuntimeError(f"vmap: fused_mlp draws dropout masks in training mode, which vmap's randomness="
                            f"{info.randomness!r} does not allow; use torch.vmap(..., randomness='different') "
                            f"(each sample draws its own masks) or eval mode")
-    if input_dim is not None and all(d is None for d in (*weight_dims, *bias_dims)):
+    if _batch_as_rows(input, input_dim) and all(d is None for d in (*weight_dims, *bias_dims)):
         return ops.fused_mlp(input.movedim(input_dim, 0), weights, biases, activations, negative_slope, dropout,
                              training), 0
     outputs = [ops.fused_mlp(_select(input, input_dim, i), [_select(w, d, i) for w, d in zip(weights, weight_dims)],

@@ -7,18 +7,20 @@ import json
 import sys
 from typing import Callable, Optional, Sequence
 
-from .command import EXIT_FAILURE, EXIT_INTERRUPTED, debug_requested
+from .command import EXIT_FAILURE, debug_requested, interrupted_status, terminate_on_sigterm
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:  # Ctrl-C while a command's modules load, before its own handling starts
-        return _main(argv)
-    except KeyboardInterrupt:
-        if debug_requested(argv):
-            raise
-        print("pyfastnn: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    # SIGTERM (torchrun, docker, SLURM) stops a command like Ctrl-C: files being written are cleaned up.
+    with terminate_on_sigterm():
+        try:  # Ctrl-C while a command's modules load, before its own handling starts
+            return _main(argv)
+        except KeyboardInterrupt as e:
+            if debug_requested(argv):
+                raise
+            print("pyfastnn: interrupted", file=sys.stderr)
+            return interrupted_status(e)
 
 
 def _main(argv: Sequence[str]) -> int:

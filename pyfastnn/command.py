@@ -8,18 +8,51 @@ exit status 2); any other failure prints one ``prog: error: ...`` line and exits
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import signal
 import sys
-from typing import Callable, Optional, Sequence
+import threading
+from typing import Callable, Iterator, Optional, Sequence
 
 __all__ = ["InvalidArgument", "check_number", "command_parser", "run_command", "describe_error", "DEBUG_ENV",
            "debug_requested",
-           "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED",
+           "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "Terminated",
+           "terminate_on_sigterm", "interrupted_status",
            "positive_int", "non_negative_int", "path_argument"]
 
 DEBUG_ENV = "PYFASTNN_DEBUG"
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as if the signal had ended the process
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what torchrun, docker and SLURM send to stop a job), raised in the main thread like
+    Ctrl-C's KeyboardInterrupt, so that ``finally`` blocks run and no temporary file is left behind."""
+
+
+@contextlib.contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated` in the main thread; the previous
+    handler is restored after. Only the command line installs it: a library keeps Python's default."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_status(error: KeyboardInterrupt) -> int:
+    """The exit status of a command stopped by Ctrl-C (130) or SIGTERM (143)."""
+    return EXIT_TERMINATED if isinstance(error, Terminated) else EXIT_INTERRUPTED
 
 
 class InvalidArgument(ValueError):
@@ -101,9 +134,10 @@ def path_argument(text: str) -> str:
 path_argument.__name__ = "path"
 
 
-def command_parser(prog: str, description: Optional[str] = None) -> argparse.ArgumentParser:
-    """An ``ArgumentParser`` for a subcommand, with the shared ``--debug`` flag."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+def command_parser(prog: str, description: Optional[str] = None, **options) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` for a subcommand, with the shared ``--debug`` flag (``options`` go to
+    ``ArgumentParser``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, **options)
     parser.add_argument("--debug", action="store_true",
                         help=f"show the full Python traceback on failure (also {DEBUG_ENV}=1)")
     return parser
@@ -157,11 +191,11 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, body:
         if debug:
             raise
         parser.error(f"argument {e.option}: {e.problem}")  # usage and exit status 2, like argparse's own checks
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
         print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return interrupted_status(e)
     except Exception as e:  # noqa: BLE001 - the user gets one line; --debug shows the rest
         if debug:
             raise

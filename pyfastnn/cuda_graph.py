@@ -39,8 +39,9 @@ class CUDAGraphStep:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.warmup_steps = warmup_steps
         self.inputs: Tuple[torch.Tensor, ...] = tuple(torch.empty_like(t) for t in example_batch)
-        for buffer, example in zip(self.inputs, example_batch):
-            buffer.copy_(example)
+        with torch.no_grad():  # data, not a node of the user's graph: no history on the buffers
+            for buffer, example in zip(self.inputs, example_batch):
+                buffer.copy_(example)
         self.output: Optional[torch.Tensor] = None
         self.loss: Optional[torch.Tensor] = None
         self.graph: Optional[torch.cuda.CUDAGraph] = None
@@ -66,9 +67,10 @@ class CUDAGraphStep:
                     f"shape (e.g. another for the last, smaller batch)")
             if tensor.device != buffer.device:
                 raise ValueError(f"cuda_graph_step: batch[{i}] is on {tensor.device}, the graph runs on {buffer.device}")
-        for tensor, buffer in zip(batch, self.inputs):
-            if tensor.data_ptr() != buffer.data_ptr():
-                buffer.copy_(tensor, non_blocking=True)
+        with torch.no_grad():
+            for tensor, buffer in zip(batch, self.inputs):
+                if tensor.data_ptr() != buffer.data_ptr():
+                    buffer.copy_(tensor, non_blocking=True)
         return self.replay()
 
     def replay(self) -> torch.Tensor:
@@ -113,6 +115,7 @@ class CUDAGraphStep:
         # pool; every replay writes them anew there (no zero_grad needed, none must happen).
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
+        current = torch.cuda.current_stream(self.inputs[0].device)
         try:
             # On the batch's device and the warm-up's stream: torch.cuda.graph's own default stream
             # belongs to whichever device was current when it was first made, and a capture there
@@ -120,6 +123,9 @@ class CUDAGraphStep:
             with torch.cuda.device(self.inputs[0].device), torch.cuda.graph(graph, stream=self._side_stream):
                 self._forward_backward_step()
         except RuntimeError as e:
+            # torch.cuda.graph's exit ends the capture before it restores the stream; when ending the
+            # failed capture raises, the side stream would stay current for the user's later work.
+            torch.cuda.set_stream(current)
             raise RuntimeError(f"cuda_graph_step: capturing the step failed ({e}). Everything in a captured step "
                                f"must stay on the GPU: no .item(), .cpu(), printing of tensors, data-dependent "
                                f"shapes or CPU tensors") from e
@@ -139,7 +145,7 @@ def cuda_graph_step(model: nn.Module, loss_fn: Callable[..., torch.Tensor], opti
 
     Rules of a graphed step: the model, loss and optimizer must run on one GPU with nothing moved to
     the CPU; the optimizer must be made with ``capturable=True`` (``torch.optim.Adam(params,
-    fused=True, capturable=True)``); every batch has the example's shapes (make a second step for a
+    fused=True, capturable=True)``), or be ``torch.optim.SGD``, which needs no such option; every batch has the example's shapes (make a second step for a
     smaller last batch); the model stays in the train/eval mode it had; hyper-parameters set as
     Python numbers (a learning rate changed later) are baked into the graph.
 
@@ -191,10 +197,12 @@ def _check_arguments(model, loss_fn, optimizer, example_batch, warmup_steps) -> 
             raise ValueError(f"cuda_graph_step: model parameter {name!r} is on {parameter.device}, the batch on "
                              f"{device}; move the model there first (model.to({str(device)!r}))")
     for g, group in enumerate(optimizer.param_groups):
-        if "capturable" not in group:
+        if isinstance(optimizer, torch.optim.SGD):
+            pass  # keeps no step count on the host: graph-safe as it is (PyTorch's own capture example)
+        elif "capturable" not in group:
             raise ValueError(f"cuda_graph_step: {type(optimizer).__name__} cannot be captured in a CUDA graph (it has "
                              f"no capturable option); use e.g. torch.optim.Adam(params, fused=True, capturable=True)")
-        if not group["capturable"]:
+        elif not group["capturable"]:
             raise ValueError(f"cuda_graph_step: the optimizer's param group {g} is not capturable; make it with "
                              f"capturable=True, e.g. {type(optimizer).__name__}(params, fused=True, capturable=True)")
         for parameter in group["params"]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from ._ops import native
+from ._ops import check_flag, native
 
 __all__ = ["cuda_relu_epilogue"]
 
@@ -33,8 +33,7 @@ def cuda_relu_epilogue(enabled: bool = True) -> Iterator[None]:
         >>> torch.equal(y, pyfastnn.fused_linear(x, w, None, "relu"))  # CPU: the same either way
         True
     """
-    if not isinstance(enabled, bool):
-        raise TypeError(f"cuda_relu_epilogue: enabled must be True or False, got {enabled!r}")
+    check_flag("cuda_relu_epilogue", "enabled", enabled)
     before = native.relu_epilogue_allowed()
     native.set_relu_epilogue_allowed(enabled)
     try:

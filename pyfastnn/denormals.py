@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from ._ops import native
+from ._ops import check_flag, native
 
 __all__ = ["flush_denormals"]
 
@@ -46,7 +46,7 @@ def flush_denormals(enabled: bool = True) -> Iterator[bool]:
         >>> bool((tiny * 1e-10 > 0).all())  # outside the block denormals are kept again
         True
     """
-    if not enabled:
+    if not check_flag("flush_denormals", "enabled", enabled):
         yield False
         return
     threads = torch.get_num_threads()

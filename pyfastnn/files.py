@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator, NoReturn, Union
 
-__all__ = ["atomic_write", "ensure_writable_folder", "check_output_file"]
+__all__ = ["atomic_write", "ensure_writable_folder", "check_output_file", "check_output_names"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -158,3 +158,24 @@ def check_output_file(path: PathLike, what: str = "--json") -> Path:
         raise IsADirectoryError(f"{what} {path} is a folder; give a file name")
     ensure_writable_folder(path.parent, f"folder for {what}")
     return path
+
+
+def check_output_names(folder: PathLike, names, what: str = "output folder") -> None:
+    """Raises ``IsADirectoryError`` where one of the files a run writes into ``folder`` is taken by
+    a folder: up front, rather than when the run saves it.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> (folder / "metrics.json").mkdir()
+        >>> try:
+        ...     check_output_names(folder, ["checkpoint.pt", "metrics.json"])
+        ... except IsADirectoryError as e:
+        ...     print(str(e).replace(str(folder), "FOLDER"))
+        output folder FOLDER holds a folder named metrics.json where a file is written; move it away or choose another folder
+    """
+    folder = Path(folder)
+    for name in names:
+        if (folder / name).is_dir():
+            raise IsADirectoryError(f"{what} {folder} holds a folder named {name} where a file is written; "
+                                    f"move it away or choose another folder")

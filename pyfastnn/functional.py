@@ -6,7 +6,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._ops import DEFAULT_NEGATIVE_SLOPE, activation_code, dropout_probability, run_fused_linear, run_fused_mlp
+from ._ops import (DEFAULT_NEGATIVE_SLOPE, activation_code, check_flag, dropout_probability, run_fused_linear,
+                   run_fused_mlp)
 
 __all__ = ["fused_linear", "fused_mlp"]
 
@@ -100,4 +101,5 @@ def fused_mlp(
     biases = [None] * layers if biases is None else _tensor_list(biases, "biases")
     codes = _per_layer(activation, layers - 1, "activation", activation_code) + [activation_code(output_activation)]
     probabilities = _per_layer(dropout, layers - 1, "dropout", dropout_probability) + [0.0]
-    return run_fused_mlp(input, weights, biases, codes, float(negative_slope), probabilities, bool(training))
+    return run_fused_mlp(input, weights, biases, codes, float(negative_slope), probabilities,
+                         check_flag("fused_mlp", "training", training))

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from ._ops import (DEFAULT_NEGATIVE_SLOPE, activation_code, canonical_activation, dropout_probability, run_fused_linear,
                    run_fused_mlp)
-from ._patterns import activation_module, chain_mismatch, dropout_of, parse_layers
+from ._patterns import activation_module, chain_mismatch, dropout_of, is_plain_linear, parse_layers
 
 __all__ = ["FusedLinear", "FusedMLP", "activation_module"]
 
@@ -131,13 +131,20 @@ class FusedLinear(nn.Module):
         """A FusedLinear computing ``dropout(activation(linear(x)))``, in ``linear``'s train/eval mode.
 
         By default it shares ``linear``'s parameters (training one trains the other); ``copy=True``
-        gives it independent copies instead.
+        gives it independent copies instead. Only a plain ``nn.Linear`` converts: a subclass, a
+        parametrized Linear (``weight_norm``, ``spectral_norm``, ``prune``, ``parametrize``), one with
+        hooks or with attributes of its own raises ``ValueError``, since the fused layer would drop
+        what they add (as :meth:`FusedMLP.from_sequential` and :func:`pyfastnn.fuse` leave them).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         if isinstance(linear.weight, nn.parameter.UninitializedParameter):
             raise ValueError("from_linear got an uninitialized nn.LazyLinear (in_features is not known yet); "
                              "run one forward pass through it first")
+        if not is_plain_linear(linear):
+            raise ValueError(f"from_linear got a {type(linear).__name__} that is not a plain nn.Linear (a subclass, "
+                             f"parametrizations, hooks, or attributes, parameters, buffers or modules of its own), "
+                             f"which the fused layer would silently drop")
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     activation=activation, negative_slope=negative_slope, dropout=dropout, device="meta")
         take = (lambda p: nn.Parameter(p.detach().clone(), p.requires_grad)) if copy else (lambda p: p)
@@ -201,8 +208,9 @@ class FusedMLP(nn.Module):
     and stay when a layer's activation or dropout changes later). The layers are run by the fused
     op, not called one by one; each layer's dropout follows that layer's train/eval mode, as each
     ``nn.Dropout`` of a Sequential follows its own. Their parameters, activation, dropout and ``negative_slope`` are read on every
-    call (assigning a new layer or attribute takes effect); their forward pre-hooks run before the
-    fused op, so ``torch.nn.utils.prune`` and the hook-based ``weight_norm`` / ``spectral_norm``
+    call (assigning a new layer or attribute takes effect; the same names assigned on the FusedMLP
+    raise ``AttributeError``); their forward pre-hooks run before the fused op (with the network's
+    input for the first layer and no input for the others, whose inputs are never separate tensors), so ``torch.nn.utils.prune`` and the hook-based ``weight_norm`` / ``spectral_norm``
     work, as do ``torch.nn.utils.parametrize`` parametrizations; forward and backward hooks on a
     layer raise ``RuntimeError`` (the layer's output is never a separate tensor).
 
@@ -264,6 +272,14 @@ class FusedMLP(nn.Module):
         for layer in layers:  # the indices nn.Sequential gives the nn.Linear modules
             self.add_module(str(index), layer)
             index += 1 + (layer.activation != "identity") + (layer.dropout > 0.0)
+
+    def __setattr__(self, name: str, value) -> None:
+        # These settings live on the layers and are read from them on every call: an attribute of
+        # the same name on the FusedMLP would change nothing.
+        if name in _LAYER_SETTINGS:
+            raise AttributeError(f"FusedMLP reads {name!r} from its layers on every call; set it on the layers "
+                                 f"instead (for example: for layer in mlp: layer.{name} = ...)")
+        super().__setattr__(name, value)
 
     @property
     def negative_slope(self) -> float:
@@ -346,7 +362,7 @@ class FusedMLP(nn.Module):
                 raise TypeError(f"pyfastnn: FusedMLP layer {name!r} must be a FusedLinear, got {type(layer).__name__}")
             if layer._forward_pre_hooks or layer._forward_hooks or layer._backward_hooks or \
                     layer._backward_pre_hooks:
-                _run_layer_pre_hooks(layer, name, input)
+                _run_layer_pre_hooks(layer, name, (input,) if not weights else ())
             parameters = layer._parameters
             # A parametrized or hook-reparametrized layer computes its weight on access.
             weights.append(parameters["weight"] if "weight" in parameters else layer.weight)
@@ -360,6 +376,9 @@ class FusedMLP(nn.Module):
             dropout.append(layer._dropout if layer.training else 0.0)  # each layer's own mode
         slope = DEFAULT_NEGATIVE_SLOPE if slope is None else slope
         return run_fused_mlp(input, weights, biases, codes, slope, dropout, any(p > 0.0 for p in dropout))
+
+
+_LAYER_SETTINGS = frozenset({"activation", "output_activation", "dropout", "negative_slope", "bias"})
 
 
 def _layer_sizes(sizes) -> List[int]:
@@ -384,10 +403,12 @@ def _common_negative_slope(layers: Sequence[FusedLinear]) -> float:
     return slopes.pop() if slopes else DEFAULT_NEGATIVE_SLOPE
 
 
-def _run_layer_pre_hooks(layer: nn.Module, name: str, input: torch.Tensor) -> None:
+def _run_layer_pre_hooks(layer: nn.Module, name: str, inputs: tuple) -> None:
     """Runs a layer's forward pre-hooks before the fused op, so that hook-based reparametrizations
     (``torch.nn.utils.prune``, old-style ``weight_norm`` / ``spectral_norm``) recompute its weight.
-    Hooks that need the layer's own input or output cannot work inside one fused op: refused."""
+    ``inputs`` is the layer's input where it exists (the first layer's), else empty: a hidden
+    layer's input is never a separate tensor, and the network's input would pass for it unnoticed.
+    Hooks that need the layer's own output cannot work inside one fused op: refused."""
     if layer._forward_hooks or layer._backward_hooks or layer._backward_pre_hooks:
         raise RuntimeError(
             f"pyfastnn: FusedMLP layer {name!r} has forward or backward hooks, but the FusedMLP runs all "
@@ -395,9 +416,9 @@ def _run_layer_pre_hooks(layer: nn.Module, name: str, input: torch.Tensor) -> No
             f"register them on the FusedMLP itself, or use to_sequential()")
     for hook_id, hook in list(layer._forward_pre_hooks.items()):
         if hook_id in layer._forward_pre_hooks_with_kwargs:
-            result = hook(layer, (input,), {})
+            result = hook(layer, inputs, {})
         else:
-            result = hook(layer, (input,))
+            result = hook(layer, inputs)
         if result is not None:
             raise RuntimeError(
                 f"pyfastnn: a forward pre-hook of FusedMLP layer {name!r} returned a replacement input, which "

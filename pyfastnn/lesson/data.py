@@ -21,6 +21,7 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from ..command import check_number
 from ..files import atomic_write
 
 __all__ = ["IDXError", "read_idx", "load_mnist", "load_fashion_mnist", "normalize", "Batches",
@@ -123,7 +124,12 @@ def _download(root: Path, dataset: _Dataset, stem: str) -> Path:
                    f"(flat or {dataset.folder}/raw) and retry")
 
 
-def _load(root: PathLike, dataset: _Dataset, train: bool, download: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+#: How a missing file can be had, in the library's words and the train command's.
+MISSING_HINT = "download it (--download, or download=True) or point --data at the folder"
+
+
+def _load(root: PathLike, dataset: _Dataset, train: bool, download: bool,
+          missing_hint: str = MISSING_HINT) -> Tuple[torch.Tensor, torch.Tensor]:
     root = Path(root).expanduser()
     prefix = "train" if train else "t10k"
     arrays = []
@@ -135,7 +141,7 @@ def _load(root: PathLike, dataset: _Dataset, train: bool, download: bool) -> Tup
                 if not root.is_dir():
                     raise IDXError(f"data folder {root} " + ("is not a folder" if root.exists() else "does not exist"))
                 raise IDXError(f"{stem}[.gz] not found under {root} (flat or {dataset.folder}/raw); "
-                               f"download it (--download, or download=True) or point --data at the folder")
+                               f"{missing_hint}")
             path = _download(root, dataset, stem)
         arrays.append((path, read_idx(path, expected_ndim=ndim)))
     (image_path, images), (label_path, labels) = arrays
@@ -160,13 +166,15 @@ def _label_file_md5(labels: np.ndarray) -> str:
     return hashlib.md5(b"\x00\x00\x08\x01" + struct.pack(">I", len(labels)) + labels.tobytes()).hexdigest()
 
 
-def load_mnist(root: PathLike, train: bool = True, download: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def load_mnist(root: PathLike, train: bool = True, download: bool = False, *,
+               missing_hint: str = MISSING_HINT) -> Tuple[torch.Tensor, torch.Tensor]:
     """MNIST as ``(uint8 images N x 28 x 28, int64 labels N)``.
 
     ``download=True`` fetches missing files into ``root/MNIST/raw`` and verifies the MD5 of the
-    decompressed content against the published checksums.
+    decompressed content against the published checksums. ``missing_hint`` ends the error for a
+    missing file: how the caller's user gets it (a command without ``--download`` says otherwise).
     """
-    return _load(root, _MNIST, train, download)
+    return _load(root, _MNIST, train, download, missing_hint)
 
 
 def load_fashion_mnist(root: PathLike, train: bool = True, download: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -206,6 +214,8 @@ class Batches:
         if inputs.shape[0] != targets.shape[0] or inputs.device != targets.device:
             raise ValueError(f"inputs ({inputs.shape[0]} rows on {inputs.device}) and targets ({targets.shape[0]} rows "
                              f"on {targets.device}) must have as many rows, on one device")
+        check_number("world_size", world_size, 1, integer=True)
+        check_number("rank", rank, 0, world_size - 1, integer=True)
         self.inputs, self.targets = inputs, targets
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last

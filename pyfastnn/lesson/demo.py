@@ -7,6 +7,7 @@ fused twin, SimpleNN on XOR, the activation plot, a quick benchmark and, when MN
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -17,13 +18,13 @@ import torch
 from ..benchmark import run as run_bench
 from ..benchmark import time_interleaved, train_step
 from ..command import command_parser, path_argument, positive_int, run_command
-from ..files import ensure_writable_folder
+from ..files import check_output_names, ensure_writable_folder
 from ..functional import fused_linear
 from ..fuse import fuse
 from . import models
 from .data import find_mnist, load_mnist
 from .plots import plot_activations, plot_loss
-from .train import TrainConfig, check_device, make_adam, train
+from .train import PLOT_FILES, RUN_FILES, TrainConfig, check_no_other_run, check_device, make_adam, train
 
 
 def _section(title: str) -> None:
@@ -68,8 +69,27 @@ def _fuse_demo() -> float:
     return speedup
 
 
+#: The pictures the demo writes into its --out folder (the MNIST run writes into its mnist folder).
+DEMO_PICTURES = ("xor_scratch_loss.png", "activations.png")
+#: Left in the mnist folder by the demo's own run, holding the digest of the metrics.json it wrote:
+#: a later demo may replace that run without --overwrite (re-running the main job works), but never
+#: a ``train`` run written there since.
+DEMO_RUN_MARK = ".pyfastnn-demo-run"
+
+
+def _metrics_digest(mnist_out: Path) -> str:
+    return hashlib.sha256((mnist_out / "metrics.json").read_bytes()).hexdigest()
+
+
+def _holds_a_demo_run(mnist_out: Path) -> bool:
+    try:
+        return (mnist_out / DEMO_RUN_MARK).read_text().strip() == _metrics_digest(mnist_out)
+    except OSError:  # no mark, or no metrics.json: not (or no longer) the demo's run
+        return False
+
+
 def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bool = True,
-        device: str = "cpu") -> dict:
+        device: str = "cpu", overwrite: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     summary = {}
     X = models.XOR_INPUTS
@@ -101,7 +121,7 @@ def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bo
               f"{np.round(scratch.forward(X).reshape(-1), 3).tolist()}")
         summary[f"xor_scratch_final_loss_init_{init_scale}"] = losses[-1]
     print("(the lesson's 0.01 init leaves all hidden units alike: training sits on the 0.25 saddle)")
-    plot_loss(losses, out / "xor_scratch_loss.png", "XOR, from-scratch network (MSE), init randn*1.0")
+    plot_loss(losses, out / DEMO_PICTURES[0], "XOR, from-scratch network (MSE), init randn*1.0")
 
     _section("SimpleNN on XOR (BCE + Adam, lr 0.1)")
     torch.manual_seed(0)
@@ -121,7 +141,7 @@ def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bo
     summary["simple_nn_solved"] = bool(((predictions > 0.5).float() == targets.reshape(-1)).all())
 
     _section("Activation functions (computed by the fused op and its backward)")
-    print("wrote", plot_activations(out / "activations.png"))
+    print("wrote", plot_activations(out / DEMO_PICTURES[1]))
 
     if bench:
         _section("Quick benchmark: fused_linear vs PyTorch eager (float32, medians)")
@@ -138,10 +158,14 @@ def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bo
                  "MNIST: skipped (no data; pass --data DIR or set PYFASTNN_MNIST)")
     else:
         _section(f"MNIST: {mnist_steps} training steps of the 784-256-128-10 classifier on {device} ({root})")
-        result = train(TrainConfig(data=str(root), epochs=1, max_steps=mnist_steps, out=str(out / "mnist"),
-                                   progress=True, device=device, overwrite=True))  # the demo's own folder
+        mnist_out = out / "mnist"
+        result = train(TrainConfig(data=str(root), epochs=1, max_steps=mnist_steps, out=str(mnist_out),
+                                   progress=True, device=device,
+                                   overwrite=overwrite or _holds_a_demo_run(mnist_out)))
+        (mnist_out / DEMO_RUN_MARK).write_text(_metrics_digest(mnist_out) + "\n")
         summary["mnist_test_accuracy"] = result.metrics["test_accuracy"]
-        print(f"test accuracy after {mnist_steps} steps: {result.metrics['test_accuracy']:.4f} "
+        steps = sum(h["steps"] for h in result.metrics["history"])  # an epoch may hold fewer than asked
+        print(f"test accuracy after {steps} steps: {result.metrics['test_accuracy']:.4f} "
               f"(full run: pyfastnn train mnist --data {root} --device {device})")
     print(f"\nPictures are in {out.resolve()}")
     return summary
@@ -150,12 +174,20 @@ def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bo
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = command_parser("pyfastnn demo", description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=path_argument, help="MNIST folder (default: $PYFASTNN_MNIST)")
-    parser.add_argument("--out", type=path_argument, default="demo_output", help="folder for the pictures")
-    parser.add_argument("--mnist-steps", type=positive_int, default=300)
-    parser.add_argument("--no-bench", action="store_true")
-    parser.add_argument("--device", default="cpu", help="where the MNIST run trains: cpu or cuda")
+    parser.add_argument("--out", type=path_argument, default="demo_output",
+                        help="folder for the pictures and the MNIST run (in its mnist folder) (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a train run found in the --out folder's mnist folder (a previous "
+                             "demo's run there is replaced anyway)")
+    parser.add_argument("--mnist-steps", type=positive_int, default=300,
+                        help="at most this many MNIST training steps, one epoch at most (default: %(default)s)")
+    parser.add_argument("--no-bench", action="store_true", help="skip the quick benchmark and the fusion timing")
+    parser.add_argument("--device", default="cpu", help="where the MNIST run trains: cpu or cuda (default: %(default)s)")
     args = parser.parse_args(argv)
     return run_command(parser, args, lambda: _demo(args))
+
+
+DEMO_MISSING_HINT = "point --data at the folder that holds them"
 
 
 def _demo(args) -> int:
@@ -163,10 +195,15 @@ def _demo(args) -> int:
     check_device(args.device, "fused")
     data = args.data if args.data is not None else find_mnist()  # --data, else $PYFASTNN_MNIST if it holds MNIST
     if data is not None:  # both splits: a damaged training file would otherwise fail last
-        load_mnist(data, train=False)
-        load_mnist(data, train=True)
+        load_mnist(data, train=False, missing_hint=DEMO_MISSING_HINT)
+        load_mnist(data, train=True, missing_hint=DEMO_MISSING_HINT)
     out = ensure_writable_folder(args.out)
+    check_output_names(out, DEMO_PICTURES)
     if data is not None:
-        ensure_writable_folder(out / "mnist", "folder for the MNIST run")
-    run(out, data, args.mnist_steps, bench=not args.no_bench, device=args.device)
+        mnist_out = ensure_writable_folder(out / "mnist", "folder for the MNIST run")
+        check_output_names(mnist_out, RUN_FILES + PLOT_FILES)
+        if not args.overwrite and not _holds_a_demo_run(mnist_out):
+            # another run there (``train --out`` + "/mnist") is not replaced unasked
+            check_no_other_run(mnist_out, None, can_resume=False)
+    run(out, data, args.mnist_steps, bench=not args.no_bench, device=args.device, overwrite=args.overwrite)
     return 0

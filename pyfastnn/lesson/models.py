@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -58,6 +60,11 @@ class Perceptron:
         """
         X = np.asarray(X, dtype=np.float64)
         y = np.asarray(y).reshape(-1)
+        _check_training(X, epochs, lr, "lr")
+        if y.shape[0] != X.shape[0]:  # zip would drop the extra rows without a word
+            raise ValueError(f"X has {X.shape[0]} rows but y has {y.shape[0]} labels")
+        if not np.isin(y, (0, 1)).all():  # the step output is 0 or 1: other targets never stop erring
+            raise ValueError(f"y must hold labels 0 and 1, got {sorted(set(y.tolist()) - {0, 1})[:5]}")
         for _ in range(epochs):
             mistakes = 0
             for xi, target in zip(X, y):
@@ -69,6 +76,26 @@ class Perceptron:
             if mistakes == 0:
                 break
         return self
+
+
+def _check_training(X: np.ndarray, epochs: int, learning_rate: float, name: str = "learning_rate") -> None:
+    """Raises ValueError for inputs that are not rows of features, or a number of epochs or
+    learning rate that cannot train."""
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D (samples x features), got shape {X.shape}")
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 0:
+        raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real) or not math.isfinite(learning_rate):
+        raise ValueError(f"{name} must be a finite number, got {learning_rate!r}")
+
+
+def _check_targets(X: np.ndarray, y: np.ndarray, output_size: int) -> None:
+    """Raises ValueError unless ``y`` holds one row of ``output_size`` targets per row of ``X``: a
+    1-D ``y`` would broadcast against the (samples, 1) output into a (samples, samples) error."""
+    expected = (X.shape[0], output_size)
+    if y.shape != expected:
+        raise ValueError(f"y must have shape {expected} (one row of {output_size} target(s) per sample), "
+                         f"got {y.shape}" + ("; reshape it with y.reshape(-1, 1)" if y.ndim == 1 and output_size == 1 else ""))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -118,6 +145,8 @@ class NumpyTwoLayerNet:
     def fit(self, X, y, epochs: int = 1000, learning_rate: float = 0.1) -> List[float]:
         """Trains for ``epochs`` full-batch steps; returns the MSE before each step."""
         X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        _check_training(X, epochs, learning_rate)
+        _check_targets(X, y, self.W2.shape[1])
         losses = []
         for _ in range(epochs):
             output = self.forward(X)
@@ -159,8 +188,11 @@ class TwoLayerNet(nn.Module):
     def fit(self, X, y, epochs: int = 1000, learning_rate: float = 0.1) -> List[float]:
         """Full-batch gradient descent; returns the MSE before each step (like the numpy net)."""
         dtype = self.hidden.weight.dtype
-        X = torch.as_tensor(np.asarray(X), dtype=dtype)
-        y = torch.as_tensor(np.asarray(y), dtype=dtype)
+        X_array, y_array = np.asarray(X), np.asarray(y)
+        _check_training(X_array, epochs, learning_rate)
+        _check_targets(X_array, y_array, self.output.weight.shape[0])
+        X = torch.as_tensor(X_array, dtype=dtype)
+        y = torch.as_tensor(y_array, dtype=dtype)
         losses = []
         for _ in range(epochs):
             out = self(X)

@@ -13,13 +13,14 @@ import io
 import importlib
 import json
 import math
+import numbers
 import os
 import pickle
 import threading
 import time
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from torch import nn
 from ..command import InvalidArgument, check_number, command_parser, path_argument, run_command
 from ..cuda_graph import CUDAGraphStep, cuda_graph_step
 from ..denormals import flush_denormals
-from ..files import atomic_write, ensure_writable_folder
+from ..files import atomic_write, check_output_names, ensure_writable_folder
 from ..info import info
 from .data import Batches, load_fashion_mnist, load_mnist, normalize
 from .models import MNISTClassifier
@@ -38,6 +39,7 @@ LOADERS = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist}
 BACKENDS = ("fused", "torch")
 CHECKPOINT_KEYS = ("model", "optimizer", "history", "epoch", "rng_state")
 PLOT_FILES = ("curves.png", "predictions.png")
+RUN_FILES = ("checkpoint.pt", "metrics.json")
 
 
 @dataclasses.dataclass
@@ -70,6 +72,23 @@ class TrainResult:
 
 class CheckpointError(ValueError):
     """A ``--resume`` checkpoint is missing, unreadable, or not one that fits this model."""
+
+
+def plain_settings(config: TrainConfig) -> TrainConfig:
+    """``config`` with paths, a ``torch.device`` and numbers of other types (numpy scalars) turned
+    into the plain str, int and float that the checks expect and metrics.json and the checkpoint hold."""
+    changes = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, os.PathLike):
+            changes[field.name] = os.fspath(value)
+        elif isinstance(value, torch.device):
+            changes[field.name] = str(value)
+        elif isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+            changes[field.name] = int(value)
+        elif isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+            changes[field.name] = float(value)
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def check_config(config: TrainConfig) -> None:
@@ -291,6 +310,9 @@ def _misshapen_entries(state: Dict) -> List[str]:
              if not isinstance(state[key], kind) or isinstance(state[key], bool)]
     if isinstance(state["epoch"], int) and state["epoch"] < 0:
         wrong.append(f"epoch is {state['epoch']}")
+    elif (isinstance(state["epoch"], int) and isinstance(state["history"], list)
+          and state["epoch"] != len(state["history"])):  # one history entry per epoch done
+        wrong.append(f"epoch is {state['epoch']} but history holds {len(state['history'])} epoch(s)")
     if isinstance(state["history"], list):
         for i, entry in enumerate(state["history"]):
             if not isinstance(entry, dict) or not all(_is_number(entry.get(name)) for name in HISTORY_FIELDS):
@@ -322,8 +344,10 @@ def check_resume_settings(state: Dict, path, config: TrainConfig) -> None:
                               f"checkpoint's settings, or start a new run without --resume")
 
 
-def restore_checkpoint(state: Dict, path, model: nn.Module, optimizer: torch.optim.Optimizer, device: str):
-    """Puts a loaded checkpoint's weights, optimizer state and RNG state back; returns (history, epoch)."""
+def restore_checkpoint(state: Dict, path, model: nn.Module, optimizer: torch.optim.Optimizer, device: str,
+                       rank: int = 0):
+    """Puts a loaded checkpoint's weights, optimizer state and RNG state (``rank``'s own, under DDP)
+    back; returns (history, epoch)."""
     try:
         model.load_state_dict(state["model"])
         _load_optimizer_state(optimizer, state["optimizer"], path)
@@ -334,36 +358,68 @@ def restore_checkpoint(state: Dict, path, model: nn.Module, optimizer: torch.opt
         reason = " ".join(line.strip() for line in str(e).strip().splitlines()[:2]) or type(e).__name__
         raise CheckpointError(f"checkpoint {path}: does not fit this model ({reason})") from e
     try:  # dropout masks continue exactly where they stopped
-        torch.set_rng_state(state["rng_state"].cpu())
-        if device.startswith("cuda") and state.get("cuda_rng_state") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng_state"].cpu(), device)
-    except (RuntimeError, TypeError, AttributeError) as e:
+        rng_state, cuda_rng_state = state["rng_state"], state.get("cuda_rng_state")
+        if state.get("rank_rng_states") is not None:  # a DDP run: each rank its own
+            rng_state, cuda_rng_state = state["rank_rng_states"][rank]
+        torch.set_rng_state(rng_state.cpu())
+        if device.startswith("cuda") and cuda_rng_state is not None:
+            torch.cuda.set_rng_state(cuda_rng_state.cpu(), device)
+    except (RuntimeError, TypeError, AttributeError, IndexError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: its random-number generator state cannot be restored "
                               f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
     return list(state["history"]), int(state["epoch"])
 
 
-def _check_no_other_run(out: Path, resume: Optional[str]) -> None:
+def check_no_other_run(out: Path, resume: Optional[str], can_resume: bool = True) -> None:
     """Raises FileExistsError where ``out`` holds files of a run other than the one resumed: a new
-    run would replace its checkpoint after the first epoch and its pictures at once."""
-    held = [name for name in ("checkpoint.pt", "metrics.json") if (out / name).exists()]
+    run would replace its checkpoint after the first epoch and its pictures at once. ``can_resume``:
+    whether the command has ``--resume`` to suggest."""
+    held = [name for name in RUN_FILES if (out / name).exists()]
     if not held or (resume is not None and "checkpoint.pt" in held and os.path.samefile(resume, out / "checkpoint.pt")):
         return
-    resume_hint = f"continue it with --resume {out / 'checkpoint.pt'}, " if "checkpoint.pt" in held else ""
+    resume_hint = (f"continue it with --resume {out / 'checkpoint.pt'}, "
+                   if can_resume and "checkpoint.pt" in held else "")
     raise FileExistsError(f"output folder {out} holds another run ({', '.join(held)}): {resume_hint}start over "
                           f"there with --overwrite, or choose another --out")
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank``'s random numbers (dropout masks) after the weights are made:
+    distinct per rank, and never another run's seed for rank 0 (golden-ratio mixing, 64 bits)."""
+    return (seed + rank * 0x9E3779B97F4A7C15) % 2 ** 64
+
+
+def _rng_state(device: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """This process's generator states: the CPU's, and the device's where it is a GPU."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.startswith("cuda") else None
+
+
+def _rng_states_of_every_rank(device: str, world_size: int) -> Optional[List]:
+    """Under DDP, every rank's generator states (each draws its own dropout masks), for rank 0's
+    checkpoint; None for one process. Every rank must call it at the same point."""
+    if world_size == 1:
+        return None
+    import torch.distributed as dist
+
+    states: List = [None] * world_size
+    dist.all_gather_object(states, _rng_state(device))
+    return states
+
+
 def save_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer, history: List[Dict], epoch: int,
-                    config: TrainConfig, device: str, world_size: int = 1) -> None:
-    """Everything :func:`restore_checkpoint` needs to continue exactly, written atomically."""
+                    config: TrainConfig, device: str, world_size: int = 1,
+                    rank_rng_states: Optional[List] = None) -> None:
+    """Everything :func:`restore_checkpoint` needs to continue exactly, written atomically
+    (``rank_rng_states``: under DDP, every rank's generator states, see :func:`_rng_states_of_every_rank`)."""
     # Serialized in memory first: torch.save writing into a full disk reports only "unexpected pos";
     # the file write then fails with the system's own reason, naming the file.
     serialized = io.BytesIO()
+    rng_state, cuda_rng_state = _rng_state(device)
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "history": history, "epoch": epoch, "config": dataclasses.asdict(config), "world_size": world_size,
-                "rng_state": torch.get_rng_state(),
-                "cuda_rng_state": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}, serialized)
+                "rng_state": rng_state, "cuda_rng_state": cuda_rng_state,
+                "rank_rng_states": [list(states) for states in rank_rng_states] if rank_rng_states else None},
+               serialized)
     with atomic_write(path) as f:
         f.write(serialized.getbuffer())
 
@@ -423,6 +479,7 @@ def train(config: TrainConfig) -> TrainResult:
     metrics.json is written first with ``completed: false`` and rewritten after every epoch beside
     its checkpoint; only the last write, after the plots, says ``completed: true``.
     """
+    config = plain_settings(config)
     check_config(config)
     resumed = load_checkpoint(config.resume) if config.resume else None
     if resumed is not None:
@@ -431,8 +488,10 @@ def train(config: TrainConfig) -> TrainResult:
     on_cuda = device.startswith("cuda")
     graphed = _use_cuda_graph(config.cuda_graph, on_cuda, world_size)
     out = ensure_writable_folder(config.out) if config.out is not None and rank == 0 else None
-    if out is not None and not config.overwrite:
-        _check_no_other_run(out, config.resume)
+    if out is not None:
+        check_output_names(out, RUN_FILES + PLOT_FILES)
+        if not config.overwrite:
+            check_no_other_run(out, config.resume)
     torch.manual_seed(config.seed)
     load = LOADERS[config.dataset]
     optimizer_import = _import_in_background("torch._dynamo")
@@ -445,11 +504,13 @@ def train(config: TrainConfig) -> TrainResult:
     x_train, x_test = normalize(train_images).to(device), normalize(test_images).to(device)
     y_train, y_test = train_labels.to(device), test_labels.to(device)
     model = build_model(config).to(device)
+    if rank > 0:  # the same initial weights on every rank, but each rank its own dropout masks
+        torch.manual_seed(rank_seed(config.seed, rank))
     optimizer = make_adam(model.parameters(), config.lr, capturable=graphed)
     history: List[Dict] = []
     start_epoch = 0
     if resumed is not None:
-        history, start_epoch = restore_checkpoint(resumed, config.resume, model, optimizer, device)
+        history, start_epoch = restore_checkpoint(resumed, config.resume, model, optimizer, device, rank)
     checkpoint_epoch: Optional[int] = None
     if out is not None:
         for name in PLOT_FILES:  # the previous run's pictures would pass for this run's
@@ -513,33 +574,40 @@ def train(config: TrainConfig) -> TrainResult:
                                              acc=f"{correct.item() / seen:.4f}", samples_s=f"{rate:,.0f}")
             if progress is not None:
                 progress.close()
-            train_loss, train_correct = loss_sum.item(), correct.item()  # waits for the epoch's last step
+            # waits for the epoch's last step; under DDP the sums of every rank's shard
+            train_loss, train_correct, total_seen = _global_tally(loss_sum, correct, seen, world_size)
             seconds = time.perf_counter() - started
             test_loss, test_accuracy, predicted = evaluate(model, x_test, y_test, batch_size=None if on_cuda else 1000)
             history.append({
-                "epoch": epoch + 1, "steps": steps, "train_loss": train_loss / max(seen, 1),
-                "train_accuracy": train_correct / max(seen, 1), "test_loss": test_loss,
+                "epoch": epoch + 1, "steps": steps, "train_loss": train_loss / max(total_seen, 1),
+                "train_accuracy": train_correct / max(total_seen, 1), "test_loss": test_loss,
                 "test_accuracy": test_accuracy, "seconds": seconds,
                 "samples_per_s": seen * world_size / max(seconds, 1e-9),
             })
-            if rank == 0 and config.progress:
+            if rank == 0:  # --no-progress hides the bar, not the epoch's summary
                 h = history[-1]
                 print(f"epoch {h['epoch']}: train loss {h['train_loss']:.4f} acc {h['train_accuracy']:.4f} | "
                       f"test loss {h['test_loss']:.4f} acc {h['test_accuracy']:.4f} | {seconds:.1f} s")
+            # A collective where there is a checkpoint to write (config.out is the same on every rank).
+            rank_rng = _rng_states_of_every_rank(device, world_size) if config.out is not None else None
             if out is not None:
                 checkpoint_epoch = epoch + 1
                 save_checkpoint(out / "checkpoint.pt", model, optimizer, history, checkpoint_epoch, config, device,
-                                world_size)
+                                world_size, rank_rng)
                 write_json(out / "metrics.json",
                            run_metrics(config, device, world_size, graphed, history, False, checkpoint_epoch))
 
-    if rank == 0 and config.progress and start_epoch >= config.epochs:
+    if rank == 0 and start_epoch >= config.epochs:
         done = f"the checkpoint has {start_epoch} epoch(s) done, " if resumed is not None else ""
         print(f"nothing to train: {done}epochs is {config.epochs}")
-    if out is not None and checkpoint_epoch is None:  # no epoch ran: the folder still gets the state it ends with
-        checkpoint_epoch = start_epoch
-        save_checkpoint(out / "checkpoint.pt", model, optimizer, history, checkpoint_epoch, config, device,
-                        world_size)
+    # No epoch ran: the folder still gets the state it ends with. (Decided alike on every rank: the
+    # generator states are gathered from all of them.)
+    if start_epoch >= config.epochs and config.out is not None:
+        rank_rng = _rng_states_of_every_rank(device, world_size)
+        if out is not None:
+            checkpoint_epoch = start_epoch
+            save_checkpoint(out / "checkpoint.pt", model, optimizer, history, checkpoint_epoch, config, device,
+                            world_size, rank_rng)
     metrics = run_metrics(config, device, world_size, graphed, history, True, checkpoint_epoch)
     if out is not None:
         if config.plots and history:
@@ -553,6 +621,20 @@ def train(config: TrainConfig) -> TrainResult:
             plot_predictions(test_images[shown], test_labels[shown], predicted[shown], out / "predictions.png")
         write_json(out / "metrics.json", metrics)
     return TrainResult(model=model, metrics=metrics)
+
+
+def _global_tally(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, world_size: int):
+    """(summed loss, correct predictions, samples) of the epoch over all processes: each rank
+    tallied only its own shard."""
+    if world_size == 1:
+        return loss_sum.item(), correct.item(), seen
+    import torch.distributed as dist
+
+    tally = torch.stack([loss_sum.to(torch.float64), correct.to(torch.float64),
+                         torch.tensor(float(seen), dtype=torch.float64, device=loss_sum.device)])
+    dist.all_reduce(tally)  # on the training device: nccl reduces only GPU tensors
+    loss, right, samples = tally.tolist()
+    return loss, int(right), int(samples)
 
 
 def _import_in_background(module: str) -> threading.Thread:
@@ -590,28 +672,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", choices=sorted(LOADERS))
     parser.add_argument("--data", type=path_argument, required=True,
                         help="folder with the IDX files (flat or <Name>/raw)")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--dropout", type=float, default=0.2)
-    parser.add_argument("--backend", choices=BACKENDS, default="fused")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--epochs", type=int, default=5, help="passes over the training set (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="samples per step, per process under torchrun (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default: %(default)s)")
+    parser.add_argument("--dropout", type=float, default=0.2,
+                        help="dropout probability of the hidden layers (default: %(default)s)")
+    parser.add_argument("--backend", choices=BACKENDS, default="fused",
+                        help="fused: pyfastnn's layers; torch: the plain nn.Linear twin (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                         help="run each training step as one CUDA graph replay (default: on with --device cuda "
                              "in one process)")
     parser.add_argument("--flush-denormals", action=argparse.BooleanOptionalAction, default=True,
                         help="on the CPU, flush denormal floats to zero on every thread while training "
                              "(default: on; they slow each step as Adam's moments of idle units decay)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the weights, the shuffle and dropout (default: %(default)s)")
     parser.add_argument("--out", type=path_argument, default="runs/mnist",
-                        help="checkpoint, metrics.json and plots go here")
+                        help="checkpoint, metrics.json and plots go here (default: %(default)s)")
     parser.add_argument("--resume", type=path_argument, help="checkpoint to continue from")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in an --out folder that holds another run (its files are replaced)")
-    parser.add_argument("--max-steps", type=int, help="at most this many steps per epoch")
+    parser.add_argument("--max-steps", type=int, help="at most this many steps per epoch (default: all)")
     parser.add_argument("--download", action="store_true", help="fetch missing files from the public mirrors")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (the per-epoch summary lines are still printed)")
+    parser.add_argument("--no-plots", action="store_true", help="skip curves.png and predictions.png")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

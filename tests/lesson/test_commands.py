@@ -155,6 +155,7 @@ def test_train_resume_of_missing_file_or_other_model(capsys, tmp_path, tiny_mnis
 @pytest.mark.parametrize("edit,problem", [
     (lambda state: state.update(epoch="2"), "epoch is str, not int"),
     (lambda state: state.update(epoch=-1), "epoch is -1"),
+    (lambda state: state.update(epoch=3), "epoch is 3 but history holds 1 epoch(s)"),  # would skip 2 epochs
     (lambda state: state.update(history={}), "history is dict, not list"),
     (lambda state: state["history"][0].pop("seconds"), "history entry 0 lacks a number"),
     (lambda state: state.update(model=[1, 2]), "model is list, not dict"),
@@ -309,3 +310,102 @@ def test_bench_mnist_refuses_a_wrong_data_folder_before_benchmarking(tmp_path, m
                             env={**os.environ, "PYFASTNN_MNIST": str(mnist_dir)})  # not taken instead
     assert result.returncode == 2 and str(tmp_path) in error_line(result.stderr, "bench_mnist.py")
     assert "train step" not in result.stdout
+
+
+def test_demo_never_replaces_another_runs_files_unless_asked(capsys, tmp_path, tiny_mnist_dir):
+    """``train --out runs/mnist`` then ``demo --out runs``: the demo's MNIST run goes to the same folder."""
+    from pyfastnn.lesson.train import TrainConfig, train
+
+    train(TrainConfig(data=str(tiny_mnist_dir), epochs=1, max_steps=1, out=str(tmp_path / "mnist"), progress=False,
+                      plots=False))
+    trained = (tmp_path / "mnist" / "checkpoint.pt").read_bytes()
+    status, stdout, err = cli(capsys, "demo", "--data", str(tiny_mnist_dir), "--out", str(tmp_path), "--no-bench")
+    line = error_line(err, "pyfastnn demo")
+    assert status == 1 and f"output folder {tmp_path / 'mnist'} holds another run" in line, line
+    assert "--overwrite" in line and "--resume" not in line  # demo has no --resume
+    assert "Perceptron" not in stdout and (tmp_path / "mnist" / "checkpoint.pt").read_bytes() == trained
+    # With --overwrite it runs; it reports the steps run (one epoch of 96 images: 2 steps), not those asked.
+    status, stdout, err = cli(capsys, "demo", "--data", str(tiny_mnist_dir), "--out", str(tmp_path), "--no-bench",
+                              "--overwrite", "--mnist-steps", "100000")
+    assert status == 0, err
+    assert "test accuracy after 2 steps" in stdout and "100000" not in stdout.split("=== MNIST")[1].split("\n", 1)[1]
+    # That folder now holds the demo's own run: the next demo (the main job run again) replaces it.
+    replaced = (tmp_path / "mnist" / "checkpoint.pt").read_bytes()
+    status, stdout, err = cli(capsys, "demo", "--data", str(tiny_mnist_dir), "--out", str(tmp_path), "--no-bench",
+                              "--mnist-steps", "1")
+    assert status == 0, err
+    assert "test accuracy after 1 steps" in stdout and (tmp_path / "mnist" / "checkpoint.pt").read_bytes() != replaced
+    # A train run written there since is another run again.
+    train(TrainConfig(data=str(tiny_mnist_dir), epochs=1, max_steps=1, out=str(tmp_path / "mnist"), progress=False,
+                      plots=False, overwrite=True))
+    status, stdout, err = cli(capsys, "demo", "--data", str(tiny_mnist_dir), "--out", str(tmp_path), "--no-bench")
+    assert status == 1 and "holds another run" in error_line(err, "pyfastnn demo")
+
+
+def test_demo_missing_mnist_files_suggest_only_demo_options(capsys, tmp_path):
+    status, stdout, err = cli(capsys, "demo", "--data", str(tmp_path), "--out", str(tmp_path / "pictures"))
+    line = error_line(err, "pyfastnn demo")
+    assert status == 1 and "not found under" in line and "point --data at the folder" in line, line
+    assert "--download" not in line and "download=True" not in line
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", "metrics.json", "curves.png"])
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_folder_where_an_output_file_goes_is_refused_before_loading(capsys, tmp_path, tiny_mnist_dir, name,
+                                                                       overwrite, monkeypatch):
+    import pyfastnn.lesson.train as train_module
+
+    monkeypatch.setattr(train_module, "LOADERS", {"mnist": None})  # the data is never loaded
+    out = tmp_path / "run"
+    (out / name).mkdir(parents=True)
+    status, _, err = cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--out", str(out), *overwrite)
+    line = error_line(err, "pyfastnn train")
+    assert status == 1 and f"output folder {out} holds a folder named {name}" in line and "--resume" not in line, line
+
+
+def test_demo_refuses_a_folder_where_a_picture_goes(capsys, tmp_path):
+    (tmp_path / "activations.png").mkdir()
+    status, stdout, err = cli(capsys, "demo", "--out", str(tmp_path), "--no-bench")
+    assert status == 1 and "holds a folder named activations.png" in error_line(err, "pyfastnn demo")
+    assert "Perceptron" not in stdout
+
+
+def test_sigterm_during_a_save_cleans_up_and_exits_143(tmp_path, tiny_mnist_dir):
+    """What torchrun, docker and SLURM send: handled like Ctrl-C, so the temporary file is removed."""
+    out = tmp_path / "run"
+    script = f"""
+import contextlib, os, signal, sys
+import pyfastnn.lesson.train as train_module
+from pyfastnn.cli import main
+original = train_module.atomic_write
+
+@contextlib.contextmanager
+def terminated_while_writing(path):
+    with original(path) as f:
+        f.write(b"half")
+        os.kill(os.getpid(), signal.SIGTERM)
+        yield f
+
+train_module.atomic_write = terminated_while_writing
+sys.exit(main(["train", "mnist", "--data", {str(tiny_mnist_dir)!r}, "--out", {str(out)!r}, "--no-progress"]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 143, result.stderr
+    assert result.stderr.strip() == "pyfastnn train: interrupted"
+    assert sorted(p.name for p in out.iterdir()) == []  # no hidden temporary file left
+
+
+def test_sigterm_handler_is_only_installed_while_the_command_runs(capsys):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli(capsys, "info", "--json")[0] == 0
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_train_help_shows_the_defaults(capsys):
+    status, stdout, _ = cli(capsys, "train", "--help")
+    assert status == 0
+    for shown in ("(default: 5)", "(default: 64)", "(default: 0.001)", "(default: 0.2)", "(default: fused)",
+                  "(default: cpu)", "(default: runs/mnist)"):
+        assert shown in " ".join(stdout.split()), shown

@@ -173,6 +173,25 @@ def test_batches_refuse_mismatched_inputs_and_targets():
         Batches(torch.zeros(4, 2), torch.zeros(3), batch_size=2)
 
 
+@pytest.mark.parametrize("rank,world_size,problem", [
+    (0, 0, "world_size must be >= 1, got 0"),
+    (0, -2, "world_size must be >= 1, got -2"),
+    (2, 2, "rank must be <= 1, got 2"),
+    (-1, 2, "rank must be >= 0, got -1"),
+    (0, 1.5, "world_size must be an integer, got 1.5"),
+])
+def test_batches_refuse_a_rank_outside_the_world(rank, world_size, problem):
+    with pytest.raises(ValueError, match=problem):
+        Batches(torch.zeros(8, 2), torch.zeros(8), batch_size=2, rank=rank, world_size=world_size)
+
+
+def test_missing_files_name_only_the_options_the_caller_has(tmp_path):
+    with pytest.raises(IDXError, match=r"download it \(--download, or download=True\)"):
+        load_mnist(tmp_path)
+    with pytest.raises(IDXError, match="not found under .*; point --data at the folder that holds them$"):
+        load_mnist(tmp_path, missing_hint="point --data at the folder that holds them")
+
+
 def test_batch_indices_gather_the_same_batches_as_iteration():
     inputs, targets = torch.arange(14).float().reshape(7, 2), torch.arange(7)
     batches = Batches(inputs, targets, batch_size=3, seed=2)

@@ -79,3 +79,31 @@ def test_mnist_classifier_shapes_twin_and_dropout():
     assert not torch.equal(twin[1].weight, model.layers[0].weight)
     with pytest.raises(ValueError, match="dropout"):
         models.MNISTClassifier(dropout=1.0)
+
+
+def test_two_layer_nets_refuse_targets_of_another_shape():
+    """A 1-D y would broadcast (4, 1) - (4,) into a (4, 4) error that never trains."""
+    scratch = models.NumpyTwoLayerNet(2, 4, 1, seed=0)
+    fused = models.TwoLayerNet.from_numpy(scratch)
+    for net in (scratch, fused):
+        with pytest.raises(ValueError, match=r"y must have shape \(4, 1\).*got \(4,\); reshape it"):
+            net.fit(X, models.XOR_TARGETS.reshape(-1), epochs=1)
+        with pytest.raises(ValueError, match=r"y must have shape \(4, 1\)"):
+            net.fit(X, models.XOR_TARGETS[:3], epochs=1)
+        with pytest.raises(ValueError, match="epochs must be an integer >= 0, got -1"):
+            net.fit(X, models.XOR_TARGETS, epochs=-1)
+        with pytest.raises(ValueError, match="learning_rate must be a finite number, got nan"):
+            net.fit(X, models.XOR_TARGETS, epochs=1, learning_rate=float("nan"))
+
+
+@pytest.mark.parametrize("y,kwargs,problem", [
+    (models.AND_TARGETS[:3], {}, "X has 4 rows but y has 3 labels"),
+    (np.append(models.AND_TARGETS, 1), {}, "X has 4 rows but y has 5 labels"),
+    (np.array([0, 0, 0, 2]), {}, r"y must hold labels 0 and 1, got \[2\]"),
+    (models.AND_TARGETS, {"epochs": -1}, "epochs must be an integer >= 0, got -1"),
+    (models.AND_TARGETS, {"lr": float("inf")}, "lr must be a finite number, got inf"),
+])
+def test_perceptron_refuses_what_it_cannot_learn_from(y, kwargs, problem):
+    with pytest.raises(ValueError, match=problem):
+        models.Perceptron(2, seed=0).fit(X, y, **kwargs)
+    assert models.Perceptron(2, seed=0).fit(X, models.AND_TARGETS, epochs=0, lr=np.float32(0.1)) is not None

@@ -59,13 +59,37 @@ def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path, mnist
     # One thread like each rank: the GEMMs round differently with another thread count, and Adam's
     # first steps turn any rounding of a near-zero gradient into a step of up to lr.
     torch_threads(1)
-    single = train(TrainConfig(data=str(mnist_dir), epochs=1, batch_size=64, max_steps=3, dropout=0.0,
-                               out=None, progress=False, plots=False)).model.state_dict()
+    single_run = train(TrainConfig(data=str(mnist_dir), epochs=1, batch_size=64, max_steps=3, dropout=0.0,
+                                   out=None, progress=False, plots=False))
+    single = single_run.model.state_dict()
+    # The epoch's train loss and accuracy are over every rank's shard: the global batch's, like one process.
+    for rank in (0, 1):
+        (epoch,) = torch.load(tmp_path / f"history{rank}.pt")
+        (expected,) = single_run.metrics["history"]
+        assert epoch["train_accuracy"] == expected["train_accuracy"], rank
+        assert epoch["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-5), rank
     for name in single:
         assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
         # The allreduce sums the two half-batch gradients in another order than one process does;
         # Adam's g / sqrt(v) turns that rounding into up to ~1e-6 for near-zero gradients.
         torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_ddp_ranks_draw_their_own_dropout_masks_and_resume_exactly(tmp_path, mnist_dir):
+    """Each rank draws its own masks (the same seed on every rank would give every shard the same
+    masks), the weights stay equal across ranks, and a resumed run continues every rank's generator."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(ROOT / "tests" / "lesson" / "ddp_worker.py"), str(tmp_path), str(mnist_dir), "cpu", "dropout_resume"],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"dropout_resume{r}.pt") for r in (0, 1))
+    assert not torch.equal(rank0["rng_state"], rank1["rng_state"])
+    for name, value in rank0["whole"].items():
+        assert torch.equal(value, rank1["whole"][name]), f"{name} differs between ranks"
+        for rank in (rank0, rank1):
+            assert torch.equal(rank["resumed"][name], value), f"{name}: the resumed run differs"
 
 
 def test_device_and_graph_options_are_checked_before_any_work(mnist_dir):
@@ -250,3 +274,23 @@ def test_cpu_training_flushes_denormals_unless_asked_not_to_and_restores_the_mod
     assert modes and set(modes) == {flush}  # training steps and evaluation alike
     assert _metrics(out)["config"]["flush_denormals"] is flush
     assert not calling_thread_flushes()
+
+
+def test_settings_of_other_types_are_taken_as_plain_values(tmp_path, tiny_mnist_dir):
+    """A Path out, a torch.device and numpy numbers are what the user means, not a late crash."""
+    import numpy as np
+
+    result = train(TrainConfig(data=tiny_mnist_dir, out=tmp_path / "run", device=torch.device("cpu"),
+                               lr=np.float32(1e-3), batch_size=np.int64(32), epochs=1, max_steps=1, plots=False,
+                               progress=False))
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())["config"]
+    assert saved["out"] == str(tmp_path / "run") and saved["device"] == "cpu" and saved["batch_size"] == 32
+    assert saved["lr"] == pytest.approx(1e-3) and result.metrics["completed"]
+
+
+def test_no_progress_hides_only_the_bar(tmp_path, tiny_mnist_dir, capsys):
+    common = dict(data=str(tiny_mnist_dir), max_steps=1, plots=False, progress=False)
+    train(TrainConfig(epochs=1, out=str(tmp_path / "run"), **common))
+    assert capsys.readouterr().out.startswith("epoch 1: train loss ")
+    train(TrainConfig(epochs=1, out=str(tmp_path / "run"), resume=str(tmp_path / "run" / "checkpoint.pt"), **common))
+    assert "nothing to train: the checkpoint has 1 epoch(s) done" in capsys.readouterr().out

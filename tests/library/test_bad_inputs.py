@@ -54,6 +54,19 @@ def test_fake_kernels_raise_what_the_kernels_raise(args, kwargs, exc, pattern):
             pyfastnn.fused_mlp(fakes[0], [fakes[1]], [fakes[2]], output_activation=kwargs.get("activation", "relu"))
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_a_missing_tensor_beside_tensors_on_any_device_is_named(device):
+    w = W.to(device)
+    with pytest.raises(TypeError, match="input must be a torch.Tensor, got NoneType"):
+        pyfastnn.fused_linear(None, w)
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor, got NoneType"):
+        pyfastnn.fused_linear(X.to(device), None)
+    with pytest.raises(TypeError, match="input must be a torch.Tensor, got NoneType"):
+        pyfastnn.fused_mlp(None, [w])
+    with pytest.raises(TypeError, match=r"weights\[0\] must be a torch.Tensor, got NoneType"):
+        pyfastnn.fused_mlp(X.to(device), [None])
+
+
 def test_bad_activation_code_on_raw_op():
     with pytest.raises(ValueError, match="unknown activation code 42"):
         torch.ops.pyfastnn.fused_linear(X, W, None, 42, 0.0)

@@ -76,8 +76,17 @@ def test_optimizer_that_is_not_capturable_is_named(monkeypatch):
     with pytest.raises(ValueError, match=r"param group 0 is not capturable; make it with capturable=True, "
                                          r"e.g. Adam\(params, fused=True, capturable=True\)"):
         pyfastnn.cuda_graph_step(model, F.cross_entropy, optimizer, batch)
-    with pytest.raises(ValueError, match="SGD cannot be captured in a CUDA graph"):
-        pyfastnn.cuda_graph_step(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), batch)
+    with pytest.raises(ValueError, match="LBFGS cannot be captured in a CUDA graph"):
+        pyfastnn.cuda_graph_step(model, F.cross_entropy, torch.optim.LBFGS(model.parameters()), batch)
+
+
+def test_sgd_needs_no_capturable_option(monkeypatch):
+    model, _, batch = _setup()
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda t: torch.device("cuda", 0)))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: None)
+    step = pyfastnn.cuda_graph_step(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                    batch)
+    assert not step.captured
 
 
 def test_optimizer_parameters_off_the_batch_device_are_named(monkeypatch):
@@ -114,3 +123,16 @@ def test_step_object_checks_each_batch_before_touching_the_graph(monkeypatch):
     model.train()
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"called under torch.no_grad\(\)"):
         step.replay()
+
+
+def test_static_inputs_carry_no_autograd_history(monkeypatch):
+    # An example batch that requires grad: the buffers take its values, never a node of its graph
+    # (the captured backward would otherwise reach into the user's tensor).
+    model, _, (x, y) = _setup()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda t: torch.device("cuda", 0)))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: None)
+    x = x.clone().requires_grad_()
+    step = pyfastnn.cuda_graph_step(model, F.cross_entropy, optimizer, (x * 2, y))
+    assert step.inputs[0].grad_fn is None and not step.inputs[0].requires_grad
+    torch.testing.assert_close(step.inputs[0], x.detach() * 2)

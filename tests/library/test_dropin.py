@@ -187,6 +187,16 @@ def test_vmap_over_the_batch_and_over_weights():
     torch.testing.assert_close(grads, expected)
 
 
+def test_vmap_over_one_dimensional_samples_refuses_them_like_the_op():
+    """Mapped over a 1-D tensor, each sample is 0-d: the op must refuse it as outside vmap, not read
+    the mapped dimension as the features."""
+    w, b = torch.randn(3, 4), torch.randn(3)
+    with pytest.raises(ValueError, match="at least 1 dimension"):
+        torch.vmap(lambda t: pyfastnn.fused_linear(t, w, b, None))(torch.randn(4))
+    with pytest.raises(ValueError, match="at least 1 dimension"):
+        torch.vmap(lambda t: pyfastnn.fused_mlp(t, [w], [b]))(torch.randn(4))
+
+
 # ---------------------------------------------------------------------------------------------
 # fuse(): shared modules, train/eval-dependent graphs, partial Sequentials, hooks, inplace
 
@@ -1284,6 +1294,53 @@ def test_from_linear_refuses_an_uninitialized_lazy_linear():
     assert FusedLinear.from_linear(lazy).in_features == 3
 
 
+class _AdapterLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def _linear_with_weight_norm():
+    return nn.utils.parametrizations.weight_norm(nn.Linear(4, 3))
+
+
+def _linear_with_prune():
+    return torch.nn.utils.prune.random_unstructured(nn.Linear(4, 3), "weight", amount=0.5)
+
+
+def _linear_with_forward_hook():
+    linear = nn.Linear(4, 3)
+    linear.register_forward_hook(lambda module, args, out: out * 2)
+    return linear
+
+
+@pytest.mark.parametrize("make", [lambda: _AdapterLinear(4, 3), _linear_with_weight_norm, _linear_with_prune,
+                                  _linear_with_forward_hook],
+                         ids=["subclass", "weight_norm", "prune", "forward_hook"])
+@pytest.mark.parametrize("copy_parameters", [False, True])
+def test_from_linear_refuses_what_the_fused_layer_would_drop(make, copy_parameters):
+    """As from_sequential and fuse() leave them: converting would silently lose what they add."""
+    with pytest.raises(ValueError, match="not a plain nn.Linear"):
+        FusedLinear.from_linear(make(), copy=copy_parameters)
+
+
+def test_pre_hooks_of_hidden_fused_mlp_layers_never_see_the_network_input():
+    """Only the first layer's input is a tensor of its own; the others' hooks get none (a hook that
+    reads it fails loudly instead of recording the network's input as the layer's)."""
+    mlp = _mlp((4, 5, 2))
+    seen = []
+    for layer in mlp:
+        layer.register_forward_pre_hook(lambda module, args: seen.append(tuple(a.shape for a in args)))
+    mlp(torch.randn(3, 4))
+    assert seen == [((3, 4),), ()]
+
+
+@pytest.mark.parametrize("name", ["dropout", "activation", "output_activation", "negative_slope", "bias"])
+def test_layer_settings_assigned_on_the_fused_mlp_raise(name):
+    mlp = _mlp((4, 5, 2))
+    with pytest.raises(AttributeError, match=f"reads '{name}' from its layers"):
+        setattr(mlp, name, 0.0)
+
+
 def test_nan_and_inf_differences_from_pytorch_are_as_documented():
     """The README's list of the few special values where the kernels differ from PyTorch."""
     x = torch.tensor([[float("nan"), 3e38, float("inf"), -float("inf"), 1.0]]).t()
@@ -1331,3 +1388,27 @@ def test_torchscript_support_is_as_documented():
             torch.jit.trace(_mlp((4, 6, 2)), (x,))
         with pytest.raises(torch.jit.frontend.NotSupportedError):
             torch.jit.script(layer)
+
+
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_flop_counter_counts_the_gemms_like_eager(input_grad):
+    """FlopCounterMode counts each fused op's GEMMs as it counts eager's aten.mm / addmm."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(run):
+        with FlopCounterMode(display=False) as counter:
+            run()
+        return counter.get_total_flops()
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 2, 5, requires_grad=input_grad)
+    w1, w2 = torch.randn(6, 5, requires_grad=True), torch.randn(3, 6, requires_grad=True)
+    b1 = torch.randn(6, requires_grad=True)
+    cases = [
+        (lambda: pyfastnn.fused_linear(x, w1, b1, "relu"), lambda: F.relu(F.linear(x, w1, b1))),
+        (lambda: pyfastnn.fused_mlp(x, [w1, w2], [b1, None]), lambda: F.linear(F.relu(F.linear(x, w1, b1)), w2)),
+    ]
+    for fused, eager in cases:
+        assert flops(lambda: fused().sum().backward()) == flops(lambda: eager().sum().backward()) > 0
+        with torch.no_grad():
+            assert flops(fused) == flops(eager) > 0

@@ -176,6 +176,37 @@ def test_eval_mode_has_no_dropout_and_train_mode_does():
     assert not torch.allclose(mlp(x), mlp(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+def test_saturated_outputs_after_dropout_never_turn_the_gradient_sign(activation, dtype):
+    """Backward takes sigmoid's and tanh's derivative from the output saved after dropout, scaled
+    back by (1 - p); rounded in half precision, a saturated output could land past 1 and give a
+    derivative of the wrong sign. Every kept unit's gradient has the float64 gradient's sign (or is 0)."""
+    x = torch.zeros(256, 1, dtype=dtype)
+    w = torch.zeros(8, 1, dtype=dtype)
+    b = torch.linspace(3, 12, 8).to(dtype).requires_grad_()
+    head = torch.ones(1, 8, dtype=dtype)
+    torch.manual_seed(0)
+    out = pyfastnn.fused_mlp(x, [w, head], [b, None], activation, dropout=0.3, training=True)
+    (grad_b,) = torch.autograd.grad(out.sum(), [b])
+    expected = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}[activation]
+    b64 = b.detach().double().requires_grad_()
+    (grad_b64,) = torch.autograd.grad(expected(b64).sum(), [b64])
+    assert (grad_b.double() * grad_b64 >= 0).all(), (grad_b, grad_b64)
+
+
+@pytest.mark.parametrize("training", ["no", 1, None])
+def test_training_must_be_a_bool(training):
+    with pytest.raises(TypeError, match="training must be True or False"):
+        pyfastnn.fused_mlp(torch.randn(2, 4), [torch.randn(2, 4)], training=training)
+
+
+@pytest.mark.parametrize("p", ["0.5", True, [0.5]])
+def test_dropout_probability_must_be_a_number(p):
+    with pytest.raises(TypeError, match="dropout probability must be a real number"):
+        pyfastnn.FusedLinear(4, 4, dropout=p)
+
+
 @pytest.mark.parametrize("p", [1.0, -0.1, 1.5, float("nan")])
 def test_bad_dropout_probability(p):
     with pytest.raises(ValueError, match="dropout"):
