@@ -190,7 +190,8 @@ def bench_full_script(data, log, epochs=5):
     lesson_accuracy = lesson_script(data, epochs)
     lesson_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    result = train(TrainConfig(data=str(data), epochs=epochs, out=None, progress=False, plots=False))
+    result = train(TrainConfig(data=str(data), epochs=epochs, out=None, progress=False, summaries=False,
+                               plots=False))
     ours_seconds = time.perf_counter() - start
     row = {"name": f"full {epochs}-epoch script", "lesson_s": lesson_seconds, "pyfastnn_s": ours_seconds,
            "speedup": lesson_seconds / ours_seconds, "lesson_accuracy": lesson_accuracy,
@@ -241,7 +242,8 @@ def bench_cuda_steps(batch_sizes, rounds, iters, log):
 
 def bench_cuda_training(data, log, epochs=5):
     """5 epochs of `pyfastnn train --device cuda`, graphed and not, and the lesson's script on the GPU."""
-    common = dict(data=str(data), epochs=epochs, device="cuda", out=None, progress=False, plots=False)
+    common = dict(data=str(data), epochs=epochs, device="cuda", out=None, progress=False, summaries=False,
+                  plots=False)
     row = {"name": f"cuda {epochs}-epoch training"}
     for label, graph in (("graph", True), ("eager", False)):
         start = time.perf_counter()

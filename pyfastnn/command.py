@@ -35,8 +35,12 @@ class Terminated(KeyboardInterrupt):
 @contextlib.contextmanager
 def terminate_on_sigterm() -> Iterator[None]:
     """While the block runs, SIGTERM raises :class:`Terminated` in the main thread; the previous
-    handler is restored after. Only the command line installs it: a library keeps Python's default."""
-    if threading.current_thread() is not threading.main_thread():
+    handler is restored after. Only the command line installs it: a library keeps Python's default.
+    Only over the default action: a SIGTERM the parent ignores, or a handler installed by the embedding
+    program, stays in force. Python runs the handler between bytecodes, so a process blocked inside
+    a long C++ call (a DDP collective waiting on a dead peer) stops when that call returns."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield  # signal handlers can only be set from the main thread
         return
 
@@ -134,10 +138,9 @@ def path_argument(text: str) -> str:
 path_argument.__name__ = "path"
 
 
-def command_parser(prog: str, description: Optional[str] = None, **options) -> argparse.ArgumentParser:
-    """An ``ArgumentParser`` for a subcommand, with the shared ``--debug`` flag (``options`` go to
-    ``ArgumentParser``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, **options)
+def command_parser(prog: str, description: Optional[str] = None) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` for a subcommand, with the shared ``--debug`` flag."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--debug", action="store_true",
                         help=f"show the full Python traceback on failure (also {DEBUG_ENV}=1)")
     return parser

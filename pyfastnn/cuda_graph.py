@@ -125,7 +125,8 @@ class CUDAGraphStep:
         except RuntimeError as e:
             # torch.cuda.graph's exit ends the capture before it restores the stream; when ending the
             # failed capture raises, the side stream would stay current for the user's later work.
-            torch.cuda.set_stream(current)
+            with torch.cuda.device(current.device):  # set_stream also makes the stream's device current
+                torch.cuda.set_stream(current)
             raise RuntimeError(f"cuda_graph_step: capturing the step failed ({e}). Everything in a captured step "
                                f"must stay on the GPU: no .item(), .cpu(), printing of tensors, data-dependent "
                                f"shapes or CPU tensors") from e

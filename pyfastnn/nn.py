@@ -274,9 +274,10 @@ class FusedMLP(nn.Module):
             index += 1 + (layer.activation != "identity") + (layer.dropout > 0.0)
 
     def __setattr__(self, name: str, value) -> None:
-        # These settings live on the layers and are read from them on every call: an attribute of
-        # the same name on the FusedMLP would change nothing.
-        if name in _LAYER_SETTINGS:
+        # These settings live on the layers and are read from them on every call: a value of the
+        # same name on the FusedMLP would change nothing. (A subclass may still add a module or a
+        # parameter under such a name.)
+        if name in _LAYER_SETTINGS and not isinstance(value, (nn.Module, nn.Parameter)):
             raise AttributeError(f"FusedMLP reads {name!r} from its layers on every call; set it on the layers "
                                  f"instead (for example: for layer in mlp: layer.{name} = ...)")
         super().__setattr__(name, value)

@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,7 +57,8 @@ class TrainConfig:
     out: Optional[str] = "runs/mnist"
     resume: Optional[str] = None
     max_steps: Optional[int] = None  # stop each epoch after this many steps (quick runs, tests)
-    progress: bool = True
+    progress: bool = True  # the progress bar (rank 0)
+    summaries: bool = True  # each epoch's one-line summary and the "nothing to train" line (rank 0)
     plots: bool = True
     download: bool = False
     cuda_graph: Optional[bool] = None  # the whole step as one CUDA graph; None: on CUDA in one process
@@ -84,11 +86,19 @@ def plain_settings(config: TrainConfig) -> TrainConfig:
             changes[field.name] = os.fspath(value)
         elif isinstance(value, torch.device):
             changes[field.name] = str(value)
-        elif isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+        elif isinstance(value, np.bool_):
+            changes[field.name] = bool(value)
+        # Exact types: numpy's float64 subclasses float, yet a checkpoint (read with weights_only)
+        # and metrics.json must hold plain numbers.
+        elif isinstance(value, numbers.Integral) and type(value) not in (bool, int):
             changes[field.name] = int(value)
-        elif isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        elif isinstance(value, numbers.Real) and type(value) not in (bool, int, float):
             changes[field.name] = float(value)
     return dataclasses.replace(config, **changes) if changes else config
+
+
+#: The settings that are True or False.
+FLAG_SETTINGS = ("progress", "summaries", "plots", "download", "flush_denormals", "overwrite")
 
 
 def check_config(config: TrainConfig) -> None:
@@ -115,6 +125,11 @@ def check_config(config: TrainConfig) -> None:
     check_number("seed", config.seed, 0, 2 ** 63 - 1, integer=True)
     if config.max_steps is not None:
         check_number("max_steps", config.max_steps, 1, integer=True)
+    for name in FLAG_SETTINGS:
+        if not isinstance(getattr(config, name), bool):
+            raise InvalidArgument(name, f"must be True or False, got {getattr(config, name)!r}")
+    if config.cuda_graph is not None and not isinstance(config.cuda_graph, bool):
+        raise InvalidArgument("cuda_graph", f"must be True, False or None, got {config.cuda_graph!r}")
     if config.out is not None and not str(config.out):
         raise InvalidArgument("out", "must be a folder (or None for no files), got ''")
     _check_backend(config.backend)
@@ -385,7 +400,7 @@ def check_no_other_run(out: Path, resume: Optional[str], can_resume: bool = True
 
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of process ``rank``'s random numbers (dropout masks) after the weights are made:
-    distinct per rank, and never another run's seed for rank 0 (golden-ratio mixing, 64 bits)."""
+    distinct per rank of a run (the ranks' seeds spread over 64 bits by golden-ratio steps)."""
     return (seed + rank * 0x9E3779B97F4A7C15) % 2 ** 64
 
 
@@ -582,9 +597,9 @@ def train(config: TrainConfig) -> TrainResult:
                 "epoch": epoch + 1, "steps": steps, "train_loss": train_loss / max(total_seen, 1),
                 "train_accuracy": train_correct / max(total_seen, 1), "test_loss": test_loss,
                 "test_accuracy": test_accuracy, "seconds": seconds,
-                "samples_per_s": seen * world_size / max(seconds, 1e-9),
+                "samples_per_s": total_seen / max(seconds, 1e-9),
             })
-            if rank == 0:  # --no-progress hides the bar, not the epoch's summary
+            if rank == 0 and config.summaries:  # --no-progress hides the bar, not the epoch's summary
                 h = history[-1]
                 print(f"epoch {h['epoch']}: train loss {h['train_loss']:.4f} acc {h['train_accuracy']:.4f} | "
                       f"test loss {h['test_loss']:.4f} acc {h['test_accuracy']:.4f} | {seconds:.1f} s")
@@ -597,7 +612,7 @@ def train(config: TrainConfig) -> TrainResult:
                 write_json(out / "metrics.json",
                            run_metrics(config, device, world_size, graphed, history, False, checkpoint_epoch))
 
-    if rank == 0 and start_epoch >= config.epochs:
+    if rank == 0 and config.summaries and start_epoch >= config.epochs:
         done = f"the checkpoint has {start_epoch} epoch(s) done, " if resumed is not None else ""
         print(f"nothing to train: {done}epochs is {config.epochs}")
     # No epoch ran: the folder still gets the state it ends with. (Decided alike on every rank: the

@@ -1,6 +1,7 @@
 """The lesson's commands, ``pyfastnn train`` and ``pyfastnn demo``: the whole lesson runs, and every
 mistake or failure ends in one line with the right exit status."""
 
+import json
 import os
 import subprocess
 import sys
@@ -342,6 +343,24 @@ def test_demo_never_replaces_another_runs_files_unless_asked(capsys, tmp_path, t
     assert status == 1 and "holds another run" in error_line(err, "pyfastnn demo")
 
 
+def test_an_interrupted_demo_run_is_replaced_by_the_next_demo(capsys, tmp_path, tiny_mnist_dir):
+    """A demo stopped while training leaves its mark "pending" and a metrics.json that never says
+    completed: the next demo takes that folder as its own."""
+    from pyfastnn.lesson.demo import DEMO_RUN_MARK
+
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "metrics.json").write_text(json.dumps({"completed": False}))
+    (tmp_path / "mnist" / DEMO_RUN_MARK).write_text("pending\n")
+    status, stdout, err = cli(capsys, "demo", "--data", str(tiny_mnist_dir), "--out", str(tmp_path), "--no-bench",
+                              "--mnist-steps", "1")
+    assert status == 0, err
+    assert json.loads((tmp_path / "mnist" / "metrics.json").read_text())["completed"]
+    # A finished run under a pending mark is not the demo's (another program wrote there since).
+    (tmp_path / "mnist" / DEMO_RUN_MARK).write_text("pending\n")
+    status, _, err = cli(capsys, "demo", "--data", str(tiny_mnist_dir), "--out", str(tmp_path), "--no-bench")
+    assert status == 1 and "holds another run" in error_line(err, "pyfastnn demo")
+
+
 def test_demo_missing_mnist_files_suggest_only_demo_options(capsys, tmp_path):
     status, stdout, err = cli(capsys, "demo", "--data", str(tmp_path), "--out", str(tmp_path / "pictures"))
     line = error_line(err, "pyfastnn demo")
@@ -393,6 +412,29 @@ sys.exit(main(["train", "mnist", "--data", {str(tiny_mnist_dir)!r}, "--out", {st
     assert result.returncode == 143, result.stderr
     assert result.stderr.strip() == "pyfastnn train: interrupted"
     assert sorted(p.name for p in out.iterdir()) == []  # no hidden temporary file left
+
+
+def test_an_ignored_sigterm_stays_ignored(tmp_path, tiny_mnist_dir):
+    """The handler replaces only the default action: a parent that ignores SIGTERM keeps it ignored."""
+    out = tmp_path / "run"
+    script = f"""
+import os, signal, sys
+from pyfastnn.cli import main
+import pyfastnn.lesson.train as train_module
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+original = train_module.write_json
+
+def terminated_while_writing(path, data):
+    os.kill(os.getpid(), signal.SIGTERM)
+    original(path, data)
+
+train_module.write_json = terminated_while_writing
+sys.exit(main(["train", "mnist", "--data", {str(tiny_mnist_dir)!r}, "--out", {str(out)!r}, "--no-progress",
+               "--epochs", "1", "--no-plots"]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "metrics.json").read_text())["completed"]
 
 
 def test_sigterm_handler_is_only_installed_while_the_command_runs(capsys):

@@ -66,7 +66,8 @@ def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path, mnist
     for rank in (0, 1):
         (epoch,) = torch.load(tmp_path / f"history{rank}.pt")
         (expected,) = single_run.metrics["history"]
-        assert epoch["train_accuracy"] == expected["train_accuracy"], rank
+        # Within one sample: the allreduce's rounding may flip a near-tie argmax.
+        assert epoch["train_accuracy"] == pytest.approx(expected["train_accuracy"], abs=1.01 / (3 * 64)), rank
         assert epoch["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-5), rank
     for name in single:
         assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
@@ -280,12 +281,29 @@ def test_settings_of_other_types_are_taken_as_plain_values(tmp_path, tiny_mnist_
     """A Path out, a torch.device and numpy numbers are what the user means, not a late crash."""
     import numpy as np
 
-    result = train(TrainConfig(data=tiny_mnist_dir, out=tmp_path / "run", device=torch.device("cpu"),
-                               lr=np.float32(1e-3), batch_size=np.int64(32), epochs=1, max_steps=1, plots=False,
-                               progress=False))
-    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())["config"]
-    assert saved["out"] == str(tmp_path / "run") and saved["device"] == "cpu" and saved["batch_size"] == 32
-    assert saved["lr"] == pytest.approx(1e-3) and result.metrics["completed"]
+    for lr in (np.float32(1e-3), np.float64(1e-3)):  # float64 subclasses float: converted all the same
+        out = tmp_path / f"run_{type(lr).__name__}"
+        result = train(TrainConfig(data=tiny_mnist_dir, out=out, device=torch.device("cpu"), lr=lr,
+                                   batch_size=np.int64(32), epochs=1, max_steps=1, plots=np.bool_(False),
+                                   progress=False))
+        saved = json.loads((out / "metrics.json").read_text())["config"]
+        assert saved["out"] == str(out) and saved["device"] == "cpu" and saved["batch_size"] == 32
+        assert saved["lr"] == pytest.approx(1e-3) and result.metrics["completed"]
+        # The checkpoint holds plain numbers: read back with weights_only, it resumes.
+        train(TrainConfig(data=str(tiny_mnist_dir), out=str(out), resume=str(out / "checkpoint.pt"), epochs=2,
+                          max_steps=1, plots=False, progress=False, lr=float(lr), batch_size=32))
+
+
+@pytest.mark.parametrize("name", ["progress", "summaries", "plots", "download", "flush_denormals", "overwrite"])
+def test_flag_settings_must_be_bools_before_any_work(name, tiny_mnist_dir):
+    with pytest.raises(ValueError, match=f"{name} must be True or False, got 0"):
+        train(TrainConfig(data=str(tiny_mnist_dir), out=None, **{name: 0}))
+
+
+def test_summaries_false_prints_nothing(tmp_path, tiny_mnist_dir, capsys):
+    train(TrainConfig(data=str(tiny_mnist_dir), epochs=1, max_steps=1, out=None, plots=False, progress=False,
+                      summaries=False))
+    assert capsys.readouterr().out == ""
 
 
 def test_no_progress_hides_only_the_bar(tmp_path, tiny_mnist_dir, capsys):
