@@ -45,6 +45,7 @@ def terminate_on_sigterm() -> Iterator[None]:
         return
 
     def raise_terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, raise_terminated)

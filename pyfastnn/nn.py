@@ -275,9 +275,9 @@ class FusedMLP(nn.Module):
 
     def __setattr__(self, name: str, value) -> None:
         # These settings live on the layers and are read from them on every call: a value of the
-        # same name on the FusedMLP would change nothing. (A subclass may still add a module or a
-        # parameter under such a name.)
-        if name in _LAYER_SETTINGS and not isinstance(value, (nn.Module, nn.Parameter)):
+        # same name on the FusedMLP would change nothing. (A subclass may still add a parameter or a
+        # buffer under such a name; a module would be taken for a layer.)
+        if name in _LAYER_SETTINGS and not isinstance(value, nn.Parameter) and name not in self._buffers:
             raise AttributeError(f"FusedMLP reads {name!r} from its layers on every call; set it on the layers "
                                  f"instead (for example: for layer in mlp: layer.{name} = ...)")
         super().__setattr__(name, value)

@@ -7,7 +7,6 @@ fused twin, SimpleNN on XOR, the activation plot, a quick benchmark and, when MN
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from ..benchmark import run as run_bench
 from ..benchmark import time_interleaved, train_step
 from ..command import command_parser, path_argument, positive_int, run_command
-from ..files import atomic_write, check_output_names, ensure_writable_folder
+from ..files import check_output_names, ensure_writable_folder
 from ..functional import fused_linear
 from ..fuse import fuse
 from . import models
@@ -72,30 +71,18 @@ def _fuse_demo() -> float:
 
 #: The pictures the demo writes into its --out folder (the MNIST run writes into its mnist folder).
 DEMO_PICTURES = ("xor_scratch_loss.png", "activations.png")
-#: Left in the mnist folder by the demo's own run: "pending" while it trains, then the digest of the
-#: metrics.json it wrote. A later demo may replace that run without --overwrite (re-running the main
-#: job works, also after an interrupted demo), but never a ``train`` run written there since.
-DEMO_RUN_MARK = ".pyfastnn-demo-run"
-_PENDING = "pending"
-
-
-def _metrics_digest(mnist_out: Path) -> str:
-    return hashlib.sha256((mnist_out / "metrics.json").read_bytes()).hexdigest()
+#: The label the demo's MNIST run records in its metrics.json (TrainConfig.label): a later demo
+#: replaces a run with this label without --overwrite (re-running the main job works, also after an
+#: interrupted demo), never a run written there since by ``train``, which records no such label.
+DEMO_RUN_LABEL = "pyfastnn demo"
 
 
 def _holds_a_demo_run(mnist_out: Path) -> bool:
     try:
-        mark = (mnist_out / DEMO_RUN_MARK).read_text().strip()
-        if mark == _PENDING:  # a demo stopped while training: its metrics.json never said completed
-            return json.loads((mnist_out / "metrics.json").read_text()).get("completed") is False
-        return mark == _metrics_digest(mnist_out)
-    except (OSError, ValueError, AttributeError):  # no mark or metrics.json, or not ours: another run
+        metrics = json.loads((mnist_out / "metrics.json").read_text())
+        return metrics["config"]["label"] == DEMO_RUN_LABEL
+    except (OSError, ValueError, KeyError, TypeError):  # no metrics.json, or not the demo's
         return False
-
-
-def _write_mark(mnist_out: Path, text: str) -> None:
-    with atomic_write(mnist_out / DEMO_RUN_MARK) as f:
-        f.write((text + "\n").encode())
 
 
 def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bool = True,
@@ -169,13 +156,9 @@ def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bo
     else:
         _section(f"MNIST: at most {mnist_steps} training steps (one epoch) of the 784-256-128-10 classifier on {device} ({root})")
         mnist_out = out / "mnist"
-        replace = overwrite or _holds_a_demo_run(mnist_out)
-        mnist_out.mkdir(parents=True, exist_ok=True)
-        if replace or not any((mnist_out / name).exists() for name in RUN_FILES):  # else train refuses
-            _write_mark(mnist_out, _PENDING)
         result = train(TrainConfig(data=str(root), epochs=1, max_steps=mnist_steps, out=str(mnist_out),
-                                   progress=True, device=device, overwrite=replace))
-        _write_mark(mnist_out, _metrics_digest(mnist_out))
+                                   progress=True, device=device, label=DEMO_RUN_LABEL,
+                                   overwrite=overwrite or _holds_a_demo_run(mnist_out)))
         summary["mnist_test_accuracy"] = result.metrics["test_accuracy"]
         steps = sum(h["steps"] for h in result.metrics["history"])  # an epoch may hold fewer than asked
         print(f"test accuracy after {steps} steps: {result.metrics['test_accuracy']:.4f} "

@@ -64,6 +64,7 @@ class TrainConfig:
     cuda_graph: Optional[bool] = None  # the whole step as one CUDA graph; None: on CUDA in one process
     flush_denormals: bool = True  # CPU: denormal floats become zero on every thread while training
     overwrite: bool = False  # start a new run in an ``out`` folder that holds another run's files
+    label: Optional[str] = None  # free text kept in metrics.json's config (the demo marks its runs)
 
 
 @dataclasses.dataclass
@@ -85,6 +86,8 @@ def plain_settings(config: TrainConfig) -> TrainConfig:
         if isinstance(value, os.PathLike):
             changes[field.name] = os.fspath(value)
         elif isinstance(value, torch.device):
+            changes[field.name] = str(value)
+        elif isinstance(value, str) and type(value) is not str:  # numpy's str_ and other subclasses
             changes[field.name] = str(value)
         elif isinstance(value, np.bool_):
             changes[field.name] = bool(value)
@@ -128,6 +131,8 @@ def check_config(config: TrainConfig) -> None:
     for name in FLAG_SETTINGS:
         if not isinstance(getattr(config, name), bool):
             raise InvalidArgument(name, f"must be True or False, got {getattr(config, name)!r}")
+    if config.label is not None and not isinstance(config.label, str):
+        raise InvalidArgument("label", f"must be text or None, got {config.label!r}")
     if config.cuda_graph is not None and not isinstance(config.cuda_graph, bool):
         raise InvalidArgument("cuda_graph", f"must be True, False or None, got {config.cuda_graph!r}")
     if config.out is not None and not str(config.out):

@@ -344,19 +344,18 @@ def test_demo_never_replaces_another_runs_files_unless_asked(capsys, tmp_path, t
 
 
 def test_an_interrupted_demo_run_is_replaced_by_the_next_demo(capsys, tmp_path, tiny_mnist_dir):
-    """A demo stopped while training leaves its mark "pending" and a metrics.json that never says
-    completed: the next demo takes that folder as its own."""
-    from pyfastnn.lesson.demo import DEMO_RUN_MARK
+    """A demo stopped while training leaves a metrics.json with its label and "completed": false:
+    the next demo takes that folder as its own; an interrupted train run there is another run."""
+    from pyfastnn.lesson.demo import DEMO_RUN_LABEL
 
     (tmp_path / "mnist").mkdir()
-    (tmp_path / "mnist" / "metrics.json").write_text(json.dumps({"completed": False}))
-    (tmp_path / "mnist" / DEMO_RUN_MARK).write_text("pending\n")
+    metrics = tmp_path / "mnist" / "metrics.json"
+    metrics.write_text(json.dumps({"completed": False, "config": {"label": DEMO_RUN_LABEL}}))
     status, stdout, err = cli(capsys, "demo", "--data", str(tiny_mnist_dir), "--out", str(tmp_path), "--no-bench",
                               "--mnist-steps", "1")
     assert status == 0, err
-    assert json.loads((tmp_path / "mnist" / "metrics.json").read_text())["completed"]
-    # A finished run under a pending mark is not the demo's (another program wrote there since).
-    (tmp_path / "mnist" / DEMO_RUN_MARK).write_text("pending\n")
+    assert json.loads(metrics.read_text())["completed"]
+    metrics.write_text(json.dumps({"completed": False, "config": {"label": None}}))  # a train run, interrupted
     status, _, err = cli(capsys, "demo", "--data", str(tiny_mnist_dir), "--out", str(tmp_path), "--no-bench")
     assert status == 1 and "holds another run" in error_line(err, "pyfastnn demo")
 
@@ -435,6 +434,20 @@ sys.exit(main(["train", "mnist", "--data", {str(tiny_mnist_dir)!r}, "--out", {st
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "metrics.json").read_text())["completed"]
+
+
+def test_a_second_sigterm_during_the_cleanup_is_ignored():
+    import signal
+
+    from pyfastnn.command import Terminated, terminate_on_sigterm
+
+    with pytest.raises(Terminated), terminate_on_sigterm():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pause() if hasattr(signal, "pause") else None  # the handler raises before this returns
+        finally:
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # another one now changes nothing
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_sigterm_handler_is_only_installed_while_the_command_runs(capsys):

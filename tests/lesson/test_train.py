@@ -294,6 +294,16 @@ def test_settings_of_other_types_are_taken_as_plain_values(tmp_path, tiny_mnist_
                           max_steps=1, plots=False, progress=False, lr=float(lr), batch_size=32))
 
 
+def test_numpy_strings_are_stored_as_plain_text(tmp_path, tiny_mnist_dir):
+    import numpy as np
+
+    out = tmp_path / "run"
+    train(TrainConfig(data=np.str_(tiny_mnist_dir), dataset=np.str_("mnist"), backend=np.str_("fused"),
+                      device=np.str_("cpu"), out=np.str_(out), epochs=1, max_steps=1, plots=False, progress=False))
+    train(TrainConfig(data=str(tiny_mnist_dir), out=str(out), resume=str(out / "checkpoint.pt"), epochs=2,
+                      max_steps=1, plots=False, progress=False))  # read back with weights_only
+
+
 @pytest.mark.parametrize("name", ["progress", "summaries", "plots", "download", "flush_denormals", "overwrite"])
 def test_flag_settings_must_be_bools_before_any_work(name, tiny_mnist_dir):
     with pytest.raises(ValueError, match=f"{name} must be True or False, got 0"):

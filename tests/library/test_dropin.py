@@ -1339,6 +1339,17 @@ def test_layer_settings_assigned_on_the_fused_mlp_raise(name):
     mlp = _mlp((4, 5, 2))
     with pytest.raises(AttributeError, match=f"reads '{name}' from its layers"):
         setattr(mlp, name, 0.0)
+    with pytest.raises(AttributeError, match=f"reads '{name}' from its layers"):
+        setattr(mlp, name, nn.Dropout(0.5))  # a module would be taken for a layer
+    if name == "negative_slope":
+        return  # a read-only property of the FusedMLP itself
+    # A subclass may keep a parameter or a buffer of its own under such a name.
+    setattr(mlp, name, nn.Parameter(torch.zeros(2)))
+    other = _mlp((4, 5, 2))
+    other.register_buffer(name, torch.zeros(2))
+    setattr(other, name, torch.ones(2))
+    torch.testing.assert_close(getattr(other, name), torch.ones(2))
+    assert mlp(torch.randn(3, 4)).shape == other(torch.randn(3, 4)).shape == (3, 2)
 
 
 def test_nan_and_inf_differences_from_pytorch_are_as_documented():
