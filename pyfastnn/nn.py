@@ -210,7 +210,8 @@ class FusedMLP(nn.Module):
     ``nn.Dropout`` of a Sequential follows its own. Their parameters, activation, dropout and ``negative_slope`` are read on every
     call (assigning a new layer or attribute takes effect; the same names assigned on the FusedMLP
     raise ``AttributeError``); their forward pre-hooks run before the fused op (with the network's
-    input for the first layer and no input for the others, whose inputs are never separate tensors), so ``torch.nn.utils.prune`` and the hook-based ``weight_norm`` / ``spectral_norm``
+    input for the first layer and no input for the others, whose inputs are never separate
+    tensors), so ``torch.nn.utils.prune`` and the hook-based ``weight_norm`` / ``spectral_norm``
     work, as do ``torch.nn.utils.parametrize`` parametrizations; forward and backward hooks on a
     layer raise ``RuntimeError`` (the layer's output is never a separate tensor).
 

@@ -100,8 +100,8 @@ def plain_settings(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, **changes) if changes else config
 
 
-#: The settings that are True or False.
-FLAG_SETTINGS = ("progress", "summaries", "plots", "download", "flush_denormals", "overwrite")
+#: The settings that are True or False (the fields declared ``bool``).
+FLAG_SETTINGS = tuple(field.name for field in dataclasses.fields(TrainConfig) if field.type == "bool")
 
 
 def check_config(config: TrainConfig) -> None:
@@ -536,6 +536,17 @@ def train(config: TrainConfig) -> TrainResult:
         for name in PLOT_FILES:  # the previous run's pictures would pass for this run's
             (out / name).unlink(missing_ok=True)
         write_json(out / "metrics.json", run_metrics(config, device, world_size, graphed, history, False, checkpoint_epoch))
+
+    def save_state(epochs_done: int) -> None:
+        # Every rank's generator state goes into rank 0's checkpoint: a collective, so every rank
+        # calls this at the same points (config.out is the same on all of them).
+        nonlocal checkpoint_epoch
+        rank_rng = _rng_states_of_every_rank(device, world_size)
+        if out is not None:
+            checkpoint_epoch = epochs_done
+            save_checkpoint(out / "checkpoint.pt", model, optimizer, history, epochs_done, config, device,
+                            world_size, rank_rng)
+
     trained = model
     if world_size > 1:
         trained = nn.parallel.DistributedDataParallel(model)
@@ -608,26 +619,17 @@ def train(config: TrainConfig) -> TrainResult:
                 h = history[-1]
                 print(f"epoch {h['epoch']}: train loss {h['train_loss']:.4f} acc {h['train_accuracy']:.4f} | "
                       f"test loss {h['test_loss']:.4f} acc {h['test_accuracy']:.4f} | {seconds:.1f} s")
-            # A collective where there is a checkpoint to write (config.out is the same on every rank).
-            rank_rng = _rng_states_of_every_rank(device, world_size) if config.out is not None else None
+            if config.out is not None:
+                save_state(epoch + 1)
             if out is not None:
-                checkpoint_epoch = epoch + 1
-                save_checkpoint(out / "checkpoint.pt", model, optimizer, history, checkpoint_epoch, config, device,
-                                world_size, rank_rng)
                 write_json(out / "metrics.json",
                            run_metrics(config, device, world_size, graphed, history, False, checkpoint_epoch))
 
     if rank == 0 and config.summaries and start_epoch >= config.epochs:
         done = f"the checkpoint has {start_epoch} epoch(s) done, " if resumed is not None else ""
         print(f"nothing to train: {done}epochs is {config.epochs}")
-    # No epoch ran: the folder still gets the state it ends with. (Decided alike on every rank: the
-    # generator states are gathered from all of them.)
-    if start_epoch >= config.epochs and config.out is not None:
-        rank_rng = _rng_states_of_every_rank(device, world_size)
-        if out is not None:
-            checkpoint_epoch = start_epoch
-            save_checkpoint(out / "checkpoint.pt", model, optimizer, history, checkpoint_epoch, config, device,
-                            world_size, rank_rng)
+    if start_epoch >= config.epochs and config.out is not None:  # no epoch ran: the folder still gets its state
+        save_state(start_epoch)
     metrics = run_metrics(config, device, world_size, graphed, history, True, checkpoint_epoch)
     if out is not None:
         if config.plots and history:
