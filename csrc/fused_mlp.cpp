@@ -131,6 +131,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
   // bias gradient) inside its data-gradient GEMM: `grad` is then the pre-activation gradient.
   bool grad_is_preact = false;
   at::Tensor bias_from_above;
+  // A layer ran dropout iff its keep mask is 2-D; layers without it save an empty 1-D placeholder.
+  std::vector<bool> has_mask(layers);
+  for (size_t l = 0; l < layers; ++l) {
+    has_mask[l] = keep_masks[l].dim() == 2;
+    TORCH_CHECK_VALUE(has_mask[l] || (keep_masks[l].dim() == 1 && keep_masks[l].numel() == 0),
+                      "pyfastnn: keep_masks[", l, "] must be the layer's 2-D dropout mask or an empty 1-D tensor "
+                      "(no dropout), got shape ", keep_masks[l].sizes());
+  }
   for (int64_t l = static_cast<int64_t>(layers) - 1; l >= lowest; --l) {
     const auto act = grad_is_preact ? Activation::Identity : static_cast<Activation>(activations[l]);
     const bool last = l + 1 == static_cast<int64_t>(layers);
@@ -143,7 +151,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
       saved = saved.contiguous();
     }
     detail::LayerDropout layer_dropout;
-    if (keep_masks[l].dim() == 2 && !grad_is_preact) {
+    if (has_mask[l] && !grad_is_preact) {
       TORCH_CHECK_VALUE(keep_masks[l].sizes() == at::IntArrayRef(layer_shape) &&
                             keep_masks[l].scalar_type() == at::kByte && keep_masks[l].device() == input.device(),
                         "pyfastnn: keep_masks[", l, "] must be a uint8 tensor of shape ", at::IntArrayRef(layer_shape),
@@ -157,7 +165,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
     // dropout after it: tanh-GELU from its saved pre-activation, relu from its saved bit mask).
     std::optional<detail::BelowLayer> below;
     const auto below_act = l > lowest ? static_cast<Activation>(activations[l - 1]) : Activation::Identity;
-    if ((below_act == Activation::GeluTanh || below_act == Activation::Relu) && keep_masks[l - 1].dim() != 2 &&
+    if ((below_act == Activation::GeluTanh || below_act == Activation::Relu) && !has_mask[l - 1] &&
         preacts[l - 1].dim() == 2) {
       const int64_t features = weights[l - 1].size(0);
       if (below_act == Activation::Relu) {

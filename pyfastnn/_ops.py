@@ -5,7 +5,7 @@ codes, dropout probabilities), fake (meta) kernels for torch.compile / FakeTenso
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
@@ -250,15 +250,36 @@ def _select(t: Optional[torch.Tensor], dim: Optional[int], index: int) -> Option
     return t if t is None or dim is None else t.select(dim, index)
 
 
+def _meta_sample(t: Optional[torch.Tensor], dim: Optional[int]) -> Optional[torch.Tensor]:
+    """A meta tensor shaped like one sample of ``t`` (which may hold none)."""
+    if t is None:
+        return None
+    shape = list(t.shape)
+    if dim is not None:
+        del shape[dim]
+    return torch.empty(shape, dtype=t.dtype, device="meta")
+
+
+def _per_sample(info, run: Callable[[Callable], torch.Tensor], device: torch.device) -> Tuple[torch.Tensor, int]:
+    """Stacks ``run(pick)`` over the vmap samples, ``pick(t, dim)`` giving each argument's sample.
+
+    An empty batch runs the op once on meta samples: its checks still apply, and its output's shape
+    gives the empty result's.
+    """
+    if info.batch_size == 0:
+        sample = run(_meta_sample)
+        return torch.empty((0, *sample.shape), dtype=sample.dtype, device=device), 0
+    return torch.stack([run(lambda t, dim: _select(t, dim, i)) for i in range(info.batch_size)]), 0
+
+
 @torch.library.register_vmap("pyfastnn::fused_linear")
 def _fused_linear_vmap(info, in_dims, input, weight, bias, activation, negative_slope):
     input_dim, weight_dim, bias_dim = in_dims[:3]
     if _batch_as_rows(input, input_dim) and weight_dim is None and bias_dim is None:
         return ops.fused_linear(input.movedim(input_dim, 0), weight, bias, activation, negative_slope), 0
-    outputs = [ops.fused_linear(_select(input, input_dim, i), _select(weight, weight_dim, i),
-                                _select(bias, bias_dim, i), activation, negative_slope)
-               for i in range(info.batch_size)]
-    return torch.stack(outputs), 0
+    return _per_sample(info, lambda pick: ops.fused_linear(pick(input, input_dim), pick(weight, weight_dim),
+                                                           pick(bias, bias_dim), activation, negative_slope),
+                       input.device)
 
 
 @torch.library.register_vmap("pyfastnn::fused_mlp")
@@ -272,8 +293,8 @@ def _fused_mlp_vmap(info, in_dims, input, weights, biases, activations, negative
     if _batch_as_rows(input, input_dim) and all(d is None for d in (*weight_dims, *bias_dims)):
         return ops.fused_mlp(input.movedim(input_dim, 0), weights, biases, activations, negative_slope, dropout,
                              training), 0
-    outputs = [ops.fused_mlp(_select(input, input_dim, i), [_select(w, d, i) for w, d in zip(weights, weight_dims)],
-                             [_select(b, d, i) for b, d in zip(biases, bias_dims)], activations, negative_slope,
-                             dropout, training)
-               for i in range(info.batch_size)]
-    return torch.stack(outputs), 0
+    return _per_sample(info, lambda pick: ops.fused_mlp(pick(input, input_dim),
+                                                        [pick(w, d) for w, d in zip(weights, weight_dims)],
+                                                        [pick(b, d) for b, d in zip(biases, bias_dims)],
+                                                        activations, negative_slope, dropout, training),
+                       input.device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import numbers
 import os
 import signal
 import sys
@@ -94,9 +95,9 @@ def check_number(name: str, value, minimum=None, maximum=None, *, integer: bool 
         pyfastnn.command.InvalidArgument: epochs must be an integer, got 2.5
     """
     if integer:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise InvalidArgument(name, f"must be an integer, got {value!r}")
-    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise InvalidArgument(name, f"must be a finite number, got {value!r}")
     if minimum is not None and (value < minimum or (value == minimum and not include_minimum)):
         raise InvalidArgument(name, f"must be {'>=' if include_minimum else '>'} {minimum}, got {value!r}")

@@ -9,18 +9,17 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..command import check_number
 from ..functional import fused_linear
 from ..nn import FusedLinear, FusedMLP
 
-__all__ = ["Perceptron", "NumpyTwoLayerNet", "TwoLayerNet", "SimpleNN", "MNISTClassifier",
+__all__ = ["Perceptron", "NumpyTwoLayerNet", "TwoLayerNet", "SimpleNN", "MNISTClassifier", "TorchMNISTClassifier",
            "XOR_INPUTS", "XOR_TARGETS", "AND_TARGETS", "OR_TARGETS"]
 
 XOR_INPUTS = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float64)
@@ -83,10 +82,8 @@ def _check_training(X: np.ndarray, epochs: int, learning_rate: float, name: str 
     learning rate that cannot train."""
     if X.ndim != 2:
         raise ValueError(f"X must be 2-D (samples x features), got shape {X.shape}")
-    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 0:
-        raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real) or not math.isfinite(learning_rate):
-        raise ValueError(f"{name} must be a finite number, got {learning_rate!r}")
+    check_number("epochs", epochs, 0, integer=True)
+    check_number(name, learning_rate)
 
 
 def _check_targets(X: np.ndarray, y: np.ndarray, output_size: int) -> None:
@@ -243,14 +240,46 @@ class MNISTClassifier(nn.Module):
     def __init__(self, hidden_sizes: Sequence[int] = (256, 128), dropout: float = 0.2,
                  in_features: int = 28 * 28, num_classes: int = 10) -> None:
         super().__init__()
-        self.layers = FusedMLP([in_features, *hidden_sizes, num_classes], activation="relu", dropout=dropout)
+        # Built with dropout, the layers sit at the lesson's indices (0, 3, 6: its Sequential has a
+        # Dropout after each hidden ReLU whatever p is); the indices stay when p is then set.
+        self.layers = FusedMLP([in_features, *hidden_sizes, num_classes], activation="relu", dropout=0.5)
+        for hidden in list(self.layers)[:-1]:
+            hidden.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x.flatten(1))
 
-    def to_torch(self) -> nn.Sequential:
-        """The plain-PyTorch twin (Flatten, Linear, ReLU, Dropout, ...) with copied weights."""
-        return _detached_copy(nn.Sequential(nn.Flatten(), *self.layers.to_sequential()))
+    def to_torch(self) -> "TorchMNISTClassifier":
+        """The plain-PyTorch twin, structured like the lesson's class, with copied weights; the two
+        state dicts are interchangeable."""
+        *hidden, last = self.layers
+        modules: List[nn.Module] = []
+        for layer in hidden:  # Linear, activation, Dropout (even at p = 0, as in the lesson)
+            linear, activation = list(layer.to_linear())[:2]
+            modules += [linear, activation, nn.Dropout(layer.dropout).train(layer.training)]
+        modules += [m for m in last.to_linear() if not isinstance(m, nn.Identity)]
+        twin = TorchMNISTClassifier(nn.Sequential(*modules))
+        twin.training = twin.layers.training = self.training  # the modules keep their own layers' modes
+        return _detached_copy(twin)
+
+
+class TorchMNISTClassifier(nn.Module):
+    """The lesson's classifier in plain PyTorch: ``flatten``, then ``layers``, an ``nn.Sequential`` of
+    ``Linear, ReLU, Dropout, ..., Linear`` (what :meth:`MNISTClassifier.to_torch` gives).
+
+    Example:
+        >>> twin = MNISTClassifier().to_torch()
+        >>> [name for name, _ in twin.named_parameters()][:2]
+        ['layers.0.weight', 'layers.0.bias']
+    """
+
+    def __init__(self, layers: nn.Sequential) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.layers = layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.flatten(x))
 
 
 def _detached_copy(model: nn.Module) -> nn.Module:

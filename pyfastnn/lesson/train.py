@@ -578,33 +578,35 @@ def train(config: TrainConfig) -> TrainResult:
             loss_sum.zero_()
             correct.zero_()
             seen, started = 0, time.perf_counter()
-            for step, index in enumerate(batches.batch_indices()):
-                if step >= steps:
-                    break
-                if graphed:
-                    graph_step = graph_steps.get(len(index))
-                    if graph_step is None:  # its example batch is this batch; later ones are gathered into it
-                        graph_step = graph_steps[len(index)] = cuda_graph_step(
-                            trained, loss_and_tally, optimizer, (x_train[index], y_train[index]),
-                            warmup_steps=1 if graph_steps else 3)  # the first graph's warm-up made the lazy state
+            try:  # an interrupted epoch closes its bar too, so what is printed next starts a line
+                for step, index in enumerate(batches.batch_indices()):
+                    if step >= steps:
+                        break
+                    if graphed:
+                        graph_step = graph_steps.get(len(index))
+                        if graph_step is None:  # its example batch is this batch; later ones are gathered into it
+                            graph_step = graph_steps[len(index)] = cuda_graph_step(
+                                trained, loss_and_tally, optimizer, (x_train[index], y_train[index]),
+                                warmup_steps=1 if graph_steps else 3)  # the first graph's warm-up made the lazy state
+                        else:
+                            torch.index_select(x_train, 0, index, out=graph_step.inputs[0])
+                            torch.index_select(y_train, 0, index, out=graph_step.inputs[1])
+                        graph_step.replay()
                     else:
-                        torch.index_select(x_train, 0, index, out=graph_step.inputs[0])
-                        torch.index_select(y_train, 0, index, out=graph_step.inputs[1])
-                    graph_step.replay()
-                else:
-                    x, y = x_train.index_select(0, index), y_train.index_select(0, index)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss_and_tally(trained(x), y).backward()
-                    optimizer.step()
-                seen += len(index)
+                        x, y = x_train.index_select(0, index), y_train.index_select(0, index)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss_and_tally(trained(x), y).backward()
+                        optimizer.step()
+                    seen += len(index)
+                    if progress is not None:
+                        progress.update(1)
+                        if step % 50 == 0 or step == steps - 1:
+                            rate = seen * world_size / (time.perf_counter() - started)
+                            progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
+                                                 acc=f"{correct.item() / seen:.4f}", samples_s=f"{rate:,.0f}")
+            finally:
                 if progress is not None:
-                    progress.update(1)
-                    if step % 50 == 0 or step == steps - 1:
-                        rate = seen * world_size / (time.perf_counter() - started)
-                        progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
-                                             acc=f"{correct.item() / seen:.4f}", samples_s=f"{rate:,.0f}")
-            if progress is not None:
-                progress.close()
+                    progress.close()
             # waits for the epoch's last step; under DDP the sums of every rank's shard
             train_loss, train_correct, total_seen = _global_tally(loss_sum, correct, seen, world_size)
             seconds = time.perf_counter() - started

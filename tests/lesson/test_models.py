@@ -74,11 +74,37 @@ def test_mnist_classifier_shapes_twin_and_dropout():
     model.eval()
     twin = model.to_torch().eval()
     torch.testing.assert_close(twin(images), model(images.reshape(5, 784)))
-    assert sum(isinstance(m, nn.Dropout) for m in twin) == 2
-    twin[1].weight.data.add_(1.0)  # the twin owns its weights
-    assert not torch.equal(twin[1].weight, model.layers[0].weight)
+    assert sum(isinstance(m, nn.Dropout) for m in twin.modules()) == 2
+    twin.layers[0].weight.data.add_(1.0)  # the twin owns its weights
+    assert not torch.equal(twin.layers[0].weight, model.layers[0].weight)
     with pytest.raises(ValueError, match="dropout"):
         models.MNISTClassifier(dropout=1.0)
+
+
+class LessonMNISTClassifier(nn.Module):
+    """The lesson's own class, as it is written there (a Dropout after each hidden ReLU)."""
+
+    def __init__(self, p: float = 0.2):
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.layers = nn.Sequential(nn.Linear(28 * 28, 256), nn.ReLU(), nn.Dropout(p), nn.Linear(256, 128), nn.ReLU(),
+                                    nn.Dropout(p), nn.Linear(128, 10))
+
+    def forward(self, x):
+        return self.layers(self.flatten(x))
+
+
+@pytest.mark.parametrize("p", [0.2, 0.0])
+def test_mnist_classifier_and_its_twin_load_the_lessons_state_dicts_whatever_the_dropout(p):
+    lesson = LessonMNISTClassifier(p).eval()
+    model, images = models.MNISTClassifier(dropout=p).eval(), torch.randn(3, 1, 28, 28)
+    model.load_state_dict(lesson.state_dict())  # strict: the very same keys
+    twin = model.to_torch()
+    assert repr(twin.layers) == repr(lesson.layers) and not twin.training
+    lesson.load_state_dict(twin.state_dict())
+    torch.testing.assert_close(model(images), lesson(images))
+    torch.testing.assert_close(twin(images), lesson(images))
+    assert [layer.dropout for layer in model.layers] == [p, p, 0.0]
 
 
 def test_two_layer_nets_refuse_targets_of_another_shape():
@@ -90,7 +116,7 @@ def test_two_layer_nets_refuse_targets_of_another_shape():
             net.fit(X, models.XOR_TARGETS.reshape(-1), epochs=1)
         with pytest.raises(ValueError, match=r"y must have shape \(4, 1\)"):
             net.fit(X, models.XOR_TARGETS[:3], epochs=1)
-        with pytest.raises(ValueError, match="epochs must be an integer >= 0, got -1"):
+        with pytest.raises(ValueError, match="epochs must be >= 0, got -1"):
             net.fit(X, models.XOR_TARGETS, epochs=-1)
         with pytest.raises(ValueError, match="learning_rate must be a finite number, got nan"):
             net.fit(X, models.XOR_TARGETS, epochs=1, learning_rate=float("nan"))
@@ -100,7 +126,7 @@ def test_two_layer_nets_refuse_targets_of_another_shape():
     (models.AND_TARGETS[:3], {}, "X has 4 rows but y has 3 labels"),
     (np.append(models.AND_TARGETS, 1), {}, "X has 4 rows but y has 5 labels"),
     (np.array([0, 0, 0, 2]), {}, r"y must hold labels 0 and 1, got \[2\]"),
-    (models.AND_TARGETS, {"epochs": -1}, "epochs must be an integer >= 0, got -1"),
+    (models.AND_TARGETS, {"epochs": -1}, "epochs must be >= 0, got -1"),
     (models.AND_TARGETS, {"lr": float("inf")}, "lr must be a finite number, got inf"),
 ])
 def test_perceptron_refuses_what_it_cannot_learn_from(y, kwargs, problem):

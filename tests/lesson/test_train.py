@@ -175,6 +175,34 @@ def test_resume_of_a_finished_run_trains_nothing_and_writes_its_files(tmp_path, 
         assert torch.equal(tensor, after["model"][name]), name
 
 
+def test_an_interrupted_epoch_closes_its_progress_bar_before_the_message(tmp_path, tiny_mnist_dir, monkeypatch,
+                                                                       capsys):
+    import pyfastnn.lesson.train as train_module
+
+    real_progress = train_module._progress
+
+    def interrupt_at_the_third_step(*args, **kwargs):
+        bar = real_progress(*args, **kwargs)
+        real_update, updates = bar.update, []
+
+        def update(n=1):
+            updates.append(n)
+            if len(updates) == 3:
+                raise KeyboardInterrupt
+            return real_update(n)
+
+        bar.update = update
+        return bar
+
+    monkeypatch.setattr(train_module, "_progress", interrupt_at_the_third_step)
+    from pyfastnn.cli import main
+
+    assert main(["train", "mnist", "--data", str(tiny_mnist_dir), "--batch-size", "32", "--out",
+                 str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "epoch 1/" in err and err.endswith("\npyfastnn train: interrupted\n")
+
+
 def test_interrupted_run_leaves_its_folder_marked_incomplete(tmp_path, tiny_mnist_dir, monkeypatch, capsys):
     import pyfastnn.lesson.train as train_module
 

@@ -197,6 +197,17 @@ def test_vmap_over_one_dimensional_samples_refuses_them_like_the_op():
         torch.vmap(lambda t: pyfastnn.fused_mlp(t, [w], [b]))(torch.randn(4))
 
 
+def test_vmap_over_an_empty_stack_of_weights_gives_an_empty_result_and_still_checks_shapes():
+    x = torch.randn(5, 3)
+    out = torch.vmap(lambda w, b: pyfastnn.fused_linear(x, w, b, "relu"))(torch.randn(0, 4, 3), torch.randn(0, 4))
+    assert out.shape == (0, 5, 4) and out.dtype == x.dtype
+    out = torch.vmap(lambda ws: pyfastnn.fused_mlp(x, list(ws), None, "relu"))([torch.randn(0, 4, 3),
+                                                                                torch.randn(0, 2, 4)])
+    assert out.shape == (0, 5, 2)
+    with pytest.raises(ValueError, match="in_features=2"):
+        torch.vmap(lambda w: pyfastnn.fused_linear(x, w, None, "relu"))(torch.randn(0, 4, 2))
+
+
 # ---------------------------------------------------------------------------------------------
 # fuse(): shared modules, train/eval-dependent graphs, partial Sequentials, hooks, inplace
 

@@ -254,6 +254,11 @@ def test_bad_arguments_to_the_backward_op():
     with pytest.raises(ValueError, match="hidden output has shape"):
         ops.fused_mlp_backward(torch.ones_like(out), x, w, out, [torch.ones(3, 5)], preacts, masks, [1, 0], 0.01,
                                [0.0, 0.0], [True] * 5)
+    # A mask in any other form than the layer's 2-D mask or the empty placeholder must not pass for "no dropout".
+    for bad_mask in (torch.ones(18, dtype=torch.uint8), torch.ones(1, 3, 6, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match=r"keep_masks\[0\] must be the layer's 2-D dropout mask"):
+            ops.fused_mlp_backward(torch.ones_like(out), x, w, out, hidden, preacts, [bad_mask, masks[1]], [1, 0], 0.01,
+                                   [0.5, 0.0], [True] * 5)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
