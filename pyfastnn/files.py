@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator, NoReturn, Union
 
-__all__ = ["atomic_write", "ensure_writable_folder", "check_output_file", "check_output_names"]
+__all__ = ["atomic_write", "ensure_writable_folder", "check_output_file", "check_output_names", "hold_folder"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -179,3 +179,46 @@ def check_output_names(folder: PathLike, names, what: str = "output folder") -> 
         if (folder / name).is_dir():
             raise IsADirectoryError(f"{what} {folder} holds a folder named {name} where a file is written; "
                                     f"move it away or choose another folder")
+
+
+@contextlib.contextmanager
+def hold_folder(path: PathLike, what: str = "output folder") -> Iterator[Path]:
+    """Holds the folder ``path`` for this block: another process (or another block here) that asks
+    for it meanwhile gets ``BlockingIOError`` at once, so two runs never write into one folder at the
+    same time. The hold is an advisory lock on the folder itself (no lock file is left behind), freed
+    when the block ends or the process dies. Where the system has no such locks, the block just runs.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> with hold_folder(folder):
+        ...     try:
+        ...         with hold_folder(folder):
+        ...             pass
+        ...     except BlockingIOError as e:
+        ...         print(str(e).replace(str(folder), "FOLDER"))
+        output folder FOLDER is in use by another run; wait for it to end or choose another folder
+    """
+    path = Path(path)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): nothing to hold
+        fcntl = None
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if fcntl is not None else None
+    except OSError:  # a folder this process may write but not read: nothing to hold it by
+        fd = None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BlockingIOError(f"{what} {path} is in use by another run; wait for it to end or choose "
+                                      f"another folder") from None
+            except OSError as e:  # a file system without locks (some network mounts)
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                    raise
+        yield path
+    finally:
+        if fd is not None:
+            os.close(fd)

@@ -30,7 +30,7 @@ from torch import nn
 from ..command import InvalidArgument, check_number, command_parser, path_argument, run_command
 from ..cuda_graph import CUDAGraphStep, cuda_graph_step
 from ..denormals import flush_denormals
-from ..files import atomic_write, check_output_names, ensure_writable_folder
+from ..files import atomic_write, check_output_names, ensure_writable_folder, hold_folder
 from ..info import info
 from .data import Batches, load_fashion_mnist, load_mnist, normalize
 from .models import MNISTClassifier
@@ -505,13 +505,21 @@ def train(config: TrainConfig) -> TrainResult:
     if resumed is not None:
         check_resume_settings(resumed, config.resume, config)
     rank, world_size, device = _distributed(config.device)
-    on_cuda = device.startswith("cuda")
-    graphed = _use_cuda_graph(config.cuda_graph, on_cuda, world_size)
     out = ensure_writable_folder(config.out) if config.out is not None and rank == 0 else None
-    if out is not None:
+    if out is None:
+        return _run(config, resumed, None, rank, world_size, device)
+    with hold_folder(out):  # held before the check: a run started at the same moment finds it held
         check_output_names(out, RUN_FILES + PLOT_FILES)
         if not config.overwrite:
             check_no_other_run(out, config.resume)
+        return _run(config, resumed, out, rank, world_size, device)
+
+
+def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank: int, world_size: int,
+         device: str) -> TrainResult:
+    """:func:`train` once its settings and output folder are checked (``out``: rank 0's, held)."""
+    on_cuda = device.startswith("cuda")
+    graphed = _use_cuda_graph(config.cuda_graph, on_cuda, world_size)
     torch.manual_seed(config.seed)
     load = LOADERS[config.dataset]
     optimizer_import = _import_in_background("torch._dynamo")

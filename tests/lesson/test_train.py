@@ -175,6 +175,21 @@ def test_resume_of_a_finished_run_trains_nothing_and_writes_its_files(tmp_path, 
         assert torch.equal(tensor, after["model"][name]), name
 
 
+def test_a_folder_in_use_by_another_run_is_refused_before_any_work(tmp_path, tiny_mnist_dir, capsys):
+    from pyfastnn.files import hold_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with hold_folder(out):  # as another process's run would hold it, --overwrite or not
+        assert _train_cli("--data", str(tiny_mnist_dir), "--out", str(out), "--overwrite") == 1
+    assert capsys.readouterr().err.strip() == (f"pyfastnn train: error: output folder {out} is in use by another "
+                                               f"run; wait for it to end or choose another folder")
+    assert list(out.iterdir()) == []
+    assert _train_cli("--data", str(tiny_mnist_dir), "--out", str(out), "--max-steps", "2", "--epochs", "1") == 0
+    with hold_folder(out):  # the finished run let it go
+        pass
+
+
 def test_an_interrupted_epoch_closes_its_progress_bar_before_the_message(tmp_path, tiny_mnist_dir, monkeypatch,
                                                                        capsys):
     import pyfastnn.lesson.train as train_module
