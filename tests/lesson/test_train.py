@@ -192,24 +192,15 @@ def test_a_folder_in_use_by_another_run_is_refused_before_any_work(tmp_path, tin
 
 def test_an_interrupted_epoch_closes_its_progress_bar_before_the_message(tmp_path, tiny_mnist_dir, monkeypatch,
                                                                        capsys):
-    import pyfastnn.lesson.train as train_module
+    import tqdm.auto
 
-    real_progress = train_module._progress
-
-    def interrupt_at_the_third_step(*args, **kwargs):
-        bar = real_progress(*args, **kwargs)
-        real_update, updates = bar.update, []
-
-        def update(n=1):
-            updates.append(n)
-            if len(updates) == 3:
+    class InterruptedAtTheThirdStep(tqdm.auto.tqdm):
+        def update(self, n=1):
+            if self.n == 2:
                 raise KeyboardInterrupt
-            return real_update(n)
+            return super().update(n)
 
-        bar.update = update
-        return bar
-
-    monkeypatch.setattr(train_module, "_progress", interrupt_at_the_third_step)
+    monkeypatch.setattr(tqdm.auto, "tqdm", InterruptedAtTheThirdStep)
     from pyfastnn.cli import main
 
     assert main(["train", "mnist", "--data", str(tiny_mnist_dir), "--batch-size", "32", "--out",
