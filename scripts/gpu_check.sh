@@ -13,10 +13,12 @@
 #   test_cuda               tests/library/test_cuda.py (cuBLASLt and fallback paths, dropout, CUDA graphs)
 #   test_cuda_graph         tests/library/test_cuda_graph.py + the cuda_graph_step doctest
 #   bench_cuda              benchmarks/bench_cuda.py --json OUTDIR/bench_cuda.json
-#   test_cuda_train         tests/lesson/test_cuda_train.py (training on the GPU, the 5-epoch run; needs
-#                           the lesson extra and MNIST in $PYFASTNN_MNIST, else fails as NOT RUN)
+#   test_cuda_train         tests/lesson/test_cuda_train.py (cuda_graph_step on the GPU; training on the
+#                           GPU and the 5-epoch run, which need MNIST in $PYFASTNN_MNIST, else are
+#                           skipped and noted as NOT RUN; all need the lesson extra)
 #   bench_mnist_cuda        benchmarks/bench_mnist.py --device cuda --quick --json OUTDIR/bench_mnist_cuda.json
-#   memcheck / racecheck    compute-sanitizer on pyfastnn's own kernels over a selection of test_cuda.py
+#   memcheck / racecheck    compute-sanitizer (where it can run on the device: a probe says so first)
+#                           on pyfastnn's own kernels over a selection of test_cuda.py
 #                           that reaches each of them (vectorized and one-element passes, dropout, the
 #                           shared-memory bias-sum kernel of the fallback path, the relu mask packer)
 #   fuzz_cuda / fuzz_mlp_cuda   scripts/fuzz_fused_linear.py --device cuda (FUZZ_CASES each)
@@ -119,7 +121,10 @@ fi
 if [ -n "$LESSON_MISSING" ]; then
   note test_cuda_train "NOT RUN: the lesson extra lacks $LESSON_MISSING"
 elif [ ! -d "${PYFASTNN_MNIST:-$ROOT/../shared/data/mnist}" ]; then
-  note test_cuda_train "NOT RUN: no MNIST at ${PYFASTNN_MNIST:-../shared/data/mnist} (set PYFASTNN_MNIST)"
+  # cuda_graph_step's GPU tests need no MNIST: they run; the training tests skip (CI unset), noted.
+  CI= step test_cuda_train 200 "${PYTEST[@]}" tests/lesson/test_cuda_train.py -k "not bench_mnist_cuda_quick" \
+    --junitxml="$OUT/test_cuda_train.xml"
+  note test_cuda_train_mnist "NOT RUN: no MNIST at ${PYFASTNN_MNIST:-../shared/data/mnist} (set PYFASTNN_MNIST)"
 else
   # (its bench_mnist test runs as the bench_mnist_cuda step below, with the figures kept)
   step test_cuda_train 200 "${PYTEST[@]}" tests/lesson/test_cuda_train.py -k "not bench_mnist_cuda_quick" \
@@ -136,13 +141,16 @@ fi
 # the caching allocator, which would otherwise hide out-of-bounds accesses inside its blocks; that
 # rules out graph capture, so neither selection captures a graph.
 SANITIZE_TESTS='(misaligned and relu and float32) or (gradients_use_the_same_mask and float32 and relu) or (statistics and 999) or large_buffer or (relu_bit_mask and float16)'
-if [ -x "$SANITIZER" ]; then
+if [ ! -x "$SANITIZER" ]; then
+  note sanitizers "NOT RUN: compute-sanitizer not found ($SANITIZER)"
+elif ! timeout 60 "$SANITIZER" --tool memcheck --error-exitcode 1 "$PYTHON" -c \
+    "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()" > "$OUT/sanitizer_probe.log" 2>&1; then
+  note sanitizers "NOT RUN: compute-sanitizer cannot run on this device (sanitizer_probe.log)"
+else
   step memcheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --kernel-name kns=pyfastnn \
     --report-api-errors no --error-exitcode 1 "${PYTEST[@]}" tests/library/test_cuda.py -k "$SANITIZE_TESTS"
   step racecheck 90 "$SANITIZER" --tool racecheck --kernel-name kns=pyfastnn --report-api-errors no \
     --error-exitcode 1 "${PYTEST[@]}" tests/library/test_cuda.py -k "$SANITIZE_TESTS"
-else
-  note sanitizers "NOT RUN: compute-sanitizer not found ($SANITIZER)"
 fi
 
 step fuzz_cuda 60 "$PYTHON" scripts/fuzz_fused_linear.py --device cuda --cases "$FUZZ_CASES"

@@ -202,8 +202,8 @@ bool lt_matmul(const LtGemm& g) {
   Layout b_layout(type, g.transpose_b ? g.n : g.k, g.transpose_b ? g.k : g.n, g.ldb);
   Layout d_layout(type, g.m, g.n, g.ldd);
 
-  // torch's own cuBLASLt workspace for this stream (its size follows CUBLASLT_WORKSPACE_SIZE and the
-  // GPU, larger on Hopper): no allocation per call, stream-ordered, and safe under graph capture.
+  // torch's own cuBLASLt workspace for this stream, of the size torch's addmm gets (set by
+  // CUBLASLT_WORKSPACE_SIZE): no allocation per call, stream-ordered, and safe under graph capture.
   const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   // NOTE [cuBLASLt heuristic cache]

@@ -336,6 +336,24 @@ def test_relu_stack_at_nan_and_exactly_zero_like_torch(dtype, relu_gemm_path):
     assert_close(got[rows], want[rows], dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_no_gradient_passes_a_hidden_relu_at_exactly_zero(dtype, relu_gemm_path):
+    # The hidden layer's derivative rides in the data-gradient GEMM above it (DRELU reading the bit
+    # mask, written by pyfastnn or, opted in, by cuBLASLt's RELU_AUX epilogue): where its
+    # pre-activation is exactly 0, no gradient may pass, as through torch.relu. The identity output
+    # keeps the gradient arriving there non-zero.
+    torch.manual_seed(0)
+    x, weights, _ = _mlp_tensors(256, (128, 256, 64), dtype)
+    with torch.no_grad():
+        x[0] = 0.0  # no biases: every hidden pre-activation of row 0 is exactly 0
+    grad = torch.randn(256, 64, device="cuda", dtype=dtype)
+    (got,) = torch.autograd.grad(pyfastnn.fused_mlp(x, weights, None, ["relu"], "identity"), x, grad)
+    (want,) = torch.autograd.grad(reference_mlp(x, weights, [None, None], ("relu", "identity")), x, grad)
+    assert not want[0].any()
+    assert not got[0].any(), "a gradient passed the relu at 0"
+    assert_close(got, want, dtype)
+
+
 # --- fused dropout -------------------------------------------------------------------------------
 
 def _masks(sample_args, seed):
