@@ -25,9 +25,11 @@
 #   test_cpu_on_cuda_build  (--full only) the CPU suite on the same build
 # Every step's time limit is cut to what is left of GPU_CHECK_BUDGET_S (default 540 s), so the script
 # ends with its summary before an outer limit stops it. --full: FUZZ_CASES 10000 (the acceptance run),
-# the CPU suite, and a budget of 1500 s. Exit status 0 only if every step ran and passed.
+# the CPU suite, and a budget of 1500 s. GPU_CHECK_ONLY="memcheck racecheck ..." runs only those of
+# the steps after the build (to finish what a run cut short left NOT RUN); the others are listed as
+# skipped. Exit status 0 only if every step asked for ran and passed.
 #
-#   PYFASTNN_MNIST=DIR [GPU_CHECK_WHEELS=DIR] scripts/gpu_check.sh OUTDIR [--full]
+#   PYFASTNN_MNIST=DIR [GPU_CHECK_WHEELS=DIR] [GPU_CHECK_ONLY="STEP ..."] scripts/gpu_check.sh OUTDIR [--full]
 #
 # The wheels for an offline machine with Python 3.12, fetched where there is network:
 #   pip download --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
@@ -43,6 +45,18 @@ if [ "$MODE" = "--full" ]; then
 else
   FUZZ_CASES="${FUZZ_CASES:-1000}" BUDGET="${GPU_CHECK_BUDGET_S:-540}"
 fi
+CHECK_STEPS="test_cuda test_cuda_graph bench_cuda test_cuda_train bench_mnist_cuda memcheck racecheck fuzz_cuda
+  fuzz_mlp_cuda test_cpu_on_cuda_build"
+for name in ${GPU_CHECK_ONLY:-}; do
+  case " $(echo $CHECK_STEPS) " in *" $name "*) ;; *)
+    echo "scripts/gpu_check.sh: GPU_CHECK_ONLY names no step $name (steps: $(echo $CHECK_STEPS))" >&2; exit 2 ;;
+  esac
+done
+wanted() {  # wanted STEP...: whether GPU_CHECK_ONLY (if set) asks for any of them
+  [ -z "${GPU_CHECK_ONLY:-}" ] && return 0
+  local name; for name in "$@"; do case " $GPU_CHECK_ONLY " in *" $name "*) return 0 ;; esac; done
+  return 1
+}
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 cd "$ROOT"
@@ -69,6 +83,9 @@ finish() {  # the summary's last line, then the exit status
 
 step() {  # step NAME LIMIT_S COMMAND...: runs within the budget left, logs, records rc and time
   local name="$1" limit="$2"; shift 2
+  case " $(echo $CHECK_STEPS) " in *" $name "*)
+    if ! wanted "$name"; then echo "[gpu_check] $name: skipped (not in GPU_CHECK_ONLY)" | tee -a "$OUT/summary.txt"; return 0; fi ;;
+  esac
   local left=$((BUDGET - SECONDS - 10))  # 10 s: timeout's grace before it kills
   if [ "$left" -lt 20 ]; then note "$name" "NOT RUN (the $BUDGET s budget is spent)"; return 1; fi
   [ "$limit" -gt "$left" ] && limit="$left"
@@ -113,12 +130,14 @@ step test_cuda_graph 60 "${PYTEST[@]}" tests/library/test_cuda_graph.py pyfastnn
 step bench_cuda 120 "$PYTHON" benchmarks/bench_cuda.py --min-run-time 0.05 --json "$OUT/bench_cuda.json"
 lesson_missing() { "$PYTHON" -c "from pyfastnn.extras import missing_lesson_requirements as m; print(' '.join(m()))"; }
 LESSON_MISSING="$(lesson_missing)"
-if [ -n "$LESSON_MISSING" ] && [ -d "${GPU_CHECK_WHEELS:-}" ]; then
+if [ -n "$LESSON_MISSING" ] && [ -d "${GPU_CHECK_WHEELS:-}" ] && wanted test_cuda_train bench_mnist_cuda; then
   # shellcheck disable=SC2086 # one package name per word
   step lesson_extra 60 "$PYTHON" -m pip install --no-index --find-links "$GPU_CHECK_WHEELS" $LESSON_MISSING
   LESSON_MISSING="$(lesson_missing)"
 fi
-if [ -n "$LESSON_MISSING" ]; then
+if ! wanted test_cuda_train; then
+  step test_cuda_train 0 true  # listed as skipped
+elif [ -n "$LESSON_MISSING" ]; then
   note test_cuda_train "NOT RUN: the lesson extra lacks $LESSON_MISSING"
 elif [ ! -d "${PYFASTNN_MNIST:-$ROOT/../shared/data/mnist}" ]; then
   # cuda_graph_step's GPU tests need no MNIST: they run; the training tests skip (CI unset), noted.
@@ -130,7 +149,7 @@ else
   step test_cuda_train 200 "${PYTEST[@]}" tests/lesson/test_cuda_train.py -k "not bench_mnist_cuda_quick" \
     --junitxml="$OUT/test_cuda_train.xml"
 fi
-if [ -z "$LESSON_MISSING" ]; then
+if [ -z "$LESSON_MISSING" ] || ! wanted bench_mnist_cuda; then
   step bench_mnist_cuda 90 "$PYTHON" benchmarks/bench_mnist.py --device cuda --quick --json "$OUT/bench_mnist_cuda.json"
 else
   note bench_mnist_cuda "NOT RUN: the lesson extra lacks $LESSON_MISSING"
@@ -141,7 +160,9 @@ fi
 # the caching allocator, which would otherwise hide out-of-bounds accesses inside its blocks; that
 # rules out graph capture, so neither selection captures a graph.
 SANITIZE_TESTS='(misaligned and relu and float32) or (gradients_use_the_same_mask and float32 and relu) or (statistics and 999) or large_buffer or (relu_bit_mask and float16)'
-if [ ! -x "$SANITIZER" ]; then
+if ! wanted memcheck racecheck; then
+  step memcheck 0 true; step racecheck 0 true  # listed as skipped
+elif [ ! -x "$SANITIZER" ]; then
   note sanitizers "NOT RUN: compute-sanitizer not found ($SANITIZER)"
 elif ! timeout 60 "$SANITIZER" --tool memcheck --error-exitcode 1 "$PYTHON" -c \
     "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()" > "$OUT/sanitizer_probe.log" 2>&1; then

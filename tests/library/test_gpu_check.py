@@ -87,3 +87,27 @@ def test_a_failed_ninja_install_lets_the_build_go_on_and_the_run_pass(tmp_path):
     steps = summary[1:-1]  # build, the tests, benchmarks, sanitizers, fuzzing: all passed
     assert all(": rc=0 in " in line for line in steps) and len(steps) == 10, summary
     assert ", status 0;" in summary[-1] and result.returncode == 0, summary
+
+
+def test_only_the_steps_asked_for_run_after_the_build(tmp_path):
+    # A rerun that finishes what a run cut short left NOT RUN: the build, then only those steps.
+    python = stand_in_python(tmp_path, 'case "$*" in *verify_ninja_availability*) exit 0 ;; esac\nexit 0')
+    (tmp_path / "bin").mkdir()
+    stand_in_python(tmp_path / "bin", "exit 0").rename(tmp_path / "bin" / "compute-sanitizer")
+    result = run_script(tmp_path / "out", python=python, GPU_CHECK_ONLY="memcheck fuzz_mlp_cuda",
+                        PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    def steps(outcome: str):
+        return [line.split()[1].rstrip(":") for line in summary if outcome in line]
+
+    ran, skipped = steps(": rc=0 in "), steps(": skipped (not in GPU_CHECK_ONLY)")
+    assert ran == ["build", "memcheck", "fuzz_mlp_cuda"], summary
+    assert skipped == ["test_cuda", "test_cuda_graph", "bench_cuda", "test_cuda_train", "bench_mnist_cuda",
+                       "racecheck", "fuzz_cuda"], summary
+    assert ", status 0;" in summary[-1] and result.returncode == 0, summary
+
+
+def test_an_unknown_step_asked_for_is_refused(tmp_path):
+    result = run_script(tmp_path / "out", GPU_CHECK_ONLY="memcheck fuzz")
+    assert result.returncode == 2 and "GPU_CHECK_ONLY names no step fuzz" in result.stderr
+    assert not (tmp_path / "out").exists()
