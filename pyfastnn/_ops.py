@@ -4,6 +4,7 @@ codes, dropout probabilities), fake (meta) kernels for torch.compile / FakeTenso
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Callable, Optional, Tuple, Union
 
@@ -41,6 +42,32 @@ def activation_code(activation: Union[str, None]) -> int:
 def canonical_activation(activation: Union[str, None]) -> str:
     """The canonical name of an activation (``None``/``"none"`` -> ``"identity"``)."""
     return ACTIVATIONS[activation_code(activation)]
+
+
+def slope_value(negative_slope: float) -> float:
+    """``negative_slope`` as a float, or TypeError / ValueError unless it is a finite real number
+    (a one-element tensor that needs no gradient counts as its value: the slope is not learned).
+
+    Example:
+        >>> slope_value(0.2)
+        0.2
+        >>> slope_value("0.2")
+        Traceback (most recent call last):
+        ...
+        TypeError: pyfastnn: negative_slope must be a real number, got '0.2'
+        >>> slope_value(float("inf"))
+        Traceback (most recent call last):
+        ...
+        ValueError: pyfastnn: negative_slope must be finite, got inf
+    """
+    if isinstance(negative_slope, torch.Tensor) and negative_slope.numel() == 1 and not negative_slope.requires_grad:
+        negative_slope = negative_slope.item()
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
+        raise TypeError(f"pyfastnn: negative_slope must be a real number, got {negative_slope!r}")
+    negative_slope = float(negative_slope)
+    if not math.isfinite(negative_slope):
+        raise ValueError(f"pyfastnn: negative_slope must be finite, got {negative_slope!r}")
+    return negative_slope
 
 
 def dropout_probability(p: float) -> float:

@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ._ops import (DEFAULT_NEGATIVE_SLOPE, activation_code, check_flag, dropout_probability, run_fused_linear,
-                   run_fused_mlp)
+                   run_fused_mlp, slope_value)
 
 __all__ = ["fused_linear", "fused_mlp"]
 
@@ -38,7 +38,7 @@ def fused_linear(
         >>> torch.allclose(y, torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b)), atol=1e-6)
         True
     """
-    return run_fused_linear(input, weight, bias, activation_code(activation), float(negative_slope))
+    return run_fused_linear(input, weight, bias, activation_code(activation), slope_value(negative_slope))
 
 
 def _per_layer(value, layers: int, name: str, check) -> list:
@@ -101,5 +101,5 @@ def fused_mlp(
     biases = [None] * layers if biases is None else _tensor_list(biases, "biases")
     codes = _per_layer(activation, layers - 1, "activation", activation_code) + [activation_code(output_activation)]
     probabilities = _per_layer(dropout, layers - 1, "dropout", dropout_probability) + [0.0]
-    return run_fused_mlp(input, weights, biases, codes, float(negative_slope), probabilities,
+    return run_fused_mlp(input, weights, biases, codes, slope_value(negative_slope), probabilities,
                          check_flag("fused_mlp", "training", training))

@@ -878,6 +878,8 @@ def fuse(model: nn.Module, inplace: bool = False, *, report: Optional[list] = No
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse expects an nn.Module, got {type(model).__name__}")
+    if report is not None and not isinstance(report, list):  # checked before the work it would lose
+        raise TypeError(f"fuse's report must be a list (it receives the replacements), got {type(report).__name__}")
     if not inplace:
         try:
             model = copy.deepcopy(model)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._ops import (DEFAULT_NEGATIVE_SLOPE, activation_code, canonical_activation, dropout_probability, run_fused_linear,
-                   run_fused_mlp)
+                   run_fused_mlp, slope_value)
 from ._patterns import activation_module, chain_mismatch, dropout_of, is_plain_linear, parse_layers
 
 __all__ = ["FusedLinear", "FusedMLP", "activation_module"]
@@ -101,7 +101,7 @@ class FusedLinear(nn.Module):
 
     @negative_slope.setter
     def negative_slope(self, value: float) -> None:
-        self._negative_slope = float(value)
+        self._negative_slope = slope_value(value)
 
     @property
     def dropout(self) -> float:

@@ -25,6 +25,13 @@ CASES = [
     ("weight_on_other_device", (X, W.to("meta"), None), {}, TypeError, "weight is on meta but input is on cpu"),
     ("bias_on_other_device", (X, W, B.to("meta")), {}, TypeError, "bias is on meta but input is on cpu"),
     ("bias_not_a_tensor", (X, W, 1.0), {}, TypeError, "bias must be a torch.Tensor, got float"),
+    ("slope_a_string", (X, W, None), {"activation": "leaky_relu", "negative_slope": "0.2"}, TypeError,
+     "negative_slope must be a real number, got '0.2'"),
+    ("slope_nan", (X, W, None), {"activation": "leaky_relu", "negative_slope": float("nan")}, ValueError,
+     "negative_slope must be finite, got nan"),
+    ("slope_learnable", (X, W, None), {"activation": "leaky_relu",
+                                       "negative_slope": torch.tensor(0.2, requires_grad=True)}, TypeError,
+     "negative_slope must be a real number"),
 ]
 
 
@@ -51,7 +58,8 @@ def test_fake_kernels_raise_what_the_kernels_raise(args, kwargs, exc, pattern):
         pyfastnn.fused_linear(*fakes, **kwargs)
     if args[2] is None or isinstance(args[2], torch.Tensor):  # and the whole-MLP op, as a one-layer MLP
         with mode, pytest.raises(exc, match=pattern.replace("weight ", "weights\\[0\\] ").replace("bias ", "biases\\[0\\] ")):
-            pyfastnn.fused_mlp(fakes[0], [fakes[1]], [fakes[2]], output_activation=kwargs.get("activation", "relu"))
+            pyfastnn.fused_mlp(fakes[0], [fakes[1]], [fakes[2]], output_activation=kwargs.get("activation", "relu"),
+                               negative_slope=kwargs.get("negative_slope", 0.01))
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
@@ -70,6 +78,23 @@ def test_a_missing_tensor_beside_tensors_on_any_device_is_named(device):
 def test_bad_activation_code_on_raw_op():
     with pytest.raises(ValueError, match="unknown activation code 42"):
         torch.ops.pyfastnn.fused_linear(X, W, None, 42, 0.0)
+
+
+def test_the_slope_is_checked_wherever_it_is_given():
+    for bad, error in (("0.2", TypeError), (float("inf"), ValueError), (True, TypeError)):
+        with pytest.raises(error, match="negative_slope"):
+            pyfastnn.FusedLinear(3, 4, activation="leaky_relu", negative_slope=bad)
+        with pytest.raises(error, match="negative_slope"):
+            pyfastnn.FusedMLP([3, 4, 2], activation="leaky_relu", negative_slope=bad)
+        with pytest.raises(error, match="negative_slope"):
+            pyfastnn.fused_mlp(X, [W], negative_slope=bad)
+        layer = pyfastnn.FusedLinear(3, 4, activation="leaky_relu")
+        with pytest.raises(error, match="negative_slope"):
+            layer.negative_slope = bad
+        assert layer.negative_slope == 0.01
+    # A number-like tensor that needs no gradient is its value, as torch's Scalar arguments take it.
+    torch.testing.assert_close(pyfastnn.fused_linear(X, W, None, "leaky_relu", negative_slope=torch.tensor(0.2)),
+                               torch.nn.functional.leaky_relu(X @ W.T, 0.2))
 
 
 def test_bad_layer_arguments():

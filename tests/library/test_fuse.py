@@ -238,6 +238,10 @@ def test_fuse_verbose_and_bad_argument(capsys):
     assert "nothing to fuse" in capsys.readouterr().out
     with pytest.raises(TypeError, match="nn.Module"):
         pyfastnn.fuse("model")
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    with pytest.raises(TypeError, match="fuse's report must be a list .*got int"):
+        pyfastnn.fuse(model, inplace=True, report=5)
+    assert type(model[0]) is nn.Linear  # refused before anything was replaced
 
 
 def test_fused_model_trains_like_the_original():
