@@ -282,6 +282,6 @@ if __name__ == "__main__":  # also how pip's setuptools backend runs this file; 
         extras_require={"lesson": lesson_requires, "test": ["pytest", "hypothesis", "expecttest", *lesson_requires]},
         ext_modules=[extension],
         cmdclass={"build_ext": build_ext},
-        entry_points={"console_scripts": ["pyfastnn = pyfastnn.cli:main"]},
+        entry_points={"console_scripts": ["pyfastnn = pyfastnn.cli:run"]},
         zip_safe=False,
     )

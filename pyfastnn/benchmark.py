@@ -221,7 +221,11 @@ def thread_count(text: str) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = command_parser("pyfastnn bench", description=__doc__.splitlines()[0])
+    parser = command_parser(
+        "pyfastnn bench",
+        description=(
+            "Times fused_linear against eager PyTorch, torch.compile and the bare GEMMs, forward and "
+            "forward+backward, side by side (medians)."))
     parser.add_argument("--quick", action="store_true",
                         help="4 shapes, relu/gelu, 2 threads, no torch.compile (well under 30 s)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, NoReturn, Optional, Sequence
 
 from .command import EXIT_FAILURE, debug_requested, interrupted_status, terminate_on_sigterm
 
@@ -21,6 +23,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise
             print("pyfastnn: interrupted", file=sys.stderr)
             return interrupted_status(e)
+
+
+def run() -> NoReturn:
+    """The ``pyfastnn`` program (and ``python -m pyfastnn``): :func:`main` on ``sys.argv``, its status
+    the exit status."""
+    line_buffered = getattr(sys.stdout, "reconfigure", None)
+    if line_buffered is not None:  # each epoch's line reaches a log file or pipe as it is printed
+        line_buffered(line_buffering=True)
+    status = main()
+    _exit_at_once_on_a_late_signal(status)
+    sys.exit(status)
+
+
+def _exit_at_once_on_a_late_signal(status: int) -> None:
+    """After the command is done, Python and torch take about half a second to shut down: Ctrl-C or
+    SIGTERM then ends the process at once with the command's status (its work is complete), rather
+    than with a traceback or as killed by the signal. Handlers others installed stay."""
+
+    def exit_now(signum, frame):
+        os._exit(status)
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, exit_now)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, exit_now)
 
 
 def _main(argv: Sequence[str]) -> int:
@@ -76,4 +103,4 @@ def _lesson_command(command: str, argv: Sequence[str]) -> Optional[Callable[[Seq
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -84,8 +84,10 @@ def load_extension() -> ModuleType:
     """Imports ``pyfastnn._C`` (which registers ``torch.ops.pyfastnn.*``), or raises an ImportError that
     names the problem and the command that fixes it."""
     if importlib.util.find_spec(EXTENSION) is None:
-        raise ImportError(f"pyfastnn's compiled extension {EXTENSION} is missing: build it with `{INSTALL_COMMAND}` "
-                          f"in the pyfastnn source folder")
+        package = Path(__file__).resolve().parent
+        raise ImportError(f"pyfastnn's compiled extension {EXTENSION} is missing from {package}: build it with "
+                          f"`{INSTALL_COMMAND}` in the pyfastnn source folder (run from inside a source folder, "
+                          f"Python imports pyfastnn from there, not an installed copy)")
     record = build_record()
     if record is not None:
         check_built_for(record, torch.__version__, torch.version.cuda)

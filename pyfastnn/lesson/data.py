@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import struct
 import urllib.error
@@ -60,7 +61,7 @@ def read_idx(path: PathLike, expected_ndim: Optional[int] = None) -> np.ndarray:
         raise IDXError(f"{path}: truncated header")
     shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = 4 + 4 * ndim + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = 4 + 4 * ndim + math.prod(shape) * dtype.itemsize  # Python ints: a crafted header cannot wrap
     if len(data) != expected:
         raise IDXError(f"{path}: {'truncated' if len(data) < expected else 'trailing bytes'}: "
                        f"{len(data)} bytes, header {shape} needs {expected}")
@@ -110,7 +111,11 @@ def _download(root: Path, dataset: _Dataset, stem: str) -> Path:
         except (urllib.error.URLError, OSError) as e:
             errors.append(f"{url}: {e}")
             continue
-        raw = gzip.decompress(compressed)
+        try:
+            raw = gzip.decompress(compressed)
+        except (OSError, EOFError, zlib.error) as e:  # a page of HTML, a cut-off transfer: the next mirror
+            errors.append(f"{url}: not a complete gzip file ({e})")
+            continue
         expected = dataset.md5[stem]
         if expected is not None and hashlib.md5(raw).hexdigest() != expected:
             errors.append(f"{url}: MD5 mismatch of the decompressed file")

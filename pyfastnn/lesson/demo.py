@@ -168,7 +168,11 @@ def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bo
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = command_parser("pyfastnn demo", description=__doc__.splitlines()[0])
+    parser = command_parser(
+        "pyfastnn demo",
+        description=(
+            "The neural-network lesson end to end on pyfastnn's kernels, offline: perceptron, XOR, "
+            "the chain rule, MNIST, a quick benchmark."))
     parser.add_argument("--data", type=path_argument, help="MNIST folder (default: $PYFASTNN_MNIST)")
     parser.add_argument("--out", type=path_argument, default="demo_output",
                         help="folder for the pictures and the MNIST run (in its mnist folder) (default: %(default)s)")

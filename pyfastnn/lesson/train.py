@@ -391,10 +391,10 @@ def restore_checkpoint(state: Dict, path, model: nn.Module, optimizer: torch.opt
 
 
 def check_no_other_run(out: Path, resume: Optional[str], can_resume: bool = True) -> None:
-    """Raises FileExistsError where ``out`` holds files of a run other than the one resumed: a new
-    run would replace its checkpoint after the first epoch and its pictures at once. ``can_resume``:
-    whether the command has ``--resume`` to suggest."""
-    held = [name for name in RUN_FILES if (out / name).exists()]
+    """Raises FileExistsError where ``out`` holds files of a run other than the one resumed (or
+    pictures of the names a run writes): a new run would replace its checkpoint after the first epoch
+    and its pictures at once. ``can_resume``: whether the command has ``--resume`` to suggest."""
+    held = [name for name in RUN_FILES + PLOT_FILES if (out / name).exists()]
     if not held or (resume is not None and "checkpoint.pt" in held and os.path.samefile(resume, out / "checkpoint.pt")):
         return
     resume_hint = (f"continue it with --resume {out / 'checkpoint.pt'}, "
@@ -734,7 +734,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = command_parser("pyfastnn train", description=__doc__.splitlines()[0])
+    parser = command_parser(
+        "pyfastnn train",
+        description=(
+            "Train the lesson's MNIST classifier (784-256-128-10, ReLU, dropout, Adam) on pyfastnn's "
+            "fused layers; under torchrun, with DistributedDataParallel."))
     add_arguments(parser)
     args = parser.parse_args(argv)
     config = TrainConfig(

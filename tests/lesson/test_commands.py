@@ -201,6 +201,13 @@ def test_a_new_run_never_replaces_another_runs_files_unless_asked(capsys, tmp_pa
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
     assert cli(capsys, *common, "--epochs", "0", "--out", str(out), "--overwrite")[0] == 0
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 0
+    # Pictures alone under the names a run writes are someone's too: kept unless asked.
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    (pictures / "curves.png").write_bytes(b"mine")
+    status, _, err = cli(capsys, *common, "--epochs", "1", "--out", str(pictures))
+    assert status == 1 and f"output folder {pictures} holds another run (curves.png)" in error_line(err, "pyfastnn train")
+    assert (pictures / "curves.png").read_bytes() == b"mine"
 
 
 def test_train_resume_refuses_other_run_settings(capsys, tmp_path, tiny_mnist_dir):

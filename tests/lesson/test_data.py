@@ -43,6 +43,8 @@ def test_load_synthetic_files(tmp_path, gz, layout):
     (lambda b: b + b"xx", "trailing bytes"),
     (lambda b: b"\x01\x02" + b[2:], "bad magic"),
     (lambda b: b"", "bad magic"),
+    # dimensions whose product wraps to 0 in 64-bit integers, and no payload
+    (lambda b: b[:4] + struct.pack(">3I", 2 ** 22, 2 ** 22, 2 ** 20), "truncated"),
 ])
 def test_corrupt_files_raise_naming_the_file(tmp_path, corrupt, message):
     path = tmp_path / "t10k-images-idx3-ubyte"
@@ -126,6 +128,22 @@ def test_download_verifies_decompressed_md5_and_explains_offline(tmp_path, mnist
     monkeypatch.setattr(data.urllib.request, "urlopen", serve_wrong_file)
     with pytest.raises(IDXError, match="MD5 mismatch"):
         load_mnist(tmp_path / "other", train=False, download=True)
+
+    mirrors_asked = []
+
+    def first_mirror_serves_a_page(url, timeout):  # a captive portal or error page: the next mirror is tried
+        mirrors_asked.append(url.rsplit("/", 1)[0])
+        if mirrors_asked[-1] == mirrors_asked[0]:
+            return _FakeResponse(b"<html>moved</html>")
+        return serve_real_files(url, timeout)
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", first_mirror_serves_a_page)
+    images, _ = load_mnist(tmp_path / "fourth", train=False, download=True)
+    assert images.shape == (10000, 28, 28) and len(set(mirrors_asked)) == 2
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: _FakeResponse(b"<html>"))
+    with pytest.raises(IDXError, match=r"could not download .*: not a complete gzip file") as caught:
+        load_mnist(tmp_path / "fifth", train=False, download=True)
+    assert mirrors_asked[0] in str(caught.value)
 
     def offline(url, timeout):
         raise urllib.error.URLError("Name or service not known")

@@ -2,6 +2,7 @@
 are tested in tests/lesson/test_commands.py."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -74,6 +75,37 @@ def test_unexpected_errors_are_one_line_with_the_type_and_the_debug_hint(capsys,
                                        "encountered (--debug or PYFASTNN_DEBUG=1 shows the traceback)\n")
     with pytest.raises(RuntimeError, match="illegal memory access"):
         run_command(parser, parser.parse_args(["--debug"]), body)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_shutdown_after_the_command_ends_with_its_status(signal_name):
+    # The command is done (its output complete); the signal arrives while Python shuts down.
+    import subprocess
+    import sys
+
+    program = ("import atexit, os, signal, sys\n"
+               f"atexit.register(lambda: os.kill(os.getpid(), signal.{signal_name}))\n"
+               "sys.argv = ['pyfastnn', 'info', '--json']\n"
+               "from pyfastnn.cli import run\n"
+               "run()\n")
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert json.loads(result.stdout)["pyfastnn"] == pyfastnn.__version__
+
+
+def test_the_program_writes_each_line_as_it_is_printed_into_pipes_and_files():
+    # Piped or redirected (tee, nohup, a batch system's log), each epoch's line must not wait in a buffer.
+    import subprocess
+    import sys
+
+    program = ("import atexit, sys\n"
+               "atexit.register(lambda: sys.stderr.write(f'line_buffering={sys.stdout.line_buffering}'))\n"
+               "sys.argv = ['pyfastnn', 'info']\n"
+               "from pyfastnn.cli import run\n"
+               "run()\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0 and result.stderr == "line_buffering=True", result.stderr
 
 
 def test_atomic_write_names_the_target_when_its_folder_is_missing(tmp_path):
