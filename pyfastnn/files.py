@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator, NoReturn, Union
 
-__all__ = ["atomic_write", "ensure_writable_folder", "check_output_file", "check_output_names", "hold_folder"]
+__all__ = ["atomic_write", "ensure_writable_folder", "check_output_file", "check_output_names", "hold_folder",
+           "output_folder"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -136,6 +137,37 @@ def ensure_writable_folder(path: PathLike, what: str = "output folder") -> Path:
     except OSError as e:
         raise type(e)(f"{what} {path} is not writable ({e.strerror or e})") from None
     return path
+
+
+@contextlib.contextmanager
+def output_folder(path: PathLike, what: str = "output folder") -> Iterator[Path]:
+    """:func:`ensure_writable_folder` for the block that writes into the folder: the folders it
+    created are removed again when the block fails leaving them empty, so that a run stopped before
+    its first file leaves no trace.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> try:
+        ...     with output_folder(root / "runs" / "a") as folder:
+        ...         raise RuntimeError("stopped before writing")
+        ... except RuntimeError:
+        ...     pass
+        >>> list(root.iterdir())
+        []
+    """
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]  # the deepest first
+    folder = ensure_writable_folder(path, what)
+    try:
+        yield folder
+    except BaseException:
+        for made in created:
+            try:
+                made.rmdir()
+            except OSError:  # it holds something now (or went away): it and its parents stay
+                break
+        raise
 
 
 def check_output_file(path: PathLike, what: str = "--json") -> Path:

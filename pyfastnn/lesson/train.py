@@ -30,7 +30,7 @@ from torch import nn
 from ..command import InvalidArgument, check_number, command_parser, path_argument, run_command
 from ..cuda_graph import CUDAGraphStep, cuda_graph_step
 from ..denormals import flush_denormals
-from ..files import atomic_write, check_output_names, ensure_writable_folder, hold_folder
+from ..files import atomic_write, check_output_names, hold_folder, output_folder
 from ..info import info
 from .data import Batches, load_fashion_mnist, load_mnist, normalize
 from .models import MNISTClassifier
@@ -505,10 +505,11 @@ def train(config: TrainConfig) -> TrainResult:
     if resumed is not None:
         check_resume_settings(resumed, config.resume, config)
     rank, world_size, device = _distributed(config.device)
-    out = ensure_writable_folder(config.out) if config.out is not None and rank == 0 else None
-    if out is None:
+    if config.out is None or rank > 0:
         return _run(config, resumed, None, rank, world_size, device)
-    with hold_folder(out):  # held before the check: a run started at the same moment finds it held
+    # Held before the check: a run started at the same moment finds it held. Folders made for a run
+    # that stops before its first file are removed again.
+    with output_folder(config.out) as out, hold_folder(out):
         check_output_names(out, RUN_FILES + PLOT_FILES)
         if not config.overwrite:
             check_no_other_run(out, config.resume)

@@ -190,6 +190,12 @@ def test_a_folder_in_use_by_another_run_is_refused_before_any_work(tmp_path, tin
         pass
 
 
+def test_a_run_that_fails_before_its_first_file_leaves_no_folders_behind(tmp_path, capsys):
+    assert _train_cli("--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "runs" / "a")) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_interrupted_epoch_closes_its_progress_bar_before_the_message(tmp_path, tiny_mnist_dir, monkeypatch,
                                                                        capsys):
     import tqdm.auto
