@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
@@ -46,7 +46,7 @@ def canonical_activation(activation: Union[str, None]) -> str:
 
 def slope_value(negative_slope: float) -> float:
     """``negative_slope`` as a float, or TypeError / ValueError unless it is a finite real number
-    (a one-element tensor that needs no gradient counts as its value: the slope is not learned).
+    (a 0-d tensor that needs no gradient counts as its value: the slope is not learned).
 
     Example:
         >>> slope_value(0.2)
@@ -60,12 +60,13 @@ def slope_value(negative_slope: float) -> float:
         ...
         ValueError: pyfastnn: negative_slope must be finite, got inf
     """
-    if isinstance(negative_slope, torch.Tensor) and negative_slope.numel() == 1 and not negative_slope.requires_grad:
+    if isinstance(negative_slope, torch.Tensor) and negative_slope.dim() == 0 and not negative_slope.requires_grad:
         negative_slope = negative_slope.item()
     if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
         raise TypeError(f"pyfastnn: negative_slope must be a real number, got {negative_slope!r}")
     negative_slope = float(negative_slope)
-    if not math.isfinite(negative_slope):
+    # Comparisons, not math.isfinite: torch.compile traces them when it makes the slope symbolic.
+    if negative_slope != negative_slope or abs(negative_slope) == math.inf:
         raise ValueError(f"pyfastnn: negative_slope must be finite, got {negative_slope!r}")
     return negative_slope
 
@@ -96,7 +97,8 @@ def dropout_probability(p: float) -> float:
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"pyfastnn: dropout probability must be a real number, got {p!r}")
     p = float(p)
-    native.check_dropout_probability(p)
+    if not torch.compiler.is_compiling():  # dynamo cannot trace the binding; the op checks p again anyway
+        native.check_dropout_probability(p)
     return p
 
 
@@ -287,15 +289,19 @@ def _meta_sample(t: Optional[torch.Tensor], dim: Optional[int]) -> Optional[torc
     return torch.empty(shape, dtype=t.dtype, device="meta")
 
 
-def _per_sample(info, run: Callable[[Callable], torch.Tensor], device: torch.device) -> Tuple[torch.Tensor, int]:
-    """Stacks ``run(pick)`` over the vmap samples, ``pick(t, dim)`` giving each argument's sample.
+def _per_sample(info, run: Callable[[Callable], torch.Tensor],
+                arguments: Sequence[Tuple[Optional[torch.Tensor], Optional[int]]]) -> Tuple[torch.Tensor, int]:
+    """Stacks ``run(pick)`` over the vmap samples, ``pick(t, dim)`` giving each argument's sample;
+    ``arguments``: the op's tensors with their vmap dimensions.
 
     An empty batch runs the op once on meta samples: its checks still apply, and its output's shape
-    gives the empty result's.
+    gives the empty result's, which is tied to the arguments so that autograd sees it depend on them.
     """
     if info.batch_size == 0:
         sample = run(_meta_sample)
-        return torch.empty((0, *sample.shape), dtype=sample.dtype, device=device), 0
+        device = next(t.device for t, _ in arguments if t is not None)
+        empty = torch.empty((0, *sample.shape), dtype=sample.dtype, device=device)
+        return empty + sum(t.narrow(dim, 0, 0).sum() for t, dim in arguments if t is not None and dim is not None), 0
     return torch.stack([run(lambda t, dim: _select(t, dim, i)) for i in range(info.batch_size)]), 0
 
 
@@ -306,7 +312,7 @@ def _fused_linear_vmap(info, in_dims, input, weight, bias, activation, negative_
         return ops.fused_linear(input.movedim(input_dim, 0), weight, bias, activation, negative_slope), 0
     return _per_sample(info, lambda pick: ops.fused_linear(pick(input, input_dim), pick(weight, weight_dim),
                                                            pick(bias, bias_dim), activation, negative_slope),
-                       input.device)
+                       [(input, input_dim), (weight, weight_dim), (bias, bias_dim)])
 
 
 @torch.library.register_vmap("pyfastnn::fused_mlp")
@@ -324,4 +330,4 @@ def _fused_mlp_vmap(info, in_dims, input, weights, biases, activations, negative
                                                         [pick(w, d) for w, d in zip(weights, weight_dims)],
                                                         [pick(b, d) for b, d in zip(biases, bias_dims)],
                                                         activations, negative_slope, dropout, training),
-                       input.device)
+                       [(input, input_dim), *zip(weights, weight_dims), *zip(biases, bias_dims)])

@@ -28,12 +28,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run() -> NoReturn:
     """The ``pyfastnn`` program (and ``python -m pyfastnn``): :func:`main` on ``sys.argv``, its status
     the exit status."""
-    line_buffered = getattr(sys.stdout, "reconfigure", None)
-    if line_buffered is not None:  # each epoch's line reaches a log file or pipe as it is printed
-        line_buffered(line_buffering=True)
+    if hasattr(sys.stdout, "reconfigure"):  # a text stream (not None, as under pythonw)
+        stdout = _OutputDroppedOnceItsReaderIsGone(sys.stdout)
+        stdout.flush()  # what was printed before, through the pipe check
+        sys.stdout.reconfigure(line_buffering=True)  # each epoch's line reaches a log or pipe as printed
+        sys.stdout = stdout
     status = main()
     _exit_at_once_on_a_late_signal(status)
     sys.exit(status)
+
+
+class _OutputDroppedOnceItsReaderIsGone:
+    """The program's stdout: once the pipe's reader has gone (``pyfastnn train ... | head -1``), the
+    rest of the output is dropped and the command goes on to write its files and exit as usual,
+    instead of stopping with BrokenPipeError at its next line."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._drop_from_now_on()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop_from_now_on()
+
+    def _drop_from_now_on(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())  # what is still buffered goes there too
+        os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def _exit_at_once_on_a_late_signal(status: int) -> None:

@@ -141,9 +141,11 @@ def ensure_writable_folder(path: PathLike, what: str = "output folder") -> Path:
 
 @contextlib.contextmanager
 def output_folder(path: PathLike, what: str = "output folder") -> Iterator[Path]:
-    """:func:`ensure_writable_folder` for the block that writes into the folder: the folders it
-    created are removed again when the block fails leaving them empty, so that a run stopped before
-    its first file leaves no trace.
+    """The folder a run writes into, for the block that writes: created if needed and checked
+    writable (:func:`ensure_writable_folder`), then held (:func:`hold_folder`). The folders it
+    created are removed again, while still held, when the block fails leaving them empty, so that a
+    run stopped before its first file leaves no trace; a run that finds the folder held removes
+    nothing (it is the other run's).
 
     Example:
         >>> import tempfile, pathlib
@@ -157,17 +159,19 @@ def output_folder(path: PathLike, what: str = "output folder") -> Iterator[Path]
         []
     """
     path = Path(path)
-    created = [p for p in (path, *path.parents) if not p.exists()]  # the deepest first
+    absolute = Path(os.path.abspath(path))  # ".." resolved: only folders this call makes are listed
+    created = [p for p in (absolute, *absolute.parents) if not p.exists()]  # the deepest first
     folder = ensure_writable_folder(path, what)
-    try:
-        yield folder
-    except BaseException:
-        for made in created:
-            try:
-                made.rmdir()
-            except OSError:  # it holds something now (or went away): it and its parents stay
-                break
-        raise
+    with hold_folder(folder, what):
+        try:
+            yield folder
+        except BaseException:
+            for made in created:
+                try:
+                    made.rmdir()
+                except OSError:  # it holds something now (or went away): it and its parents stay
+                    break
+            raise
 
 
 def check_output_file(path: PathLike, what: str = "--json") -> Path:

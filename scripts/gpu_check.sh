@@ -47,11 +47,17 @@ else
 fi
 CHECK_STEPS="test_cuda test_cuda_graph bench_cuda test_cuda_train bench_mnist_cuda memcheck racecheck fuzz_cuda
   fuzz_mlp_cuda test_cpu_on_cuda_build"
-for name in ${GPU_CHECK_ONLY:-}; do
+set -f  # the names are words, never file patterns
+GPU_CHECK_ONLY="$(echo ${GPU_CHECK_ONLY:-})"  # words only: blank means every step
+for name in $GPU_CHECK_ONLY; do
+  if [ "$name" = test_cpu_on_cuda_build ] && [ "$MODE" != "--full" ]; then
+    echo "scripts/gpu_check.sh: GPU_CHECK_ONLY names test_cpu_on_cuda_build, a step of --full only" >&2; exit 2
+  fi
   case " $(echo $CHECK_STEPS) " in *" $name "*) ;; *)
     echo "scripts/gpu_check.sh: GPU_CHECK_ONLY names no step $name (steps: $(echo $CHECK_STEPS))" >&2; exit 2 ;;
   esac
 done
+set +f
 wanted() {  # wanted STEP...: whether GPU_CHECK_ONLY (if set) asks for any of them
   [ -z "${GPU_CHECK_ONLY:-}" ] && return 0
   local name; for name in "$@"; do case " $GPU_CHECK_ONLY " in *" $name "*) return 0 ;; esac; done
@@ -164,7 +170,7 @@ if ! wanted memcheck racecheck; then
   step memcheck 0 true; step racecheck 0 true  # listed as skipped
 elif [ ! -x "$SANITIZER" ]; then
   note sanitizers "NOT RUN: compute-sanitizer not found ($SANITIZER)"
-elif ! timeout 60 "$SANITIZER" --tool memcheck --error-exitcode 1 "$PYTHON" -c \
+elif ! timeout 60 "$SANITIZER" --tool memcheck --report-api-errors no --error-exitcode 1 "$PYTHON" -c \
     "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()" > "$OUT/sanitizer_probe.log" 2>&1; then
   note sanitizers "NOT RUN: compute-sanitizer cannot run on this device (sanitizer_probe.log)"
 else

@@ -259,7 +259,7 @@ class MNISTClassifier(nn.Module):
             modules += [linear, activation, nn.Dropout(layer.dropout).train(layer.training)]
         modules += [m for m in last.to_linear() if not isinstance(m, nn.Identity)]
         twin = TorchMNISTClassifier(nn.Sequential(*modules))
-        twin.training = twin.layers.training = self.training  # the modules keep their own layers' modes
+        twin.training = twin.flatten.training = twin.layers.training = self.training  # the rest: their layers' modes
         return _detached_copy(twin)
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from ..command import InvalidArgument, check_number, command_parser, path_argument, run_command
 from ..cuda_graph import CUDAGraphStep, cuda_graph_step
 from ..denormals import flush_denormals
-from ..files import atomic_write, check_output_names, hold_folder, output_folder
+from ..files import atomic_write, check_output_names, output_folder
 from ..info import info
 from .data import Batches, load_fashion_mnist, load_mnist, normalize
 from .models import MNISTClassifier
@@ -364,12 +364,24 @@ def check_resume_settings(state: Dict, path, config: TrainConfig) -> None:
                               f"checkpoint's settings, or start a new run without --resume")
 
 
+def _renamed_from_earlier_layouts(weights: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Checkpoints written before the classifier took the lesson's keys in every case (the plain
+    twin's ``1.weight``, ``4.weight`` ...; at dropout 0, ``layers.2.weight`` ...) hold the same
+    tensors in the same order: they get this model's keys. Anything else is returned as it is."""
+    expected = model.state_dict()
+    if list(weights) == list(expected) or len(weights) != len(expected):
+        return weights
+    if [tuple(t.shape) for t in weights.values()] != [tuple(t.shape) for t in expected.values()]:
+        return weights
+    return dict(zip(expected, weights.values()))
+
+
 def restore_checkpoint(state: Dict, path, model: nn.Module, optimizer: torch.optim.Optimizer, device: str,
                        rank: int = 0):
     """Puts a loaded checkpoint's weights, optimizer state and RNG state (``rank``'s own, under DDP)
     back; returns (history, epoch)."""
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(_renamed_from_earlier_layouts(state["model"], model))
         _load_optimizer_state(optimizer, state["optimizer"], path)
     except CheckpointError:
         raise
@@ -509,7 +521,7 @@ def train(config: TrainConfig) -> TrainResult:
         return _run(config, resumed, None, rank, world_size, device)
     # Held before the check: a run started at the same moment finds it held. Folders made for a run
     # that stops before its first file are removed again.
-    with output_folder(config.out) as out, hold_folder(out):
+    with output_folder(config.out) as out:
         check_output_names(out, RUN_FILES + PLOT_FILES)
         if not config.overwrite:
             check_no_other_run(out, config.resume)

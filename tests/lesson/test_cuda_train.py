@@ -51,7 +51,7 @@ def _eager_step(model, optimizer, x, y):
     return loss.detach(), output.detach()
 
 
-@pytest.mark.parametrize("plain", [False, True], ids=["FusedMLP", "nn.Sequential"])
+@pytest.mark.parametrize("plain", [False, True], ids=["FusedMLP", "plain_twin"])
 def test_graph_step_equals_the_eager_loop(plain):
     graphed, eager = _twins(plain=plain)
     graph_optimizer = make_adam(graphed.parameters(), 1e-3, capturable=True)

@@ -100,7 +100,7 @@ def test_mnist_classifier_and_its_twin_load_the_lessons_state_dicts_whatever_the
     model, images = models.MNISTClassifier(dropout=p).eval(), torch.randn(3, 1, 28, 28)
     model.load_state_dict(lesson.state_dict())  # strict: the very same keys
     twin = model.to_torch()
-    assert repr(twin.layers) == repr(lesson.layers) and not twin.training
+    assert repr(twin.layers) == repr(lesson.layers) and not any(m.training for m in twin.modules())
     lesson.load_state_dict(twin.state_dict())
     torch.testing.assert_close(model(images), lesson(images))
     torch.testing.assert_close(twin(images), lesson(images))

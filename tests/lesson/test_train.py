@@ -175,6 +175,22 @@ def test_resume_of_a_finished_run_trains_nothing_and_writes_its_files(tmp_path, 
         assert torch.equal(tensor, after["model"][name]), name
 
 
+@pytest.mark.parametrize("backend,old_keys", [("torch", ["1", "4", "7"]), ("fused", ["layers.0", "layers.2", "layers.4"])])
+def test_checkpoints_of_the_earlier_key_layouts_resume(tmp_path, tiny_mnist_dir, backend, old_keys):
+    # Written before the classifier took the lesson's keys everywhere: the plain twin was a bare
+    # Sequential (Flatten first), and the fused model at dropout 0 had no Dropout indices.
+    common = ["--data", str(tiny_mnist_dir), "--batch-size", "32", "--backend", backend, "--dropout", "0"]
+    assert _train_cli(*common, "--epochs", "1", "--out", str(tmp_path / "a")) == 0
+    checkpoint = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    assert [k.rsplit(".", 1)[0] for k in checkpoint["model"]][::2] == ["layers.0", "layers.3", "layers.6"]
+    checkpoint["model"] = {f"{old}.{kind}": tensor for old, (kind, tensor) in
+                           zip([k for k in old_keys for _ in (0, 1)],
+                               [(k.rsplit(".", 1)[1], t) for k, t in checkpoint["model"].items()])}
+    torch.save(checkpoint, tmp_path / "old.pt")
+    assert _train_cli(*common, "--epochs", "2", "--out", str(tmp_path / "b"), "--resume", str(tmp_path / "old.pt")) == 0
+    assert _metrics(tmp_path / "b")["completed"] is True
+
+
 def test_a_folder_in_use_by_another_run_is_refused_before_any_work(tmp_path, tiny_mnist_dir, capsys):
     from pyfastnn.files import hold_folder
 

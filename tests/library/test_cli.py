@@ -108,6 +108,49 @@ def test_the_program_writes_each_line_as_it_is_printed_into_pipes_and_files():
     assert result.returncode == 0 and result.stderr == "line_buffering=True", result.stderr
 
 
+def test_a_reader_that_goes_away_stops_the_output_not_the_command(tmp_path):
+    # `pyfastnn train ... | head -1`: the pipe closes after the first line; the command goes on.
+    import subprocess
+    import sys
+
+    program = ("import sys\n"
+               "from pyfastnn.cli import run\n"
+               f"sys.argv = ['pyfastnn', 'info']\n"
+               "import atexit\n"
+               f"atexit.register(lambda: open({str(tmp_path / 'done')!r}, 'w').close())\n"
+               "print('printed before the command')\n"
+               "run()\n")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    try:
+        result = subprocess.run([sys.executable, "-c", program], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                timeout=120, env=env)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert (tmp_path / "done").exists()
+
+
+def test_a_run_that_finds_its_new_folder_held_leaves_it_to_the_holder(tmp_path, monkeypatch):
+    # Two runs start into a new folder: one makes it, the other takes it first; the first must not
+    # remove the folder the holder is about to write into.
+    import contextlib
+
+    import pyfastnn.files as files
+
+    @contextlib.contextmanager
+    def held_by_another_run(path, what="output folder"):
+        raise BlockingIOError(f"{what} {path} is in use by another run")
+        yield
+
+    monkeypatch.setattr(files, "hold_folder", held_by_another_run)
+    with pytest.raises(BlockingIOError, match="in use"):
+        with files.output_folder(tmp_path / "runs" / "a"):
+            pass
+    assert (tmp_path / "runs" / "a").is_dir()
+
+
 def test_atomic_write_names_the_target_when_its_folder_is_missing(tmp_path):
     from pyfastnn.files import atomic_write
 

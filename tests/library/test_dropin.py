@@ -206,6 +206,10 @@ def test_vmap_over_an_empty_stack_of_weights_gives_an_empty_result_and_still_che
     assert out.shape == (0, 5, 2)
     with pytest.raises(ValueError, match="in_features=2"):
         torch.vmap(lambda w: pyfastnn.fused_linear(x, w, None, "relu"))(torch.randn(0, 4, 2))
+    weights = torch.randn(0, 4, 3, requires_grad=True)  # gradients of an empty ensemble: empty, as eager's
+    out = torch.vmap(lambda w: pyfastnn.fused_linear(x, w, None, "relu"))(weights)
+    (grad,) = torch.autograd.grad(out.sum(), weights)
+    assert grad.shape == weights.shape
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1129,6 +1133,20 @@ def test_fuse_leaves_a_linear_with_extra_state_alone_and_explains_a_failed_copy(
 
 # ---------------------------------------------------------------------------------------------
 # In-place ops after identity outputs
+
+
+def test_changing_saved_inputs_or_biases_in_place_raises_instead_of_a_wrong_gradient():
+    # The fused node keeps its input and biases (backward(create_graph=True) recomputes from them):
+    # changing one before backward is refused by autograd's version check, never silently used.
+    layer, mlp = FusedLinear(8, 4, activation="relu"), _mlp((8, 6, 2))
+    for module, change in ((layer, lambda x: layer.bias.add_(0.1)), (mlp, lambda x: x.mul_(0))):
+        leaf = torch.randn(3, 8, requires_grad=True)
+        x = leaf * 1.0
+        y = module(x)
+        with torch.no_grad():
+            change(x)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
 
 
 def test_inplace_op_after_identity_output_like_nn_linear():

@@ -3,6 +3,7 @@ gradcheck, opcheck, compile, autocast, fused dropout (masks, statistics, reprodu
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import pyfastnn
@@ -275,6 +276,19 @@ def test_torch_compile_fullgraph(backend, train):
     if train:
         params = list(model.parameters())
         torch.testing.assert_close(torch.autograd.grad(out.sum(), params), torch.autograd.grad(expected.sum(), params))
+
+
+def test_torch_compile_fullgraph_of_the_functions_with_changing_slopes_and_dropout():
+    # Floats that change between calls become symbolic: the argument checks must trace.
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 3), [torch.randn(5, 3), torch.randn(2, 5)]
+    one_layer = torch.compile(lambda x, s: pyfastnn.fused_linear(x, w[0], None, "leaky_relu", negative_slope=s),
+                              fullgraph=True)
+    mlp = torch.compile(lambda x, s, p: pyfastnn.fused_mlp(x, w, None, "leaky_relu", dropout=p, training=False,
+                                                           negative_slope=s), fullgraph=True)
+    for slope, p in ((0.2, 0.1), (0.3, 0.2), (0.4, 0.3)):
+        torch.testing.assert_close(one_layer(x, slope), F.leaky_relu(F.linear(x, w[0]), slope))
+        torch.testing.assert_close(mlp(x, slope, p), F.linear(F.leaky_relu(F.linear(x, w[0]), slope), w[1]))
 
 
 def test_torch_compile_with_dropout_is_seeded_like_eager():

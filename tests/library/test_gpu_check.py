@@ -111,3 +111,17 @@ def test_an_unknown_step_asked_for_is_refused(tmp_path):
     result = run_script(tmp_path / "out", GPU_CHECK_ONLY="memcheck fuzz")
     assert result.returncode == 2 and "GPU_CHECK_ONLY names no step fuzz" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_step_of_the_full_run_only_is_refused_without_full_and_blank_means_every_step(tmp_path):
+    result = run_script(tmp_path / "out", GPU_CHECK_ONLY="test_cpu_on_cuda_build")
+    assert result.returncode == 2 and "a step of --full only" in result.stderr
+    # Blank is no selection: every step runs (stand-ins for Python and compute-sanitizer pass them all).
+    python = stand_in_python(tmp_path, 'case "$*" in *verify_ninja_availability*) exit 0 ;; esac\nexit 0')
+    (tmp_path / "bin").mkdir()
+    stand_in_python(tmp_path / "bin", "exit 0").rename(tmp_path / "bin" / "compute-sanitizer")
+    result = run_script(tmp_path / "out2", python=python, GPU_CHECK_ONLY="   ", PYFASTNN_MNIST=str(tmp_path),
+                        PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    summary = (tmp_path / "out2" / "summary.txt").read_text().splitlines()
+    assert [line for line in summary[:-1] if ": rc=0 in " not in line] == [] and len(summary) == 11, summary
+    assert result.returncode == 0
