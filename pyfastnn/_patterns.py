@@ -8,6 +8,8 @@ would have them bypassed by a fused op.
 
 from __future__ import annotations
 
+import math
+
 from typing import AbstractSet, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -78,7 +80,7 @@ def activation_of(module: nn.Module) -> Optional[Tuple[str, float]]:
     for name, (kind, attributes) in ACTIVATION_MODULES.items():
         if type(module) is kind and all(getattr(module, key) == value for key, value in attributes.items()):
             slope = float(module.negative_slope) if name == "leaky_relu" else DEFAULT_NEGATIVE_SLOPE
-            return name, slope
+            return (name, slope) if math.isfinite(slope) else None  # the kernels refuse nan / inf slopes
     return None
 
 

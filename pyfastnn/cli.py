@@ -27,21 +27,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run() -> NoReturn:
     """The ``pyfastnn`` program (and ``python -m pyfastnn``): :func:`main` on ``sys.argv``, its status
-    the exit status."""
-    if hasattr(sys.stdout, "reconfigure"):  # a text stream (not None, as under pythonw)
-        stdout = _OutputDroppedOnceItsReaderIsGone(sys.stdout)
-        stdout.flush()  # what was printed before, through the pipe check
-        sys.stdout.reconfigure(line_buffering=True)  # each epoch's line reaches a log or pipe as printed
-        sys.stdout = stdout
+    the exit status.
+
+    Printed lines reach a pipe or log file as they are printed; a reader that goes away stops the
+    output, not the command. Once the command is done the process ends at once: its files are
+    written and closed, and the half second Python and torch would take to tear themselves down
+    (in which a Ctrl-C or SIGTERM would end a finished command with 130 / 143) is skipped.
+    """
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if hasattr(stream, "reconfigure"):  # a text stream (not None, as under pythonw)
+            guarded = _OutputDroppedOnceItsReaderIsGone(stream)
+            guarded.flush()  # what was printed before, through the pipe check
+            stream.reconfigure(line_buffering=True)
+            setattr(sys, name, guarded)
     status = main()
-    _exit_at_once_on_a_late_signal(status)
-    sys.exit(status)
+    for late in (signal.SIGINT, signal.SIGTERM):  # from now on the command is done
+        signal.signal(late, signal.SIG_IGN)
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    os._exit(status)
 
 
 class _OutputDroppedOnceItsReaderIsGone:
-    """The program's stdout: once the pipe's reader has gone (``pyfastnn train ... | head -1``), the
-    rest of the output is dropped and the command goes on to write its files and exit as usual,
-    instead of stopping with BrokenPipeError at its next line."""
+    """The program's stdout or stderr: once the pipe's reader has gone (``pyfastnn train ... | head -1``),
+    the rest of that output is dropped and the command goes on to write its files and exit as usual,
+    instead of stopping with BrokenPipeError at its next line (or progress bar update)."""
 
     def __init__(self, stream) -> None:
         self._stream = stream
@@ -66,20 +78,6 @@ class _OutputDroppedOnceItsReaderIsGone:
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
-
-
-def _exit_at_once_on_a_late_signal(status: int) -> None:
-    """After the command is done, Python and torch take about half a second to shut down: Ctrl-C or
-    SIGTERM then ends the process at once with the command's status (its work is complete), rather
-    than with a traceback or as killed by the signal. Handlers others installed stay."""
-
-    def exit_now(signum, frame):
-        os._exit(status)
-
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, exit_now)
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, exit_now)
 
 
 def _main(argv: Sequence[str]) -> int:

@@ -160,9 +160,17 @@ def output_folder(path: PathLike, what: str = "output folder") -> Iterator[Path]
     """
     path = Path(path)
     absolute = Path(os.path.abspath(path))  # ".." resolved: only folders this call makes are listed
-    created = [p for p in (absolute, *absolute.parents) if not p.exists()]  # the deepest first
-    folder = ensure_writable_folder(path, what)
-    with hold_folder(folder, what):
+    for attempt in range(3):
+        created = [p for p in (absolute, *absolute.parents) if not p.exists()]  # the deepest first
+        held = contextlib.ExitStack()
+        try:
+            folder = ensure_writable_folder(path, what)
+            held.enter_context(hold_folder(folder, what))
+            break
+        except (FileNotFoundError, FileExistsError, NotADirectoryError):  # removed meanwhile by its holder: again
+            if attempt == 2:
+                raise
+    with held:
         try:
             yield folder
         except BaseException:
@@ -242,7 +250,7 @@ def hold_folder(path: PathLike, what: str = "output folder") -> Iterator[Path]:
         fcntl = None
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if fcntl is not None else None
-    except OSError:  # a folder this process may write but not read: nothing to hold it by
+    except PermissionError:  # a folder this process may write but not read: nothing to hold it by
         fd = None
     try:
         if fd is not None:
@@ -252,8 +260,12 @@ def hold_folder(path: PathLike, what: str = "output folder") -> Iterator[Path]:
                 raise BlockingIOError(f"{what} {path} is in use by another run; wait for it to end or choose "
                                       f"another folder") from None
             except OSError as e:  # a file system without locks (some network mounts)
-                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):
                     raise
+            # The run that held it before may have removed it (stopped before its first file): the
+            # lock is then on a folder no path leads to.
+            if not path.is_dir() or not os.path.samestat(os.fstat(fd), os.stat(path)):
+                raise FileNotFoundError(errno.ENOENT, f"{what} was removed while being taken", str(path))
         yield path
     finally:
         if fd is not None:

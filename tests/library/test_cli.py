@@ -78,19 +78,21 @@ def test_unexpected_errors_are_one_line_with_the_type_and_the_debug_hint(capsys,
 
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
-def test_a_signal_during_shutdown_after_the_command_ends_with_its_status(signal_name):
-    # The command is done (its output complete); the signal arrives while Python shuts down.
+def test_a_signal_once_the_command_is_done_leaves_its_status(signal_name):
+    # The signal comes as soon as the whole output has been read: the command is done; the process
+    # must not then spend the time in which it would end a finished command with 143 / 130.
+    import signal
     import subprocess
     import sys
+    import time
 
-    program = ("import atexit, os, signal, sys\n"
-               f"atexit.register(lambda: os.kill(os.getpid(), signal.{signal_name}))\n"
-               "sys.argv = ['pyfastnn', 'info', '--json']\n"
-               "from pyfastnn.cli import run\n"
-               "run()\n")
-    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stderr == "", result.stderr
-    assert json.loads(result.stdout)["pyfastnn"] == pyfastnn.__version__
+    program = subprocess.Popen([sys.executable, "-m", "pyfastnn", "info", "--json"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    output = "".join(iter(program.stdout.readline, "}\n")) + "}\n"  # the command's last line: it is done
+    time.sleep(0.1)  # past its return; Python and torch would still be tearing down for another ~0.5 s
+    program.send_signal(getattr(signal, signal_name))
+    assert program.wait(timeout=60) == 0, program.stderr.read()
+    assert json.loads(output)["pyfastnn"] == pyfastnn.__version__ and program.stderr.read() == ""
 
 
 def test_the_program_writes_each_line_as_it_is_printed_into_pipes_and_files():
@@ -98,11 +100,16 @@ def test_the_program_writes_each_line_as_it_is_printed_into_pipes_and_files():
     import subprocess
     import sys
 
-    program = ("import atexit, sys\n"
-               "atexit.register(lambda: sys.stderr.write(f'line_buffering={sys.stdout.line_buffering}'))\n"
+    program = ("import sys\n"
+               "import pyfastnn.cli as cli\n"
+               "command = cli.main\n"
+               "def main_then_report():\n"
+               "    status = command()\n"
+               "    sys.stderr.write(f'line_buffering={sys.stdout.line_buffering}')\n"
+               "    return status\n"
+               "cli.main = main_then_report\n"
                "sys.argv = ['pyfastnn', 'info']\n"
-               "from pyfastnn.cli import run\n"
-               "run()\n")
+               "cli.run()\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0 and result.stderr == "line_buffering=True", result.stderr
@@ -114,12 +121,16 @@ def test_a_reader_that_goes_away_stops_the_output_not_the_command(tmp_path):
     import sys
 
     program = ("import sys\n"
-               "from pyfastnn.cli import run\n"
-               f"sys.argv = ['pyfastnn', 'info']\n"
-               "import atexit\n"
-               f"atexit.register(lambda: open({str(tmp_path / 'done')!r}, 'w').close())\n"
+               "import pyfastnn.cli as cli\n"
+               "command = cli.main\n"
+               "def main_then_mark():\n"
+               "    status = command()\n"
+               f"    open({str(tmp_path / 'done')!r}, 'w').close()\n"
+               "    return status\n"
+               "cli.main = main_then_mark\n"
+               "sys.argv = ['pyfastnn', 'info']\n"
                "print('printed before the command')\n"
-               "run()\n")
+               "cli.run()\n")
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before the first line
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
@@ -149,6 +160,27 @@ def test_a_run_that_finds_its_new_folder_held_leaves_it_to_the_holder(tmp_path, 
         with files.output_folder(tmp_path / "runs" / "a"):
             pass
     assert (tmp_path / "runs" / "a").is_dir()
+
+
+def test_a_folder_removed_by_its_last_holder_while_being_taken_is_made_again(tmp_path, monkeypatch):
+    # The run that held it stopped before its first file and removed the folder it had made, just
+    # after this run opened it: this run must not hold a folder no path leads to.
+    import fcntl
+
+    from pyfastnn.files import output_folder
+
+    folder, removed, real_flock = tmp_path / "runs" / "a", [], fcntl.flock
+
+    def flock_once_the_holder_removed_it(fd, operation):
+        if not removed:
+            removed.append(folder)
+            folder.rmdir()
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_once_the_holder_removed_it)
+    with output_folder(folder) as out:
+        assert removed and out.is_dir()
+        (out / "metrics.json").write_text("{}")
 
 
 def test_atomic_write_names_the_target_when_its_folder_is_missing(tmp_path):

@@ -239,6 +239,9 @@ def test_fuse_verbose_and_bad_argument(capsys):
     with pytest.raises(TypeError, match="nn.Module"):
         pyfastnn.fuse("model")
     model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    for slope in (float("nan"), float("inf")):  # the kernels refuse such slopes: the pair stays as it is
+        odd = nn.Sequential(nn.Linear(2, 2), nn.LeakyReLU(slope))
+        assert [type(m) for m in pyfastnn.fuse(odd)] == [nn.Linear, nn.LeakyReLU]
     with pytest.raises(TypeError, match="fuse's report must be a list .*got int"):
         pyfastnn.fuse(model, inplace=True, report=5)
     assert type(model[0]) is nn.Linear  # refused before anything was replaced
