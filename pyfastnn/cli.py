@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import signal
@@ -29,52 +30,85 @@ def run() -> NoReturn:
     """The ``pyfastnn`` program (and ``python -m pyfastnn``): :func:`main` on ``sys.argv``, its status
     the exit status.
 
-    Printed lines reach a pipe or log file as they are printed; a reader that goes away stops the
-    output, not the command. Once the command is done the process ends at once: its files are
-    written and closed, and the half second Python and torch would take to tear themselves down
-    (in which a Ctrl-C or SIGTERM would end a finished command with 130 / 143) is skipped.
+    Printed lines reach a pipe or log file as they are printed; output that cannot be written (a
+    reader gone, as in ``| head -1``, or a full disk) stops the output, not the command. Once the
+    command is done, Ctrl-C and SIGTERM are ignored (they would turn a finished command's status into
+    130 / 143), and the process ends after the exit handlers, without the half second Python and
+    torch take to tear their modules down; under a profiler, tracer or ``python -i`` it exits the
+    usual way.
     """
+    outputs = []
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
-        if hasattr(stream, "reconfigure"):  # a text stream (not None, as under pythonw)
-            guarded = _OutputDroppedOnceItsReaderIsGone(stream)
-            guarded.flush()  # what was printed before, through the pipe check
+        if stream is None:  # closed by the caller (2>&-): the progress bar and messages go nowhere
+            stream = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+        guarded = _OutputDroppedWhenItCannotBeWritten(stream)
+        guarded.flush()  # what was printed before, through the same check
+        if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)
-            setattr(sys, name, guarded)
+        outputs.append(guarded)
+        setattr(sys, name, guarded)
     status = main()
-    for late in (signal.SIGINT, signal.SIGTERM):  # from now on the command is done
+    for late in (signal.SIGINT, signal.SIGTERM):  # the command is done; Python keeps SIG_IGN to the end
         signal.signal(late, signal.SIG_IGN)
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None:
-            stream.flush()
+    for output in outputs:
+        output.flush()
+    lost = next((output.error for output in outputs if output.error is not None
+                 and not isinstance(output.error, BrokenPipeError)), None)
+    if lost is not None and status == 0:  # a full disk under `> log`: the user did not get the output
+        print(f"pyfastnn: error: the output could not be written ({lost.strerror or lost})", file=sys.__stderr__)
+        status = EXIT_FAILURE
+    if sys.getprofile() is not None or sys.gettrace() is not None or sys.flags.inspect:
+        sys.exit(status)
+    atexit._run_exitfuncs()  # coverage, weakref finalizers, users' hooks: all that teardown would run
+    _flush_native_output()
     os._exit(status)
 
 
-class _OutputDroppedOnceItsReaderIsGone:
-    """The program's stdout or stderr: once the pipe's reader has gone (``pyfastnn train ... | head -1``),
-    the rest of that output is dropped and the command goes on to write its files and exit as usual,
-    instead of stopping with BrokenPipeError at its next line (or progress bar update)."""
+def _flush_native_output() -> None:
+    """Flushes what native libraries printed through C's stdio (os._exit would drop it)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library to ask (not POSIX)
+        pass
+
+
+class _OutputDroppedWhenItCannotBeWritten:
+    """The program's stdout or stderr: once output cannot be written (the pipe's reader has gone,
+    ``pyfastnn train ... | head -1``; a full disk), the rest of it is dropped and the command goes on
+    to write its files and exit as usual, instead of stopping at its next line or progress-bar
+    update. ``error`` keeps what stopped the output."""
 
     def __init__(self, stream) -> None:
         self._stream = stream
+        self.error: Optional[OSError] = None
 
     def write(self, text: str) -> int:
-        try:
-            return self._stream.write(text)
-        except BrokenPipeError:
-            self._drop_from_now_on()
-            return len(text)
+        if self.error is None:
+            try:
+                return self._stream.write(text)
+            except OSError as error:
+                self._drop_from_now_on(error)
+        return len(text)
 
     def flush(self) -> None:
-        try:
-            self._stream.flush()
-        except BrokenPipeError:
-            self._drop_from_now_on()
+        if self.error is None:
+            try:
+                self._stream.flush()
+            except OSError as error:
+                self._drop_from_now_on(error)
 
-    def _drop_from_now_on(self) -> None:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self._stream.fileno())  # what is still buffered goes there too
-        os.close(devnull)
+    def _drop_from_now_on(self, error: OSError) -> None:
+        self.error = error
+        try:  # what is still buffered goes nowhere too, instead of failing again at exit
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+            self._stream.flush()
+        except (OSError, ValueError):  # a stream without a file descriptor: dropped here alone
+            pass
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)

@@ -160,8 +160,8 @@ def output_folder(path: PathLike, what: str = "output folder") -> Iterator[Path]
     """
     path = Path(path)
     absolute = Path(os.path.abspath(path))  # ".." resolved: only folders this call makes are listed
+    created = [p for p in (absolute, *absolute.parents) if not p.exists()]  # the deepest first
     for attempt in range(3):
-        created = [p for p in (absolute, *absolute.parents) if not p.exists()]  # the deepest first
         held = contextlib.ExitStack()
         try:
             folder = ensure_writable_folder(path, what)
@@ -230,7 +230,8 @@ def hold_folder(path: PathLike, what: str = "output folder") -> Iterator[Path]:
     """Holds the folder ``path`` for this block: another process (or another block here) that asks
     for it meanwhile gets ``BlockingIOError`` at once, so two runs never write into one folder at the
     same time. The hold is an advisory lock on the folder itself (no lock file is left behind), freed
-    when the block ends or the process dies. Where the system has no such locks, the block just runs.
+    when the block ends or the process dies. Where the system has no such locks, or the folder cannot
+    be read, the block just runs. ``FileNotFoundError``: the folder was removed while being taken.
 
     Example:
         >>> import tempfile, pathlib

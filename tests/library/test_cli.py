@@ -88,8 +88,13 @@ def test_a_signal_once_the_command_is_done_leaves_its_status(signal_name):
 
     program = subprocess.Popen([sys.executable, "-m", "pyfastnn", "info", "--json"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    output = "".join(iter(program.stdout.readline, "}\n")) + "}\n"  # the command's last line: it is done
-    time.sleep(0.1)  # past its return; Python and torch would still be tearing down for another ~0.5 s
+    lines = []
+    for line in program.stdout:  # up to the command's last line (or the end, should it fail)
+        lines.append(line)
+        if line == "}\n":
+            break
+    output = "".join(lines)
+    time.sleep(0.25)  # past its return; Python and torch would still be tearing down for ~0.5 s more
     program.send_signal(getattr(signal, signal_name))
     assert program.wait(timeout=60) == 0, program.stderr.read()
     assert json.loads(output)["pyfastnn"] == pyfastnn.__version__ and program.stderr.read() == ""
@@ -115,8 +120,9 @@ def test_the_program_writes_each_line_as_it_is_printed_into_pipes_and_files():
     assert result.returncode == 0 and result.stderr == "line_buffering=True", result.stderr
 
 
-def test_a_reader_that_goes_away_stops_the_output_not_the_command(tmp_path):
-    # `pyfastnn train ... | head -1`: the pipe closes after the first line; the command goes on.
+@pytest.mark.parametrize("streams", ["stdout", "stdout and stderr"])
+def test_a_reader_that_goes_away_stops_the_output_not_the_command(tmp_path, streams):
+    # `pyfastnn train ... | head -1` (or `2>&1 | head -1`): the pipe closes; the command goes on.
     import subprocess
     import sys
 
@@ -135,12 +141,36 @@ def test_a_reader_that_goes_away_stops_the_output_not_the_command(tmp_path):
     os.close(read_end)  # the reader is gone before the first line
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     try:
-        result = subprocess.run([sys.executable, "-c", program], stdout=write_end, stderr=subprocess.PIPE, text=True,
-                                timeout=120, env=env)
+        result = subprocess.run([sys.executable, "-c", program], stdout=write_end, text=True, timeout=120, env=env,
+                                stderr=write_end if streams == "stdout and stderr" else subprocess.PIPE)
     finally:
         os.close(write_end)
-    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.returncode == 0 and result.stderr in (None, ""), result.stderr
     assert (tmp_path / "done").exists()
+
+
+def test_output_that_cannot_be_written_is_one_line_and_a_closed_stderr_is_no_failure(tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with open("/dev/full", "w") as full:  # a full disk under `> log`
+        result = subprocess.run([sys.executable, "-m", "pyfastnn", "info"], stdout=full, stderr=subprocess.PIPE,
+                                text=True, timeout=120, env=env)
+    assert result.returncode == 1
+    assert result.stderr == "pyfastnn: error: the output could not be written (No space left on device)\n"
+    result = subprocess.run([sys.executable, "-m", "pyfastnn", "info"], capture_output=False, stdout=subprocess.PIPE,
+                            text=True, timeout=120, env=env, preexec_fn=lambda: os.close(2))  # 2>&-
+    assert result.returncode == 0 and "pyfastnn" in result.stdout
+
+
+def test_under_a_profiler_the_program_exits_the_usual_way(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(tmp_path / "profile.out"), "-m", "pyfastnn",
+                             "info"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and (tmp_path / "profile.out").stat().st_size > 0, result.stderr
 
 
 def test_a_run_that_finds_its_new_folder_held_leaves_it_to_the_holder(tmp_path, monkeypatch):
