@@ -44,6 +44,14 @@ def canonical_activation(activation: Union[str, None]) -> str:
     return ACTIVATIONS[activation_code(activation)]
 
 
+def _real_number(value: object, what: str) -> float:
+    """``value`` as a float, or TypeError naming ``what`` unless it is a real number (``bool``, a
+    string or a tensor would otherwise pass through ``float()``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"pyfastnn: {what} must be a real number, got {value!r}")
+    return float(value)
+
+
 def slope_value(negative_slope: float) -> float:
     """``negative_slope`` as a float, or TypeError / ValueError unless it is a finite real number
     (a 0-d tensor that needs no gradient counts as its value: the slope is not learned).
@@ -62,9 +70,7 @@ def slope_value(negative_slope: float) -> float:
     """
     if isinstance(negative_slope, torch.Tensor) and negative_slope.dim() == 0 and not negative_slope.requires_grad:
         negative_slope = negative_slope.item()
-    if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
-        raise TypeError(f"pyfastnn: negative_slope must be a real number, got {negative_slope!r}")
-    negative_slope = float(negative_slope)
+    negative_slope = _real_number(negative_slope, "negative_slope")
     # Comparisons, not math.isfinite: torch.compile traces them when it makes the slope symbolic.
     if negative_slope != negative_slope or abs(negative_slope) == math.inf:
         raise ValueError(f"pyfastnn: negative_slope must be finite, got {negative_slope!r}")
@@ -94,9 +100,7 @@ def dropout_probability(p: float) -> float:
         ...
         TypeError: pyfastnn: dropout probability must be a real number, got '0.5'
     """
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"pyfastnn: dropout probability must be a real number, got {p!r}")
-    p = float(p)
+    p = _real_number(p, "dropout probability")
     if not torch.compiler.is_compiling():  # dynamo cannot trace the binding; the op checks p again anyway
         native.check_dropout_probability(p)
     return p

@@ -147,8 +147,9 @@ def cuda_graph_step(model: nn.Module, loss_fn: Callable[..., torch.Tensor], opti
     Rules of a graphed step: the model, loss and optimizer must run on one GPU with nothing moved to
     the CPU; the optimizer must be made with ``capturable=True`` (``torch.optim.Adam(params,
     fused=True, capturable=True)``), or be ``torch.optim.SGD``, which needs no such option; every
-    batch has the example's shapes (make a second step for a smaller last batch); the model stays in the train/eval mode it had; hyper-parameters set as
-    Python numbers (a learning rate changed later) are baked into the graph.
+    batch has the example's shapes (make a second step for a smaller last batch); the model stays
+    in the train/eval mode it had; hyper-parameters set as Python numbers (a learning rate changed
+    later) are baked into the graph.
 
     Example (the lesson's classifier and loss; runs where a GPU is):
         >>> import torch, torch.nn.functional as F, pyfastnn

@@ -207,9 +207,9 @@ class FusedMLP(nn.Module):
     (:meth:`to_sequential`, :meth:`from_sequential`; the indices are given when the layers are set,
     and stay when a layer's activation or dropout changes later). The layers are run by the fused
     op, not called one by one; each layer's dropout follows that layer's train/eval mode, as each
-    ``nn.Dropout`` of a Sequential follows its own. Their parameters, activation, dropout and ``negative_slope`` are read on every
-    call (assigning a new layer or attribute takes effect; the same names assigned on the FusedMLP
-    raise ``AttributeError``); their forward pre-hooks run before the fused op (with the network's
+    ``nn.Dropout`` of a Sequential follows its own. Their parameters, activation, dropout and
+    ``negative_slope`` are read on every call (assigning a new layer or attribute takes effect; the
+    same names assigned on the FusedMLP raise ``AttributeError``); their forward pre-hooks run before the fused op (with the network's
     input for the first layer and no input for the others, whose inputs are never separate
     tensors), so ``torch.nn.utils.prune`` and the hook-based ``weight_norm`` / ``spectral_norm``
     work, as do ``torch.nn.utils.parametrize`` parametrizations; forward and backward hooks on a
