@@ -279,7 +279,9 @@ if __name__ == "__main__":  # also how pip's setuptools backend runs this file; 
         packages=find_packages(include=["pyfastnn", "pyfastnn.*"]),  # the library and pyfastnn.lesson
         # The library needs torch alone; the lesson (pyfastnn train / demo) is an extra.
         install_requires=["torch>=2.4"],
-        extras_require={"lesson": lesson_requires, "test": ["pytest", "hypothesis", "expecttest", *lesson_requires]},
+        # onnxscript + onnxruntime: the test that a decomposed program converts to ONNX and runs there.
+        extras_require={"lesson": lesson_requires,
+                        "test": ["pytest", "hypothesis", "expecttest", "onnxscript", "onnxruntime", *lesson_requires]},
         ext_modules=[extension],
         cmdclass={"build_ext": build_ext},
         entry_points={"console_scripts": ["pyfastnn = pyfastnn.cli:run"]},

@@ -10,6 +10,7 @@ from ._ops import ACTIVATIONS
 from ._version import __version__
 from .cuda_graph import CUDAGraphStep, cuda_graph_step
 from .cuda_options import cuda_relu_epilogue
+from .decompositions import decompositions
 from .denormals import flush_denormals
 from .functional import fused_linear, fused_mlp
 from .fuse import FusedRun, fuse
@@ -17,7 +18,7 @@ from .info import info
 from .nn import FusedLinear, FusedMLP, activation_module
 
 __all__ = [
-    "ACTIVATIONS", "FusedLinear", "FusedMLP", "FusedRun", "activation_module", "flush_denormals", "fuse", "fused_linear",
-    "fused_mlp", "info", "__version__",
+    "ACTIVATIONS", "FusedLinear", "FusedMLP", "FusedRun", "activation_module", "decompositions", "flush_denormals",
+    "fuse", "fused_linear", "fused_mlp", "info", "__version__",
     "CUDAGraphStep", "cuda_graph_step", "cuda_relu_epilogue",
 ]

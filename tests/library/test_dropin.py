@@ -1,10 +1,13 @@
-"""Drop-in behaviour where plain PyTorch users would notice a difference: torch.export, forward-mode
+"""Drop-in behaviour where plain PyTorch users would notice a difference: torch.export (and the
+programs decomposed to ATen / converted to ONNX that run without pyfastnn), forward-mode
 AD and vmap, fuse() on shared modules / mode-dependent graphs / partial Sequentials / hooks,
 in-place ops after identity outputs, live layer attributes and hook-based reparametrizations."""
 
 import copy
 import io
 import pickle
+import subprocess
+import sys
 import threading
 import warnings
 
@@ -16,7 +19,8 @@ from torch import nn
 
 import pyfastnn
 from pyfastnn import FusedLinear, FusedMLP
-from pyfastnn.testing import reference, reference_mlp
+from pyfastnn.testing import assert_close, reference, reference_mlp
+from samples import mlp_sample_inputs, sample_inputs
 
 
 def _mlp(sizes=(8, 16, 12, 4), **kwargs) -> FusedMLP:
@@ -60,6 +64,107 @@ def test_replacing_a_layer_is_seen_by_forward():
     setattr(mlp, "2", nn.Linear(6, 3))  # the second layer's name, as in nn.Sequential (ReLU at 1)
     with pytest.raises(TypeError, match="layer '2' must be a FusedLinear, got Linear"):
         mlp(x)
+
+
+class _Call(nn.Module):
+    """A module around one functional call, so torch.export sees the tensors as its inputs."""
+
+    def __init__(self, function) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, *tensors):
+        return self.function(*tensors)
+
+
+def _decomposed(module: nn.Module, args: tuple, **export_kwargs) -> torch.export.ExportedProgram:
+    program = torch.export.export(module, args, **export_kwargs).run_decompositions(pyfastnn.decompositions())
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not [t for t in targets if t.startswith("pyfastnn")], targets
+    return program
+
+
+@pytest.mark.parametrize("sample", list(sample_inputs(dtypes=(torch.float32,), small_only=True, requires_grad=False)),
+                         ids=repr)
+def test_decomposed_fused_linear_holds_only_aten_ops_and_matches_the_op(sample):
+    def call(x, w, *b):
+        return pyfastnn.fused_linear(x, w, b[0] if b else None, **sample.kwargs())
+
+    program = _decomposed(_Call(call), sample.tensors())
+    assert_close(program.module()(*sample.tensors()), call(*sample.tensors()), sample.dtype)
+
+
+@pytest.mark.parametrize("sample", list(mlp_sample_inputs(dtypes=(torch.float32,), requires_grad=False)), ids=repr)
+def test_decomposed_fused_mlp_holds_only_aten_ops_and_matches_the_op_in_eval(sample):
+    def call(*tensors):
+        x, weights, biases = sample.rebuild(tensors)
+        return pyfastnn.fused_mlp(x, weights, biases, activation=sample.activations[:-1],
+                                  output_activation=sample.activations[-1], negative_slope=sample.negative_slope,
+                                  dropout=sample.dropout[:-1], training=False)
+
+    program = _decomposed(_Call(call), sample.tensors())
+    assert_close(program.module()(*sample.tensors()), call(*sample.tensors()), sample.dtype)
+
+
+def test_decomposed_modules_keep_a_dynamic_batch_and_their_parameters(tmp_path):
+    model = nn.Sequential(FusedLinear(8, 16, activation="gelu"), _mlp((16, 12, 4), activation="leaky_relu",
+                                                                       negative_slope=0.2)).eval()
+    batch = torch.export.Dim("batch")
+    program = _decomposed(model, (torch.randn(5, 8),), dynamic_shapes=({0: batch},))
+    assert set(program.state_dict) == set(model.state_dict())
+    for rows in (1, 5, 33):
+        x = torch.randn(rows, 8)
+        torch.testing.assert_close(program.module()(x), model(x))
+    # Saved, then loaded and run by a process that never imports pyfastnn.
+    path, x = tmp_path / "model.pt2", torch.randn(7, 8)
+    torch.export.save(program, str(path))
+    torch.save(x, str(tmp_path / "x.pt"))
+    script = ("import sys, torch; program = torch.export.load(sys.argv[1]); "
+              "torch.save(program.module()(torch.load(sys.argv[2])), sys.argv[3]); "
+              "assert 'pyfastnn' not in sys.modules")
+    subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "x.pt"), str(tmp_path / "out.pt")],
+                   check=True, cwd=tmp_path)
+    torch.testing.assert_close(torch.load(str(tmp_path / "out.pt")), model(x))
+    table = torch.export.default_decompositions()  # the rest lowered to core ATen as well
+    table.update(pyfastnn.decompositions())
+    x = torch.randn(5, 8)
+    core = torch.export.export(model, (x,)).run_decompositions(table)
+    assert not any(str(node.target).startswith(("pyfastnn", "aten.linear")) for node in core.graph.nodes)
+    torch.testing.assert_close(core.module()(x), model(x))
+
+
+def test_decomposed_dropout_in_training_keeps_nn_dropouts_arithmetic_and_rate():
+    # Hidden layer: identity; output layer: the identity matrix, so the output is dropout(x @ w1.T) itself.
+    torch.manual_seed(0)
+    p, rows, cols = 0.3, 200, 50
+    w1, eye = torch.randn(cols, cols), torch.eye(cols)
+
+    def call(x):
+        return pyfastnn.fused_mlp(x, [w1, eye], [None, None], activation="identity", dropout=p, training=True)
+
+    x = torch.randn(rows, cols)
+    out = _decomposed(_Call(call), (x,)).module()(x)
+    hidden = x @ w1.T
+    kept = out != 0
+    torch.testing.assert_close(out[kept], hidden[kept] / (1 - p))
+    n, expected = kept.numel(), kept.numel() * (1 - p)
+    assert abs(kept.sum().item() - expected) < 5 * (n * p * (1 - p)) ** 0.5
+
+
+def test_a_decomposed_program_converts_to_onnx_and_runs_without_pyfastnn(tmp_path):
+    pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (the test extra installs it)")
+    onnxruntime = pytest.importorskip("onnxruntime", reason="the test extra installs onnxruntime")
+    model = nn.Sequential(FusedLinear(8, 16, activation="silu"), _mlp((16, 12, 4), activation="tanh")).eval()
+    program = _decomposed(model, (torch.randn(5, 8),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's own deprecation notices
+        torch.onnx.export(program, dynamo=True, verbose=False).save(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for rows in (3, 64):
+        x = torch.randn(rows, 8)
+        (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
