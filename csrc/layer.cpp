@@ -162,7 +162,9 @@ void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
   // The GEMM writes into the buffer that must hold x @ W^T + bias afterwards: the pre-activation when
   // it is kept, otherwise the output itself (then the epilogue runs in place).
   at::Tensor acc = preact != nullptr ? *preact : out;
-  at::Tensor b = has_tensor(bias) ? bias->contiguous() : at::Tensor();
+  // resolve_neg: torch's negative-view fallback resolves Tensor and Tensor[] arguments, not the
+  // tensors of fused_mlp's Tensor?[] bias list; a lazily negated bias would be read unnegated.
+  at::Tensor b = has_tensor(bias) ? bias->resolve_neg().contiguous() : at::Tensor();
   const bool cuda_device = on_cuda(x);
   if (cuda_device) {
 #ifdef PYFASTNN_WITH_CUDA

@@ -220,11 +220,14 @@ def _fused_mlp_forward_fake(input, weights, biases, activations, negative_slope,
 def _fused_mlp_backward_fake(grad_output, input, weights, output, hidden, preacts, keep_masks, activations,
                              negative_slope, dropout, output_mask):
     layers = len(weights)
-    none = input.new_empty((0,))
-    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0] else none
-    grad_weights = [w.new_empty(w.shape) if output_mask[1 + l] else none
+
+    def none() -> torch.Tensor:  # one empty tensor per gradient not asked for: outputs must not alias
+        return input.new_empty((0,))
+
+    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0] else none()
+    grad_weights = [w.new_empty(w.shape) if output_mask[1 + l] else none()
                     for l, w in enumerate(weights)]
-    grad_biases = [w.new_empty(w.shape[:1]) if output_mask[1 + layers + l] else none
+    grad_biases = [w.new_empty(w.shape[:1]) if output_mask[1 + layers + l] else none()
                    for l, w in enumerate(weights)]
     return grad_input, grad_weights, grad_biases
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from typing import AbstractSet, Callable, Dict, List, Optional, Tuple
+from typing import AbstractSet, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,7 @@ def activation_of(module: nn.Module) -> Optional[Tuple[str, float]]:
     for name, (kind, attributes) in ACTIVATION_MODULES.items():
         if type(module) is kind and all(getattr(module, key) == value for key, value in attributes.items()):
             slope = float(module.negative_slope) if name == "leaky_relu" else DEFAULT_NEGATIVE_SLOPE
-            return (name, slope) if math.isfinite(slope) else None  # the kernels refuse nan / inf slopes
+            return (name, slope) if math.isfinite(slope) else None  # the fused layers refuse nan / inf slopes
     return None
 
 
@@ -108,15 +108,17 @@ def is_plain_linear(module: nn.Module) -> bool:
 _LINEAR_ATTRIBUTES = frozenset(vars(nn.Linear(1, 1)))
 
 
-def chain_mismatch(previous: Layer, layer: Layer) -> Optional[str]:
-    """Why `layer` cannot run in the same fused op as `previous`, or None if it can."""
-    a, b = previous[0], layer[0]
+def chain_mismatch(run: Sequence[Layer], layer: Layer) -> Optional[str]:
+    """Why `layer` cannot join the fused op of the layers in `run` (non-empty), or None if it can."""
+    a, b = run[-1][0], layer[0]
     if a.out_features != b.in_features:
         return f"{a.out_features} features out of one Linear, {b.in_features} into the next"
     if a.weight.dtype != b.weight.dtype or a.weight.device != b.weight.device:
         return f"Linear layers in {a.weight.dtype} on {a.weight.device} and {b.weight.dtype} on {b.weight.device}"
-    if previous[1] == layer[1] == "leaky_relu" and previous[2] != layer[2]:
-        return f"LeakyReLU slopes {previous[2]} and {layer[2]} (one fused op has one slope)"
+    # Any earlier leaky_relu of the run, not only the adjacent layer: one fused op has one slope.
+    run_slope = next((slope for _, activation, slope, _ in run if activation == "leaky_relu"), None)
+    if layer[1] == "leaky_relu" and run_slope is not None and run_slope != layer[2]:
+        return f"LeakyReLU slopes {run_slope} and {layer[2]} (one fused op has one slope)"
     return None
 
 
@@ -151,7 +153,7 @@ def parse_layers(modules: List[nn.Module], start: int,
             p = found_p
             j += 1
         layer = (modules[i], activation, slope, p)
-        if layers and chain_mismatch(layers[-1], layer) is not None:
+        if layers and chain_mismatch(layers, layer) is not None:
             break
         layers.append(layer)
         i = j

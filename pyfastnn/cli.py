@@ -10,7 +10,8 @@ import signal
 import sys
 from typing import Callable, NoReturn, Optional, Sequence
 
-from .command import EXIT_FAILURE, debug_requested, interrupted_status, terminate_on_sigterm
+from .command import (EXIT_FAILURE, EXIT_USAGE, command_parser, debug_requested, interrupted_status, run_command,
+                      terminate_on_sigterm)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -117,16 +118,15 @@ class _OutputDroppedWhenItCannotBeWritten:
 def _main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="pyfastnn", description="Fused Linear+activation kernels for PyTorch.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    info_parser = commands.add_parser("info", help="versions, compiled backends, CPU code path, threads")
-    info_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    info_parser.add_argument("--debug", action="store_true", help="show the full Python traceback on failure")
+    commands.add_parser("info", help="versions, compiled backends, CPU code path, threads (see info --help)",
+                        add_help=False)
     commands.add_parser("bench", help="fused_linear vs eager / torch.compile / bare GEMM (see bench --help)",
                         add_help=False)
     commands.add_parser("train", help="train the lesson's MNIST classifier (see train --help)", add_help=False)
     commands.add_parser("demo", help="the neural-network lesson end to end (see demo --help)", add_help=False)
     if not argv:
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         from .benchmark import main as bench_main
@@ -135,18 +135,28 @@ def _main(argv: Sequence[str]) -> int:
     if args.command in ("train", "demo"):
         lesson_main = _lesson_command(args.command, rest)
         return EXIT_FAILURE if lesson_main is None else lesson_main(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    from .info import info
+    return _info_main(rest)
 
-    details = info()
-    if args.json:
-        print(json.dumps(details, indent=2))
-    else:
-        width = max(map(len, details))
-        for key, value in details.items():
-            print(f"{key:<{width}}  {value}")
-    return 0
+
+def _info_main(argv: Sequence[str]) -> int:
+    parser = command_parser("pyfastnn info", description="The versions, compiled backends, CPU code path and threads "
+                                                         "of this pyfastnn build.")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+
+    def show() -> int:
+        from .info import info
+
+        details = info()
+        if args.json:
+            print(json.dumps(details, indent=2))
+        else:
+            width = max(map(len, details))
+            for key, value in details.items():
+                print(f"{key:<{width}}  {value}")
+        return 0
+
+    return run_command(parser, args, show)
 
 
 def _lesson_command(command: str, argv: Sequence[str]) -> Optional[Callable[[Sequence[str]], int]]:

@@ -21,7 +21,7 @@ __all__ = ["InvalidArgument", "check_number", "command_parser", "run_command", "
            "debug_requested",
            "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "Terminated",
            "terminate_on_sigterm", "interrupted_status",
-           "positive_int", "non_negative_int", "path_argument"]
+           "positive_int", "path_argument"]
 
 DEBUG_ENV = "PYFASTNN_DEBUG"
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -120,7 +120,6 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 positive_int = _int_at_least(1)
-non_negative_int = _int_at_least(0)
 
 
 def path_argument(text: str) -> str:

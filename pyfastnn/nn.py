@@ -311,7 +311,7 @@ class FusedMLP(nn.Module):
                 why = (f" (a Dropout in {_mode(stop)} mode after a Linear in {_mode(layers[-1][0])} mode: a fused "
                        "layer has one mode; call .train() or .eval() on the Sequential first)")
             elif layers and (following := parse_layers(modules, used)[0]):
-                why = f" ({chain_mismatch(layers[-1], following[0])})"
+                why = f" ({chain_mismatch(layers, following[0])})"
             raise ValueError("from_sequential needs a Sequential of Linear -> activation (-> Dropout) "
                              f"layers only; stopped at module {used}: {stop}{why}")
         fused = [FusedLinear.from_linear(linear, act, negative_slope=slope, dropout=p, copy=copy)

@@ -100,8 +100,8 @@ def plain_settings(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, **changes) if changes else config
 
 
-#: The settings that are True or False (the fields declared ``bool``).
-FLAG_SETTINGS = tuple(field.name for field in dataclasses.fields(TrainConfig) if field.type == "bool")
+#: The settings that are True or False (the fields declared ``bool``; a string while annotations are postponed).
+FLAG_SETTINGS = tuple(field.name for field in dataclasses.fields(TrainConfig) if field.type in (bool, "bool"))
 
 
 def check_config(config: TrainConfig) -> None:
@@ -717,24 +717,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", choices=sorted(LOADERS))
     parser.add_argument("--data", type=path_argument, required=True,
                         help="folder with the IDX files (flat or <Name>/raw)")
-    parser.add_argument("--epochs", type=int, default=5, help="passes over the training set (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=64,
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs,
+                        help="passes over the training set (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
                         help="samples per step, per process under torchrun (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default: %(default)s)")
-    parser.add_argument("--dropout", type=float, default=0.2,
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="Adam's learning rate (default: %(default)s)")
+    parser.add_argument("--dropout", type=float, default=TrainConfig.dropout,
                         help="dropout probability of the hidden layers (default: %(default)s)")
-    parser.add_argument("--backend", choices=BACKENDS, default="fused",
+    parser.add_argument("--backend", choices=BACKENDS, default=TrainConfig.backend,
                         help="fused: pyfastnn's layers; torch: the plain nn.Linear twin (default: %(default)s)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--device", default=TrainConfig.device, help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                         help="run each training step as one CUDA graph replay (default: on with --device cuda "
                              "in one process)")
-    parser.add_argument("--flush-denormals", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--flush-denormals", action=argparse.BooleanOptionalAction,
+                        default=TrainConfig.flush_denormals,
                         help="on the CPU, flush denormal floats to zero on every thread while training "
                              "(default: on; they slow each step as Adam's moments of idle units decay)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed,
                         help="seeds the weights, the shuffle and dropout (default: %(default)s)")
-    parser.add_argument("--out", type=path_argument, default="runs/mnist",
+    parser.add_argument("--out", type=path_argument, default=TrainConfig.out,
                         help="checkpoint, metrics.json and plots go here (default: %(default)s)")
     parser.add_argument("--resume", type=path_argument, help="checkpoint to continue from")
     parser.add_argument("--overwrite", action="store_true",

@@ -167,6 +167,32 @@ def test_a_decomposed_program_converts_to_onnx_and_runs_without_pyfastnn(tmp_pat
         torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_frozen_tensors_made_in_inference_mode_train_beside_the_others_like_nn_linear():
+    # nn.Linear never saves its bias (nor its weight when the input needs no gradient); the fused
+    # node keeps both, so tensors made under inference_mode must not stop it.
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        frozen_w, frozen_b = torch.randn(7, 12), torch.randn(7)
+    x, w, b = torch.randn(4, 12), torch.randn(7, 12), torch.randn(7)
+    cases = [(x.clone().requires_grad_(), w, frozen_b),  # trainable input, frozen bias
+             (x, w.clone().requires_grad_(), frozen_b),  # trainable weight, frozen bias
+             (x, frozen_w, b.clone().requires_grad_())]  # only the bias trains, the weight is frozen
+    for inp, weight, bias in cases:
+        leaves = [t for t in (inp, weight, bias) if t.requires_grad]
+        expected = torch.autograd.grad(torch.tanh(F.linear(inp, weight, bias)).pow(2).sum(), leaves)
+        got = torch.autograd.grad(pyfastnn.fused_linear(inp, weight, bias, "tanh").pow(2).sum(), leaves)
+        torch.testing.assert_close(got, expected)
+        got = torch.autograd.grad(pyfastnn.fused_mlp(inp, [weight], [bias], output_activation="tanh").pow(2).sum(),
+                                  leaves)
+        torch.testing.assert_close(got, expected)
+    # Double backward recomputes the layer from the kept tensors, the frozen one included.
+    weight = w.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(pyfastnn.fused_linear(x, weight, frozen_b, "tanh").sum(), weight, create_graph=True)
+    (expected_grad,) = torch.autograd.grad(torch.tanh(F.linear(x, weight, frozen_b)).sum(), weight, create_graph=True)
+    torch.testing.assert_close(torch.autograd.grad(grad.pow(2).sum(), weight),
+                               torch.autograd.grad(expected_grad.pow(2).sum(), weight))
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward-mode AD and vmap
 

@@ -85,6 +85,16 @@ def test_fused_mlp_state_dict_both_ways_and_conversions():
         FusedMLP.from_sequential(nn.Sequential(nn.Linear(8, 6), nn.Softplus()))
     with pytest.raises(ValueError, match=r"stopped at module 2: .*\(LeakyReLU slopes 0.1 and 0.2 \(one fused op"):
         FusedMLP.from_sequential(nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(0.1), nn.Linear(4, 4), nn.LeakyReLU(0.2)))
+    # Slopes apart (a relu layer between them) cannot share one op either: a clear error, not a crash later.
+    apart = nn.Sequential(nn.Linear(4, 5), nn.LeakyReLU(0.2), nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3),
+                          nn.LeakyReLU(0.3))
+    with pytest.raises(ValueError, match=r"stopped at module 4: .*\(LeakyReLU slopes 0.2 and 0.3 \(one fused op"):
+        FusedMLP.from_sequential(apart)
+    runs = []
+    fused = pyfastnn.fuse(apart, report=runs)  # two runs, each with its own slope
+    assert [type(m).__name__ for m in fused][::4] == ["FusedMLP", "FusedLinear"] and len(runs) == 2
+    assert list(fused.state_dict()) == list(apart.state_dict())
+    assert_same_function(apart, fused, torch.randn(5, 4))
     with pytest.raises(ValueError, match=r"\(Linear layers in torch.float32 on cpu and torch.float64 on cpu\)"):
         FusedMLP.from_sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4).double()))
     with pytest.raises(ValueError, match=r"\(4 features out of one Linear, 5 into the next\)"):

@@ -110,9 +110,12 @@ def test_opcheck_forward_and_backward_ops():
     for training in (False, True):
         torch.manual_seed(0)
         out, hidden, preacts, masks = ops.fused_mlp_forward(*sample.op_args(training))
-        backward_args = (torch.randn_like(out), sample.input, sample.weights, out, hidden, preacts, masks,
-                         args[3], args[4], args[5], [True] * (1 + 2 * layers))
-        torch.library.opcheck(ops.fused_mlp_backward.default, backward_args)
+        # Every gradient, then only some (frozen layers): the empty placeholders must not alias.
+        for output_mask in ([True] * (1 + 2 * layers), [False, True] + [False] * (2 * layers - 1),
+                            [False] * (1 + layers) + [True] * layers):
+            backward_args = (torch.randn_like(out), sample.input, sample.weights, out, hidden, preacts, masks,
+                             args[3], args[4], args[5], output_mask)
+            torch.library.opcheck(ops.fused_mlp_backward.default, backward_args)
 
 
 def test_only_needed_layers_are_visited():
@@ -126,6 +129,22 @@ def test_only_needed_layers_are_visited():
     expected = reference_mlp(x, weights[:2] + [w], biases, ["gelu", "sigmoid", "tanh"])
     (expected_grad,) = torch.autograd.grad(expected.sum(), [w])
     assert_close(grad, expected_grad, torch.float32)
+
+
+def test_lazily_negated_tensors_are_read_negated():
+    # Views with the negative bit (conj().imag of a complex tensor) are resolved for Tensor arguments
+    # by torch, but not inside fused_mlp's list of optional biases: the kernels must resolve them.
+    torch.manual_seed(0)
+    x, w1, w2 = torch.randn(4, 16), torch.randn(8, 16), torch.randn(1, 8)
+    for bias in (torch.tensor([2.0 + 3.0j]).conj().imag, torch._neg_view(torch.randn(1))):
+        assert bias.is_neg() and bias.is_contiguous()
+        b1 = torch._neg_view(torch.randn(8))
+        expected = reference_mlp(x, [w1, w2], [b1.resolve_neg(), bias.resolve_neg()], ["tanh", "identity"])
+        torch.testing.assert_close(pyfastnn.fused_mlp(x, [w1, w2], [b1, bias], "tanh"), expected)
+        w = w2 @ w1
+        torch.testing.assert_close(pyfastnn.fused_linear(x, w, bias, None), F.linear(x, w, bias.resolve_neg()))
+        negated = [torch._neg_view(t.neg()) for t in (x, w1, w2)]  # the same values, as negative views
+        torch.testing.assert_close(pyfastnn.fused_mlp(negated[0], negated[1:], [b1, bias], "tanh"), expected)
 
 
 def test_dropout_statistics_match_nn_dropout():
