@@ -181,11 +181,9 @@ def _fused_linear_backward_fake(grad_output, input, weight, saved, activation, n
     return grad_input, grad_weight, grad_bias
 
 
-def _rows(input: torch.Tensor):
-    rows = 1
-    for size in input.shape[:-1]:
-        rows = rows * size
-    return rows
+def _rows(shape: Sequence) -> int:
+    """The rows of the GEMM for an input of ``shape``: its leading dimensions flattened (SymInts too)."""
+    return math.prod(shape[:-1])
 
 
 def _mlp_output_shape(input, weights, biases, activations, dropout) -> list:
@@ -202,7 +200,7 @@ def _fused_mlp_fake(input, weights, biases, activations, negative_slope, dropout
 @torch.library.register_fake("pyfastnn::fused_mlp_forward")
 def _fused_mlp_forward_fake(input, weights, biases, activations, negative_slope, dropout, training):
     output = input.new_empty(_mlp_output_shape(input, weights, biases, activations, dropout))
-    rows = _rows(input)
+    rows = _rows(input.shape)
     hidden = [input.new_empty((rows, w.shape[0])) for w in weights[:-1]]
     preacts = [input.new_empty((rows, w.shape[0]) if not native.derivative_from_output(act, negative_slope) else (0,))
                for w, act in zip(weights, activations)]
@@ -236,10 +234,7 @@ def _fused_mlp_backward_fake(grad_output, input, weights, output, hidden, preact
 # (2 per multiply-add) for the GEMMs each op runs; the element-wise passes are not counted, as
 # FlopCounterMode counts none for aten's activations either. The formulas receive shapes.
 def _gemm_flops(rows_shape, weight_shape) -> int:
-    rows = 1
-    for size in rows_shape[:-1]:
-        rows *= size
-    return 2 * rows * weight_shape[0] * weight_shape[1]
+    return 2 * _rows(rows_shape) * weight_shape[0] * weight_shape[1]
 
 
 @register_flop_formula([ops.fused_linear, ops.fused_linear_forward])

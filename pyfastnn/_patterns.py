@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from typing import AbstractSet, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import AbstractSet, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -94,8 +94,13 @@ def dropout_of(module: nn.Module) -> Optional[float]:
         return None
 
 
-# One parsed layer: (linear, activation name, negative_slope, dropout probability).
-Layer = Tuple[nn.Linear, str, float, float]
+class Layer(NamedTuple):
+    """One parsed ``Linear (activation) (Dropout)`` layer."""
+
+    linear: nn.Linear
+    activation: str  # a name of ACTIVATIONS ("identity" when none follows)
+    slope: float  # leaky_relu's negative slope (the default for every other activation)
+    dropout: float  # the probability of the Dropout that follows, 0.0 when none does
 
 
 def is_plain_linear(module: nn.Module) -> bool:
@@ -110,15 +115,15 @@ _LINEAR_ATTRIBUTES = frozenset(vars(nn.Linear(1, 1)))
 
 def chain_mismatch(run: Sequence[Layer], layer: Layer) -> Optional[str]:
     """Why `layer` cannot join the fused op of the layers in `run` (non-empty), or None if it can."""
-    a, b = run[-1][0], layer[0]
+    a, b = run[-1].linear, layer.linear
     if a.out_features != b.in_features:
         return f"{a.out_features} features out of one Linear, {b.in_features} into the next"
     if a.weight.dtype != b.weight.dtype or a.weight.device != b.weight.device:
         return f"Linear layers in {a.weight.dtype} on {a.weight.device} and {b.weight.dtype} on {b.weight.device}"
     # Any earlier leaky_relu of the run, not only the adjacent layer: one fused op has one slope.
-    run_slope = next((slope for _, activation, slope, _ in run if activation == "leaky_relu"), None)
-    if layer[1] == "leaky_relu" and run_slope is not None and run_slope != layer[2]:
-        return f"LeakyReLU slopes {run_slope} and {layer[2]} (one fused op has one slope)"
+    run_slope = next((earlier.slope for earlier in run if earlier.activation == "leaky_relu"), None)
+    if layer.activation == "leaky_relu" and run_slope is not None and run_slope != layer.slope:
+        return f"LeakyReLU slopes {run_slope} and {layer.slope} (one fused op has one slope)"
     return None
 
 
@@ -134,7 +139,7 @@ def parse_layers(modules: List[nn.Module], start: int,
     Example:
         >>> modules = [nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 2), nn.Softmax(-1)]
         >>> layers, end = parse_layers(modules, 0)
-        >>> [(activation, p) for _, activation, _, p in layers], end
+        >>> [(layer.activation, layer.dropout) for layer in layers], end
         ([('relu', 0.1), ('identity', 0.0)], 4)
     """
     layers: List[Layer] = []
@@ -152,7 +157,7 @@ def parse_layers(modules: List[nn.Module], start: int,
                 and modules[j].training == modules[i].training):
             p = found_p
             j += 1
-        layer = (modules[i], activation, slope, p)
+        layer = Layer(modules[i], activation, slope, p)
         if layers and chain_mismatch(layers, layer) is not None:
             break
         layers.append(layer)

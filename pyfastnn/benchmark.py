@@ -148,7 +148,7 @@ def _variants(m: int, k: int, n: int, activation: str, backward: bool, with_comp
 
     xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
 
-    def train_step(fn):
+    def forward_and_gradients(fn):
         def run():
             out = fn(xs, ws, bs)
             return torch.autograd.grad(out, (xs, ws, bs), grad)
@@ -156,13 +156,13 @@ def _variants(m: int, k: int, n: int, activation: str, backward: bool, with_comp
 
     wt = w.t()
     fns = {
-        "fused": train_step(fused),
-        "eager": train_step(eager),
+        "fused": forward_and_gradients(fused),
+        "eager": forward_and_gradients(eager),
         # The floor: the three GEMMs of forward + backward and nothing else.
         "gemm": lambda: (torch.mm(x, wt), torch.mm(grad, w), torch.mm(grad.t(), x)),
     }
     if with_compile:
-        fns["compile"] = train_step(torch.compile(eager, dynamic=False))
+        fns["compile"] = forward_and_gradients(torch.compile(eager, dynamic=False))
     return fns
 
 

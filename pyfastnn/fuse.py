@@ -92,7 +92,7 @@ def _fused_module(layers: List[Layer], as_mlp: bool = False) -> nn.Module:
 
 def _worth_fusing(layers: List[Layer]) -> bool:
     """A lone Linear with nothing after it gains nothing from fusion."""
-    return bool(layers) and (len(layers) > 1 or layers[0][1] != "identity" or layers[0][3] > 0.0)
+    return bool(layers) and (len(layers) > 1 or layers[0].activation != "identity" or layers[0].dropout > 0.0)
 
 
 def _rename(key: str, table: Dict[str, str], levels: int) -> str:
@@ -168,7 +168,7 @@ def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_w
         for j in range(i + 1, end):
             setattr(seq, names[j], nn.Identity())
         if isinstance(fused, FusedMLP):
-            linears = [names[j] for j in range(i, end) if any(modules[j] is layer[0] for layer in layers)]
+            linears = [names[j] for j in range(i, end) if any(modules[j] is layer.linear for layer in layers)]
             for original, (layer_name, _) in zip(linears, fused.named_children()):
                 renames[original] = f"{names[i]}.{layer_name}"
         i = end

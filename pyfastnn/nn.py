@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 from collections import OrderedDict
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union, overload
 
 import torch
 from torch import nn
@@ -55,8 +55,8 @@ class FusedLinear(nn.Module):
         *,
         negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
         dropout: float = 0.0,
-        device=None,
-        dtype=None,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -135,6 +135,12 @@ class FusedLinear(nn.Module):
         parametrized Linear (``weight_norm``, ``spectral_norm``, ``prune``, ``parametrize``), one with
         hooks or with attributes of its own raises ``ValueError``, since the fused layer would drop
         what they add (as :meth:`FusedMLP.from_sequential` and :func:`pyfastnn.fuse` leave them).
+
+        Example:
+            >>> linear = nn.Linear(4, 3)
+            >>> layer = FusedLinear.from_linear(linear, "gelu")
+            >>> layer.weight is linear.weight, FusedLinear.from_linear(linear, copy=True).weight is linear.weight
+            (True, False)
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
@@ -156,7 +162,16 @@ class FusedLinear(nn.Module):
 
     def to_linear(self) -> nn.Sequential:
         """The plain-PyTorch equivalent (``nn.Linear``, activation module, ``nn.Dropout`` if any),
-        sharing parameters, in this layer's train/eval mode."""
+        sharing parameters, in this layer's train/eval mode.
+
+        Example:
+            >>> FusedLinear(4, 3, activation="tanh", dropout=0.1).to_linear()
+            Sequential(
+              (0): Linear(in_features=4, out_features=3, bias=True)
+              (1): Tanh()
+              (2): Dropout(p=0.1, inplace=False)
+            )
+        """
         return nn.Sequential(*self._plain_modules(keep_identity=True)).train(self.training)
 
     def _plain_modules(self, keep_identity: bool) -> List[nn.Module]:
@@ -242,8 +257,8 @@ class FusedMLP(nn.Module):
         bias: bool = True,
         *,
         negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
-        device=None,
-        dtype=None,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         sizes = _layer_sizes(sizes)
@@ -291,7 +306,13 @@ class FusedMLP(nn.Module):
     @classmethod
     def from_layers(cls, layers: Iterable[FusedLinear]) -> "FusedMLP":
         """A FusedMLP running the given layers (sharing their parameters, activations, dropout and
-        train/eval modes); it is in ``train()`` mode if they all are."""
+        train/eval modes); it is in ``train()`` mode if they all are.
+
+        Example:
+            >>> mlp = FusedMLP.from_layers([FusedLinear(8, 16, activation="silu"), FusedLinear(16, 2, activation=None)])
+            >>> mlp(torch.randn(5, 8)).shape
+            torch.Size([5, 2])
+        """
         mlp = cls.__new__(cls)
         nn.Module.__init__(mlp)
         mlp._set_layers(list(layers))
@@ -301,14 +322,21 @@ class FusedMLP(nn.Module):
     @classmethod
     def from_sequential(cls, sequential: nn.Sequential, *, copy: bool = False) -> "FusedMLP":
         """The FusedMLP equivalent to ``Linear, activation, (Dropout,) ..., Linear, (activation)``,
-        sharing its parameters (or copies of them with ``copy=True``)."""
+        sharing its parameters (or copies of them with ``copy=True``).
+
+        Example:
+            >>> plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
+            >>> mlp = FusedMLP.from_sequential(plain)
+            >>> list(mlp.state_dict()) == list(plain.state_dict())
+            True
+        """
         modules = list(sequential)
         layers, used = parse_layers(modules, 0)
         if used != len(modules) or not layers:
             stop = modules[used] if used < len(modules) else None
             why = ""
-            if layers and dropout_of(stop) is not None and stop.training != layers[-1][0].training:
-                why = (f" (a Dropout in {_mode(stop)} mode after a Linear in {_mode(layers[-1][0])} mode: a fused "
+            if layers and dropout_of(stop) is not None and stop.training != layers[-1].linear.training:
+                why = (f" (a Dropout in {_mode(stop)} mode after a Linear in {_mode(layers[-1].linear)} mode: a fused "
                        "layer has one mode; call .train() or .eval() on the Sequential first)")
             elif layers and (following := parse_layers(modules, used)[0]):
                 why = f" ({chain_mismatch(layers, following[0])})"
@@ -325,9 +353,25 @@ class FusedMLP(nn.Module):
         """The layers, in order."""
         return iter(self._modules.values())  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> FusedLinear:
-        """The index-th layer (by position, like a list)."""
-        return list(self._modules.values())[index]  # type: ignore[return-value]
+    @overload
+    def __getitem__(self, index: int) -> FusedLinear: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> "FusedMLP": ...
+
+    def __getitem__(self, index):
+        """The index-th layer (by position, like a list); a slice is a FusedMLP of those layers
+        (shared, as ``nn.Sequential`` slices share their modules).
+
+        Example:
+            >>> mlp = FusedMLP([8, 16, 12, 4])
+            >>> mlp[-1].out_features, type(mlp[1:]).__name__, mlp[1:][0] is mlp[1]
+            (4, 'FusedMLP', True)
+        """
+        layers = list(self._modules.values())
+        if isinstance(index, slice):
+            return type(self).from_layers(layers[index])  # ValueError for an empty slice: no layer to run
+        return layers[index]
 
     def __setitem__(self, index: int, layer: FusedLinear) -> None:
         """Replaces the index-th layer (by position); it keeps that layer's name, so the state-dict keys
@@ -339,7 +383,14 @@ class FusedMLP(nn.Module):
     def to_sequential(self) -> nn.Sequential:
         """The plain-PyTorch equivalent (``nn.Linear``/activation/``nn.Dropout`` modules), sharing
         parameters, each module in its layer's train/eval mode; its state dict has the same keys as
-        this module's."""
+        this module's.
+
+        Example:
+            >>> mlp = FusedMLP([8, 16, 2], activation="gelu")
+            >>> plain = mlp.to_sequential()
+            >>> [type(m).__name__ for m in plain], plain[0].weight is mlp[0].weight
+            (['Linear', 'GELU', 'Linear'], True)
+        """
         modules: Dict[str, nn.Module] = {}
         for name, layer in self._modules.items():
             for k, module in enumerate(layer._plain_modules(keep_identity=False)):  # type: ignore[union-attr]

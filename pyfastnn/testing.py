@@ -32,8 +32,9 @@ import torch.nn.functional as F
 
 import pyfastnn
 
-__all__ = ["TOLERANCES", "REFERENCE_ACTIVATIONS", "assert_close", "reference", "reference_mlp", "Case", "MLPCase",
-           "random_case", "random_mlp_case", "build", "check", "check_mlp", "run", "dtypes_for"]
+__all__ = ["TOLERANCES", "REFERENCE_ACTIVATIONS", "DTYPES", "CUDA_DTYPES", "assert_close", "reference", "reference_mlp",
+           "Case", "MLPCase", "random_tensor", "random_case", "random_mlp_case", "build", "check", "check_mlp", "run",
+           "dtypes_for"]
 
 # (rtol, atol) per dtype for comparisons against the PyTorch reference.
 TOLERANCES = {
@@ -157,25 +158,41 @@ def random_case(rng: random.Random, device: str = "cpu") -> Case:
         device=device)
 
 
-def _tensor(shape, dtype, generator, layout: Optional[str], device: str = "cpu") -> torch.Tensor:
-    # Drawn on the CPU (the same values on every device), then moved before any view is taken.
-    make = lambda s: torch.randn(s, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)  # noqa: E731
+def random_tensor(shape: Sequence[int], dtype: torch.dtype, generator: torch.Generator, layout: Optional[str] = None,
+                  device: str = "cpu", scale: float = 1.0) -> torch.Tensor:
+    """Standard-normal values times ``scale`` of ``shape``, drawn on the CPU in float64 from
+    ``generator`` (the same values on every device and in every dtype), then converted and moved;
+    ``layout`` ``"transposed"`` (a transposed view of the last two dimensions) or ``"strided"``
+    (every second element of a last dimension twice as long) makes it a non-contiguous view.
+
+    Example:
+        >>> t = random_tensor((3, 4), torch.float32, torch.Generator().manual_seed(0), "strided")
+        >>> t.shape, t.is_contiguous()
+        (torch.Size([3, 4]), False)
+    """
+    def make(size) -> torch.Tensor:
+        values = torch.randn(size, generator=generator, dtype=torch.float64) * scale
+        return values.to(dtype=dtype, device=device)
+
     if layout == "transposed" and len(shape) >= 2:
         return make((*shape[:-2], shape[-1], shape[-2])).transpose(-1, -2)
     if layout == "strided" and len(shape) >= 1:
         return make((*shape[:-1], shape[-1] * 2))[..., ::2]
+    if layout is not None:
+        raise ValueError(f"random_tensor: layout must be None, 'transposed' or 'strided', got {layout!r}")
     return make(shape)
 
 
 def build(case: Case) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """The case's (input, weight, bias), drawn from its seed in its layout, dtype and device."""
     g = torch.Generator().manual_seed(case.seed)
-    x = _tensor((*case.batch, case.in_features), case.dtype, g,
-                case.layout.split("_")[1] if case.layout.startswith("input") else None, case.device)
-    w = _tensor((case.out_features, case.in_features), case.dtype, g,
-                case.layout.split("_")[1] if case.layout.startswith("weight") else None, case.device)
-    w = w * max(case.in_features, 1) ** -0.5
-    b = _tensor((case.out_features,), case.dtype, g, None, case.device) if case.bias else None
+    x = random_tensor((*case.batch, case.in_features), case.dtype, g,
+                      case.layout.split("_")[1] if case.layout.startswith("input") else None, case.device)
+    # nn.Linear-like scale, applied before the view is taken: the weight keeps its layout.
+    w = random_tensor((case.out_features, case.in_features), case.dtype, g,
+                      case.layout.split("_")[1] if case.layout.startswith("weight") else None, case.device,
+                      scale=max(case.in_features, 1) ** -0.5)
+    b = random_tensor((case.out_features,), case.dtype, g, None, case.device) if case.bias else None
     return x, w, b
 
 
@@ -264,10 +281,10 @@ def check_mlp(case: MLPCase) -> Optional[str]:
     """None if fused_mlp (with the masks it drew) matches the float64 layer-by-layer reference in value
     (every dtype) and every gradient (float32/float64), else what differs."""
     g = torch.Generator().manual_seed(case.seed)
-    x = _tensor((*case.batch, case.widths[0]), case.dtype, g, None, case.device)
-    weights = [_tensor((n, k), case.dtype, g, None, case.device) * k ** -0.5
+    x = random_tensor((*case.batch, case.widths[0]), case.dtype, g, None, case.device)
+    weights = [random_tensor((n, k), case.dtype, g, None, case.device, scale=k ** -0.5)
                for k, n in zip(case.widths[:-1], case.widths[1:])]
-    biases = [_tensor((n,), case.dtype, g, None, case.device) if has else None
+    biases = [random_tensor((n,), case.dtype, g, None, case.device) if has else None
               for n, has in zip(case.widths[1:], case.biases)]
     leaves = [x, *weights, *[b for b in biases if b is not None]]
     flags = [case.input_requires_grad] + [True] * (len(leaves) - 1)

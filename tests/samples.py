@@ -9,8 +9,8 @@ from typing import Iterator, Optional, Sequence, Tuple
 import torch
 
 import pyfastnn
+from pyfastnn.testing import DTYPES, random_tensor
 
-DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 @dataclasses.dataclass
 class Sample:
@@ -68,17 +68,6 @@ SMALL = {"nd_no_features", "empty_batch", "odd", "odd_no_bias", "nd", "nd_no_bia
          "weight_transposed", "sliced", "wide_tail", "two_rows_tails"}
 
 
-def _make(shape, dtype, device, layout, generator, scale=1.0):
-    # Drawn on the CPU in float64 from one generator, so every device and dtype sees the same values.
-    if layout == "transposed":
-        return (torch.randn(tuple(reversed(shape)), generator=generator, dtype=torch.float64) * scale
-                ).to(dtype=dtype, device=device).t()
-    if layout == "sliced":
-        big = torch.randn((shape[0], shape[1] * 2), generator=generator, dtype=torch.float64) * scale
-        return big.to(dtype=dtype, device=device)[:, ::2]
-    return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
-
-
 def sample_inputs(
     device: str = "cpu",
     dtypes: Sequence[torch.dtype] = DTYPES,
@@ -96,15 +85,13 @@ def sample_inputs(
             for activation in activations:
                 slopes = (0.01, 0.0, -0.2) if activation == "leaky_relu" else (0.01,)
                 for slope in slopes:
-                    in_layout = {"input_t": "transposed", "sliced": "sliced"}.get(layout, "plain")
-                    w_layout = {"weight_t": "transposed", "sliced": "sliced"}.get(layout, "plain")
-                    if in_layout == "plain" or len(batch) != 1:
-                        x = _make((*batch, k), dtype, device, "plain", generator)
-                    else:
-                        x = _make((batch[0], k), dtype, device, in_layout, generator)
+                    in_layout = {"input_t": "transposed", "sliced": "strided"}.get(layout)
+                    w_layout = {"weight_t": "transposed", "sliced": "strided"}.get(layout)
+                    # Drawn in float64 from one generator: every device and dtype sees the same values.
+                    x = random_tensor((*batch, k), dtype, generator, in_layout if len(batch) == 1 else None, device)
                     # nn.Linear-like scale keeps pre-activations O(1), where every activation is curved.
-                    w = _make((n, k), dtype, device, w_layout, generator, scale=max(k, 1) ** -0.5)
-                    b = _make((n,), dtype, device, "plain", generator) if has_bias else None
+                    w = random_tensor((n, k), dtype, generator, w_layout, device, scale=max(k, 1) ** -0.5)
+                    b = random_tensor((n,), dtype, generator, None, device) if has_bias else None
                     for t in (x, w, b):
                         if t is not None:
                             t.requires_grad_(requires_grad)
@@ -170,10 +157,10 @@ def mlp_sample_inputs(dtypes: Sequence[torch.dtype] = DTYPES, small_only: bool =
         if small_only and name not in MLP_SMALL:
             continue
         for dtype in dtypes:
-            x = _make((*batch, widths[0]), dtype, "cpu", "plain", generator)
-            weights = [_make((n, k), dtype, "cpu", "plain", generator, scale=k ** -0.5)
+            x = random_tensor((*batch, widths[0]), dtype, generator)
+            weights = [random_tensor((n, k), dtype, generator, scale=k ** -0.5)
                        for k, n in zip(widths[:-1], widths[1:])]
-            biases = [_make((n,), dtype, "cpu", "plain", generator) if bias else None
+            biases = [random_tensor((n,), dtype, generator) if bias else None
                       for n, bias in zip(widths[1:], has_bias)]
             for t in (x, *weights, *biases):
                 if t is not None:

@@ -51,6 +51,20 @@ def test_export_matches_module_and_leaves_it_working(strict, make):
     assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
 
 
+def test_a_slice_of_a_fused_mlp_is_a_fused_mlp_sharing_its_layers_like_nn_sequential():
+    mlp = _mlp((8, 6, 5, 3), activation="tanh", dropout=0.25).eval()
+    tail = mlp[1:]
+    assert type(tail) is FusedMLP and len(tail) == 2 and tail[0] is mlp[1] and tail[1] is mlp[2]
+    assert not tail.training
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(tail(x), mlp[2](mlp[1](x)))
+    plain = mlp.to_sequential()
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(mlp[:2](x), plain[:6](x))  # ends in the second layer's tanh and (eval) Dropout
+    with pytest.raises(ValueError, match="at least one layer"):
+        mlp[3:]
+
+
 def test_replacing_a_layer_is_seen_by_forward():
     mlp = _mlp((8, 6, 3))
     new_layer = FusedLinear(8, 6, activation="tanh")
