@@ -75,14 +75,18 @@ void save_tensors(AutogradContext* ctx, variable_list tensors) {
       tensors[i] = at::Tensor();
     }
   }
-  ctx->saved_data["inference_tensors"] = inference_tensors;
-  ctx->saved_data["inference_positions"] = positions;
+  if (!positions.empty()) {  // the usual case adds nothing to the node
+    ctx->saved_data["inference_tensors"] = inference_tensors;
+    ctx->saved_data["inference_positions"] = positions;
+  }
   ctx->save_for_backward(tensors);
 }
 
 variable_list saved_tensors(AutogradContext* ctx) {
   variable_list saved = ctx->get_saved_variables();
-  const auto inference_tensors = ctx->saved_data["inference_tensors"].toTensorList();
+  const auto found = ctx->saved_data.find("inference_tensors");
+  if (found == ctx->saved_data.end()) return saved;
+  const auto inference_tensors = found->second.toTensorList();
   const auto positions = ctx->saved_data["inference_positions"].toIntVector();
   for (size_t k = 0; k < positions.size(); ++k) saved[positions[k]] = inference_tensors.get(k);
   return saved;
