@@ -59,39 +59,6 @@ bool reads_saved_tensor(int64_t activation) {
   return static_cast<Activation>(activation) != Activation::Identity;
 }
 
-// NOTE [Inference tensors among the saved]
-// The fused node keeps input, weights and biases (double backward recomputes the layers from them),
-// where nn.Linear keeps a weight only while its input needs a gradient and never its bias. A frozen
-// tensor made under torch.inference_mode() cannot be saved for backward (it has no version counter),
-// so such tensors are kept beside the saved variables instead: they cannot require gradients, and
-// outside inference mode nothing can change them in place, which is all a saved variable guards.
-void save_tensors(AutogradContext* ctx, variable_list tensors) {
-  c10::List<at::Tensor> inference_tensors;
-  std::vector<int64_t> positions;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    if (tensors[i].defined() && tensors[i].is_inference()) {
-      inference_tensors.push_back(tensors[i]);
-      positions.push_back(static_cast<int64_t>(i));
-      tensors[i] = at::Tensor();
-    }
-  }
-  if (!positions.empty()) {  // the usual case adds nothing to the node
-    ctx->saved_data["inference_tensors"] = inference_tensors;
-    ctx->saved_data["inference_positions"] = positions;
-  }
-  ctx->save_for_backward(tensors);
-}
-
-variable_list saved_tensors(AutogradContext* ctx) {
-  variable_list saved = ctx->get_saved_variables();
-  const auto found = ctx->saved_data.find("inference_tensors");
-  if (found == ctx->saved_data.end()) return saved;
-  const auto inference_tensors = found->second.toTensorList();
-  const auto positions = ctx->saved_data["inference_positions"].toIntVector();
-  for (size_t k = 0; k < positions.size(); ++k) saved[positions[k]] = inference_tensors.get(k);
-  return saved;
-}
-
 class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
@@ -108,13 +75,13 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["negative_slope"] = negative_slope;
     ctx->saved_data["has_bias"] = has_tensor(bias);
-    save_tensors(ctx, {input, weight, saved_if_read(reads_saved_tensor(activation), from_output ? output : preact),
-                       has_tensor(bias) ? *bias : at::Tensor()});
+    ctx->save_for_backward({input, weight, saved_if_read(reads_saved_tensor(activation), from_output ? output : preact),
+                            has_tensor(bias) ? *bias : at::Tensor()});
     return output;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto saved = saved_tensors(ctx);
+    const auto saved = ctx->get_saved_variables();
     const at::Tensor& input = saved[0];
     const at::Tensor& weight = saved[1];
     const int64_t activation = ctx->saved_data["activation"].toInt();
@@ -182,12 +149,12 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
     to_save.insert(to_save.end(), hidden.begin(), hidden.end());
     to_save.insert(to_save.end(), preacts.begin(), preacts.end());
     to_save.insert(to_save.end(), keep_masks.begin(), keep_masks.end());
-    save_tensors(ctx, to_save);
+    ctx->save_for_backward(to_save);
     return output;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto saved = saved_tensors(ctx);
+    const auto saved = ctx->get_saved_variables();
     const auto has_bias = ctx->saved_data["has_bias"].toBoolList();
     const auto activations = ctx->saved_data["activations"].toIntVector();
     const int64_t layers = static_cast<int64_t>(activations.size());

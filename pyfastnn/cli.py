@@ -135,6 +135,8 @@ def _main(argv: Sequence[str]) -> int:
     if args.command in ("train", "demo"):
         lesson_main = _lesson_command(args.command, rest)
         return EXIT_FAILURE if lesson_main is None else lesson_main(rest)
+    if args.command != "info":  # options but no command
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return _info_main(rest)
 
 

@@ -174,13 +174,17 @@ def random_tensor(shape: Sequence[int], dtype: torch.dtype, generator: torch.Gen
         values = torch.randn(size, generator=generator, dtype=torch.float64) * scale
         return values.to(dtype=dtype, device=device)
 
-    if layout == "transposed" and len(shape) >= 2:
-        return make((*shape[:-2], shape[-1], shape[-2])).transpose(-1, -2)
-    if layout == "strided" and len(shape) >= 1:
-        return make((*shape[:-1], shape[-1] * 2))[..., ::2]
-    if layout is not None:
+    if layout is None:
+        return make(shape)
+    needed = {"transposed": 2, "strided": 1}.get(layout)
+    if needed is None:
         raise ValueError(f"random_tensor: layout must be None, 'transposed' or 'strided', got {layout!r}")
-    return make(shape)
+    if len(shape) < needed:
+        raise ValueError(f"random_tensor: layout {layout!r} needs at least {needed} dimension(s), "
+                         f"got shape {tuple(shape)}")
+    if layout == "transposed":
+        return make((*shape[:-2], shape[-1], shape[-2])).transpose(-1, -2)
+    return make((*shape[:-1], shape[-1] * 2))[..., ::2]
 
 
 def build(case: Case) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -217,7 +221,7 @@ def check(case: Case) -> Optional[str]:
     x, w, b = build(case)
     leaves = [t for t in (x, w, b) if t is not None]
     flags = case.requires_grad[:len(leaves)]
-    ours_in = [t.detach().clone().requires_grad_(r) for t, r in zip(leaves, flags)]
+    ours_in = [t.detach().requires_grad_(r) for t, r in zip(leaves, flags)]  # clone() would drop a strided layout
     # The reference is float64 from the very same values: PyTorch's own reduced-precision paths round
     # differently by layout (an N-D strided input rounds before adding the bias, a 2-D one after).
     ref_in = [t.detach().to(torch.float64).requires_grad_(r) for t, r in zip(leaves, flags)]

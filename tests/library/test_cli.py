@@ -60,6 +60,10 @@ def test_bench_bad_arguments_fail_before_benchmarking(capsys, tmp_path):
 def test_info_bad_arguments(capsys):
     status, _, err = cli(capsys, "info", "--verbose")
     assert status == 2 and "unrecognized arguments: --verbose" in err and "Traceback" not in err
+    for option in ("--json", "--debug", "--bogus"):  # a command's option without the command
+        status, out, err = cli(capsys, option)
+        assert status == 2 and err.startswith("usage: pyfastnn ") and "pyfastnn: error: unrecognized arguments" in err
+        assert not out
 
 
 def test_unexpected_errors_are_one_line_with_the_type_and_the_debug_hint(capsys, monkeypatch):

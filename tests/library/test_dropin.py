@@ -56,9 +56,11 @@ def test_a_slice_of_a_fused_mlp_is_a_fused_mlp_sharing_its_layers_like_nn_sequen
     tail = mlp[1:]
     assert type(tail) is FusedMLP and len(tail) == 2 and tail[0] is mlp[1] and tail[1] is mlp[2]
     assert not tail.training
+    plain = mlp.to_sequential()
+    assert list(tail.state_dict()) == list(plain[3:].state_dict())  # the keys stay, as in nn.Sequential
+    assert list(tail.to_sequential().state_dict()) == list(tail.state_dict())
     x = torch.randn(4, 6)
     torch.testing.assert_close(tail(x), mlp[2](mlp[1](x)))
-    plain = mlp.to_sequential()
     x = torch.randn(4, 8)
     torch.testing.assert_close(mlp[:2](x), plain[:6](x))  # ends in the second layer's tanh and (eval) Dropout
     with pytest.raises(ValueError, match="at least one layer"):
@@ -181,30 +183,23 @@ def test_a_decomposed_program_converts_to_onnx_and_runs_without_pyfastnn(tmp_pat
         torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_frozen_tensors_made_in_inference_mode_train_beside_the_others_like_nn_linear():
-    # nn.Linear never saves its bias (nor its weight when the input needs no gradient); the fused
-    # node keeps both, so tensors made under inference_mode must not stop it.
+def test_tensors_made_in_inference_mode_are_refused_for_training_with_torchs_error_and_work_cloned():
+    # The fused node keeps input, weights and biases for backward; torch refuses to keep inference
+    # tensors (no version counter: a change in place under inference_mode would go unseen), where
+    # nn.Linear, which keeps no bias, would train beside a frozen one. Cloned outside, they work.
     torch.manual_seed(0)
     with torch.inference_mode():
-        frozen_w, frozen_b = torch.randn(7, 12), torch.randn(7)
-    x, w, b = torch.randn(4, 12), torch.randn(7, 12), torch.randn(7)
-    cases = [(x.clone().requires_grad_(), w, frozen_b),  # trainable input, frozen bias
-             (x, w.clone().requires_grad_(), frozen_b),  # trainable weight, frozen bias
-             (x, frozen_w, b.clone().requires_grad_())]  # only the bias trains, the weight is frozen
-    for inp, weight, bias in cases:
-        leaves = [t for t in (inp, weight, bias) if t.requires_grad]
-        expected = torch.autograd.grad(torch.tanh(F.linear(inp, weight, bias)).pow(2).sum(), leaves)
-        got = torch.autograd.grad(pyfastnn.fused_linear(inp, weight, bias, "tanh").pow(2).sum(), leaves)
-        torch.testing.assert_close(got, expected)
-        got = torch.autograd.grad(pyfastnn.fused_mlp(inp, [weight], [bias], output_activation="tanh").pow(2).sum(),
-                                  leaves)
-        torch.testing.assert_close(got, expected)
-    # Double backward recomputes the layer from the kept tensors, the frozen one included.
-    weight = w.clone().requires_grad_()
-    (grad,) = torch.autograd.grad(pyfastnn.fused_linear(x, weight, frozen_b, "tanh").sum(), weight, create_graph=True)
-    (expected_grad,) = torch.autograd.grad(torch.tanh(F.linear(x, weight, frozen_b)).sum(), weight, create_graph=True)
-    torch.testing.assert_close(torch.autograd.grad(grad.pow(2).sum(), weight),
-                               torch.autograd.grad(expected_grad.pow(2).sum(), weight))
+        frozen_b = torch.randn(7)
+    x, w = torch.randn(4, 12), torch.randn(7, 12, requires_grad=True)
+    for run in (lambda b: pyfastnn.fused_linear(x, w, b, "tanh"),
+                lambda b: pyfastnn.fused_mlp(x, [w], [b], output_activation="tanh")):
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+            run(frozen_b)
+        (grad,) = torch.autograd.grad(run(frozen_b.clone()).pow(2).sum(), w)
+        (expected,) = torch.autograd.grad(torch.tanh(F.linear(x, w, frozen_b)).pow(2).sum(), w)
+        torch.testing.assert_close(grad, expected)
+    with torch.no_grad():  # no graph, nothing kept: inference tensors are fine
+        torch.testing.assert_close(pyfastnn.fused_linear(x, w, frozen_b, "tanh"), torch.tanh(F.linear(x, w, frozen_b)))
 
 
 # ---------------------------------------------------------------------------------------------

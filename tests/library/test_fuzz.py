@@ -1,11 +1,15 @@
 """Property-based fuzzing of fused_linear and fused_mlp against PyTorch (bounded to stay fast; the
 long runs are scripts/fuzz_fused_linear.py [--mlp])."""
 
+import dataclasses
 import random
 
+import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import pyfastnn
 from pyfastnn.testing import check, check_mlp, random_case, random_mlp_case
 
 
@@ -21,3 +25,18 @@ def test_random_cases_match_pytorch(seed):
 def test_random_mlp_cases_match_pytorch(seed):
     mismatch = check_mlp(random_mlp_case(random.Random(seed)))
     assert mismatch is None, mismatch
+
+
+@pytest.mark.parametrize("layout", ["input_strided", "weight_strided", "input_transposed", "weight_transposed"])
+def test_the_op_sees_each_cases_layout(layout, monkeypatch):
+    """A case's non-contiguous layout reaches the op as such (a copy would make it contiguous)."""
+    seen = []
+    original = pyfastnn.fused_linear
+    monkeypatch.setattr(pyfastnn, "fused_linear", lambda x, w, *args, **kwargs: seen.append((x, w)) or original(
+        x, w, *args, **kwargs))
+    case = dataclasses.replace(random_case(random.Random(0)), batch=(5,), in_features=7, out_features=6, layout=layout,
+                               dtype=torch.float32)
+    assert check(case) is None
+    x, w = seen[0]
+    assert not (x if layout.startswith("input") else w).is_contiguous()
+    assert (w if layout.startswith("input") else x).is_contiguous()
