@@ -47,8 +47,9 @@ def decompositions() -> Dict[torch._ops.OpOverload, Callable]:
     A program decomposed with it holds no ``pyfastnn::`` op, so it runs where pyfastnn is not
     installed and converts to ONNX (``torch.onnx.export(program)``). Values equal the fused ops
     within rounding; in training mode, dropout draws its masks from ATen's dropout (the same
-    distribution, other masks). Merge it into ``torch.export.default_decompositions()`` to lower
-    the rest of the program to core ATen as well.
+    distribution, other masks). To lower the rest of the program to core ATen as well, update the
+    default table with it: ``table = torch.export.default_decompositions()`` then
+    ``table.update(pyfastnn.decompositions())`` (``|`` would drop the default table's lazy entries).
 
     Example:
         >>> import pyfastnn

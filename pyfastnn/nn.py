@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 from collections import OrderedDict
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union, overload
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -273,8 +273,7 @@ class FusedMLP(nn.Module):
                   for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:]))]
         self._set_layers(layers)
 
-    def _set_layers(self, layers: Sequence[FusedLinear], names: Optional[Sequence[str]] = None) -> None:
-        """Registers ``layers`` under ``names``, by default the indices nn.Sequential gives their Linears."""
+    def _set_layers(self, layers: Sequence[FusedLinear]) -> None:
         if not layers:
             raise ValueError("a FusedMLP needs at least one layer")
         for layer in layers:
@@ -285,13 +284,10 @@ class FusedMLP(nn.Module):
             if before.out_features != after.in_features:
                 raise ValueError(f"layer widths do not chain: {before.out_features} outputs feed "
                                  f"{after.in_features} inputs")
-        if names is None:
-            names, index = [], 0
-            for layer in layers:  # the indices nn.Sequential gives the nn.Linear modules
-                names.append(str(index))
-                index += 1 + (layer.activation != "identity") + (layer.dropout > 0.0)
-        for name, layer in zip(names, layers):
-            self.add_module(name, layer)
+        index = 0
+        for layer in layers:  # the indices nn.Sequential gives the nn.Linear modules
+            self.add_module(str(index), layer)
+            index += 1 + (layer.activation != "identity") + (layer.dropout > 0.0)
 
     def __setattr__(self, name: str, value) -> None:
         # These settings live on the layers and are read from them on every call: a value of the
@@ -357,30 +353,23 @@ class FusedMLP(nn.Module):
         """The layers, in order."""
         return iter(self._modules.values())  # type: ignore[arg-type]
 
-    @overload
-    def __getitem__(self, index: int) -> FusedLinear: ...
+    def __getitem__(self, index: int) -> FusedLinear:
+        """The index-th layer (by position, like a list).
 
-    @overload
-    def __getitem__(self, index: slice) -> "FusedMLP": ...
-
-    def __getitem__(self, index):
-        """The index-th layer (by position, like a list); a slice is a FusedMLP of those layers under
-        their names here, in this module's train/eval mode (as an ``nn.Sequential`` slice shares its
-        modules and keeps their keys).
+        Slices are refused: a FusedMLP counts layers where the ``nn.Sequential`` it stands for
+        counts modules, so ``model[:-1]`` of a fused model would silently cut elsewhere than the
+        same slice of the original.
 
         Example:
             >>> mlp = FusedMLP([8, 16, 12, 4])
-            >>> mlp[-1].out_features, type(mlp[1:]).__name__, mlp[1:][0] is mlp[1]
-            (4, 'FusedMLP', True)
+            >>> mlp[-1].out_features, len(list(mlp)[1:])
+            (4, 2)
         """
-        if not isinstance(index, slice):
-            return list(self._modules.values())[index]
-        named = list(self._modules.items())[index]
-        part = FusedMLP.__new__(FusedMLP)
-        nn.Module.__init__(part)
-        part._set_layers([layer for _, layer in named], [name for name, _ in named])  # empty: ValueError
-        part.training = self.training
-        return part
+        if isinstance(index, slice):
+            raise TypeError("FusedMLP indexes layers, not the modules of its nn.Sequential equivalent, so it "
+                            "refuses slices; slice the layers (FusedMLP.from_layers(list(mlp)[1:])) or the "
+                            "plain modules (mlp.to_sequential()[2:])")
+        return list(self._modules.values())[index]  # type: ignore[return-value]
 
     def __setitem__(self, index: int, layer: FusedLinear) -> None:
         """Replaces the index-th layer (by position); it keeps that layer's name, so the state-dict keys

@@ -51,20 +51,20 @@ def test_export_matches_module_and_leaves_it_working(strict, make):
     assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
 
 
-def test_a_slice_of_a_fused_mlp_is_a_fused_mlp_sharing_its_layers_like_nn_sequential():
-    mlp = _mlp((8, 6, 5, 3), activation="tanh", dropout=0.25).eval()
-    tail = mlp[1:]
-    assert type(tail) is FusedMLP and len(tail) == 2 and tail[0] is mlp[1] and tail[1] is mlp[2]
-    assert not tail.training
-    plain = mlp.to_sequential()
-    assert list(tail.state_dict()) == list(plain[3:].state_dict())  # the keys stay, as in nn.Sequential
-    assert list(tail.to_sequential().state_dict()) == list(tail.state_dict())
-    x = torch.randn(4, 6)
-    torch.testing.assert_close(tail(x), mlp[2](mlp[1](x)))
-    x = torch.randn(4, 8)
-    torch.testing.assert_close(mlp[:2](x), plain[:6](x))  # ends in the second layer's tanh and (eval) Dropout
-    with pytest.raises(ValueError, match="at least one layer"):
-        mlp[3:]
+def test_slicing_a_fused_mlp_is_refused_since_it_would_cut_elsewhere_than_the_sequential_it_replaces():
+    plain = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh())
+    fused = pyfastnn.fuse(plain)  # the whole Sequential: one FusedMLP, indexed by layer
+    assert type(fused) is FusedMLP
+    with pytest.raises(TypeError, match=r"refuses slices; slice the layers \(FusedMLP.from_layers"):
+        fused[:-1]  # plain[:-1] drops the Tanh; by layers it would drop a whole layer
+    head_off = FusedMLP.from_layers(list(fused)[:-1])  # what the message offers instead
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(head_off(x), plain[:2](x))
+    torch.testing.assert_close(fused.to_sequential()[:-1](x), plain[:-1](x))
+    # Partly fused: the run sits at its first index, so a slice ending inside it still runs it whole
+    # (README: slice before fusing).
+    partly = pyfastnn.fuse(nn.Sequential(nn.Flatten(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval())
+    torch.testing.assert_close(partly[:-1](x), partly(x))
 
 
 def test_replacing_a_layer_is_seen_by_forward():
@@ -176,6 +176,8 @@ def test_a_decomposed_program_converts_to_onnx_and_runs_without_pyfastnn(tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's own deprecation notices
         torch.onnx.export(program, dynamo=True, verbose=False).save(str(path))
+        with pytest.raises(Exception, match=r"No ONNX function found for .*pyfastnn\.fused_"):  # as README says
+            torch.onnx.export(torch.export.export(model, (torch.randn(5, 8),)), dynamo=True, verbose=False)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for rows in (3, 64):
         x = torch.randn(rows, 8)
