@@ -19,7 +19,8 @@ from torch import nn
 from ._ops import ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, canonical_activation, dropout_probability
 
 __all__ = ["ACTIVATION_MODULES", "FUNCTION_ACTIVATIONS", "METHOD_ACTIVATIONS", "Layer", "activation_module",
-           "activation_of", "chain_mismatch", "dropout_of", "has_hooks", "is_plain_linear", "parse_layers"]
+           "activation_of", "chain_mismatch", "dropout_joining", "dropout_of", "has_hooks", "is_plain_linear",
+           "parse_layers"]
 
 #: The one table of activation name -> (torch.nn module type, the attributes that select it).
 #: ``leaky_relu``'s ``negative_slope`` is a parameter of the activation, not part of its identity.
@@ -94,6 +95,14 @@ def dropout_of(module: nn.Module) -> Optional[float]:
         return None
 
 
+def dropout_joining(linear: nn.Module, module: nn.Module) -> Optional[float]:
+    """The probability of ``module`` if it is a Dropout that can join ``linear``'s fused layer: one
+    :func:`dropout_of` takes, in ``linear``'s train/eval mode (a fused layer has one mode; a Dropout
+    switched on or off by itself stays a Dropout), else None."""
+    p = dropout_of(module)
+    return p if p is not None and module.training == linear.training else None
+
+
 class Layer(NamedTuple):
     """One parsed ``Linear (activation) (Dropout)`` layer."""
 
@@ -132,9 +141,8 @@ def parse_layers(modules: List[nn.Module], start: int,
     """The longest fusable run of ``Linear (activation) (Dropout)`` layers from ``modules[start]``,
     and the index just past it.
 
-    A Dropout joins its Linear only in the same train/eval mode (the fused layer has one mode: a
-    Dropout switched on or off by itself stays a Dropout). Modules whose ``id`` is in ``pinned``
-    (called from elsewhere too) are never absorbed.
+    A Dropout joins its Linear as :func:`dropout_joining` says. Modules whose ``id`` is in
+    ``pinned`` (called from elsewhere too) are never absorbed.
 
     Example:
         >>> modules = [nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 2), nn.Softmax(-1)]
@@ -153,8 +161,7 @@ def parse_layers(modules: List[nn.Module], start: int,
         if usable(j) and (found := activation_of(modules[j])) is not None:
             activation, slope = found
             j += 1
-        if (usable(j) and (found_p := dropout_of(modules[j])) is not None
-                and modules[j].training == modules[i].training):
+        if usable(j) and (found_p := dropout_joining(modules[i], modules[j])) is not None:
             p = found_p
             j += 1
         layer = Layer(modules[i], activation, slope, p)

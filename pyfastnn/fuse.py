@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from ._ops import DEFAULT_NEGATIVE_SLOPE
-from ._patterns import (FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, Layer, activation_of, dropout_of, has_hooks,
+from ._patterns import (FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, Layer, activation_of, dropout_joining, has_hooks,
                         is_plain_linear, parse_layers)
 from .nn import FusedLinear, FusedMLP
 
@@ -619,8 +619,8 @@ def _fused_graph_module(module: nn.Module, path: str, fusion: "_Fusion", trace: 
             after = next(iter(act_node.users))
             if (after.op == "call_module" and after.args == (act_node,) and not after.kwargs
                     and call_counts[after.target] == 1
-                    and (dropout := gm.get_submodule(after.target)).training == linear.training
-                    and _absorbable(dropout, fusion) and (found_p := dropout_of(dropout)) is not None):
+                    and _absorbable(dropout := gm.get_submodule(after.target), fusion)
+                    and (found_p := dropout_joining(linear, dropout)) is not None):
                 p = found_p
                 last = after
                 described.append(_describe(dropout))
