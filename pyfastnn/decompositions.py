@@ -49,7 +49,8 @@ def decompositions() -> Dict[torch._ops.OpOverload, Callable]:
     within rounding; in training mode, dropout draws its masks from ATen's dropout (the same
     distribution, other masks). To lower the rest of the program to core ATen as well, update the
     default table with it: ``table = torch.export.default_decompositions()`` then
-    ``table.update(pyfastnn.decompositions())`` (``|`` would drop the default table's lazy entries).
+    ``table.update(pyfastnn.decompositions())`` (``table | pyfastnn.decompositions()`` would keep
+    pyfastnn's entries only: the default table keeps its own outside the dict).
 
     Example:
         >>> import pyfastnn

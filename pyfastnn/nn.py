@@ -365,15 +365,13 @@ class FusedMLP(nn.Module):
             >>> mlp[-1].out_features, len(list(mlp)[1:])
             (4, 2)
         """
-        if isinstance(index, slice):
-            raise TypeError("FusedMLP indexes layers, not the modules of its nn.Sequential equivalent, so it "
-                            "refuses slices; slice the layers (FusedMLP.from_layers(list(mlp)[1:])) or the "
-                            "plain modules (mlp.to_sequential()[2:])")
+        _refuse_slice(index)
         return list(self._modules.values())[index]  # type: ignore[return-value]
 
     def __setitem__(self, index: int, layer: FusedLinear) -> None:
         """Replaces the index-th layer (by position); it keeps that layer's name, so the state-dict keys
         stay."""
+        _refuse_slice(index)
         if not isinstance(layer, FusedLinear):
             raise TypeError(f"FusedMLP layers are FusedLinear modules, got {type(layer).__name__}")
         setattr(self, list(self._modules)[index], layer)
@@ -445,6 +443,13 @@ def _layer_sizes(sizes) -> List[int]:
         except TypeError:
             raise TypeError(f"sizes must be integers, got {n!r} ({type(n).__name__})") from None
     return result
+
+
+def _refuse_slice(index) -> None:
+    if isinstance(index, slice):
+        raise TypeError("FusedMLP indexes layers, not the modules of its nn.Sequential equivalent, so it refuses "
+                        "slices; slice the layers (FusedMLP.from_layers(list(mlp)[1:])) or the plain modules "
+                        "(mlp.to_sequential()[2:])")
 
 
 def _common_negative_slope(layers: Sequence[FusedLinear]) -> float:

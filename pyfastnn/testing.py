@@ -176,9 +176,9 @@ def random_tensor(shape: Sequence[int], dtype: torch.dtype, generator: torch.Gen
 
     if layout is None:
         return make(shape)
-    needed = {"transposed": 2, "strided": 1}.get(layout)
-    if needed is None:
+    if layout not in ("transposed", "strided"):
         raise ValueError(f"random_tensor: layout must be None, 'transposed' or 'strided', got {layout!r}")
+    needed = 2 if layout == "transposed" else 1
     if len(shape) < needed:
         raise ValueError(f"random_tensor: layout {layout!r} needs at least {needed} dimension(s), "
                          f"got shape {tuple(shape)}")
@@ -222,9 +222,10 @@ def check(case: Case) -> Optional[str]:
     leaves = [t for t in (x, w, b) if t is not None]
     flags = case.requires_grad[:len(leaves)]
     ours_in = [t.detach().requires_grad_(r) for t, r in zip(leaves, flags)]  # clone() would drop a strided layout
+    # The reference reads copies (even in float64), so an op writing into its inputs cannot hide.
     # The reference is float64 from the very same values: PyTorch's own reduced-precision paths round
     # differently by layout (an N-D strided input rounds before adding the bias, a 2-D one after).
-    ref_in = [t.detach().to(torch.float64).requires_grad_(r) for t, r in zip(leaves, flags)]
+    ref_in = [t.detach().to(torch.float64, copy=True).requires_grad_(r) for t, r in zip(leaves, flags)]
     kwargs = dict(activation=case.activation, negative_slope=case.negative_slope)
     unpack = lambda ts: (ts[0], ts[1], ts[2] if case.bias else None)  # noqa: E731
     try:
@@ -281,6 +282,14 @@ def random_mlp_case(rng: random.Random, device: str = "cpu") -> MLPCase:
         input_requires_grad=rng.random() < 0.5, seed=rng.randrange(2**31), device=device)
 
 
+def _dropout_scale(case: MLPCase) -> float:
+    """The product of the 1/(1-p) factors dropout applies in the case (1 outside training)."""
+    scale = 1.0
+    for p in (case.dropout if case.training else ()):
+        scale /= 1.0 - p
+    return scale
+
+
 def check_mlp(case: MLPCase) -> Optional[str]:
     """None if fused_mlp (with the masks it drew) matches the float64 layer-by-layer reference in value
     (every dtype) and every gradient (float32/float64), else what differs."""
@@ -323,12 +332,16 @@ def check_mlp(case: MLPCase) -> Optional[str]:
                 raise
             # Deep bfloat16/float16 stacks (with 1/(1-p) up to 10x) can exceed the one-layer tolerance;
             # then pyfastnn must be no further from float64 than twice eager PyTorch's own run.
+            # Where a kept value is scaled by 1/(1-p), the rounding of the sum before it is scaled too:
+            # an absolute tolerance that many times the one-layer one also passes.
             eager = reference_mlp(*split([t.detach() for t in leaves]), case.activations, case.negative_slope,
                                   masks, case.dropout)
             ours_error = (out.detach().double() - expected).abs().max().item()
             eager_error = (eager.double() - expected).abs().max().item()
-            assert ours_error <= 2 * eager_error, (f"{case.dtype} error {ours_error:.4g} exceeds twice eager "
-                                                   f"PyTorch's ({eager_error:.4g})")
+            scaled_atol = TOLERANCES[case.dtype][1] * max(1.0, expected.abs().max().item()) * _dropout_scale(case)
+            assert ours_error <= max(2 * eager_error, scaled_atol), (
+                f"{case.dtype} error {ours_error:.4g} exceeds twice eager PyTorch's ({eager_error:.4g}) and the "
+                f"tolerance scaled by dropout ({scaled_atol:.4g})")
         needs = [t for t in ours if t.requires_grad]
         if out.numel() and needs:
             grad_out = _grad_output(out, case)
@@ -344,10 +357,21 @@ def check_mlp(case: MLPCase) -> Optional[str]:
                 # Each dropout scales the terms of the gradient sums by 1/(1-p) (10x at p = 0.9), and
                 # their rounding with them, while cancellation can leave the sum itself small: the
                 # absolute tolerance grows by that factor.
-                amplification = 1.0
-                for p in (case.dropout if case.training else ()):
-                    amplification /= 1.0 - p
-                _assert_gradients_close(grads, expected_grads, case.dtype, amplification)
+                try:
+                    _assert_gradients_close(grads, expected_grads, case.dtype, _dropout_scale(case))
+                except AssertionError:
+                    # A sum through a narrow layer can cancel to far below its terms, whose rounding
+                    # the tolerance (on the result's scale) does not see: then pyfastnn must be no
+                    # further from float64 than twice eager PyTorch in the same dtype.
+                    eager_in = [t.detach().clone().requires_grad_(r) for t, r in zip(leaves, flags)]
+                    eager = reference_mlp(*split(eager_in), case.activations, case.negative_slope, masks,
+                                          case.dropout)
+                    eager_grads = torch.autograd.grad(eager, [t for t in eager_in if t.requires_grad], grad_out)
+                    for got, eager_grad, want in zip(grads, eager_grads, expected_grads):
+                        ours_error = (got.double() - want).abs().max().item()
+                        eager_error = (eager_grad.double() - want).abs().max().item()
+                        assert ours_error <= 2 * eager_error, (
+                            f"gradient error {ours_error:.4g} exceeds twice eager PyTorch's ({eager_error:.4g})")
     except AssertionError as e:
         return _mismatch(case, e)
     return None

@@ -57,6 +57,8 @@ def test_slicing_a_fused_mlp_is_refused_since_it_would_cut_elsewhere_than_the_se
     assert type(fused) is FusedMLP
     with pytest.raises(TypeError, match=r"refuses slices; slice the layers \(FusedMLP.from_layers"):
         fused[:-1]  # plain[:-1] drops the Tanh; by layers it would drop a whole layer
+    with pytest.raises(TypeError, match="refuses slices"):
+        fused[0:1] = [FusedLinear(8, 8)]
     head_off = FusedMLP.from_layers(list(fused)[:-1])  # what the message offers instead
     x = torch.randn(3, 8)
     torch.testing.assert_close(head_off(x), plain[:2](x))

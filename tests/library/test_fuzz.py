@@ -40,3 +40,19 @@ def test_the_op_sees_each_cases_layout(layout, monkeypatch):
     x, w = seen[0]
     assert not (x if layout.startswith("input") else w).is_contiguous()
     assert (w if layout.startswith("input") else x).is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_op_writing_into_its_input_is_caught(dtype, monkeypatch):
+    original = pyfastnn.fused_linear
+
+    def scribbling(x, *args, **kwargs):
+        with torch.no_grad():
+            x.mul_(2)  # the reference must not see this (in float64 too, where .to() would not copy)
+        return original(x, *args, **kwargs)
+
+    case = dataclasses.replace(random_case(random.Random(1)), batch=(4,), in_features=5, out_features=3,
+                               layout="contiguous", dtype=dtype, activation="tanh")
+    assert check(case) is None
+    monkeypatch.setattr(pyfastnn, "fused_linear", scribbling)
+    assert check(case) is not None
