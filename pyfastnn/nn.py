@@ -273,7 +273,8 @@ class FusedMLP(nn.Module):
                   for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:]))]
         self._set_layers(layers)
 
-    def _set_layers(self, layers: Sequence[FusedLinear]) -> None:
+    def _set_layers(self, layers: Sequence[FusedLinear], names: Optional[Sequence[str]] = None) -> None:
+        """Registers ``layers`` under ``names``; by default the indices nn.Sequential gives their Linears."""
         if not layers:
             raise ValueError("a FusedMLP needs at least one layer")
         for layer in layers:
@@ -284,10 +285,13 @@ class FusedMLP(nn.Module):
             if before.out_features != after.in_features:
                 raise ValueError(f"layer widths do not chain: {before.out_features} outputs feed "
                                  f"{after.in_features} inputs")
-        index = 0
-        for layer in layers:  # the indices nn.Sequential gives the nn.Linear modules
-            self.add_module(str(index), layer)
-            index += 1 + (layer.activation != "identity") + (layer.dropout > 0.0)
+        if names is None:
+            names, index = [], 0
+            for layer in layers:  # the indices nn.Sequential gives the nn.Linear modules
+                names.append(str(index))
+                index += 1 + (layer.activation != "identity") + (layer.dropout > 0.0)
+        for name, layer in zip(names, layers):
+            self.add_module(name, layer)
 
     def __setattr__(self, name: str, value) -> None:
         # These settings live on the layers and are read from them on every call: a value of the
@@ -313,16 +317,21 @@ class FusedMLP(nn.Module):
             >>> mlp(torch.randn(5, 8)).shape
             torch.Size([5, 2])
         """
+        return cls._assembled(list(layers))
+
+    @classmethod
+    def _assembled(cls, layers: List[FusedLinear], names: Optional[List[str]] = None) -> "FusedMLP":
         mlp = cls.__new__(cls)
         nn.Module.__init__(mlp)
-        mlp._set_layers(list(layers))
+        mlp._set_layers(layers, names)
         mlp.training = all(layer.training for layer in mlp)
         return mlp
 
     @classmethod
     def from_sequential(cls, sequential: nn.Sequential, *, copy: bool = False) -> "FusedMLP":
         """The FusedMLP equivalent to ``Linear, activation, (Dropout,) ..., Linear, (activation)``,
-        sharing its parameters (or copies of them with ``copy=True``).
+        sharing its parameters (or copies of them with ``copy=True``), each layer under its Linear's
+        name there (so the state dicts have the same keys).
 
         Example:
             >>> plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
@@ -344,7 +353,10 @@ class FusedMLP(nn.Module):
                              f"layers only; stopped at module {used}: {stop}{why}")
         fused = [FusedLinear.from_linear(linear, act, negative_slope=slope, dropout=p, copy=copy)
                  for linear, act, slope, p in layers]
-        return cls.from_layers(fused)
+        # Each layer under its Linear's name in the Sequential: the state dicts load either way, also
+        # where a layer's activation or dropout came or went since the indices were given.
+        name_of = {id(module): name for name, module in sequential._modules.items()}
+        return cls._assembled(fused, [name_of[id(layer.linear)] for layer in layers])
 
     def __len__(self) -> int:
         return len(self._modules)

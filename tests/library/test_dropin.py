@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -67,6 +68,17 @@ def test_slicing_a_fused_mlp_is_refused_since_it_would_cut_elsewhere_than_the_se
     # (README: slice before fusing).
     partly = pyfastnn.fuse(nn.Sequential(nn.Flatten(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval())
     torch.testing.assert_close(partly[:-1](x), partly(x))
+
+
+def test_from_sequential_keeps_the_sequentials_keys_also_after_a_layers_dropout_changed():
+    mlp = _mlp((4, 6, 5, 3), dropout=0.2)
+    mlp[0].dropout = 0.0  # the keys stay 0, 3, 6; to_sequential leaves a gap where the Dropout was
+    plain = mlp.to_sequential()
+    again = FusedMLP.from_sequential(plain)
+    assert list(again.state_dict()) == list(plain.state_dict()) == list(mlp.state_dict())
+    again.load_state_dict(plain.state_dict())
+    named = nn.Sequential(OrderedDict([("fc1", nn.Linear(4, 6)), ("act", nn.ReLU()), ("fc2", nn.Linear(6, 3))]))
+    assert list(FusedMLP.from_sequential(named).state_dict()) == list(named.state_dict())
 
 
 def test_replacing_a_layer_is_seen_by_forward():
@@ -329,6 +341,23 @@ def test_vmap_over_the_batch_and_over_weights():
                        in_dims=(None, 0))(w, x[:, 0])
     expected = torch.stack([torch.func.grad(lambda w: torch.tanh(F.linear(xi, w, b)).sum())(w) for xi in x[:, 0]])
     torch.testing.assert_close(grads, expected)
+
+
+def test_batched_gradients_where_supported_and_refused_clearly_elsewhere():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    layer = FusedLinear(8, 4, activation="tanh")
+    y = layer(x)
+    grads = torch.randn(5, *y.shape)
+    (batched,) = torch.autograd.grad(y, x, grads, is_grads_batched=True)
+    one_by_one = torch.stack([torch.autograd.grad(layer(x), x, g)[0] for g in grads])
+    torch.testing.assert_close(batched, one_by_one)
+    for module in (_mlp((8, 6, 4)).eval(), FusedLinear(8, 4, dropout=0.2).train()):  # both run fused_mlp
+        y = module(x)
+        with pytest.raises(RuntimeError, match="Batching rule not implemented for pyfastnn::fused_mlp_backward"):
+            torch.autograd.grad(y, x, torch.randn(5, *y.shape), is_grads_batched=True)
+    with pytest.raises(RuntimeError, match="Batching rule not implemented"):
+        torch.autograd.functional.jacobian(_mlp((8, 6, 4)), torch.randn(2, 8), vectorize=True)
 
 
 def test_vmap_over_one_dimensional_samples_refuses_them_like_the_op():
@@ -1331,6 +1360,20 @@ def test_inplace_op_after_identity_output_like_nn_linear():
     y.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+    # A layer whose own output is dropped out in training: identity, gelu and silu outputs still take
+    # in-place ops (the same masks with and without: gradients twice as large); relu's refuses.
+    for act in ("identity", "gelu", "silu", "relu"):
+        layer = FusedLinear(6, 5, activation=act, dropout=0.3).train()
+        torch.manual_seed(1)
+        (plain_grad,) = torch.autograd.grad(layer(x).sum(), layer.weight)
+        torch.manual_seed(1)
+        y = layer(x)
+        y.mul_(2)
+        if act == "relu":
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                torch.autograd.grad(y.sum(), layer.weight)
+        else:
+            torch.testing.assert_close(torch.autograd.grad(y.sum(), layer.weight)[0], 2 * plain_grad)
 
 
 # ---------------------------------------------------------------------------------------------
