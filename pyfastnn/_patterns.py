@@ -9,7 +9,6 @@ would have them bypassed by a fused op.
 from __future__ import annotations
 
 import math
-
 from typing import AbstractSet, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch

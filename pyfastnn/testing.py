@@ -282,6 +282,19 @@ def random_mlp_case(rng: random.Random, device: str = "cpu") -> MLPCase:
         input_requires_grad=rng.random() < 0.5, seed=rng.randrange(2**31), device=device)
 
 
+def _assert_no_worse_than_eager(ours: torch.Tensor, eager: torch.Tensor, expected: torch.Tensor, what: str,
+                                tolerance: float = 0.0) -> None:
+    """``ours`` no further from the float64 ``expected`` than twice ``eager`` (PyTorch in the same
+    dtype) is, or than ``tolerance``."""
+    if not expected.numel():
+        return
+    ours_error = (ours.detach().double() - expected).abs().max().item()
+    eager_error = (eager.detach().double() - expected).abs().max().item()
+    assert ours_error <= max(2 * eager_error, tolerance), (
+        f"{what} error {ours_error:.4g} exceeds twice eager PyTorch's ({eager_error:.4g})"
+        + (f" and the tolerance scaled by dropout ({tolerance:.4g})" if tolerance else ""))
+
+
 def _dropout_scale(case: MLPCase) -> float:
     """The product of the 1/(1-p) factors dropout applies in the case (1 outside training)."""
     scale = 1.0
@@ -336,12 +349,8 @@ def check_mlp(case: MLPCase) -> Optional[str]:
             # an absolute tolerance that many times the one-layer one also passes.
             eager = reference_mlp(*split([t.detach() for t in leaves]), case.activations, case.negative_slope,
                                   masks, case.dropout)
-            ours_error = (out.detach().double() - expected).abs().max().item()
-            eager_error = (eager.double() - expected).abs().max().item()
             scaled_atol = TOLERANCES[case.dtype][1] * max(1.0, expected.abs().max().item()) * _dropout_scale(case)
-            assert ours_error <= max(2 * eager_error, scaled_atol), (
-                f"{case.dtype} error {ours_error:.4g} exceeds twice eager PyTorch's ({eager_error:.4g}) and the "
-                f"tolerance scaled by dropout ({scaled_atol:.4g})")
+            _assert_no_worse_than_eager(out, eager, expected, str(case.dtype), scaled_atol)
         needs = [t for t in ours if t.requires_grad]
         if out.numel() and needs:
             grad_out = _grad_output(out, case)
@@ -368,10 +377,7 @@ def check_mlp(case: MLPCase) -> Optional[str]:
                                           case.dropout)
                     eager_grads = torch.autograd.grad(eager, [t for t in eager_in if t.requires_grad], grad_out)
                     for got, eager_grad, want in zip(grads, eager_grads, expected_grads):
-                        ours_error = (got.double() - want).abs().max().item()
-                        eager_error = (eager_grad.double() - want).abs().max().item()
-                        assert ours_error <= 2 * eager_error, (
-                            f"gradient error {ours_error:.4g} exceeds twice eager PyTorch's ({eager_error:.4g})")
+                        _assert_no_worse_than_eager(got, eager_grad, want, "gradient")
     except AssertionError as e:
         return _mismatch(case, e)
     return None
