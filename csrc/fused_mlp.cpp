@@ -49,7 +49,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
     const bool keep_relu_mask = save && detail::keeps_relu_mask(input, act, last, dropout_runs(dropout[l], training));
     at::Tensor preact;
     if (keep_relu_mask) {
-      // Zeroed: cuBLASLt's RELU_AUX leaves the padding bits of each row as they were, and an
+      // Zeroed: cuBLASLt's RELU_AUX may leave the padding bits of each row as they were, and an
       // op's outputs must not depend on uninitialised memory (opcheck compares them bitwise).
       preact = at::zeros({rows, detail::relu_mask_row_bytes(out_features)}, options.dtype(at::kByte));
     } else if (save) {  // placeholders are separate empty tensors: outputs of an op must not alias each other

@@ -41,7 +41,10 @@ int64_t relu_mask_row_bytes(int64_t features);
 // NaN, and so does every other path here. A NaN made finite hides a diverged network (a layer with
 // NaN weights would output zeros, its loss finite), so relu takes the bias epilogue and our own pass
 // (which also packs the bit mask) unless the user opts in to the epilogue for speed
-// (pyfastnn.cuda_relu_epilogue()). Process-wide, read at each layer call.
+// (pyfastnn.cuda_relu_epilogue()). Opted in, a hidden layer's bit mask is cuBLASLt's RELU_AUX mask,
+// reported (CUTLASS's and nvmath's references of it) to set the bit where the pre-activation is >= 0:
+// then DRELU passes the gradient at exactly 0, where torch.relu's derivative is 0 (tests follow the
+// mask the forward kept there). Process-wide, read at each layer call.
 bool relu_epilogue_allowed();
 void set_relu_epilogue_allowed(bool allowed);
 

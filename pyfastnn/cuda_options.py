@@ -20,7 +20,10 @@ def cuda_relu_epilogue(enabled: bool = True) -> Iterator[None]:
     inside cuBLASLt's GEMM epilogue instead of a separate pass over the output: one pass over
     memory less per layer, at the price of NaN. cuBLASLt's relu epilogue is reported to write 0
     where the pre-activation is NaN, where ``torch.relu`` keeps NaN; a network whose weights turned
-    NaN would then give finite outputs and losses, which is why this is off by default. On exit the
+    NaN would then give finite outputs and losses, which is why this is off by default. The bit mask
+    a hidden relu layer of ``fused_mlp`` keeps for backward is then cuBLASLt's too, which is reported
+    to mark an exactly-zero pre-activation as positive: there the gradient may pass (slope 1 at 0,
+    where ``torch.relu`` uses 0; both are subgradients). On exit the
     setting from before returns. CPU layers are unaffected. The setting is process-wide, like torch's
     backend flags: blocks nest within a thread, but blocks entered and left from several threads at
     once restore each other's settings in the order they end.

@@ -12,21 +12,23 @@
 #    would otherwise be skipped and pass)
 #   test_cuda               tests/library/test_cuda.py (cuBLASLt and fallback paths, dropout, CUDA graphs)
 #   test_cuda_graph         tests/library/test_cuda_graph.py + the cuda_graph_step doctest
-#   bench_cuda              benchmarks/bench_cuda.py --json OUTDIR/bench_cuda.json
+#   bench_cuda              benchmarks/bench_cuda.py --quick (--full: every shape and dtype) --json OUTDIR/bench_cuda.json
 #   test_cuda_train         tests/lesson/test_cuda_train.py (cuda_graph_step on the GPU; training on the
 #                           GPU and the 5-epoch run, which need MNIST in $PYFASTNN_MNIST, else are
 #                           skipped and noted as NOT RUN; all need the lesson extra)
 #   bench_mnist_cuda        benchmarks/bench_mnist.py --device cuda --quick --json OUTDIR/bench_mnist_cuda.json
+#   fuzz_cuda / fuzz_mlp_cuda   scripts/fuzz_fused_linear.py --device cuda (FUZZ_CASES each)
 #   memcheck / racecheck    compute-sanitizer (where it can run on the device: a probe says so first)
 #                           on pyfastnn's own kernels over a selection of test_cuda.py
 #                           that reaches each of them (vectorized and one-element passes, dropout, the
 #                           shared-memory bias-sum kernel of the fallback path, the relu mask packer)
-#   fuzz_cuda / fuzz_mlp_cuda   scripts/fuzz_fused_linear.py --device cuda (FUZZ_CASES each)
 #   test_cpu_on_cuda_build  (--full only) the CPU suite on the same build
-# Every step's time limit is cut to what is left of GPU_CHECK_BUDGET_S (default 540 s), so the script
-# ends with its summary before an outer limit stops it. --full: FUZZ_CASES 10000 (the acceptance run),
-# the CPU suite, and a budget of 1500 s. GPU_CHECK_ONLY="memcheck racecheck ..." runs only those of
-# the steps after the build (to finish what a run cut short left NOT RUN); the others are listed as
+# Every step's time limit is cut to what is left of GPU_CHECK_BUDGET_S (default 360 s: the whole check,
+# build included, in 6 minutes), so the script ends with its summary before an outer limit stops it;
+# the sanitizers, slowest under instrumentation, come last. --full: every bench_cuda shape and dtype,
+# FUZZ_CASES 10000 (the acceptance run), the CPU suite, and a budget of 1500 s. GPU_CHECK_ONLY="memcheck
+# racecheck ..." runs only those of the steps after the build (to finish what a run cut short left NOT
+# RUN); the others are listed as
 # skipped. Exit status 0 only if every step asked for ran and passed.
 #
 #   PYFASTNN_MNIST=DIR [GPU_CHECK_WHEELS=DIR] [GPU_CHECK_ONLY="STEP ..."] scripts/gpu_check.sh OUTDIR [--full]
@@ -41,12 +43,12 @@ case "$MODE" in "" | --full) ;; *) echo "usage: scripts/gpu_check.sh OUTDIR [--f
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 if [ "$MODE" = "--full" ]; then
-  FUZZ_CASES="${FUZZ_CASES:-10000}" BUDGET="${GPU_CHECK_BUDGET_S:-1500}"
+  FUZZ_CASES="${FUZZ_CASES:-10000}" BUDGET="${GPU_CHECK_BUDGET_S:-1500}" BENCH_CUDA_SIZE=() BENCH_CUDA_LIMIT=300
 else
-  FUZZ_CASES="${FUZZ_CASES:-1000}" BUDGET="${GPU_CHECK_BUDGET_S:-540}"
+  FUZZ_CASES="${FUZZ_CASES:-1000}" BUDGET="${GPU_CHECK_BUDGET_S:-360}" BENCH_CUDA_SIZE=(--quick) BENCH_CUDA_LIMIT=60
 fi
-CHECK_STEPS="test_cuda test_cuda_graph bench_cuda test_cuda_train bench_mnist_cuda memcheck racecheck fuzz_cuda
-  fuzz_mlp_cuda test_cpu_on_cuda_build"
+CHECK_STEPS="test_cuda test_cuda_graph bench_cuda test_cuda_train bench_mnist_cuda fuzz_cuda fuzz_mlp_cuda memcheck
+  racecheck test_cpu_on_cuda_build"
 set -f  # the names are words, never file patterns
 GPU_CHECK_ONLY="$(echo ${GPU_CHECK_ONLY:-})"  # words only: blank means every step
 for name in $GPU_CHECK_ONLY; do
@@ -130,10 +132,11 @@ if ! "$PYTHON" -c "import sys, torch, pyfastnn; sys.exit(not (torch.cuda.is_avai
   finish
 fi
 
-step test_cuda 200 "${PYTEST[@]}" tests/library/test_cuda.py --junitxml="$OUT/test_cuda.xml"
-step test_cuda_graph 60 "${PYTEST[@]}" tests/library/test_cuda_graph.py pyfastnn/cuda_graph.py \
+step test_cuda 150 "${PYTEST[@]}" tests/library/test_cuda.py --junitxml="$OUT/test_cuda.xml"
+step test_cuda_graph 45 "${PYTEST[@]}" tests/library/test_cuda_graph.py pyfastnn/cuda_graph.py \
   --junitxml="$OUT/test_cuda_graph.xml"
-step bench_cuda 120 "$PYTHON" benchmarks/bench_cuda.py --min-run-time 0.05 --json "$OUT/bench_cuda.json"
+step bench_cuda "$BENCH_CUDA_LIMIT" "$PYTHON" benchmarks/bench_cuda.py "${BENCH_CUDA_SIZE[@]}" --min-run-time 0.05 \
+  --json "$OUT/bench_cuda.json"
 lesson_missing() { "$PYTHON" -c "from pyfastnn.extras import missing_lesson_requirements as m; print(' '.join(m()))"; }
 LESSON_MISSING="$(lesson_missing)"
 if [ -n "$LESSON_MISSING" ] && [ -d "${GPU_CHECK_WHEELS:-}" ] && wanted test_cuda_train bench_mnist_cuda; then
@@ -147,19 +150,22 @@ elif [ -n "$LESSON_MISSING" ]; then
   note test_cuda_train "NOT RUN: the lesson extra lacks $LESSON_MISSING"
 elif [ ! -d "${PYFASTNN_MNIST:-$ROOT/../shared/data/mnist}" ]; then
   # cuda_graph_step's GPU tests need no MNIST: they run; the training tests skip (CI unset), noted.
-  CI= step test_cuda_train 200 "${PYTEST[@]}" tests/lesson/test_cuda_train.py -k "not bench_mnist_cuda_quick" \
+  CI= step test_cuda_train 150 "${PYTEST[@]}" tests/lesson/test_cuda_train.py -k "not bench_mnist_cuda_quick" \
     --junitxml="$OUT/test_cuda_train.xml"
   note test_cuda_train_mnist "NOT RUN: no MNIST at ${PYFASTNN_MNIST:-../shared/data/mnist} (set PYFASTNN_MNIST)"
 else
   # (its bench_mnist test runs as the bench_mnist_cuda step below, with the figures kept)
-  step test_cuda_train 200 "${PYTEST[@]}" tests/lesson/test_cuda_train.py -k "not bench_mnist_cuda_quick" \
+  step test_cuda_train 150 "${PYTEST[@]}" tests/lesson/test_cuda_train.py -k "not bench_mnist_cuda_quick" \
     --junitxml="$OUT/test_cuda_train.xml"
 fi
 if [ -z "$LESSON_MISSING" ] || ! wanted bench_mnist_cuda; then
-  step bench_mnist_cuda 90 "$PYTHON" benchmarks/bench_mnist.py --device cuda --quick --json "$OUT/bench_mnist_cuda.json"
+  step bench_mnist_cuda 60 "$PYTHON" benchmarks/bench_mnist.py --device cuda --quick --json "$OUT/bench_mnist_cuda.json"
 else
   note bench_mnist_cuda "NOT RUN: the lesson extra lacks $LESSON_MISSING"
 fi
+
+step fuzz_cuda 45 "$PYTHON" scripts/fuzz_fused_linear.py --device cuda --cases "$FUZZ_CASES"
+step fuzz_mlp_cuda 45 "$PYTHON" scripts/fuzz_fused_linear.py --device cuda --mlp --cases "$FUZZ_CASES"
 
 # Sanitizers check pyfastnn's kernels only (kernel names hold "pyfastnn"; cuBLAS's and ATen's are
 # torch's business and their Hopper kernels give racecheck false positives). memcheck runs without
@@ -170,6 +176,8 @@ if ! wanted memcheck racecheck; then
   step memcheck 0 true; step racecheck 0 true  # listed as skipped
 elif [ ! -x "$SANITIZER" ]; then
   note sanitizers "NOT RUN: compute-sanitizer not found ($SANITIZER)"
+elif [ $((BUDGET - SECONDS)) -lt 120 ]; then  # the probe's minute and one sanitizer step at least
+  note sanitizers "NOT RUN (the $BUDGET s budget is spent)"
 elif ! timeout 60 "$SANITIZER" --tool memcheck --report-api-errors no --error-exitcode 1 "$PYTHON" -c \
     "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()" > "$OUT/sanitizer_probe.log" 2>&1; then
   note sanitizers "NOT RUN: compute-sanitizer cannot run on this device (sanitizer_probe.log)"
@@ -179,9 +187,6 @@ else
   step racecheck 90 "$SANITIZER" --tool racecheck --kernel-name kns=pyfastnn --report-api-errors no \
     --error-exitcode 1 "${PYTEST[@]}" tests/library/test_cuda.py -k "$SANITIZE_TESTS"
 fi
-
-step fuzz_cuda 60 "$PYTHON" scripts/fuzz_fused_linear.py --device cuda --cases "$FUZZ_CASES"
-step fuzz_mlp_cuda 60 "$PYTHON" scripts/fuzz_fused_linear.py --device cuda --mlp --cases "$FUZZ_CASES"
 
 if [ "$MODE" = "--full" ]; then
   step test_cpu_on_cuda_build 600 "${PYTEST[@]}" tests --ignore=tests/library/test_cuda.py \

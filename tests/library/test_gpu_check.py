@@ -101,9 +101,9 @@ def test_only_the_steps_asked_for_run_after_the_build(tmp_path):
         return [line.split()[1].rstrip(":") for line in summary if outcome in line]
 
     ran, skipped = steps(": rc=0 in "), steps(": skipped (not in GPU_CHECK_ONLY)")
-    assert ran == ["build", "memcheck", "fuzz_mlp_cuda"], summary
+    assert ran == ["build", "fuzz_mlp_cuda", "memcheck"], summary
     assert skipped == ["test_cuda", "test_cuda_graph", "bench_cuda", "test_cuda_train", "bench_mnist_cuda",
-                       "racecheck", "fuzz_cuda"], summary
+                       "fuzz_cuda", "racecheck"], summary
     assert ", status 0;" in summary[-1] and result.returncode == 0, summary
 
 
@@ -125,3 +125,20 @@ def test_a_step_of_the_full_run_only_is_refused_without_full_and_blank_means_eve
     summary = (tmp_path / "out2" / "summary.txt").read_text().splitlines()
     assert [line for line in summary[:-1] if ": rc=0 in " not in line] == [] and len(summary) == 11, summary
     assert result.returncode == 0
+
+
+def test_the_default_run_fits_six_minutes_and_full_benchmarks_every_shape(tmp_path):
+    # The default run is the quick check (bench_cuda --quick, a 360 s budget for everything, the slow
+    # sanitizers last); --full is the acceptance run (every bench_cuda shape and dtype).
+    assert re.search(r'BUDGET="\$\{GPU_CHECK_BUDGET_S:-360\}"', TEXT)
+    bench_arguments = {}
+    for mode in ("", "--full"):
+        log = tmp_path / f"calls{mode}.log"
+        python = stand_in_python(tmp_path, f'echo "$*" >> {log}\nexit 0')
+        run_script(tmp_path / f"out{mode}", *([mode] if mode else []), python=python, GPU_CHECK_ONLY="bench_cuda")
+        calls = [line for line in log.read_text().splitlines() if "bench_cuda.py" in line]
+        assert len(calls) == 1, calls
+        bench_arguments[mode] = calls[0].split()
+    assert "--quick" in bench_arguments[""] and "--quick" not in bench_arguments["--full"]
+    order = re.findall(r'^\s*(?:CI= )?step (\w+) ', TEXT, flags=re.M)
+    assert order.index("memcheck") > max(order.index(name) for name in ("test_cuda", "bench_cuda", "fuzz_mlp_cuda"))
