@@ -90,7 +90,7 @@ def dropout_of(module: nn.Module) -> Optional[float]:
         return None
     try:
         return dropout_probability(module.p)
-    except ValueError:
+    except (TypeError, ValueError):  # p = 1, or a p torch takes that is no float (a tensor, a bool)
         return None
 
 

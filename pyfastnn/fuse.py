@@ -118,9 +118,9 @@ class SaveOriginalKeys:
 
 
 class LoadOriginalKeys:
-    """The load_state_dict pre-hook matching :class:`SaveOriginalKeys` (original keys load), and,
-    as :meth:`name_original_keys`, its post-hook: missing or unexpected keys are reported by their
-    original names too."""
+    """The load_state_dict pre-hook matching :class:`SaveOriginalKeys` (original keys load; so do the
+    module's own, those of its ``named_parameters()``), and, as :meth:`name_original_keys`, its
+    post-hook: missing or unexpected keys are reported by their original names too."""
 
     def __init__(self, renames: Dict[str, str]) -> None:
         self.renames = dict(renames)
@@ -131,6 +131,8 @@ class LoadOriginalKeys:
                  unexpected_keys, error_msgs) -> None:
         self.prefix = prefix
         for key in [k for k in state_dict if k.startswith(prefix)]:
+            if ".".join(key[len(prefix):].split(".")[:2]) in self.originals:  # already the module's own key
+                continue
             renamed = prefix + _rename(key[len(prefix):], self.renames, levels=1)
             if renamed != key:
                 state_dict[renamed] = state_dict.pop(key)
@@ -191,7 +193,8 @@ class _ShallowTracer(torch.fx.Tracer):
     modes a graph does not record (grad mode, inference mode, autocast) differ anywhere in ``forward``
     from those the trace began in. :func:`_trace` traces each module twice, in opposite modes, so
     ``with torch.no_grad():``, ``torch.enable_grad()``, ``torch.autocast(...)`` in either sense show
-    up in one of the two. (These modes are the thread's own: tracing changes nothing other threads see.)"""
+    up in one of the two. (These modes are the thread's own; torch.fx's tracing itself, though,
+    patches ``nn.Module.__call__`` for every thread while it runs: see :func:`fuse`.)"""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
@@ -656,6 +659,14 @@ class _Fusion:
     report: List[FusedRun]
     pinned: Set[int]   # ids of modules called from outside their owner's forward
     hooked: List[str]  # modules left unfused for their hooks
+    compiled: List[str]  # torch.compile wrappers left as they are
+
+
+def _compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``torch.compile`` wrapper. It calls the module it wrapped through a
+    method bound when it was made, so a module fused in its place (``_orig_mod``) would never run."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not loaded: nothing was compiled
+    return eval_frame is not None and isinstance(module, eval_frame.OptimizedModule)
 
 
 def _called_from_outside(model: nn.Module) -> Set[int]:
@@ -817,6 +828,9 @@ def _fuse_tree(module: nn.Module, path: str, fusion: _Fusion, keep_root: bool = 
     """Fuses `module`'s subtree; with `keep_root`, `module` itself is changed in place, never replaced."""
     if isinstance(module, (FusedLinear, FusedMLP)):
         return module
+    if _compiled(module):
+        fusion.compiled.append(path.rstrip("."))
+        return module
     for name, child in list(module.named_children()):
         new_child = _fuse_tree(child, f"{path}{name}.", fusion)
         if new_child is not child:
@@ -831,16 +845,27 @@ def _fuse_tree(module: nn.Module, path: str, fusion: _Fusion, keep_root: bool = 
         if keep and not keep_root:
             fusion.hooked.append(path.rstrip(".") or type(module).__name__)
             return module
-        found = _Fusion([], fusion.pinned, fusion.hooked)
+        found = _Fusion([], fusion.pinned, fusion.hooked, fusion.compiled)
         traced = _fuse_traced(module, path, found)
         if keep_root and traced is not module:
             warnings.warn(f"pyfastnn.fuse(inplace=True) left the forward of the top-level {type(module).__name__} "
                           f"unfused: fusing it replaces the module by a torch.fx.GraphModule, which cannot happen "
-                          f"in place; use `model = pyfastnn.fuse(model)` for that", stacklevel=3)
+                          f"in place; use `model = pyfastnn.fuse(model)` for that", stacklevel=4)
             return module
         fusion.report.extend(found.report)
         return traced
     return module
+
+
+#: Held while fuse() runs (see fuse).
+_FUSING = threading.RLock()
+
+
+def _parameter_extras(model: nn.Module) -> List[str]:
+    """Names of the parameters carrying what copy.deepcopy drops: tensor hooks (``register_hook``,
+    ``register_post_accumulate_grad_hook``) and attributes set on them."""
+    return [name for name, p in model.named_parameters(remove_duplicate=False)
+            if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) or vars(p)]
 
 
 def fuse(model: nn.Module, inplace: bool = False, *, report: Optional[list] = None,
@@ -862,6 +887,14 @@ def fuse(model: nn.Module, inplace: bool = False, *, report: Optional[list] = No
         report: a list that receives one :class:`FusedRun` per replacement.
         verbose: print the replacements.
 
+    A ``torch.compile``'d model is refused (``TypeError``): fuse first, then compile. Compiled
+    submodules, like modules with hooks, are left as they are, with a warning. The copy keeps no
+    tensor hooks or attributes set on parameters (``copy.deepcopy`` drops them): fuse warns where
+    there were some. Tracing uses ``torch.fx``, which replaces ``nn.Module.__call__`` for the whole
+    process while it traces: calls to ``fuse`` run one at a time, and other threads should not run
+    modules while one does. Tracing draws no random numbers from torch's CPU generator as far as
+    the model can see: its state is restored afterwards.
+
     Example:
         >>> import torch, pyfastnn
         >>> from torch import nn
@@ -880,6 +913,19 @@ def fuse(model: nn.Module, inplace: bool = False, *, report: Optional[list] = No
         raise TypeError(f"fuse expects an nn.Module, got {type(model).__name__}")
     if report is not None and not isinstance(report, list):  # checked before the work it would lose
         raise TypeError(f"fuse's report must be a list (it receives the replacements), got {type(report).__name__}")
+    if _compiled(model):
+        raise TypeError("pyfastnn.fuse got a torch.compile'd model, which would go on running the module it "
+                        "compiled: fuse first, then compile (torch.compile(pyfastnn.fuse(model)); the original is "
+                        "its _orig_mod)")
+    # torch.fx patches nn.Module process-wide while it traces: one fuse at a time. The generator is
+    # forked around the whole fusion, not each trace: traces of a forward that draws random numbers
+    # must differ (so it is left alone), and the caller's stream must not move.
+    with _FUSING, torch.random.fork_rng(devices=[]):
+        return _fuse(model, inplace, report, verbose)
+
+
+def _fuse(model: nn.Module, inplace: bool, report: Optional[list], verbose: bool) -> nn.Module:
+    lost = _parameter_extras(model) if not inplace else []
     if not inplace:
         try:
             model = copy.deepcopy(model)
@@ -888,13 +934,20 @@ def fuse(model: nn.Module, inplace: bool = False, *, report: Optional[list] = No
                                f"inplace=True, or remove what stops the copy first") from error
     hooked = [name or type(model).__name__ for name, module in model.named_modules()
               if type(module) is nn.Linear and has_hooks(module)]
-    fusion = _Fusion([], _called_from_outside(model), [])
+    fusion = _Fusion([], _called_from_outside(model), [], [])
     model = _fuse_tree(model, "", fusion, keep_root=inplace)
     hooked += fusion.hooked
     if hooked:
         warnings.warn(f"pyfastnn.fuse left {', '.join(hooked)} unfused: they have hooks (or a hook-based "
                       f"reparametrization such as prune), which a fused or traced module would bypass",
-                      stacklevel=2)
+                      stacklevel=3)
+    if fusion.compiled:
+        warnings.warn(f"pyfastnn.fuse left {', '.join(fusion.compiled)} unfused: torch.compile wrappers go on "
+                      f"running the module they compiled (fuse before compiling)", stacklevel=3)
+    if lost:
+        warnings.warn(f"pyfastnn.fuse's copy of the model (copy.deepcopy) has none of the tensor hooks or attributes "
+                      f"set on parameters {', '.join(lost)}: register them again on the result, or fuse with "
+                      f"inplace=True", stacklevel=3)
     runs = fusion.report
     if verbose:
         for run in runs:

@@ -295,11 +295,14 @@ class FusedMLP(nn.Module):
 
     def __setattr__(self, name: str, value) -> None:
         # These settings live on the layers and are read from them on every call: a value of the
-        # same name on the FusedMLP would change nothing. (A subclass may still add a parameter or a
+        # same name on the FusedMLP would change nothing (torch.func.functional_call given the keys
+        # of the Sequential a FusedMLP replaced in place sets "weight" here). (A subclass may still add a parameter or a
         # buffer under such a name; a module would be taken for a layer.)
         if name in _LAYER_SETTINGS and not isinstance(value, nn.Parameter) and name not in self._buffers:
-            raise AttributeError(f"FusedMLP reads {name!r} from its layers on every call; set it on the layers "
-                                 f"instead (for example: for layer in mlp: layer.{name} = ...)")
+            where = (f"its parameters are its layers' ({', '.join(n for n, _ in self.named_parameters())})"
+                     if name in ("weight", "bias") else f"set it on the layers instead (for layer in mlp: "
+                                                        f"layer.{name} = ...)")
+            raise AttributeError(f"FusedMLP reads {name!r} from its layers on every call; {where}")
         super().__setattr__(name, value)
 
     @property
@@ -370,7 +373,9 @@ class FusedMLP(nn.Module):
 
         Slices are refused: a FusedMLP counts layers where the ``nn.Sequential`` it stands for
         counts modules, so ``model[:-1]`` of a fused model would silently cut elsewhere than the
-        same slice of the original.
+        same slice of the original. The layers' names are the Sequential's indices of their Linears
+        (``"0"``, ``"2"``, ``"4"``, the state dict's ``"2.*"``): ``model.get_submodule("2")`` takes
+        a layer by name.
 
         Example:
             >>> mlp = FusedMLP([8, 16, 12, 4])
@@ -439,7 +444,7 @@ class FusedMLP(nn.Module):
         return run_fused_mlp(input, weights, biases, codes, slope, dropout, any(p > 0.0 for p in dropout))
 
 
-_LAYER_SETTINGS = frozenset({"activation", "output_activation", "dropout", "negative_slope", "bias"})
+_LAYER_SETTINGS = frozenset({"activation", "output_activation", "dropout", "negative_slope", "weight", "bias"})
 
 
 def _layer_sizes(sizes) -> List[int]:

@@ -135,7 +135,7 @@ fi
 step test_cuda 150 "${PYTEST[@]}" tests/library/test_cuda.py --junitxml="$OUT/test_cuda.xml"
 step test_cuda_graph 45 "${PYTEST[@]}" tests/library/test_cuda_graph.py pyfastnn/cuda_graph.py \
   --junitxml="$OUT/test_cuda_graph.xml"
-step bench_cuda "$BENCH_CUDA_LIMIT" "$PYTHON" benchmarks/bench_cuda.py "${BENCH_CUDA_SIZE[@]}" --min-run-time 0.05 \
+step bench_cuda "$BENCH_CUDA_LIMIT" "$PYTHON" benchmarks/bench_cuda.py ${BENCH_CUDA_SIZE[@]+"${BENCH_CUDA_SIZE[@]}"} --min-run-time 0.05 \
   --json "$OUT/bench_cuda.json"
 lesson_missing() { "$PYTHON" -c "from pyfastnn.extras import missing_lesson_requirements as m; print(' '.join(m()))"; }
 LESSON_MISSING="$(lesson_missing)"
@@ -177,7 +177,7 @@ if ! wanted memcheck racecheck; then
 elif [ ! -x "$SANITIZER" ]; then
   note sanitizers "NOT RUN: compute-sanitizer not found ($SANITIZER)"
 elif [ $((BUDGET - SECONDS)) -lt 120 ]; then  # the probe's minute and one sanitizer step at least
-  note sanitizers "NOT RUN (the $BUDGET s budget is spent)"
+  note sanitizers "NOT RUN (under 120 s of the $BUDGET s budget left)"
 elif ! timeout 60 "$SANITIZER" --tool memcheck --report-api-errors no --error-exitcode 1 "$PYTHON" -c \
     "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()" > "$OUT/sanitizer_probe.log" 2>&1; then
   note sanitizers "NOT RUN: compute-sanitizer cannot run on this device (sanitizer_probe.log)"

@@ -313,7 +313,8 @@ def test_relu_bit_mask_layout_and_fake(dtype, relu_gemm_path):
 def test_relu_stack_at_nan_and_exactly_zero_like_torch(dtype, relu_gemm_path):
     # Where the pre-activation is NaN the output stays NaN, as torch.relu's (NOTE [The relu epilogue
     # and NaN]: only the opted-in cuBLASLt relu epilogue may write 0 there); where it is exactly zero
-    # no gradient passes, through the bit mask DRELU reads too.
+    # no gradient passes (here the output relu's own 0 stops it; the hidden layer's bit mask at 0 is
+    # test_no_gradient_passes_a_hidden_relu_at_exactly_zero's).
     torch.manual_seed(0)
     x, weights, _ = _mlp_tensors(256, (128, 256, 128), dtype)
     with torch.no_grad():

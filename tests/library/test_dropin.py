@@ -1550,7 +1550,7 @@ def test_pre_hooks_of_hidden_fused_mlp_layers_never_see_the_network_input():
     assert seen == [((3, 4),), ()]
 
 
-@pytest.mark.parametrize("name", ["dropout", "activation", "output_activation", "negative_slope", "bias"])
+@pytest.mark.parametrize("name", ["dropout", "activation", "output_activation", "negative_slope", "weight", "bias"])
 def test_layer_settings_assigned_on_the_fused_mlp_raise(name):
     mlp = _mlp((4, 5, 2))
     with pytest.raises(AttributeError, match=f"reads '{name}' from its layers"):

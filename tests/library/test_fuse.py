@@ -2,6 +2,9 @@
 on module trees it must partly leave alone."""
 
 import copy
+import sys
+import threading
+import warnings
 
 import pytest
 import torch
@@ -271,3 +274,136 @@ def test_fused_model_trains_like_the_original():
             optimizer.step()
     for a, b in zip(model.parameters(), fused.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_fused_mlp_layers_by_position_and_by_their_sequential_names():
+    seq = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    mlp = FusedMLP.from_sequential(seq)
+    assert list(mlp._modules) == ["0", "2", "4"]
+    assert [mlp[i].out_features for i in range(len(mlp))] == [8, 6, 3] == [layer.out_features for layer in mlp]
+    assert [layer.out_features for layer in reversed(mlp)] == [3, 6, 8]
+    assert mlp.get_submodule("2") is mlp[1]
+
+
+def test_functional_call_and_load_state_dict_with_either_keys_of_a_partly_fused_sequential():
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU(), nn.Linear(8, 3, bias=False), nn.Softmax(-1))
+    fused = pyfastnn.fuse(seq)
+    assert list(fused.state_dict()) == ["0.weight", "2.weight"]
+    own = dict(fused.named_parameters())
+    assert list(own) == ["0.0.weight", "0.2.weight"]
+    # Its own parameters' names load too (they were renamed once more: a missing-keys error).
+    assert fused.load_state_dict({name: p.detach() * 2 for name, p in own.items()}) is not None
+    torch.testing.assert_close(fused[0][0].weight, seq[0].weight * 2)
+    x = torch.randn(2, 4)
+    zeros = {name: torch.zeros_like(p) for name, p in own.items()}
+    torch.testing.assert_close(functional_call(fused, zeros, (x,)), torch.full((2, 3), 1 / 3))
+    # The original's keys would set an unused `weight` on the FusedMLP: refused, never ignored.
+    with pytest.raises(AttributeError, match=r"reads 'weight' from its layers .* layers' \(0\.weight, 2\.weight\)"):
+        functional_call(fused, {name: torch.zeros_like(p) for name, p in seq.named_parameters()}, (x,))
+
+
+def test_a_partly_fused_sequential_with_a_parametrized_layer_loads_its_own_state_dict():
+    seq = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3), nn.Softmax(-1))
+    fused = pyfastnn.fuse(seq)
+    torch.nn.utils.parametrizations.weight_norm(fused[0][0])
+    state = fused.state_dict()
+    assert "0.parametrizations.weight.original0" in state
+    assert fused.load_state_dict(state) is not None
+    assert fused.load_state_dict(dict(fused.named_parameters()) | {n: b for n, b in fused.named_buffers()}) is not None
+
+
+def test_fuse_refuses_a_compiled_model_and_leaves_compiled_children_alone():
+    seq = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(TypeError, match="got a torch.compile'd model.*fuse first, then compile"):
+        pyfastnn.fuse(torch.compile(seq))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = torch.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU()))
+            self.head = nn.Sequential(nn.Linear(8, 2), nn.ReLU())
+
+        def forward(self, x):
+            return self.head(self.block(x))
+
+    runs = []
+    with pytest.warns(UserWarning, match="left block unfused: torch.compile wrappers") as caught:
+        fused = pyfastnn.fuse(Net(), report=runs)
+    assert [run.path for run in runs] == ["head"] and type(fused.block._orig_mod[0]) is nn.Linear
+    assert {w.filename for w in caught if "pyfastnn.fuse" in str(w.message)} == {__file__}
+
+
+def test_fuse_leaves_a_dropout_whose_p_is_no_float_alone():
+    for p in (torch.tensor(0.2), False):
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Dropout(p))
+        fused = pyfastnn.fuse(model)
+        assert [type(m).__name__ for m in fused] == ["FusedLinear", "Identity", "Dropout"]
+
+
+def test_fuse_warns_that_its_copy_drops_parameter_hooks_and_attributes():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    model[0].weight.register_hook(lambda grad: grad * 0)
+    model[2].bias.no_weight_decay = True
+    with pytest.warns(UserWarning, match=r"copy of the model .* parameters 0\.weight, 2\.bias: register them"):
+        pyfastnn.fuse(model)
+    frozen = model[0].weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused = pyfastnn.fuse(model, inplace=True)  # the same parameters: nothing lost
+    fused(torch.randn(3, 4)).sum().backward()
+    assert fused[0][0].weight is frozen and not frozen.grad.any()
+
+
+def test_fuse_leaves_the_random_generator_as_it_was():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.relu(self.linear(x)) + torch.randn(4)  # traced: the draw runs then
+
+    model = Noisy()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    fused = pyfastnn.fuse(model)
+    torch.testing.assert_close(torch.rand(3), expected)
+    assert type(fused) is Noisy  # its two traces drew different numbers: left alone, not frozen
+
+
+def test_concurrent_fuse_calls_leave_nn_module_working():
+    # torch.fx patches nn.Module.__call__ and __getattr__ while it traces; interleaved traces in
+    # several threads could leave them patched, and every module call in the process would fail.
+    class Traced(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    before, errors = (nn.Module.__call__, nn.Module.__getattr__), []
+
+    def fuse_repeatedly(model):
+        try:
+            for _ in range(5):
+                pyfastnn.fuse(model)
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=fuse_repeatedly, args=(Traced().eval(),)) for _ in range(12)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often: unserialised traces would interleave
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == [] and (nn.Module.__call__, nn.Module.__getattr__) == before
+    assert nn.Linear(4, 4)(torch.randn(2, 4)).shape == (2, 4)
