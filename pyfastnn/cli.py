@@ -10,6 +10,7 @@ import signal
 import sys
 from typing import Callable, NoReturn, Optional, Sequence
 
+from ._version import __version__
 from .command import (EXIT_FAILURE, EXIT_USAGE, command_parser, debug_requested, interrupted_status, run_command,
                       terminate_on_sigterm)
 
@@ -117,6 +118,7 @@ class _OutputDroppedWhenItCannotBeWritten:
 
 def _main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="pyfastnn", description="Fused Linear+activation kernels for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"pyfastnn {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("info", help="versions, compiled backends, CPU code path, threads (see info --help)",
                         add_help=False)

@@ -33,6 +33,11 @@ def test_cli_without_command_prints_help():
         assert f"    {command} " in result.stdout, result.stdout
 
 
+def test_cli_version():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout == f"pyfastnn {pyfastnn.__version__}\n", result
+
+
 def test_cli_bench_quick_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     result = run_cli("bench", "--quick", "--json", str(out))
