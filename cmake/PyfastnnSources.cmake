@@ -115,6 +115,12 @@ function(pyfastnn_add_library target)
   target_link_libraries(${target} PUBLIC ${TORCH_LIBRARIES})
   target_compile_options(${target} PRIVATE ${_warnings} ${_openmp})
   target_link_libraries(${target} PRIVATE ${_openmp_link})  # after the objects: --as-needed keeps it
+  # Loading the library registers the ops, and a program may reach them only through the dispatcher
+  # (TorchScript, findSchema): an --as-needed linker would drop it as unused. Its users link it
+  # --no-as-needed, as torch's CMake config does for torch_cpu.
+  if(CMAKE_SYSTEM_NAME STREQUAL "Linux")
+    target_link_libraries(${target} INTERFACE "-Wl,--no-as-needed,\"$<TARGET_FILE:${target}>\" -Wl,--as-needed")
+  endif()
   foreach(_name IN LISTS _capabilities)
     target_compile_definitions(${target} PRIVATE ${_define_prefix}${_name})
   endforeach()

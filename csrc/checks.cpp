@@ -96,6 +96,13 @@ void check_dropout_probability(double p, int64_t layer) {
   TORCH_CHECK_VALUE(false, kMessage, p);
 }
 
+void check_kernel_input(const char* name, const at::Tensor& t) {
+  TORCH_CHECK_NOT_IMPLEMENTED(t.is_cpu() || t.is_cuda(), "pyfastnn: ", name, " is on ", t.device(),
+                              "; the kernels run on CPU and CUDA tensors");
+  TORCH_CHECK_NOT_IMPLEMENTED(!t._is_zerotensor(), "pyfastnn: ", name,
+                              " is a ZeroTensor without memory; materialize it first (clone())");
+}
+
 void check_saved_tensor(const char* name, const at::Tensor& t, const at::Tensor& input,
                         at::IntArrayRef expected_shape) {
   TORCH_CHECK_TYPE(t.defined(), "pyfastnn: ", name, " is missing");

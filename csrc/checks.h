@@ -23,6 +23,11 @@ void check_fused_mlp_args(const at::Tensor& input, at::TensorList weights, const
 // [0, 1), got <p>", followed by " for layer <layer>" when layer >= 0.
 void check_dropout_probability(double p, int64_t layer = -1);
 
+// The input of a kernel call (the direct C++ functions run without the dispatcher, which would refuse
+// these): on a device this build has kernels for, with memory behind it (not a ZeroTensor). Its
+// parameters are checked to be on the same device.
+void check_kernel_input(const char* name, const at::Tensor& t);
+
 // Checks a tensor handed to a backward op (a gradient or a saved activation) against the input.
 void check_saved_tensor(const char* name, const at::Tensor& t, const at::Tensor& input,
                         at::IntArrayRef expected_shape);

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/DeviceGuard.h>
 
 #include <mutex>
@@ -29,6 +30,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
     const at::Tensor& input, at::TensorList weights, const BiasList& biases, at::IntArrayRef activations,
     double negative_slope, at::ArrayRef<double> dropout, bool training, bool save) {
   check_fused_mlp_args(input, weights, biases, activations, dropout);
+  check_kernel_input("input", input);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // NOTE [Kernels run below autograd]
   const c10::OptionalDeviceGuard device_guard(input.device());
   const size_t layers = weights.size();
   const auto options = input.options();
@@ -104,6 +107,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
                     " pre-activation and ", keep_masks.size(), " mask tensors for ", layers, " layers");
   TORCH_CHECK_VALUE(output_mask.size() == 1 + 2 * layers, "pyfastnn: output_mask needs ", 1 + 2 * layers,
                     " entries (input, weights, biases), got ", output_mask.size());
+  check_kernel_input("input", input);
+  check_kernel_input("grad_output", grad_output);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // NOTE [Kernels run below autograd]
   const c10::OptionalDeviceGuard device_guard(input.device());
   const auto out_shape = detail::output_shape(input, weights[layers - 1].size(0));
   check_saved_tensor("grad_output", grad_output, input, out_shape);
@@ -134,6 +140,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
   // A layer ran dropout iff its keep mask is 2-D; layers without it save an empty 1-D placeholder.
   std::vector<bool> has_mask(layers);
   for (size_t l = 0; l < layers; ++l) {
+    TORCH_CHECK_TYPE(keep_masks[l].defined(), "pyfastnn: keep_masks[", l,
+                     "] is missing (an empty 1-D uint8 tensor stands for a layer without dropout)");
     has_mask[l] = keep_masks[l].dim() == 2;
     TORCH_CHECK_VALUE(has_mask[l] || (keep_masks[l].dim() == 1 && keep_masks[l].numel() == 0),
                       "pyfastnn: keep_masks[", l, "] must be the layer's 2-D dropout mask or an empty 1-D tensor "
@@ -146,8 +154,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
     at::Tensor saved;
     if (act != Activation::Identity) {
       const bool from_output = derivative_from_output(act, negative_slope);
-      saved = from_output ? (last ? detail::as_matrix(output) : hidden[l]) : preacts[l];
-      check_saved_tensor(from_output ? "saved output" : "saved pre-activation", saved, input, layer_shape);
+      if (from_output && last) {  // the op's output, in the caller's shape
+        check_saved_tensor("saved output", output, input, out_shape);
+        saved = detail::as_matrix(output);
+      } else {
+        saved = from_output ? hidden[l] : preacts[l];
+        check_saved_tensor(from_output ? "saved output" : "saved pre-activation", saved, input, layer_shape);
+      }
       saved = saved.contiguous();
     }
     detail::LayerDropout layer_dropout;

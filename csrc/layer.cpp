@@ -101,7 +101,8 @@ struct BackwardPass {
 
 // grads.input = grad_pre @ W; on CUDA with the layer below's relu or tanh-GELU derivative (and its
 // bias gradient) fused in where cuBLASLt takes it.
-void input_grad(LayerGrads& grads, const at::Tensor& grad_pre, const at::Tensor& weight, const BelowLayer* below) {
+void input_grad(LayerGrads& grads, const at::Tensor& grad_pre, const at::Tensor& weight,
+                [[maybe_unused]] const BelowLayer* below) {
 #ifdef PYFASTNN_WITH_CUDA
   if (below != nullptr && on_cuda(weight)) {
     const bool relu = below->activation == Activation::Relu;
@@ -155,7 +156,8 @@ void set_relu_epilogue_allowed(bool allowed) { relu_epilogue.store(allowed, std:
 
 void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    Activation activation, double negative_slope, const at::Tensor& out,
-                   const at::Tensor* preact, const LayerDropout& dropout, const at::Tensor* relu_mask) {
+                   const at::Tensor* preact, const LayerDropout& dropout,
+                   [[maybe_unused]] const at::Tensor* relu_mask) {
   const int64_t rows = x.size(0);
   const int64_t out_features = weight.size(0);
   if (rows == 0 || out_features == 0) return;

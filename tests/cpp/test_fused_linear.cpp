@@ -155,6 +155,78 @@ void test_bad_arguments_throw() {
     threw = true;
   }
   expect(threw, "wrong in_features throws ValueError");
+
+  // Tensors with no memory behind them reach the kernels only through these direct calls (the
+  // dispatcher refuses them): an error, never a write through a null pointer.
+  const auto refused = [](const auto& call) {
+    try {
+      call();
+    } catch (const c10::NotImplementedError&) {
+      return true;
+    }
+    return false;
+  };
+  const auto meta = at::TensorOptions().device(at::kMeta);
+  expect(refused([&] { pyfastnn::fused_linear_inference(at::empty({4, 3}, meta), at::empty({2, 3}, meta),
+                                                         std::nullopt, 1, 0.01); }),
+         "a meta input throws NotImplementedError");
+  expect(refused([&] {
+           pyfastnn::fused_linear_backward(at::_efficientzerotensor({4, 2}), at::randn({4, 3}), at::randn({2, 3}),
+                                           at::randn({4, 2}), 1, 0.01, {true, true, true});
+         }),
+         "a ZeroTensor gradient throws NotImplementedError");
+}
+
+// Called directly, with parameters that require grad and grad mode on (a torch::nn::Linear's), the
+// ops compute like under torch::NoGradGuard: they are kernels, autograd is the dispatcher's business.
+void test_direct_calls_with_parameters_that_require_grad() {
+  for (const auto dtype : {at::kFloat, at::kBFloat16}) {
+    for (const int64_t rows : {2, 64}) {
+      const auto opts = at::TensorOptions().dtype(dtype);
+      at::Tensor x = at::randn({rows, 16}, opts);
+      at::Tensor w = at::randn({8, 16}, opts).requires_grad_();
+      at::Tensor b = at::randn({8}, opts).requires_grad_();
+      const std::string name = c10::toString(dtype) + std::string(" ") + std::to_string(rows) + " rows";
+      at::Tensor expected;
+      {
+        torch::NoGradGuard no_grad;
+        expected = pyfastnn::fused_linear_inference(x, w, b, 1, 0.01);
+      }
+      try {
+        expect(at::equal(pyfastnn::fused_linear_inference(x, w, b, 1, 0.01), expected), "fused_linear " + name);
+        const std::vector<at::Tensor> weights{w};
+        const pyfastnn::BiasList biases(std::vector<std::optional<at::Tensor>>{b});
+        const std::vector<int64_t> activations{1};
+        const std::vector<double> dropout{0.0};
+        expect(at::equal(pyfastnn::fused_mlp_inference(x, weights, biases, activations, 0.01, dropout, false),
+                         expected),
+               "fused_mlp " + name);
+      } catch (const c10::Error& error) {
+        expect(false, "direct call with parameters that require grad, " + name + ": " + error.what_without_backtrace());
+      }
+    }
+  }
+}
+
+// A missing dropout mask is an error, not a layer without dropout.
+void test_missing_keep_mask_throws() {
+  at::manual_seed(1);
+  at::Tensor x = at::randn({6, 5});
+  const std::vector<at::Tensor> weights{at::randn({4, 5}), at::randn({3, 4})};
+  const pyfastnn::BiasList biases(std::vector<std::optional<at::Tensor>>{std::nullopt, std::nullopt});
+  const std::vector<int64_t> activations{1, 0};
+  const std::vector<double> dropout{0.5, 0.0};
+  auto [out, hidden, preacts, masks] =
+      pyfastnn::fused_mlp_forward(x, weights, biases, activations, 0.01, dropout, true);
+  masks[0] = at::Tensor();
+  bool threw = false;
+  try {
+    pyfastnn::fused_mlp_backward(at::ones_like(out), x, weights, out, hidden, preacts, masks, activations, 0.01,
+                                 dropout, c10::List<bool>({true, true, true, false, false}));
+  } catch (const c10::TypeError& error) {
+    threw = std::string(error.what_without_backtrace()).find("keep_masks[0] is missing") != std::string::npos;
+  }
+  expect(threw, "an undefined keep mask throws TypeError naming it");
 }
 
 // The CPU capabilities this CPU supports, as ATen names them (ATen asks the same features of each).
@@ -247,6 +319,8 @@ int main() {
   test_mlp_against_reference(at::kDouble, 1e-10);
   test_scalar_matches_vectorized();
   test_bad_arguments_throw();
+  test_direct_calls_with_parameters_that_require_grad();
+  test_missing_keep_mask_throws();
   test_philox_known_answers();
   if (failures != 0) {
     std::printf("%d failures\n", failures);

@@ -257,3 +257,15 @@ def test_openmp_flags_link_the_runtime_torch_ships(tmp_path):
     assert openmp_flags(False, "linux", on_openmp, tmp_path) == ([], [])
     assert openmp_flags(True, "linux", on_native, tmp_path) == ([], [])
     assert openmp_flags(True, "darwin", on_openmp, tmp_path) == ([], [])
+
+
+def test_the_sdist_carries_what_the_cmake_build_and_the_license_need():
+    # MANIFEST.in decides what an sdist ships; CMakeLists.txt names its sources (the C++ tests too,
+    # built by default) relative to the project folder.
+    manifest = (ROOT / "MANIFEST.in").read_text().splitlines()
+    grafted = [line.split()[1] + "/" for line in manifest if line.startswith("graft ")]
+    included = {name for line in manifest if line.startswith("include ") for name in line.split()[1:]}
+    named = set(re.findall(r"\b((?:tests|cmake|csrc)/[\w/.-]+\.(?:cpp|cmake|json|h))", (ROOT / "CMakeLists.txt").read_text()))
+    assert {"tests/cpp/test_fused_linear.cpp", "tests/cpp/test_registration.cpp"} <= named
+    assert [name for name in sorted(named) if not any(name.startswith(folder) for folder in grafted)] == []
+    assert {"CMakeLists.txt", "README.md", "LICENSE"} <= included and (ROOT / "LICENSE").is_file()
