@@ -862,8 +862,12 @@ class ReadsAround(nn.Module):
 def test_fuse_leaves_forwards_alone_that_a_graph_would_freeze_unseen(how):
     torch.manual_seed(0)
     model = ReadsAround(how)
+    generator = torch.get_rng_state()
     fused = pyfastnn.fuse(model)
     assert type(fused) is ReadsAround and type(fused.fc) is nn.Linear
+    # Its traces drew random numbers ("random constant": different ones, so it is left alone, not
+    # frozen); the caller's generator is where it was.
+    assert torch.equal(torch.get_rng_state(), generator)
 
 
 def test_a_childs_attribute_forward_reads_is_guarded_also_under_torch_compile():

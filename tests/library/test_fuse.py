@@ -357,24 +357,6 @@ def test_fuse_warns_that_its_copy_drops_parameter_hooks_and_attributes():
     assert fused[0][0].weight is frozen and not frozen.grad.any()
 
 
-def test_fuse_leaves_the_random_generator_as_it_was():
-    class Noisy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = nn.Linear(4, 4)
-
-        def forward(self, x):
-            return torch.relu(self.linear(x)) + torch.randn(4)  # traced: the draw runs then
-
-    model = Noisy()
-    torch.manual_seed(0)
-    expected = torch.rand(3)
-    torch.manual_seed(0)
-    fused = pyfastnn.fuse(model)
-    torch.testing.assert_close(torch.rand(3), expected)
-    assert type(fused) is Noisy  # its two traces drew different numbers: left alone, not frozen
-
-
 def test_concurrent_fuse_calls_leave_nn_module_working():
     # torch.fx patches nn.Module.__call__ and __getattr__ while it traces; interleaved traces in
     # several threads could leave them patched, and every module call in the process would fail.
