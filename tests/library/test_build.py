@@ -245,6 +245,31 @@ def test_loading_the_extension_maps_no_openmp_runtime_beyond_torchs():
         assert int(count) >= 1, result.stdout  # torch's own libgomp, which the extension shares
 
 
+def elf_section_names(path: Path) -> set:
+    """The section names of an ELF64 little-endian file (the extension on x86-64 and aarch64 Linux)."""
+    import struct
+    data = path.read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        pytest.skip(f"{path.name} is not a 64-bit little-endian ELF file")
+    section_offset, = struct.unpack_from("<Q", data, 0x28)
+    entry_size, count, names_index = struct.unpack_from("<HHH", data, 0x3A)
+    def section(index):  # (name offset, file offset)
+        header = section_offset + index * entry_size
+        return struct.unpack_from("<I", data, header)[0], struct.unpack_from("<Q", data, header + 0x18)[0]
+    names_at = section(names_index)[1]
+    return {data[names_at + name:data.index(b"\0", names_at + name)].decode()
+            for name, _ in (section(i) for i in range(count))}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the extension's ELF sections")
+def test_the_extension_carries_debug_information_only_when_asked():
+    # Python's CFLAGS ask for -g: ~30 MB of DWARF per wheel unless the build drops it (PYFASTNN_DEBUG_INFO=1 keeps it).
+    record = extension.build_record()
+    assert record is not None and "debug_info" in record, record
+    sections = elf_section_names(Path(importlib.util.find_spec("pyfastnn._C").origin))
+    assert ".text" in sections and (".debug_info" in sections) == record["debug_info"], sorted(sections)
+
+
 def test_openmp_flags_link_the_runtime_torch_ships(tmp_path):
     openmp_flags = load_setup_module().openmp_flags
     on_openmp = "#define AT_PARALLEL_OPENMP 1\n#define AT_PARALLEL_NATIVE 0\n"  # as in ATen/Config.h
