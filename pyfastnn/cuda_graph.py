@@ -127,9 +127,12 @@ class CUDAGraphStep:
             # failed capture raises, the side stream would stay current for the user's later work.
             with torch.cuda.device(current.device):  # set_stream also makes the stream's device current
                 torch.cuda.set_stream(current)
-            raise RuntimeError(f"cuda_graph_step: capturing the step failed ({e}). Everything in a captured step "
-                               f"must stay on the GPU: no .item(), .cpu(), printing of tensors, data-dependent "
-                               f"shapes or CPU tensors") from e
+            # Ending a capture that an operation broke raises a generic error; what broke it is its context.
+            cause = f"{e.__context__}; then: {e}" if e.__context__ is not None else str(e)
+            raise RuntimeError(f"cuda_graph_step: capturing the step failed ({cause}). Everything in a captured "
+                               f"step must stay on the GPU: no .item(), .cpu(), printing of tensors, data-dependent "
+                               f"shapes or CPU tensors. A failed capture can leave torch's CUDA random number "
+                               f"generator unusable in this process: restart it before training again") from e
         self.graph = graph
 
 

@@ -2,20 +2,25 @@
 # The one-command GPU check, for a machine with a GPU and a CUDA build of torch already installed
 # (no network needed). Each step logs to OUTDIR/<step>.log; OUTDIR/summary.txt has one line per step
 # (rc, seconds) and the final status. Most telling first, so a run cut short still says the most:
-#   env                     nvidia-smi, torch, the lesson extra's packages, compute-sanitizer (env.log)
-#   ninja                   only where ninja is missing and GPU_CHECK_WHEELS names a folder of wheels
-#                           (optional: its failure does not fail the run)
+#   env                     nvidia-smi, torch, nvcc, CUDA_HOME, pytest, ninja, the lesson extra's
+#                           packages, compute-sanitizer (env.log)
+#   tools                   only where ninja or pytest is missing and GPU_CHECK_WHEELS names a folder
+#                           of wheels: pip install --no-index from it. Without ninja torch would
+#                           compile the sources one at a time (about a quarter of an hour), without
+#                           pytest every test step would fail: either missing, the run stops here
 #   build                   pip install -e . with PYFASTNN_CUDA=1 (TORCH_CUDA_ARCH_LIST, default 9.0)
 #   lesson_extra            only where the lesson extra is missing and GPU_CHECK_WHEELS names a folder
 #                           of wheels for it (a machine without network): pip install --no-index from it
 #   (then stops at once unless torch sees a GPU and pyfastnn has its CUDA backend: every GPU test
 #    would otherwise be skipped and pass)
 #   test_cuda               tests/library/test_cuda.py (cuBLASLt and fallback paths, dropout, CUDA graphs)
-#   test_cuda_graph         tests/library/test_cuda_graph.py + the cuda_graph_step doctest
+#   test_cuda_graph         tests/library/test_cuda_graph.py (the captured step against the eager loop,
+#                           dropout masks per replay; no lesson or MNIST needed) + its doctest
 #   bench_cuda              benchmarks/bench_cuda.py --quick (--full: every shape and dtype) --json OUTDIR/bench_cuda.json
-#   test_cuda_train         tests/lesson/test_cuda_train.py (cuda_graph_step on the GPU; training on the
-#                           GPU and the 5-epoch run, which need MNIST in $PYFASTNN_MNIST, else are
-#                           skipped and noted as NOT RUN; all need the lesson extra)
+#   test_cuda_train         tests/lesson/test_cuda_train.py (training on the GPU, the last partial
+#                           batch's graph, resume, DDP, the demo and the 5-epoch run; those that read
+#                           MNIST need it in $PYFASTNN_MNIST, else are skipped and noted as NOT RUN;
+#                           all need the lesson extra)
 #   bench_mnist_cuda        benchmarks/bench_mnist.py --device cuda --quick --json OUTDIR/bench_mnist_cuda.json
 #   fuzz_cuda / fuzz_mlp_cuda   scripts/fuzz_fused_linear.py --device cuda (FUZZ_CASES each)
 #   memcheck / racecheck    compute-sanitizer (where it can run on the device: a probe says so first)
@@ -35,7 +40,7 @@
 #
 # The wheels for an offline machine with Python 3.12, fetched where there is network:
 #   pip download --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-#     --only-binary=:all: numpy tqdm matplotlib ninja -d DIR
+#     --only-binary=:all: numpy tqdm matplotlib ninja pytest -d DIR
 set -uo pipefail
 OUT="${1:?usage: scripts/gpu_check.sh OUTDIR [--full]}"
 MODE="${2:-}"
@@ -115,15 +120,28 @@ step() {  # step NAME LIMIT_S COMMAND...: runs within the budget left, logs, rec
   "$PYTHON" -c "from pyfastnn.extras import missing_lesson_requirements as m; print('lesson extra missing:', m() or 'nothing')"
   "$PYTHON" -c "import triton; print('triton', triton.__version__)" || echo "no triton: torch.compile tests fail"
   "$SANITIZER" --version | tail -n 1
-  "$PYTHON" -m ninja --version 2>/dev/null || ninja --version || echo "no ninja: torch builds one source at a time"
+  "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version | tail -n 2
+  echo "CUDA_HOME=${CUDA_HOME:-unset}"
+  "$PYTHON" -m pytest --version || echo "no pytest"
+  "$PYTHON" -m ninja --version 2>/dev/null || ninja --version || echo "no ninja"
   echo "PYFASTNN_MNIST=${PYFASTNN_MNIST:-unset}"
 } > "$OUT/env.log" 2>&1
-if ! "$PYTHON" -c "import torch.utils.cpp_extension as c; c.verify_ninja_availability()" 2>/dev/null \
-    && [ -d "${GPU_CHECK_WHEELS:-}" ]; then  # without ninja torch compiles the sources one by one
-  kept_status=$status  # optional: without ninja the build is slower, not wrong
-  step ninja 30 "$PYTHON" -m pip install --no-index --find-links "$GPU_CHECK_WHEELS" ninja || status=$kept_status
-  # torch runs `ninja` from PATH: a virtual environment's bin folder may not be on it
-  PATH="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+# torch runs `ninja` from PATH: a virtual environment's bin folder may not be on it
+PATH="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || echo /nonexistent):$PATH"
+have_ninja() { "$PYTHON" -c "import torch.utils.cpp_extension as c; c.verify_ninja_availability()" 2>/dev/null; }
+have_pytest() { "$PYTHON" -c "import pytest" 2>/dev/null; }
+TOOLS_MISSING="$(have_ninja || echo ninja) $(have_pytest || echo pytest)"
+if [ -n "$(echo $TOOLS_MISSING)" ] && [ -d "${GPU_CHECK_WHEELS:-}" ]; then
+  # shellcheck disable=SC2086 # one package name per word
+  step tools 60 "$PYTHON" -m pip install --no-index --find-links "$GPU_CHECK_WHEELS" $TOOLS_MISSING
+fi
+if ! have_ninja; then
+  note build "NOT RUN: no ninja, so torch would compile the sources one at a time (about a quarter of an hour); pip install ninja, or give its wheel in GPU_CHECK_WHEELS"
+  finish
+fi
+if ! have_pytest; then
+  note tests "NOT RUN: no pytest; pip install pytest, or give its wheels in GPU_CHECK_WHEELS"
+  finish
 fi
 step build 240 "$PYTHON" -m pip install --no-build-isolation --no-deps -e . || finish
 "$PYTHON" -c "import pyfastnn; print(pyfastnn.info())" >> "$OUT/env.log" 2>&1
@@ -133,7 +151,7 @@ if ! "$PYTHON" -c "import sys, torch, pyfastnn; sys.exit(not (torch.cuda.is_avai
 fi
 
 step test_cuda 150 "${PYTEST[@]}" tests/library/test_cuda.py --junitxml="$OUT/test_cuda.xml"
-step test_cuda_graph 45 "${PYTEST[@]}" tests/library/test_cuda_graph.py pyfastnn/cuda_graph.py \
+step test_cuda_graph 60 "${PYTEST[@]}" tests/library/test_cuda_graph.py pyfastnn/cuda_graph.py \
   --junitxml="$OUT/test_cuda_graph.xml"
 step bench_cuda "$BENCH_CUDA_LIMIT" "$PYTHON" benchmarks/bench_cuda.py ${BENCH_CUDA_SIZE[@]+"${BENCH_CUDA_SIZE[@]}"} --min-run-time 0.05 \
   --json "$OUT/bench_cuda.json"

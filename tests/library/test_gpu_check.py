@@ -55,8 +55,11 @@ def test_an_unknown_mode_is_refused(tmp_path):
     assert result.returncode == 2 and "unknown: --quick" in result.stderr
 
 
+TOOLS_PRESENT = 'case "$*" in *verify_ninja_availability*|*"import pytest"*) exit 0 ;; esac\n'
+
+
 def test_a_failed_build_stops_with_the_summary_and_status(tmp_path):
-    result = run_script(tmp_path / "out", python=stand_in_python(tmp_path, "exit 1"))
+    result = run_script(tmp_path / "out", python=stand_in_python(tmp_path, TOOLS_PRESENT + "exit 1"))
     assert result.returncode == 1
     summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
     assert summary[0].startswith("[gpu_check] build: rc=1"), summary
@@ -73,17 +76,32 @@ def test_without_a_gpu_it_fails_instead_of_skipping_every_test(tmp_path):
     assert "test_cuda" not in summary and summary.splitlines()[-1].startswith("[gpu_check] done in")
 
 
-def test_a_failed_ninja_install_lets_the_build_go_on_and_the_run_pass(tmp_path):
-    # ninja missing and its wheel not installable: the build goes on without it (slower, not wrong);
-    # every other step (stand-ins for Python and compute-sanitizer) passes, so the run passes.
-    python = stand_in_python(tmp_path, 'case "$*" in *verify_ninja_availability*|*" ninja") exit 1 ;; esac\nexit 0')
+def test_without_ninja_it_stops_before_the_build(tmp_path):
+    # torch would compile the sources one at a time, far past the budget: say so and stop at once.
+    log = tmp_path / "calls.log"
+    python = stand_in_python(tmp_path, f'echo "$*" >> {log}\ncase "$*" in *verify_ninja_availability*) exit 1 ;; esac\nexit 0')
+    result = run_script(tmp_path / "out", python=python)
+    summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    assert summary[0].startswith("[gpu_check] build: NOT RUN: no ninja") and len(summary) == 2, summary
+    assert result.returncode == 1 and "pip install" not in log.read_text()
+
+
+def test_missing_ninja_and_pytest_come_from_the_wheels_and_the_run_passes(tmp_path):
+    # Both missing until the wheels are installed; every other step (stand-ins for Python and
+    # compute-sanitizer) passes, so the run passes.
+    log, installed = tmp_path / "calls.log", tmp_path / "installed"
+    python = stand_in_python(tmp_path, f'echo "$*" >> {log}\ncase "$*" in\n'
+                             f'  *"--no-index"*) touch {installed} ;;\n'
+                             f'  *verify_ninja_availability*|*"import pytest"*) [ -f {installed} ] || exit 1 ;;\n'
+                             f'esac\nexit 0')
     (tmp_path / "bin").mkdir()
     stand_in_python(tmp_path / "bin", "exit 0").rename(tmp_path / "bin" / "compute-sanitizer")
     (tmp_path / "wheels").mkdir()
     result = run_script(tmp_path / "out", python=python, GPU_CHECK_WHEELS=str(tmp_path / "wheels"),
                         PYFASTNN_MNIST=str(tmp_path), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
-    assert summary[0].startswith("[gpu_check] ninja: rc=1") and summary[1].startswith("[gpu_check] build: rc=0"), summary
+    assert summary[0].startswith("[gpu_check] tools: rc=0") and summary[1].startswith("[gpu_check] build: rc=0"), summary
+    assert [line for line in log.read_text().splitlines() if "--no-index" in line][0].endswith("ninja pytest")
     steps = summary[1:-1]  # build, the tests, benchmarks, sanitizers, fuzzing: all passed
     assert all(": rc=0 in " in line for line in steps) and len(steps) == 10, summary
     assert ", status 0;" in summary[-1] and result.returncode == 0, summary
