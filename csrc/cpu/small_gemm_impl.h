@@ -6,6 +6,8 @@
 // the dimension the launcher (gemm.cpp) splits between threads, in an order independent of the split.
 #pragma once
 
+#include <algorithm>
+
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -55,25 +57,40 @@ void small_xwt(const SmallGemm& g, int64_t begin, int64_t end) {
   for (; j < end; ++j) xwt_block<T, R, 1>(x, w, y, g.n, g.k, j);
 }
 
+// NOTE [Blocked sums over the output features]
+// The input gradient of a wide layer (a vocabulary head: n = 50,257 or more) sums n products per
+// element. One running sum over all n would carry O(n) roundings, ~30x torch.mm's error at such n
+// (BLAS sums in blocks of the reduction dimension). Each block of kSumBlock rows of w is summed on its
+// own and then added to the result: O(n / kSumBlock + kSumBlock) roundings, at one extra load and
+// store of the (L1-resident) result per block.
+constexpr int64_t kSumBlock = 256;
+
 // y (R x k) = g (R x n) @ w (n x k), columns [begin, end) of y: U vectors of columns at a time,
-// accumulated over all n rows of w.
+// accumulated over the n rows of w in blocks (NOTE [Blocked sums over the output features]).
 template <typename T, int R, int U>
 inline void gw_block(const T* grad, const T* w, T* y, int64_t n, int64_t k, int64_t p) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t S = Vec::size();
-  Vec acc[R][U];
-  for (int r = 0; r < R; ++r)
-    for (int u = 0; u < U; ++u) acc[r][u] = Vec(T(0));
-  for (int64_t j = 0; j < n; ++j) {
-    Vec wv[U];
-    for (int u = 0; u < U; ++u) wv[u] = Vec::loadu(w + j * k + p + u * S);
+  for (int64_t j0 = 0; j0 < n || j0 == 0; j0 += kSumBlock) {
+    const int64_t j1 = std::min(n, j0 + kSumBlock);
+    Vec acc[R][U];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u) acc[r][u] = Vec(T(0));
+    for (int64_t j = j0; j < j1; ++j) {
+      Vec wv[U];
+      for (int u = 0; u < U; ++u) wv[u] = Vec::loadu(w + j * k + p + u * S);
+      for (int r = 0; r < R; ++r) {
+        const Vec gv(grad[r * n + j]);
+        for (int u = 0; u < U; ++u) acc[r][u] = at::vec::fmadd(gv, wv[u], acc[r][u]);
+      }
+    }
     for (int r = 0; r < R; ++r) {
-      const Vec gv(grad[r * n + j]);
-      for (int u = 0; u < U; ++u) acc[r][u] = at::vec::fmadd(gv, wv[u], acc[r][u]);
+      for (int u = 0; u < U; ++u) {
+        T* out = y + r * k + p + u * S;
+        (j0 == 0 ? acc[r][u] : acc[r][u] + Vec::loadu(out)).store(out);
+      }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int u = 0; u < U; ++u) acc[r][u].store(y + r * k + p + u * S);
 }
 
 template <typename T, int R>
@@ -82,7 +99,7 @@ void small_gw(const SmallGemm& g, int64_t begin, int64_t end) {
   const auto* grad = static_cast<const T*>(g.a);
   const auto* w = static_cast<const T*>(g.b);
   auto* y = static_cast<T*>(g.y);
-  // Each accumulator is a dependent chain of n FMAs: with few rows, more column vectors per block
+  // Each accumulator is a dependent chain of FMAs: with few rows, more column vectors per block
   // keep enough chains in flight (R * U <= 16 registers of accumulators).
   constexpr int U = R <= 2 ? 8 : 4;
   int64_t p = begin;
@@ -91,7 +108,11 @@ void small_gw(const SmallGemm& g, int64_t begin, int64_t end) {
   for (; p < end; ++p) {
     for (int r = 0; r < R; ++r) {
       T total = 0;
-      for (int64_t j = 0; j < g.n; ++j) total += grad[r * g.n + j] * w[j * g.k + p];
+      for (int64_t j0 = 0; j0 < g.n; j0 += kSumBlock) {
+        T block = 0;
+        for (int64_t j = j0; j < std::min(g.n, j0 + kSumBlock); ++j) block += grad[r * g.n + j] * w[j * g.k + p];
+        total += block;
+      }
       y[r * g.k + p] = total;
     }
   }
