@@ -116,12 +116,12 @@ def reference_mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: 
 
 SIZES = (0, 1, 2, 3, 5, 7, 13, 16, 17, 31, 32, 33, 64, 127, 257)
 LARGE_K = (1031, 4099)
-DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-CUDA_DTYPES = DTYPES + (torch.float16,)
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+CUDA_DTYPES = DTYPES  # both backends take every floating dtype
 
 
 def dtypes_for(device: str) -> Tuple[torch.dtype, ...]:
-    """The dtypes fuzzed on a device: float16 too on CUDA."""
+    """The dtypes fuzzed on a device (the same four on the CPU and CUDA)."""
     return CUDA_DTYPES if torch.device(device).type == "cuda" else DTYPES
 
 
@@ -295,6 +295,62 @@ def _assert_no_worse_than_eager(ours: torch.Tensor, eager: torch.Tensor, expecte
         + (f" and the tolerance scaled by dropout ({tolerance:.4g})" if tolerance else ""))
 
 
+def _mlp_reference(x: torch.Tensor, weights, biases, case: MLPCase, masks,
+                   decided: Optional[List[Optional[torch.Tensor]]] = None):
+    """(output, pre-activations) of the case's network layer by layer in float64, each hidden output
+    rounded to the case's dtype as the op (and eager PyTorch in that dtype) stores it: a bfloat16
+    network is compared with a bfloat16 network, not with an unrounded float64 one whose error
+    compounds over the layers. ``decided[l]``, where given, says where relu / leaky_relu layer l
+    takes its positive side instead of the sign of its float64 pre-activation."""
+    preacts = []
+    for layer, (w, b) in enumerate(zip(weights, biases)):
+        z = F.linear(x, w, b)
+        preacts.append(z.detach())
+        activation = case.activations[layer]
+        if decided is not None and decided[layer] is not None:
+            slope = 0.0 if activation == "relu" else case.negative_slope
+            x = torch.where(decided[layer].reshape(z.shape), z, slope * z)
+        else:
+            x = REFERENCE_ACTIVATIONS[activation](z, case.negative_slope)
+        mask = masks[layer]
+        if mask.dim() == 2:
+            x = x * (mask.reshape(x.shape).to(x.dtype) / (1 - case.dropout[layer]))
+        if layer + 1 < len(weights):
+            x = x.to(case.dtype).to(torch.float64)
+    return x, preacts
+
+
+def _kink_decisions(case: MLPCase, replay) -> Optional[List[Optional[torch.Tensor]]]:
+    """Per layer, where the op (its forward ``replay``: output, hidden, pre-activations, masks) took
+    a relu / leaky_relu layer's positive side, read as its backward reads it (None for other
+    activations); None if the network has no such layer."""
+    output, hidden, preacts, _ = replay
+    decided: List[Optional[torch.Tensor]] = []
+    for layer, activation in enumerate(case.activations):
+        if activation not in ("relu", "leaky_relu"):
+            decided.append(None)
+        elif activation == "leaky_relu" and case.negative_slope < 0:
+            decided.append(preacts[layer] > 0)  # the output's sign does not tell: its pre-activation is kept
+        else:
+            decided.append((hidden[layer] if layer < len(hidden) else output) > 0)
+    return decided if any(d is not None for d in decided) else None
+
+
+def _assert_flips_within_rounding(case: MLPCase, decided, preacts, masks) -> None:
+    """The op's relu-like choices differ from the float64 pre-activation's sign only where that
+    pre-activation is within rounding of 0 (or dropout dropped the element)."""
+    for layer, (choice, z) in enumerate(zip(decided, preacts)):
+        if choice is None:
+            continue
+        flips = choice.reshape(z.shape) != (z > 0)
+        if masks[layer].dim() == 2:
+            flips &= masks[layer].reshape(z.shape).bool()
+        tolerance = TOLERANCES[case.dtype][1] * max(1.0, z.abs().max().item()) * _dropout_scale(case)
+        worst = z[flips].abs().max().item() if flips.any() else 0.0
+        assert worst <= tolerance, (
+            f"layer {layer} took a {case.activations[layer]} pre-activation of {worst:.4g} for the other side")
+
+
 def _dropout_scale(case: MLPCase) -> float:
     """The product of the 1/(1-p) factors dropout applies in the case (1 outside training)."""
     scale = 1.0
@@ -328,16 +384,9 @@ def check_mlp(case: MLPCase) -> Optional[str]:
         out = torch.ops.pyfastnn.fused_mlp(*split(ours), *args)
         torch.manual_seed(case.seed)  # the same draws again, for the masks
         with torch.no_grad():
-            masks = torch.ops.pyfastnn.fused_mlp_forward(*split([t.detach() for t in ours]), *args)[3]
-        # Layer by layer in float64, each hidden output rounded to the case's dtype as the op (and
-        # eager PyTorch in that dtype) stores it: a bfloat16 network is compared with a bfloat16
-        # network, not with an unrounded float64 one whose error compounds over the layers.
-        expected, weights_ref, biases_ref = split(refs)
-        for layer, (w, b) in enumerate(zip(weights_ref, biases_ref)):
-            expected = reference_mlp(expected, [w], [b], case.activations[layer:layer + 1], case.negative_slope,
-                                     masks[layer:layer + 1], case.dropout[layer:layer + 1])
-            if layer + 1 < len(weights_ref):
-                expected = expected.to(case.dtype).to(torch.float64)
+            replay = torch.ops.pyfastnn.fused_mlp_forward(*split([t.detach() for t in ours]), *args)
+        masks = replay[3]
+        expected, _ = _mlp_reference(*split(refs), case, masks)
         try:
             assert_close(out, expected, case.dtype)
         except AssertionError:
@@ -369,6 +418,23 @@ def check_mlp(case: MLPCase) -> Optional[str]:
                 try:
                     _assert_gradients_close(grads, expected_grads, case.dtype, _dropout_scale(case))
                 except AssertionError:
+                    decided = _kink_decisions(case, replay)
+                    if decided is not None:
+                        # A relu-like layer may take a pre-activation within rounding of 0 for the
+                        # other side than float64 does (eager PyTorch in the op's dtype may too): both
+                        # slopes are right there. Where the op's choices differ from float64's only at
+                        # such elements, its gradients must match the float64 network that makes its
+                        # choices.
+                        refs = [t.detach().to(torch.float64).requires_grad_(r) for t, r in zip(leaves, flags)]
+                        as_decided, preacts = _mlp_reference(*split(refs), case, masks, decided)
+                        _assert_flips_within_rounding(case, decided, preacts, masks)
+                        decided_grads = torch.autograd.grad(as_decided, [t for t in refs if t.requires_grad],
+                                                            grad_out.to(torch.float64))
+                        try:
+                            _assert_gradients_close(grads, decided_grads, case.dtype, _dropout_scale(case))
+                            return None
+                        except AssertionError:
+                            pass
                     # A sum through a narrow layer can cancel to far below its terms, whose rounding
                     # the tolerance (on the result's scale) does not see: then pyfastnn must be no
                     # further from float64 than twice eager PyTorch in the same dtype.

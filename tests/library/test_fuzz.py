@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pyfastnn
-from pyfastnn.testing import check, check_mlp, random_case, random_mlp_case
+from pyfastnn.testing import MLPCase, check, check_mlp, random_case, random_mlp_case
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)
@@ -56,3 +56,29 @@ def test_an_op_writing_into_its_input_is_caught(dtype, monkeypatch):
     assert check(case) is None
     monkeypatch.setattr(pyfastnn, "fused_linear", scribbling)
     assert check(case) is not None
+
+
+# A fuzz case (seed 0 of `fuzz_fused_linear.py --mlp`) whose relu pre-activation in row 15, column 154
+# is -1.05e-7 in float64: the op, in float32, took it for positive, eager PyTorch for negative.
+NEAR_ZERO_RELU = MLPCase(batch=(16,), widths=(17, 16, 257), dtype=torch.float32, activations=("gelu", "relu"),
+                         negative_slope=0.01, biases=(True, True), dropout=(0.9, 0.0), training=True,
+                         input_requires_grad=True, seed=569603251)
+
+
+def test_a_relu_choice_within_rounding_of_zero_is_not_a_mismatch():
+    assert check_mlp(NEAR_ZERO_RELU) is None
+
+
+def test_a_wrong_relu_gradient_is_still_caught(monkeypatch):
+    """The fuzzer's allowance for choices within rounding of zero does not hide a wrong gradient: a
+    last relu layer whose backward passes the gradient everywhere (slope 1 on the negative side) fails."""
+    original = torch.ops.pyfastnn.fused_mlp
+
+    def relu_with_identity_gradient(input, weights, biases, codes, *rest):
+        z = original(input, weights, biases, list(codes[:-1]) + [pyfastnn.ACTIVATIONS.index("identity")], *rest)
+        return z + (z.clamp(min=0) - z).detach()  # relu's values, the identity's gradient
+
+    case = dataclasses.replace(NEAR_ZERO_RELU, dropout=(0.0, 0.0))
+    assert check_mlp(case) is None
+    monkeypatch.setattr(torch.ops.pyfastnn, "fused_mlp", relu_with_identity_gradient)
+    assert "gradient" in check_mlp(case)
