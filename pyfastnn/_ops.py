@@ -53,8 +53,10 @@ def _real_number(value: object, what: str) -> float:
 
 
 def slope_value(negative_slope: float) -> float:
-    """``negative_slope`` as a float, or TypeError / ValueError unless it is a finite real number
-    (a 0-d tensor that needs no gradient counts as its value: the slope is not learned).
+    """``negative_slope`` as a float, or TypeError / ValueError unless it is a real number that is
+    finite in float32, where the kernels of every dtype but float64 multiply by it (``F.leaky_relu``
+    refuses such slopes too; a 0-d tensor that needs no gradient counts as its value: the slope is
+    not learned).
 
     Example:
         >>> slope_value(0.2)
@@ -67,6 +69,10 @@ def slope_value(negative_slope: float) -> float:
         Traceback (most recent call last):
         ...
         ValueError: pyfastnn: negative_slope must be finite, got inf
+        >>> slope_value(1e39)
+        Traceback (most recent call last):
+        ...
+        ValueError: pyfastnn: negative_slope must be finite in float32 (at most 3.4028234663852886e+38 in magnitude), got 1e+39
     """
     if isinstance(negative_slope, torch.Tensor) and negative_slope.dim() == 0 and not negative_slope.requires_grad:
         negative_slope = negative_slope.item()
@@ -74,7 +80,13 @@ def slope_value(negative_slope: float) -> float:
     # Comparisons, not math.isfinite: torch.compile traces them when it makes the slope symbolic.
     if negative_slope != negative_slope or abs(negative_slope) == math.inf:
         raise ValueError(f"pyfastnn: negative_slope must be finite, got {negative_slope!r}")
+    if abs(negative_slope) > _FLOAT32_MAX:
+        raise ValueError(f"pyfastnn: negative_slope must be finite in float32 (at most {_FLOAT32_MAX!r} in "
+                         f"magnitude), got {negative_slope!r}")
     return negative_slope
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def dropout_probability(p: float) -> float:
@@ -136,6 +148,7 @@ def run_fused_linear(input, weight, bias, code: int, negative_slope: float) -> t
         for name, value in (("input", input), ("weight", weight), ("bias", bias)):
             if not isinstance(value, torch.Tensor) and not (name == "bias" and value is None):
                 raise TypeError(f"pyfastnn: {name} must be a torch.Tensor, got {type(value).__name__}") from None
+        _refuse_nested(input)
         raise
 
 
@@ -151,7 +164,15 @@ def run_fused_mlp(input, weights, biases, codes, negative_slope: float, dropout,
             for i, value in enumerate(values):
                 if not isinstance(value, torch.Tensor) and not (name == "biases" and value is None):
                     raise TypeError(f"pyfastnn: {name}[{i}] must be a torch.Tensor, got {type(value).__name__}") from None
+        _refuse_nested(input)
         raise
+
+
+def _refuse_nested(input: torch.Tensor) -> None:
+    """A nested (jagged) input reaches no kernel; the dispatcher's error names only the op."""
+    if input.is_nested:
+        raise NotImplementedError("pyfastnn: nested tensors are not supported as input; pad them "
+                                  "(torch.nested.to_padded_tensor) or pass their values tensor") from None
 
 
 def _output_shape(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: int) -> list:

@@ -64,7 +64,14 @@ __all__ = ["fuse", "FusedRun"]
 
 @dataclass(frozen=True)
 class FusedRun:
-    """One replacement made by :func:`fuse`: where, which modules, and what replaced them."""
+    """One replacement made by :func:`fuse`: where, which modules, and what replaced them.
+
+    Example:
+        >>> report = []
+        >>> _ = fuse(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), report=report)
+        >>> print(report[0])
+        <root>: Linear(4, 8) -> ReLU -> Linear(8, 2) => FusedMLP
+    """
 
     path: str                 # qualified name of the new module in the returned model
     replaced: Tuple[str, ...]  # what it replaced, e.g. ("Linear(784, 256)", "ReLU", "Dropout(0.2)", ...)
@@ -863,9 +870,11 @@ _FUSING = threading.RLock()
 
 def _parameter_extras(model: nn.Module) -> List[str]:
     """Names of the parameters carrying what copy.deepcopy drops: tensor hooks (``register_hook``,
-    ``register_post_accumulate_grad_hook``) and attributes set on them."""
+    ``register_post_accumulate_grad_hook``) and attributes set on them (not the markers torch.compile
+    leaves on the parameters of a model it ran, ``_dynamo_static_input_type``: it sets them again)."""
     return [name for name, p in model.named_parameters(remove_duplicate=False)
-            if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) or vars(p)]
+            if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)
+            or any(not attribute.startswith("_dynamo") for attribute in vars(p))]
 
 
 def fuse(model: nn.Module, inplace: bool = False, *, report: Optional[list] = None,

@@ -278,8 +278,7 @@ class FusedMLP(nn.Module):
         if not layers:
             raise ValueError("a FusedMLP needs at least one layer")
         for layer in layers:
-            if not isinstance(layer, FusedLinear):
-                raise TypeError(f"a FusedMLP's layers must be FusedLinear modules, got {type(layer).__name__}")
+            _check_layer(layer)
         _common_negative_slope(layers)
         for before, after in zip(layers[:-1], layers[1:]):
             if before.out_features != after.in_features:
@@ -296,9 +295,12 @@ class FusedMLP(nn.Module):
     def __setattr__(self, name: str, value) -> None:
         # These settings live on the layers and are read from them on every call: a value of the
         # same name on the FusedMLP would change nothing (torch.func.functional_call given the keys
-        # of the Sequential a FusedMLP replaced in place sets "weight" here). (A subclass may still add a parameter or a
-        # buffer under such a name; a module would be taken for a layer.)
-        if name in _LAYER_SETTINGS and not isinstance(value, nn.Parameter) and name not in self._buffers:
+        # of the Sequential a FusedMLP replaced in place sets "weight" here). A parameter under such a name is
+        # refused too unless a subclass's own forward may read it; one registered explicitly
+        # (register_parameter / register_buffer) may be reassigned. A module would be taken for a layer.
+        own_parameter = isinstance(value, nn.Parameter) and type(self).forward is not FusedMLP.forward
+        registered = name in self._buffers or name in self._parameters
+        if name in _LAYER_SETTINGS and not own_parameter and not registered:
             where = (f"its parameters are its layers' ({', '.join(n for n, _ in self.named_parameters())})"
                      if name in ("weight", "bias") else f"set it on the layers instead (for layer in mlp: "
                                                         f"layer.{name} = ...)")
@@ -389,8 +391,7 @@ class FusedMLP(nn.Module):
         """Replaces the index-th layer (by position); it keeps that layer's name, so the state-dict keys
         stay."""
         _refuse_slice(index)
-        if not isinstance(layer, FusedLinear):
-            raise TypeError(f"FusedMLP layers are FusedLinear modules, got {type(layer).__name__}")
+        _check_layer(layer)
         setattr(self, list(self._modules)[index], layer)
 
     def to_sequential(self) -> nn.Sequential:
@@ -424,8 +425,7 @@ class FusedMLP(nn.Module):
         weights, biases, codes, dropout = [], [], [], []
         slope: Optional[float] = None
         for name, layer in self._modules.items():
-            if not isinstance(layer, FusedLinear):
-                raise TypeError(f"pyfastnn: FusedMLP layer {name!r} must be a FusedLinear, got {type(layer).__name__}")
+            _check_layer(layer, name)
             if layer._forward_pre_hooks or layer._forward_hooks or layer._backward_hooks or \
                     layer._backward_pre_hooks:
                 _run_layer_pre_hooks(layer, name, (input,) if not weights else ())
@@ -462,6 +462,19 @@ def _layer_sizes(sizes) -> List[int]:
     return result
 
 
+def _check_layer(layer, name: Optional[str] = None) -> None:
+    """A FusedMLP layer: a FusedLinear whose forward is FusedLinear's own. The FusedMLP never calls a
+    layer's forward (it reads weight, bias, activation and dropout into one fused op), so a subclass
+    or an instance with a forward of its own would be computed as a plain layer, silently."""
+    where = f"FusedMLP layer {name!r}" if name is not None else "a FusedMLP layer"
+    if not isinstance(layer, FusedLinear):
+        raise TypeError(f"pyfastnn: {where} must be a FusedLinear, got {type(layer).__name__}")
+    if type(layer).forward is not FusedLinear.forward or "forward" in layer.__dict__:
+        raise TypeError(f"pyfastnn: {where} ({type(layer).__name__}) has a forward of its own, which a FusedMLP "
+                        f"would never call (it runs its layers' weights and activations in one fused op); "
+                        f"put such a layer in an nn.Sequential instead")
+
+
 def _refuse_slice(index) -> None:
     if isinstance(index, slice):
         raise TypeError("FusedMLP indexes layers, not the modules of its nn.Sequential equivalent, so it refuses "
@@ -488,16 +501,27 @@ def _run_layer_pre_hooks(layer: nn.Module, name: str, inputs: tuple) -> None:
             f"its layers inside one fused op, so they would never see the layer's output or gradient; "
             f"register them on the FusedMLP itself, or use to_sequential()")
     for hook_id, hook in list(layer._forward_pre_hooks.items()):
-        if hook_id in layer._forward_pre_hooks_with_kwargs:
-            result = hook(layer, inputs, {})
-        else:
-            result = hook(layer, inputs)
-        if result is not None:
+        with_kwargs = hook_id in layer._forward_pre_hooks_with_kwargs
+        result = hook(layer, inputs, {}) if with_kwargs else hook(layer, inputs)
+        if not _same_input(result, inputs, with_kwargs):
             raise RuntimeError(
                 f"pyfastnn: a forward pre-hook of FusedMLP layer {name!r} returned a replacement input, which "
                 f"cannot be applied inside the fused op (the layer's input is not a separate tensor); "
                 f"use to_sequential() for such hooks")
 
+
+
+def _same_input(result, inputs: tuple, with_kwargs: bool) -> bool:
+    """Whether a forward pre-hook's result leaves the input as it was (None, or the same tensors),
+    read the way nn.Module.__call__ reads it."""
+    if result is None:
+        return True
+    if with_kwargs:
+        if not (isinstance(result, tuple) and len(result) == 2) or result[1]:
+            return False
+        result = result[0]
+    result = result if isinstance(result, tuple) else (result,)
+    return len(result) == len(inputs) and all(a is b for a, b in zip(result, inputs))
 
 
 def _mode(module: nn.Module) -> str:

@@ -29,6 +29,9 @@ CASES = [
      "negative_slope must be a real number, got '0.2'"),
     ("slope_nan", (X, W, None), {"activation": "leaky_relu", "negative_slope": float("nan")}, ValueError,
      "negative_slope must be finite, got nan"),
+    # F.leaky_relu refuses it too: the kernels multiply by the slope in float32 (-inf instead of -1e39).
+    ("slope_beyond_float32", (X, W, None), {"activation": "leaky_relu", "negative_slope": 1e39}, ValueError,
+     r"negative_slope must be finite in float32 \(at most 3.40\d*e\+38 in magnitude\), got 1e\+39"),
     ("slope_learnable", (X, W, None), {"activation": "leaky_relu",
                                        "negative_slope": torch.tensor(0.2, requires_grad=True)}, TypeError,
      "negative_slope must be a real number"),
@@ -73,6 +76,15 @@ def test_a_missing_tensor_beside_tensors_on_any_device_is_named(device):
         pyfastnn.fused_mlp(None, [w])
     with pytest.raises(TypeError, match=r"weights\[0\] must be a torch.Tensor, got NoneType"):
         pyfastnn.fused_mlp(X.to(device), [None])
+
+
+@pytest.mark.parametrize("layout", [torch.jagged, torch.strided])
+def test_nested_input_is_refused_by_name(layout):
+    nested = torch.nested.nested_tensor([torch.randn(2, 5), torch.randn(3, 5)], layout=layout)
+    with pytest.raises(NotImplementedError, match="nested tensors are not supported as input"):
+        pyfastnn.fused_linear(nested, W)
+    with pytest.raises(NotImplementedError, match="nested tensors are not supported as input"):
+        pyfastnn.FusedMLP([5, 4, 3])(nested)
 
 
 def test_bad_activation_code_on_raw_op():

@@ -1481,6 +1481,58 @@ def test_forward_and_backward_hooks_on_layers_are_refused_clearly():
     mlp[0].register_forward_pre_hook(lambda module, args: (args[0] * 2,))
     with pytest.raises(RuntimeError, match="returned a replacement input"):
         mlp(torch.randn(2, 4))
+    mlp = _mlp((4, 5, 2))
+    mlp[1].register_forward_pre_hook(lambda module, args, kwargs: (args, {"scale": 2}), with_kwargs=True)
+    with pytest.raises(RuntimeError, match="layer '2' returned a replacement input"):
+        mlp(torch.randn(2, 4))
+
+
+def test_forward_pre_hooks_that_return_their_input_unchanged_are_accepted():
+    # nn.Module accepts a pre-hook that hands back the input it got (the same tensors).
+    mlp, x = _mlp((4, 5, 2)), torch.randn(2, 4)
+    expected = mlp(x)
+    mlp[0].register_forward_pre_hook(lambda module, args: args)
+    mlp[0].register_forward_pre_hook(lambda module, args: args[0])
+    mlp[1].register_forward_pre_hook(lambda module, args: args)  # a hidden layer's (empty) input
+    mlp[1].register_forward_pre_hook(lambda module, args, kwargs: (args, kwargs), with_kwargs=True)
+    torch.testing.assert_close(mlp(x), expected)
+
+
+def test_process_wide_forward_hooks_see_the_fused_mlp_not_its_layers():
+    mlp, seen = _mlp((4, 5, 2)), []
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(type(module)))
+    try:
+        mlp(torch.randn(2, 4))
+    finally:
+        handle.remove()
+    assert seen == [FusedMLP]
+
+
+def test_layers_with_a_forward_of_their_own_are_refused():
+    """A FusedMLP never calls its layers' forward: a layer that brings its own would be computed as a
+    plain layer (its extra parameters untrained), so it is refused, when added and when called."""
+
+    class LowRank(FusedLinear):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.delta = nn.Parameter(torch.zeros(self.out_features, self.in_features))
+
+        def forward(self, x):
+            return pyfastnn.fused_linear(x, self.weight + self.delta, self.bias, self.activation)
+
+    with pytest.raises(TypeError, match="LowRank.* has a forward of its own"):
+        FusedMLP.from_layers([LowRank(4, 5, activation="relu"), FusedLinear(5, 2)])
+    mlp = _mlp((4, 5, 2))
+    with pytest.raises(TypeError, match="has a forward of its own"):
+        mlp[1] = LowRank(5, 2)
+    plain_forward = mlp[0].forward
+    mlp[0].forward = lambda x: plain_forward(x) * 0  # an instance's own forward
+    with pytest.raises(TypeError, match="layer '0' .* has a forward of its own"):
+        mlp(torch.randn(2, 4))
+    # Subclasses that keep FusedLinear's forward stay layers: parametrize makes one.
+    mlp = _mlp((4, 5, 2))
+    nn.utils.parametrizations.weight_norm(mlp[0])
+    assert type(mlp[0]) is not FusedLinear and mlp(torch.randn(2, 4)).shape == (2, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1563,13 +1615,24 @@ def test_layer_settings_assigned_on_the_fused_mlp_raise(name):
         setattr(mlp, name, nn.Dropout(0.5))  # a module would be taken for a layer
     if name == "negative_slope":
         return  # a read-only property of the FusedMLP itself
-    # A subclass may keep a parameter or a buffer of its own under such a name.
-    setattr(mlp, name, nn.Parameter(torch.zeros(2)))
+    with pytest.raises(AttributeError, match=f"reads '{name}' from its layers"):
+        setattr(mlp, name, nn.Parameter(torch.zeros(2)))  # its forward would never read it
+
+    class Scaled(pyfastnn.FusedMLP):  # a subclass whose own forward may read a parameter of that name
+        def forward(self, x):
+            return super().forward(x)
+
+    scaled = Scaled.from_sequential(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)))
+    setattr(scaled, name, nn.Parameter(torch.zeros(2)))
+    # Registered explicitly, a parameter or a buffer of that name may be reassigned.
     other = _mlp((4, 5, 2))
     other.register_buffer(name, torch.zeros(2))
     setattr(other, name, torch.ones(2))
     torch.testing.assert_close(getattr(other, name), torch.ones(2))
-    assert mlp(torch.randn(3, 4)).shape == other(torch.randn(3, 4)).shape == (3, 2)
+    third = _mlp((4, 5, 2))
+    third.register_parameter(name, nn.Parameter(torch.zeros(2)))
+    setattr(third, name, nn.Parameter(torch.ones(2)))
+    assert scaled(torch.randn(3, 4)).shape == other(torch.randn(3, 4)).shape == third(torch.randn(3, 4)).shape == (3, 2)
 
 
 def test_nan_and_inf_differences_from_pytorch_are_as_documented():

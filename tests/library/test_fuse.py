@@ -112,7 +112,7 @@ def test_fused_mlp_repr_len_and_indexing():
     keys, layer = list(mlp.state_dict()), FusedLinear(256, 128, activation="tanh")
     mlp[1] = layer
     assert mlp[1] is layer and mlp[-2] is layer and list(mlp.state_dict()) == keys
-    with pytest.raises(TypeError, match="FusedMLP layers are FusedLinear modules, got Linear"):
+    with pytest.raises(TypeError, match="a FusedMLP layer must be a FusedLinear, got Linear"):
         mlp[0] = nn.Linear(784, 256)
     with pytest.raises(IndexError):
         mlp[3] = layer
@@ -355,6 +355,17 @@ def test_fuse_warns_that_its_copy_drops_parameter_hooks_and_attributes():
         fused = pyfastnn.fuse(model, inplace=True)  # the same parameters: nothing lost
     fused(torch.randn(3, 4)).sum().backward()
     assert fused[0][0].weight is frozen and not frozen.grad.any()
+
+
+def test_fuse_after_torch_compile_ran_the_model_does_not_warn_of_its_markers():
+    # torch.compile leaves _dynamo_* attributes on the parameters of a model it ran; the user set nothing.
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    torch._dynamo.reset()  # a frame compiled by an earlier test would be reused without marking these
+    torch.compile(model, backend="eager")(torch.randn(3, 4))
+    assert any(vars(p) for p in model.parameters()), "torch.compile no longer marks parameters"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pyfastnn.fuse(model)
 
 
 def test_concurrent_fuse_calls_leave_nn_module_working():
