@@ -54,9 +54,10 @@ def _real_number(value: object, what: str) -> float:
 
 def slope_value(negative_slope: float) -> float:
     """``negative_slope`` as a float, or TypeError / ValueError unless it is a real number that is
-    finite in float32, where the kernels of every dtype but float64 multiply by it (``F.leaky_relu``
-    refuses such slopes too; a 0-d tensor that needs no gradient counts as its value: the slope is
-    not learned).
+    finite in float32, where the kernels of every dtype but float64 multiply by it. It is checked
+    before the dtype is known (a layer's slope when the layer is made), so float64 is held to it too,
+    where ``F.leaky_relu`` refuses such slopes for the other dtypes only. A 0-d tensor that needs no
+    gradient counts as its value: the slope is not learned.
 
     Example:
         >>> slope_value(0.2)
@@ -172,7 +173,7 @@ def _refuse_nested(input: torch.Tensor) -> None:
     """A nested (jagged) input reaches no kernel; the dispatcher's error names only the op."""
     if input.is_nested:
         raise NotImplementedError("pyfastnn: nested tensors are not supported as input; pad them "
-                                  "(torch.nested.to_padded_tensor) or pass their values tensor") from None
+                                  "(torch.nested.to_padded_tensor), or pass a jagged one's values()") from None
 
 
 def _output_shape(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: int) -> list:

@@ -132,7 +132,7 @@ class CUDAGraphStep:
             raise RuntimeError(f"cuda_graph_step: capturing the step failed ({cause}). Everything in a captured "
                                f"step must stay on the GPU: no .item(), .cpu(), printing of tensors, data-dependent "
                                f"shapes or CPU tensors. A failed capture can leave torch's CUDA random number "
-                               f"generator unusable in this process: restart it before training again") from e
+                               f"generator unusable in this process: restart the process before training again") from e
         self.graph = graph
 
 

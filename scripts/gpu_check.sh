@@ -47,6 +47,7 @@ MODE="${2:-}"
 case "$MODE" in "" | --full) ;; *) echo "usage: scripts/gpu_check.sh OUTDIR [--full] (unknown: $MODE)" >&2; exit 2 ;; esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
+PYTHON="$(command -v "$PYTHON" || echo "$PYTHON")"  # one interpreter throughout, whatever PATH gains below
 if [ "$MODE" = "--full" ]; then
   FUZZ_CASES="${FUZZ_CASES:-10000}" BUDGET="${GPU_CHECK_BUDGET_S:-1500}" BENCH_CUDA_SIZE=() BENCH_CUDA_LIMIT=300
 else
@@ -126,11 +127,13 @@ step() {  # step NAME LIMIT_S COMMAND...: runs within the budget left, logs, rec
   "$PYTHON" -m ninja --version 2>/dev/null || ninja --version || echo "no ninja"
   echo "PYFASTNN_MNIST=${PYFASTNN_MNIST:-unset}"
 } > "$OUT/env.log" 2>&1
-# torch runs `ninja` from PATH: a virtual environment's bin folder may not be on it
-PATH="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || echo /nonexistent):$PATH"
+# torch runs `ninja` from PATH: the environment's scripts folder (where its wheel puts it) may not be on it
+SCRIPTS_DIR="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)"
+[ -n "$SCRIPTS_DIR" ] && PATH="$PATH:$SCRIPTS_DIR"
 have_ninja() { "$PYTHON" -c "import torch.utils.cpp_extension as c; c.verify_ninja_availability()" 2>/dev/null; }
 have_pytest() { "$PYTHON" -c "import pytest" 2>/dev/null; }
-TOOLS_MISSING="$(have_ninja || echo ninja) $(have_pytest || echo pytest)"
+need_pytest() { wanted test_cuda test_cuda_graph test_cuda_train memcheck racecheck test_cpu_on_cuda_build; }
+TOOLS_MISSING="$(have_ninja || echo ninja) $( (! need_pytest || have_pytest) || echo pytest)"
 if [ -n "$(echo $TOOLS_MISSING)" ] && [ -d "${GPU_CHECK_WHEELS:-}" ]; then
   # shellcheck disable=SC2086 # one package name per word
   step tools 60 "$PYTHON" -m pip install --no-index --find-links "$GPU_CHECK_WHEELS" $TOOLS_MISSING
@@ -139,7 +142,7 @@ if ! have_ninja; then
   note build "NOT RUN: no ninja, so torch would compile the sources one at a time (about a quarter of an hour); pip install ninja, or give its wheel in GPU_CHECK_WHEELS"
   finish
 fi
-if ! have_pytest; then
+if need_pytest && ! have_pytest; then
   note tests "NOT RUN: no pytest; pip install pytest, or give its wheels in GPU_CHECK_WHEELS"
   finish
 fi

@@ -27,7 +27,7 @@ cd "$ROOT"  # import this tree's build, whatever folder the caller is in
 # A re-run keeps the extension when it is installed in this environment, loads under its torch, was
 # built with the same settings, and no build input changed since (pip would otherwise rebuild it
 # from scratch every time).
-SETTINGS="venv=$VENV torch=$TORCH_SPEC cuda=${PYFASTNN_CUDA:-} archs=${TORCH_CUDA_ARCH_LIST:-} cuda_home=${CUDA_HOME:-}"
+SETTINGS="venv=$VENV torch=$TORCH_SPEC cuda=${PYFASTNN_CUDA:-} archs=${TORCH_CUDA_ARCH_LIST:-} cuda_home=${CUDA_HOME:-} debug_info=${PYFASTNN_DEBUG_INFO:-}"
 STAMP="$ROOT/build/setup_env.settings"
 up_to_date() {
   local built

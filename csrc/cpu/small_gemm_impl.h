@@ -59,7 +59,7 @@ void small_xwt(const SmallGemm& g, int64_t begin, int64_t end) {
 
 // NOTE [Blocked sums over the output features]
 // The input gradient of a wide layer (a vocabulary head: n = 50,257 or more) sums n products per
-// element. One running sum over all n would carry O(n) roundings, ~30x torch.mm's error at such n
+// element. One running sum over all n would carry O(n) roundings, ~25x torch.mm's error at such n
 // (BLAS sums in blocks of the reduction dimension). Each block of kSumBlock rows of w is summed on its
 // own and then added to the result: O(n / kSumBlock + kSumBlock) roundings, at one extra load and
 // store of the (L1-resident) result per block.

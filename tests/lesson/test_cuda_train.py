@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import pyfastnn.lesson.train as train_module
 from pyfastnn.lesson.train import TrainConfig, train
 from samples import CUDA_READY
 
@@ -36,14 +37,19 @@ def test_train_cuda_graph_equals_the_eager_loop(mnist_dir):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_train_graphs_the_smaller_last_batch_and_dropout_like_the_eager_loop(tiny_mnist_dir):
+def test_train_graphs_the_smaller_last_batch_and_dropout_like_the_eager_loop(tiny_mnist_dir, monkeypatch):
     # 96 images in batches of 40: 40, 40 and a last batch of 16, each size its own graph, both
-    # captured and replayed within three epochs; dropout on, so the replays' Philox offsets must
-    # advance exactly as the eager steps' do.
+    # captured within three epochs; dropout on, so the replays' Philox offsets must advance exactly
+    # as the eager steps' do.
+    steps = []
+    make_step = train_module.cuda_graph_step
+    monkeypatch.setattr(train_module, "cuda_graph_step", lambda *args, **kwargs: steps.append(
+        make_step(*args, **kwargs)) or steps[-1])
     common = dict(epochs=3, batch_size=40, dropout=0.2)
     graphed = train(_config(tiny_mnist_dir, cuda_graph=True, **common))
     eager = train(_config(tiny_mnist_dir, cuda_graph=False, **common))
     assert [h["steps"] for h in graphed.metrics["history"]] == [3, 3, 3] and graphed.metrics["cuda_graph"]
+    assert [step.inputs[0].shape[0] for step in steps] == [40, 16] and all(step.captured for step in steps)
     for (name, p), q in zip(graphed.model.state_dict().items(), eager.model.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 

@@ -32,6 +32,10 @@ CASES = [
     # F.leaky_relu refuses it too: the kernels multiply by the slope in float32 (-inf instead of -1e39).
     ("slope_beyond_float32", (X, W, None), {"activation": "leaky_relu", "negative_slope": 1e39}, ValueError,
      r"negative_slope must be finite in float32 \(at most 3.40\d*e\+38 in magnitude\), got 1e\+39"),
+    # ... in float64 too: the slope is checked where no dtype is known yet (a layer's, when it is made).
+    ("slope_beyond_float32_in_float64", (X.double(), W.double(), None), {"activation": "leaky_relu",
+                                                                          "negative_slope": -1e39}, ValueError,
+     r"negative_slope must be finite in float32 .*, got -1e\+39"),
     ("slope_learnable", (X, W, None), {"activation": "leaky_relu",
                                        "negative_slope": torch.tensor(0.2, requires_grad=True)}, TypeError,
      "negative_slope must be a real number"),

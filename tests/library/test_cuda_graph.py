@@ -308,5 +308,5 @@ print("DEFAULT STREAM", torch.cuda.current_stream() == torch.cuda.default_stream
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert "RAISED cuda_graph_step: capturing the step failed" in result.stdout, result.stdout + result.stderr
-    assert "no .item(), .cpu()" in result.stdout and "restart it before training again" in result.stdout
+    assert "no .item(), .cpu()" in result.stdout and "restart the process before training again" in result.stdout
     assert "DEFAULT STREAM True" in result.stdout  # the failed capture's side stream is not left current

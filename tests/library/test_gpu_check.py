@@ -86,6 +86,16 @@ def test_without_ninja_it_stops_before_the_build(tmp_path):
     assert result.returncode == 1 and "pip install" not in log.read_text()
 
 
+def test_pytest_is_needed_only_by_the_steps_that_run_tests(tmp_path):
+    python = stand_in_python(tmp_path, 'case "$*" in *"import pytest"*) exit 1 ;; esac\nexit 0')
+    result = run_script(tmp_path / "out", python=python, GPU_CHECK_ONLY="bench_cuda fuzz_cuda")
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "build: rc=0" in summary and "bench_cuda: rc=0" in summary and result.returncode == 0, summary
+    result = run_script(tmp_path / "out2", python=python, GPU_CHECK_ONLY="test_cuda")
+    summary = (tmp_path / "out2" / "summary.txt").read_text().splitlines()
+    assert summary[0].startswith("[gpu_check] tests: NOT RUN: no pytest") and result.returncode == 1, summary
+
+
 def test_missing_ninja_and_pytest_come_from_the_wheels_and_the_run_passes(tmp_path):
     # Both missing until the wheels are installed; every other step (stand-ins for Python and
     # compute-sanitizer) passes, so the run passes.
