@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -55,8 +56,8 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], rounds: int = 7,
     """
     if rounds < 1:
         raise ValueError(f"time_interleaved: rounds must be >= 1, got {rounds}")
-    if not target_s > 0:
-        raise ValueError(f"time_interleaved: target_s must be > 0, got {target_s}")
+    if not 0 < target_s < math.inf:
+        raise ValueError(f"time_interleaved: target_s must be a finite number of seconds > 0, got {target_s}")
     iters = {}
     for name, fn in fns.items():  # warm up and calibrate each to ~target_s per round
         fn()
@@ -104,13 +105,15 @@ def saved_for_backward_bytes(model, x: torch.Tensor) -> int:
         24
     """
     total = 0
-    free = {p.data_ptr() for p in model.parameters()} | {x.data_ptr()}
+    # By storage: a view (w.t(), a slice at an offset, a chunk) keeps its whole storage alive.
+    free = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
 
     def pack(t):
         nonlocal total
-        if t.data_ptr() not in free:
-            free.add(t.data_ptr())
-            total += t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in free:
+            free.add(storage.data_ptr())
+            total += storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -123,7 +126,7 @@ def _variants(m: int, k: int, n: int, activation: str, backward: bool, with_comp
         torch._dynamo.reset()  # each case compiles afresh instead of hitting the recompile limit
     g = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=g)
-    w = torch.randn(n, k, generator=g) * k ** -0.5
+    w = torch.randn(n, k, generator=g) * max(k, 1) ** -0.5
     b = torch.randn(n, generator=g)
     grad = torch.randn(m, n, generator=g)
     act = TORCH_ACT[activation]
@@ -175,7 +178,13 @@ def run(shapes: Sequence = FULL_SHAPES, activations: Sequence[str] = BENCH_ACTIV
         threads: Sequence[int] = (1, 2), with_compile: bool = True, rounds: int = 7,
         target_s: float = 0.02, log=print) -> List[dict]:
     """Times fused_linear against eager PyTorch, the bare GEMMs (and torch.compile) for every shape x
-    activation x thread count, forward and forward+backward; logs a table, returns one dict per row."""
+    activation x thread count, forward and forward+backward; logs a table, returns one dict per row.
+    With ``with_compile``, torch.compile's caches are reset for each case (``torch._dynamo.reset()``:
+    each compiles afresh), which also drops what other code in the process had compiled."""
+    unknown = [a for a in activations if a not in TORCH_ACT]
+    if unknown:
+        raise ValueError(f"run: no eager baseline for activation(s) {', '.join(map(repr, unknown))}; "
+                         f"benchmarked: {', '.join(TORCH_ACT)}")
     results = []
     previous_threads = torch.get_num_threads()
     header = (f"{'shape':>16} {'act':>8} {'thr':>3} {'pass':>8} {'fused us':>9} {'eager us':>9} "

@@ -33,7 +33,9 @@ def flush_denormals(enabled: bool = True) -> Iterator[bool]:
     thread is reached with ``"openmp"``, at best some with ``"native"``, the caller alone with
     ``"serial"``). ``enabled=False``
     makes it a no-op block, for code that decides at run time. Other threads (other Python threads,
-    torch's inter-op pool) keep their own mode; change ``torch.set_num_threads`` before the block,
+    torch's inter-op pool) keep their own mode, but a thread started inside the block inherits the
+    flushing mode (new threads inherit the floating-point environment) and keeps it after the block;
+    change ``torch.set_num_threads`` before the block,
     not inside it, since threads the pool had idle when the block began may join without the mode.
 
     Example:

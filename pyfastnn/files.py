@@ -200,7 +200,8 @@ def check_output_file(path: PathLike, what: str = "--json") -> Path:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{what} {path} is a folder; give a file name")
-    ensure_writable_folder(path.parent, f"folder for {what}")
+    # The folder the file will really be written in: a symbolic link's target's (atomic_write writes there).
+    ensure_writable_folder(Path(os.path.realpath(path)).parent, f"folder for {what}")
     return path
 
 

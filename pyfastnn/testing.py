@@ -52,12 +52,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     more, in bfloat16) they differ by rounding proportional to the largest value, so an element that
     cancels to near zero is judged against the tensor's magnitude rather than its own.
 
+    Infinities and NaNs must match exactly; the scale is that of the finite values.
+
     Example:
         >>> assert_close(torch.tensor([100.0, 1e-4]), torch.tensor([100.0, 0.0]), torch.float32)
     """
+    if dtype not in TOLERANCES:
+        raise TypeError(f"assert_close: no tolerances for {dtype} (known: {', '.join(map(str, TOLERANCES))})")
     rtol, atol = TOLERANCES[dtype]
-    if expected.numel():
-        atol *= max(1.0, expected.abs().max().item())
+    finite = expected[torch.isfinite(expected)]
+    if finite.numel():
+        atol *= max(1.0, finite.abs().max().item())
     torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol, atol=atol, equal_nan=True)
 
 
@@ -106,10 +111,14 @@ def reference_mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: 
         >>> torch.allclose(out, reference_mlp(x, [w1, w2], [None, None], ["tanh", "identity"]), atol=1e-5)
         True
     """
+    for name, values in (("biases", biases), ("activations", activations), ("keep_masks", keep_masks),
+                         ("dropout", dropout)):
+        if values is not None and len(values) != len(weights):
+            raise ValueError(f"reference_mlp: {len(values)} {name} for {len(weights)} weights")
     x = input
     for layer, (w, b, activation) in enumerate(zip(weights, biases, activations)):
         x = reference(x, w, b, activation, negative_slope)
-        if keep_masks is not None and keep_masks[layer].dim() == 2:
+        if keep_masks is not None and keep_masks[layer] is not None and keep_masks[layer].dim() == 2:
             x = x * (keep_masks[layer].reshape(x.shape).to(x.dtype) / (1 - dropout[layer]))
     return x
 
@@ -123,6 +132,10 @@ CUDA_DTYPES = DTYPES  # both backends take every floating dtype (kept as a name 
 def dtypes_for(device: str) -> Tuple[torch.dtype, ...]:
     """The dtypes fuzzed on a device: today the same four on the CPU and CUDA."""
     return CUDA_DTYPES if torch.device(device).type == "cuda" else DTYPES
+
+
+#: The layouts a Case's input and weight are drawn in.
+LAYOUTS = ("contiguous", "input_transposed", "input_strided", "weight_transposed", "weight_strided")
 
 
 @dataclasses.dataclass
@@ -139,6 +152,10 @@ class Case:
     seed: int
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:  # a misspelt layout would be tested as contiguous
+            raise ValueError(f"Case: unknown layout {self.layout!r} (known: {', '.join(LAYOUTS)})")
+
     def describe(self) -> str:
         return (f"batch={self.batch} {self.in_features}->{self.out_features} {self.dtype} {self.activation}"
                 f"({self.negative_slope}) bias={self.bias} {self.layout} grad={self.requires_grad} seed={self.seed}"
@@ -153,7 +170,7 @@ def random_case(rng: random.Random, device: str = "cpu") -> Case:
         batch=batch, in_features=in_features, out_features=rng.choice(SIZES), dtype=rng.choice(dtypes_for(device)),
         activation=rng.choice(pyfastnn.ACTIVATIONS), negative_slope=rng.choice((0.01, 0.0, 0.3, -0.5)),
         bias=rng.random() < 0.7,
-        layout=rng.choice(("contiguous", "input_transposed", "input_strided", "weight_transposed", "weight_strided")),
+        layout=rng.choice(LAYOUTS),
         requires_grad=(rng.random() < 0.7, rng.random() < 0.7, rng.random() < 0.7), seed=rng.randrange(2**31),
         device=device)
 
@@ -363,7 +380,14 @@ def _dropout_scale(case: MLPCase) -> float:
 
 def check_mlp(case: MLPCase) -> Optional[str]:
     """None if fused_mlp (with the masks it drew) matches the float64 layer-by-layer reference in value
-    (every dtype) and every gradient (float32/float64), else what differs."""
+    (every dtype) and every gradient (float32/float64), else what differs. It seeds torch's
+    generators with the case's seed (the masks are drawn twice alike) and restores them after."""
+    device = torch.device(case.device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _check_mlp(case)
+
+
+def _check_mlp(case: MLPCase) -> Optional[str]:
     g = torch.Generator().manual_seed(case.seed)
     x = random_tensor((*case.batch, case.widths[0]), case.dtype, g, None, case.device)
     weights = [random_tensor((n, k), case.dtype, g, None, case.device, scale=k ** -0.5)

@@ -280,3 +280,16 @@ def test_atomic_write_names_the_target_when_the_rename_fails(tmp_path, monkeypat
         with atomic_write(tmp_path / "out.bin") as f:
             f.write((tmp_path / "missing-input").read_bytes())
     assert caught.value.filename == str(tmp_path / "missing-input") and list(tmp_path.iterdir()) == []
+
+
+def test_a_json_path_through_a_dangling_link_is_written_where_the_link_points(tmp_path):
+    # The up-front check looks at the folder the file really lands in (a link's target's), so the
+    # benchmark never runs only to fail when it saves.
+    from pyfastnn.files import atomic_write, check_output_file
+
+    link = tmp_path / "bench.json"
+    link.symlink_to(tmp_path / "missing" / "bench.json")
+    check_output_file(link)
+    with atomic_write(link) as f:
+        f.write(b"{}")
+    assert (tmp_path / "missing" / "bench.json").read_text() == "{}"

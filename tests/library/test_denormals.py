@@ -121,3 +121,16 @@ def test_a_build_whose_loops_miss_torchs_threads_says_so(monkeypatch, torch_thre
             with pyfastnn.flush_denormals():
                 pass
     assert not calling_thread_flushes()
+
+
+def test_a_thread_started_inside_the_block_keeps_its_inherited_mode(torch_threads):
+    # New threads inherit the floating-point environment (as documented): flushing, and it stays.
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch_threads(1)  # each check computes on the thread that runs it
+    with ThreadPoolExecutor(1) as inside, ThreadPoolExecutor(1) as outside:
+        with pyfastnn.flush_denormals():
+            inside.submit(lambda: None).result()  # its worker thread starts inside the block
+        outside.submit(lambda: None).result()  # ... and this one after it
+        assert inside.submit(calling_thread_flushes).result()
+        assert not outside.submit(calling_thread_flushes).result() and not calling_thread_flushes()

@@ -341,3 +341,25 @@ def test_saved_activations_are_no_larger_than_eager():
     x = torch.randn(64, 784)
     fused_bytes, eager_bytes = saved_for_backward_bytes(fused, x), saved_for_backward_bytes(fused.to_sequential(), x)
     assert fused_bytes <= eager_bytes, (fused_bytes, eager_bytes)
+
+
+def test_saved_bytes_count_each_storage_once_and_views_of_parameters_free():
+    class SlicedWeight(nn.Module):  # keeps only a view (at an offset) of its parameter and the input
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 4))
+
+        def forward(self, x):
+            return x @ self.w[4:].t()
+
+    assert saved_for_backward_bytes(SlicedWeight(), torch.randn(2, 4, requires_grad=True)) == 0
+
+
+def test_benchmark_arguments_are_checked_before_timing():
+    from pyfastnn.benchmark import run, time_interleaved
+
+    with pytest.raises(ValueError, match="no eager baseline for activation\\(s\\) 'tanh'"):
+        run(shapes=((2, 3, 4),), activations=("tanh",), threads=(1,), with_compile=False, log=lambda line: None)
+    with pytest.raises(ValueError, match="target_s must be a finite number of seconds > 0"):
+        time_interleaved({"f": lambda: None}, target_s=float("inf"))
+

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pyfastnn
-from pyfastnn.testing import MLPCase, check, check_mlp, random_case, random_mlp_case
+from pyfastnn.testing import MLPCase, assert_close, check, check_mlp, random_case, random_mlp_case, reference_mlp
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)
@@ -82,3 +82,34 @@ def test_a_wrong_relu_gradient_is_still_caught(monkeypatch):
     assert check_mlp(case) is None
     monkeypatch.setattr(torch.ops.pyfastnn, "fused_mlp", relu_with_identity_gradient)
     assert "gradient" in check_mlp(case)
+
+
+def test_assert_close_does_not_pass_everything_beside_an_infinity():
+    # The absolute tolerance follows the finite values' scale; an infinite one would make it infinite.
+    with pytest.raises(AssertionError):
+        assert_close(torch.tensor([float("inf"), 1000.0]), torch.tensor([float("inf"), 1.0]), torch.float32)
+    with pytest.raises(AssertionError):
+        assert_close(torch.tensor([-float("inf")]), torch.tensor([float("inf")]), torch.float32)
+    assert_close(torch.tensor([float("inf"), 1.0, float("nan")]), torch.tensor([float("inf"), 1.0, float("nan")]),
+                 torch.float32)
+    with pytest.raises(TypeError, match="no tolerances for torch.int64"):
+        assert_close(torch.tensor([1]), torch.tensor([1]), torch.int64)
+
+
+def test_check_mlp_leaves_torchs_generator_as_it_was():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    assert check_mlp(random_mlp_case(random.Random(3))) is None
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_references_and_cases_refuse_what_they_would_misread():
+    x, w = torch.randn(2, 3), [torch.randn(4, 3), torch.randn(2, 4)]
+    with pytest.raises(ValueError, match="1 activations for 2 weights"):
+        reference_mlp(x, w, [None, None], ["relu"])  # zip would silently drop the second layer
+    torch.testing.assert_close(reference_mlp(x, w, [None, None], ["relu", "identity"], keep_masks=[None, None],
+                                             dropout=[0.0, 0.0]),
+                               reference_mlp(x, w, [None, None], ["relu", "identity"]))
+    with pytest.raises(ValueError, match="unknown layout 'input_transpose'"):
+        dataclasses.replace(random_case(random.Random(0)), layout="input_transpose")
