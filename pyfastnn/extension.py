@@ -73,11 +73,14 @@ def build_record() -> Optional[Dict[str, Any]]:
         return None
     path = record_path(spec.origin)
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as error:
         raise ImportError(f"pyfastnn's build record {path} is unreadable ({error}): {REBUILD_HINT}") from None
+    if not isinstance(record, dict):
+        raise ImportError(f"pyfastnn's build record {path} is unreadable (not a JSON object): {REBUILD_HINT}")
+    return record
 
 
 def load_extension() -> ModuleType:

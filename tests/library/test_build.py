@@ -127,6 +127,18 @@ def test_importing_under_another_torch_names_both_versions(tmp_path):
     assert "pip install --no-build-isolation ." in last_line
 
 
+@pytest.mark.parametrize("content", ["[1]", "null", "{not json"])
+def test_an_unreadable_build_record_is_a_clear_import_error(tmp_path, content):
+    package = tmp_path / "pyfastnn"
+    shutil.copytree(Path(pyfastnn.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    [record_file] = package.glob("_C.*.json")
+    record_file.write_text(content)
+    result = run_python("import pyfastnn", cwd=tmp_path)
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and last_line.startswith("ImportError: pyfastnn's build record"), result.stderr
+    assert "is unreadable" in last_line and "pip install --no-build-isolation ." in last_line
+
+
 def test_setup_without_torch_fails_at_once_with_the_command():
     # What pip's isolated build runs into: no torch importable. It must stop before compiling anything.
     code = ("import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', 'egg_info']; "
