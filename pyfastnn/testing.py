@@ -118,9 +118,17 @@ def reference_mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: 
     x = input
     for layer, (w, b, activation) in enumerate(zip(weights, biases, activations)):
         x = reference(x, w, b, activation, negative_slope)
-        if keep_masks is not None and keep_masks[layer] is not None and keep_masks[layer].dim() == 2:
-            x = x * (keep_masks[layer].reshape(x.shape).to(x.dtype) / (1 - dropout[layer]))
+        if keep_masks is not None:
+            x = _apply_dropout(x, keep_masks[layer], dropout[layer])
     return x
+
+
+def _apply_dropout(x: torch.Tensor, keep_mask: Optional[torch.Tensor], p: float) -> torch.Tensor:
+    """``x`` after one layer's dropout as nn.Dropout applies it (x * mask / (1 - p)); a None or empty
+    mask (a layer without dropout) leaves it as it is."""
+    if keep_mask is None or keep_mask.dim() != 2:
+        return x
+    return x * (keep_mask.reshape(x.shape).to(x.dtype) / (1 - p))
 
 
 SIZES = (0, 1, 2, 3, 5, 7, 13, 16, 17, 31, 32, 33, 64, 127, 257)
@@ -130,8 +138,9 @@ CUDA_DTYPES = DTYPES  # both backends take every floating dtype (kept as a name 
 
 
 def dtypes_for(device: str) -> Tuple[torch.dtype, ...]:
-    """The dtypes fuzzed on a device: today the same four on the CPU and CUDA."""
-    return CUDA_DTYPES if torch.device(device).type == "cuda" else DTYPES
+    """The dtypes fuzzed on a device: the same four on the CPU and CUDA (``device`` is checked)."""
+    torch.device(device)
+    return DTYPES
 
 
 #: The layouts a Case's input and weight are drawn in.
@@ -329,9 +338,7 @@ def _mlp_reference(x: torch.Tensor, weights, biases, case: MLPCase, masks,
             x = torch.where(decided[layer].reshape(z.shape), z, slope * z)
         else:
             x = REFERENCE_ACTIVATIONS[activation](z, case.negative_slope)
-        mask = masks[layer]
-        if mask.dim() == 2:
-            x = x * (mask.reshape(x.shape).to(x.dtype) / (1 - case.dropout[layer]))
+        x = _apply_dropout(x, masks[layer], case.dropout[layer])
         if layer + 1 < len(weights):
             x = x.to(case.dtype).to(torch.float64)
     return x, preacts
@@ -363,17 +370,17 @@ def _assert_flips_within_rounding(case: MLPCase, decided, preacts, masks) -> Non
         if masks[layer].dim() == 2:
             flips &= masks[layer].reshape(z.shape).bool()
         # The rounding of z grows with the dropout factors of the layers below it (their kept values are scaled).
-        below = dataclasses.replace(case, dropout=case.dropout[:layer])
-        tolerance = TOLERANCES[case.dtype][1] * max(1.0, z.abs().max().item()) * _dropout_scale(below)
+        tolerance = TOLERANCES[case.dtype][1] * max(1.0, z.abs().max().item()) * _dropout_scale(case, layers=layer)
         worst = z[flips].abs().max().item() if flips.any() else 0.0
         assert worst <= tolerance, (
             f"layer {layer} took a {case.activations[layer]} pre-activation of {worst:.4g} for the other side")
 
 
-def _dropout_scale(case: MLPCase) -> float:
-    """The product of the 1/(1-p) factors dropout applies in the case (1 outside training)."""
+def _dropout_scale(case: MLPCase, layers: Optional[int] = None) -> float:
+    """The product of the 1/(1-p) factors dropout applies in the case (1 outside training), in its
+    first ``layers`` layers where given."""
     scale = 1.0
-    for p in (case.dropout if case.training else ()):
+    for p in (case.dropout[:layers] if case.training else ()):
         scale /= 1.0 - p
     return scale
 

@@ -112,14 +112,20 @@ def test_same_release_with_another_local_tag_loads():
     extension.check_built_for({"torch": "2.13.0+cpu", "cuda": None}, "2.13.0+cu128", "12.8")
 
 
+def import_with_record(folder: Path, rewrite) -> subprocess.CompletedProcess:
+    """`import pyfastnn` from a copy of the installed package in ``folder`` whose build record's text
+    is ``rewrite(text)``."""
+    package = folder / "pyfastnn"
+    shutil.copytree(Path(pyfastnn.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    [record_file] = package.glob("_C.*.json")
+    record_file.write_text(rewrite(record_file.read_text()))
+    return run_python("import pyfastnn", cwd=folder)
+
+
 def test_importing_under_another_torch_names_both_versions(tmp_path):
     # A copy of the installed package whose record says it was built against another torch: the
     # import must stop before loading the library, with both versions and the rebuild command.
-    package = tmp_path / "pyfastnn"
-    shutil.copytree(Path(pyfastnn.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
-    [record_file] = package.glob("_C.*.json")
-    record_file.write_text(json.dumps({**json.loads(record_file.read_text()), "torch": "2.99.0"}))
-    result = run_python("import pyfastnn", cwd=tmp_path)
+    result = import_with_record(tmp_path, lambda text: json.dumps({**json.loads(text), "torch": "2.99.0"}))
     assert result.returncode != 0
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("ImportError: pyfastnn's extension was built against torch 2.99.0, but torch "
@@ -129,11 +135,7 @@ def test_importing_under_another_torch_names_both_versions(tmp_path):
 
 @pytest.mark.parametrize("content", ["[1]", "null", "{not json"])
 def test_an_unreadable_build_record_is_a_clear_import_error(tmp_path, content):
-    package = tmp_path / "pyfastnn"
-    shutil.copytree(Path(pyfastnn.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
-    [record_file] = package.glob("_C.*.json")
-    record_file.write_text(content)
-    result = run_python("import pyfastnn", cwd=tmp_path)
+    result = import_with_record(tmp_path, lambda text: content)
     last_line = result.stderr.strip().splitlines()[-1]
     assert result.returncode != 0 and last_line.startswith("ImportError: pyfastnn's build record"), result.stderr
     assert "is unreadable" in last_line and "pip install --no-build-isolation ." in last_line
