@@ -103,6 +103,17 @@ void check_kernel_input(const char* name, const at::Tensor& t) {
                               " is a ZeroTensor without memory; materialize it first (clone())");
 }
 
+namespace {
+at::Device checked_kernel_device(const at::Tensor& input, const at::Tensor* grad_output) {
+  check_kernel_input("input", input);
+  if (grad_output != nullptr) check_kernel_input("grad_output", *grad_output);
+  return input.device();
+}
+}  // namespace
+
+KernelScope::KernelScope(const at::Tensor& input, const at::Tensor* grad_output)
+    : device_guard_(checked_kernel_device(input, grad_output)) {}
+
 void check_saved_tensor(const char* name, const at::Tensor& t, const at::Tensor& input,
                         at::IntArrayRef expected_shape) {
   TORCH_CHECK_TYPE(t.defined(), "pyfastnn: ", name, " is missing");

@@ -4,7 +4,9 @@
 // probabilities), each naming the offending argument.
 #pragma once
 
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <optional>
 
@@ -27,6 +29,21 @@ void check_dropout_probability(double p, int64_t layer = -1);
 // these): on a device this build has kernels for, with memory behind it (not a ZeroTensor). Its
 // parameters are checked to be on the same device.
 void check_kernel_input(const char* name, const at::Tensor& t);
+
+// NOTE [Kernels run below autograd]
+// Called directly from C++ with tensors that require grad, the out= GEMMs inside the kernels would
+// refuse to run; the dispatcher's path is already below autograd. Each kernel entry point opens a
+// KernelScope after its argument checks: it checks input (and grad_output, where given) with
+// check_kernel_input, then keeps the call below autograd and on input's device, where the kernels
+// launch.
+class KernelScope {
+ public:
+  explicit KernelScope(const at::Tensor& input, const at::Tensor* grad_output = nullptr);
+
+ private:
+  at::AutoDispatchBelowADInplaceOrView below_autograd_;
+  c10::OptionalDeviceGuard device_guard_;
+};
 
 // Checks a tensor handed to a backward op (a gradient or a saved activation) against the input.
 void check_saved_tensor(const char* name, const at::Tensor& t, const at::Tensor& input,

@@ -2,8 +2,6 @@
 #include "fused_linear.h"
 
 #include <ATen/ATen.h>
-#include <ATen/core/LegacyTypeDispatch.h>
-#include <c10/core/DeviceGuard.h>
 
 #include "checks.h"
 #include "layer.h"
@@ -23,11 +21,7 @@ at::Tensor fused_linear_inference(const at::Tensor& input, const at::Tensor& wei
                                   const std::optional<at::Tensor>& bias, int64_t activation,
                                   double negative_slope) {
   check_fused_linear_args(input, weight, bias, activation);
-  check_kernel_input("input", input);
-  // NOTE [Kernels run below autograd]: called directly from C++ with tensors that require grad, the
-  // out= GEMMs inside would refuse to run (the dispatcher's path is already below autograd).
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const c10::OptionalDeviceGuard device_guard(input.device());  // kernels launch on input's device
+  const KernelScope scope(input);  // NOTE [Kernels run below autograd]
   at::Tensor out = empty_output(input, weight.size(0));
   detail::layer_forward(detail::as_matrix(input), weight, bias, static_cast<Activation>(activation),
                         negative_slope, detail::as_matrix(out), nullptr, {});
@@ -39,9 +33,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_forward(const at::Tensor& input,
                                                         int64_t activation, double negative_slope,
                                                         bool keep_preact) {
   check_fused_linear_args(input, weight, bias, activation);
-  check_kernel_input("input", input);
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // NOTE [Kernels run below autograd]
-  const c10::OptionalDeviceGuard device_guard(input.device());
+  const KernelScope scope(input);  // NOTE [Kernels run below autograd]
   at::Tensor out = empty_output(input, weight.size(0));
   at::Tensor preact = keep_preact ? at::empty_like(out) : at::empty({0}, input.options());
   const at::Tensor preact_matrix = keep_preact ? detail::as_matrix(preact) : at::Tensor();
@@ -55,10 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward(
     const at::Tensor& saved, int64_t activation, double negative_slope,
     std::array<bool, 3> output_mask) {
   check_fused_linear_args(input, weight, std::nullopt, activation);
-  check_kernel_input("input", input);
-  check_kernel_input("grad_output", grad_output);
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // NOTE [Kernels run below autograd]
-  const c10::OptionalDeviceGuard device_guard(input.device());
+  const KernelScope scope(input, &grad_output);  // NOTE [Kernels run below autograd]
   const auto act = static_cast<Activation>(activation);
   const auto shape = detail::output_shape(input, weight.size(0));
   check_saved_tensor("grad_output", grad_output, input, shape);

@@ -4,8 +4,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
-#include <ATen/core/LegacyTypeDispatch.h>
-#include <c10/core/DeviceGuard.h>
 
 #include <mutex>
 
@@ -30,9 +28,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
     const at::Tensor& input, at::TensorList weights, const BiasList& biases, at::IntArrayRef activations,
     double negative_slope, at::ArrayRef<double> dropout, bool training, bool save) {
   check_fused_mlp_args(input, weights, biases, activations, dropout);
-  check_kernel_input("input", input);
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // NOTE [Kernels run below autograd]
-  const c10::OptionalDeviceGuard device_guard(input.device());
+  const KernelScope scope(input);  // NOTE [Kernels run below autograd]
   const size_t layers = weights.size();
   const auto options = input.options();
   std::vector<at::Tensor> hidden, preacts, keep_masks;
@@ -107,10 +103,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
                     " pre-activation and ", keep_masks.size(), " mask tensors for ", layers, " layers");
   TORCH_CHECK_VALUE(output_mask.size() == 1 + 2 * layers, "pyfastnn: output_mask needs ", 1 + 2 * layers,
                     " entries (input, weights, biases), got ", output_mask.size());
-  check_kernel_input("input", input);
-  check_kernel_input("grad_output", grad_output);
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // NOTE [Kernels run below autograd]
-  const c10::OptionalDeviceGuard device_guard(input.device());
+  const KernelScope scope(input, &grad_output);  // NOTE [Kernels run below autograd]
   const auto out_shape = detail::output_shape(input, weights[layers - 1].size(0));
   check_saved_tensor("grad_output", grad_output, input, out_shape);
 
