@@ -47,6 +47,19 @@ int64_t rows_per_block(int64_t rows, int64_t cols, bool cuda_device) {
   return cpu::backward_rows_per_block(rows, cols);
 }
 
+// The sum of the rows of a (blocks, cols) tensor of partial sums, added pairwise in a fixed order:
+// log2(blocks) roundings per sum whatever the thread count (torch's CPU sum may split one long
+// column between threads). Overwrites partial_sums.
+at::Tensor add_block_sums(const at::Tensor& partial_sums) {
+  int64_t rows = partial_sums.size(0);
+  while (rows > 1) {
+    const int64_t half = rows / 2;
+    partial_sums.narrow(0, 0, half).add_(partial_sums.narrow(0, rows - half, half));
+    rows -= half;
+  }
+  return partial_sums.select(0, 0);
+}
+
 // The device's GEMMs for the gradients: the CPU picks its own (cpu/gemm.h), CUDA runs ATen's (cuBLAS).
 // grad @ w: the input gradient.
 at::Tensor matmul_gw(const at::Tensor& grad, const at::Tensor& w) {
@@ -94,7 +107,8 @@ struct BackwardPass {
       launch(args, rows, block_rows, cuda_device);
     }
     if (!need_sums) return at::Tensor();
-    at::Tensor sums = blocks <= 1 ? partial_sums : partial_sums.sum(0);
+    // CUDA: torch's reduction, one launch in a fixed order; the CPU adds its many short blocks pairwise.
+    at::Tensor sums = blocks <= 1 ? partial_sums : cuda_device ? partial_sums.sum(0) : add_block_sums(partial_sums);
     return sums.scalar_type() == grad_out.scalar_type() ? sums : sums.to(grad_out.scalar_type());
   }
 };

@@ -50,6 +50,21 @@ def test_input_gradient_of_a_wide_layer_is_as_accurate_as_torch_mm(rows):
     assert error(x.grad) <= 3 * max(error(grad_out @ w.detach()), 1e-7 * exact.abs().max().item())
 
 
+def test_bias_gradient_of_a_tall_layer_is_as_accurate_as_torch_sum():
+    """The bias gradient sums a million rows per feature: in blocks of at most 256 rows whose sums
+    are added pairwise, as accurate as torch.sum; 64 blocks of 16K rows each were ~6x further from
+    float64."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1_000_000, 4, generator=generator)
+    w = torch.randn(8, 4, generator=generator)
+    b = torch.zeros(8, requires_grad=True)
+    grad_out = torch.rand(1_000_000, 8, generator=generator)
+    pyfastnn.fused_linear(x, w, b, "identity").backward(grad_out)
+    exact = grad_out.double().sum(0)
+    error = lambda t: (t.double() - exact).abs().max().item()  # noqa: E731
+    assert error(b.grad) <= 2 * max(error(grad_out.sum(0)), 1e-7 * exact.abs().max().item())
+
+
 @pytest.mark.parametrize("sample", SMALL_F64, ids=repr)
 def test_gradcheck(sample):
     fn = lambda *t: pyfastnn.fused_linear(*t[:2], t[2] if len(t) > 2 else None, **sample.kwargs())  # noqa: E731
