@@ -18,14 +18,18 @@ from .command import (EXIT_FAILURE, EXIT_USAGE, command_parser, debug_requested,
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # SIGTERM (torchrun, docker, SLURM) stops a command like Ctrl-C: files being written are cleaned up.
-    with terminate_on_sigterm():
-        try:  # Ctrl-C while a command's modules load, before its own handling starts
-            return _main(argv)
-        except KeyboardInterrupt as e:
-            if debug_requested(argv):
-                raise
-            print("pyfastnn: interrupted", file=sys.stderr)
-            return interrupted_status(e)
+    status: Optional[int] = None
+    try:  # Ctrl-C while a command's modules load, before its own handling starts
+        with terminate_on_sigterm():
+            status = _main(argv)
+    except KeyboardInterrupt as e:
+        if debug_requested(argv):
+            raise
+        if status is not None:  # a signal as the command ended (torchrun stopping the other ranks): its status stands
+            return status
+        print("pyfastnn: interrupted", file=sys.stderr)
+        return interrupted_status(e)
+    return status
 
 
 def run() -> NoReturn:

@@ -457,6 +457,25 @@ def test_a_second_sigterm_during_the_cleanup_is_ignored():
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_a_sigterm_as_the_command_ends_keeps_its_status_without_a_traceback(capsys, monkeypatch):
+    """torchrun stops the other ranks once one fails: the SIGTERM can land while the handler is being
+    removed, after the command has printed its error and returned."""
+    import contextlib
+
+    from pyfastnn import cli as cli_module
+    from pyfastnn.command import Terminated
+
+    @contextlib.contextmanager
+    def signalled_on_exit():
+        yield
+        raise Terminated()
+
+    monkeypatch.setattr(cli_module, "terminate_on_sigterm", signalled_on_exit)
+    monkeypatch.setattr(cli_module, "_main", lambda argv: 1)
+    assert cli_module.main(["info"]) == 1
+    assert capsys.readouterr().err == ""
+
+
 def test_sigterm_handler_is_only_installed_while_the_command_runs(capsys):
     import signal
 

@@ -95,7 +95,7 @@ def test_fused_mlp_state_dict_both_ways_and_conversions():
         FusedMLP.from_sequential(apart)
     runs = []
     fused = pyfastnn.fuse(apart, report=runs)  # two runs, each with its own slope
-    assert [type(m).__name__ for m in fused][::4] == ["FusedMLP", "FusedLinear"] and len(runs) == 2
+    assert [type(m).__name__ for m in fused][::4] == ["InPlaceFusedMLP", "FusedLinear"] and len(runs) == 2
     assert list(fused.state_dict()) == list(apart.state_dict())
     assert_same_function(apart, fused, torch.randn(5, 4))
     with pytest.raises(ValueError, match=r"\(Linear layers in torch.float32 on cpu and torch.float64 on cpu\)"):
@@ -204,8 +204,8 @@ def test_fuse_nested_and_partial_runs():
     fused = pyfastnn.fuse(model, report=runs)
     kinds = [type(m).__name__ for m in fused.body]
     # Linear-GELU-Linear is one run (Softplus is not fused), then Linear-LeakyReLU on its own; each
-    # takes its first module's index and leaves nn.Identity in the others' places.
-    assert kinds == ["FusedMLP", "Identity", "Identity", "Softplus", "FusedLinear", "Identity"]
+    # takes its first module's index and leaves Absorbed placeholders in the others' places.
+    assert kinds == ["InPlaceFusedMLP", "Absorbed", "Absorbed", "Softplus", "FusedLinear", "Absorbed"]
     assert list(fused.state_dict()) == list(model.state_dict())
     assert type(fused.head[1]) is FusedMLP  # the nested Sequential is one run: replaced whole
     assert len(runs) == 3
@@ -300,9 +300,52 @@ def test_functional_call_and_load_state_dict_with_either_keys_of_a_partly_fused_
     x = torch.randn(2, 4)
     zeros = {name: torch.zeros_like(p) for name, p in own.items()}
     torch.testing.assert_close(functional_call(fused, zeros, (x,)), torch.full((2, 3), 1 / 3))
-    # The original's keys would set an unused `weight` on the FusedMLP: refused, never ignored.
-    with pytest.raises(AttributeError, match=r"reads 'weight' from its layers .* layers' \(0\.weight, 2\.weight\)"):
-        functional_call(fused, {name: torch.zeros_like(p) for name, p in seq.named_parameters()}, (x,))
+    # The original's keys are paths to the same layers (NOTE [The old paths of a partly fused Sequential]).
+    plain = copy.deepcopy(seq)
+    plain.load_state_dict(fused.state_dict())
+    for name in ("0.weight", "2.weight"):
+        override = {name: torch.randn_like(seq.get_parameter(name))}
+        torch.testing.assert_close(functional_call(fused, override, (x,)), functional_call(plain, override, (x,)))
+    assert dict(fused.named_parameters()) == own  # the parameters are back, as Parameters
+    torch.testing.assert_close(fused(x), plain(x))
+
+
+def test_the_old_paths_of_a_partly_fused_sequential_lead_to_its_fused_layers():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4),
+                        nn.Softmax(-1))
+    fused = pyfastnn.fuse(seq)
+    layers = list(fused[1])
+    assert [fused.get_parameter(key) for key in ("1.weight", "3.weight", "5.bias")] == \
+        [layers[0].weight, layers[1].weight, layers[2].bias]
+    assert fused[3].in_features == 16 and "fused layer 16 -> 12" in repr(fused[3])
+    with pytest.raises(AttributeError):
+        fused[2].weight  # noqa: B018 (the ReLU's place has no parameters, as the ReLU had none)
+    # Assigned through an old path, a parameter goes to the layer the fused module runs.
+    fused[3].weight = nn.Parameter(torch.zeros(12, 16))
+    assert layers[1].weight is fused[3].weight and torch.equal(layers[1].weight, torch.zeros(12, 16))
+    copied = copy.deepcopy(fused)  # the copy's paths lead to the copy's layers
+    assert copied[5].weight is list(copied[1])[2].weight and copied[5].weight is not fused[5].weight
+    # A size mismatch names the checkpoint's key, not the fused module's own.
+    wider = nn.Sequential(nn.Flatten(), nn.Linear(8, 17), nn.ReLU(), nn.Linear(17, 12), nn.ReLU(), nn.Linear(12, 4))
+    with pytest.raises(RuntimeError, match=r"size mismatch for 1\.weight:(.|\n)*size mismatch for 3\.weight:"):
+        fused.load_state_dict(wider.state_dict())
+
+
+def test_torch_distributed_checkpoint_state_dicts_of_a_partly_fused_sequential():
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.Softmax(-1))
+    fused = pyfastnn.fuse(copy.deepcopy(seq))
+    state = get_model_state_dict(fused)
+    assert list(state) == list(seq.state_dict()) and all(torch.equal(state[k], v) for k, v in fused.state_dict().items())
+    other = nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.Softmax(-1))
+    set_model_state_dict(fused, get_model_state_dict(other))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(fused(x), other(x))
+    set_model_state_dict(seq, get_model_state_dict(fused))
+    torch.testing.assert_close(seq(x), other(x))
 
 
 def test_a_partly_fused_sequential_with_a_parametrized_layer_loads_its_own_state_dict():
@@ -340,7 +383,7 @@ def test_fuse_leaves_a_dropout_whose_p_is_no_float_alone():
     for p in (torch.tensor(0.2), False):
         model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Dropout(p))
         fused = pyfastnn.fuse(model)
-        assert [type(m).__name__ for m in fused] == ["FusedLinear", "Identity", "Dropout"]
+        assert [type(m).__name__ for m in fused] == ["FusedLinear", "Absorbed", "Dropout"]
 
 
 def test_fuse_warns_that_its_copy_drops_parameter_hooks_and_attributes():
