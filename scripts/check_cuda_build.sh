@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Keeps the CUDA backend compiling where there is no GPU: builds a copy of the tree against the CUDA
 # build of torch (torch==2.14.1 here) with PYFASTNN_CUDA=1 for sm_90, imports it, and runs the test
-# suite on it (the CPU paths; tests/library/test_cuda.py runs only where a GPU is visible).
+# suite on it (the CPU paths; tests/library/test_cuda.py runs only where a GPU is visible); then the
+# C++ library and its ctest suite with CMake against that torch (C++20, as torch 2.14 requires).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WORK="${PYFASTNN_CUDA_WORKDIR:-$ROOT/build/cuda-check}"
@@ -18,3 +19,14 @@ cd "$WORK/src"
 scripts/setup_env.sh
 "$PYFASTNN_VENV/bin/python" -c "import pyfastnn; i = pyfastnn.info(); assert i['backends']['cuda'], i; print('[cuda] built for', i['cuda_archs'], 'with torch', i['torch'])"
 "$PYFASTNN_VENV/bin/python" -m pytest tests -q -x "$@"
+
+# torch's CMake package asks for the CUDA toolkit; nvrtc comes with the torch wheel when the toolkit
+# has none.
+CUDA_ROOT="${CUDA_HOME:-/usr/local/cuda}"
+CUDA_ARGS=(-DCUDA_TOOLKIT_ROOT_DIR="$CUDA_ROOT" -DCUDAToolkit_ROOT="$CUDA_ROOT")
+if ! ls "$CUDA_ROOT"/lib64/libnvrtc.so* > /dev/null 2>&1; then
+  SITE="$("$PYFASTNN_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  NVRTC="$(find "$SITE/nvidia" -name 'libnvrtc.so*' 2> /dev/null | sort | head -1)"
+  [ -z "$NVRTC" ] || CUDA_ARGS+=(-DCUDA_nvrtc_LIBRARY="$NVRTC")
+fi
+scripts/build_cpp.sh "$WORK/cmake" "${CUDA_ARGS[@]}"

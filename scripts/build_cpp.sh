@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Configures, builds and runs (ctest) the C++ library and its tests with CMake against the torch of
+# $PYFASTNN_VENV (default .venv): scripts/build_cpp.sh BUILD_DIR [CMake options...]. The configure
+# log goes to BUILD_DIR.configure.log (printed if configuring fails); ctest inherits the caller's
+# environment (sanitizer options, for instance).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${PYFASTNN_VENV:-$ROOT/.venv}"
+BUILD="$1"
+shift
+mkdir -p "$(dirname "$BUILD")"
+TORCH_PREFIX="$("$VENV/bin/python" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DCMAKE_MAKE_PROGRAM="$VENV/bin/ninja" \
+  "$@" > "$BUILD.configure.log" 2>&1 || { cat "$BUILD.configure.log"; exit 1; }
+grep "^-- pyfastnn" "$BUILD.configure.log" || true
+cmake --build "$BUILD" -j "${MAX_JOBS:-2}"
+ctest --test-dir "$BUILD" --output-on-failure
