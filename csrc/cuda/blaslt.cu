@@ -115,8 +115,9 @@ uint32_t reduction_schemes(c10::ScalarType dtype) {
 // transposes, sizes, leading dimensions, epilogue, bias and aux leading dimension), the workspace
 // size, the allowed reduction schemes and the alignments of the pointers (the preferences and
 // descriptor attributes it reads), so the answer, including "no algorithm", is kept per such key.
-// An algorithm whose launch failed is remembered as "no algorithm" for its key, so the fallback is
-// not preceded by the same failing launch on every call. The cache is bounded: a run with
+// An algorithm cuBLASLt refuses to launch (not supported, invalid value, wrong architecture) is
+// remembered as "no algorithm" for its key, so the fallback is not preceded by the same failing
+// launch on every call. The cache is bounded: a run with
 // ever-changing shapes starts it afresh rather than growing without end.
 using HeuristicKey = std::array<int64_t, 21>;
 
@@ -240,9 +241,14 @@ bool lt_matmul(const LtGemm& g) {
       cublasLtMatmul(handle, desc.raw, &alpha, g.a, a_layout.raw, g.b, b_layout.raw, &beta, g.d, d_layout.raw,
                      g.d, d_layout.raw, &heuristic.algo, workspace, workspace_size,
                      at::cuda::getCurrentCUDAStream());
-  // A failed launch leaves D unwritten (cuBLASLt validates before launching): fall back.
+  // A failed launch leaves D unwritten (cuBLASLt validates before launching): fall back. A problem
+  // cuBLASLt cannot run is remembered as declined; a failure of the moment (an allocation, say) is
+  // tried again on the next call.
   if (status != CUBLAS_STATUS_SUCCESS) {
-    heuristic_cache().store(key, HeuristicAnswer{});
+    if (status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE ||
+        status == CUBLAS_STATUS_ARCH_MISMATCH) {
+      heuristic_cache().store(key, HeuristicAnswer{});
+    }
     TORCH_WARN_ONCE("pyfastnn: cublasLtMatmul failed (", at::cuda::blas::_cublasGetErrorEnum(status),
                     "), using cuBLAS and pyfastnn's epilogue instead");
     return false;

@@ -53,8 +53,8 @@ struct DropoutArgs {
 
 template <typename scalar_t, typename F, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(int64_t chunks, const scalar_t* acc, scalar_t* preact, scalar_t* out, uint8_t* keep_mask,
-                   DropoutArgs dropout, double negative_slope) {
+    forward_kernel(int64_t chunks, const scalar_t* acc, scalar_t* out, uint8_t* keep_mask, DropoutArgs dropout,
+                   double negative_slope) {
   using opmath_t = at::opmath_type<scalar_t>;
   const auto slope = static_cast<opmath_t>(negative_slope);
   const auto kept_scale = static_cast<opmath_t>(dropout.kept_scale);
@@ -68,7 +68,6 @@ __global__ void __launch_bounds__(kThreads)
        chunk += int64_t(blockDim.x) * gridDim.x) {
     const int64_t first = chunk * kVec;
     const auto in = *reinterpret_cast<const Pack<scalar_t, kVec>*>(acc + first);
-    if (preact != nullptr && preact != acc) *reinterpret_cast<Pack<scalar_t, kVec>*>(preact + first) = in;
     Pack<scalar_t, kVec> result;
     Pack<uint8_t, kVec> kept;
     Philox4x32 draws{};
@@ -228,6 +227,8 @@ at::PhiloxCudaState draw_philox_state() {
 
 void launch_forward_epilogue(const ForwardEpilogue& a, int64_t rows) {
   TORCH_INTERNAL_ASSERT(a.bias == nullptr, "pyfastnn: on CUDA the bias is added by the GEMM");
+  // A kept pre-activation is where the GEMM wrote (acc): nothing to copy.
+  TORCH_INTERNAL_ASSERT(a.preact == nullptr || a.preact == a.acc, "pyfastnn: on CUDA the GEMM writes the pre-activation");
   const int64_t total = rows * a.cols;
   if (total == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -240,19 +241,18 @@ void launch_forward_epilogue(const ForwardEpilogue& a, int64_t rows) {
   visit_dtype(a.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     constexpr int kVec = vector_width<scalar_t>();
-    const bool vectorized = total % kVec == 0 && aligned(a.acc, kVectorBytes) && aligned(a.preact, kVectorBytes) &&
-                            aligned(a.out, kVectorBytes) && aligned(a.keep_mask, kVec);
+    const bool vectorized = total % kVec == 0 && aligned(a.acc, kVectorBytes) && aligned(a.out, kVectorBytes) &&
+                            aligned(a.keep_mask, kVec);
     visit_activation(a.activation, [&](auto functor) {
       using F = decltype(functor);
       const auto* acc = static_cast<const scalar_t*>(a.acc);
-      auto* preact = static_cast<scalar_t*>(a.preact);
       auto* out = static_cast<scalar_t*>(a.out);
       if (vectorized) {
         forward_kernel<scalar_t, F, kVec><<<grid_for(total / kVec), kThreads, 0, stream>>>(
-            total / kVec, acc, preact, out, a.keep_mask, dropout, a.negative_slope);
+            total / kVec, acc, out, a.keep_mask, dropout, a.negative_slope);
       } else {
         forward_kernel<scalar_t, F, 1><<<grid_for(total), kThreads, 0, stream>>>(
-            total, acc, preact, out, a.keep_mask, dropout, a.negative_slope);
+            total, acc, out, a.keep_mask, dropout, a.negative_slope);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

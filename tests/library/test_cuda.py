@@ -79,6 +79,29 @@ def test_tf32_follows_pytorch_setting(api, activation):
     assert (out.double() - exact).abs().max().item() > 30 * ieee_error
 
 
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", None])
+def test_tf32_leaves_the_bias_gradient_in_float32(activation):
+    """cuBLASLt's BGRADB epilogue sums the bias gradient inside the TF32 weight-gradient GEMM; eager
+    sums grad.sum(0) in float32, whatever the matmul precision. The bias gradient must stay as close
+    to float64 as that sum (TF32's 10-bit rounding of the summands would be ~1000x further)."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("TF32 needs compute capability 8.0")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, 256, device="cuda", generator=generator)
+    w = torch.randn(128, 256, device="cuda", generator=generator, requires_grad=True)
+    b = torch.randn(128, device="cuda", generator=generator, requires_grad=True)
+    grad = torch.rand(4096, 128, device="cuda", generator=generator) + 1
+    _tf32_on("allow_tf32")
+    out = pyfastnn.fused_linear(x, w, b, activation)
+    (grad_bias,) = torch.autograd.grad(out, b, grad)
+    saved = out.detach().double()
+    derivative = {"relu": (saved > 0).double(), "sigmoid": saved * (1 - saved), None: torch.ones_like(saved)}
+    exact = (grad.double() * derivative[activation]).sum(0)
+    float32_sum = (grad * derivative[activation].float()).sum(0)
+    scale = exact.abs().max().item()
+    assert (grad_bias.double() - exact).abs().max().item() <= 4 * (float32_sum.double() - exact).abs().max().item() + 1e-6 * scale
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_every_reduced_precision_reduction_setting_runs_and_stays_accurate(dtype):
     """Long k and a small output invite split-K. Under each of torch's three settings (reduced
