@@ -112,6 +112,9 @@ class FusedLinear(nn.Module):
     def dropout(self, value: float) -> None:
         self._dropout = dropout_probability(value)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise _NotScriptable(self)  # torch.jit.script asks each module first
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.dropout > 0.0 and self.training:  # a one-layer fused MLP with dropout after it
             return run_fused_mlp(input, [self.weight], [self.bias], [self._activation_code], self.negative_slope,
@@ -418,6 +421,9 @@ class FusedMLP(nn.Module):
         plain.training = self.training
         return plain
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise _NotScriptable(self)  # torch.jit.script asks each module first
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # Everything is read from the layers on every call (a few microseconds): replacing a layer,
         # assigning a parameter or an attribute, export's attribute snapshots, parametrizations and
@@ -480,6 +486,19 @@ def _refuse_slice(index) -> None:
         raise TypeError("FusedMLP indexes layers, not the modules of its nn.Sequential equivalent, so it refuses "
                         "slices; slice the layers (FusedMLP.from_layers(list(mlp)[1:])) or the plain modules "
                         "(mlp.to_sequential()[2:])")
+
+
+class _NotScriptable(torch.jit.frontend.NotSupportedError):
+    """What ``torch.jit.script`` raises for pyfastnn's modules, at every attempt (scripting them
+    anyway would fail deep in the compiler, and differently the second time)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        Exception.__init__(self)  # no source range to report: the refusal is the module's own
+        self.msg = (f"pyfastnn: {type(module).__name__} cannot be compiled by torch.jit.script (TorchScript is "
+                    f"deprecated upstream); use torch.compile or torch.export, or torch.jit.trace for FusedLinear")
+
+    def __str__(self) -> str:
+        return self.msg
 
 
 def _common_negative_slope(layers: Sequence[FusedLinear]) -> float:

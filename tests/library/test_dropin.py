@@ -1681,8 +1681,9 @@ def test_torchscript_support_is_as_documented():
         torch.testing.assert_close(traced(x), layer(x))
         with pytest.raises(RuntimeError, match="unsupported input list type"):
             torch.jit.trace(_mlp((4, 6, 2)), (x,))
-        with pytest.raises(torch.jit.frontend.NotSupportedError):
-            torch.jit.script(layer)
+        for model in (layer, layer, _mlp((4, 6, 2)), nn.Sequential(nn.Flatten(), layer)):  # every attempt alike
+            with pytest.raises(torch.jit.frontend.NotSupportedError, match="cannot be compiled by torch.jit.script"):
+                torch.jit.script(model)
 
 
 @pytest.mark.parametrize("input_grad", [False, True])
