@@ -54,9 +54,9 @@ def import_torch():
     except ImportError as error:
         sys.exit(
             f"pyfastnn compiles its kernels against the torch installed in the environment it installs "
-            f"into, and this build environment has no torch ({error}). pip's default isolated build "
-            f"cannot see your torch; install torch first if needed, then run:\n\n"
-            f"    {INSTALL_COMMAND}\n\n"
+            f"into, and this build sees no torch ({error}). Install torch into that environment first if "
+            f"it has none, then build without pip's default isolation (an isolated build never sees it):\n\n"
+            f"    {INSTALL_COMMAND}        (or, editable: pip install --no-build-isolation -e .)\n\n"
             f"(the environment needs setuptools and wheel, and ninja for a parallel build: "
             f"pip install setuptools wheel ninja)"
         )
@@ -275,6 +275,7 @@ def extension_and_command():
 
 if __name__ == "__main__":  # also how pip's setuptools backend runs this file; tests import the helpers
     extension, build_ext = extension_and_command()
+    torch_release = import_torch()[0].__version__.split("+", 1)[0]  # what the extension is compiled against
     lesson_requires = ["numpy", "tqdm", "matplotlib"]  # pyfastnn.lesson.REQUIREMENTS, checked at its import
     setup(
         name="pyfastnn",
@@ -283,10 +284,11 @@ if __name__ == "__main__":  # also how pip's setuptools backend runs this file; 
         long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
         long_description_content_type="text/markdown",
         license="MIT",
-        python_requires=">=3.9",
+        python_requires=">=3.10",
         packages=find_packages(include=["pyfastnn", "pyfastnn.*"]),  # the library and pyfastnn.lesson
-        # The library needs torch alone; the lesson (pyfastnn train / demo) is an extra.
-        install_requires=["torch>=2.4"],
+        # The library needs torch alone, the release the extension is compiled against (its C++ ABI
+        # changes between releases); the lesson (pyfastnn train / demo) is an extra.
+        install_requires=[f"torch=={torch_release}"],
         # onnxscript + onnxruntime: the test that a decomposed program converts to ONNX and runs there.
         extras_require={"lesson": lesson_requires,
                         "test": ["pytest", "hypothesis", "expecttest", "onnxscript", "onnxruntime", *lesson_requires]},

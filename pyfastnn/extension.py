@@ -19,8 +19,23 @@ import torch
 
 EXTENSION = __name__.rpartition(".")[0] + "._C"
 INSTALL_COMMAND = "pip install --no-build-isolation ."
-REBUILD_HINT = (f"rebuild pyfastnn against the torch installed now: in the pyfastnn source folder run "
-                f"`{INSTALL_COMMAND}` (or install the torch it was built with)")
+PACKAGE = Path(__file__).resolve().parent
+
+
+def rebuild_hint(package: Path = PACKAGE) -> str:
+    """The command that rebuilds the extension imported from ``package``. Imported from a source
+    folder (Python runs there, or an editable install), the extension beside the sources is the one
+    loaded, so it is rebuilt in place; an installed copy is reinstalled from the source folder.
+
+    Example:
+        >>> rebuild_hint(Path("/site-packages/pyfastnn"))
+        'rebuild pyfastnn against the torch installed now: in the pyfastnn source folder run `pip install --no-build-isolation .` (or install the torch it was built with)'
+    """
+    if (package.parent / "setup.py").is_file():
+        return (f"rebuild it in place against the torch installed now: in {package.parent} run "
+                f"`{INSTALL_COMMAND.replace(' .', ' -e .')}` (or install the torch it was built with)")
+    return (f"rebuild pyfastnn against the torch installed now: in the pyfastnn source folder run "
+            f"`{INSTALL_COMMAND}` (or install the torch it was built with)")
 
 
 def record_path(extension_file: str) -> Path:
@@ -60,10 +75,10 @@ def check_built_for(record: Dict[str, Any], torch_version: str, torch_cuda: Opti
     built = str(record.get("torch", "unknown"))
     if release(built) != release(torch_version):
         raise ImportError(f"pyfastnn's extension was built against torch {built}, but torch {torch_version} "
-                          f"is installed: {REBUILD_HINT}")
+                          f"is installed: {rebuild_hint()}")
     if record.get("cuda") and not torch_cuda:
         raise ImportError(f"pyfastnn's extension was built with CUDA {record['cuda']} against torch {built}, "
-                          f"but the installed torch {torch_version} has no CUDA: {REBUILD_HINT}")
+                          f"but the installed torch {torch_version} has no CUDA: {rebuild_hint()}")
 
 
 def build_record() -> Optional[Dict[str, Any]]:
@@ -77,9 +92,9 @@ def build_record() -> Optional[Dict[str, Any]]:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as error:
-        raise ImportError(f"pyfastnn's build record {path} is unreadable ({error}): {REBUILD_HINT}") from None
+        raise ImportError(f"pyfastnn's build record {path} is unreadable ({error}): {rebuild_hint()}") from None
     if not isinstance(record, dict):
-        raise ImportError(f"pyfastnn's build record {path} is unreadable (not a JSON object): {REBUILD_HINT}")
+        raise ImportError(f"pyfastnn's build record {path} is unreadable (not a JSON object): {rebuild_hint()}")
     return record
 
 
@@ -87,10 +102,13 @@ def load_extension() -> ModuleType:
     """Imports ``pyfastnn._C`` (which registers ``torch.ops.pyfastnn.*``), or raises an ImportError that
     names the problem and the command that fixes it."""
     if importlib.util.find_spec(EXTENSION) is None:
-        package = Path(__file__).resolve().parent
-        raise ImportError(f"pyfastnn's compiled extension {EXTENSION} is missing from {package}: build it with "
-                          f"`{INSTALL_COMMAND}` in the pyfastnn source folder (run from inside a source folder, "
-                          f"Python imports pyfastnn from there, not an installed copy)")
+        if (PACKAGE.parent / "setup.py").is_file():
+            raise ImportError(f"pyfastnn's compiled extension {EXTENSION} is missing from {PACKAGE}, a source folder "
+                              f"(run from inside one, Python imports pyfastnn from there, not an installed copy): "
+                              f"build it in place with `{INSTALL_COMMAND.replace(' .', ' -e .')}` in {PACKAGE.parent}, "
+                              f"or run from another folder")
+        raise ImportError(f"pyfastnn's compiled extension {EXTENSION} is missing from {PACKAGE}: reinstall it with "
+                          f"`{INSTALL_COMMAND}` in the pyfastnn source folder")
     record = build_record()
     if record is not None:
         check_built_for(record, torch.__version__, torch.version.cuda)
@@ -99,4 +117,4 @@ def load_extension() -> ModuleType:
     except ImportError as error:
         built = f"torch {record['torch']}" if record else "an unrecorded torch"
         raise ImportError(f"pyfastnn's extension failed to load ({error}); it was built against {built} and "
-                          f"torch {torch.__version__} is installed: {REBUILD_HINT}") from error
+                          f"torch {torch.__version__} is installed: {rebuild_hint()}") from error

@@ -10,8 +10,10 @@ BUILD="$1"
 shift
 mkdir -p "$(dirname "$BUILD")"
 TORCH_PREFIX="$("$VENV/bin/python" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
-cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DCMAKE_MAKE_PROGRAM="$VENV/bin/ninja" \
+# setup_env.sh puts pip's CMake in the environment where the machine's is missing or too old.
+BIN="$([ -x "$VENV/bin/cmake" ] && echo "$VENV/bin/" || true)"
+"${BIN}cmake" -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DCMAKE_MAKE_PROGRAM="$VENV/bin/ninja" \
   "$@" > "$BUILD.configure.log" 2>&1 || { cat "$BUILD.configure.log"; exit 1; }
 grep "^-- pyfastnn" "$BUILD.configure.log" || true
-cmake --build "$BUILD" -j "${MAX_JOBS:-2}"
-ctest --test-dir "$BUILD" --output-on-failure
+"${BIN}cmake" --build "$BUILD" -j "${MAX_JOBS:-2}"
+"${BIN}ctest" --test-dir "$BUILD" --output-on-failure

@@ -16,7 +16,13 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 echo "[setup] installing $TORCH_SPEC and the build tools"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC" setuptools wheel ninja
+TOOLS=(setuptools wheel ninja)
+# The C++ tests (scripts/build_cpp.sh) need CMake 3.19+: pip's cmake where the machine has none as recent.
+SYSTEM_CMAKE="$(cmake --version 2>/dev/null | head -n 1 | awk '{print $3}')" || true
+if [ -z "$SYSTEM_CMAKE" ] || [ "$(printf '%s\n3.19\n' "$SYSTEM_CMAKE" | sort -V | head -n 1)" != "3.19" ]; then
+  TOOLS+=(cmake)
+fi
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC" "${TOOLS[@]}"
 # torch's own guess of the CUDA toolkit can be wrong; name the usual location when CUDA is wanted.
 if [ "${PYFASTNN_CUDA:-}" != "0" ] && [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda

@@ -103,9 +103,25 @@ def test_build_records_the_torch_it_compiled_against():
     ({"torch": "2.13.0+cu128", "cuda": "12.8"}, "built with CUDA 12.8 against torch 2.13.0+cu128"),
 ])
 def test_torch_mismatch_is_a_clear_import_error(record, message):
-    with pytest.raises(ImportError, match="rebuild pyfastnn") as error:
+    with pytest.raises(ImportError, match="rebuild") as error:
         extension.check_built_for(record, "2.13.0+cpu", None)
-    assert message in str(error.value) and "pip install --no-build-isolation ." in str(error.value)
+    assert message in str(error.value) and extension.rebuild_hint() in str(error.value)
+
+
+def test_the_rebuild_command_fits_where_pyfastnn_is_imported_from(tmp_path):
+    """Imported from a source folder, the extension beside the sources is the one loaded: a plain
+    install would leave it stale, so the command rebuilds it in place."""
+    installed = extension.rebuild_hint(tmp_path / "site-packages" / "pyfastnn")
+    assert "`pip install --no-build-isolation .`" in installed and "in the pyfastnn source folder" in installed
+    (tmp_path / "setup.py").write_text("")
+    in_place = extension.rebuild_hint(tmp_path / "pyfastnn")
+    assert f"in {tmp_path} run `pip install --no-build-isolation -e .`" in in_place
+
+
+def test_the_installed_package_requires_the_torch_release_it_was_built_against():
+    import importlib.metadata
+
+    assert f"torch=={extension.release(torch.__version__)}" in importlib.metadata.requires("pyfastnn")
 
 
 def test_same_release_with_another_local_tag_loads():
@@ -147,7 +163,7 @@ def test_setup_without_torch_fails_at_once_with_the_command():
             "exec(compile(open('setup.py').read(), 'setup.py', 'exec'), {'__name__': '__main__', '__file__': 'setup.py'})")
     result = run_python(code)
     assert result.returncode == 1
-    assert "pip install --no-build-isolation ." in result.stderr and "has no torch" in result.stderr
+    assert "pip install --no-build-isolation ." in result.stderr and "sees no torch" in result.stderr
 
 
 def make_toolkit(root: Path, *, headers: bool = True, runtime: bool = True) -> str:
