@@ -48,12 +48,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
     const bool keep_relu_mask = save && detail::keeps_relu_mask(input, act, last, dropout_runs(dropout[l], training));
     at::Tensor preact;
     if (keep_relu_mask) {
-      // Our own pass packs every byte of the mask, padding included. cuBLASLt's RELU_AUX (opted in)
-      // may leave each row's padding bits as they were, and an op's outputs must not depend on
-      // uninitialised memory (opcheck compares them bitwise): zeroed for it.
-      const std::vector<int64_t> shape{rows, detail::relu_mask_row_bytes(out_features)};
-      preact = detail::relu_epilogue_allowed() ? at::zeros(shape, options.dtype(at::kByte))
-                                               : at::empty(shape, options.dtype(at::kByte));
+      // Zeroed: cuBLASLt's RELU_AUX may leave the padding bits of each row as they were, and an
+      // op's outputs must not depend on uninitialised memory (opcheck compares them bitwise).
+      preact = at::zeros({rows, detail::relu_mask_row_bytes(out_features)}, options.dtype(at::kByte));
     } else if (save) {  // placeholders are separate empty tensors: outputs of an op must not alias each other
       preact = at::empty(keep_preact ? std::vector<int64_t>{rows, out_features} : std::vector<int64_t>{0}, options);
     }

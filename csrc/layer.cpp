@@ -36,7 +36,7 @@ void launch(const BackwardEpilogue& args, int64_t rows, int64_t rows_per_block, 
   cpu::launch_backward_epilogue(args, rows, rows_per_block);
 }
 
-// Bias-gradient rows are summed in fixed blocks whose partial sums are then added in block order, so
+// Bias-gradient rows are summed in fixed blocks whose partial sums are then added in a fixed order, so
 // the result depends only on the shape, never on thread count or scheduling (bitwise reproducible).
 // The block size is the device launcher's own tuning (epilogue.h).
 int64_t rows_per_block(int64_t rows, int64_t cols, bool cuda_device) {

@@ -9,8 +9,7 @@ Two passes, innermost modules first:
   keeps other modules, the fused module takes the index of the run's first module and the
   modules it absorbed become :class:`Absorbed` placeholders, so indices stay; the Sequential's
   state dict keeps the original keys (its state-dict hooks map ``"1.3.weight"`` of a FusedMLP at 1
-  to ``"4.weight"``), and ``seq[4].weight`` still leads to that parameter (NOTE [The old paths of a
-  partly fused Sequential]);
+  to ``"4.weight"``);
 * any other module with ``nn.Linear`` children (say ``forward`` calls ``self.layer1``, then
   ``self.relu``) is traced with ``torch.fx``; each Linear called at one place only, whose only use
   is a supported activation (then optionally an ``nn.Dropout``), becomes a FusedLinear under the
@@ -61,7 +60,7 @@ from ._patterns import (FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, Layer, activat
                         is_plain_linear, parse_layers)
 from .nn import FusedLinear, FusedMLP
 
-__all__ = ["fuse", "FusedRun", "InPlaceFusedMLP", "Absorbed"]
+__all__ = ["fuse", "FusedRun", "Absorbed"]
 
 
 @dataclass(frozen=True)
@@ -91,87 +90,47 @@ def _describe(module: nn.Module) -> str:
     return type(module).__name__
 
 
-# NOTE [The old paths of a partly fused Sequential]
-# In a Sequential that keeps other modules, a run's fused module stands at the index of its first
-# nn.Linear and Absorbed placeholders at the others'. The state dict keeps the original keys
-# ("3.weight", through the Sequential's state-dict hooks), and the same paths keep leading to the
-# parameters: seq[3].weight is the weight the fused module trains, seq[1].weight (a FusedMLP's first
-# layer's) too. So code that walks a state-dict key as attribute names (torch.distributed.checkpoint's
-# get_model_state_dict, torch.func.functional_call given the original keys) reaches the tensors the
-# model computes with, and an assignment through such a path goes to the layer, as it went to the
-# nn.Linear before fusing.
-class _LayerView:
-    """Mixin: the parameters, buffers and submodules of one fused layer (``_viewed_layer()``), and
-    its ``weight`` and ``bias``, are read and assigned through this module too, as are its
-    ``in_features`` and ``out_features`` read."""
-
-    def _viewed_layer(self) -> Optional[FusedLinear]:
-        raise NotImplementedError
-
-    def _views(self, name: str, assigning: bool) -> Optional[FusedLinear]:
-        layer = self._viewed_layer() if not name.startswith("_") else None  # never torch's internals
-        if layer is None:
-            return None
-        viewed = ("weight", "bias") if assigning else ("weight", "bias", "in_features", "out_features")
-        owned = name in viewed or any(name in getattr(layer, table) for table in ("_parameters", "_buffers", "_modules"))
-        return layer if owned else None
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            layer = self._views(name, assigning=False)
-            if layer is None:
-                raise
-            return getattr(layer, name)
-
-    def __setattr__(self, name: str, value) -> None:
-        layer = self._views(name, assigning=True)
-        if layer is None:
-            super().__setattr__(name, value)
-        elif isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and name in layer._parameters:
-            layer._parameters[name] = value  # a tensor in a parameter's slot, as functional_call swaps them
-        else:
-            setattr(layer, name, value)
-
-
-class InPlaceFusedMLP(_LayerView, FusedMLP):
-    """The :class:`~pyfastnn.FusedMLP` :func:`fuse` puts in a Sequential that keeps other modules, at
-    the index of the run's first ``nn.Linear``: ``seq[i].weight`` and ``seq[i].bias`` stay that
-    layer's (NOTE [The old paths of a partly fused Sequential])."""
-
-    def _viewed_layer(self) -> Optional[FusedLinear]:
-        return next(iter(self), None)
-
-
-class Absorbed(_LayerView, nn.Identity):
+class Absorbed(nn.Identity):
     """Stands in a partly fused Sequential at the index of a module :func:`fuse` folded into the
     fused module before it, passing its input through. Where that module was an ``nn.Linear``, its
-    path leads to the fused layer: ``seq[3].weight`` is the weight the fused module trains (NOTE
-    [The old paths of a partly fused Sequential])."""
+    ``weight`` and ``bias`` live on the fused module's layer, under that module's own names: assigned
+    here (say by ``torch.func.functional_call`` given the original keys), they would change nothing,
+    so they are refused, never ignored.
 
-    def __init__(self, fused: Optional[nn.Module] = None, layer_name: Optional[str] = None) -> None:
+    Example:
+        >>> seq = fuse(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2), nn.Softmax(-1)))
+        >>> seq[2]
+        Absorbed(nn.Linear fused into module 0 as its layer '2')
+        >>> seq[2].weight = nn.Parameter(torch.zeros(2, 8))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        AttributeError: this module stands for an nn.Linear that fuse() folded into module 0: its weight is ...
+    """
+
+    def __init__(self, fused_into: Optional[str] = None, layer_name: Optional[str] = None) -> None:
         super().__init__()
-        # Plain attributes, not submodules: the layer's parameters belong to the fused module.
-        self.__dict__["_fused"], self.__dict__["_layer_name"] = fused, layer_name
+        self.fused_into, self.layer_name = fused_into, layer_name  # where the nn.Linear's parameters went
 
-    def _viewed_layer(self) -> Optional[FusedLinear]:
-        fused, name = self.__dict__.get("_fused"), self.__dict__.get("_layer_name")
-        if fused is None:
-            return None
-        return fused if name is None else fused.get_submodule(name)
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("weight", "bias") and self.__dict__.get("layer_name") is not None:
+            raise AttributeError(
+                f"this module stands for an nn.Linear that fuse() folded into module {self.fused_into}: its "
+                f"{name} is that module's layer {self.layer_name!r}'s ({self.fused_into}.{self.layer_name}.{name} "
+                f"in named_parameters(), which torch.func.functional_call takes); setting it here would change nothing")
+        super().__setattr__(name, value)
 
     def extra_repr(self) -> str:
-        layer = self._viewed_layer()
-        return "" if layer is None else f"fused layer {layer.in_features} -> {layer.out_features}"
+        if self.layer_name is None:
+            return ""
+        return f"nn.Linear fused into module {self.fused_into} as its layer {self.layer_name!r}"
 
 
-def _fused_module(layers: List[Layer], as_mlp: bool = False, mlp_type: type = FusedMLP) -> nn.Module:
+def _fused_module(layers: List[Layer], as_mlp: bool = False) -> nn.Module:
     # Each fused layer takes its Linear's train/eval mode (parse_layers absorbed only Dropouts in
     # that mode), so a model fused in eval() stays in eval().
     fused = [FusedLinear.from_linear(linear, activation, negative_slope=slope, dropout=p)
              for linear, activation, slope, p in layers]
-    return fused[0] if len(fused) == 1 and not as_mlp else mlp_type.from_layers(fused)
+    return fused[0] if len(fused) == 1 and not as_mlp else FusedMLP.from_layers(fused)
 
 
 def _worth_fusing(layers: List[Layer]) -> bool:
@@ -255,15 +214,13 @@ def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_w
         if not _worth_fusing(layers):
             i += 1
             continue
-        fused = _fused_module(layers, mlp_type=InPlaceFusedMLP)
-        kind = "FusedMLP" if isinstance(fused, FusedMLP) else "FusedLinear"
-        report.append(FusedRun(f"{path}{names[i]}", tuple(_describe(m) for m in modules[i:end]), kind))
+        fused = _fused_module(layers)
+        report.append(FusedRun(f"{path}{names[i]}", tuple(_describe(m) for m in modules[i:end]), type(fused).__name__))
         setattr(seq, names[i], fused)
-        # NOTE [The old paths of a partly fused Sequential]
         linears = [j for j in range(i, end) if any(modules[j] is layer.linear for layer in layers)]
-        layer_names = dict(zip(linears, (name for name, _ in fused.named_children()))) if kind == "FusedMLP" else {}
+        layer_names = dict(zip(linears, (name for name, _ in fused.named_children()))) if isinstance(fused, FusedMLP) else {}
         for j in range(i + 1, end):
-            setattr(seq, names[j], Absorbed(fused, layer_names[j]) if j in layer_names else Absorbed())
+            setattr(seq, names[j], Absorbed(names[i], layer_names[j]) if j in layer_names else Absorbed())
         for j, layer_name in layer_names.items():
             renames[names[j]] = f"{names[i]}.{layer_name}"
         i = end

@@ -113,7 +113,7 @@ class FusedLinear(nn.Module):
         self._dropout = dropout_probability(value)
 
     def __prepare_scriptable__(self) -> nn.Module:
-        raise _NotScriptable(self)  # torch.jit.script asks each module first
+        raise _NotScriptable(type(self).__name__)  # torch.jit.script asks each module first
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.dropout > 0.0 and self.training:  # a one-layer fused MLP with dropout after it
@@ -422,7 +422,7 @@ class FusedMLP(nn.Module):
         return plain
 
     def __prepare_scriptable__(self) -> nn.Module:
-        raise _NotScriptable(self)  # torch.jit.script asks each module first
+        raise _NotScriptable(type(self).__name__)  # torch.jit.script asks each module first
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # Everything is read from the layers on every call (a few microseconds): replacing a layer,
@@ -492,13 +492,17 @@ class _NotScriptable(torch.jit.frontend.NotSupportedError):
     """What ``torch.jit.script`` raises for pyfastnn's modules, at every attempt (scripting them
     anyway would fail deep in the compiler, and differently the second time)."""
 
-    def __init__(self, module: nn.Module) -> None:
-        Exception.__init__(self)  # no source range to report: the refusal is the module's own
-        self.msg = (f"pyfastnn: {type(module).__name__} cannot be compiled by torch.jit.script (TorchScript is "
-                    f"deprecated upstream); use torch.compile or torch.export, or torch.jit.trace for FusedLinear")
+    def __init__(self, module_name: str) -> None:
+        self.msg = (f"pyfastnn: {module_name} cannot be compiled by torch.jit.script (TorchScript is deprecated "
+                    f"upstream); use torch.compile or torch.export, or torch.jit.trace for FusedLinear")
+        Exception.__init__(self, self.msg)  # no source range to report: the refusal is the module's own
+        self.module_name = module_name
 
     def __str__(self) -> str:
         return self.msg
+
+    def __reduce__(self):
+        return type(self), (self.module_name,)
 
 
 def _common_negative_slope(layers: Sequence[FusedLinear]) -> float:

@@ -26,7 +26,7 @@ CUDA_ROOT="${CUDA_HOME:-/usr/local/cuda}"
 CUDA_ARGS=(-DCUDA_TOOLKIT_ROOT_DIR="$CUDA_ROOT" -DCUDAToolkit_ROOT="$CUDA_ROOT")
 if ! ls "$CUDA_ROOT"/lib64/libnvrtc.so* > /dev/null 2>&1; then
   SITE="$("$PYFASTNN_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-  NVRTC="$(find "$SITE/nvidia" -name 'libnvrtc.so*' 2> /dev/null | sort | head -1)"
+  NVRTC="$(find "$SITE/nvidia" -name 'libnvrtc.so*' 2> /dev/null | sort | head -1)" || true
   [ -z "$NVRTC" ] || CUDA_ARGS+=(-DCUDA_nvrtc_LIBRARY="$NVRTC")
 fi
 scripts/build_cpp.sh "$WORK/cmake" "${CUDA_ARGS[@]}"

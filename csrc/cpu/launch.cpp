@@ -19,10 +19,11 @@ void launch_forward_epilogue(const ForwardEpilogue& args, int64_t rows) {
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });
 }
 
-// At most 64 blocks of at least 16 rows and ~16K elements: a pass too small to split between threads
-// is one block, with no second reduction. A block adds its rows one after the other, so it holds at
-// most kMaxChainRows of them: a longer chain of float additions loses accuracy (4M rows in 64 blocks
-// summed 10x further from float64 than torch.sum); the blocks' sums are then added pairwise.
+// A block holds ~16K elements, at least 16 rows (a pass of more such blocks than 64 is cut into 64),
+// but never more than kMaxChainRows rows: a block adds its rows one after the other, and longer
+// chains of float additions lose accuracy (4M rows in 64 blocks summed 10x further from float64
+// than torch.sum). A pass too small to split between threads is one block, with no second
+// reduction; the blocks' sums are added pairwise (add_block_sums in layer.cpp).
 constexpr int64_t kMaxChainRows = 256;
 
 int64_t backward_rows_per_block(int64_t rows, int64_t cols) {

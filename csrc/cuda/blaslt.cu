@@ -115,16 +115,18 @@ uint32_t reduction_schemes(c10::ScalarType dtype) {
 // transposes, sizes, leading dimensions, epilogue, bias and aux leading dimension), the workspace
 // size, the allowed reduction schemes and the alignments of the pointers (the preferences and
 // descriptor attributes it reads), so the answer, including "no algorithm", is kept per such key.
-// An algorithm cuBLASLt refuses to launch (not supported, invalid value, wrong architecture) is
-// remembered as "no algorithm" for its key, so the fallback is not preceded by the same failing
-// launch on every call. The cache is bounded: a run with
+// An algorithm cuBLASLt refuses to launch (not supported, invalid value, wrong architecture), or
+// whose launch failed three times in a row, is remembered as "no algorithm" for its key, so the
+// fallback is not preceded by the same failing launch on every call. The cache is bounded: a run with
 // ever-changing shapes starts it afresh rather than growing without end.
 using HeuristicKey = std::array<int64_t, 21>;
 
 struct HeuristicAnswer {
   bool found = false;
+  int failed_launches = 0;  // in a row: kFailedLaunchesToDecline of them and the problem is declined
   cublasLtMatmulHeuristicResult_t heuristic = {};
 };
+constexpr int kFailedLaunchesToDecline = 3;
 
 class HeuristicCache {
  public:
@@ -242,17 +244,19 @@ bool lt_matmul(const LtGemm& g) {
                      g.d, d_layout.raw, &heuristic.algo, workspace, workspace_size,
                      at::cuda::getCurrentCUDAStream());
   // A failed launch leaves D unwritten (cuBLASLt validates before launching): fall back. A problem
-  // cuBLASLt cannot run is remembered as declined; a failure of the moment (an allocation, say) is
-  // tried again on the next call.
+  // cuBLASLt cannot run is declined from then on; another failure (an allocation, say) is tried
+  // again on the next call, until it has failed kFailedLaunchesToDecline times in a row.
   if (status != CUBLAS_STATUS_SUCCESS) {
-    if (status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE ||
-        status == CUBLAS_STATUS_ARCH_MISMATCH) {
-      heuristic_cache().store(key, HeuristicAnswer{});
-    }
+    const bool cannot_run = status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE ||
+                            status == CUBLAS_STATUS_ARCH_MISMATCH;
+    HeuristicAnswer failed = answer;
+    if (cannot_run || ++failed.failed_launches >= kFailedLaunchesToDecline) failed = HeuristicAnswer{};
+    heuristic_cache().store(key, failed);
     TORCH_WARN_ONCE("pyfastnn: cublasLtMatmul failed (", at::cuda::blas::_cublasGetErrorEnum(status),
                     "), using cuBLAS and pyfastnn's epilogue instead");
     return false;
   }
+  if (answer.failed_launches > 0) heuristic_cache().store(key, HeuristicAnswer{true, 0, answer.heuristic});
   return true;
 }
 

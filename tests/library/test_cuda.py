@@ -80,10 +80,11 @@ def test_tf32_follows_pytorch_setting(api, activation):
 
 
 @pytest.mark.parametrize("activation", ["relu", "sigmoid", None])
-def test_tf32_leaves_the_bias_gradient_in_float32(activation):
-    """cuBLASLt's BGRADB epilogue sums the bias gradient inside the TF32 weight-gradient GEMM; eager
-    sums grad.sum(0) in float32, whatever the matmul precision. The bias gradient must stay as close
-    to float64 as that sum (TF32's 10-bit rounding of the summands would be ~1000x further)."""
+def test_tf32_leaves_the_bias_gradient_in_float32(activation, gemm_path):
+    """cuBLASLt's BGRADB epilogue sums the bias gradient inside the TF32 weight-gradient GEMM (the
+    fallback sums it in our own pass); eager sums grad.sum(0) in float32, whatever the matmul
+    precision. The bias gradient must stay as close to float64 as that sum (TF32's 10-bit rounding
+    of the summands would be ~1000x further)."""
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("TF32 needs compute capability 8.0")
     generator = torch.Generator(device="cuda").manual_seed(0)

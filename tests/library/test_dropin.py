@@ -20,7 +20,7 @@ from torch import nn
 
 import pyfastnn
 from pyfastnn import FusedLinear, FusedMLP
-from pyfastnn.fuse import Absorbed, InPlaceFusedMLP
+from pyfastnn.fuse import Absorbed
 from pyfastnn.testing import assert_close, reference, reference_mlp
 from samples import mlp_sample_inputs, sample_inputs
 
@@ -468,7 +468,7 @@ def test_fuse_keeps_keys_when_a_fused_mlp_sits_inside_a_larger_sequential():
     fused = pyfastnn.fuse(model, report=runs)
     assert [str(r) for r in runs] == [
         "1: Linear(12, 16) -> ReLU -> Dropout(0.2) -> Linear(16, 8) -> GELU -> Linear(8, 3) => FusedMLP"]
-    assert type(fused[1]) is InPlaceFusedMLP and all(type(m) is Absorbed for m in list(fused)[2:])
+    assert type(fused[1]) is FusedMLP and all(type(m) is Absorbed for m in list(fused)[2:])
     assert list(fused.state_dict()) == list(model.state_dict())
     x = torch.randn(4, 3, 4)
     fused.eval(), model.eval()
@@ -509,7 +509,7 @@ def test_fuse_inplace_changes_the_sequential_itself():
     plain = copy.deepcopy(seq)
     keys = list(seq.state_dict())
     result = pyfastnn.fuse(seq, inplace=True)
-    assert result is seq and type(seq[0]) is InPlaceFusedMLP and list(seq.state_dict()) == keys
+    assert result is seq and type(seq[0]) is FusedMLP and list(seq.state_dict()) == keys
     x = torch.randn(3, 5)
     torch.testing.assert_close(seq(x), plain(x))
 

@@ -95,7 +95,7 @@ def test_fused_mlp_state_dict_both_ways_and_conversions():
         FusedMLP.from_sequential(apart)
     runs = []
     fused = pyfastnn.fuse(apart, report=runs)  # two runs, each with its own slope
-    assert [type(m).__name__ for m in fused][::4] == ["InPlaceFusedMLP", "FusedLinear"] and len(runs) == 2
+    assert [type(m).__name__ for m in fused][::4] == ["FusedMLP", "FusedLinear"] and len(runs) == 2
     assert list(fused.state_dict()) == list(apart.state_dict())
     assert_same_function(apart, fused, torch.randn(5, 4))
     with pytest.raises(ValueError, match=r"\(Linear layers in torch.float32 on cpu and torch.float64 on cpu\)"):
@@ -205,7 +205,7 @@ def test_fuse_nested_and_partial_runs():
     kinds = [type(m).__name__ for m in fused.body]
     # Linear-GELU-Linear is one run (Softplus is not fused), then Linear-LeakyReLU on its own; each
     # takes its first module's index and leaves Absorbed placeholders in the others' places.
-    assert kinds == ["InPlaceFusedMLP", "Absorbed", "Absorbed", "Softplus", "FusedLinear", "Absorbed"]
+    assert kinds == ["FusedMLP", "Absorbed", "Absorbed", "Softplus", "FusedLinear", "Absorbed"]
     assert list(fused.state_dict()) == list(model.state_dict())
     assert type(fused.head[1]) is FusedMLP  # the nested Sequential is one run: replaced whole
     assert len(runs) == 3
@@ -300,52 +300,56 @@ def test_functional_call_and_load_state_dict_with_either_keys_of_a_partly_fused_
     x = torch.randn(2, 4)
     zeros = {name: torch.zeros_like(p) for name, p in own.items()}
     torch.testing.assert_close(functional_call(fused, zeros, (x,)), torch.full((2, 3), 1 / 3))
-    # The original's keys are paths to the same layers (NOTE [The old paths of a partly fused Sequential]).
-    plain = copy.deepcopy(seq)
-    plain.load_state_dict(fused.state_dict())
-    for name in ("0.weight", "2.weight"):
-        override = {name: torch.randn_like(seq.get_parameter(name))}
-        torch.testing.assert_close(functional_call(fused, override, (x,)), functional_call(plain, override, (x,)))
-    assert dict(fused.named_parameters()) == own  # the parameters are back, as Parameters
-    torch.testing.assert_close(fused(x), plain(x))
+    # The original's keys would set an unused `weight` on the FusedMLP or on a placeholder: refused,
+    # never ignored.
+    with pytest.raises(AttributeError, match=r"reads 'weight' from its layers .* layers' \(0\.weight, 2\.weight\)"):
+        functional_call(fused, {name: torch.zeros_like(p) for name, p in seq.named_parameters()}, (x,))
+    with pytest.raises(AttributeError, match=r"folded into module 0: its weight is that module's layer '2''s "
+                                             r"\(0\.2\.weight in named_parameters\(\)"):
+        functional_call(fused, {"2.weight": torch.zeros(3, 8)}, (x,))
 
 
-def test_the_old_paths_of_a_partly_fused_sequential_lead_to_its_fused_layers():
+def test_absorbed_placeholders_say_where_their_linears_went():
     torch.manual_seed(0)
     seq = nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4),
                         nn.Softmax(-1))
     fused = pyfastnn.fuse(seq)
-    layers = list(fused[1])
-    assert [fused.get_parameter(key) for key in ("1.weight", "3.weight", "5.bias")] == \
-        [layers[0].weight, layers[1].weight, layers[2].bias]
-    assert fused[3].in_features == 16 and "fused layer 16 -> 12" in repr(fused[3])
-    with pytest.raises(AttributeError):
-        fused[2].weight  # noqa: B018 (the ReLU's place has no parameters, as the ReLU had none)
-    # Assigned through an old path, a parameter goes to the layer the fused module runs.
-    fused[3].weight = nn.Parameter(torch.zeros(12, 16))
-    assert layers[1].weight is fused[3].weight and torch.equal(layers[1].weight, torch.zeros(12, 16))
-    copied = copy.deepcopy(fused)  # the copy's paths lead to the copy's layers
-    assert copied[5].weight is list(copied[1])[2].weight and copied[5].weight is not fused[5].weight
+    assert [repr(m) for m in list(fused)[2:6]] == [
+        "Absorbed()", "Absorbed(nn.Linear fused into module 1 as its layer '2')", "Absorbed()",
+        "Absorbed(nn.Linear fused into module 1 as its layer '4')"]
+    assert not hasattr(fused[3], "weight")  # no second path to a parameter (hasattr-based code visits it once)
+    with pytest.raises(AttributeError, match=r"layer '4''s \(1\.4\.bias"):
+        fused[5].bias = nn.Parameter(torch.zeros(4))
+    fused[2].note = "a placeholder of a ReLU takes other attributes, as the ReLU did"
     # A size mismatch names the checkpoint's key, not the fused module's own.
     wider = nn.Sequential(nn.Flatten(), nn.Linear(8, 17), nn.ReLU(), nn.Linear(17, 12), nn.ReLU(), nn.Linear(12, 4))
     with pytest.raises(RuntimeError, match=r"size mismatch for 1\.weight:(.|\n)*size mismatch for 3\.weight:"):
         fused.load_state_dict(wider.state_dict())
 
 
-def test_torch_distributed_checkpoint_state_dicts_of_a_partly_fused_sequential():
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+def test_torch_distributed_checkpoint_of_a_partly_fused_sequential_as_documented(tmp_path):
+    """dcp's state-dict helpers walk keys as attribute paths, which the original keys are not here
+    (README); dcp.save / dcp.load of the module's own state_dict() work."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     torch.manual_seed(0)
-    seq = nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.Softmax(-1))
-    fused = pyfastnn.fuse(copy.deepcopy(seq))
-    state = get_model_state_dict(fused)
-    assert list(state) == list(seq.state_dict()) and all(torch.equal(state[k], v) for k, v in fused.state_dict().items())
-    other = nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.Softmax(-1))
-    set_model_state_dict(fused, get_model_state_dict(other))
+    make = lambda: nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.Softmax(-1))  # noqa: E731
+    fused = pyfastnn.fuse(make())
+    with pytest.raises(AttributeError):
+        get_model_state_dict(fused)
+    dcp.save(fused.state_dict(), checkpoint_id=tmp_path)
+    other = pyfastnn.fuse(make())
+    state = other.state_dict()
+    dcp.load(state, checkpoint_id=tmp_path)
+    other.load_state_dict(state)
     x = torch.randn(3, 8)
-    torch.testing.assert_close(fused(x), other(x))
-    set_model_state_dict(seq, get_model_state_dict(fused))
-    torch.testing.assert_close(seq(x), other(x))
+    torch.testing.assert_close(other(x), fused(x))
+    plain = make()  # ... and the same files load into the plain model
+    state = plain.state_dict()
+    dcp.load(state, checkpoint_id=tmp_path)
+    plain.load_state_dict(state)
+    torch.testing.assert_close(plain(x), fused(x))
 
 
 def test_a_partly_fused_sequential_with_a_parametrized_layer_loads_its_own_state_dict():

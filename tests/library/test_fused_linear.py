@@ -52,13 +52,13 @@ def test_input_gradient_of_a_wide_layer_is_as_accurate_as_torch_mm(rows):
 
 def test_bias_gradient_of_a_tall_layer_is_as_accurate_as_torch_sum():
     """The bias gradient sums a million rows per feature: in blocks of at most 256 rows whose sums
-    are added pairwise, as accurate as torch.sum; 64 blocks of 16K rows each were ~6x further from
-    float64."""
+    are added pairwise, as accurate as torch.sum (0.9x its distance from float64 here); 64 blocks
+    of 15,625 rows each were 5x further."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1_000_000, 4, generator=generator)
     w = torch.randn(8, 4, generator=generator)
     b = torch.zeros(8, requires_grad=True)
-    grad_out = torch.rand(1_000_000, 8, generator=generator)
+    grad_out = torch.rand(1_000_000, 8, generator=generator) + 1
     pyfastnn.fused_linear(x, w, b, "identity").backward(grad_out)
     exact = grad_out.double().sum(0)
     error = lambda t: (t.double() - exact).abs().max().item()  # noqa: E731
