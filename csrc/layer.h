@@ -44,7 +44,8 @@ int64_t relu_mask_row_bytes(int64_t features);
 // (pyfastnn.cuda_relu_epilogue()). Opted in, a hidden layer's bit mask is cuBLASLt's RELU_AUX mask,
 // reported (CUTLASS's and nvmath's references of it) to set the bit where the pre-activation is >= 0:
 // then DRELU passes the gradient at exactly 0, where torch.relu's derivative is 0 (tests follow the
-// mask the forward kept there). Process-wide, read at each layer call.
+// mask the forward kept there; should cuBLASLt then decline DRELU, the fallback reads the derivative
+// from the output and passes none there). Process-wide, read at each layer call.
 bool relu_epilogue_allowed();
 void set_relu_epilogue_allowed(bool allowed);
 
