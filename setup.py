@@ -63,6 +63,19 @@ def import_torch():
     return torch, cpp_extension
 
 
+def torch_requirement(torch_version: str) -> str:
+    """The torch the package requires: the release its extension is compiled against (torch's C++ ABI
+    changes between releases). A local tag (+cpu, +cu130) names a build of that release and is
+    dropped, except a source build's (+git...), which pins that very commit.
+
+    Example:
+        >>> torch_requirement("2.13.0+cpu"), torch_requirement("2.13.0a0+git1234abc")
+        ('torch==2.13.0', 'torch==2.13.0a0+git1234abc')
+    """
+    release, _, local = torch_version.partition("+")
+    return f"torch=={torch_version}" if local.startswith("git") else f"torch=={release}"
+
+
 def sources(patterns: list[str]) -> list[str]:
     """Repository-relative paths matching the globs, sorted."""
     found = {os.path.relpath(p, ROOT) for pattern in patterns for p in glob.glob(str(ROOT / pattern))}
@@ -275,7 +288,6 @@ def extension_and_command():
 
 if __name__ == "__main__":  # also how pip's setuptools backend runs this file; tests import the helpers
     extension, build_ext = extension_and_command()
-    torch_release = import_torch()[0].__version__.split("+", 1)[0]  # what the extension is compiled against
     lesson_requires = ["numpy", "tqdm", "matplotlib"]  # pyfastnn.lesson.REQUIREMENTS, checked at its import
     setup(
         name="pyfastnn",
@@ -286,9 +298,9 @@ if __name__ == "__main__":  # also how pip's setuptools backend runs this file; 
         license="MIT",
         python_requires=">=3.10",
         packages=find_packages(include=["pyfastnn", "pyfastnn.*"]),  # the library and pyfastnn.lesson
-        # The library needs torch alone, the release the extension is compiled against (its C++ ABI
-        # changes between releases); the lesson (pyfastnn train / demo) is an extra.
-        install_requires=[f"torch=={torch_release}"],
+        # The library needs torch alone, the release the extension is compiled against; the lesson
+        # (pyfastnn train / demo) is an extra.
+        install_requires=[torch_requirement(import_torch()[0].__version__)],
         # onnxscript + onnxruntime: the test that a decomposed program converts to ONNX and runs there.
         extras_require={"lesson": lesson_requires,
                         "test": ["pytest", "hypothesis", "expecttest", "onnxscript", "onnxruntime", *lesson_requires]},

@@ -19,21 +19,27 @@ import torch
 
 EXTENSION = __name__.rpartition(".")[0] + "._C"
 INSTALL_COMMAND = "pip install --no-build-isolation ."
+EDITABLE_COMMAND = "pip install --no-build-isolation -e ."
 PACKAGE = Path(__file__).resolve().parent
 
 
+def in_source_folder(package: Path = PACKAGE) -> bool:
+    """Whether ``package`` is the pyfastnn folder of a source tree (imported from there: Python runs
+    in it, or an editable install), whose extension beside the sources is the one loaded."""
+    return (package.parent / "setup.py").is_file() and (package.parent / "csrc").is_dir()
+
+
 def rebuild_hint(package: Path = PACKAGE) -> str:
-    """The command that rebuilds the extension imported from ``package``. Imported from a source
-    folder (Python runs there, or an editable install), the extension beside the sources is the one
-    loaded, so it is rebuilt in place; an installed copy is reinstalled from the source folder.
+    """The command that rebuilds the extension imported from ``package``: in place in a source
+    folder; otherwise a reinstall from the source folder.
 
     Example:
         >>> rebuild_hint(Path("/site-packages/pyfastnn"))
         'rebuild pyfastnn against the torch installed now: in the pyfastnn source folder run `pip install --no-build-isolation .` (or install the torch it was built with)'
     """
-    if (package.parent / "setup.py").is_file():
+    if in_source_folder(package):
         return (f"rebuild it in place against the torch installed now: in {package.parent} run "
-                f"`{INSTALL_COMMAND.replace(' .', ' -e .')}` (or install the torch it was built with)")
+                f"`{EDITABLE_COMMAND}` (or install the torch it was built with)")
     return (f"rebuild pyfastnn against the torch installed now: in the pyfastnn source folder run "
             f"`{INSTALL_COMMAND}` (or install the torch it was built with)")
 
@@ -102,11 +108,11 @@ def load_extension() -> ModuleType:
     """Imports ``pyfastnn._C`` (which registers ``torch.ops.pyfastnn.*``), or raises an ImportError that
     names the problem and the command that fixes it."""
     if importlib.util.find_spec(EXTENSION) is None:
-        if (PACKAGE.parent / "setup.py").is_file():
+        if in_source_folder():
             raise ImportError(f"pyfastnn's compiled extension {EXTENSION} is missing from {PACKAGE}, a source folder "
-                              f"(run from inside one, Python imports pyfastnn from there, not an installed copy): "
-                              f"build it in place with `{INSTALL_COMMAND.replace(' .', ' -e .')}` in {PACKAGE.parent}, "
-                              f"or run from another folder")
+                              f"(Python imports pyfastnn from there when it runs in that folder or after an editable "
+                              f"install, never an installed copy): build it in place with `{EDITABLE_COMMAND}` in "
+                              f"{PACKAGE.parent}")
         raise ImportError(f"pyfastnn's compiled extension {EXTENSION} is missing from {PACKAGE}: reinstall it with "
                           f"`{INSTALL_COMMAND}` in the pyfastnn source folder")
     record = build_record()

@@ -93,9 +93,9 @@ def _describe(module: nn.Module) -> str:
 class Absorbed(nn.Identity):
     """Stands in a partly fused Sequential at the index of a module :func:`fuse` folded into the
     fused module before it, passing its input through. Where that module was an ``nn.Linear``, its
-    ``weight`` and ``bias`` live on the fused module's layer, under that module's own names: assigned
-    here (say by ``torch.func.functional_call`` given the original keys), they would change nothing,
-    so they are refused, never ignored.
+    ``weight`` and ``bias`` live on a layer of the fused module, under that layer's own names:
+    assigned or registered here (say by ``torch.func.functional_call`` given the original keys), they
+    would change nothing, so they are refused, never ignored.
 
     Example:
         >>> seq = fuse(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2), nn.Softmax(-1)))
@@ -104,20 +104,38 @@ class Absorbed(nn.Identity):
         >>> seq[2].weight = nn.Parameter(torch.zeros(2, 8))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        AttributeError: this module stands for an nn.Linear that fuse() folded into module 0: its weight is ...
+        AttributeError: this module stands for an nn.Linear that fuse() folded into module 0, whose layer '2' holds its weight (0.2.weight ...
     """
 
-    def __init__(self, fused_into: Optional[str] = None, layer_name: Optional[str] = None) -> None:
+    def __init__(self, fused_into: Optional[str] = None, layer_name: Optional[str] = None,
+                 has_bias: bool = True) -> None:
         super().__init__()
-        self.fused_into, self.layer_name = fused_into, layer_name  # where the nn.Linear's parameters went
+        # Where the nn.Linear's parameters went: fused_into is the fused module's path in the model
+        # fuse() returned.
+        self.fused_into, self.layer_name, self.has_bias = fused_into, layer_name, has_bias
+
+    def _refuse(self, name: str) -> None:
+        if name not in ("weight", "bias") or self.__dict__.get("layer_name") is None:
+            return
+        where = f"this module stands for an nn.Linear that fuse() folded into module {self.fused_into}"
+        if name == "bias" and not self.has_bias:
+            raise AttributeError(f"{where}; that nn.Linear had no bias, and one set here would change nothing")
+        raise AttributeError(f"{where}, whose layer {self.layer_name!r} holds its {name} "
+                             f"({self.fused_into}.{self.layer_name}.{name} in the named_parameters() of the model "
+                             f"fuse() returned, the name torch.func.functional_call takes); set here, it would "
+                             f"change nothing")
 
     def __setattr__(self, name: str, value) -> None:
-        if name in ("weight", "bias") and self.__dict__.get("layer_name") is not None:
-            raise AttributeError(
-                f"this module stands for an nn.Linear that fuse() folded into module {self.fused_into}: its "
-                f"{name} is that module's layer {self.layer_name!r}'s ({self.fused_into}.{self.layer_name}.{name} "
-                f"in named_parameters(), which torch.func.functional_call takes); setting it here would change nothing")
+        self._refuse(name)
         super().__setattr__(name, value)
+
+    def register_parameter(self, name: str, param: Optional[nn.Parameter]) -> None:
+        self._refuse(name)
+        super().register_parameter(name, param)
+
+    def register_buffer(self, name: str, tensor: Optional[torch.Tensor], persistent: bool = True) -> None:
+        self._refuse(name)
+        super().register_buffer(name, tensor, persistent)
 
     def extra_repr(self) -> str:
         if self.layer_name is None:
@@ -220,7 +238,11 @@ def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_w
         linears = [j for j in range(i, end) if any(modules[j] is layer.linear for layer in layers)]
         layer_names = dict(zip(linears, (name for name, _ in fused.named_children()))) if isinstance(fused, FusedMLP) else {}
         for j in range(i + 1, end):
-            setattr(seq, names[j], Absorbed(names[i], layer_names[j]) if j in layer_names else Absorbed())
+            if j in layer_names:
+                placeholder = Absorbed(f"{path}{names[i]}", layer_names[j], has_bias=modules[j].bias is not None)
+            else:
+                placeholder = Absorbed()
+            setattr(seq, names[j], placeholder)
         for j, layer_name in layer_names.items():
             renames[names[j]] = f"{names[i]}.{layer_name}"
         i = end

@@ -20,7 +20,7 @@ TOOLS=(setuptools wheel ninja)
 # The C++ tests (scripts/build_cpp.sh) need CMake 3.19+: pip's cmake where the machine has none as recent.
 SYSTEM_CMAKE="$(cmake --version 2>/dev/null | head -n 1 | awk '{print $3}')" || true
 if [ -z "$SYSTEM_CMAKE" ] || [ "$(printf '%s\n3.19\n' "$SYSTEM_CMAKE" | sort -V | head -n 1)" != "3.19" ]; then
-  TOOLS+=(cmake)
+  TOOLS+=("cmake>=3.19")
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC" "${TOOLS[@]}"
 # torch's own guess of the CUDA toolkit can be wrong; name the usual location when CUDA is wanted.

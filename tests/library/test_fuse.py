@@ -304,8 +304,8 @@ def test_functional_call_and_load_state_dict_with_either_keys_of_a_partly_fused_
     # never ignored.
     with pytest.raises(AttributeError, match=r"reads 'weight' from its layers .* layers' \(0\.weight, 2\.weight\)"):
         functional_call(fused, {name: torch.zeros_like(p) for name, p in seq.named_parameters()}, (x,))
-    with pytest.raises(AttributeError, match=r"folded into module 0: its weight is that module's layer '2''s "
-                                             r"\(0\.2\.weight in named_parameters\(\)"):
+    with pytest.raises(AttributeError, match=r"folded into module 0, whose layer '2' holds its weight "
+                                             r"\(0\.2\.weight in the named_parameters\(\)"):
         functional_call(fused, {"2.weight": torch.zeros(3, 8)}, (x,))
 
 
@@ -318,9 +318,20 @@ def test_absorbed_placeholders_say_where_their_linears_went():
         "Absorbed()", "Absorbed(nn.Linear fused into module 1 as its layer '2')", "Absorbed()",
         "Absorbed(nn.Linear fused into module 1 as its layer '4')"]
     assert not hasattr(fused[3], "weight")  # no second path to a parameter (hasattr-based code visits it once)
-    with pytest.raises(AttributeError, match=r"layer '4''s \(1\.4\.bias"):
+    with pytest.raises(AttributeError, match=r"layer '4' holds its bias \(1\.4\.bias"):
         fused[5].bias = nn.Parameter(torch.zeros(4))
+    with pytest.raises(AttributeError, match=r"layer '2' holds its weight"):  # also registered directly
+        fused[3].register_parameter("weight", nn.Parameter(torch.zeros(12, 16)))
     fused[2].note = "a placeholder of a ReLU takes other attributes, as the ReLU did"
+    # Inside a model, the key named is the model's; a Linear without a bias had none to set.
+    model = nn.Sequential(nn.Identity(), nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(),
+                                                       nn.Linear(16, 4, bias=False), nn.Softmax(-1)))
+    nested = pyfastnn.fuse(model)
+    with pytest.raises(AttributeError, match=r"\(1\.1\.2\.weight in the named_parameters"):
+        nested[1][3].weight = nn.Parameter(torch.zeros(4, 16))
+    assert "1.1.2.weight" in dict(nested.named_parameters())
+    with pytest.raises(AttributeError, match="that nn.Linear had no bias"):
+        nested[1][3].bias = None
     # A size mismatch names the checkpoint's key, not the fused module's own.
     wider = nn.Sequential(nn.Flatten(), nn.Linear(8, 17), nn.ReLU(), nn.Linear(17, 12), nn.ReLU(), nn.Linear(12, 4))
     with pytest.raises(RuntimeError, match=r"size mismatch for 1\.weight:(.|\n)*size mismatch for 3\.weight:"):
