@@ -38,6 +38,7 @@ ROOT = Path(__file__).parent.resolve()
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "pyfastnn" / "_version.py").read_text()).group(1)
 BUILD_CONFIG = json.loads((ROOT / "cmake" / "sources.json").read_text())
 INSTALL_COMMAND = "pip install --no-build-isolation ."
+EDITABLE_COMMAND = "pip install --no-build-isolation -e ."
 
 
 def import_torch():
@@ -56,7 +57,7 @@ def import_torch():
             f"pyfastnn compiles its kernels against the torch installed in the environment it installs "
             f"into, and this build sees no torch ({error}). Install torch into that environment first if "
             f"it has none, then build without pip's default isolation (an isolated build never sees it):\n\n"
-            f"    {INSTALL_COMMAND}        (or, editable: pip install --no-build-isolation -e .)\n\n"
+            f"    {INSTALL_COMMAND}        (or, editable: {EDITABLE_COMMAND})\n\n"
             f"(the environment needs setuptools and wheel, and ninja for a parallel build: "
             f"pip install setuptools wheel ninja)"
         )
