@@ -5,7 +5,7 @@
 # environment (sanitizer options, for instance).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${PYFASTNN_VENV:-$ROOT/.venv}"
+VENV="$(cd "${PYFASTNN_VENV:-$ROOT/.venv}" && pwd)"  # absolute: CMake runs ninja from its own folders
 BUILD="$1"
 shift
 mkdir -p "$(dirname "$BUILD")"
