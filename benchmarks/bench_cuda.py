@@ -1,6 +1,7 @@
 """CUDA: pyfastnn against eager PyTorch, cuBLASLt's own epilogue and the bare GEMMs (needs a GPU).
 
     python benchmarks/bench_cuda.py [--quick] [--json PATH]
+    python benchmarks/bench_cuda.py --profile [--json PATH]
 
 One process, side by side, medians of CUDA-synchronised timings (torch.utils.benchmark), in
 microseconds. Columns, per shape x dtype x activation:
@@ -21,6 +22,9 @@ gradient) forward+backward against its 8 bare GEMMs (3 forward, 5 backward), and
 pass alone in GB/s against a device-to-device copy: the pass is timed as the difference between
 ``fused_linear`` with that activation and with identity (the same GEMM with its bias epilogue), and
 moves 2 x rows x out elements (read the GEMM result, write the output).
+
+``--profile`` instead lists the kernels each variant launches per call (``torch.profiler``, device
+time per kernel, longest first) for the first shape in bfloat16: where the time above goes.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 import pyfastnn
+from pyfastnn.benchmark import cuda_kernels, format_kernels
 from pyfastnn.files import atomic_write, check_output_file
 
 SHAPES = ((65536, 1024, 1024), (8192, 4096, 4096), (4096, 784, 256))
@@ -182,11 +187,65 @@ def mlp_rows(dtypes, min_run_time, rows_=65536, width=1024, layers=3):
     return rows
 
 
+def profile_rows(shape=QUICK_SHAPES[0], dtype=torch.bfloat16) -> list[dict]:
+    """Kernel tables of pyfastnn and eager, forward (inference) and forward+backward, and the MLP."""
+    m, k, n = shape
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda", dtype=dtype) * k ** -0.5
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    grad = torch.randn(m, n, device="cuda", dtype=dtype)
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    cases = []
+    for name in ("identity", "relu", "gelu_tanh", "gelu"):
+        act = ACTS[name]
+
+        def fused_fwd(name=name):
+            with torch.no_grad():
+                pyfastnn.fused_linear(x, w, b, name)
+
+        def eager_fwd(act=act):
+            with torch.no_grad():
+                act(F.linear(x, w, b))
+
+        cases.append((f"{name} fwd", {"pyfastnn": fused_fwd, "eager": eager_fwd}))
+        if name != "identity":
+            cases.append((f"{name} fwd+bwd", {
+                "pyfastnn": lambda name=name: torch.autograd.grad(pyfastnn.fused_linear(xs, ws, bs, name),
+                                                                  (xs, ws, bs), grad),
+                "eager": lambda act=act: torch.autograd.grad(act(F.linear(xs, ws, bs)), (xs, ws, bs), grad)}))
+    weights = [(torch.randn(k, k, device="cuda", dtype=dtype) * k ** -0.5).requires_grad_() for _ in range(3)]
+    biases = [torch.randn(k, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
+    params = (*weights, *biases)
+    grad_mlp = torch.randn(m, k, device="cuda", dtype=dtype)
+
+    def eager_mlp():
+        h = x
+        for layer in range(3):
+            h = F.linear(h, weights[layer], biases[layer])
+            h = torch.relu(h) if layer < 2 else h
+        return torch.autograd.grad(h, params, grad_mlp)
+
+    cases.append((f"fused_mlp {m}x{k}->{k}->{k}->{k} relu fwd+bwd", {
+        "pyfastnn": lambda: torch.autograd.grad(pyfastnn.fused_mlp(x, weights, biases, "relu", "identity"), params,
+                                                grad_mlp),
+        "eager": eager_mlp}))
+    rows = []
+    for case, variants in cases:
+        for variant, fn in variants.items():
+            kernels = cuda_kernels(fn)
+            rows.append({"shape": [m, k, n], "dtype": str(dtype).replace("torch.", ""), "case": case,
+                         "variant": variant, "kernel_us": sum(row["us"] for row in kernels), "kernels": kernels})
+            print(format_kernels(f"{m}x{k}->{n} {rows[-1]['dtype']} {case}, {variant}", kernels), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="bfloat16, the first shape, five activations")
     parser.add_argument("--json")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
+    parser.add_argument("--profile", action="store_true",
+                        help="list the kernels of each variant instead of timing it (first shape, bfloat16)")
     args = parser.parse_args(argv)
     if args.json:
         try:
@@ -198,7 +257,7 @@ def main(argv=None) -> int:
         return 2
     print(pyfastnn.info(), torch.__version__, torch.cuda.get_device_name(), flush=True)
     dtypes = (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float16, torch.float32)
-    results = {
+    results = {"profile": profile_rows()} if args.profile else {
         "layers": layer_rows(QUICK_SHAPES if args.quick else SHAPES, dtypes,
                              QUICK_ACTS if args.quick else tuple(ACTS), args.min_run_time),
         "fused_mlp": mlp_rows(dtypes, args.min_run_time),

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_mnist.py [--quick] [--full-script --data DIR] [--json PATH]
     python benchmarks/bench_mnist.py --device cuda [--quick] [--data DIR] [--json PATH]
+    python benchmarks/bench_mnist.py --device cuda --profile [--json PATH]
 
 1. Training step (zero_grad + forward + loss + backward + Adam step) at batch 64 and 256:
    pyfastnn's MNISTClassifier (one FusedMLP) with fused Adam, vs the lesson's eager model with the
@@ -23,7 +24,9 @@ With ``--device cuda``: the training step at batch 64 and 8192 of the lesson's m
 eager (nn.Sequential, fused Adam), eager+graph, FusedMLP, FusedMLP+graph (``pyfastnn.cuda_graph_step``
 with capturable fused Adam), each timed between device synchronizations; then (with MNIST found)
 the 5-epoch ``pyfastnn train --device cuda`` with and without the graph, and the lesson's script on
-the GPU (DataLoader, batches copied to the device as the lesson does).
+the GPU (DataLoader, batches copied to the device as the lesson does). ``--profile`` instead lists
+the kernels of the FusedMLP and eager steps at batch 64 with their device time (a graph replays
+the same kernels without the launch gaps between them).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from pyfastnn import cuda_graph_step, fuse
-from pyfastnn.benchmark import saved_for_backward_bytes, time_interleaved, train_step
+from pyfastnn.benchmark import cuda_kernels, format_kernels, saved_for_backward_bytes, time_interleaved, train_step
 from pyfastnn.command import positive_int
 from pyfastnn.files import atomic_write, check_output_file
 from pyfastnn.lesson.data import MNIST_MEAN, MNIST_STD, find_mnist, load_mnist
@@ -240,6 +243,20 @@ def bench_cuda_steps(batch_sizes, rounds, iters, log):
     return rows
 
 
+def profile_cuda_steps(batch, log):
+    """The kernels of one FusedMLP and one eager training step of the lesson's model (dropout 0.2)."""
+    x = torch.randn(batch, 784, device="cuda")
+    y = torch.randint(0, 10, (batch,), device="cuda")
+    rows = []
+    for name, make in (("FusedMLP", lambda: _models()[0]), ("eager", lambda: _models()[1])):
+        model = make().cuda()
+        kernels = cuda_kernels(train_step(model, make_adam(model.parameters(), 1e-3), x, y))
+        rows.append({"name": f"cuda train step B={batch} kernels: {name}",
+                     "kernel_us": sum(row["us"] for row in kernels), "kernels": kernels})
+        log(format_kernels(rows[-1]["name"], kernels))
+    return rows
+
+
 def bench_cuda_training(data, log, epochs=5):
     """5 epochs of `pyfastnn train --device cuda`, graphed and not, and the lesson's script on the GPU."""
     common = dict(data=str(data), epochs=epochs, device="cuda", out=None, progress=False, summaries=False,
@@ -345,6 +362,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=positive_int, default=5)
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --device cuda: the kernels of the training steps instead of their timing")
     parser.add_argument("--whole-process", type=positive_int, metavar="ROUNDS",
                         help="also the lesson script vs `pyfastnn train` as whole processes, ROUNDS alternations")
     parser.add_argument("--lesson-script", action="store_true", help=argparse.SUPPRESS)  # one run, for --whole-process
@@ -361,6 +380,8 @@ def main(argv=None) -> int:
     if (args.full_script or args.whole_process) and data is None:
         parser.error("--full-script and --whole-process need MNIST (--data DIR)")
     build = info()
+    if args.profile and args.device != "cuda":
+        parser.error("--profile lists CUDA kernels: it needs --device cuda")
     if args.device == "cuda":
         return _main_cuda(args, parser, build, data)
     print(f"pyfastnn {build['pyfastnn']} | torch {build['torch']} | {build['threads']} threads | "
@@ -384,6 +405,9 @@ def _main_cuda(args, parser, build, data) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 as on the CPU
     print(f"pyfastnn {build['pyfastnn']} | torch {build['torch']} | {torch.cuda.get_device_name()} | "
           f"(Nx) = that variant's time / FusedMLP+graph's")
+    if args.profile:
+        _write_json(args.json, build, profile_cuda_steps(64, print))
+        return 0
     results = bench_cuda_steps((64, 8192), 5 if args.quick else 9, 100 if args.quick else 500, print)
     if data is not None and not args.quick:
         results.append(bench_cuda_training(data, print, args.epochs))

@@ -32,6 +32,11 @@ struct ForwardEpilogue {
   uint8_t* keep_mask = nullptr;  // rows x cols, or null
   DropoutStream dropout{};  // CPU only
   double dropout_p = 0.0;
+  // CUDA only, relu without dropout: also write the bit mask of out > 0 (NOTE [relu bit masks] in
+  // layer.h), relu_mask_row_bytes bytes per row, bit c % 8 of byte c / 8. The mask must arrive
+  // zeroed: the bytes past a row's last column may be left as they are.
+  uint8_t* relu_mask = nullptr;
+  int64_t relu_mask_row_bytes = 0;
 };
 
 struct BackwardEpilogue {
@@ -76,10 +81,6 @@ namespace cuda {  // built only with CUDA (PYFASTNN_WITH_CUDA)
 void launch_forward_epilogue(const ForwardEpilogue& args, int64_t rows);
 void launch_backward_epilogue(const BackwardEpilogue& args, int64_t rows, int64_t rows_per_block);
 int64_t backward_rows_per_block(int64_t rows, int64_t cols);
-// The relu bit mask of a rows x cols output (NOTE [relu bit masks] in layer.h), where cuBLASLt did
-// not write it: mask_row_bytes bytes per row, bit c % 8 of byte c / 8 set where out > 0.
-void launch_pack_relu_mask(c10::ScalarType dtype, const void* out, int64_t rows, int64_t cols, uint8_t* mask,
-                           int64_t mask_row_bytes);
 }  // namespace cuda
 
 }  // namespace pyfastnn

@@ -126,10 +126,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
   const at::Tensor input_matrix = detail::as_matrix(input);
   const int64_t rows = input_matrix.size(0);
   at::Tensor grad = detail::as_matrix(grad_output).contiguous();  // e.g. expanded by sum().backward()
-  // Set when the layer above already applied this layer's activation derivative (and dropout-free
-  // bias gradient) inside its data-gradient GEMM: `grad` is then the pre-activation gradient.
+  // Set when the layer above already applied this layer's activation derivative inside its
+  // data-gradient GEMM: `grad` is then the pre-activation gradient.
   bool grad_is_preact = false;
-  at::Tensor bias_from_above;
   // A layer ran dropout iff its keep mask is 2-D; layers without it save an empty 1-D placeholder.
   std::vector<bool> has_mask(layers);
   for (size_t l = 0; l < layers; ++l) {
@@ -182,18 +181,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
       } else {
         check_saved_tensor("saved pre-activation", preacts[l - 1], input, {rows, features});
       }
-      below = detail::BelowLayer{below_act, preacts[l - 1].contiguous(), output_mask.get(1 + layers + l - 1)};
+      below = detail::BelowLayer{below_act, preacts[l - 1].contiguous()};
     }
-    const bool need_bias = output_mask.get(1 + layers + l) && !bias_from_above.defined();
     auto grads = detail::layer_backward(grad, layer_input, weights[l], saved, act, negative_slope, layer_dropout,
-                                        l > lowest || need_input, output_mask.get(1 + l), need_bias,
-                                        below ? &*below : nullptr);
+                                        l > lowest || need_input, output_mask.get(1 + l),
+                                        output_mask.get(1 + layers + l), below ? &*below : nullptr);
     if (grads.weight.defined()) grad_weights[l] = grads.weight;
     if (grads.bias.defined()) grad_biases[l] = grads.bias;
-    if (bias_from_above.defined() && output_mask.get(1 + layers + l)) grad_biases[l] = bias_from_above;
     grad = grads.input;
     grad_is_preact = grads.input_is_below_preact_grad;
-    bias_from_above = grads.below_bias;
   }
   if (need_input) grad_input = input.dim() == 2 ? grad : grad.view(input.sizes());
   return {grad_input, grad_weights, grad_biases};

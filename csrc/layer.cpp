@@ -113,8 +113,8 @@ struct BackwardPass {
   }
 };
 
-// grads.input = grad_pre @ W; on CUDA with the layer below's relu or tanh-GELU derivative (and its
-// bias gradient) fused in where cuBLASLt takes it.
+// grads.input = grad_pre @ W; on CUDA with the layer below's relu or tanh-GELU derivative fused in
+// where cuBLASLt takes it.
 void input_grad(LayerGrads& grads, const at::Tensor& grad_pre, const at::Tensor& weight,
                 [[maybe_unused]] const BelowLayer* below) {
 #ifdef PYFASTNN_WITH_CUDA
@@ -123,12 +123,10 @@ void input_grad(LayerGrads& grads, const at::Tensor& grad_pre, const at::Tensor&
     TORCH_INTERNAL_ASSERT(below->aux.sizes() ==
                           at::IntArrayRef({grad_pre.size(0), relu ? relu_mask_row_bytes(weight.size(1))
                                                                   : weight.size(1)}));
-    auto [below_preact_grad, below_bias] =
-        cuda::input_grad_through_below(grad_pre, weight, below->activation, below->aux, below->need_bias);
+    at::Tensor below_preact_grad = cuda::input_grad_through_below(grad_pre, weight, below->activation, below->aux);
     if (below_preact_grad.defined()) {
       grads.input = below_preact_grad;
       grads.input_is_below_preact_grad = true;
-      grads.below_bias = below_bias;
       return;
     }
   }
@@ -170,8 +168,7 @@ void set_relu_epilogue_allowed(bool allowed) { relu_epilogue.store(allowed, std:
 
 void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    Activation activation, double negative_slope, const at::Tensor& out,
-                   const at::Tensor* preact, const LayerDropout& dropout,
-                   [[maybe_unused]] const at::Tensor* relu_mask) {
+                   const at::Tensor* preact, const LayerDropout& dropout, const at::Tensor* relu_mask) {
   const int64_t rows = x.size(0);
   const int64_t out_features = weight.size(0);
   if (rows == 0 || out_features == 0) return;
@@ -211,14 +208,13 @@ void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
     args.dropout = dropout.stream;  // CPU only: the CUDA launcher draws its own Philox state
     args.dropout_p = dropout.p;
   }
-  launch(args, rows, cuda_device);
-#ifdef PYFASTNN_WITH_CUDA
-  if (relu_mask != nullptr) {  // cuBLASLt declined: the same bit mask from the output
-    TORCH_INTERNAL_ASSERT(activation == Activation::Relu && relu_mask->size(1) == relu_mask_row_bytes(out_features));
-    cuda::launch_pack_relu_mask(x.scalar_type(), out.data_ptr(), rows, out_features, relu_mask->data_ptr<uint8_t>(),
-                                relu_mask->size(1));
+  if (relu_mask != nullptr) {  // cuBLASLt did not write it: the pass does, from the output
+    TORCH_INTERNAL_ASSERT(activation == Activation::Relu && !dropout.keep_mask.defined() &&
+                          relu_mask->size(1) == relu_mask_row_bytes(out_features));
+    args.relu_mask = relu_mask->data_ptr<uint8_t>();
+    args.relu_mask_row_bytes = relu_mask->size(1);
   }
-#endif
+  launch(args, rows, cuda_device);
 }
 
 LayerGrads layer_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,

@@ -32,7 +32,7 @@ struct LayerDropout {
 // bit mask of its positive outputs that cuBLASLt's RELU_AUX epilogue writes: uint8 (rows,
 // relu_mask_row_bytes(features)), bit f % 8 of byte f / 8 of a row for feature f, rows padded to 128
 // bits as cuBLASLt requires. It travels in the layer's pre-activation slot (relu needs no
-// pre-activation), and the layer above reads it in its data-gradient GEMM (DRELU_BGRAD).
+// pre-activation), and the layer above reads it in its data-gradient GEMM (DRELU).
 bool keeps_relu_mask(const at::Tensor& input, Activation activation, bool last_layer, bool dropout_runs);
 int64_t relu_mask_row_bytes(int64_t features);
 
@@ -58,19 +58,16 @@ void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
 struct LayerGrads {
   at::Tensor input, weight, bias;  // undefined where not asked for
   // Set when `input` already is the pre-activation gradient of the layer below (its activation
-  // derivative rode in this layer's data-gradient GEMM, see BelowLayer); below_bias is then that
-  // layer's bias gradient where it was asked for.
+  // derivative rode in this layer's data-gradient GEMM, see BelowLayer).
   bool input_is_below_preact_grad = false;
-  at::Tensor below_bias;
 };
 
 // The layer under this one in a stack, when its activation derivative may be applied by this layer's
-// data-gradient GEMM (CUDA, without dropout after it: cuBLASLt's DGELU_BGRAD for gelu_tanh, from its
-// pre-activation, DRELU_BGRAD for relu, from its bit mask).
+// data-gradient GEMM (CUDA, without dropout after it: cuBLASLt's DGELU for gelu_tanh, from its
+// pre-activation, DRELU for relu, from its bit mask).
 struct BelowLayer {
   Activation activation;  // GeluTanh or Relu
   at::Tensor aux;         // gelu_tanh: the pre-activation (rows, in); relu: the bit mask
-  bool need_bias;         // whether its bias gradient is wanted
 };
 
 // Gradients of layer_forward given grad_out (rows, out) and `saved`: the layer's output where

@@ -3,6 +3,8 @@
 - :func:`time_interleaved` times several callables side by side (interleaved rounds, medians);
 - :func:`train_step` wraps one classifier training step as a callable to time;
 - :func:`saved_for_backward_bytes` measures what autograd keeps for backward;
+- :func:`cuda_kernels` lists the CUDA kernels a callable runs, with their device time (where a
+  GPU timing goes), and :func:`format_kernels` prints that list;
 - ``pyfastnn bench`` (:func:`main`, also ``python benchmarks/bench_fused_linear.py``) times
   fused_linear against PyTorch eager, torch.compile and the bare GEMMs, every variant of one case
   interleaved in the same process, so machine noise hits them alike.
@@ -26,7 +28,8 @@ from .files import atomic_write, check_output_file
 from .functional import fused_linear
 from .info import info
 
-__all__ = ["BENCH_ACTIVATIONS", "time_interleaved", "train_step", "saved_for_backward_bytes", "run", "main"]
+__all__ = ["BENCH_ACTIVATIONS", "time_interleaved", "train_step", "saved_for_backward_bytes", "cuda_kernels",
+           "format_kernels", "run", "main"]
 
 FULL_SHAPES = ((1, 784, 256), (64, 784, 256), (256, 784, 256), (1024, 784, 256), (64, 256, 128),
                (4096, 1024, 1024))
@@ -119,6 +122,55 @@ def saved_for_backward_bytes(model, x: torch.Tensor) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(x)
     return total
+
+
+def cuda_kernels(fn: Callable[[], object], iters: int = 5) -> List[dict]:
+    """The CUDA kernels one call of ``fn`` runs (after one warm-up call), from ``torch.profiler``:
+    ``{"kernel": name, "launches": per call, "us": device microseconds per call}``, longest first.
+    Their sum is the GPU's busy time, which a wall-clock timing of ``fn`` can only exceed.
+
+    Example:
+        >>> import torch
+        >>> if torch.cuda.is_available():
+        ...     x = torch.randn(256, 256, device="cuda")
+        ...     kernels = cuda_kernels(lambda: x @ x)
+        ...     assert kernels[0]["launches"] == 1 and kernels[0]["us"] > 0
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("pyfastnn: cuda_kernels needs a CUDA GPU")
+    if iters < 1:
+        raise ValueError(f"pyfastnn: iters must be at least 1, got {iters}")
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    totals: Dict[str, List[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = totals.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.time_range.elapsed_us()
+    kernels = [{"kernel": name, "launches": count / iters, "us": us / iters} for name, (count, us) in totals.items()]
+    return sorted(kernels, key=lambda row: -row["us"])
+
+
+def format_kernels(title: str, kernels: Sequence[dict], width: int = 140) -> str:
+    """``title``, the kernels' total time and launch count, then one line per kernel.
+
+    Example:
+        >>> print(format_kernels("matmul", [{"kernel": "gemm_kernel", "launches": 1.0, "us": 12.5}]))
+        matmul: 12.5 us of kernels, 1 launches
+                12.5 us    1x  gemm_kernel
+    """
+    total = sum(row["us"] for row in kernels)
+    launches = sum(row["launches"] for row in kernels)
+    lines = [f"{title}: {total:.1f} us of kernels, {launches:g} launches"]
+    lines += [f"    {row['us']:8.1f} us {row['launches']:4g}x  {row['kernel'][:width]}" for row in kernels]
+    return "\n".join(lines)
 
 
 def _variants(m: int, k: int, n: int, activation: str, backward: bool, with_compile: bool):

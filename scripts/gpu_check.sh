@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The one-command GPU check, for a machine with a GPU and a CUDA build of torch already installed
 # (no network needed). Each step logs to OUTDIR/<step>.log; OUTDIR/summary.txt has one line per step
-# (rc, seconds) and the final status. Most telling first, so a run cut short still says the most:
+# (rc, seconds), under a failed step the lines of its log that say what failed (the failed tests,
+# the sanitizer's reports, the first error lines), under a benchmark its printed figures and under a
+# test step the figures its tests recorded (pytest's record_property), and the final status:
+# summary.txt alone tells what to fix and what was measured. Most telling first, so a run cut short
+# still says the most:
 #   env                     nvidia-smi, torch, nvcc, CUDA_HOME, pytest, ninja, the lesson extra's
 #                           packages, compute-sanitizer (env.log)
 #   tools                   only where ninja or pytest is missing and GPU_CHECK_WHEELS names a folder
@@ -28,6 +32,10 @@
 #                           that reaches each of them (vectorized and one-element passes, dropout, the
 #                           shared-memory bias-sum kernel of the fallback path, the relu mask packer)
 #   test_cpu_on_cuda_build  (--full only) the CPU suite on the same build
+#   profile_cuda            (--full, or named in GPU_CHECK_ONLY) benchmarks/bench_cuda.py --profile --json
+#                           OUTDIR/profile_cuda.json and (with the lesson extra) benchmarks/bench_mnist.py
+#                           --device cuda --profile: the kernels each variant runs, with their device time
+#                           (where the benchmarks' time goes); a diagnosis, kept out of the quick run
 # Every step's time limit is cut to what is left of GPU_CHECK_BUDGET_S (default 360 s: the whole check,
 # build included, in 6 minutes), so the script ends with its summary before an outer limit stops it;
 # the sanitizers, slowest under instrumentation, come last. --full: every bench_cuda shape and dtype,
@@ -54,7 +62,7 @@ else
   FUZZ_CASES="${FUZZ_CASES:-1000}" BUDGET="${GPU_CHECK_BUDGET_S:-360}" BENCH_CUDA_SIZE=(--quick) BENCH_CUDA_LIMIT=60
 fi
 CHECK_STEPS="test_cuda test_cuda_graph bench_cuda test_cuda_train bench_mnist_cuda fuzz_cuda fuzz_mlp_cuda memcheck
-  racecheck test_cpu_on_cuda_build"
+  racecheck test_cpu_on_cuda_build profile_cuda"
 set -f  # the names are words, never file patterns
 GPU_CHECK_ONLY="$(echo ${GPU_CHECK_ONLY:-})"  # words only: blank means every step
 for name in $GPU_CHECK_ONLY; do
@@ -81,13 +89,42 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_
 SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
 # -v: every test's name is in the log as it finishes, so a step stopped by its time limit still
 # says which tests passed and failed.
-PYTEST=("$PYTHON" -m pytest -v -p no:cacheprovider --maxfail=30 -o faulthandler_timeout=120 -rfE)
+# xunit1: the junit XML keeps the figures tests record (record_property) without a warning per test.
+PYTEST=("$PYTHON" -m pytest -v -p no:cacheprovider --maxfail=30 -o faulthandler_timeout=120 -o junit_family=xunit1 -rfE)
 status=0
 : > "$OUT/summary.txt"
 
 note() {  # note NAME TEXT: a summary line for a step that did not run
   echo "[gpu_check] $1: $2" | tee -a "$OUT/summary.txt"
   status=1
+}
+
+digest() {  # digest LOG: what a failed step's log says failed, indented under its summary line
+  local failed
+  # pytest's short summary (-rfE); a step stopped by its time limit has none, but -v named each test
+  failed="$(grep -aE '^(FAILED|ERROR) ' "$1" | head -n 20)"
+  [ -n "$failed" ] || failed="$(grep -aE '::.+ (FAILED|ERROR)( +\[ *[0-9]+%\])?$' "$1" | head -n 20)"
+  {
+    echo "$failed"
+    grep -am 3 -E 'Assertion .* failed|left the CUDA context broken' "$1"  # a device-side assert
+    grep -aE '^========= +[^ =]' "$1" | grep -vE 'COMPUTE-SANITIZER|^========= +(ERROR|RACECHECK|LEAK) SUMMARY' \
+      | head -n 30                                                     # compute-sanitizer's reports
+    grep -am 5 -E '^E  |Error|error:|Traceback' "$1"                   # the first error lines
+  } | tr -d '\000\r' | grep -v '^$' | awk '!seen[$0]++' | head -n 40 | cut -c1-300 | sed 's/^/    /'
+}
+
+figures() {  # figures NAME: a benchmark's printed figures, or the properties a test step's tests recorded
+  local lines
+  if [ "${1#bench_}" != "$1" ]; then  # (a failure's traceback is the digest's)
+    lines="$(tr -d '\000\r' < "$OUT/$1.log" | grep -vE 'Warning|warnings\.warn|^ |^wrote |^$|^Traceback|Error')"
+  elif [ -f "$OUT/$1.xml" ]; then
+    lines="$(grep -ao '<property name="[^"]*" value="[^"]*"' "$OUT/$1.xml" \
+      | sed -E 's/<property name="([^"]*)" value="([^"]*)"/\1 = \2/; s/&quot;/"/g; s/&lt;/</g; s/&gt;/>/g; s/&amp;/\&/g')"
+  fi
+  [ -n "${lines:-}" ] || return 0
+  echo "$lines" | head -n 120 | cut -c1-300 | sed 's/^/    /'
+  local count; count="$(echo "$lines" | wc -l)"
+  [ "$count" -le 120 ] || echo "    ... $((count - 120)) more lines in $1.log"
 }
 
 finish() {  # the summary's last line, then the exit status
@@ -104,6 +141,7 @@ step() {  # step NAME LIMIT_S COMMAND...: runs within the budget left, logs, rec
   if [ "$left" -lt 20 ]; then note "$name" "NOT RUN (the $BUDGET s budget is spent)"; return 1; fi
   [ "$limit" -gt "$left" ] && limit="$left"
   echo "[gpu_check] $name (limit $limit s)"
+  rm -f "$OUT/$name.xml"  # pytest writes it only at the end: a step stopped before must not show an older one
   local start=$SECONDS
   timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
@@ -111,7 +149,11 @@ step() {  # step NAME LIMIT_S COMMAND...: runs within the budget left, logs, rec
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then line="$line (timed out after $limit s)"; fi
   echo "[gpu_check] $line" | tee -a "$OUT/summary.txt"
   tail -n 3 "$OUT/$name.log"
-  [ $rc -eq 0 ] || status=1
+  if [ $rc -ne 0 ]; then
+    digest "$OUT/$name.log" >> "$OUT/summary.txt"
+    status=1
+  fi
+  figures "$name" >> "$OUT/summary.txt"
   return $rc
 }
 
@@ -212,5 +254,13 @@ fi
 if [ "$MODE" = "--full" ]; then
   step test_cpu_on_cuda_build 600 "${PYTEST[@]}" tests --ignore=tests/library/test_cuda.py \
     --ignore=tests/lesson/test_cuda_train.py
+fi
+if [ "$MODE" = "--full" ] || [ -n "${GPU_CHECK_ONLY:-}" ]; then
+  # (the lesson's step needs the lesson extra: $3 lists what it lacks)
+  step profile_cuda 60 bash -c '"$1" benchmarks/bench_cuda.py --profile --json "$2/profile_cuda.json" && { [ -n "$3" ] ||
+    "$1" benchmarks/bench_mnist.py --device cuda --profile --json "$2/profile_mnist_cuda.json"; }' \
+    profile_cuda "$PYTHON" "$OUT" "$LESSON_MISSING"
+else
+  echo "[gpu_check] profile_cuda: skipped (a diagnosis: --full, or GPU_CHECK_ONLY=profile_cuda)" | tee -a "$OUT/summary.txt"
 fi
 finish

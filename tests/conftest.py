@@ -9,6 +9,21 @@ torch.manual_seed(0)
 _SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 
 
+@pytest.fixture(autouse=True)
+def cuda_context_survives(request):
+    """After each test that used the GPU, wait for its kernels: a device-side assert or fault breaks
+    the CUDA context for every later test in the process, so stop there, naming the test that broke
+    it, rather than report each later test as failed."""
+    yield
+    # (a test that failed inside a graph capture left it open: its own error, not a broken context)
+    if torch.cuda.is_initialized() and not torch.cuda.is_current_stream_capturing():
+        try:
+            torch.cuda.synchronize()
+        except RuntimeError as error:  # torch.AcceleratorError is one
+            pytest.exit(f"{request.node.nodeid} left the CUDA context broken, so no later test can run in "
+                        f"this process: {error}", returncode=1)
+
+
 @pytest.fixture
 def torch_threads():
     """Sets torch's intra-op thread count (``torch_threads(n)``) for the rest of the test; the count

@@ -14,6 +14,7 @@ constexpr int64_t kElementsPerTask = 32768;
 }  // namespace
 
 void launch_forward_epilogue(const ForwardEpilogue& args, int64_t rows) {
+  TORCH_INTERNAL_ASSERT(args.relu_mask == nullptr, "pyfastnn: relu bit masks are kept on CUDA only");
   const auto& kernels = epilogue_kernels();
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(args.cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });

@@ -69,8 +69,8 @@ cublasLtEpilogue_t to_cublaslt(GemmEpilogue epilogue, bool has_bias) {
     case GemmEpilogue::ReluAux: return has_bias ? CUBLASLT_EPILOGUE_RELU_AUX_BIAS : CUBLASLT_EPILOGUE_RELU_AUX;
     case GemmEpilogue::GeluTanh: return has_bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU;
     case GemmEpilogue::GeluTanhAux: return has_bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
-    case GemmEpilogue::DRelu: return has_bias ? CUBLASLT_EPILOGUE_DRELU_BGRAD : CUBLASLT_EPILOGUE_DRELU;
-    case GemmEpilogue::DGeluTanh: return has_bias ? CUBLASLT_EPILOGUE_DGELU_BGRAD : CUBLASLT_EPILOGUE_DGELU;
+    case GemmEpilogue::DRelu: return CUBLASLT_EPILOGUE_DRELU;
+    case GemmEpilogue::DGeluTanh: return CUBLASLT_EPILOGUE_DGELU;
     case GemmEpilogue::BiasGradB: return CUBLASLT_EPILOGUE_BGRADB;
   }
   return CUBLASLT_EPILOGUE_DEFAULT;
@@ -174,6 +174,8 @@ bool lt_matmul(const LtGemm& g) {
   const bool has_bias = g.bias != nullptr;
   TORCH_INTERNAL_ASSERT(g.epilogue != GemmEpilogue::Bias || has_bias, "pyfastnn: Bias epilogue without a bias");
   TORCH_INTERNAL_ASSERT(g.epilogue != GemmEpilogue::BiasGradB || has_bias, "pyfastnn: BiasGradB without a bias");
+  TORCH_INTERNAL_ASSERT(!has_bias || (g.epilogue != GemmEpilogue::DRelu && g.epilogue != GemmEpilogue::DGeluTanh),
+                        "pyfastnn: DRELU/DGELU take no bias (NOTE [cuBLASLt epilogues and the fallback])");
   TORCH_INTERNAL_ASSERT(!uses_aux(g.epilogue) || (g.aux != nullptr && g.aux_ld >= g.m),
                         "pyfastnn: cuBLASLt epilogue without its auxiliary buffer");
   // cuBLASLt's documented requirements on the auxiliary buffer's leading dimension.

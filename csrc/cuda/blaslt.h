@@ -4,11 +4,15 @@
 //
 // NOTE [cuBLASLt epilogues and the fallback]
 // cuBLASLt fuses the bias, relu and the tanh-form GELU into the GEMM's epilogue, and in backward the
-// activation derivative (from an auxiliary buffer the forward wrote) and the bias gradient. It does
-// not take every problem: float64, some shapes and alignments have no algorithm. lt_matmul then
-// returns false *before* touching any output, and the caller runs the same math as ATen GEMMs plus
-// our own element-wise pass. Setting the environment variable PYFASTNN_CUBLASLT=0 forces that
-// fallback everywhere (tests compare both paths against the same reference).
+// activation derivative (from an auxiliary buffer the forward wrote) into the data-gradient GEMM and
+// the bias gradient into the weight-gradient GEMM (BGRADB). Not DRELU_BGRAD / DGELU_BGRAD, which sum
+// the bias gradient across the data-gradient GEMM's long side: on an H200 (bf16, 65536 x 1024 ->
+// 1024) a relu stack taking them took 1.20x eager PyTorch's time, about 2.2x a plain GEMM per such
+// call as estimated from the other GEMMs' costs (benchmarks/RESULTS.md, "First figures on an H200").
+// cuBLASLt does not take every problem: float64, some shapes and alignments have no algorithm.
+// lt_matmul then returns false *before* touching any output, and the caller runs the same math as
+// ATen GEMMs plus our own element-wise pass. Setting the environment variable PYFASTNN_CUBLASLT=0
+// forces that fallback everywhere (tests compare both paths against the same reference).
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -24,8 +28,8 @@ enum class GemmEpilogue {
   ReluAux,      // as Relu, and aux = bit mask of D > 0 (aux_ld bits per column, a multiple of 128)
   GeluTanh,     // D = gelu_tanh(op(A) op(B) + bias); bias may be null
   GeluTanhAux,  // as GeluTanh, and aux = the pre-activation (aux_ld elements per column, a multiple of 8)
-  DRelu,        // D = op(A) op(B) * relu'(aux bit mask); bias (if set) = row sums of D (its gradient)
-  DGeluTanh,    // D = op(A) op(B) * gelu_tanh'(aux pre-activation); bias (if set) = row sums of D
+  DRelu,        // D = op(A) op(B) * relu'(aux bit mask); no bias
+  DGeluTanh,    // D = op(A) op(B) * gelu_tanh'(aux pre-activation); no bias
   BiasGradB,    // D = op(A) op(B); bias = sums of op(B) over k (n entries): a bias gradient
 };
 
@@ -40,7 +44,7 @@ struct LtGemm {
   void* d;
   int64_t ldd;
   GemmEpilogue epilogue = GemmEpilogue::Default;
-  void* bias = nullptr;  // read by Bias/Relu/GeluTanh(+Aux), written by DRelu/DGeluTanh/BiasGradB
+  void* bias = nullptr;  // read by Bias/Relu/GeluTanh(+Aux), written by BiasGradB
   void* aux = nullptr;
   int64_t aux_ld = 0;
 };

@@ -6,7 +6,10 @@
 // On CUDA the bias always rides in the GEMM (cuBLASLt's bias epilogue, or addmm in the fallback), so
 // the forward pass is purely element-wise: out = dropout(act(acc)). It runs over the flat buffer in
 // 128-bit vectors (4 floats, 8 halves/bfloat16s, 2 doubles) when the element count and every pointer
-// allow, else one element per step; no division per element. The backward pass without a bias sum
+// allow, else one element per step; no division per element. Each thread issues the loads of
+// kUnroll vectors before it computes any (for_each_chunk): one load in flight per thread leaves HBM
+// idle between round trips, as on the H200 where the passes trailed ATen's element-wise kernels
+// (which do the same). The backward pass without a bias sum
 // is the same shape of loop; with a bias sum it is a 2-D kernel whose column sums are reduced in a
 // fixed order (bitwise reproducible, no atomics).
 #include <ATen/OpMathType.h>
@@ -18,6 +21,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <limits>
 #include <mutex>
 #include <tuple>
 #include <type_traits>
@@ -31,6 +35,7 @@ constexpr int kThreads = 256;
 constexpr int kColumnsPerBlock = 32;  // backward with bias sums: one warp across columns ...
 constexpr int kRowLanes = 8;          // ... times 8 row lanes
 constexpr int kVectorBytes = 16;      // one 128-bit load or store
+constexpr int kUnroll = 4;            // vectors (or elements) in flight per thread in the flat passes
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
@@ -40,6 +45,26 @@ struct alignas(sizeof(T) * N) Pack {
 template <typename scalar_t>
 constexpr int vector_width() {
   return kVectorBytes / static_cast<int>(sizeof(scalar_t));
+}
+
+// Calls store(chunk, load(chunk)) for every chunk of a grid-stride loop over `chunks`, kUnroll
+// chunks at a time: all their loads first, then the computations and stores. Chunk c of a round is
+// base + u * stride, so neighbouring threads still touch neighbouring memory (coalesced).
+template <typename Load, typename Store>
+__device__ __forceinline__ void for_each_chunk(int64_t chunks, const Load& load, const Store& store) {
+  using Loaded = decltype(load(int64_t{0}));
+  const int64_t stride = int64_t(blockDim.x) * gridDim.x;
+  for (int64_t base = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; base < chunks; base += stride * kUnroll) {
+    Loaded loaded[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (base + u * stride < chunks) loaded[u] = load(base + u * stride);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (base + u * stride < chunks) store(base + u * stride, loaded[u]);
+    }
+  }
 }
 
 // The random numbers of one forward dropout: a Philox state that torch's generator handed out
@@ -64,11 +89,11 @@ __global__ void __launch_bounds__(kThreads)
     stream.seed = std::get<0>(seed_and_offset);
     stream.offset = std::get<1>(seed_and_offset);
   }
-  for (int64_t chunk = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; chunk < chunks;
-       chunk += int64_t(blockDim.x) * gridDim.x) {
+  using Vector = Pack<scalar_t, kVec>;
+  const auto load = [&](int64_t chunk) { return *reinterpret_cast<const Vector*>(acc + chunk * kVec); };
+  for_each_chunk(chunks, load, [&](int64_t chunk, const Vector& in) {
     const int64_t first = chunk * kVec;
-    const auto in = *reinterpret_cast<const Pack<scalar_t, kVec>*>(acc + first);
-    Pack<scalar_t, kVec> result;
+    Vector result;
     Pack<uint8_t, kVec> kept;
     Philox4x32 draws{};
 #pragma unroll
@@ -84,9 +109,9 @@ __global__ void __launch_bounds__(kThreads)
       }
       result.v[j] = static_cast<scalar_t>(y);
     }
-    *reinterpret_cast<Pack<scalar_t, kVec>*>(out + first) = result;
+    *reinterpret_cast<Vector*>(out + first) = result;
     if (keep_mask != nullptr) *reinterpret_cast<Pack<uint8_t, kVec>*>(keep_mask + first) = kept;
-  }
+  });
 }
 
 struct BackwardFlags {
@@ -132,22 +157,28 @@ __global__ void __launch_bounds__(kThreads)
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr bool kIdentity = std::is_same_v<F, act::Identity>;
   const BackwardScalars<opmath_t> scalars(flags, keep_mask);
-  for (int64_t chunk = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; chunk < chunks;
-       chunk += int64_t(blockDim.x) * gridDim.x) {
+  using Vector = Pack<scalar_t, kVec>;
+  struct Loaded {
+    Vector g, s;
+    Pack<uint8_t, kVec> kept;
+  };
+  const auto load = [&](int64_t chunk) {
     const int64_t first = chunk * kVec;
-    const auto g = *reinterpret_cast<const Pack<scalar_t, kVec>*>(grad_out + first);
-    Pack<scalar_t, kVec> s{};
-    if constexpr (!kIdentity) s = *reinterpret_cast<const Pack<scalar_t, kVec>*>(saved + first);
-    Pack<uint8_t, kVec> kept{};
-    if (scalars.read_mask) kept = *reinterpret_cast<const Pack<uint8_t, kVec>*>(keep_mask + first);
-    Pack<scalar_t, kVec> result;
+    Loaded in{};
+    in.g = *reinterpret_cast<const Vector*>(grad_out + first);
+    if constexpr (!kIdentity) in.s = *reinterpret_cast<const Vector*>(saved + first);
+    if (scalars.read_mask) in.kept = *reinterpret_cast<const Pack<uint8_t, kVec>*>(keep_mask + first);
+    return in;
+  };
+  for_each_chunk(chunks, load, [&](int64_t chunk, const Loaded& in) {
+    Vector result;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       result.v[j] = static_cast<scalar_t>(scalars.template grad_pre<F>(
-          static_cast<opmath_t>(g.v[j]), static_cast<opmath_t>(s.v[j]), kept.v[j] != 0));
+          static_cast<opmath_t>(in.g.v[j]), static_cast<opmath_t>(in.s.v[j]), in.kept.v[j] != 0));
     }
-    *reinterpret_cast<Pack<scalar_t, kVec>*>(grad_pre + first) = result;
-  }
+    *reinterpret_cast<Vector*>(grad_pre + chunk * kVec) = result;
+  });
 }
 
 // Backward with the bias sum. Block (x: 32 columns, y: 8 row lanes) handles one row block of
@@ -185,6 +216,33 @@ __global__ void backward_sums_kernel(int64_t rows, int64_t cols, int64_t rows_pe
   }
 }
 
+// relu of half or bfloat16 rows whose width is a multiple of 8, one 128-bit vector of 8 elements at a
+// time, writing the vector's 8 signs as one byte of the bit mask (NOTE [relu bit masks] in layer.h)
+// as it goes: no second pass over the output. The bit is taken from the stored (rounded) output, as
+// pack_relu_mask_kernel takes it. index_t: 32 bits where the chunks allow (a cheaper division).
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    relu_and_mask_kernel(int64_t chunks, int64_t chunks_per_row, int64_t mask_row_bytes, const scalar_t* acc,
+                         scalar_t* out, uint8_t* mask) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Vector = Pack<scalar_t, 8>;
+  static_assert(sizeof(Vector) == kVectorBytes, "one 128-bit vector holds one mask byte's 8 elements");
+  const auto load = [&](int64_t chunk) { return *reinterpret_cast<const Vector*>(acc + chunk * 8); };
+  for_each_chunk(chunks, load, [&](int64_t chunk, const Vector& in) {
+    Vector result;
+    uint8_t bits = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      result.v[j] = static_cast<scalar_t>(act::Relu::forward(static_cast<opmath_t>(in.v[j]), opmath_t(0)));
+      if (act::Relu::active(static_cast<opmath_t>(result.v[j]))) bits |= uint8_t(1u << j);
+    }
+    *reinterpret_cast<Vector*>(out + chunk * 8) = result;
+    const auto row = static_cast<index_t>(chunk) / static_cast<index_t>(chunks_per_row);
+    const int64_t byte = static_cast<int64_t>(static_cast<index_t>(chunk) - row * static_cast<index_t>(chunks_per_row));
+    mask[static_cast<int64_t>(row) * mask_row_bytes + byte] = bits;
+  });
+}
+
 // One thread per mask byte: 8 outputs of one row (padding bits past the last column are 0).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
@@ -205,7 +263,9 @@ bool aligned(const void* pointer, size_t bytes) {
   return pointer == nullptr || reinterpret_cast<uintptr_t>(pointer) % bytes == 0;
 }
 
-// Blocks for a grid-stride loop over `chunks` work items: enough to fill every SM several times over.
+// Blocks for a grid-stride loop over `chunks` work items: one item per thread up to enough blocks to
+// fill every SM several times over (a small pass keeps its parallelism; for_each_chunk gives a
+// thread of a large one kUnroll items per round).
 int grid_for(int64_t chunks) {
   const int max_blocks = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * 16;
   return static_cast<int>(std::min<int64_t>((chunks + kThreads - 1) / kThreads, max_blocks));
@@ -223,42 +283,7 @@ at::PhiloxCudaState draw_philox_state() {
   return generator->philox_cuda_state(4);
 }
 
-}  // namespace
-
-void launch_forward_epilogue(const ForwardEpilogue& a, int64_t rows) {
-  TORCH_INTERNAL_ASSERT(a.bias == nullptr, "pyfastnn: on CUDA the bias is added by the GEMM");
-  // A kept pre-activation is where the GEMM wrote (acc): nothing to copy.
-  TORCH_INTERNAL_ASSERT(a.preact == nullptr || a.preact == a.acc, "pyfastnn: on CUDA the GEMM writes the pre-activation");
-  const int64_t total = rows * a.cols;
-  if (total == 0) return;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  DropoutArgs dropout{};
-  if (a.keep_mask != nullptr) {
-    dropout.philox = draw_philox_state();
-    dropout.threshold = DropoutStream::make(0, a.dropout_p).threshold;
-    dropout.kept_scale = 1.0 / (1.0 - a.dropout_p);
-  }
-  visit_dtype(a.dtype, [&](auto tag) {
-    using scalar_t = decltype(tag);
-    constexpr int kVec = vector_width<scalar_t>();
-    const bool vectorized = total % kVec == 0 && aligned(a.acc, kVectorBytes) && aligned(a.out, kVectorBytes) &&
-                            aligned(a.keep_mask, kVec);
-    visit_activation(a.activation, [&](auto functor) {
-      using F = decltype(functor);
-      const auto* acc = static_cast<const scalar_t*>(a.acc);
-      auto* out = static_cast<scalar_t*>(a.out);
-      if (vectorized) {
-        forward_kernel<scalar_t, F, kVec><<<grid_for(total / kVec), kThreads, 0, stream>>>(
-            total / kVec, acc, out, a.keep_mask, dropout, a.negative_slope);
-      } else {
-        forward_kernel<scalar_t, F, 1><<<grid_for(total), kThreads, 0, stream>>>(
-            total, acc, out, a.keep_mask, dropout, a.negative_slope);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-}
-
+// The relu bit mask of a rows x cols output, from the output (the pass that wrote it could not).
 void launch_pack_relu_mask(c10::ScalarType dtype, const void* out, int64_t rows, int64_t cols, uint8_t* mask,
                            int64_t mask_row_bytes) {
   const int64_t total = rows * mask_row_bytes;
@@ -270,6 +295,64 @@ void launch_pack_relu_mask(c10::ScalarType dtype, const void* out, int64_t rows,
         rows, cols, mask_row_bytes, static_cast<const scalar_t*>(out), mask);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+}  // namespace
+
+void launch_forward_epilogue(const ForwardEpilogue& a, int64_t rows) {
+  TORCH_INTERNAL_ASSERT(a.bias == nullptr, "pyfastnn: on CUDA the bias is added by the GEMM");
+  // A kept pre-activation is where the GEMM wrote (acc): nothing to copy.
+  TORCH_INTERNAL_ASSERT(a.preact == nullptr || a.preact == a.acc, "pyfastnn: on CUDA the GEMM writes the pre-activation");
+  TORCH_INTERNAL_ASSERT(a.relu_mask == nullptr || (a.activation == Activation::Relu && a.keep_mask == nullptr),
+                        "pyfastnn: a relu bit mask is kept for relu without dropout only");
+  const int64_t total = rows * a.cols;
+  if (total == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  DropoutArgs dropout{};
+  if (a.keep_mask != nullptr) {
+    dropout.philox = draw_philox_state();
+    dropout.threshold = DropoutStream::make(0, a.dropout_p).threshold;
+    dropout.kept_scale = 1.0 / (1.0 - a.dropout_p);
+  }
+  bool mask_written = false;
+  visit_dtype(a.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    constexpr int kVec = vector_width<scalar_t>();
+    const bool vectorized = total % kVec == 0 && aligned(a.acc, kVectorBytes) && aligned(a.out, kVectorBytes) &&
+                            aligned(a.keep_mask, kVec);
+    const auto* acc = static_cast<const scalar_t*>(a.acc);
+    auto* out = static_cast<scalar_t*>(a.out);
+    if constexpr (kVec == 8) {  // half, bfloat16: one vector is one mask byte
+      if (a.relu_mask != nullptr && vectorized && a.cols % 8 == 0) {
+        const int64_t chunks = total / 8;
+        if (chunks <= std::numeric_limits<uint32_t>::max()) {
+          relu_and_mask_kernel<scalar_t, uint32_t><<<grid_for(chunks), kThreads, 0, stream>>>(
+              chunks, a.cols / 8, a.relu_mask_row_bytes, acc, out, a.relu_mask);
+        } else {
+          relu_and_mask_kernel<scalar_t, int64_t><<<grid_for(chunks), kThreads, 0, stream>>>(
+              chunks, a.cols / 8, a.relu_mask_row_bytes, acc, out, a.relu_mask);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        mask_written = true;
+        return;
+      }
+    }
+    visit_activation(a.activation, [&](auto functor) {
+      using F = decltype(functor);
+      if (vectorized) {
+        forward_kernel<scalar_t, F, kVec><<<grid_for(total / kVec), kThreads, 0, stream>>>(
+            total / kVec, acc, out, a.keep_mask, dropout, a.negative_slope);
+      } else {
+        forward_kernel<scalar_t, F, 1><<<grid_for(total), kThreads, 0, stream>>>(
+            total, acc, out, a.keep_mask, dropout, a.negative_slope);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  // float32, or a width or alignment the fused pass cannot take: the mask in a second pass.
+  if (a.relu_mask != nullptr && !mask_written) {
+    launch_pack_relu_mask(a.dtype, a.out, rows, a.cols, a.relu_mask, a.relu_mask_row_bytes);
+  }
 }
 
 // At most 256 blocks of at least 64 rows: enough thread blocks to fill the GPU while the partial sums

@@ -65,16 +65,14 @@ bool gemm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
   return false;
 }
 
-std::tuple<at::Tensor, at::Tensor> input_grad_through_below(const at::Tensor& grad_pre, const at::Tensor& weight,
-                                                            Activation below_activation,
-                                                            const at::Tensor& below_aux, bool need_below_bias) {
+at::Tensor input_grad_through_below(const at::Tensor& grad_pre, const at::Tensor& weight, Activation below_activation,
+                                    const at::Tensor& below_aux) {
   if (!weight.is_contiguous() || !grad_pre.is_contiguous() || !below_aux.is_contiguous()) return {};
   const int64_t rows = grad_pre.size(0), out_features = weight.size(0), in_features = weight.size(1);
   const bool relu = below_activation == Activation::Relu;
   TORCH_INTERNAL_ASSERT(relu || below_activation == Activation::GeluTanh);
   if (!relu && !lt_gelu_matches_torch(grad_pre.scalar_type())) return {};
   at::Tensor grad_input = at::empty({rows, in_features}, grad_pre.options());
-  at::Tensor below_bias = need_below_bias ? at::empty({in_features}, grad_pre.options()) : at::Tensor();
   // Row-major grad_input (rows, in) is column-major in x rows: D = W^T (stored in x out) * grad_pre^T.
   LtGemm gemm{grad_pre.scalar_type(), /*transpose_a=*/false, /*transpose_b=*/false, in_features, rows,
               out_features, weight.data_ptr(), in_features, grad_pre.data_ptr(), out_features,
@@ -82,9 +80,8 @@ std::tuple<at::Tensor, at::Tensor> input_grad_through_below(const at::Tensor& gr
   gemm.epilogue = relu ? GemmEpilogue::DRelu : GemmEpilogue::DGeluTanh;
   gemm.aux = below_aux.data_ptr();
   gemm.aux_ld = relu ? below_aux.size(1) * 8 : in_features;  // bits for the relu mask
-  gemm.bias = below_bias.defined() ? below_bias.data_ptr() : nullptr;
   if (!lt_matmul(gemm)) return {};
-  return {grad_input, below_bias};
+  return grad_input;
 }
 
 bool fuses_bias_grad(const at::Tensor& x, int64_t out_features) {

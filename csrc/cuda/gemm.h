@@ -22,12 +22,11 @@ bool gemm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                   bool dropout_runs, const at::Tensor& out, const at::Tensor* preact, const at::Tensor* relu_mask);
 
 // grad_pre @ W with the derivative of the layer below fused in (relu from its bit mask, gelu_tanh from
-// its pre-activation: `below_aux`), and, where need_below_bias, that layer's bias gradient in the same
-// call. Returns (grad, below_bias_grad): grad is the below layer's pre-activation gradient; both are
-// undefined where cuBLASLt declined (nothing written; the caller falls back).
-std::tuple<at::Tensor, at::Tensor> input_grad_through_below(const at::Tensor& grad_pre, const at::Tensor& weight,
-                                                            Activation below_activation,
-                                                            const at::Tensor& below_aux, bool need_below_bias);
+// its pre-activation: `below_aux`): the below layer's pre-activation gradient, or undefined where
+// cuBLASLt declined (nothing written; the caller falls back). That layer's bias gradient is left to
+// its own weight-gradient GEMM (NOTE [cuBLASLt epilogues and the fallback]).
+at::Tensor input_grad_through_below(const at::Tensor& grad_pre, const at::Tensor& weight, Activation below_activation,
+                                    const at::Tensor& below_aux);
 
 // Whether weight_and_bias_grad may fuse the bias gradient for x (rows, in_features) and out_features.
 bool fuses_bias_grad(const at::Tensor& x, int64_t out_features);

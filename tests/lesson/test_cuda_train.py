@@ -87,20 +87,21 @@ def test_checkpoints_move_between_cpu_and_cuda(tmp_path, mnist_dir):
     assert back.metrics["test_accuracy"] > 0.85 and on_cpu.metrics["device"] == "cpu"
 
 
-def test_train_cli_cuda_five_epochs_reaches_the_lesson_accuracy(tmp_path, mnist_dir):
+def test_train_cli_cuda_five_epochs_reaches_the_lesson_accuracy(tmp_path, mnist_dir, record_property):
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, "-m", "pyfastnn", "train", "mnist", "--data", str(mnist_dir),
                              "--device", "cuda", "--epochs", "5", "--out", str(out)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
+    # In the junit XML (scripts/gpu_check.sh copies them into its summary), passed or not.
+    record_property("five_epochs_cuda_train_seconds", round(metrics["train_seconds"], 3))
+    record_property("five_epochs_cuda_test_accuracy", metrics["test_accuracy"])
     assert metrics["device"].startswith("cuda") and metrics["cuda_graph"] is True
     # The goal for 5 epochs on a GPU; 5-epoch CPU runs (benchmarks/RESULTS.md, seeds 0-2) reach 97.77-98.10 %.
     assert metrics["test_accuracy"] >= 0.976, metrics["test_accuracy"]
     for name in ("checkpoint.pt", "curves.png", "predictions.png"):
         assert (out / name).stat().st_size > 0, name
-    print(f"5 epochs on the GPU: {metrics['train_seconds']:.2f} s of training, test accuracy "
-          f"{metrics['test_accuracy']:.4f}")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DDP with nccl needs two GPUs")

@@ -252,9 +252,11 @@ def test_misaligned_views_and_transposed_operands(activation, dtype, gemm_path):
 
 
 def test_large_buffer_vectorized_and_one_element_paths():
-    # 65537 x 16 elements: a multiple of the vector width (128-bit loads); 65537 x 15: odd, so the
-    # forward and backward passes take their one-element path, over about a million elements each.
-    x = torch.randn(65537, 32, device="cuda", requires_grad=True)
+    # 600001 x 16 elements: a multiple of the vector width (128-bit loads); 600001 x 15: odd, so the
+    # forward and backward passes take their one-element path. Either is more than one round of
+    # their grid-stride loop (at most SMs x 16 blocks x 256 threads x 4 items a round: 2.16M on an
+    # H200's 132 SMs), so the loop's later rounds and its ragged last one are checked too.
+    x = torch.randn(600001, 32, device="cuda", requires_grad=True)
     w = torch.randn(16, 32, device="cuda", requires_grad=True)
     for n in (16, 15):
         weight = w[:n]
@@ -310,21 +312,31 @@ def test_fused_mlp_stack_on_both_paths(activations, dtype, relu_gemm_path):
     want = torch.autograd.grad(reference_mlp(x.detach(), weights, biases, activations), weights, grad)
     for g, e in zip(got, want):
         assert_close(g, e, dtype)
+    # Only the biases (frozen weights): a hidden layer's bias gradient cannot come from its weight
+    # gradient's GEMM, so it is summed from the pre-activation gradient the layer above's GEMM formed.
+    frozen = [w.detach() for w in weights]
+    got = torch.autograd.grad(pyfastnn.fused_mlp(x.detach(), frozen, biases, list(activations[:-1]),
+                                                 activations[-1]), biases, grad)
+    want = torch.autograd.grad(reference_mlp(x.detach(), frozen, biases, activations), biases, grad)
+    for g, e in zip(got, want):
+        assert_close(g, e, dtype)
 
 
+@pytest.mark.parametrize("hidden_width", [200, 203])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_relu_bit_mask_layout_and_fake(dtype, relu_gemm_path):
+def test_relu_bit_mask_layout_and_fake(dtype, hidden_width, relu_gemm_path):
     # NOTE [relu bit masks]: bit f % 8 of byte f / 8 of a row says output f > 0, rows padded to 128
-    # bits. cuBLASLt's relu epilogue writes it on one path, pyfastnn's kernel on the others: all must
-    # match this.
+    # bits. cuBLASLt's relu epilogue writes it on one path, pyfastnn's kernels on the others (the relu
+    # pass itself for half and bfloat16 of width 200, a second pass for width 203 and float32): all
+    # must match this.
     torch.manual_seed(0)
-    rows, widths = 300, (64, 200, 8)
+    rows, widths = 300, (64, hidden_width, 8)
     x = torch.randn(rows, widths[0], device="cuda", dtype=dtype)
     weights = [(torch.randn(n, k, device="cuda") * k ** -0.5).to(dtype) for k, n in zip(widths[:-1], widths[1:])]
     biases = [torch.randn(n, device="cuda", dtype=dtype) for n in widths[1:]]
     args = (x, weights, biases, [1, 0], 0.01, [0.0, 0.0], True)
     out, hidden, preacts, masks = ops.fused_mlp_forward(*args)
-    assert preacts[0].dtype == torch.uint8 and preacts[0].shape == (rows, 32)  # 200 features padded to 256 bits
+    assert preacts[0].dtype == torch.uint8 and preacts[0].shape == (rows, 32)  # 200 or 203 features: 256 bits
     shifts = torch.arange(8, device="cuda", dtype=torch.int32)
     bits = ((preacts[0].to(torch.int32).unsqueeze(-1) >> shifts) & 1).view(rows, 256)
     assert torch.equal(bits[:, :widths[1]].bool(), hidden[0] > 0)
@@ -347,13 +359,13 @@ def test_relu_stack_at_nan_and_exactly_zero_like_torch(dtype, relu_gemm_path):
     activations = ("relu", "relu")
     out = pyfastnn.fused_mlp(x, weights, None, ["relu"], "relu")
     expected = reference_mlp(x, weights, [None, None], activations)
+    rows = torch.tensor([0, 2, 3], device="cuda")  # the rows without NaN
     if relu_gemm_path == "relu_epilogue":
         assert (out[1].isnan() | (out[1] == 0)).all()
-        out, expected = out[[0, 2, 3]], expected[[0, 2, 3]]
+        assert_close(out[rows], expected[rows], dtype)
     else:
         assert torch.equal(out.isnan(), expected.isnan()) and out[1].isnan().all()
-    assert_close(out, expected, dtype)
-    rows = torch.tensor([0, 2, 3], device="cuda")  # the rows without NaN
+        assert_close(out, expected, dtype)
     grad = torch.zeros_like(expected)
     grad[rows] = torch.randn(len(rows), expected.shape[1], device="cuda", dtype=dtype)
     (got,) = torch.autograd.grad(pyfastnn.fused_mlp(x, weights, None, ["relu"], "relu"), x, grad)

@@ -363,3 +363,18 @@ def test_benchmark_arguments_are_checked_before_timing():
     with pytest.raises(ValueError, match="target_s must be a finite number of seconds > 0"):
         time_interleaved({"f": lambda: None}, target_s=float("inf"))
 
+
+def test_cuda_kernels_lists_each_kernel_once_per_call_or_says_it_needs_a_gpu():
+    from pyfastnn.benchmark import cuda_kernels
+
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cuda_kernels needs a CUDA GPU"):
+            cuda_kernels(lambda: None)
+        return
+    with pytest.raises(ValueError, match="iters must be at least 1"):
+        cuda_kernels(lambda: None, iters=0)
+    x = torch.randn(1 << 20, device="cuda")
+    kernels = cuda_kernels(lambda: (x.neg(), x.neg(), x.exp()), iters=3)  # two kernels, one launched twice
+    assert sorted(k["launches"] for k in kernels) == [1, 2] and all(k["us"] > 0 for k in kernels), kernels
+    assert kernels[0]["us"] >= kernels[1]["us"]
+

@@ -112,8 +112,9 @@ def test_missing_ninja_and_pytest_come_from_the_wheels_and_the_run_passes(tmp_pa
     summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
     assert summary[0].startswith("[gpu_check] tools: rc=0") and summary[1].startswith("[gpu_check] build: rc=0"), summary
     assert [line for line in log.read_text().splitlines() if "--no-index" in line][0].endswith("ninja pytest")
-    steps = summary[1:-1]  # build, the tests, benchmarks, sanitizers, fuzzing: all passed
+    steps = summary[1:-2]  # build, the tests, benchmarks, sanitizers, fuzzing: all passed
     assert all(": rc=0 in " in line for line in steps) and len(steps) == 10, summary
+    assert summary[-2] == "[gpu_check] profile_cuda: skipped (a diagnosis: --full, or GPU_CHECK_ONLY=profile_cuda)"
     assert ", status 0;" in summary[-1] and result.returncode == 0, summary
 
 
@@ -131,7 +132,7 @@ def test_only_the_steps_asked_for_run_after_the_build(tmp_path):
     ran, skipped = steps(": rc=0 in "), steps(": skipped (not in GPU_CHECK_ONLY)")
     assert ran == ["build", "fuzz_mlp_cuda", "memcheck"], summary
     assert skipped == ["test_cuda", "test_cuda_graph", "bench_cuda", "test_cuda_train", "bench_mnist_cuda",
-                       "fuzz_cuda", "racecheck"], summary
+                       "fuzz_cuda", "racecheck", "profile_cuda"], summary
     assert ", status 0;" in summary[-1] and result.returncode == 0, summary
 
 
@@ -151,7 +152,8 @@ def test_a_step_of_the_full_run_only_is_refused_without_full_and_blank_means_eve
     result = run_script(tmp_path / "out2", python=python, GPU_CHECK_ONLY="   ", PYFASTNN_MNIST=str(tmp_path),
                         PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     summary = (tmp_path / "out2" / "summary.txt").read_text().splitlines()
-    assert [line for line in summary[:-1] if ": rc=0 in " not in line] == [] and len(summary) == 11, summary
+    assert [line for line in summary[:-1] if ": rc=0 in " not in line] == [summary[-2]] and len(summary) == 12, summary
+    assert summary[-2].startswith("[gpu_check] profile_cuda: skipped (a diagnosis"), summary
     assert result.returncode == 0
 
 
@@ -170,3 +172,79 @@ def test_the_default_run_fits_six_minutes_and_full_benchmarks_every_shape(tmp_pa
     assert "--quick" in bench_arguments[""] and "--quick" not in bench_arguments["--full"]
     order = re.findall(r'^\s*(?:CI= )?step (\w+) ', TEXT, flags=re.M)
     assert order.index("memcheck") > max(order.index(name) for name in ("test_cuda", "bench_cuda", "fuzz_mlp_cuda"))
+
+
+def test_a_failed_step_leaves_what_failed_in_the_summary(tmp_path):
+    # summary.txt alone must say what to fix: the failed tests and the sanitizer's reports, not only rc=1.
+    python = stand_in_python(tmp_path, 'case "$*" in\n'
+                             '  *test_cuda.py*) echo "tests/library/test_cuda.py::test_a PASSED"\n'
+                             '    echo "FAILED tests/library/test_cuda.py::test_b[relu] - AssertionError: 1 != 2"; exit 1 ;;\n'
+                             'esac\nexit 0')
+    (tmp_path / "bin").mkdir()
+    stand_in_python(tmp_path / "bin", 'case "$*" in *racecheck*)\n'
+                    '  echo "========= COMPUTE-SANITIZER"\n'
+                    '  echo "========= Error: Race reported between Write access at kernel_x+0x10"\n'
+                    '  echo "=========     and Read access at kernel_x+0x20 [16 hazards]"\n'
+                    '  echo "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)"; exit 1 ;;\n'
+                    'esac\nexit 0').rename(tmp_path / "bin" / "compute-sanitizer")
+    result = run_script(tmp_path / "out", python=python, GPU_CHECK_ONLY="test_cuda racecheck",
+                        PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert result.returncode == 1, summary
+    test_cuda = summary.split("[gpu_check] test_cuda: rc=1")[1].split("[gpu_check]")[0]
+    assert "    FAILED tests/library/test_cuda.py::test_b[relu] - AssertionError: 1 != 2" in test_cuda, summary
+    assert "PASSED" not in test_cuda, summary
+    racecheck = summary.split("[gpu_check] racecheck: rc=1")[1].split("[gpu_check]")[0]
+    assert "Race reported between Write access at kernel_x+0x10" in racecheck, summary
+    assert "and Read access at kernel_x+0x20" in racecheck and "SUMMARY" not in racecheck, summary
+    assert "[gpu_check] memcheck: rc=0" not in summary and "test_cuda_graph: skipped" in summary, summary
+
+
+def test_a_step_stopped_by_its_time_limit_or_a_device_assert_still_names_its_failures(tmp_path):
+    # No short summary when the time limit stops pytest: the -v lines name the tests that failed.
+    python = stand_in_python(tmp_path, 'case "$*" in\n'
+                             '  *test_cuda.py*) echo "tests/library/test_cuda.py::test_a[x] PASSED   [  1%]"\n'
+                             '    echo "tests/library/test_cuda.py::test_b[cublaslt-(\'relu\', \'relu\')] FAILED   [  2%]"\n'
+                             '    echo "IndexKernel.cu:111: operator(): block: [0,0,0] Assertion index < sizes[i] failed."\n'
+                             '    exit 124 ;;\n'
+                             'esac\nexit 0')
+    result = run_script(tmp_path / "out", python=python, GPU_CHECK_ONLY="test_cuda")
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert result.returncode == 1, summary
+    assert "    tests/library/test_cuda.py::test_b[cublaslt-('relu', 'relu')] FAILED" in summary, summary
+    assert "Assertion index < sizes[i] failed." in summary and "PASSED" not in summary, summary
+
+
+def test_the_profile_runs_last_in_the_full_run_only(tmp_path):
+    log = tmp_path / "calls.log"
+    python = stand_in_python(tmp_path, f'echo "$*" >> {log}\nexit 0')
+    (tmp_path / "bin").mkdir()
+    stand_in_python(tmp_path / "bin", "exit 0").rename(tmp_path / "bin" / "compute-sanitizer")
+    result = run_script(tmp_path / "out", "--full", python=python, PYFASTNN_MNIST=str(tmp_path),
+                        PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    assert summary[-2].startswith("[gpu_check] profile_cuda: rc=0"), summary
+    assert summary[-3].startswith("[gpu_check] test_cpu_on_cuda_build: rc=0") and result.returncode == 0, summary
+    calls = log.read_text()
+    assert "bench_cuda.py --profile --json" in calls and "bench_mnist.py --device cuda --profile --json" in calls
+
+
+def test_the_summary_keeps_the_benchmarks_figures_and_the_tests_recorded_ones(tmp_path):
+    # The benchmark's printed lines (not its warnings) and the figures a test recorded in the junit
+    # XML land under their steps: summary.txt alone says what was measured.
+    body = r'''case "$*" in
+  *bench_cuda.py*) echo "65536x1024->1024 bfloat16 relu fwd pyfastnn=   287.3"
+    echo "/x.py:1: UserWarning: something"; echo "  warnings.warn(x)" ;;
+  *test_cuda_train.py*) for a in "$@"; do case "$a" in --junitxml=*)
+    echo '<testsuites><testcase><properties><property name="five_epochs_cuda_train_seconds" value="1.234" /></properties></testcase></testsuites>' > "${a#--junitxml=}" ;;
+  esac; done ;;
+esac
+exit 0'''
+    result = run_script(tmp_path / "out", python=stand_in_python(tmp_path, body), PYFASTNN_MNIST=str(tmp_path),
+                        GPU_CHECK_ONLY="bench_cuda test_cuda_train")
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert result.returncode == 0, summary
+    bench = summary.split("[gpu_check] bench_cuda: rc=0")[1].split("[gpu_check]")[0]
+    assert bench.splitlines()[1:] == ["    65536x1024->1024 bfloat16 relu fwd pyfastnn=   287.3"], summary
+    train = summary.split("[gpu_check] test_cuda_train: rc=0")[1].split("[gpu_check]")[0]
+    assert train.splitlines()[1:] == ["    five_epochs_cuda_train_seconds = 1.234"], summary
