@@ -17,11 +17,14 @@ microseconds. Columns, per shape x dtype x activation:
 - ``gemm``: the bare forward GEMM ``x @ w.t()``; ``3gemm``: the forward GEMM plus the two backward
   GEMMs (``g @ w``, ``g.t() @ x``), the floor of a layer's forward+backward.
 
+Where pyfastnn runs its own element-wise pass (the activations cuBLASLt's epilogue does not take),
+``pass`` is that kernel's bandwidth: its device time from ``torch.profiler`` (not a difference of
+two timings), over the bytes it moves (forward: read the GEMM result, write the output; backward:
+read the gradient and the saved tensor, write the pre-activation gradient), and that as a share of
+a device-to-device copy's bandwidth in the same dtype (measured first).
+
 Then ``fused_mlp`` 65536x1024->1024->1024->1024 (relu hidden, identity output, the input needs no
-gradient) forward+backward against its 8 bare GEMMs (3 forward, 5 backward), and the activation
-pass alone in GB/s against a device-to-device copy: the pass is timed as the difference between
-``fused_linear`` with that activation and with identity (the same GEMM with its bias epilogue), and
-moves 2 x rows x out elements (read the GEMM result, write the output).
+gradient) forward+backward against its 8 bare GEMMs (3 forward, 5 backward).
 
 ``--profile`` instead lists the kernels each variant launches per call (``torch.profiler``, device
 time per kernel, longest first) for the first shape in bfloat16: where the time above goes.
@@ -66,7 +69,16 @@ def _fmt(times: dict) -> str:
     return " ".join(f"{k}={v:8.1f}" for k, v in times.items())
 
 
-def layer_rows(shapes, dtypes, activations, min_run_time):
+def pass_bandwidth(fn, backward: bool, bytes_moved: int):
+    """GB/s of pyfastnn's own element-wise kernels in one call of fn, from their device time: the
+    backward pass's (its name says so) or, for a forward-only call, every pyfastnn kernel. None
+    where there is no such kernel (the activation rode in cuBLASLt's epilogue)."""
+    us = sum(kernel["us"] for kernel in cuda_kernels(fn, iters=3)
+             if "pyfastnn" in kernel["kernel"] and (not backward or "backward" in kernel["kernel"]))
+    return bytes_moved / us / 1e3 if us > 0 else None
+
+
+def layer_rows(shapes, dtypes, activations, min_run_time, copy_gbps):
     rows = []
     for m, k, n in shapes:
         for dtype in dtypes:
@@ -78,7 +90,6 @@ def layer_rows(shapes, dtypes, activations, min_run_time):
             with torch.no_grad():
                 gemm_us = _median_us(lambda: x @ w.t(), min_run_time)
                 floor_us = _median_us(lambda: (x @ w.t(), grad @ w, grad.t() @ x), min_run_time)
-            identity_fwd_us = None
             for name in activations:
                 act = ACTS[name]
                 for backward in (False, True):
@@ -111,16 +122,23 @@ def layer_rows(shapes, dtypes, activations, min_run_time):
                            "pass": "fwd+bwd" if backward else "fwd", **{f"{key}_us": v for key, v in times.items()},
                            "pyfastnn_vs_eager": times["eager"] / times["pyfastnn"],
                            "pyfastnn_over_floor": times["pyfastnn"] / floor}
-                    if not backward and name == "identity":
-                        identity_fwd_us = times["pyfastnn"]
-                    if not backward and identity_fwd_us is not None and name != "identity":
-                        pass_us = max(times["pyfastnn"] - identity_fwd_us, 1e-3)
-                        row["activation_pass_GBps"] = 2 * m * n * x.element_size() / pass_us / 1e3
+                    if name != "identity":
+                        def call():
+                            if backward:
+                                return torch.autograd.grad(pyfastnn.fused_linear(xs, ws, bs, name), (xs, ws, bs),
+                                                           grad)
+                            with torch.no_grad():
+                                return pyfastnn.fused_linear(x, w, b, name)
+
+                        gbps = pass_bandwidth(call, backward, (3 if backward else 2) * m * n * x.element_size())
+                        if gbps is not None:
+                            row["pass_GBps"] = gbps
+                            row["pass_share_of_copy"] = gbps / copy_gbps[dtype]
                     rows.append(row)
                     print(f"{m}x{k}->{n} {row['dtype']:>8} {name:>10} {row['pass']:>7} {_fmt(times)}  "
                           f"eager/pyfastnn={row['pyfastnn_vs_eager']:.2f}x pyfastnn/floor={row['pyfastnn_over_floor']:.2f}x"
-                          + (f" pass={row['activation_pass_GBps']:.0f} GB/s" if "activation_pass_GBps" in row else ""),
-                          flush=True)
+                          + (f" pass={row['pass_GBps']:.0f} GB/s ({row['pass_share_of_copy']:.0%} of copy)"
+                             if "pass_GBps" in row else ""), flush=True)
     return rows
 
 
@@ -257,12 +275,17 @@ def main(argv=None) -> int:
         return 2
     print(pyfastnn.info(), torch.__version__, torch.cuda.get_device_name(), flush=True)
     dtypes = (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float16, torch.float32)
-    results = {"profile": profile_rows()} if args.profile else {
-        "layers": layer_rows(QUICK_SHAPES if args.quick else SHAPES, dtypes,
-                             QUICK_ACTS if args.quick else tuple(ACTS), args.min_run_time),
-        "fused_mlp": mlp_rows(dtypes, args.min_run_time),
-        "copy": copy_bandwidth_rows(dtypes, args.min_run_time),
-    }
+    if args.profile:
+        results = {"profile": profile_rows()}
+    else:
+        copy = copy_bandwidth_rows(dtypes, args.min_run_time)
+        copy_gbps = {dtype: row["copy_GBps"] for dtype, row in zip(dtypes, copy)}
+        results = {
+            "copy": copy,
+            "layers": layer_rows(QUICK_SHAPES if args.quick else SHAPES, dtypes,
+                                 QUICK_ACTS if args.quick else tuple(ACTS), args.min_run_time, copy_gbps),
+            "fused_mlp": mlp_rows(dtypes, args.min_run_time),
+        }
     if args.json:
         with atomic_write(args.json) as f:
             f.write(json.dumps({"info": pyfastnn.info(), "torch": torch.__version__,
