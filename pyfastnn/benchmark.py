@@ -144,7 +144,8 @@ def cuda_kernels(fn: Callable[[], object], iters: int = 5) -> List[dict]:
         raise ValueError(f"pyfastnn: iters must be at least 1, got {iters}")
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    # CPU activity too: the kernels are reported as device events of the CPU ops that launched them.
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
