@@ -251,12 +251,13 @@ def test_misaligned_views_and_transposed_operands(activation, dtype, gemm_path):
             assert_close(got, want, dtype)
 
 
-def test_large_buffer_vectorized_and_one_element_paths():
-    # 600001 x 16 elements: a multiple of the vector width (128-bit loads); 600001 x 15: odd, so the
-    # forward and backward passes take their one-element path. Either is more than one round of
-    # their grid-stride loop (at most SMs x 16 blocks x 256 threads x 4 items a round: 2.16M on an
-    # H200's 132 SMs), so the loop's later rounds and its ragged last one are checked too.
-    x = torch.randn(600001, 32, device="cuda", requires_grad=True)
+@pytest.mark.parametrize("rows", [65537, 600001])
+def test_large_buffer_vectorized_and_one_element_paths(rows):
+    # rows x 16 elements: a multiple of the vector width (128-bit loads); rows x 15: odd, so the
+    # forward and backward passes take their one-element path. 65537 rows fill one ragged round of
+    # their grid-stride loop (small enough for compute-sanitizer); 600001 rows need several (at most
+    # SMs x 16 blocks x 256 threads x 4 items a round: 2.16M on an H200's 132 SMs).
+    x = torch.randn(rows, 32, device="cuda", requires_grad=True)
     w = torch.randn(16, 32, device="cuda", requires_grad=True)
     for n in (16, 15):
         weight = w[:n]
