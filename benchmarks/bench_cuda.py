@@ -69,6 +69,60 @@ def _fmt(times: dict) -> str:
     return " ".join(f"{k}={v:8.1f}" for k, v in times.items())
 
 
+def layer_calls(m: int, k: int, n: int, dtype, activations):
+    """One layer's tensors on the GPU and, per activation and pass (False: forward under no_grad,
+    True: forward+backward of input, weight and bias), pyfastnn's and eager's call."""
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda", dtype=dtype) * k ** -0.5
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    grad = torch.randn(m, n, device="cuda", dtype=dtype)
+    params = tuple(t.clone().requires_grad_() for t in (x, w, b))
+    calls = {}
+    for name in activations:
+        act = ACTS[name]
+
+        @torch.no_grad()
+        def fused_fwd(name=name):
+            return pyfastnn.fused_linear(x, w, b, name)
+
+        @torch.no_grad()
+        def eager_fwd(act=act):
+            return act(F.linear(x, w, b))
+
+        def fused_bwd(name=name):
+            return torch.autograd.grad(pyfastnn.fused_linear(*params, name), params, grad)
+
+        def eager_bwd(act=act):
+            return torch.autograd.grad(act(F.linear(*params)), params, grad)
+
+        calls[name] = {False: {"pyfastnn": fused_fwd, "eager": eager_fwd},
+                       True: {"pyfastnn": fused_bwd, "eager": eager_bwd}}
+    return (x, w, b, grad), calls
+
+
+def mlp_calls(rows: int, width: int, layers: int, dtype):
+    """The relu stack's tensors and its forward+backward (weights and biases) by pyfastnn and eager."""
+    x = torch.randn(rows, width, device="cuda", dtype=dtype)
+    weights = [(torch.randn(width, width, device="cuda", dtype=dtype) * width ** -0.5).requires_grad_()
+               for _ in range(layers)]
+    biases = [torch.randn(width, device="cuda", dtype=dtype, requires_grad=True) for _ in range(layers)]
+    grad = torch.randn(rows, width, device="cuda", dtype=dtype)
+    params = (*weights, *biases)
+
+    def fused():
+        return torch.autograd.grad(pyfastnn.fused_mlp(x, weights, biases, "relu", "identity"), params, grad)
+
+    def eager():
+        h = x
+        for layer in range(layers):
+            h = F.linear(h, weights[layer], biases[layer])
+            if layer + 1 < layers:
+                h = torch.relu(h)
+        return torch.autograd.grad(h, params, grad)
+
+    return (x, [t.detach() for t in weights], grad), {"pyfastnn": fused, "eager": eager}
+
+
 def pass_bandwidth(fn, backward: bool, bytes_moved: int):
     """GB/s of pyfastnn's own element-wise kernels in one call of fn, from their device time: the
     backward pass's (its name says so) or, for a forward-only call, every pyfastnn kernel. None
@@ -82,38 +136,24 @@ def layer_rows(shapes, dtypes, activations, min_run_time, copy_gbps):
     rows = []
     for m, k, n in shapes:
         for dtype in dtypes:
-            x = torch.randn(m, k, device="cuda", dtype=dtype)
-            w = torch.randn(n, k, device="cuda", dtype=dtype) * k ** -0.5
-            b = torch.randn(n, device="cuda", dtype=dtype)
-            grad = torch.randn(m, n, device="cuda", dtype=dtype)
-            xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+            (x, w, b, grad), calls = layer_calls(m, k, n, dtype, activations)
             with torch.no_grad():
                 gemm_us = _median_us(lambda: x @ w.t(), min_run_time)
                 floor_us = _median_us(lambda: (x @ w.t(), grad @ w, grad.t() @ x), min_run_time)
             for name in activations:
-                act = ACTS[name]
                 for backward in (False, True):
-                    times = {}
+                    fused, eager = calls[name][backward]["pyfastnn"], calls[name][backward]["eager"]
+                    times = {"pyfastnn": _median_us(fused, min_run_time)}
+                    if name == "relu":
+                        with pyfastnn.cuda_relu_epilogue():
+                            times["relu_epi"] = _median_us(fused, min_run_time)
+                    times["eager"] = _median_us(eager, min_run_time)
                     if backward:
-                        times["pyfastnn"] = _median_us(lambda: torch.autograd.grad(
-                            pyfastnn.fused_linear(xs, ws, bs, name), (xs, ws, bs), grad), min_run_time)
-                        if name == "relu":
-                            with pyfastnn.cuda_relu_epilogue():
-                                times["relu_epi"] = _median_us(lambda: torch.autograd.grad(
-                                    pyfastnn.fused_linear(xs, ws, bs, name), (xs, ws, bs), grad), min_run_time)
-                        times["eager"] = _median_us(lambda: torch.autograd.grad(
-                            act(F.linear(xs, ws, bs)), (xs, ws, bs), grad), min_run_time)
                         times["3gemm"] = floor_us
                     else:
-                        with torch.no_grad():
-                            times["pyfastnn"] = _median_us(lambda: pyfastnn.fused_linear(x, w, b, name), min_run_time)
-                            if name == "relu":
-                                with pyfastnn.cuda_relu_epilogue():
-                                    times["relu_epi"] = _median_us(lambda: pyfastnn.fused_linear(x, w, b, name),
-                                                                   min_run_time)
-                            times["eager"] = _median_us(lambda: act(F.linear(x, w, b)), min_run_time)
-                            if name in EPILOGUE_ACTS:
-                                use_gelu = EPILOGUE_ACTS[name]
+                        if name in EPILOGUE_ACTS:
+                            use_gelu = EPILOGUE_ACTS[name]
+                            with torch.no_grad():
                                 times["addmm_act"] = _median_us(
                                     lambda: torch._addmm_activation(b, x, w.t(), use_gelu=use_gelu), min_run_time)
                         times["gemm"] = gemm_us
@@ -123,14 +163,7 @@ def layer_rows(shapes, dtypes, activations, min_run_time, copy_gbps):
                            "pyfastnn_vs_eager": times["eager"] / times["pyfastnn"],
                            "pyfastnn_over_floor": times["pyfastnn"] / floor}
                     if name != "identity":
-                        def call():
-                            if backward:
-                                return torch.autograd.grad(pyfastnn.fused_linear(xs, ws, bs, name), (xs, ws, bs),
-                                                           grad)
-                            with torch.no_grad():
-                                return pyfastnn.fused_linear(x, w, b, name)
-
-                        gbps = pass_bandwidth(call, backward, (3 if backward else 2) * m * n * x.element_size())
+                        gbps = pass_bandwidth(fused, backward, (3 if backward else 2) * m * n * x.element_size())
                         if gbps is not None:
                             row["pass_GBps"] = gbps
                             row["pass_share_of_copy"] = gbps / copy_gbps[dtype]
@@ -158,28 +191,11 @@ def copy_bandwidth_rows(dtypes, min_run_time, elements=65536 * 1024):
 def mlp_rows(dtypes, min_run_time, rows_=65536, width=1024, layers=3):
     rows = []
     for dtype in dtypes:
-        x = torch.randn(rows_, width, device="cuda", dtype=dtype)
-        weights = [(torch.randn(width, width, device="cuda", dtype=dtype) * width ** -0.5).requires_grad_()
-                   for _ in range(layers)]
-        biases = [torch.randn(width, device="cuda", dtype=dtype, requires_grad=True) for _ in range(layers)]
-        grad = torch.randn(rows_, width, device="cuda", dtype=dtype)
-        params = (*weights, *biases)
-        fused_us = _median_us(lambda: torch.autograd.grad(
-            pyfastnn.fused_mlp(x, weights, biases, "relu", "identity"), params, grad), min_run_time)
+        (x, w, grad), calls = mlp_calls(rows_, width, layers, dtype)
+        fused_us = _median_us(calls["pyfastnn"], min_run_time)
         with pyfastnn.cuda_relu_epilogue():
-            epilogue_us = _median_us(lambda: torch.autograd.grad(
-                pyfastnn.fused_mlp(x, weights, biases, "relu", "identity"), params, grad), min_run_time)
-
-        def eager():
-            h = x
-            for layer in range(layers):
-                h = F.linear(h, weights[layer], biases[layer])
-                if layer + 1 < layers:
-                    h = torch.relu(h)
-            return torch.autograd.grad(h, params, grad)
-
-        eager_us = _median_us(eager, min_run_time)
-        w = [t.detach() for t in weights]
+            epilogue_us = _median_us(calls["pyfastnn"], min_run_time)
+        eager_us = _median_us(calls["eager"], min_run_time)
 
         def bare_gemms():  # 3 forward, then per layer a weight GEMM and (above the first) a data GEMM
             h = [x]
@@ -205,48 +221,15 @@ def mlp_rows(dtypes, min_run_time, rows_=65536, width=1024, layers=3):
     return rows
 
 
-def profile_rows(shape=QUICK_SHAPES[0], dtype=torch.bfloat16) -> list[dict]:
+def profile_rows(shape=QUICK_SHAPES[0], dtype=torch.bfloat16, layers=3) -> list[dict]:
     """Kernel tables of pyfastnn and eager, forward (inference) and forward+backward, and the MLP."""
     m, k, n = shape
-    x = torch.randn(m, k, device="cuda", dtype=dtype)
-    w = torch.randn(n, k, device="cuda", dtype=dtype) * k ** -0.5
-    b = torch.randn(n, device="cuda", dtype=dtype)
-    grad = torch.randn(m, n, device="cuda", dtype=dtype)
-    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
-    cases = []
-    for name in ("identity", "relu", "gelu_tanh", "gelu"):
-        act = ACTS[name]
-
-        def fused_fwd(name=name):
-            with torch.no_grad():
-                pyfastnn.fused_linear(x, w, b, name)
-
-        def eager_fwd(act=act):
-            with torch.no_grad():
-                act(F.linear(x, w, b))
-
-        cases.append((f"{name} fwd", {"pyfastnn": fused_fwd, "eager": eager_fwd}))
-        if name != "identity":
-            cases.append((f"{name} fwd+bwd", {
-                "pyfastnn": lambda name=name: torch.autograd.grad(pyfastnn.fused_linear(xs, ws, bs, name),
-                                                                  (xs, ws, bs), grad),
-                "eager": lambda act=act: torch.autograd.grad(act(F.linear(xs, ws, bs)), (xs, ws, bs), grad)}))
-    weights = [(torch.randn(k, k, device="cuda", dtype=dtype) * k ** -0.5).requires_grad_() for _ in range(3)]
-    biases = [torch.randn(k, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
-    params = (*weights, *biases)
-    grad_mlp = torch.randn(m, k, device="cuda", dtype=dtype)
-
-    def eager_mlp():
-        h = x
-        for layer in range(3):
-            h = F.linear(h, weights[layer], biases[layer])
-            h = torch.relu(h) if layer < 2 else h
-        return torch.autograd.grad(h, params, grad_mlp)
-
-    cases.append((f"fused_mlp {m}x{k}->{k}->{k}->{k} relu fwd+bwd", {
-        "pyfastnn": lambda: torch.autograd.grad(pyfastnn.fused_mlp(x, weights, biases, "relu", "identity"), params,
-                                                grad_mlp),
-        "eager": eager_mlp}))
+    names = ("identity", "relu", "gelu_tanh", "gelu")
+    _, calls = layer_calls(m, k, n, dtype, names)
+    cases = [(f"{name} {'fwd+bwd' if backward else 'fwd'}", calls[name][backward])
+             for name in names for backward in (False, True) if not (backward and name == "identity")]
+    _, stack = mlp_calls(m, k, layers, dtype)
+    cases.append((f"fused_mlp {m}x{k}" + f"->{k}" * layers + " relu fwd+bwd", stack))
     rows = []
     for case, variants in cases:
         for variant, fn in variants.items():
