@@ -237,9 +237,9 @@ __global__ void __launch_bounds__(kThreads)
       if (act::Relu::active(static_cast<opmath_t>(result.v[j]))) bits |= uint8_t(1u << j);
     }
     *reinterpret_cast<Vector*>(out + chunk * 8) = result;
-    const auto row = static_cast<index_t>(chunk) / static_cast<index_t>(chunks_per_row);
-    const int64_t byte = static_cast<int64_t>(static_cast<index_t>(chunk) - row * static_cast<index_t>(chunks_per_row));
-    mask[static_cast<int64_t>(row) * mask_row_bytes + byte] = bits;
+    const auto c = static_cast<index_t>(chunk), per_row = static_cast<index_t>(chunks_per_row);
+    const index_t row = c / per_row;
+    mask[static_cast<int64_t>(row) * mask_row_bytes + static_cast<int64_t>(c - row * per_row)] = bits;
   });
 }
 
