@@ -24,7 +24,8 @@ read the gradient and the saved tensor, write the pre-activation gradient), and 
 a device-to-device copy's bandwidth in the same dtype (measured first).
 
 Then ``fused_mlp`` 65536x1024->1024->1024->1024 (relu hidden, identity output, the input needs no
-gradient) forward+backward against its 8 bare GEMMs (3 forward, 5 backward).
+gradient) forward+backward against its 8 bare GEMMs (3 forward, 5 backward), without dropout and with
+dropout 0.2 after each hidden layer (eager: ``F.dropout``; ``relu_epi`` does not apply there).
 
 ``--profile`` instead lists the kernels each variant launches per call (``torch.profiler``, device
 time per kernel, longest first) for the first shape in bfloat16: where the time above goes.
@@ -100,8 +101,9 @@ def layer_calls(m: int, k: int, n: int, dtype, activations):
     return (x, w, b, grad), calls
 
 
-def mlp_calls(rows: int, width: int, layers: int, dtype):
-    """The relu stack's tensors and its forward+backward (weights and biases) by pyfastnn and eager."""
+def mlp_calls(rows: int, width: int, layers: int, dtype, dropout: float = 0.0):
+    """The relu stack's tensors and its forward+backward (weights and biases) by pyfastnn and eager,
+    with ``dropout`` after each hidden layer (training mode)."""
     x = torch.randn(rows, width, device="cuda", dtype=dtype)
     weights = [(torch.randn(width, width, device="cuda", dtype=dtype) * width ** -0.5).requires_grad_()
                for _ in range(layers)]
@@ -110,14 +112,15 @@ def mlp_calls(rows: int, width: int, layers: int, dtype):
     params = (*weights, *biases)
 
     def fused():
-        return torch.autograd.grad(pyfastnn.fused_mlp(x, weights, biases, "relu", "identity"), params, grad)
+        out = pyfastnn.fused_mlp(x, weights, biases, "relu", "identity", dropout=dropout, training=True)
+        return torch.autograd.grad(out, params, grad)
 
     def eager():
         h = x
         for layer in range(layers):
             h = F.linear(h, weights[layer], biases[layer])
             if layer + 1 < layers:
-                h = torch.relu(h)
+                h = F.dropout(torch.relu(h), dropout, training=True) if dropout else torch.relu(h)
         return torch.autograd.grad(h, params, grad)
 
     return (x, [t.detach() for t in weights], grad), {"pyfastnn": fused, "eager": eager}
@@ -191,33 +194,39 @@ def copy_bandwidth_rows(dtypes, min_run_time, elements=65536 * 1024):
 def mlp_rows(dtypes, min_run_time, rows_=65536, width=1024, layers=3):
     rows = []
     for dtype in dtypes:
-        (x, w, grad), calls = mlp_calls(rows_, width, layers, dtype)
-        fused_us = _median_us(calls["pyfastnn"], min_run_time)
-        with pyfastnn.cuda_relu_epilogue():
-            epilogue_us = _median_us(calls["pyfastnn"], min_run_time)
-        eager_us = _median_us(calls["eager"], min_run_time)
+        for dropout in (0.0, 0.2):
+            (x, w, grad), calls = mlp_calls(rows_, width, layers, dtype, dropout)
+            fused_us = _median_us(calls["pyfastnn"], min_run_time)
+            epilogue_us = None
+            if not dropout:  # with dropout after it, relu never takes cuBLASLt's epilogue
+                with pyfastnn.cuda_relu_epilogue():
+                    epilogue_us = _median_us(calls["pyfastnn"], min_run_time)
+            eager_us = _median_us(calls["eager"], min_run_time)
 
-        def bare_gemms():  # 3 forward, then per layer a weight GEMM and (above the first) a data GEMM
-            h = [x]
-            for layer in range(layers):
-                h.append(h[-1] @ w[layer].t())
-            g = grad
-            for layer in reversed(range(layers)):
-                g.t() @ h[layer]
-                if layer > 0:
-                    g = g @ w[layer]
+            def bare_gemms():  # 3 forward, then per layer a weight GEMM and (above the first) a data GEMM
+                h = [x]
+                for layer in range(layers):
+                    h.append(h[-1] @ w[layer].t())
+                g = grad
+                for layer in reversed(range(layers)):
+                    g.t() @ h[layer]
+                    if layer > 0:
+                        g = g @ w[layer]
 
-        with torch.no_grad():
-            gemm_us = _median_us(bare_gemms, min_run_time)
-        row = {"mlp": f"{rows_}x{width}" + f"->{width}" * layers, "dtype": str(dtype).replace("torch.", ""),
-               "pyfastnn_us": fused_us, "relu_epi_us": epilogue_us, "eager_us": eager_us, "bare_gemms_us": gemm_us,
-               "pyfastnn_vs_eager": eager_us / fused_us, "pyfastnn_over_gemms": fused_us / gemm_us,
-               "relu_epi_over_gemms": epilogue_us / gemm_us}
-        rows.append(row)
-        print(f"fused_mlp {row['mlp']} {row['dtype']:>8} fwd+bwd pyfastnn={fused_us:8.1f} relu_epi={epilogue_us:8.1f} "
-              f"eager={eager_us:8.1f} 8gemm={gemm_us:8.1f}  eager/pyfastnn={row['pyfastnn_vs_eager']:.2f}x "
-              f"pyfastnn/gemms={row['pyfastnn_over_gemms']:.2f}x relu_epi/gemms={row['relu_epi_over_gemms']:.2f}x",
-              flush=True)
+            with torch.no_grad():
+                gemm_us = _median_us(bare_gemms, min_run_time)
+            row = {"mlp": f"{rows_}x{width}" + f"->{width}" * layers, "dtype": str(dtype).replace("torch.", ""),
+                   "dropout": dropout, "pyfastnn_us": fused_us, "relu_epi_us": epilogue_us, "eager_us": eager_us,
+                   "bare_gemms_us": gemm_us, "pyfastnn_vs_eager": eager_us / fused_us,
+                   "pyfastnn_over_gemms": fused_us / gemm_us,
+                   "relu_epi_over_gemms": epilogue_us / gemm_us if epilogue_us else None}
+            rows.append(row)
+            epilogue = (f"relu_epi={epilogue_us:8.1f}" if epilogue_us else f"relu_epi={'-':>8}")
+            epilogue_ratio = (f" relu_epi/gemms={row['relu_epi_over_gemms']:.2f}x" if epilogue_us else "")
+            print(f"fused_mlp {row['mlp']} {row['dtype']:>8} dropout={dropout:.1f} fwd+bwd pyfastnn={fused_us:8.1f} "
+                  f"{epilogue} eager={eager_us:8.1f} 8gemm={gemm_us:8.1f}  "
+                  f"eager/pyfastnn={row['pyfastnn_vs_eager']:.2f}x pyfastnn/gemms={row['pyfastnn_over_gemms']:.2f}x"
+                  f"{epilogue_ratio}", flush=True)
     return rows
 
 
@@ -228,8 +237,9 @@ def profile_rows(shape=QUICK_SHAPES[0], dtype=torch.bfloat16, layers=3) -> list[
     _, calls = layer_calls(m, k, n, dtype, names)
     cases = [(f"{name} {'fwd+bwd' if backward else 'fwd'}", calls[name][backward])
              for name in names for backward in (False, True) if not (backward and name == "identity")]
-    _, stack = mlp_calls(m, k, layers, dtype)
-    cases.append((f"fused_mlp {m}x{k}" + f"->{k}" * layers + " relu fwd+bwd", stack))
+    for dropout in (0.0, 0.2):
+        _, stack = mlp_calls(m, k, layers, dtype, dropout)
+        cases.append((f"fused_mlp {m}x{k}" + f"->{k}" * layers + f" relu dropout={dropout} fwd+bwd", stack))
     rows = []
     for case, variants in cases:
         for variant, fn in variants.items():

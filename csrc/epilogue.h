@@ -32,9 +32,9 @@ struct ForwardEpilogue {
   uint8_t* keep_mask = nullptr;  // rows x cols, or null
   DropoutStream dropout{};  // CPU only
   double dropout_p = 0.0;
-  // CUDA only, relu without dropout: also write the bit mask of out > 0 (NOTE [relu bit masks] in
-  // layer.h), relu_mask_row_bytes bytes per row, bit c % 8 of byte c / 8. The mask must arrive
-  // zeroed: the bytes past a row's last column may be left as they are.
+  // CUDA only, relu: also write the bit mask of out > 0 (after dropout, if any; NOTE [relu bit masks]
+  // in layer.h), relu_mask_row_bytes bytes per row, bit c % 8 of byte c / 8; every byte is written,
+  // the padding past a row's last column as 0.
   uint8_t* relu_mask = nullptr;
   int64_t relu_mask_row_bytes = 0;
 };

@@ -44,13 +44,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
                         : at::empty({rows, out_features}, options);
     at::Tensor y_matrix = last ? detail::as_matrix(y) : y;
     const bool keep_preact = save && !derivative_from_output(act, negative_slope);
-    // CUDA relu hidden layers keep cuBLASLt's bit mask in this slot instead (NOTE [relu bit masks]).
-    const bool keep_relu_mask = save && detail::keeps_relu_mask(input, act, last, dropout_runs(dropout[l], training));
+    // CUDA relu hidden layers keep a bit mask in this slot instead (NOTE [relu bit masks]).
+    const bool keep_relu_mask = save && detail::keeps_relu_mask(input, act, last);
     at::Tensor preact;
     if (keep_relu_mask) {
-      // Zeroed: cuBLASLt's RELU_AUX may leave the padding bits of each row as they were, and an
-      // op's outputs must not depend on uninitialised memory (opcheck compares them bitwise).
-      preact = at::zeros({rows, detail::relu_mask_row_bytes(out_features)}, options.dtype(at::kByte));
+      const std::vector<int64_t> shape{rows, detail::relu_mask_row_bytes(out_features)};
+      // pyfastnn's passes write every byte, padding included. cuBLASLt's RELU_AUX (opted in, no
+      // dropout) may leave the padding bits as they were, and an op's outputs must not depend on
+      // uninitialised memory (opcheck compares them bitwise): zeroed for it.
+      const bool epilogue_may_write = !dropout_runs(dropout[l], training) && detail::relu_epilogue_allowed();
+      const auto mask_options = options.dtype(at::kByte);
+      preact = epilogue_may_write ? at::zeros(shape, mask_options) : at::empty(shape, mask_options);
     } else if (save) {  // placeholders are separate empty tensors: outputs of an op must not alias each other
       preact = at::empty(keep_preact ? std::vector<int64_t>{rows, out_features} : std::vector<int64_t>{0}, options);
     }
@@ -166,11 +170,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
     }
     const at::Tensor& layer_input = l == 0 ? input_matrix : hidden[l - 1];
     if (l > 0) check_saved_tensor("hidden output", layer_input, input, {rows, weights[l - 1].size(0)});
-    // The layer below may have its derivative applied by this layer's data-gradient GEMM (CUDA, no
-    // dropout after it: tanh-GELU from its saved pre-activation, relu from its saved bit mask).
+    // The layer below may have its derivative applied by this layer's data-gradient GEMM (CUDA:
+    // tanh-GELU without dropout after it, from its saved pre-activation; relu from its saved bit mask,
+    // with dropout's scale as the GEMM's alpha, NOTE [relu bit masks]). A relu layer's pre-activation
+    // slot is 2-D only when it holds the bit mask.
     std::optional<detail::BelowLayer> below;
     const auto below_act = l > lowest ? static_cast<Activation>(activations[l - 1]) : Activation::Identity;
-    if ((below_act == Activation::GeluTanh || below_act == Activation::Relu) && !has_mask[l - 1] &&
+    if (((below_act == Activation::GeluTanh && !has_mask[l - 1]) || below_act == Activation::Relu) &&
         preacts[l - 1].dim() == 2) {
       const int64_t features = weights[l - 1].size(0);
       if (below_act == Activation::Relu) {
@@ -181,7 +187,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
       } else {
         check_saved_tensor("saved pre-activation", preacts[l - 1], input, {rows, features});
       }
-      below = detail::BelowLayer{below_act, preacts[l - 1].contiguous()};
+      below = detail::BelowLayer{below_act, preacts[l - 1].contiguous(),
+                                 has_mask[l - 1] ? static_cast<float>(1.0 / (1.0 - dropout[l - 1])) : 1.0f};
     }
     auto grads = detail::layer_backward(grad, layer_input, weights[l], saved, act, negative_slope, layer_dropout,
                                         l > lowest || need_input, output_mask.get(1 + l),

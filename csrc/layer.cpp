@@ -123,7 +123,8 @@ void input_grad(LayerGrads& grads, const at::Tensor& grad_pre, const at::Tensor&
     TORCH_INTERNAL_ASSERT(below->aux.sizes() ==
                           at::IntArrayRef({grad_pre.size(0), relu ? relu_mask_row_bytes(weight.size(1))
                                                                   : weight.size(1)}));
-    at::Tensor below_preact_grad = cuda::input_grad_through_below(grad_pre, weight, below->activation, below->aux);
+    at::Tensor below_preact_grad =
+        cuda::input_grad_through_below(grad_pre, weight, below->activation, below->aux, below->scale);
     if (below_preact_grad.defined()) {
       grads.input = below_preact_grad;
       grads.input_is_below_preact_grad = true;
@@ -151,9 +152,9 @@ std::vector<int64_t> output_shape(const at::Tensor& input, int64_t out_features)
   return shape;
 }
 
-bool keeps_relu_mask(const at::Tensor& input, Activation activation, bool last_layer, bool dropout_runs) {
+bool keeps_relu_mask(const at::Tensor& input, Activation activation, bool last_layer) {
   const auto dtype = input.scalar_type();
-  return input.is_cuda() && activation == Activation::Relu && !last_layer && !dropout_runs &&
+  return input.is_cuda() && activation == Activation::Relu && !last_layer &&
          (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16);
 }
 
@@ -208,9 +209,8 @@ void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
     args.dropout = dropout.stream;  // CPU only: the CUDA launcher draws its own Philox state
     args.dropout_p = dropout.p;
   }
-  if (relu_mask != nullptr) {  // cuBLASLt did not write it: the pass does, from the output
-    TORCH_INTERNAL_ASSERT(activation == Activation::Relu && !dropout.keep_mask.defined() &&
-                          relu_mask->size(1) == relu_mask_row_bytes(out_features));
+  if (relu_mask != nullptr) {  // cuBLASLt did not write it: the pass does, from the (dropped-out) output
+    TORCH_INTERNAL_ASSERT(activation == Activation::Relu && relu_mask->size(1) == relu_mask_row_bytes(out_features));
     args.relu_mask = relu_mask->data_ptr<uint8_t>();
     args.relu_mask_row_bytes = relu_mask->size(1);
   }

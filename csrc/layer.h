@@ -28,12 +28,16 @@ struct LayerDropout {
 };
 
 // NOTE [relu bit masks]
-// On CUDA a relu hidden layer of fused_mlp (float32/float16/bfloat16, no dropout after it) keeps the
-// bit mask of its positive outputs that cuBLASLt's RELU_AUX epilogue writes: uint8 (rows,
+// On CUDA a relu hidden layer of fused_mlp (float32/float16/bfloat16) keeps the bit mask of its
+// positive outputs in the layout of cuBLASLt's RELU_AUX epilogue: uint8 (rows,
 // relu_mask_row_bytes(features)), bit f % 8 of byte f / 8 of a row for feature f, rows padded to 128
-// bits as cuBLASLt requires. It travels in the layer's pre-activation slot (relu needs no
-// pre-activation), and the layer above reads it in its data-gradient GEMM (DRELU).
-bool keeps_relu_mask(const at::Tensor& input, Activation activation, bool last_layer, bool dropout_runs);
+// bits. It travels in the layer's pre-activation slot (relu needs no
+// pre-activation), and the layer above reads it in its data-gradient GEMM (DRELU), so the layer's
+// own backward pass disappears. With dropout after the relu the bit is that of the dropped-out
+// output, set where the element is positive *and* kept, and the GEMM scales by 1 / (1 - p) (its
+// alpha): relu's derivative times the dropout mask and scale is exactly that. The byte dropout mask
+// is still kept: it is what the op reports and what the fallback (cuBLASLt declined DRELU) reads.
+bool keeps_relu_mask(const at::Tensor& input, Activation activation, bool last_layer);
 int64_t relu_mask_row_bytes(int64_t features);
 
 // NOTE [The relu epilogue and NaN]
@@ -63,11 +67,12 @@ struct LayerGrads {
 };
 
 // The layer under this one in a stack, when its activation derivative may be applied by this layer's
-// data-gradient GEMM (CUDA, without dropout after it: cuBLASLt's DGELU for gelu_tanh, from its
-// pre-activation, DRELU for relu, from its bit mask).
+// data-gradient GEMM (CUDA: cuBLASLt's DGELU for gelu_tanh without dropout after it, from its
+// pre-activation; DRELU for relu, from its bit mask, dropout or not).
 struct BelowLayer {
   Activation activation;  // GeluTanh or Relu
   at::Tensor aux;         // gelu_tanh: the pre-activation (rows, in); relu: the bit mask
+  float scale = 1.0f;     // relu with dropout after it: 1 / (1 - p) (NOTE [relu bit masks])
 };
 
 // Gradients of layer_forward given grad_out (rows, out) and `saved`: the layer's output where

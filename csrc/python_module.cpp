@@ -36,9 +36,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("check_dropout_probability", [](double p) { pyfastnn::check_dropout_probability(p); },
         "Raises ValueError unless 0 <= p < 1.");
   // Where fused_mlp_forward keeps a relu bit mask instead of a pre-activation (NOTE [relu bit masks]).
-  m.def("keeps_relu_mask", [](const at::Tensor& input, int64_t activation, bool last_layer, bool dropout_runs) {
-    return pyfastnn::detail::keeps_relu_mask(input, static_cast<pyfastnn::Activation>(activation), last_layer,
-                                             dropout_runs);
+  m.def("keeps_relu_mask", [](const at::Tensor& input, int64_t activation, bool last_layer) {
+    return pyfastnn::detail::keeps_relu_mask(input, static_cast<pyfastnn::Activation>(activation), last_layer);
   });
   m.def("relu_mask_row_bytes", &pyfastnn::detail::relu_mask_row_bytes);
   m.def("relu_epilogue_allowed", &pyfastnn::detail::relu_epilogue_allowed);

@@ -226,10 +226,10 @@ def _fused_mlp_forward_fake(input, weights, biases, activations, negative_slope,
     hidden = [input.new_empty((rows, w.shape[0])) for w in weights[:-1]]
     preacts = [input.new_empty((rows, w.shape[0]) if not native.derivative_from_output(act, negative_slope) else (0,))
                for w, act in zip(weights, activations)]
-    # CUDA relu hidden layers keep cuBLASLt's relu bit mask there instead (NOTE [relu bit masks] in
+    # CUDA relu hidden layers keep a relu bit mask there instead (NOTE [relu bit masks] in
     # csrc/layer.h): uint8, each row padded to 128 bits.
-    for layer, (w, act, p) in enumerate(zip(weights[:-1], activations, dropout)):
-        if native.keeps_relu_mask(input, act, False, bool(training and p > 0)):
+    for layer, (w, act) in enumerate(zip(weights[:-1], activations)):
+        if native.keeps_relu_mask(input, act, False):
             preacts[layer] = input.new_empty((rows, native.relu_mask_row_bytes(w.shape[0])), dtype=torch.uint8)
     masks = [input.new_empty((rows, w.shape[0]) if training and p > 0 else (0,), dtype=torch.uint8)
              for w, p in zip(weights, dropout)]

@@ -240,9 +240,9 @@ bool lt_matmul(const LtGemm& g) {
   const cublasLtMatmulHeuristicResult_t& heuristic = answer.heuristic;
 
   void* workspace = at::cuda::getCUDABlasLtWorkspace();
-  const float alpha = 1.0f, beta = 0.0f;
+  const float beta = 0.0f;
   const cublasStatus_t status =
-      cublasLtMatmul(handle, desc.raw, &alpha, g.a, a_layout.raw, g.b, b_layout.raw, &beta, g.d, d_layout.raw,
+      cublasLtMatmul(handle, desc.raw, &g.alpha, g.a, a_layout.raw, g.b, b_layout.raw, &beta, g.d, d_layout.raw,
                      g.d, d_layout.raw, &heuristic.algo, workspace, workspace_size,
                      at::cuda::getCurrentCUDAStream());
   // A failed launch leaves D unwritten (cuBLASLt validates before launching): fall back. A problem

@@ -28,7 +28,7 @@ enum class GemmEpilogue {
   ReluAux,      // as Relu, and aux = bit mask of D > 0 (aux_ld bits per column, a multiple of 128)
   GeluTanh,     // D = gelu_tanh(op(A) op(B) + bias); bias may be null
   GeluTanhAux,  // as GeluTanh, and aux = the pre-activation (aux_ld elements per column, a multiple of 8)
-  DRelu,        // D = op(A) op(B) * relu'(aux bit mask); no bias
+  DRelu,        // D = op(A) op(B) * relu'(aux bit mask: 0 or 1); no bias
   DGeluTanh,    // D = op(A) op(B) * gelu_tanh'(aux pre-activation); no bias
   BiasGradB,    // D = op(A) op(B); bias = sums of op(B) over k (n entries): a bias gradient
 };
@@ -47,6 +47,7 @@ struct LtGemm {
   void* bias = nullptr;  // read by Bias/Relu/GeluTanh(+Aux), written by BiasGradB
   void* aux = nullptr;
   int64_t aux_ld = 0;
+  float alpha = 1.0f;  // D = alpha * op(A) op(B), before the epilogue
 };
 
 // False unless this build and the environment allow cuBLASLt (PYFASTNN_CUBLASLT != "0").

@@ -216,30 +216,55 @@ __global__ void backward_sums_kernel(int64_t rows, int64_t cols, int64_t rows_pe
   }
 }
 
-// relu of half or bfloat16 rows whose width is a multiple of 8, one 128-bit vector of 8 elements at a
-// time, writing the vector's 8 signs as one byte of the bit mask (NOTE [relu bit masks] in layer.h)
-// as it goes: no second pass over the output. The bit is taken from the stored (rounded) output, as
-// pack_relu_mask_kernel takes it. index_t: 32 bits where the chunks allow (a cheaper division).
+// relu, then dropout where keep_mask is set, of rows whose width is a multiple of 8, 8 elements at a
+// time (one 128-bit vector of half or bfloat16, two of float), writing their 8 signs as one byte of
+// the bit mask (NOTE [relu bit masks] in layer.h) as it goes: no second pass over the output. The bit
+// is taken from the stored (rounded, dropped-out) output, as pack_relu_mask_kernel takes it, and the
+// dropout draws are forward_kernel's (element e: word e % 4 of Philox block e / 4). The thread of a
+// row's last data byte also writes the row's padding bytes (0): the mask needs no zeroing first.
+// index_t: 32 bits where the chunks allow (a cheaper division).
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
     relu_and_mask_kernel(int64_t chunks, int64_t chunks_per_row, int64_t mask_row_bytes, const scalar_t* acc,
-                         scalar_t* out, uint8_t* mask) {
+                         scalar_t* out, uint8_t* mask, uint8_t* keep_mask, DropoutArgs dropout) {
   using opmath_t = at::opmath_type<scalar_t>;
   using Vector = Pack<scalar_t, 8>;
-  static_assert(sizeof(Vector) == kVectorBytes, "one 128-bit vector holds one mask byte's 8 elements");
+  const auto kept_scale = static_cast<opmath_t>(dropout.kept_scale);
+  PhiloxDropout stream{0, 0, dropout.threshold};
+  if (keep_mask != nullptr) {
+    const auto seed_and_offset = at::cuda::philox::unpack(dropout.philox);
+    stream.seed = std::get<0>(seed_and_offset);
+    stream.offset = std::get<1>(seed_and_offset);
+  }
   const auto load = [&](int64_t chunk) { return *reinterpret_cast<const Vector*>(acc + chunk * 8); };
   for_each_chunk(chunks, load, [&](int64_t chunk, const Vector& in) {
+    const int64_t first = chunk * 8;
     Vector result;
+    Pack<uint8_t, 8> kept;
+    Philox4x32 draws{};
     uint8_t bits = 0;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      result.v[j] = static_cast<scalar_t>(act::Relu::forward(static_cast<opmath_t>(in.v[j]), opmath_t(0)));
+      opmath_t y = act::Relu::forward(static_cast<opmath_t>(in.v[j]), opmath_t(0));
+      if (keep_mask != nullptr) {
+        const auto e = static_cast<uint64_t>(first + j);
+        if (j % 4 == 0) draws = Philox4x32::generate(stream.offset / 4, e >> 2, stream.seed);  // first % 8 == 0
+        kept.v[j] = draws.word[e & 3] >= stream.threshold;
+        y *= kept.v[j] ? kept_scale : opmath_t(0);  // as forward_kernel (and nn.Dropout) does
+      }
+      result.v[j] = static_cast<scalar_t>(y);
       if (act::Relu::active(static_cast<opmath_t>(result.v[j]))) bits |= uint8_t(1u << j);
     }
-    *reinterpret_cast<Vector*>(out + chunk * 8) = result;
+    *reinterpret_cast<Vector*>(out + first) = result;
+    if (keep_mask != nullptr) *reinterpret_cast<Pack<uint8_t, 8>*>(keep_mask + first) = kept;
     const auto c = static_cast<index_t>(chunk), per_row = static_cast<index_t>(chunks_per_row);
     const index_t row = c / per_row;
-    mask[static_cast<int64_t>(row) * mask_row_bytes + static_cast<int64_t>(c - row * per_row)] = bits;
+    const index_t byte = c - row * per_row;
+    uint8_t* row_mask = mask + static_cast<int64_t>(row) * mask_row_bytes;
+    row_mask[byte] = bits;
+    if (byte + 1 == per_row) {
+      for (int64_t padding = chunks_per_row; padding < mask_row_bytes; ++padding) row_mask[padding] = 0;
+    }
   });
 }
 
@@ -303,8 +328,8 @@ void launch_forward_epilogue(const ForwardEpilogue& a, int64_t rows) {
   TORCH_INTERNAL_ASSERT(a.bias == nullptr, "pyfastnn: on CUDA the bias is added by the GEMM");
   // A kept pre-activation is where the GEMM wrote (acc): nothing to copy.
   TORCH_INTERNAL_ASSERT(a.preact == nullptr || a.preact == a.acc, "pyfastnn: on CUDA the GEMM writes the pre-activation");
-  TORCH_INTERNAL_ASSERT(a.relu_mask == nullptr || (a.activation == Activation::Relu && a.keep_mask == nullptr),
-                        "pyfastnn: a relu bit mask is kept for relu without dropout only");
+  TORCH_INTERNAL_ASSERT(a.relu_mask == nullptr || a.activation == Activation::Relu,
+                        "pyfastnn: a relu bit mask is kept for relu only");
   const int64_t total = rows * a.cols;
   if (total == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -322,15 +347,17 @@ void launch_forward_epilogue(const ForwardEpilogue& a, int64_t rows) {
                             aligned(a.keep_mask, kVec);
     const auto* acc = static_cast<const scalar_t*>(a.acc);
     auto* out = static_cast<scalar_t*>(a.out);
-    if constexpr (kVec == 8) {  // half, bfloat16: one vector is one mask byte
-      if (a.relu_mask != nullptr && vectorized && a.cols % 8 == 0) {
+    if constexpr (!std::is_same_v<scalar_t, double>) {  // relu bit masks: float, half, bfloat16
+      constexpr size_t kChunkBytes = 8 * sizeof(scalar_t);
+      if (a.relu_mask != nullptr && a.cols % 8 == 0 && aligned(a.acc, kChunkBytes) && aligned(a.out, kChunkBytes) &&
+          aligned(a.keep_mask, 8)) {
         const int64_t chunks = total / 8;
         if (chunks <= std::numeric_limits<uint32_t>::max()) {
           relu_and_mask_kernel<scalar_t, uint32_t><<<grid_for(chunks), kThreads, 0, stream>>>(
-              chunks, a.cols / 8, a.relu_mask_row_bytes, acc, out, a.relu_mask);
+              chunks, a.cols / 8, a.relu_mask_row_bytes, acc, out, a.relu_mask, a.keep_mask, dropout);
         } else {
           relu_and_mask_kernel<scalar_t, int64_t><<<grid_for(chunks), kThreads, 0, stream>>>(
-              chunks, a.cols / 8, a.relu_mask_row_bytes, acc, out, a.relu_mask);
+              chunks, a.cols / 8, a.relu_mask_row_bytes, acc, out, a.relu_mask, a.keep_mask, dropout);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         mask_written = true;
@@ -349,7 +376,7 @@ void launch_forward_epilogue(const ForwardEpilogue& a, int64_t rows) {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  // float32, or a width or alignment the fused pass cannot take: the mask in a second pass.
+  // A width or alignment the fused pass cannot take: the mask in a second pass, from the output.
   if (a.relu_mask != nullptr && !mask_written) {
     launch_pack_relu_mask(a.dtype, a.out, rows, a.cols, a.relu_mask, a.relu_mask_row_bytes);
   }

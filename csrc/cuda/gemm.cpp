@@ -66,11 +66,11 @@ bool gemm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
 }
 
 at::Tensor input_grad_through_below(const at::Tensor& grad_pre, const at::Tensor& weight, Activation below_activation,
-                                    const at::Tensor& below_aux) {
+                                    const at::Tensor& below_aux, float scale) {
   if (!weight.is_contiguous() || !grad_pre.is_contiguous() || !below_aux.is_contiguous()) return {};
   const int64_t rows = grad_pre.size(0), out_features = weight.size(0), in_features = weight.size(1);
   const bool relu = below_activation == Activation::Relu;
-  TORCH_INTERNAL_ASSERT(relu || below_activation == Activation::GeluTanh);
+  TORCH_INTERNAL_ASSERT(relu || (below_activation == Activation::GeluTanh && scale == 1.0f));
   if (!relu && !lt_gelu_matches_torch(grad_pre.scalar_type())) return {};
   at::Tensor grad_input = at::empty({rows, in_features}, grad_pre.options());
   // Row-major grad_input (rows, in) is column-major in x rows: D = W^T (stored in x out) * grad_pre^T.
@@ -78,6 +78,7 @@ at::Tensor input_grad_through_below(const at::Tensor& grad_pre, const at::Tensor
               out_features, weight.data_ptr(), in_features, grad_pre.data_ptr(), out_features,
               grad_input.data_ptr(), in_features};
   gemm.epilogue = relu ? GemmEpilogue::DRelu : GemmEpilogue::DGeluTanh;
+  gemm.alpha = scale;
   gemm.aux = below_aux.data_ptr();
   gemm.aux_ld = relu ? below_aux.size(1) * 8 : in_features;  // bits for the relu mask
   if (!lt_matmul(gemm)) return {};

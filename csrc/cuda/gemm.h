@@ -21,12 +21,13 @@ namespace pyfastnn::cuda {
 bool gemm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, Activation activation,
                   bool dropout_runs, const at::Tensor& out, const at::Tensor* preact, const at::Tensor* relu_mask);
 
-// grad_pre @ W with the derivative of the layer below fused in (relu from its bit mask, gelu_tanh from
-// its pre-activation: `below_aux`): the below layer's pre-activation gradient, or undefined where
-// cuBLASLt declined (nothing written; the caller falls back). That layer's bias gradient is left to
-// its own weight-gradient GEMM (NOTE [cuBLASLt epilogues and the fallback]).
+// scale * (grad_pre @ W) with the derivative of the layer below fused in (relu from its bit mask,
+// gelu_tanh from its pre-activation: `below_aux`): the below layer's pre-activation gradient, or
+// undefined where cuBLASLt declined (nothing written; the caller falls back). `scale` is the below
+// layer's dropout scale 1 / (1 - p) (NOTE [relu bit masks]), else 1. That layer's bias gradient is
+// left to its own weight-gradient GEMM (NOTE [cuBLASLt epilogues and the fallback]).
 at::Tensor input_grad_through_below(const at::Tensor& grad_pre, const at::Tensor& weight, Activation below_activation,
-                                    const at::Tensor& below_aux);
+                                    const at::Tensor& below_aux, float scale);
 
 // Whether weight_and_bias_grad may fuse the bias gradient for x (rows, in_features) and out_features.
 bool fuses_bias_grad(const at::Tensor& x, int64_t out_features);

@@ -323,27 +323,64 @@ def test_fused_mlp_stack_on_both_paths(activations, dtype, relu_gemm_path):
         assert_close(g, e, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_relu_stack_with_dropout_on_both_paths(dtype, gemm_path):
+    # NOTE [relu bit masks]: a relu layer with dropout after it keeps the bit mask of its dropped-out
+    # output, and the layer above applies relu's derivative, the dropout mask and 1 / (1 - p) in its
+    # data-gradient GEMM (DRELU, alpha); the fallback reads the saved output instead. Wide aligned
+    # layers, so that cuBLASLt takes every GEMM; every gradient, then the weights' and the biases' alone.
+    torch.manual_seed(0)
+    x, weights, biases = _mlp_tensors(384, (256, 512, 256, 128), dtype)
+    activations, dropout = ("relu", "relu", "identity"), [0.2, 0.35, 0.0]
+    codes = [pyfastnn.ACTIVATIONS.index(a) for a in activations]
+    grad = torch.randn(384, 128, device="cuda", dtype=dtype)
+    frozen = [w.detach() for w in weights]
+    for inputs, ws, wanted in ((x, weights, (x, *weights, *biases)), (x.detach(), weights, weights),
+                               (x.detach(), frozen, biases)):
+        torch.manual_seed(5)
+        out = ops.fused_mlp(inputs, ws, biases, codes, 0.01, dropout, True)
+        masks = _masks((inputs.detach(), [w.detach() for w in ws], [b.detach() for b in biases], codes, 0.01,
+                        dropout, True), 5)
+        expected = reference_mlp(inputs, ws, biases, activations, 0.01, masks, dropout)
+        assert_close(out, expected, dtype)
+        for got, want in zip(torch.autograd.grad(out, wanted, grad), torch.autograd.grad(expected, wanted, grad)):
+            assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=lambda p: f"dropout{p}")
 @pytest.mark.parametrize("hidden_width", [200, 203])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_relu_bit_mask_layout_and_fake(dtype, hidden_width, relu_gemm_path):
-    # NOTE [relu bit masks]: bit f % 8 of byte f / 8 of a row says output f > 0, rows padded to 128
-    # bits. cuBLASLt's relu epilogue writes it on one path, pyfastnn's kernels on the others (the relu
-    # pass itself for half and bfloat16 of width 200, a second pass for width 203 and float32): all
-    # must match this.
+def test_relu_bit_mask_layout_and_fake(dtype, hidden_width, p, relu_gemm_path):
+    # NOTE [relu bit masks]: bit f % 8 of byte f / 8 of a row says output f > 0 (with dropout: the
+    # dropped-out output, so positive and kept), rows padded to 128 bits. cuBLASLt's relu epilogue
+    # writes it on one path (no dropout), pyfastnn's kernels on the others (the relu pass itself for
+    # width 200, a second pass for width 203): all must match this.
     torch.manual_seed(0)
     rows, widths = 300, (64, hidden_width, 8)
     x = torch.randn(rows, widths[0], device="cuda", dtype=dtype)
     weights = [(torch.randn(n, k, device="cuda") * k ** -0.5).to(dtype) for k, n in zip(widths[:-1], widths[1:])]
     biases = [torch.randn(n, device="cuda", dtype=dtype) for n in widths[1:]]
-    args = (x, weights, biases, [1, 0], 0.01, [0.0, 0.0], True)
+    args = (x, weights, biases, [1, 0], 0.01, [p, 0.0], True)
+    torch.manual_seed(7)
     out, hidden, preacts, masks = ops.fused_mlp_forward(*args)
     assert preacts[0].dtype == torch.uint8 and preacts[0].shape == (rows, 32)  # 200 or 203 features: 256 bits
     shifts = torch.arange(8, device="cuda", dtype=torch.int32)
     bits = ((preacts[0].to(torch.int32).unsqueeze(-1) >> shifts) & 1).view(rows, 256)
     assert torch.equal(bits[:, :widths[1]].bool(), hidden[0] > 0)
-    if relu_gemm_path != "relu_epilogue":  # cuBLASLt's own padding bits are its business, but fixed:
+    if relu_gemm_path != "relu_epilogue" or p:  # cuBLASLt's own padding bits are its business, but fixed:
         assert not bits[:, widths[1]:].any()  # opcheck compares two calls' outputs bitwise
-    torch.library.opcheck(ops.fused_mlp_forward.default, args)
+    if not p:
+        torch.library.opcheck(ops.fused_mlp_forward.default, args)
+        return
+    assert masks[0].shape == (rows, widths[1]) and not hidden[0][masks[0] == 0].any()
+    # The pass that writes the bit mask drops out exactly what the plain pass (the inference op, which
+    # keeps no mask) drops from the same generator state.
+    torch.manual_seed(7)
+    with torch.no_grad():
+        assert torch.equal(ops.fused_mlp(*args), out)
+    # Random masks differ between the calls opcheck compares; everything else is checked.
+    torch.library.opcheck(ops.fused_mlp_forward.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
