@@ -239,7 +239,7 @@ def profile_rows(shape=QUICK_SHAPES[0], dtype=torch.bfloat16, layers=3) -> list[
              for name in names for backward in (False, True) if not (backward and name == "identity")]
     for dropout in (0.0, 0.2):
         _, stack = mlp_calls(m, k, layers, dtype, dropout)
-        cases.append((f"fused_mlp {m}x{k}" + f"->{k}" * layers + f" relu dropout={dropout} fwd+bwd", stack))
+        cases.append((f"fused_mlp {m}x{k}" + f"->{k}" * layers + f" relu dropout={dropout:.1f} fwd+bwd", stack))
     rows = []
     for case, variants in cases:
         for variant, fn in variants.items():

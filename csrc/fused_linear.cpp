@@ -24,7 +24,7 @@ at::Tensor fused_linear_inference(const at::Tensor& input, const at::Tensor& wei
   const KernelScope scope(input);  // NOTE [Kernels run below autograd]
   at::Tensor out = empty_output(input, weight.size(0));
   detail::layer_forward(detail::as_matrix(input), weight, bias, static_cast<Activation>(activation),
-                        negative_slope, detail::as_matrix(out), nullptr, {});
+                        negative_slope, detail::as_matrix(out), nullptr, {}, detail::relu_epilogue_allowed());
   return out;
 }
 
@@ -38,7 +38,8 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_forward(const at::Tensor& input,
   at::Tensor preact = keep_preact ? at::empty_like(out) : at::empty({0}, input.options());
   const at::Tensor preact_matrix = keep_preact ? detail::as_matrix(preact) : at::Tensor();
   detail::layer_forward(detail::as_matrix(input), weight, bias, static_cast<Activation>(activation),
-                        negative_slope, detail::as_matrix(out), keep_preact ? &preact_matrix : nullptr, {});
+                        negative_slope, detail::as_matrix(out), keep_preact ? &preact_matrix : nullptr, {},
+                        detail::relu_epilogue_allowed());
   return {out, preact};
 }
 

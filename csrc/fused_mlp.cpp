@@ -31,6 +31,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   const KernelScope scope(input);  // NOTE [Kernels run below autograd]
   const size_t layers = weights.size();
   const auto options = input.options();
+  const bool relu_epilogue = detail::relu_epilogue_allowed();  // one value for the whole call
   std::vector<at::Tensor> hidden, preacts, keep_masks;
   at::Tensor x = detail::as_matrix(input);
   const int64_t rows = x.size(0);
@@ -52,7 +53,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
       // pyfastnn's passes write every byte, padding included. cuBLASLt's RELU_AUX (opted in, no
       // dropout) may leave the padding bits as they were, and an op's outputs must not depend on
       // uninitialised memory (opcheck compares them bitwise): zeroed for it.
-      const bool epilogue_may_write = !dropout_runs(dropout[l], training) && detail::relu_epilogue_allowed();
+      const bool epilogue_may_write = !dropout_runs(dropout[l], training) && relu_epilogue;
       const auto mask_options = options.dtype(at::kByte);
       preact = epilogue_may_write ? at::zeros(shape, mask_options) : at::empty(shape, mask_options);
     } else if (save) {  // placeholders are separate empty tensors: outputs of an op must not alias each other
@@ -67,7 +68,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
       layer_dropout.keep_mask = at::empty({rows, out_features}, options.dtype(at::kByte));
     }
     detail::layer_forward(x, weights[l], biases.get(l), act, negative_slope, y_matrix,
-                          keep_preact ? &preact : nullptr, layer_dropout, keep_relu_mask ? &preact : nullptr);
+                          keep_preact ? &preact : nullptr, layer_dropout, relu_epilogue,
+                          keep_relu_mask ? &preact : nullptr);
     if (save) {
       preacts.push_back(preact);
       keep_masks.push_back(layer_dropout.keep_mask.defined() ? layer_dropout.keep_mask
@@ -142,6 +144,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
     TORCH_CHECK_VALUE(has_mask[l] || (keep_masks[l].dim() == 1 && keep_masks[l].numel() == 0),
                       "pyfastnn: keep_masks[", l, "] must be the layer's 2-D dropout mask or an empty 1-D tensor "
                       "(no dropout), got shape ", keep_masks[l].sizes());
+    // Every mask, also one whose layer's backward the layer above takes over (NOTE [relu bit masks]).
+    const std::vector<int64_t> layer_shape{rows, weights[l].size(0)};
+    TORCH_CHECK_VALUE(!has_mask[l] || (keep_masks[l].sizes() == at::IntArrayRef(layer_shape) &&
+                                       keep_masks[l].scalar_type() == at::kByte &&
+                                       keep_masks[l].device() == input.device()),
+                      "pyfastnn: keep_masks[", l, "] must be a uint8 tensor of shape ", at::IntArrayRef(layer_shape),
+                      " on ", input.device());
   }
   for (int64_t l = static_cast<int64_t>(layers) - 1; l >= lowest; --l) {
     const auto act = grad_is_preact ? Activation::Identity : static_cast<Activation>(activations[l]);
@@ -161,10 +170,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
     }
     detail::LayerDropout layer_dropout;
     if (has_mask[l] && !grad_is_preact) {
-      TORCH_CHECK_VALUE(keep_masks[l].sizes() == at::IntArrayRef(layer_shape) &&
-                            keep_masks[l].scalar_type() == at::kByte && keep_masks[l].device() == input.device(),
-                        "pyfastnn: keep_masks[", l, "] must be a uint8 tensor of shape ", at::IntArrayRef(layer_shape),
-                        " on ", input.device());
       layer_dropout.p = dropout[l];
       layer_dropout.keep_mask = keep_masks[l].contiguous();
     }

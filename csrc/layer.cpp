@@ -169,7 +169,8 @@ void set_relu_epilogue_allowed(bool allowed) { relu_epilogue.store(allowed, std:
 
 void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    Activation activation, double negative_slope, const at::Tensor& out,
-                   const at::Tensor* preact, const LayerDropout& dropout, const at::Tensor* relu_mask) {
+                   const at::Tensor* preact, const LayerDropout& dropout, bool relu_epilogue,
+                   const at::Tensor* relu_mask) {
   const int64_t rows = x.size(0);
   const int64_t out_features = weight.size(0);
   if (rows == 0 || out_features == 0) return;
@@ -182,7 +183,10 @@ void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
   const bool cuda_device = on_cuda(x);
   if (cuda_device) {
 #ifdef PYFASTNN_WITH_CUDA
-    if (cuda::gemm_forward(x, weight, b, activation, dropout.keep_mask.defined(), out, preact, relu_mask)) return;
+    if (cuda::gemm_forward(x, weight, b, activation, dropout.keep_mask.defined(), relu_epilogue, out, preact,
+                           relu_mask)) {
+      return;
+    }
 #endif
     b = at::Tensor();  // on CUDA the GEMM has added it (NOTE [CUDA epilogue passes])
   } else if (b.defined() && at::isReducedFloatingType(x.scalar_type())) {

@@ -36,7 +36,8 @@ struct LayerDropout {
 // own backward pass disappears. With dropout after the relu the bit is that of the dropped-out
 // output, set where the element is positive *and* kept, and the GEMM scales by 1 / (1 - p) (its
 // alpha): relu's derivative times the dropout mask and scale is exactly that. The byte dropout mask
-// is still kept: it is what the op reports and what the fallback (cuBLASLt declined DRELU) reads.
+// is still what the op reports (backward never reads it for relu: the saved output implies it, which
+// is also what the fallback reads where cuBLASLt declines DRELU).
 bool keeps_relu_mask(const at::Tensor& input, Activation activation, bool last_layer);
 int64_t relu_mask_row_bytes(int64_t features);
 
@@ -49,15 +50,19 @@ int64_t relu_mask_row_bytes(int64_t features);
 // reported (CUTLASS's and nvmath's references of it) to set the bit where the pre-activation is >= 0:
 // then DRELU passes the gradient at exactly 0, where torch.relu's derivative is 0 (tests follow the
 // mask the forward kept there; should cuBLASLt then decline DRELU, the fallback reads the derivative
-// from the output and passes none there). Process-wide, read at each layer call.
+// from the output and passes none there). Process-wide, read once per op call (layer_forward's
+// relu_epilogue), so that every layer of a call and the allocation of its mask see one value.
 bool relu_epilogue_allowed();
 void set_relu_epilogue_allowed(bool allowed);
 
 // out = dropout(act(x @ weight^T + bias)) for x (rows, in); out and preact are (rows, out)
-// buffers (preact may be null: not kept); relu_mask, for relu on CUDA, receives the bit mask above.
+// buffers (preact may be null: not kept); relu_epilogue: relu_epilogue_allowed() as the op read it;
+// relu_mask, for relu on CUDA, receives the bit mask above (zeroed first where the relu epilogue may
+// write it: no dropout and relu_epilogue).
 void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    Activation activation, double negative_slope, const at::Tensor& out,
-                   const at::Tensor* preact, const LayerDropout& dropout, const at::Tensor* relu_mask = nullptr);
+                   const at::Tensor* preact, const LayerDropout& dropout, bool relu_epilogue,
+                   const at::Tensor* relu_mask = nullptr);
 
 struct LayerGrads {
   at::Tensor input, weight, bias;  // undefined where not asked for

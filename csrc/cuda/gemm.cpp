@@ -17,7 +17,8 @@ bool lt_gelu_matches_torch(at::ScalarType dtype) { return dtype == at::kHalf || 
 }  // namespace
 
 bool gemm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, Activation activation,
-                  bool dropout_runs, const at::Tensor& out, const at::Tensor* preact, const at::Tensor* relu_mask) {
+                  bool dropout_runs, bool relu_epilogue, const at::Tensor& out, const at::Tensor* preact,
+                  const at::Tensor* relu_mask) {
   const int64_t rows = x.size(0), out_features = w.size(0), in_features = w.size(1);
   const at::Tensor& acc = preact != nullptr ? *preact : out;
   if (x.is_contiguous() && w.is_contiguous()) {
@@ -30,7 +31,7 @@ bool gemm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
     if (!dropout_runs) {
       if (activation == Activation::Identity && preact == nullptr) {
         finished = true;
-      } else if (activation == Activation::Relu && preact == nullptr && detail::relu_epilogue_allowed()) {
+      } else if (activation == Activation::Relu && preact == nullptr && relu_epilogue) {
         // relu's backward reads the output (or the bit mask); see NOTE [The relu epilogue and NaN]
         gemm.epilogue = relu_mask != nullptr ? GemmEpilogue::ReluAux : GemmEpilogue::Relu;
         if (relu_mask != nullptr) {

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import pyfastnn
+from pyfastnn.benchmark import cuda_kernels
 from pyfastnn.testing import assert_close, reference, reference_mlp
 from samples import CUDA_READY, assert_dropout_statistics, mlp_sample_inputs, sample_inputs
 
@@ -345,6 +346,13 @@ def test_relu_stack_with_dropout_on_both_paths(dtype, gemm_path):
         assert_close(out, expected, dtype)
         for got, want in zip(torch.autograd.grad(out, wanted, grad), torch.autograd.grad(expected, wanted, grad)):
             assert_close(got, want, dtype)
+    if gemm_path == "cublaslt":  # no relu backward pass ran: the GEMMs above took the relu layers' backward
+        def step():
+            return torch.autograd.grad(ops.fused_mlp(x, weights, biases, codes, 0.01, dropout, True),
+                                       (x, *weights, *biases), grad)
+
+        names = [k["kernel"] for k in cuda_kernels(step)]
+        assert not [n for n in names if "backward" in n and "Relu" in n], names
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25], ids=lambda p: f"dropout{p}")
@@ -361,6 +369,9 @@ def test_relu_bit_mask_layout_and_fake(dtype, hidden_width, p, relu_gemm_path):
     weights = [(torch.randn(n, k, device="cuda") * k ** -0.5).to(dtype) for k, n in zip(widths[:-1], widths[1:])]
     biases = [torch.randn(n, device="cuda", dtype=dtype) for n in widths[1:]]
     args = (x, weights, biases, [1, 0], 0.01, [p, 0.0], True)
+    # Freed memory the mask may reuse, all bits set: padding left unwritten would show.
+    poison = torch.full((rows, 32), 255, dtype=torch.uint8, device="cuda")
+    del poison
     torch.manual_seed(7)
     out, hidden, preacts, masks = ops.fused_mlp_forward(*args)
     assert preacts[0].dtype == torch.uint8 and preacts[0].shape == (rows, 32)  # 200 or 203 features: 256 bits
@@ -373,11 +384,14 @@ def test_relu_bit_mask_layout_and_fake(dtype, hidden_width, p, relu_gemm_path):
         torch.library.opcheck(ops.fused_mlp_forward.default, args)
         return
     assert masks[0].shape == (rows, widths[1]) and not hidden[0][masks[0] == 0].any()
-    # The pass that writes the bit mask drops out exactly what the plain pass (the inference op, which
-    # keeps no mask) drops from the same generator state.
+    # The pass that writes the bit mask drops out exactly what the plain pass drops from the same
+    # generator state: the inference op's output (no mask kept) and leaky_relu's keep mask agree.
     torch.manual_seed(7)
     with torch.no_grad():
         assert torch.equal(ops.fused_mlp(*args), out)
+    torch.manual_seed(7)
+    leaky = pyfastnn.ACTIVATIONS.index("leaky_relu")
+    assert torch.equal(ops.fused_mlp_forward(x, weights, biases, [leaky, 0], 0.01, [p, 0.0], True)[3][0], masks[0])
     # Random masks differ between the calls opcheck compares; everything else is checked.
     torch.library.opcheck(ops.fused_mlp_forward.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
