@@ -234,7 +234,7 @@ step fuzz_mlp_cuda 45 "$PYTHON" scripts/fuzz_fused_linear.py --device cuda --mlp
 # torch's business and their Hopper kernels give racecheck false positives). memcheck runs without
 # the caching allocator, which would otherwise hide out-of-bounds accesses inside its blocks; that
 # rules out graph capture, so neither selection captures a graph.
-SANITIZE_TESTS='(misaligned and relu and float32) or (gradients_use_the_same_mask and float32 and relu) or (statistics and 999) or (large_buffer and 65537) or (relu_bit_mask and float16)'
+SANITIZE_TESTS='(misaligned and relu and float32) or (gradients_use_the_same_mask and float32 and relu) or (statistics and 999) or (large_buffer and 65537) or (relu_bit_mask and 200 and dropout0.25 and cublaslt) or (relu_bit_mask and torch.float16 and 203 and dropout0.0)'
 if ! wanted memcheck racecheck; then
   step memcheck 0 true; step racecheck 0 true  # listed as skipped
 elif [ ! -x "$SANITIZER" ]; then

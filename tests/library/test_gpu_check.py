@@ -40,12 +40,16 @@ def test_the_sanitizer_selection_reaches_every_kernel_and_captures_no_graph():
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     ids = [line for line in result.stdout.splitlines() if "::" in line]
     # Vectorized and one-element passes, both GEMM paths, dropout forward and backward, the bias-sum
-    # kernel (fallback path) and the relu mask packer.
+    # kernel (fallback path), the relu pass that writes the bit mask (with dropout, every dtype) and
+    # the relu mask packer.
     assert {i.split("::")[1].split("[")[0] for i in ids} == {
         "test_misaligned_views_and_transposed_operands", "test_cuda_dropout_gradients_use_the_same_mask",
         "test_cuda_dropout_statistics_match_nn_dropout", "test_large_buffer_vectorized_and_one_element_paths",
         "test_relu_bit_mask_layout_and_fake"}, result.stdout
     assert any("fallback" in i for i in ids) and any("cublaslt" in i for i in ids)
+    masks = [i for i in ids if "relu_bit_mask" in i]
+    assert {dtype for dtype in ("float32", "float16", "bfloat16") if any(dtype + "-200-dropout0.25" in i for i in masks)} \
+        == {"float32", "float16", "bfloat16"} and any("-203-" in i for i in masks), masks
     # memcheck runs without the caching allocator, which graph capture needs.
     assert not [i for i in ids if "captur" in i or "graph" in i]
 
