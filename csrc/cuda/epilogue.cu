@@ -76,19 +76,42 @@ struct DropoutArgs {
   double kept_scale;  // 1 / (1 - p)
 };
 
+// A forward dropout inside a kernel: element e is kept by word e % 4 of Philox block e / 4
+// (PhiloxDropout), whichever kernel and vector width computes it, so every pass drops the same
+// elements for the same generator state.
+template <typename opmath_t>
+struct KernelDropout {
+  PhiloxDropout stream;
+  opmath_t kept_scale;
+
+  __device__ __forceinline__ KernelDropout(const DropoutArgs& args, bool runs)
+      : stream{0, 0, args.threshold}, kept_scale(static_cast<opmath_t>(args.kept_scale)) {
+    if (runs) {
+      const auto seed_and_offset = at::cuda::philox::unpack(args.philox);
+      stream.seed = std::get<0>(seed_and_offset);
+      stream.offset = std::get<1>(seed_and_offset);
+    }
+  }
+  // The block of 4 draws holding element e (one Philox call serves 4 elements).
+  __device__ __forceinline__ Philox4x32 draws_for(uint64_t e) const {
+    return Philox4x32::generate(stream.offset / 4, e >> 2, stream.seed);
+  }
+  __device__ __forceinline__ bool kept(const Philox4x32& draws, uint64_t e) const {
+    return draws.word[e & 3] >= stream.threshold;
+  }
+  // Multiplied, as nn.Dropout does (inf * 0 is NaN).
+  __device__ __forceinline__ opmath_t apply(opmath_t y, bool kept) const {
+    return y * (kept ? kept_scale : opmath_t(0));
+  }
+};
+
 template <typename scalar_t, typename F, int kVec>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(int64_t chunks, const scalar_t* acc, scalar_t* out, uint8_t* keep_mask, DropoutArgs dropout,
                    double negative_slope) {
   using opmath_t = at::opmath_type<scalar_t>;
   const auto slope = static_cast<opmath_t>(negative_slope);
-  const auto kept_scale = static_cast<opmath_t>(dropout.kept_scale);
-  PhiloxDropout stream{0, 0, dropout.threshold};
-  if (keep_mask != nullptr) {
-    const auto seed_and_offset = at::cuda::philox::unpack(dropout.philox);
-    stream.seed = std::get<0>(seed_and_offset);
-    stream.offset = std::get<1>(seed_and_offset);
-  }
+  const KernelDropout<opmath_t> drop(dropout, keep_mask != nullptr);
   using Vector = Pack<scalar_t, kVec>;
   const auto load = [&](int64_t chunk) { return *reinterpret_cast<const Vector*>(acc + chunk * kVec); };
   for_each_chunk(chunks, load, [&](int64_t chunk, const Vector& in) {
@@ -102,10 +125,9 @@ __global__ void __launch_bounds__(kThreads)
       if (keep_mask != nullptr) {
         const auto e = static_cast<uint64_t>(first + j);
         // Chunks of 4 or 8 start at multiples of 4: one Philox call serves 4 elements.
-        const bool fresh = kVec % 4 == 0 ? j % 4 == 0 : (j == 0 || (e & 3) == 0);
-        if (fresh) draws = Philox4x32::generate(stream.offset / 4, e >> 2, stream.seed);
-        kept.v[j] = draws.word[e & 3] >= stream.threshold;
-        y *= kept.v[j] ? kept_scale : opmath_t(0);  // multiply, as nn.Dropout does (inf * 0 is NaN)
+        if (kVec % 4 == 0 ? j % 4 == 0 : (j == 0 || (e & 3) == 0)) draws = drop.draws_for(e);
+        kept.v[j] = drop.kept(draws, e);
+        y = drop.apply(y, kept.v[j]);
       }
       result.v[j] = static_cast<scalar_t>(y);
     }
@@ -220,22 +242,16 @@ __global__ void backward_sums_kernel(int64_t rows, int64_t cols, int64_t rows_pe
 // time (one 128-bit vector of half or bfloat16, two of float), writing their 8 signs as one byte of
 // the bit mask (NOTE [relu bit masks] in layer.h) as it goes: no second pass over the output. The bit
 // is taken from the stored (rounded, dropped-out) output, as pack_relu_mask_kernel takes it, and the
-// dropout draws are forward_kernel's (element e: word e % 4 of Philox block e / 4). The thread of a
-// row's last data byte also writes the row's padding bytes (0): the mask needs no zeroing first.
-// index_t: 32 bits where the chunks allow (a cheaper division).
+// dropout is forward_kernel's (KernelDropout). The thread of a row's last data byte also writes the
+// row's padding bytes (0): the mask needs no zeroing first. index_t: 32 bits where the chunks allow
+// (a cheaper division).
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
     relu_and_mask_kernel(int64_t chunks, int64_t chunks_per_row, int64_t mask_row_bytes, const scalar_t* acc,
                          scalar_t* out, uint8_t* mask, uint8_t* keep_mask, DropoutArgs dropout) {
   using opmath_t = at::opmath_type<scalar_t>;
   using Vector = Pack<scalar_t, 8>;
-  const auto kept_scale = static_cast<opmath_t>(dropout.kept_scale);
-  PhiloxDropout stream{0, 0, dropout.threshold};
-  if (keep_mask != nullptr) {
-    const auto seed_and_offset = at::cuda::philox::unpack(dropout.philox);
-    stream.seed = std::get<0>(seed_and_offset);
-    stream.offset = std::get<1>(seed_and_offset);
-  }
+  const KernelDropout<opmath_t> drop(dropout, keep_mask != nullptr);
   const auto load = [&](int64_t chunk) { return *reinterpret_cast<const Vector*>(acc + chunk * 8); };
   for_each_chunk(chunks, load, [&](int64_t chunk, const Vector& in) {
     const int64_t first = chunk * 8;
@@ -248,9 +264,9 @@ __global__ void __launch_bounds__(kThreads)
       opmath_t y = act::Relu::forward(static_cast<opmath_t>(in.v[j]), opmath_t(0));
       if (keep_mask != nullptr) {
         const auto e = static_cast<uint64_t>(first + j);
-        if (j % 4 == 0) draws = Philox4x32::generate(stream.offset / 4, e >> 2, stream.seed);  // first % 8 == 0
-        kept.v[j] = draws.word[e & 3] >= stream.threshold;
-        y *= kept.v[j] ? kept_scale : opmath_t(0);  // as forward_kernel (and nn.Dropout) does
+        if (j % 4 == 0) draws = drop.draws_for(e);  // first % 8 == 0
+        kept.v[j] = drop.kept(draws, e);
+        y = drop.apply(y, kept.v[j]);
       }
       result.v[j] = static_cast<scalar_t>(y);
       if (act::Relu::active(static_cast<opmath_t>(result.v[j]))) bits |= uint8_t(1u << j);
