@@ -92,11 +92,14 @@ struct KernelDropout {
       stream.offset = std::get<1>(seed_and_offset);
     }
   }
-  // The block of 4 draws holding element e (one Philox call serves 4 elements).
-  __device__ __forceinline__ Philox4x32 draws_for(uint64_t e) const {
-    return Philox4x32::generate(stream.offset / 4, e >> 2, stream.seed);
-  }
-  __device__ __forceinline__ bool kept(const Philox4x32& draws, uint64_t e) const {
+  // Whether element e, the j-th of a chunk of kVec elements that starts at a multiple of kVec, is
+  // kept. `draws` holds the block of 4 draws of the chunk's previous element; it is refreshed where e
+  // starts a block or the chunk (one Philox call serves 4 elements).
+  template <int kVec>
+  __device__ __forceinline__ bool keep(int j, uint64_t e, Philox4x32& draws) const {
+    if (kVec % 4 == 0 ? j % 4 == 0 : (j == 0 || (e & 3) == 0)) {
+      draws = Philox4x32::generate(stream.offset / 4, e >> 2, stream.seed);
+    }
     return draws.word[e & 3] >= stream.threshold;
   }
   // Multiplied, as nn.Dropout does (inf * 0 is NaN).
@@ -123,10 +126,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < kVec; ++j) {
       opmath_t y = F::forward(static_cast<opmath_t>(in.v[j]), slope);
       if (keep_mask != nullptr) {
-        const auto e = static_cast<uint64_t>(first + j);
-        // Chunks of 4 or 8 start at multiples of 4: one Philox call serves 4 elements.
-        if (kVec % 4 == 0 ? j % 4 == 0 : (j == 0 || (e & 3) == 0)) draws = drop.draws_for(e);
-        kept.v[j] = drop.kept(draws, e);
+        kept.v[j] = drop.template keep<kVec>(j, static_cast<uint64_t>(first + j), draws);
         y = drop.apply(y, kept.v[j]);
       }
       result.v[j] = static_cast<scalar_t>(y);
@@ -263,9 +263,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < 8; ++j) {
       opmath_t y = act::Relu::forward(static_cast<opmath_t>(in.v[j]), opmath_t(0));
       if (keep_mask != nullptr) {
-        const auto e = static_cast<uint64_t>(first + j);
-        if (j % 4 == 0) draws = drop.draws_for(e);  // first % 8 == 0
-        kept.v[j] = drop.kept(draws, e);
+        kept.v[j] = drop.template keep<8>(j, static_cast<uint64_t>(first + j), draws);
         y = drop.apply(y, kept.v[j]);
       }
       result.v[j] = static_cast<scalar_t>(y);

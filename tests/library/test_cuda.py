@@ -4,6 +4,8 @@ dropout (statistics, reproducibility, CUDA-graph replays), CUDA-graph capture of
 Runs where a GPU is visible (scripts/gpu_check.sh); elsewhere these are skipped, and CI instead
 compiles the CUDA build and runs the CPU suite on it."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -352,6 +354,7 @@ def test_relu_stack_with_dropout_on_both_paths(dtype, gemm_path):
                                        (x, *weights, *biases), grad)
 
         names = [k["kernel"] for k in cuda_kernels(step)]
+        assert any("relu_and_mask_kernel" in n for n in names), names  # the profile saw pyfastnn's kernels
         assert not [n for n in names if "backward" in n and "Relu" in n], names
 
 
@@ -369,11 +372,17 @@ def test_relu_bit_mask_layout_and_fake(dtype, hidden_width, p, relu_gemm_path):
     weights = [(torch.randn(n, k, device="cuda") * k ** -0.5).to(dtype) for k, n in zip(widths[:-1], widths[1:])]
     biases = [torch.randn(n, device="cuda", dtype=dtype) for n in widths[1:]]
     args = (x, weights, biases, [1, 0], 0.01, [p, 0.0], True)
-    # Freed memory the mask may reuse, all bits set: padding left unwritten would show.
-    poison = torch.full((rows, 32), 255, dtype=torch.uint8, device="cuda")
-    del poison
+    # Padding left unwritten would show over reused memory: a first call's mask gets every bit set and
+    # is freed; the caching allocator hands the same block to the same allocation of the next call.
+    torch.manual_seed(7)
+    first = ops.fused_mlp_forward(*args)
+    first[2][0].fill_(255)
+    reused = first[2][0].data_ptr()
+    del first
     torch.manual_seed(7)
     out, hidden, preacts, masks = ops.fused_mlp_forward(*args)
+    if os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") != "1":  # compute-sanitizer's memcheck turns it off
+        assert preacts[0].data_ptr() == reused, "the test's premise: the second mask reuses the first's memory"
     assert preacts[0].dtype == torch.uint8 and preacts[0].shape == (rows, 32)  # 200 or 203 features: 256 bits
     shifts = torch.arange(8, device="cuda", dtype=torch.int32)
     bits = ((preacts[0].to(torch.int32).unsqueeze(-1) >> shifts) & 1).view(rows, 256)
