@@ -31,9 +31,9 @@ struct LayerDropout {
 // On CUDA a relu hidden layer of fused_mlp (float32/float16/bfloat16) keeps the bit mask of its
 // positive outputs in the layout of cuBLASLt's RELU_AUX epilogue: uint8 (rows,
 // relu_mask_row_bytes(features)), bit f % 8 of byte f / 8 of a row for feature f, rows padded to 128
-// bits. It travels in the layer's pre-activation slot (relu needs no
-// pre-activation), and the layer above reads it in its data-gradient GEMM (DRELU), so the layer's
-// own backward pass disappears. With dropout after the relu the bit is that of the dropped-out
+// bits. It travels in the layer's pre-activation slot (relu needs no pre-activation), and the layer
+// above reads it in its data-gradient GEMM (DRELU): where cuBLASLt takes that, the layer has no
+// backward pass of its own. With dropout after the relu the bit is that of the dropped-out
 // output, set where the element is positive *and* kept, and the GEMM scales by 1 / (1 - p) (its
 // alpha): relu's derivative times the dropout mask and scale is exactly that. The byte dropout mask
 // is still what the op reports (backward never reads it for relu: the saved output implies it, which
