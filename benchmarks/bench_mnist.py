@@ -25,8 +25,8 @@ eager (nn.Sequential, fused Adam), eager+graph, FusedMLP, FusedMLP+graph (``pyfa
 with capturable fused Adam), each timed between device synchronizations; then (with MNIST found)
 the 5-epoch ``pyfastnn train --device cuda`` with and without the graph, and the lesson's script on
 the GPU (DataLoader, batches copied to the device as the lesson does). ``--profile`` instead lists
-the kernels of the FusedMLP and eager steps at batch 64 with their device time (a graph replays
-the same kernels without the launch gaps between them).
+the kernels of the FusedMLP and eager steps at batches 64 and 8192 with their device time (a graph
+replays the same kernels without the launch gaps between them).
 """
 
 from __future__ import annotations
@@ -406,7 +406,7 @@ def _main_cuda(args, parser, build, data) -> int:
     print(f"pyfastnn {build['pyfastnn']} | torch {build['torch']} | {torch.cuda.get_device_name()} | "
           f"(Nx) = that variant's time / FusedMLP+graph's")
     if args.profile:
-        _write_json(args.json, build, profile_cuda_steps(64, print))
+        _write_json(args.json, build, [row for batch in (64, 8192) for row in profile_cuda_steps(batch, print)])
         return 0
     results = bench_cuda_steps((64, 8192), 5 if args.quick else 9, 100 if args.quick else 500, print)
     if data is not None and not args.quick:
