@@ -353,7 +353,11 @@ void launch_forward_epilogue(const ForwardEpilogue& a, int64_t rows) {
     dropout.threshold = DropoutStream::make(0, a.dropout_p).threshold;
     dropout.kept_scale = 1.0 / (1.0 - a.dropout_p);
   }
-  bool mask_written = false;
+  // The relu pass writes the bit mask itself where rows split into 8-element chunks (one mask byte);
+  // otherwise a second pass packs it from the output. Bit masks are kept for float, half, bfloat16.
+  const size_t chunk_bytes = 8 * c10::elementSize(a.dtype);
+  const bool mask_in_pass = a.relu_mask != nullptr && a.dtype != at::kDouble && a.cols % 8 == 0 &&
+                            aligned(a.acc, chunk_bytes) && aligned(a.out, chunk_bytes) && aligned(a.keep_mask, 8);
   visit_dtype(a.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     constexpr int kVec = vector_width<scalar_t>();
@@ -361,10 +365,8 @@ void launch_forward_epilogue(const ForwardEpilogue& a, int64_t rows) {
                             aligned(a.keep_mask, kVec);
     const auto* acc = static_cast<const scalar_t*>(a.acc);
     auto* out = static_cast<scalar_t*>(a.out);
-    if constexpr (!std::is_same_v<scalar_t, double>) {  // relu bit masks: float, half, bfloat16
-      constexpr size_t kChunkBytes = 8 * sizeof(scalar_t);
-      if (a.relu_mask != nullptr && a.cols % 8 == 0 && aligned(a.acc, kChunkBytes) && aligned(a.out, kChunkBytes) &&
-          aligned(a.keep_mask, 8)) {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (mask_in_pass) {
         const int64_t chunks = total / 8;
         if (chunks <= std::numeric_limits<uint32_t>::max()) {
           relu_and_mask_kernel<scalar_t, uint32_t><<<grid_for(chunks), kThreads, 0, stream>>>(
@@ -374,7 +376,6 @@ void launch_forward_epilogue(const ForwardEpilogue& a, int64_t rows) {
               chunks, a.cols / 8, a.relu_mask_row_bytes, acc, out, a.relu_mask, a.keep_mask, dropout);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        mask_written = true;
         return;
       }
     }
@@ -390,8 +391,7 @@ void launch_forward_epilogue(const ForwardEpilogue& a, int64_t rows) {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  // A width or alignment the fused pass cannot take: the mask in a second pass, from the output.
-  if (a.relu_mask != nullptr && !mask_written) {
+  if (a.relu_mask != nullptr && !mask_in_pass) {
     launch_pack_relu_mask(a.dtype, a.out, rows, a.cols, a.relu_mask, a.relu_mask_row_bytes);
   }
 }
