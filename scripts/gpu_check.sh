@@ -30,7 +30,8 @@
 #   memcheck / racecheck    compute-sanitizer (where it can run on the device: a probe says so first)
 #                           on pyfastnn's own kernels over a selection of test_cuda.py
 #                           that reaches each of them (vectorized and one-element passes, dropout, the
-#                           shared-memory bias-sum kernel of the fallback path, the relu mask packer)
+#                           shared-memory bias-sum kernel of the fallback path, the relu pass that
+#                           writes the bit mask, with dropout, and the relu mask packer)
 #   test_cpu_on_cuda_build  (--full only) the CPU suite on the same build
 #   profile_cuda            (--full, or named in GPU_CHECK_ONLY) benchmarks/bench_cuda.py --profile --json
 #                           OUTDIR/profile_cuda.json and (with the lesson extra) benchmarks/bench_mnist.py
