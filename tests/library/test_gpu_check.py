@@ -33,12 +33,17 @@ def test_every_file_it_names_exists():
     assert sorted(p for p in named if not (ROOT / p).is_file()) == []
 
 
-def test_the_sanitizer_selection_reaches_every_kernel_and_captures_no_graph():
-    selection = re.search(r"SANITIZE_TESTS='([^']+)'", TEXT).group(1)
+def _selected_tests(variable):
+    """The ids of test_cuda.py's tests that gpu_check.sh's -k selection ``variable`` collects."""
+    selection = re.search(rf"{variable}='([^']+)'", TEXT).group(1)
     result = subprocess.run([sys.executable, "-m", "pytest", "tests/library/test_cuda.py", "--collect-only", "-q",
                              "-p", "no:cacheprovider", "-k", selection],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-    ids = [line for line in result.stdout.splitlines() if "::" in line]
+    return [line for line in result.stdout.splitlines() if "::" in line], result
+
+
+def test_the_memcheck_selection_reaches_every_kernel_and_captures_no_graph():
+    ids, result = _selected_tests("MEMCHECK_TESTS")
     # Vectorized and one-element passes, both GEMM paths, dropout forward and backward, the bias-sum
     # kernel (fallback path), the relu pass that writes the bit mask (with dropout, every dtype) and
     # the relu mask packer.
@@ -53,6 +58,21 @@ def test_the_sanitizer_selection_reaches_every_kernel_and_captures_no_graph():
     assert any("-203-" in i for i in masks), masks
     # memcheck runs without the caching allocator, which graph capture needs.
     assert not [i for i in ids if "captur" in i or "graph" in i]
+
+
+def test_the_racecheck_selection_reaches_the_shared_memory_kernel_in_float32_only():
+    ids, result = _selected_tests("RACECHECK_TESTS")
+    # The bias sums (pyfastnn's one kernel with shared memory) run on the fallback path's backward and,
+    # under frozen weights, for the hidden layers on the cuBLASLt path (the stack test's last part).
+    assert any("fallback" in i for i in ids) and any("stack_on_both_paths[cublaslt" in i for i in ids), result.stdout
+    # Nothing in half precision, and no test that runs opcheck or the profiler.
+    assert ids and all("float32" in i for i in ids), ids
+    names = {i.split("::")[1].split("[")[0] for i in ids}
+    test_source = (ROOT / "tests/library/test_cuda.py").read_text()
+    for name in names:
+        body = test_source.split(f"def {name}(")[1].split("\ndef ")[0]
+        assert "opcheck" not in body and "cuda_kernels" not in body, name
+    assert len(ids) <= 16, ids  # racecheck has 90 s
 
 
 def test_an_unknown_mode_is_refused(tmp_path):
