@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
@@ -149,7 +149,7 @@ def run_fused_linear(input, weight, bias, code: int, negative_slope: float) -> t
         for name, value in (("input", input), ("weight", weight), ("bias", bias)):
             if not isinstance(value, torch.Tensor) and not (name == "bias" and value is None):
                 raise TypeError(f"pyfastnn: {name} must be a torch.Tensor, got {type(value).__name__}") from None
-        _refuse_nested(input)
+        _refuse_unsupported_tensors([("input", input), ("weight", weight), ("bias", bias)])
         raise
 
 
@@ -165,15 +165,26 @@ def run_fused_mlp(input, weights, biases, codes, negative_slope: float, dropout,
             for i, value in enumerate(values):
                 if not isinstance(value, torch.Tensor) and not (name == "biases" and value is None):
                     raise TypeError(f"pyfastnn: {name}[{i}] must be a torch.Tensor, got {type(value).__name__}") from None
-        _refuse_nested(input)
+        _refuse_unsupported_tensors([("input", input), *((f"weights[{i}]", w) for i, w in enumerate(weights)),
+                                     *((f"biases[{i}]", b) for i, b in enumerate(biases))])
         raise
 
 
-def _refuse_nested(input: torch.Tensor) -> None:
-    """A nested (jagged) input reaches no kernel; the dispatcher's error names only the op."""
-    if input.is_nested:
-        raise NotImplementedError("pyfastnn: nested tensors are not supported as input; pad them "
-                                  "(torch.nested.to_padded_tensor), or pass a jagged one's values()") from None
+def _refuse_unsupported_tensors(named: Iterable[Tuple[str, Optional[torch.Tensor]]]) -> None:
+    """Nested, sparse, mkldnn and quantized tensors reach no kernel, and the dispatcher's error names
+    only the op and a backend: this names the argument and what to pass instead."""
+    for name, tensor in named:
+        if tensor is None:
+            continue
+        if tensor.is_nested:
+            raise NotImplementedError(f"pyfastnn: nested tensors are not supported as {name}; pad them "
+                                      "(torch.nested.to_padded_tensor), or pass a jagged one's values()") from None
+        if tensor.layout != torch.strided:
+            raise NotImplementedError(f"pyfastnn: {name} has layout {tensor.layout}; the kernels take dense "
+                                      "(strided) tensors: pass tensor.to_dense()") from None
+        if tensor.is_quantized:
+            raise NotImplementedError(f"pyfastnn: {name} is quantized ({tensor.dtype}); the kernels take floating "
+                                      "point tensors: pass tensor.dequantize()") from None
 
 
 def _output_shape(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: int) -> list:

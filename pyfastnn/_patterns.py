@@ -8,17 +8,16 @@ would have them bypassed by a fused op.
 
 from __future__ import annotations
 
-import math
 from typing import AbstractSet, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._ops import ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, canonical_activation, dropout_probability
+from ._ops import ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, canonical_activation, dropout_probability, slope_value
 
 __all__ = ["ACTIVATION_MODULES", "FUNCTION_ACTIVATIONS", "METHOD_ACTIVATIONS", "Layer", "activation_module",
-           "activation_of", "chain_mismatch", "dropout_joining", "dropout_of", "has_hooks", "is_plain_linear",
+           "activation_of", "chain_mismatch", "dropout_joining", "dropout_of", "has_hooks", "is_plain", "is_plain_linear",
            "parse_layers"]
 
 #: The one table of activation name -> (torch.nn module type, the attributes that select it).
@@ -68,6 +67,31 @@ def has_hooks(module: nn.Module) -> bool:
                 or module._load_state_dict_pre_hooks or module._load_state_dict_post_hooks)
 
 
+def is_plain(module: nn.Module, kind: type) -> bool:
+    """Whether ``module`` is exactly a ``kind`` that a fused layer can stand in for: no hooks, and
+    nothing a freshly made ``kind`` lacks (a parameter, buffer, submodule or instance attribute, such
+    as a ``forward`` assigned to the instance), which the fused layer would lose or bypass.
+
+    Example:
+        >>> relu = nn.ReLU()
+        >>> is_plain(relu, nn.ReLU), is_plain(relu, nn.Tanh)
+        (True, False)
+        >>> relu.forward = torch.sigmoid  # it computes something else now
+        >>> is_plain(relu, nn.ReLU)
+        False
+    """
+    if type(module) is not kind or has_hooks(module):
+        return False
+    fresh = _FRESH.get(kind)
+    if fresh is None:  # made on the meta device: no memory, and no random numbers drawn
+        fresh = _FRESH[kind] = kind(1, 1, device="meta") if kind is nn.Linear else kind()
+    return (set(module._parameters) <= set(fresh._parameters) and set(module._buffers) <= set(fresh._buffers)
+            and not module._modules and set(vars(module)) <= set(vars(fresh)))
+
+
+_FRESH: Dict[type, nn.Module] = {}  # a freshly made module of each kind is_plain was asked about
+
+
 def activation_of(module: nn.Module) -> Optional[Tuple[str, float]]:
     """(activation name, negative_slope) for an activation module the kernels implement, else None.
 
@@ -75,18 +99,20 @@ def activation_of(module: nn.Module) -> Optional[Tuple[str, float]]:
         >>> activation_of(nn.LeakyReLU(0.2)), activation_of(nn.GELU()), activation_of(nn.Softplus())
         (('leaky_relu', 0.2), ('gelu', 0.01), None)
     """
-    if has_hooks(module):
-        return None
     for name, (kind, attributes) in ACTIVATION_MODULES.items():
-        if type(module) is kind and all(getattr(module, key) == value for key, value in attributes.items()):
-            slope = float(module.negative_slope) if name == "leaky_relu" else DEFAULT_NEGATIVE_SLOPE
-            return (name, slope) if math.isfinite(slope) else None  # the fused layers refuse nan / inf slopes
+        if is_plain(module, kind) and all(getattr(module, key) == value for key, value in attributes.items()):
+            if name != "leaky_relu":
+                return name, DEFAULT_NEGATIVE_SLOPE
+            try:
+                return name, slope_value(module.negative_slope)
+            except (TypeError, ValueError):  # a slope the fused layers refuse (nan, inf, beyond float32)
+                return None
     return None
 
 
 def dropout_of(module: nn.Module) -> Optional[float]:
     """The probability of an ``nn.Dropout`` the kernels can apply, else None (``p = 1`` included)."""
-    if type(module) is not nn.Dropout or has_hooks(module):
+    if not is_plain(module, nn.Dropout):
         return None
     try:
         return dropout_probability(module.p)
@@ -114,11 +140,7 @@ class Layer(NamedTuple):
 def is_plain_linear(module: nn.Module) -> bool:
     """Whether ``module`` is exactly an ``nn.Linear`` holding only its weight and bias, without hooks
     (a fused layer can replace it; an extra parameter, buffer, submodule or attribute would be lost)."""
-    return (type(module) is nn.Linear and not has_hooks(module) and set(module._parameters) <= {"weight", "bias"}
-            and not module._buffers and not module._modules and set(vars(module)) <= _LINEAR_ATTRIBUTES)
-
-
-_LINEAR_ATTRIBUTES = frozenset(vars(nn.Linear(1, 1)))
+    return is_plain(module, nn.Linear)
 
 
 def chain_mismatch(run: Sequence[Layer], layer: Layer) -> Optional[str]:

@@ -49,13 +49,13 @@ import types
 import warnings
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
 
-from ._ops import DEFAULT_NEGATIVE_SLOPE
+from ._ops import DEFAULT_NEGATIVE_SLOPE, check_flag
 from ._patterns import (FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, Layer, activation_of, dropout_joining, has_hooks,
                         is_plain_linear, parse_layers)
 from .nn import FusedLinear, FusedMLP
@@ -197,7 +197,7 @@ class LoadOriginalKeys:
             if ".".join(key[len(prefix):].split(".")[:2]) in self.originals:  # already the module's own key
                 continue
             renamed = prefix + _rename(key[len(prefix):], self.renames, levels=1)
-            if renamed != key:
+            if renamed != key and renamed not in state_dict:  # given both ways, the original stays unexpected
                 state_dict[renamed] = state_dict.pop(key)
 
     def _original(self, key: str) -> str:
@@ -212,11 +212,10 @@ class LoadOriginalKeys:
 
 
 def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_whole: bool = True) -> nn.Module:
-    modules = list(seq)
-    names = list(seq._modules)
+    names, modules = list(seq._modules), list(seq._modules.values())
     report = fusion.report
     layers, end = parse_layers(modules, 0, fusion.pinned)
-    if replace_whole and _worth_fusing(layers) and end == len(modules):
+    if replace_whole and _worth_fusing(layers) and end == len(modules) and _holds_only_modules(seq):
         # The whole Sequential is one run: a FusedMLP takes its place, and its layers take the
         # Linear modules' indices, so the state-dict keys stay exactly the same.
         fused = _fused_module(layers, as_mlp=True)
@@ -491,6 +490,8 @@ def _forward_is_traceable(module: nn.Module) -> bool:
     ``*args``/``**kwargs`` anything."""
     if type(module).__call__ is not nn.Module.__call__:
         return False  # its own __call__ (say, scaling the input first) would be lost in a GraphModule
+    if "forward" in vars(module):
+        return False  # a forward set on the instance runs, but torch.fx traces the class's
     try:
         parameters = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
@@ -722,8 +723,18 @@ def _fused_graph_module(module: nn.Module, path: str, fusion: "_Fusion", trace: 
 
 
 def _is_sequential(module: nn.Module) -> bool:
-    """An nn.Sequential whose forward is Sequential's own (a subclass may compute something else)."""
-    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+    """An nn.Sequential that runs its modules one after the other as Sequential's own forward does (a
+    subclass's forward or ``__iter__``, or a forward set on the instance, may compute something else)."""
+    return (isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+            and type(module).__iter__ is nn.Sequential.__iter__ and "forward" not in vars(module))
+
+
+def _holds_only_modules(seq: nn.Sequential) -> bool:
+    """Whether a FusedMLP in `seq`'s place loses nothing: no parameter, buffer or attribute of its own."""
+    return not seq._parameters and not seq._buffers and set(vars(seq)) <= _SEQUENTIAL_ATTRIBUTES
+
+
+_SEQUENTIAL_ATTRIBUTES = frozenset(vars(nn.Sequential()))
 
 
 @dataclass
@@ -732,6 +743,7 @@ class _Fusion:
     pinned: Set[int]   # ids of modules called from outside their owner's forward
     hooked: List[str]  # modules left unfused for their hooks
     compiled: List[str]  # torch.compile wrappers left as they are
+    done: Dict[int, Tuple[nn.Module, nn.Module]] = field(default_factory=dict)  # id -> (module, its result)
 
 
 def _compiled(module: nn.Module) -> bool:
@@ -795,7 +807,7 @@ def _reached_in_source(module: nn.Module) -> Set[int]:
         parents = {child: node for node in ast.walk(function) for child in ast.iter_child_nodes(node)}
         # A loop variable or alias of a child (`for b in self.blocks`, `blk = self.block`) whose
         # attributes the function reads (`b.fc(x)`) may reach past that child's forward.
-        aliases = _aliases(function, me)
+        aliases = _aliases(function, me, module)
         through_aliases = any(isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
                               and node.value.id in aliases for node in ast.walk(function))
         for node in ast.walk(function):
@@ -837,11 +849,17 @@ def _reached_in_source(module: nn.Module) -> Set[int]:
 _HARMLESS_BUILTINS = frozenset({"len", "isinstance", "type", "id", "repr", "str", "hash", "print", "hasattr"})
 
 
-def _aliases(function: ast.AST, me: str) -> Set[str]:
+def _aliases(function: ast.AST, me: str, module: nn.Module) -> Set[str]:
     """Names a function binds to something reached from ``self`` (``for b in self.blocks``,
-    ``for i, b in enumerate(self.blocks)``, ``blk = self.block``, ``first = self.mlp[0]``)."""
+    ``for i, b in enumerate(self.blocks)``, ``blk = self.block``, ``first = self.mlp[0]``). What a
+    submodule's call returns is its output, no such thing (``h = self.embed(x)``,
+    ``h = F.relu(self.fc(x))``), whatever it was given."""
     def from_self(node) -> bool:
-        return any(isinstance(inner, ast.Name) and inner.id == me for inner in ast.walk(node))
+        if isinstance(node, ast.Name):
+            return node.id == me
+        if isinstance(node, ast.Call) and _submodule_called(node, me, module):
+            return False
+        return any(from_self(child) for child in ast.iter_child_nodes(node))
 
     def names(target) -> Set[str]:
         return {inner.id for inner in ast.walk(target) if isinstance(inner, ast.Name)}
@@ -855,6 +873,18 @@ def _aliases(function: ast.AST, me: str) -> Set[str]:
         elif isinstance(node, ast.NamedExpr) and from_self(node.value):
             bound |= names(node.target)
     return bound - {me}
+
+
+def _submodule_called(call: ast.Call, me: str, module: nn.Module) -> bool:
+    """Whether ``call`` calls a submodule by its attribute path (``self.embed(x)``, ``self.a.b(x)``)."""
+    names, node = [], call.func
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    if not (names and isinstance(node, ast.Name) and node.id == me):
+        return False
+    names.reverse()
+    return len(_submodule_path(module, names)[0]) == len(names)
 
 
 def _parse(source: str) -> ast.Module:
@@ -897,13 +927,26 @@ def _submodule_path(module: nn.Module, names: List[str]) -> Tuple[List[str], nn.
 
 
 def _fuse_tree(module: nn.Module, path: str, fusion: _Fusion, keep_root: bool = False) -> nn.Module:
-    """Fuses `module`'s subtree; with `keep_root`, `module` itself is changed in place, never replaced."""
+    """Fuses `module`'s subtree; with `keep_root`, `module` itself is changed in place, never replaced.
+    A module found at several places (``self.a = self.b = block``) is fused once, and its result
+    takes every one of them, so they stay one module."""
+    seen = fusion.done.get(id(module))
+    if seen is not None:
+        return seen[1]
+    fused = _fuse_subtree(module, path, fusion, keep_root)
+    fusion.done[id(module)] = (module, fused)  # the original kept alive: its id is not reused meanwhile
+    return fused
+
+
+def _fuse_subtree(module: nn.Module, path: str, fusion: _Fusion, keep_root: bool) -> nn.Module:
     if isinstance(module, (FusedLinear, FusedMLP)):
         return module
     if _compiled(module):
         fusion.compiled.append(path.rstrip("."))
         return module
-    for name, child in list(module.named_children()):
+    for name, child in list(module._modules.items()):  # every name, a module's second one too
+        if child is None:
+            continue
         new_child = _fuse_tree(child, f"{path}{name}.", fusion)
         if new_child is not child:
             setattr(module, name, new_child)
@@ -917,7 +960,7 @@ def _fuse_tree(module: nn.Module, path: str, fusion: _Fusion, keep_root: bool = 
         if keep and not keep_root:
             fusion.hooked.append(path.rstrip(".") or type(module).__name__)
             return module
-        found = _Fusion([], fusion.pinned, fusion.hooked, fusion.compiled)
+        found = _Fusion([], fusion.pinned, fusion.hooked, fusion.compiled, fusion.done)
         traced = _fuse_traced(module, path, found)
         if keep_root and traced is not module:
             warnings.warn(f"pyfastnn.fuse(inplace=True) left the forward of the top-level {type(module).__name__} "
@@ -927,6 +970,11 @@ def _fuse_tree(module: nn.Module, path: str, fusion: _Fusion, keep_root: bool = 
         fusion.report.extend(found.report)
         return traced
     return module
+
+
+def _names(paths: List[str]) -> str:
+    """Module paths for a message, quoted: ``'0', 'head.fc'`` (a bare 2 would read as a count)."""
+    return ", ".join(repr(p) for p in paths)
 
 
 #: Held while fuse() runs (see fuse).
@@ -985,6 +1033,8 @@ def fuse(model: nn.Module, inplace: bool = False, *, report: Optional[list] = No
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse expects an nn.Module, got {type(model).__name__}")
+    check_flag("fuse", "inplace", inplace)  # "False" would pass for True and change the caller's model
+    check_flag("fuse", "verbose", verbose)
     if report is not None and not isinstance(report, list):  # checked before the work it would lose
         raise TypeError(f"fuse's report must be a list (it receives the replacements), got {type(report).__name__}")
     if _compiled(model):
@@ -1012,15 +1062,15 @@ def _fuse(model: nn.Module, inplace: bool, report: Optional[list], verbose: bool
     model = _fuse_tree(model, "", fusion, keep_root=inplace)
     hooked += fusion.hooked
     if hooked:
-        warnings.warn(f"pyfastnn.fuse left {', '.join(hooked)} unfused: they have hooks (or a hook-based "
+        warnings.warn(f"pyfastnn.fuse left {_names(hooked)} unfused: they have hooks (or a hook-based "
                       f"reparametrization such as prune), which a fused or traced module would bypass",
                       stacklevel=3)
     if fusion.compiled:
-        warnings.warn(f"pyfastnn.fuse left {', '.join(fusion.compiled)} unfused: torch.compile wrappers go on "
+        warnings.warn(f"pyfastnn.fuse left {_names(fusion.compiled)} unfused: torch.compile wrappers go on "
                       f"running the module they compiled (fuse before compiling)", stacklevel=3)
     if lost:
         warnings.warn(f"pyfastnn.fuse's copy of the model (copy.deepcopy) has none of the tensor hooks or attributes "
-                      f"set on parameters {', '.join(lost)}: register them again on the result, or fuse with "
+                      f"set on parameters {_names(lost)}: register them again on the result, or fuse with "
                       f"inplace=True", stacklevel=3)
     runs = fusion.report
     if verbose:

@@ -1,5 +1,7 @@
 """Bad arguments raise a clear Python exception naming the problem, never a crash or a wrong answer."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -89,6 +91,20 @@ def test_nested_input_is_refused_by_name(layout):
         pyfastnn.fused_linear(nested, W)
     with pytest.raises(NotImplementedError, match="nested tensors are not supported as input"):
         pyfastnn.FusedMLP([5, 4, 3])(nested)
+
+
+@pytest.mark.parametrize("convert", [torch.Tensor.to_sparse, torch.Tensor.to_sparse_csr, torch.Tensor.to_mkldnn,
+                                     lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8)],
+                         ids=["sparse_coo", "sparse_csr", "mkldnn", "quantized"])
+def test_tensors_no_kernel_takes_are_refused_by_name(convert):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # beta / deprecation notes of the conversions
+        odd = convert(X)
+        odd_weight = convert(W)
+    with pytest.raises(NotImplementedError, match=r"pyfastnn: input (has layout|is quantized)"):
+        pyfastnn.fused_linear(odd, W)
+    with pytest.raises(NotImplementedError, match=r"pyfastnn: weights\[0\] (has layout|is quantized)"):
+        pyfastnn.fused_mlp(X, [odd_weight])
 
 
 def test_bad_activation_code_on_raw_op():

@@ -524,7 +524,7 @@ def test_fuse_leaves_hooked_modules_alone_and_says_so():
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2), nn.Tanh())
     seen = []
     model[0].register_forward_hook(lambda module, args, out: seen.append(out.shape))
-    with pytest.warns(UserWarning, match="left 0 unfused: they have hooks"):
+    with pytest.warns(UserWarning, match="left '0' unfused: they have hooks"):
         fused = pyfastnn.fuse(model)
     assert type(fused[0]) is nn.Linear and type(fused[2]) is FusedLinear
     x = torch.randn(3, 4)
@@ -594,7 +594,7 @@ def test_fuse_keeps_the_hooks_of_modules_it_would_replace():
     torch.testing.assert_close(fused(x), seq(x))
     net = ReluDropoutNet().eval()
     net.register_forward_hook(lambda module, args, out: out * 0)
-    with pytest.warns(UserWarning, match="left ReluDropoutNet unfused: they have hooks"):
+    with pytest.warns(UserWarning, match="left 'ReluDropoutNet' unfused: they have hooks"):
         fused = pyfastnn.fuse(net)
     assert type(fused) is ReluDropoutNet and len(fused._forward_hooks) == 1
     torch.testing.assert_close(fused(x), net(x))
@@ -1190,7 +1190,7 @@ def test_fuse_keeps_a_linears_state_dict_hooks():
 
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     model[0].register_load_state_dict_pre_hook(from_legacy_names)
-    with pytest.warns(UserWarning, match="left 0 unfused: they have hooks"):
+    with pytest.warns(UserWarning, match="left '0' unfused: they have hooks"):
         fused = pyfastnn.fuse(model)
     assert type(fused[0]) is nn.Linear
     legacy = {"0.W": torch.ones(4, 4), "0.b": torch.ones(4), "2.weight": torch.ones(2, 4), "2.bias": torch.ones(2)}
@@ -1708,3 +1708,94 @@ def test_flop_counter_counts_the_gemms_like_eager(input_grad):
         assert flops(lambda: fused().sum().backward()) == flops(lambda: eager().sum().backward()) > 0
         with torch.no_grad():
             assert flops(fused) == flops(eager) > 0
+
+
+def test_fuse_absorbs_no_module_with_a_forward_or_state_of_its_own():
+    # A forward set on the instance computes something else; a buffer or attribute would be lost.
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    overridden = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    overridden[1].forward = torch.sigmoid
+    quiet_dropout = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 2)).eval()
+    quiet_dropout[2].forward = torch.neg
+    with_state = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2))
+    with_state[1].register_buffer("calls", torch.zeros(()))
+    whole = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    whole.forward = lambda t: -t  # the Sequential's own forward, set on it
+    traced = ReluDropoutNet().eval()
+    traced.act.forward = torch.tanh
+    for model in (overridden, quiet_dropout, with_state, whole, traced):
+        keys = list(model.state_dict())
+        fused = pyfastnn.fuse(model)
+        torch.testing.assert_close(fused(x), model(x))
+        assert list(fused.state_dict()) == keys
+    with pytest.raises(ValueError, match="stopped at module 1"):
+        FusedMLP.from_sequential(overridden)
+
+
+def test_fuse_leaves_a_sequential_that_iterates_its_own_way_alone():
+    class Skipping(nn.Sequential):
+        def __iter__(self):  # Sequential's forward runs what this yields
+            return (m for m in self._modules.values() if not getattr(m, "skip", False))
+
+    skipped = nn.ReLU()
+    skipped.skip = True
+    torch.manual_seed(0)
+    model = Skipping(nn.Linear(8, 8), skipped, nn.Linear(8, 8), nn.Tanh()).eval()
+    x = torch.randn(3, 8)
+    fused = pyfastnn.fuse(model)
+    torch.testing.assert_close(fused(x), model(x))
+    assert list(fused.state_dict()) == list(model.state_dict())
+
+
+def test_fuse_leaves_a_leaky_relu_it_cannot_take_unfused_instead_of_raising():
+    model = nn.Sequential(nn.Linear(8, 8), nn.LeakyReLU(1e39), nn.Linear(8, 2)).double()  # beyond float32
+    x = torch.randn(3, 8, dtype=torch.float64)
+    fused = pyfastnn.fuse(model)
+    assert type(fused[1]) is nn.LeakyReLU
+    torch.testing.assert_close(fused(x), model(x))
+
+
+def test_fuse_takes_only_true_or_false_for_its_flags_and_leaves_the_model_alone():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(TypeError, match="fuse: inplace must be True or False, got 'False'"):
+        pyfastnn.fuse(model, "False")
+    with pytest.raises(TypeError, match="fuse: verbose must be True or False"):
+        pyfastnn.fuse(model, verbose=1)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+
+
+def test_a_module_found_at_two_places_is_fused_once_and_stays_one_module():
+    class Twice(nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.a = self.b = block
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    torch.manual_seed(0)
+    model, x = Twice(nn.Sequential(nn.Linear(8, 8), nn.ReLU())), torch.randn(3, 8)
+    fused = pyfastnn.fuse(model)
+    assert isinstance(fused.a, FusedMLP) and fused.a is fused.b
+    torch.testing.assert_close(fused(x), model(x))
+    assert list(fused.state_dict(keep_vars=True)) == list(model.state_dict(keep_vars=True))
+
+
+def test_a_childs_output_read_in_forward_does_not_keep_looped_blocks_unfused():
+    class Embedded(Stages):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(4, 8)
+
+        def forward(self, x):
+            h = self.embed(x)  # a child's output: reading h.mean reaches no module
+            for block in self.blocks:
+                h = block(h)
+            return h.mean(0)
+
+    torch.manual_seed(0)
+    model, runs, x = Embedded(), [], torch.randn(3, 4)
+    fused = pyfastnn.fuse(model, report=runs)
+    assert len(runs) == 6, runs
+    torch.testing.assert_close(fused(x), model(x))

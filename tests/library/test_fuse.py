@@ -309,6 +309,20 @@ def test_functional_call_and_load_state_dict_with_either_keys_of_a_partly_fused_
         functional_call(fused, {"2.weight": torch.zeros(3, 8)}, (x,))
 
 
+def test_a_state_dict_giving_a_key_both_ways_is_refused_not_half_loaded():
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Softmax(-1))
+
+    fused = pyfastnn.fuse(model())
+    both = dict(model().state_dict())  # "3.weight", the original key ...
+    both["1.2.weight"] = torch.full((8, 8), 7.0)  # ... and the fused layer's own name for it
+    with pytest.raises(RuntimeError, match='Unexpected key\\(s\\) in state_dict: "3.weight"'):
+        fused.load_state_dict(both)
+    with pytest.raises(RuntimeError, match='Unexpected key\\(s\\) in state_dict: "1.2.weight"'):
+        model().load_state_dict(both)  # as the original Sequential refuses it
+
+
 def test_absorbed_placeholders_say_where_their_linears_went():
     torch.manual_seed(0)
     seq = nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4),
@@ -388,7 +402,7 @@ def test_fuse_refuses_a_compiled_model_and_leaves_compiled_children_alone():
             return self.head(self.block(x))
 
     runs = []
-    with pytest.warns(UserWarning, match="left block unfused: torch.compile wrappers") as caught:
+    with pytest.warns(UserWarning, match="left 'block' unfused: torch.compile wrappers") as caught:
         fused = pyfastnn.fuse(Net(), report=runs)
     assert [run.path for run in runs] == ["head"] and type(fused.block._orig_mod[0]) is nn.Linear
     assert {w.filename for w in caught if "pyfastnn.fuse" in str(w.message)} == {__file__}
@@ -405,7 +419,7 @@ def test_fuse_warns_that_its_copy_drops_parameter_hooks_and_attributes():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     model[0].weight.register_hook(lambda grad: grad * 0)
     model[2].bias.no_weight_decay = True
-    with pytest.warns(UserWarning, match=r"copy of the model .* parameters 0\.weight, 2\.bias: register them"):
+    with pytest.warns(UserWarning, match=r"copy of the model .* parameters '0\.weight', '2\.bias': register them"):
         pyfastnn.fuse(model)
     frozen = model[0].weight
     with warnings.catch_warnings():
