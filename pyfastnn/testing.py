@@ -103,7 +103,7 @@ def reference_mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: 
                   keep_masks: Optional[Sequence[torch.Tensor]] = None,
                   dropout: Optional[Sequence[float]] = None) -> torch.Tensor:
     """What fused_mlp must equal: the layers one by one in stock PyTorch; keep_masks[l] (uint8, or
-    None/empty for none) applies dropout after layer l exactly as nn.Dropout does (x * mask / (1 - p)).
+    None/empty for none) applies dropout after layer l (x * mask / (1 - p), rounded once).
 
     Example:
         >>> x, w1, w2 = torch.randn(5, 4), torch.randn(8, 4), torch.randn(3, 8)
@@ -124,11 +124,14 @@ def reference_mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: 
 
 
 def _apply_dropout(x: torch.Tensor, keep_mask: Optional[torch.Tensor], p: float) -> torch.Tensor:
-    """``x`` after one layer's dropout as nn.Dropout applies it (x * mask / (1 - p)); a None or empty
-    mask (a layer without dropout) leaves it as it is."""
+    """``x`` after one layer's dropout, x * mask / (1 - p), with one rounding: in float32 for half
+    and bfloat16, as the kernels and CUDA's nn.Dropout compute it (rounding 1 / (1 - p) to half
+    first, as CPU's nn.Dropout does, moves a third of the values by an ulp, enough to flip a later
+    relu near 0). A None or empty mask (a layer without dropout) leaves ``x`` as it is."""
     if keep_mask is None or keep_mask.dim() != 2:
         return x
-    return x * (keep_mask.reshape(x.shape).to(x.dtype) / (1 - p))
+    opmath = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(opmath) * keep_mask.reshape(x.shape).to(opmath) * (1.0 / (1.0 - p))).to(x.dtype)
 
 
 SIZES = (0, 1, 2, 3, 5, 7, 13, 16, 17, 31, 32, 33, 64, 127, 257)
