@@ -36,8 +36,9 @@ def run() -> NoReturn:
     """The ``pyfastnn`` program (and ``python -m pyfastnn``): :func:`main` on ``sys.argv``, its status
     the exit status.
 
-    Printed lines reach a pipe or log file as they are printed; output that cannot be written (a
-    reader gone, as in ``| head -1``, or a full disk) stops the output, not the command. Once the
+    Printed lines reach a pipe or log file as they are printed, with what the stream's encoding
+    cannot show escaped (``\\u65e5``); output that cannot be written (a reader gone, as in
+    ``| head -1``, or a full disk) stops the output, not the command. Once the
     command is done, Ctrl-C and SIGTERM are ignored (they would turn a finished command's status into
     130 / 143), and the process ends after the exit handlers, without the half second Python and
     torch take to tear their modules down; under a profiler, tracer or ``python -i`` it exits the
@@ -50,8 +51,8 @@ def run() -> NoReturn:
             stream = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
         guarded = _OutputDroppedWhenItCannotBeWritten(stream)
         guarded.flush()  # what was printed before, through the same check
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(line_buffering=True)
+        if hasattr(stream, "reconfigure"):  # a path the terminal's encoding cannot show is escaped, not fatal
+            stream.reconfigure(line_buffering=True, errors="backslashreplace")
         outputs.append(guarded)
         setattr(sys, name, guarded)
     status = main()

@@ -93,7 +93,9 @@ _FASHION = _Dataset(
 
 
 def _locate(root: Path, dataset: _Dataset, stem: str) -> Optional[Path]:
-    for folder in (root, root / dataset.folder / "raw", root / "raw"):
+    # The dataset's own folder first: MNIST and Fashion-MNIST files have the same names, so flat
+    # files beside it may be the other dataset's.
+    for folder in (root / dataset.folder / "raw", root, root / "raw"):
         for name in (stem, stem + ".gz"):
             if (folder / name).is_file():
                 return folder / name
@@ -221,6 +223,9 @@ class Batches:
                              f"on {targets.device}) must have as many rows, on one device")
         check_number("world_size", world_size, 1, integer=True)
         check_number("rank", rank, 0, world_size - 1, integer=True)
+        if inputs.shape[0] < world_size:  # a process without a sample would train on nothing
+            raise ValueError(f"{inputs.shape[0]} samples cannot be shared among {world_size} processes: "
+                             f"each needs at least one")
         self.inputs, self.targets = inputs, targets
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last

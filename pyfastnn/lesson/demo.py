@@ -18,7 +18,7 @@ import torch
 from ..benchmark import run as run_bench
 from ..benchmark import time_interleaved, train_step
 from ..command import command_parser, path_argument, positive_int, run_command
-from ..files import check_output_names, ensure_writable_folder
+from ..files import check_output_names, ensure_writable_folder, hold_folder
 from ..functional import fused_linear
 from ..fuse import fuse
 from . import models
@@ -205,5 +205,6 @@ def _demo(args) -> int:
         if not args.overwrite and not _holds_a_demo_run(mnist_out):
             # another run there (``train --out`` + "/mnist") is not replaced unasked
             check_no_other_run(mnist_out, None, can_resume=False)
-    run(out, data, args.mnist_steps, bench=not args.no_bench, device=args.device, overwrite=args.overwrite)
+    with hold_folder(out):  # a second demo into this folder stops now, not after rewriting its pictures
+        run(out, data, args.mnist_steps, bench=not args.no_bench, device=args.device, overwrite=args.overwrite)
     return 0

@@ -195,9 +195,10 @@ def make_adam(params, lr: float, capturable: bool = False) -> torch.optim.Optimi
         return torch.optim.Adam(params, lr=lr, **options)
 
 
-#: The optimizer settings a checkpoint's param_groups must share with this run's Adam (its lr is
-#: the run's --lr, checked with the other run settings).
-ADAM_SETTINGS = ("betas", "eps", "weight_decay", "amsgrad", "maximize")
+#: The optimizer settings a checkpoint's param_groups must share with this run's Adam. Its lr is the
+#: run's --lr, also checked with the run's settings; here against the lr Adam would really go on
+#: with (a checkpoint without its settings, or whose settings and optimizer disagree).
+ADAM_SETTINGS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
 
 
 def _optimizer_state_problems(optimizer: torch.optim.Optimizer, state: Dict) -> List[str]:
@@ -215,7 +216,7 @@ def _optimizer_state_problems(optimizer: torch.optim.Optimizer, state: Dict) -> 
         if not (_is_number(lr) and math.isfinite(lr) and lr > 0):
             problems.append(f"lr {lr!r}")
         problems += [f"{key} {group.get(key)!r} (this run: {own[key]!r})" for key in ADAM_SETTINGS
-                     if key in own and group.get(key) != own[key]]
+                     if key in own and group.get(key) != own[key] and (key != "lr" or _is_number(lr))]
         if len(group["params"]) != len(own["params"]):
             problems.append(f"{len(group['params'])} parameters (this model: {len(own['params'])})")
             continue
@@ -231,7 +232,7 @@ def _optimizer_state_problems(optimizer: torch.optim.Optimizer, state: Dict) -> 
             for name in sorted(wanted - {"step"}):
                 tensor = moments[name]
                 if not (isinstance(tensor, torch.Tensor) and tensor.shape == parameter.shape
-                        and tensor.dtype == parameter.dtype):
+                        and tensor.dtype == parameter.dtype and tensor.layout == torch.strided):
                     shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
                     problems.append(f"parameter {index}'s {name} is {shape} (the parameter: {tuple(parameter.shape)} "
                                     f"{str(parameter.dtype).replace('torch.', '')})")
@@ -255,10 +256,15 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict, path) -
         group.update(own)
         on_param_device = group.get("fused") or group.get("capturable")
         for parameter in group["params"]:
-            step = optimizer.state.get(parameter, {}).get("step")
+            moments = optimizer.state.get(parameter, {})
+            step = moments.get("step")
             if isinstance(step, torch.Tensor):  # fused and capturable Adam count steps where the parameter is
-                optimizer.state[parameter]["step"] = step.to(parameter.device if on_param_device else "cpu",
-                                                             torch.float32)
+                moments["step"] = step.to(parameter.device if on_param_device else "cpu", torch.float32)
+            for name, moment in moments.items():
+                # Laid out as the parameter: fused Adam walks the moments in the parameter's element
+                # order, so one saved transposed (same values, other strides) would be updated wrongly.
+                if name != "step" and moment.stride() != parameter.stride():
+                    moments[name] = torch.empty_like(parameter).copy_(moment)
 
 
 def _distributed(device: str):
@@ -553,7 +559,7 @@ def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank
     if resumed is not None:
         history, start_epoch = restore_checkpoint(resumed, config.resume, model, optimizer, device, rank)
     checkpoint_epoch: Optional[int] = None
-    if out is not None:
+    if out is not None and not _finishes_its_own_run(out, config, start_epoch):
         for name in PLOT_FILES:  # the previous run's pictures would pass for this run's
             (out / name).unlink(missing_ok=True)
         write_json(out / "metrics.json", run_metrics(config, device, world_size, graphed, history, False, checkpoint_epoch))
@@ -666,6 +672,15 @@ def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank
             plot_predictions(test_images[shown], test_labels[shown], predicted[shown], out / "predictions.png")
         write_json(out / "metrics.json", metrics)
     return TrainResult(model=model, metrics=metrics)
+
+
+def _finishes_its_own_run(out: Path, config: TrainConfig, start_epoch: int) -> bool:
+    """Whether the run resumes the checkpoint of its own folder with nothing left to train: its
+    pictures and metrics then stay as they are (a later step redraws them, or --no-plots keeps them)."""
+    if config.resume is None or start_epoch < config.epochs:
+        return False
+    own = out / "checkpoint.pt"
+    return own.is_file() and os.path.samefile(config.resume, own)
 
 
 def _global_tally(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, world_size: int):

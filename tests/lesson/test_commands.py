@@ -170,6 +170,10 @@ def test_train_resume_of_missing_file_or_other_model(capsys, tmp_path, tiny_mnis
     (lambda state: state["optimizer"]["param_groups"][0].update(betas=(2.0, 3.0)),
      "betas (2.0, 3.0) (this run: (0.9, 0.999))"),
     (lambda state: state["optimizer"]["param_groups"][0].update(lr="x"), "optimizer state does not fit this run's Adam: lr 'x'"),
+    # The lr Adam would go on with, whatever the run's recorded settings say (or where there are none).
+    (lambda state: state["optimizer"]["param_groups"][0].update(lr=0.5), "lr 0.5 (this run: 0.001)"),
+    (lambda state: [state.pop("config"), state["optimizer"]["param_groups"][0].update(lr=0.5)],
+     "lr 0.5 (this run: 0.001)"),
     (lambda state: state["optimizer"].update(param_groups=[]), "not the state of one Adam parameter group"),
     (lambda state: state.update(world_size=2), "was trained with 2 process(es) (asked: 1)"),  # torchrun's shards
 ])
@@ -386,6 +390,24 @@ def test_a_folder_where_an_output_file_goes_is_refused_before_loading(capsys, tm
     status, _, err = cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--out", str(out), *overwrite)
     line = error_line(err, "pyfastnn train")
     assert status == 1 and f"output folder {out} holds a folder named {name}" in line and "--resume" not in line, line
+
+
+def test_a_second_demo_into_a_folder_in_use_stops_before_the_lesson(capsys, tmp_path):
+    from pyfastnn.files import hold_folder
+
+    with hold_folder(tmp_path):  # as a demo running there holds it
+        status, stdout, err = cli(capsys, "demo", "--out", str(tmp_path), "--no-bench")
+    assert status == 1 and "is in use by another run" in error_line(err, "pyfastnn demo")
+    assert "Perceptron" not in stdout and not list(tmp_path.iterdir())
+
+
+def test_a_run_whose_paths_the_terminal_cannot_show_still_succeeds(tmp_path, tiny_mnist_dir):
+    out = tmp_path / "r\u00e9sum\u00e9 \u65e5"
+    result = run_cli("train", "mnist", "--data", str(tiny_mnist_dir), "--epochs", "1", "--max-steps", "1",
+                     "--no-plots", "--no-progress", "--out", str(out),
+                     env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0, result.stderr
+    assert "r\\xe9sum\\xe9 \\u65e5" in result.stdout and (out / "metrics.json").is_file()
 
 
 def test_demo_refuses_a_folder_where_a_picture_goes(capsys, tmp_path):

@@ -203,6 +203,21 @@ def test_batches_refuse_a_rank_outside_the_world(rank, world_size, problem):
         Batches(torch.zeros(8, 2), torch.zeros(8), batch_size=2, rank=rank, world_size=world_size)
 
 
+def test_batches_refuse_more_processes_than_samples():
+    with pytest.raises(ValueError, match="1 samples cannot be shared among 2 processes: each needs at least one"):
+        Batches(torch.zeros(1, 2), torch.zeros(1), batch_size=2, rank=0, world_size=2)
+
+
+def test_each_dataset_reads_its_own_folder_before_flat_files(tmp_path):
+    # MNIST's and Fashion-MNIST's files have the same names: flat files beside the dataset's own
+    # folder may be the other dataset's.
+    flat_images, _ = _write_split(tmp_path, "t10k", 5)
+    own_images, _ = _write_split(tmp_path / "FashionMNIST" / "raw", "t10k", 7)
+    x, _ = load_fashion_mnist(tmp_path, train=False)
+    assert np.array_equal(x.numpy(), own_images) and x.shape[0] != flat_images.shape[0]
+    assert load_mnist(tmp_path, train=False)[0].shape[0] == 5  # no MNIST folder: the flat files
+
+
 def test_missing_files_name_only_the_options_the_caller_has(tmp_path):
     with pytest.raises(IDXError, match=r"download it \(--download, or download=True\)"):
         load_mnist(tmp_path)

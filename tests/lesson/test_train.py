@@ -126,6 +126,23 @@ def test_resume_from_a_gpu_checkpoint_keeps_this_optimizers_flags(tmp_path, mnis
         assert torch.equal(p, q), name
 
 
+def test_resume_with_moments_saved_in_another_layout_continues_exactly(tmp_path, tiny_mnist_dir):
+    # Same values, other strides (a checkpoint converted by other code): fused Adam walks the moments
+    # in the parameter's element order, so they are laid out as the parameter again on loading.
+    common = dict(data=str(tiny_mnist_dir), batch_size=32, max_steps=3, progress=False, plots=False)
+    straight = train(TrainConfig(epochs=2, out=str(tmp_path / "a"), **common))
+    train(TrainConfig(epochs=1, out=str(tmp_path / "b"), **common))
+    checkpoint = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    for moments in checkpoint["optimizer"]["state"].values():
+        for name in ("exp_avg", "exp_avg_sq"):
+            if moments[name].dim() == 2:
+                moments[name] = moments[name].t().contiguous().t()
+    torch.save(checkpoint, tmp_path / "transposed.pt")
+    resumed = train(TrainConfig(epochs=2, out=str(tmp_path / "c"), resume=str(tmp_path / "transposed.pt"), **common))
+    for (name, p), q in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
 def test_evaluate_in_one_forward_matches_chunks():
     torch.manual_seed(0)
     model = MNISTClassifier()
@@ -173,6 +190,17 @@ def test_resume_of_a_finished_run_trains_nothing_and_writes_its_files(tmp_path, 
     assert after["epoch"] == 2
     for name, tensor in before["model"].items():
         assert torch.equal(tensor, after["model"][name]), name
+
+
+def test_resuming_a_finished_run_in_its_own_folder_keeps_its_pictures(tmp_path, tiny_mnist_dir):
+    common = ["--data", str(tiny_mnist_dir), "--batch-size", "32", "--epochs", "1", "--max-steps", "2"]
+    out = tmp_path / "a"
+    assert _train_cli(*common, "--out", str(out)) == 0
+    pictures = {name: (out / name).read_bytes() for name in ("curves.png", "predictions.png")}
+    metrics = (out / "metrics.json").read_text()
+    assert _train_cli(*common, "--no-plots", "--out", str(out), "--resume", str(out / "checkpoint.pt")) == 0
+    assert {name: (out / name).read_bytes() for name in pictures} == pictures
+    assert json.loads((out / "metrics.json").read_text())["history"] == json.loads(metrics)["history"]
 
 
 @pytest.mark.parametrize("backend,old_keys", [("torch", ["1", "4", "7"]), ("fused", ["layers.0", "layers.2", "layers.4"])])
