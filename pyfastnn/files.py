@@ -126,7 +126,10 @@ def ensure_writable_folder(path: PathLike, what: str = "output folder") -> Path:
         output folder FOLDER/notes/b cannot be created: FOLDER/notes is a file
     """
     path = Path(path)
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    if not existing.exists():  # a symbolic link to nowhere: mkdir would say only "File exists"
+        raise FileNotFoundError(f"{what} {path} cannot be created: {existing} is a symbolic link to "
+                                f"{os.readlink(existing)}, which does not exist")
     if not existing.is_dir():
         raise NotADirectoryError(f"{what} {path} is a file, not a folder" if existing == path
                                  else f"{what} {path} cannot be created: {existing} is a file")

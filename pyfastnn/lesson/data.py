@@ -17,7 +17,7 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -92,14 +92,22 @@ _FASHION = _Dataset(
 )
 
 
-def _locate(root: Path, dataset: _Dataset, stem: str) -> Optional[Path]:
+def _candidates(root: Path, dataset: _Dataset, stem: str) -> List[Path]:
     # The dataset's own folder first: MNIST and Fashion-MNIST files have the same names, so flat
     # files beside it may be the other dataset's.
-    for folder in (root / dataset.folder / "raw", root, root / "raw"):
-        for name in (stem, stem + ".gz"):
-            if (folder / name).is_file():
-                return folder / name
-    return None
+    return [folder / name for folder in (root / dataset.folder / "raw", root, root / "raw")
+            for name in (stem, stem + ".gz")]
+
+
+def _locate(root: Path, dataset: _Dataset, stem: str) -> Optional[Path]:
+    """The first of the places the file may be that holds it, else None; IDXError where none does
+    but one holds something else under its name (a folder, a link to nowhere), not to call it missing."""
+    candidates = _candidates(root, dataset, stem)
+    found = next((path for path in candidates if path.is_file()), None)
+    taken = next((path for path in candidates if path.exists() or path.is_symlink()), None)
+    if found is None and taken is not None:
+        raise IDXError(f"{taken}: not a file (a folder, a link to nowhere or a device) where {stem} is read")
+    return found
 
 
 def _download(root: Path, dataset: _Dataset, stem: str) -> Path:

@@ -289,7 +289,9 @@ def load_checkpoint(path) -> Dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: " + ("is a folder, not a file" if path.is_dir() else "no such file"))
+        what = ("is a folder, not a file" if path.is_dir() else "is not a regular file (a device or a pipe)"
+                if path.exists() else "no such file")
+        raise CheckpointError(f"checkpoint {path}: {what}")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged or another file
         raise CheckpointError(f"checkpoint {path}: not a checkpoint file (truncated, damaged or another kind of file)")
     try:  # torch.load does not verify the archive's checksums: damaged tensor bytes would load silently

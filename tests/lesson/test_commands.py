@@ -88,14 +88,17 @@ def test_train_corrupt_data_file_is_one_line_naming_it(capsys, tmp_path, tiny_mn
     assert status == 1 and "train-labels-idx1-ubyte.gz: cannot read" in line, line
 
 
-@pytest.mark.parametrize("case", ["out_is_a_file", "parent_is_a_file"])
+@pytest.mark.parametrize("case", ["out_is_a_file", "parent_is_a_file", "out_is_a_link_to_nowhere"])
 def test_train_unwritable_out_fails_before_loading_or_training(capsys, tmp_path, tiny_mnist_dir, case):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file, not a folder")
-    out = blocker if case == "out_is_a_file" else blocker / "run"
+    out = {"out_is_a_file": blocker, "parent_is_a_file": blocker / "run", "out_is_a_link_to_nowhere": tmp_path / "link"}[case]
+    if case == "out_is_a_link_to_nowhere":
+        out.symlink_to(tmp_path / "gone")
     status, stdout, err = cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--out", str(out))
     line = error_line(err, "pyfastnn train")
-    assert status == 1 and f"output folder {out}" in line and "is a file" in line, line
+    problem = f"is a symbolic link to {tmp_path / 'gone'}, which does not exist" if "link" in case else "is a file"
+    assert status == 1 and f"output folder {out}" in line and problem in line, line
     assert "epoch" not in stdout + err
     assert blocker.read_text() == "a file, not a folder"
 
@@ -139,6 +142,10 @@ def test_train_resume_of_missing_file_or_other_model(capsys, tmp_path, tiny_mnis
     status, _, err = cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--resume", str(missing),
                           "--out", str(tmp_path / "a"))
     assert status == 1 and error_line(err, "pyfastnn train").endswith(f"checkpoint {missing}: no such file")
+    for other, what in ((tmp_path, "is a folder, not a file"), ("/dev/null", "is not a regular file (a device or a pipe)")):
+        status, _, err = cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--resume", str(other),
+                             "--out", str(tmp_path / "a"))
+        assert status == 1 and error_line(err, "pyfastnn train").endswith(f"checkpoint {other}: {what}")
 
     from pyfastnn.lesson.train import TrainConfig, train
 

@@ -218,6 +218,18 @@ def test_each_dataset_reads_its_own_folder_before_flat_files(tmp_path):
     assert load_mnist(tmp_path, train=False)[0].shape[0] == 5  # no MNIST folder: the flat files
 
 
+def test_a_name_taken_by_a_folder_or_a_dangling_link_is_named_not_called_missing(tmp_path):
+    _write_split(tmp_path, "t10k", 3)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
+    (tmp_path / "t10k-images-idx3-ubyte.gz").mkdir()
+    with pytest.raises(IDXError, match=r"t10k-images-idx3-ubyte.gz: not a file \(a folder, a link to nowhere"):
+        load_mnist(tmp_path, train=False)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").rmdir()
+    (tmp_path / "t10k-images-idx3-ubyte").symlink_to(tmp_path / "gone")
+    with pytest.raises(IDXError, match=r"t10k-images-idx3-ubyte: not a file"):
+        load_mnist(tmp_path, train=False)
+
+
 def test_missing_files_name_only_the_options_the_caller_has(tmp_path):
     with pytest.raises(IDXError, match=r"download it \(--download, or download=True\)"):
         load_mnist(tmp_path)
