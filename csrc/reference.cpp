@@ -31,8 +31,11 @@ at::Tensor reference_fused_mlp(const at::Tensor& input, at::TensorList weights, 
   for (size_t l = 0; l < weights.size(); ++l) {
     x = reference_fused_linear(x, weights[l], biases.get(l), activations[l], negative_slope);
     if (l < keep_masks.size() && keep_masks[l].dim() == 2) {
-      // nn.Dropout's arithmetic: input * (mask / (1 - p)).
-      x = x * (keep_masks[l].view(x.sizes()).to(x.scalar_type()) / (1.0 - dropout[l]));
+      // The kernels' arithmetic: input * mask * (1 / (1 - p)) in float for half and bfloat16, rounded
+      // once (rounding 1 / (1 - p) to half first, as nn.Dropout on the CPU does, moves values by an ulp).
+      const auto dtype = x.scalar_type();
+      const auto opmath = at::promote_types(dtype, at::kFloat);
+      x = (x.to(opmath) * keep_masks[l].view(x.sizes()).to(opmath) * (1.0 / (1.0 - dropout[l]))).to(dtype);
     }
   }
   return x;

@@ -18,7 +18,7 @@ from ._ops import ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, canonical_activation, dro
 
 __all__ = ["ACTIVATION_MODULES", "FUNCTION_ACTIVATIONS", "METHOD_ACTIVATIONS", "Layer", "activation_module",
            "activation_of", "chain_mismatch", "dropout_joining", "dropout_of", "has_hooks", "is_plain", "is_plain_linear",
-           "parse_layers"]
+           "kept_for_its_own_state", "parse_layers"]
 
 #: The one table of activation name -> (torch.nn module type, the attributes that select it).
 #: ``leaky_relu``'s ``negative_slope`` is a parameter of the activation, not part of its identity.
@@ -32,6 +32,7 @@ ACTIVATION_MODULES: Dict[str, Tuple[type, Dict[str, object]]] = {
     "gelu_tanh": (nn.GELU, {"approximate": "tanh"}),
     "silu": (nn.SiLU, {}),
 }
+_FUSABLE_KINDS = frozenset({nn.Linear, nn.Dropout, *(kind for kind, _ in ACTIVATION_MODULES.values())})
 if set(ACTIVATION_MODULES) != set(ACTIVATIONS):  # the kernels' enum and this table must agree
     raise ImportError(f"pyfastnn: the kernels implement {sorted(ACTIVATIONS)}, but the torch.nn table names "
                       f"{sorted(ACTIVATION_MODULES)}; rebuild the extension from the same sources")
@@ -67,10 +68,12 @@ def has_hooks(module: nn.Module) -> bool:
                 or module._load_state_dict_pre_hooks or module._load_state_dict_post_hooks)
 
 
-def is_plain(module: nn.Module, kind: type) -> bool:
-    """Whether ``module`` is exactly a ``kind`` that a fused layer can stand in for: no hooks, and
-    nothing a freshly made ``kind`` lacks (a parameter, buffer, submodule or instance attribute, such
-    as a ``forward`` assigned to the instance), which the fused layer would lose or bypass.
+def is_plain(module: nn.Module, kind: type, with_children: bool = False) -> bool:
+    """Whether ``module`` is exactly a ``kind`` that a fused module can stand in for: no hooks, and
+    nothing a freshly made ``kind`` lacks (a parameter, buffer, instance attribute such as a
+    ``forward`` assigned to the instance, or, unless ``with_children``, a submodule), which the fused
+    module would lose or bypass. The markers torch leaves on modules it compiled or scripted do not
+    count.
 
     Example:
         >>> relu = nn.ReLU()
@@ -86,10 +89,26 @@ def is_plain(module: nn.Module, kind: type) -> bool:
     if fresh is None:  # made on the meta device: no memory, and no random numbers drawn
         fresh = _FRESH[kind] = kind(1, 1, device="meta") if kind is nn.Linear else kind()
     return (set(module._parameters) <= set(fresh._parameters) and set(module._buffers) <= set(fresh._buffers)
-            and not module._modules and set(vars(module)) <= set(vars(fresh)))
+            and (with_children or not module._modules) and set(vars(module)) - _TORCH_MARKERS <= set(vars(fresh)))
+
+
+def kept_for_its_own_state(module: nn.Module) -> bool:
+    """Whether ``module`` is of a kind the fused layers stand in for (Linear, a supported activation,
+    Dropout) but not :func:`is_plain`: it has hooks, or state of its own, which fusion would bypass or lose.
+
+    Example:
+        >>> gelu = nn.GELU()
+        >>> gelu.register_buffer("calls", torch.zeros(()))
+        >>> kept_for_its_own_state(gelu), kept_for_its_own_state(nn.GELU()), kept_for_its_own_state(nn.Softplus())
+        (True, False, False)
+    """
+    kind = type(module)
+    return kind in _FUSABLE_KINDS and not is_plain(module, kind)
 
 
 _FRESH: Dict[type, nn.Module] = {}  # a freshly made module of each kind is_plain was asked about
+#: What torch.compile and torch.jit.script set on the modules they saw (even one never run since).
+_TORCH_MARKERS = frozenset({"_is_torch_compile", "_compiled_call_impl", "__overloads__"})
 
 
 def activation_of(module: nn.Module) -> Optional[Tuple[str, float]]:

@@ -5,7 +5,8 @@ Two passes, innermost modules first:
 * inside every ``nn.Sequential`` (nested ones too), each maximal run of ``nn.Linear``, optional
   supported activation, optional ``nn.Dropout`` layers becomes one :class:`~pyfastnn.FusedMLP`
   (two or more layers) or :class:`~pyfastnn.FusedLinear` (one layer); a Sequential that is one
-  run altogether is replaced by a FusedMLP with the same state-dict keys. In a Sequential that
+  run altogether (and holds no parameter, buffer or attribute of its own) is replaced by a
+  FusedMLP with the same state-dict keys. In a Sequential that
   keeps other modules, the fused module takes the index of the run's first module and the
   modules it absorbed become :class:`Absorbed` placeholders, so indices stay; the Sequential's
   state dict keeps the original keys (its state-dict hooks map ``"1.3.weight"`` of a FusedMLP at 1
@@ -19,7 +20,8 @@ Two passes, innermost modules first:
   freeze one mode), and forwards doing what a graph does not record (taking more than one input,
   assigning to the module, setting grad mode, inference mode or autocast, making tensors that differ
   between traces, reading mutable or class-level values or missing attributes) are left as they
-  are, and so is a Sequential subclass with its own forward. Tracing runs on a copy sharing the
+  are, and so is a Sequential whose ``forward`` or ``__iter__`` is not Sequential's (a subclass's,
+  or a forward set on the instance). Tracing runs on a copy sharing the
   tensors, so forward's writes never reach the model. The immutable attributes a traced forward
   reads are frozen into its graph, whose first step raises if one changed.
 
@@ -57,7 +59,7 @@ from torch import nn
 
 from ._ops import DEFAULT_NEGATIVE_SLOPE, check_flag
 from ._patterns import (FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, Layer, activation_of, dropout_joining, has_hooks,
-                        is_plain_linear, parse_layers)
+                        is_plain, is_plain_linear, parse_layers)
 from .nn import FusedLinear, FusedMLP
 
 __all__ = ["fuse", "FusedRun", "Absorbed"]
@@ -215,7 +217,8 @@ def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_w
     names, modules = list(seq._modules), list(seq._modules.values())
     report = fusion.report
     layers, end = parse_layers(modules, 0, fusion.pinned)
-    if replace_whole and _worth_fusing(layers) and end == len(modules) and _holds_only_modules(seq):
+    # A FusedMLP in the Sequential's place would lose any parameter, buffer or attribute of its own.
+    if replace_whole and _worth_fusing(layers) and end == len(modules) and is_plain(seq, nn.Sequential, True):
         # The whole Sequential is one run: a FusedMLP takes its place, and its layers take the
         # Linear modules' indices, so the state-dict keys stay exactly the same.
         fused = _fused_module(layers, as_mlp=True)
@@ -490,8 +493,6 @@ def _forward_is_traceable(module: nn.Module) -> bool:
     ``*args``/``**kwargs`` anything."""
     if type(module).__call__ is not nn.Module.__call__:
         return False  # its own __call__ (say, scaling the input first) would be lost in a GraphModule
-    if "forward" in vars(module):
-        return False  # a forward set on the instance runs, but torch.fx traces the class's
     try:
         parameters = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
@@ -729,12 +730,6 @@ def _is_sequential(module: nn.Module) -> bool:
             and type(module).__iter__ is nn.Sequential.__iter__ and "forward" not in vars(module))
 
 
-def _holds_only_modules(seq: nn.Sequential) -> bool:
-    """Whether a FusedMLP in `seq`'s place loses nothing: no parameter, buffer or attribute of its own."""
-    return not seq._parameters and not seq._buffers and set(vars(seq)) <= _SEQUENTIAL_ATTRIBUTES
-
-
-_SEQUENTIAL_ATTRIBUTES = frozenset(vars(nn.Sequential()))
 
 
 @dataclass
@@ -933,6 +928,7 @@ def _fuse_tree(module: nn.Module, path: str, fusion: _Fusion, keep_root: bool = 
     seen = fusion.done.get(id(module))
     if seen is not None:
         return seen[1]
+    fusion.done[id(module)] = (module, module)  # met again inside itself (a cycle): left as it is there
     fused = _fuse_subtree(module, path, fusion, keep_root)
     fusion.done[id(module)] = (module, fused)  # the original kept alive: its id is not reused meanwhile
     return fused
@@ -972,9 +968,10 @@ def _fuse_subtree(module: nn.Module, path: str, fusion: _Fusion, keep_root: bool
     return module
 
 
-def _names(paths: List[str]) -> str:
-    """Module paths for a message, quoted: ``'0', 'head.fc'`` (a bare 2 would read as a count)."""
-    return ", ".join(repr(p) for p in paths)
+def _names(names: List[str]) -> str:
+    """Names of modules or parameters for a message, quoted: ``'0', 'head.fc'`` (a bare 2 would read
+    as a count)."""
+    return ", ".join(repr(name) for name in names)
 
 
 #: Held while fuse() runs (see fuse).

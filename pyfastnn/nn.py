@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from ._ops import (DEFAULT_NEGATIVE_SLOPE, activation_code, canonical_activation, dropout_probability, run_fused_linear,
                    run_fused_mlp, slope_value)
-from ._patterns import activation_module, chain_mismatch, dropout_of, is_plain_linear, parse_layers
+from ._patterns import activation_module, chain_mismatch, dropout_of, is_plain_linear, kept_for_its_own_state, parse_layers
 
 __all__ = ["FusedLinear", "FusedMLP", "activation_module"]
 
@@ -357,6 +357,9 @@ class FusedMLP(nn.Module):
                        "layer has one mode; call .train() or .eval() on the Sequential first)")
             elif layers and (following := parse_layers(modules, used)[0]):
                 why = f" ({chain_mismatch(layers, following[0])})"
+            elif stop is not None and kept_for_its_own_state(stop):
+                why = (" (it has hooks, or a forward, parameter, buffer or attribute of its own, which a fused "
+                       "layer would bypass or lose)")
             raise ValueError("from_sequential needs a Sequential of Linear -> activation (-> Dropout) "
                              f"layers only; stopped at module {used}: {stop}{why}")
         fused = [FusedLinear.from_linear(linear, act, negative_slope=slope, dropout=p, copy=copy)

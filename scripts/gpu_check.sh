@@ -31,8 +31,9 @@
 #                           on pyfastnn's own kernels over selections of test_cuda.py. memcheck's
 #                           reaches each kernel (vectorized and one-element passes, dropout, the
 #                           shared-memory bias-sum kernel, the relu pass that writes the bit mask,
-#                           with dropout, and the relu mask packer); racecheck's, float32 only,
-#                           reaches the one kernel with shared memory, the bias sums, on both paths
+#                           with dropout, and the relu mask packer); racecheck's reaches the one
+#                           kernel with shared memory, the bias sums, on both paths (float32, then
+#                           float16)
 #   test_cpu_on_cuda_build  (--full only) the CPU suite on the same build
 #   profile_cuda            (--full, or named in GPU_CHECK_ONLY) benchmarks/bench_cuda.py --profile --json
 #                           OUTDIR/profile_cuda.json and (with the lesson extra) benchmarks/bench_mnist.py
@@ -239,10 +240,12 @@ step fuzz_mlp_cuda 45 "$PYTHON" scripts/fuzz_fused_linear.py --device cuda --mlp
 MEMCHECK_TESTS='(misaligned and relu and float32) or (gradients_use_the_same_mask and float32 and relu) or (statistics and 999) or (large_buffer and 65537) or (relu_bit_mask and 200 and dropout0.25 and cublaslt) or (relu_bit_mask and torch.float16 and 203 and dropout0.0)'
 # racecheck looks only at shared memory, which of pyfastnn's kernels only the bias sums use (the
 # fallback path's backward, and a hidden layer's bias gradient under frozen weights on the cuBLASLt
-# path). Its selection stays in float32 and away from opcheck and the profiler, none of which
-# reaches that memory: in the first H200 run 13 of the 16 tests failed under racecheck, as many as
-# came, in collection order, from the first half-precision test (which also ran opcheck) on.
-RACECHECK_TESTS='(misaligned and relu and float32) or (stack_on_both_paths and float32 and not relu_epilogue) or (gradients_use_the_same_mask and float32 and fallback)'
+# path), in every dtype. In the first H200 run it reported one hazard, not located, and 13 of its
+# 16 tests failed: as many as came, in collection order, from the first half-precision test on
+# (a forward with opcheck). This selection reaches the bias sums in float32 on both paths first,
+# then in float16 on the fallback path (no opcheck, no profiler anywhere), so that a hazard of that
+# dtype shows with its report instead of hiding the float32 results.
+RACECHECK_TESTS='(misaligned and relu and float32) or (stack_on_both_paths and not relu_epilogue and (float32 or (torch.float16 and fallback and identity))) or (gradients_use_the_same_mask and float32 and fallback)'
 if ! wanted memcheck racecheck; then
   step memcheck 0 true; step racecheck 0 true  # listed as skipped
 elif [ ! -x "$SANITIZER" ]; then

@@ -232,7 +232,8 @@ class Batches:
         check_number("world_size", world_size, 1, integer=True)
         check_number("rank", rank, 0, world_size - 1, integer=True)
         if inputs.shape[0] < world_size:  # a process without a sample would train on nothing
-            raise ValueError(f"{inputs.shape[0]} samples cannot be shared among {world_size} processes: "
+            raise ValueError("no samples to batch" if inputs.shape[0] == 0 else
+                             f"{inputs.shape[0]} samples cannot be shared among {world_size} processes: "
                              f"each needs at least one")
         self.inputs, self.targets = inputs, targets
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed

@@ -198,13 +198,13 @@ def _demo(args) -> int:
         load_mnist(data, train=False, missing_hint=DEMO_MISSING_HINT)
         load_mnist(data, train=True, missing_hint=DEMO_MISSING_HINT)
     out = ensure_writable_folder(args.out)
-    check_output_names(out, DEMO_PICTURES)
-    if data is not None:
-        mnist_out = ensure_writable_folder(out / "mnist", "folder for the MNIST run")
-        check_output_names(mnist_out, RUN_FILES + PLOT_FILES)
-        if not args.overwrite and not _holds_a_demo_run(mnist_out):
-            # another run there (``train --out`` + "/mnist") is not replaced unasked
-            check_no_other_run(mnist_out, None, can_resume=False)
     with hold_folder(out):  # a second demo into this folder stops now, not after rewriting its pictures
+        check_output_names(out, DEMO_PICTURES)
+        if data is not None:
+            mnist_out = ensure_writable_folder(out / "mnist", "folder for the MNIST run")
+            check_output_names(mnist_out, RUN_FILES + PLOT_FILES)
+            if not args.overwrite and not _holds_a_demo_run(mnist_out):
+                # another run there (``train --out`` + "/mnist") is not replaced unasked
+                check_no_other_run(mnist_out, None, can_resume=False)
         run(out, data, args.mnist_steps, bench=not args.no_bench, device=args.device, overwrite=args.overwrite)
     return 0

@@ -213,10 +213,11 @@ def _optimizer_state_problems(optimizer: torch.optim.Optimizer, state: Dict) -> 
         if not isinstance(group, dict) or not isinstance(group.get("params"), list):
             return ["its parameter group is not a dict listing its parameters"]
         lr = group.get("lr")
-        if not (_is_number(lr) and math.isfinite(lr) and lr > 0):
+        bad_lr = not (_is_number(lr) and math.isfinite(lr) and lr > 0)
+        if bad_lr:
             problems.append(f"lr {lr!r}")
         problems += [f"{key} {group.get(key)!r} (this run: {own[key]!r})" for key in ADAM_SETTINGS
-                     if key in own and group.get(key) != own[key] and (key != "lr" or _is_number(lr))]
+                     if key in own and group.get(key) != own[key] and not (key == "lr" and bad_lr)]
         if len(group["params"]) != len(own["params"]):
             problems.append(f"{len(group['params'])} parameters (this model: {len(own['params'])})")
             continue
@@ -233,13 +234,20 @@ def _optimizer_state_problems(optimizer: torch.optim.Optimizer, state: Dict) -> 
                 tensor = moments[name]
                 if not (isinstance(tensor, torch.Tensor) and tensor.shape == parameter.shape
                         and tensor.dtype == parameter.dtype and tensor.layout == torch.strided):
-                    shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                    problems.append(f"parameter {index}'s {name} is {shape} (the parameter: {tuple(parameter.shape)} "
-                                    f"{str(parameter.dtype).replace('torch.', '')})")
+                    problems.append(f"parameter {index}'s {name} is {_describe_tensor(tensor)} "
+                                    f"(the parameter: {_describe_tensor(parameter)})")
             step = moments["step"]
             if not ((isinstance(step, torch.Tensor) and step.numel() == 1) or _is_number(step)):
                 problems.append(f"parameter {index}'s step is {step!r}")
     return problems
+
+
+def _describe_tensor(value) -> str:
+    """``(256, 784) float32``, with the layout where it is not a dense tensor's; a non-tensor's type."""
+    if not isinstance(value, torch.Tensor):
+        return type(value).__name__
+    layout = "" if value.layout == torch.strided else f" {str(value.layout).replace('torch.', '')}"
+    return f"{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}{layout}"
 
 
 def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict, path) -> None:

@@ -172,7 +172,11 @@ def test_train_resume_of_missing_file_or_other_model(capsys, tmp_path, tiny_mnis
     (lambda state: state["model"].update({"layers.0.weight": "w"}), "does not fit this model"),
     # Adam's fused kernel would read or write moments of another shape out of bounds at the first step.
     (lambda state: state["optimizer"]["state"][0].update(exp_avg=torch.zeros(3)),
-     "its optimizer state does not fit this run's Adam: parameter 0's exp_avg is (3,) (the parameter: (256, 784)"),
+     "its optimizer state does not fit this run's Adam: parameter 0's exp_avg is (3,) float32 (the parameter: "
+     "(256, 784) float32)"),
+    (lambda state: state["optimizer"]["state"][0].update(exp_avg=torch.zeros(256, 784).to_sparse()),
+     "parameter 0's exp_avg is (256, 784) float32 sparse_coo (the parameter: (256, 784) float32)"),
+    (lambda state: state["optimizer"]["param_groups"][0].update(lr=-1.0), "Adam: lr -1.0"),
     (lambda state: state["optimizer"]["state"][1].pop("exp_avg_sq"), "parameter 1's state holds ['exp_avg', 'step']"),
     (lambda state: state["optimizer"]["param_groups"][0].update(betas=(2.0, 3.0)),
      "betas (2.0, 3.0) (this run: (0.9, 0.999))"),

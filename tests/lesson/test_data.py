@@ -206,6 +206,8 @@ def test_batches_refuse_a_rank_outside_the_world(rank, world_size, problem):
 def test_batches_refuse_more_processes_than_samples():
     with pytest.raises(ValueError, match="1 samples cannot be shared among 2 processes: each needs at least one"):
         Batches(torch.zeros(1, 2), torch.zeros(1), batch_size=2, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="no samples to batch"):
+        Batches(torch.zeros(0, 2), torch.zeros(0), batch_size=2)
 
 
 def test_each_dataset_reads_its_own_folder_before_flat_files(tmp_path):

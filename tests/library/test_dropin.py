@@ -255,6 +255,24 @@ def test_forward_ad_of_fused_linear_matches_pytorch(activation):
     torch.testing.assert_close(dual_tangent, expected_w)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_forward_ad_keeps_the_forwards_dropout_arithmetic_in_half_precision(dtype):
+    # The reference behind forward-mode AD drops out as the kernels do (in float, rounded once):
+    # its primal is the plain call's output bit for bit. Identity weights keep every rounding visible.
+    torch.manual_seed(0)
+    x = torch.randn(64, 64, dtype=dtype)
+    weights = [torch.eye(64, dtype=dtype), torch.eye(64, dtype=dtype)]
+
+    def call(t):
+        return pyfastnn.fused_mlp(t, weights, activation="identity", dropout=0.3, training=True)
+
+    torch.manual_seed(3)
+    plain = call(x)
+    torch.manual_seed(3)
+    primal, _ = torch.func.jvp(call, (x,), (torch.ones_like(x),))
+    assert torch.equal(primal, plain)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.4])
 def test_forward_ad_of_fused_mlp(dropout):
     torch.manual_seed(0)
@@ -1729,23 +1747,38 @@ def test_fuse_absorbs_no_module_with_a_forward_or_state_of_its_own():
         fused = pyfastnn.fuse(model)
         torch.testing.assert_close(fused(x), model(x))
         assert list(fused.state_dict()) == keys
-    with pytest.raises(ValueError, match="stopped at module 1"):
+    with pytest.raises(ValueError, match=r"stopped at module 1: ReLU\(\) \(it has hooks, or a forward"):
         FusedMLP.from_sequential(overridden)
+    # A Sequential that is one run, with an attribute of its own: fused in place, not replaced.
+    tagged = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    tagged.tag = "encoder"
+    fused = pyfastnn.fuse(tagged)
+    assert type(fused) is nn.Sequential and fused.tag == "encoder" and isinstance(fused[0], FusedMLP)
 
 
 def test_fuse_leaves_a_sequential_that_iterates_its_own_way_alone():
-    class Skipping(nn.Sequential):
+    class WithoutRelus(nn.Sequential):
         def __iter__(self):  # Sequential's forward runs what this yields
-            return (m for m in self._modules.values() if not getattr(m, "skip", False))
+            return (m for m in self._modules.values() if not isinstance(m, nn.ReLU))
 
-    skipped = nn.ReLU()
-    skipped.skip = True
     torch.manual_seed(0)
-    model = Skipping(nn.Linear(8, 8), skipped, nn.Linear(8, 8), nn.Tanh()).eval()
+    model = WithoutRelus(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh()).eval()
     x = torch.randn(3, 8)
     fused = pyfastnn.fuse(model)
     torch.testing.assert_close(fused(x), model(x))
     assert list(fused.state_dict()) == list(model.state_dict())
+
+
+def test_modules_torch_compile_or_jit_script_saw_still_fuse():
+    # Both leave markers on the modules they saw (even a compiled model never run): not the user's state.
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    compiled = torch.compile(model)
+    runs = []
+    fused = pyfastnn.fuse(compiled._orig_mod, report=runs)
+    assert isinstance(fused, FusedMLP) and [run.path for run in runs] == [""]
+    relu = nn.ReLU()
+    torch.compile(relu)
+    assert isinstance(pyfastnn.fuse(nn.Sequential(nn.Linear(8, 8), relu, nn.Linear(8, 2))), FusedMLP)
 
 
 def test_fuse_leaves_a_leaky_relu_it_cannot_take_unfused_instead_of_raising():

@@ -60,13 +60,19 @@ def test_the_memcheck_selection_reaches_every_kernel_and_captures_no_graph():
     assert not [i for i in ids if "captur" in i or "graph" in i]
 
 
-def test_the_racecheck_selection_reaches_the_shared_memory_kernel_in_float32_only():
+def test_the_racecheck_selection_reaches_the_shared_memory_kernel_in_float32_then_float16():
     ids, result = _selected_tests("RACECHECK_TESTS")
     # The bias sums (pyfastnn's one kernel with shared memory) run on the fallback path's backward and,
     # under frozen weights, for the hidden layers on the cuBLASLt path (the stack test's last part).
     assert any("fallback" in i for i in ids) and any("stack_on_both_paths[cublaslt" in i for i in ids), result.stdout
-    # Nothing in half precision, and no test that runs opcheck or the profiler.
-    assert ids and all("float32" in i for i in ids), ids
+    # float32 on both paths; half precision on the fallback path only, after every float32 stack test
+    # (collection order), and no test that runs opcheck or the profiler.
+    dtypes = [next(d for d in ("float32", "bfloat16", "float16") if d in i) for i in ids]
+    assert set(dtypes) == {"float32", "float16"}, ids
+    half = [i for i, d in zip(ids, dtypes) if d == "float16"]
+    assert all("fallback" in i and "stack_on_both_paths" in i for i in half), half
+    last_float32_stack = max(n for n, i in enumerate(ids) if "stack_on_both_paths" in i and "float32" in i)
+    assert ids.index(half[0]) > last_float32_stack, ids
     names = {i.split("::")[1].split("[")[0] for i in ids}
     test_source = (ROOT / "tests/library/test_cuda.py").read_text()
     for name in names:
