@@ -730,8 +730,6 @@ def _is_sequential(module: nn.Module) -> bool:
             and type(module).__iter__ is nn.Sequential.__iter__ and "forward" not in vars(module))
 
 
-
-
 @dataclass
 class _Fusion:
     report: List[FusedRun]
