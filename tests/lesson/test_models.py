@@ -41,6 +41,15 @@ def test_numpy_net_learns_xor_with_symmetry_broken():
     assert ((net.forward(X) > 0.5) == (models.XOR_TARGETS > 0.5)).all()
 
 
+def test_numpy_net_stays_on_the_saddle_from_the_lessons_small_initialisation():
+    # The lesson's randn * 0.01: every hidden unit starts nearly the same, the network predicts 0.5
+    # for every input and the MSE stays at 0.25 (README, the lesson's models).
+    net = models.NumpyTwoLayerNet(2, 4, 1, seed=0, init_scale=0.01)
+    losses = net.fit(X, models.XOR_TARGETS, epochs=5000, learning_rate=1.0)
+    assert abs(losses[0] - 0.25) < 1e-3 and abs(losses[-1] - 0.25) < 1e-3
+    assert np.allclose(net.forward(X), 0.5, atol=0.01)
+
+
 def _train_xor(model, steps=1000):
     x = torch.tensor(X, dtype=torch.float32)
     y = torch.tensor(models.XOR_TARGETS, dtype=torch.float32)

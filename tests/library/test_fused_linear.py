@@ -193,6 +193,29 @@ def test_torch_compile_fullgraph_matches_eager(backend):
         torch.testing.assert_close(compiled(x), model(x))
 
 
+def test_compiled_dropout_gradients_belong_to_the_output_at_default_recomputation():
+    # README: with dropout in training, the compiler's partitioner must not recompute the fused
+    # forward in backward (it would draw new masks). At its defaults it does not; with an activation
+    # memory budget below 1 it does. If the second half starts to fail, torch treats custom random
+    # ops as random: drop the README's caveat.
+    import torch._functorch.config as functorch_config
+
+    def gradient_follows_the_outputs_mask(budget: float) -> bool:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        mlp = pyfastnn.FusedMLP([8, 8, 8], activation="identity", dropout=0.5).train()
+        with torch.no_grad():  # the output is the dropped-out hidden layer itself
+            mlp[1].weight.copy_(torch.eye(8))
+            mlp[1].bias.zero_()
+        with functorch_config.patch(activation_memory_budget=budget):
+            out = torch.compile(mlp, fullgraph=True, backend="aot_eager_decomp_partition")(torch.randn(64, 8))
+            (bias_grad,) = torch.autograd.grad(out, [mlp[0].bias], torch.ones_like(out))
+        return torch.allclose(bias_grad, ((out != 0).float() * 2.0).sum(0))  # kept / (1 - p), summed
+
+    assert gradient_follows_the_outputs_mask(1.0)
+    assert not gradient_follows_the_outputs_mask(0.0)
+
+
 def _keeps_preactivation(activation: str, negative_slope: float) -> bool:
     """Whether fused_linear's autograd keeps the pre-activation for backward (else the output it
     returns is all it keeps), seen through the tensors the public op saves."""
