@@ -43,6 +43,7 @@ from torch.utils import benchmark
 
 import pyfastnn
 from pyfastnn.benchmark import cuda_kernels, format_kernels
+from pyfastnn.command import path_argument, positive_float
 from pyfastnn.files import atomic_write, check_output_file
 
 SHAPES = ((65536, 1024, 1024), (8192, 4096, 4096), (4096, 784, 256))
@@ -257,8 +258,8 @@ def profile_rows(shape=QUICK_SHAPES[0], dtype=torch.bfloat16, layers=3) -> list[
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="bfloat16, the first shape, five activations")
-    parser.add_argument("--json")
-    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
+    parser.add_argument("--json", metavar="PATH", type=path_argument)
+    parser.add_argument("--min-run-time", type=positive_float, default=0.2, help="seconds per measurement")
     parser.add_argument("--profile", action="store_true",
                         help="list the kernels of each variant instead of timing it (first shape, bfloat16)")
     args = parser.parse_args(argv)

@@ -4,6 +4,7 @@ eval, interleaved rounds, medians.
 
     python benchmarks/bench_mlp_call_overhead.py
 """
+import argparse
 import statistics
 import time
 
@@ -36,4 +37,5 @@ def main(rounds: int = 30, calls: int = 200) -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help; no options
     main()

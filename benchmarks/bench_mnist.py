@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from pyfastnn import cuda_graph_step, fuse
 from pyfastnn.benchmark import cuda_kernels, format_kernels, saved_for_backward_bytes, time_interleaved, train_step
-from pyfastnn.command import positive_int
+from pyfastnn.command import path_argument, positive_int
 from pyfastnn.files import atomic_write, check_output_file
 from pyfastnn.lesson.data import MNIST_MEAN, MNIST_STD, find_mnist, load_mnist
 from pyfastnn.info import info
@@ -360,7 +360,7 @@ def main(argv=None) -> int:
     parser.add_argument("--full-script", action="store_true", help="also the 5-epoch lesson script vs pyfastnn train")
     parser.add_argument("--data", help="MNIST folder for --full-script (default: $PYFASTNN_MNIST or ../shared/data/mnist)")
     parser.add_argument("--epochs", type=positive_int, default=5)
-    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--json", metavar="PATH", type=path_argument)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--profile", action="store_true",
                         help="with --device cuda: the kernels of the training steps instead of their timing")

@@ -7,6 +7,8 @@ the dispatcher, the op through its C++ autograd kernel, a whole autograd.grad st
 the same step in eager PyTorch and a trivial autograd.grad call.
 """
 
+import argparse
+
 import torch
 import torch.nn.functional as F
 
@@ -36,4 +38,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help; no options
     main()

@@ -56,7 +56,7 @@ def activation_module(activation: Optional[str], negative_slope: float = DEFAULT
     name = canonical_activation(activation)
     kind, attributes = ACTIVATION_MODULES[name]
     if name == "leaky_relu":
-        return kind(negative_slope)
+        return kind(slope_value(negative_slope))
     return kind(**attributes)
 
 

@@ -21,7 +21,7 @@ __all__ = ["InvalidArgument", "check_number", "command_parser", "run_command", "
            "debug_requested",
            "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "Terminated",
            "terminate_on_sigterm", "interrupted_status",
-           "positive_int", "path_argument"]
+           "positive_int", "positive_float", "path_argument"]
 
 DEBUG_ENV = "PYFASTNN_DEBUG"
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -120,6 +120,29 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 positive_int = _int_at_least(1)
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 on the command line (a duration, a rate).
+
+    Example:
+        >>> positive_float("0.2")
+        0.2
+        >>> positive_float("inf")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: must be a finite number > 0, got 'inf'
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+positive_float.__name__ = "number > 0"
 
 
 def path_argument(text: str) -> str:

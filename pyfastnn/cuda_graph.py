@@ -10,6 +10,7 @@ into, and gradients the captured backward writes in place on every replay.
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -37,7 +38,7 @@ class CUDAGraphStep:
                  example_batch: Sequence[torch.Tensor], warmup_steps: int = 3) -> None:
         _check_arguments(model, loss_fn, optimizer, example_batch, warmup_steps)
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = int(warmup_steps)
         self.inputs: Tuple[torch.Tensor, ...] = tuple(torch.empty_like(t) for t in example_batch)
         with torch.no_grad():  # data, not a node of the user's graph: no history on the buffers
             for buffer, example in zip(self.inputs, example_batch):
@@ -183,7 +184,7 @@ def _check_arguments(model, loss_fn, optimizer, example_batch, warmup_steps) -> 
         raise TypeError(f"cuda_graph_step: loss_fn must be callable, got {type(loss_fn).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"cuda_graph_step: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) or warmup_steps < 1:
         raise ValueError(f"cuda_graph_step: warmup_steps must be an int >= 1 (the optimizer makes its state in the "
                          f"first step, which a capture cannot do), got {warmup_steps!r}")
     if isinstance(example_batch, torch.Tensor) or not isinstance(example_batch, (list, tuple)) or not example_batch:

@@ -75,6 +75,12 @@ class FusedLinear(nn.Module):
     # The very same initialisation as nn.Linear (kaiming-uniform weight, fan-in-uniform bias).
     reset_parameters = nn.Linear.reset_parameters
 
+    def __setattr__(self, name: str, value) -> None:
+        if name in _CHECKED_SETTINGS:  # a module or parameter given for one: nn.Module would register it
+            object.__setattr__(self, name, value)  # unchecked and never read; the property checks it
+        else:
+            super().__setattr__(name, value)
+
     def __setstate__(self, state: dict) -> None:
         # Modules pickled whole before these attributes became properties kept them as plain values.
         for name in ("activation", "negative_slope", "dropout"):
@@ -278,15 +284,7 @@ class FusedMLP(nn.Module):
 
     def _set_layers(self, layers: Sequence[FusedLinear], names: Optional[Sequence[str]] = None) -> None:
         """Registers ``layers`` under ``names``; by default the indices nn.Sequential gives their Linears."""
-        if not layers:
-            raise ValueError("a FusedMLP needs at least one layer")
-        for layer in layers:
-            _check_layer(layer)
-        _common_negative_slope(layers)
-        for before, after in zip(layers[:-1], layers[1:]):
-            if before.out_features != after.in_features:
-                raise ValueError(f"layer widths do not chain: {before.out_features} outputs feed "
-                                 f"{after.in_features} inputs")
+        _check_layers(layers)
         if names is None:
             names, index = [], 0
             for layer in layers:  # the indices nn.Sequential gives the nn.Linear modules
@@ -395,9 +393,11 @@ class FusedMLP(nn.Module):
 
     def __setitem__(self, index: int, layer: FusedLinear) -> None:
         """Replaces the index-th layer (by position); it keeps that layer's name, so the state-dict keys
-        stay."""
+        stay. The layers must still chain (checked now, not at the next call)."""
         _refuse_slice(index)
-        _check_layer(layer)
+        layers = list(self)
+        layers[index] = layer
+        _check_layers(layers)
         setattr(self, list(self._modules)[index], layer)
 
     def to_sequential(self) -> nn.Sequential:
@@ -469,6 +469,24 @@ def _layer_sizes(sizes) -> List[int]:
         except TypeError:
             raise TypeError(f"sizes must be integers, got {n!r} ({type(n).__name__})") from None
     return result
+
+
+def _check_layers(layers: Sequence[FusedLinear]) -> None:
+    """The layers of one FusedMLP: at least one, each a plain FusedLinear, one leaky_relu slope, and
+    each layer's outputs the next one's inputs."""
+    if not layers:
+        raise ValueError("a FusedMLP needs at least one layer")
+    for layer in layers:
+        _check_layer(layer)
+    _common_negative_slope(layers)
+    for before, after in zip(layers[:-1], layers[1:]):
+        if before.out_features != after.in_features:
+            raise ValueError(f"layer widths do not chain: {before.out_features} outputs feed "
+                             f"{after.in_features} inputs")
+
+
+#: FusedLinear's settings, each a property that checks what it is given.
+_CHECKED_SETTINGS = frozenset({"activation", "negative_slope", "dropout"})
 
 
 def _check_layer(layer, name: Optional[str] = None) -> None:

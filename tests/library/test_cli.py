@@ -3,6 +3,9 @@ are tested in tests/lesson/test_commands.py."""
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,6 +283,28 @@ def test_atomic_write_names_the_target_when_the_rename_fails(tmp_path, monkeypat
         with atomic_write(tmp_path / "out.bin") as f:
             f.write((tmp_path / "missing-input").read_bytes())
     assert caught.value.filename == str(tmp_path / "missing-input") and list(tmp_path.iterdir()) == []
+
+
+def test_a_json_path_ending_in_a_slash_names_a_folder_and_writes_nothing(tmp_path):
+    keep = tmp_path / "keep.txt"
+    keep.write_text("precious")
+    for path in (f"{keep}/", f"{tmp_path / 'new'}/"):  # as the shell's `> path/` refuses it
+        result = subprocess.run([sys.executable, "-m", "pyfastnn", "bench", "--quick", "--json", path],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and f"--json {path} names a folder; give a file name" in result.stderr
+    assert keep.read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("script,arguments,problem", [
+    ("bench_overhead.py", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("bench_mlp_call_overhead.py", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("bench_cuda.py", ["--min-run-time", "inf"], "argument --min-run-time: must be a finite number > 0"),
+    ("bench_mnist.py", ["--quick", "--json", ""], "argument --json: must be a path, got an empty string"),
+])
+def test_benchmark_scripts_refuse_arguments_they_cannot_take(script, arguments, problem):
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / script
+    result = subprocess.run([sys.executable, str(path), *arguments], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and problem in result.stderr, result.stderr
 
 
 def test_a_json_path_through_a_dangling_link_is_written_where_the_link_points(tmp_path):

@@ -36,6 +36,13 @@ def test_cpu_batch_is_refused():
         pyfastnn.cuda_graph_step(model, F.cross_entropy, optimizer, batch)
 
 
+def test_numpy_integers_count_as_warmup_steps():
+    np = pytest.importorskip("numpy")  # the lesson's dependency, not the library's
+    model, optimizer, batch = _setup()
+    with pytest.raises(ValueError, match=r"batch\[0\] is on cpu"):  # the device's refusal, not the count's
+        pyfastnn.cuda_graph_step(model, F.cross_entropy, optimizer, batch, warmup_steps=np.int64(3))
+
+
 @pytest.mark.parametrize("model, loss_fn, optimizer, batch, error, message", [
     ("not a module", F.cross_entropy, None, None, TypeError, "model must be an nn.Module, got str"),
     (None, "not callable", None, None, TypeError, "loss_fn must be callable, got str"),

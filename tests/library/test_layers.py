@@ -113,3 +113,29 @@ def test_activation_module_computes_what_torch_functional_does(activation, negat
     module = pyfastnn.activation_module(activation, negative_slope)
     torch.testing.assert_close(module(torch.nn.functional.linear(x, w, b)),
                                reference(x, w, b, activation, negative_slope), rtol=0, atol=0)
+
+
+def test_a_module_or_parameter_given_for_a_setting_is_refused_not_filed_away():
+    # nn.Module would register it as a submodule or parameter, unchecked and never read.
+    layer = pyfastnn.FusedLinear(3, 3, activation="relu")
+    for name, value, error in (("activation", torch.nn.GELU(), ValueError),
+                               ("dropout", torch.nn.Dropout(0.5), TypeError),
+                               ("negative_slope", torch.nn.Parameter(torch.tensor(0.1)), TypeError)):
+        with pytest.raises(error, match=name.replace("_", " ") if name == "dropout" else ""):
+            setattr(layer, name, value)
+        assert name not in layer._modules and name not in layer._parameters
+    assert (layer.activation, layer.dropout, layer.negative_slope) == ("relu", 0.0, 0.01)
+    with pytest.raises(ValueError, match="unknown activation ReLU"):
+        pyfastnn.FusedLinear(3, 3, activation=torch.nn.ReLU())
+    with pytest.raises(TypeError, match="dropout probability must be a real number"):
+        pyfastnn.FusedLinear(3, 3, dropout=torch.nn.Dropout(0.5))
+    with pytest.raises(TypeError, match="negative_slope must be a real number, got 'x'"):
+        pyfastnn.activation_module("leaky_relu", "x")
+
+
+def test_a_replaced_fused_mlp_layer_must_chain_with_its_neighbours():
+    mlp = pyfastnn.FusedMLP([3, 4, 5])
+    with pytest.raises(ValueError, match="layer widths do not chain: 4 outputs feed 8 inputs"):
+        mlp[1] = pyfastnn.FusedLinear(8, 7)
+    mlp[1] = pyfastnn.FusedLinear(4, 5, activation="tanh")
+    assert mlp[1].activation == "tanh" and mlp(torch.randn(2, 3)).shape == (2, 5)
