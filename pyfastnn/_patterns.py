@@ -55,9 +55,8 @@ def activation_module(activation: Optional[str], negative_slope: float = DEFAULT
     """
     name = canonical_activation(activation)
     kind, attributes = ACTIVATION_MODULES[name]
-    if name == "leaky_relu":
-        return kind(slope_value(negative_slope))
-    return kind(**attributes)
+    slope = slope_value(negative_slope)  # checked for every activation, as a FusedLinear checks it
+    return kind(slope) if name == "leaky_relu" else kind(**attributes)
 
 
 def has_hooks(module: nn.Module) -> bool:

@@ -200,8 +200,8 @@ def check_output_file(path: PathLike, what: str = "--json") -> Path:
         ...     print(str(e).replace(str(folder), "FOLDER"))
         --json FOLDER is a folder; give a file name
     """
-    if isinstance(path, str) and path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
-        raise IsADirectoryError(f"{what} {path} names a folder; give a file name")  # Path() drops the slash
+    if isinstance(path, str) and os.path.basename(path) in ("", ".", ".."):  # Path() would drop a "/" or "/."
+        raise IsADirectoryError(f"{what} {path} names a folder; give a file name")
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{what} {path} is a folder; give a file name")

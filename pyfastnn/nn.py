@@ -20,6 +20,10 @@ __all__ = ["FusedLinear", "FusedMLP", "activation_module"]
 _LEAKY_RELU = activation_code("leaky_relu")
 
 
+#: FusedLinear's settings, each a property that checks what it is given.
+_CHECKED_SETTINGS = ("activation", "negative_slope", "dropout")
+
+
 class FusedLinear(nn.Module):
     """``nn.Linear`` followed by an activation (and optionally dropout), one fused op each way.
 
@@ -76,14 +80,16 @@ class FusedLinear(nn.Module):
     reset_parameters = nn.Linear.reset_parameters
 
     def __setattr__(self, name: str, value) -> None:
-        if name in _CHECKED_SETTINGS:  # a module or parameter given for one: nn.Module would register it
-            object.__setattr__(self, name, value)  # unchecked and never read; the property checks it
+        # Each setting's property checks what it is given. nn.Module's own __setattr__ would take a
+        # module given for one as a submodule (never read) and a parameter as a name clash.
+        if name in _CHECKED_SETTINGS:
+            object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
 
     def __setstate__(self, state: dict) -> None:
         # Modules pickled whole before these attributes became properties kept them as plain values.
-        for name in ("activation", "negative_slope", "dropout"):
+        for name in _CHECKED_SETTINGS:
             if name in state:
                 state["_" + name] = state.pop(name)
         if "_activation" in state:
@@ -397,7 +403,7 @@ class FusedMLP(nn.Module):
         _refuse_slice(index)
         layers = list(self)
         layers[index] = layer
-        _check_layers(layers)
+        _check_layers(layers, list(self._modules))
         setattr(self, list(self._modules)[index], layer)
 
     def to_sequential(self) -> nn.Sequential:
@@ -471,22 +477,26 @@ def _layer_sizes(sizes) -> List[int]:
     return result
 
 
-def _check_layers(layers: Sequence[FusedLinear]) -> None:
-    """The layers of one FusedMLP: at least one, each a plain FusedLinear, one leaky_relu slope, and
-    each layer's outputs the next one's inputs."""
+def _check_layers(layers: Sequence[FusedLinear], names: Optional[Sequence[str]] = None) -> None:
+    """The layers of one FusedMLP (named in errors by ``names``, where given): at least one, each a
+    plain FusedLinear, one leaky_relu slope, each layer's outputs the next one's inputs, and one
+    dtype and device."""
     if not layers:
         raise ValueError("a FusedMLP needs at least one layer")
-    for layer in layers:
-        _check_layer(layer)
+    names = list(names) if names is not None else [None] * len(layers)
+    for layer, name in zip(layers, names):
+        _check_layer(layer, name)
     _common_negative_slope(layers)
-    for before, after in zip(layers[:-1], layers[1:]):
+    for i in range(len(layers) - 1):
+        before, after = layers[i], layers[i + 1]
+        where = f" (layers {names[i]!r} and {names[i + 1]!r})" if names[i] is not None else ""
         if before.out_features != after.in_features:
             raise ValueError(f"layer widths do not chain: {before.out_features} outputs feed "
-                             f"{after.in_features} inputs")
+                             f"{after.in_features} inputs{where}")
+        if (before.weight.dtype, before.weight.device) != (after.weight.dtype, after.weight.device):
+            raise ValueError(f"layers in {before.weight.dtype} on {before.weight.device} and {after.weight.dtype} "
+                             f"on {after.weight.device}{where}: one fused op runs in one dtype on one device")
 
-
-#: FusedLinear's settings, each a property that checks what it is given.
-_CHECKED_SETTINGS = frozenset({"activation", "negative_slope", "dropout"})
 
 
 def _check_layer(layer, name: Optional[str] = None) -> None:

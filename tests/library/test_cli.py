@@ -288,7 +288,7 @@ def test_atomic_write_names_the_target_when_the_rename_fails(tmp_path, monkeypat
 def test_a_json_path_ending_in_a_slash_names_a_folder_and_writes_nothing(tmp_path):
     keep = tmp_path / "keep.txt"
     keep.write_text("precious")
-    for path in (f"{keep}/", f"{tmp_path / 'new'}/"):  # as the shell's `> path/` refuses it
+    for path in (f"{keep}/", f"{keep}/.", f"{tmp_path / 'new'}/"):  # as the shell's `> path/` refuses it
         result = subprocess.run([sys.executable, "-m", "pyfastnn", "bench", "--quick", "--json", path],
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 1 and f"--json {path} names a folder; give a file name" in result.stderr

@@ -112,7 +112,7 @@ def test_fused_mlp_repr_len_and_indexing():
     keys, layer = list(mlp.state_dict()), FusedLinear(256, 128, activation="tanh")
     mlp[1] = layer
     assert mlp[1] is layer and mlp[-2] is layer and list(mlp.state_dict()) == keys
-    with pytest.raises(TypeError, match="a FusedMLP layer must be a FusedLinear, got Linear"):
+    with pytest.raises(TypeError, match="FusedMLP layer '0' must be a FusedLinear, got Linear"):
         mlp[0] = nn.Linear(784, 256)
     with pytest.raises(IndexError):
         mlp[3] = layer

@@ -116,12 +116,14 @@ def test_activation_module_computes_what_torch_functional_does(activation, negat
 
 
 def test_a_module_or_parameter_given_for_a_setting_is_refused_not_filed_away():
-    # nn.Module would register it as a submodule or parameter, unchecked and never read.
+    # nn.Module would take a module given for a setting as a submodule, never read, and a parameter
+    # as a name clash; the settings' own checks refuse both.
     layer = pyfastnn.FusedLinear(3, 3, activation="relu")
-    for name, value, error in (("activation", torch.nn.GELU(), ValueError),
-                               ("dropout", torch.nn.Dropout(0.5), TypeError),
-                               ("negative_slope", torch.nn.Parameter(torch.tensor(0.1)), TypeError)):
-        with pytest.raises(error, match=name.replace("_", " ") if name == "dropout" else ""):
+    for name, value, error, message in (
+            ("activation", torch.nn.GELU(), ValueError, "unknown activation GELU"),
+            ("dropout", torch.nn.Dropout(0.5), TypeError, "dropout probability must be a real number"),
+            ("negative_slope", torch.nn.Parameter(torch.tensor(0.1)), TypeError, "negative_slope must be a real number")):
+        with pytest.raises(error, match=message):
             setattr(layer, name, value)
         assert name not in layer._modules and name not in layer._parameters
     assert (layer.activation, layer.dropout, layer.negative_slope) == ("relu", 0.0, 0.01)
@@ -129,13 +131,16 @@ def test_a_module_or_parameter_given_for_a_setting_is_refused_not_filed_away():
         pyfastnn.FusedLinear(3, 3, activation=torch.nn.ReLU())
     with pytest.raises(TypeError, match="dropout probability must be a real number"):
         pyfastnn.FusedLinear(3, 3, dropout=torch.nn.Dropout(0.5))
-    with pytest.raises(TypeError, match="negative_slope must be a real number, got 'x'"):
-        pyfastnn.activation_module("leaky_relu", "x")
+    for activation in ("leaky_relu", "relu"):
+        with pytest.raises(TypeError, match="negative_slope must be a real number, got 'x'"):
+            pyfastnn.activation_module(activation, "x")
 
 
 def test_a_replaced_fused_mlp_layer_must_chain_with_its_neighbours():
-    mlp = pyfastnn.FusedMLP([3, 4, 5])
-    with pytest.raises(ValueError, match="layer widths do not chain: 4 outputs feed 8 inputs"):
+    mlp = pyfastnn.FusedMLP([3, 4, 5], dropout=0.1)
+    with pytest.raises(ValueError, match=r"layer widths do not chain: 4 outputs feed 8 inputs \(layers '0' and '3'\)"):
         mlp[1] = pyfastnn.FusedLinear(8, 7)
+    with pytest.raises(ValueError, match="layers in torch.float32 on cpu and torch.float64 on cpu"):
+        mlp[-1] = pyfastnn.FusedLinear(4, 5, dtype=torch.float64)
     mlp[1] = pyfastnn.FusedLinear(4, 5, activation="tanh")
     assert mlp[1].activation == "tanh" and mlp(torch.randn(2, 3)).shape == (2, 5)

@@ -134,7 +134,7 @@ def scan(tree: SourceTree, name: str, path: Path, in_package: bool = True) -> Fi
     where = f"{path.relative_to(tree.root)}"
 
     def private_module_allowed(module: str) -> bool:
-        # A private module (_ops, _patterns, _C) is the package's own business: siblings may import it.
+        # A private module (_ops, _patterns, _version, _C) is the package's own business: siblings may import it.
         return in_package
 
     for node in ast.walk(source):
