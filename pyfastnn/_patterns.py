@@ -32,10 +32,11 @@ ACTIVATION_MODULES: Dict[str, Tuple[type, Dict[str, object]]] = {
     "gelu_tanh": (nn.GELU, {"approximate": "tanh"}),
     "silu": (nn.SiLU, {}),
 }
-_FUSABLE_KINDS = frozenset({nn.Linear, nn.Dropout, *(kind for kind, _ in ACTIVATION_MODULES.values())})
 if set(ACTIVATION_MODULES) != set(ACTIVATIONS):  # the kernels' enum and this table must agree
     raise ImportError(f"pyfastnn: the kernels implement {sorted(ACTIVATIONS)}, but the torch.nn table names "
                       f"{sorted(ACTIVATION_MODULES)}; rebuild the extension from the same sources")
+#: The module types a fused layer stands in for.
+_FUSABLE_KINDS = frozenset({nn.Linear, nn.Dropout, *(kind for kind, _ in ACTIVATION_MODULES.values())})
 
 #: Functions a traced ``forward`` may apply to a Linear's output (called on it alone, no keywords
 #: but ``inplace``), and tensor methods likewise.

@@ -498,7 +498,6 @@ def _check_layers(layers: Sequence[FusedLinear], names: Optional[Sequence[str]] 
                              f"on {after.weight.device}{where}: one fused op runs in one dtype on one device")
 
 
-
 def _check_layer(layer, name: Optional[str] = None) -> None:
     """A FusedMLP layer: a FusedLinear whose forward is FusedLinear's own. The FusedMLP never calls a
     layer's forward (it reads weight, bias, activation and dropout into one fused op), so a subclass

@@ -104,10 +104,12 @@ def _locate(root: Path, dataset: _Dataset, stem: str) -> Optional[Path]:
     but one holds something else under its name (a folder, a link to nowhere), not to call it missing."""
     candidates = _candidates(root, dataset, stem)
     found = next((path for path in candidates if path.is_file()), None)
+    if found is not None:
+        return found
     taken = next((path for path in candidates if path.exists() or path.is_symlink()), None)
-    if found is None and taken is not None:
+    if taken is not None:
         raise IDXError(f"{taken}: not a file (a folder, a link to nowhere or a device) where {stem} is read")
-    return found
+    return None
 
 
 def _download(root: Path, dataset: _Dataset, stem: str) -> Path:
