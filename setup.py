@@ -19,6 +19,7 @@ files ] in csrc/cpu/dispatch.cpp).
 
 from __future__ import annotations
 
+import ast
 import copy
 import functools
 import glob
@@ -35,10 +36,24 @@ from typing import Optional
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
-VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "pyfastnn" / "_version.py").read_text()).group(1)
+
+
+def package_constant(module: str, name: str):
+    """A constant the package defines (``NAME = <literal>`` in pyfastnn/<module>.py), read without
+    importing the package, which needs the extension this script builds."""
+    tree = ast.parse((ROOT / "pyfastnn" / f"{module}.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign)
+                                                                       and len(node.targets) == 1 else None)
+        if isinstance(target, ast.Name) and target.id == name:
+            return ast.literal_eval(node.value)
+    raise LookupError(f"pyfastnn/{module}.py defines no constant {name}")
+
+
+VERSION = package_constant("_version", "__version__")
 BUILD_CONFIG = json.loads((ROOT / "cmake" / "sources.json").read_text())
-INSTALL_COMMAND = "pip install --no-build-isolation ."
-EDITABLE_COMMAND = "pip install --no-build-isolation -e ."
+INSTALL_COMMAND = package_constant("extension", "INSTALL_COMMAND")
+EDITABLE_COMMAND = package_constant("extension", "EDITABLE_COMMAND")
 
 
 def import_torch():
@@ -289,7 +304,7 @@ def extension_and_command():
 
 if __name__ == "__main__":  # also how pip's setuptools backend runs this file; tests import the helpers
     extension, build_ext = extension_and_command()
-    lesson_requires = ["numpy", "tqdm", "matplotlib"]  # pyfastnn.lesson.REQUIREMENTS, checked at its import
+    lesson_requires = list(package_constant("extras", "LESSON_REQUIREMENTS"))  # checked at pyfastnn.lesson's import
     setup(
         name="pyfastnn",
         version=VERSION,

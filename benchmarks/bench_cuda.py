@@ -48,16 +48,6 @@ from pyfastnn.files import atomic_write, check_output_file
 
 SHAPES = ((65536, 1024, 1024), (8192, 4096, 4096), (4096, 784, 256))
 QUICK_SHAPES = ((65536, 1024, 1024),)
-ACTS = {
-    "identity": lambda t: t,
-    "relu": torch.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "sigmoid": torch.sigmoid,
-    "silu": F.silu,
-    "tanh": torch.tanh,
-    "leaky_relu": F.leaky_relu,
-}
 QUICK_ACTS = ("identity", "relu", "gelu_tanh", "gelu", "silu")
 EPILOGUE_ACTS = {"relu": False, "gelu_tanh": True}  # torch._addmm_activation(use_gelu=...)
 
@@ -81,7 +71,7 @@ def layer_calls(m: int, k: int, n: int, dtype, activations):
     params = tuple(t.clone().requires_grad_() for t in (x, w, b))
     calls = {}
     for name in activations:
-        act = ACTS[name]
+        act = pyfastnn.activation_module(name).forward  # eager's torch.nn activation
 
         @torch.no_grad()
         def fused_fwd(name=name):
@@ -281,7 +271,7 @@ def main(argv=None) -> int:
         results = {
             "copy": copy,
             "layers": layer_rows(QUICK_SHAPES if args.quick else SHAPES, dtypes,
-                                 QUICK_ACTS if args.quick else tuple(ACTS), args.min_run_time, copy_gbps),
+                                 QUICK_ACTS if args.quick else pyfastnn.ACTIVATIONS, args.min_run_time, copy_gbps),
             "fused_mlp": mlp_rows(dtypes, args.min_run_time),
         }
     if args.json:

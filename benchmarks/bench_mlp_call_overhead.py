@@ -5,15 +5,14 @@ eval, interleaved rounds, medians.
     python benchmarks/bench_mlp_call_overhead.py
 """
 import argparse
-import statistics
-import time
 
 import torch
 
 import pyfastnn
+from pyfastnn.benchmark import time_interleaved
 
 
-def main(rounds: int = 30, calls: int = 200) -> None:
+def main(rounds: int = 30) -> None:
     torch.manual_seed(0)
     mlp = pyfastnn.FusedMLP([784, 256, 128, 10], dropout=0.2).eval()
     x = torch.randn(1, 784)
@@ -21,18 +20,13 @@ def main(rounds: int = 30, calls: int = 200) -> None:
     codes = [pyfastnn.ACTIVATIONS.index(layer.activation) for layer in mlp]
     dropout = [layer.dropout for layer in mlp]
     op = torch.ops.pyfastnn.fused_mlp.default
-    cases = {"bare op": lambda: op(x, weights, biases, codes, 0.01, dropout, False), "FusedMLP.forward": lambda: mlp.forward(x)}
+    cases = {"bare op": lambda: op(x, weights, biases, codes, 0.01, dropout, False),
+             "FusedMLP.forward": lambda: mlp.forward(x)}
     torch.testing.assert_close(cases["bare op"](), cases["FusedMLP.forward"]())
-    times = {name: [] for name in cases}
     with torch.no_grad():
-        for _ in range(rounds):
-            for name, fn in cases.items():
-                start = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                times[name].append((time.perf_counter() - start) / calls * 1e6)
-    bare, forward = (statistics.median(times[name]) for name in cases)
-    print(f"784-256-128-10, batch 1, eval, median of {rounds} rounds x {calls} calls: bare op {bare:.1f} us, "
+        times = time_interleaved(cases, rounds=rounds)
+    bare, forward = (times[name] * 1e6 for name in cases)
+    print(f"784-256-128-10, batch 1, eval, median of {rounds} interleaved rounds: bare op {bare:.1f} us, "
           f"FusedMLP.forward {forward:.1f} us ({forward - bare:+.1f} us per call)")
 
 

@@ -47,10 +47,11 @@ bool in_functorch_transform() {
 }
 
 // NOTE [Save only what backward reads]
-// Backward reads a layer's output only where the derivative comes from it (relu, sigmoid, tanh);
-// identity needs neither output nor pre-activation. Saving the output anyway would make autograd
-// refuse in-place ops on it (`y += x` after nn.Linear or F.gelu is legal), so an empty placeholder
-// is saved in its place (the backward ops do not read it).
+// Backward reads a layer's output only where the derivative comes from it (derivative_from_output:
+// relu, sigmoid, tanh, leaky_relu with a slope >= 0); identity needs neither output nor
+// pre-activation. Saving the output anyway would make autograd refuse in-place ops on it (`y += x`
+// after nn.Linear or F.gelu is legal), so an empty placeholder is saved in its place (the backward
+// ops do not read it).
 at::Tensor saved_if_read(bool read, const at::Tensor& tensor) {
   return read ? tensor : at::empty({0}, tensor.options());
 }
@@ -235,7 +236,7 @@ at::Tensor fused_linear_autograd(const at::Tensor& input, const at::Tensor& weig
                                  double negative_slope) {
   if (has_forward_grad(input) || has_forward_grad(weight) || has_forward_grad(bias) || in_functorch_transform()) {
     // See NOTE [Forward-mode AD and torch.func].
-    check_fused_linear_args(input, weight, bias, activation);
+    check_fused_linear_args(input, weight, bias, activation, negative_slope);
     return reference_fused_linear(input, weight, bias, activation, negative_slope);
   }
   const bool needs_graph = at::GradMode::is_enabled() &&
@@ -257,7 +258,7 @@ at::Tensor fused_mlp_autograd(const at::Tensor& input, at::TensorList weights, c
   for (size_t l = 0; l < biases.size(); ++l) use_reference = use_reference || has_forward_grad(biases.get(l));
   if (use_reference) {
     // See NOTE [Forward-mode AD and torch.func]. The masks come from the fused forward (same draws).
-    check_fused_mlp_args(input, weights, biases, activations, dropout);
+    check_fused_mlp_args(input, weights, biases, activations, negative_slope, dropout);
     std::vector<at::Tensor> keep_masks;
     if (training && std::any_of(dropout.begin(), dropout.end(), [](double p) { return p > 0.0; })) {
       // Only the masks are wanted: detached, so that no transform's autograd meets the forward's

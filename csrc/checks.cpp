@@ -1,6 +1,8 @@
 // The argument checks of the fused ops (checks.h).
 #include "checks.h"
 
+#include <cmath>
+#include <limits>
 #include <string>
 
 #include "activations.h"
@@ -65,13 +67,14 @@ void check_input(const at::Tensor& input) {
 }  // namespace
 
 void check_fused_linear_args(const at::Tensor& input, const at::Tensor& weight,
-                             const std::optional<at::Tensor>& bias, int64_t activation) {
+                             const std::optional<at::Tensor>& bias, int64_t activation, double negative_slope) {
   check_input(input);
+  check_negative_slope(negative_slope);
   check_layer(input, weight, bias, activation, input.sym_size(-1), /*layer=*/-1);
 }
 
 void check_fused_mlp_args(const at::Tensor& input, at::TensorList weights,
-                          const BiasList& biases, at::IntArrayRef activations,
+                          const BiasList& biases, at::IntArrayRef activations, double negative_slope,
                           at::ArrayRef<double> dropout) {
   const size_t layers = weights.size();
   TORCH_CHECK_VALUE(layers >= 1, "pyfastnn: fused_mlp needs at least one weight");
@@ -82,6 +85,7 @@ void check_fused_mlp_args(const at::Tensor& input, at::TensorList weights,
   TORCH_CHECK_VALUE(dropout.size() == layers, "pyfastnn: got ", dropout.size(), " dropout probabilities for ",
                     layers, " layers");
   check_input(input);
+  check_negative_slope(negative_slope);
   for (size_t l = 0; l < layers; ++l) {
     check_dropout_probability(dropout[l], static_cast<int64_t>(l));
     check_layer(input, weights[l], biases.get(l), activations[l],
@@ -94,6 +98,13 @@ void check_dropout_probability(double p, int64_t layer) {
   constexpr const char* kMessage = "pyfastnn: dropout probability must be in [0, 1), got ";
   if (layer >= 0) TORCH_CHECK_VALUE(false, kMessage, p, " for layer ", layer);
   TORCH_CHECK_VALUE(false, kMessage, p);
+}
+
+void check_negative_slope(double negative_slope) {
+  TORCH_CHECK_VALUE(std::isfinite(negative_slope), "pyfastnn: negative_slope must be finite, got ", negative_slope);
+  TORCH_CHECK_VALUE(std::abs(negative_slope) <= std::numeric_limits<float>::max(),
+                    "pyfastnn: negative_slope must be finite in float32 (at most 3.4028235e+38 in magnitude), got ",
+                    negative_slope);
 }
 
 void check_kernel_input(const char* name, const at::Tensor& t) {

@@ -1,7 +1,8 @@
 // The argument checks of the fused ops, shared by every backend and by the Python fake kernels
 // (through pyfastnn._C): the one source of every check and its message. Errors surface in Python as
-// TypeError (dtypes, devices, missing tensors) or ValueError (shapes, activation codes, dropout
-// probabilities), each naming the offending argument.
+// TypeError (dtypes, devices, missing tensors), ValueError (shapes, activation codes, negative slopes,
+// dropout probabilities) or NotImplementedError (tensors the kernels cannot read, check_kernel_input),
+// each naming the offending argument.
 #pragma once
 
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -15,11 +16,15 @@
 namespace pyfastnn {
 
 void check_fused_linear_args(const at::Tensor& input, const at::Tensor& weight,
-                             const std::optional<at::Tensor>& bias, int64_t activation);
+                             const std::optional<at::Tensor>& bias, int64_t activation, double negative_slope);
 
 // Errors name the layer: "weights[1] ...", "dropout probability must be in [0, 1) ... for layer 0".
 void check_fused_mlp_args(const at::Tensor& input, at::TensorList weights, const BiasList& biases,
-                          at::IntArrayRef activations, at::ArrayRef<double> dropout);
+                          at::IntArrayRef activations, double negative_slope, at::ArrayRef<double> dropout);
+
+// A negative slope must be finite in float32, where the kernels of every dtype but float64 multiply by
+// it; every op checks it whatever the activation, as the Python layers do when the slope is set.
+void check_negative_slope(double negative_slope);
 
 // A dropout probability p must be in [0, 1) (NaN is not): "pyfastnn: dropout probability must be in
 // [0, 1), got <p>", followed by " for layer <layer>" when layer >= 0.

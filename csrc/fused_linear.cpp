@@ -20,7 +20,7 @@ at::Tensor empty_output(const at::Tensor& input, int64_t out_features) {
 at::Tensor fused_linear_inference(const at::Tensor& input, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, int64_t activation,
                                   double negative_slope) {
-  check_fused_linear_args(input, weight, bias, activation);
+  check_fused_linear_args(input, weight, bias, activation, negative_slope);
   const KernelScope scope(input);  // NOTE [Kernels run below autograd]
   at::Tensor out = empty_output(input, weight.size(0));
   detail::layer_forward(detail::as_matrix(input), weight, bias, static_cast<Activation>(activation),
@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_forward(const at::Tensor& input,
                                                         const std::optional<at::Tensor>& bias,
                                                         int64_t activation, double negative_slope,
                                                         bool keep_preact) {
-  check_fused_linear_args(input, weight, bias, activation);
+  check_fused_linear_args(input, weight, bias, activation, negative_slope);
   const KernelScope scope(input);  // NOTE [Kernels run below autograd]
   at::Tensor out = empty_output(input, weight.size(0));
   at::Tensor preact = keep_preact ? at::empty_like(out) : at::empty({0}, input.options());
@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& saved, int64_t activation, double negative_slope,
     std::array<bool, 3> output_mask) {
-  check_fused_linear_args(input, weight, std::nullopt, activation);
+  check_fused_linear_args(input, weight, std::nullopt, activation, negative_slope);
   const KernelScope scope(input, &grad_output);  // NOTE [Kernels run below autograd]
   const auto act = static_cast<Activation>(activation);
   const auto shape = detail::output_shape(input, weight.size(0));

@@ -27,7 +27,7 @@ uint64_t draw_dropout_seed() {
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> run_forward(
     const at::Tensor& input, at::TensorList weights, const BiasList& biases, at::IntArrayRef activations,
     double negative_slope, at::ArrayRef<double> dropout, bool training, bool save) {
-  check_fused_mlp_args(input, weights, biases, activations, dropout);
+  check_fused_mlp_args(input, weights, biases, activations, negative_slope, dropout);
   const KernelScope scope(input);  // NOTE [Kernels run below autograd]
   const size_t layers = weights.size();
   const auto options = input.options();
@@ -103,7 +103,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
     double negative_slope, at::ArrayRef<double> dropout, const c10::List<bool>& output_mask) {
   const size_t layers = weights.size();
   check_fused_mlp_args(input, weights, BiasList(std::vector<std::optional<at::Tensor>>(layers)), activations,
-                       dropout);
+                       negative_slope, dropout);
   TORCH_CHECK_VALUE(hidden.size() + 1 == layers && preacts.size() == layers && keep_masks.size() == layers,
                     "pyfastnn: fused_mlp_backward got ", hidden.size(), " hidden, ", preacts.size(),
                     " pre-activation and ", keep_masks.size(), " mask tensors for ", layers, " layers");

@@ -1,5 +1,6 @@
-// The per-layer flow shared by the fused ops: ATen GEMMs (MKL/oneDNN on CPU, cuBLAS on CUDA) plus
-// one fused element-wise pass each way, launched by the device's epilogue launcher.
+// The per-layer flow shared by the fused ops: the device's GEMMs (cpu/gemm.h: small-batch kernels or
+// ATen's; cuda/gemm.h: cuBLASLt with epilogues or ATen's) plus one fused element-wise pass each way,
+// launched by the device's epilogue launcher.
 #include "layer.h"
 
 #include <ATen/ATen.h>
@@ -60,15 +61,20 @@ at::Tensor add_block_sums(const at::Tensor& partial_sums) {
   return partial_sums.select(0, 0);
 }
 
-// The device's GEMMs for the gradients: the CPU picks its own (cpu/gemm.h), CUDA runs ATen's (cuBLAS).
-// grad @ w: the input gradient.
+// The device's GEMMs for the gradients (cpu/gemm.h, cuda/gemm.h). grad @ w: the input gradient.
 at::Tensor matmul_gw(const at::Tensor& grad, const at::Tensor& w) {
-  return on_cuda(grad) ? at::mm(grad, w) : cpu::matmul_gw(grad, w);
+#ifdef PYFASTNN_WITH_CUDA
+  if (on_cuda(grad)) return cuda::matmul_gw(grad, w);
+#endif
+  return cpu::matmul_gw(grad, w);
 }
 
 // grad^T @ x: the weight gradient, row-major (out, in) like the parameter.
 at::Tensor matmul_gtx(const at::Tensor& grad, const at::Tensor& x) {
-  return on_cuda(grad) ? at::mm(grad.t(), x) : cpu::matmul_gtx(grad, x);
+#ifdef PYFASTNN_WITH_CUDA
+  if (on_cuda(grad)) return cuda::matmul_gtx(grad, x);
+#endif
+  return cpu::matmul_gtx(grad, x);
 }
 
 // The backward element-wise pass: grad_pre = grad_out * act'(saved) (and the dropout mask) where
@@ -189,14 +195,8 @@ void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
     }
 #endif
     b = at::Tensor();  // on CUDA the GEMM has added it (NOTE [CUDA epilogue passes])
-  } else if (b.defined() && at::isReducedFloatingType(x.scalar_type())) {
-    // bfloat16/half: add the bias inside the GEMM, before its single rounding, exactly as
-    // F.linear does; adding it after a rounded GEMM could flip the sign of near-zero
-    // pre-activations (and so relu's gradient mask) relative to nn.Linear.
-    at::addmm_out(acc, b, x, weight.t());
-    b = at::Tensor();
-  } else {
-    cpu::matmul_xwt_out(x, weight, acc);
+  } else if (cpu::matmul_xwt_out(x, weight, b, acc)) {
+    b = at::Tensor();  // added inside the GEMM (bfloat16/half, as F.linear rounds once)
   }
   // Identity with no bias left to add, no dropout and no pre-activation: the GEMM wrote the output.
   if (activation == Activation::Identity && !b.defined() && preact == nullptr && !dropout.keep_mask.defined()) return;

@@ -1,5 +1,5 @@
 // One Linear(+activation, +dropout) layer on 2-D matrices, forward and backward: the building block
-// of the fused_linear and fused_mlp ops on every device (ATen GEMMs + the device's epilogue pass).
+// of the fused_linear and fused_mlp ops on every device (the device's GEMMs + its epilogue pass).
 // Internal to the extension; the public C++ API is fused_linear.h / fused_mlp.h.
 #pragma once
 

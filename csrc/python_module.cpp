@@ -25,16 +25,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "Whether backward needs only the activation's output (else the pre-activation).");
   // The kernels' own argument checks, for the fake kernels: one source of every check and message.
   m.def("check_fused_linear_args", [](const at::Tensor& input, const at::Tensor& weight,
-                                      const std::optional<at::Tensor>& bias, int64_t activation) {
-    pyfastnn::check_fused_linear_args(input, weight, bias, activation);
+                                      const std::optional<at::Tensor>& bias, int64_t activation,
+                                      double negative_slope) {
+    pyfastnn::check_fused_linear_args(input, weight, bias, activation, negative_slope);
   });
   m.def("check_fused_mlp_args", [](const at::Tensor& input, const std::vector<at::Tensor>& weights,
                                    const std::vector<std::optional<at::Tensor>>& biases,
-                                   const std::vector<int64_t>& activations, const std::vector<double>& dropout) {
-    pyfastnn::check_fused_mlp_args(input, weights, pyfastnn::BiasList(biases), activations, dropout);
+                                   const std::vector<int64_t>& activations, double negative_slope,
+                                   const std::vector<double>& dropout) {
+    pyfastnn::check_fused_mlp_args(input, weights, pyfastnn::BiasList(biases), activations, negative_slope, dropout);
   });
   m.def("check_dropout_probability", [](double p) { pyfastnn::check_dropout_probability(p); },
         "Raises ValueError unless 0 <= p < 1.");
+  m.def("check_negative_slope", [](double s) { pyfastnn::check_negative_slope(s); },
+        "Raises ValueError unless the slope is finite in float32.");
   // Where fused_mlp_forward keeps a relu bit mask instead of a pre-activation (NOTE [relu bit masks]).
   m.def("keeps_relu_mask", [](const at::Tensor& input, int64_t activation, bool last_layer) {
     return pyfastnn::detail::keeps_relu_mask(input, static_cast<pyfastnn::Activation>(activation), last_layer);

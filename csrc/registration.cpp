@@ -1,6 +1,6 @@
 // The pyfastnn ops: their schemas (torch.ops.pyfastnn.*), the kernel each dispatch key runs, and the
 // typed handles other kernels call them through (registration.h).
-//   CPU, CUDA     fused_linear.cpp, fused_mlp.cpp: ATen GEMMs + the device's epilogue launcher
+//   CPU, CUDA     fused_linear.cpp, fused_mlp.cpp: the device's GEMMs + its epilogue launcher
 //   Autograd      autograd.cpp
 //   AutocastCPU,  autocast.cpp
 //   AutocastCUDA
@@ -82,7 +82,7 @@ TORCH_LIBRARY(pyfastnn, m) {
 }
 
 namespace {
-// One implementation serves every device: the GEMMs are ATen's, the epilogue launcher the device's.
+// One implementation serves every device: layer.cpp calls the device's GEMMs and epilogue launcher.
 void register_device_kernels(torch::Library& m) {
   m.impl("fused_linear", &fused_linear_inference);
   m.impl("fused_linear_forward", &fused_linear_forward);

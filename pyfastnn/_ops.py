@@ -19,7 +19,7 @@ native = load_extension()
 ops = torch.ops.pyfastnn
 
 #: Names of the supported activations, in the order of the C++ enum (their integer codes).
-ACTIVATIONS: tuple = tuple(native.activation_names())
+ACTIVATIONS: Tuple[str, ...] = tuple(native.activation_names())
 
 #: ``leaky_relu``'s slope for negative inputs when none is given (torch.nn.LeakyReLU's default).
 DEFAULT_NEGATIVE_SLOPE = 0.01
@@ -73,21 +73,17 @@ def slope_value(negative_slope: float) -> float:
         >>> slope_value(1e39)
         Traceback (most recent call last):
         ...
-        ValueError: pyfastnn: negative_slope must be finite in float32 (at most 3.4028234663852886e+38 in magnitude), got 1e+39
+        ValueError: pyfastnn: negative_slope must be finite in float32 (at most 3.4028235e+38 in magnitude), got 1e+39
     """
     if isinstance(negative_slope, torch.Tensor) and negative_slope.dim() == 0 and not negative_slope.requires_grad:
         negative_slope = negative_slope.item()
+        if isinstance(negative_slope, torch.SymFloat):  # traced by torch.export: a value the trace cannot know
+            raise TypeError("pyfastnn: negative_slope is a tensor, whose value is data to a trace (torch.export); "
+                            "the ops take the slope as a number: pass a Python float")
     negative_slope = _real_number(negative_slope, "negative_slope")
-    # Comparisons, not math.isfinite: torch.compile traces them when it makes the slope symbolic.
-    if negative_slope != negative_slope or abs(negative_slope) == math.inf:
-        raise ValueError(f"pyfastnn: negative_slope must be finite, got {negative_slope!r}")
-    if abs(negative_slope) > _FLOAT32_MAX:
-        raise ValueError(f"pyfastnn: negative_slope must be finite in float32 (at most {_FLOAT32_MAX!r} in "
-                         f"magnitude), got {negative_slope!r}")
+    if not torch.compiler.is_compiling():  # dynamo cannot trace the binding; the op checks the slope again anyway
+        native.check_negative_slope(negative_slope)
     return negative_slope
-
-
-_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def dropout_probability(p: float) -> float:
@@ -187,27 +183,28 @@ def _refuse_unsupported_tensors(named: Iterable[Tuple[str, Optional[torch.Tensor
                                       "point tensors: pass tensor.dequantize()") from None
 
 
-def _output_shape(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: int) -> list:
+def _output_shape(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: int,
+                  negative_slope: float) -> list:
     """Runs the C++ kernels' own argument checks (same exception types and messages) for the fake
     kernels, which also run for "meta" tensors; returns the output shape."""
-    native.check_fused_linear_args(input, weight, bias, activation)
+    native.check_fused_linear_args(input, weight, bias, activation, negative_slope)
     return [*input.shape[:-1], weight.shape[0]]
 
 
 @torch.library.register_fake("pyfastnn::fused_linear")
 def _fused_linear_fake(input, weight, bias, activation, negative_slope):
-    return input.new_empty(_output_shape(input, weight, bias, activation))
+    return input.new_empty(_output_shape(input, weight, bias, activation, negative_slope))
 
 
 @torch.library.register_fake("pyfastnn::fused_linear_forward")
 def _fused_linear_forward_fake(input, weight, bias, activation, negative_slope, keep_preact):
-    shape = _output_shape(input, weight, bias, activation)
+    shape = _output_shape(input, weight, bias, activation, negative_slope)
     return input.new_empty(shape), input.new_empty(shape if keep_preact else [0])
 
 
 @torch.library.register_fake("pyfastnn::fused_linear_backward")
 def _fused_linear_backward_fake(grad_output, input, weight, saved, activation, negative_slope, output_mask):
-    _output_shape(input, weight, None, activation)
+    _output_shape(input, weight, None, activation, negative_slope)
     grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0] else None
     grad_weight = weight.new_empty(weight.shape) if output_mask[1] else None
     grad_bias = weight.new_empty(weight.shape[:1]) if output_mask[2] else None
@@ -219,20 +216,20 @@ def _rows(shape: Sequence) -> int:
     return math.prod(shape[:-1])
 
 
-def _mlp_output_shape(input, weights, biases, activations, dropout) -> list:
+def _mlp_output_shape(input, weights, biases, activations, negative_slope, dropout) -> list:
     """The C++ fused_mlp argument checks (one source, see _output_shape); returns the output shape."""
-    native.check_fused_mlp_args(input, list(weights), list(biases), list(activations), list(dropout))
+    native.check_fused_mlp_args(input, list(weights), list(biases), list(activations), negative_slope, list(dropout))
     return [*input.shape[:-1], weights[-1].shape[0]]
 
 
 @torch.library.register_fake("pyfastnn::fused_mlp")
 def _fused_mlp_fake(input, weights, biases, activations, negative_slope, dropout, training):
-    return input.new_empty(_mlp_output_shape(input, weights, biases, activations, dropout))
+    return input.new_empty(_mlp_output_shape(input, weights, biases, activations, negative_slope, dropout))
 
 
 @torch.library.register_fake("pyfastnn::fused_mlp_forward")
 def _fused_mlp_forward_fake(input, weights, biases, activations, negative_slope, dropout, training):
-    output = input.new_empty(_mlp_output_shape(input, weights, biases, activations, dropout))
+    output = input.new_empty(_mlp_output_shape(input, weights, biases, activations, negative_slope, dropout))
     rows = _rows(input.shape)
     hidden = [input.new_empty((rows, w.shape[0])) for w in weights[:-1]]
     preacts = [input.new_empty((rows, w.shape[0]) if not native.derivative_from_output(act, negative_slope) else (0,))
@@ -251,6 +248,7 @@ def _fused_mlp_forward_fake(input, weights, biases, activations, negative_slope,
 def _fused_mlp_backward_fake(grad_output, input, weights, output, hidden, preacts, keep_masks, activations,
                              negative_slope, dropout, output_mask):
     layers = len(weights)
+    _mlp_output_shape(input, weights, [None] * layers, activations, negative_slope, dropout)
 
     def none() -> torch.Tensor:  # one empty tensor per gradient not asked for: outputs must not alias
         return input.new_empty((0,))

@@ -18,7 +18,7 @@ from ._ops import ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, canonical_activation, dro
 
 __all__ = ["ACTIVATION_MODULES", "FUNCTION_ACTIVATIONS", "METHOD_ACTIVATIONS", "Layer", "activation_module",
            "activation_of", "chain_mismatch", "dropout_joining", "dropout_of", "has_hooks", "is_plain", "is_plain_linear",
-           "kept_for_its_own_state", "parse_layers"]
+           "kept_for_its_own_state", "link_mismatch", "parse_layers"]
 
 #: The one table of activation name -> (torch.nn module type, the attributes that select it).
 #: ``leaky_relu``'s ``negative_slope`` is a parameter of the activation, not part of its identity.
@@ -162,13 +162,28 @@ def is_plain_linear(module: nn.Module) -> bool:
     return is_plain(module, nn.Linear)
 
 
+def link_mismatch(before: nn.Module, after: nn.Module) -> Optional[str]:
+    """Why the linear layer ``after`` (an ``nn.Linear`` or a ``FusedLinear``) cannot follow ``before``
+    in one fused op, or None if it can: its inputs must be ``before``'s outputs, in one dtype on one
+    device.
+
+    Example:
+        >>> link_mismatch(nn.Linear(4, 8), nn.Linear(5, 2))
+        '8 features out of one layer, 5 into the next'
+    """
+    if before.out_features != after.in_features:
+        return f"{before.out_features} features out of one layer, {after.in_features} into the next"
+    a, b = before.weight, after.weight
+    if a.dtype != b.dtype or a.device != b.device:
+        return (f"layers in {a.dtype} on {a.device} and {b.dtype} on {b.device} "
+                "(one fused op runs in one dtype on one device)")
+    return None
+
+
 def chain_mismatch(run: Sequence[Layer], layer: Layer) -> Optional[str]:
     """Why `layer` cannot join the fused op of the layers in `run` (non-empty), or None if it can."""
-    a, b = run[-1].linear, layer.linear
-    if a.out_features != b.in_features:
-        return f"{a.out_features} features out of one Linear, {b.in_features} into the next"
-    if a.weight.dtype != b.weight.dtype or a.weight.device != b.weight.device:
-        return f"Linear layers in {a.weight.dtype} on {a.weight.device} and {b.weight.dtype} on {b.weight.device}"
+    if (why := link_mismatch(run[-1].linear, layer.linear)) is not None:
+        return why
     # Any earlier leaky_relu of the run, not only the adjacent layer: one fused op has one slope.
     run_slope = next((earlier.slope for earlier in run if earlier.activation == "leaky_relu"), None)
     if layer.activation == "leaky_relu" and run_slope is not None and run_slope != layer.slope:

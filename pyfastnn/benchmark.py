@@ -27,6 +27,7 @@ from .command import command_parser, path_argument, positive_int, run_command
 from .files import atomic_write, check_output_file
 from .functional import fused_linear
 from .info import info
+from .nn import activation_module
 
 __all__ = ["BENCH_ACTIVATIONS", "time_interleaved", "train_step", "saved_for_backward_bytes", "cuda_kernels",
            "format_kernels", "run", "main"]
@@ -36,7 +37,6 @@ FULL_SHAPES = ((1, 784, 256), (64, 784, 256), (256, 784, 256), (1024, 784, 256),
 QUICK_SHAPES = ((1, 784, 256), (64, 784, 256), (64, 256, 128), (1024, 784, 256))
 #: The activations `pyfastnn bench` times (a cheap, a costly and a saturating one), not pyfastnn.ACTIVATIONS.
 BENCH_ACTIVATIONS = ("relu", "gelu", "sigmoid")
-TORCH_ACT = {"relu": torch.relu, "gelu": F.gelu, "sigmoid": torch.sigmoid}
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], rounds: int = 7,
@@ -182,7 +182,7 @@ def _variants(m: int, k: int, n: int, activation: str, backward: bool, with_comp
     w = torch.randn(n, k, generator=g) * max(k, 1) ** -0.5
     b = torch.randn(n, generator=g)
     grad = torch.randn(m, n, generator=g)
-    act = TORCH_ACT[activation]
+    act = activation_module(activation).forward  # eager's torch.nn activation, without Module.__call__
 
     def eager(x, w, b):
         return act(F.linear(x, w, b))
@@ -234,10 +234,8 @@ def run(shapes: Sequence = FULL_SHAPES, activations: Sequence[str] = BENCH_ACTIV
     activation x thread count, forward and forward+backward; logs a table, returns one dict per row.
     With ``with_compile``, torch.compile's caches are reset for each case (``torch._dynamo.reset()``:
     each compiles afresh), which also drops what other code in the process had compiled."""
-    unknown = [a for a in activations if a not in TORCH_ACT]
-    if unknown:
-        raise ValueError(f"run: no eager baseline for activation(s) {', '.join(map(repr, unknown))}; "
-                         f"benchmarked: {', '.join(TORCH_ACT)}")
+    for activation in activations:
+        activation_module(activation)  # an unknown name fails here, before any timing
     results = []
     previous_threads = torch.get_num_threads()
     header = (f"{'shape':>16} {'act':>8} {'thr':>3} {'pass':>8} {'fused us':>9} {'eager us':>9} "

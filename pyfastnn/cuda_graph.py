@@ -32,6 +32,18 @@ class CUDAGraphStep:
         output: the model's output of the latest step (detached; overwritten by the next step).
         loss: the loss of the latest step (detached; overwritten by the next step).
         captured: whether the graph has been captured (after the warm-up calls).
+
+    Example (a loop writing each batch into the buffers itself; runs where a GPU is):
+        >>> import torch, torch.nn.functional as F, pyfastnn
+        >>> if torch.cuda.is_available() and pyfastnn.info()["backends"]["cuda"]:
+        ...     model = pyfastnn.FusedMLP([16, 32, 4]).cuda()
+        ...     optimizer = torch.optim.Adam(model.parameters(), fused=True, capturable=True)
+        ...     x, y = torch.randn(8, 16, device="cuda"), torch.randint(0, 4, (8,), device="cuda")
+        ...     step = pyfastnn.cuda_graph_step(model, F.cross_entropy, optimizer, (x, y))
+        ...     for _ in range(5):  # 3 eager warm-up steps, a capture, a replay
+        ...         torch.randn(8, 16, out=step.inputs[0])
+        ...         loss = step.replay()
+        ...     assert step.captured and isinstance(step, pyfastnn.CUDAGraphStep)
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer,

@@ -11,6 +11,7 @@ from ._ops import (DEFAULT_NEGATIVE_SLOPE, activation_code, check_flag, dropout_
 
 __all__ = ["fused_linear", "fused_mlp"]
 
+
 def fused_linear(
     input: torch.Tensor,
     weight: torch.Tensor,

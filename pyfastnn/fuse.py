@@ -40,7 +40,6 @@ import contextlib
 import copy
 import enum
 import inspect
-import math
 import numbers
 import operator
 import re
@@ -58,8 +57,8 @@ import torch
 from torch import nn
 
 from ._ops import DEFAULT_NEGATIVE_SLOPE, check_flag
-from ._patterns import (FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, Layer, activation_of, dropout_joining, has_hooks,
-                        is_plain, is_plain_linear, parse_layers)
+from ._patterns import (ACTIVATION_MODULES, FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, Layer, activation_of,
+                        dropout_joining, has_hooks, is_plain, is_plain_linear, parse_layers)
 from .nn import FusedLinear, FusedMLP
 
 __all__ = ["fuse", "FusedRun", "Absorbed"]
@@ -285,8 +284,10 @@ class _ShallowTracer(torch.fx.Tracer):
         return super().create_node(*args, **kwargs)
 
 
-#: Activation modules without settings: one shared instance may be absorbed at each of its calls.
-_STATELESS_ACTIVATIONS = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.SiLU, nn.Identity)
+#: Activation modules without settings (GELU's approximation and LeakyReLU's slope are settings): one
+#: shared instance may be absorbed at each of its calls.
+_STATELESS_ACTIVATIONS = tuple(kind for name, (kind, attributes) in ACTIVATION_MODULES.items()
+                               if not attributes and name != "leaky_relu")
 
 
 def _node_activation(gm: torch.fx.GraphModule, node: torch.fx.Node, source: torch.fx.Node):
@@ -602,9 +603,11 @@ def _check_unchanged(class_name: str, traced_with: Dict[str, object], now: Tuple
     """The first step of a traced module's forward: raises if an attribute its graph froze changed."""
     for (name, traced), value in zip(traced_with.items(), now):
         if not _same(value, traced):
+            # Under torch.compile a changed number may be symbolic, which an f-string cannot show there.
+            now_text = "it has changed since" if torch.compiler.is_compiling() else f"it is now {value!r}"
             raise RuntimeError(
                 f"this {class_name} was fused by pyfastnn.fuse with its forward traced while {name} was "
-                f"{traced!r}; it is now {value!r}, which the traced forward cannot follow: fuse the original "
+                f"{traced!r}; {now_text}, which the traced forward cannot follow: fuse the original "
                 f"module again after changing {name}")
 
 
@@ -617,7 +620,8 @@ def _same(a: object, b: object) -> bool:
         return False
     if isinstance(a, tuple):
         return len(a) == len(b) and all(map(_same, a, b))
-    return bool(a == b) or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
+    # NaN by self-inequality, not math.isnan: torch.compile traces this check with the value symbolic.
+    return bool(a == b) or (isinstance(a, float) and a != a and b != b)
 
 
 def _unpickle_keeping_graph_module(rebuild, arguments, kept: Dict[str, object], class_name: str) -> _KeepingGraphModule:
@@ -985,7 +989,7 @@ def _parameter_extras(model: nn.Module) -> List[str]:
             or any(not attribute.startswith("_dynamo") for attribute in vars(p))]
 
 
-def fuse(model: nn.Module, inplace: bool = False, *, report: Optional[list] = None,
+def fuse(model: nn.Module, inplace: bool = False, *, report: Optional[List[FusedRun]] = None,
          verbose: bool = False) -> nn.Module:
     """Returns ``model`` with its ``Linear -> activation (-> Dropout)`` runs fused.
 
@@ -1043,7 +1047,7 @@ def fuse(model: nn.Module, inplace: bool = False, *, report: Optional[list] = No
         return _fuse(model, inplace, report, verbose)
 
 
-def _fuse(model: nn.Module, inplace: bool, report: Optional[list], verbose: bool) -> nn.Module:
+def _fuse(model: nn.Module, inplace: bool, report: Optional[List[FusedRun]], verbose: bool) -> nn.Module:
     lost = _parameter_extras(model) if not inplace else []
     if not inplace:
         try:

@@ -12,7 +12,8 @@ from torch.nn.utils import parametrize
 
 from ._ops import (DEFAULT_NEGATIVE_SLOPE, activation_code, canonical_activation, dropout_probability, run_fused_linear,
                    run_fused_mlp, slope_value)
-from ._patterns import activation_module, chain_mismatch, dropout_of, is_plain_linear, kept_for_its_own_state, parse_layers
+from ._patterns import (activation_module, chain_mismatch, dropout_of, is_plain_linear, kept_for_its_own_state,
+                        link_mismatch, parse_layers)
 
 __all__ = ["FusedLinear", "FusedMLP", "activation_module"]
 
@@ -308,7 +309,10 @@ class FusedMLP(nn.Module):
         own_parameter = isinstance(value, nn.Parameter) and type(self).forward is not FusedMLP.forward
         registered = name in self._buffers or name in self._parameters
         if name in _LAYER_SETTINGS and not own_parameter and not registered:
-            where = (f"its parameters are its layers' ({', '.join(n for n, _ in self.named_parameters())})"
+            # Named from the FusedMLP itself: it does not know its own name in a model holding it.
+            where = (f"its parameters are its layers' ({', '.join(n for n, _ in self.named_parameters())}), "
+                     f"named from the FusedMLP itself: in a model holding it they follow its name there (see "
+                     f"that model's named_parameters())"
                      if name in ("weight", "bias") else f"set it on the layers instead (for layer in mlp: "
                                                         f"layer.{name} = ...)")
             raise AttributeError(f"FusedMLP reads {name!r} from its layers on every call; {where}")
@@ -490,12 +494,8 @@ def _check_layers(layers: Sequence[FusedLinear], names: Optional[Sequence[str]] 
     for i in range(len(layers) - 1):
         before, after = layers[i], layers[i + 1]
         where = f" (layers {names[i]!r} and {names[i + 1]!r})" if names[i] is not None else ""
-        if before.out_features != after.in_features:
-            raise ValueError(f"layer widths do not chain: {before.out_features} outputs feed "
-                             f"{after.in_features} inputs{where}")
-        if (before.weight.dtype, before.weight.device) != (after.weight.dtype, after.weight.device):
-            raise ValueError(f"layers in {before.weight.dtype} on {before.weight.device} and {after.weight.dtype} "
-                             f"on {after.weight.device}{where}: one fused op runs in one dtype on one device")
+        if (why := link_mismatch(before, after)) is not None:
+            raise ValueError(f"FusedMLP layers do not chain{where}: {why}")
 
 
 def _check_layer(layer, name: Optional[str] = None) -> None:
@@ -561,7 +561,6 @@ def _run_layer_pre_hooks(layer: nn.Module, name: str, inputs: tuple) -> None:
                 f"pyfastnn: a forward pre-hook of FusedMLP layer {name!r} returned a replacement input, which "
                 f"cannot be applied inside the fused op (the layer's input is not a separate tensor); "
                 f"use to_sequential() for such hooks")
-
 
 
 def _same_input(result, inputs: tuple, with_kwargs: bool) -> bool:

@@ -32,9 +32,8 @@ import torch.nn.functional as F
 
 import pyfastnn
 
-__all__ = ["TOLERANCES", "REFERENCE_ACTIVATIONS", "DTYPES", "CUDA_DTYPES", "assert_close", "reference", "reference_mlp",
-           "Case", "MLPCase", "random_tensor", "random_case", "random_mlp_case", "build", "check", "check_mlp", "run",
-           "dtypes_for"]
+__all__ = ["TOLERANCES", "REFERENCE_ACTIVATIONS", "DTYPES", "assert_close", "reference", "reference_mlp",
+           "Case", "MLPCase", "random_tensor", "random_case", "random_mlp_case", "build", "check", "check_mlp", "run"]
 
 # (rtol, atol) per dtype for comparisons against the PyTorch reference.
 TOLERANCES = {
@@ -137,13 +136,6 @@ def _apply_dropout(x: torch.Tensor, keep_mask: Optional[torch.Tensor], p: float)
 SIZES = (0, 1, 2, 3, 5, 7, 13, 16, 17, 31, 32, 33, 64, 127, 257)
 LARGE_K = (1031, 4099)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-CUDA_DTYPES = DTYPES  # both backends take every floating dtype (kept as a name for existing callers)
-
-
-def dtypes_for(device: str) -> Tuple[torch.dtype, ...]:
-    """The dtypes fuzzed on a device: the same four on the CPU and CUDA (``device`` is checked)."""
-    torch.device(device)
-    return DTYPES
 
 
 #: The layouts a Case's input and weight are drawn in.
@@ -179,7 +171,7 @@ def random_case(rng: random.Random, device: str = "cpu") -> Case:
     batch = tuple(rng.choice(SIZES[:9]) for _ in range(ndim))
     in_features = rng.choice(SIZES + LARGE_K) if rng.random() < 0.15 else rng.choice(SIZES)
     return Case(
-        batch=batch, in_features=in_features, out_features=rng.choice(SIZES), dtype=rng.choice(dtypes_for(device)),
+        batch=batch, in_features=in_features, out_features=rng.choice(SIZES), dtype=rng.choice(DTYPES),
         activation=rng.choice(pyfastnn.ACTIVATIONS), negative_slope=rng.choice((0.01, 0.0, 0.3, -0.5)),
         bias=rng.random() < 0.7,
         layout=rng.choice(LAYOUTS),
@@ -305,7 +297,7 @@ def random_mlp_case(rng: random.Random, device: str = "cpu") -> MLPCase:
     widths = tuple(rng.choice(SIZES[1:]) for _ in range(layers + 1))
     return MLPCase(
         batch=tuple(rng.choice(SIZES[:9]) for _ in range(rng.choice((1, 1, 2)))), widths=widths,
-        dtype=rng.choice(dtypes_for(device)), activations=tuple(rng.choice(pyfastnn.ACTIVATIONS) for _ in range(layers)),
+        dtype=rng.choice(DTYPES), activations=tuple(rng.choice(pyfastnn.ACTIVATIONS) for _ in range(layers)),
         negative_slope=rng.choice((0.01, 0.0, -0.5)), biases=tuple(rng.random() < 0.7 for _ in range(layers)),
         dropout=tuple(rng.choice((0.0, 0.1, 0.5, 0.9)) for _ in range(layers)), training=rng.random() < 0.7,
         input_requires_grad=rng.random() < 0.5, seed=rng.randrange(2**31), device=device)

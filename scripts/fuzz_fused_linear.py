@@ -2,7 +2,7 @@
 activation x dtype, bias or not, every requires_grad mix) against PyTorch; prints the mismatches.
 With --mlp: random fused_mlp stacks (1-4 layers, per-layer activations, biases and dropout, training
 or not) against the float64 layer-by-layer reference with the same masks. --device cuda runs every
-case on the GPU (float16 joins the dtypes there).
+case on the GPU. Every device draws from the same four dtypes (pyfastnn.testing.DTYPES).
 
     python scripts/fuzz_fused_linear.py [--cases 10000] [--seed 0] [--mlp] [--device cuda]
 """

@@ -53,11 +53,17 @@ void small_gemm(SmallGemmKind kind, const at::Tensor& a, const at::Tensor& b, co
 
 }  // namespace
 
-void matmul_xwt_out(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
-  if (use_small_gemm(x, w) && out.is_contiguous()) {
-    return small_gemm(SmallGemmKind::XWt, x, w, out, w.size(0), w.size(1));
+bool matmul_xwt_out(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& out) {
+  if (b.defined() && at::isReducedFloatingType(x.scalar_type())) {
+    at::addmm_out(out, b, x, w.t());
+    return true;
   }
-  at::mm_out(out, x, w.t());
+  if (use_small_gemm(x, w) && out.is_contiguous()) {
+    small_gemm(SmallGemmKind::XWt, x, w, out, w.size(0), w.size(1));
+  } else {
+    at::mm_out(out, x, w.t());
+  }
+  return false;
 }
 
 at::Tensor matmul_gw(const at::Tensor& grad, const at::Tensor& w) {

@@ -7,8 +7,12 @@
 
 namespace pyfastnn::cpu {
 
-// out = x @ w^T, into the preallocated (rows, out_features) buffer out.
-void matmul_xwt_out(const at::Tensor& x, const at::Tensor& w, at::Tensor& out);
+// out = x @ w^T, into the preallocated (rows, out_features) buffer out, plus the bias b (undefined:
+// none) where the CPU adds it inside the GEMM: in bfloat16/half, before the GEMM's single rounding,
+// exactly as F.linear does (adding it to a rounded product could flip the sign of near-zero
+// pre-activations, and so relu's gradient mask, relative to nn.Linear). Returns whether it added b;
+// if not, the epilogue pass adds it.
+bool matmul_xwt_out(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& out);
 
 // grad @ w: a layer's input gradient.
 at::Tensor matmul_gw(const at::Tensor& grad, const at::Tensor& w);

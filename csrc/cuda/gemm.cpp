@@ -86,6 +86,10 @@ at::Tensor input_grad_through_below(const at::Tensor& grad_pre, const at::Tensor
   return grad_input;
 }
 
+at::Tensor matmul_gw(const at::Tensor& grad, const at::Tensor& w) { return at::mm(grad, w); }
+
+at::Tensor matmul_gtx(const at::Tensor& grad, const at::Tensor& x) { return at::mm(grad.t(), x); }
+
 bool fuses_bias_grad(const at::Tensor& x, int64_t out_features) {
   return lt_enabled() && lt_supports(x.scalar_type(), x.size(1), out_features, x.size(0)) && x.is_contiguous();
 }
@@ -100,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> weight_and_bias_grad(const at::Tensor& grad_p
   gemm.epilogue = GemmEpilogue::BiasGradB;
   gemm.bias = grad_bias.data_ptr();
   if (grad_pre.is_contiguous() && lt_matmul(gemm)) return {grad_weight, grad_bias};
-  return {at::mm(grad_pre.t(), x), at::Tensor()};
+  return {matmul_gtx(grad_pre, x), at::Tensor()};
 }
 
 }  // namespace pyfastnn::cuda

@@ -30,6 +30,11 @@ bool gemm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
 at::Tensor input_grad_through_below(const at::Tensor& grad_pre, const at::Tensor& weight, Activation below_activation,
                                     const at::Tensor& below_aux, float scale);
 
+// grad @ w and grad^T @ x (a layer's input and weight gradients) where no epilogue rides along:
+// ATen's GEMM (cuBLAS).
+at::Tensor matmul_gw(const at::Tensor& grad, const at::Tensor& w);
+at::Tensor matmul_gtx(const at::Tensor& grad, const at::Tensor& x);
+
 // Whether weight_and_bias_grad may fuse the bias gradient for x (rows, in_features) and out_features.
 bool fuses_bias_grad(const at::Tensor& x, int64_t out_features);
 

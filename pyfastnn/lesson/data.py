@@ -226,8 +226,7 @@ class Batches:
 
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, shuffle: bool = True,
                  seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_number("batch_size", batch_size, 1, integer=True)
         if inputs.shape[0] != targets.shape[0] or inputs.device != targets.device:
             raise ValueError(f"inputs ({inputs.shape[0]} rows on {inputs.device}) and targets ({targets.shape[0]} rows "
                              f"on {targets.device}) must have as many rows, on one device")

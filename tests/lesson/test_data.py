@@ -92,8 +92,10 @@ def test_batches_cover_everything_once_and_shard_like_distributed_sampler():
     shards = [torch.cat([y for _, y in Batches(inputs, targets, 2, seed=1, rank=r, world_size=2)]) for r in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == 5
     assert sorted(torch.cat(shards).tolist()) == list(range(10))
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         Batches(inputs, targets, batch_size=0)
+    with pytest.raises(ValueError, match="batch_size must be an integer, got 2.5"):
+        Batches(inputs, targets, batch_size=2.5)
 
 
 class _FakeResponse:

@@ -1,5 +1,6 @@
 """Bad arguments raise a clear Python exception naming the problem, never a crash or a wrong answer."""
 
+import contextlib
 import warnings
 
 import pytest
@@ -112,6 +113,39 @@ def test_bad_activation_code_on_raw_op():
         torch.ops.pyfastnn.fused_linear(X, W, None, 42, 0.0)
 
 
+@pytest.mark.parametrize("slope,pattern", [(float("inf"), "must be finite, got inf"),
+                                           (float("nan"), "must be finite, got nan"),
+                                           (-1e39, r"must be finite in float32 \(at most 3.4028235e\+38 in "
+                                                   r"magnitude\), got -1e\+39")])
+def test_every_raw_op_checks_the_slope_whatever_the_activation(slope, pattern):
+    """The ops themselves refuse a slope the kernels cannot multiply by (not only the Python layer),
+    on real, meta and fake tensors alike."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    relu, leaky_relu = (pyfastnn.ACTIVATIONS.index(name) for name in ("relu", "leaky_relu"))
+    ops = torch.ops.pyfastnn
+    mode = FakeTensorMode()
+    for where in ("cpu", "meta", "fake"):
+        with mode if where == "fake" else contextlib.nullcontext():
+            device = "meta" if where == "meta" else "cpu"
+            x, w, g = (torch.randn(*shape, device=device) for shape in ((4, 5), (3, 5), (4, 3)))
+            no_mask = torch.empty(0, dtype=torch.uint8, device=x.device)
+            calls = {
+                "fused_linear": lambda act: ops.fused_linear(x, w, None, act, slope),
+                "fused_linear_forward": lambda act: ops.fused_linear_forward(x, w, None, act, slope, True),
+                "fused_linear_backward": lambda act: ops.fused_linear_backward(g, x, w, g, act, slope,
+                                                                               [True, True, False]),
+                "fused_mlp": lambda act: ops.fused_mlp(x, [w], [None], [act], slope, [0.0], False),
+                "fused_mlp_forward": lambda act: ops.fused_mlp_forward(x, [w], [None], [act], slope, [0.0], True),
+                "fused_mlp_backward": lambda act: ops.fused_mlp_backward(g, x, [w], g, [], [g], [no_mask], [act], slope,
+                                                                         [0.0], [True, True, False]),
+            }
+            for name, call in calls.items():
+                for act in (relu, leaky_relu):
+                    with pytest.raises(ValueError, match=f"pyfastnn: negative_slope {pattern}"):
+                        call(act)
+
+
 def test_the_slope_is_checked_wherever_it_is_given():
     for bad, error in (("0.2", TypeError), (float("inf"), ValueError), (True, TypeError)):
         with pytest.raises(error, match="negative_slope"):
@@ -127,6 +161,21 @@ def test_the_slope_is_checked_wherever_it_is_given():
     # A number-like tensor that needs no gradient is its value, as torch's Scalar arguments take it.
     torch.testing.assert_close(pyfastnn.fused_linear(X, W, None, "leaky_relu", negative_slope=torch.tensor(0.2)),
                                torch.nn.functional.leaky_relu(X @ W.T, 0.2))
+
+
+def test_a_tensor_slope_that_torch_export_cannot_know_is_refused_by_name():
+    class TensorSlope(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("slope", torch.tensor(0.2))
+
+        def forward(self, x):
+            return pyfastnn.fused_linear(x, W, None, "leaky_relu", negative_slope=self.slope)
+
+    model = TensorSlope()
+    torch.testing.assert_close(model(X), torch.nn.functional.leaky_relu(X @ W.T, 0.2))  # eager reads its value
+    with pytest.raises(TypeError, match="negative_slope is a tensor, whose value is data to a trace"):
+        torch.export.export(model, (X,), strict=False)
 
 
 def test_bad_layer_arguments():

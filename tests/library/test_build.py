@@ -120,6 +120,20 @@ def test_the_rebuild_command_fits_where_pyfastnn_is_imported_from(tmp_path):
     assert f"in {tmp_path} run `pip install --no-build-isolation -e .`" in in_place
 
 
+def test_setup_takes_the_packages_own_constants():
+    from pyfastnn import extension, extras
+
+    setup_module = load_setup_module()
+    assert setup_module.VERSION == pyfastnn.__version__
+    assert (setup_module.INSTALL_COMMAND, setup_module.EDITABLE_COMMAND) == (extension.INSTALL_COMMAND,
+                                                                             extension.EDITABLE_COMMAND)
+    assert setup_module.package_constant("extras", "LESSON_REQUIREMENTS") == extras.LESSON_REQUIREMENTS
+    built = "/site/pyfastnn/_C.cpython-311-x86_64-linux-gnu.so"
+    assert Path(setup_module.build_record_path(built)) == extension.record_path(built)
+    with pytest.raises(LookupError, match="pyfastnn/extras.py defines no constant MISSING"):
+        setup_module.package_constant("extras", "MISSING")
+
+
 def test_the_package_requires_the_torch_release_it_is_built_against():
     requirement = load_setup_module().torch_requirement
     assert requirement("2.13.0+cpu") == requirement("2.13.0") == "torch==2.13.0"

@@ -13,7 +13,7 @@ from torch import nn
 
 import pyfastnn
 from pyfastnn.benchmark import cuda_kernels
-from pyfastnn.testing import assert_close, reference, reference_mlp
+from pyfastnn.testing import DTYPES, assert_close, reference, reference_mlp
 from samples import CUDA_READY, assert_dropout_statistics, mlp_sample_inputs, sample_inputs
 
 ops = torch.ops.pyfastnn
@@ -22,8 +22,7 @@ ops = torch.ops.pyfastnn
 pytestmark = [pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA GPU and a CUDA build of pyfastnn"),
               pytest.mark.usefixtures("exact_fp32")]
 
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-SAMPLES = list(sample_inputs(device="cuda", dtypes=DTYPES)) if CUDA_READY else []
+SAMPLES = list(sample_inputs(device="cuda")) if CUDA_READY else []
 
 
 
@@ -154,9 +153,6 @@ def test_second_gpu():
     assert_close(out, reference(x, w, None, "tanh"), torch.float32)
 
 
-MLP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
 @pytest.fixture(params=["cublaslt", "fallback"])
 def gemm_path(request, monkeypatch):
     """Runs a test on both GEMM paths: cuBLASLt epilogues, and ATen GEMMs + pyfastnn's own passes
@@ -199,7 +195,7 @@ LAYER_SHAPES = ((256, 512, 384), (33, 17, 9), (130, 64, 72))
 
 
 @pytest.mark.parametrize("shape", LAYER_SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", pyfastnn.ACTIVATIONS)
 def test_every_activation_and_dtype_as_close_to_float64_as_eager(activation, dtype, shape, gemm_path):
     rows, k, n = shape
@@ -273,7 +269,7 @@ def test_large_buffer_vectorized_and_one_element_paths(rows):
             assert_close(got, want, torch.float32)
 
 
-@pytest.mark.parametrize("sample", list(mlp_sample_inputs(dtypes=MLP_DTYPES, with_dropout=False)) if CUDA_READY else [],
+@pytest.mark.parametrize("sample", list(mlp_sample_inputs(with_dropout=False)) if CUDA_READY else [],
                          ids=repr)
 def test_cuda_fused_mlp_matches_reference(sample, gemm_path):
     tensors = [t.detach().cuda().requires_grad_() for t in sample.tensors()]

@@ -904,6 +904,19 @@ def test_a_childs_attribute_forward_reads_is_guarded_also_under_torch_compile():
         torch.compile(fused, backend="eager")(x)
 
 
+def test_a_changed_number_is_named_also_when_a_warm_fullgraph_compile_recompiles():
+    # The recompile after the change may make the number symbolic: the check must still trace and raise.
+    torch.manual_seed(0)
+    model, x = ReadsAround("child attribute"), torch.randn(3, 4)
+    fused = pyfastnn.fuse(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))
+    fused.head.temperature = 4.0
+    with pytest.raises(RuntimeError, match="traced while head.temperature was 1.0; it has changed since"):
+        compiled(x)
+
+
 def test_fuse_traces_only_forwards_of_one_input():
     class Signed(nn.Module):
         def __init__(self):
@@ -1702,6 +1715,11 @@ def test_torchscript_support_is_as_documented():
         for model in (layer, layer, _mlp((4, 6, 2)), nn.Sequential(nn.Flatten(), layer)):  # every attempt alike
             with pytest.raises(torch.jit.frontend.NotSupportedError, match="cannot be compiled by torch.jit.script"):
                 torch.jit.script(model)
+        # The TorchScript-based ONNX exporter traces the same way and knows no pyfastnn op.
+        with pytest.raises(torch.onnx.errors.UnsupportedOperatorError, match="namespace pyfastnn::fused_linear"):
+            torch.onnx.export(layer.eval(), (x,), io.BytesIO(), dynamo=False)
+        with pytest.raises(RuntimeError, match="unsupported input list type"):
+            torch.onnx.export(_mlp((4, 6, 2)).eval(), (x,), io.BytesIO(), dynamo=False)
 
 
 @pytest.mark.parametrize("input_grad", [False, True])
