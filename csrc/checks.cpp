@@ -1,6 +1,7 @@
 // The argument checks of the fused ops (checks.h).
 #include "checks.h"
 
+#include <charconv>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -19,6 +20,14 @@ bool is_supported_dtype(at::ScalarType dtype) {
 // "weights[l]" for layer l of fused_mlp.
 std::string parameter_name(const char* single, const char* list, int64_t layer) {
   return layer < 0 ? std::string(single) : std::string(list) + "[" + std::to_string(layer) + "]";
+}
+// A double as Python's repr writes it (the shortest text that reads back as the same value), so that
+// a limit and a value just past it never print alike.
+std::string shortest_text(double value) {
+  if (std::isnan(value)) return "nan";
+  char text[32];
+  const auto written = std::to_chars(text, text + sizeof(text), value);
+  return std::string(text, written.ptr);
 }
 std::string source_name(int64_t layer) {
   return layer <= 0 ? std::string("input (last dimension)") : "layer " + std::to_string(layer - 1) + "'s output";
@@ -101,10 +110,12 @@ void check_dropout_probability(double p, int64_t layer) {
 }
 
 void check_negative_slope(double negative_slope) {
-  TORCH_CHECK_VALUE(std::isfinite(negative_slope), "pyfastnn: negative_slope must be finite, got ", negative_slope);
-  TORCH_CHECK_VALUE(std::abs(negative_slope) <= std::numeric_limits<float>::max(),
-                    "pyfastnn: negative_slope must be finite in float32 (at most 3.4028235e+38 in magnitude), got ",
-                    negative_slope);
+  TORCH_CHECK_VALUE(std::isfinite(negative_slope), "pyfastnn: negative_slope must be finite, got ",
+                    shortest_text(negative_slope));
+  constexpr double kFloatMax = std::numeric_limits<float>::max();
+  TORCH_CHECK_VALUE(std::abs(negative_slope) <= kFloatMax,
+                    "pyfastnn: negative_slope must be finite in float32 (at most ", shortest_text(kFloatMax),
+                    " in magnitude), got ", shortest_text(negative_slope));
 }
 
 void check_kernel_input(const char* name, const at::Tensor& t) {

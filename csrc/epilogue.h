@@ -56,6 +56,26 @@ struct BackwardEpilogue {
   double dropout_p = 0.0;
 };
 
+// How one backward pass treats the saved tensor and the dropout mask, decided once per launch for
+// the kernels of every device.
+struct BackwardFlags {
+  bool rescale_saved;  // the saved output went through dropout: scale it back by (1 - p)
+  bool mask_implied;   // ... and act' vanishes where it is 0 (relu, sigmoid): skip reading the mask
+  double saved_scale;  // 1 - p
+  double kept_scale;   // 1 / (1 - p) with a mask, else 1
+  double negative_slope;
+};
+
+inline BackwardFlags backward_flags(const BackwardEpilogue& a) {
+  BackwardFlags flags{};
+  flags.rescale_saved = a.keep_mask != nullptr && derivative_from_output(a.activation, a.negative_slope);
+  flags.mask_implied = flags.rescale_saved && derivative_vanishes_at_zero_output(a.activation);
+  flags.saved_scale = 1.0 - a.dropout_p;
+  flags.kept_scale = a.keep_mask != nullptr ? 1.0 / (1.0 - a.dropout_p) : 1.0;
+  flags.negative_slope = a.negative_slope;
+  return flags;
+}
+
 // The one switch from a runtime dtype to a compile-time element type, shared by the CPU and CUDA
 // kernels: `visit_dtype(dtype, [&](auto tag) { using scalar_t = decltype(tag); ... })`.
 template <typename Body>

@@ -73,13 +73,15 @@ def slope_value(negative_slope: float) -> float:
         >>> slope_value(1e39)
         Traceback (most recent call last):
         ...
-        ValueError: pyfastnn: negative_slope must be finite in float32 (at most 3.4028235e+38 in magnitude), got 1e+39
+        ValueError: pyfastnn: negative_slope must be finite in float32 (at most 3.4028234663852886e+38 in magnitude), got 1e+39
     """
     if isinstance(negative_slope, torch.Tensor) and negative_slope.dim() == 0 and not negative_slope.requires_grad:
-        negative_slope = negative_slope.item()
-        if isinstance(negative_slope, torch.SymFloat):  # traced by torch.export: a value the trace cannot know
-            raise TypeError("pyfastnn: negative_slope is a tensor, whose value is data to a trace (torch.export); "
-                            "the ops take the slope as a number: pass a Python float")
+        # A trace (torch.export, torch.compile with fullgraph=True) cannot know a tensor's value, which
+        # the ops take as a number; torch.compile otherwise breaks the graph here and runs this eagerly.
+        if torch.compiler.is_compiling() or isinstance(value := negative_slope.item(), torch.SymFloat):
+            raise TypeError("pyfastnn: negative_slope is a tensor, whose value is data to a trace (torch.export, "
+                            "torch.compile); the ops take the slope as a number: pass a Python float")
+        negative_slope = value
     negative_slope = _real_number(negative_slope, "negative_slope")
     if not torch.compiler.is_compiling():  # dynamo cannot trace the binding; the op checks the slope again anyway
         native.check_negative_slope(negative_slope)

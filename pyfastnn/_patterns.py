@@ -175,8 +175,8 @@ def link_mismatch(before: nn.Module, after: nn.Module) -> Optional[str]:
         return f"{before.out_features} features out of one layer, {after.in_features} into the next"
     a, b = before.weight, after.weight
     if a.dtype != b.dtype or a.device != b.device:
-        return (f"layers in {a.dtype} on {a.device} and {b.dtype} on {b.device} "
-                "(one fused op runs in one dtype on one device)")
+        return (f"layers in {a.dtype} on {a.device} and {b.dtype} on {b.device}: one fused op runs in one dtype on "
+                "one device")
     return None
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .command import command_parser, path_argument, positive_int, run_command
 from .files import atomic_write, check_output_file
 from .functional import fused_linear
+from ._ops import canonical_activation
 from .info import info
 from .nn import activation_module
 
@@ -234,11 +235,10 @@ def run(shapes: Sequence = FULL_SHAPES, activations: Sequence[str] = BENCH_ACTIV
     activation x thread count, forward and forward+backward; logs a table, returns one dict per row.
     With ``with_compile``, torch.compile's caches are reset for each case (``torch._dynamo.reset()``:
     each compiles afresh), which also drops what other code in the process had compiled."""
-    for activation in activations:
-        activation_module(activation)  # an unknown name fails here, before any timing
+    activations = [canonical_activation(a) for a in activations]  # an unknown name fails here, before timing
     results = []
     previous_threads = torch.get_num_threads()
-    header = (f"{'shape':>16} {'act':>8} {'thr':>3} {'pass':>8} {'fused us':>9} {'eager us':>9} "
+    header = (f"{'shape':>16} {'act':>10} {'thr':>3} {'pass':>8} {'fused us':>9} {'eager us':>9} "
               f"{'compile us':>10} {'gemm us':>8} {'eager/fused':>11} {'fused/gemm':>10}")
     log(header)
     log("-" * len(header))
@@ -261,7 +261,7 @@ def run(shapes: Sequence = FULL_SHAPES, activations: Sequence[str] = BENCH_ACTIV
                             row["speedup_vs_compile"] = times["compile"] / times["fused"]
                         results.append(row)
                         compile_text = f"{row['compile_us']:10.1f}" if "compile_us" in row else f"{'-':>10}"
-                        log(f"{f'{m}x{k}->{n}':>16} {activation:>8} {t:>3} {row['pass']:>8} "
+                        log(f"{f'{m}x{k}->{n}':>16} {activation:>10} {t:>3} {row['pass']:>8} "
                             f"{row['fused_us']:9.1f} {row['eager_us']:9.1f} {compile_text} "
                             f"{row['gemm_us']:8.1f} {row['speedup_vs_eager']:10.2f}x "
                             f"{row['fused_over_gemm']:9.2f}x")

@@ -493,9 +493,9 @@ def _check_layers(layers: Sequence[FusedLinear], names: Optional[Sequence[str]] 
     _common_negative_slope(layers)
     for i in range(len(layers) - 1):
         before, after = layers[i], layers[i + 1]
-        where = f" (layers {names[i]!r} and {names[i + 1]!r})" if names[i] is not None else ""
+        which = f" {names[i]!r} and {names[i + 1]!r}" if names[i] is not None else ""
         if (why := link_mismatch(before, after)) is not None:
-            raise ValueError(f"FusedMLP layers do not chain{where}: {why}")
+            raise ValueError(f"FusedMLP layers{which} do not chain: {why}")
 
 
 def _check_layer(layer, name: Optional[str] = None) -> None:

@@ -113,12 +113,11 @@ void backward_rows(const BackwardEpilogue& a, int64_t row_begin, int64_t row_end
   auto* grad_pre = static_cast<scalar_t*>(a.grad_pre);
   auto* sums = static_cast<Math*>(a.column_sums);
   const uint8_t* keep = a.keep_mask;
-  const auto kept_scale = static_cast<Math>(1.0 / (1.0 - a.dropout_p));
-  // A saved output went through dropout: undo its 1/(1-p) to get the activation's own output back.
-  const bool rescale_saved = keep != nullptr && derivative_from_output(a.activation, a.negative_slope);
-  const Vec saved_scale(static_cast<Math>(1.0 - a.dropout_p));
-  // relu, sigmoid: a dropped element's saved output is 0, where the derivative is 0 already.
-  const bool mask_implied = rescale_saved && derivative_vanishes_at_zero_output(a.activation);
+  const BackwardFlags flags = backward_flags(a);
+  const auto kept_scale = static_cast<Math>(flags.kept_scale);
+  const bool rescale_saved = flags.rescale_saved;
+  const Vec saved_scale(static_cast<Math>(flags.saved_scale));
+  const bool mask_implied = flags.mask_implied;
   for_each_step<IO>(row_begin, row_end, a.cols, [&](int64_t offset, int64_t j, int64_t n) {
     auto g = IO::load(grad_out + offset, n);
     if constexpr (!kIdentity) {

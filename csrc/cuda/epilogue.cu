@@ -136,12 +136,6 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
-struct BackwardFlags {
-  bool rescale_saved;  // the saved output went through dropout: scale it back by (1 - p)
-  bool mask_implied;   // ... and act' vanishes where it is 0: skip reading the mask
-  double saved_scale, kept_scale, negative_slope;
-};
-
 // The flags of one backward launch as the kernels use them: scalars in the op-math type, and whether
 // the dropout mask is read at all.
 template <typename opmath_t>
@@ -403,12 +397,7 @@ int64_t backward_rows_per_block(int64_t rows, int64_t /*cols*/) { return std::ma
 void launch_backward_epilogue(const BackwardEpilogue& a, int64_t rows, int64_t rows_per_block) {
   if (rows == 0 || a.cols == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  BackwardFlags flags{};
-  flags.rescale_saved = a.keep_mask != nullptr && derivative_from_output(a.activation, a.negative_slope);
-  flags.mask_implied = flags.rescale_saved && derivative_vanishes_at_zero_output(a.activation);
-  flags.saved_scale = 1.0 - a.dropout_p;
-  flags.kept_scale = a.keep_mask != nullptr ? 1.0 / (1.0 - a.dropout_p) : 1.0;
-  flags.negative_slope = a.negative_slope;
+  const BackwardFlags flags = backward_flags(a);
   visit_dtype(a.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     using opmath_t = at::opmath_type<scalar_t>;

@@ -115,8 +115,8 @@ def test_bad_activation_code_on_raw_op():
 
 @pytest.mark.parametrize("slope,pattern", [(float("inf"), "must be finite, got inf"),
                                            (float("nan"), "must be finite, got nan"),
-                                           (-1e39, r"must be finite in float32 \(at most 3.4028235e\+38 in "
-                                                   r"magnitude\), got -1e\+39")])
+                                           (-1e39, r"must be finite in float32 \(at most 3.4028234663852886e\+38 "
+                                                   r"in magnitude\), got -1e\+39")])
 def test_every_raw_op_checks_the_slope_whatever_the_activation(slope, pattern):
     """The ops themselves refuse a slope the kernels cannot multiply by (not only the Python layer),
     on real, meta and fake tensors alike."""
@@ -158,6 +158,11 @@ def test_the_slope_is_checked_wherever_it_is_given():
         with pytest.raises(error, match="negative_slope"):
             layer.negative_slope = bad
         assert layer.negative_slope == 0.01
+    # float32's largest value is the limit, and the message shows a value just past it as it is.
+    largest = torch.finfo(torch.float32).max
+    assert pyfastnn.FusedLinear(3, 4, activation="leaky_relu", negative_slope=-largest).negative_slope == -largest
+    with pytest.raises(ValueError, match=r"at most 3.4028234663852886e\+38 in magnitude\), got 3.4028236e\+38$"):
+        pyfastnn.FusedLinear(3, 4, activation="leaky_relu", negative_slope=3.4028236e38)
     # A number-like tensor that needs no gradient is its value, as torch's Scalar arguments take it.
     torch.testing.assert_close(pyfastnn.fused_linear(X, W, None, "leaky_relu", negative_slope=torch.tensor(0.2)),
                                torch.nn.functional.leaky_relu(X @ W.T, 0.2))
@@ -174,8 +179,14 @@ def test_a_tensor_slope_that_torch_export_cannot_know_is_refused_by_name():
 
     model = TensorSlope()
     torch.testing.assert_close(model(X), torch.nn.functional.leaky_relu(X @ W.T, 0.2))  # eager reads its value
-    with pytest.raises(TypeError, match="negative_slope is a tensor, whose value is data to a trace"):
-        torch.export.export(model, (X,), strict=False)
+    for strict in (False, True):
+        with pytest.raises(TypeError if not strict else Exception,
+                           match="negative_slope is a tensor, whose value is data to a trace"):
+            torch.export.export(model, (X,), strict=strict)
+    with pytest.raises(Exception, match="negative_slope is a tensor, whose value is data to a trace"):
+        torch.compile(model, backend="eager", fullgraph=True)(X)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(model, backend="eager")(X), model(X))  # a graph break, then eager
 
 
 def test_bad_layer_arguments():

@@ -98,7 +98,7 @@ def test_fused_mlp_state_dict_both_ways_and_conversions():
     assert [type(m).__name__ for m in fused][::4] == ["FusedMLP", "FusedLinear"] and len(runs) == 2
     assert list(fused.state_dict()) == list(apart.state_dict())
     assert_same_function(apart, fused, torch.randn(5, 4))
-    with pytest.raises(ValueError, match=r"\(layers in torch.float32 on cpu and torch.float64 on cpu \(one fused op"):
+    with pytest.raises(ValueError, match=r"\(layers in torch.float32 on cpu and torch.float64 on cpu: one fused op"):
         FusedMLP.from_sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4).double()))
     with pytest.raises(ValueError, match=r"\(4 features out of one layer, 5 into the next\)"):
         FusedMLP.from_sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(5, 4)))

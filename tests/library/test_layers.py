@@ -138,11 +138,11 @@ def test_a_module_or_parameter_given_for_a_setting_is_refused_not_filed_away():
 
 def test_a_replaced_fused_mlp_layer_must_chain_with_its_neighbours():
     mlp = pyfastnn.FusedMLP([3, 4, 5], dropout=0.1)
-    with pytest.raises(ValueError, match=r"FusedMLP layers do not chain \(layers '0' and '3'\): "
+    with pytest.raises(ValueError, match=r"FusedMLP layers '0' and '3' do not chain: "
                                          r"4 features out of one layer, 8 into the next"):
         mlp[1] = pyfastnn.FusedLinear(8, 7)
-    with pytest.raises(ValueError, match=r"do not chain \(layers '0' and '3'\): "
-                                         r"layers in torch.float32 on cpu and torch.float64 on cpu \(one fused"):
+    with pytest.raises(ValueError, match=r"layers '0' and '3' do not chain: "
+                                         r"layers in torch.float32 on cpu and torch.float64 on cpu: one fused"):
         mlp[-1] = pyfastnn.FusedLinear(4, 5, dtype=torch.float64)
     mlp[1] = pyfastnn.FusedLinear(4, 5, activation="tanh")
     assert mlp[1].activation == "tanh" and mlp(torch.randn(2, 3)).shape == (2, 5)
