@@ -1,9 +1,11 @@
 // The argument checks of the fused ops (checks.h).
 #include "checks.h"
 
-#include <charconv>
 #include <cmath>
+#include <iomanip>
 #include <limits>
+#include <locale>
+#include <sstream>
 #include <string>
 
 #include "activations.h"
@@ -21,13 +23,24 @@ bool is_supported_dtype(at::ScalarType dtype) {
 std::string parameter_name(const char* single, const char* list, int64_t layer) {
   return layer < 0 ? std::string(single) : std::string(list) + "[" + std::to_string(layer) + "]";
 }
-// A double as Python's repr writes it (the shortest text that reads back as the same value), so that
-// a limit and a value just past it never print alike.
+// A double with as few significant digits as read back as the same value (Python's repr does the
+// same), so that a limit and a value just past it never print alike. Streams in the classic locale
+// rather than std::to_chars(double), which older standard libraries lack; only messages use this.
 std::string shortest_text(double value) {
   if (std::isnan(value)) return "nan";
-  char text[32];
-  const auto written = std::to_chars(text, text + sizeof(text), value);
-  return std::string(text, written.ptr);
+  if (std::isinf(value)) return value > 0 ? "inf" : "-inf";
+  std::string text;
+  for (int digits = 1; digits <= std::numeric_limits<double>::max_digits10; ++digits) {
+    std::ostringstream out;
+    out.imbue(std::locale::classic());
+    out << std::setprecision(digits) << value;
+    text = out.str();
+    std::istringstream in(text);
+    in.imbue(std::locale::classic());
+    double read_back = 0.0;
+    if (in >> read_back && read_back == value) break;
+  }
+  return text;
 }
 std::string source_name(int64_t layer) {
   return layer <= 0 ? std::string("input (last dimension)") : "layer " + std::to_string(layer - 1) + "'s output";
@@ -119,8 +132,14 @@ void check_negative_slope(double negative_slope) {
 }
 
 void check_kernel_input(const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(t.defined(), "pyfastnn: ", name, " is missing");
   TORCH_CHECK_NOT_IMPLEMENTED(t.is_cpu() || t.is_cuda(), "pyfastnn: ", name, " is on ", t.device(),
                               "; the kernels run on CPU and CUDA tensors");
+#ifndef PYFASTNN_WITH_CUDA
+  // The dispatcher has no CUDA kernel to call in such a build, but the C++ API takes tensors directly.
+  TORCH_CHECK_NOT_IMPLEMENTED(!t.is_cuda(), "pyfastnn: ", name, " is on ", t.device(),
+                              "; this build of pyfastnn has no CUDA kernels (build it with CUDA)");
+#endif
   TORCH_CHECK_NOT_IMPLEMENTED(!t._is_zerotensor(), "pyfastnn: ", name,
                               " is a ZeroTensor without memory; materialize it first (clone())");
 }

@@ -20,12 +20,13 @@ namespace {
 
 bool on_cuda(const at::Tensor& t) { return t.device().is_cuda(); }
 
-// Only a CUDA build registers CUDA kernels, so a CPU-only build never sees a CUDA tensor here.
+// Only a CUDA build registers CUDA kernels, and check_kernel_input refuses CUDA tensors in the direct C++
+// calls of a CPU-only build, so such a build never sees one here.
 void launch(const ForwardEpilogue& args, int64_t rows, bool cuda_device) {
 #ifdef PYFASTNN_WITH_CUDA
   if (cuda_device) return cuda::launch_forward_epilogue(args, rows);
 #endif
-  TORCH_CHECK(!cuda_device, "pyfastnn: this build has no CUDA kernels");
+  TORCH_INTERNAL_ASSERT(!cuda_device);
   cpu::launch_forward_epilogue(args, rows);
 }
 
@@ -33,7 +34,7 @@ void launch(const BackwardEpilogue& args, int64_t rows, int64_t rows_per_block, 
 #ifdef PYFASTNN_WITH_CUDA
   if (cuda_device) return cuda::launch_backward_epilogue(args, rows, rows_per_block);
 #endif
-  TORCH_CHECK(!cuda_device, "pyfastnn: this build has no CUDA kernels");
+  TORCH_INTERNAL_ASSERT(!cuda_device);
   cpu::launch_backward_epilogue(args, rows, rows_per_block);
 }
 
@@ -44,13 +45,14 @@ int64_t rows_per_block(int64_t rows, int64_t cols, bool cuda_device) {
 #ifdef PYFASTNN_WITH_CUDA
   if (cuda_device) return cuda::backward_rows_per_block(rows, cols);
 #endif
-  TORCH_CHECK(!cuda_device, "pyfastnn: this build has no CUDA kernels");
+  TORCH_INTERNAL_ASSERT(!cuda_device);
   return cpu::backward_rows_per_block(rows, cols);
 }
 
 // The sum of the rows of a (blocks, cols) tensor of partial sums, added pairwise in a fixed order:
 // log2(blocks) roundings per sum whatever the thread count (torch's CPU sum may split one long
-// column between threads). Overwrites partial_sums.
+// column between threads). Overwrites partial_sums; returns a copy of the first row, since a view
+// would keep the whole (blocks, cols) buffer alive as long as the gradient.
 at::Tensor add_block_sums(const at::Tensor& partial_sums) {
   int64_t rows = partial_sums.size(0);
   while (rows > 1) {
@@ -58,7 +60,7 @@ at::Tensor add_block_sums(const at::Tensor& partial_sums) {
     partial_sums.narrow(0, 0, half).add_(partial_sums.narrow(0, rows - half, half));
     rows -= half;
   }
-  return partial_sums.select(0, 0);
+  return partial_sums.select(0, 0).clone();
 }
 
 // The device's GEMMs for the gradients (cpu/gemm.h, cuda/gemm.h). grad @ w: the input gradient.

@@ -175,6 +175,26 @@ void test_bad_arguments_throw() {
                                            at::randn({4, 2}), 1, 0.01, {true, true, true});
          }),
          "a ZeroTensor gradient throws NotImplementedError");
+
+  threw = false;
+  try {
+    pyfastnn::fused_linear_backward(at::Tensor(), at::randn({4, 3}), at::randn({2, 3}), at::randn({4, 2}), 1, 0.01,
+                                    {true, true, true});
+  } catch (const c10::TypeError& error) {
+    threw = std::string(error.what_without_backtrace()).find("grad_output is missing") != std::string::npos;
+  }
+  expect(threw, "an undefined grad_output throws TypeError naming it");
+
+  // The limit and the value print with the digits that tell them apart (as Python's repr does).
+  std::string message;
+  try {
+    pyfastnn::fused_linear_inference(at::randn({4, 3}), at::randn({2, 3}), std::nullopt,
+                                     static_cast<int64_t>(pyfastnn::Activation::LeakyRelu), 3.4028236e38);
+  } catch (const c10::ValueError& error) {
+    message = error.what_without_backtrace();
+  }
+  expect(message.find("(at most 3.4028234663852886e+38 in magnitude), got 3.4028236e+38") != std::string::npos,
+         "an out-of-range slope's message: " + message);
 }
 
 // Called directly, with parameters that require grad and grad mode on (a torch::nn::Linear's), the

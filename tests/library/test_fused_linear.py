@@ -65,6 +65,18 @@ def test_bias_gradient_of_a_tall_layer_is_as_accurate_as_torch_sum():
     assert error(b.grad) <= 2 * max(error(grad_out.sum(0)), 1e-7 * exact.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bias_gradient_holds_no_more_memory_than_its_own(dtype):
+    """4,096 rows are summed in 16 blocks of partial sums: the gradient is their total, not a view that
+    would keep the whole (16, 64) buffer alive as long as the parameter's .grad."""
+    x = torch.randn(4096, 8, dtype=dtype)
+    w = torch.randn(64, 8, dtype=dtype)
+    b = torch.zeros(64, dtype=dtype, requires_grad=True)
+    pyfastnn.fused_linear(x, w, b, "relu").sum().backward()
+    assert_close(b.grad, (x @ w.T > 0).to(dtype).sum(0), dtype)
+    assert b.grad.untyped_storage().nbytes() == b.grad.numel() * b.grad.element_size()
+
+
 @pytest.mark.parametrize("sample", SMALL_F64, ids=repr)
 def test_gradcheck(sample):
     fn = lambda *t: pyfastnn.fused_linear(*t[:2], t[2] if len(t) > 2 else None, **sample.kwargs())  # noqa: E731
