@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the C++ library with GCC 14 and with clang 19 and runs its ctest suite with each (every CPU
-# kernel copy this CPU supports must be compiled in and pass). Both compilers come from Debian trixie,
-# installed into a throwaway root with debootstrap (needs root); the build inside it uses the torch of
-# the project's virtual environment.
+# kernel copy this CPU supports must be compiled in and pass). clang builds it as a user's project
+# would, through samples/cpp (add_subdirectory), whose program runs as one more ctest test. Both
+# compilers come from Debian trixie, installed into a throwaway root with debootstrap (needs root);
+# the build inside it uses the torch of the project's virtual environment.
 #
 #   scripts/test_compilers.sh                 # after scripts/setup_env.sh
 #   PYFASTNN_COMPILERS_CACHE=/some/dir scripts/test_compilers.sh
@@ -102,11 +103,12 @@ mount --bind "$CACHE/ccache" "$JAIL/pyfastnn/ccache"
 status=0
 for compiler in $COMPILERS; do
   build="/pyfastnn/build-$compiler"
+  project="/pyfastnn/src$([ "$compiler" = clang++-19 ] && echo /samples/cpp || true)"
   say "$compiler: $(chroot "$JAIL" "$compiler" --version | head -n 1)"
   if ! chroot "$JAIL" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root CCACHE_DIR=/pyfastnn/ccache \
       CCACHE_MAXSIZE=2G /bin/bash -c "set -e
         rm -rf '$build'
-        cmake -S /pyfastnn/src -B '$build' -G Ninja -DCMAKE_CXX_COMPILER='$compiler' -DCMAKE_CXX_COMPILER_LAUNCHER=ccache \
+        cmake -S '$project' -B '$build' -G Ninja -DCMAKE_CXX_COMPILER='$compiler' -DCMAKE_CXX_COMPILER_LAUNCHER=ccache \
           -DCMAKE_PREFIX_PATH='$TORCH_COPY/torch/share/cmake' > '$build.configure.log' 2>&1 || { cat '$build.configure.log'; exit 1; }
         grep 'pyfastnn CPU kernels' '$build.configure.log'
         cmake --build '$build' -j '${MAX_JOBS:-2}' > '$build.build.log' 2>&1 || { cat '$build.build.log'; exit 1; }
