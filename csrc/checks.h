@@ -31,8 +31,8 @@ void check_negative_slope(double negative_slope);
 void check_dropout_probability(double p, int64_t layer = -1);
 
 // The input of a kernel call (the direct C++ functions run without the dispatcher, which would refuse
-// these): defined, on a device this build has kernels for, with memory behind it (not a ZeroTensor). Its
-// parameters are checked to be on the same device.
+// these): defined, on a device this build has kernels for, with memory behind it (not a ZeroTensor).
+// Its parameters are checked to be on the same device.
 void check_kernel_input(const char* name, const at::Tensor& t);
 
 // NOTE [Kernels run below autograd]
