@@ -2,7 +2,8 @@
 # Keeps the CUDA backend compiling where there is no GPU: builds a copy of the tree against the CUDA
 # build of torch (torch==2.14.1 here) with PYFASTNN_CUDA=1 for sm_90, imports it, and runs the test
 # suite on it (the CPU paths; tests/library/test_cuda.py runs only where a GPU is visible); then the
-# C++ library and its ctest suite with CMake against that torch (C++20, as torch 2.14 requires).
+# C++ library, its ctest suite and samples/cpp with CMake against that torch (C++20, as torch 2.14
+# requires).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WORK="${PYFASTNN_CUDA_WORKDIR:-$ROOT/build/cuda-check}"
@@ -29,4 +30,6 @@ if ! ls "$CUDA_ROOT"/lib64/libnvrtc.so* > /dev/null 2>&1; then
   NVRTC="$(find "$SITE/nvidia" -name 'libnvrtc.so*' 2> /dev/null | sort | head -1)" || true
   [ -z "$NVRTC" ] || CUDA_ARGS+=(-DCUDA_nvrtc_LIBRARY="$NVRTC")
 fi
-scripts/build_cpp.sh "$WORK/cmake" "${CUDA_ARGS[@]}"
+# Through samples/cpp, as a user's project would add it: torch's CUDA targets must reach that project,
+# and the C++20 torch 2.14 requires must reach its program.
+PYFASTNN_CMAKE_PROJECT=samples/cpp scripts/build_cpp.sh "$WORK/cmake" "${CUDA_ARGS[@]}"
