@@ -31,12 +31,12 @@ int main() {
           .findSchemaOrThrow("pyfastnn::fused_mlp", "")
           .typed<at::Tensor(const at::Tensor&, at::TensorList, const pyfastnn::BiasList&, at::IntArrayRef, double,
                             at::ArrayRef<double>, bool)>();
+  // The layers' own parameters (Adam updates them in place), as the ops take them.
+  const std::vector<at::Tensor> weights{hidden->weight, output->weight};
+  const pyfastnn::BiasList biases(std::vector<std::optional<at::Tensor>>{hidden->bias, output->bias});
   const std::vector<int64_t> activations{kTanh, kSigmoid};
   const std::vector<double> no_dropout{0.0, 0.0};
-  const auto forward = [&] {
-    const pyfastnn::BiasList biases(std::vector<std::optional<at::Tensor>>{hidden->bias, output->bias});
-    return fused_mlp.call(x, {hidden->weight, output->weight}, biases, activations, 0.0, no_dropout, true);
-  };
+  const auto forward = [&] { return fused_mlp.call(x, weights, biases, activations, 0.0, no_dropout, true); };
 
   std::vector<torch::Tensor> parameters = hidden->parameters();
   for (const auto& p : output->parameters()) parameters.push_back(p);
@@ -53,9 +53,7 @@ int main() {
   torch::NoGradGuard no_grad;
   const torch::Tensor fused = forward();
   const torch::Tensor eager = torch::sigmoid(output(torch::tanh(hidden(x))));
-  const pyfastnn::BiasList biases(std::vector<std::optional<at::Tensor>>{hidden->bias, output->bias});
-  const torch::Tensor kernel = pyfastnn::fused_mlp_inference(x, {hidden->weight, output->weight}, biases,
-                                                             activations, 0.0, no_dropout, false);
+  const torch::Tensor kernel = pyfastnn::fused_mlp_inference(x, weights, biases, activations, 0.0, no_dropout, false);
   for (int64_t i = 0; i < x.size(0); ++i) {
     std::printf("%g xor %g -> %.4f\n", x[i][0].item<float>(), x[i][1].item<float>(), fused[i][0].item<float>());
   }
