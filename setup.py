@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from setuptools import find_packages, setup
 
@@ -201,13 +201,26 @@ def want_cuda(choice: str, torch_cuda: Optional[str], cuda_home: Optional[str],
     return False, warning
 
 
-def cuda_include_dirs() -> list[str]:
-    # Toolkits without the cuBLAS/cuSPARSE headers: the CUDA torch wheels ship them as nvidia-* packages.
-    dirs = []
-    for site in sys.path:
-        dirs += glob.glob(os.path.join(site, "nvidia", "cu*", "include"))
-        dirs += glob.glob(os.path.join(site, "nvidia", "*", "include"))
-    return sorted({d for d in dirs if os.path.isdir(d)})
+# The CUDA library headers torch's CUDA headers include (ATen/cuda/CUDAContextLight.h).
+CUDA_LIBRARY_HEADERS = ("cublas_v2.h", "cublasLt.h", "cusparse.h", "cusolverDn.h")
+
+
+def cuda_include_dirs(cuda_home: str, site_dirs: Sequence[str]) -> list[str]:
+    """The include folders a CUDA build adds before torch's own, in search order.
+
+    A toolkit with every header in CUDA_LIBRARY_HEADERS needs none. Some toolkits ship without the
+    cuBLAS/cuSPARSE/cuSOLVER headers; the CUDA torch wheels' nvidia-* packages (in site_dirs) have
+    them, but also a whole CUDA runtime's headers of the wheel's own release (13.2 for torch 2.15),
+    which nvcc refuses beside another release's compiler ("CUDA compiler and CUDA toolkit headers
+    are incompatible"). So the toolkit's own folder comes first and the packages only fill its gaps.
+    """
+    toolkit = os.path.join(cuda_home, "include")
+    if all(os.path.isfile(os.path.join(toolkit, name)) for name in CUDA_LIBRARY_HEADERS):
+        return []
+    packages = set()
+    for site in site_dirs:
+        packages.update(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+    return [toolkit] + sorted(d for d in packages if os.path.isdir(d))
 
 
 def build_record_path(extension_path: str) -> str:
@@ -275,9 +288,9 @@ def extension_and_command():
     define_macros = [("PYFASTNN_VERSION", f'"{VERSION}"')]
     define_macros += [(BUILD_CONFIG["cpu_capability_define"] + c["name"], None) for c in capabilities]
 
-    with_cuda, warning = want_cuda(os.environ.get("PYFASTNN_CUDA", "").strip(), torch.version.cuda,
-                                   find_cuda_home(cpp_extension.CUDA_HOME), bool(cuda_sources),
-                                   torch_version=torch.__version__)
+    cuda_home = find_cuda_home(cpp_extension.CUDA_HOME)
+    with_cuda, warning = want_cuda(os.environ.get("PYFASTNN_CUDA", "").strip(), torch.version.cuda, cuda_home,
+                                   bool(cuda_sources), torch_version=torch.__version__)
     if warning:
         print(f"WARNING: pyfastnn: {warning}", file=sys.stderr)  # setuptools filters warnings.warn
     if with_cuda:
@@ -286,7 +299,7 @@ def extension_and_command():
         define_macros += [("PYFASTNN_WITH_CUDA", None), ("PYFASTNN_CUDA_ARCHS", f'"{archs}"')]
         extension = cpp_extension.CUDAExtension(
             "pyfastnn._C", cxx_sources + cuda_sources,
-            include_dirs=[str(ROOT / "csrc")] + cuda_include_dirs(),
+            include_dirs=[str(ROOT / "csrc")] + cuda_include_dirs(cuda_home, sys.path),
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=openmp_link, define_macros=define_macros,
         )

@@ -225,6 +225,28 @@ def test_cuda_choice(tmp_path):
     assert setup_module.want_cuda("", "13.0", full, True, torch_version="2.11.0+cu130") == (True, None)
 
 
+def test_cuda_headers_of_the_toolkit_come_before_those_of_the_torch_wheel(tmp_path):
+    # A CUDA torch wheel's nvidia-* packages carry the cuBLAS/cuSPARSE/cuSOLVER headers a toolkit may
+    # lack, and a whole CUDA runtime's headers of the wheel's release (torch 2.15: 13.2), which nvcc
+    # refuses beside another release's compiler: they may only fill the toolkit's gaps.
+    setup_module = load_setup_module()
+    toolkit = Path(make_toolkit(tmp_path / "cuda"))
+    site = tmp_path / "site-packages"
+    for package, headers in (("cu13", ("cuda_runtime.h", "cublasLt.h", "cublas_v2.h", "cusparse.h", "cusolverDn.h")),
+                             ("nccl", ("nccl.h",))):
+        (site / "nvidia" / package / "include").mkdir(parents=True)
+        for header in headers:
+            (site / "nvidia" / package / "include" / header).write_text("")
+    (site / "nvidia" / "empty").mkdir()
+    dirs = setup_module.cuda_include_dirs(str(toolkit), [str(tmp_path / "elsewhere"), str(site)])
+    assert dirs == [str(toolkit / "include"), str(site / "nvidia" / "cu13" / "include"),
+                    str(site / "nvidia" / "nccl" / "include")]
+    # A toolkit with every library header torch's CUDA headers include needs nothing else.
+    for header in setup_module.CUDA_LIBRARY_HEADERS:
+        (toolkit / "include" / header).write_text("")
+    assert setup_module.cuda_include_dirs(str(toolkit), [str(site)]) == []
+
+
 def test_setup_with_a_half_found_toolkit_builds_cpu_with_a_warning(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "PYFASTNN_CUDA"}
     env["CUDA_HOME"] = make_toolkit(tmp_path / "cuda", headers=False, runtime=False)
