@@ -65,11 +65,22 @@ def run() -> NoReturn:
     if lost is not None and status == 0:  # a full disk under `> log`: the user did not get the output
         print(f"pyfastnn: error: the output could not be written ({lost.strerror or lost})", file=sys.__stderr__)
         status = EXIT_FAILURE
-    if sys.getprofile() is not None or sys.gettrace() is not None or sys.flags.inspect:
+    if _watched():
         sys.exit(status)
     atexit._run_exitfuncs()  # coverage, weakref finalizers, users' hooks: all that teardown would run
     _flush_native_output()
     os._exit(status)
+
+
+def _watched() -> bool:
+    """Whether a profiler, tracer, debugger or coverage tool watches the process, or ``python -i``
+    waits for it: they need the usual exit (``python -m cProfile -o FILE`` writes FILE after the
+    program returns). From Python 3.12 such tools may register with ``sys.monitoring`` (PEP 669)
+    instead of ``sys.setprofile``/``sys.settrace``, as cProfile does."""
+    if sys.getprofile() is not None or sys.gettrace() is not None or sys.flags.inspect:
+        return True
+    monitoring = getattr(sys, "monitoring", None)
+    return monitoring is not None and any(monitoring.get_tool(tool) is not None for tool in range(6))
 
 
 def _flush_native_output() -> None:

@@ -186,6 +186,30 @@ def test_under_a_profiler_the_program_exits_the_usual_way(tmp_path):
     assert result.returncode == 0 and (tmp_path / "profile.out").stat().st_size > 0, result.stderr
 
 
+def test_a_tool_registered_with_sys_monitoring_gets_the_usual_exit_too():
+    # From Python 3.12 cProfile (and other tools) register with sys.monitoring (PEP 669), not
+    # sys.setprofile. Older Pythons get a stand-in with the same get_tool(), so the check runs on each.
+    import subprocess
+    import sys
+
+    code = """
+import sys, types
+if hasattr(sys, "monitoring"):
+    sys.monitoring.use_tool_id(sys.monitoring.PROFILER_ID, "a profiler")
+else:
+    sys.monitoring = types.SimpleNamespace(get_tool=lambda tool: "a profiler" if tool == 2 else None)
+sys.argv = ["pyfastnn", "info"]
+from pyfastnn.cli import run
+try:
+    run()
+except SystemExit as done:
+    print("exited the usual way with status", done.code)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "exited the usual way with status 0", result.stdout
+
+
 def test_a_run_that_finds_its_new_folder_held_leaves_it_to_the_holder(tmp_path, monkeypatch):
     # Two runs start into a new folder: one makes it, the other takes it first; the first must not
     # remove the folder the holder is about to write into.
