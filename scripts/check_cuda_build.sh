@@ -21,15 +21,6 @@ scripts/setup_env.sh
 "$PYFASTNN_VENV/bin/python" -c "import pyfastnn; i = pyfastnn.info(); assert i['backends']['cuda'], i; print('[cuda] built for', i['cuda_archs'], 'with torch', i['torch'])"
 "$PYFASTNN_VENV/bin/python" -m pytest tests -q -x "$@"
 
-# torch's CMake package asks for the CUDA toolkit; nvrtc comes with the torch wheel when the toolkit
-# has none.
-CUDA_ROOT="${CUDA_HOME:-/usr/local/cuda}"
-CUDA_ARGS=(-DCUDA_TOOLKIT_ROOT_DIR="$CUDA_ROOT" -DCUDAToolkit_ROOT="$CUDA_ROOT")
-if ! ls "$CUDA_ROOT"/lib64/libnvrtc.so* > /dev/null 2>&1; then
-  SITE="$("$PYFASTNN_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-  NVRTC="$(find "$SITE/nvidia" -name 'libnvrtc.so*' 2> /dev/null | sort | head -1)" || true
-  [ -z "$NVRTC" ] || CUDA_ARGS+=(-DCUDA_nvrtc_LIBRARY="$NVRTC")
-fi
 # Through samples/cpp, as a user's project would add it: torch's CUDA targets must reach that project,
-# and the C++20 torch 2.14 requires must reach its program.
-PYFASTNN_CMAKE_PROJECT=samples/cpp scripts/build_cpp.sh "$WORK/cmake" "${CUDA_ARGS[@]}"
+# and the C++20 torch 2.14 requires must reach its program (build_cpp.sh finds the toolkit).
+PYFASTNN_CMAKE_PROJECT=samples/cpp scripts/build_cpp.sh "$WORK/cmake"
