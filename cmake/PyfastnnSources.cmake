@@ -6,6 +6,10 @@
 # kernels compiled once per CPU capability, each copy an OBJECT library with that capability's flags,
 # linked after every other object: NOTE [ Linking AVX and non-AVX files ] in csrc/cpu/dispatch.cpp.
 # Sets PYFASTNN_CPU_CAPABILITIES to the capabilities built.
+#
+#   pyfastnn_target_warnings(<target>)
+#
+# compiles <target> (the library's objects, its tests) with the warning flags of sources.json.
 include_guard(GLOBAL)
 
 set(PYFASTNN_SOURCES_JSON "${CMAKE_CURRENT_LIST_DIR}/sources.json")
@@ -53,16 +57,19 @@ function(_pyfastnn_torch_uses_openmp out)
   set(${out} ${_uses} PARENT_SCOPE)
 endfunction()
 
+function(pyfastnn_target_warnings target)
+  _pyfastnn_json_list(_cxx_flags cxx_flags)
+  _pyfastnn_json_list(_gcc_cxx_flags gcc_cxx_flags)
+  target_compile_options(${target} PRIVATE ${_cxx_flags} "$<$<CXX_COMPILER_ID:GNU>:${_gcc_cxx_flags}>")
+endfunction()
+
 function(pyfastnn_add_library target)
   _pyfastnn_json_sources(_sources cxx_sources)
   _pyfastnn_json_sources(_python_sources python_module_sources)
   _pyfastnn_json_sources(_kernel_sources cpu_kernels)
   list(REMOVE_ITEM _sources ${_python_sources} ${_kernel_sources})
-  _pyfastnn_json_list(_cxx_flags cxx_flags)
-  _pyfastnn_json_list(_gcc_cxx_flags gcc_cxx_flags)
   string(JSON _define_prefix GET "${_pyfastnn_json}" cpu_capability_define)
   set(_is_gcc "$<CXX_COMPILER_ID:GNU>")
-  set(_warnings ${_cxx_flags} "$<${_is_gcc}:${_gcc_cxx_flags}>")
   # at::parallel_for is an OpenMP loop only when compiled with OpenMP; it must run on the libgomp
   # torch loads (the one torch ships, else the compiler's), never a second runtime (sources.json).
   _pyfastnn_json_list(_gcc_openmp_flags gcc_openmp_flags)
@@ -103,7 +110,8 @@ function(pyfastnn_add_library target)
     set_target_properties(${_objects} PROPERTIES POSITION_INDEPENDENT_CODE ON)
     target_include_directories(${_objects} PRIVATE "${PROJECT_SOURCE_DIR}/csrc")
     target_link_libraries(${_objects} PRIVATE torch)
-    target_compile_options(${_objects} PRIVATE ${_warnings} ${_openmp} ${_flags} "$<${_is_gcc}:${_gcc_flags}>")
+    pyfastnn_target_warnings(${_objects})
+    target_compile_options(${_objects} PRIVATE ${_openmp} ${_flags} "$<${_is_gcc}:${_gcc_flags}>")
     list(APPEND _capabilities ${_name})
     list(APPEND _kernel_objects "$<TARGET_OBJECTS:${_objects}>")
   endforeach()
@@ -113,7 +121,8 @@ function(pyfastnn_add_library target)
   add_library(${target} SHARED ${_sources} ${_kernel_objects})
   target_include_directories(${target} PUBLIC "${PROJECT_SOURCE_DIR}/csrc")
   target_link_libraries(${target} PUBLIC ${TORCH_LIBRARIES})
-  target_compile_options(${target} PRIVATE ${_warnings} ${_openmp})
+  pyfastnn_target_warnings(${target})
+  target_compile_options(${target} PRIVATE ${_openmp})
   target_link_libraries(${target} PRIVATE ${_openmp_link})  # after the objects: --as-needed keeps it
   # Loading the library registers the ops, and a program may reach them only through the dispatcher
   # (TorchScript, findSchema): an --as-needed linker would drop it as unused. Its users link it
