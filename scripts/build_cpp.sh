@@ -14,16 +14,19 @@ TORCH_PREFIX="$("$VENV/bin/python" -c 'import torch; print(torch.utils.cmake_pre
 # A CUDA build of torch (what PyPI serves on Linux) has a CMake package that asks for the CUDA toolkit,
 # even for this CPU-only library: point it at the toolkit torch itself would use (CUDA_HOME, the nvcc
 # on PATH, /usr/local/cuda), else at /usr/local/cuda where torch's guess is no toolkit (an nvcc
-# wrapper on PATH), with nvrtc from the torch wheel where the toolkit has none.
+# wrapper on PATH), a toolkit being what setup.py's cuda_toolkit_problem accepts; nvrtc from the
+# torch wheel where the toolkit has none.
 CUDA_ARGS=()
 read -r TORCH_VERSION TORCH_HAS_CUDA TORCH_CUDA_HOME < <("$VENV/bin/python" -c '
-import os, torch
+import importlib.util, sys, torch
 home = ""
 if torch.version.cuda:
     from torch.utils.cpp_extension import CUDA_HOME
-    toolkit = lambda d: os.path.isfile(os.path.join(d, "include", "cuda_runtime.h")) and os.access(os.path.join(d, "bin", "nvcc"), os.X_OK)
-    home = next((d for d in (CUDA_HOME, "/usr/local/cuda") if d and toolkit(d)), "")
-print(torch.__version__, int(bool(torch.version.cuda)), home)' 2> /dev/null)
+    spec = importlib.util.spec_from_file_location("pyfastnn_setup", sys.argv[1])
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)  # its helpers only: setup() runs as __main__
+    home = next((d for d in (CUDA_HOME, "/usr/local/cuda") if setup.cuda_toolkit_problem(d) is None), "")
+print(torch.__version__, int(bool(torch.version.cuda)), home)' "$ROOT/setup.py" 2> /dev/null)
 if [ "${TORCH_HAS_CUDA:-0}" = 1 ]; then
   if [ -z "${TORCH_CUDA_HOME:-}" ]; then
     echo "scripts/build_cpp.sh: torch $TORCH_VERSION is a CUDA build, and its CMake package needs the CUDA" \
