@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Builds the C++ library with GCC 14 and with clang 19 and runs its ctest suite with each (every CPU
-# kernel copy this CPU supports must be compiled in and pass). clang builds it as a user's project
-# would, through samples/cpp (add_subdirectory), whose program runs as one more ctest test. Both
-# compilers come from Debian trixie, installed into a throwaway root with debootstrap (needs root);
-# the build inside it uses the torch of the project's virtual environment.
+# Builds the C++ library with GCC 13 (Ubuntu 24.04's compiler), GCC 14 and clang 19 and runs its ctest
+# suite with each (every CPU kernel copy this CPU supports must be compiled in and pass). clang builds
+# it as a user's project would, through samples/cpp (add_subdirectory), whose program runs as one
+# more ctest test. The compilers come from Debian trixie, installed into a throwaway root with
+# debootstrap (needs root); the build inside it uses the torch of the project's virtual environment.
 #
 #   scripts/test_compilers.sh                 # after scripts/setup_env.sh
 #   PYFASTNN_COMPILERS_CACHE=/some/dir scripts/test_compilers.sh
@@ -15,8 +15,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PYFASTNN_VENV:-$ROOT/.venv}"
 CACHE="${PYFASTNN_COMPILERS_CACHE:-/var/cache/pyfastnn-ci}"
 SUITE=trixie
-PACKAGES="g++-14,clang-19,cmake,ninja-build,ccache"
-COMPILERS="g++-14 clang++-19"
+PACKAGES="g++-13,g++-14,clang-19,cmake,ninja-build,ccache"
+COMPILERS="g++-13 g++-14 clang++-19"
 JAIL="$CACHE/$SUITE-root"
 STAMP="$JAIL/.pyfastnn-root"  # written last: the packages the root was made with
 start=$(date +%s)
@@ -56,7 +56,7 @@ trap unmount_all EXIT
 
 root_ok() {
   [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$PACKAGES" ] &&
-    chroot "$JAIL" /bin/sh -c 'g++-14 --version && clang++-19 --version && cmake --version && ninja --version && ccache --version' \
+    chroot "$JAIL" /bin/sh -c "for tool in $COMPILERS cmake ninja ccache; do \$tool --version || exit 1; done" \
       > /dev/null 2>&1
 }
 
