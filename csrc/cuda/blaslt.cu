@@ -114,7 +114,8 @@ uint32_t reduction_schemes(c10::ScalarType dtype) {
 // same few problems. Its answer depends only on the device, the problem (types, compute type,
 // transposes, sizes, leading dimensions, epilogue, bias and aux leading dimension), the workspace
 // size, the allowed reduction schemes and the alignments of the pointers (the preferences and
-// descriptor attributes it reads), so the answer, including "no algorithm", is kept per such key.
+// descriptor attributes it reads), so the answer, including "no algorithm", is kept per such key
+// (a query that failed for another reason is not: it is asked again).
 // An algorithm cuBLASLt refuses to launch (not supported, invalid value, wrong architecture), or
 // whose launch failed three times in a row, is remembered as "no algorithm" for its key, so the
 // fallback is not preceded by the same failing launch on every call. The cache is bounded: a run with
@@ -233,8 +234,10 @@ bool lt_matmul(const LtGemm& g) {
     const cublasStatus_t query = cublasLtMatmulAlgoGetHeuristic(handle, desc.raw, a_layout.raw, b_layout.raw,
                                                                  d_layout.raw, d_layout.raw, preference.raw, 1,
                                                                  &answer.heuristic, &found);
-    answer.found = query == CUBLAS_STATUS_SUCCESS && found > 0;  // else NOT_SUPPORTED or no algorithm
-    heuristic_cache().store(key, answer);
+    answer.found = query == CUBLAS_STATUS_SUCCESS && found > 0;
+    // A definite answer (an algorithm, none, or NOT_SUPPORTED) is kept; any other failure of the
+    // query (an allocation, say) says nothing of the problem and is asked again on the next call.
+    if (query == CUBLAS_STATUS_SUCCESS || query == CUBLAS_STATUS_NOT_SUPPORTED) heuristic_cache().store(key, answer);
   }
   if (!answer.found) return false;
   const cublasLtMatmulHeuristicResult_t& heuristic = answer.heuristic;

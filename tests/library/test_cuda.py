@@ -236,8 +236,8 @@ def test_cublaslt_and_fallback_paths_agree(activation, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("activation", ["relu", "gelu_tanh", "sigmoid"])
 def test_misaligned_views_and_transposed_operands(activation, dtype, gemm_path):
-    # Storage offsets of one element: pointers are 2- or 4-byte aligned, never 16 (cuBLASLt must pick
-    # a kernel for that alignment or decline, the vectorized passes fall back to one element per step).
+    # Storage offsets of one element: pointers are 2- or 4-byte aligned, never 16. cuBLASLt must pick a
+    # kernel for such inputs or decline them; the bias it gets is an aligned copy of the sliced one.
     rows, k, n = 96, 64, 40
     x = torch.randn(rows * k + 1, device="cuda", dtype=dtype)[1:].view(rows, k).requires_grad_()
     w = (torch.randn(n * k + 1, device="cuda") / 8).to(dtype)[1:].view(n, k).requires_grad_()
