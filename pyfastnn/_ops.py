@@ -21,6 +21,9 @@ ops = torch.ops.pyfastnn
 #: Names of the supported activations, in the order of the C++ enum (their integer codes).
 ACTIVATIONS: Tuple[str, ...] = tuple(native.activation_names())
 
+#: The dtypes the kernels compute in (the ops refuse any other: csrc/checks.cpp).
+DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
 #: ``leaky_relu``'s slope for negative inputs when none is given (torch.nn.LeakyReLU's default).
 DEFAULT_NEGATIVE_SLOPE = 0.01
 

@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._ops import ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, canonical_activation, dropout_probability, slope_value
+from ._ops import ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, DTYPES, canonical_activation, dropout_probability, slope_value
 
 __all__ = ["ACTIVATION_MODULES", "FUNCTION_ACTIVATIONS", "METHOD_ACTIVATIONS", "Layer", "activation_module",
-           "activation_of", "chain_mismatch", "dropout_joining", "dropout_of", "has_hooks", "is_plain", "is_plain_linear",
-           "kept_for_its_own_state", "link_mismatch", "parse_layers"]
+           "activation_of", "chain_mismatch", "dropout_joining", "dropout_of", "fusable_linear", "has_hooks",
+           "is_plain", "is_plain_linear", "kept_for_its_own_state", "link_mismatch", "linear_dtype_problem",
+           "parse_layers"]
 
 #: The one table of activation name -> (torch.nn module type, the attributes that select it).
 #: ``leaky_relu``'s ``negative_slope`` is a parameter of the activation, not part of its identity.
@@ -162,6 +163,28 @@ def is_plain_linear(module: nn.Module) -> bool:
     return is_plain(module, nn.Linear)
 
 
+def linear_dtype_problem(linear: nn.Linear) -> Optional[str]:
+    """Why the kernels cannot compute ``linear`` in its dtype, or None if they can (:data:`DTYPES`).
+
+    Example:
+        >>> linear_dtype_problem(nn.Linear(2, 2)) is None
+        True
+        >>> linear_dtype_problem(nn.Linear(2, 2, dtype=torch.complex64))
+        'its weight is torch.complex64; the fused kernels compute in float32, float64, bfloat16 or float16'
+    """
+    dtype = linear.weight.dtype
+    if dtype in DTYPES:
+        return None
+    names = [str(d).replace("torch.", "") for d in DTYPES]
+    return f"its weight is {dtype}; the fused kernels compute in {', '.join(names[:-1])} or {names[-1]}"
+
+
+def fusable_linear(module: nn.Module) -> bool:
+    """Whether a fused layer can replace ``module``: :func:`is_plain_linear`, in a dtype the kernels
+    compute in (a complex Linear, say, stays as it is)."""
+    return is_plain_linear(module) and linear_dtype_problem(module) is None
+
+
 def link_mismatch(before: nn.Module, after: nn.Module) -> Optional[str]:
     """Why the linear layer ``after`` (an ``nn.Linear`` or a ``FusedLinear``) cannot follow ``before``
     in one fused op, or None if it can: its inputs must be ``before``'s outputs, in one dtype on one
@@ -210,7 +233,7 @@ def parse_layers(modules: List[nn.Module], start: int,
     def usable(k: int) -> bool:
         return k < len(modules) and id(modules[k]) not in pinned
 
-    while usable(i) and is_plain_linear(modules[i]):
+    while usable(i) and fusable_linear(modules[i]):
         j = i + 1
         activation, slope, p = "identity", DEFAULT_NEGATIVE_SLOPE, 0.0
         if usable(j) and (found := activation_of(modules[j])) is not None:

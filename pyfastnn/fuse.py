@@ -27,7 +27,8 @@ Two passes, innermost modules first:
 
 Modules with hooks are never absorbed (fusion would bypass the hooks), nor replaced (a Sequential
 with hooks is fused in place, a traced module with hooks is left as it is); :func:`fuse` warns about
-them. A module some ``forward`` calls from outside its owner (``self.block.fc(x)``) is never
+the Linears and the modules holding Linears it leaves for their hooks (an activation or Dropout with
+hooks just stays). A Linear in a dtype the kernels lack (complex, say) is left as it is. A module some ``forward`` calls from outside its owner (``self.block.fc(x)``) is never
 absorbed either: that call would get the fused activation too (such calls are read from the traced
 graph and from the source of the module's class). The fused modules hold the very same parameter
 tensors; everything else is left alone.
@@ -58,7 +59,7 @@ from torch import nn
 
 from ._ops import DEFAULT_NEGATIVE_SLOPE, check_flag
 from ._patterns import (ACTIVATION_MODULES, FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, Layer, activation_of,
-                        dropout_joining, has_hooks, is_plain, is_plain_linear, parse_layers)
+                        dropout_joining, fusable_linear, has_hooks, is_plain, parse_layers)
 from .nn import FusedLinear, FusedMLP
 
 __all__ = ["fuse", "FusedRun", "Absorbed"]
@@ -669,13 +670,13 @@ def _fused_graph_module(module: nn.Module, path: str, fusion: "_Fusion", trace: 
             call_counts[node.target] = call_counts.get(node.target, 0) + 1
             source = node.args[0] if node.args else None
             if (isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1
-                    and is_plain_linear(gm.get_submodule(source.target))):
+                    and fusable_linear(gm.get_submodule(source.target))):
                 after_linear[node.target] = after_linear.get(node.target, 0) + 1
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or "." in node.target:  # a grandchild: its owner's business
             continue
         linear = gm.get_submodule(node.target)
-        if not is_plain_linear(linear) or not _absorbable(linear, fusion):
+        if not fusable_linear(linear) or not _absorbable(linear, fusion):
             continue
         if len(node.users) != 1 or call_counts[node.target] != 1:
             # A Linear called at several places must stay one: fusing it (swapped by name) would
@@ -954,7 +955,7 @@ def _fuse_subtree(module: nn.Module, path: str, fusion: _Fusion, keep_root: bool
         return _fuse_sequential(module, path, fusion, replace_whole=not keep and type(module) is nn.Sequential)
     if isinstance(module, nn.Sequential):
         return module  # a subclass with its own forward: tracing would take its indexing and methods away
-    if any(is_plain_linear(child) for child in module.children()):
+    if any(fusable_linear(child) for child in module.children()):
         if keep and not keep_root:
             fusion.hooked.append(path.rstrip(".") or type(module).__name__)
             return module

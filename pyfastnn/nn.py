@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 from ._ops import (DEFAULT_NEGATIVE_SLOPE, activation_code, canonical_activation, dropout_probability, run_fused_linear,
                    run_fused_mlp, slope_value)
 from ._patterns import (activation_module, chain_mismatch, dropout_of, is_plain_linear, kept_for_its_own_state,
-                        link_mismatch, parse_layers)
+                        linear_dtype_problem, link_mismatch, parse_layers)
 
 __all__ = ["FusedLinear", "FusedMLP", "activation_module"]
 
@@ -167,6 +167,8 @@ class FusedLinear(nn.Module):
             raise ValueError(f"from_linear got a {type(linear).__name__} that is not a plain nn.Linear (a subclass, "
                              f"parametrizations, hooks, or attributes, parameters, buffers or modules of its own), "
                              f"which the fused layer would silently drop")
+        if (problem := linear_dtype_problem(linear)) is not None:
+            raise TypeError(f"from_linear got a Linear the fused layer cannot compute: {problem}")
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     activation=activation, negative_slope=negative_slope, dropout=dropout, device="meta")
         take = (lambda p: nn.Parameter(p.detach().clone(), p.requires_grad)) if copy else (lambda p: p)
@@ -365,6 +367,8 @@ class FusedMLP(nn.Module):
                        "layer has one mode; call .train() or .eval() on the Sequential first)")
             elif layers and (following := parse_layers(modules, used)[0]):
                 why = f" ({chain_mismatch(layers, following[0])})"
+            elif isinstance(stop, nn.Linear) and (problem := linear_dtype_problem(stop)) is not None:
+                why = f" ({problem})"
             elif stop is not None and kept_for_its_own_state(stop):
                 why = (" (it has hooks, or a forward, parameter, buffer or attribute of its own, which a fused "
                        "layer would bypass or lose)")

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 import pyfastnn
 
+from ._ops import DTYPES
+
 __all__ = ["TOLERANCES", "REFERENCE_ACTIVATIONS", "DTYPES", "assert_close", "reference", "reference_mlp",
            "Case", "MLPCase", "random_tensor", "random_case", "random_mlp_case", "build", "check", "check_mlp", "run"]
 
@@ -135,7 +137,6 @@ def _apply_dropout(x: torch.Tensor, keep_mask: Optional[torch.Tensor], p: float)
 
 SIZES = (0, 1, 2, 3, 5, 7, 13, 16, 17, 31, 32, 33, 64, 127, 257)
 LARGE_K = (1031, 4099)
-DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 #: The layouts a Case's input and weight are drawn in.

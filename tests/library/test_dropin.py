@@ -557,6 +557,36 @@ def test_fuse_leaves_hooked_modules_alone_and_says_so():
     assert [type(m) for m in fused] == [nn.Linear, nn.ReLU]
 
 
+class _SigmoidOfLinear(nn.Module):
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.fc = nn.Linear(6, 3, dtype=dtype)
+
+    def forward(self, x):
+        return torch.sigmoid(self.fc(x))
+
+
+def test_fuse_leaves_linears_in_dtypes_the_kernels_lack_as_they_are():
+    torch.manual_seed(0)
+    complex_mlp = nn.Sequential(nn.Linear(8, 6, dtype=torch.complex64), nn.Tanh(),
+                                nn.Linear(6, 2, dtype=torch.complex64))
+    x = torch.randn(4, 8, dtype=torch.complex64)
+    for model, inputs in ((complex_mlp, x), (_SigmoidOfLinear(torch.complex128), torch.randn(4, 6, dtype=torch.complex128))):
+        runs = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fused = pyfastnn.fuse(model, report=runs)
+        assert runs == [] and not any(isinstance(m, (FusedLinear, FusedMLP)) for m in fused.modules())
+        torch.testing.assert_close(fused(inputs), model(inputs))
+    # Beside a float32 run, which still fuses.
+    mixed = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2, dtype=torch.complex64))
+    assert [type(m) for m in pyfastnn.fuse(mixed)] == [FusedMLP, Absorbed, Absorbed, nn.Linear]
+    with pytest.raises(TypeError, match="its weight is torch.complex64; the fused kernels compute in float32"):
+        FusedLinear.from_linear(complex_mlp[0])
+    with pytest.raises(ValueError, match=r"stopped at module 0: .*its weight is torch.complex64"):
+        FusedMLP.from_sequential(complex_mlp)
+
+
 def _stochastic(module: nn.Module, x: torch.Tensor) -> bool:
     return not torch.equal(module(x), module(x))
 
