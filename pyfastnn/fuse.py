@@ -28,9 +28,10 @@ Two passes, innermost modules first:
 Modules with hooks are never absorbed (fusion would bypass the hooks), nor replaced (a Sequential
 with hooks is fused in place, a traced module with hooks is left as it is); :func:`fuse` warns about
 the Linears and the modules holding Linears it leaves for their hooks (an activation or Dropout with
-hooks just stays). A Linear in a dtype the kernels lack (complex, say) is left as it is. A module some ``forward`` calls from outside its owner (``self.block.fc(x)``) is never
-absorbed either: that call would get the fused activation too (such calls are read from the traced
-graph and from the source of the module's class). The fused modules hold the very same parameter
+hooks just stays). A Linear in a dtype the kernels lack (complex, say) is left as it is. A module
+some ``forward`` calls from outside its owner (``self.block.fc(x)``) is never absorbed either: that
+call would get the fused activation too (such calls are read from the traced graph and from the
+source of the module's class). The fused modules hold the very same parameter
 tensors; everything else is left alone.
 """
 
@@ -59,7 +60,7 @@ from torch import nn
 
 from ._ops import DEFAULT_NEGATIVE_SLOPE, check_flag
 from ._patterns import (ACTIVATION_MODULES, FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, Layer, activation_of,
-                        dropout_joining, fusable_linear, has_hooks, is_plain, parse_layers)
+                        dropout_joining, fusable_linear, has_hooks, is_plain, linear_dtype_problem, parse_layers)
 from .nn import FusedLinear, FusedMLP
 
 __all__ = ["fuse", "FusedRun", "Absorbed"]
@@ -1057,7 +1058,7 @@ def _fuse(model: nn.Module, inplace: bool, report: Optional[List[FusedRun]], ver
             raise RuntimeError(f"pyfastnn.fuse could not copy the model ({error}); fuse it in place with "
                                f"inplace=True, or remove what stops the copy first") from error
     hooked = [name or type(model).__name__ for name, module in model.named_modules()
-              if type(module) is nn.Linear and has_hooks(module)]
+              if type(module) is nn.Linear and has_hooks(module) and linear_dtype_problem(module) is None]
     fusion = _Fusion([], _called_from_outside(model), [], [])
     model = _fuse_tree(model, "", fusion, keep_root=inplace)
     hooked += fusion.hooked

@@ -150,7 +150,8 @@ class FusedLinear(nn.Module):
         gives it independent copies instead. Only a plain ``nn.Linear`` converts: a subclass, a
         parametrized Linear (``weight_norm``, ``spectral_norm``, ``prune``, ``parametrize``), one with
         hooks or with attributes of its own raises ``ValueError``, since the fused layer would drop
-        what they add (as :meth:`FusedMLP.from_sequential` and :func:`pyfastnn.fuse` leave them).
+        what they add (as :meth:`FusedMLP.from_sequential` and :func:`pyfastnn.fuse` leave them); one
+        in a dtype the kernels lack (complex, say) raises ``TypeError``.
 
         Example:
             >>> linear = nn.Linear(4, 3)

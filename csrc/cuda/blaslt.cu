@@ -115,7 +115,7 @@ uint32_t reduction_schemes(c10::ScalarType dtype) {
 // transposes, sizes, leading dimensions, epilogue, bias and aux leading dimension), the workspace
 // size, the allowed reduction schemes and the alignments of the pointers (the preferences and
 // descriptor attributes it reads), so the answer, including "no algorithm", is kept per such key
-// (a query that failed for another reason is not: it is asked again).
+// (not a query that failed for a passing reason, such as an allocation: it is asked again).
 // An algorithm cuBLASLt refuses to launch (not supported, invalid value, wrong architecture), or
 // whose launch failed three times in a row, is remembered as "no algorithm" for its key, so the
 // fallback is not preceded by the same failing launch on every call. The cache is bounded: a run with
@@ -184,7 +184,10 @@ bool lt_matmul(const LtGemm& g) {
   if (uses_aux(g.epilogue) && g.aux_ld % (relu_mask ? 128 : 8) != 0) return false;
   // cuBLASLt's alignment preferences cover A, B, C and D only; a kernel it picks may still assume a
   // 16-byte aligned bias or aux buffer (a sliced bias is not), and would fault rather than decline.
-  if ((has_bias && alignment_of(g.bias) < 16) || (uses_aux(g.epilogue) && alignment_of(g.aux) < 16)) return false;
+  if ((has_bias && alignment_of(g.bias) < kEpilogueAlignment) ||
+      (uses_aux(g.epilogue) && alignment_of(g.aux) < kEpilogueAlignment)) {
+    return false;
+  }
 
   const cudaDataType_t type = g.dtype == at::kFloat ? CUDA_R_32F : g.dtype == at::kHalf ? CUDA_R_16F : CUDA_R_16BF;
   const cublasComputeType_t compute = compute_type(g.dtype);
@@ -235,9 +238,11 @@ bool lt_matmul(const LtGemm& g) {
                                                                  d_layout.raw, d_layout.raw, preference.raw, 1,
                                                                  &answer.heuristic, &found);
     answer.found = query == CUBLAS_STATUS_SUCCESS && found > 0;
-    // A definite answer (an algorithm, none, or NOT_SUPPORTED) is kept; any other failure of the
-    // query (an allocation, say) says nothing of the problem and is asked again on the next call.
-    if (query == CUBLAS_STATUS_SUCCESS || query == CUBLAS_STATUS_NOT_SUPPORTED) heuristic_cache().store(key, answer);
+    // The answer for this problem is kept, "none" included, unless the query failed for a reason that
+    // says nothing of the problem (an allocation, an internal error): that one is asked again next call.
+    const bool transient = query == CUBLAS_STATUS_ALLOC_FAILED || query == CUBLAS_STATUS_INTERNAL_ERROR ||
+                           query == CUBLAS_STATUS_EXECUTION_FAILED;
+    if (!transient) heuristic_cache().store(key, answer);
   }
   if (!answer.found) return false;
   const cublasLtMatmulHeuristicResult_t& heuristic = answer.heuristic;

@@ -11,8 +11,7 @@
 // call as estimated from the other GEMMs' costs (benchmarks/RESULTS.md, "First figures on an H200").
 // cuBLASLt does not take every problem: float64, some shapes and alignments have no algorithm.
 // lt_matmul then returns false *before* touching any output, and the caller runs the same math as
-// ATen GEMMs plus our own element-wise pass (where only a fused activation was declined, the plain
-// cuBLASLt GEMM plus that pass). Setting the environment variable PYFASTNN_CUBLASLT=0
+// ATen GEMMs plus our own element-wise pass. Setting the environment variable PYFASTNN_CUBLASLT=0
 // forces that fallback everywhere (tests compare both paths against the same reference).
 #pragma once
 
@@ -51,6 +50,9 @@ struct LtGemm {
   float alpha = 1.0f;  // D = alpha * op(A) op(B), before the epilogue
 };
 
+// The alignment (bytes) cuBLASLt's epilogue kernels may assume of the bias and aux buffers, which its
+// alignment preferences do not cover: lt_matmul declines a buffer aligned less.
+constexpr uintptr_t kEpilogueAlignment = 16;
 // False unless this build and the environment allow cuBLASLt (PYFASTNN_CUBLASLT != "0").
 bool lt_enabled();
 

@@ -27,12 +27,13 @@ bool gemm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
     // Row-major out (rows, out) is column-major out^T: D (out x rows) = op_T(W stored in x out) * x^T.
     LtGemm gemm{x.scalar_type(), /*transpose_a=*/true, /*transpose_b=*/false, out_features, rows, in_features,
                 w.data_ptr(), in_features, x.data_ptr(), in_features, acc.data_ptr(), out_features};
-    // A sliced bias may sit below the 16-byte alignment cuBLASLt's epilogue kernels assume (lt_matmul
-    // declines it): its out_features elements, copied into a fresh block, keep the GEMM on cuBLASLt.
-    const at::Tensor bias = b.defined() && reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 != 0 ? b.clone() : b;
-    const GemmEpilogue plain = bias.defined() ? GemmEpilogue::Bias : GemmEpilogue::Default;
+    // A sliced bias may sit below the alignment cuBLASLt's epilogue kernels assume (lt_matmul declines
+    // it): its out_features elements, copied into a fresh block, keep the GEMM on cuBLASLt.
+    const bool copy_bias = b.defined() && reinterpret_cast<uintptr_t>(b.data_ptr()) % kEpilogueAlignment != 0 &&
+                           lt_enabled() && lt_supports(x.scalar_type(), out_features, rows, in_features);
+    const at::Tensor bias = copy_bias ? b.clone() : b;
     gemm.bias = bias.defined() ? bias.data_ptr() : nullptr;
-    gemm.epilogue = plain;
+    gemm.epilogue = bias.defined() ? GemmEpilogue::Bias : GemmEpilogue::Default;
     bool finished = false;
     if (!dropout_runs) {
       if (activation == Activation::Identity && preact == nullptr) {
@@ -61,15 +62,6 @@ bool gemm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
       }
     }
     if (lt_matmul(gemm)) return finished;
-    if (gemm.epilogue != plain) {
-      // cuBLASLt declined the fused activation (no algorithm with it for this problem), which need not
-      // decline the plain GEMM: our pass then applies the activation, as after the ATen fallback.
-      gemm.epilogue = plain;
-      gemm.d = acc.data_ptr();
-      gemm.aux = nullptr;
-      gemm.aux_ld = 0;
-      if (lt_matmul(gemm)) return false;
-    }
   }
   // Fallback: ATen's GEMM with the bias added inside it (before its single rounding, as F.linear).
   at::Tensor acc_out = acc;

@@ -182,7 +182,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--mnist-steps", type=positive_int, default=300,
                         help="at most this many MNIST training steps, one epoch at most (default: %(default)s)")
     parser.add_argument("--no-bench", action="store_true", help="skip the quick benchmark and the fusion timing")
-    parser.add_argument("--device", default="cpu", help="where the MNIST run trains: cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the MNIST run trains: cpu, cuda or cuda:N (default: %(default)s)")
     args = parser.parse_args(argv)
     return run_command(parser, args, lambda: _demo(args))
 

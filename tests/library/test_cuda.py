@@ -582,22 +582,31 @@ def test_forward_and_backward_captured_in_a_cuda_graph(dtype):
                           pyfastnn.FusedMLP([128, 256, 64, 16], activation="relu")).cuda().to(dtype)
     x = torch.randn(512, 64, device="cuda", dtype=dtype, requires_grad=True)
     grad = torch.randn(512, 16, device="cuda", dtype=dtype)
-    params = [x, *model.parameters()]
+    # A head whose bias is sliced (2-byte aligned): the GEMM gets an aligned copy, made in the graph,
+    # so a replay reads the bias's values at that replay.
+    head_weight = (torch.randn(16, 16, device="cuda") / 4).to(dtype).requires_grad_()
+    head_bias = torch.randn(17, device="cuda", dtype=dtype)[1:].requires_grad_()
+
+    def forward():
+        return pyfastnn.fused_linear(model(x), head_weight, head_bias, "sigmoid")
+
+    params = [x, *model.parameters(), head_weight, head_bias]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
-            torch.autograd.grad(model(x), params, grad)
+            torch.autograd.grad(forward(), params, grad)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = model(x)
+        static_out = forward()
         static_grads = torch.autograd.grad(static_out, params, grad)
     for scale in (1.0, -0.5):
         with torch.no_grad():
             x.mul_(scale)
+            head_bias.mul_(scale)
         graph.replay()
-        expected = model(x)
+        expected = forward()
         expected_grads = torch.autograd.grad(expected, params, grad)
         assert_close(static_out, expected, dtype)
         for got, want in zip(static_grads, expected_grads):

@@ -571,7 +571,8 @@ def test_fuse_leaves_linears_in_dtypes_the_kernels_lack_as_they_are():
     complex_mlp = nn.Sequential(nn.Linear(8, 6, dtype=torch.complex64), nn.Tanh(),
                                 nn.Linear(6, 2, dtype=torch.complex64))
     x = torch.randn(4, 8, dtype=torch.complex64)
-    for model, inputs in ((complex_mlp, x), (_SigmoidOfLinear(torch.complex128), torch.randn(4, 6, dtype=torch.complex128))):
+    traced = _SigmoidOfLinear(torch.complex128)
+    for model, inputs in ((complex_mlp, x), (traced, torch.randn(4, 6, dtype=torch.complex128))):
         runs = []
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -585,6 +586,15 @@ def test_fuse_leaves_linears_in_dtypes_the_kernels_lack_as_they_are():
         FusedLinear.from_linear(complex_mlp[0])
     with pytest.raises(ValueError, match=r"stopped at module 0: .*its weight is torch.complex64"):
         FusedMLP.from_sequential(complex_mlp)
+    # A hooked complex Linear is not one that its hooks kept from fusing: no warning about them.
+    complex_mlp[0].register_forward_hook(lambda *args: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pyfastnn.fuse(complex_mlp)
+    # A Linear without a weight tensor is left alone too (it cannot run, fused or not).
+    weightless = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2), nn.Tanh())
+    weightless[0].weight = None
+    assert [type(m) for m in pyfastnn.fuse(weightless)] == [nn.Linear, nn.ReLU, FusedLinear, Absorbed]
 
 
 def _stochastic(module: nn.Module, x: torch.Tensor) -> bool:
