@@ -167,11 +167,12 @@ def test_output_that_cannot_be_written_is_one_line_and_a_closed_stderr_is_no_fai
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    with open("/dev/full", "w") as full:  # a full disk under `> log`
-        result = subprocess.run([sys.executable, "-m", "pyfastnn", "info"], stdout=full, stderr=subprocess.PIPE,
-                                text=True, timeout=120, env=env)
-    assert result.returncode == 1
-    assert result.stderr == "pyfastnn: error: the output could not be written (No space left on device)\n"
+    for args in (["info"], ["--help"], ["--version"], ["train", "--help"]):  # argparse's exits too
+        with open("/dev/full", "w") as full:  # a full disk under `> log`
+            result = subprocess.run([sys.executable, "-m", "pyfastnn", *args], stdout=full, stderr=subprocess.PIPE,
+                                    text=True, timeout=120, env=env)
+        assert result.returncode == 1, args
+        assert result.stderr == "pyfastnn: error: the output could not be written (No space left on device)\n"
     result = subprocess.run([sys.executable, "-m", "pyfastnn", "info"], capture_output=False, stdout=subprocess.PIPE,
                             text=True, timeout=120, env=env, preexec_fn=lambda: os.close(2))  # 2>&-
     assert result.returncode == 0 and "pyfastnn" in result.stdout
