@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -13,9 +14,15 @@ from ..functional import fused_linear
 
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
+    # The pictures are files: Agg, whatever MPLBACKEND names (a name matplotlib does not know there
+    # would stop `import matplotlib` itself, after a whole training run).
+    requested = os.environ.pop("MPLBACKEND", None)
+    try:
+        import matplotlib
+    finally:
+        if requested is not None:
+            os.environ["MPLBACKEND"] = requested
+    matplotlib.use("Agg")  # never needs a display
     import matplotlib.pyplot as plt
 
     return plt

@@ -17,9 +17,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_train_cli_writes_metrics_checkpoint_and_plots(tmp_path, mnist_dir):
     out = tmp_path / "run"
+    # The pictures are files, drawn with Agg whatever MPLBACKEND names (an unknown name there would
+    # stop `import matplotlib` itself).
+    env = {**os.environ, "MPLBACKEND": "no-such-backend"}
     result = subprocess.run(
         [sys.executable, "-m", "pyfastnn", "train", "mnist", "--data", str(mnist_dir), "--epochs", "1",
-         "--max-steps", "60", "--out", str(out)], capture_output=True, text=True, timeout=600)
+         "--max-steps", "60", "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.8 < metrics["test_accuracy"] <= 1.0 and metrics["completed"] is True and metrics["checkpoint_epoch"] == 1
