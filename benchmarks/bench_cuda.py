@@ -258,9 +258,8 @@ def main(argv=None) -> int:
             check_output_file(args.json)
         except OSError as error:
             parser.error(str(error))
-    if not torch.cuda.is_available():
-        print("no CUDA device", file=sys.stderr)
-        return 2
+    if not pyfastnn.info()["cuda_available"]:
+        parser.error("needs a CUDA GPU and a CUDA build of pyfastnn (see pyfastnn info)")
     print(pyfastnn.info(), torch.__version__, torch.cuda.get_device_name(), flush=True)
     dtypes = (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float16, torch.float32)
     if args.profile:

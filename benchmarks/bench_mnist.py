@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -358,7 +359,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="steps and inference only, no compile")
     parser.add_argument("--full-script", action="store_true", help="also the 5-epoch lesson script vs pyfastnn train")
-    parser.add_argument("--data", help="MNIST folder for --full-script (default: $PYFASTNN_MNIST or ../shared/data/mnist)")
+    parser.add_argument("--data", type=path_argument,
+                        help="MNIST folder for --full-script (default: $PYFASTNN_MNIST or ../shared/data/mnist)")
     parser.add_argument("--epochs", type=positive_int, default=5)
     parser.add_argument("--json", metavar="PATH", type=path_argument)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -418,14 +420,18 @@ def _main_cuda(args, parser, build, data) -> int:
 
 
 def _mnist_folder(data, parser):
-    """--data when given (checked: a wrong folder is an error, not replaced by another), else
-    $PYFASTNN_MNIST or ../shared/data/mnist beside the project; None where neither holds MNIST."""
-    if data is None:
-        return find_mnist() or find_mnist(ROOT.parent / "shared" / "data" / "mnist")
+    """--data when given, else $PYFASTNN_MNIST when set (either checked: a wrong folder is an error,
+    not replaced by another), else ../shared/data/mnist beside the project if it holds MNIST, else None."""
+    if data is None and os.environ.get("PYFASTNN_MNIST"):
+        data, what = os.environ["PYFASTNN_MNIST"], "$PYFASTNN_MNIST"
+    elif data is None:
+        return find_mnist(ROOT.parent / "shared" / "data" / "mnist")
+    else:
+        what = "--data"
     try:
-        load_mnist(data, train=False)
+        load_mnist(data, train=False, missing_hint="point --data or $PYFASTNN_MNIST at the folder that holds them")
     except (OSError, ValueError) as error:
-        parser.error(f"--data: {error}")
+        parser.error(f"{what}: {error}")
     return Path(data)
 
 

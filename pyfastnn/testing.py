@@ -116,6 +116,10 @@ def reference_mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: 
                          ("dropout", dropout)):
         if values is not None and len(values) != len(weights):
             raise ValueError(f"reference_mlp: {len(values)} {name} for {len(weights)} weights")
+    if biases is None or activations is None:
+        raise TypeError("reference_mlp: biases and activations take one entry per layer (None: no bias)")
+    if keep_masks is not None and dropout is None:
+        raise ValueError("reference_mlp: keep_masks need the dropout probabilities they were drawn with")
     x = input
     for layer, (w, b, activation) in enumerate(zip(weights, biases, activations)):
         x = reference(x, w, b, activation, negative_slope)
@@ -128,9 +132,15 @@ def _apply_dropout(x: torch.Tensor, keep_mask: Optional[torch.Tensor], p: float)
     """``x`` after one layer's dropout, x * mask / (1 - p), with one rounding: in float32 for half
     and bfloat16, as the kernels and CUDA's nn.Dropout compute it (rounding 1 / (1 - p) to half
     first, as CPU's nn.Dropout does, moves a third of the values by an ulp, enough to flip a later
-    relu near 0). A None or empty mask (a layer without dropout) leaves ``x`` as it is."""
-    if keep_mask is None or keep_mask.dim() != 2:
+    relu near 0). A None or empty mask (a layer without dropout) leaves ``x`` as it is; any other
+    holds one entry per element of ``x``, in any shape (the ops keep them as rows x features)."""
+    if keep_mask is None or keep_mask.numel() == 0:
         return x
+    if keep_mask.numel() != x.numel():
+        raise ValueError(f"reference_mlp: a keep mask of shape {tuple(keep_mask.shape)} for a layer output of "
+                         f"shape {tuple(x.shape)}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"reference_mlp: dropout probabilities are in [0, 1), got {p}")
     opmath = torch.promote_types(x.dtype, torch.float32)
     return (x.to(opmath) * keep_mask.reshape(x.shape).to(opmath) * (1.0 / (1.0 - p))).to(x.dtype)
 

@@ -13,14 +13,16 @@ import time
 
 import torch
 
+import pyfastnn
 from pyfastnn.command import positive_int
 from pyfastnn.testing import run
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=positive_int, default=10000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", type=positive_int, default=10000, help="random cases to run (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="the cases' random seed (default: %(default)s)")
     parser.add_argument("--mlp", action="store_true", help="fuzz fused_mlp instead of fused_linear")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
     args = parser.parse_args()
@@ -30,8 +32,8 @@ def main() -> int:
         parser.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA device is visible")
+    if device.type == "cuda" and not pyfastnn.info()["cuda_available"]:
+        parser.error(f"--device {args.device} needs a CUDA GPU and a CUDA build of pyfastnn (see pyfastnn info)")
     start = time.perf_counter()
     mismatches = run(args.cases, args.seed, mlp=args.mlp, device=args.device)
     for line in mismatches:

@@ -378,3 +378,23 @@ def test_cuda_kernels_lists_each_kernel_once_per_call_or_says_it_needs_a_gpu():
     assert sorted(k["launches"] for k in kernels) == [1, 2] and all(k["us"] > 0 for k in kernels), kernels
     assert kernels[0]["us"] >= kernels[1]["us"]
 
+
+
+def test_reference_mlp_applies_masks_of_any_shape_and_names_bad_arguments():
+    torch.manual_seed(0)
+    x, weights = torch.randn(2, 3, 4), [torch.randn(8, 4), torch.randn(3, 8)]
+    args = (x, weights, [None, None], ["relu", "identity"])
+    dropped = [torch.zeros(2, 3, 8, dtype=torch.uint8), torch.zeros(2, 3, 3, dtype=torch.uint8)]
+    assert not reference_mlp(*args, keep_masks=dropped, dropout=[0.5, 0.5]).any()  # N-D masks apply too
+    rows = [mask.reshape(6, -1) for mask in dropped]  # the ops' rows x features layout: the same result
+    assert not reference_mlp(*args, keep_masks=rows, dropout=[0.5, 0.5]).any()
+    none = [torch.empty(0, dtype=torch.uint8)] * 2  # layers without dropout
+    assert torch.equal(reference_mlp(*args, keep_masks=none, dropout=[0.5, 0.5]), reference_mlp(*args))
+    with pytest.raises(ValueError, match="keep_masks need the dropout probabilities"):
+        reference_mlp(*args, keep_masks=dropped)
+    with pytest.raises(ValueError, match=r"a keep mask of shape \(5,\) for a layer output of shape \(2, 3, 8\)"):
+        reference_mlp(*args, keep_masks=[torch.ones(5, dtype=torch.uint8)] * 2, dropout=[0.5, 0.5])
+    with pytest.raises(ValueError, match=r"dropout probabilities are in \[0, 1\), got 1.0"):
+        reference_mlp(*args, keep_masks=dropped, dropout=[1.0, 0.5])
+    with pytest.raises(TypeError, match="biases and activations take one entry per layer"):
+        reference_mlp(x, weights, None, ["relu", "identity"])
