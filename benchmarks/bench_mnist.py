@@ -373,7 +373,8 @@ def main(argv=None) -> int:
     if args.lesson_script:
         print(f"lesson test accuracy {lesson_script(args.data, args.epochs):.4f}")
         return 0
-    data = _mnist_folder(args.data, parser)  # before minutes of benchmarks
+    uses_data = args.full_script or args.whole_process or (args.device == "cuda" and not (args.quick or args.profile))
+    data = _mnist_folder(args.data, uses_data, parser)  # before minutes of benchmarks
     if args.json:
         try:
             check_output_file(args.json)
@@ -419,9 +420,12 @@ def _main_cuda(args, parser, build, data) -> int:
     return 0
 
 
-def _mnist_folder(data, parser):
-    """--data when given, else $PYFASTNN_MNIST when set (either checked: a wrong folder is an error,
-    not replaced by another), else ../shared/data/mnist beside the project if it holds MNIST, else None."""
+def _mnist_folder(data, uses_data: bool, parser):
+    """--data when given, else $PYFASTNN_MNIST when set and the run reads MNIST (either checked: a
+    wrong folder is an error, not replaced by another), else ../shared/data/mnist beside the project
+    if it holds MNIST, else None."""
+    if data is None and not uses_data:
+        return None
     if data is None and os.environ.get("PYFASTNN_MNIST"):
         data, what = os.environ["PYFASTNN_MNIST"], "$PYFASTNN_MNIST"
     elif data is None:

@@ -172,9 +172,10 @@ def linear_dtype_problem(linear: nn.Linear) -> Optional[str]:
         >>> linear_dtype_problem(nn.Linear(2, 2, dtype=torch.complex64))
         'its weight is torch.complex64; the fused kernels compute in float32, float64, bfloat16 or float16'
     """
-    if not isinstance(linear.weight, torch.Tensor):  # deleted or set to None
+    weight = getattr(linear, "weight", None)
+    if not isinstance(weight, torch.Tensor):  # deleted or set to None
         return "it has no weight tensor"
-    dtype = linear.weight.dtype
+    dtype = weight.dtype
     if dtype in DTYPES:
         return None
     names = [str(d).replace("torch.", "") for d in DTYPES]

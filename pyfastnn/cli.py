@@ -57,8 +57,8 @@ def run() -> NoReturn:
         setattr(sys, name, guarded)
     try:
         status = main()
-    except SystemExit as request:  # argparse's --help, --version and usage errors end here too
-        status = _status_of(request)
+    except SystemExit as request:  # argparse's --help, --version and usage errors (integer codes) end here too
+        status = 0 if request.code is None else request.code
     for late in (signal.SIGINT, signal.SIGTERM):  # the command is done; Python keeps SIG_IGN to the end
         signal.signal(late, signal.SIG_IGN)
     for output in outputs:
@@ -73,17 +73,6 @@ def run() -> NoReturn:
     atexit._run_exitfuncs()  # coverage, weakref finalizers, users' hooks: all that teardown would run
     _flush_native_output()
     os._exit(status)
-
-
-def _status_of(request: SystemExit) -> int:
-    """The exit status ``sys.exit(code)`` asks for: 0 for None, the number, else 1 after printing
-    the code to stderr (as the interpreter would)."""
-    if request.code is None:
-        return 0
-    if isinstance(request.code, int):
-        return request.code
-    print(request.code, file=sys.stderr)
-    return EXIT_FAILURE
 
 
 def _watched() -> bool:

@@ -53,6 +53,7 @@ struct LtGemm {
 // The alignment (bytes) cuBLASLt's epilogue kernels may assume of the bias and aux buffers, which its
 // alignment preferences do not cover: lt_matmul declines a buffer aligned less.
 constexpr uintptr_t kEpilogueAlignment = 16;
+
 // False unless this build and the environment allow cuBLASLt (PYFASTNN_CUBLASLT != "0").
 bool lt_enabled();
 

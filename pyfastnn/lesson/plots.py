@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -15,8 +16,9 @@ from ..functional import fused_linear
 
 def _pyplot():
     # The pictures are files: Agg, whatever MPLBACKEND names (a name matplotlib does not know there
-    # would stop `import matplotlib` itself, after a whole training run).
-    requested = os.environ.pop("MPLBACKEND", None)
+    # would stop `import matplotlib` itself, after a whole training run). Set aside for the first
+    # import only, the one that reads it.
+    requested = os.environ.pop("MPLBACKEND", None) if "matplotlib" not in sys.modules else None
     try:
         import matplotlib
     finally:

@@ -333,13 +333,18 @@ def test_bench_mnist_refuses_a_wrong_data_folder_before_benchmarking(tmp_path, m
                             env={**os.environ, "PYFASTNN_MNIST": str(mnist_dir)})  # not taken instead
     assert result.returncode == 2 and str(tmp_path) in error_line(result.stderr, "bench_mnist.py")
     assert "train step" not in result.stdout
-    # A wrong $PYFASTNN_MNIST is refused the same way, not replaced by ../shared/data/mnist.
+    # A wrong $PYFASTNN_MNIST is refused the same way, not replaced by ../shared/data/mnist ...
+    wrong = {**os.environ, "PYFASTNN_MNIST": str(tmp_path)}
     result = subprocess.run([sys.executable, str(script), "--quick", "--full-script"], capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "PYFASTNN_MNIST": str(tmp_path)})
+                            timeout=120, env=wrong)
     error = error_line(result.stderr, "bench_mnist.py")
     assert result.returncode == 2 and error.startswith("bench_mnist.py: error: $PYFASTNN_MNIST: ")
     assert str(tmp_path) in error and error.endswith("point --data or $PYFASTNN_MNIST at the folder that holds them")
     assert "train step" not in result.stdout
+    # ... where the run reads MNIST: the steps alone need none.
+    result = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=300,
+                            env=wrong)
+    assert result.returncode == 0 and "train step" in result.stdout, result.stderr
 
 
 def test_demo_never_replaces_another_runs_files_unless_asked(capsys, tmp_path, tiny_mnist_dir):

@@ -167,7 +167,7 @@ def test_output_that_cannot_be_written_is_one_line_and_a_closed_stderr_is_no_fai
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    for args in (["info"], ["--help"], ["--version"], ["train", "--help"]):  # argparse's exits too
+    for args in (["info"], ["--help"], ["--version"], ["info", "--help"]):  # argparse's exits too
         with open("/dev/full", "w") as full:  # a full disk under `> log`
             result = subprocess.run([sys.executable, "-m", "pyfastnn", *args], stdout=full, stderr=subprocess.PIPE,
                                     text=True, timeout=120, env=env)
@@ -333,6 +333,17 @@ def test_benchmark_scripts_refuse_arguments_they_cannot_take(script, arguments, 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / script
     result = subprocess.run([sys.executable, str(path), *arguments], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and problem in result.stderr, result.stderr
+
+
+@pytest.mark.skipif(pyfastnn.info()["cuda_available"], reason="this build runs CUDA: the GPU check runs both")
+@pytest.mark.parametrize("script", ["benchmarks/bench_cuda.py --quick", "scripts/fuzz_fused_linear.py --device cuda"])
+def test_cuda_scripts_refuse_a_build_or_machine_without_cuda_before_any_work(script):
+    # torch alone seeing a GPU is not enough: a CPU-only pyfastnn beside a CUDA torch has no CUDA kernels.
+    path, *arguments = script.split()
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / path), *arguments],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr.rstrip().endswith("needs a CUDA GPU and a CUDA build of pyfastnn (see pyfastnn info)")
 
 
 def test_a_json_path_through_a_dangling_link_is_written_where_the_link_points(tmp_path):

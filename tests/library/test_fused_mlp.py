@@ -379,7 +379,6 @@ def test_cuda_kernels_lists_each_kernel_once_per_call_or_says_it_needs_a_gpu():
     assert kernels[0]["us"] >= kernels[1]["us"]
 
 
-
 def test_reference_mlp_applies_masks_of_any_shape_and_names_bad_arguments():
     torch.manual_seed(0)
     x, weights = torch.randn(2, 3, 4), [torch.randn(8, 4), torch.randn(3, 8)]
