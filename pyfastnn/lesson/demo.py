@@ -23,7 +23,7 @@ from ..functional import fused_linear
 from ..fuse import fuse
 from . import models
 from .data import find_mnist, load_mnist
-from .plots import plot_activations, plot_loss
+from .plots import drawn_by_pyfastnn, plot_activations, plot_loss
 from .train import PLOT_FILES, RUN_FILES, TrainConfig, check_no_other_run, check_device, make_adam, train
 
 
@@ -88,6 +88,12 @@ def _holds_a_demo_run(mnist_out: Path) -> bool:
 def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bool = True,
         device: str = "cpu", overwrite: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
+    # A file of a picture's name that no lesson command drew is the user's: replaced only when asked
+    # (or where the folder holds a demo's MNIST run: the pictures of a demo that predates the mark).
+    foreign = [name for name in DEMO_PICTURES if (out / name).exists() and not drawn_by_pyfastnn(out / name)]
+    if foreign and not overwrite and not _holds_a_demo_run(out / "mnist"):
+        raise FileExistsError(f"output folder {out} holds {', '.join(foreign)}, which pyfastnn did not draw: "
+                              f"choose another --out, or pass --overwrite to replace {'it' if len(foreign) == 1 else 'them'}")
     summary = {}
     X = models.XOR_INPUTS
 
@@ -177,8 +183,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", type=path_argument, default="demo_output",
                         help="folder for the pictures and the MNIST run (in its mnist folder) (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace a train run found in the --out folder's mnist folder (a previous "
-                             "demo's run there is replaced anyway)")
+                        help="replace a train run found in the --out folder's mnist folder, and files of the "
+                             "demo's picture names that pyfastnn did not draw (a previous demo's are replaced "
+                             "anyway)")
     parser.add_argument("--mnist-steps", type=positive_int, default=300,
                         help="at most this many MNIST training steps, one epoch at most (default: %(default)s)")
     parser.add_argument("--no-bench", action="store_true", help="skip the quick benchmark and the fusion timing")

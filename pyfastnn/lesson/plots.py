@@ -117,13 +117,45 @@ def plot_predictions(images: torch.Tensor, labels: torch.Tensor, predictions: to
     return _save(fig, path)
 
 
+#: The PNG text field (``Software``) every lesson picture carries, by which a later run tells the
+#: pictures it may replace from a user's file of the same name (:func:`drawn_by_pyfastnn`).
+PICTURE_SOFTWARE = "pyfastnn"
+
+
 def _save(fig, path) -> Path:
     """Writes the figure atomically in the format its suffix names (PNG when it has none) and closes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    image_format = path.suffix[1:].lower() or "png"
+    metadata = {"Software": PICTURE_SOFTWARE} if image_format == "png" else None
     try:
         with atomic_write(path) as f:
-            fig.savefig(f, format=path.suffix[1:].lower() or "png", dpi=100)
+            fig.savefig(f, format=image_format, dpi=100, metadata=metadata)
     finally:
         _pyplot().close(fig)
     return path
+
+
+def drawn_by_pyfastnn(path) -> bool:
+    """Whether ``path`` is a PNG file whose ``Software`` text field is :data:`PICTURE_SOFTWARE` (a
+    picture a lesson command drew), read from its chunks without decoding the image."""
+    mark = b"Software\0" + PICTURE_SOFTWARE.encode("latin-1")
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return False
+            while True:
+                header = f.read(8)
+                if len(header) < 8:
+                    return False
+                length, kind = int.from_bytes(header[:4], "big"), header[4:]
+                if kind in (b"IDAT", b"IEND"):  # matplotlib writes its text fields before the image data
+                    return False
+                if kind == b"tEXt" and length == len(mark):
+                    if f.read(length) == mark:
+                        return True
+                    f.seek(4, os.SEEK_CUR)  # the CRC
+                else:
+                    f.seek(length + 4, os.SEEK_CUR)  # the data and the CRC, unread
+    except OSError:
+        return False

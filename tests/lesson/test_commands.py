@@ -377,6 +377,32 @@ def test_demo_never_replaces_another_runs_files_unless_asked(capsys, tmp_path, t
     assert status == 1 and "holds another run" in error_line(err, "pyfastnn demo")
 
 
+def test_demo_never_replaces_a_picture_it_did_not_draw_unless_asked(capsys, tmp_path, monkeypatch):
+    from pyfastnn.lesson.demo import DEMO_RUN_LABEL
+    from pyfastnn.lesson.plots import drawn_by_pyfastnn
+
+    monkeypatch.delenv("PYFASTNN_MNIST", raising=False)  # the lesson's sections alone
+    mine = tmp_path / "activations.png"
+    mine.write_bytes(b"a picture of the user's own")
+    status, stdout, err = cli(capsys, "demo", "--out", str(tmp_path), "--no-bench")
+    line = error_line(err, "pyfastnn demo")
+    assert status == 1 and f"{tmp_path} holds activations.png, which pyfastnn did not draw" in line, line
+    assert "--overwrite" in line and "Perceptron" not in stdout and mine.read_bytes() == b"a picture of the user's own"
+    assert not (tmp_path / "xor_scratch_loss.png").exists()
+    # With --overwrite the demo draws its own pictures; those, the next demo replaces unasked (the main job again).
+    assert cli(capsys, "demo", "--out", str(tmp_path), "--no-bench", "--overwrite")[0] == 0
+    assert drawn_by_pyfastnn(mine) and drawn_by_pyfastnn(tmp_path / "xor_scratch_loss.png")
+    status, stdout, err = cli(capsys, "demo", "--out", str(tmp_path), "--no-bench")
+    assert status == 0, err
+    # A folder holding a demo's MNIST run holds that demo's pictures, also from before they were marked.
+    older = tmp_path / "older"
+    (older / "mnist").mkdir(parents=True)
+    (older / "mnist" / "metrics.json").write_text(json.dumps({"config": {"label": DEMO_RUN_LABEL}}))
+    (older / "activations.png").write_bytes(b"an unmarked picture")
+    assert cli(capsys, "demo", "--out", str(older), "--no-bench")[0] == 0
+    assert drawn_by_pyfastnn(older / "activations.png")
+
+
 def test_an_interrupted_demo_run_is_replaced_by_the_next_demo(capsys, tmp_path, tiny_mnist_dir):
     """A demo stopped while training leaves a metrics.json with its label and "completed": false:
     the next demo takes that folder as its own; an interrupted train run there is another run."""
