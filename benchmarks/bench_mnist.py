@@ -424,14 +424,14 @@ def _mnist_folder(data, uses_data: bool, parser):
     """--data when given, else $PYFASTNN_MNIST when set and the run reads MNIST (either checked: a
     wrong folder is an error, not replaced by another), else ../shared/data/mnist beside the project
     if it holds MNIST, else None."""
-    if data is None and not uses_data:
-        return None
-    if data is None and os.environ.get("PYFASTNN_MNIST"):
-        data, what = os.environ["PYFASTNN_MNIST"], "$PYFASTNN_MNIST"
-    elif data is None:
-        return find_mnist(ROOT.parent / "shared" / "data" / "mnist")
-    else:
+    if data is not None:
         what = "--data"
+    elif not uses_data:
+        return None
+    elif os.environ.get("PYFASTNN_MNIST"):
+        data, what = os.environ["PYFASTNN_MNIST"], "$PYFASTNN_MNIST"
+    else:
+        return find_mnist(ROOT.parent / "shared" / "data" / "mnist")
     try:
         load_mnist(data, train=False, missing_hint="point --data or $PYFASTNN_MNIST at the folder that holds them")
     except (OSError, ValueError) as error:

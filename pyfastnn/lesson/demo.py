@@ -92,8 +92,9 @@ def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bo
     # (or where the folder holds a demo's MNIST run: the pictures of a demo that predates the mark).
     foreign = [name for name in DEMO_PICTURES if (out / name).exists() and not drawn_by_pyfastnn(out / name)]
     if foreign and not overwrite and not _holds_a_demo_run(out / "mnist"):
+        them = "it" if len(foreign) == 1 else "them"
         raise FileExistsError(f"output folder {out} holds {', '.join(foreign)}, which pyfastnn did not draw: "
-                              f"choose another --out, or pass --overwrite to replace {'it' if len(foreign) == 1 else 'them'}")
+                              f"choose another --out, or pass --overwrite to replace {them}")
     summary = {}
     X = models.XOR_INPUTS
 

@@ -138,24 +138,12 @@ def _save(fig, path) -> Path:
 
 def drawn_by_pyfastnn(path) -> bool:
     """Whether ``path`` is a PNG file whose ``Software`` text field is :data:`PICTURE_SOFTWARE` (a
-    picture a lesson command drew), read from its chunks without decoding the image."""
-    mark = b"Software\0" + PICTURE_SOFTWARE.encode("latin-1")
+    picture a lesson command drew). Pillow (which matplotlib requires) reads the text fields without
+    decoding the image."""
+    from PIL import Image
+
     try:
-        with open(path, "rb") as f:
-            if f.read(8) != b"\x89PNG\r\n\x1a\n":
-                return False
-            while True:
-                header = f.read(8)
-                if len(header) < 8:
-                    return False
-                length, kind = int.from_bytes(header[:4], "big"), header[4:]
-                if kind in (b"IDAT", b"IEND"):  # matplotlib writes its text fields before the image data
-                    return False
-                if kind == b"tEXt" and length == len(mark):
-                    if f.read(length) == mark:
-                        return True
-                    f.seek(4, os.SEEK_CUR)  # the CRC
-                else:
-                    f.seek(length + 4, os.SEEK_CUR)  # the data and the CRC, unread
-    except OSError:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get("Software") == PICTURE_SOFTWARE
+    except (OSError, Image.DecompressionBombError):  # not an image (UnidentifiedImageError), unreadable, huge
         return False
