@@ -34,7 +34,6 @@ time per kernel, longest first) for the first shape in bfloat16: where the time 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -42,9 +41,9 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 import pyfastnn
-from pyfastnn.benchmark import cuda_kernels, format_kernels
+from pyfastnn.benchmark import cuda_kernels, format_kernels, write_results
 from pyfastnn.command import path_argument, positive_float
-from pyfastnn.files import atomic_write, check_output_file
+from pyfastnn.files import check_output_file
 
 SHAPES = ((65536, 1024, 1024), (8192, 4096, 4096), (4096, 784, 256))
 QUICK_SHAPES = ((65536, 1024, 1024),)
@@ -274,11 +273,10 @@ def main(argv=None) -> int:
             "fused_mlp": mlp_rows(dtypes, args.min_run_time),
         }
     if args.json:
-        with atomic_write(args.json) as f:
-            f.write(json.dumps({"info": pyfastnn.info(), "torch": torch.__version__,
-                                "device": torch.cuda.get_device_name(),
-                                "fp32_precision": getattr(torch.backends.cuda.matmul, "fp32_precision", None),
-                                **results}, indent=2).encode())
+        write_results(args.json, {"info": pyfastnn.info(), "torch": torch.__version__,
+                                  "device": torch.cuda.get_device_name(),
+                                  "fp32_precision": getattr(torch.backends.cuda.matmul, "fp32_precision", None),
+                                  **results})
     return 0
 
 

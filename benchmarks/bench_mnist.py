@@ -45,9 +45,10 @@ from torch import nn
 import torch.nn.functional as F
 
 from pyfastnn import cuda_graph_step, fuse
-from pyfastnn.benchmark import cuda_kernels, format_kernels, saved_for_backward_bytes, time_interleaved, train_step
+from pyfastnn.benchmark import (cuda_kernels, format_kernels, saved_for_backward_bytes, time_interleaved, train_step,
+                                write_results)
 from pyfastnn.command import path_argument, positive_int
-from pyfastnn.files import atomic_write, check_output_file
+from pyfastnn.files import check_output_file
 from pyfastnn.lesson.data import MNIST_MEAN, MNIST_STD, find_mnist, load_mnist
 from pyfastnn.info import info
 from pyfastnn.lesson.models import MNISTClassifier
@@ -432,8 +433,9 @@ def _mnist_folder(data, uses_data: bool, parser):
         data, what = os.environ["PYFASTNN_MNIST"], "$PYFASTNN_MNIST"
     else:
         return find_mnist(ROOT.parent / "shared" / "data" / "mnist")
-    try:
-        load_mnist(data, train=False, missing_hint="point --data or $PYFASTNN_MNIST at the folder that holds them")
+    try:  # both splits, before minutes of benchmarks: a damaged training file would otherwise fail last
+        for training_split in (False, True):
+            load_mnist(data, train=training_split, missing_hint="point --data or $PYFASTNN_MNIST at the folder that holds them")
     except (OSError, ValueError) as error:
         parser.error(f"{what}: {error}")
     return Path(data)
@@ -441,9 +443,7 @@ def _mnist_folder(data, uses_data: bool, parser):
 
 def _write_json(path, build, results) -> None:
     if path:
-        with atomic_write(path) as f:
-            f.write(json.dumps({"info": build, "results": results}, indent=2).encode())
-        print(f"wrote {path}")
+        write_results(path, {"info": build, "results": results})
 
 
 if __name__ == "__main__":

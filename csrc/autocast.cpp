@@ -6,7 +6,6 @@
 
 #include <vector>
 
-#include "checks.h"
 #include "registration.h"
 
 namespace pyfastnn {

@@ -5,6 +5,7 @@
 #include "autograd.h"
 
 #include <ATen/FuncTorchTLS.h>
+#include <ATen/LegacyBatchedTensorImpl.h>
 #include <torch/autograd.h>
 
 #include <algorithm>
@@ -14,6 +15,7 @@
 
 #include "activations.h"
 #include "checks.h"
+#include "dropout.h"
 #include "reference.h"
 #include "registration.h"
 
@@ -32,6 +34,7 @@ using torch::autograd::variable_list;
 // differentiates): its ops have forward derivatives and functorch rules, so the tangent is exact,
 // act'(pre) * (dx W^T + x dW^T + db) layer by layer, and every transform composes. With dropout
 // active, fused_mlp first runs its own forward for the masks, so the values equal the fused path's.
+// Backward does the same where the incoming gradient carries a tangent (backward_through_reference).
 bool has_forward_grad(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
 bool has_forward_grad(const std::optional<at::Tensor>& t) { return t.has_value() && has_forward_grad(*t); }
 // Asks functorch the very question autograd::Function::apply asks it (it throws inside a transform).
@@ -54,6 +57,26 @@ bool in_functorch_transform() {
 // ops do not read it).
 at::Tensor saved_if_read(bool read, const at::Tensor& tensor) {
   return read ? tensor : at::empty({0}, tensor.options());
+}
+
+// Whether backward must differentiate the ATen reference rather than run the fused backward op: under
+// backward(create_graph=True), so that higher-order gradients are exact rather than silently missing;
+// where the incoming gradient carries a forward-mode tangent (forward-over-reverse, a dual
+// grad_output), which the backward ops, with no derivative of their own, would drop (NOTE
+// [Forward-mode AD and torch.func]); and where it is batched (torch.func.vmap of a vjp,
+// autograd.grad(is_grads_batched=True)), which the backward ops have no batching rules for.
+bool backward_through_reference(const at::Tensor& grad_output) {
+  return at::GradMode::is_enabled() || has_forward_grad(grad_output) || at::isBatchedTensor(grad_output) ||
+         in_functorch_transform();
+}
+
+// Inside torch.func.jvp no reverse-mode graph is recorded, so a recomputed forward there has nothing
+// to differentiate (a graph built outside the transform, differentiated inside it).
+void check_recomputed(const at::Tensor& out) {
+  TORCH_CHECK_NOT_IMPLEMENTED(out.requires_grad(),
+                              "pyfastnn: the backward of a fused op cannot run inside torch.func.jvp when the graph "
+                              "was built outside it (jvp records no graph of the recomputed layers); build it inside "
+                              "(torch.func.jvp of torch.func.vjp) or pass the tangent with torch.autograd.forward_ad");
 }
 
 bool reads_saved_tensor(int64_t activation) {
@@ -94,18 +117,20 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     if (!grad_output.defined() || !(mask[0] || mask[1] || mask[2])) {
       return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
-    if (at::GradMode::is_enabled()) {
-      // backward(create_graph=True): differentiate the ATen reference instead, so higher-order
-      // gradients are exact rather than silently missing. The saved input, weight and bias keep
-      // their history, so the recomputed graph links each gradient to all it depends on.
+    if (backward_through_reference(grad_output)) {
+      // The saved input, weight and bias keep their history, so the recomputed graph links each
+      // gradient to all it depends on.
+      const bool create_graph = at::GradMode::is_enabled();
+      const at::AutoGradMode record(true);  // the recomputed forward records its graph in any case
       std::optional<at::Tensor> bias = has_bias ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
       const at::Tensor out = reference_fused_linear(input, weight, bias, activation, negative_slope);
+      check_recomputed(out);
       variable_list inputs;
       if (mask[0]) inputs.push_back(input);
       if (mask[1]) inputs.push_back(weight);
       if (mask[2]) inputs.push_back(*bias);
-      auto grads = torch::autograd::grad({out}, inputs, {grad_output}, /*retain_graph=*/true,
-                                         /*create_graph=*/true, /*allow_unused=*/true);
+      auto grads = torch::autograd::grad({out}, inputs, {grad_output}, /*retain_graph=*/true, create_graph,
+                                         /*allow_unused=*/true);
       variable_list result(5);
       size_t next = 0;
       for (size_t i = 0; i < 3; ++i) {
@@ -188,9 +213,10 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
     const at::Tensor& grad_output = grad_outputs[0];
     if (!grad_output.defined()) return result;
 
-    if (at::GradMode::is_enabled()) {
-      // backward(create_graph=True): differentiate the ATen reference with the same masks, so
-      // higher-order gradients are exact.
+    if (backward_through_reference(grad_output)) {
+      // The ATen reference with the same masks.
+      const bool create_graph = at::GradMode::is_enabled();
+      const at::AutoGradMode record(true);  // the recomputed forward records its graph in any case
       BiasList biases;
       for (int64_t l = 0, b = 0; l < layers; ++l) {
         biases.push_back(has_bias.get(l) ? std::optional<at::Tensor>(present_biases[b++]) : std::nullopt);
@@ -209,8 +235,9 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
         }
       }
       if (wanted.empty()) return result;
-      auto grads = torch::autograd::grad({out}, wanted_inputs, {grad_output}, /*retain_graph=*/true,
-                                         /*create_graph=*/true, /*allow_unused=*/true);
+      check_recomputed(out);
+      auto grads = torch::autograd::grad({out}, wanted_inputs, {grad_output}, /*retain_graph=*/true, create_graph,
+                                         /*allow_unused=*/true);
       for (size_t k = 0; k < wanted.size(); ++k) result[wanted[k]] = grads[k];
       return result;
     }
@@ -260,7 +287,7 @@ at::Tensor fused_mlp_autograd(const at::Tensor& input, at::TensorList weights, c
     // See NOTE [Forward-mode AD and torch.func]. The masks come from the fused forward (same draws).
     check_fused_mlp_args(input, weights, biases, activations, negative_slope, dropout);
     std::vector<at::Tensor> keep_masks;
-    if (training && std::any_of(dropout.begin(), dropout.end(), [](double p) { return p > 0.0; })) {
+    if (std::any_of(dropout.begin(), dropout.end(), [&](double p) { return dropout_runs(p, training); })) {
       // Only the masks are wanted: detached, so that no transform's autograd meets the forward's
       // out= GEMMs (torch.func.grad / jvp track the arguments even below the Autograd key).
       std::vector<at::Tensor> plain_weights;

@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <iomanip>
+#include <iterator>
 #include <limits>
 #include <locale>
 #include <sstream>
@@ -15,7 +16,21 @@ namespace pyfastnn {
 namespace {
 
 bool is_supported_dtype(at::ScalarType dtype) {
-  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf;
+  for (const auto& supported : kComputeDtypes) {
+    if (supported.type == dtype) return true;
+  }
+  return false;
+}
+
+// "float32, float64, bfloat16 or float16", for messages.
+std::string compute_dtype_names() {
+  std::string names;
+  const size_t count = std::size(kComputeDtypes);
+  for (size_t i = 0; i < count; ++i) {
+    names += i == 0 ? "" : i + 1 == count ? " or " : ", ";
+    names += kComputeDtypes[i].name;
+  }
+  return names;
 }
 
 // Names for messages, built only when a check fails: "weight" for fused_linear (layer < 0),
@@ -81,8 +96,8 @@ void check_layer(const at::Tensor& input, const at::Tensor& weight, const std::o
 void check_input(const at::Tensor& input) {
   TORCH_CHECK_TYPE(input.defined(), "pyfastnn: input must be a tensor, not None");
   TORCH_CHECK_TYPE(is_supported_dtype(input.scalar_type()),
-                   "pyfastnn: input must be a floating-point tensor (float32, float64, bfloat16 or "
-                   "float16), got ", input.scalar_type());
+                   "pyfastnn: input must be a floating-point tensor (", compute_dtype_names(), "), got ",
+                   input.scalar_type());
   TORCH_CHECK_VALUE(input.dim() >= 1, "pyfastnn: input must have at least 1 dimension (*, in_features)");
 }
 

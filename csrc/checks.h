@@ -15,6 +15,15 @@
 
 namespace pyfastnn {
 
+// The dtypes the kernels compute in, by their torch names: every op refuses any other, and Python's
+// pyfastnn.DTYPES is read from this list.
+struct ComputeDtype {
+  at::ScalarType type;
+  const char* name;
+};
+inline constexpr ComputeDtype kComputeDtypes[] = {
+    {at::kFloat, "float32"}, {at::kDouble, "float64"}, {at::kBFloat16, "bfloat16"}, {at::kHalf, "float16"}};
+
 void check_fused_linear_args(const at::Tensor& input, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, int64_t activation, double negative_slope);
 

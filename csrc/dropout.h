@@ -1,6 +1,6 @@
-// Fused dropout's random stream, shared by every kernel.
+// Fused dropout's random streams: DropoutStream (SplitMix64) for the CPU kernels, Philox4x32 for CUDA.
 //
-// Element e of a layer's output is kept when the top 32 bits of SplitMix64 at position e of the
+// CPU: element e of a layer's output is kept when the top 32 bits of SplitMix64 at position e of the
 // stream seeded by `seed` are >= p * 2^32. The seed is drawn from torch's generator once per layer
 // and call, so masks are reproducible under torch.manual_seed, and any element can be computed on
 // its own: the mask does not depend on thread count or on how rows are split between threads.
@@ -12,6 +12,10 @@
 #include "activations.h"  // PYFASTNN_HOST_DEVICE
 
 namespace pyfastnn {
+
+// Whether a layer's dropout draws a mask: in training, with p > 0 (the fake kernels' mask shapes,
+// pyfastnn._ops.dropout_runs, follow the same rule).
+inline bool dropout_runs(double p, bool training) { return training && p > 0.0; }
 
 struct DropoutStream {
   uint64_t seed;
@@ -32,10 +36,6 @@ struct DropoutStream {
     return (z >> 32) >= threshold;
   }
 };
-
-}  // namespace pyfastnn
-
-namespace pyfastnn {
 
 // CUDA's dropout stream: Philox4x32-10 (Salmon et al., SC'11), the generator of PyTorch's own CUDA
 // RNG, used the way curand_init(seed, subsequence, offset) uses it. Element e reads 32-bit word e % 4

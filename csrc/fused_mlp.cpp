@@ -13,8 +13,6 @@
 namespace pyfastnn {
 namespace {
 
-bool dropout_runs(double p, bool training) { return training && p > 0.0; }
-
 // CPU: one 64-bit seed per layer and call from torch's default generator: torch.manual_seed
 // reproduces every mask.
 uint64_t draw_dropout_seed() {

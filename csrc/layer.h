@@ -6,7 +6,6 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
-#include <tuple>
 #include <vector>
 
 #include "activations.h"

@@ -20,6 +20,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                    pyfastnn::kActivationNames + pyfastnn::kNumActivations);
     return names;
   }, "Activation names in enum order (the codes the ops take).");
+  m.def("compute_dtype_names", [] {
+    std::vector<std::string> names;
+    for (const auto& dtype : pyfastnn::kComputeDtypes) names.emplace_back(dtype.name);
+    return names;
+  }, "The torch names of the dtypes the kernels compute in.");
   m.def("derivative_from_output", [](int64_t activation, double negative_slope) {
     return pyfastnn::derivative_from_output(static_cast<pyfastnn::Activation>(activation), negative_slope);
   }, "Whether backward needs only the activation's output (else the pre-activation).");

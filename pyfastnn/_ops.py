@@ -21,8 +21,8 @@ ops = torch.ops.pyfastnn
 #: Names of the supported activations, in the order of the C++ enum (their integer codes).
 ACTIVATIONS: Tuple[str, ...] = tuple(native.activation_names())
 
-#: The dtypes the kernels compute in (the ops refuse any other: csrc/checks.cpp).
-DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+#: The dtypes the kernels compute in (the ops refuse any other), read from csrc/checks.h.
+DTYPES: Tuple[torch.dtype, ...] = tuple(getattr(torch, name) for name in native.compute_dtype_names())
 
 #: ``leaky_relu``'s slope for negative inputs when none is given (torch.nn.LeakyReLU's default).
 DEFAULT_NEGATIVE_SLOPE = 0.01
@@ -30,6 +30,17 @@ DEFAULT_NEGATIVE_SLOPE = 0.01
 _ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 _ACTIVATION_CODES["none"] = _ACTIVATION_CODES["identity"]
 _ACTIVATION_CODES[None] = _ACTIVATION_CODES["identity"]
+
+
+def dropout_runs(p: float, training: bool) -> bool:
+    """Whether a layer's fused dropout draws a mask (and keeps it for backward): in training, with
+    ``p > 0``, the rule of the kernels (``dropout_runs`` in csrc/dropout.h).
+
+    Example:
+        >>> dropout_runs(0.2, training=True), dropout_runs(0.2, training=False), dropout_runs(0.0, training=True)
+        (True, False, False)
+    """
+    return training and p > 0
 
 
 def activation_code(activation: Union[str, None]) -> int:
@@ -244,7 +255,7 @@ def _fused_mlp_forward_fake(input, weights, biases, activations, negative_slope,
     for layer, (w, act) in enumerate(zip(weights[:-1], activations)):
         if native.keeps_relu_mask(input, act, False):
             preacts[layer] = input.new_empty((rows, native.relu_mask_row_bytes(w.shape[0])), dtype=torch.uint8)
-    masks = [input.new_empty((rows, w.shape[0]) if training and p > 0 else (0,), dtype=torch.uint8)
+    masks = [input.new_empty((rows, w.shape[0]) if dropout_runs(p, training) else (0,), dtype=torch.uint8)
              for w, p in zip(weights, dropout)]
     return output, hidden, preacts, masks
 
@@ -356,7 +367,7 @@ def _fused_linear_vmap(info, in_dims, input, weight, bias, activation, negative_
 @torch.library.register_vmap("pyfastnn::fused_mlp")
 def _fused_mlp_vmap(info, in_dims, input, weights, biases, activations, negative_slope, dropout, training):
     input_dim, weight_dims, bias_dims = in_dims[:3]
-    if training and any(p > 0 for p in dropout) and info.randomness != "different":
+    if any(dropout_runs(p, training) for p in dropout) and info.randomness != "different":
         # Like torch's own random ops under vmap: each sample's mask must be asked for explicitly.
         raise RuntimeError(f"vmap: fused_mlp draws dropout masks in training mode, which vmap's randomness="
                            f"{info.randomness!r} does not allow; use torch.vmap(..., randomness='different') "

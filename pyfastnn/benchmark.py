@@ -5,6 +5,7 @@
 - :func:`saved_for_backward_bytes` measures what autograd keeps for backward;
 - :func:`cuda_kernels` lists the CUDA kernels a callable runs, with their device time (where a
   GPU timing goes), and :func:`format_kernels` prints that list;
+- :func:`write_results` saves a benchmark's figures as JSON (the benchmark scripts' ``--json``);
 - ``pyfastnn bench`` (:func:`main`, also ``python benchmarks/bench_fused_linear.py``) times
   fused_linear against PyTorch eager, torch.compile and the bare GEMMs, every variant of one case
   interleaved in the same process, so machine noise hits them alike.
@@ -18,10 +19,11 @@ import math
 import os
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .command import command_parser, path_argument, positive_int, run_command
 from .files import atomic_write, check_output_file
@@ -31,7 +33,7 @@ from .info import info
 from .nn import activation_module
 
 __all__ = ["BENCH_ACTIVATIONS", "time_interleaved", "train_step", "saved_for_backward_bytes", "cuda_kernels",
-           "format_kernels", "run", "main"]
+           "format_kernels", "write_results", "run", "main"]
 
 FULL_SHAPES = ((1, 784, 256), (64, 784, 256), (256, 784, 256), (1024, 784, 256), (64, 256, 128),
                (4096, 1024, 1024))
@@ -81,7 +83,8 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], rounds: int = 7,
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def train_step(model, optimizer, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor) -> Callable[[], None]:
     """One classifier training step as a callable: zero_grad, forward, cross-entropy, backward, step.
 
     Example:
@@ -98,7 +101,7 @@ def train_step(model, optimizer, x: torch.Tensor, y: torch.Tensor) -> Callable[[
     return step
 
 
-def saved_for_backward_bytes(model, x: torch.Tensor) -> int:
+def saved_for_backward_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes autograd keeps for backward in one forward of ``model(x)``, beyond the parameters and
     the input (references to those cost nothing); each storage counted once.
 
@@ -223,6 +226,23 @@ def _variants(m: int, k: int, n: int, activation: str, backward: bool, with_comp
     return fns
 
 
+def write_results(path: str, record: Mapping[str, object]) -> None:
+    """Writes ``record`` (the build's :func:`pyfastnn.info` and the figures) to ``path`` as indented
+    JSON, atomically: an existing file is replaced only by a complete one.
+
+    Example:
+        >>> import json, os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "bench.json")
+        >>> write_results(path, {"results": [{"case": "relu", "us": 12.5}]})  # doctest: +ELLIPSIS
+        wrote ...bench.json
+        >>> json.load(open(path))["results"][0]["us"]
+        12.5
+    """
+    with atomic_write(path) as f:
+        f.write(json.dumps(record, indent=2).encode())
+    print(f"wrote {path}")
+
+
 def _no_grad(fn):
     with torch.no_grad():
         return fn()
@@ -230,7 +250,7 @@ def _no_grad(fn):
 
 def run(shapes: Sequence = FULL_SHAPES, activations: Sequence[str] = BENCH_ACTIVATIONS,
         threads: Sequence[int] = (1, 2), with_compile: bool = True, rounds: int = 7,
-        target_s: float = 0.02, log=print) -> List[dict]:
+        target_s: float = 0.02, log: Callable[[str], object] = print) -> List[dict]:
     """Times fused_linear against eager PyTorch, the bare GEMMs (and torch.compile) for every shape x
     activation x thread count, forward and forward+backward; logs a table, returns one dict per row.
     With ``with_compile``, torch.compile's caches are reset for each case (``torch._dynamo.reset()``:
@@ -270,11 +290,15 @@ def run(shapes: Sequence = FULL_SHAPES, activations: Sequence[str] = BENCH_ACTIV
     return results
 
 
+def _available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def thread_count(text: str) -> int:
     """A --threads value: 1 up to the CPUs this process may use (more only oversubscribes them, and
     torch aborts on counts in the tens of thousands)."""
     count = positive_int(text)
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    available = _available_cpus()
     if count > available:
         raise argparse.ArgumentTypeError(f"must be at most {available} (the CPUs available), got {count}")
     return count
@@ -289,7 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="4 shapes, relu/gelu, 2 threads, no torch.compile (well under 30 s)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
-    parser.add_argument("--threads", type=thread_count, nargs="+", help="thread counts (default 1 2)")
+    parser.add_argument("--threads", type=thread_count, nargs="+", help="thread counts (default: 1 2, with --quick 2; never more than the CPUs available)")
     parser.add_argument("--json", metavar="PATH", type=path_argument, help="write the results as JSON here")
     args = parser.parse_args(argv)
     return run_command(parser, args, lambda: _bench(args))
@@ -298,17 +322,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _bench(args) -> int:
     if args.json:  # a bad path fails now, not after the benchmark has run
         check_output_file(args.json)
+    # By default 2 threads (the lesson's machine), and 1 in the full run; no more than the CPUs available.
+    default_threads = sorted({1, min(2, _available_cpus())}) if not args.quick else [min(2, _available_cpus())]
     if args.quick:
-        kwargs = dict(shapes=QUICK_SHAPES, activations=("relu", "gelu"), threads=args.threads or (2,),
+        kwargs = dict(shapes=QUICK_SHAPES, activations=("relu", "gelu"), threads=args.threads or default_threads,
                       with_compile=False, rounds=5, target_s=0.01)
     else:
-        kwargs = dict(threads=args.threads or (1, 2), with_compile=not args.no_compile)
+        kwargs = dict(threads=args.threads or default_threads, with_compile=not args.no_compile)
     build = info()
     print(f"pyfastnn {build['pyfastnn']} | torch {build['torch']} | CPU kernels {build['cpu_isa']} | "
           f"float32, times are medians of interleaved rounds")
     results = run(**kwargs)
     if args.json:
-        with atomic_write(args.json) as f:
-            f.write(json.dumps({"info": build, "results": results}, indent=2).encode())
-        print(f"wrote {args.json}")
+        write_results(args.json, {"info": build, "results": results})
     return 0

@@ -44,6 +44,15 @@ class CUDAGraphStep:
         ...         torch.randn(8, 16, out=step.inputs[0])
         ...         loss = step.replay()
         ...     assert step.captured and isinstance(step, pyfastnn.CUDAGraphStep)
+
+    On any machine the arguments are checked before anything runs:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> pyfastnn.CUDAGraphStep(model, F.cross_entropy, optimizer, (torch.randn(8, 4), torch.zeros(8).long()),
+        ...                        warmup_steps=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: cuda_graph_step: warmup_steps must be an int >= 1 (the optimizer makes its state in the first step, which a capture cannot do), got 0
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer,

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ._ops import ACTIVATIONS, ops
+from ._ops import ACTIVATIONS, dropout_runs, ops
 from ._patterns import activation_module
 
 __all__ = ["decompositions"]
@@ -36,7 +36,7 @@ def _mlp(input: torch.Tensor, weights: List[torch.Tensor], biases: List[Optional
     x = input
     for weight, bias, activation, p in zip(weights, biases, activations, dropout):
         x = _linear_layer(x, weight, bias, activation, negative_slope)
-        if training and p > 0:
+        if dropout_runs(p, training):
             x = F.dropout(x, p, training=True)
     return x
 

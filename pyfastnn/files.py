@@ -57,8 +57,13 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
             f = open(path, "wb")
         except OSError as e:
             _raise_naming(e, shown, cause=False)
-        with f:
-            yield f
+        try:
+            with f:
+                yield f
+        except OSError as e:  # "disk full" from a write or the closing flush names the device
+            if e.filename is None or os.fspath(e.filename) == str(path):
+                _raise_naming(e, shown)
+            raise
         return
     # Same folder, so the rename stays on one file system and is atomic; a dot name keeps it out of globs.
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -212,7 +217,8 @@ def check_output_file(path: PathLike, what: str = "--json") -> Path:
 
 def check_output_names(folder: PathLike, names, what: str = "output folder") -> None:
     """Raises ``IsADirectoryError`` where one of the files a run writes into ``folder`` is taken by
-    a folder: up front, rather than when the run saves it.
+    a folder, ``FileExistsError`` where by something else that is not a file (a pipe, a socket, a
+    device, which writing would block on or spill into): up front, rather than when the run saves it.
 
     Example:
         >>> import tempfile, pathlib
@@ -226,9 +232,13 @@ def check_output_names(folder: PathLike, names, what: str = "output folder") -> 
     """
     folder = Path(folder)
     for name in names:
-        if (folder / name).is_dir():
+        path = folder / name
+        if path.is_dir():
             raise IsADirectoryError(f"{what} {folder} holds a folder named {name} where a file is written; "
                                     f"move it away or choose another folder")
+        if path.exists() and not path.is_file():
+            raise FileExistsError(f"{what} {folder} holds {name}, which is not a regular file (a pipe, socket or "
+                                  f"device), where a file is written; move it away or choose another folder")
 
 
 @contextlib.contextmanager

@@ -375,12 +375,27 @@ class FusedMLP(nn.Module):
                        "layer would bypass or lose)")
             raise ValueError("from_sequential needs a Sequential of Linear -> activation (-> Dropout) "
                              f"layers only; stopped at module {used}: {stop}{why}")
-        fused = [FusedLinear.from_linear(linear, act, negative_slope=slope, dropout=p, copy=copy)
+        fused = [FusedLinear.from_linear(linear, act, negative_slope=slope, dropout=p)
                  for linear, act, slope, p in layers]
-        # Each layer under its Linear's name in the Sequential: the state dicts load either way, also
-        # where a layer's activation or dropout came or went since the indices were given.
-        name_of = {id(module): name for name, module in sequential._modules.items()}
-        return cls._assembled(fused, [name_of[id(layer.linear)] for layer in layers])
+        if copy:
+            # One copy of each parameter, as copy.deepcopy of the Sequential makes: a Linear used twice,
+            # or a weight tied between Linears, stays one parameter in the copy.
+            copies: Dict[int, nn.Parameter] = {}
+            for layer in fused:
+                for name, parameter in list(layer.named_parameters(recurse=False)):
+                    if id(parameter) not in copies:
+                        copies[id(parameter)] = nn.Parameter(parameter.detach().clone(), parameter.requires_grad)
+                    setattr(layer, name, copies[id(parameter)])
+        # Each layer under its Linear's name in the Sequential, by position (a Linear used twice is two
+        # layers): the state dicts load either way, also where a layer's activation or dropout came or
+        # went since the indices were given.
+        names, position = [], 0
+        for layer in layers:
+            while modules[position] is not layer.linear:
+                position += 1
+            names.append(list(sequential._modules)[position])
+            position += 1
+        return cls._assembled(fused, names)
 
     def __len__(self) -> int:
         return len(self._modules)

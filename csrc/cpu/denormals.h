@@ -6,7 +6,7 @@
 // run most of the arithmetic (the halves of every parallel_for, fused Adam's chunks). Denormals are
 // not rare in training: Adam's first moment of a unit whose gradient stays zero (a dead relu unit)
 // shrinks by beta1 each step and is denormal after about 800 steps, and from then on every vector
-// instruction touching it takes a microcode assist. The lesson's MNIST run slows by about 15 % from
+// instruction touching it takes a microcode assist. The lesson's MNIST run slows by 16-23 % from
 // its second epoch for that alone (benchmarks/RESULTS.md); flushing them on every thread keeps each
 // epoch as fast as the first. Values below 2^-126 (float) become zero; nothing else changes.
 //

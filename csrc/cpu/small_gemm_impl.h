@@ -144,7 +144,8 @@ void small_gtx(const SmallGemm& g, int64_t begin, int64_t end) {
   }
 }
 
-// One switch from (dtype, rows) to the template instance.
+// One switch from (dtype, rows) to the template instance: a case per row count up to kSmallGemmRows.
+static_assert(kSmallGemmRows == 4, "one case per row count in PYFASTNN_SMALL_GEMM_ENTRY");
 
 #define PYFASTNN_SMALL_GEMM_ENTRY(name)                                                        \
   inline void name##_entry(const SmallGemm& g, int64_t begin, int64_t end) {                  \

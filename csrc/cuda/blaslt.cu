@@ -13,9 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
-#include <memory>
 #include <mutex>
-#include <string>
 
 namespace pyfastnn::cuda {
 namespace {

@@ -286,7 +286,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t first = (i - row * row_bytes) * 8;
     uint8_t bits = 0;
     for (int b = 0; b < 8 && first + b < cols; ++b) {
-      if (static_cast<at::opmath_type<scalar_t>>(out[row * cols + first + b]) > 0) bits |= uint8_t(1u << b);
+      const auto value = static_cast<at::opmath_type<scalar_t>>(out[row * cols + first + b]);
+      if (act::Relu::active(value)) bits |= uint8_t(1u << b);
     }
     mask[i] = bits;
   }

@@ -6,7 +6,6 @@
 
 #include <cstdint>
 
-#include "../layer.h"
 #include "blaslt.h"
 
 namespace pyfastnn::cuda {

@@ -85,16 +85,20 @@ def _holds_a_demo_run(mnist_out: Path) -> bool:
         return False
 
 
-def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bool = True,
-        device: str = "cpu", overwrite: bool = False) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    # A file of a picture's name that no lesson command drew is the user's: replaced only when asked
-    # (or where the folder holds a demo's MNIST run: the pictures of a demo that predates the mark).
+def _refuse_foreign_pictures(out: Path, overwrite: bool) -> None:
+    """A file of a picture's name that no lesson command drew is the user's: replaced only when asked
+    (or where the folder holds a demo's MNIST run: the pictures of a demo that predates the mark)."""
     foreign = [name for name in DEMO_PICTURES if (out / name).exists() and not drawn_by_pyfastnn(out / name)]
     if foreign and not overwrite and not _holds_a_demo_run(out / "mnist"):
         them = "it" if len(foreign) == 1 else "them"
         raise FileExistsError(f"output folder {out} holds {', '.join(foreign)}, which pyfastnn did not draw: "
                               f"choose another --out, or pass --overwrite to replace {them}")
+
+
+def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bool = True,
+        device: str = "cpu", overwrite: bool = False) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    _refuse_foreign_pictures(out, overwrite)
     summary = {}
     X = models.XOR_INPUTS
 
@@ -209,6 +213,7 @@ def _demo(args) -> int:
     out = ensure_writable_folder(args.out)
     with hold_folder(out):  # a second demo into this folder stops now, not after rewriting its pictures
         check_output_names(out, DEMO_PICTURES)
+        _refuse_foreign_pictures(out, args.overwrite)  # before the mnist folder below is made
         if data is not None:
             mnist_out = ensure_writable_folder(out / "mnist", "folder for the MNIST run")
             check_output_names(mnist_out, RUN_FILES + PLOT_FILES)

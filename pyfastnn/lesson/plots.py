@@ -142,6 +142,8 @@ def drawn_by_pyfastnn(path) -> bool:
     decoding the image."""
     from PIL import Image
 
+    if not Path(path).is_file():  # reading a pipe or a device could block
+        return False
     try:
         with Image.open(path) as image:
             return image.format == "PNG" and image.info.get("Software") == PICTURE_SOFTWARE

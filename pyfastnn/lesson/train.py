@@ -141,7 +141,7 @@ def check_config(config: TrainConfig) -> None:
     check_device(config.device, config.backend)
     if config.cuda_graph and not config.device.startswith("cuda"):
         raise InvalidArgument("cuda_graph", "needs --device cuda")
-    if config.cuda_graph and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if config.cuda_graph and _launched_processes() > 1:
         raise InvalidArgument("cuda_graph", "is not supported with DistributedDataParallel (torchrun); "
                                             "use --no-cuda-graph")
 
@@ -236,9 +236,15 @@ def _optimizer_state_problems(optimizer: torch.optim.Optimizer, state: Dict) -> 
                         and tensor.dtype == parameter.dtype and tensor.layout == torch.strided):
                     problems.append(f"parameter {index}'s {name} is {_describe_tensor(tensor)} "
                                     f"(the parameter: {_describe_tensor(parameter)})")
+                elif name.endswith("exp_avg_sq") and bool((tensor < 0).any()):  # averages of squares
+                    problems.append(f"parameter {index}'s {name} holds negative values")
             step = moments["step"]
             if not ((isinstance(step, torch.Tensor) and step.numel() == 1) or _is_number(step)):
                 problems.append(f"parameter {index}'s step is {step!r}")
+            else:  # a parameter with state has taken a whole, positive number of steps
+                count = float(step.item() if isinstance(step, torch.Tensor) else step)
+                if not (math.isfinite(count) and count >= 1 and count == int(count)):
+                    problems.append(f"parameter {index}'s step is {count!r}, not a count of steps")
     return problems
 
 
@@ -275,8 +281,18 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict, path) -
                     moments[name] = torch.empty_like(parameter).copy_(moment)
 
 
+def _launched_processes() -> int:
+    """How many processes torchrun launched for this run (its WORLD_SIZE), 1 outside torchrun; a
+    WORLD_SIZE that is no count is refused by name, not run as a single process."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"the environment variable WORLD_SIZE (set by torchrun) must be a count of processes "
+                         f">= 1, got {value!r}")
+    return int(value)
+
+
 def _distributed(device: str):
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = _launched_processes()
     if world_size <= 1:
         return 0, 1, device
     import torch.distributed as dist
@@ -305,11 +321,17 @@ def load_checkpoint(path) -> Dict:
     try:  # torch.load does not verify the archive's checksums: damaged tensor bytes would load silently
         with zipfile.ZipFile(path) as archive:
             failing = archive.testzip()
+            names = archive.namelist()
         damaged = None if failing is None else f"{failing} fails its checksum"
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         damaged = str(e) or type(e).__name__
     if damaged is not None:
         raise CheckpointError(f"checkpoint {path}: cannot be read, damaged ({damaged})")
+    # torch.save's archive holds <name>/data.pkl; TorchScript's (torch.jit.save) also its code.
+    if not any(name.endswith("/data.pkl") for name in names):
+        raise CheckpointError(f"checkpoint {path}: not a checkpoint file (a zip archive torch.save did not write)")
+    if any(name.endswith("/constants.pkl") for name in names):
+        raise CheckpointError(f"checkpoint {path}: a TorchScript module (torch.jit.save), not a training checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -372,7 +394,7 @@ def check_resume_settings(state: Dict, path, config: TrainConfig) -> None:
     differ = [f"{name} {saved[name]!r} (asked: {wanted[name]!r})" for name in RUN_SETTINGS
               if name in saved and saved[name] != wanted[name]]
     # Each process trains on its shard of every epoch: another count is another run.
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    processes = _launched_processes()
     if state.get("world_size", processes) != processes:
         differ.append(f"{state['world_size']!r} process(es) (asked: {processes})")
     if differ:
@@ -568,6 +590,9 @@ def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank
     start_epoch = 0
     if resumed is not None:
         history, start_epoch = restore_checkpoint(resumed, config.resume, model, optimizer, device, rank)
+    # Made before the folder is touched: too few training samples for the processes is refused here.
+    batches = Batches(x_train, y_train, config.batch_size, shuffle=True, seed=config.seed,
+                      rank=rank, world_size=world_size)
     checkpoint_epoch: Optional[int] = None
     if out is not None and not _finishes_its_own_run(out, config, start_epoch):
         for name in PLOT_FILES:  # the previous run's pictures would pass for this run's
@@ -580,16 +605,18 @@ def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank
         nonlocal checkpoint_epoch
         rank_rng = _rng_states_of_every_rank(device, world_size)
         if out is not None:
-            checkpoint_epoch = epochs_done
-            save_checkpoint(out / "checkpoint.pt", model, optimizer, history, epochs_done, config, device,
-                            world_size, rank_rng)
+            path = out / "checkpoint.pt"
+            before = _file_identity(path)
+            try:
+                save_checkpoint(path, model, optimizer, history, epochs_done, config, device, world_size, rank_rng)
+            finally:  # metrics.json names the checkpoint on disk: the new one once it replaced the old (a new file)
+                if _file_identity(path) != before:
+                    checkpoint_epoch = epochs_done
 
     trained = model
     if world_size > 1:
         trained = nn.parallel.DistributedDataParallel(model)
 
-    batches = Batches(x_train, y_train, config.batch_size, shuffle=True, seed=config.seed,
-                      rank=rank, world_size=world_size)
     # The epoch's running sums stay on the device (no sync per step); a CUDA graph captures their
     # in-place updates, so they are zeroed in place each epoch, never replaced.
     loss_sum = torch.zeros((), device=device)
@@ -658,11 +685,13 @@ def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank
                 h = history[-1]
                 print(f"epoch {h['epoch']}: train loss {h['train_loss']:.4f} acc {h['train_accuracy']:.4f} | "
                       f"test loss {h['test_loss']:.4f} acc {h['test_accuracy']:.4f} | {seconds:.1f} s")
-            if config.out is not None:
-                save_state(epoch + 1)
-            if out is not None:
-                write_json(out / "metrics.json",
-                           run_metrics(config, device, world_size, graphed, history, False, checkpoint_epoch))
+            try:
+                if config.out is not None:
+                    save_state(epoch + 1)
+            finally:  # also when interrupted while saving: metrics.json then names the checkpoint kept
+                if out is not None:
+                    write_json(out / "metrics.json",
+                               run_metrics(config, device, world_size, graphed, history, False, checkpoint_epoch))
 
     if rank == 0 and config.summaries and start_epoch >= config.epochs:
         done = f"the checkpoint has {start_epoch} epoch(s) done, " if resumed is not None else ""
@@ -682,6 +711,15 @@ def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank
             plot_predictions(test_images[shown], test_labels[shown], predicted[shown], out / "predictions.png")
         write_json(out / "metrics.json", metrics)
     return TrainResult(model=model, metrics=metrics)
+
+
+def _file_identity(path: Path) -> Optional[Tuple[int, int]]:
+    """Which file ``path`` names (device and inode), None if none: an atomic replace changes it."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _finishes_its_own_run(out: Path, config: TrainConfig, start_epoch: int) -> bool:
@@ -793,15 +831,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _train_and_report(config: TrainConfig) -> int:
     result = train(config)
-    if int(os.environ.get("RANK", "0")) == 0:
+    rank = 0
+    if _launched_processes() > 1:  # the rank train() joined the group as, not $RANK read again
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+    if rank == 0:
         accuracy = result.metrics["test_accuracy"]
         summary = "no epoch trained" if accuracy is None else f"test accuracy {accuracy:.4f}"
         if config.out:
             plots = ", " + ", ".join(PLOT_FILES) if config.plots and result.metrics["history"] else ""
             summary += f"; wrote {config.out}/metrics.json, checkpoint.pt{plots}"
         print(summary)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
     return 0

@@ -5,8 +5,10 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,6 +116,8 @@ class _Unsafe:
     ("damaged", "cannot be read, damaged"),
     ("other_torch_file", "not a pyfastnn training checkpoint (no model, optimizer, history, epoch, rng_state)"),
     ("code", "holds objects other than tensors and plain data"),
+    ("numpy_archive", "not a checkpoint file (a zip archive torch.save did not write)"),
+    ("torchscript", "a TorchScript module (torch.jit.save), not a training checkpoint"),
 ])
 def test_train_corrupt_resume_checkpoint_is_one_line_naming_it(capsys, tmp_path, tiny_mnist_dir, content, problem):
     checkpoint = tmp_path / "checkpoint.pt"
@@ -127,6 +131,13 @@ def test_train_corrupt_resume_checkpoint_is_one_line_naming_it(capsys, tmp_path,
             checkpoint.write_bytes(data[:middle] + bytes(64) + data[middle + 64:])
     elif content == "code":
         torch.save({"model": _Unsafe()}, checkpoint)
+    elif content == "numpy_archive":
+        with open(checkpoint, "wb") as f:
+            np.savez(f, weights=np.zeros(3))
+    elif content == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript is deprecated upstream
+            torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), checkpoint)
     else:
         checkpoint.write_bytes(b"" if content == "empty" else b"\x00garbage" * 40)
     out = tmp_path / "run"
@@ -186,6 +197,11 @@ def test_train_resume_of_missing_file_or_other_model(capsys, tmp_path, tiny_mnis
     (lambda state: [state.pop("config"), state["optimizer"]["param_groups"][0].update(lr=0.5)],
      "lr 0.5 (this run: 0.001)"),
     (lambda state: state["optimizer"].update(param_groups=[]), "not the state of one Adam parameter group"),
+    # Values no Adam run leaves behind: training would turn to NaN.
+    (lambda state: state["optimizer"]["state"][0].update(step=torch.tensor(-5.0)),
+     "parameter 0's step is -5.0, not a count of steps"),
+    (lambda state: state["optimizer"]["state"][2].update(step=torch.tensor(float("nan"))), "parameter 2's step is nan"),
+    (lambda state: state["optimizer"]["state"][1]["exp_avg_sq"].fill_(-1.0), "parameter 1's exp_avg_sq holds negative"),
     (lambda state: state.update(world_size=2), "was trained with 2 process(es) (asked: 1)"),  # torchrun's shards
 ])
 def test_train_resume_of_an_edited_checkpoint_names_what_is_wrong(capsys, tmp_path, tiny_mnist_dir, edit, problem):
@@ -326,12 +342,36 @@ def test_demo_bad_arguments(capsys, tmp_path, tiny_mnist_dir):
     assert "Perceptron" not in stdout
 
 
+def test_pipes_where_output_files_go_are_refused_up_front(capsys, tmp_path, tiny_mnist_dir):
+    """Writing into (or reading) a pipe would block the command: refused like a folder in that place."""
+    for command, name in (("train", "checkpoint.pt"), ("demo", "activations.png")):
+        out = tmp_path / command
+        out.mkdir()
+        os.mkfifo(out / name)
+        args = (["train", "mnist", "--no-progress"] if command == "train" else ["demo", "--no-bench"])
+        status, _, err = cli(capsys, *args, "--data", str(tiny_mnist_dir), "--out", str(out), "--overwrite")
+        line = error_line(err, f"pyfastnn {command}")
+        assert status == 1 and f"holds {name}, which is not a regular file (a pipe, socket or device)" in line, line
+        assert sorted(p.name for p in out.iterdir()) == [name]
+
+
 def test_bench_mnist_refuses_a_wrong_data_folder_before_benchmarking(tmp_path, mnist_dir):
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_mnist.py"
     result = subprocess.run([sys.executable, str(script), "--quick", "--full-script", "--data", str(tmp_path)],
                             capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYFASTNN_MNIST": str(mnist_dir)})  # not taken instead
     assert result.returncode == 2 and str(tmp_path) in error_line(result.stderr, "bench_mnist.py")
+    assert "train step" not in result.stdout
+    # A folder with the test files only: the missing training files are named before any benchmark.
+    test_only = tmp_path / "test_only"
+    test_only.mkdir()
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        source = next(mnist_dir.glob(name + "*"))
+        (test_only / source.name).write_bytes(source.read_bytes())
+    result = subprocess.run([sys.executable, str(script), "--quick", "--full-script", "--data", str(test_only)],
+                            capture_output=True, text=True, timeout=120)
+    error = error_line(result.stderr, "bench_mnist.py")
+    assert result.returncode == 2 and "train-images-idx3-ubyte" in error and "--download" not in error, error
     assert "train step" not in result.stdout
     # A wrong $PYFASTNN_MNIST is refused the same way, not replaced by ../shared/data/mnist ...
     wrong = {**os.environ, "PYFASTNN_MNIST": str(tmp_path)}
@@ -377,7 +417,7 @@ def test_demo_never_replaces_another_runs_files_unless_asked(capsys, tmp_path, t
     assert status == 1 and "holds another run" in error_line(err, "pyfastnn demo")
 
 
-def test_demo_never_replaces_a_picture_it_did_not_draw_unless_asked(capsys, tmp_path, monkeypatch):
+def test_demo_never_replaces_a_picture_it_did_not_draw_unless_asked(capsys, tmp_path, monkeypatch, tiny_mnist_dir):
     from pyfastnn.lesson.demo import DEMO_RUN_LABEL
     from pyfastnn.lesson.plots import drawn_by_pyfastnn
 
@@ -389,6 +429,10 @@ def test_demo_never_replaces_a_picture_it_did_not_draw_unless_asked(capsys, tmp_
     assert status == 1 and f"{tmp_path} holds activations.png, which pyfastnn did not draw" in line, line
     assert "--overwrite" in line and "Perceptron" not in stdout and mine.read_bytes() == b"a picture of the user's own"
     assert not (tmp_path / "xor_scratch_loss.png").exists()
+    # Refused with MNIST data too, before the folder of its MNIST run is made.
+    status, _, err = cli(capsys, "demo", "--out", str(tmp_path), "--no-bench", "--data", str(tiny_mnist_dir))
+    assert status == 1 and "which pyfastnn did not draw" in error_line(err, "pyfastnn demo")
+    assert not (tmp_path / "mnist").exists()
     # With --overwrite the demo draws its own pictures; those, the next demo replaces unasked (the main job again).
     assert cli(capsys, "demo", "--out", str(tmp_path), "--no-bench", "--overwrite")[0] == 0
     assert drawn_by_pyfastnn(mine) and drawn_by_pyfastnn(tmp_path / "xor_scratch_loss.png")

@@ -262,6 +262,21 @@ def test_an_interrupted_epoch_closes_its_progress_bar_before_the_message(tmp_pat
     assert "epoch 1/" in err and err.endswith("\npyfastnn train: interrupted\n")
 
 
+def test_a_single_process_ignores_a_stray_rank_and_refuses_a_bad_world_size(tmp_path, tiny_mnist_dir, monkeypatch,
+                                                                           capsys):
+    common = ["--data", str(tiny_mnist_dir), "--batch-size", "32", "--epochs", "1", "--no-plots"]
+    for rank in ("", "1", "x"):  # left over in the shell: torchrun sets RANK together with WORLD_SIZE
+        monkeypatch.setenv("RANK", rank)
+        assert _train_cli(*common, "--out", str(tmp_path / f"rank{rank}")) == 0
+        assert "test accuracy" in capsys.readouterr().out
+    for world_size in ("", "abc", "0"):
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+        assert _train_cli(*common, "--out", str(tmp_path / "bad")) != 0
+        error = capsys.readouterr().err
+        assert f"WORLD_SIZE (set by torchrun) must be a count of processes >= 1, got {world_size!r}" in error, error
+        assert not (tmp_path / "bad").exists()
+
+
 def test_interrupted_run_leaves_its_folder_marked_incomplete(tmp_path, tiny_mnist_dir, monkeypatch, capsys):
     import pyfastnn.lesson.train as train_module
 
@@ -284,10 +299,21 @@ def test_interrupted_run_leaves_its_folder_marked_incomplete(tmp_path, tiny_mnis
     assert capsys.readouterr().err.strip().endswith("pyfastnn train: interrupted")
     metrics = _metrics(out)
     assert metrics["completed"] is False and metrics["config"]["epochs"] == 3 and metrics["config"]["seed"] == 1
-    assert [h["epoch"] for h in metrics["history"]] == [1] and metrics["checkpoint_epoch"] == 1
+    # The second epoch was trained and evaluated, its checkpoint never written: metrics.json says both.
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2] and metrics["checkpoint_epoch"] == 1
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert not (out / "curves.png").exists()  # the previous run's pictures are gone, not passed off as this run's
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json"]  # no temporary files
+
+    def interrupt_after_saving(*args, **kwargs):  # Ctrl-C between the checkpoint and metrics.json
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", interrupt_after_saving)
+    assert _train_cli(*common, "--epochs", "3", "--overwrite") == 130
+    metrics = _metrics(out)
+    assert metrics["checkpoint_epoch"] == torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert [h["epoch"] for h in metrics["history"]] == [1] and metrics["completed"] is False
 
 
 def test_failed_writes_leave_the_previous_files_whole(tmp_path, tiny_mnist_dir, monkeypatch, capsys):

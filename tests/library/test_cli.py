@@ -53,6 +53,17 @@ def test_cli_bench_quick_writes_json(tmp_path):
 
 # --- Mistakes and failures: one line, exit status 2 for usage, 1 for failures, --debug for the traceback ---
 
+def test_bench_threads_default_to_no_more_than_the_cpus_available(monkeypatch):
+    import pyfastnn.benchmark as benchmark
+
+    asked = []
+    monkeypatch.setattr(benchmark, "run", lambda **kwargs: asked.append(kwargs["threads"]) or [])
+    monkeypatch.setattr(benchmark.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    for quick in ([], ["--quick"]):
+        assert benchmark.main(quick + (["--no-compile"] if not quick else [])) == 0
+    assert asked == [[1], [1]]
+
+
 def test_bench_bad_arguments_fail_before_benchmarking(capsys, tmp_path):
     status, _, err = cli(capsys, "bench", "--quick", "--threads", "0")
     assert status == 2 and "argument --threads: must be >= 1, got 0" in error_line(err, "pyfastnn bench")
@@ -287,6 +298,10 @@ def test_atomic_write_writes_through_links_and_devices_and_refuses_folders(tmp_p
             raise AssertionError("the block must not run")
     assert caught.value.filename == str(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "pipe", "real.json"]
+    with pytest.raises(OSError) as caught:  # a full device names itself, as a full disk names the file
+        with atomic_write("/dev/full") as f:
+            f.write(b"no room")
+    assert caught.value.filename == "/dev/full"
 
 
 def test_atomic_write_names_the_target_when_the_rename_fails(tmp_path, monkeypatch):

@@ -82,6 +82,24 @@ def test_from_sequential_keeps_the_sequentials_keys_also_after_a_layers_dropout_
     assert list(FusedMLP.from_sequential(named).state_dict()) == list(named.state_dict())
 
 
+@pytest.mark.parametrize("copy", [False, True])
+def test_from_sequential_keeps_a_linear_used_twice_and_tied_weights_as_one_parameter(copy):
+    torch.manual_seed(0)
+    twice = nn.Linear(4, 4)
+    tied = nn.Linear(4, 4)
+    tied.weight = twice.weight
+    plain = nn.Sequential(twice, nn.ReLU(), twice, nn.Tanh(), tied)
+    mlp = FusedMLP.from_sequential(plain, copy=copy)
+    assert len(mlp) == 3 and list(mlp.state_dict()) == list(plain.state_dict())
+    assert mlp[0].weight is mlp[1].weight is mlp[2].weight and mlp[0].bias is mlp[1].bias
+    assert (mlp[0].weight is twice.weight) != copy
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(mlp(x), plain(x))
+    (fused_grad,) = torch.autograd.grad(mlp(x).sum(), [mlp[0].weight])
+    (plain_grad,) = torch.autograd.grad(plain(x).sum(), [twice.weight])  # summed over its three uses
+    torch.testing.assert_close(fused_grad, plain_grad)
+
+
 def test_replacing_a_layer_is_seen_by_forward():
     mlp = _mlp((8, 6, 3))
     new_layer = FusedLinear(8, 6, activation="tanh")
@@ -321,6 +339,37 @@ def test_torch_func_through_dropout_in_a_module_with_trainable_parameters():
     torch.testing.assert_close(torch.func.grad(lambda x: run(x).sum())(x), want)
 
 
+@pytest.mark.parametrize("make", ["layer", "mlp"])
+def test_tangents_and_batches_entering_backward_through_the_gradient(make):
+    """Forward-over-reverse and batched gradients on a graph the fused op built: a tangent on the
+    incoming gradient (torch.autograd.forward_ad) comes out of backward as J^T t, as through
+    nn.Linear; batched gradients (torch.func.vmap, is_grads_batched) give each sample's; inside
+    torch.func.jvp, which records no graph to differentiate the layers by, backward refuses."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    module = (FusedLinear(4, 5, activation="tanh") if make == "layer" else _mlp((4, 6, 5), activation="gelu")).double()
+    plain = module.to_linear() if make == "layer" else module.to_sequential()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    v, t = torch.randn(2, 3, 5, dtype=torch.float64)
+    y = module(x)
+    (expected,) = torch.autograd.grad(plain(x), x, t)
+    with fwAD.dual_level():
+        (grad,) = torch.autograd.grad(y, x, fwAD.make_dual(v, t), retain_graph=True)
+        primal, tangent = fwAD.unpack_dual(grad)
+    assert tangent is not None and not grad.requires_grad
+    torch.testing.assert_close(tangent, expected)
+    torch.testing.assert_close(primal, torch.autograd.grad(plain(x), x, v)[0])
+    batch = torch.randn(4, 3, 5, dtype=torch.float64)
+    expected = torch.stack([torch.autograd.grad(plain(x), x, g)[0] for g in batch])
+    (batched,) = torch.autograd.grad(y, x, batch, is_grads_batched=True, retain_graph=True)
+    torch.testing.assert_close(batched, expected)
+    torch.testing.assert_close(torch.func.vmap(lambda g: torch.autograd.grad(y, x, g, retain_graph=True)[0])(batch),
+                               expected)
+    with pytest.raises(NotImplementedError, match="cannot run inside torch.func.jvp when the graph was built outside"):
+        torch.func.jvp(lambda v: torch.autograd.grad(y, x, v, retain_graph=True)[0], (v,), (t,))
+
+
 def test_forward_ad_through_the_layers():
     mlp = _mlp((4, 6, 2), activation="silu").double()
     x, v = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
@@ -362,21 +411,20 @@ def test_vmap_over_the_batch_and_over_weights():
     torch.testing.assert_close(grads, expected)
 
 
-def test_batched_gradients_where_supported_and_refused_clearly_elsewhere():
+def test_batched_gradients_of_every_fused_module():
+    """autograd.grad(is_grads_batched=True) and jacobian(vectorize=True): each sample's gradient, also
+    through fused_mlp and fused dropout (the forward's masks)."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, requires_grad=True)
-    layer = FusedLinear(8, 4, activation="tanh")
-    y = layer(x)
-    grads = torch.randn(5, *y.shape)
-    (batched,) = torch.autograd.grad(y, x, grads, is_grads_batched=True)
-    one_by_one = torch.stack([torch.autograd.grad(layer(x), x, g)[0] for g in grads])
-    torch.testing.assert_close(batched, one_by_one)
-    for module in (_mlp((8, 6, 4)).eval(), FusedLinear(8, 4, dropout=0.2).train()):  # both run fused_mlp
+    for module in (FusedLinear(8, 4, activation="tanh"), _mlp((8, 6, 4)).eval(), FusedLinear(8, 4, dropout=0.2).train()):
         y = module(x)
-        with pytest.raises(RuntimeError, match="Batching rule not implemented for pyfastnn::fused_mlp_backward"):
-            torch.autograd.grad(y, x, torch.randn(5, *y.shape), is_grads_batched=True)
-    with pytest.raises(RuntimeError, match="Batching rule not implemented"):
-        torch.autograd.functional.jacobian(_mlp((8, 6, 4)), torch.randn(2, 8), vectorize=True)
+        grads = torch.randn(5, *y.shape)
+        (batched,) = torch.autograd.grad(y, x, grads, is_grads_batched=True, retain_graph=True)
+        one_by_one = torch.stack([torch.autograd.grad(y, x, g, retain_graph=True)[0] for g in grads])
+        torch.testing.assert_close(batched, one_by_one)
+    mlp, x = _mlp((8, 6, 4)), torch.randn(2, 8)
+    torch.testing.assert_close(torch.autograd.functional.jacobian(mlp, x, vectorize=True),
+                               torch.autograd.functional.jacobian(mlp, x))
 
 
 def test_vmap_over_one_dimensional_samples_refuses_them_like_the_op():
@@ -1727,6 +1775,22 @@ def test_nan_and_inf_differences_from_pytorch_are_as_documented():
     xt = xr.detach().clone().requires_grad_()
     torch.relu(xt).sum().backward()
     assert xt.grad.tolist() == [[1.0], [1.0]]
+    # relu followed by fused dropout: a dropped element passes no gradient, also an inf one (its zero
+    # output stands for the mask); PyTorch's dropout backward makes inf * 0 = NaN there.
+    torch.manual_seed(0)
+    layer = FusedLinear(1, 16, activation="relu", dropout=0.5).train()
+    nn.init.ones_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    ones = torch.ones(8, 1)
+    y = layer(ones)  # every unit is active: the zeros are exactly the dropped elements
+    keep = (y != 0).float()
+    inf = torch.full_like(y, float("inf"))
+    (ours,) = torch.autograd.grad(y, layer.bias, inf)
+    bias = layer.bias.detach().clone().requires_grad_()
+    (theirs,) = torch.autograd.grad(torch.relu(F.linear(ones, layer.weight.detach(), bias)) * keep / 0.5, bias, inf)
+    dropped_in_column = (keep == 0).any(0)
+    assert dropped_in_column.any() and theirs[dropped_in_column].isnan().all()
+    assert not ours.isnan().any()
 
 
 def test_full_model_save_and_load_after_fuse():
