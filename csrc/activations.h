@@ -38,18 +38,17 @@ inline bool is_valid_activation(int64_t code) {
   return code >= 0 && code < kNumActivations;
 }
 
-// Whether backward can take the derivative from the activation's output (so the output, which the
-// caller keeps anyway, is all that must be saved) or needs the pre-activation. leaky_relu with a
-// negative slope maps both signs of x to positive outputs, so its output no longer tells them apart.
-PYFASTNN_HOST_DEVICE bool derivative_from_output(Activation act, double negative_slope) {
+// Whether backward takes the derivative from the activation's output (so the output, which the
+// caller keeps anyway, is all that must be saved) or from the pre-activation: as torch's own
+// activations do, so that the same in-place ops on an output are legal. leaky_relu keeps its
+// pre-activation like torch's (which also tells the signs apart under a negative slope).
+PYFASTNN_HOST_DEVICE bool derivative_from_output(Activation act) {
   switch (act) {
     case Activation::Identity:
     case Activation::Relu:
     case Activation::Sigmoid:
     case Activation::Tanh:
       return true;
-    case Activation::LeakyRelu:
-      return negative_slope >= 0.0;
     default:
       return false;
   }
@@ -111,7 +110,7 @@ struct LeakyRelu {
     using M = MathOps<T>;
     return M::select(M::greater(x, M::constant(0.0)), x, x * slope);
   }
-  // From the output only when slope >= 0 (then y > 0 exactly when x > 0); from the input always.
+  // From the pre-activation (derivative_from_output); from the output too when slope >= 0.
   template <typename T> PYFASTNN_HOST_DEVICE static T derivative(T s, T slope) {
     using M = MathOps<T>;
     return M::select(M::greater(s, M::constant(0.0)), M::constant(1.0), slope);

@@ -51,9 +51,9 @@ bool in_functorch_transform() {
 
 // NOTE [Save only what backward reads]
 // Backward reads a layer's output only where the derivative comes from it (derivative_from_output:
-// relu, sigmoid, tanh, leaky_relu with a slope >= 0); identity needs neither output nor
-// pre-activation. Saving the output anyway would make autograd refuse in-place ops on it (`y += x`
-// after nn.Linear or F.gelu is legal), so an empty placeholder is saved in its place (the backward
+// relu, sigmoid, tanh, as for torch's); identity needs neither output nor pre-activation. Saving
+// the output anyway would make autograd refuse in-place ops on it (`y += x` after nn.Linear,
+// F.gelu or F.leaky_relu is legal), so an empty placeholder is saved in its place (the backward
 // ops do not read it).
 at::Tensor saved_if_read(bool read, const at::Tensor& tensor) {
   return read ? tensor : at::empty({0}, tensor.options());
@@ -89,7 +89,7 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
                             const std::optional<at::Tensor>& bias, int64_t activation,
                             double negative_slope) {
     // Keep only what the derivative needs: the output (returned anyway, so free) or the pre-activation.
-    const bool from_output = derivative_from_output(static_cast<Activation>(activation), negative_slope);
+    const bool from_output = derivative_from_output(static_cast<Activation>(activation));
     at::Tensor output, preact;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -164,11 +164,10 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
     ctx->saved_data["activations"] = activations.vec();
     ctx->saved_data["negative_slope"] = negative_slope;
     ctx->saved_data["dropout"] = dropout.vec();
-    // The output layer's derivative reads the output or its saved pre-activation (gelu, silu).
+    // The output layer's derivative reads the output or its saved pre-activation (gelu, silu, leaky_relu).
     const auto output_activation = activations.back();
     variable_list to_save{input, saved_if_read(reads_saved_tensor(output_activation) &&
-                                                   derivative_from_output(static_cast<Activation>(output_activation),
-                                                                          negative_slope),
+                                                   derivative_from_output(static_cast<Activation>(output_activation)),
                                                output)};
     to_save.insert(to_save.end(), weights.begin(), weights.end());
     to_save.insert(to_save.end(), present_biases.begin(), present_biases.end());

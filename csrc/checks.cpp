@@ -33,6 +33,21 @@ std::string compute_dtype_names() {
   return names;
 }
 
+// A layout as Python names it (torch.sparse_coo), for messages.
+const char* layout_name(at::Layout layout) {
+  switch (layout) {
+    case at::kStrided: return "torch.strided";
+    case at::kSparse: return "torch.sparse_coo";
+    case at::kSparseCsr: return "torch.sparse_csr";
+    case at::kSparseCsc: return "torch.sparse_csc";
+    case at::kSparseBsr: return "torch.sparse_bsr";
+    case at::kSparseBsc: return "torch.sparse_bsc";
+    case at::kMkldnn: return "torch._mkldnn";
+    case at::kJagged: return "torch.jagged";
+    default: return "an unknown layout";
+  }
+}
+
 // Names for messages, built only when a check fails: "weight" for fused_linear (layer < 0),
 // "weights[l]" for layer l of fused_mlp.
 std::string parameter_name(const char* single, const char* list, int64_t layer) {
@@ -155,8 +170,20 @@ void check_kernel_input(const char* name, const at::Tensor& t) {
   TORCH_CHECK_NOT_IMPLEMENTED(!t.is_cuda(), "pyfastnn: ", name, " is on ", t.device(),
                               "; this build of pyfastnn has no CUDA kernels (build it with CUDA)");
 #endif
-  TORCH_CHECK_NOT_IMPLEMENTED(!t._is_zerotensor(), "pyfastnn: ", name,
-                              " is a ZeroTensor without memory; materialize it first (clone())");
+  check_readable(name, t);
+}
+
+void check_readable(const char* name, const at::Tensor& t, int64_t index) {
+  if (t.layout() == at::kStrided && !t.is_nested() && !t.is_quantized() && !t._is_zerotensor()) return;
+  const std::string what = parameter_name(name, name, index);
+  TORCH_CHECK_NOT_IMPLEMENTED(!t.is_nested(), "pyfastnn: nested tensors are not supported as ", what,
+                              "; pad them (torch.nested.to_padded_tensor), or pass a jagged one's values()");
+  TORCH_CHECK_NOT_IMPLEMENTED(t.layout() == at::kStrided, "pyfastnn: ", what, " has layout ", layout_name(t.layout()),
+                              "; the kernels take dense (strided) tensors: pass tensor.to_dense()");
+  TORCH_CHECK_NOT_IMPLEMENTED(!t.is_quantized(), "pyfastnn: ", what, " is quantized (", t.scalar_type(),
+                              "); the kernels take floating point tensors: pass tensor.dequantize()");
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "pyfastnn: ", what, " is a ZeroTensor without memory; materialize it first "
+                              "(clone())");
 }
 
 namespace {
@@ -173,6 +200,7 @@ KernelScope::KernelScope(const at::Tensor& input, const at::Tensor* grad_output)
 void check_saved_tensor(const char* name, const at::Tensor& t, const at::Tensor& input,
                         at::IntArrayRef expected_shape) {
   TORCH_CHECK_TYPE(t.defined(), "pyfastnn: ", name, " is missing");
+  check_readable(name, t);
   TORCH_CHECK_VALUE(t.sizes() == expected_shape, "pyfastnn: ", name, " has shape ", t.sizes(),
                     ", expected ", expected_shape);
   TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), "pyfastnn: ", name, " dtype ", t.scalar_type(),

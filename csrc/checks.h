@@ -40,9 +40,16 @@ void check_negative_slope(double negative_slope);
 void check_dropout_probability(double p, int64_t layer = -1);
 
 // The input of a kernel call (the direct C++ functions run without the dispatcher, which would refuse
-// these): defined, on a device this build has kernels for, with memory behind it (not a ZeroTensor).
-// Its parameters are checked to be on the same device.
+// these): defined, on a device this build has kernels for, readable (check_readable). Its parameters
+// are checked to be on the same device.
 void check_kernel_input(const char* name, const at::Tensor& t);
+
+// A tensor the kernels read as memory: dense and strided (not sparse, mkldnn, nested or quantized)
+// and not a ZeroTensor (no memory behind it); NotImplementedError names it, as `name` or as
+// `name[index]` where index >= 0, and what to pass instead. Every tensor a kernel entry point
+// reads is checked so (the dispatcher finds no kernel for most of these; the direct C++ functions
+// have no dispatcher), and Python's ops name such arguments with it.
+void check_readable(const char* name, const at::Tensor& t, int64_t index = -1);
 
 // NOTE [Kernels run below autograd]
 // Called directly from C++ with tensors that require grad, the out= GEMMs inside the kernels would

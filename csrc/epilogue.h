@@ -68,7 +68,7 @@ struct BackwardFlags {
 
 inline BackwardFlags backward_flags(const BackwardEpilogue& a) {
   BackwardFlags flags{};
-  flags.rescale_saved = a.keep_mask != nullptr && derivative_from_output(a.activation, a.negative_slope);
+  flags.rescale_saved = a.keep_mask != nullptr && derivative_from_output(a.activation);
   flags.mask_implied = flags.rescale_saved && derivative_vanishes_at_zero_output(a.activation);
   flags.saved_scale = 1.0 - a.dropout_p;
   flags.kept_scale = a.keep_mask != nullptr ? 1.0 / (1.0 - a.dropout_p) : 1.0;

@@ -15,6 +15,11 @@ at::Tensor empty_output(const at::Tensor& input, int64_t out_features) {
   return at::empty(detail::output_shape(input, out_features), input.options());
 }
 
+void check_readable_parameters(const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_readable("weight", weight);
+  if (has_tensor(bias)) check_readable("bias", *bias);
+}
+
 }  // namespace
 
 at::Tensor fused_linear_inference(const at::Tensor& input, const at::Tensor& weight,
@@ -22,6 +27,7 @@ at::Tensor fused_linear_inference(const at::Tensor& input, const at::Tensor& wei
                                   double negative_slope) {
   check_fused_linear_args(input, weight, bias, activation, negative_slope);
   const KernelScope scope(input);  // NOTE [Kernels run below autograd]
+  check_readable_parameters(weight, bias);
   at::Tensor out = empty_output(input, weight.size(0));
   detail::layer_forward(detail::as_matrix(input), weight, bias, static_cast<Activation>(activation),
                         negative_slope, detail::as_matrix(out), nullptr, {}, detail::relu_epilogue_allowed());
@@ -34,6 +40,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_forward(const at::Tensor& input,
                                                         bool keep_preact) {
   check_fused_linear_args(input, weight, bias, activation, negative_slope);
   const KernelScope scope(input);  // NOTE [Kernels run below autograd]
+  check_readable_parameters(weight, bias);
   at::Tensor out = empty_output(input, weight.size(0));
   at::Tensor preact = keep_preact ? at::empty_like(out) : at::empty({0}, input.options());
   const at::Tensor preact_matrix = keep_preact ? detail::as_matrix(preact) : at::Tensor();
@@ -49,6 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward(
     std::array<bool, 3> output_mask) {
   check_fused_linear_args(input, weight, std::nullopt, activation, negative_slope);
   const KernelScope scope(input, &grad_output);  // NOTE [Kernels run below autograd]
+  check_readable("weight", weight);
   const auto act = static_cast<Activation>(activation);
   const auto shape = detail::output_shape(input, weight.size(0));
   check_saved_tensor("grad_output", grad_output, input, shape);

@@ -28,6 +28,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   check_fused_mlp_args(input, weights, biases, activations, negative_slope, dropout);
   const KernelScope scope(input);  // NOTE [Kernels run below autograd]
   const size_t layers = weights.size();
+  for (size_t l = 0; l < layers; ++l) {
+    check_readable("weights", weights[l], static_cast<int64_t>(l));
+    if (has_tensor(biases.get(l))) check_readable("biases", *biases.get(l), static_cast<int64_t>(l));
+  }
   const auto options = input.options();
   const bool relu_epilogue = detail::relu_epilogue_allowed();  // one value for the whole call
   std::vector<at::Tensor> hidden, preacts, keep_masks;
@@ -42,7 +46,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
     at::Tensor y = last ? at::empty(detail::output_shape(input, out_features), options)
                         : at::empty({rows, out_features}, options);
     at::Tensor y_matrix = last ? detail::as_matrix(y) : y;
-    const bool keep_preact = save && !derivative_from_output(act, negative_slope);
+    const bool keep_preact = save && !derivative_from_output(act);
     // CUDA relu hidden layers keep a bit mask in this slot instead (NOTE [relu bit masks]).
     const bool keep_relu_mask = save && detail::keeps_relu_mask(input, act, last);
     at::Tensor preact;
@@ -108,6 +112,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
   TORCH_CHECK_VALUE(output_mask.size() == 1 + 2 * layers, "pyfastnn: output_mask needs ", 1 + 2 * layers,
                     " entries (input, weights, biases), got ", output_mask.size());
   const KernelScope scope(input, &grad_output);  // NOTE [Kernels run below autograd]
+  for (size_t l = 0; l < layers; ++l) check_readable("weights", weights[l], static_cast<int64_t>(l));
   const auto out_shape = detail::output_shape(input, weights[layers - 1].size(0));
   check_saved_tensor("grad_output", grad_output, input, out_shape);
 
@@ -139,6 +144,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
     TORCH_CHECK_TYPE(keep_masks[l].defined(), "pyfastnn: keep_masks[", l,
                      "] is missing (an empty 1-D uint8 tensor stands for a layer without dropout)");
     has_mask[l] = keep_masks[l].dim() == 2;
+    if (has_mask[l]) check_readable("keep_masks", keep_masks[l], static_cast<int64_t>(l));
     TORCH_CHECK_VALUE(has_mask[l] || (keep_masks[l].dim() == 1 && keep_masks[l].numel() == 0),
                       "pyfastnn: keep_masks[", l, "] must be the layer's 2-D dropout mask or an empty 1-D tensor "
                       "(no dropout), got shape ", keep_masks[l].sizes());
@@ -156,7 +162,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
     const std::vector<int64_t> layer_shape{rows, weights[l].size(0)};
     at::Tensor saved;
     if (act != Activation::Identity) {
-      const bool from_output = derivative_from_output(act, negative_slope);
+      const bool from_output = derivative_from_output(act);
       if (from_output && last) {  // the op's output, in the caller's shape
         check_saved_tensor("saved output", output, input, out_shape);
         saved = detail::as_matrix(output);
@@ -187,6 +193,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
                               preacts[l - 1].sizes() == at::IntArrayRef({rows, detail::relu_mask_row_bytes(features)}),
                           "pyfastnn: preacts[", l - 1, "] must be the relu bit mask, uint8 of shape (", rows, ", ",
                           detail::relu_mask_row_bytes(features), ") on ", input.device());
+        check_readable("preacts", preacts[l - 1], l - 1);
       } else {
         check_saved_tensor("saved pre-activation", preacts[l - 1], input, {rows, features});
       }

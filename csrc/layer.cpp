@@ -20,6 +20,11 @@ namespace {
 
 bool on_cuda(const at::Tensor& t) { return t.device().is_cuda(); }
 
+// A lazily negated view (is_neg) as the values it stands for: the kernels read raw memory. The
+// dispatcher resolves Tensor and Tensor[] arguments before its kernels, but not fused_mlp's Tensor?[]
+// bias list, and the direct C++ functions run without it.
+at::Tensor negation_applied(const at::Tensor& t) { return t.defined() && t.is_neg() ? t.resolve_neg() : t; }
+
 // Only a CUDA build registers CUDA kernels, and check_kernel_input refuses CUDA tensors in the direct C++
 // calls of a CPU-only build, so such a build never sees one here.
 void launch(const ForwardEpilogue& args, int64_t rows, bool cuda_device) {
@@ -175,19 +180,18 @@ std::atomic<bool> relu_epilogue{false};  // NOTE [The relu epilogue and NaN]
 bool relu_epilogue_allowed() { return relu_epilogue.load(std::memory_order_relaxed); }
 void set_relu_epilogue_allowed(bool allowed) { relu_epilogue.store(allowed, std::memory_order_relaxed); }
 
-void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+void layer_forward(const at::Tensor& x_arg, const at::Tensor& weight_arg, const std::optional<at::Tensor>& bias,
                    Activation activation, double negative_slope, const at::Tensor& out,
                    const at::Tensor* preact, const LayerDropout& dropout, bool relu_epilogue,
                    const at::Tensor* relu_mask) {
+  const at::Tensor x = negation_applied(x_arg), weight = negation_applied(weight_arg);
   const int64_t rows = x.size(0);
   const int64_t out_features = weight.size(0);
   if (rows == 0 || out_features == 0) return;
   // The GEMM writes into the buffer that must hold x @ W^T + bias afterwards: the pre-activation when
   // it is kept, otherwise the output itself (then the epilogue runs in place).
   at::Tensor acc = preact != nullptr ? *preact : out;
-  // resolve_neg: torch's negative-view fallback resolves Tensor and Tensor[] arguments, not the
-  // tensors of fused_mlp's Tensor?[] bias list; a lazily negated bias would be read unnegated.
-  at::Tensor b = has_tensor(bias) ? bias->resolve_neg().contiguous() : at::Tensor();
+  at::Tensor b = has_tensor(bias) ? negation_applied(*bias).contiguous() : at::Tensor();
   const bool cuda_device = on_cuda(x);
   if (cuda_device) {
 #ifdef PYFASTNN_WITH_CUDA
@@ -223,10 +227,12 @@ void layer_forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
   launch(args, rows, cuda_device);
 }
 
-LayerGrads layer_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-                          const at::Tensor& saved, Activation activation, double negative_slope,
+LayerGrads layer_backward(const at::Tensor& grad_out_arg, const at::Tensor& x_arg, const at::Tensor& weight_arg,
+                          const at::Tensor& saved_arg, Activation activation, double negative_slope,
                           const LayerDropout& dropout, bool need_input, bool need_weight, bool need_bias,
                           const BelowLayer* below) {
+  const at::Tensor grad_out = negation_applied(grad_out_arg), x = negation_applied(x_arg),
+                   weight = negation_applied(weight_arg), saved = negation_applied(saved_arg);
   const bool has_dropout = dropout.keep_mask.defined();
   const bool needs_pass = activation != Activation::Identity || has_dropout;
   // Identity without dropout: grad_out already is the pre-activation gradient.

@@ -25,8 +25,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     for (const auto& dtype : pyfastnn::kComputeDtypes) names.emplace_back(dtype.name);
     return names;
   }, "The torch names of the dtypes the kernels compute in.");
-  m.def("derivative_from_output", [](int64_t activation, double negative_slope) {
-    return pyfastnn::derivative_from_output(static_cast<pyfastnn::Activation>(activation), negative_slope);
+  m.def("derivative_from_output", [](int64_t activation) {
+    return pyfastnn::derivative_from_output(static_cast<pyfastnn::Activation>(activation));
   }, "Whether backward needs only the activation's output (else the pre-activation).");
   // The kernels' own argument checks, for the fake kernels: one source of every check and message.
   m.def("check_fused_linear_args", [](const at::Tensor& input, const at::Tensor& weight,
@@ -40,6 +40,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                    const std::vector<double>& dropout) {
     pyfastnn::check_fused_mlp_args(input, weights, pyfastnn::BiasList(biases), activations, negative_slope, dropout);
   });
+  m.def("check_readable", [](const std::string& name, const at::Tensor& t) {
+    pyfastnn::check_readable(name.c_str(), t);
+  }, "Raises NotImplementedError naming `name` unless the kernels can read t's memory.");
   m.def("check_dropout_probability", [](double p) { pyfastnn::check_dropout_probability(p); },
         "Raises ValueError unless 0 <= p < 1.");
   m.def("check_negative_slope", [](double s) { pyfastnn::check_negative_slope(s); },

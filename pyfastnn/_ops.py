@@ -184,19 +184,14 @@ def run_fused_mlp(input, weights, biases, codes, negative_slope: float, dropout,
 
 def _refuse_unsupported_tensors(named: Iterable[Tuple[str, Optional[torch.Tensor]]]) -> None:
     """Nested, sparse, mkldnn and quantized tensors reach no kernel, and the dispatcher's error names
-    only the op and a backend: this names the argument and what to pass instead."""
+    only the op and a backend: the kernels' own check (``check_readable``) names the argument and what
+    to pass instead."""
     for name, tensor in named:
-        if tensor is None:
-            continue
-        if tensor.is_nested:
-            raise NotImplementedError(f"pyfastnn: nested tensors are not supported as {name}; pad them "
-                                      "(torch.nested.to_padded_tensor), or pass a jagged one's values()") from None
-        if tensor.layout != torch.strided:
-            raise NotImplementedError(f"pyfastnn: {name} has layout {tensor.layout}; the kernels take dense "
-                                      "(strided) tensors: pass tensor.to_dense()") from None
-        if tensor.is_quantized:
-            raise NotImplementedError(f"pyfastnn: {name} is quantized ({tensor.dtype}); the kernels take floating "
-                                      "point tensors: pass tensor.dequantize()") from None
+        if tensor is not None:
+            try:
+                native.check_readable(name, tensor)
+            except NotImplementedError as e:
+                raise NotImplementedError(str(e)) from None
 
 
 def _output_shape(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: int,
@@ -248,7 +243,7 @@ def _fused_mlp_forward_fake(input, weights, biases, activations, negative_slope,
     output = input.new_empty(_mlp_output_shape(input, weights, biases, activations, negative_slope, dropout))
     rows = _rows(input.shape)
     hidden = [input.new_empty((rows, w.shape[0])) for w in weights[:-1]]
-    preacts = [input.new_empty((rows, w.shape[0]) if not native.derivative_from_output(act, negative_slope) else (0,))
+    preacts = [input.new_empty((rows, w.shape[0]) if not native.derivative_from_output(act) else (0,))
                for w, act in zip(weights, activations)]
     # CUDA relu hidden layers keep a relu bit mask there instead (NOTE [relu bit masks] in
     # csrc/layer.h): uint8, each row padded to 128 bits.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Dict, Optional
@@ -104,6 +105,14 @@ def build_record() -> Optional[Dict[str, Any]]:
     return record
 
 
+def _ops_already_registered() -> bool:
+    try:
+        torch.ops.pyfastnn.fused_linear
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 def load_extension() -> ModuleType:
     """Imports ``pyfastnn._C`` (which registers ``torch.ops.pyfastnn.*``), or raises an ImportError that
     names the problem and the command that fixes it."""
@@ -118,6 +127,11 @@ def load_extension() -> ModuleType:
     record = build_record()
     if record is not None:
         check_built_for(record, torch.__version__, torch.version.cuda)
+    if EXTENSION not in sys.modules and _ops_already_registered():
+        # A second registration of the namespace would abort the process inside torch.
+        raise ImportError("the pyfastnn ops are already registered in this process, by another library (the C++ "
+                          "library libpyfastnn_ops, loaded with torch.ops.load_library?): one process holds one of "
+                          "them; call torch.ops.pyfastnn.* from that one, or import pyfastnn without loading it")
     try:
         return importlib.import_module(EXTENSION)
     except ImportError as error:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,8 @@ import pyfastnn
 from ._ops import DTYPES
 
 __all__ = ["TOLERANCES", "REFERENCE_ACTIVATIONS", "DTYPES", "assert_close", "reference", "reference_mlp",
-           "Case", "MLPCase", "random_tensor", "random_case", "random_mlp_case", "build", "check", "check_mlp", "run"]
+           "Case", "MLPCase", "random_tensor", "random_case", "random_mlp_case", "build", "check", "check_mlp", "run",
+           "checked_cases"]
 
 # (rtol, atol) per dtype for comparisons against the PyTorch reference.
 TOLERANCES = {
@@ -278,9 +279,16 @@ def check(case: Case) -> Optional[str]:
 
 def run(cases: int, seed: int = 0, mlp: bool = False, device: str = "cpu") -> List[str]:
     """The mismatches among `cases` random fused_linear cases (fused_mlp cases with `mlp`) on `device`."""
+    return [m for m in checked_cases(cases, seed, mlp, device) if m is not None]
+
+
+def checked_cases(cases: int, seed: int = 0, mlp: bool = False, device: str = "cpu") -> Iterator[Optional[str]]:
+    """Checks the cases of :func:`run` one at a time: each case's mismatch, or None where it passed
+    (a long run can then report as it goes, and stop early)."""
     make, verify = (random_mlp_case, check_mlp) if mlp else (random_case, check)
     rng = random.Random(seed)
-    return [m for m in (verify(make(rng, device)) for _ in range(cases)) if m is not None]
+    for _ in range(cases):
+        yield verify(make(rng, device))
 
 
 @dataclasses.dataclass

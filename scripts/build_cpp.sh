@@ -44,7 +44,9 @@ if [ "${TORCH_HAS_CUDA:-0}" = 1 ]; then
 fi
 # setup_env.sh puts pip's CMake in the environment where the machine's is missing or too old.
 BIN="$([ -x "$VENV/bin/cmake" ] && echo "$VENV/bin/" || true)"
-"${BIN}cmake" -S "$ROOT/${PYFASTNN_CMAKE_PROJECT:-.}" -B "$BUILD" -G Ninja -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DCMAKE_MAKE_PROGRAM="$VENV/bin/ninja" \
+# ninja: the environment's (pip's, which CMake would not find on PATH), else the machine's
+NINJA="$([ -x "$VENV/bin/ninja" ] && echo "$VENV/bin/ninja" || command -v ninja || echo "$VENV/bin/ninja")"
+"${BIN}cmake" -S "$ROOT/${PYFASTNN_CMAKE_PROJECT:-.}" -B "$BUILD" -G Ninja -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DCMAKE_MAKE_PROGRAM="$NINJA" \
   ${CUDA_ARGS[@]+"${CUDA_ARGS[@]}"} "$@" > "$BUILD.configure.log" 2>&1 || { cat "$BUILD.configure.log"; exit 1; }
 grep "^-- pyfastnn" "$BUILD.configure.log" || true
 "${BIN}cmake" --build "$BUILD" -j "${MAX_JOBS:-2}"

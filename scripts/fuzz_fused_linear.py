@@ -4,7 +4,9 @@ With --mlp: random fused_mlp stacks (1-4 layers, per-layer activations, biases a
 or not) against the float64 layer-by-layer reference with the same masks. --device cuda runs every
 case on the GPU. Every device draws from the same four dtypes (pyfastnn.testing.DTYPES).
 
-    python scripts/fuzz_fused_linear.py [--cases 10000] [--seed 0] [--mlp] [--device cuda]
+    python scripts/fuzz_fused_linear.py [--cases 10000] [--seed 0] [--mlp] [--device cuda] [--seconds S]
+
+Each mismatch is printed as it is found; --seconds stops after that long, saying how many cases ran.
 """
 
 import argparse
@@ -14,8 +16,8 @@ import time
 import torch
 
 import pyfastnn
-from pyfastnn.command import positive_int
-from pyfastnn.testing import run
+from pyfastnn.command import positive_float, positive_int
+from pyfastnn.testing import checked_cases
 
 
 def main() -> int:
@@ -25,6 +27,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="the cases' random seed (default: %(default)s)")
     parser.add_argument("--mlp", action="store_true", help="fuzz fused_mlp instead of fused_linear")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
+    parser.add_argument("--seconds", type=positive_float, help="stop after this many seconds (default: run every case)")
     args = parser.parse_args()
     try:
         device = torch.device(args.device)
@@ -35,11 +38,17 @@ def main() -> int:
     if device.type == "cuda" and not pyfastnn.info()["cuda_available"]:
         parser.error(f"--device {args.device} needs a CUDA GPU and a CUDA build of pyfastnn (see pyfastnn info)")
     start = time.perf_counter()
-    mismatches = run(args.cases, args.seed, mlp=args.mlp, device=args.device)
-    for line in mismatches:
-        print("MISMATCH", line)
-    print(f"{args.cases} cases on {args.device}, {len(mismatches)} mismatches, seed {args.seed}, "
-          f"{time.perf_counter() - start:.0f} s")
+    ran = mismatches = 0
+    for mismatch in checked_cases(args.cases, args.seed, mlp=args.mlp, device=args.device):
+        ran += 1
+        if mismatch is not None:
+            mismatches += 1
+            print("MISMATCH", mismatch, flush=True)
+        if args.seconds is not None and time.perf_counter() - start > args.seconds:
+            break
+    stopped = f" (stopped after --seconds {args.seconds:g})" if ran < args.cases else ""
+    print(f"{ran} cases on {args.device}, {mismatches} mismatches, seed {args.seed}, "
+          f"{time.perf_counter() - start:.0f} s{stopped}")
     return 1 if mismatches else 0
 
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The one-command GPU check, for a machine with a GPU and a CUDA build of torch already installed
-# (no network needed). Each step logs to OUTDIR/<step>.log; OUTDIR/summary.txt has one line per step
+# (no network needed). Each step logs to <step>.log, packed at the end with the tests' XML reports into
+# OUTDIR/logs.tar.gz, so that OUTDIR holds a few files to copy off the machine: that archive,
+# summary.txt (also printed at the end) and the benchmarks' JSON files. summary.txt has one line per step
 # (rc, seconds), under a failed step the lines of its log that say what failed (the failed tests,
 # the sanitizer's reports, the first error lines), under a benchmark its printed figures and under a
 # test step the figures its tests recorded (pytest's record_property), and the final status:
@@ -26,7 +28,6 @@
 #                           MNIST need it in $PYFASTNN_MNIST, else are skipped and noted as NOT RUN;
 #                           all need the lesson extra)
 #   bench_mnist_cuda        benchmarks/bench_mnist.py --device cuda --quick --json OUTDIR/bench_mnist_cuda.json
-#   fuzz_cuda / fuzz_mlp_cuda   scripts/fuzz_fused_linear.py --device cuda (FUZZ_CASES each)
 #   memcheck / racecheck    compute-sanitizer (where it can run on the device: a probe says so first)
 #                           on pyfastnn's own kernels over selections of test_cuda.py. memcheck's
 #                           reaches each kernel (vectorized and one-element passes, dropout, the
@@ -34,20 +35,25 @@
 #                           with dropout, and the relu mask packer); racecheck's reaches the one
 #                           kernel with shared memory, the bias sums, on both paths (float32, then
 #                           float16)
+#   fuzz_cuda / fuzz_mlp_cuda   scripts/fuzz_fused_linear.py --device cuda (FUZZ_CASES each; mismatches
+#                           are logged as found, and the run stops in time to print its count)
 #   test_cpu_on_cuda_build  (--full only) the CPU suite on the same build
 #   profile_cuda            (--full, or named in GPU_CHECK_ONLY) benchmarks/bench_cuda.py --profile --json
 #                           OUTDIR/profile_cuda.json and (with the lesson extra) benchmarks/bench_mnist.py
 #                           --device cuda --profile: the kernels each variant runs, with their device time
 #                           (where the benchmarks' time goes); a diagnosis, kept out of the quick run
 # Every step's time limit is cut to what is left of GPU_CHECK_BUDGET_S (default 360 s: the whole check,
-# build included, in 6 minutes), so the script ends with its summary before an outer limit stops it;
-# the sanitizers, slowest under instrumentation, come last. --full: every bench_cuda shape and dtype,
+# build included, in 6 minutes), so the script ends with its summary before an outer limit stops it
+# (a SIGTERM or Ctrl-C still ends it with its summary); a step with under a third of its own limit
+# left is not started but listed NOT RUN. --full: every bench_cuda shape and dtype,
 # FUZZ_CASES 10000 (the acceptance run), the CPU suite, and a budget of 1500 s. GPU_CHECK_ONLY="memcheck
 # racecheck ..." runs only those of the steps after the build (to finish what a run cut short left NOT
 # RUN); the others are listed as
-# skipped. Exit status 0 only if every step asked for ran and passed.
+# skipped. GPU_CHECK_SKIP_BUILD=1 (for such a rerun on the same tree and machine) uses the CUDA build
+# in place instead of building again. Exit status 0 only if every step asked for ran and passed.
 #
-#   PYFASTNN_MNIST=DIR [GPU_CHECK_WHEELS=DIR] [GPU_CHECK_ONLY="STEP ..."] scripts/gpu_check.sh OUTDIR [--full]
+#   PYFASTNN_MNIST=DIR [GPU_CHECK_WHEELS=DIR] [GPU_CHECK_ONLY="STEP ..."] [GPU_CHECK_BUDGET_S=S] \
+#     [GPU_CHECK_SKIP_BUILD=1] scripts/gpu_check.sh OUTDIR [--full]
 #
 # The wheels for an offline machine with Python 3.12, fetched where there is network:
 #   pip download --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
@@ -64,8 +70,8 @@ if [ "$MODE" = "--full" ]; then
 else
   FUZZ_CASES="${FUZZ_CASES:-1000}" BUDGET="${GPU_CHECK_BUDGET_S:-360}" BENCH_CUDA_SIZE=(--quick) BENCH_CUDA_LIMIT=60
 fi
-CHECK_STEPS="test_cuda test_cuda_graph bench_cuda test_cuda_train bench_mnist_cuda fuzz_cuda fuzz_mlp_cuda memcheck
-  racecheck test_cpu_on_cuda_build profile_cuda"
+CHECK_STEPS="test_cuda test_cuda_graph bench_cuda test_cuda_train bench_mnist_cuda memcheck racecheck fuzz_cuda
+  fuzz_mlp_cuda test_cpu_on_cuda_build profile_cuda"
 set -f  # the names are words, never file patterns
 GPU_CHECK_ONLY="$(echo ${GPU_CHECK_ONLY:-})"  # words only: blank means every step
 for name in $GPU_CHECK_ONLY; do
@@ -84,6 +90,9 @@ wanted() {  # wanted STEP...: whether GPU_CHECK_ONLY (if set) asks for any of th
 }
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
+absolute() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }  # folders named from where it was called
+[ -z "${PYFASTNN_MNIST:-}" ] || export PYFASTNN_MNIST="$(absolute "$PYFASTNN_MNIST")"
+[ -z "${GPU_CHECK_WHEELS:-}" ] || GPU_CHECK_WHEELS="$(absolute "$GPU_CHECK_WHEELS")"
 cd "$ROOT"
 export PYFASTNN_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
 export CI=1  # tests that need MNIST fail instead of skipping when it is missing
@@ -130,10 +139,17 @@ figures() {  # figures NAME: a benchmark's printed figures, or the properties a 
   [ "$count" -le 120 ] || echo "    ... $((count - 120)) more lines in $1.log"
 }
 
-finish() {  # the summary's last line, then the exit status
-  echo "[gpu_check] done in $SECONDS s, status $status; logs in $OUT" | tee -a "$OUT/summary.txt"
+finish() {  # the summary's last line, the whole summary printed, the logs packed, then the exit status
+  trap - TERM INT
+  echo "[gpu_check] done in $SECONDS s, status $status; logs in $OUT/logs.tar.gz" >> "$OUT/summary.txt"
+  echo "==================== summary.txt"
+  cat "$OUT/summary.txt"
+  local logs; logs="$(cd "$OUT" && ls -- *.log *.xml 2>/dev/null)"
+  # shellcheck disable=SC2086 # file names of steps: words
+  [ -z "$logs" ] || (cd "$OUT" && tar -czf logs.tar.gz $logs && rm -f $logs)
   exit $status
 }
+trap 'echo "[gpu_check] stopped by a signal" >> "$OUT/summary.txt"; status=1; finish' TERM INT
 
 step() {  # step NAME LIMIT_S COMMAND...: runs within the budget left, logs, records rc and time
   local name="$1" limit="$2"; shift 2
@@ -141,7 +157,9 @@ step() {  # step NAME LIMIT_S COMMAND...: runs within the budget left, logs, rec
     if ! wanted "$name"; then echo "[gpu_check] $name: skipped (not in GPU_CHECK_ONLY)" | tee -a "$OUT/summary.txt"; return 0; fi ;;
   esac
   local left=$((BUDGET - SECONDS - 10))  # 10 s: timeout's grace before it kills
-  if [ "$left" -lt 20 ]; then note "$name" "NOT RUN (the $BUDGET s budget is spent)"; return 1; fi
+  if [ "$left" -lt 20 ] || [ $((left * 3)) -lt "$limit" ]; then  # cut to a fraction, it would time out
+    note "$name" "NOT RUN (${left} s of the $BUDGET s budget left, for a step of up to $limit s)"; return 1
+  fi
   [ "$limit" -gt "$left" ] && limit="$left"
   echo "[gpu_check] $name (limit $limit s)"
   rm -f "$OUT/$name.xml"  # pytest writes it only at the end: a step stopped before must not show an older one
@@ -163,7 +181,7 @@ step() {  # step NAME LIMIT_S COMMAND...: runs within the budget left, logs, rec
 {
   nvidia-smi
   "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-  "$PYTHON" -c "from pyfastnn.extras import missing_lesson_requirements as m; print('lesson extra missing:', m() or 'nothing')"
+  "$PYTHON" -c "import runpy; m = runpy.run_path('pyfastnn/extras.py')['missing_lesson_requirements'](); print('lesson extra missing:', m or 'nothing')"
   "$PYTHON" -c "import triton; print('triton', triton.__version__)" || echo "no triton: torch.compile tests fail"
   "$SANITIZER" --version | tail -n 1
   "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version | tail -n 2
@@ -171,6 +189,8 @@ step() {  # step NAME LIMIT_S COMMAND...: runs within the budget left, logs, rec
   "$PYTHON" -m pytest --version || echo "no pytest"
   "$PYTHON" -m ninja --version 2>/dev/null || ninja --version || echo "no ninja"
   echo "PYFASTNN_MNIST=${PYFASTNN_MNIST:-unset}"
+  # either forces TF32 under torch's flags: float32 tests and the fuzzer would then see TF32 rounding
+  echo "NVIDIA_TF32_OVERRIDE=${NVIDIA_TF32_OVERRIDE:-unset} TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=${TORCH_ALLOW_TF32_CUBLAS_OVERRIDE:-unset}"
 } > "$OUT/env.log" 2>&1
 # torch runs `ninja` from PATH: the environment's scripts folder (where its wheel puts it) may not be on it
 SCRIPTS_DIR="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)"
@@ -191,8 +211,16 @@ if need_pytest && ! have_pytest; then
   note tests "NOT RUN: no pytest; pip install pytest, or give its wheels in GPU_CHECK_WHEELS"
   finish
 fi
-step build 240 "$PYTHON" -m pip install --no-build-isolation --no-deps -e . || finish
-"$PYTHON" -c "import pyfastnn; print(pyfastnn.info())" >> "$OUT/env.log" 2>&1
+cuda_build_in_place() { "$PYTHON" -c "import sys, pyfastnn; sys.exit(not pyfastnn.info()['backends']['cuda'])" 2>/dev/null; }
+if [ -n "${GPU_CHECK_SKIP_BUILD:-}" ] && cuda_build_in_place; then
+  echo "[gpu_check] build: skipped (GPU_CHECK_SKIP_BUILD: the CUDA build in place)" | tee -a "$OUT/summary.txt"
+else
+  step build 240 "$PYTHON" -m pip install --no-build-isolation --no-deps -e . || finish
+fi
+if ! "$PYTHON" -c "import pyfastnn; print(pyfastnn.info())" >> "$OUT/env.log" 2>&1; then
+  note cuda "pyfastnn does not import: $(tail -n 1 "$OUT/env.log" | cut -c1-300)"
+  finish
+fi
 if ! "$PYTHON" -c "import sys, torch, pyfastnn; sys.exit(not (torch.cuda.is_available() and pyfastnn.info()['backends']['cuda']))"; then
   note cuda "torch sees no GPU or pyfastnn was built without CUDA (env.log): every GPU test would be skipped"
   finish
@@ -217,7 +245,8 @@ if ! wanted test_cuda_train; then
   step test_cuda_train 0 true  # listed as skipped
 elif [ -n "$LESSON_MISSING" ]; then
   note test_cuda_train "NOT RUN: the lesson extra lacks $LESSON_MISSING"
-elif [ ! -d "${PYFASTNN_MNIST:-$ROOT/../shared/data/mnist}" ]; then
+elif [ ! -f "${PYFASTNN_MNIST:-$ROOT/../shared/data/mnist}/t10k-images-idx3-ubyte.gz" ] &&
+     [ ! -f "${PYFASTNN_MNIST:-$ROOT/../shared/data/mnist}/t10k-images-idx3-ubyte" ]; then
   # cuda_graph_step's GPU tests need no MNIST: they run; the training tests skip (CI unset), noted.
   CI= step test_cuda_train 150 "${PYTEST[@]}" tests/lesson/test_cuda_train.py -k "not bench_mnist_cuda_quick" \
     --junitxml="$OUT/test_cuda_train.xml"
@@ -232,9 +261,6 @@ if [ -z "$LESSON_MISSING" ] || ! wanted bench_mnist_cuda; then
 else
   note bench_mnist_cuda "NOT RUN: the lesson extra lacks $LESSON_MISSING"
 fi
-
-step fuzz_cuda 45 "$PYTHON" scripts/fuzz_fused_linear.py --device cuda --cases "$FUZZ_CASES"
-step fuzz_mlp_cuda 45 "$PYTHON" scripts/fuzz_fused_linear.py --device cuda --mlp --cases "$FUZZ_CASES"
 
 # Sanitizers check pyfastnn's kernels only (kernel names hold "pyfastnn"; cuBLAS's and ATen's are
 # torch's business and their Hopper kernels give racecheck false positives). memcheck runs without
@@ -264,6 +290,13 @@ else
   step racecheck 90 "$SANITIZER" --tool racecheck --kernel-name kns=pyfastnn --report-api-errors no \
     --error-exitcode 1 "${PYTEST[@]}" tests/library/test_cuda.py -k "$RACECHECK_TESTS"
 fi
+
+# 45 s per thousand cases (at least 45 s); the fuzzer stops 15 s before, to print its count.
+FUZZ_LIMIT=$(( FUZZ_CASES * 45 / 1000 > 45 ? FUZZ_CASES * 45 / 1000 : 45 ))
+step fuzz_cuda "$FUZZ_LIMIT" "$PYTHON" scripts/fuzz_fused_linear.py --device cuda --cases "$FUZZ_CASES" \
+  --seconds $((FUZZ_LIMIT - 15))
+step fuzz_mlp_cuda "$FUZZ_LIMIT" "$PYTHON" scripts/fuzz_fused_linear.py --device cuda --mlp --cases "$FUZZ_CASES" \
+  --seconds $((FUZZ_LIMIT - 15))
 
 if [ "$MODE" = "--full" ]; then
   step test_cpu_on_cuda_build 600 "${PYTEST[@]}" tests --ignore=tests/library/test_cuda.py \

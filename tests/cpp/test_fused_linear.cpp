@@ -51,7 +51,7 @@ void test_against_reference(at::ScalarType dtype, double tol) {
         at::Tensor w = at::randn({s[2], s[1]}, opts) * (1.0 / std::sqrt(double(s[1])));
         at::Tensor b = at::randn({s[2]}, opts);
         const auto act = static_cast<pyfastnn::Activation>(code);
-        const bool keep_preact = !pyfastnn::derivative_from_output(act, slope);
+        const bool keep_preact = !pyfastnn::derivative_from_output(act);
         auto [out, preact] = pyfastnn::fused_linear_forward(x, w, b, code, slope, keep_preact);
 
         // Reference forward and gradients from ATen's autograd.
@@ -175,6 +175,39 @@ void test_bad_arguments_throw() {
                                            at::randn({4, 2}), 1, 0.01, {true, true, true});
          }),
          "a ZeroTensor gradient throws NotImplementedError");
+  // Every tensor a kernel reads, not only the input: named in the message (1-4 rows take the small
+  // GEMM, which reads raw memory).
+  const auto refusal = [](const auto& call) {
+    try {
+      call();
+    } catch (const c10::NotImplementedError& error) {
+      return std::string(error.what_without_backtrace());
+    }
+    return std::string("no error");
+  };
+  const auto zeros = [](at::IntArrayRef shape) { return at::_efficientzerotensor(shape); };
+  expect(refusal([&] { pyfastnn::fused_linear_inference(at::randn({3, 4}), zeros({5, 4}), std::nullopt, 1, 0.01); })
+                 .find("weight is a ZeroTensor") != std::string::npos,
+         "a ZeroTensor weight throws NotImplementedError naming it");
+  expect(refusal([&] {
+           pyfastnn::fused_mlp_inference(at::randn({2, 4}), {at::randn({5, 4}), zeros({3, 5})},
+                                         pyfastnn::BiasList({std::nullopt, std::nullopt}), {1, 0}, 0.01, {0.0, 0.0},
+                                         false);
+         }).find("weights[1] is a ZeroTensor") != std::string::npos,
+         "a ZeroTensor weights[1] throws NotImplementedError naming it");
+  expect(refusal([&] {
+           pyfastnn::fused_linear_backward(at::randn({4, 2}), at::randn({4, 3}), at::randn({2, 3}), zeros({4, 2}), 1,
+                                           0.01, {true, true, true});
+         }).find("saved activation is a ZeroTensor") != std::string::npos,
+         "a ZeroTensor saved activation throws NotImplementedError naming it");
+  expect(refusal([&] {
+           pyfastnn::fused_linear_inference(at::randn({3, 4}).to_sparse(), at::randn({5, 4}), std::nullopt, 1, 0.01);
+         }).find("input has layout torch.sparse_coo") != std::string::npos,
+         "a sparse input throws NotImplementedError naming its layout");
+  expect(refusal([&] {
+           pyfastnn::fused_linear_inference(at::randn({3, 4}), at::randn({5, 4}), at::randn({5}).to_sparse(), 1, 0.01);
+         }).find("bias has layout torch.sparse_coo") != std::string::npos,
+         "a sparse bias throws NotImplementedError naming it");
 
   threw = false;
   try {
@@ -195,6 +228,25 @@ void test_bad_arguments_throw() {
   }
   expect(message.find("(at most 3.4028234663852886e+38 in magnitude), got 3.4028236e+38") != std::string::npos,
          "an out-of-range slope's message: " + message);
+}
+
+// A lazily negated view reads as the values it stands for, in every tensor a kernel reads (the
+// dispatcher resolves such views before its kernels; direct calls do not pass through it).
+void test_negated_views_read_as_their_values() {
+  for (const int64_t rows : {3, 64}) {  // the small GEMM (raw reads) and ATen's
+    const at::Tensor x = at::randn({rows, 4}), w = at::randn({5, 4}), b = at::randn({5}), g = at::randn({rows, 5});
+    const auto negated = [](const at::Tensor& t) { return at::_neg_view(-t); };  // contiguous, is_neg()
+    const int64_t relu = static_cast<int64_t>(pyfastnn::Activation::Relu);
+    const at::Tensor want = pyfastnn::fused_linear_inference(x, w, b, relu, 0.01);
+    expect(at::allclose(pyfastnn::fused_linear_inference(negated(x), negated(w), negated(b), relu, 0.01), want),
+           "negated views in fused_linear_inference (" + std::to_string(rows) + " rows)");
+    const at::Tensor out = want;
+    auto [gx, gw, gb] = pyfastnn::fused_linear_backward(g, x, w, out, relu, 0.01, {true, true, true});
+    auto [ngx, ngw, ngb] = pyfastnn::fused_linear_backward(negated(g), negated(x), negated(w), negated(out), relu, 0.01,
+                                                            {true, true, true});
+    expect(at::allclose(ngx, gx) && at::allclose(ngw, gw) && at::allclose(ngb, gb),
+           "negated views in fused_linear_backward (" + std::to_string(rows) + " rows)");
+  }
 }
 
 // Called directly, with parameters that require grad and grad mode on (a torch::nn::Linear's), the
@@ -339,6 +391,7 @@ int main() {
   test_mlp_against_reference(at::kDouble, 1e-10);
   test_scalar_matches_vectorized();
   test_bad_arguments_throw();
+  test_negated_views_read_as_their_values();
   test_direct_calls_with_parameters_that_require_grad();
   test_missing_keep_mask_throws();
   test_philox_known_answers();

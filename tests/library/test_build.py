@@ -166,6 +166,16 @@ def test_importing_under_another_torch_names_both_versions(tmp_path):
     assert "pip install --no-build-isolation ." in last_line
 
 
+def test_ops_another_library_registered_first_are_a_clear_import_error():
+    # As when libpyfastnn_ops (the C++ library) was loaded before: registering the namespace again
+    # would stop the process inside torch.
+    code = "import torch; torch.library.define('pyfastnn::fused_linear', '(Tensor x) -> Tensor'); import pyfastnn"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "ImportError: the pyfastnn ops are already registered in this process, by another library"), result.stderr
+
+
 @pytest.mark.parametrize("content", ["[1]", "null", "{not json"])
 def test_an_unreadable_build_record_is_a_clear_import_error(tmp_path, content):
     result = import_with_record(tmp_path, lambda text: content)

@@ -126,10 +126,15 @@ def test_every_reduced_precision_reduction_setting_runs_and_stays_accurate(dtype
 
 def test_non_default_stream_and_cuda_graphs():
     x, w, b = (torch.randn(s, device="cuda") for s in ((64, 32), (16, 32), (16,)))
+    buffer = torch.zeros_like(x)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())  # x, w, b were written on the default stream
     with torch.cuda.stream(stream):
-        out = pyfastnn.fused_linear(x, w, b, "gelu")
+        # The input is written on this stream after a long spin: a kernel launched on another stream
+        # would read the zeros before it.
+        torch.cuda._sleep(100_000_000)
+        buffer.copy_(x)
+        out = pyfastnn.fused_linear(buffer, w, b, "gelu")
     stream.synchronize()
     assert_close(out, reference(x, w, b, "gelu"), torch.float32)
     model = torch.nn.Sequential(pyfastnn.FusedLinear(32, 64, activation="relu"), pyfastnn.FusedLinear(64, 8, activation=None)).cuda()
@@ -151,6 +156,21 @@ def test_second_gpu():
     out = pyfastnn.fused_linear(x, w, None, "tanh")
     assert out.device == x.device
     assert_close(out, reference(x, w, None, "tanh"), torch.float32)
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "relu"])
+def test_cublaslt_epilogue_finishes_the_layer_where_it_can(activation, monkeypatch):
+    """The cuBLASLt path is taken, not only correct where taken: an aligned bfloat16 layer with the
+    tanh-form GELU (or relu, its epilogue allowed) runs no pass of pyfastnn's own in inference (the
+    epilogue finished the layer), where the fallback runs one."""
+    x, w, b = (torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in ((256, 512), (384, 512), (384,)))
+    with pyfastnn.cuda_relu_epilogue(True):
+        for path in ("cublaslt", "fallback"):
+            if path == "fallback":
+                monkeypatch.setenv("PYFASTNN_CUBLASLT", "0")
+            names = [k["kernel"] for k in cuda_kernels(lambda: pyfastnn.fused_linear(x, w, b, activation))]
+            own_passes = [n for n in names if "forward_kernel" in n]  # pyfastnn's element-wise forward pass
+            assert bool(own_passes) == (path == "fallback"), (path, names)
 
 
 @pytest.fixture(params=["cublaslt", "fallback"])

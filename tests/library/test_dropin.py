@@ -1447,6 +1447,26 @@ def test_changing_saved_inputs_or_biases_in_place_raises_instead_of_a_wrong_grad
             y.sum().backward()
 
 
+class _LeakyResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 8), nn.LeakyReLU(0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).add_(x)  # legal after nn.LeakyReLU, which keeps its input
+
+
+def test_fuse_keeps_a_model_changing_a_leaky_relu_output_in_place_trainable():
+    torch.manual_seed(0)
+    model = _LeakyResidual()
+    fused = pyfastnn.fuse(model)
+    assert any(isinstance(m, (FusedLinear, FusedMLP)) for m in fused.modules())
+    x = torch.randn(4, 8)
+    grads = [torch.autograd.grad(m(x).square().sum(), list(m.parameters())) for m in (model, fused)]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
+
+
 def test_inplace_op_after_identity_output_like_nn_linear():
     torch.manual_seed(0)
     x = torch.randn(4, 6)
@@ -1469,9 +1489,9 @@ def test_inplace_op_after_identity_output_like_nn_linear():
     y.mul_(2)
     y.sum().backward()
     assert all(w.grad is not None for w in weights)
-    # gelu, gelu_tanh and silu differentiate from their pre-activation, as torch's do: the output
-    # may be changed in place (sigmoid, tanh and relu read it, and refuse like torch's).
-    for act, torch_act in (("gelu", F.gelu), ("silu", F.silu)):
+    # gelu, gelu_tanh, silu and leaky_relu differentiate from their pre-activation, as torch's do: the
+    # output may be changed in place (sigmoid, tanh and relu read it, and refuse like torch's).
+    for act, torch_act in (("gelu", F.gelu), ("silu", F.silu), ("leaky_relu", F.leaky_relu)):
         for kind in ("mlp", "one layer in training"):
             ws = [w.detach().requires_grad_() for w in weights]
             if kind == "mlp":
@@ -1485,9 +1505,9 @@ def test_inplace_op_after_identity_output_like_nn_linear():
     y.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
-    # A layer whose own output is dropped out in training: identity, gelu and silu outputs still take
-    # in-place ops (the same masks with and without: gradients twice as large); relu's refuses.
-    for act in ("identity", "gelu", "silu", "relu"):
+    # A layer whose own output is dropped out in training: identity, gelu, silu and leaky_relu outputs
+    # still take in-place ops (the same masks with and without: gradients twice as large); relu's refuses.
+    for act in ("identity", "gelu", "silu", "leaky_relu", "relu"):
         layer = FusedLinear(6, 5, activation=act, dropout=0.3).train()
         torch.manual_seed(1)
         (plain_grad,) = torch.autograd.grad(layer(x).sum(), layer.weight)

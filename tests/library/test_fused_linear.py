@@ -242,10 +242,11 @@ def _keeps_preactivation(activation: str, negative_slope: float) -> bool:
 
 @pytest.mark.parametrize("activation, negative_slope, keeps", [
     ("relu", 0.01, False), ("sigmoid", 0.01, False), ("tanh", 0.01, False), ("identity", 0.01, False),
-    ("leaky_relu", 0.01, False), ("leaky_relu", -0.5, True),  # a negative slope: the output's sign is ambiguous
+    # As torch's: leaky_relu keeps its pre-activation (the output may then be changed in place).
+    ("leaky_relu", 0.01, True), ("leaky_relu", -0.5, True),
     ("gelu", 0.01, True), ("gelu_tanh", 0.01, True), ("silu", 0.01, True),
 ])
-def test_backward_keeps_the_output_when_the_derivative_can_use_it(activation, negative_slope, keeps):
+def test_backward_keeps_what_torchs_activations_keep(activation, negative_slope, keeps):
     assert _keeps_preactivation(activation, negative_slope) is keeps
 
 

@@ -19,6 +19,13 @@ def run_script(out: Path, *args: str, python: Optional[Path] = None, **env: str)
     return subprocess.run(["bash", str(SCRIPT), str(out), *args], capture_output=True, text=True, timeout=120, env=env)
 
 
+def mnist_stand_in(folder: Path) -> str:
+    """A folder the script takes for MNIST (it looks for the test images; the stand-ins read nothing)."""
+    (folder / "mnist").mkdir(exist_ok=True)
+    (folder / "mnist" / "t10k-images-idx3-ubyte.gz").touch()
+    return str(folder / "mnist")
+
+
 def stand_in_python(folder: Path, body: str) -> Path:
     """An executable called in place of Python: `body` is shell code that sees the arguments in $*."""
     path = folder / "python"
@@ -97,6 +104,44 @@ def test_a_failed_build_stops_with_the_summary_and_status(tmp_path):
     assert re.fullmatch(r"\[gpu_check\] done in \d+ s, status 1; logs in .*", summary[-1]), summary
 
 
+def test_the_output_folder_holds_the_summary_the_json_and_one_archive_of_the_logs(tmp_path):
+    import tarfile
+
+    python = stand_in_python(tmp_path, 'case "$*" in *verify_ninja_availability*) exit 0 ;; esac\nexit 0')
+    result = run_script(tmp_path / "out", python=python, GPU_CHECK_ONLY="bench_cuda")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["logs.tar.gz", "summary.txt"], result.stdout
+    with tarfile.open(out / "logs.tar.gz") as archive:
+        assert {"env.log", "build.log", "bench_cuda.log"} <= set(archive.getnames())
+    summary = (out / "summary.txt").read_text()
+    assert result.stdout.endswith("==================== summary.txt\n" + summary)  # printed whole at the end
+
+
+def test_a_rerun_can_use_the_build_in_place_and_skips_steps_the_budget_cannot_hold(tmp_path):
+    log = tmp_path / "calls.log"
+    python = stand_in_python(tmp_path, f'echo "$*" >> {log}\n'
+                             'case "$*" in *verify_ninja_availability*) exit 0 ;; esac\nexit 0')
+    # The budget leaves about 30 s: a step of up to 240 s (test_cuda) is not started, one of 60 s is.
+    result = run_script(tmp_path / "out", python=python, GPU_CHECK_SKIP_BUILD="1", GPU_CHECK_BUDGET_S="40",
+                        GPU_CHECK_ONLY="test_cuda bench_cuda")
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "build: skipped (GPU_CHECK_SKIP_BUILD: the CUDA build in place)" in summary and "pip install" not in \
+        log.read_text()
+    assert re.search(r"test_cuda: NOT RUN \(\d+ s of the 40 s budget left, for a step of up to 240 s\)", summary), summary
+    assert "bench_cuda: rc=0" in summary and result.returncode == 1
+
+
+def test_relative_data_folders_are_taken_from_where_it_was_called(tmp_path):
+    log = tmp_path / "calls.log"
+    python = stand_in_python(tmp_path, f'echo "MNIST=$PYFASTNN_MNIST $*" >> {log}\n'
+                             'case "$*" in *verify_ninja_availability*) exit 0 ;; esac\nexit 0')
+    mnist_stand_in(tmp_path)
+    result = subprocess.run(["bash", str(SCRIPT), "out"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env={**os.environ, "PYTHON": str(python), "PYFASTNN_MNIST": "mnist",
+                                 "GPU_CHECK_ONLY": "test_cuda_train"})
+    assert f"MNIST={tmp_path / 'mnist'} " in log.read_text() and "test_cuda_train: rc=0" in result.stdout
+
+
 def test_without_a_gpu_it_fails_instead_of_skipping_every_test(tmp_path):
     # pip succeeds; the check that torch sees a GPU and pyfastnn has CUDA fails, as on a CPU machine.
     python = stand_in_python(tmp_path, 'case "$*" in *torch.cuda.is_available*) exit 1 ;; esac\nexit 0')
@@ -139,7 +184,7 @@ def test_missing_ninja_and_pytest_come_from_the_wheels_and_the_run_passes(tmp_pa
     stand_in_python(tmp_path / "bin", "exit 0").rename(tmp_path / "bin" / "compute-sanitizer")
     (tmp_path / "wheels").mkdir()
     result = run_script(tmp_path / "out", python=python, GPU_CHECK_WHEELS=str(tmp_path / "wheels"),
-                        PYFASTNN_MNIST=str(tmp_path), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+                        PYFASTNN_MNIST=mnist_stand_in(tmp_path), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
     assert summary[0].startswith("[gpu_check] tools: rc=0") and summary[1].startswith("[gpu_check] build: rc=0"), summary
     assert [line for line in log.read_text().splitlines() if "--no-index" in line][0].endswith("ninja pytest")
@@ -161,9 +206,9 @@ def test_only_the_steps_asked_for_run_after_the_build(tmp_path):
         return [line.split()[1].rstrip(":") for line in summary if outcome in line]
 
     ran, skipped = steps(": rc=0 in "), steps(": skipped (not in GPU_CHECK_ONLY)")
-    assert ran == ["build", "fuzz_mlp_cuda", "memcheck"], summary
+    assert ran == ["build", "memcheck", "fuzz_mlp_cuda"], summary
     assert skipped == ["test_cuda", "test_cuda_graph", "bench_cuda", "test_cuda_train", "bench_mnist_cuda",
-                       "fuzz_cuda", "racecheck", "profile_cuda"], summary
+                       "racecheck", "fuzz_cuda", "profile_cuda"], summary
     assert ", status 0;" in summary[-1] and result.returncode == 0, summary
 
 
@@ -180,7 +225,7 @@ def test_a_step_of_the_full_run_only_is_refused_without_full_and_blank_means_eve
     python = stand_in_python(tmp_path, 'case "$*" in *verify_ninja_availability*) exit 0 ;; esac\nexit 0')
     (tmp_path / "bin").mkdir()
     stand_in_python(tmp_path / "bin", "exit 0").rename(tmp_path / "bin" / "compute-sanitizer")
-    result = run_script(tmp_path / "out2", python=python, GPU_CHECK_ONLY="   ", PYFASTNN_MNIST=str(tmp_path),
+    result = run_script(tmp_path / "out2", python=python, GPU_CHECK_ONLY="   ", PYFASTNN_MNIST=mnist_stand_in(tmp_path),
                         PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     summary = (tmp_path / "out2" / "summary.txt").read_text().splitlines()
     assert [line for line in summary[:-1] if ": rc=0 in " not in line] == [summary[-2]] and len(summary) == 12, summary
@@ -189,8 +234,9 @@ def test_a_step_of_the_full_run_only_is_refused_without_full_and_blank_means_eve
 
 
 def test_the_default_run_fits_six_minutes_and_full_benchmarks_every_shape(tmp_path):
-    # The default run is the quick check (bench_cuda --quick, a 360 s budget for everything, the slow
-    # sanitizers last); --full is the acceptance run (every bench_cuda shape and dtype).
+    # The default run is the quick check (bench_cuda --quick, a 360 s budget for everything; the tests and
+    # benchmarks first, then the sanitizers, the fuzzing last); --full is the acceptance run (every
+    # bench_cuda shape and dtype).
     assert re.search(r'BUDGET="\$\{GPU_CHECK_BUDGET_S:-360\}"', TEXT)
     bench_arguments = {}
     for mode in ("", "--full"):
@@ -202,7 +248,8 @@ def test_the_default_run_fits_six_minutes_and_full_benchmarks_every_shape(tmp_pa
         bench_arguments[mode] = calls[0].split()
     assert "--quick" in bench_arguments[""] and "--quick" not in bench_arguments["--full"]
     order = re.findall(r'^\s*(?:CI= )?step (\w+) ', TEXT, flags=re.M)
-    assert order.index("memcheck") > max(order.index(name) for name in ("test_cuda", "bench_cuda", "fuzz_mlp_cuda"))
+    assert order.index("memcheck") > max(order.index(name) for name in ("test_cuda", "bench_cuda", "bench_mnist_cuda"))
+    assert order.index("racecheck") < order.index("fuzz_cuda")
 
 
 def test_a_failed_step_leaves_what_failed_in_the_summary(tmp_path):
@@ -251,7 +298,7 @@ def test_the_profile_runs_last_in_the_full_run_only(tmp_path):
     python = stand_in_python(tmp_path, f'echo "$*" >> {log}\nexit 0')
     (tmp_path / "bin").mkdir()
     stand_in_python(tmp_path / "bin", "exit 0").rename(tmp_path / "bin" / "compute-sanitizer")
-    result = run_script(tmp_path / "out", "--full", python=python, PYFASTNN_MNIST=str(tmp_path),
+    result = run_script(tmp_path / "out", "--full", python=python, PYFASTNN_MNIST=mnist_stand_in(tmp_path),
                         PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
     assert summary[-2].startswith("[gpu_check] profile_cuda: rc=0"), summary
@@ -271,7 +318,7 @@ def test_the_summary_keeps_the_benchmarks_figures_and_the_tests_recorded_ones(tm
   esac; done ;;
 esac
 exit 0'''
-    result = run_script(tmp_path / "out", python=stand_in_python(tmp_path, body), PYFASTNN_MNIST=str(tmp_path),
+    result = run_script(tmp_path / "out", python=stand_in_python(tmp_path, body), PYFASTNN_MNIST=mnist_stand_in(tmp_path),
                         GPU_CHECK_ONLY="bench_cuda test_cuda_train")
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert result.returncode == 0, summary
