@@ -110,7 +110,7 @@ struct LeakyRelu {
     using M = MathOps<T>;
     return M::select(M::greater(x, M::constant(0.0)), x, x * slope);
   }
-  // From the pre-activation (derivative_from_output); from the output too when slope >= 0.
+  // Backward passes the pre-activation; the output would give the same where slope >= 0.
   template <typename T> PYFASTNN_HOST_DEVICE static T derivative(T s, T slope) {
     using M = MathOps<T>;
     return M::select(M::greater(s, M::constant(0.0)), M::constant(1.0), slope);

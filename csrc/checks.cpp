@@ -174,6 +174,7 @@ void check_kernel_input(const char* name, const at::Tensor& t) {
 }
 
 void check_readable(const char* name, const at::Tensor& t, int64_t index) {
+  if (!t.defined()) return;  // named as missing by the argument checks
   if (t.layout() == at::kStrided && !t.is_nested() && !t.is_quantized() && !t._is_zerotensor()) return;
   const std::string what = parameter_name(name, name, index);
   TORCH_CHECK_NOT_IMPLEMENTED(!t.is_nested(), "pyfastnn: nested tensors are not supported as ", what,

@@ -15,7 +15,10 @@ at::Tensor empty_output(const at::Tensor& input, int64_t out_features) {
   return at::empty(detail::output_shape(input, out_features), input.options());
 }
 
-void check_readable_parameters(const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+// Before the argument checks, whose messages read the tensors' shapes.
+void check_readable_arguments(const at::Tensor& input, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias) {
+  check_readable("input", input);
   check_readable("weight", weight);
   if (has_tensor(bias)) check_readable("bias", *bias);
 }
@@ -25,9 +28,9 @@ void check_readable_parameters(const at::Tensor& weight, const std::optional<at:
 at::Tensor fused_linear_inference(const at::Tensor& input, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, int64_t activation,
                                   double negative_slope) {
+  check_readable_arguments(input, weight, bias);
   check_fused_linear_args(input, weight, bias, activation, negative_slope);
   const KernelScope scope(input);  // NOTE [Kernels run below autograd]
-  check_readable_parameters(weight, bias);
   at::Tensor out = empty_output(input, weight.size(0));
   detail::layer_forward(detail::as_matrix(input), weight, bias, static_cast<Activation>(activation),
                         negative_slope, detail::as_matrix(out), nullptr, {}, detail::relu_epilogue_allowed());
@@ -38,9 +41,9 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_forward(const at::Tensor& input,
                                                         const std::optional<at::Tensor>& bias,
                                                         int64_t activation, double negative_slope,
                                                         bool keep_preact) {
+  check_readable_arguments(input, weight, bias);
   check_fused_linear_args(input, weight, bias, activation, negative_slope);
   const KernelScope scope(input);  // NOTE [Kernels run below autograd]
-  check_readable_parameters(weight, bias);
   at::Tensor out = empty_output(input, weight.size(0));
   at::Tensor preact = keep_preact ? at::empty_like(out) : at::empty({0}, input.options());
   const at::Tensor preact_matrix = keep_preact ? detail::as_matrix(preact) : at::Tensor();
@@ -54,9 +57,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& saved, int64_t activation, double negative_slope,
     std::array<bool, 3> output_mask) {
+  check_readable_arguments(input, weight, std::nullopt);
   check_fused_linear_args(input, weight, std::nullopt, activation, negative_slope);
   const KernelScope scope(input, &grad_output);  // NOTE [Kernels run below autograd]
-  check_readable("weight", weight);
   const auto act = static_cast<Activation>(activation);
   const auto shape = detail::output_shape(input, weight.size(0));
   check_saved_tensor("grad_output", grad_output, input, shape);

@@ -46,7 +46,7 @@
 # build included, in 6 minutes), so the script ends with its summary before an outer limit stops it
 # (a SIGTERM or Ctrl-C still ends it with its summary); a step with under a third of its own limit
 # left is not started but listed NOT RUN. --full: every bench_cuda shape and dtype,
-# FUZZ_CASES 10000 (the acceptance run), the CPU suite, and a budget of 1500 s. GPU_CHECK_ONLY="memcheck
+# FUZZ_CASES 10000 (the acceptance run), the CPU suite, and a budget of 2700 s. GPU_CHECK_ONLY="memcheck
 # racecheck ..." runs only those of the steps after the build (to finish what a run cut short left NOT
 # RUN); the others are listed as
 # skipped. GPU_CHECK_SKIP_BUILD=1 (for such a rerun on the same tree and machine) uses the CUDA build
@@ -64,12 +64,16 @@ MODE="${2:-}"
 case "$MODE" in "" | --full) ;; *) echo "usage: scripts/gpu_check.sh OUTDIR [--full] (unknown: $MODE)" >&2; exit 2 ;; esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
+case "$PYTHON" in */*) PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")" ;; esac  # before cd "$ROOT"
 PYTHON="$(command -v "$PYTHON" || echo "$PYTHON")"  # one interpreter throughout, whatever PATH gains below
 if [ "$MODE" = "--full" ]; then
-  FUZZ_CASES="${FUZZ_CASES:-10000}" BUDGET="${GPU_CHECK_BUDGET_S:-1500}" BENCH_CUDA_SIZE=() BENCH_CUDA_LIMIT=300
+  FUZZ_CASES="${FUZZ_CASES:-10000}" BUDGET="${GPU_CHECK_BUDGET_S:-2700}" BENCH_CUDA_SIZE=() BENCH_CUDA_LIMIT=300
 else
   FUZZ_CASES="${FUZZ_CASES:-1000}" BUDGET="${GPU_CHECK_BUDGET_S:-360}" BENCH_CUDA_SIZE=(--quick) BENCH_CUDA_LIMIT=60
 fi
+for number in "$FUZZ_CASES" "$BUDGET"; do
+  case "$number" in "" | *[!0-9]*) echo "scripts/gpu_check.sh: FUZZ_CASES and GPU_CHECK_BUDGET_S must be whole numbers, got '$number'" >&2; exit 2 ;; esac
+done
 CHECK_STEPS="test_cuda test_cuda_graph bench_cuda test_cuda_train bench_mnist_cuda memcheck racecheck fuzz_cuda
   fuzz_mlp_cuda test_cpu_on_cuda_build profile_cuda"
 set -f  # the names are words, never file patterns
@@ -129,6 +133,8 @@ figures() {  # figures NAME: a benchmark's printed figures, or the properties a 
   local lines
   if [ "${1#bench_}" != "$1" ]; then  # (a failure's traceback is the digest's)
     lines="$(tr -d '\000\r' < "$OUT/$1.log" | grep -vE 'Warning|warnings\.warn|^ |^wrote |^$|^Traceback|Error')"
+  elif [ "${1#fuzz_}" != "$1" ]; then  # its count: how many cases ran (a --seconds stop says so)
+    lines="$(grep -a ' cases on ' "$OUT/$1.log" | tail -n 1)"
   elif [ -f "$OUT/$1.xml" ]; then
     lines="$(grep -ao '<property name="[^"]*" value="[^"]*"' "$OUT/$1.xml" \
       | sed -E 's/<property name="([^"]*)" value="([^"]*)"/\1 = \2/; s/&quot;/"/g; s/&lt;/</g; s/&gt;/>/g; s/&amp;/\&/g')"
@@ -141,15 +147,18 @@ figures() {  # figures NAME: a benchmark's printed figures, or the properties a 
 
 finish() {  # the summary's last line, the whole summary printed, the logs packed, then the exit status
   trap - TERM INT
-  echo "[gpu_check] done in $SECONDS s, status $status; logs in $OUT/logs.tar.gz" >> "$OUT/summary.txt"
+  echo "[gpu_check] done in $SECONDS s, status $status; logs in $OUT" >> "$OUT/summary.txt"
   echo "==================== summary.txt"
   cat "$OUT/summary.txt"
   local logs; logs="$(cd "$OUT" && ls -- *.log *.xml 2>/dev/null)"
   # shellcheck disable=SC2086 # file names of steps: words
-  [ -z "$logs" ] || (cd "$OUT" && tar -czf logs.tar.gz $logs && rm -f $logs)
+  local archive=logs.tar.gz n=1
+  while [ -e "$OUT/$archive" ]; do n=$((n + 1)); archive="logs-$n.tar.gz"; done  # a rerun's beside the first's
+  [ -z "$logs" ] || (cd "$OUT" && tar -czf "$archive" $logs && rm -f $logs)
   exit $status
 }
-trap 'echo "[gpu_check] stopped by a signal" >> "$OUT/summary.txt"; status=1; finish' TERM INT
+STEP_PID=
+trap '[ -z "$STEP_PID" ] || kill -TERM "$STEP_PID" 2>/dev/null; echo "[gpu_check] stopped by a signal" >> "$OUT/summary.txt"; status=1; finish' TERM INT
 
 step() {  # step NAME LIMIT_S COMMAND...: runs within the budget left, logs, records rc and time
   local name="$1" limit="$2"; shift 2
@@ -164,8 +173,12 @@ step() {  # step NAME LIMIT_S COMMAND...: runs within the budget left, logs, rec
   echo "[gpu_check] $name (limit $limit s)"
   rm -f "$OUT/$name.xml"  # pytest writes it only at the end: a step stopped before must not show an older one
   local start=$SECONDS
-  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  # In the background and waited for, so that a signal reaches the trap (which stops the step) at once.
+  GPU_CHECK_STEP_LIMIT="$limit" timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1 &
+  STEP_PID=$!
+  wait "$STEP_PID"
   local rc=$?
+  STEP_PID=
   local line="$name: rc=$rc in $((SECONDS - start)) s"
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then line="$line (timed out after $limit s)"; fi
   echo "[gpu_check] $line" | tee -a "$OUT/summary.txt"
@@ -212,7 +225,7 @@ if need_pytest && ! have_pytest; then
   finish
 fi
 cuda_build_in_place() { "$PYTHON" -c "import sys, pyfastnn; sys.exit(not pyfastnn.info()['backends']['cuda'])" 2>/dev/null; }
-if [ -n "${GPU_CHECK_SKIP_BUILD:-}" ] && cuda_build_in_place; then
+if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ] && cuda_build_in_place; then
   echo "[gpu_check] build: skipped (GPU_CHECK_SKIP_BUILD: the CUDA build in place)" | tee -a "$OUT/summary.txt"
 else
   step build 240 "$PYTHON" -m pip install --no-build-isolation --no-deps -e . || finish
@@ -245,8 +258,8 @@ if ! wanted test_cuda_train; then
   step test_cuda_train 0 true  # listed as skipped
 elif [ -n "$LESSON_MISSING" ]; then
   note test_cuda_train "NOT RUN: the lesson extra lacks $LESSON_MISSING"
-elif [ ! -f "${PYFASTNN_MNIST:-$ROOT/../shared/data/mnist}/t10k-images-idx3-ubyte.gz" ] &&
-     [ ! -f "${PYFASTNN_MNIST:-$ROOT/../shared/data/mnist}/t10k-images-idx3-ubyte" ]; then
+elif ! "$PYTHON" -c "import sys; from pyfastnn.lesson.data import find_mnist; sys.exit(find_mnist(sys.argv[1]) is None)" \
+    "${PYFASTNN_MNIST:-$ROOT/../shared/data/mnist}" 2>/dev/null; then  # the layouts the lesson reads
   # cuda_graph_step's GPU tests need no MNIST: they run; the training tests skip (CI unset), noted.
   CI= step test_cuda_train 150 "${PYTEST[@]}" tests/lesson/test_cuda_train.py -k "not bench_mnist_cuda_quick" \
     --junitxml="$OUT/test_cuda_train.xml"
@@ -293,10 +306,12 @@ fi
 
 # 45 s per thousand cases (at least 45 s); the fuzzer stops 15 s before, to print its count.
 FUZZ_LIMIT=$(( FUZZ_CASES * 45 / 1000 > 45 ? FUZZ_CASES * 45 / 1000 : 45 ))
-step fuzz_cuda "$FUZZ_LIMIT" "$PYTHON" scripts/fuzz_fused_linear.py --device cuda --cases "$FUZZ_CASES" \
-  --seconds $((FUZZ_LIMIT - 15))
-step fuzz_mlp_cuda "$FUZZ_LIMIT" "$PYTHON" scripts/fuzz_fused_linear.py --device cuda --mlp --cases "$FUZZ_CASES" \
-  --seconds $((FUZZ_LIMIT - 15))
+fuzz() {  # the step's limit, as the budget left it (GPU_CHECK_STEP_LIMIT), less 15 s for the count
+  "$PYTHON" scripts/fuzz_fused_linear.py --device cuda --cases "$FUZZ_CASES" --seconds $((GPU_CHECK_STEP_LIMIT - 15)) "$@"
+}
+export -f fuzz; export PYTHON FUZZ_CASES
+step fuzz_cuda "$FUZZ_LIMIT" bash -c fuzz
+step fuzz_mlp_cuda "$FUZZ_LIMIT" bash -c 'fuzz --mlp'
 
 if [ "$MODE" = "--full" ]; then
   step test_cpu_on_cuda_build 600 "${PYTEST[@]}" tests --ignore=tests/library/test_cuda.py \

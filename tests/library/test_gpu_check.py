@@ -115,6 +115,8 @@ def test_the_output_folder_holds_the_summary_the_json_and_one_archive_of_the_log
         assert {"env.log", "build.log", "bench_cuda.log"} <= set(archive.getnames())
     summary = (out / "summary.txt").read_text()
     assert result.stdout.endswith("==================== summary.txt\n" + summary)  # printed whole at the end
+    run_script(out, python=python, GPU_CHECK_ONLY="bench_cuda")  # a rerun keeps the first run's logs
+    assert sorted(p.name for p in out.iterdir()) == ["logs-2.tar.gz", "logs.tar.gz", "summary.txt"]
 
 
 def test_a_rerun_can_use_the_build_in_place_and_skips_steps_the_budget_cannot_hold(tmp_path):
@@ -129,6 +131,8 @@ def test_a_rerun_can_use_the_build_in_place_and_skips_steps_the_budget_cannot_ho
         log.read_text()
     assert re.search(r"test_cuda: NOT RUN \(\d+ s of the 40 s budget left, for a step of up to 240 s\)", summary), summary
     assert "bench_cuda: rc=0" in summary and result.returncode == 1
+    run_script(tmp_path / "out2", python=python, GPU_CHECK_SKIP_BUILD="0", GPU_CHECK_ONLY="bench_cuda")
+    assert "pip install" in log.read_text()  # only 1 skips the build
 
 
 def test_relative_data_folders_are_taken_from_where_it_was_called(tmp_path):
