@@ -39,9 +39,9 @@ inline bool is_valid_activation(int64_t code) {
 }
 
 // Whether backward takes the derivative from the activation's output (so the output, which the
-// caller keeps anyway, is all that must be saved) or from the pre-activation: as torch's own
-// activations do, so that the same in-place ops on an output are legal. leaky_relu keeps its
-// pre-activation like torch's (which also tells the signs apart under a negative slope).
+// caller keeps anyway, is all that must be saved) or from the pre-activation, for an output the
+// caller receives: as torch's own activations do, so that the same in-place ops on it are legal.
+// leaky_relu keeps its pre-activation like torch's.
 PYFASTNN_HOST_DEVICE bool derivative_from_output(Activation act) {
   switch (act) {
     case Activation::Identity:
@@ -52,6 +52,14 @@ PYFASTNN_HOST_DEVICE bool derivative_from_output(Activation act) {
     default:
       return false;
   }
+}
+
+// The same for any layer: a hidden layer of fused_mlp, whose output only the layer above reads,
+// derives from its output wherever that output determines the derivative, so that its
+// pre-activation is never kept: also leaky_relu with a slope >= 0 (y > 0 exactly where x > 0; a
+// negative slope maps both signs to positive outputs).
+PYFASTNN_HOST_DEVICE bool derivative_from_output(Activation act, double negative_slope, bool hidden_layer) {
+  return derivative_from_output(act) || (hidden_layer && act == Activation::LeakyRelu && negative_slope >= 0.0);
 }
 
 // Whether act'(y) is 0 wherever the output y is exactly 0 (relu: y = 0 means x <= 0; sigmoid's
@@ -110,7 +118,7 @@ struct LeakyRelu {
     using M = MathOps<T>;
     return M::select(M::greater(x, M::constant(0.0)), x, x * slope);
   }
-  // Backward passes the pre-activation; the output would give the same where slope >= 0.
+  // From the pre-activation, or from the output where slope >= 0 (derivative_from_output).
   template <typename T> PYFASTNN_HOST_DEVICE static T derivative(T s, T slope) {
     using M = MathOps<T>;
     return M::select(M::greater(s, M::constant(0.0)), M::constant(1.0), slope);

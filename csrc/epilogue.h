@@ -46,6 +46,7 @@ struct BackwardEpilogue {
   int64_t cols;
   const void* grad_out;  // rows x cols
   const void* saved;     // rows x cols output or pre-activation; unused for identity
+  bool saved_is_output;  // which of the two `saved` is (derivative_from_output)
   void* grad_pre;        // rows x cols, or null (identity: grad_out is grad_pre)
   void* column_sums;     // or null. Launchers: blocks x cols zeroed accumulators (float, double for
                          // double), row b summing rows [b * rows_per_block, ...). Kernels: one row.
@@ -68,7 +69,7 @@ struct BackwardFlags {
 
 inline BackwardFlags backward_flags(const BackwardEpilogue& a) {
   BackwardFlags flags{};
-  flags.rescale_saved = a.keep_mask != nullptr && derivative_from_output(a.activation);
+  flags.rescale_saved = a.keep_mask != nullptr && a.saved_is_output;
   flags.mask_implied = flags.rescale_saved && derivative_vanishes_at_zero_output(a.activation);
   flags.saved_scale = 1.0 - a.dropout_p;
   flags.kept_scale = a.keep_mask != nullptr ? 1.0 / (1.0 - a.dropout_p) : 1.0;

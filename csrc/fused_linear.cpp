@@ -68,8 +68,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward(
 
   const at::Tensor grad_out = detail::as_matrix(grad_output).contiguous();  // e.g. expanded by sum().backward()
   const at::Tensor s = needs_saved ? detail::as_matrix(saved).contiguous() : at::Tensor();
-  auto grads = detail::layer_backward(grad_out, detail::as_matrix(input), weight, s, act, negative_slope, {},
-                                      output_mask[0], output_mask[1], output_mask[2]);
+  auto grads = detail::layer_backward(grad_out, detail::as_matrix(input), weight, s, derivative_from_output(act), act,
+                                      negative_slope, {}, output_mask[0], output_mask[1], output_mask[2]);
   if (grads.input.defined() && input.dim() != 2) grads.input = grads.input.view(input.sizes());
   return {grads.input, grads.weight, grads.bias};
 }

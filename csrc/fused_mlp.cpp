@@ -54,7 +54,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
     at::Tensor y = last ? at::empty(detail::output_shape(input, out_features), options)
                         : at::empty({rows, out_features}, options);
     at::Tensor y_matrix = last ? detail::as_matrix(y) : y;
-    const bool keep_preact = save && !derivative_from_output(act);
+    const bool keep_preact = save && !derivative_from_output(act, negative_slope, /*hidden_layer=*/!last);
     // CUDA relu hidden layers keep a bit mask in this slot instead (NOTE [relu bit masks]).
     const bool keep_relu_mask = save && detail::keeps_relu_mask(input, act, last);
     at::Tensor preact;
@@ -168,9 +168,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
     const auto act = grad_is_preact ? Activation::Identity : static_cast<Activation>(activations[l]);
     const bool last = l + 1 == static_cast<int64_t>(layers);
     const std::vector<int64_t> layer_shape{rows, weights[l].size(0)};
+    // The derivative's source as the forward chose it (a hidden layer's output may stand for its
+    // pre-activation, see derivative_from_output).
+    const bool from_output = derivative_from_output(act, negative_slope, /*hidden_layer=*/!last);
     at::Tensor saved;
     if (act != Activation::Identity) {
-      const bool from_output = derivative_from_output(act);
       if (from_output && last) {  // the op's output, in the caller's shape
         check_saved_tensor("saved output", output, input, out_shape);
         saved = detail::as_matrix(output);
@@ -208,8 +210,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
       below = detail::BelowLayer{below_act, preacts[l - 1].contiguous(),
                                  has_mask[l - 1] ? static_cast<float>(1.0 / (1.0 - dropout[l - 1])) : 1.0f};
     }
-    auto grads = detail::layer_backward(grad, layer_input, weights[l], saved, act, negative_slope, layer_dropout,
-                                        l > lowest || need_input, output_mask.get(1 + l),
+    auto grads = detail::layer_backward(grad, layer_input, weights[l], saved, from_output, act, negative_slope,
+                                        layer_dropout, l > lowest || need_input, output_mask.get(1 + l),
                                         output_mask.get(1 + layers + l), below ? &*below : nullptr);
     if (grads.weight.defined()) grad_weights[l] = grads.weight;
     if (grads.bias.defined()) grad_biases[l] = grads.bias;

@@ -90,6 +90,7 @@ at::Tensor matmul_gtx(const at::Tensor& grad, const at::Tensor& x) {
 struct BackwardPass {
   const at::Tensor& grad_out;
   const at::Tensor& saved;
+  bool saved_is_output;
   Activation activation;
   double negative_slope;
   const LayerDropout& dropout;
@@ -110,7 +111,7 @@ struct BackwardPass {
     }
     if (blocks > 0 && cols > 0 && (need_sums || grad_pre.defined())) {
       BackwardEpilogue args{grad_out.scalar_type(), activation, negative_slope, cols, grad_out.data_ptr(),
-                            saved.defined() ? saved.data_ptr() : nullptr,
+                            saved.defined() ? saved.data_ptr() : nullptr, saved_is_output,
                             grad_pre.defined() ? grad_pre.data_ptr() : nullptr,
                             need_sums ? partial_sums.data_ptr() : nullptr};
       if (dropout.keep_mask.defined()) {
@@ -137,7 +138,7 @@ void input_grad(LayerGrads& grads, const at::Tensor& grad_pre, const at::Tensor&
                           at::IntArrayRef({grad_pre.size(0), relu ? relu_mask_row_bytes(weight.size(1))
                                                                   : weight.size(1)}));
     at::Tensor below_preact_grad =
-        cuda::input_grad_through_below(grad_pre, weight, below->activation, below->aux, below->scale);
+        cuda::input_grad_through_below(grad_pre, weight, below->activation, negation_applied(below->aux), below->scale);
     if (below_preact_grad.defined()) {
       grads.input = below_preact_grad;
       grads.input_is_below_preact_grad = true;
@@ -228,7 +229,8 @@ void layer_forward(const at::Tensor& x_arg, const at::Tensor& weight_arg, const 
 }
 
 LayerGrads layer_backward(const at::Tensor& grad_out_arg, const at::Tensor& x_arg, const at::Tensor& weight_arg,
-                          const at::Tensor& saved_arg, Activation activation, double negative_slope,
+                          const at::Tensor& saved_arg, bool saved_is_output, Activation activation,
+                          double negative_slope,
                           const LayerDropout& dropout, bool need_input, bool need_weight, bool need_bias,
                           const BelowLayer* below) {
   const at::Tensor grad_out = negation_applied(grad_out_arg), x = negation_applied(x_arg),
@@ -237,7 +239,7 @@ LayerGrads layer_backward(const at::Tensor& grad_out_arg, const at::Tensor& x_ar
   const bool needs_pass = activation != Activation::Identity || has_dropout;
   // Identity without dropout: grad_out already is the pre-activation gradient.
   at::Tensor grad_pre = needs_pass ? at::empty_like(grad_out) : grad_out;
-  BackwardPass pass{grad_out, saved, activation, negative_slope, dropout};
+  BackwardPass pass{grad_out, saved, saved_is_output, activation, negative_slope, dropout};
 
   LayerGrads grads;
 #ifdef PYFASTNN_WITH_CUDA
@@ -247,7 +249,7 @@ LayerGrads layer_backward(const at::Tensor& grad_out_arg, const at::Tensor& x_ar
     if (needs_pass) pass.run(grad_pre, /*need_sums=*/false);
     std::tie(grads.weight, grads.bias) = cuda::weight_and_bias_grad(grad_pre, x);
     if (!grads.bias.defined()) {  // cuBLASLt declined: sum grad_pre's columns ourselves
-      grads.bias = BackwardPass{grad_pre, at::Tensor(), Activation::Identity, 0.0, {}}.run(at::Tensor(), true);
+      grads.bias = BackwardPass{grad_pre, at::Tensor(), false, Activation::Identity, 0.0, {}}.run(at::Tensor(), true);
     }
     if (need_input) input_grad(grads, grad_pre, weight, below);
     return grads;

@@ -80,9 +80,9 @@ struct BelowLayer {
 };
 
 // Gradients of layer_forward given grad_out (rows, out) and `saved`: the layer's output where
-// derivative_from_output(), else its pre-activation (unused for identity without dropout).
+// saved_is_output (derivative_from_output), else its pre-activation (unused for identity).
 LayerGrads layer_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-                          const at::Tensor& saved, Activation activation, double negative_slope,
+                          const at::Tensor& saved, bool saved_is_output, Activation activation, double negative_slope,
                           const LayerDropout& dropout, bool need_input, bool need_weight, bool need_bias,
                           const BelowLayer* below = nullptr);
 

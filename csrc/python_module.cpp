@@ -25,9 +25,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     for (const auto& dtype : pyfastnn::kComputeDtypes) names.emplace_back(dtype.name);
     return names;
   }, "The torch names of the dtypes the kernels compute in.");
-  m.def("derivative_from_output", [](int64_t activation) {
-    return pyfastnn::derivative_from_output(static_cast<pyfastnn::Activation>(activation));
-  }, "Whether backward needs only the activation's output (else the pre-activation).");
+  m.def("derivative_from_output", [](int64_t activation, double negative_slope, bool hidden_layer) {
+    return pyfastnn::derivative_from_output(static_cast<pyfastnn::Activation>(activation), negative_slope,
+                                            hidden_layer);
+  }, "Whether a layer's backward reads only its output (else its pre-activation); hidden_layer: a fused_mlp "
+     "layer below the last.", py::arg("activation"), py::arg("negative_slope"), py::arg("hidden_layer"));
   // The kernels' own argument checks, for the fake kernels: one source of every check and message.
   m.def("check_fused_linear_args", [](const at::Tensor& input, const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias, int64_t activation,

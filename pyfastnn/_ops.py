@@ -243,8 +243,10 @@ def _fused_mlp_forward_fake(input, weights, biases, activations, negative_slope,
     output = input.new_empty(_mlp_output_shape(input, weights, biases, activations, negative_slope, dropout))
     rows = _rows(input.shape)
     hidden = [input.new_empty((rows, w.shape[0])) for w in weights[:-1]]
-    preacts = [input.new_empty((rows, w.shape[0]) if not native.derivative_from_output(act) else (0,))
-               for w, act in zip(weights, activations)]
+    last = len(weights) - 1
+    preacts = [input.new_empty((0,) if native.derivative_from_output(act, negative_slope, layer < last)
+                               else (rows, w.shape[0]))
+               for layer, (w, act) in enumerate(zip(weights, activations))]
     # CUDA relu hidden layers keep a relu bit mask there instead (NOTE [relu bit masks] in
     # csrc/layer.h): uint8, each row padded to 128 bits.
     for layer, (w, act) in enumerate(zip(weights[:-1], activations)):

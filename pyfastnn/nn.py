@@ -172,7 +172,7 @@ class FusedLinear(nn.Module):
             raise TypeError(f"from_linear got a Linear the fused layer cannot compute: {problem}")
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     activation=activation, negative_slope=negative_slope, dropout=dropout, device="meta")
-        take = (lambda p: nn.Parameter(p.detach().clone(), p.requires_grad)) if copy else (lambda p: p)
+        take = _copied_parameter if copy else (lambda p: p)
         layer.weight = take(linear.weight)
         if linear.bias is not None:
             layer.bias = take(linear.bias)
@@ -384,7 +384,7 @@ class FusedMLP(nn.Module):
             for layer in fused:
                 for name, parameter in list(layer.named_parameters(recurse=False)):
                     if id(parameter) not in copies:
-                        copies[id(parameter)] = nn.Parameter(parameter.detach().clone(), parameter.requires_grad)
+                        copies[id(parameter)] = _copied_parameter(parameter)
                     setattr(layer, name, copies[id(parameter)])
         # Each layer under its Linear's name in the Sequential, by position (a Linear used twice is two
         # layers): the state dicts load either way, also where a layer's activation or dropout came or
@@ -484,6 +484,11 @@ class FusedMLP(nn.Module):
 
 
 _LAYER_SETTINGS = frozenset({"activation", "output_activation", "dropout", "negative_slope", "weight", "bias"})
+
+
+def _copied_parameter(parameter: nn.Parameter) -> nn.Parameter:
+    """A new parameter holding a copy of ``parameter``'s values, with its requires_grad."""
+    return nn.Parameter(parameter.detach().clone(), parameter.requires_grad)
 
 
 def _layer_sizes(sizes) -> List[int]:

@@ -367,8 +367,8 @@ def _kink_decisions(case: MLPCase, replay) -> Optional[List[Optional[torch.Tenso
     for layer, activation in enumerate(case.activations):
         if activation not in ("relu", "leaky_relu"):
             decided.append(None)
-        elif activation == "leaky_relu":
-            decided.append(preacts[layer] > 0)  # its pre-activation is kept, as torch's leaky_relu keeps it
+        elif preacts[layer].dim() == 2 and preacts[layer].dtype != torch.uint8:
+            decided.append(preacts[layer] > 0)  # a kept pre-activation (leaky_relu's, as torch's, where visible)
         else:
             decided.append((hidden[layer] if layer < len(hidden) else output) > 0)
     return decided if any(d is not None for d in decided) else None

@@ -36,7 +36,8 @@
 #                           kernel with shared memory, the bias sums, on both paths (float32, then
 #                           float16)
 #   fuzz_cuda / fuzz_mlp_cuda   scripts/fuzz_fused_linear.py --device cuda (FUZZ_CASES each; mismatches
-#                           are logged as found, and the run stops in time to print its count)
+#                           are logged as found, and the run stops in time to print its count; under
+#                           --full every case must run)
 #   test_cpu_on_cuda_build  (--full only) the CPU suite on the same build
 #   profile_cuda            (--full, or named in GPU_CHECK_ONLY) benchmarks/bench_cuda.py --profile --json
 #                           OUTDIR/profile_cuda.json and (with the lesson extra) benchmarks/bench_mnist.py
@@ -304,12 +305,15 @@ else
     --error-exitcode 1 "${PYTEST[@]}" tests/library/test_cuda.py -k "$RACECHECK_TESTS"
 fi
 
-# 45 s per thousand cases (at least 45 s); the fuzzer stops 15 s before, to print its count.
+# 45 s per thousand cases (at least 45 s); the fuzzer stops 15 s before, to print its count. Not in
+# --full, the acceptance run: there every case must run, and a step stopped by its limit fails.
 FUZZ_LIMIT=$(( FUZZ_CASES * 45 / 1000 > 45 ? FUZZ_CASES * 45 / 1000 : 45 ))
 fuzz() {  # the step's limit, as the budget left it (GPU_CHECK_STEP_LIMIT), less 15 s for the count
-  "$PYTHON" scripts/fuzz_fused_linear.py --device cuda --cases "$FUZZ_CASES" --seconds $((GPU_CHECK_STEP_LIMIT - 15)) "$@"
+  local stop=(--seconds $((GPU_CHECK_STEP_LIMIT - 15)))
+  [ "$MODE" != "--full" ] || stop=()
+  "$PYTHON" scripts/fuzz_fused_linear.py --device cuda --cases "$FUZZ_CASES" "${stop[@]}" "$@"
 }
-export -f fuzz; export PYTHON FUZZ_CASES
+export -f fuzz; export PYTHON FUZZ_CASES MODE
 step fuzz_cuda "$FUZZ_LIMIT" bash -c fuzz
 step fuzz_mlp_cuda "$FUZZ_LIMIT" bash -c 'fuzz --mlp'
 

@@ -8,6 +8,7 @@ and rank 0 alone writes files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import importlib
@@ -688,10 +689,15 @@ def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank
             try:
                 if config.out is not None:
                     save_state(epoch + 1)
-            finally:  # also when interrupted while saving: metrics.json then names the checkpoint kept
+            except BaseException:  # also when interrupted while saving: metrics.json names the checkpoint kept
                 if out is not None:
-                    write_json(out / "metrics.json",
-                               run_metrics(config, device, world_size, graphed, history, False, checkpoint_epoch))
+                    with contextlib.suppress(OSError):  # the save's own error (a full disk) is the one to report
+                        write_json(out / "metrics.json",
+                                   run_metrics(config, device, world_size, graphed, history, False, checkpoint_epoch))
+                raise
+            if out is not None:
+                write_json(out / "metrics.json",
+                           run_metrics(config, device, world_size, graphed, history, False, checkpoint_epoch))
 
     if rank == 0 and config.summaries and start_epoch >= config.epochs:
         done = f"the checkpoint has {start_epoch} epoch(s) done, " if resumed is not None else ""

@@ -277,6 +277,22 @@ def test_a_single_process_ignores_a_stray_rank_and_refuses_a_bad_world_size(tmp_
         assert not (tmp_path / "bad").exists()
 
 
+def test_more_processes_than_training_samples_are_refused_before_the_folder_is_touched(tmp_path, tiny_mnist_dir,
+                                                                                       monkeypatch, capsys):
+    import pyfastnn.lesson.train as train_module
+
+    out = tmp_path / "run"
+    common = ["--data", str(tiny_mnist_dir), "--batch-size", "32", "--out", str(out), "--epochs", "1"]
+    assert _train_cli(*common) == 0  # a previous, finished run in the same folder
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    # Rank 0 of 97 processes, as torchrun would start them, for the 96 training images.
+    monkeypatch.setattr(train_module, "_distributed", lambda device: (0, 97, "cpu"))
+    assert _train_cli(*common, "--overwrite") == 1
+    assert "96 samples cannot be shared among 97 processes" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # metrics.json and pictures as they were
+
+
 def test_interrupted_run_leaves_its_folder_marked_incomplete(tmp_path, tiny_mnist_dir, monkeypatch, capsys):
     import pyfastnn.lesson.train as train_module
 
@@ -334,6 +350,20 @@ def test_failed_writes_leave_the_previous_files_whole(tmp_path, tiny_mnist_dir, 
     assert capsys.readouterr().err.strip() == f"pyfastnn train: error: {out / 'checkpoint.pt'}: No space left on device"
     assert (out / "checkpoint.pt").read_bytes() == checkpoint  # the old checkpoint, whole
     assert _metrics(out)["completed"] is False
+
+    disk_is_full = []
+
+    def disk_fills_at_the_checkpoint(descriptor):  # metrics.json, written next, fails too
+        if disk_is_full or "checkpoint.pt" in os.readlink(f"/proc/self/fd/{descriptor}"):
+            disk_is_full.append(descriptor)
+            raise OSError(28, "No space left on device")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", disk_fills_at_the_checkpoint)
+    assert _train_cli(*common, "--seed", "2") == 1
+    assert len(disk_is_full) == 2  # the error reported is the first one, the checkpoint's
+    assert capsys.readouterr().err.strip() == f"pyfastnn train: error: {out / 'checkpoint.pt'}: No space left on device"
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint
     monkeypatch.setattr(os, "fsync", real_fsync)
 
     from matplotlib.figure import Figure

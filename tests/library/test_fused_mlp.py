@@ -374,6 +374,26 @@ def test_saved_activations_are_no_larger_than_eager():
     assert fused_bytes <= eager_bytes, (fused_bytes, eager_bytes)
 
 
+@pytest.mark.parametrize("negative_slope", [0.01, 0.0, -0.5])
+def test_hidden_leaky_relu_layers_keep_their_preactivation_only_where_the_output_cannot_stand_for_it(
+        negative_slope):
+    """A hidden layer's output, which only the layer above reads, gives leaky_relu's derivative for a
+    slope >= 0: such a network keeps what a relu one keeps. Under a negative slope (both signs map to
+    positive outputs) and at the output layer (which the caller may change in place, as after
+    F.leaky_relu) the pre-activation is kept, one float per output element."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 784)
+
+    def saved(activation, output_activation):
+        mlp = pyfastnn.FusedMLP([784, 256, 128, 10], activation, output_activation, dropout=0.2,
+                                negative_slope=negative_slope)
+        return saved_for_backward_bytes(mlp, x)
+
+    relu, leaky = saved("relu", None), saved("leaky_relu", None)
+    assert leaky == relu + (4 * 64 * (256 + 128) if negative_slope < 0 else 0), (leaky, relu)
+    assert saved("leaky_relu", "leaky_relu") == leaky + 4 * 64 * 10
+
+
 def test_saved_bytes_count_each_storage_once_and_views_of_parameters_free():
     class SlicedWeight(nn.Module):  # keeps only a view (at an offset) of its parameter and the input
         def __init__(self):
