@@ -62,6 +62,14 @@ PYFASTNN_HOST_DEVICE bool derivative_from_output(Activation act, double negative
   return derivative_from_output(act) || (hidden_layer && act == Activation::LeakyRelu && negative_slope >= 0.0);
 }
 
+// Whether act'(s) depends only on whether s > 0 (relu, leaky_relu; identity on nothing), so that a
+// saved output that went through dropout gives it at its kept scale y / (1 - p) as well: backward
+// does not scale it back, which could round a tiny positive value down to a denormal that a CPU
+// flushing denormals reads as 0 (the other side).
+PYFASTNN_HOST_DEVICE bool derivative_reads_sign_only(Activation act) {
+  return act == Activation::Identity || act == Activation::Relu || act == Activation::LeakyRelu;
+}
+
 // Whether act'(y) is 0 wherever the output y is exactly 0 (relu: y = 0 means x <= 0; sigmoid's
 // output is never 0 otherwise). After dropout, the saved output then already says where the gradient
 // vanishes, so backward can scale by 1 / (1 - p) without reading the mask. (A dropped relu output of
@@ -85,7 +93,8 @@ struct MathOps {
 
 // One struct per activation with two templated members:
 //   forward(x, slope)     the activation of the pre-activation x;
-//   derivative(s, slope)  d act / dx, where s is the output y if derivative_from_output(), else x.
+//   derivative(s, slope)  d act / dx, where s is the output y or the pre-activation x, as the layer
+//                         kept one of them (derivative_from_output).
 // `slope` is leaky_relu's negative_slope (ignored by the others). NaN handling follows PyTorch.
 namespace act {
 

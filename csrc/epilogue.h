@@ -46,22 +46,24 @@ struct BackwardEpilogue {
   int64_t cols;
   const void* grad_out;  // rows x cols
   const void* saved;     // rows x cols output or pre-activation; unused for identity
-  bool saved_is_output;  // which of the two `saved` is (derivative_from_output)
   void* grad_pre;        // rows x cols, or null (identity: grad_out is grad_pre)
   void* column_sums;     // or null. Launchers: blocks x cols zeroed accumulators (float, double for
                          // double), row b summing rows [b * rows_per_block, ...). Kernels: one row.
   // The forward's dropout mask, or null. With a mask, grad_pre is also multiplied by keep / (1 - p),
   // and a saved *output* is the dropped-out one: kept elements are rescaled by (1 - p) before the
-  // derivative is taken from them (dropped ones get no gradient anyway).
+  // derivative is taken from them where its value matters (dropped ones get no gradient anyway).
   const uint8_t* keep_mask = nullptr;
   double dropout_p = 0.0;
+  bool saved_is_output = false;  // which of the two `saved` is (derivative_from_output)
 };
 
 // How one backward pass treats the saved tensor and the dropout mask, decided once per launch for
 // the kernels of every device.
 struct BackwardFlags {
-  bool rescale_saved;  // the saved output went through dropout: scale it back by (1 - p)
-  bool mask_implied;   // ... and act' vanishes where it is 0 (relu, sigmoid): skip reading the mask
+  bool rescale_saved;  // the saved output went through dropout and act' reads more than its sign:
+                       // scale it back by (1 - p)
+  bool mask_implied;   // the saved output went through dropout and act' vanishes where it is 0
+                       // (relu, sigmoid): skip reading the mask
   double saved_scale;  // 1 - p
   double kept_scale;   // 1 / (1 - p) with a mask, else 1
   double negative_slope;
@@ -69,8 +71,9 @@ struct BackwardFlags {
 
 inline BackwardFlags backward_flags(const BackwardEpilogue& a) {
   BackwardFlags flags{};
-  flags.rescale_saved = a.keep_mask != nullptr && a.saved_is_output;
-  flags.mask_implied = flags.rescale_saved && derivative_vanishes_at_zero_output(a.activation);
+  const bool dropped_out_output = a.keep_mask != nullptr && a.saved_is_output;
+  flags.rescale_saved = dropped_out_output && !derivative_reads_sign_only(a.activation);
+  flags.mask_implied = dropped_out_output && derivative_vanishes_at_zero_output(a.activation);
   flags.saved_scale = 1.0 - a.dropout_p;
   flags.kept_scale = a.keep_mask != nullptr ? 1.0 / (1.0 - a.dropout_p) : 1.0;
   flags.negative_slope = a.negative_slope;

@@ -111,9 +111,10 @@ struct BackwardPass {
     }
     if (blocks > 0 && cols > 0 && (need_sums || grad_pre.defined())) {
       BackwardEpilogue args{grad_out.scalar_type(), activation, negative_slope, cols, grad_out.data_ptr(),
-                            saved.defined() ? saved.data_ptr() : nullptr, saved_is_output,
+                            saved.defined() ? saved.data_ptr() : nullptr,
                             grad_pre.defined() ? grad_pre.data_ptr() : nullptr,
                             need_sums ? partial_sums.data_ptr() : nullptr};
+      args.saved_is_output = saved_is_output;
       if (dropout.keep_mask.defined()) {
         args.keep_mask = dropout.keep_mask.data_ptr<uint8_t>();
         args.dropout_p = dropout.p;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 from collections import OrderedDict
+from copy import deepcopy
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
@@ -203,14 +204,20 @@ class FusedLinear(nn.Module):
         return [module.train(self.training) for module in modules]
 
     def _plain_linear(self) -> nn.Linear:
-        """An ``nn.Linear`` sharing this layer's parameters, and its parametrizations if it has any."""
+        """An ``nn.Linear`` sharing this layer's parameters, with copies of its parametrizations if it
+        has any: their parameters (the originals) are shared, their modules and buffers its own, so
+        that registering, removing or switching the mode of the copy's leaves this layer's as it is
+        (``remove_parametrizations(..., leave_parametrized=True)`` still writes the shared original,
+        as it writes every module's using that parameter)."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         for name in ("weight", "bias"):
             if parametrize.is_parametrized(self, name):
                 # A placeholder parametrization gives `linear` the parametrized class and property;
-                # then the layer's own ParametrizationList (with its original tensors) replaces it.
+                # then a copy of the layer's ParametrizationList, with the same parameters, replaces it.
                 parametrize.register_parametrization(linear, name, nn.Identity(), unsafe=True)
-                linear.parametrizations[name] = self.parametrizations[name]
+                parametrizations = self.parametrizations[name]
+                shared = {id(p): p for p in parametrizations.parameters()}
+                linear.parametrizations[name] = deepcopy(parametrizations, memo=shared)
             elif name in self._parameters:
                 setattr(linear, name, self._parameters[name])
             else:
@@ -283,6 +290,10 @@ class FusedMLP(nn.Module):
         sizes = _layer_sizes(sizes)
         if len(sizes) < 2 or any(n < 0 for n in sizes):
             raise ValueError(f"sizes must list at least in_features and out_features (>= 0), got {sizes}")
+        for name, value in (("activation", activation), ("dropout", dropout)):
+            if isinstance(value, (list, tuple)):
+                raise TypeError(f"FusedMLP takes one {name} for every hidden layer, got {value!r}; for settings per "
+                                "layer, build the layers: FusedMLP.from_layers([FusedLinear(...), ...])")
         dropout = dropout_probability(dropout)
         activation = canonical_activation(activation)  # checked even when there is no hidden layer
         last = len(sizes) - 2

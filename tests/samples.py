@@ -143,7 +143,8 @@ MLP_SHAPES = (
     ("one_row", (1,), (784, 256, 128, 10), ("relu", "relu", "identity"), (True, True, True), 0.2),
     ("mixed_acts", (6,), (9, 12, 8, 4), ("gelu", "sigmoid", "tanh"), (True, False, True), 0.3),
     ("leaky_silu", (3,), (5, 8, 6, 2), ("leaky_relu", "silu", "gelu_tanh"), (False, True, False), 0.1),
-    # hidden leaky_relu layers with a slope >= 0 derive from their outputs; the output layer from its input
+    # hidden leaky_relu layers with a slope >= 0 derive from their outputs; the output layer from its
+    # pre-activation
     ("leaky", (4,), (6, 9, 7, 3), ("leaky_relu", "leaky_relu", "leaky_relu"), (True, True, True), 0.25),
     ("nd", (2, 3, 4), (7, 11, 5), ("relu", "sigmoid"), (True, True), 0.5),
     ("empty_batch", (0,), (5, 4, 3), ("relu", "identity"), (True, True), 0.2),

@@ -134,3 +134,29 @@ def test_a_thread_started_inside_the_block_keeps_its_inherited_mode(torch_thread
         outside.submit(lambda: None).result()  # ... and this one after it
         assert inside.submit(calling_thread_flushes).result()
         assert not outside.submit(calling_thread_flushes).result() and not calling_thread_flushes()
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_a_dropped_out_output_at_the_smallest_normal_float_keeps_its_side_while_flushing(activation):
+    """relu and leaky_relu read only the sign of a hidden layer's saved output. Scaled back by (1 - p)
+    after dropout, a kept output just above float32's smallest normal could round down to a denormal,
+    which a flushing CPU reads as 0: the other side of the kink (no gradient, or the slope's)."""
+    from pyfastnn.testing import reference_mlp
+
+    p = 0.5381887415507687  # fl(1 / (1 - p)) * fl(1 - p) < 1
+    code = pyfastnn.ACTIVATIONS.index(activation)
+    x, w1 = torch.zeros(64, 1), torch.zeros(16, 1)
+    b1 = torch.full((16,), torch.finfo(torch.float32).tiny)  # every pre-activation: the smallest normal
+    w2 = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    ops = torch.ops.pyfastnn
+    with pyfastnn.flush_denormals():
+        out, hidden, preacts, masks = ops.fused_mlp_forward(x, [w1, w2], [b1, None], [code, 0], 0.01, [p, 0.0], True)
+        grad = torch.ones_like(out)
+        _, _, grad_biases = ops.fused_mlp_backward(grad, x, [w1, w2], out, hidden, preacts, masks, [code, 0], 0.01,
+                                                   [p, 0.0], [False, False, False, True, False])
+    assert 0 < int(masks[0].sum()) < masks[0].numel()
+    b1 = b1.clone().requires_grad_()
+    expected = reference_mlp(x, [w1, w2], [b1, None], [activation, "identity"], 0.01, keep_masks=list(masks),
+                             dropout=[p, 0.0])
+    (expected_grad,) = torch.autograd.grad(expected, [b1], grad)
+    torch.testing.assert_close(grad_biases[0], expected_grad)

@@ -1613,6 +1613,31 @@ def test_parametrized_layers_convert_to_sequential():
     assert mlp[0].parametrizations.weight.original0.grad is not None  # shared, not copied
 
 
+class _Double(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 2 * weight
+
+
+def test_parametrizations_of_to_sequential_are_its_own_on_shared_parameters():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    mlp = _mlp((4, 8, 2))
+    nn.utils.parametrize.register_parametrization(mlp[0], "weight", _Double())
+    expected = mlp(x)
+    plain = mlp.to_sequential()
+    nn.utils.parametrize.register_parametrization(plain[0], "weight", _Double())  # on the copy only
+    torch.testing.assert_close(mlp(x), expected)
+    assert len(mlp[0].parametrizations.weight) == 1 and len(plain[0].parametrizations.weight) == 2
+    assert plain[0].parametrizations.weight.original is mlp[0].parametrizations.weight.original
+
+    mlp = _mlp((4, 8, 2))
+    nn.utils.parametrizations.spectral_norm(mlp[0])
+    plain = mlp.to_sequential().eval()  # the copy's mode is its own: the layer's power iteration goes on
+    u = mlp[0].parametrizations.weight[0]._u.clone()
+    mlp(x)
+    assert mlp.training and not torch.equal(u, mlp[0].parametrizations.weight[0]._u)
+
+
 def test_forward_and_backward_hooks_on_layers_are_refused_clearly():
     mlp = _mlp((4, 5, 2))
     mlp[1].register_forward_hook(lambda module, args, out: None)
@@ -1690,6 +1715,9 @@ def test_fused_mlp_argument_checks():
         FusedMLP([8, 3.7, 2])
     with pytest.raises(TypeError, match="sizes must be a sequence of integers, got str"):
         FusedMLP("82")
+    for settings in ({"activation": ["relu", "tanh"]}, {"dropout": (0.1, 0.2)}):  # fused_mlp takes lists
+        with pytest.raises(TypeError, match=r"FusedMLP takes one \w+ for every hidden layer.*FusedMLP.from_layers"):
+            FusedMLP([4, 5, 5, 3], **settings)
     assert FusedMLP(torch.Size([3, 4, 2]))[1].out_features == 2
     params = nn.ParameterList([nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(2, 5))])
     biases = nn.ParameterList([nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(2))])

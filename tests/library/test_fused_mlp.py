@@ -374,7 +374,7 @@ def test_saved_activations_are_no_larger_than_eager():
     assert fused_bytes <= eager_bytes, (fused_bytes, eager_bytes)
 
 
-@pytest.mark.parametrize("negative_slope", [0.01, 0.0, -0.5])
+@pytest.mark.parametrize("negative_slope", [0.01, 0.0, -0.0, -0.5])
 def test_hidden_leaky_relu_layers_keep_their_preactivation_only_where_the_output_cannot_stand_for_it(
         negative_slope):
     """A hidden layer's output, which only the layer above reads, gives leaky_relu's derivative for a
@@ -389,7 +389,7 @@ def test_hidden_leaky_relu_layers_keep_their_preactivation_only_where_the_output
                                 negative_slope=negative_slope)
         return saved_for_backward_bytes(mlp, x)
 
-    relu, leaky = saved("relu", None), saved("leaky_relu", None)
+    relu, leaky = saved("relu", None), saved("leaky_relu", None)  # -0.0 counts as 0
     assert leaky == relu + (4 * 64 * (256 + 128) if negative_slope < 0 else 0), (leaky, relu)
     assert saved("leaky_relu", "leaky_relu") == leaky + 4 * 64 * 10
 
