@@ -66,7 +66,7 @@ PYFASTNN_HOST_DEVICE bool derivative_from_output(Activation act, double negative
 // saved output that went through dropout gives it at its kept scale y / (1 - p) as well: backward
 // does not scale it back, which could round a tiny positive value down to a denormal that a CPU
 // flushing denormals reads as 0 (the other side).
-PYFASTNN_HOST_DEVICE bool derivative_reads_sign_only(Activation act) {
+PYFASTNN_HOST_DEVICE bool derivative_reads_positivity_only(Activation act) {
   return act == Activation::Identity || act == Activation::Relu || act == Activation::LeakyRelu;
 }
 
@@ -95,7 +95,8 @@ struct MathOps {
 //   forward(x, slope)     the activation of the pre-activation x;
 //   derivative(s, slope)  d act / dx, where s is the output y or the pre-activation x, as the layer
 //                         kept one of them (derivative_from_output).
-// `slope` is leaky_relu's negative_slope (ignored by the others). NaN handling follows PyTorch.
+// `slope` is leaky_relu's negative_slope (ignored by the others). NaN handling follows PyTorch but
+// for relu's derivative at NaN (Relu::active).
 namespace act {
 
 struct Identity {

@@ -71,8 +71,11 @@ struct BackwardFlags {
 
 inline BackwardFlags backward_flags(const BackwardEpilogue& a) {
   BackwardFlags flags{};
+  // An activation torch derives from its output is always given its output (identity reads none).
+  TORCH_INTERNAL_ASSERT(a.saved_is_output || a.activation == Activation::Identity ||
+                        !derivative_from_output(a.activation));
   const bool dropped_out_output = a.keep_mask != nullptr && a.saved_is_output;
-  flags.rescale_saved = dropped_out_output && !derivative_reads_sign_only(a.activation);
+  flags.rescale_saved = dropped_out_output && !derivative_reads_positivity_only(a.activation);
   flags.mask_implied = dropped_out_output && derivative_vanishes_at_zero_output(a.activation);
   flags.saved_scale = 1.0 - a.dropout_p;
   flags.kept_scale = a.keep_mask != nullptr ? 1.0 / (1.0 - a.dropout_p) : 1.0;

@@ -24,8 +24,9 @@ at::Tensor fused_mlp_inference(const at::Tensor& input, at::TensorList weights, 
 // l < L-1 (the next layer's input, after dropout); preacts[l] the pre-activation where backward needs
 // it (!derivative_from_output(act, negative_slope, hidden_layer)) or, for a CUDA relu hidden layer,
 // its uint8 relu bit mask (each row padded to 128 bits, as cuBLASLt's RELU_AUX epilogues read it),
-// else empty; keep_masks[l] the uint8 (rows, out_l) dropout mask where dropout ran, else empty. Dropout draws from torch's default
-// generator of the input's device (CPU: SplitMix64 seeded from it; CUDA: Philox, graph-safe).
+// else empty; keep_masks[l] the uint8 (rows, out_l) dropout mask where dropout ran, else empty.
+// Dropout draws from torch's default generator of the input's device (CPU: SplitMix64 seeded from
+// it; CUDA: Philox, graph-safe).
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
 fused_mlp_forward(const at::Tensor& input, at::TensorList weights, const BiasList& biases,
                   at::IntArrayRef activations, double negative_slope, at::ArrayRef<double> dropout,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 from collections import OrderedDict
-from copy import deepcopy
+from copy import copy as shallow_copy
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
@@ -204,20 +204,16 @@ class FusedLinear(nn.Module):
         return [module.train(self.training) for module in modules]
 
     def _plain_linear(self) -> nn.Linear:
-        """An ``nn.Linear`` sharing this layer's parameters, with copies of its parametrizations if it
-        has any: their parameters (the originals) are shared, their modules and buffers its own, so
-        that registering, removing or switching the mode of the copy's leaves this layer's as it is
-        (``remove_parametrizations(..., leave_parametrized=True)`` still writes the shared original,
-        as it writes every module's using that parameter)."""
+        """An ``nn.Linear`` sharing this layer's parameters, and the state of its parametrizations if
+        it has any, through views of them (``_module_view``): a parametrization registered on the
+        copy, or its train/eval mode, stays the copy's."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         for name in ("weight", "bias"):
             if parametrize.is_parametrized(self, name):
                 # A placeholder parametrization gives `linear` the parametrized class and property;
-                # then a copy of the layer's ParametrizationList, with the same parameters, replaces it.
+                # then a view of the layer's ParametrizationList (its original tensors) replaces it.
                 parametrize.register_parametrization(linear, name, nn.Identity(), unsafe=True)
-                parametrizations = self.parametrizations[name]
-                shared = {id(p): p for p in parametrizations.parameters()}
-                linear.parametrizations[name] = deepcopy(parametrizations, memo=shared)
+                linear.parametrizations[name] = _module_view(self.parametrizations[name])
             elif name in self._parameters:
                 setattr(linear, name, self._parameters[name])
             else:
@@ -495,6 +491,16 @@ class FusedMLP(nn.Module):
 
 
 _LAYER_SETTINGS = frozenset({"activation", "output_activation", "dropout", "negative_slope", "weight", "bias"})
+
+
+def _module_view(module: nn.Module) -> nn.Module:
+    """Another module object on ``module``'s state: the same parameter, buffer and hook dicts (so
+    training, loading a state dict or ``.to()`` through either is seen by both), but its own
+    train/eval flag and submodule dict, each submodule such a view too (so registering a module on
+    it, or ``eval()``, leaves ``module`` as it is)."""
+    view = shallow_copy(module)
+    view._modules = {name: None if child is None else _module_view(child) for name, child in module._modules.items()}
+    return view
 
 
 def _copied_parameter(parameter: nn.Parameter) -> nn.Parameter:

@@ -595,10 +595,15 @@ def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank
     batches = Batches(x_train, y_train, config.batch_size, shuffle=True, seed=config.seed,
                       rank=rank, world_size=world_size)
     checkpoint_epoch: Optional[int] = None
+
+    def write_metrics(completed: bool = False) -> None:  # the run so far, naming the checkpoint on disk
+        write_json(out / "metrics.json", run_metrics(config, device, world_size, graphed, history, completed,
+                                                     checkpoint_epoch))
+
     if out is not None and not _finishes_its_own_run(out, config, start_epoch):
         for name in PLOT_FILES:  # the previous run's pictures would pass for this run's
             (out / name).unlink(missing_ok=True)
-        write_json(out / "metrics.json", run_metrics(config, device, world_size, graphed, history, False, checkpoint_epoch))
+        write_metrics()
 
     def save_state(epochs_done: int) -> None:
         # Every rank's generator state goes into rank 0's checkpoint: a collective, so every rank
@@ -692,12 +697,10 @@ def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank
             except BaseException:  # also when interrupted while saving: metrics.json names the checkpoint kept
                 if out is not None:
                     with contextlib.suppress(OSError):  # the save's own error (a full disk) is the one to report
-                        write_json(out / "metrics.json",
-                                   run_metrics(config, device, world_size, graphed, history, False, checkpoint_epoch))
+                        write_metrics()
                 raise
             if out is not None:
-                write_json(out / "metrics.json",
-                           run_metrics(config, device, world_size, graphed, history, False, checkpoint_epoch))
+                write_metrics()
 
     if rank == 0 and config.summaries and start_epoch >= config.epochs:
         done = f"the checkpoint has {start_epoch} epoch(s) done, " if resumed is not None else ""

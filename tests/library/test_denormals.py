@@ -137,7 +137,7 @@ def test_a_thread_started_inside_the_block_keeps_its_inherited_mode(torch_thread
 
 
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
-def test_a_dropped_out_output_at_the_smallest_normal_float_keeps_its_side_while_flushing(activation):
+def test_a_dropped_out_output_at_the_smallest_normal_float_keeps_its_side_while_flushing(activation, torch_threads):
     """relu and leaky_relu read only the sign of a hidden layer's saved output. Scaled back by (1 - p)
     after dropout, a kept output just above float32's smallest normal could round down to a denormal,
     which a flushing CPU reads as 0: the other side of the kink (no gradient, or the slope's)."""
@@ -149,7 +149,9 @@ def test_a_dropped_out_output_at_the_smallest_normal_float_keeps_its_side_while_
     b1 = torch.full((16,), torch.finfo(torch.float32).tiny)  # every pre-activation: the smallest normal
     w2 = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
     ops = torch.ops.pyfastnn
+    torch_threads(1)  # every pass on this thread, which flushes
     with pyfastnn.flush_denormals():
+        assert calling_thread_flushes()
         out, hidden, preacts, masks = ops.fused_mlp_forward(x, [w1, w2], [b1, None], [code, 0], 0.01, [p, 0.0], True)
         grad = torch.ones_like(out)
         _, _, grad_biases = ops.fused_mlp_backward(grad, x, [w1, w2], out, hidden, preacts, masks, [code, 0], 0.01,

@@ -1636,6 +1636,13 @@ def test_parametrizations_of_to_sequential_are_its_own_on_shared_parameters():
     u = mlp[0].parametrizations.weight[0]._u.clone()
     mlp(x)
     assert mlp.training and not torch.equal(u, mlp[0].parametrizations.weight[0]._u)
+    # ... on one state: the iteration's vectors are shared, so the two compute one weight ...
+    torch.testing.assert_close(plain(x), mlp.eval()(x))
+    # ... and a state dict loaded into the copy is the layer's too.
+    state = {name: torch.randn_like(t) if t.is_floating_point() else t for name, t in plain.state_dict().items()}
+    plain.load_state_dict(state)
+    torch.testing.assert_close(mlp(x), plain(x))
+    assert all(torch.equal(mlp.state_dict()[name], t) for name, t in state.items())
 
 
 def test_forward_and_backward_hooks_on_layers_are_refused_clearly():
