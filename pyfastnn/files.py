@@ -10,15 +10,32 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
+import sys
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator, NoReturn, Union
+from typing import BinaryIO, Iterator, NoReturn, Optional, Union
 
 __all__ = ["atomic_write", "ensure_writable_folder", "check_output_file", "check_output_names", "hold_folder",
            "output_folder"]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+_DESCRIPTOR_ALIAS = re.compile(r"/dev/(stdin|stdout|stderr)|/dev/fd/(\d+)|/proc/(self|\d+)/fd/(\d+)")
+
+
+def _descriptor_of(path: PathLike) -> Optional[int]:
+    """The descriptor where ``path`` names one of this process's open files by an alias
+    (``/dev/stdout``, ``/dev/fd/N``, ``/proc/self/fd/N``): written through it, the shell's ``>>``
+    appends and a pipe stays a pipe, where opening the alias would truncate the file it stands for
+    and replacing it would replace that file."""
+    match = _DESCRIPTOR_ALIAS.fullmatch(os.path.abspath(os.fspath(path)))
+    if match is None or (match[3] not in (None, "self") and int(match[3]) != os.getpid()):
+        return None
+    if match[1]:
+        return ("stdin", "stdout", "stderr").index(match[1])
+    return int(match[2] or match[4])
 
 
 @contextlib.contextmanager
@@ -28,8 +45,10 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
     On an exception the temporary file is removed and ``path`` is left as it was. The file gets the
     usual permissions (``0o666`` less the umask), like ``open(path, "wb")`` would. Where ``path`` is
     a symbolic link, the file it points to is replaced (the link stays); where it is a device or a
-    pipe (``/dev/null``, ``/dev/stdout``), the bytes are written into it, as ``open`` would: there is
-    no file to replace. A folder raises ``IsADirectoryError`` before the block runs.
+    pipe (``/dev/null``), the bytes are written into it, as ``open`` would: there is no file to
+    replace. ``/dev/stdout``, ``/dev/stderr`` and ``/dev/fd/N`` are written through the process's own
+    descriptor, wherever it leads (``>> log`` appends). A folder raises ``IsADirectoryError`` before
+    the block runs.
 
     Example:
         >>> import json, tempfile, pathlib
@@ -49,12 +68,19 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
         ({'ok': True}, ['result.json'])
     """
     shown = str(path)  # errors name the file asked for, not the link's target or the temporary file
+    descriptor = _descriptor_of(path)
     path = Path(os.path.realpath(path))
-    if path.is_dir():
+    if descriptor is None and path.is_dir():
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), shown)
-    if path.exists() and not path.is_file():  # a device or a pipe: nothing to replace
+    if descriptor is not None or (path.exists() and not path.is_file()):  # nothing to replace
         try:
-            f = open(path, "wb")
+            if descriptor is not None:
+                for stream in (sys.stdout, sys.stderr):  # what was printed before comes first
+                    with contextlib.suppress(Exception):
+                        stream.flush()
+                f = os.fdopen(os.dup(descriptor), "wb")
+            else:
+                f = open(path, "wb")
         except OSError as e:
             _raise_naming(e, shown, cause=False)
         try:
@@ -208,6 +234,13 @@ def check_output_file(path: PathLike, what: str = "--json") -> Path:
     if isinstance(path, str) and os.path.basename(path) in ("", ".", ".."):  # Path() would drop a "/" or "/."
         raise IsADirectoryError(f"{what} {path} names a folder; give a file name")
     path = Path(path)
+    descriptor = _descriptor_of(path)
+    if descriptor is not None:  # written through the open descriptor (atomic_write): it must be open
+        try:
+            os.fstat(descriptor)
+        except OSError as e:
+            _raise_naming(e, str(path), cause=False)
+        return path
     if path.is_dir():
         raise IsADirectoryError(f"{what} {path} is a folder; give a file name")
     # The folder the file will really be written in: a symbolic link's target's (atomic_write writes there).
@@ -218,7 +251,8 @@ def check_output_file(path: PathLike, what: str = "--json") -> Path:
 def check_output_names(folder: PathLike, names, what: str = "output folder") -> None:
     """Raises ``IsADirectoryError`` where one of the files a run writes into ``folder`` is taken by
     a folder, ``FileExistsError`` where by something else that is not a file (a pipe, a socket, a
-    device, which writing would block on or spill into): up front, rather than when the run saves it.
+    device, which writing would block on or spill into), ``FileNotFoundError`` where by a symbolic
+    link into a folder that does not exist: up front, rather than when the run saves it.
 
     Example:
         >>> import tempfile, pathlib
@@ -239,6 +273,9 @@ def check_output_names(folder: PathLike, names, what: str = "output folder") -> 
         if path.exists() and not path.is_file():
             raise FileExistsError(f"{what} {folder} holds {name}, which is not a regular file (a pipe, socket or "
                                   f"device), where a file is written; move it away or choose another folder")
+        if path.is_symlink() and not Path(os.path.realpath(path)).parent.is_dir():  # written where it points
+            raise FileNotFoundError(f"{what} {folder} holds {name}, a symbolic link to {os.readlink(path)}, whose "
+                                    f"folder does not exist; make that folder, or remove the link")
 
 
 @contextlib.contextmanager

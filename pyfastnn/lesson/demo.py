@@ -208,8 +208,11 @@ def _demo(args) -> int:
     check_device(args.device, "fused")
     data = args.data if args.data is not None else find_mnist()  # --data, else $PYFASTNN_MNIST if it holds MNIST
     if data is not None:  # both splits: a damaged training file would otherwise fail last
-        load_mnist(data, train=False, missing_hint=DEMO_MISSING_HINT)
-        load_mnist(data, train=True, missing_hint=DEMO_MISSING_HINT)
+        # Where $PYFASTNN_MNIST named the folder, the hint says so: no --data was passed.
+        hint = (DEMO_MISSING_HINT if args.data is not None else
+                "point $PYFASTNN_MNIST, which named this folder, or --data at the folder that holds them")
+        load_mnist(data, train=False, missing_hint=hint)
+        load_mnist(data, train=True, missing_hint=hint)
     out = ensure_writable_folder(args.out)
     with hold_folder(out):  # a second demo into this folder stops now, not after rewriting its pictures
         check_output_names(out, DEMO_PICTURES)

@@ -40,7 +40,9 @@ class Perceptron:
     """
 
     def __init__(self, n_inputs: int, seed: Optional[int] = None) -> None:
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        if seed is not None:  # torch's CPU generator keeps a seed's low 32 bits
+            check_number("seed", seed, 0, 2 ** 32 - 1, integer=True)
+        generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         self.weights = torch.randn(1, n_inputs, dtype=torch.float64, generator=generator)
         self.bias = torch.randn(1, dtype=torch.float64, generator=generator)
 
@@ -82,8 +84,10 @@ def _check_training(X: np.ndarray, epochs: int, learning_rate: float, name: str 
     learning rate that cannot train."""
     if X.ndim != 2:
         raise ValueError(f"X must be 2-D (samples x features), got shape {X.shape}")
+    if X.shape[0] == 0:  # a mean over no samples is NaN, and a step with it would make the weights NaN
+        raise ValueError("X holds no samples to train on")
     check_number("epochs", epochs, 0, integer=True)
-    check_number(name, learning_rate)
+    check_number(name, learning_rate, 0, include_minimum=False)  # 0 never learns; < 0 climbs the loss
 
 
 def _check_targets(X: np.ndarray, y: np.ndarray, output_size: int) -> None:
@@ -116,6 +120,7 @@ class NumpyTwoLayerNet:
 
     def __init__(self, input_size: int, hidden_size: int, output_size: int, seed: int = 0,
                  init_scale: float = 0.01) -> None:
+        check_number("seed", seed, 0, integer=True)
         rng = np.random.default_rng(seed)
         self.W1 = rng.standard_normal((input_size, hidden_size)) * init_scale
         self.b1 = np.zeros((1, hidden_size))
@@ -143,6 +148,8 @@ class NumpyTwoLayerNet:
         """Trains for ``epochs`` full-batch steps; returns the MSE before each step."""
         X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
         _check_training(X, epochs, learning_rate)
+        if X.shape[1] != self.W1.shape[0]:
+            raise ValueError(f"X has {X.shape[1]} features per sample but the network takes {self.W1.shape[0]}")
         _check_targets(X, y, self.W2.shape[1])
         losses = []
         for _ in range(epochs):

@@ -10,34 +10,37 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
-from ..files import atomic_write
+from ..command import check_number
+from ..files import atomic_write, ensure_writable_folder
 from ..functional import fused_linear
 
 
-def _pyplot():
-    # The pictures are files: Agg, whatever MPLBACKEND names (a name matplotlib does not know there
-    # would stop `import matplotlib` itself, after a whole training run). Set aside for the first
-    # import only, the one that reads it.
+def _figure(**kwargs):
+    """A matplotlib Figure drawn without pyplot: no backend is chosen, so a notebook's or a GUI
+    session's stays as it was, and none needs a display. MPLBACKEND is set aside for the first
+    import of matplotlib, the one that reads it: a name matplotlib does not know there would stop
+    the import itself, after a whole training run."""
     requested = os.environ.pop("MPLBACKEND", None) if "matplotlib" not in sys.modules else None
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     finally:
         if requested is not None:
             os.environ["MPLBACKEND"] = requested
-    matplotlib.use("Agg")  # never needs a display
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def plot_activations(path, names: Sequence[str] = ("sigmoid", "relu", "tanh", "leaky_relu", "gelu", "silu")) -> Path:
-    """Each activation and its derivative, both computed by pyfastnn's fused op and its backward."""
-    plt = _pyplot()
+    """Each activation and its derivative, both computed by pyfastnn's fused op and its backward
+    (``names``: one activation name, or several)."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    if not names:
+        raise ValueError("plot_activations needs at least one activation name")
     x = torch.linspace(-5, 5, 201, dtype=torch.float64).reshape(-1, 1).requires_grad_()
     one = torch.ones(1, 1, dtype=torch.float64)
     cols = 3
     rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    fig = _figure(figsize=(4 * cols, 3.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, name in zip(axes.flat, names):
         y = fused_linear(x, one, None, activation=name, negative_slope=0.1)
         (dy,) = torch.autograd.grad(y.sum(), x)
@@ -54,18 +57,21 @@ def plot_activations(path, names: Sequence[str] = ("sigmoid", "relu", "tanh", "l
 
 def plot_training_curves(history: List[Dict], path) -> Path:
     """Loss and accuracy per epoch, train and test."""
-    plt = _pyplot()
     epochs = [h["epoch"] for h in history]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = _figure(figsize=(10, 4))
+    loss_ax, acc_ax = fig.subplots(1, 2)
     loss_ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
     loss_ax.plot(epochs, [h["test_loss"] for h in history], "o-", label="test")
     loss_ax.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
     acc_ax.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train")
     acc_ax.plot(epochs, [h["test_accuracy"] for h in history], "o-", label="test")
     acc_ax.set(title="Accuracy", xlabel="epoch", ylabel="fraction correct")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (loss_ax, acc_ax):
         ax.grid(True)
         ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no ticks at 1.5
     # Fixed margins for this fixed layout: tight_layout would draw the figure once more to measure it.
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.22)
     return _save(fig, path)
@@ -73,8 +79,8 @@ def plot_training_curves(history: List[Dict], path) -> Path:
 
 def plot_loss(losses: Sequence[float], path, title: str = "Training loss") -> Path:
     """One loss curve (e.g. the from-scratch XOR network's)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = _figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.plot(list(losses))
     ax.set(title=title, xlabel="epoch", ylabel="loss")
     ax.grid(True)
@@ -89,7 +95,7 @@ def plot_predictions(images: torch.Tensor, labels: torch.Tensor, predictions: to
     The grid is one image (the digits tiled with white gaps) under one set of axes with a caption
     per tile: a fraction of the time of one axes per digit, which the training command pays once.
     """
-    plt = _pyplot()
+    check_number("columns", columns, 1, integer=True)
     n = images.shape[0]
     rows = max(1, -(-n // columns))
     height, width = images.shape[-2:] if images.dim() >= 3 else (28, 28)
@@ -97,7 +103,7 @@ def plot_predictions(images: torch.Tensor, labels: torch.Tensor, predictions: to
     cell_w, cell_h = width + gap_x, height + caption
     mosaic = np.full((rows * cell_h, columns * cell_w), np.nan)
     pixels = images.reshape(n, height, width).to(torch.float32).numpy()
-    fig = plt.figure(figsize=(1.5 * columns, 1.8 * rows))
+    fig = _figure(figsize=(1.5 * columns, 1.8 * rows))
     ax = fig.add_axes((0.005, 0.01, 0.99, 0.98))
     ax.axis("off")
     for i in range(n):
@@ -111,7 +117,9 @@ def plot_predictions(images: torch.Tensor, labels: torch.Tensor, predictions: to
         text = f"\u2713 {predicted}" if right else f"\u2717 {predicted} (true {truth})"
         ax.text(left + width / 2, top - 1.5, text, ha="center", va="bottom", fontsize=9,
                 color="green" if right else "red")
-    colormap = plt.get_cmap("gray").with_extremes(bad="white")  # the gaps between tiles
+    import matplotlib
+
+    colormap = matplotlib.colormaps["gray"].with_extremes(bad="white")  # the gaps between tiles
     ax.imshow(np.ma.masked_invalid(mosaic), cmap=colormap, vmin=0.0, vmax=1.0, aspect="auto",
               interpolation="nearest")
     return _save(fig, path)
@@ -123,16 +131,13 @@ PICTURE_SOFTWARE = "pyfastnn"
 
 
 def _save(fig, path) -> Path:
-    """Writes the figure atomically in the format its suffix names (PNG when it has none) and closes it."""
+    """Writes the figure atomically in the format its suffix names (PNG when it has none)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable_folder(path.parent, "folder for the picture")  # names a file standing in the way
     image_format = path.suffix[1:].lower() or "png"
     metadata = {"Software": PICTURE_SOFTWARE} if image_format == "png" else None
-    try:
-        with atomic_write(path) as f:
-            fig.savefig(f, format=image_format, dpi=100, metadata=metadata)
-    finally:
-        _pyplot().close(fig)
+    with atomic_write(path) as f:
+        fig.savefig(f, format=image_format, dpi=100, metadata=metadata)
     return path
 
 

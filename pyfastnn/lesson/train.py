@@ -80,11 +80,14 @@ class CheckpointError(ValueError):
 
 def plain_settings(config: TrainConfig) -> TrainConfig:
     """``config`` with paths, a ``torch.device`` and numbers of other types (numpy scalars) turned
-    into the plain str, int and float that the checks expect and metrics.json and the checkpoint hold."""
+    into the plain str, int and float that the checks expect and metrics.json and the checkpoint hold;
+    a path's ``~`` is the home folder, for ``out`` and ``resume`` as for ``data`` (the loaders')."""
     changes = {}
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        if isinstance(value, os.PathLike):
+        if field.name in ("out", "resume") and isinstance(value, (str, os.PathLike)) and os.fspath(value):
+            changes[field.name] = str(os.path.expanduser(os.fspath(value)))
+        elif isinstance(value, os.PathLike):
             changes[field.name] = os.fspath(value)
         elif isinstance(value, torch.device):
             changes[field.name] = str(value)
@@ -126,7 +129,8 @@ def check_config(config: TrainConfig) -> None:
     check_number("batch_size", config.batch_size, 1, integer=True)
     check_number("lr", config.lr, 0, include_minimum=False)
     check_number("dropout", config.dropout, 0, 1, include_maximum=False)
-    check_number("seed", config.seed, 0, 2 ** 63 - 1, integer=True)
+    # torch's CPU generator (Mersenne Twister) keeps a seed's low 32 bits: larger ones would repeat a run
+    check_number("seed", config.seed, 0, 2 ** 32 - 1, integer=True)
     if config.max_steps is not None:
         check_number("max_steps", config.max_steps, 1, integer=True)
     for name in FLAG_SETTINGS:
@@ -713,13 +717,24 @@ def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank
             plot_training_curves(history, out / "curves.png")
             if predicted is None:  # resumed from a finished run: nothing trained, nothing evaluated yet
                 _, _, predicted = evaluate(model, x_test, y_test, batch_size=None if on_cuda else 1000)
-            # The first 24 test images, then up to 8 the model gets wrong (marked in red).
             predicted = predicted.cpu()
-            wrong = (predicted != test_labels).nonzero().flatten()[:8]
-            shown = torch.cat([torch.arange(min(24, len(test_labels))), wrong])
+            shown = pictured_examples(predicted, test_labels)
             plot_predictions(test_images[shown], test_labels[shown], predicted[shown], out / "predictions.png")
         write_json(out / "metrics.json", metrics)
     return TrainResult(model=model, metrics=metrics)
+
+
+def pictured_examples(predicted: torch.Tensor, labels: torch.Tensor, first: int = 24, wrong: int = 8) -> torch.Tensor:
+    """The indices of the test images predictions.png shows: the first ``first``, then up to
+    ``wrong`` later ones the model gets wrong (marked in red there), none twice.
+
+    Example:
+        >>> pictured_examples(torch.tensor([0, 9, 2, 9, 4, 9]), torch.arange(6), first=2, wrong=1).tolist()
+        [0, 1, 3]
+    """
+    first = min(first, len(labels))
+    missed = (predicted[first:] != labels[first:]).nonzero().flatten()[:wrong] + first
+    return torch.cat([torch.arange(first), missed])
 
 
 def _file_identity(path: Path) -> Optional[Tuple[int, int]]:
@@ -807,7 +822,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on the CPU, flush denormal floats to zero on every thread while training "
                              "(default: on; they slow each step as Adam's moments of idle units decay)")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed,
-                        help="seeds the weights, the shuffle and dropout (default: %(default)s)")
+                        help="seeds the weights, the shuffle and dropout: 0 to 2**32 - 1 (default: %(default)s)")
     parser.add_argument("--out", type=path_argument, default=TrainConfig.out,
                         help="checkpoint, metrics.json and plots go here (default: %(default)s)")
     parser.add_argument("--resume", type=path_argument, help="checkpoint to continue from")

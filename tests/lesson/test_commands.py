@@ -39,6 +39,7 @@ def test_cli_demo_runs_the_whole_lesson(tmp_path, mnist_dir):
     ("--dropout", "-0.1", "must be >= 0"),
     ("--max-steps", "0", "must be >= 1"),
     ("--seed", "-3", "must be >= 0"),
+    ("--seed", str(2 ** 32), "must be <= 4294967295"),  # it would repeat seed 0's run
     ("--device", "gpu", "must be cpu, cuda or cuda:N"),
     ("--device", "cuda:99", "is not available"),
     ("--out", "", "must be a path, got an empty string"),
@@ -355,6 +356,18 @@ def test_pipes_where_output_files_go_are_refused_up_front(capsys, tmp_path, tiny
         assert sorted(p.name for p in out.iterdir()) == [name]
 
 
+def test_a_link_into_a_missing_folder_where_an_output_file_goes_is_refused_up_front(capsys, tmp_path,
+                                                                                     tiny_mnist_dir):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").symlink_to(tmp_path / "gone" / "checkpoint.pt")  # written there, after an epoch
+    status, stdout, err = cli(capsys, "train", "mnist", "--no-progress", "--data", str(tiny_mnist_dir), "--out",
+                              str(out), "--overwrite")
+    line = error_line(err, "pyfastnn train")
+    assert status == 1 and "holds checkpoint.pt, a symbolic link to" in line and "does not exist" in line, line
+    assert "epoch 1" not in stdout and sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]
+
+
 def test_bench_mnist_refuses_a_wrong_data_folder_before_benchmarking(tmp_path, mnist_dir):
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_mnist.py"
     result = subprocess.run([sys.executable, str(script), "--quick", "--full-script", "--data", str(tmp_path)],
@@ -469,6 +482,19 @@ def test_demo_missing_mnist_files_suggest_only_demo_options(capsys, tmp_path):
     line = error_line(err, "pyfastnn demo")
     assert status == 1 and "not found under" in line and "point --data at the folder" in line, line
     assert "--download" not in line and "download=True" not in line
+
+
+def test_demo_missing_mnist_files_name_pyfastnn_mnist_where_it_gave_the_folder(capsys, tmp_path, tiny_mnist_dir,
+                                                                               monkeypatch):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for source in tiny_mnist_dir.glob("t10k-*"):  # the test split only
+        (partial / source.name).write_bytes(source.read_bytes())
+    monkeypatch.setenv("PYFASTNN_MNIST", str(partial))
+    status, stdout, err = cli(capsys, "demo", "--out", str(tmp_path / "pictures"), "--no-bench")
+    line = error_line(err, "pyfastnn demo")
+    assert status == 1 and "train-" in line and "point $PYFASTNN_MNIST, which named this folder, or --data" in line
+    assert "Perceptron" not in stdout
 
 
 @pytest.mark.parametrize("name", ["checkpoint.pt", "metrics.json", "curves.png"])
@@ -605,3 +631,35 @@ def test_train_help_shows_the_defaults(capsys):
     for shown in ("(default: 5)", "(default: 64)", "(default: 0.001)", "(default: 0.2)", "(default: fused)",
                   "(default: cpu)", "(default: runs/mnist)"):
         assert shown in " ".join(stdout.split()), shown
+
+
+def test_pictures_leave_the_users_matplotlib_backend_as_it_was(tmp_path):
+    import matplotlib
+
+    from pyfastnn.lesson.plots import plot_loss, plot_training_curves
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # as a notebook or a GUI session would have chosen its own
+    try:
+        plot_loss([1.0, 0.5], tmp_path / "loss.png")
+        history = [{"epoch": e, "train_loss": 1.0 / e, "test_loss": 1.0 / e, "train_accuracy": 0.5,
+                    "test_accuracy": 0.5} for e in (1, 2)]
+        plot_training_curves(history, tmp_path / "curves.svg")
+        assert matplotlib.get_backend() == "svg"
+        assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert b"<svg" in (tmp_path / "curves.svg").read_bytes()[:1000]
+    finally:
+        matplotlib.use(before)
+
+
+def test_picture_arguments_are_checked(tmp_path):
+    from pyfastnn.lesson.plots import plot_activations, plot_predictions
+
+    with pytest.raises(ValueError, match="columns must be >= 1, got 0"):
+        plot_predictions(torch.zeros(2, 28, 28), torch.zeros(2), torch.zeros(2), tmp_path / "p.png", columns=0)
+    with pytest.raises(ValueError, match="needs at least one activation name"):
+        plot_activations(tmp_path / "a.png", names=())
+    plot_activations(tmp_path / "a.png", names="relu")  # one name, not its letters
+    with pytest.raises(NotADirectoryError, match="folder for the picture .*a.png is a file, not a folder"):
+        plot_activations(tmp_path / "a.png" / "b.png", names="relu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]

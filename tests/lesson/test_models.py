@@ -129,6 +129,26 @@ def test_two_layer_nets_refuse_targets_of_another_shape():
             net.fit(X, models.XOR_TARGETS, epochs=-1)
         with pytest.raises(ValueError, match="learning_rate must be a finite number, got nan"):
             net.fit(X, models.XOR_TARGETS, epochs=1, learning_rate=float("nan"))
+        for rate in (0.0, -1.0):  # never learns, or climbs the loss
+            with pytest.raises(ValueError, match=f"learning_rate must be > 0, got {rate}"):
+                net.fit(X, models.XOR_TARGETS, epochs=1, learning_rate=rate)
+        weights = [w.copy() for w in (scratch.W1, scratch.b1, scratch.W2, scratch.b2)]
+        with pytest.raises(ValueError, match="X holds no samples to train on"):  # its mean would be NaN
+            net.fit(np.zeros((0, 2)), np.zeros((0, 1)), epochs=1)
+        with pytest.raises(ValueError, match="3 features.*(network takes |expects in_features=)2"):
+            net.fit(np.ones((4, 3)), models.XOR_TARGETS, epochs=1)
+        assert all(np.array_equal(w, v) for w, v in zip(weights, (scratch.W1, scratch.b1, scratch.W2, scratch.b2)))
+
+
+def test_lesson_models_name_a_bad_seed_and_take_numpy_integers():
+    torch.testing.assert_close(models.Perceptron(2, seed=np.int64(3)).weights, models.Perceptron(2, seed=3).weights)
+    np.testing.assert_array_equal(models.NumpyTwoLayerNet(2, 4, 1, seed=np.int64(3)).W1,
+                                  models.NumpyTwoLayerNet(2, 4, 1, seed=3).W1)
+    for make in (models.Perceptron, lambda n, seed: models.NumpyTwoLayerNet(n, 4, 1, seed=seed)):
+        with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+            make(2, seed=-1)
+    with pytest.raises(ValueError, match="seed must be <= 4294967295"):  # it would repeat seed 0's weights
+        models.Perceptron(2, seed=2 ** 32)
 
 
 @pytest.mark.parametrize("y,kwargs,problem", [
@@ -137,6 +157,7 @@ def test_two_layer_nets_refuse_targets_of_another_shape():
     (np.array([0, 0, 0, 2]), {}, r"y must hold labels 0 and 1, got \[2\]"),
     (models.AND_TARGETS, {"epochs": -1}, "epochs must be >= 0, got -1"),
     (models.AND_TARGETS, {"lr": float("inf")}, "lr must be a finite number, got inf"),
+    (models.AND_TARGETS, {"lr": -1}, "lr must be > 0, got -1"),
 ])
 def test_perceptron_refuses_what_it_cannot_learn_from(y, kwargs, problem):
     with pytest.raises(ValueError, match=problem):

@@ -465,3 +465,14 @@ def test_no_progress_hides_only_the_bar(tmp_path, tiny_mnist_dir, capsys):
     assert capsys.readouterr().out.startswith("epoch 1: train loss ")
     train(TrainConfig(epochs=1, out=str(tmp_path / "run"), resume=str(tmp_path / "run" / "checkpoint.pt"), **common))
     assert "nothing to train: the checkpoint has 1 epoch(s) done" in capsys.readouterr().out
+
+
+def test_a_home_folder_in_the_settings_paths_is_expanded(monkeypatch, tmp_path):
+    import numpy as np
+
+    from pyfastnn.lesson.train import plain_settings
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # a folder literally named "~" would be made in the working folder
+    config = plain_settings(TrainConfig(data="~/mnist", out=Path("~/runs"), resume=np.str_("~/runs/checkpoint.pt")))
+    assert config.out == str(tmp_path / "runs") and type(config.out) is str
+    assert config.resume == str(tmp_path / "runs" / "checkpoint.pt") and type(config.resume) is str

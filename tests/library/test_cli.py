@@ -304,6 +304,29 @@ def test_atomic_write_writes_through_links_and_devices_and_refuses_folders(tmp_p
     assert caught.value.filename == "/dev/full"
 
 
+def test_dev_stdout_is_written_through_the_descriptor_wherever_it_leads(tmp_path):
+    import subprocess
+    import sys
+
+    from pyfastnn.files import check_output_file
+
+    write = ("from pyfastnn.files import atomic_write, check_output_file\n"
+             "check_output_file('/dev/stdout')\n"
+             "print('table')\n"
+             "with atomic_write('/dev/stdout') as f:\n"
+             "    f.write(b'{}\\n')\n")
+    log = tmp_path / "log.txt"
+    log.write_text("earlier\n")
+    with open(log, "a") as appended:  # `>> log.txt`: appended to, not replaced or truncated
+        subprocess.run([sys.executable, "-c", write], stdout=appended, check=True)
+    assert log.read_text() == "earlier\ntable\n{}\n"
+    piped = subprocess.run([sys.executable, "-c", write], stdout=subprocess.PIPE, check=True)  # `| cat`
+    assert piped.stdout == b"table\n{}\n"
+    with pytest.raises(OSError) as caught:  # a descriptor this process does not have open
+        check_output_file("/dev/fd/987")
+    assert caught.value.filename == "/dev/fd/987"
+
+
 def test_atomic_write_names_the_target_when_the_rename_fails(tmp_path, monkeypatch):
     import os
 
