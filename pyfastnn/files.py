@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import re
 import secrets
+import stat
 import sys
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator, NoReturn, Optional, Union
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no advisory locks, no descriptor flags
+    fcntl = None
 
 __all__ = ["atomic_write", "ensure_writable_folder", "check_output_file", "check_output_names", "hold_folder",
            "output_folder"]
@@ -30,7 +37,7 @@ def _descriptor_of(path: PathLike) -> Optional[int]:
     (``/dev/stdout``, ``/dev/fd/N``, ``/proc/self/fd/N``): written through it, the shell's ``>>``
     appends and a pipe stays a pipe, where opening the alias would truncate the file it stands for
     and replacing it would replace that file."""
-    match = _DESCRIPTOR_ALIAS.fullmatch(os.path.abspath(os.fspath(path)))
+    match = _DESCRIPTOR_ALIAS.fullmatch("/" + os.path.abspath(os.fspath(path)).lstrip("/"))  # also //dev/stdout
     if match is None or (match[3] not in (None, "self") and int(match[3]) != os.getpid()):
         return None
     if match[1]:
@@ -72,15 +79,21 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
     path = Path(os.path.realpath(path))
     if descriptor is None and path.is_dir():
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), shown)
-    if descriptor is not None or (path.exists() and not path.is_file()):  # nothing to replace
+    if descriptor is not None:  # the whole content once the block succeeds, as a replaced file would get it
+        buffer = io.BytesIO()
+        yield buffer
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):  # what was printed comes first
+            with contextlib.suppress(Exception):
+                stream.flush()
         try:
-            if descriptor is not None:
-                for stream in (sys.stdout, sys.stderr):  # what was printed before comes first
-                    with contextlib.suppress(Exception):
-                        stream.flush()
-                f = os.fdopen(os.dup(descriptor), "wb")
-            else:
-                f = open(path, "wb")
+            with os.fdopen(os.dup(descriptor), "wb") as f:  # a copy: closing it leaves the process's open
+                f.write(buffer.getvalue())
+        except OSError as e:
+            _raise_naming(e, shown, cause=False)
+        return
+    if path.exists() and not path.is_file():  # a device or a pipe: nothing to replace
+        try:
+            f = open(path, "wb")
         except OSError as e:
             _raise_naming(e, shown, cause=False)
         try:
@@ -235,14 +248,21 @@ def check_output_file(path: PathLike, what: str = "--json") -> Path:
         raise IsADirectoryError(f"{what} {path} names a folder; give a file name")
     path = Path(path)
     descriptor = _descriptor_of(path)
-    if descriptor is not None:  # written through the open descriptor (atomic_write): it must be open
+    if descriptor is not None:  # written through the open descriptor (atomic_write): open for writing
         try:
-            os.fstat(descriptor)
-        except OSError as e:
-            _raise_naming(e, str(path), cause=False)
+            mode = os.fstat(descriptor).st_mode
+            writable = fcntl is None or fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+        except (OSError, OverflowError) as e:
+            raise OSError(errno.EBADF, f"{what} {path} is not an open descriptor ({e})", str(path)) from None
+        if stat.S_ISDIR(mode) or not writable:
+            raise PermissionError(errno.EBADF, f"{what} {path} is not open for writing", str(path))
         return path
     if path.is_dir():
         raise IsADirectoryError(f"{what} {path} is a folder; give a file name")
+    if path.exists() and not path.is_file():  # a device or a pipe, written as open() would write it
+        if not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, f"{what} {path} is not writable", str(path))
+        return path
     # The folder the file will really be written in: a symbolic link's target's (atomic_write writes there).
     ensure_writable_folder(Path(os.path.realpath(path)).parent, f"folder for {what}")
     return path
@@ -298,11 +318,7 @@ def hold_folder(path: PathLike, what: str = "output folder") -> Iterator[Path]:
         output folder FOLDER is in use by another run; wait for it to end or choose another folder
     """
     path = Path(path)
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): nothing to hold
-        fcntl = None
-    try:
+    try:  # no flock (Windows): nothing to hold
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if fcntl is not None else None
     except PermissionError:  # a folder this process may write but not read: nothing to hold it by
         fd = None

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -120,7 +121,8 @@ class NumpyTwoLayerNet:
 
     def __init__(self, input_size: int, hidden_size: int, output_size: int, seed: int = 0,
                  init_scale: float = 0.01) -> None:
-        check_number("seed", seed, 0, integer=True)
+        if isinstance(seed, numbers.Integral):  # None, a SeedSequence or a Generator: numpy's own
+            check_number("seed", seed, 0, integer=True)
         rng = np.random.default_rng(seed)
         self.W1 = rng.standard_normal((input_size, hidden_size)) * init_scale
         self.b1 = np.zeros((1, hidden_size))

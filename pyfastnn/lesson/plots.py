@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from ..command import check_number
-from ..files import atomic_write, ensure_writable_folder
+from ..files import atomic_write, check_output_file
 from ..functional import fused_linear
 
 
@@ -22,10 +23,14 @@ def _figure(**kwargs):
     the import itself, after a whole training run."""
     requested = os.environ.pop("MPLBACKEND", None) if "matplotlib" not in sys.modules else None
     try:
+        import matplotlib
         from matplotlib.figure import Figure
     finally:
         if requested is not None:
             os.environ["MPLBACKEND"] = requested
+    if requested is not None:
+        with contextlib.suppress(Exception):  # a valid name is the user's choice, for their own plots
+            matplotlib.rcParams["backend"] = requested
     return Figure(**kwargs)
 
 
@@ -132,8 +137,7 @@ PICTURE_SOFTWARE = "pyfastnn"
 
 def _save(fig, path) -> Path:
     """Writes the figure atomically in the format its suffix names (PNG when it has none)."""
-    path = Path(path)
-    ensure_writable_folder(path.parent, "folder for the picture")  # names a file standing in the way
+    path = check_output_file(path, "picture")  # a file in its folder's place is named; /dev/stdout is taken
     image_format = path.suffix[1:].lower() or "png"
     metadata = {"Software": PICTURE_SOFTWARE} if image_format == "png" else None
     with atomic_write(path) as f:

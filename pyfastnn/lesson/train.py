@@ -86,7 +86,7 @@ def plain_settings(config: TrainConfig) -> TrainConfig:
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if field.name in ("out", "resume") and isinstance(value, (str, os.PathLike)) and os.fspath(value):
-            changes[field.name] = str(os.path.expanduser(os.fspath(value)))
+            changes[field.name] = str(os.fsdecode(os.path.expanduser(os.fspath(value))))
         elif isinstance(value, os.PathLike):
             changes[field.name] = os.fspath(value)
         elif isinstance(value, torch.device):
@@ -396,6 +396,9 @@ def check_resume_settings(state: Dict, path, config: TrainConfig) -> None:
     if not isinstance(saved, dict):
         return  # written without its settings: nothing to compare
     wanted = dataclasses.asdict(config)
+    if isinstance(saved.get("seed"), int) and saved["seed"] >= 2 ** 32:
+        # Taken before seeds were held to 32 bits: torch's generator trained it with the low 32 bits.
+        saved = {**saved, "seed": saved["seed"] % 2 ** 32}
     differ = [f"{name} {saved[name]!r} (asked: {wanted[name]!r})" for name in RUN_SETTINGS
               if name in saved and saved[name] != wanted[name]]
     # Each process trains on its shard of every epoch: another count is another run.

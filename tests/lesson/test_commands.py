@@ -660,6 +660,6 @@ def test_picture_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="needs at least one activation name"):
         plot_activations(tmp_path / "a.png", names=())
     plot_activations(tmp_path / "a.png", names="relu")  # one name, not its letters
-    with pytest.raises(NotADirectoryError, match="folder for the picture .*a.png is a file, not a folder"):
+    with pytest.raises(NotADirectoryError, match="folder for picture .*a.png is a file, not a folder"):
         plot_activations(tmp_path / "a.png" / "b.png", names="relu")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]

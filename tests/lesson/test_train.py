@@ -146,6 +146,17 @@ def test_resume_with_moments_saved_in_another_layout_continues_exactly(tmp_path,
         assert torch.equal(p, q), name
 
 
+def test_a_checkpoint_with_a_seed_beyond_32_bits_resumes_as_the_seed_torch_used(tmp_path, tiny_mnist_dir):
+    # Seeds were taken up to 2**63 - 1 before; torch's generator trained such a run with the low 32 bits.
+    common = dict(data=str(tiny_mnist_dir), batch_size=32, max_steps=3, progress=False, plots=False, seed=5)
+    train(TrainConfig(epochs=1, out=str(tmp_path / "a"), **common))
+    checkpoint = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    checkpoint["config"]["seed"] = 2 ** 32 + 5
+    torch.save(checkpoint, tmp_path / "wide_seed.pt")
+    resumed = train(TrainConfig(epochs=2, out=str(tmp_path / "b"), resume=str(tmp_path / "wide_seed.pt"), **common))
+    assert [h["epoch"] for h in resumed.metrics["history"]] == [1, 2]
+
+
 def test_evaluate_in_one_forward_matches_chunks():
     torch.manual_seed(0)
     model = MNISTClassifier()

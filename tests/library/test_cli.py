@@ -305,6 +305,7 @@ def test_atomic_write_writes_through_links_and_devices_and_refuses_folders(tmp_p
 
 
 def test_dev_stdout_is_written_through_the_descriptor_wherever_it_leads(tmp_path):
+    import os
     import subprocess
     import sys
 
@@ -325,6 +326,20 @@ def test_dev_stdout_is_written_through_the_descriptor_wherever_it_leads(tmp_path
     with pytest.raises(OSError) as caught:  # a descriptor this process does not have open
         check_output_file("/dev/fd/987")
     assert caught.value.filename == "/dev/fd/987"
+    read_only = os.open(log, os.O_RDONLY)
+    try:  # refused before the work, not when the result is written
+        with pytest.raises(PermissionError, match=f"/dev/fd/{read_only} is not open for writing"):
+            check_output_file(f"/dev/fd/{read_only}")
+    finally:
+        os.close(read_only)
+    interrupted = ("from pyfastnn.files import atomic_write\n"
+                   "try:\n"
+                   "    with atomic_write('/dev/stdout') as f:\n"
+                   "        f.write(b'{\"half\": ')\n"
+                   "        raise KeyboardInterrupt\n"
+                   "except KeyboardInterrupt:\n"
+                   "    pass\n")
+    assert subprocess.run([sys.executable, "-c", interrupted], stdout=subprocess.PIPE, check=True).stdout == b""
 
 
 def test_atomic_write_names_the_target_when_the_rename_fails(tmp_path, monkeypatch):
