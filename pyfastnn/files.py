@@ -252,19 +252,23 @@ def check_output_file(path: PathLike, what: str = "--json") -> Path:
         try:
             mode = os.fstat(descriptor).st_mode
             writable = fcntl is None or fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
-        except (OSError, OverflowError) as e:
-            raise OSError(errno.EBADF, f"{what} {path} is not an open descriptor ({e})", str(path)) from None
+        except (OSError, OverflowError):
+            raise OSError(errno.EBADF, f"{what} {path} is not an open descriptor", str(path)) from None
         if stat.S_ISDIR(mode) or not writable:
-            raise PermissionError(errno.EBADF, f"{what} {path} is not open for writing", str(path))
+            raise PermissionError(errno.EACCES, f"{what} {path} is not open for writing", str(path))
         return path
     if path.is_dir():
         raise IsADirectoryError(f"{what} {path} is a folder; give a file name")
-    if path.exists() and not path.is_file():  # a device or a pipe, written as open() would write it
-        if not os.access(path, os.W_OK):
+    real = Path(os.path.realpath(path))  # what atomic_write opens
+    if real.exists() and not real.is_file():  # a device or a pipe, written as open() would write it
+        if stat.S_ISSOCK(real.stat().st_mode):
+            raise FileExistsError(errno.EEXIST, f"{what} {path} is a socket, which no file can be written to",
+                                  str(path))
+        if not os.access(real, os.W_OK):
             raise PermissionError(errno.EACCES, f"{what} {path} is not writable", str(path))
         return path
     # The folder the file will really be written in: a symbolic link's target's (atomic_write writes there).
-    ensure_writable_folder(Path(os.path.realpath(path)).parent, f"folder for {what}")
+    ensure_writable_folder(real.parent, f"folder for {what}")
     return path
 
 

@@ -85,10 +85,10 @@ def plain_settings(config: TrainConfig) -> TrainConfig:
     changes = {}
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        if field.name in ("out", "resume") and isinstance(value, (str, os.PathLike)) and os.fspath(value):
+        if field.name in ("out", "resume") and isinstance(value, (str, bytes, os.PathLike)) and os.fspath(value):
             changes[field.name] = str(os.fsdecode(os.path.expanduser(os.fspath(value))))
-        elif isinstance(value, os.PathLike):
-            changes[field.name] = os.fspath(value)
+        elif isinstance(value, (bytes, os.PathLike)):
+            changes[field.name] = os.fsdecode(value)
         elif isinstance(value, torch.device):
             changes[field.name] = str(value)
         elif isinstance(value, str) and type(value) is not str:  # numpy's str_ and other subclasses

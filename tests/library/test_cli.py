@@ -332,6 +332,17 @@ def test_dev_stdout_is_written_through_the_descriptor_wherever_it_leads(tmp_path
             check_output_file(f"/dev/fd/{read_only}")
     finally:
         os.close(read_only)
+    (tmp_path / "stdout").symlink_to("/dev/stdout")  # through a link: piped, the pipe's name is no file
+    linked = f"from pyfastnn.files import check_output_file\ncheck_output_file({str(tmp_path / 'stdout')!r})\n"
+    refused = subprocess.run([sys.executable, "-c", linked], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert refused.returncode != 0 and b"is not writable" in refused.stderr, refused.stderr
+    import socket
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as short, socket.socket(socket.AF_UNIX) as server:  # AF_UNIX paths are short
+        server.bind(os.path.join(short, "s"))
+        with pytest.raises(FileExistsError, match="is a socket, which no file can be written to"):
+            check_output_file(os.path.join(short, "s"))
     interrupted = ("from pyfastnn.files import atomic_write\n"
                    "try:\n"
                    "    with atomic_write('/dev/stdout') as f:\n"
