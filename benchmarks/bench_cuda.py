@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 import pyfastnn
-from pyfastnn.benchmark import cuda_kernels, format_kernels, write_results
-from pyfastnn.command import path_argument, positive_float
+from pyfastnn.benchmark import cuda_kernels, format_kernels, printing_apart_from, write_results
+from pyfastnn.command import output_file_argument, positive_float
 from pyfastnn.files import check_output_file
 
 SHAPES = ((65536, 1024, 1024), (8192, 4096, 4096), (4096, 784, 256))
@@ -247,11 +247,17 @@ def profile_rows(shape=QUICK_SHAPES[0], dtype=torch.bfloat16, layers=3) -> list[
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="bfloat16, the first shape, five activations")
-    parser.add_argument("--json", metavar="PATH", type=path_argument)
+    parser.add_argument("--json", metavar="PATH", type=output_file_argument,
+                        help="write the results as JSON here (- for standard output, the tables then on stderr)")
     parser.add_argument("--min-run-time", type=positive_float, default=0.2, help="seconds per measurement")
     parser.add_argument("--profile", action="store_true",
                         help="list the kernels of each variant instead of timing it (first shape, bfloat16)")
     args = parser.parse_args(argv)
+    with printing_apart_from(args.json):
+        return _run(args, parser)
+
+
+def _run(args, parser) -> int:
     if args.json:
         try:
             check_output_file(args.json)

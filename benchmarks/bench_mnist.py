@@ -45,9 +45,9 @@ from torch import nn
 import torch.nn.functional as F
 
 from pyfastnn import cuda_graph_step, fuse
-from pyfastnn.benchmark import (cuda_kernels, format_kernels, saved_for_backward_bytes, time_interleaved, train_step,
-                                write_results)
-from pyfastnn.command import path_argument, positive_int
+from pyfastnn.benchmark import (cuda_kernels, format_kernels, printing_apart_from, saved_for_backward_bytes,
+                                time_interleaved, train_step, write_results)
+from pyfastnn.command import output_file_argument, path_argument, positive_int
 from pyfastnn.files import check_output_file
 from pyfastnn.lesson.data import MNIST_MEAN, MNIST_STD, find_mnist, load_mnist
 from pyfastnn.info import info
@@ -363,7 +363,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=path_argument,
                         help="MNIST folder for --full-script (default: $PYFASTNN_MNIST or ../shared/data/mnist)")
     parser.add_argument("--epochs", type=positive_int, default=5)
-    parser.add_argument("--json", metavar="PATH", type=path_argument)
+    parser.add_argument("--json", metavar="PATH", type=output_file_argument,
+                        help="write the results as JSON here (- for standard output, the tables then on stderr)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--profile", action="store_true",
                         help="with --device cuda: the kernels of the training steps instead of their timing")
@@ -371,6 +372,11 @@ def main(argv=None) -> int:
                         help="also the lesson script vs `pyfastnn train` as whole processes, ROUNDS alternations")
     parser.add_argument("--lesson-script", action="store_true", help=argparse.SUPPRESS)  # one run, for --whole-process
     args = parser.parse_args(argv)
+    with printing_apart_from(args.json):
+        return _run(args, parser)
+
+
+def _run(args, parser) -> int:
     if args.lesson_script:
         print(f"lesson test accuracy {lesson_script(args.data, args.epochs):.4f}")
         return 0

@@ -187,6 +187,22 @@ void check_readable(const char* name, const at::Tensor& t, int64_t index) {
                               "(clone())");
 }
 
+void check_readable_args(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_readable("input", input);
+  check_readable("weight", weight);
+  if (has_tensor(bias)) check_readable("bias", *bias);
+}
+
+void check_readable_args(const at::Tensor& input, at::TensorList weights, const BiasList* biases) {
+  check_readable("input", input);
+  for (size_t l = 0; l < weights.size(); ++l) {
+    check_readable("weights", weights[l], static_cast<int64_t>(l));
+    if (biases != nullptr && l < biases->size() && has_tensor(biases->get(l))) {
+      check_readable("biases", *biases->get(l), static_cast<int64_t>(l));
+    }
+  }
+}
+
 namespace {
 at::Device checked_kernel_device(const at::Tensor& input, const at::Tensor* grad_output) {
   check_kernel_input("input", input);

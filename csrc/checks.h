@@ -51,6 +51,14 @@ void check_kernel_input(const char* name, const at::Tensor& t);
 // have no dispatcher), and Python's ops name such arguments with it.
 void check_readable(const char* name, const at::Tensor& t, int64_t index = -1);
 
+// Every tensor a fused op's kernel entry point reads, through check_readable, before the op's argument
+// checks (whose messages read the tensors' shapes): "weight" / "bias" for fused_linear,
+// "weights[l]" / "biases[l]" for fused_mlp (`biases` null where the op reads none). Kept apart from
+// check_fused_*_args, which the fake kernels and the autograd kernel's forward-AD path also run, where
+// a ZeroTensor argument is legal (the dispatcher materializes it below autograd).
+void check_readable_args(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+void check_readable_args(const at::Tensor& input, at::TensorList weights, const BiasList* biases);
+
 // NOTE [Kernels run below autograd]
 // Called directly from C++ with tensors that require grad, the out= GEMMs inside the kernels would
 // refuse to run; the dispatcher's path is already below autograd. Each kernel entry point opens a

@@ -15,20 +15,12 @@ at::Tensor empty_output(const at::Tensor& input, int64_t out_features) {
   return at::empty(detail::output_shape(input, out_features), input.options());
 }
 
-// Before the argument checks, whose messages read the tensors' shapes.
-void check_readable_arguments(const at::Tensor& input, const at::Tensor& weight,
-                              const std::optional<at::Tensor>& bias) {
-  check_readable("input", input);
-  check_readable("weight", weight);
-  if (has_tensor(bias)) check_readable("bias", *bias);
-}
-
 }  // namespace
 
 at::Tensor fused_linear_inference(const at::Tensor& input, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, int64_t activation,
                                   double negative_slope) {
-  check_readable_arguments(input, weight, bias);
+  check_readable_args(input, weight, bias);
   check_fused_linear_args(input, weight, bias, activation, negative_slope);
   const KernelScope scope(input);  // NOTE [Kernels run below autograd]
   at::Tensor out = empty_output(input, weight.size(0));
@@ -41,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_forward(const at::Tensor& input,
                                                         const std::optional<at::Tensor>& bias,
                                                         int64_t activation, double negative_slope,
                                                         bool keep_preact) {
-  check_readable_arguments(input, weight, bias);
+  check_readable_args(input, weight, bias);
   check_fused_linear_args(input, weight, bias, activation, negative_slope);
   const KernelScope scope(input);  // NOTE [Kernels run below autograd]
   at::Tensor out = empty_output(input, weight.size(0));
@@ -57,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& saved, int64_t activation, double negative_slope,
     std::array<bool, 3> output_mask) {
-  check_readable_arguments(input, weight, std::nullopt);
+  check_readable_args(input, weight, std::nullopt);
   check_fused_linear_args(input, weight, std::nullopt, activation, negative_slope);
   const KernelScope scope(input, &grad_output);  // NOTE [Kernels run below autograd]
   const auto act = static_cast<Activation>(activation);

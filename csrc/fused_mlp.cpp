@@ -13,17 +13,6 @@
 namespace pyfastnn {
 namespace {
 
-// Before the argument checks, whose messages read the tensors' shapes.
-void check_readable_arguments(const at::Tensor& input, at::TensorList weights, const BiasList* biases) {
-  check_readable("input", input);
-  for (size_t l = 0; l < weights.size(); ++l) {
-    check_readable("weights", weights[l], static_cast<int64_t>(l));
-    if (biases != nullptr && l < biases->size() && has_tensor(biases->get(l))) {
-      check_readable("biases", *biases->get(l), static_cast<int64_t>(l));
-    }
-  }
-}
-
 // CPU: one 64-bit seed per layer and call from torch's default generator: torch.manual_seed
 // reproduces every mask.
 uint64_t draw_dropout_seed() {
@@ -36,7 +25,7 @@ uint64_t draw_dropout_seed() {
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> run_forward(
     const at::Tensor& input, at::TensorList weights, const BiasList& biases, at::IntArrayRef activations,
     double negative_slope, at::ArrayRef<double> dropout, bool training, bool save) {
-  check_readable_arguments(input, weights, &biases);
+  check_readable_args(input, weights, &biases);
   check_fused_mlp_args(input, weights, biases, activations, negative_slope, dropout);
   const KernelScope scope(input);  // NOTE [Kernels run below autograd]
   const size_t layers = weights.size();
@@ -112,7 +101,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
     at::TensorList hidden, at::TensorList preacts, at::TensorList keep_masks, at::IntArrayRef activations,
     double negative_slope, at::ArrayRef<double> dropout, const c10::List<bool>& output_mask) {
   const size_t layers = weights.size();
-  check_readable_arguments(input, weights, nullptr);
+  check_readable_args(input, weights, nullptr);
   check_fused_mlp_args(input, weights, BiasList(std::vector<std::optional<at::Tensor>>(layers)), activations,
                        negative_slope, dropout);
   TORCH_CHECK_VALUE(hidden.size() + 1 == layers && preacts.size() == layers && keep_masks.size() == layers,

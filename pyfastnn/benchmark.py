@@ -5,7 +5,8 @@
 - :func:`saved_for_backward_bytes` measures what autograd keeps for backward;
 - :func:`cuda_kernels` lists the CUDA kernels a callable runs, with their device time (where a
   GPU timing goes), and :func:`format_kernels` prints that list;
-- :func:`write_results` saves a benchmark's figures as JSON (the benchmark scripts' ``--json``);
+- :func:`write_results` saves a benchmark's figures as JSON (the benchmark scripts' ``--json``), and
+  :func:`printing_apart_from` keeps their printed tables out of JSON sent to standard output;
 - ``pyfastnn bench`` (:func:`main`, also ``python benchmarks/bench_fused_linear.py``) times
   fused_linear against PyTorch eager, torch.compile and the bare GEMMs, every variant of one case
   interleaved in the same process, so machine noise hits them alike.
@@ -14,26 +15,28 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import statistics
+import sys
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .command import command_parser, path_argument, positive_int, run_command
-from .files import atomic_write, check_output_file
+from .command import command_parser, output_file_argument, positive_int, run_command
+from .files import atomic_write, check_output_file, is_standard_output
 from .functional import fused_linear
 from ._ops import canonical_activation
 from .info import info
 from .nn import activation_module
 
 __all__ = ["BENCH_ACTIVATIONS", "time_interleaved", "train_step", "saved_for_backward_bytes", "cuda_kernels",
-           "format_kernels", "write_results", "run", "main"]
+           "format_kernels", "write_results", "printing_apart_from", "run", "main"]
 
 FULL_SHAPES = ((1, 784, 256), (64, 784, 256), (256, 784, 256), (1024, 784, 256), (64, 256, 128),
                (4096, 1024, 1024))
@@ -243,6 +246,24 @@ def write_results(path: str, record: Mapping[str, object]) -> None:
     print(f"wrote {path}")
 
 
+@contextlib.contextmanager
+def printing_apart_from(json_path: Optional[str]) -> Iterator[None]:
+    """Inside the block, what is printed goes to standard error where ``json_path`` is standard
+    output (``--json -``), so that a pipe (``--json - | jq``) receives the JSON alone; elsewhere
+    nothing changes.
+
+    Example:
+        >>> import contextlib, io
+        >>> with contextlib.redirect_stderr(io.StringIO()) as err, printing_apart_from("/dev/stdout"):
+        ...     print("table")
+        >>> err.getvalue()
+        'table\n'
+    """
+    apart = json_path is not None and is_standard_output(json_path)
+    with contextlib.redirect_stdout(sys.stderr) if apart else contextlib.nullcontext():
+        yield
+
+
 def _no_grad(fn):
     with torch.no_grad():
         return fn()
@@ -314,9 +335,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="4 shapes, relu/gelu, 2 threads, no torch.compile (well under 30 s)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--threads", type=thread_count, nargs="+", help="thread counts (default: 1 2, with --quick 2; never more than the CPUs available)")
-    parser.add_argument("--json", metavar="PATH", type=path_argument, help="write the results as JSON here")
+    parser.add_argument("--json", metavar="PATH", type=output_file_argument,
+                        help="write the results as JSON here (- for standard output, the table then on stderr)")
     args = parser.parse_args(argv)
-    return run_command(parser, args, lambda: _bench(args))
+    with printing_apart_from(args.json):
+        return run_command(parser, args, lambda: _bench(args))
 
 
 def _bench(args) -> int:

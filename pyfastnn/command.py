@@ -21,7 +21,7 @@ __all__ = ["InvalidArgument", "check_number", "command_parser", "run_command", "
            "debug_requested",
            "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "Terminated",
            "terminate_on_sigterm", "interrupted_status",
-           "positive_int", "positive_float", "path_argument"]
+           "positive_int", "positive_float", "path_argument", "output_file_argument"]
 
 DEBUG_ENV = "PYFASTNN_DEBUG"
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -160,6 +160,19 @@ def path_argument(text: str) -> str:
 
 
 path_argument.__name__ = "path"
+
+
+def output_file_argument(text: str) -> str:
+    """A file a command writes (``--json``): a :func:`path_argument`, or ``-`` for standard output.
+
+    Example:
+        >>> output_file_argument("-")
+        '/dev/stdout'
+    """
+    return "/dev/stdout" if text == "-" else path_argument(text)
+
+
+output_file_argument.__name__ = "path"
 
 
 def command_parser(prog: str, description: Optional[str] = None) -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ except ImportError:  # not POSIX: no advisory locks, no descriptor flags
     fcntl = None
 
 __all__ = ["atomic_write", "ensure_writable_folder", "check_output_file", "check_output_names", "hold_folder",
-           "output_folder"]
+           "output_folder", "is_standard_output"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -43,6 +43,17 @@ def _descriptor_of(path: PathLike) -> Optional[int]:
     if match[1]:
         return ("stdin", "stdout", "stderr").index(match[1])
     return int(match[2] or match[4])
+
+
+def is_standard_output(path: PathLike) -> bool:
+    """Whether ``path`` names this process's standard output (``/dev/stdout``, ``/dev/fd/1``), which
+    :func:`atomic_write` writes through.
+
+    Example:
+        >>> is_standard_output("/dev/stdout"), is_standard_output("/dev/fd/1"), is_standard_output("out.json")
+        (True, True, False)
+    """
+    return _descriptor_of(path) == 1
 
 
 @contextlib.contextmanager
@@ -253,19 +264,19 @@ def check_output_file(path: PathLike, what: str = "--json") -> Path:
             mode = os.fstat(descriptor).st_mode
             writable = fcntl is None or fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
         except (OSError, OverflowError):
-            raise OSError(errno.EBADF, f"{what} {path} is not an open descriptor", str(path)) from None
+            raise OSError(errno.EBADF, f"{what} is not an open descriptor", str(path)) from None
         if stat.S_ISDIR(mode) or not writable:
-            raise PermissionError(errno.EACCES, f"{what} {path} is not open for writing", str(path))
+            raise PermissionError(errno.EACCES, f"{what} is not open for writing", str(path))
         return path
     if path.is_dir():
         raise IsADirectoryError(f"{what} {path} is a folder; give a file name")
     real = Path(os.path.realpath(path))  # what atomic_write opens
     if real.exists() and not real.is_file():  # a device or a pipe, written as open() would write it
         if stat.S_ISSOCK(real.stat().st_mode):
-            raise FileExistsError(errno.EEXIST, f"{what} {path} is a socket, which no file can be written to",
+            raise FileExistsError(errno.EEXIST, f"{what} is a socket, which no file can be written to",
                                   str(path))
         if not os.access(real, os.W_OK):
-            raise PermissionError(errno.EACCES, f"{what} {path} is not writable", str(path))
+            raise PermissionError(errno.EACCES, f"{what} is not writable", str(path))
         return path
     # The folder the file will really be written in: a symbolic link's target's (atomic_write writes there).
     ensure_writable_folder(real.parent, f"folder for {what}")

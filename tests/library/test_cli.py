@@ -51,6 +51,22 @@ def test_cli_bench_quick_writes_json(tmp_path):
     assert all(r["fused_us"] > 0 and r["eager_us"] > 0 for r in data["results"])
 
 
+def test_bench_json_dash_sends_the_json_alone_to_stdout_and_the_table_to_stderr(monkeypatch, capfd):
+    import pyfastnn.benchmark as benchmark
+
+    def fake_run(log=print, **kwargs):
+        log("the table")
+        return [{"case": "relu", "fused_us": 1.0}]
+
+    monkeypatch.setattr(benchmark, "run", fake_run)
+    for path in ("-", "/dev/stdout"):  # `--json - | jq` reads JSON only
+        assert benchmark.main(["--quick", "--json", path]) == 0
+        out, err = capfd.readouterr()
+        assert json.loads(out)["results"] == [{"case": "relu", "fused_us": 1.0}], out
+        assert "the table" in err and "wrote /dev/stdout" in err, err
+    assert not Path("-").exists()
+
+
 # --- Mistakes and failures: one line, exit status 2 for usage, 1 for failures, --debug for the traceback ---
 
 def test_bench_threads_default_to_no_more_than_the_cpus_available(monkeypatch):
@@ -325,11 +341,12 @@ def test_dev_stdout_is_written_through_the_descriptor_wherever_it_leads(tmp_path
     assert piped.stdout == b"table\n{}\n"
     with pytest.raises(OSError) as caught:  # a descriptor this process does not have open
         check_output_file("/dev/fd/987")
-    assert caught.value.filename == "/dev/fd/987"
+    assert caught.value.filename == "/dev/fd/987" and "987" not in caught.value.strerror  # named once by the CLI
     read_only = os.open(log, os.O_RDONLY)
     try:  # refused before the work, not when the result is written
-        with pytest.raises(PermissionError, match=f"/dev/fd/{read_only} is not open for writing"):
+        with pytest.raises(PermissionError, match="is not open for writing") as caught:
             check_output_file(f"/dev/fd/{read_only}")
+        assert caught.value.filename == f"/dev/fd/{read_only}"
     finally:
         os.close(read_only)
     (tmp_path / "stdout").symlink_to("/dev/stdout")  # through a link: piped, the pipe's name is no file
