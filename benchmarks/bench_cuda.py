@@ -41,9 +41,8 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 import pyfastnn
-from pyfastnn.benchmark import cuda_kernels, format_kernels, printing_apart_from, write_results
+from pyfastnn.benchmark import cuda_kernels, format_kernels, json_output, write_results
 from pyfastnn.command import output_file_argument, positive_float
-from pyfastnn.files import check_output_file
 
 SHAPES = ((65536, 1024, 1024), (8192, 4096, 4096), (4096, 784, 256))
 QUICK_SHAPES = ((65536, 1024, 1024),)
@@ -253,16 +252,11 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="list the kernels of each variant instead of timing it (first shape, bfloat16)")
     args = parser.parse_args(argv)
-    with printing_apart_from(args.json):
+    with json_output(args.json, parser):  # a bad path fails now, not after minutes of benchmarks
         return _run(args, parser)
 
 
 def _run(args, parser) -> int:
-    if args.json:
-        try:
-            check_output_file(args.json)
-        except OSError as error:
-            parser.error(str(error))
     if not pyfastnn.info()["cuda_available"]:
         parser.error("needs a CUDA GPU and a CUDA build of pyfastnn (see pyfastnn info)")
     print(pyfastnn.info(), torch.__version__, torch.cuda.get_device_name(), flush=True)

@@ -45,10 +45,9 @@ from torch import nn
 import torch.nn.functional as F
 
 from pyfastnn import cuda_graph_step, fuse
-from pyfastnn.benchmark import (cuda_kernels, format_kernels, printing_apart_from, saved_for_backward_bytes,
+from pyfastnn.benchmark import (cuda_kernels, format_kernels, json_output, saved_for_backward_bytes,
                                 time_interleaved, train_step, write_results)
 from pyfastnn.command import output_file_argument, path_argument, positive_int
-from pyfastnn.files import check_output_file
 from pyfastnn.lesson.data import MNIST_MEAN, MNIST_STD, find_mnist, load_mnist
 from pyfastnn.info import info
 from pyfastnn.lesson.models import MNISTClassifier
@@ -372,7 +371,7 @@ def main(argv=None) -> int:
                         help="also the lesson script vs `pyfastnn train` as whole processes, ROUNDS alternations")
     parser.add_argument("--lesson-script", action="store_true", help=argparse.SUPPRESS)  # one run, for --whole-process
     args = parser.parse_args(argv)
-    with printing_apart_from(args.json):
+    with json_output(args.json, parser):  # a bad path fails now, not after minutes of benchmarks
         return _run(args, parser)
 
 
@@ -382,11 +381,6 @@ def _run(args, parser) -> int:
         return 0
     uses_data = args.full_script or args.whole_process or (args.device == "cuda" and not (args.quick or args.profile))
     data = _mnist_folder(args.data, uses_data, parser)  # before minutes of benchmarks
-    if args.json:
-        try:
-            check_output_file(args.json)
-        except OSError as error:
-            parser.error(str(error))
     if (args.full_script or args.whole_process) and data is None:
         parser.error("--full-script and --whole-process need MNIST (--data DIR)")
     build = info()

@@ -50,6 +50,7 @@ def activation_module(activation: Optional[str], negative_slope: float = DEFAULT
     """The ``torch.nn`` module computing the named activation (the reference for our kernels).
 
     Example:
+        >>> from pyfastnn import activation_module
         >>> activation_module("gelu_tanh")
         GELU(approximate='tanh')
         >>> activation_module(None)

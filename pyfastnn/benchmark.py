@@ -5,8 +5,8 @@
 - :func:`saved_for_backward_bytes` measures what autograd keeps for backward;
 - :func:`cuda_kernels` lists the CUDA kernels a callable runs, with their device time (where a
   GPU timing goes), and :func:`format_kernels` prints that list;
-- :func:`write_results` saves a benchmark's figures as JSON (the benchmark scripts' ``--json``), and
-  :func:`printing_apart_from` keeps their printed tables out of JSON sent to standard output;
+- :func:`write_results` saves a benchmark's figures as JSON (the benchmark scripts' ``--json``), at
+  the end of a :func:`json_output` block;
 - ``pyfastnn bench`` (:func:`main`, also ``python benchmarks/bench_fused_linear.py``) times
   fused_linear against PyTorch eager, torch.compile and the bare GEMMs, every variant of one case
   interleaved in the same process, so machine noise hits them alike.
@@ -29,14 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .command import command_parser, output_file_argument, positive_int, run_command
-from .files import atomic_write, check_output_file, is_standard_output
+from .files import atomic_write, is_standard_output, output_file
 from .functional import fused_linear
 from ._ops import canonical_activation
 from .info import info
 from .nn import activation_module
 
 __all__ = ["BENCH_ACTIVATIONS", "time_interleaved", "train_step", "saved_for_backward_bytes", "cuda_kernels",
-           "format_kernels", "write_results", "printing_apart_from", "run", "main"]
+           "format_kernels", "write_results", "json_output", "run", "main"]
 
 FULL_SHAPES = ((1, 784, 256), (64, 784, 256), (256, 784, 256), (1024, 784, 256), (64, 256, 128),
                (4096, 1024, 1024))
@@ -242,25 +242,35 @@ def write_results(path: str, record: Mapping[str, object]) -> None:
         12.5
     """
     with atomic_write(path) as f:
-        f.write(json.dumps(record, indent=2).encode())
+        f.write(json.dumps(record, indent=2).encode() + b"\n")  # a text file: `>> log` appends on a new line
     print(f"wrote {path}")
 
 
 @contextlib.contextmanager
-def printing_apart_from(json_path: Optional[str]) -> Iterator[None]:
-    """Inside the block, what is printed goes to standard error where ``json_path`` is standard
-    output (``--json -``), so that a pipe (``--json - | jq``) receives the JSON alone; elsewhere
-    nothing changes.
+def json_output(path: Optional[str], parser: Optional[argparse.ArgumentParser] = None) -> Iterator[None]:
+    """The block of a benchmark that ends writing its JSON to ``path`` (``--json``; None: no JSON):
+    the file is checked first (with ``parser``, a bad one is the parser's usage error), what the
+    block prints goes to standard error where the JSON goes to standard output (``--json -``), so
+    that a pipe (``--json - | jq``) receives the JSON alone, and folders made for the file are
+    removed again if the block fails.
 
     Example:
         >>> import contextlib, io
-        >>> with contextlib.redirect_stderr(io.StringIO()) as err, printing_apart_from("/dev/stdout"):
+        >>> with contextlib.redirect_stderr(io.StringIO()) as err, json_output("/dev/stdout"):
         ...     print("table")
         >>> err.getvalue()
-        'table\n'
+        'table\\n'
     """
-    apart = json_path is not None and is_standard_output(json_path)
-    with contextlib.redirect_stdout(sys.stderr) if apart else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        if path:
+            try:
+                stack.enter_context(output_file(path))
+            except OSError as error:
+                if parser is None:
+                    raise
+                parser.error(str(error))
+        if path and is_standard_output(path):
+            stack.enter_context(contextlib.redirect_stdout(sys.stderr))
         yield
 
 
@@ -338,13 +348,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", metavar="PATH", type=output_file_argument,
                         help="write the results as JSON here (- for standard output, the table then on stderr)")
     args = parser.parse_args(argv)
-    with printing_apart_from(args.json):
-        return run_command(parser, args, lambda: _bench(args))
+    return run_command(parser, args, lambda: _bench(args))
 
 
 def _bench(args) -> int:
-    if args.json:  # a bad path fails now, not after the benchmark has run
-        check_output_file(args.json)
+    with json_output(args.json):  # a bad path fails now, not after the benchmark has run
+        return _bench_and_save(args)
+
+
+def _bench_and_save(args) -> int:
     # By default 2 threads (the lesson's machine), and 1 in the full run; no more than the CPUs available.
     default_threads = sorted({1, min(2, _available_cpus())}) if not args.quick else [min(2, _available_cpus())]
     if args.quick:

@@ -66,7 +66,8 @@ def run() -> NoReturn:
     lost = next((output.error for output in outputs if output.error is not None
                  and not isinstance(output.error, BrokenPipeError)), None)
     if lost is not None and status == 0:  # a full disk under `> log`: the user did not get the output
-        print(f"pyfastnn: error: the output could not be written ({lost.strerror or lost})", file=sys.__stderr__)
+        print(f"{_program(sys.argv[1:])}: error: the output could not be written ({lost.strerror or lost})",
+              file=sys.__stderr__)
         status = EXIT_FAILURE
     if _watched():
         sys.exit(status)
@@ -135,16 +136,26 @@ class _OutputDroppedWhenItCannotBeWritten:
         return getattr(self._stream, name)
 
 
+#: The subcommands and their one-line help.
+_COMMANDS = {
+    "info": "versions, compiled backends, CPU code path, threads (see info --help)",
+    "bench": "fused_linear vs eager / torch.compile / bare GEMM (see bench --help)",
+    "train": "train the lesson's MNIST classifier (see train --help)",
+    "demo": "the neural-network lesson end to end (see demo --help)",
+}
+
+
+def _program(argv: Sequence[str]) -> str:
+    """The name a command's error lines start with: ``pyfastnn train``, or ``pyfastnn``."""
+    return f"pyfastnn {argv[0]}" if argv and argv[0] in _COMMANDS else "pyfastnn"
+
+
 def _main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="pyfastnn", description="Fused Linear+activation kernels for PyTorch.")
     parser.add_argument("--version", action="version", version=f"pyfastnn {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("info", help="versions, compiled backends, CPU code path, threads (see info --help)",
-                        add_help=False)
-    commands.add_parser("bench", help="fused_linear vs eager / torch.compile / bare GEMM (see bench --help)",
-                        add_help=False)
-    commands.add_parser("train", help="train the lesson's MNIST classifier (see train --help)", add_help=False)
-    commands.add_parser("demo", help="the neural-network lesson end to end (see demo --help)", add_help=False)
+    for name, summary in _COMMANDS.items():
+        commands.add_parser(name, help=summary, add_help=False)
     if not argv:
         parser.print_help()
         return EXIT_USAGE

@@ -53,6 +53,7 @@ def decompositions() -> Dict[torch._ops.OpOverload, Callable]:
     pyfastnn's entries only: the default table keeps its own outside the dict).
 
     Example:
+        >>> import torch
         >>> import pyfastnn
         >>> model = pyfastnn.FusedMLP([8, 16, 4], activation="gelu").eval()
         >>> x = torch.randn(3, 8)

@@ -25,7 +25,7 @@ except ImportError:  # not POSIX: no advisory locks, no descriptor flags
     fcntl = None
 
 __all__ = ["atomic_write", "ensure_writable_folder", "check_output_file", "check_output_names", "hold_folder",
-           "output_folder", "is_standard_output"]
+           "output_folder", "output_file", "is_standard_output"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -232,12 +232,45 @@ def output_folder(path: PathLike, what: str = "output folder") -> Iterator[Path]
         try:
             yield folder
         except BaseException:
-            for made in created:
-                try:
-                    made.rmdir()
-                except OSError:  # it holds something now (or went away): it and its parents stay
-                    break
+            _remove_while_empty(created)
             raise
+
+
+@contextlib.contextmanager
+def output_file(path: PathLike, what: str = "--json") -> Iterator[Path]:
+    """The file a command writes when its work is done, for the block that does the work: checked
+    up front (:func:`check_output_file`, which creates its folder), and the folders that check
+    created removed again when the block fails leaving them empty, so that a command stopped
+    before its result leaves no trace.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> try:
+        ...     with output_file(root / "new" / "bench.json"):
+        ...         raise KeyboardInterrupt
+        ... except KeyboardInterrupt:
+        ...     pass
+        >>> list(root.iterdir())
+        []
+    """
+    real = Path(os.path.realpath(path))  # where check_output_file creates folders (a link's target's)
+    created = [p for p in real.parents if not p.exists()]  # the deepest first
+    try:
+        checked = check_output_file(path, what)
+        yield checked
+    except BaseException:
+        _remove_while_empty(created)
+        raise
+
+
+def _remove_while_empty(folders) -> None:
+    """Removes ``folders`` (the deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # it holds something now (or went away): it and its parents stay
+            break
 
 
 def check_output_file(path: PathLike, what: str = "--json") -> Path:

@@ -71,6 +71,8 @@ class FusedRun:
     """One replacement made by :func:`fuse`: where, which modules, and what replaced them.
 
     Example:
+        >>> from torch import nn
+        >>> from pyfastnn import fuse
         >>> report = []
         >>> _ = fuse(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), report=report)
         >>> print(report[0])

@@ -67,13 +67,13 @@ class FusedLinear(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.dropout = dropout
-        self.in_features = in_features
-        self.out_features = out_features
+        self.in_features = _feature_count(in_features, "in_features")
+        self.out_features = _feature_count(out_features, "out_features")
         self.activation = activation
         self.negative_slope = negative_slope
-        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
+        self.weight = nn.Parameter(torch.empty((self.out_features, self.in_features), **factory))
         if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+            self.bias = nn.Parameter(torch.empty(self.out_features, **factory))
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
@@ -155,6 +155,8 @@ class FusedLinear(nn.Module):
         in a dtype the kernels lack (complex, say) raises ``TypeError``.
 
         Example:
+            >>> from torch import nn
+            >>> from pyfastnn import FusedLinear
             >>> linear = nn.Linear(4, 3)
             >>> layer = FusedLinear.from_linear(linear, "gelu")
             >>> layer.weight is linear.weight, FusedLinear.from_linear(linear, copy=True).weight is linear.weight
@@ -185,6 +187,7 @@ class FusedLinear(nn.Module):
         sharing parameters, in this layer's train/eval mode.
 
         Example:
+            >>> from pyfastnn import FusedLinear
             >>> FusedLinear(4, 3, activation="tanh", dropout=0.1).to_linear()
             Sequential(
               (0): Linear(in_features=4, out_features=3, bias=True)
@@ -339,6 +342,8 @@ class FusedMLP(nn.Module):
         train/eval modes); it is in ``train()`` mode if they all are.
 
         Example:
+            >>> import torch
+            >>> from pyfastnn import FusedLinear, FusedMLP
             >>> mlp = FusedMLP.from_layers([FusedLinear(8, 16, activation="silu"), FusedLinear(16, 2, activation=None)])
             >>> mlp(torch.randn(5, 8)).shape
             torch.Size([5, 2])
@@ -360,6 +365,8 @@ class FusedMLP(nn.Module):
         name there (so the state dicts have the same keys).
 
         Example:
+            >>> from torch import nn
+            >>> from pyfastnn import FusedMLP
             >>> plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
             >>> mlp = FusedMLP.from_sequential(plain)
             >>> list(mlp.state_dict()) == list(plain.state_dict())
@@ -443,6 +450,7 @@ class FusedMLP(nn.Module):
         this module's.
 
         Example:
+            >>> from pyfastnn import FusedMLP
             >>> mlp = FusedMLP([8, 16, 2], activation="gelu")
             >>> plain = mlp.to_sequential()
             >>> [type(m).__name__ for m in plain], plain[0].weight is mlp[0].weight
@@ -506,6 +514,20 @@ def _module_view(module: nn.Module) -> nn.Module:
 def _copied_parameter(parameter: nn.Parameter) -> nn.Parameter:
     """A new parameter holding a copy of ``parameter``'s values, with its requires_grad."""
     return nn.Parameter(parameter.detach().clone(), parameter.requires_grad)
+
+
+def _feature_count(value, name: str) -> int:
+    """A layer's ``in_features`` / ``out_features``: an integer >= 0 (as ``nn.Linear`` takes), else a
+    TypeError or ValueError naming it."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        count = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})") from None
+    if count < 0:
+        raise ValueError(f"{name} must be >= 0, got {count}")
+    return count
 
 
 def _layer_sizes(sizes) -> List[int]:

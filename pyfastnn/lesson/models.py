@@ -35,6 +35,7 @@ class Perceptron:
     A single neuron draws one straight line, so it learns AND and OR but can never learn XOR.
 
     Example:
+        >>> from pyfastnn.lesson import Perceptron
         >>> p = Perceptron(2, seed=0).fit([[0, 0], [0, 1], [1, 0], [1, 1]], [0, 0, 0, 1])
         >>> p.predict([[0, 0], [0, 1], [1, 0], [1, 1]]).tolist()
         [0, 0, 0, 1]
@@ -113,6 +114,7 @@ class NumpyTwoLayerNet:
     the symmetry and it learns.
 
     Example:
+        >>> from pyfastnn.lesson import NumpyTwoLayerNet, XOR_INPUTS, XOR_TARGETS
         >>> net = NumpyTwoLayerNet(2, 4, 1, seed=0)
         >>> losses = net.fit(XOR_INPUTS, XOR_TARGETS, epochs=10, learning_rate=1.0)
         >>> len(losses)
@@ -168,6 +170,8 @@ class TwoLayerNet(nn.Module):
     derivative is the lesson's ``(a2 - y) / m`` error term) with plain gradient descent.
 
     Example:
+        >>> import torch
+        >>> from pyfastnn.lesson import NumpyTwoLayerNet, TwoLayerNet
         >>> net = TwoLayerNet.from_numpy(NumpyTwoLayerNet(2, 4, 1, seed=0))
         >>> net(torch.zeros(1, 2, dtype=torch.float64)).shape
         torch.Size([1, 1])
@@ -215,6 +219,8 @@ class SimpleNN(nn.Module):
     """The lesson's SimpleNN: Linear -> ReLU -> Linear -> Sigmoid, as two fused layers.
 
     Example:
+        >>> import torch
+        >>> from pyfastnn.lesson import SimpleNN
         >>> SimpleNN(2, 4, 1)(torch.zeros(3, 2)).shape
         torch.Size([3, 1])
     """
@@ -241,6 +247,8 @@ class MNISTClassifier(nn.Module):
     ``layers.6.weight`` ...). Accepts images ``(N, 1, 28, 28)`` or flat ``(N, 784)``.
 
     Example:
+        >>> import torch
+        >>> from pyfastnn.lesson import MNISTClassifier
         >>> model = MNISTClassifier()
         >>> model(torch.zeros(2, 1, 28, 28)).shape
         torch.Size([2, 10])

@@ -46,6 +46,33 @@ RUN_FILES = ("checkpoint.pt", "metrics.json")
 
 @dataclasses.dataclass
 class TrainConfig:
+    """The settings of one training run: ``pyfastnn train``'s options, for
+    :func:`pyfastnn.lesson.train.train` (``from pyfastnn.lesson.train import train``).
+
+    Attributes:
+        dataset: ``"mnist"`` or ``"fashion-mnist"``.
+        data: the folder with the IDX files (flat or ``<Name>/raw``); required.
+        epochs, batch_size, lr, dropout, seed: the lesson's hyper-parameters (batch size per
+            process under torchrun); the seed is 0 to 2**32 - 1.
+        backend: ``"fused"`` (pyfastnn's layers) or ``"torch"`` (the plain ``nn.Linear`` twin).
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        out: the run's folder (checkpoint.pt, metrics.json, pictures); None writes nothing.
+        resume: a checkpoint.pt to continue from (its settings must match).
+        max_steps: stop each epoch after this many steps (quick runs, tests).
+        progress: the progress bar; summaries: each epoch's one-line summary (rank 0 only).
+        plots: the pictures; download: fetch missing files into ``data``.
+        cuda_graph: the whole step as one CUDA graph; None: on CUDA in one process.
+        flush_denormals: CPU: denormal floats become zero on every thread while training.
+        overwrite: start a new run in an ``out`` folder that holds another run's files.
+        label: free text kept in metrics.json's config (the demo marks its runs).
+
+    Example:
+        >>> from pyfastnn.lesson import TrainConfig
+        >>> config = TrainConfig(data="data/mnist", epochs=1, out=None)
+        >>> config.batch_size, config.lr
+        (64, 0.001)
+    """
+
     dataset: str = "mnist"
     data: Optional[str] = None
     epochs: int = 5
@@ -70,7 +97,10 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class TrainResult:
-    model: nn.Module  # the trained model (unwrapped from DDP)
+    """What :func:`train` returns: the trained ``model`` (unwrapped from DDP) and its ``metrics``,
+    the content of metrics.json (settings, per-epoch history, ``test_accuracy``, ``completed``)."""
+
+    model: nn.Module
     metrics: Dict
 
 
@@ -519,7 +549,7 @@ def write_json(path, data: Dict) -> None:
     """``data`` as indented JSON, written atomically."""
     # A diverged run's NaN or inf losses are written as null: bare NaN is not JSON.
     with atomic_write(path) as f:
-        f.write(json.dumps(_finite_or_none(data), indent=2, allow_nan=False).encode())
+        f.write(json.dumps(_finite_or_none(data), indent=2, allow_nan=False).encode() + b"\n")
 
 
 def _finite_or_none(value):
@@ -805,8 +835,9 @@ def _progress(total: int, description: str, enabled: bool):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", choices=sorted(LOADERS))
-    parser.add_argument("--data", type=path_argument, required=True,
-                        help="folder with the IDX files (flat or <Name>/raw)")
+    mnist = os.environ.get("PYFASTNN_MNIST") or None  # as pyfastnn demo reads it
+    parser.add_argument("--data", type=path_argument, required=mnist is None, default=mnist,
+                        help="folder with the IDX files (flat or <Name>/raw; default: $PYFASTNN_MNIST)")
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs,
                         help="passes over the training set (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,

@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 import pyfastnn.lesson
+from doc_examples import failing_examples
 from pyfastnn.lesson import MNISTClassifier, NumpyTwoLayerNet, Perceptron, SimpleNN, TrainConfig, TwoLayerNet
 
 
@@ -22,6 +23,10 @@ def test_the_lesson_exports_its_classes_and_functions():
         assert hasattr(pyfastnn.lesson, name), name
     for module in ("models", "data", "train", "demo", "plots"):  # no exported name hides a module
         assert importlib.import_module(f"pyfastnn.lesson.{module}") is getattr(pyfastnn.lesson, module)
+
+
+def test_the_lessons_examples_run_as_pasted_into_a_fresh_interpreter():
+    assert not failing_examples(pyfastnn.lesson), "\n".join(failing_examples(pyfastnn.lesson))
 
 
 def test_the_lesson_extra_lists_what_the_lesson_checks_for():

@@ -187,6 +187,17 @@ def test_epochs_zero_writes_metrics_and_checkpoint(tmp_path, tiny_mnist_dir, cap
     assert "no epoch trained" in capsys.readouterr().out
 
 
+def test_the_data_folder_defaults_to_the_environments_as_the_demos_does(tmp_path, tiny_mnist_dir, monkeypatch, capsys):
+    monkeypatch.setenv("PYFASTNN_MNIST", str(tiny_mnist_dir))
+    assert _train_cli("--epochs", "0", "--out", str(tmp_path / "run")) == 0
+    monkeypatch.setenv("PYFASTNN_MNIST", str(tmp_path / "elsewhere"))  # --data wins
+    assert _train_cli("--data", str(tiny_mnist_dir), "--epochs", "0", "--out", str(tmp_path / "run2")) == 0
+    monkeypatch.delenv("PYFASTNN_MNIST")
+    with pytest.raises(SystemExit) as usage:
+        _train_cli("--epochs", "0")
+    assert usage.value.code == 2 and "the following arguments are required: --data" in capsys.readouterr().err
+
+
 def test_resume_of_a_finished_run_trains_nothing_and_writes_its_files(tmp_path, tiny_mnist_dir, capsys):
     common = ["--data", str(tiny_mnist_dir), "--batch-size", "32", "--epochs", "2", "--no-plots"]
     assert _train_cli(*common, "--out", str(tmp_path / "a")) == 0

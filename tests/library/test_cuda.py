@@ -344,6 +344,29 @@ def test_fused_mlp_stack_on_both_paths(activations, dtype, relu_gemm_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cublaslt_epilogues_carry_a_gelu_tanh_stack_forward_and_backward(dtype, record_property, monkeypatch):
+    """The epilogues are taken, not only right where taken: an aligned tanh-GELU stack trains with no
+    pass of pyfastnn's own. Forward, GELU_AUX_BIAS keeps each hidden pre-activation and BIAS finishes
+    the output layer; backward, each hidden layer's derivative rides in the data-gradient GEMM of the
+    layer above (DGELU) and every bias gradient in a weight-gradient GEMM (BGRADB)."""
+    monkeypatch.delenv("PYFASTNN_CUBLASLT", raising=False)
+    torch.manual_seed(0)
+    x, weights, biases = _mlp_tensors(384, (256, 512, 256, 128), dtype)
+    grad = torch.randn(384, 128, device="cuda", dtype=dtype)
+
+    def step():
+        out = pyfastnn.fused_mlp(x, weights, biases, ["gelu_tanh", "gelu_tanh"], None)
+        return torch.autograd.grad(out, (x, *weights, *biases), grad)
+
+    names = [k["kernel"] for k in cuda_kernels(step)]
+    assert len(names) >= 8, names  # the profile saw the GEMMs: 3 forward, 2 data-gradient, 3 weight-gradient
+    own_passes = [n for n in names if "pyfastnn" in n]
+    record_property("own_passes", own_passes)
+    if dtype != torch.float32:  # float32 epilogues (no TF32) are not a given: the passes are right too, recorded
+        assert not own_passes, names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_relu_stack_with_dropout_on_both_paths(dtype, gemm_path, record_property):
     # NOTE [relu bit masks]: a relu layer with dropout after it keeps the bit mask of its dropped-out
     # output, and the layer above applies relu's derivative, the dropout mask and 1 / (1 - p) in its

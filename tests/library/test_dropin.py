@@ -6,6 +6,7 @@ in-place ops after identity outputs, live layer attributes and hook-based repara
 import copy
 import io
 import pickle
+import re
 import subprocess
 import sys
 import threading
@@ -1710,6 +1711,18 @@ def test_layers_with_a_forward_of_their_own_are_refused():
 
 # ---------------------------------------------------------------------------------------------
 # Smaller checks
+
+
+def test_fused_linear_sizes_are_checked_as_named_arguments():
+    # nn.Linear leaves these to torch.empty ("argument 'size' failed to unpack", "negative dimension").
+    for args, error, message in ((("3", 4), TypeError, "in_features must be an integer, got '3' (str)"),
+                                 ((4, 2.0), TypeError, "out_features must be an integer, got 2.0 (float)"),
+                                 ((True, 4), TypeError, "in_features must be an integer, got True"),
+                                 ((4, -1), ValueError, "out_features must be >= 0, got -1")):
+        with pytest.raises(error, match=re.escape(message)):
+            FusedLinear(*args)
+    layer = FusedLinear(torch.tensor(3), torch.tensor(2))  # integer types torch takes as sizes
+    assert (layer.in_features, layer.out_features) == (3, 2) and type(layer.in_features) is int
 
 
 def test_fused_mlp_argument_checks():

@@ -412,3 +412,11 @@ def test_the_tests_collect_without_the_lesson_dependencies():
     assert any(line.startswith("tests/library/test_layout.py::") for line in collected), result.stdout[-3000:]
     assert any(line.startswith("pyfastnn/nn.py::") for line in collected), result.stdout[-3000:]
     assert not [line for line in collected if line.startswith(("tests/lesson/", "pyfastnn/lesson/"))]
+
+
+def test_the_public_examples_run_as_pasted_into_a_fresh_interpreter():
+    import pyfastnn
+    from doc_examples import failing_examples
+
+    failures = failing_examples(pyfastnn)
+    assert not failures, "\n".join(failures)
