@@ -22,14 +22,15 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .command import command_parser, output_file_argument, positive_int, run_command
-from .files import atomic_write, is_standard_output, output_file
+from .command import command_parser, describe_error, output_file_argument, positive_int, run_command
+from .files import atomic_write, ensure_writable_folder, is_standard_output, output_file
 from .functional import fused_linear
 from ._ops import canonical_activation
 from .info import info
@@ -91,6 +92,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     """One classifier training step as a callable: zero_grad, forward, cross-entropy, backward, step.
 
     Example:
+        >>> from pyfastnn.benchmark import train_step
         >>> import torch, pyfastnn
         >>> model = pyfastnn.FusedMLP([4, 8, 3])
         >>> step = train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(5, 4),
@@ -109,6 +111,7 @@ def saved_for_backward_bytes(model: nn.Module, x: torch.Tensor) -> int:
     the input (references to those cost nothing); each storage counted once.
 
     Example:
+        >>> from pyfastnn.benchmark import saved_for_backward_bytes
         >>> import torch, pyfastnn
         >>> model = pyfastnn.FusedLinear(4, 3, activation="relu")  # keeps only its output (float32)
         >>> saved_for_backward_bytes(model, torch.randn(2, 4, requires_grad=True))
@@ -170,6 +173,7 @@ def format_kernels(title: str, kernels: Sequence[dict], width: int = 140) -> str
     """``title``, the kernels' total time and launch count, then one line per kernel.
 
     Example:
+        >>> from pyfastnn.benchmark import format_kernels
         >>> print(format_kernels("matmul", [{"kernel": "gemm_kernel", "launches": 1.0, "us": 12.5}]))
         matmul: 12.5 us of kernels, 1 launches
                 12.5 us    1x  gemm_kernel
@@ -234,6 +238,7 @@ def write_results(path: str, record: Mapping[str, object]) -> None:
     JSON, atomically: an existing file is replaced only by a complete one.
 
     Example:
+        >>> from pyfastnn.benchmark import write_results
         >>> import json, os, tempfile
         >>> path = os.path.join(tempfile.mkdtemp(), "bench.json")
         >>> write_results(path, {"results": [{"case": "relu", "us": 12.5}]})  # doctest: +ELLIPSIS
@@ -241,8 +246,13 @@ def write_results(path: str, record: Mapping[str, object]) -> None:
         >>> json.load(open(path))["results"][0]["us"]
         12.5
     """
-    with atomic_write(path) as f:
-        f.write(json.dumps(record, indent=2).encode() + b"\n")  # a text file: `>> log` appends on a new line
+    if not is_standard_output(path):  # its folder, made when the run began, may have been removed meanwhile
+        ensure_writable_folder(Path(os.path.realpath(path)).parent, "folder for --json")
+    try:
+        with atomic_write(path) as f:
+            f.write(json.dumps(record, indent=2).encode() + b"\n")  # a text file: `>> log` appends on a new line
+    except BrokenPipeError:  # `--json - | head -3`: the reader stopped, as with any other output
+        return
     print(f"wrote {path}")
 
 
@@ -256,6 +266,7 @@ def json_output(path: Optional[str], parser: Optional[argparse.ArgumentParser] =
 
     Example:
         >>> import contextlib, io
+        >>> from pyfastnn.benchmark import json_output
         >>> with contextlib.redirect_stderr(io.StringIO()) as err, json_output("/dev/stdout"):
         ...     print("table")
         >>> err.getvalue()
@@ -268,7 +279,7 @@ def json_output(path: Optional[str], parser: Optional[argparse.ArgumentParser] =
             except OSError as error:
                 if parser is None:
                     raise
-                parser.error(str(error))
+                parser.error(describe_error(error))
         if path and is_standard_output(path):
             stack.enter_context(contextlib.redirect_stdout(sys.stderr))
         yield

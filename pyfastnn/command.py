@@ -65,6 +65,7 @@ class InvalidArgument(ValueError):
     """A setting has a value it cannot take; ``name`` is the setting (``batch_size``), ``problem`` why.
 
     Example:
+        >>> from pyfastnn.command import InvalidArgument
         >>> str(InvalidArgument("batch_size", "must be >= 1, got 0"))
         'batch_size must be >= 1, got 0'
     """
@@ -84,6 +85,7 @@ def check_number(name: str, value, minimum=None, maximum=None, *, integer: bool 
     """Raises :class:`InvalidArgument` unless ``value`` is a finite number in the given range.
 
     Example:
+        >>> from pyfastnn.command import check_number
         >>> check_number("lr", 1e-3, 0, include_minimum=False)
         >>> check_number("lr", float("nan"), 0, include_minimum=False)
         Traceback (most recent call last):
@@ -126,6 +128,7 @@ def positive_float(text: str) -> float:
     """A finite number > 0 on the command line (a duration, a rate).
 
     Example:
+        >>> from pyfastnn.command import positive_float
         >>> positive_float("0.2")
         0.2
         >>> positive_float("inf")
@@ -150,6 +153,7 @@ def path_argument(text: str) -> str:
     which the shell leaves alone); an empty string refused.
 
     Example:
+        >>> from pyfastnn.command import path_argument
         >>> import os
         >>> path_argument("~/runs") == os.path.join(os.path.expanduser("~"), "runs")
         True
@@ -166,6 +170,7 @@ def output_file_argument(text: str) -> str:
     """A file a command writes (``--json``): a :func:`path_argument`, or ``-`` for standard output.
 
     Example:
+        >>> from pyfastnn.command import output_file_argument
         >>> output_file_argument("-")
         '/dev/stdout'
     """
@@ -188,6 +193,7 @@ def debug_requested(argv: Sequence[str] = (), *, flag: bool = False) -> bool:
     option), or ``PYFASTNN_DEBUG`` set to anything but ``0`` in the environment.
 
     Example:
+        >>> from pyfastnn.command import debug_requested
         >>> debug_requested(["train", "--debug"]), debug_requested(["train"], flag=True)
         (True, True)
     """
@@ -198,6 +204,7 @@ def describe_error(error: BaseException) -> str:
     """One line for the user: the message alone for the errors users cause, the type name added otherwise.
 
     Example:
+        >>> from pyfastnn.command import describe_error
         >>> describe_error(FileNotFoundError(2, "No such file or directory", "runs/x.pt"))
         'runs/x.pt: No such file or directory'
         >>> describe_error(KeyError("epoch"))
@@ -215,6 +222,7 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, body:
     """Runs ``body()`` for ``parser``'s parsed ``args``, turning its exceptions into the exit statuses above.
 
     Example:
+        >>> from pyfastnn.command import command_parser, run_command
         >>> parser = command_parser("demo-command")
         >>> def body():
         ...     raise FileNotFoundError(2, "No such file or directory", "data/x.gz")

@@ -17,7 +17,7 @@ import stat
 import sys
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator, NoReturn, Optional, Union
+from typing import BinaryIO, Iterator, List, NoReturn, Optional, Union
 
 try:
     import fcntl
@@ -50,6 +50,7 @@ def is_standard_output(path: PathLike) -> bool:
     :func:`atomic_write` writes through.
 
     Example:
+        >>> from pyfastnn.files import is_standard_output
         >>> is_standard_output("/dev/stdout"), is_standard_output("/dev/fd/1"), is_standard_output("out.json")
         (True, True, False)
     """
@@ -69,6 +70,7 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
     the block runs.
 
     Example:
+        >>> from pyfastnn.files import atomic_write
         >>> import json, tempfile, pathlib
         >>> target = pathlib.Path(tempfile.mkdtemp()) / "result.json"
         >>> with atomic_write(target) as f:
@@ -168,6 +170,7 @@ def ensure_writable_folder(path: PathLike, what: str = "output folder") -> Path:
     ``what`` and the path, so that a run fails before its work rather than when saving it.
 
     Example:
+        >>> from pyfastnn.files import ensure_writable_folder
         >>> import tempfile, pathlib
         >>> folder = pathlib.Path(tempfile.mkdtemp()) / "runs" / "a"
         >>> ensure_writable_folder(folder) == folder, folder.is_dir(), list(folder.iterdir())
@@ -190,6 +193,9 @@ def ensure_writable_folder(path: PathLike, what: str = "output folder") -> Path:
                                  else f"{what} {path} cannot be created: {existing} is a file")
     try:
         path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # in a read-only or virtual file system (/proc), say
+        raise type(e)(f"{what} {path} cannot be created ({e.strerror or e})") from None
+    try:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
@@ -206,6 +212,7 @@ def output_folder(path: PathLike, what: str = "output folder") -> Iterator[Path]
     nothing (it is the other run's).
 
     Example:
+        >>> from pyfastnn.files import output_folder
         >>> import tempfile, pathlib
         >>> root = pathlib.Path(tempfile.mkdtemp())
         >>> try:
@@ -217,8 +224,7 @@ def output_folder(path: PathLike, what: str = "output folder") -> Iterator[Path]
         []
     """
     path = Path(path)
-    absolute = Path(os.path.abspath(path))  # ".." resolved: only folders this call makes are listed
-    created = [p for p in (absolute, *absolute.parents) if not p.exists()]  # the deepest first
+    created = _missing_folders(Path(os.path.abspath(path)))  # ".." resolved: only folders this call makes
     for attempt in range(3):
         held = contextlib.ExitStack()
         try:
@@ -244,6 +250,7 @@ def output_file(path: PathLike, what: str = "--json") -> Iterator[Path]:
     before its result leaves no trace.
 
     Example:
+        >>> from pyfastnn.files import output_file
         >>> import tempfile, pathlib
         >>> root = pathlib.Path(tempfile.mkdtemp())
         >>> try:
@@ -254,14 +261,19 @@ def output_file(path: PathLike, what: str = "--json") -> Iterator[Path]:
         >>> list(root.iterdir())
         []
     """
-    real = Path(os.path.realpath(path))  # where check_output_file creates folders (a link's target's)
-    created = [p for p in real.parents if not p.exists()]  # the deepest first
+    # Where check_output_file creates folders (a link's target's); none for a descriptor's alias.
+    created = [] if _descriptor_of(path) is not None else _missing_folders(Path(os.path.realpath(path)).parent)
     try:
         checked = check_output_file(path, what)
         yield checked
     except BaseException:
         _remove_while_empty(created)
         raise
+
+
+def _missing_folders(folder: Path) -> List[Path]:
+    """``folder`` and its parents that do not exist (yet), the deepest first."""
+    return [p for p in (folder, *folder.parents) if not p.exists()]
 
 
 def _remove_while_empty(folders) -> None:
@@ -278,6 +290,7 @@ def check_output_file(path: PathLike, what: str = "--json") -> Path:
     writable), so that a long run fails before its work rather than when saving it.
 
     Example:
+        >>> from pyfastnn.files import check_output_file
         >>> import tempfile, pathlib
         >>> folder = pathlib.Path(tempfile.mkdtemp())
         >>> check_output_file(folder / "out" / "bench.json") == folder / "out" / "bench.json"
@@ -323,6 +336,7 @@ def check_output_names(folder: PathLike, names, what: str = "output folder") -> 
     link into a folder that does not exist: up front, rather than when the run saves it.
 
     Example:
+        >>> from pyfastnn.files import check_output_names
         >>> import tempfile, pathlib
         >>> folder = pathlib.Path(tempfile.mkdtemp())
         >>> (folder / "metrics.json").mkdir()
@@ -355,6 +369,7 @@ def hold_folder(path: PathLike, what: str = "output folder") -> Iterator[Path]:
     be read, the block just runs. ``FileNotFoundError``: the folder was removed while being taken.
 
     Example:
+        >>> from pyfastnn.files import hold_folder
         >>> import tempfile, pathlib
         >>> folder = pathlib.Path(tempfile.mkdtemp())
         >>> with hold_folder(folder):

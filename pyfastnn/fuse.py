@@ -103,6 +103,9 @@ class Absorbed(nn.Identity):
     would change nothing, so they are refused, never ignored.
 
     Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from pyfastnn import fuse
         >>> seq = fuse(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2), nn.Softmax(-1)))
         >>> seq[2]
         Absorbed(nn.Linear fused into module 0 as its layer '2')

@@ -57,6 +57,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     Infinities and NaNs must match exactly; the scale is that of the finite values.
 
     Example:
+        >>> import torch
+        >>> from pyfastnn.testing import assert_close
         >>> assert_close(torch.tensor([100.0, 1e-4]), torch.tensor([100.0, 0.0]), torch.float32)
     """
     if dtype not in TOLERANCES:
@@ -90,6 +92,9 @@ def reference(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     ``F.leaky_relu``'s own, written out rather than taken from the library).
 
     Example:
+        >>> import torch
+        >>> import pyfastnn
+        >>> from pyfastnn.testing import reference
         >>> x, w = torch.randn(3, 4), torch.randn(2, 4)
         >>> torch.allclose(pyfastnn.fused_linear(x, w, activation="silu"), reference(x, w, activation="silu"))
         True
@@ -108,6 +113,9 @@ def reference_mlp(input: torch.Tensor, weights: Sequence[torch.Tensor], biases: 
     None/empty for none) applies dropout after layer l (x * mask / (1 - p), rounded once).
 
     Example:
+        >>> import torch
+        >>> import pyfastnn
+        >>> from pyfastnn.testing import reference_mlp
         >>> x, w1, w2 = torch.randn(5, 4), torch.randn(8, 4), torch.randn(3, 8)
         >>> out = pyfastnn.fused_mlp(x, [w1, w2], activation="tanh")
         >>> torch.allclose(out, reference_mlp(x, [w1, w2], [None, None], ["tanh", "identity"]), atol=1e-5)
@@ -199,6 +207,8 @@ def random_tensor(shape: Sequence[int], dtype: torch.dtype, generator: torch.Gen
     (every second element of a last dimension twice as long) makes it a non-contiguous view.
 
     Example:
+        >>> import torch
+        >>> from pyfastnn.testing import random_tensor
         >>> t = random_tensor((3, 4), torch.float32, torch.Generator().manual_seed(0), "strided")
         >>> t.shape, t.is_contiguous()
         (torch.Size([3, 4]), False)

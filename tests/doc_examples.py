@@ -3,7 +3,9 @@ interpreter, with only the imports they show (``--doctest-modules`` runs each in
 namespace, where names it never imports are found anyway)."""
 
 import doctest
+import importlib
 import inspect
+import pkgutil
 from types import ModuleType
 from typing import Iterator, List, Tuple
 
@@ -33,3 +35,11 @@ def failing_examples(module: ModuleType) -> List[str]:
             if test.examples and runner.run(test, out=report.append, clear_globs=True).failed:
                 failures.append(f"{name}:\n{''.join(report)}")
     return failures
+
+
+def public_modules(package: ModuleType) -> List[ModuleType]:
+    """``package`` and its public modules that declare an API (``__all__``), subpackages' included."""
+    names = [package.__name__] + [info.name for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}.")
+                                  if not any(part.startswith("_") for part in info.name.split("."))]
+    modules = [importlib.import_module(name) for name in names]
+    return [module for module in modules if hasattr(module, "__all__")]

@@ -24,7 +24,8 @@ from ..fuse import fuse
 from . import models
 from .data import find_mnist, load_mnist
 from .plots import drawn_by_pyfastnn, plot_activations, plot_loss
-from .train import PLOT_FILES, RUN_FILES, TrainConfig, check_no_other_run, check_device, make_adam, train
+from .train import (PLOT_FILES, RUN_FILES, TrainConfig, check_device, check_no_other_run, launched_processes, make_adam,
+                    train)
 
 
 def _section(title: str) -> None:
@@ -204,6 +205,10 @@ DEMO_MISSING_HINT = "point --data at the folder that holds them"
 
 
 def _demo(args) -> int:
+    processes = launched_processes()
+    if processes > 1:  # each process would run the whole lesson into the same folder
+        raise ValueError(f"pyfastnn demo runs in one process, not under torchrun (WORLD_SIZE={processes}); "
+                         "pyfastnn train is the command that trains across processes")
     # Mistakes in --data, --device or --out fail now, naming the problem, not after minutes of lesson.
     check_device(args.device, "fused")
     data = args.data if args.data is not None else find_mnist()  # --data, else $PYFASTNN_MNIST if it holds MNIST
@@ -222,6 +227,6 @@ def _demo(args) -> int:
             check_output_names(mnist_out, RUN_FILES + PLOT_FILES)
             if not args.overwrite and not _holds_a_demo_run(mnist_out):
                 # another run there (``train --out`` + "/mnist") is not replaced unasked
-                check_no_other_run(mnist_out, None, can_resume=False)
+                check_no_other_run(mnist_out, None)
         run(out, data, args.mnist_steps, bench=not args.no_bench, device=args.device, overwrite=args.overwrite)
     return 0

@@ -285,6 +285,7 @@ class TorchMNISTClassifier(nn.Module):
     ``Linear, ReLU, Dropout, ..., Linear`` (what :meth:`MNISTClassifier.to_torch` gives).
 
     Example:
+        >>> from pyfastnn.lesson import MNISTClassifier
         >>> twin = MNISTClassifier().to_torch()
         >>> [name for name, _ in twin.named_parameters()][:2]
         ['layers.0.weight', 'layers.0.bias']

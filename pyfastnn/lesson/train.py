@@ -17,6 +17,8 @@ import math
 import numbers
 import os
 import pickle
+import re
+import sys
 import threading
 import time
 import zipfile
@@ -33,7 +35,7 @@ from ..cuda_graph import CUDAGraphStep, cuda_graph_step
 from ..denormals import flush_denormals
 from ..files import atomic_write, check_output_names, output_folder
 from ..info import info
-from .data import Batches, load_fashion_mnist, load_mnist, normalize
+from .data import Batches, find_mnist, load_fashion_mnist, load_mnist, normalize
 from .models import MNISTClassifier
 from .plots import plot_predictions, plot_training_curves
 
@@ -176,7 +178,7 @@ def check_config(config: TrainConfig) -> None:
     check_device(config.device, config.backend)
     if config.cuda_graph and not config.device.startswith("cuda"):
         raise InvalidArgument("cuda_graph", "needs --device cuda")
-    if config.cuda_graph and _launched_processes() > 1:
+    if config.cuda_graph and launched_processes() > 1:
         raise InvalidArgument("cuda_graph", "is not supported with DistributedDataParallel (torchrun); "
                                             "use --no-cuda-graph")
 
@@ -204,6 +206,14 @@ def check_device(device: str, backend: str) -> None:
         raise InvalidArgument("device", f"{device!r} is not available: {why} (torch {torch.__version__})")
     if parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise InvalidArgument("device", f"{device!r} is not available: {torch.cuda.device_count()} CUDA device(s)")
+    if launched_processes() > 1:  # torchrun: each process trains on the GPU of its LOCAL_RANK
+        if parsed.index is not None:
+            raise InvalidArgument("device", f"{device!r}: under torchrun each process trains on cuda:$LOCAL_RANK "
+                                            "(pass cuda)")
+        local_rank = _local_rank()
+        if local_rank >= torch.cuda.device_count():
+            raise InvalidArgument("device", f"'cuda' for the process of LOCAL_RANK {local_rank}: "
+                                            f"{torch.cuda.device_count()} CUDA device(s), one per process of a node")
     if backend == "fused":
         if not info()["backends"]["cuda"]:
             raise InvalidArgument("device", f"{device!r} needs pyfastnn's CUDA kernels, which this build lacks "
@@ -316,7 +326,7 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict, path) -
                     moments[name] = torch.empty_like(parameter).copy_(moment)
 
 
-def _launched_processes() -> int:
+def launched_processes() -> int:
     """How many processes torchrun launched for this run (its WORLD_SIZE), 1 outside torchrun; a
     WORLD_SIZE that is no count is refused by name, not run as a single process."""
     value = os.environ.get("WORLD_SIZE", "1")
@@ -326,19 +336,71 @@ def _launched_processes() -> int:
     return int(value)
 
 
+def _local_rank() -> int:
+    """This process's index among those torchrun started on its node (LOCAL_RANK, 0 when unset)."""
+    value = os.environ.get("LOCAL_RANK", "0")
+    if not value.strip().isdigit():
+        raise ValueError(f"the environment variable LOCAL_RANK (set by torchrun) must be an index >= 0, got {value!r}")
+    return int(value)
+
+
+#: Seconds the processes of a run may take to meet before a line says what each one waits for.
+RENDEZVOUS_NOTICE_S = 10.0
+
+
 def _distributed(device: str):
-    world_size = _launched_processes()
+    world_size = launched_processes()
     if world_size <= 1:
         return 0, 1, device
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        _join_process_group(dist, "nccl" if device.startswith("cuda") else "gloo", world_size)
     rank = dist.get_rank()
     if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        device = f"cuda:{_local_rank()}"
         torch.cuda.set_device(device)
     return rank, dist.get_world_size(), device
+
+
+def _join_process_group(dist, backend: str, world_size: int) -> None:
+    """``dist.init_process_group``, waited for from a helper thread: torch waits up to 30 minutes in
+    native code for the run's other processes, where Ctrl-C and SIGTERM cannot stop it (a
+    WORLD_SIZE left in the shell, a process stuck at startup); this thread stays in Python and can.
+    After RENDEZVOUS_NOTICE_S seconds one line says what it waits for."""
+    failure: List[BaseException] = []
+
+    def join() -> None:
+        try:
+            dist.init_process_group(backend=backend)
+        except BaseException as error:  # noqa: BLE001 - raised again on the waiting thread
+            failure.append(error)
+
+    meeting = threading.Thread(target=join, name="pyfastnn-rendezvous", daemon=True)
+    meeting.start()
+    meeting.join(RENDEZVOUS_NOTICE_S)
+    if meeting.is_alive():
+        where = f"{os.environ.get('MASTER_ADDR', 'localhost')}:{os.environ.get('MASTER_PORT', '?')}"
+        print(f"rank {os.environ.get('RANK', '?')} waits for the other processes of the run at {where} "
+              f"(WORLD_SIZE={world_size} in the environment, as torchrun sets it); Ctrl-C stops", file=sys.stderr,
+              flush=True)
+        meeting.join()
+    if failure:
+        raise failure[0]
+
+
+# What gloo and NCCL say when another process of the run has gone (killed, crashed, stopped).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited")
+
+
+def _another_process_stopped(error: RuntimeError, rank: int) -> Optional[ConnectionError]:
+    """A one-line ConnectionError for a collective that failed because another process of the run
+    stopped (gloo's message starts with its source file and goes on for lines), else None."""
+    text = str(error)
+    if not any(marker in text for marker in _PEER_GONE):
+        return None
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0]).split(". ")[0]
+    return ConnectionError(f"another process of the run stopped, so rank {rank} stops too ({reason})")
 
 
 def load_checkpoint(path) -> Dict:
@@ -432,7 +494,7 @@ def check_resume_settings(state: Dict, path, config: TrainConfig) -> None:
     differ = [f"{name} {saved[name]!r} (asked: {wanted[name]!r})" for name in RUN_SETTINGS
               if name in saved and saved[name] != wanted[name]]
     # Each process trains on its shard of every epoch: another count is another run.
-    processes = _launched_processes()
+    processes = launched_processes()
     if state.get("world_size", processes) != processes:
         differ.append(f"{state['world_size']!r} process(es) (asked: {processes})")
     if differ:
@@ -478,15 +540,21 @@ def restore_checkpoint(state: Dict, path, model: nn.Module, optimizer: torch.opt
     return list(state["history"]), int(state["epoch"])
 
 
-def check_no_other_run(out: Path, resume: Optional[str], can_resume: bool = True) -> None:
+def check_no_other_run(out: Path, resume: Optional[str], resume_as: Optional[TrainConfig] = None) -> None:
     """Raises FileExistsError where ``out`` holds files of a run other than the one resumed (or
     pictures of the names a run writes): a new run would replace its checkpoint after the first epoch
-    and its pictures at once. ``can_resume``: whether the command has ``--resume`` to suggest."""
+    and its pictures at once. ``resume_as``: the settings of a command that has ``--resume``, which
+    the message suggests where that run's checkpoint would continue with them."""
     held = [name for name in RUN_FILES + PLOT_FILES if (out / name).exists()]
     if not held or (resume is not None and "checkpoint.pt" in held and os.path.samefile(resume, out / "checkpoint.pt")):
         return
-    resume_hint = (f"continue it with --resume {out / 'checkpoint.pt'}, "
-                   if can_resume and "checkpoint.pt" in held else "")
+    resume_hint = ""
+    if resume_as is not None and "checkpoint.pt" in held:
+        try:  # only a resume that would be accepted is suggested
+            check_resume_settings(load_checkpoint(out / "checkpoint.pt"), out / "checkpoint.pt", resume_as)
+            resume_hint = f"continue it with --resume {out / 'checkpoint.pt'}, "
+        except (CheckpointError, OSError):
+            pass
     raise FileExistsError(f"output folder {out} holds another run ({', '.join(held)}): {resume_hint}start over "
                           f"there with --overwrite, or choose another --out")
 
@@ -593,15 +661,21 @@ def train(config: TrainConfig) -> TrainResult:
     if resumed is not None:
         check_resume_settings(resumed, config.resume, config)
     rank, world_size, device = _distributed(config.device)
-    if config.out is None or rank > 0:
-        return _run(config, resumed, None, rank, world_size, device)
-    # Held before the check: a run started at the same moment finds it held. Folders made for a run
-    # that stops before its first file are removed again.
-    with output_folder(config.out) as out:
-        check_output_names(out, RUN_FILES + PLOT_FILES)
-        if not config.overwrite:
-            check_no_other_run(out, config.resume)
-        return _run(config, resumed, out, rank, world_size, device)
+    try:
+        if config.out is None or rank > 0:
+            return _run(config, resumed, None, rank, world_size, device)
+        # Held before the check: a run started at the same moment finds it held. Folders made for a
+        # run that stops before its first file are removed again.
+        with output_folder(config.out) as out:
+            check_output_names(out, RUN_FILES + PLOT_FILES)
+            if not config.overwrite:
+                check_no_other_run(out, config.resume, resume_as=config)
+            return _run(config, resumed, out, rank, world_size, device)
+    except RuntimeError as error:
+        stopped = _another_process_stopped(error, rank) if world_size > 1 else None
+        if stopped is None:
+            raise
+        raise stopped from error
 
 
 def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank: int, world_size: int,
@@ -835,9 +909,8 @@ def _progress(total: int, description: str, enabled: bool):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", choices=sorted(LOADERS))
-    mnist = os.environ.get("PYFASTNN_MNIST") or None  # as pyfastnn demo reads it
-    parser.add_argument("--data", type=path_argument, required=mnist is None, default=mnist,
-                        help="folder with the IDX files (flat or <Name>/raw; default: $PYFASTNN_MNIST)")
+    parser.add_argument("--data", type=path_argument,
+                        help="folder with the IDX files (flat or <Name>/raw; for mnist, default: $PYFASTNN_MNIST)")
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs,
                         help="passes over the training set (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
@@ -877,6 +950,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "fused layers; under torchrun, with DistributedDataParallel."))
     add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.data is None:
+        args.data = _mnist_from_environment(parser, args.dataset)
     config = TrainConfig(
         dataset=args.dataset, data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         dropout=args.dropout, backend=args.backend, device=args.device, seed=args.seed, out=args.out,
@@ -887,10 +962,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_command(parser, args, lambda: _train_and_report(config))
 
 
+def _mnist_from_environment(parser: argparse.ArgumentParser, dataset: str) -> str:
+    """The MNIST folder $PYFASTNN_MNIST names (as ``pyfastnn demo`` reads it), where no --data was
+    given; a folder there without MNIST is a usage error naming the variable."""
+    folder = os.environ.get("PYFASTNN_MNIST")
+    if dataset != "mnist" or not folder:
+        parser.error("the following arguments are required: --data")
+    if find_mnist(folder) is None:
+        parser.error(f"$PYFASTNN_MNIST={folder} holds no MNIST files (flat or MNIST/raw): point it, or --data, at "
+                     "the folder that holds them")
+    return path_argument(folder)
+
+
 def _train_and_report(config: TrainConfig) -> int:
     result = train(config)
     rank = 0
-    if _launched_processes() > 1:  # the rank train() joined the group as, not $RANK read again
+    if launched_processes() > 1:  # the rank train() joined the group as, not $RANK read again
         import torch.distributed as dist
 
         rank = dist.get_rank()

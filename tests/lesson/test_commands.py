@@ -66,7 +66,8 @@ def test_paths_on_the_command_line_expand_the_home_folder(capsys, tmp_path, tiny
     assert status == 0 and (tmp_path / "again" / "checkpoint.pt").is_file()
 
 
-def test_train_argparse_errors_keep_exit_status_2(capsys, tiny_mnist_dir):
+def test_train_argparse_errors_keep_exit_status_2(capsys, tiny_mnist_dir, monkeypatch):
+    monkeypatch.delenv("PYFASTNN_MNIST", raising=False)  # it would stand for --data
     assert cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--lr", "fast")[0] == 2
     assert cli(capsys, "train", "mnist")[0] == 2  # --data missing
     assert cli(capsys, "train", "cifar", "--data", str(tiny_mnist_dir))[0] == 2
@@ -91,16 +92,20 @@ def test_train_corrupt_data_file_is_one_line_naming_it(capsys, tmp_path, tiny_mn
     assert status == 1 and "train-labels-idx1-ubyte.gz: cannot read" in line, line
 
 
-@pytest.mark.parametrize("case", ["out_is_a_file", "parent_is_a_file", "out_is_a_link_to_nowhere"])
+@pytest.mark.parametrize("case", ["out_is_a_file", "parent_is_a_file", "out_is_a_link_to_nowhere", "out_in_proc"])
 def test_train_unwritable_out_fails_before_loading_or_training(capsys, tmp_path, tiny_mnist_dir, case):
+    if case == "out_in_proc" and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc, where no folder can be made")
     blocker = tmp_path / "blocker"
     blocker.write_text("a file, not a folder")
-    out = {"out_is_a_file": blocker, "parent_is_a_file": blocker / "run", "out_is_a_link_to_nowhere": tmp_path / "link"}[case]
+    out = {"out_is_a_file": blocker, "parent_is_a_file": blocker / "run", "out_is_a_link_to_nowhere": tmp_path / "link",
+           "out_in_proc": Path("/proc/pyfastnn-run")}[case]
     if case == "out_is_a_link_to_nowhere":
         out.symlink_to(tmp_path / "gone")
     status, stdout, err = cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--out", str(out))
     line = error_line(err, "pyfastnn train")
-    problem = f"is a symbolic link to {tmp_path / 'gone'}, which does not exist" if "link" in case else "is a file"
+    problem = {"out_is_a_link_to_nowhere": f"is a symbolic link to {tmp_path / 'gone'}, which does not exist",
+               "out_in_proc": "cannot be created ("}.get(case, "is a file")
     assert status == 1 and f"output folder {out}" in line and problem in line, line
     assert "epoch" not in stdout + err
     assert blocker.read_text() == "a file, not a folder"
@@ -228,6 +233,10 @@ def test_a_new_run_never_replaces_another_runs_files_unless_asked(capsys, tmp_pa
     line = error_line(err, "pyfastnn train")
     assert status == 1 and f"output folder {out} holds another run (checkpoint.pt, metrics.json)" in line, line
     assert "--resume" in line and "--overwrite" in line and (out / "checkpoint.pt").read_bytes() == trained
+    # A resume is suggested only where it would be accepted: not with another seed.
+    status, _, err = cli(capsys, *common, "--epochs", "1", "--seed", "1", "--out", str(out))
+    line = error_line(err, "pyfastnn train")
+    assert status == 1 and "holds another run" in line and "--resume" not in line and "--overwrite" in line, line
     # Resuming in place continues that run; --overwrite starts a new one there.
     assert cli(capsys, *common, "--epochs", "2", "--out", str(out), "--resume", str(out / "checkpoint.pt"))[0] == 0
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
@@ -300,6 +309,15 @@ def test_demo_missing_data_folder_is_named_before_the_lesson_runs(capsys, tmp_pa
     status, stdout, err = cli(capsys, "demo", "--data", str(missing), "--out", str(tmp_path / "pictures"))
     assert status == 1
     assert error_line(err, "pyfastnn demo") == f"pyfastnn demo: error: data folder {missing} does not exist"
+    assert "Perceptron" not in stdout and not (tmp_path / "pictures").exists()
+
+
+def test_demo_refuses_to_run_under_torchrun(capsys, tmp_path, monkeypatch):
+    # Every process would run the whole lesson into one folder and race for it.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    status, stdout, err = cli(capsys, "demo", "--out", str(tmp_path / "pictures"))
+    assert status == 1 and "pyfastnn demo runs in one process, not under torchrun (WORLD_SIZE=2)" in error_line(
+        err, "pyfastnn demo")
     assert "Perceptron" not in stdout and not (tmp_path / "pictures").exists()
 
 

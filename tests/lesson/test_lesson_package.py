@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 import pyfastnn.lesson
-from doc_examples import failing_examples
+from doc_examples import failing_examples, public_modules
 from pyfastnn.lesson import MNISTClassifier, NumpyTwoLayerNet, Perceptron, SimpleNN, TrainConfig, TwoLayerNet
 
 
@@ -26,7 +26,10 @@ def test_the_lesson_exports_its_classes_and_functions():
 
 
 def test_the_lessons_examples_run_as_pasted_into_a_fresh_interpreter():
-    assert not failing_examples(pyfastnn.lesson), "\n".join(failing_examples(pyfastnn.lesson))
+    modules = public_modules(pyfastnn.lesson)
+    assert {"pyfastnn.lesson", "pyfastnn.lesson.models", "pyfastnn.lesson.data"} <= {m.__name__ for m in modules}
+    failures = [failure for module in modules for failure in failing_examples(module)]
+    assert not failures, "\n".join(failures)
 
 
 def test_the_lesson_extra_lists_what_the_lesson_checks_for():

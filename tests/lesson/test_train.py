@@ -188,10 +188,22 @@ def test_epochs_zero_writes_metrics_and_checkpoint(tmp_path, tiny_mnist_dir, cap
 
 
 def test_the_data_folder_defaults_to_the_environments_as_the_demos_does(tmp_path, tiny_mnist_dir, monkeypatch, capsys):
+    from pyfastnn.cli import main
+
     monkeypatch.setenv("PYFASTNN_MNIST", str(tiny_mnist_dir))
     assert _train_cli("--epochs", "0", "--out", str(tmp_path / "run")) == 0
     monkeypatch.setenv("PYFASTNN_MNIST", str(tmp_path / "elsewhere"))  # --data wins
     assert _train_cli("--data", str(tiny_mnist_dir), "--epochs", "0", "--out", str(tmp_path / "run2")) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("PYFASTNN_MNIST", str(tmp_path))  # no MNIST there: named as the variable
+    with pytest.raises(SystemExit) as usage:
+        _train_cli("--epochs", "0")
+    assert usage.value.code == 2 and f"$PYFASTNN_MNIST={tmp_path} holds no MNIST files" in capsys.readouterr().err
+    monkeypatch.setenv("PYFASTNN_MNIST", str(tiny_mnist_dir))
+    for args in (["--epochs", "0"], ["--epochs", "0", "--download"]):  # another dataset: never read or written there
+        with pytest.raises(SystemExit) as usage:
+            main(["train", "fashion-mnist", "--no-progress", *args])
+        assert usage.value.code == 2 and "the following arguments are required: --data" in capsys.readouterr().err
     monkeypatch.delenv("PYFASTNN_MNIST")
     with pytest.raises(SystemExit) as usage:
         _train_cli("--epochs", "0")
@@ -297,6 +309,69 @@ def test_a_single_process_ignores_a_stray_rank_and_refuses_a_bad_world_size(tmp_
         error = capsys.readouterr().err
         assert f"WORLD_SIZE (set by torchrun) must be a count of processes >= 1, got {world_size!r}" in error, error
         assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_a_process_waiting_for_the_others_of_its_run_says_so_and_stops_when_asked(tmp_path, tiny_mnist_dir, stop):
+    """WORLD_SIZE left in the shell, or a process of the run stuck at startup: torch would wait 30
+    minutes in native code, deaf to Ctrl-C and SIGTERM."""
+    import signal
+    import socket
+
+    with socket.socket() as free:  # a port no process of this run listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    program = ("import sys, pyfastnn.lesson.train as t; t.RENDEZVOUS_NOTICE_S = 0.5; from pyfastnn.cli import run; "
+               f"sys.argv = ['pyfastnn', 'train', 'mnist', '--data', {str(tiny_mnist_dir)!r}, '--out', "
+               f"{str(tmp_path / 'run')!r}]; run()")
+    process = subprocess.Popen([sys.executable, "-c", program], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        notice = process.stderr.readline()
+        assert f"rank 1 waits for the other processes of the run at 127.0.0.1:{port} (WORLD_SIZE=2" in notice, notice
+        process.send_signal(getattr(signal, stop))
+        status = process.wait(timeout=30)
+    finally:
+        process.kill()
+    assert status == (130 if stop == "SIGINT" else 143)
+    assert process.stderr.read() == "pyfastnn train: interrupted\n"
+
+
+def test_a_collective_broken_by_another_process_stopping_ends_in_one_line(tmp_path, tiny_mnist_dir, monkeypatch,
+                                                                        capsys):
+    import pyfastnn.lesson.train as train_module
+
+    gloo = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+            "[127.0.0.1]:41708. This is typically caused by a remote worker crashing. See the logs.")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(gloo)
+
+    monkeypatch.setattr(train_module, "_distributed", lambda device: (1, 2, "cpu"))
+    monkeypatch.setattr(train_module, "_run", broken)
+    assert _train_cli("--data", str(tiny_mnist_dir), "--out", str(tmp_path / "run")) == 1
+    assert capsys.readouterr().err == ("pyfastnn train: error: another process of the run stopped, so rank 1 stops "
+                                       "too (Connection closed by peer [127.0.0.1]:41708)\n")
+    monkeypatch.setattr(train_module, "_distributed", lambda device: (0, 1, "cpu"))  # one process: not another's
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        train(TrainConfig(data=str(tiny_mnist_dir), out=None, progress=False))
+
+
+def test_a_gpu_per_process_under_torchrun(monkeypatch):
+    import pyfastnn.lesson.train as train_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(train_module, "info", lambda: {"backends": {"cuda": True}})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    train_module.check_device("cuda", "fused")  # rank 0 has its GPU
+    with pytest.raises(ValueError, match=r"'cuda:0': under torchrun each process trains on cuda:\$LOCAL_RANK"):
+        train_module.check_device("cuda:0", "fused")  # would be replaced unsaid
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match="LOCAL_RANK 1: 1 CUDA device"):
+        train_module.check_device("cuda", "fused")  # more processes than GPUs on the node
 
 
 def test_more_processes_than_training_samples_are_refused_before_the_folder_is_touched(tmp_path, tiny_mnist_dir,

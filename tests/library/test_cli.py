@@ -65,6 +65,17 @@ def test_bench_json_dash_sends_the_json_alone_to_stdout_and_the_table_to_stderr(
         assert json.loads(out)["results"] == [{"case": "relu", "fused_us": 1.0}], out
         assert "the table" in err and "wrote /dev/stdout" in err, err
     assert not Path("-").exists()
+    # The program itself (its stdout guard), into a real pipe: `pyfastnn bench --json - | jq`.
+    program = ("import sys, pyfastnn.benchmark as b; b.run = lambda log=print, **k: log('the table') or "
+               "[{'case': 'relu'}]; sys.argv = ['pyfastnn', 'bench', '--quick', '--json', '-']; "
+               "from pyfastnn.cli import run; run()")
+    piped = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and json.loads(piped.stdout)["results"] == [{"case": "relu"}], piped
+    assert "the table" in piped.stderr and "the table" not in piped.stdout
+    # A reader that stops early (`| head -1`) ends the output, not the command, as elsewhere.
+    reader = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader.stdout.close()
+    assert reader.wait(timeout=120) == 0 and b"Broken pipe" not in reader.stderr.read()
 
 
 def test_bench_json_folders_made_for_an_interrupted_run_are_removed(monkeypatch, tmp_path, capsys):
