@@ -273,6 +273,9 @@ at::Tensor fused_linear_autograd(const at::Tensor& input, const at::Tensor& weig
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return ops::fused_linear_op().call(input, weight, bias, activation, negative_slope);
   }
+  // Before apply: autograd reads every tensor argument (an undefined one: "tensor does not have a
+  // device") before the kernel's checks would name it.
+  check_fused_linear_args(input, weight, bias, activation, negative_slope);
   return FusedLinearFunction::apply(input, weight, bias, activation, negative_slope);
 }
 
@@ -316,6 +319,7 @@ at::Tensor fused_mlp_autograd(const at::Tensor& input, at::TensorList weights, c
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return ops::fused_mlp_op().call(input, weights, biases, activations, negative_slope, dropout, training);
   }
+  check_fused_mlp_args(input, weights, biases, activations, negative_slope, dropout);  // as fused_linear's
   return FusedMLPFunction::apply(input, weights, at::TensorList(present_biases), biases, activations,
                                  negative_slope, dropout, training);
 }

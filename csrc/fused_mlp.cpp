@@ -145,6 +145,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
     TORCH_CHECK_VALUE(has_mask[l] || (keep_masks[l].dim() == 1 && keep_masks[l].numel() == 0),
                       "pyfastnn: keep_masks[", l, "] must be the layer's 2-D dropout mask or an empty 1-D tensor "
                       "(no dropout), got shape ", keep_masks[l].sizes());
+    // Only a forward that dropped out makes a mask: with p = 0 it would be applied unscaled.
+    TORCH_CHECK_VALUE(!has_mask[l] || dropout[l] > 0.0, "pyfastnn: keep_masks[", l, "] is a dropout mask, but dropout[",
+                      l, "] is 0: pass the probability the forward dropped out with");
     // Every mask, also one whose layer's backward the layer above takes over (NOTE [relu bit masks]).
     const std::vector<int64_t> layer_shape{rows, weights[l].size(0)};
     TORCH_CHECK_VALUE(!has_mask[l] || (keep_masks[l].sizes() == at::IntArrayRef(layer_shape) &&
@@ -181,10 +184,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
     // The layer below may have its derivative applied by this layer's data-gradient GEMM (CUDA:
     // tanh-GELU without dropout after it, from its saved pre-activation; relu from its saved bit mask,
     // with dropout's scale as the GEMM's alpha, NOTE [relu bit masks]). A relu layer's pre-activation
-    // slot is 2-D only when it holds the bit mask.
+    // slot is 2-D only when it holds the bit mask. The CPU never does this (nor keeps a bit mask).
     std::optional<detail::BelowLayer> below;
     const auto below_act = l > lowest ? static_cast<Activation>(activations[l - 1]) : Activation::Identity;
-    if (((below_act == Activation::GeluTanh && !has_mask[l - 1]) || below_act == Activation::Relu) &&
+    if (input.is_cuda() && ((below_act == Activation::GeluTanh && !has_mask[l - 1]) || below_act == Activation::Relu) &&
         preacts[l - 1].dim() == 2) {
       const int64_t features = weights[l - 1].size(0);
       if (below_act == Activation::Relu) {

@@ -22,7 +22,6 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .command import command_parser, describe_error, output_file_argument, positive_int, run_command
-from .files import atomic_write, ensure_writable_folder, is_standard_output, output_file
+from .files import atomic_write, is_standard_output, output_file, restore_output_folder
 from .functional import fused_linear
 from ._ops import canonical_activation
 from .info import info
@@ -246,8 +245,7 @@ def write_results(path: str, record: Mapping[str, object]) -> None:
         >>> json.load(open(path))["results"][0]["us"]
         12.5
     """
-    if not is_standard_output(path):  # its folder, made when the run began, may have been removed meanwhile
-        ensure_writable_folder(Path(os.path.realpath(path)).parent, "folder for --json")
+    restore_output_folder(path)  # made when the run began, it may have been removed meanwhile
     try:
         with atomic_write(path) as f:
             f.write(json.dumps(record, indent=2).encode() + b"\n")  # a text file: `>> log` appends on a new line

@@ -25,7 +25,7 @@ except ImportError:  # not POSIX: no advisory locks, no descriptor flags
     fcntl = None
 
 __all__ = ["atomic_write", "ensure_writable_folder", "check_output_file", "check_output_names", "hold_folder",
-           "output_folder", "output_file", "is_standard_output"]
+           "output_folder", "output_file", "restore_output_folder", "is_standard_output"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -269,6 +269,26 @@ def output_file(path: PathLike, what: str = "--json") -> Iterator[Path]:
     except BaseException:
         _remove_while_empty(created)
         raise
+
+
+def restore_output_folder(path: PathLike, what: str = "--json") -> None:
+    """Makes the folder of the file ``path`` again where it went missing since :func:`output_file`
+    checked it (another run's :func:`output_file` may remove an empty folder it made when that run
+    stops); nothing for a descriptor or a device.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from pyfastnn.files import restore_output_folder
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "gone" / "bench.json"
+        >>> restore_output_folder(target)
+        >>> target.parent.is_dir()
+        True
+    """
+    if _descriptor_of(path) is not None:
+        return
+    folder = Path(os.path.realpath(path)).parent
+    if not folder.is_dir():
+        ensure_writable_folder(folder, f"folder for {what}")
 
 
 def _missing_folders(folder: Path) -> List[Path]:

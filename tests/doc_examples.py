@@ -37,9 +37,11 @@ def failing_examples(module: ModuleType) -> List[str]:
     return failures
 
 
-def public_modules(package: ModuleType) -> List[ModuleType]:
-    """``package`` and its public modules that declare an API (``__all__``), subpackages' included."""
+def public_modules(package: ModuleType, exclude: Tuple[str, ...] = ()) -> List[ModuleType]:
+    """``package`` and its public modules that declare an API (``__all__``), subpackages' included,
+    but those under the ``exclude`` packages (never imported)."""
     names = [package.__name__] + [info.name for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}.")
                                   if not any(part.startswith("_") for part in info.name.split("."))]
+    names = [name for name in names if not any(name == ex or name.startswith(ex + ".") for ex in exclude)]
     modules = [importlib.import_module(name) for name in names]
     return [module for module in modules if hasattr(module, "__all__")]

@@ -23,7 +23,7 @@ import threading
 import time
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -207,10 +207,10 @@ def check_device(device: str, backend: str) -> None:
     if parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise InvalidArgument("device", f"{device!r} is not available: {torch.cuda.device_count()} CUDA device(s)")
     if launched_processes() > 1:  # torchrun: each process trains on the GPU of its LOCAL_RANK
-        if parsed.index is not None:
-            raise InvalidArgument("device", f"{device!r}: under torchrun each process trains on cuda:$LOCAL_RANK "
-                                            "(pass cuda)")
         local_rank = _local_rank()
+        if parsed.index is not None and parsed.index != local_rank:
+            raise InvalidArgument("device", f"{device!r}: under torchrun each process trains on cuda:$LOCAL_RANK "
+                                            f"(here cuda:{local_rank}; pass cuda)")
         if local_rank >= torch.cuda.device_count():
             raise InvalidArgument("device", f"'cuda' for the process of LOCAL_RANK {local_rank}: "
                                             f"{torch.cuda.device_count()} CUDA device(s), one per process of a node")
@@ -355,7 +355,7 @@ def _distributed(device: str):
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        _join_process_group(dist, "nccl" if device.startswith("cuda") else "gloo", world_size)
+        join_process_group("nccl" if device.startswith("cuda") else "gloo", world_size)
     rank = dist.get_rank()
     if device.startswith("cuda"):
         device = f"cuda:{_local_rank()}"
@@ -363,30 +363,52 @@ def _distributed(device: str):
     return rank, dist.get_world_size(), device
 
 
-def _join_process_group(dist, backend: str, world_size: int) -> None:
-    """``dist.init_process_group``, waited for from a helper thread: torch waits up to 30 minutes in
-    native code for the run's other processes, where Ctrl-C and SIGTERM cannot stop it (a
-    WORLD_SIZE left in the shell, a process stuck at startup); this thread stays in Python and can.
-    After RENDEZVOUS_NOTICE_S seconds one line says what it waits for."""
-    failure: List[BaseException] = []
+# Set when the last join of the run's processes ended; one interrupted by Ctrl-C goes on in the background.
+_join_done: Optional[threading.Event] = None
+_join_failures: List[BaseException] = []
 
-    def join() -> None:
-        try:
-            dist.init_process_group(backend=backend)
-        except BaseException as error:  # noqa: BLE001 - raised again on the waiting thread
-            failure.append(error)
 
-    meeting = threading.Thread(target=join, name="pyfastnn-rendezvous", daemon=True)
-    meeting.start()
-    meeting.join(RENDEZVOUS_NOTICE_S)
-    if meeting.is_alive():
-        where = f"{os.environ.get('MASTER_ADDR', 'localhost')}:{os.environ.get('MASTER_PORT', '?')}"
-        print(f"rank {os.environ.get('RANK', '?')} waits for the other processes of the run at {where} "
-              f"(WORLD_SIZE={world_size} in the environment, as torchrun sets it); Ctrl-C stops", file=sys.stderr,
-              flush=True)
-        meeting.join()
-    if failure:
-        raise failure[0]
+def join_process_group(backend: str, world_size: int,
+                       init_process_group: Optional[Callable[..., None]] = None) -> None:
+    """Joins this process to its run: ``init_process_group(backend=backend)`` (torch.distributed's
+    by default), waited for from a helper thread. torch waits up to 30 minutes in native code for the
+    run's other processes, where Ctrl-C and SIGTERM cannot stop it (a WORLD_SIZE left in the shell, a
+    process stuck at startup); the calling thread stays in Python and can. After
+    RENDEZVOUS_NOTICE_S seconds one line says what it waits for. A join interrupted so goes on in
+    the background (torch cannot cancel it): a later call in the same interpreter waits for that one
+    rather than joining a second time as the same rank. With nccl the device is set after the join,
+    on the calling thread (the helper thread's current device is its own)."""
+    global _join_done
+    if init_process_group is None:
+        import torch.distributed as dist
+
+        init_process_group = dist.init_process_group
+    init = init_process_group  # the one the helper thread calls
+    if _join_done is None or _join_done.is_set():
+        _join_failures.clear()
+        done = _join_done = threading.Event()
+
+        def join() -> None:
+            try:
+                init(backend=backend)
+            except BaseException as error:  # noqa: BLE001 - raised again on the waiting thread
+                _join_failures.append(error)
+            finally:
+                done.set()
+
+        threading.Thread(target=join, name="pyfastnn-rendezvous", daemon=True).start()
+    # An event, not Thread.join: a join interrupted by Ctrl-C may mark a running thread as stopped.
+    meeting, notice_at = _join_done, time.monotonic() + RENDEZVOUS_NOTICE_S
+    # Short waits: Python runs its signal handlers between them, whichever thread got the signal.
+    while not meeting.wait(0.1):
+        if notice_at is not None and time.monotonic() >= notice_at:
+            notice_at = None
+            where = f"{os.environ.get('MASTER_ADDR', 'localhost')}:{os.environ.get('MASTER_PORT', '?')}"
+            print(f"rank {os.environ.get('RANK', '?')} waits for the other processes of the run at {where} "
+                  f"(WORLD_SIZE={world_size} in the environment, as torchrun sets it); Ctrl-C stops",
+                  file=sys.stderr, flush=True)
+    if _join_failures:
+        raise _join_failures[0]
 
 
 # What gloo and NCCL say when another process of the run has gone (killed, crashed, stopped).
@@ -951,7 +973,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.data is None:
-        args.data = _mnist_from_environment(parser, args.dataset)
+        args.data = _mnist_from_environment(parser, args.dataset, args.download)
     config = TrainConfig(
         dataset=args.dataset, data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         dropout=args.dropout, backend=args.backend, device=args.device, seed=args.seed, out=args.out,
@@ -962,16 +984,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_command(parser, args, lambda: _train_and_report(config))
 
 
-def _mnist_from_environment(parser: argparse.ArgumentParser, dataset: str) -> str:
+def _mnist_from_environment(parser: argparse.ArgumentParser, dataset: str, download: bool) -> str:
     """The MNIST folder $PYFASTNN_MNIST names (as ``pyfastnn demo`` reads it), where no --data was
-    given; a folder there without MNIST is a usage error naming the variable."""
-    folder = os.environ.get("PYFASTNN_MNIST")
-    if dataset != "mnist" or not folder:
+    given; a folder there without MNIST (unless --download fills it) is a usage error naming the
+    variable."""
+    if dataset != "mnist" or not os.environ.get("PYFASTNN_MNIST"):
         parser.error("the following arguments are required: --data")
-    if find_mnist(folder) is None:
+    folder = path_argument(os.environ["PYFASTNN_MNIST"])  # ~ expanded, as for --data
+    if not download and find_mnist(folder) is None:
         parser.error(f"$PYFASTNN_MNIST={folder} holds no MNIST files (flat or MNIST/raw): point it, or --data, at "
-                     "the folder that holds them")
-    return path_argument(folder)
+                     "the folder that holds them (or add --download)")
+    return folder
 
 
 def _train_and_report(config: TrainConfig) -> int:

@@ -1,6 +1,7 @@
 // C++ tests of the CPU kernels against the ATen reference, and of the activation functors'
 // scalar form (what the CUDA kernels run) against their SIMD form (what the CPU kernels run).
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/torch.h>
 
 #include <ATen/Version.h>
@@ -301,6 +302,66 @@ void test_missing_keep_mask_throws() {
   expect(threw, "an undefined keep mask throws TypeError naming it");
 }
 
+// Through the dispatcher with autograd: a missing tensor is named by the op's own check, not by
+// autograd's "tensor does not have a device".
+void test_missing_tensors_are_named_under_autograd() {
+  const auto op = c10::Dispatcher::singleton()
+                      .findSchemaOrThrow("pyfastnn::fused_linear", "")
+                      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                        int64_t, double)>();
+  std::string message = "no error";
+  try {
+    op.call(at::randn({4, 3}).requires_grad_(), at::Tensor(), std::nullopt, 1, 0.0);
+  } catch (const c10::TypeError& error) {
+    message = error.what_without_backtrace();
+  }
+  expect(message.find("weight must be a tensor, not None") != std::string::npos,
+         "an undefined weight under autograd throws TypeError naming it: " + message);
+  const auto mlp = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pyfastnn::fused_mlp", "")
+                       .typed<at::Tensor(const at::Tensor&, at::TensorList, const pyfastnn::BiasList&,
+                                         at::IntArrayRef, double, at::ArrayRef<double>, bool)>();
+  message = "no error";
+  try {
+    mlp.call(at::randn({2, 4}).requires_grad_(), {at::randn({5, 4}), at::Tensor()},
+             pyfastnn::BiasList({std::nullopt, std::nullopt}), {1, 0}, 0.01, {0.0, 0.0}, false);
+  } catch (const c10::TypeError& error) {
+    message = error.what_without_backtrace();
+  }
+  expect(message.find("weights[1]") != std::string::npos,
+         "an undefined weights[1] under autograd throws TypeError naming it: " + message);
+}
+
+// A dropout mask with probability 0 can come from no forward; the CPU reads no relu bit mask, so
+// a pre-activation slot holding something else is no error there.
+void test_backward_masks_and_slots() {
+  at::manual_seed(2);
+  const at::Tensor x = at::randn({4, 3});
+  const std::vector<at::Tensor> weights{at::randn({5, 3}), at::randn({2, 5})};
+  const pyfastnn::BiasList biases(std::vector<std::optional<at::Tensor>>{std::nullopt, std::nullopt});
+  const std::vector<int64_t> activations{1, 0};
+  const c10::List<bool> mask({true, true, true, false, false});
+  auto [out, hidden, preacts, masks] =
+      pyfastnn::fused_mlp_forward(x, weights, biases, activations, 0.0, {0.5, 0.0}, true);
+  std::string message = "no error";
+  try {
+    pyfastnn::fused_mlp_backward(at::ones_like(out), x, weights, out, hidden, preacts, masks, activations, 0.0,
+                                 {0.0, 0.0}, mask);
+  } catch (const c10::ValueError& error) {
+    message = error.what_without_backtrace();
+  }
+  expect(message.find("keep_masks[0] is a dropout mask, but dropout[0] is 0") != std::string::npos,
+         "a mask with dropout 0 throws ValueError naming it: " + message);
+  const auto expected =
+      pyfastnn::fused_mlp_backward(at::ones_like(out), x, weights, out, hidden, preacts, masks, activations, 0.0,
+                                   {0.5, 0.0}, mask);
+  std::vector<at::Tensor> float_preacts{at::randn({4, 5}), preacts[1]};
+  const auto got =
+      pyfastnn::fused_mlp_backward(at::ones_like(out), x, weights, out, hidden, float_preacts, masks, activations,
+                                   0.0, {0.5, 0.0}, mask);
+  expect(at::equal(std::get<0>(got), std::get<0>(expected)), "the CPU reads no relu bit mask from preacts[0]");
+}
+
 // The CPU capabilities this CPU supports, as ATen names them (ATen asks the same features of each).
 std::vector<std::string> supported_cpu_capabilities() {
   std::vector<std::string> supported{"DEFAULT"};
@@ -394,6 +455,8 @@ int main() {
   test_negated_views_read_as_their_values();
   test_direct_calls_with_parameters_that_require_grad();
   test_missing_keep_mask_throws();
+  test_missing_tensors_are_named_under_autograd();
+  test_backward_masks_and_slots();
   test_philox_known_answers();
   if (failures != 0) {
     std::printf("%d failures\n", failures);

@@ -315,6 +315,7 @@ def test_a_single_process_ignores_a_stray_rank_and_refuses_a_bad_world_size(tmp_
 def test_a_process_waiting_for_the_others_of_its_run_says_so_and_stops_when_asked(tmp_path, tiny_mnist_dir, stop):
     """WORLD_SIZE left in the shell, or a process of the run stuck at startup: torch would wait 30
     minutes in native code, deaf to Ctrl-C and SIGTERM."""
+    import select
     import signal
     import socket
 
@@ -328,6 +329,8 @@ def test_a_process_waiting_for_the_others_of_its_run_says_so_and_stops_when_aske
                f"{str(tmp_path / 'run')!r}]; run()")
     process = subprocess.Popen([sys.executable, "-c", program], stderr=subprocess.PIPE, text=True, env=env)
     try:
+        ready, _, _ = select.select([process.stderr], [], [], 120)  # never torch's 30 minutes
+        assert ready, "no notice within 120 s"
         notice = process.stderr.readline()
         assert f"rank 1 waits for the other processes of the run at 127.0.0.1:{port} (WORLD_SIZE=2" in notice, notice
         process.send_signal(getattr(signal, stop))
@@ -362,16 +365,41 @@ def test_a_gpu_per_process_under_torchrun(monkeypatch):
     import pyfastnn.lesson.train as train_module
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(train_module, "info", lambda: {"backends": {"cuda": True}})
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    train_module.check_device("cuda", "fused")  # rank 0 has its GPU
-    with pytest.raises(ValueError, match=r"'cuda:0': under torchrun each process trains on cuda:\$LOCAL_RANK"):
-        train_module.check_device("cuda:0", "fused")  # would be replaced unsaid
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    with pytest.raises(ValueError, match="LOCAL_RANK 1: 1 CUDA device"):
+    train_module.check_device("cuda", "fused")  # process 0 has its GPU
+    train_module.check_device("cuda:0", "fused")  # and may name it
+    with pytest.raises(ValueError, match=r"'cuda:1': under torchrun each process trains on cuda:\$LOCAL_RANK "
+                                         r"\(here cuda:0; pass cuda\)"):
+        train_module.check_device("cuda:1", "fused")  # would be replaced unsaid
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ValueError, match="LOCAL_RANK 2: 2 CUDA device"):
         train_module.check_device("cuda", "fused")  # more processes than GPUs on the node
+
+
+def test_a_join_interrupted_by_ctrl_c_is_waited_for_not_repeated(monkeypatch):
+    """torch cannot cancel a join: a train() called again in the same interpreter (a notebook) waits
+    for the one under way rather than joining a second time as the same rank."""
+    import _thread
+    import threading
+
+    import pyfastnn.lesson.train as train_module
+
+    release, calls = threading.Event(), []
+
+    def init_process_group(backend):
+        calls.append(backend)
+        release.wait(60)
+
+    monkeypatch.setattr(train_module, "RENDEZVOUS_NOTICE_S", 0.05)
+    threading.Timer(0.3, _thread.interrupt_main).start()  # Ctrl-C while it waits
+    with pytest.raises(KeyboardInterrupt):
+        train_module.join_process_group("gloo", 2, init_process_group)
+    threading.Timer(0.3, release.set).start()
+    train_module.join_process_group("gloo", 2, init_process_group)
+    assert calls == ["gloo"]
 
 
 def test_more_processes_than_training_samples_are_refused_before_the_folder_is_touched(tmp_path, tiny_mnist_dir,

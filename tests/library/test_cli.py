@@ -72,6 +72,11 @@ def test_bench_json_dash_sends_the_json_alone_to_stdout_and_the_table_to_stderr(
     piped = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert piped.returncode == 0 and json.loads(piped.stdout)["results"] == [{"case": "relu"}], piped
     assert "the table" in piped.stderr and "the table" not in piped.stdout
+    # Another descriptor or a device: its "folder" (/proc/self/fd, /dev) is none to make again.
+    for path in ("/dev/stderr", "/dev/null"):
+        other = subprocess.run([sys.executable, "-c", program.replace("'-'", repr(path))], capture_output=True,
+                               text=True, timeout=120)
+        assert other.returncode == 0 and "error" not in other.stderr, (path, other.stderr)
     # A reader that stops early (`| head -1`) ends the output, not the command, as elsewhere.
     reader = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     reader.stdout.close()
