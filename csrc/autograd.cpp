@@ -274,7 +274,8 @@ at::Tensor fused_linear_autograd(const at::Tensor& input, const at::Tensor& weig
     return ops::fused_linear_op().call(input, weight, bias, activation, negative_slope);
   }
   // Before apply: autograd reads every tensor argument (an undefined one: "tensor does not have a
-  // device") before the kernel's checks would name it.
+  // device") before the kernel's checks would name it. A nested tensor first: it has no sizes to check.
+  if (input.is_nested() || weight.is_nested()) check_readable_args(input, weight, bias);
   check_fused_linear_args(input, weight, bias, activation, negative_slope);
   return FusedLinearFunction::apply(input, weight, bias, activation, negative_slope);
 }
@@ -319,7 +320,11 @@ at::Tensor fused_mlp_autograd(const at::Tensor& input, at::TensorList weights, c
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return ops::fused_mlp_op().call(input, weights, biases, activations, negative_slope, dropout, training);
   }
-  check_fused_mlp_args(input, weights, biases, activations, negative_slope, dropout);  // as fused_linear's
+  const auto nested = [](const at::Tensor& t) { return t.is_nested(); };
+  if (nested(input) || std::any_of(weights.begin(), weights.end(), nested)) {
+    check_readable_args(input, weights, &biases);  // as fused_linear's, above
+  }
+  check_fused_mlp_args(input, weights, biases, activations, negative_slope, dropout);
   return FusedMLPFunction::apply(input, weights, at::TensorList(present_biases), biases, activations,
                                  negative_slope, dropout, training);
 }

@@ -363,9 +363,18 @@ def _distributed(device: str):
     return rank, dist.get_world_size(), device
 
 
-# Set when the last join of the run's processes ended; one interrupted by Ctrl-C goes on in the background.
-_join_done: Optional[threading.Event] = None
-_join_failures: List[BaseException] = []
+@dataclasses.dataclass
+class _Join:
+    """One join of the run's processes: its backend, set ``done`` when it ended, and its failure."""
+
+    backend: str
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    failure: Optional[BaseException] = None
+
+
+# The last join; one interrupted by Ctrl-C goes on in the background.
+_last_join: Optional[_Join] = None
+_join_lock = threading.Lock()
 
 
 def join_process_group(backend: str, world_size: int,
@@ -378,37 +387,42 @@ def join_process_group(backend: str, world_size: int,
     the background (torch cannot cancel it): a later call in the same interpreter waits for that one
     rather than joining a second time as the same rank. With nccl the device is set after the join,
     on the calling thread (the helper thread's current device is its own)."""
-    global _join_done
-    if init_process_group is None:
-        import torch.distributed as dist
+    global _last_join
+    import torch.distributed as dist
 
-        init_process_group = dist.init_process_group
-    init = init_process_group  # the one the helper thread calls
-    if _join_done is None or _join_done.is_set():
-        _join_failures.clear()
-        done = _join_done = threading.Event()
+    init = init_process_group or dist.init_process_group
+    with _join_lock:  # one join at a time: two would join as the same rank
+        join = _last_join
+        if join is not None and not join.done.is_set():  # interrupted earlier, still under way
+            if join.backend != backend:
+                raise RuntimeError(f"an interrupted {join.backend} join of this run's processes is still under way; "
+                                   f"a {backend} one cannot start beside it (restart the interpreter)")
+        elif join is not None and join.failure is None and dist.is_initialized():
+            return  # that join ended meanwhile: the process group is there
+        else:
+            join = _last_join = _Join(backend)
 
-        def join() -> None:
-            try:
-                init(backend=backend)
-            except BaseException as error:  # noqa: BLE001 - raised again on the waiting thread
-                _join_failures.append(error)
-            finally:
-                done.set()
+            def run(join: _Join = join) -> None:
+                try:
+                    init(backend=backend)
+                except BaseException as error:  # noqa: BLE001 - raised again on the waiting thread
+                    join.failure = error
+                finally:
+                    join.done.set()
 
-        threading.Thread(target=join, name="pyfastnn-rendezvous", daemon=True).start()
+            threading.Thread(target=run, name="pyfastnn-rendezvous", daemon=True).start()
     # An event, not Thread.join: a join interrupted by Ctrl-C may mark a running thread as stopped.
-    meeting, notice_at = _join_done, time.monotonic() + RENDEZVOUS_NOTICE_S
+    notice_at = time.monotonic() + RENDEZVOUS_NOTICE_S
     # Short waits: Python runs its signal handlers between them, whichever thread got the signal.
-    while not meeting.wait(0.1):
+    while not join.done.wait(0.1):
         if notice_at is not None and time.monotonic() >= notice_at:
             notice_at = None
             where = f"{os.environ.get('MASTER_ADDR', 'localhost')}:{os.environ.get('MASTER_PORT', '?')}"
             print(f"rank {os.environ.get('RANK', '?')} waits for the other processes of the run at {where} "
                   f"(WORLD_SIZE={world_size} in the environment, as torchrun sets it); Ctrl-C stops",
                   file=sys.stderr, flush=True)
-    if _join_failures:
-        raise _join_failures[0]
+    if join.failure is not None:
+        raise join.failure
 
 
 # What gloo and NCCL say when another process of the run has gone (killed, crashed, stopped).
@@ -988,7 +1002,7 @@ def _mnist_from_environment(parser: argparse.ArgumentParser, dataset: str, downl
     """The MNIST folder $PYFASTNN_MNIST names (as ``pyfastnn demo`` reads it), where no --data was
     given; a folder there without MNIST (unless --download fills it) is a usage error naming the
     variable."""
-    if dataset != "mnist" or not os.environ.get("PYFASTNN_MNIST"):
+    if dataset != "mnist" or not os.environ.get("PYFASTNN_MNIST", "").strip():
         parser.error("the following arguments are required: --data")
     folder = path_argument(os.environ["PYFASTNN_MNIST"])  # ~ expanded, as for --data
     if not download and find_mnist(folder) is None:

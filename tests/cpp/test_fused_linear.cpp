@@ -302,6 +302,22 @@ void test_missing_keep_mask_throws() {
   expect(threw, "an undefined keep mask throws TypeError naming it");
 }
 
+// The message of the c10::Error a call throws, prefixed by "TypeError: " / "ValueError: " where it
+// is one ("no error" if none): any other error is reported by expect(), never aborts the test.
+template <typename Call>
+std::string error_of(const Call& call) {
+  try {
+    call();
+  } catch (const c10::TypeError& error) {
+    return std::string("TypeError: ") + error.what_without_backtrace();
+  } catch (const c10::ValueError& error) {
+    return std::string("ValueError: ") + error.what_without_backtrace();
+  } catch (const c10::Error& error) {
+    return error.what_without_backtrace();
+  }
+  return "no error";
+}
+
 // Through the dispatcher with autograd: a missing tensor is named by the op's own check, not by
 // autograd's "tensor does not have a device".
 void test_missing_tensors_are_named_under_autograd() {
@@ -309,26 +325,18 @@ void test_missing_tensors_are_named_under_autograd() {
                       .findSchemaOrThrow("pyfastnn::fused_linear", "")
                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                         int64_t, double)>();
-  std::string message = "no error";
-  try {
-    op.call(at::randn({4, 3}).requires_grad_(), at::Tensor(), std::nullopt, 1, 0.0);
-  } catch (const c10::TypeError& error) {
-    message = error.what_without_backtrace();
-  }
-  expect(message.find("weight must be a tensor, not None") != std::string::npos,
+  std::string message = error_of([&] { op.call(at::randn({4, 3}).requires_grad_(), at::Tensor(), std::nullopt, 1, 0.0); });
+  expect(message.find("TypeError: pyfastnn: weight must be a tensor, not None") == 0,
          "an undefined weight under autograd throws TypeError naming it: " + message);
   const auto mlp = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("pyfastnn::fused_mlp", "")
                        .typed<at::Tensor(const at::Tensor&, at::TensorList, const pyfastnn::BiasList&,
                                          at::IntArrayRef, double, at::ArrayRef<double>, bool)>();
-  message = "no error";
-  try {
+  message = error_of([&] {
     mlp.call(at::randn({2, 4}).requires_grad_(), {at::randn({5, 4}), at::Tensor()},
              pyfastnn::BiasList({std::nullopt, std::nullopt}), {1, 0}, 0.01, {0.0, 0.0}, false);
-  } catch (const c10::TypeError& error) {
-    message = error.what_without_backtrace();
-  }
-  expect(message.find("weights[1]") != std::string::npos,
+  });
+  expect(message.find("TypeError: ") == 0 && message.find("weights[1]") != std::string::npos,
          "an undefined weights[1] under autograd throws TypeError naming it: " + message);
 }
 
@@ -343,14 +351,11 @@ void test_backward_masks_and_slots() {
   const c10::List<bool> mask({true, true, true, false, false});
   auto [out, hidden, preacts, masks] =
       pyfastnn::fused_mlp_forward(x, weights, biases, activations, 0.0, {0.5, 0.0}, true);
-  std::string message = "no error";
-  try {
+  const std::string message = error_of([&] {
     pyfastnn::fused_mlp_backward(at::ones_like(out), x, weights, out, hidden, preacts, masks, activations, 0.0,
                                  {0.0, 0.0}, mask);
-  } catch (const c10::ValueError& error) {
-    message = error.what_without_backtrace();
-  }
-  expect(message.find("keep_masks[0] is a dropout mask, but dropout[0] is 0") != std::string::npos,
+  });
+  expect(message.find("ValueError: pyfastnn: keep_masks[0] is a dropout mask, but dropout[0] is 0") == 0,
          "a mask with dropout 0 throws ValueError naming it: " + message);
   const auto expected =
       pyfastnn::fused_mlp_backward(at::ones_like(out), x, weights, out, hidden, preacts, masks, activations, 0.0,

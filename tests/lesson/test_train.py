@@ -199,6 +199,14 @@ def test_the_data_folder_defaults_to_the_environments_as_the_demos_does(tmp_path
     with pytest.raises(SystemExit) as usage:
         _train_cli("--epochs", "0")
     assert usage.value.code == 2 and f"$PYFASTNN_MNIST={tmp_path} holds no MNIST files" in capsys.readouterr().err
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "mnist").symlink_to(tiny_mnist_dir)
+    monkeypatch.setenv("PYFASTNN_MNIST", "~/mnist")  # expanded as --data's ~ is
+    assert _train_cli("--epochs", "0", "--out", str(tmp_path / "run3")) == 0
+    monkeypatch.setenv("PYFASTNN_MNIST", " ")  # blank: as if unset
+    with pytest.raises(SystemExit) as usage:
+        _train_cli("--epochs", "0")
+    assert usage.value.code == 2 and "the following arguments are required: --data" in capsys.readouterr().err
     monkeypatch.setenv("PYFASTNN_MNIST", str(tiny_mnist_dir))
     for args in (["--epochs", "0"], ["--epochs", "0", "--download"]):  # another dataset: never read or written there
         with pytest.raises(SystemExit) as usage:
@@ -397,6 +405,8 @@ def test_a_join_interrupted_by_ctrl_c_is_waited_for_not_repeated(monkeypatch):
     threading.Timer(0.3, _thread.interrupt_main).start()  # Ctrl-C while it waits
     with pytest.raises(KeyboardInterrupt):
         train_module.join_process_group("gloo", 2, init_process_group)
+    with pytest.raises(RuntimeError, match="an interrupted gloo join of this run's processes is still under way"):
+        train_module.join_process_group("nccl", 2, init_process_group)
     threading.Timer(0.3, release.set).start()
     train_module.join_process_group("gloo", 2, init_process_group)
     assert calls == ["gloo"]

@@ -92,6 +92,12 @@ def test_nested_input_is_refused_by_name(layout):
         pyfastnn.fused_linear(nested, W)
     with pytest.raises(NotImplementedError, match="nested tensors are not supported as input"):
         pyfastnn.FusedMLP([5, 4, 3])(nested)
+    # The raw ops, where autograd records the call (the checks' order there: the nested tensor first).
+    trained = W.clone().requires_grad_()
+    with pytest.raises(NotImplementedError, match="nested tensors are not supported as input"):
+        torch.ops.pyfastnn.fused_linear(nested, trained, None, 1, 0.01)
+    with pytest.raises(NotImplementedError, match="nested tensors are not supported as input"):
+        torch.ops.pyfastnn.fused_mlp(nested, [trained], [None], [1], 0.01, [0.0], False)
 
 
 @pytest.mark.parametrize("convert", [torch.Tensor.to_sparse, torch.Tensor.to_sparse_csr, torch.Tensor.to_mkldnn,
