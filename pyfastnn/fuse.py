@@ -10,7 +10,8 @@ Two passes, innermost modules first:
   keeps other modules, the fused module takes the index of the run's first module and the
   modules it absorbed become :class:`Absorbed` placeholders, so indices stay; the Sequential's
   state dict keeps the original keys (its state-dict hooks map ``"1.3.weight"`` of a FusedMLP at 1
-  to ``"4.weight"``);
+  to ``"4.weight"``), and its pre-hooks refuse a run whose slots were changed afterwards
+  (:class:`FusedSlots`);
 * any other module with ``nn.Linear`` children (say ``forward`` calls ``self.layer1``, then
   ``self.relu``) is traced with ``torch.fx``; each Linear called at one place only, whose only use
   is a supported activation (then optionally an ``nn.Dropout``), becomes a FusedLinear under the
@@ -100,7 +101,8 @@ class Absorbed(nn.Identity):
     fused module before it, passing its input through. Where that module was an ``nn.Linear``, its
     ``weight`` and ``bias`` live on a layer of the fused module, under that layer's own names:
     assigned or registered here (say by ``torch.func.functional_call`` given the original keys), they
-    would change nothing, so they are refused, never ignored.
+    would change nothing, so they are refused, never ignored. Hooks registered here raise
+    ``RuntimeError`` at the call: they would see the fused run's output, not the module's.
 
     Example:
         >>> import torch
@@ -118,9 +120,20 @@ class Absorbed(nn.Identity):
     def __init__(self, fused_into: Optional[str] = None, layer_name: Optional[str] = None,
                  has_bias: bool = True) -> None:
         super().__init__()
-        # Where the nn.Linear's parameters went: fused_into is the fused module's path in the model
-        # fuse() returned.
+        # fused_into: the fused module's path in the model fuse() returned; layer_name: its layer
+        # holding the parameters, where the absorbed module was an nn.Linear.
         self.fused_into, self.layer_name, self.has_bias = fused_into, layer_name, has_bias
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # nn.Module.__call__ runs hooks only where some are registered; without any this costs nothing.
+        if self._forward_pre_hooks or self._forward_hooks or self._backward_hooks or self._backward_pre_hooks:
+            where = f" into module {self.fused_into}" if self.fused_into is not None else ""
+            raise RuntimeError(f"pyfastnn: this Absorbed placeholder has hooks, but fuse() folded the module that "
+                               f"stood here{where}, which computes it; the placeholder only passes that module's "
+                               f"output on, so hooks here would never see the absorbed module's input, output or "
+                               f"gradient. Register them on the model before fuse() (a module with hooks is left "
+                               f"unfused), or on the fused module")
+        return input
 
     def _refuse(self, name: str) -> None:
         if name not in ("weight", "bias") or self.__dict__.get("layer_name") is None:
@@ -146,9 +159,46 @@ class Absorbed(nn.Identity):
         super().register_buffer(name, tensor, persistent)
 
     def extra_repr(self) -> str:
-        if self.layer_name is None:
+        if self.fused_into is None:
             return ""
+        if self.layer_name is None:
+            return f"fused into module {self.fused_into}"
         return f"nn.Linear fused into module {self.fused_into} as its layer {self.layer_name!r}"
+
+
+class FusedSlots:
+    """Keeps a partly fused Sequential as :func:`fuse` left it: each run's fused module computes the
+    whole run from the index of its first module, so a module put in a placeholder's place
+    (``seq[3] = nn.Linear(...)``), a fused module replaced, or indices shifted by ``insert`` or
+    ``del`` would run out of place, and the original state-dict keys (:class:`SaveOriginalKeys`)
+    would name other modules. Registered on the Sequential as its forward, state-dict and
+    load-state-dict pre-hook: each call, ``state_dict()`` and ``load_state_dict()`` checks that every
+    slot holds the module fuse() put there, and raises ``RuntimeError`` naming the slot otherwise.
+    ``slots`` maps each slot's name to (that module, the name of its run's first slot)."""
+
+    def __init__(self, slots: Dict[str, Tuple[nn.Module, str]]) -> None:
+        self.slots = slots
+
+    def check(self, seq: nn.Module) -> None:
+        modules = seq._modules  # a dict lookup per slot: getattr would take nn.Module's slow __getattr__
+        for name, (module, run_start) in self.slots.items():
+            if modules.get(name) is not module:
+                run = [slot for slot, (_, start) in self.slots.items() if start == run_start]
+                raise RuntimeError(
+                    f"pyfastnn: module {name!r} of this Sequential was replaced, moved or deleted after fuse() "
+                    f"folded modules {run[0]}..{run[-1]} into module {run_start}, which computes all of them: the "
+                    f"Sequential would no longer compute what its modules say, and state_dict() would save the "
+                    f"wrong modules under the original keys. Make the change on the model before fuse() and fuse "
+                    f"it again, or put back the module fuse() left there")
+
+    def before_call(self, seq: nn.Module, args) -> None:
+        self.check(seq)
+
+    def before_save(self, seq: nn.Module, prefix: str, keep_vars: bool) -> None:
+        self.check(seq)
+
+    def before_load(self, seq: nn.Module, *args) -> None:
+        self.check(seq)
 
 
 def _fused_module(layers: List[Layer], as_mlp: bool = False) -> nn.Module:
@@ -234,6 +284,7 @@ def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_w
     # Otherwise each run is replaced where it stands: the fused module under the name of the run's
     # first module, Absorbed placeholders under the others' (indices, len() and append() keep working).
     renames: Dict[str, str] = {}
+    slots: Dict[str, Tuple[nn.Module, str]] = {}
     i = 0
     while i < len(modules):
         layers, end = parse_layers(modules, i, fusion.pinned)
@@ -243,17 +294,24 @@ def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_w
         fused = _fused_module(layers)
         report.append(FusedRun(f"{path}{names[i]}", tuple(_describe(m) for m in modules[i:end]), type(fused).__name__))
         setattr(seq, names[i], fused)
+        slots[names[i]] = (fused, names[i])
         linears = [j for j in range(i, end) if any(modules[j] is layer.linear for layer in layers)]
         layer_names = dict(zip(linears, (name for name, _ in fused.named_children()))) if isinstance(fused, FusedMLP) else {}
         for j in range(i + 1, end):
             if j in layer_names:
                 placeholder = Absorbed(f"{path}{names[i]}", layer_names[j], has_bias=modules[j].bias is not None)
             else:
-                placeholder = Absorbed()
+                placeholder = Absorbed(f"{path}{names[i]}")
             setattr(seq, names[j], placeholder)
+            slots[names[j]] = (placeholder, names[i])
         for j, layer_name in layer_names.items():
             renames[names[j]] = f"{names[i]}.{layer_name}"
         i = end
+    if slots:
+        guard = FusedSlots(slots)
+        seq.register_forward_pre_hook(guard.before_call)
+        seq.register_state_dict_pre_hook(guard.before_save)
+        seq.register_load_state_dict_pre_hook(guard.before_load)
     if renames:
         seq.register_state_dict_post_hook(SaveOriginalKeys(renames))
         loader = LoadOriginalKeys(renames)

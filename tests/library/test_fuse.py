@@ -2,6 +2,7 @@
 on module trees it must partly leave alone."""
 
 import copy
+import pickle
 import sys
 import threading
 import warnings
@@ -330,8 +331,8 @@ def test_absorbed_placeholders_say_where_their_linears_went():
                         nn.Softmax(-1))
     fused = pyfastnn.fuse(seq)
     assert [repr(m) for m in list(fused)[2:6]] == [
-        "Absorbed()", "Absorbed(nn.Linear fused into module 1 as its layer '2')", "Absorbed()",
-        "Absorbed(nn.Linear fused into module 1 as its layer '4')"]
+        "Absorbed(fused into module 1)", "Absorbed(nn.Linear fused into module 1 as its layer '2')",
+        "Absorbed(fused into module 1)", "Absorbed(nn.Linear fused into module 1 as its layer '4')"]
     assert not hasattr(fused[3], "weight")  # no second path to a parameter (hasattr-based code visits it once)
     with pytest.raises(AttributeError, match=r"layer '4' holds its bias \(1\.4\.bias"):
         fused[5].bias = nn.Parameter(torch.zeros(4))
@@ -351,6 +352,80 @@ def test_absorbed_placeholders_say_where_their_linears_went():
     wider = nn.Sequential(nn.Flatten(), nn.Linear(8, 17), nn.ReLU(), nn.Linear(17, 12), nn.ReLU(), nn.Linear(12, 4))
     with pytest.raises(RuntimeError, match=r"size mismatch for 1\.weight:(.|\n)*size mismatch for 3\.weight:"):
         fused.load_state_dict(wider.state_dict())
+
+
+def _head_with_a_fused_run():
+    """A Sequential that fuse() fuses in place: LayerNorm, then one run (FusedMLP at 1, placeholders
+    at 2..5), then a Softmax."""
+    return nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
+                         nn.Linear(12, 4), nn.Softmax(-1))
+
+
+@pytest.mark.parametrize("change", ["replace a placeholder", "replace the fused module", "insert", "delete"])
+def test_a_fused_run_changed_after_fuse_is_refused_where_it_would_run_or_save(change):
+    """The fused module computes its whole run from its own index: a module put in a placeholder's
+    place ran after the run (a silently different network, whose state dict lost the fused layer's
+    weights under the colliding original key), and shifted indices misnamed every key."""
+    torch.manual_seed(0)
+    original = _head_with_a_fused_run()
+    fused = pyfastnn.fuse(original)
+    saved = fused.state_dict()
+    x = torch.randn(3, 8)
+    if change == "replace a placeholder":  # say, a new head to fine-tune: classifier[5] = nn.Linear(...)
+        fused[5], slot = nn.Linear(12, 4), "5"
+    elif change == "replace the fused module":
+        fused[1], slot = nn.Linear(8, 16), "1"
+    elif change == "insert":
+        fused.insert(0, nn.Identity())
+        slot = "1"  # the fused module moved to 2
+    else:
+        del fused[0]
+        slot = "1"
+    message = rf"module '{slot}' of this Sequential was replaced, moved or deleted after fuse\(\) folded modules 1\.\.5"
+    with pytest.raises(RuntimeError, match=message):
+        fused(x)
+    with pytest.raises(RuntimeError, match=message):
+        fused.state_dict()
+    with pytest.raises(RuntimeError, match=message):
+        fused.load_state_dict(saved)
+
+
+def test_a_fused_sequential_guards_its_runs_in_copies_and_still_takes_appended_modules():
+    torch.manual_seed(0)
+    original = _head_with_a_fused_run()
+    fused = pyfastnn.fuse(original)
+    x = torch.randn(3, 8)
+    for twin in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        torch.testing.assert_close(twin(x), original(x))
+        placeholder = twin[3]
+        twin[3] = nn.Identity()  # a copy's guard watches the copy's own modules
+        with pytest.raises(RuntimeError, match="module '3' of this Sequential was replaced"):
+            twin(x)
+        twin[3] = placeholder  # put back, the network is whole again
+        torch.testing.assert_close(twin(x), original(x))
+        torch.testing.assert_close(fused(x), original(x))  # the original never noticed
+    fused.append(nn.Identity())  # after the last run: no index of a run moves
+    torch.testing.assert_close(fused(x), original(x))
+    fused.load_state_dict(original.state_dict())
+
+
+@pytest.mark.parametrize("hook", ["forward", "forward pre", "full backward"])
+def test_hooks_on_an_absorbed_placeholder_are_refused_at_the_call(hook):
+    """A placeholder passes the fused run's output on: a hook there would see that output, not the
+    absorbed ReLU's or Linear's (a feature-capturing hook silently captured the wrong tensor)."""
+    torch.manual_seed(0)
+    fused = pyfastnn.fuse(_head_with_a_fused_run())
+    x = torch.randn(3, 8, requires_grad=True)
+    for placeholder in (fused[2], fused[3]):  # where a ReLU stood, where a Linear stood
+        register = {"forward": placeholder.register_forward_hook,
+                    "forward pre": placeholder.register_forward_pre_hook,
+                    "full backward": placeholder.register_full_backward_hook}[hook]
+        handle = register(lambda *args: None)
+        with pytest.raises(RuntimeError, match="this Absorbed placeholder has hooks, but fuse\\(\\) folded the "
+                                               "module that stood here into module 1"):
+            fused(x)
+        handle.remove()
+    fused(x).sum().backward()  # without them, it runs again
 
 
 def test_torch_distributed_checkpoint_of_a_partly_fused_sequential_as_documented(tmp_path):
