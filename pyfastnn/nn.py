@@ -616,7 +616,8 @@ def _run_layer_pre_hooks(layer: nn.Module, name: str, inputs: tuple) -> None:
         raise RuntimeError(
             f"pyfastnn: FusedMLP layer {name!r} has forward or backward hooks, but the FusedMLP runs all "
             f"its layers inside one fused op, so they would never see the layer's output or gradient; "
-            f"register them on the FusedMLP itself, or use to_sequential()")
+            f"register them on the FusedMLP itself, or use to_sequential() (torch.distributed.fsdp.fully_shard "
+            f"registers such hooks: shard the whole FusedMLP, not its layers)")
     for hook_id, hook in list(layer._forward_pre_hooks.items()):
         with_kwargs = hook_id in layer._forward_pre_hooks_with_kwargs
         result = hook(layer, inputs, {}) if with_kwargs else hook(layer, inputs)

@@ -206,12 +206,13 @@ def check_device(device: str, backend: str) -> None:
         raise InvalidArgument("device", f"{device!r} is not available: {why} (torch {torch.__version__})")
     if parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise InvalidArgument("device", f"{device!r} is not available: {torch.cuda.device_count()} CUDA device(s)")
-    if launched_processes() > 1:  # torchrun: each process trains on the GPU of its LOCAL_RANK
-        local_rank = _local_rank()
-        if parsed.index is not None and parsed.index != local_rank:
-            raise InvalidArgument("device", f"{device!r}: under torchrun each process trains on cuda:$LOCAL_RANK "
-                                            f"(here cuda:{local_rank}; pass cuda)")
-        if local_rank >= torch.cuda.device_count():
+    if launched_processes() > 1:  # each process trains on its own GPU (_process_gpu)
+        gpu, local_rank = _process_gpu()
+        if parsed.index is not None and parsed.index != gpu:
+            which = "cuda:$LOCAL_RANK under torchrun" if local_rank is not None else "its current CUDA device"
+            raise InvalidArgument("device", f"{device!r}: each process of a multi-process run trains on {which} "
+                                            f"(here cuda:{gpu}; pass cuda)")
+        if gpu >= torch.cuda.device_count():
             raise InvalidArgument("device", f"'cuda' for the process of LOCAL_RANK {local_rank}: "
                                             f"{torch.cuda.device_count()} CUDA device(s), one per process of a node")
     if backend == "fused":
@@ -327,8 +328,14 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict, path) -
 
 
 def launched_processes() -> int:
-    """How many processes torchrun launched for this run (its WORLD_SIZE), 1 outside torchrun; a
-    WORLD_SIZE that is no count is refused by name, not run as a single process."""
+    """How many processes train this run together: the size of the process group this process has
+    joined already (one its caller set up, say under ``torch.multiprocessing.spawn``), else the
+    WORLD_SIZE torchrun sets, 1 outside both; a WORLD_SIZE that is no count is refused by name, not
+    run as a single process."""
+    import torch.distributed as dist  # imported by torch itself: costs nothing here
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
     value = os.environ.get("WORLD_SIZE", "1")
     if not value.strip().isdigit() or int(value) < 1:
         raise ValueError(f"the environment variable WORLD_SIZE (set by torchrun) must be a count of processes "
@@ -336,12 +343,16 @@ def launched_processes() -> int:
     return int(value)
 
 
-def _local_rank() -> int:
-    """This process's index among those torchrun started on its node (LOCAL_RANK, 0 when unset)."""
-    value = os.environ.get("LOCAL_RANK", "0")
+def _process_gpu() -> Tuple[int, Optional[int]]:
+    """The GPU this process of a multi-process run trains on, and its LOCAL_RANK where that chose it:
+    under torchrun, LOCAL_RANK (the process's index among those started on its node); in a process
+    group its caller set up without one, the current CUDA device, which such callers set per process."""
+    value = os.environ.get("LOCAL_RANK")
+    if value is None:
+        return torch.cuda.current_device(), None
     if not value.strip().isdigit():
         raise ValueError(f"the environment variable LOCAL_RANK (set by torchrun) must be an index >= 0, got {value!r}")
-    return int(value)
+    return int(value), int(value)
 
 
 #: Seconds the processes of a run may take to meet before a line says what each one waits for.
@@ -358,7 +369,7 @@ def _distributed(device: str):
         join_process_group("nccl" if device.startswith("cuda") else "gloo", world_size)
     rank = dist.get_rank()
     if device.startswith("cuda"):
-        device = f"cuda:{_local_rank()}"
+        device = f"cuda:{_process_gpu()[0]}"
         torch.cuda.set_device(device)
     return rank, dist.get_world_size(), device
 

@@ -79,6 +79,24 @@ def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path, mnist
         torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_train_uses_a_process_group_its_caller_set_up(tmp_path, tiny_mnist_dir):
+    """Processes that joined a group themselves (torch.multiprocessing.spawn, no torchrun variables)
+    train across it: each trained alone on the whole data, all as rank 0 into one folder."""
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    workers = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "lesson" / "ddp_worker.py"), str(tmp_path),
+                                 str(tiny_mnist_dir), "cpu", "caller_group", str(rank)],
+                                stderr=subprocess.PIPE, text=True, env=env) for rank in (0, 1)]
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=600)
+        assert worker.returncode == 0, stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert [torch.load(tmp_path / f"world_size{r}.pt") for r in (0, 1)] == [2, 2]
+    for name in rank0:  # DDP kept the ranks' weights equal
+        assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
+
+
 def test_ddp_ranks_draw_their_own_dropout_masks_and_resume_exactly(tmp_path, mnist_dir):
     """Each rank draws its own masks (the same seed on every rank would give every shard the same
     masks), the weights stay equal across ranks, and a resumed run continues every rank's generator."""
@@ -369,7 +387,7 @@ def test_a_collective_broken_by_another_process_stopping_ends_in_one_line(tmp_pa
         train(TrainConfig(data=str(tiny_mnist_dir), out=None, progress=False))
 
 
-def test_a_gpu_per_process_under_torchrun(monkeypatch):
+def test_a_gpu_per_process_of_a_multi_process_run(monkeypatch):
     import pyfastnn.lesson.train as train_module
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -379,12 +397,19 @@ def test_a_gpu_per_process_under_torchrun(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     train_module.check_device("cuda", "fused")  # process 0 has its GPU
     train_module.check_device("cuda:0", "fused")  # and may name it
-    with pytest.raises(ValueError, match=r"'cuda:1': under torchrun each process trains on cuda:\$LOCAL_RANK "
-                                         r"\(here cuda:0; pass cuda\)"):
+    with pytest.raises(ValueError, match=r"'cuda:1': each process of a multi-process run trains on cuda:\$LOCAL_RANK "
+                                         r"under torchrun \(here cuda:0; pass cuda\)"):
         train_module.check_device("cuda:1", "fused")  # would be replaced unsaid
     monkeypatch.setenv("LOCAL_RANK", "2")
     with pytest.raises(ValueError, match="LOCAL_RANK 2: 2 CUDA device"):
         train_module.check_device("cuda", "fused")  # more processes than GPUs on the node
+    # Without torchrun's LOCAL_RANK (a group its caller set up), the GPU the caller made current.
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    train_module.check_device("cuda:1", "fused")
+    with pytest.raises(ValueError, match=r"'cuda:0': each process of a multi-process run trains on its current "
+                                         r"CUDA device \(here cuda:1; pass cuda\)"):
+        train_module.check_device("cuda:0", "fused")
 
 
 def test_a_join_interrupted_by_ctrl_c_is_waited_for_not_repeated(monkeypatch):

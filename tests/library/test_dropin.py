@@ -1661,6 +1661,33 @@ def test_forward_and_backward_hooks_on_layers_are_refused_clearly():
         mlp(torch.randn(2, 4))
 
 
+def test_fsdp2_shards_a_whole_fused_mlp_and_its_layers_alone_are_refused_by_name(tmp_path):
+    """fully_shard registers forward hooks on the module it shards: on a whole FusedMLP they gather
+    its parameters around the fused op; on its layers they would never run (refused, naming FSDP)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        reference, x = _mlp((16, 32, 24, 5)), torch.randn(7, 16)
+        sharded = copy.deepcopy(reference)
+        fully_shard(sharded)
+        sharded(x).square().sum().backward()
+        reference(x).square().sum().backward()
+        for name, parameter in reference.named_parameters():
+            gathered = dict(sharded.named_parameters())[name].grad.full_tensor()
+            torch.testing.assert_close(gathered, parameter.grad, msg=name)
+        per_layer = copy.deepcopy(reference)
+        for layer in per_layer:
+            fully_shard(layer)
+        fully_shard(per_layer)
+        with pytest.raises(RuntimeError, match="layer '0' has forward or backward hooks.*fully_shard registers such "
+                                               "hooks: shard the whole FusedMLP, not its layers"):
+            per_layer(x)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_forward_pre_hooks_that_return_their_input_unchanged_are_accepted():
     # nn.Module accepts a pre-hook that hands back the input it got (the same tensors).
     mlp, x = _mlp((4, 5, 2)), torch.randn(2, 4)
