@@ -2,12 +2,14 @@
 #include "checks.h"
 
 #include <cmath>
+#include <cstddef>
 #include <iomanip>
 #include <iterator>
 #include <limits>
 #include <locale>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "activations.h"
 
@@ -214,16 +216,83 @@ at::Device checked_kernel_device(const at::Tensor& input, const at::Tensor* grad
 KernelScope::KernelScope(const at::Tensor& input, const at::Tensor* grad_output)
     : device_guard_(checked_kernel_device(input, grad_output)) {}
 
-void check_saved_tensor(const char* name, const at::Tensor& t, const at::Tensor& input,
-                        at::IntArrayRef expected_shape) {
+namespace {
+// check_saved_tensor on shapes that may be symbolic: the fake kernels run these checks under
+// torch.compile(dynamic=True) and torch.export, where sizes() would throw.
+void check_saved_sym(const char* name, const at::Tensor& t, const at::Tensor& input, c10::SymIntArrayRef expected_shape) {
   TORCH_CHECK_TYPE(t.defined(), "pyfastnn: ", name, " is missing");
   check_readable(name, t);
-  TORCH_CHECK_VALUE(t.sizes() == expected_shape, "pyfastnn: ", name, " has shape ", t.sizes(),
-                    ", expected ", expected_shape);
+  TORCH_CHECK_VALUE(t.sym_sizes() == expected_shape, "pyfastnn: ", name, " has shape ", t.sym_sizes(), ", expected ",
+                    expected_shape);
   TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), "pyfastnn: ", name, " dtype ", t.scalar_type(),
                    " does not match input dtype ", input.scalar_type());
-  TORCH_CHECK_TYPE(t.device() == input.device(), "pyfastnn: ", name, " is on ", t.device(),
-                   " but input is on ", input.device());
+  TORCH_CHECK_TYPE(t.device() == input.device(), "pyfastnn: ", name, " is on ", t.device(), " but input is on ",
+                   input.device());
+}
+
+// input's shape with its last dimension `features` wide: a layer's output for it.
+std::vector<c10::SymInt> output_sym_shape(const at::Tensor& input, const c10::SymInt& features) {
+  std::vector<c10::SymInt> shape(input.sym_sizes().begin(), input.sym_sizes().end());
+  shape.back() = features;
+  return shape;
+}
+}  // namespace
+
+void check_fused_linear_backward_args(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                                      const at::Tensor& saved, int64_t activation, double negative_slope) {
+  check_fused_linear_args(input, weight, std::nullopt, activation, negative_slope);
+  const auto shape = output_sym_shape(input, weight.sym_size(0));
+  check_saved_sym("grad_output", grad_output, input, shape);
+  if (static_cast<Activation>(activation) != Activation::Identity) check_saved_sym("saved activation", saved, input, shape);
+}
+
+void check_fused_mlp_backward_args(const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
+                                   const at::Tensor& output, at::TensorList hidden, at::TensorList preacts,
+                                   at::TensorList keep_masks, at::IntArrayRef activations, double negative_slope,
+                                   at::ArrayRef<double> dropout, size_t output_mask_size) {
+  const size_t layers = weights.size();
+  check_fused_mlp_args(input, weights, BiasList(std::vector<std::optional<at::Tensor>>(layers)), activations,
+                       negative_slope, dropout);
+  TORCH_CHECK_VALUE(hidden.size() + 1 == layers && preacts.size() == layers && keep_masks.size() == layers,
+                    "pyfastnn: fused_mlp_backward got ", hidden.size(), " hidden, ", preacts.size(),
+                    " pre-activation and ", keep_masks.size(), " mask tensors for ", layers, " layers");
+  TORCH_CHECK_VALUE(output_mask_size == 1 + 2 * layers, "pyfastnn: output_mask needs ", 1 + 2 * layers,
+                    " entries (input, weights, biases), got ", output_mask_size);
+  check_saved_sym("grad_output", grad_output, input, output_sym_shape(input, weights[layers - 1].sym_size(0)));
+  const auto check_device = [&](const char* name, const at::Tensor& t, int64_t index) {
+    TORCH_CHECK_TYPE(!t.defined() || t.device() == input.device(), "pyfastnn: ", parameter_name(name, name, index),
+                     " is on ", t.device(), " but input is on ", input.device());
+  };
+  check_device("saved output", output, -1);
+  for (size_t l = 0; l < hidden.size(); ++l) check_device("hidden", hidden[l], static_cast<int64_t>(l));
+  for (size_t l = 0; l < layers; ++l) check_device("preacts", preacts[l], static_cast<int64_t>(l));
+  c10::SymInt rows = 1;  // input's leading dimensions flattened
+  for (int64_t d = 0; d + 1 < input.dim(); ++d) rows = rows * input.sym_size(d);
+  for (size_t l = 0; l < layers; ++l) {
+    const at::Tensor& mask = keep_masks[l];
+    TORCH_CHECK_TYPE(mask.defined(), "pyfastnn: keep_masks[", l,
+                     "] is missing (an empty 1-D uint8 tensor stands for a layer without dropout)");
+    const bool has_mask = mask.dim() == 2;
+    if (has_mask) check_readable("keep_masks", mask, static_cast<int64_t>(l));
+    TORCH_CHECK_VALUE(has_mask || (mask.dim() == 1 && mask.sym_numel() == 0), "pyfastnn: keep_masks[", l,
+                      "] must be the layer's 2-D dropout mask or an empty 1-D tensor (no dropout), got shape ",
+                      mask.sym_sizes());
+    // Only a forward that dropped out makes a mask: with p = 0 it would be applied unscaled.
+    TORCH_CHECK_VALUE(!has_mask || dropout[l] > 0.0, "pyfastnn: keep_masks[", l, "] is a dropout mask, but dropout[",
+                      l, "] is 0: pass the probability the forward dropped out with");
+    // Every mask, also one whose layer's backward the layer above takes over (NOTE [relu bit masks]).
+    const std::vector<c10::SymInt> layer_shape{rows, weights[l].sym_size(0)};
+    TORCH_CHECK_VALUE(!has_mask || (mask.sym_sizes() == c10::SymIntArrayRef(layer_shape) &&
+                                    mask.scalar_type() == at::kByte && mask.device() == input.device()),
+                      "pyfastnn: keep_masks[", l, "] must be a uint8 tensor of shape ", c10::SymIntArrayRef(layer_shape),
+                      " on ", input.device());
+    check_device("keep_masks", mask, static_cast<int64_t>(l));
+  }
+}
+
+void check_saved_tensor(const char* name, const at::Tensor& t, const at::Tensor& input,
+                        at::IntArrayRef expected_shape) {
+  check_saved_sym(name, t, input, c10::fromIntArrayRefSlow(expected_shape));
 }
 
 }  // namespace pyfastnn

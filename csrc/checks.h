@@ -31,6 +31,19 @@ void check_fused_linear_args(const at::Tensor& input, const at::Tensor& weight,
 void check_fused_mlp_args(const at::Tensor& input, at::TensorList weights, const BiasList& biases,
                           at::IntArrayRef activations, double negative_slope, at::ArrayRef<double> dropout);
 
+// What the backward ops are handed beyond the forward's arguments, checked by their kernels before any
+// work and by the fake kernels (which run for any call with a meta tensor among real ones, and would
+// otherwise return unwritten tensors on input's device): fused_linear_backward's gradient and saved
+// tensor; fused_mlp_backward's list lengths, output_mask, gradient, dropout masks, and the device of
+// every saved tensor (their shapes are checked where a layer reads them). Each also runs
+// check_fused_*_args on the forward's arguments.
+void check_fused_linear_backward_args(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                                      const at::Tensor& saved, int64_t activation, double negative_slope);
+void check_fused_mlp_backward_args(const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
+                                   const at::Tensor& output, at::TensorList hidden, at::TensorList preacts,
+                                   at::TensorList keep_masks, at::IntArrayRef activations, double negative_slope,
+                                   at::ArrayRef<double> dropout, size_t output_mask_size);
+
 // A negative slope must be finite in float32, where the kernels of every dtype but float64 multiply by
 // it; every op checks it whatever the activation, as the Python layers do when the slope is set.
 void check_negative_slope(double negative_slope);

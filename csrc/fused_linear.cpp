@@ -50,13 +50,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward(
     const at::Tensor& saved, int64_t activation, double negative_slope,
     std::array<bool, 3> output_mask) {
   check_readable_args(input, weight, std::nullopt);
-  check_fused_linear_args(input, weight, std::nullopt, activation, negative_slope);
+  check_fused_linear_backward_args(grad_output, input, weight, saved, activation, negative_slope);
   const KernelScope scope(input, &grad_output);  // NOTE [Kernels run below autograd]
   const auto act = static_cast<Activation>(activation);
-  const auto shape = detail::output_shape(input, weight.size(0));
-  check_saved_tensor("grad_output", grad_output, input, shape);
   const bool needs_saved = act != Activation::Identity;
-  if (needs_saved) check_saved_tensor("saved activation", saved, input, shape);
 
   const at::Tensor grad_out = detail::as_matrix(grad_output).contiguous();  // e.g. expanded by sum().backward()
   const at::Tensor s = needs_saved ? detail::as_matrix(saved).contiguous() : at::Tensor();

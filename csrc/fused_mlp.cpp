@@ -102,16 +102,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
     double negative_slope, at::ArrayRef<double> dropout, const c10::List<bool>& output_mask) {
   const size_t layers = weights.size();
   check_readable_args(input, weights, nullptr);
-  check_fused_mlp_args(input, weights, BiasList(std::vector<std::optional<at::Tensor>>(layers)), activations,
-                       negative_slope, dropout);
-  TORCH_CHECK_VALUE(hidden.size() + 1 == layers && preacts.size() == layers && keep_masks.size() == layers,
-                    "pyfastnn: fused_mlp_backward got ", hidden.size(), " hidden, ", preacts.size(),
-                    " pre-activation and ", keep_masks.size(), " mask tensors for ", layers, " layers");
-  TORCH_CHECK_VALUE(output_mask.size() == 1 + 2 * layers, "pyfastnn: output_mask needs ", 1 + 2 * layers,
-                    " entries (input, weights, biases), got ", output_mask.size());
+  check_fused_mlp_backward_args(grad_output, input, weights, output, hidden, preacts, keep_masks, activations,
+                                negative_slope, dropout, output_mask.size());
   const KernelScope scope(input, &grad_output);  // NOTE [Kernels run below autograd]
   const auto out_shape = detail::output_shape(input, weights[layers - 1].size(0));
-  check_saved_tensor("grad_output", grad_output, input, out_shape);
 
   // Gradients not asked for are separate empty tensors (outputs of an op must not alias each other).
   const auto none = [&] { return at::empty({0}, input.options()); };
@@ -135,27 +129,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
   // Set when the layer above already applied this layer's activation derivative inside its
   // data-gradient GEMM: `grad` is then the pre-activation gradient.
   bool grad_is_preact = false;
-  // A layer ran dropout iff its keep mask is 2-D; layers without it save an empty 1-D placeholder.
+  // A layer ran dropout iff its keep mask is 2-D (checked, check_fused_mlp_backward_args); layers
+  // without it save an empty 1-D placeholder.
   std::vector<bool> has_mask(layers);
-  for (size_t l = 0; l < layers; ++l) {
-    TORCH_CHECK_TYPE(keep_masks[l].defined(), "pyfastnn: keep_masks[", l,
-                     "] is missing (an empty 1-D uint8 tensor stands for a layer without dropout)");
-    has_mask[l] = keep_masks[l].dim() == 2;
-    if (has_mask[l]) check_readable("keep_masks", keep_masks[l], static_cast<int64_t>(l));
-    TORCH_CHECK_VALUE(has_mask[l] || (keep_masks[l].dim() == 1 && keep_masks[l].numel() == 0),
-                      "pyfastnn: keep_masks[", l, "] must be the layer's 2-D dropout mask or an empty 1-D tensor "
-                      "(no dropout), got shape ", keep_masks[l].sizes());
-    // Only a forward that dropped out makes a mask: with p = 0 it would be applied unscaled.
-    TORCH_CHECK_VALUE(!has_mask[l] || dropout[l] > 0.0, "pyfastnn: keep_masks[", l, "] is a dropout mask, but dropout[",
-                      l, "] is 0: pass the probability the forward dropped out with");
-    // Every mask, also one whose layer's backward the layer above takes over (NOTE [relu bit masks]).
-    const std::vector<int64_t> layer_shape{rows, weights[l].size(0)};
-    TORCH_CHECK_VALUE(!has_mask[l] || (keep_masks[l].sizes() == at::IntArrayRef(layer_shape) &&
-                                       keep_masks[l].scalar_type() == at::kByte &&
-                                       keep_masks[l].device() == input.device()),
-                      "pyfastnn: keep_masks[", l, "] must be a uint8 tensor of shape ", at::IntArrayRef(layer_shape),
-                      " on ", input.device());
-  }
+  for (size_t l = 0; l < layers; ++l) has_mask[l] = keep_masks[l].dim() == 2;
   for (int64_t l = static_cast<int64_t>(layers) - 1; l >= lowest; --l) {
     const auto act = grad_is_preact ? Activation::Identity : static_cast<Activation>(activations[l]);
     const bool last = l + 1 == static_cast<int64_t>(layers);

@@ -42,6 +42,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                    const std::vector<double>& dropout) {
     pyfastnn::check_fused_mlp_args(input, weights, pyfastnn::BiasList(biases), activations, negative_slope, dropout);
   });
+  m.def("check_fused_linear_backward_args", [](const at::Tensor& grad_output, const at::Tensor& input,
+                                               const at::Tensor& weight, const at::Tensor& saved, int64_t activation,
+                                               double negative_slope) {
+    pyfastnn::check_fused_linear_backward_args(grad_output, input, weight, saved, activation, negative_slope);
+  });
+  m.def("check_fused_mlp_backward_args", [](const at::Tensor& grad_output, const at::Tensor& input,
+                                            const std::vector<at::Tensor>& weights, const at::Tensor& output,
+                                            const std::vector<at::Tensor>& hidden,
+                                            const std::vector<at::Tensor>& preacts,
+                                            const std::vector<at::Tensor>& keep_masks,
+                                            const std::vector<int64_t>& activations, double negative_slope,
+                                            const std::vector<double>& dropout, size_t output_mask_size) {
+    pyfastnn::check_fused_mlp_backward_args(grad_output, input, weights, output, hidden, preacts, keep_masks,
+                                            activations, negative_slope, dropout, output_mask_size);
+  });
   m.def("check_readable", [](const std::string& name, const at::Tensor& t) {
     pyfastnn::check_readable(name.c_str(), t);
   }, "Raises NotImplementedError naming `name` unless the kernels can read t's memory.");

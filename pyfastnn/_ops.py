@@ -60,10 +60,15 @@ def canonical_activation(activation: Union[str, None]) -> str:
 
 def _real_number(value: object, what: str) -> float:
     """``value`` as a float, or TypeError naming ``what`` unless it is a real number (``bool``, a
-    string or a tensor would otherwise pass through ``float()``)."""
+    string or a tensor would otherwise pass through ``float()``); ValueError for an integer beyond
+    any float (``float()``'s bare OverflowError names nothing)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"pyfastnn: {what} must be a real number, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"pyfastnn: {what} must be a number a float can hold, got an integer of "
+                         f"{abs(int(value)).bit_length()} bits") from None
 
 
 def slope_value(negative_slope: float) -> float:
@@ -215,7 +220,7 @@ def _fused_linear_forward_fake(input, weight, bias, activation, negative_slope, 
 
 @torch.library.register_fake("pyfastnn::fused_linear_backward")
 def _fused_linear_backward_fake(grad_output, input, weight, saved, activation, negative_slope, output_mask):
-    _output_shape(input, weight, None, activation, negative_slope)
+    native.check_fused_linear_backward_args(grad_output, input, weight, saved, activation, negative_slope)
     grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0] else None
     grad_weight = weight.new_empty(weight.shape) if output_mask[1] else None
     grad_bias = weight.new_empty(weight.shape[:1]) if output_mask[2] else None
@@ -261,7 +266,9 @@ def _fused_mlp_forward_fake(input, weights, biases, activations, negative_slope,
 def _fused_mlp_backward_fake(grad_output, input, weights, output, hidden, preacts, keep_masks, activations,
                              negative_slope, dropout, output_mask):
     layers = len(weights)
-    _mlp_output_shape(input, weights, [None] * layers, activations, negative_slope, dropout)
+    native.check_fused_mlp_backward_args(grad_output, input, list(weights), output, list(hidden), list(preacts),
+                                         list(keep_masks), list(activations), negative_slope, list(dropout),
+                                         len(output_mask))
 
     def none() -> torch.Tensor:  # one empty tensor per gradient not asked for: outputs must not alias
         return input.new_empty((0,))

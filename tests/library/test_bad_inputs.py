@@ -39,6 +39,8 @@ CASES = [
     ("slope_beyond_float32_in_float64", (X.double(), W.double(), None), {"activation": "leaky_relu",
                                                                           "negative_slope": -1e39}, ValueError,
      r"negative_slope must be finite in float32 .*, got -1e\+39"),
+    ("slope_an_integer_beyond_any_float", (X, W, None), {"activation": "leaky_relu", "negative_slope": -10 ** 400},
+     ValueError, "negative_slope must be a number a float can hold, got an integer of 1329 bits"),
     ("slope_learnable", (X, W, None), {"activation": "leaky_relu",
                                        "negative_slope": torch.tensor(0.2, requires_grad=True)}, TypeError,
      "negative_slope must be a real number"),
@@ -172,6 +174,60 @@ def test_the_slope_is_checked_wherever_it_is_given():
     # A number-like tensor that needs no gradient is its value, as torch's Scalar arguments take it.
     torch.testing.assert_close(pyfastnn.fused_linear(X, W, None, "leaky_relu", negative_slope=torch.tensor(0.2)),
                                torch.nn.functional.leaky_relu(X @ W.T, 0.2))
+
+
+def test_a_dropout_probability_beyond_any_float_is_refused_by_name():
+    message = "dropout probability must be a number a float can hold, got an integer of 1329 bits"
+    for make in (lambda: pyfastnn.FusedMLP([3, 4, 2], dropout=10 ** 400),
+                 lambda: pyfastnn.FusedLinear(3, 4, dropout=10 ** 400),
+                 lambda: pyfastnn.fused_mlp(X, [W, W[:, :3]], dropout=10 ** 400, training=True)):
+        with pytest.raises(ValueError, match=message):
+            make()
+
+
+def _backward_arguments():
+    """Each backward op's arguments from a real forward, by name (fused_mlp: two layers, dropout
+    after the first)."""
+    ops = torch.ops.pyfastnn
+    relu = pyfastnn.ACTIVATIONS.index("relu")
+    x, w1, w2 = torch.randn(4, 5), torch.randn(6, 5), torch.randn(3, 6)
+    out, _ = ops.fused_linear_forward(x, w1, None, relu, 0.01, False)
+    linear = dict(grad_output=torch.ones_like(out), input=x, weight=w1, saved=out, activation=relu,
+                  negative_slope=0.01, output_mask=[True, True, False])
+    with torch.random.fork_rng():
+        out, hidden, preacts, masks = ops.fused_mlp_forward(x, [w1, w2], [None, None], [relu, 0], 0.01, [0.5, 0.0],
+                                                            True)
+    mlp = dict(grad_output=torch.ones_like(out), input=x, weights=[w1, w2], output=out, hidden=hidden,
+               preacts=preacts, keep_masks=masks, activations=[relu, 0], negative_slope=0.01, dropout=[0.5, 0.0],
+               output_mask=[True, True, True, False, False])
+    return {"fused_linear_backward": linear, "fused_mlp_backward": mlp}
+
+
+@pytest.mark.parametrize("op,argument,exc,pattern", [
+    ("fused_linear_backward", "grad_output", TypeError, "grad_output is on meta but input is on cpu"),
+    ("fused_linear_backward", "saved", TypeError, "saved activation is on meta but input is on cpu"),
+    ("fused_mlp_backward", "grad_output", TypeError, "grad_output is on meta but input is on cpu"),
+    ("fused_mlp_backward", "output", TypeError, "saved output is on meta but input is on cpu"),
+    ("fused_mlp_backward", "hidden", TypeError, r"hidden\[0\] is on meta but input is on cpu"),
+    ("fused_mlp_backward", "preacts", TypeError, r"preacts\[0\] is on meta but input is on cpu"),
+    ("fused_mlp_backward", "keep_masks", ValueError, r"keep_masks\[0\] must be a uint8 tensor of shape \[4, 6\] on cpu"),
+    ("fused_mlp_backward", "keep_masks[1]", TypeError, r"keep_masks\[1\] is on meta but input is on cpu"),
+])
+def test_a_backward_argument_on_another_device_is_refused_where_the_fake_kernel_runs(op, argument, exc, pattern):
+    """One meta tensor among CPU ones sends the call to the fake kernel, which returned unwritten CPU
+    tensors for the gradients: it runs the kernels' checks of every argument backward reads."""
+    args = _backward_arguments()[op]
+    name, _, index = argument.partition("[")
+    value = args[name]
+    if isinstance(value, list):  # one tensor of the list: the first, or the one named
+        value = list(value)
+        at = int(index.rstrip("]")) if index else 0
+        value[at] = value[at].to("meta")
+    else:
+        value = value.to("meta")
+    with pytest.raises(exc, match=pattern):
+        getattr(torch.ops.pyfastnn, op)(**{**args, name: value})
+    getattr(torch.ops.pyfastnn, op)(**args)  # as the forward left them, they are accepted
 
 
 def test_a_tensor_slope_that_torch_export_cannot_know_is_refused_by_name():

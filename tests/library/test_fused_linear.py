@@ -205,6 +205,25 @@ def test_torch_compile_fullgraph_matches_eager(backend):
         torch.testing.assert_close(compiled(x), model(x))
 
 
+def test_torch_compile_with_a_dynamic_batch_trains_like_eager():
+    """Symbolic batch sizes reach every fake kernel, backward ones included (their argument checks
+    compare symbolic shapes)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(pyfastnn.FusedMLP([20, 32, 16], activation="gelu"),
+                                pyfastnn.FusedLinear(16, 4, activation="sigmoid"))
+    compiled = torch.compile(model, dynamic=True, fullgraph=True, backend="aot_eager")
+    for batch in (3, 7, 12):
+        x = torch.randn(batch, 2, 20)
+        model.zero_grad()
+        model(x).square().sum().backward()
+        eager_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        compiled(x).square().sum().backward()
+        for p, g in zip(model.parameters(), eager_grads):
+            torch.testing.assert_close(p.grad, g)
+
+
 def test_compiled_dropout_gradients_belong_to_the_output_at_default_recomputation():
     # README: with dropout in training, the compiler's partitioner must not recompute the fused
     # forward in backward (it would draw new masks). At its defaults it does not; with an activation
