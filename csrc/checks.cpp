@@ -272,6 +272,7 @@ void check_fused_mlp_backward_args(const at::Tensor& grad_output, const at::Tens
     const at::Tensor& mask = keep_masks[l];
     TORCH_CHECK_TYPE(mask.defined(), "pyfastnn: keep_masks[", l,
                      "] is missing (an empty 1-D uint8 tensor stands for a layer without dropout)");
+    check_device("keep_masks", mask, static_cast<int64_t>(l));
     const bool has_mask = mask.dim() == 2;
     if (has_mask) check_readable("keep_masks", mask, static_cast<int64_t>(l));
     TORCH_CHECK_VALUE(has_mask || (mask.dim() == 1 && mask.sym_numel() == 0), "pyfastnn: keep_masks[", l,
@@ -283,10 +284,9 @@ void check_fused_mlp_backward_args(const at::Tensor& grad_output, const at::Tens
     // Every mask, also one whose layer's backward the layer above takes over (NOTE [relu bit masks]).
     const std::vector<c10::SymInt> layer_shape{rows, weights[l].sym_size(0)};
     TORCH_CHECK_VALUE(!has_mask || (mask.sym_sizes() == c10::SymIntArrayRef(layer_shape) &&
-                                    mask.scalar_type() == at::kByte && mask.device() == input.device()),
+                                    mask.scalar_type() == at::kByte),
                       "pyfastnn: keep_masks[", l, "] must be a uint8 tensor of shape ", c10::SymIntArrayRef(layer_shape),
-                      " on ", input.device());
-    check_device("keep_masks", mask, static_cast<int64_t>(l));
+                      ", got ", mask.scalar_type(), " of shape ", mask.sym_sizes());
   }
 }
 

@@ -60,15 +60,16 @@ def canonical_activation(activation: Union[str, None]) -> str:
 
 def _real_number(value: object, what: str) -> float:
     """``value`` as a float, or TypeError naming ``what`` unless it is a real number (``bool``, a
-    string or a tensor would otherwise pass through ``float()``); ValueError for an integer beyond
-    any float (``float()``'s bare OverflowError names nothing)."""
+    string or a tensor would otherwise pass through ``float()``); ValueError for a number beyond any
+    float (``float()``'s bare OverflowError names nothing)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"pyfastnn: {what} must be a real number, got {value!r}")
     try:
         return float(value)
     except OverflowError:
-        raise ValueError(f"pyfastnn: {what} must be a number a float can hold, got an integer of "
-                         f"{abs(int(value)).bit_length()} bits") from None
+        size = f"an integer of {abs(int(value)).bit_length()} bits" if isinstance(value, numbers.Integral) else \
+            f"a {type(value).__name__} beyond that range"
+        raise ValueError(f"pyfastnn: {what} must be a number a float can hold, got {size}") from None
 
 
 def slope_value(negative_slope: float) -> float:

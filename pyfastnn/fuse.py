@@ -166,39 +166,49 @@ class Absorbed(nn.Identity):
         return f"nn.Linear fused into module {self.fused_into} as its layer {self.layer_name!r}"
 
 
+def _runs_as(module: nn.Module, target: nn.Module) -> bool:
+    """Whether ``module`` is ``target`` or wraps it alone, through modules of one child each
+    (``checkpoint_wrapper``, FSDP's wrapper, DDP), which run it as it is."""
+    while module is not target:
+        children = list(module.children())
+        if len(children) != 1:
+            return False
+        module = children[0]
+    return True
+
+
 class FusedSlots:
     """Keeps a partly fused Sequential as :func:`fuse` left it: each run's fused module computes the
     whole run from the index of its first module, so a module put in a placeholder's place
     (``seq[3] = nn.Linear(...)``), a fused module replaced, or indices shifted by ``insert`` or
     ``del`` would run out of place, and the original state-dict keys (:class:`SaveOriginalKeys`)
     would name other modules. Registered on the Sequential as its forward, state-dict and
-    load-state-dict pre-hook: each call, ``state_dict()`` and ``load_state_dict()`` checks that every
-    slot holds the module fuse() put there, and raises ``RuntimeError`` naming the slot otherwise.
-    ``slots`` maps each slot's name to (that module, the name of its run's first slot)."""
+    load-state-dict pre-hook (all three called with the Sequential first): each call, ``state_dict()``
+    and ``load_state_dict()`` checks that every slot holds the module fuse() put there, or a wrapper
+    that runs just that module (say ``apply_activation_checkpointing``'s), and raises ``RuntimeError``
+    naming the slot otherwise. ``slots`` maps each slot's name to (that module, the name of its run's
+    first slot); ``path`` is the Sequential's in the model fuse() returned."""
 
-    def __init__(self, slots: Dict[str, Tuple[nn.Module, str]]) -> None:
-        self.slots = slots
+    def __init__(self, slots: Dict[str, Tuple[nn.Module, str]], path: str = "") -> None:
+        self.slots, self.path = slots, path
 
-    def check(self, seq: nn.Module) -> None:
+    def __call__(self, seq: nn.Module, *hook_args) -> None:
         modules = seq._modules  # a dict lookup per slot: getattr would take nn.Module's slow __getattr__
         for name, (module, run_start) in self.slots.items():
-            if modules.get(name) is not module:
-                run = [slot for slot, (_, start) in self.slots.items() if start == run_start]
-                raise RuntimeError(
-                    f"pyfastnn: module {name!r} of this Sequential was replaced, moved or deleted after fuse() "
-                    f"folded modules {run[0]}..{run[-1]} into module {run_start}, which computes all of them: the "
-                    f"Sequential would no longer compute what its modules say, and state_dict() would save the "
-                    f"wrong modules under the original keys. Make the change on the model before fuse() and fuse "
-                    f"it again, or put back the module fuse() left there")
-
-    def before_call(self, seq: nn.Module, args) -> None:
-        self.check(seq)
-
-    def before_save(self, seq: nn.Module, prefix: str, keep_vars: bool) -> None:
-        self.check(seq)
-
-    def before_load(self, seq: nn.Module, *args) -> None:
-        self.check(seq)
+            current = modules.get(name)
+            if current is module:
+                continue
+            if current is not None and _runs_as(current, module):
+                self.slots[name] = (current, run_start)  # a wrapper, checked once
+                continue
+            run = [slot for slot, (_, start) in self.slots.items() if start == run_start]
+            where = f"Sequential {self.path!r}" if self.path else "this Sequential"
+            raise RuntimeError(
+                f"pyfastnn: module {name!r} of {where} was replaced, moved or deleted after fuse() folded modules "
+                f"{run[0]}..{run[-1]} into module {run_start}, which computes all of them: the Sequential would no "
+                f"longer compute what its modules say, and state_dict() would save the wrong modules under the "
+                f"original keys. Make the change on the model before fuse() and fuse it again, or put back the "
+                f"module fuse() left there")
 
 
 def _fused_module(layers: List[Layer], as_mlp: bool = False) -> nn.Module:
@@ -308,10 +318,10 @@ def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_w
             renames[names[j]] = f"{names[i]}.{layer_name}"
         i = end
     if slots:
-        guard = FusedSlots(slots)
-        seq.register_forward_pre_hook(guard.before_call)
-        seq.register_state_dict_pre_hook(guard.before_save)
-        seq.register_load_state_dict_pre_hook(guard.before_load)
+        guard = FusedSlots(slots, path.rstrip("."))
+        seq.register_forward_pre_hook(guard)
+        seq.register_state_dict_pre_hook(guard)
+        seq.register_load_state_dict_pre_hook(guard)
     if renames:
         seq.register_state_dict_post_hook(SaveOriginalKeys(renames))
         loader = LoadOriginalKeys(renames)

@@ -179,8 +179,8 @@ def check_config(config: TrainConfig) -> None:
     if config.cuda_graph and not config.device.startswith("cuda"):
         raise InvalidArgument("cuda_graph", "needs --device cuda")
     if config.cuda_graph and launched_processes() > 1:
-        raise InvalidArgument("cuda_graph", "is not supported with DistributedDataParallel (torchrun); "
-                                            "use --no-cuda-graph")
+        raise InvalidArgument("cuda_graph", "is not supported with DistributedDataParallel (a run of several "
+                                            "processes); use --no-cuda-graph")
 
 
 def _check_backend(backend: str) -> None:
@@ -206,13 +206,12 @@ def check_device(device: str, backend: str) -> None:
         raise InvalidArgument("device", f"{device!r} is not available: {why} (torch {torch.__version__})")
     if parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise InvalidArgument("device", f"{device!r} is not available: {torch.cuda.device_count()} CUDA device(s)")
-    if launched_processes() > 1:  # each process trains on its own GPU (_process_gpu)
-        gpu, local_rank = _process_gpu()
-        if parsed.index is not None and parsed.index != gpu:
-            which = "cuda:$LOCAL_RANK under torchrun" if local_rank is not None else "its current CUDA device"
-            raise InvalidArgument("device", f"{device!r}: each process of a multi-process run trains on {which} "
-                                            f"(here cuda:{gpu}; pass cuda)")
-        if gpu >= torch.cuda.device_count():
+    local_rank = _local_rank()
+    if launched_processes() > 1 and local_rank is not None:  # torchrun: each process trains on cuda:$LOCAL_RANK
+        if parsed.index is not None and parsed.index != local_rank:
+            raise InvalidArgument("device", f"{device!r}: under torchrun each process trains on cuda:$LOCAL_RANK "
+                                            f"(here cuda:{local_rank}; pass cuda)")
+        if local_rank >= torch.cuda.device_count():
             raise InvalidArgument("device", f"'cuda' for the process of LOCAL_RANK {local_rank}: "
                                             f"{torch.cuda.device_count()} CUDA device(s), one per process of a node")
     if backend == "fused":
@@ -343,16 +342,32 @@ def launched_processes() -> int:
     return int(value)
 
 
-def _process_gpu() -> Tuple[int, Optional[int]]:
-    """The GPU this process of a multi-process run trains on, and its LOCAL_RANK where that chose it:
-    under torchrun, LOCAL_RANK (the process's index among those started on its node); in a process
-    group its caller set up without one, the current CUDA device, which such callers set per process."""
+def _local_rank() -> Optional[int]:
+    """This process's index among those torchrun started on its node (LOCAL_RANK); None without it
+    (one process, or a process group its caller set up)."""
     value = os.environ.get("LOCAL_RANK")
     if value is None:
-        return torch.cuda.current_device(), None
+        return None
     if not value.strip().isdigit():
         raise ValueError(f"the environment variable LOCAL_RANK (set by torchrun) must be an index >= 0, got {value!r}")
-    return int(value), int(value)
+    return int(value)
+
+
+def _process_device(device: str, backend: str) -> str:
+    """The device this process of a multi-process run trains on, made current where it is a GPU:
+    under torchrun cuda:$LOCAL_RANK; in a process group its caller set up, the GPU ``device`` names,
+    else the current one (such callers set it per process). A group whose backend cannot reach the
+    device is refused by name (nccl reduces CUDA tensors only)."""
+    if not device.startswith("cuda"):
+        if backend == "nccl":
+            raise InvalidArgument("device", f"{device!r}: the run's process group uses nccl, which reduces CUDA "
+                                            f"tensors only (train on cuda, or set up a gloo group)")
+        return device
+    local_rank = _local_rank()
+    index = local_rank if local_rank is not None else torch.device(device).index
+    device = f"cuda:{torch.cuda.current_device() if index is None else index}"
+    torch.cuda.set_device(device)
+    return device
 
 
 #: Seconds the processes of a run may take to meet before a line says what each one waits for.
@@ -367,11 +382,7 @@ def _distributed(device: str):
 
     if not dist.is_initialized():
         join_process_group("nccl" if device.startswith("cuda") else "gloo", world_size)
-    rank = dist.get_rank()
-    if device.startswith("cuda"):
-        device = f"cuda:{_process_gpu()[0]}"
-        torch.cuda.set_device(device)
-    return rank, dist.get_world_size(), device
+    return dist.get_rank(), dist.get_world_size(), _process_device(device, dist.get_backend())
 
 
 @dataclasses.dataclass

@@ -97,6 +97,38 @@ def test_train_uses_a_process_group_its_caller_set_up(tmp_path, tiny_mnist_dir):
         assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
 
 
+def test_a_callers_process_group_trains_on_the_gpu_named_or_current_and_nccl_refuses_the_cpu(tiny_mnist_dir,
+                                                                                               monkeypatch):
+    """Without torchrun's LOCAL_RANK, a caller that set up the group (mp.spawn) names each process's
+    GPU (cuda:N) or makes it current; a group whose backend cannot reduce on the device is named."""
+    import torch.distributed as dist
+
+    import pyfastnn.lesson.train as train_module
+
+    for name in ("LOCAL_RANK", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    backend = "gloo"
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.setattr(train_module, "info", lambda: {"backends": {"cuda": True}})
+    monkeypatch.setattr(train_module, "_run", lambda config, resumed, out, rank, world_size, device:
+                        (rank, world_size, device))
+    config = lambda device: TrainConfig(data=str(tiny_mnist_dir), out=None, progress=False, device=device)  # noqa: E731
+    assert train(config("cuda:0")) == (1, 2, "cuda:0")  # the GPU the caller names
+    assert train(config("cuda")) == (1, 2, "cuda:1")  # else the one it made current
+    assert made_current == ["cuda:0", "cuda:1"]
+    backend = "nccl"
+    with pytest.raises(ValueError, match="'cpu': the run's process group uses nccl, which reduces CUDA tensors only"):
+        train(config("cpu"))
+
+
 def test_ddp_ranks_draw_their_own_dropout_masks_and_resume_exactly(tmp_path, mnist_dir):
     """Each rank draws its own masks (the same seed on every rank would give every shard the same
     masks), the weights stay equal across ranks, and a resumed run continues every rank's generator."""
@@ -387,7 +419,7 @@ def test_a_collective_broken_by_another_process_stopping_ends_in_one_line(tmp_pa
         train(TrainConfig(data=str(tiny_mnist_dir), out=None, progress=False))
 
 
-def test_a_gpu_per_process_of_a_multi_process_run(monkeypatch):
+def test_a_gpu_per_process_under_torchrun(monkeypatch):
     import pyfastnn.lesson.train as train_module
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -397,19 +429,12 @@ def test_a_gpu_per_process_of_a_multi_process_run(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     train_module.check_device("cuda", "fused")  # process 0 has its GPU
     train_module.check_device("cuda:0", "fused")  # and may name it
-    with pytest.raises(ValueError, match=r"'cuda:1': each process of a multi-process run trains on cuda:\$LOCAL_RANK "
-                                         r"under torchrun \(here cuda:0; pass cuda\)"):
+    with pytest.raises(ValueError, match=r"'cuda:1': under torchrun each process trains on cuda:\$LOCAL_RANK "
+                                         r"\(here cuda:0; pass cuda\)"):
         train_module.check_device("cuda:1", "fused")  # would be replaced unsaid
     monkeypatch.setenv("LOCAL_RANK", "2")
     with pytest.raises(ValueError, match="LOCAL_RANK 2: 2 CUDA device"):
         train_module.check_device("cuda", "fused")  # more processes than GPUs on the node
-    # Without torchrun's LOCAL_RANK (a group its caller set up), the GPU the caller made current.
-    monkeypatch.delenv("LOCAL_RANK")
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    train_module.check_device("cuda:1", "fused")
-    with pytest.raises(ValueError, match=r"'cuda:0': each process of a multi-process run trains on its current "
-                                         r"CUDA device \(here cuda:1; pass cuda\)"):
-        train_module.check_device("cuda:0", "fused")
 
 
 def test_a_join_interrupted_by_ctrl_c_is_waited_for_not_repeated(monkeypatch):

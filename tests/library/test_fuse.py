@@ -407,6 +407,31 @@ def test_a_fused_sequential_guards_its_runs_in_copies_and_still_takes_appended_m
     fused.append(nn.Identity())  # after the last run: no index of a run moves
     torch.testing.assert_close(fused(x), original(x))
     fused.load_state_dict(original.state_dict())
+    # Inside a model, the message names the Sequential by its path there.
+    model = pyfastnn.fuse(nn.Sequential(nn.Identity(), _head_with_a_fused_run()))
+    model[1][5] = nn.Linear(12, 4)
+    with pytest.raises(RuntimeError, match="module '5' of Sequential '1' was replaced"):
+        model(x)
+
+
+def test_a_wrapper_that_runs_just_the_fused_module_keeps_the_run():
+    """apply_activation_checkpointing (FSDP's usual companion) wraps the fused module in place: the
+    network and its keys are the same, so the guard takes it."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    torch.manual_seed(0)
+    original = _head_with_a_fused_run()
+    fused = pyfastnn.fuse(original)
+    apply_activation_checkpointing(fused, check_fn=lambda module: isinstance(module, FusedMLP))
+    assert type(fused[1]) is not FusedMLP
+    x = torch.randn(3, 8, requires_grad=True)
+    torch.testing.assert_close(fused(x), original(x))
+    fused(x).sum().backward()
+    assert list(fused.state_dict()) == list(original.state_dict())
+    fused.load_state_dict(original.state_dict())
+    fused[1] = nn.Sequential(fused[1], nn.Identity())  # a module that runs more than the fused one is not a wrapper
+    with pytest.raises(RuntimeError, match="module '1' of this Sequential was replaced"):
+        fused(x)
 
 
 @pytest.mark.parametrize("hook", ["forward", "forward pre", "full backward"])
