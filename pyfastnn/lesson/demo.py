@@ -207,8 +207,10 @@ DEMO_MISSING_HINT = "point --data at the folder that holds them"
 def _demo(args) -> int:
     processes = launched_processes()
     if processes > 1:  # each process would run the whole lesson into the same folder
-        raise ValueError(f"pyfastnn demo runs in one process, not under torchrun (WORLD_SIZE={processes}); "
-                         "pyfastnn train is the command that trains across processes")
+        where = f"under torchrun (WORLD_SIZE={processes})" if "WORLD_SIZE" in os.environ else \
+            f"in a process group of {processes} processes"
+        raise ValueError(f"pyfastnn demo runs in one process, not {where}; pyfastnn train is the command that "
+                         "trains across processes")
     # Mistakes in --data, --device or --out fail now, naming the problem, not after minutes of lesson.
     check_device(args.device, "fused")
     data = args.data if args.data is not None else find_mnist()  # --data, else $PYFASTNN_MNIST if it holds MNIST
