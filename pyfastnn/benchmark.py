@@ -234,7 +234,8 @@ def _variants(m: int, k: int, n: int, activation: str, backward: bool, with_comp
 
 def write_results(path: str, record: Mapping[str, object]) -> None:
     """Writes ``record`` (the build's :func:`pyfastnn.info` and the figures) to ``path`` as indented
-    JSON, atomically: an existing file is replaced only by a complete one.
+    JSON, atomically: an existing file is replaced only by a complete one. A figure that is NaN or
+    infinite is written as ``null`` (JSON has no such numbers; strict readers refuse Python's ``NaN``).
 
     Example:
         >>> from pyfastnn.benchmark import write_results
@@ -248,10 +249,22 @@ def write_results(path: str, record: Mapping[str, object]) -> None:
     restore_output_folder(path)  # made when the run began, it may have been removed meanwhile
     try:
         with atomic_write(path) as f:
-            f.write(json.dumps(record, indent=2).encode() + b"\n")  # a text file: `>> log` appends on a new line
+            f.write(json.dumps(_finite_or_null(record), indent=2, allow_nan=False).encode()
+                    + b"\n")  # a text file: `>> log` appends on a new line
     except BrokenPipeError:  # `--json - | head -3`: the reader stopped, as with any other output
         return
     print(f"wrote {path}")
+
+
+def _finite_or_null(value):
+    """``value`` with every NaN or infinite float inside its dicts, lists and tuples made None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 @contextlib.contextmanager

@@ -95,12 +95,24 @@ def check_number(name: str, value, minimum=None, maximum=None, *, integer: bool 
         Traceback (most recent call last):
         ...
         pyfastnn.command.InvalidArgument: epochs must be an integer, got 2.5
+        >>> check_number("lr", 10 ** 400, 0)  # beyond any float, which lr is used as
+        Traceback (most recent call last):
+        ...
+        pyfastnn.command.InvalidArgument: lr must be a finite number, got an integer of 1329 bits
     """
     if integer:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise InvalidArgument(name, f"must be an integer, got {value!r}")
-    elif isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InvalidArgument(name, f"must be a finite number, got {value!r}")
+    else:
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer beyond any float, which the setting is used as
+            raise InvalidArgument(name, f"must be a finite number, got an integer of {abs(int(value)).bit_length()} "
+                                        f"bits") from None
+        if not finite:
+            raise InvalidArgument(name, f"must be a finite number, got {value!r}")
     if minimum is not None and (value < minimum or (value == minimum and not include_minimum)):
         raise InvalidArgument(name, f"must be {'>=' if include_minimum else '>'} {minimum}, got {value!r}")
     if maximum is not None and (value > maximum or (value == maximum and not include_maximum)):

@@ -61,8 +61,10 @@ def is_standard_output(path: PathLike) -> bool:
 def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
     """Opens a binary file whose content replaces ``path`` atomically when the block ends without error.
 
-    On an exception the temporary file is removed and ``path`` is left as it was. The file gets the
-    usual permissions (``0o666`` less the umask), like ``open(path, "wb")`` would. Where ``path`` is
+    On an exception the temporary file is removed and ``path`` is left as it was. The file keeps the
+    permissions of the file it replaces and a new one gets the usual ones (``0o666`` less the umask),
+    as with ``open(path, "wb")``. A name ending in a separator, ``.`` or ``..`` raises
+    ``IsADirectoryError``, as ``open`` does (``Path`` would drop the separator). Where ``path`` is
     a symbolic link, the file it points to is replaced (the link stays); where it is a device or a
     pipe (``/dev/null``), the bytes are written into it, as ``open`` would: there is no file to
     replace. ``/dev/stdout``, ``/dev/stderr`` and ``/dev/fd/N`` are written through the process's own
@@ -88,6 +90,8 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
         ({'ok': True}, ['result.json'])
     """
     shown = str(path)  # errors name the file asked for, not the link's target or the temporary file
+    if _names_a_folder(path):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), shown)
     descriptor = _descriptor_of(path)
     path = Path(os.path.realpath(path))
     if descriptor is None and path.is_dir():
@@ -124,6 +128,8 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
     except OSError as e:
         _raise_naming(e, shown, cause=False)
     try:
+        with contextlib.suppress(FileNotFoundError):  # a file locked down to 0o600 stays so
+            os.chmod(temporary, stat.S_IMODE(os.stat(path).st_mode))
         with os.fdopen(descriptor, "wb") as f:
             yield f
             f.flush()
@@ -137,6 +143,12 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
             _raise_naming(e, shown)
         raise
     _sync_folder(path.parent)
+
+
+def _names_a_folder(path: PathLike) -> bool:
+    """Whether a path given as text ends in a separator, ``.`` or ``..``: a folder whatever exists
+    (``Path()`` would drop a trailing ``/`` or ``/.``)."""
+    return isinstance(path, str) and os.path.basename(path) in ("", ".", "..")
 
 
 def _raise_naming(error: OSError, path: str, cause: bool = True) -> NoReturn:
@@ -224,7 +236,7 @@ def output_folder(path: PathLike, what: str = "output folder") -> Iterator[Path]
         []
     """
     path = Path(path)
-    created = _missing_folders(Path(os.path.abspath(path)))  # ".." resolved: only folders this call makes
+    created = _missing_folders(path.absolute())  # as mkdir walks it: "q/../r" makes q too
     for attempt in range(3):
         held = contextlib.ExitStack()
         try:
@@ -292,8 +304,9 @@ def restore_output_folder(path: PathLike, what: str = "--json") -> None:
 
 
 def _missing_folders(folder: Path) -> List[Path]:
-    """``folder`` and its parents that do not exist (yet), the deepest first."""
-    return [p for p in (folder, *folder.parents) if not p.exists()]
+    """``folder`` and its parents that do not exist (yet), the deepest first; a ``..`` or ``.`` step
+    is no folder of its own (``q/..`` is q's parent, which exists once q does)."""
+    return [p for p in (folder, *folder.parents) if p.name not in ("..", ".") and not p.exists()]
 
 
 def _remove_while_empty(folders) -> None:
@@ -321,7 +334,7 @@ def check_output_file(path: PathLike, what: str = "--json") -> Path:
         ...     print(str(e).replace(str(folder), "FOLDER"))
         --json FOLDER is a folder; give a file name
     """
-    if isinstance(path, str) and os.path.basename(path) in ("", ".", ".."):  # Path() would drop a "/" or "/."
+    if _names_a_folder(path):
         raise IsADirectoryError(f"{what} {path} names a folder; give a file name")
     path = Path(path)
     descriptor = _descriptor_of(path)

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import random
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -288,13 +289,25 @@ def check(case: Case) -> Optional[str]:
 
 
 def run(cases: int, seed: int = 0, mlp: bool = False, device: str = "cpu") -> List[str]:
-    """The mismatches among `cases` random fused_linear cases (fused_mlp cases with `mlp`) on `device`."""
+    """The mismatches among `cases` random fused_linear cases (fused_mlp cases with `mlp`) on `device`.
+
+    Example:
+        >>> from pyfastnn.testing import run
+        >>> run(3)
+        []
+        >>> run(-1)
+        Traceback (most recent call last):
+        ...
+        ValueError: cases must be a count >= 0, got -1
+    """
     return [m for m in checked_cases(cases, seed, mlp, device) if m is not None]
 
 
 def checked_cases(cases: int, seed: int = 0, mlp: bool = False, device: str = "cpu") -> Iterator[Optional[str]]:
     """Checks the cases of :func:`run` one at a time: each case's mismatch, or None where it passed
     (a long run can then report as it goes, and stop early)."""
+    if isinstance(cases, bool) or not isinstance(cases, numbers.Integral) or cases < 0:
+        raise ValueError(f"cases must be a count >= 0, got {cases!r}")
     make, verify = (random_mlp_case, check_mlp) if mlp else (random_case, check)
     rng = random.Random(seed)
     for _ in range(cases):

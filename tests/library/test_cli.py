@@ -399,6 +399,46 @@ def test_dev_stdout_is_written_through_the_descriptor_wherever_it_leads(tmp_path
     assert subprocess.run([sys.executable, "-c", interrupted], stdout=subprocess.PIPE, check=True).stdout == b""
 
 
+def test_atomic_write_keeps_a_replaced_files_permissions_and_refuses_a_folder_name(tmp_path):
+    """A file locked down to 0o600 became world-readable when replaced; a name ending in "/" was
+    written as a file, where open() and --json's check refuse it."""
+    import stat
+
+    from pyfastnn.files import atomic_write
+
+    private = tmp_path / "checkpoint.json"
+    private.write_text("old")
+    private.chmod(0o600)
+    with atomic_write(private) as f:
+        f.write(b"new")
+    assert private.read_text() == "new" and stat.S_IMODE(private.stat().st_mode) == 0o600
+    for name in (f"{tmp_path}/new/", f"{tmp_path}/new/.", f"{tmp_path}/new/.."):
+        with pytest.raises(IsADirectoryError) as caught:
+            with atomic_write(name) as f:
+                raise AssertionError("the block must not run")
+        assert caught.value.filename == name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json"]
+
+
+def test_an_output_folder_through_dot_dot_leaves_no_folder_when_the_run_stops(tmp_path, monkeypatch):
+    from pyfastnn.files import output_folder
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError):
+        with output_folder("q/../runs/a"):  # mkdir makes q on its way
+            raise RuntimeError("stopped before its first file")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_benchmark_json_holds_null_for_a_figure_that_is_no_number(tmp_path):
+    from pyfastnn.benchmark import write_results
+
+    path = tmp_path / "bench.json"
+    write_results(str(path), {"results": [{"us": float("nan"), "ratio": float("inf"), "pair": (1.5, 2)}]})
+    assert "NaN" not in path.read_text() and "Infinity" not in path.read_text()
+    assert json.loads(path.read_text()) == {"results": [{"us": None, "ratio": None, "pair": [1.5, 2]}]}
+
+
 def test_atomic_write_names_the_target_when_the_rename_fails(tmp_path, monkeypatch):
     import os
 
