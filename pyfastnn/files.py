@@ -128,9 +128,9 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
     except OSError as e:
         _raise_naming(e, shown, cause=False)
     try:
-        with contextlib.suppress(FileNotFoundError):  # a file locked down to 0o600 stays so
-            os.chmod(temporary, stat.S_IMODE(os.stat(path).st_mode))
-        with os.fdopen(descriptor, "wb") as f:
+        with os.fdopen(descriptor, "wb") as f:  # owns the descriptor from here, whatever fails
+            with contextlib.suppress(FileNotFoundError):  # a file locked down to 0o600 stays so
+                os.chmod(temporary, stat.S_IMODE(os.stat(path).st_mode))
             yield f
             f.flush()
             os.fsync(f.fileno())  # the content is on disk before the name points at it
