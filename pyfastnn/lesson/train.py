@@ -206,8 +206,8 @@ def check_device(device: str, backend: str) -> None:
         raise InvalidArgument("device", f"{device!r} is not available: {why} (torch {torch.__version__})")
     if parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise InvalidArgument("device", f"{device!r} is not available: {torch.cuda.device_count()} CUDA device(s)")
-    local_rank = _local_rank()
-    if launched_processes() > 1 and local_rank is not None:  # torchrun: each process trains on cuda:$LOCAL_RANK
+    # torchrun: each process trains on cuda:$LOCAL_RANK (a single process ignores a stray LOCAL_RANK)
+    if launched_processes() > 1 and (local_rank := _local_rank()) is not None:
         if parsed.index is not None and parsed.index != local_rank:
             raise InvalidArgument("device", f"{device!r}: under torchrun each process trains on cuda:$LOCAL_RANK "
                                             f"(here cuda:{local_rank}; pass cuda)")

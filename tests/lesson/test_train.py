@@ -356,6 +356,11 @@ def test_an_interrupted_epoch_closes_its_progress_bar_before_the_message(tmp_pat
 
 def test_a_single_process_ignores_a_stray_rank_and_refuses_a_bad_world_size(tmp_path, tiny_mnist_dir, monkeypatch,
                                                                            capsys):
+    import pyfastnn.lesson.train as train_module
+
+    monkeypatch.setenv("LOCAL_RANK", "x")  # left in the shell: no run of several processes reads it
+    train_module.check_device("cpu", "fused")
+    monkeypatch.delenv("LOCAL_RANK")
     common = ["--data", str(tiny_mnist_dir), "--batch-size", "32", "--epochs", "1", "--no-plots"]
     for rank in ("", "1", "x"):  # left over in the shell: torchrun sets RANK together with WORLD_SIZE
         monkeypatch.setenv("RANK", rank)
