@@ -203,9 +203,10 @@ def find_mnist(explicit: Optional[PathLike] = None) -> Optional[Path]:
     """A folder holding MNIST: ``explicit`` when given (None if it holds none: a wrong folder is not
     silently replaced by another), else ``$PYFASTNN_MNIST``, else None."""
     candidate = explicit if explicit is not None else os.environ.get("PYFASTNN_MNIST", "").strip()
-    if candidate and _locate(Path(candidate).expanduser(), _MNIST, "t10k-images-idx3-ubyte"):
-        return Path(candidate).expanduser()  # ~ as the shell would expand it, also in the variable
-    return None
+    if not candidate:
+        return None
+    folder = Path(candidate).expanduser()  # ~ as the shell would expand it, also in the variable
+    return folder if _locate(folder, _MNIST, "t10k-images-idx3-ubyte") else None
 
 
 def normalize(images: torch.Tensor, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> torch.Tensor:
