@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import statistics
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .command import command_parser, describe_error, output_file_argument, positive_int, run_command
-from .files import atomic_write, is_standard_output, output_file, restore_output_folder
+from .files import atomic_write, is_standard_output, json_bytes, output_file, restore_output_folder
 from .functional import fused_linear
 from ._ops import canonical_activation
 from .info import info
@@ -249,22 +248,10 @@ def write_results(path: str, record: Mapping[str, object]) -> None:
     restore_output_folder(path)  # made when the run began, it may have been removed meanwhile
     try:
         with atomic_write(path) as f:
-            f.write(json.dumps(_finite_or_null(record), indent=2, allow_nan=False).encode()
-                    + b"\n")  # a text file: `>> log` appends on a new line
+            f.write(json_bytes(record))
     except BrokenPipeError:  # `--json - | head -3`: the reader stopped, as with any other output
         return
     print(f"wrote {path}")
-
-
-def _finite_or_null(value):
-    """``value`` with every NaN or infinite float inside its dicts, lists and tuples made None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {key: _finite_or_null(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_null(item) for item in value]
-    return value
 
 
 @contextlib.contextmanager

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import json
+import math
 import os
 import re
 import secrets
@@ -25,7 +27,7 @@ except ImportError:  # not POSIX: no advisory locks, no descriptor flags
     fcntl = None
 
 __all__ = ["atomic_write", "ensure_writable_folder", "check_output_file", "check_output_names", "hold_folder",
-           "output_folder", "output_file", "restore_output_folder", "is_standard_output"]
+           "output_folder", "output_file", "restore_output_folder", "is_standard_output", "json_bytes"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -143,6 +145,29 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
             _raise_naming(e, shown)
         raise
     _sync_folder(path.parent)
+
+
+def json_bytes(data) -> bytes:
+    r"""``data`` as indented JSON text ending in a newline (``>> log`` appends on a line of its own),
+    every NaN or infinite float inside its dicts, lists and tuples written as ``null``: JSON has no
+    such numbers, and strict readers refuse the ``NaN`` Python would write.
+
+    Example:
+        >>> from pyfastnn.files import json_bytes
+        >>> json_bytes({"loss": float("nan"), "steps": [1, 2]})
+        b'{\n  "loss": null,\n  "steps": [\n    1,\n    2\n  ]\n}\n'
+    """
+    return json.dumps(_finite_or_null(data), indent=2, allow_nan=False).encode() + b"\n"
+
+
+def _finite_or_null(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def _names_a_folder(path: PathLike) -> bool:

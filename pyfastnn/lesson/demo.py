@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 from ..benchmark import run as run_bench
@@ -119,18 +118,23 @@ def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bo
     summary["chain_rule"] = c
 
     _section("XOR from scratch (numpy) and on fused sigmoid layers, lr 1.0")
-    for init_scale, epochs in ((0.01, 1000), (1.0, 5000)):
+    curves = {}
+    # The lesson's run (its init, 1000 epochs, its printout), then one whose larger init learns XOR.
+    for init_scale, epochs, print_every in ((0.01, 1000, 100), (1.0, 5000, 1000)):
+        print(f"init randn*{init_scale}, {epochs} epochs:")
         scratch = models.NumpyTwoLayerNet(2, 4, 1, seed=0, init_scale=init_scale)
         fused = models.TwoLayerNet.from_numpy(scratch)
-        losses = scratch.fit(X, models.XOR_TARGETS, epochs=epochs, learning_rate=1.0)
+        losses = scratch.fit(X, models.XOR_TARGETS, epochs=epochs, learning_rate=1.0, print_every=print_every)
         fused_losses = fused.fit(X, models.XOR_TARGETS, epochs=epochs, learning_rate=1.0)
         gap = max(abs(a - b) for a, b in zip(losses, fused_losses))
-        print(f"init randn*{init_scale}, {epochs} epochs: numpy MSE {losses[0]:.4f} -> {losses[-1]:.4f}, "
-              f"fused twin {fused_losses[-1]:.4f} (largest gap {gap:.1e}); predictions "
-              f"{np.round(scratch.forward(X).reshape(-1), 3).tolist()}")
+        print("Predictions:")
+        for inputs, prediction, expected in zip(X.astype(int), scratch.forward(X), models.XOR_TARGETS.astype(int)):
+            print(f"{inputs} -> {prediction[0]:.4f} (expected: {expected[0]})")
+        print(f"the fused twin ends at MSE {fused_losses[-1]:.4f} (largest gap to numpy's {gap:.1e})")
         summary[f"xor_scratch_final_loss_init_{init_scale}"] = losses[-1]
+        curves[f"init randn*{init_scale}" + (" (the lesson's)" if init_scale == 0.01 else "")] = losses
     print("(the lesson's 0.01 init leaves all hidden units alike: training sits on the 0.25 saddle)")
-    plot_loss(losses, out / DEMO_PICTURES[0], "XOR, from-scratch network (MSE), init randn*1.0")
+    plot_loss(curves, out / DEMO_PICTURES[0], "XOR, from-scratch network (MSE)")
 
     _section("SimpleNN on XOR (BCE + Adam, lr 0.1)")
     torch.manual_seed(0)
@@ -142,11 +146,11 @@ def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bo
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if epoch % 200 == 0:
-            print(f"epoch {epoch}: loss {loss.item():.4f}")
+        if epoch % 100 == 0:
+            print(f"Epoch {epoch}, Loss: {loss.item():.4f}")
     with torch.no_grad():
         predictions = net(inputs).reshape(-1)
-    print("predictions:", [round(v, 4) for v in predictions.tolist()])
+    print("Predictions:", [round(v, 4) for v in predictions.tolist()])
     summary["simple_nn_solved"] = bool(((predictions > 0.5).float() == targets.reshape(-1)).all())
 
     _section("Activation functions (computed by the fused op and its backward)")
@@ -163,8 +167,9 @@ def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bo
     root = find_mnist(data)
     if root is None:
         env = os.environ.get("PYFASTNN_MNIST")
-        _section(f"MNIST: skipped ($PYFASTNN_MNIST={env} holds no MNIST files; pass --data DIR)" if env else
-                 "MNIST: skipped (no data; pass --data DIR or set PYFASTNN_MNIST)")
+        fetch = "pyfastnn train mnist --download --data DIR fetches the files"
+        _section(f"MNIST: skipped ($PYFASTNN_MNIST={env} holds no MNIST files; pass --data DIR; {fetch})" if env else
+                 f"MNIST: skipped (no data; pass --data DIR or set PYFASTNN_MNIST; {fetch})")
     else:
         _section(f"MNIST: at most {mnist_steps} training steps (one epoch) of the 784-256-128-10 classifier on {device} ({root})")
         mnist_out = out / "mnist"

@@ -4,7 +4,8 @@
 - :class:`NumpyTwoLayerNet`: the from-scratch numpy network with manual backprop (the reference).
 - :class:`TwoLayerNet`: the same network on fused sigmoid layers, trained through autograd.
 - :class:`SimpleNN`: Linear-ReLU-Linear-Sigmoid for XOR (BCE + Adam in the lesson).
-- :class:`MNISTClassifier`: 784-256-128-10 with ReLU and dropout, logits out.
+- :class:`MNISTClassifier`: 784-256-128-10 with ReLU and dropout, logits out (other sizes and
+  activations for the lesson's exercises).
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ class NumpyTwoLayerNet:
         self.a2 = _sigmoid(self.z2)
         return self.a2
 
-    def backward(self, X: np.ndarray, y: np.ndarray, learning_rate: float) -> None:
+    def backward(self, X: np.ndarray, y: np.ndarray, learning_rate: float = 0.1) -> None:
         """One gradient step from the cached forward pass (sigmoid' written from the outputs)."""
         m = X.shape[0]
         output_delta = (self.a2 - y) * self.a2 * (1 - self.a2)
@@ -148,19 +149,36 @@ class NumpyTwoLayerNet:
         self.W1 -= learning_rate * X.T @ hidden_delta / m
         self.b1 -= learning_rate * hidden_delta.sum(axis=0, keepdims=True) / m
 
-    def fit(self, X, y, epochs: int = 1000, learning_rate: float = 0.1) -> List[float]:
-        """Trains for ``epochs`` full-batch steps; returns the MSE before each step."""
+    def fit(self, X, y, epochs: int = 1000, learning_rate: float = 0.1,
+            print_every: Optional[int] = None) -> List[float]:
+        """Trains for ``epochs`` full-batch steps; returns the MSE before each step, and prints it
+        every ``print_every`` epochs in the lesson's words (``Epoch 0, Loss: 0.2500``)."""
         X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
         _check_training(X, epochs, learning_rate)
+        if print_every is not None:
+            check_number("print_every", print_every, 1, integer=True)
         if X.shape[1] != self.W1.shape[0]:
             raise ValueError(f"X has {X.shape[1]} features per sample but the network takes {self.W1.shape[0]}")
         _check_targets(X, y, self.W2.shape[1])
         losses = []
-        for _ in range(epochs):
+        for epoch in range(epochs):
             output = self.forward(X)
             losses.append(float(np.mean((y - output) ** 2)))
             self.backward(X, y, learning_rate)
+            if print_every is not None and epoch % print_every == 0:
+                print(f"Epoch {epoch}, Loss: {losses[-1]:.4f}")
         return losses
+
+    def train(self, X, y, epochs: int = 1000, learning_rate: float = 0.1) -> List[float]:
+        """The lesson's own name and output for :meth:`fit`: the loss printed every 100 epochs.
+
+        Example:
+            >>> from pyfastnn.lesson import NumpyTwoLayerNet, XOR_INPUTS, XOR_TARGETS
+            >>> losses = NumpyTwoLayerNet(2, 4, 1, seed=0).train(XOR_INPUTS, XOR_TARGETS, epochs=101, learning_rate=1.0)
+            Epoch 0, Loss: 0.2500
+            Epoch 100, Loss: 0.2500
+        """
+        return self.fit(X, y, epochs, learning_rate, print_every=100)
 
 
 class TwoLayerNet(nn.Module):
@@ -245,6 +263,8 @@ class MNISTClassifier(nn.Module):
     The layers are one :class:`~pyfastnn.FusedMLP` (one op forward, one op backward), whose state
     dict has the keys of the lesson's ``nn.Sequential`` (``layers.0.weight``, ``layers.3.weight``,
     ``layers.6.weight`` ...). Accepts images ``(N, 1, 28, 28)`` or flat ``(N, 784)``.
+    ``hidden_sizes`` and ``activation`` (of the hidden layers) are the lesson's exercises: other
+    architectures (its funnel 784 -> 256 -> 64 -> 10) and other activation functions.
 
     Example:
         >>> import torch
@@ -252,14 +272,16 @@ class MNISTClassifier(nn.Module):
         >>> model = MNISTClassifier()
         >>> model(torch.zeros(2, 1, 28, 28)).shape
         torch.Size([2, 10])
+        >>> MNISTClassifier(hidden_sizes=(256, 64), activation="gelu").layers[1]
+        FusedLinear(in_features=256, out_features=64, bias=True, activation=gelu, dropout=0.2)
     """
 
     def __init__(self, hidden_sizes: Sequence[int] = (256, 128), dropout: float = 0.2,
-                 in_features: int = 28 * 28, num_classes: int = 10) -> None:
+                 in_features: int = 28 * 28, num_classes: int = 10, activation: str = "relu") -> None:
         super().__init__()
         # Built with dropout, the layers sit at the lesson's indices (0, 3, 6: its Sequential has a
         # Dropout after each hidden ReLU whatever p is); the indices stay when p is then set.
-        self.layers = FusedMLP([in_features, *hidden_sizes, num_classes], activation="relu", dropout=0.5)
+        self.layers = FusedMLP([in_features, *hidden_sizes, num_classes], activation=activation, dropout=0.5)
         for hidden in list(self.layers)[:-1]:
             hidden.dropout = dropout
 

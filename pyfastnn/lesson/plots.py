@@ -6,7 +6,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -34,24 +34,36 @@ def _figure(**kwargs):
     return Figure(**kwargs)
 
 
-def plot_activations(path, names: Sequence[str] = ("sigmoid", "relu", "tanh", "leaky_relu", "gelu", "silu")) -> Path:
+#: The slope plot_activations draws leaky_relu with: steeper than the library's default 0.01, so
+#: that the negative side is visibly not flat.
+PLOTTED_NEGATIVE_SLOPE = 0.1
+
+
+def plot_activations(path, names: Sequence[str] = ("sigmoid", "relu", "tanh", "leaky_relu", "gelu", "silu",
+                                                   "softmax")) -> Path:
     """Each activation and its derivative, both computed by pyfastnn's fused op and its backward
-    (``names``: one activation name, or several)."""
+    (``names``: one activation name, or several). ``"softmax"``, the lesson's output function (not a
+    layer activation: ``F.cross_entropy`` applies it to the logits), is drawn as the lesson draws it,
+    over all the points of the x axis at once, by ``torch.softmax``."""
     names = (names,) if isinstance(names, str) else tuple(names)
     if not names:
         raise ValueError("plot_activations needs at least one activation name")
     x = torch.linspace(-5, 5, 201, dtype=torch.float64).reshape(-1, 1).requires_grad_()
     one = torch.ones(1, 1, dtype=torch.float64)
-    cols = 3
+    cols = 4 if len(names) > 6 else 3
     rows = -(-len(names) // cols)
     fig = _figure(figsize=(4 * cols, 3.2 * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, name in zip(axes.flat, names):
-        y = fused_linear(x, one, None, activation=name, negative_slope=0.1)
-        (dy,) = torch.autograd.grad(y.sum(), x)
-        ax.plot(x.detach().numpy(), y.detach().numpy(), label=name)
-        ax.plot(x.detach().numpy(), dy.numpy(), "--", label="derivative")
-        ax.set_title(name)
+        if name == "softmax":
+            ax.plot(x.detach().numpy(), torch.softmax(x.detach().reshape(-1), 0).numpy(), label="softmax")
+            ax.set_title(f"softmax (over all {x.shape[0]} points; sum = 1)")
+        else:
+            y = fused_linear(x, one, None, activation=name, negative_slope=PLOTTED_NEGATIVE_SLOPE)
+            (dy,) = torch.autograd.grad(y.sum(), x)
+            ax.plot(x.detach().numpy(), y.detach().numpy(), label=name)
+            ax.plot(x.detach().numpy(), dy.numpy(), "--", label="derivative")
+            ax.set_title(f"{name} (slope {PLOTTED_NEGATIVE_SLOPE} below 0)" if name == "leaky_relu" else name)
         ax.grid(True)
         ax.legend(loc="upper left", fontsize=8)
     for ax in list(axes.flat)[len(names):]:
@@ -77,25 +89,32 @@ def plot_training_curves(history: List[Dict], path) -> Path:
         ax.grid(True)
         ax.legend()
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no ticks at 1.5
+        if len(epochs) < 3:  # too few whole numbers in the range for the locator: it falls back to fractions
+            ax.set_xticks(epochs)
+            ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
     # Fixed margins for this fixed layout: tight_layout would draw the figure once more to measure it.
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.22)
     return _save(fig, path)
 
 
-def plot_loss(losses: Sequence[float], path, title: str = "Training loss") -> Path:
-    """One loss curve (e.g. the from-scratch XOR network's)."""
+def plot_loss(losses: Union[Sequence[float], Mapping[str, Sequence[float]]], path, title: str = "Training loss") -> Path:
+    """A loss curve per epoch (e.g. the from-scratch XOR network's), or several, by label."""
+    curves = dict(losses) if isinstance(losses, Mapping) else {None: losses}
     fig = _figure(figsize=(6, 4))
     ax = fig.subplots()
-    ax.plot(list(losses))
+    for label, curve in curves.items():
+        ax.plot(list(curve), label=label)
     ax.set(title=title, xlabel="epoch", ylabel="loss")
     ax.grid(True)
+    if len(curves) > 1 or None not in curves:
+        ax.legend()
     fig.tight_layout()
     return _save(fig, path)
 
 
 def plot_predictions(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor, path,
-                     columns: int = 8) -> Path:
-    """A grid of test images titled with prediction (and truth when wrong, in red).
+                     columns: int = 8, title: Optional[str] = None) -> Path:
+    """A grid of test images titled with prediction (and truth when wrong, in red), under ``title``.
 
     The grid is one image (the digits tiled with white gaps) under one set of axes with a caption
     per tile: a fraction of the time of one axes per digit, which the training command pays once.
@@ -108,8 +127,12 @@ def plot_predictions(images: torch.Tensor, labels: torch.Tensor, predictions: to
     cell_w, cell_h = width + gap_x, height + caption
     mosaic = np.full((rows * cell_h, columns * cell_w), np.nan)
     pixels = images.reshape(n, height, width).to(torch.float32).numpy()
-    fig = _figure(figsize=(1.5 * columns, 1.8 * rows))
-    ax = fig.add_axes((0.005, 0.01, 0.99, 0.98))
+    header = 0.4 if title else 0.0  # inches above the grid for the title
+    figure_height = 1.8 * rows + header
+    fig = _figure(figsize=(1.5 * columns, figure_height))
+    ax = fig.add_axes((0.005, 0.01, 0.99, 0.98 - header / figure_height))
+    if title:
+        fig.text(0.5, 1 - header / 2 / figure_height, title, ha="center", va="center", fontsize=11)
     ax.axis("off")
     for i in range(n):
         row, column = divmod(i, columns)

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import io
 import importlib
-import json
 import math
 import numbers
 import os
@@ -30,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ACTIVATIONS
 from ..command import InvalidArgument, check_number, command_parser, path_argument, run_command
 from ..cuda_graph import CUDAGraphStep, cuda_graph_step
 from ..denormals import flush_denormals
-from ..files import atomic_write, check_output_names, output_folder
+from ..files import atomic_write, check_output_names, json_bytes, output_folder
 from ..info import info
 from .data import Batches, find_mnist, load_fashion_mnist, load_mnist, normalize
 from .models import MNISTClassifier
@@ -56,6 +56,9 @@ class TrainConfig:
         data: the folder with the IDX files (flat or ``<Name>/raw``); required.
         epochs, batch_size, lr, dropout, seed: the lesson's hyper-parameters (batch size per
             process under torchrun); the seed is 0 to 2**32 - 1.
+        hidden_sizes, activation: the hidden layers' widths and activation (one of
+            ``pyfastnn.ACTIVATIONS``), for the lesson's exercises: other architectures, other
+            activation functions.
         backend: ``"fused"`` (pyfastnn's layers) or ``"torch"`` (the plain ``nn.Linear`` twin).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         out: the run's folder (checkpoint.pt, metrics.json, pictures); None writes nothing.
@@ -81,6 +84,8 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     dropout: float = 0.2
+    hidden_sizes: Tuple[int, ...] = (256, 128)
+    activation: str = "relu"
     backend: str = "fused"  # "fused" (pyfastnn layers) or "torch" (the plain nn.Linear twin)
     device: str = "cpu"
     seed: int = 0
@@ -127,6 +132,11 @@ def plain_settings(config: TrainConfig) -> TrainConfig:
             changes[field.name] = str(value)
         elif isinstance(value, np.bool_):
             changes[field.name] = bool(value)
+        elif field.name == "hidden_sizes" and isinstance(value, (list, tuple)):  # a tuple of plain ints
+            widths = tuple(int(width) if isinstance(width, numbers.Integral) and not isinstance(width, bool)
+                           else width for width in value)
+            if widths != value or type(value) is not tuple:
+                changes[field.name] = widths
         # Exact types: numpy's float64 subclasses float, yet a checkpoint (read with weights_only)
         # and metrics.json must hold plain numbers.
         elif isinstance(value, numbers.Integral) and type(value) not in (bool, int):
@@ -161,6 +171,13 @@ def check_config(config: TrainConfig) -> None:
     check_number("batch_size", config.batch_size, 1, integer=True)
     check_number("lr", config.lr, 0, include_minimum=False)
     check_number("dropout", config.dropout, 0, 1, include_maximum=False)
+    if not isinstance(config.hidden_sizes, (list, tuple)) or not config.hidden_sizes:
+        raise InvalidArgument("hidden_sizes", f"must be the widths of one or more hidden layers, got "
+                                              f"{config.hidden_sizes!r}")
+    for width in config.hidden_sizes:
+        check_number("hidden_sizes", width, 1, integer=True)
+    if config.activation not in ACTIVATIONS:
+        raise InvalidArgument("activation", f"must be one of {', '.join(ACTIVATIONS)}, got {config.activation!r}")
     # torch's CPU generator (Mersenne Twister) keeps a seed's low 32 bits: larger ones would repeat a run
     check_number("seed", config.seed, 0, 2 ** 32 - 1, integer=True)
     if config.max_steps is not None:
@@ -223,7 +240,7 @@ def check_device(device: str, backend: str) -> None:
 def build_model(config: TrainConfig) -> nn.Module:
     """The lesson's classifier; the torch backend gets the plain twin with the very same weights."""
     _check_backend(config.backend)
-    model = MNISTClassifier(dropout=config.dropout)
+    model = MNISTClassifier(hidden_sizes=config.hidden_sizes, dropout=config.dropout, activation=config.activation)
     if config.backend == "torch":
         model = model.to_torch()
     return model
@@ -536,7 +553,7 @@ def _misshapen_entries(state: Dict) -> List[str]:
 
 #: The settings that define a run: a resumed run continues with the checkpoint's (its optimizer state
 #: carries the learning rate), so asking for others is refused rather than recorded but not applied.
-RUN_SETTINGS = ("dataset", "backend", "lr", "batch_size", "dropout", "seed")
+RUN_SETTINGS = ("dataset", "backend", "lr", "batch_size", "dropout", "hidden_sizes", "activation", "seed")
 
 
 def check_resume_settings(state: Dict, path, config: TrainConfig) -> None:
@@ -550,7 +567,7 @@ def check_resume_settings(state: Dict, path, config: TrainConfig) -> None:
         # Taken before seeds were held to 32 bits: torch's generator trained it with the low 32 bits.
         saved = {**saved, "seed": saved["seed"] % 2 ** 32}
     differ = [f"{name} {saved[name]!r} (asked: {wanted[name]!r})" for name in RUN_SETTINGS
-              if name in saved and saved[name] != wanted[name]]
+              if name in saved and _setting(saved[name]) != _setting(wanted[name])]
     # Each process trains on its shard of every epoch: another count is another run.
     processes = launched_processes()
     if state.get("world_size", processes) != processes:
@@ -558,6 +575,11 @@ def check_resume_settings(state: Dict, path, config: TrainConfig) -> None:
     if differ:
         raise CheckpointError(f"checkpoint {path}: was trained with {', '.join(differ)}; resume with the "
                               f"checkpoint's settings, or start a new run without --resume")
+
+
+def _setting(value):
+    """A setting as compared: the layer widths as a tuple, whether a list or a tuple holds them."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _renamed_from_earlier_layouts(weights: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -675,17 +697,7 @@ def write_json(path, data: Dict) -> None:
     """``data`` as indented JSON, written atomically."""
     # A diverged run's NaN or inf losses are written as null: bare NaN is not JSON.
     with atomic_write(path) as f:
-        f.write(json.dumps(_finite_or_none(data), indent=2, allow_nan=False).encode() + b"\n")
-
-
-def _finite_or_none(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(item) for item in value]
-    return value
+        f.write(json_bytes(data))
 
 
 @torch.no_grad()
@@ -703,7 +715,8 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batc
     model.train(was_training)
     predicted = torch.cat(predictions) if predictions else targets.new_empty(0)
     n = max(1, inputs.shape[0])
-    return total_loss / n, (predicted == targets).float().mean().item() if inputs.shape[0] else 0.0, predicted
+    # correct / total, as the lesson counts it (a float32 mean would write 0.9645000100135803)
+    return total_loss / n, (predicted == targets).sum().item() / n if inputs.shape[0] else 0.0, predicted
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -884,12 +897,19 @@ def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank
                 _, _, predicted = evaluate(model, x_test, y_test, batch_size=None if on_cuda else 1000)
             predicted = predicted.cpu()
             shown = pictured_examples(predicted, test_labels)
-            plot_predictions(test_images[shown], test_labels[shown], predicted[shown], out / "predictions.png")
+            plot_predictions(test_images[shown], test_labels[shown], predicted[shown], out / "predictions.png",
+                             title=predictions_title(len(test_labels), len(shown), history[-1]["test_accuracy"]))
         write_json(out / "metrics.json", metrics)
     return TrainResult(model=model, metrics=metrics)
 
 
-def pictured_examples(predicted: torch.Tensor, labels: torch.Tensor, first: int = 24, wrong: int = 8) -> torch.Tensor:
+#: predictions.png shows the first PICTURED_FIRST test images (three rows of eight), then up to
+#: PICTURED_WRONG later ones the model gets wrong.
+PICTURED_FIRST, PICTURED_WRONG = 24, 8
+
+
+def pictured_examples(predicted: torch.Tensor, labels: torch.Tensor, first: int = PICTURED_FIRST,
+                      wrong: int = PICTURED_WRONG) -> torch.Tensor:
     """The indices of the test images predictions.png shows: the first ``first``, then up to
     ``wrong`` later ones the model gets wrong (marked in red there), none twice.
 
@@ -900,6 +920,21 @@ def pictured_examples(predicted: torch.Tensor, labels: torch.Tensor, first: int 
     first = min(first, len(labels))
     missed = (predicted[first:] != labels[first:]).nonzero().flatten()[:wrong] + first
     return torch.cat([torch.arange(first), missed])
+
+
+def predictions_title(test_images: int, shown: int, accuracy: Optional[float]) -> str:
+    """predictions.png's title: what its tiles are (the mistakes are picked, so their share of the
+    grid says nothing of the accuracy, which it gives).
+
+    Example:
+        >>> predictions_title(10000, 32, 0.9793)
+        'The first 24 test images, then 8 later ones the model gets wrong; test accuracy 97.93 %'
+    """
+    first = min(PICTURED_FIRST, test_images)
+    title = f"The first {first} test images"
+    if shown > first:
+        title += f", then {shown - first} later one{'s' if shown - first > 1 else ''} the model gets wrong"
+    return title + ("" if accuracy is None else f"; test accuracy {100 * accuracy:.2f} %")
 
 
 def _file_identity(path: Path) -> Optional[Tuple[int, int]]:
@@ -976,6 +1011,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="Adam's learning rate (default: %(default)s)")
     parser.add_argument("--dropout", type=float, default=TrainConfig.dropout,
                         help="dropout probability of the hidden layers (default: %(default)s)")
+    parser.add_argument("--hidden-sizes", type=layer_widths, default=TrainConfig.hidden_sizes, metavar="N,N,...",
+                        help="widths of the hidden layers, comma-separated, e.g. 256,64 for the lesson's funnel "
+                             "(default: 256,128)")
+    parser.add_argument("--activation", choices=ACTIVATIONS, default=TrainConfig.activation, metavar="NAME",
+                        help=f"activation of the hidden layers: {', '.join(ACTIVATIONS)} (default: %(default)s)")
     parser.add_argument("--backend", choices=BACKENDS, default=TrainConfig.backend,
                         help="fused: pyfastnn's layers; torch: the plain nn.Linear twin (default: %(default)s)")
     parser.add_argument("--device", default=TrainConfig.device, help="cpu, cuda or cuda:N (default: %(default)s)")
@@ -1000,19 +1040,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plots", action="store_true", help="skip curves.png and predictions.png")
 
 
+def layer_widths(text: str) -> Tuple[int, ...]:
+    """Hidden layer widths on the command line: ``256,64`` -> ``(256, 64)``.
+
+    Example:
+        >>> layer_widths("256, 64")
+        (256, 64)
+        >>> layer_widths("256,0")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: expected comma-separated widths >= 1 (e.g. 256,64), got '256,0'
+    """
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated widths >= 1 (e.g. 256,64), got {text!r}")
+    return widths
+
+
+layer_widths.__name__ = "layer widths"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = command_parser(
         "pyfastnn train",
         description=(
             "Train the lesson's MNIST classifier (784-256-128-10, ReLU, dropout, Adam) on pyfastnn's "
-            "fused layers; under torchrun, with DistributedDataParallel."))
+            "fused layers, or another architecture or activation (--hidden-sizes, --activation); under "
+            "torchrun, with DistributedDataParallel."))
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.data is None:
         args.data = _mnist_from_environment(parser, args.dataset, args.download)
     config = TrainConfig(
         dataset=args.dataset, data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        dropout=args.dropout, backend=args.backend, device=args.device, seed=args.seed, out=args.out,
+        dropout=args.dropout, hidden_sizes=args.hidden_sizes, activation=args.activation, backend=args.backend, device=args.device, seed=args.seed, out=args.out,
         resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress,
         plots=not args.no_plots, download=args.download, cuda_graph=args.cuda_graph,
         flush_denormals=args.flush_denormals, overwrite=args.overwrite,

@@ -22,6 +22,10 @@ def test_cli_demo_runs_the_whole_lesson(tmp_path, mnist_dir):
     for section in ("Perceptron", "XOR from scratch", "SimpleNN on XOR", "Quick benchmark",
                     "Whole-network fusion", "=> FusedMLP", "eval outputs equal: True", "test accuracy after 20 steps"):
         assert section in result.stdout, section
+    # The lesson's own printout of its XOR run: the loss every 100 epochs, then each input's output.
+    for line in ("Epoch 0, Loss: 0.2500", "Epoch 900, Loss: 0.2500", "[0 0] -> 0.5000 (expected: 0)",
+                 "[1 1] -> 0.5000 (expected: 0)"):
+        assert line in result.stdout.splitlines(), line
     for picture in ("activations.png", "xor_scratch_loss.png", "mnist/curves.png", "mnist/predictions.png"):
         assert (tmp_path / picture).stat().st_size > 0, picture
 
@@ -45,6 +49,9 @@ def test_cli_demo_runs_the_whole_lesson(tmp_path, mnist_dir):
     ("--out", "", "must be a path, got an empty string"),
     ("--resume", " ", "must be a path, got an empty string"),
     ("--device", "cpu:1", "the CPU takes no device index"),
+    ("--hidden-sizes", "256,0", "expected comma-separated widths >= 1 (e.g. 256,64), got '256,0'"),
+    ("--hidden-sizes", "", "expected comma-separated widths >= 1"),
+    ("--activation", "softmax", "invalid choice: 'softmax'"),
 ])
 def test_train_bad_argument_values_are_usage_errors(capsys, tmp_path, tiny_mnist_dir, option, value, problem):
     out = tmp_path / "run"
@@ -681,3 +688,20 @@ def test_picture_arguments_are_checked(tmp_path):
     with pytest.raises(NotADirectoryError, match="folder for picture .*a.png is a file, not a folder"):
         plot_activations(tmp_path / "a.png" / "b.png", names="relu")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_a_one_epoch_run_plots_whole_epochs_and_the_predictions_say_what_they_show(tmp_path):
+    """A run of one epoch (every demo's) is drawn at epoch 1, not on an axis of fractions
+    (0.95 ... 1.05); the grid of predictions is titled (its red tiles are picked mistakes)."""
+    import matplotlib
+
+    from pyfastnn.lesson.plots import plot_predictions, plot_training_curves
+
+    history = [{"epoch": 1, "train_loss": 0.5, "test_loss": 0.25, "train_accuracy": 0.8, "test_accuracy": 0.9}]
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text kept as text in the SVG
+        plot_training_curves(history, tmp_path / "curves.svg")
+        plot_predictions(torch.zeros(3, 28, 28), torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4]),
+                         tmp_path / "predictions.svg", title="The first 2 test images, then 1 later one")
+    curves = (tmp_path / "curves.svg").read_text()
+    assert ">1<" in curves and "0.95" not in curves and "1.05" not in curves
+    assert ">The first 2 test images, then 1 later one<" in (tmp_path / "predictions.svg").read_text()
