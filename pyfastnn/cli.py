@@ -174,7 +174,8 @@ def _main(argv: Sequence[str]) -> int:
 
 def _info_main(argv: Sequence[str]) -> int:
     parser = command_parser("pyfastnn info", description="The versions, compiled backends, CPU code path and threads "
-                                                         "of this pyfastnn build.")
+                                                         "of this pyfastnn build.",
+                            examples=("pyfastnn info", "pyfastnn info --json"))
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
 

@@ -192,9 +192,26 @@ def output_file_argument(text: str) -> str:
 output_file_argument.__name__ = "path"
 
 
-def command_parser(prog: str, description: Optional[str] = None) -> argparse.ArgumentParser:
-    """An ``ArgumentParser`` for a subcommand, with the shared ``--debug`` flag."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+_EXAMPLES_HEADING = "examples:"
+
+
+class _HelpWithExamples(argparse.HelpFormatter):
+    """argparse's help, the description wrapped to the terminal as usual, the examples' command lines
+    as written (wrapped, a command line would no longer be one to copy)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith(_EXAMPLES_HEADING):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def command_parser(prog: str, description: Optional[str] = None,
+                   examples: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` for a subcommand, with the shared ``--debug`` flag; ``examples``: command
+    lines shown under ``--help``, as typed."""
+    epilog = _EXAMPLES_HEADING + "".join(f"\n  {line}" for line in examples) if examples else None
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                     formatter_class=_HelpWithExamples)
     parser.add_argument("--debug", action="store_true",
                         help=f"show the full Python traceback on failure (also {DEBUG_ENV}=1)")
     return parser

@@ -189,7 +189,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "pyfastnn demo",
         description=(
             "The neural-network lesson end to end on pyfastnn's kernels, offline: perceptron, XOR, "
-            "the chain rule, MNIST, a quick benchmark."))
+            "the chain rule, MNIST, a quick benchmark."),
+        examples=("pyfastnn demo --data DIR --out demo_output", "pyfastnn demo --no-bench --mnist-steps 100"))
     parser.add_argument("--data", type=path_argument, help="MNIST folder (default: $PYFASTNN_MNIST)")
     parser.add_argument("--out", type=path_argument, default="demo_output",
                         help="folder for the pictures and the MNIST run (in its mnist folder) (default: %(default)s)")

@@ -1069,7 +1069,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         description=(
             "Train the lesson's MNIST classifier (784-256-128-10, ReLU, dropout, Adam) on pyfastnn's "
             "fused layers, or another architecture or activation (--hidden-sizes, --activation); under "
-            "torchrun, with DistributedDataParallel."))
+            "torchrun, with DistributedDataParallel."),
+        examples=("pyfastnn train mnist --data DIR --out runs/mnist               # the lesson's run: 5 epochs",
+                  "pyfastnn train mnist --data DIR --out runs/mnist --epochs 8 --resume runs/mnist/checkpoint.pt",
+                  "pyfastnn train mnist --data DIR --hidden-sizes 256,64 --activation gelu --out runs/funnel",
+                  "pyfastnn train mnist --data DIR --download --out runs/mnist    # fetch MNIST into DIR first",
+                  "torchrun --nproc-per-node 2 -m pyfastnn train mnist --data DIR --out runs/ddp"))
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.data is None:

@@ -650,6 +650,27 @@ def test_sigterm_handler_is_only_installed_while_the_command_runs(capsys):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_every_commands_help_ends_with_examples_its_parser_takes(capsys):
+    """The examples under --help are whole command lines, and each one parses (DIR a folder)."""
+    import shlex
+
+    from pyfastnn.command import command_parser
+    from pyfastnn.lesson.train import add_arguments
+
+    examples = {}
+    for command in ("info", "bench", "train", "demo"):
+        status, stdout, _ = cli(capsys, command, "--help")
+        assert status == 0 and "\nexamples:\n" in stdout, command
+        examples[command] = [line.strip() for line in stdout.split("\nexamples:\n")[1].splitlines() if line.strip()]
+        assert all(f"pyfastnn {command}" in line for line in examples[command]), examples[command]
+    parser = command_parser("pyfastnn train")
+    add_arguments(parser)
+    for line in examples["train"]:
+        words = shlex.split(line.split("#")[0])
+        args = parser.parse_args(words[words.index("train") + 1:])
+        assert args.data == "DIR", line
+
+
 def test_train_help_shows_the_defaults(capsys):
     status, stdout, _ = cli(capsys, "train", "--help")
     assert status == 0
