@@ -62,7 +62,7 @@ from torch import nn
 from ._ops import DEFAULT_NEGATIVE_SLOPE, check_flag
 from ._patterns import (ACTIVATION_MODULES, FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, Layer, activation_of,
                         dropout_joining, fusable_linear, has_hooks, is_plain, linear_dtype_problem, parse_layers)
-from .nn import FusedLinear, FusedMLP
+from .nn import FusedLinear, FusedMLP, fused_layers
 
 __all__ = ["fuse", "FusedRun", "Absorbed"]
 
@@ -211,12 +211,27 @@ class FusedSlots:
                 f"module fuse() left there")
 
 
-def _fused_module(layers: List[Layer], as_mlp: bool = False) -> nn.Module:
+def _fused_module(layers: List[Layer], fusion: "_Fusion", as_mlp: bool = False) -> nn.Module:
     # Each fused layer takes its Linear's train/eval mode (parse_layers absorbed only Dropouts in
-    # that mode), so a model fused in eval() stays in eval().
-    fused = [FusedLinear.from_linear(linear, activation, negative_slope=slope, dropout=p)
-             for linear, activation, slope, p in layers]
+    # that mode), so a model fused in eval() stays in eval(). A Linear used at several places becomes
+    # one FusedLinear, wherever its uses are (_Fusion.made).
+    fused = fused_layers(layers, fusion.made)
     return fused[0] if len(fused) == 1 and not as_mlp else FusedMLP.from_layers(fused)
+
+
+def _linears_reused_with_other_settings(model: nn.Module, pinned: Set[int]) -> Set[int]:
+    """ids of the Linears that Sequentials of ``model`` use at several places, followed by another
+    activation or dropout at one of them: no one fused layer can stand for all their uses, and
+    several would be several modules where the model has one, so they stay as they are."""
+    settings: Dict[int, Set[Tuple]] = {}
+    for module in model.modules():
+        if not _is_sequential(module):
+            continue
+        modules = list(module._modules.values())
+        for i, child in enumerate(modules):
+            if isinstance(child, nn.Linear) and (layers := parse_layers(modules, i, pinned)[0]):
+                settings.setdefault(id(child), set()).add(tuple(layers[0][1:]))
+    return {linear for linear, found in settings.items() if len(found) > 1}
 
 
 def _worth_fusing(layers: List[Layer]) -> bool:
@@ -287,7 +302,7 @@ def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_w
     if replace_whole and _worth_fusing(layers) and end == len(modules) and is_plain(seq, nn.Sequential, True):
         # The whole Sequential is one run: a FusedMLP takes its place, and its layers take the
         # Linear modules' indices, so the state-dict keys stay exactly the same.
-        fused = _fused_module(layers, as_mlp=True)
+        fused = _fused_module(layers, fusion, as_mlp=True)
         if list(fused.state_dict()) == list(seq.state_dict()):
             report.append(FusedRun(path.rstrip("."), tuple(_describe(m) for m in modules), "FusedMLP"))
             return fused
@@ -301,7 +316,7 @@ def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_w
         if not _worth_fusing(layers):
             i += 1
             continue
-        fused = _fused_module(layers)
+        fused = _fused_module(layers, fusion)
         report.append(FusedRun(f"{path}{names[i]}", tuple(_describe(m) for m in modules[i:end]), type(fused).__name__))
         setattr(seq, names[i], fused)
         slots[names[i]] = (fused, names[i])
@@ -780,7 +795,8 @@ def _fused_graph_module(module: nn.Module, path: str, fusion: "_Fusion", trace: 
                 p = found_p
                 last = after
                 described.append(_describe(dropout))
-        fused = FusedLinear.from_linear(linear, activation[0], negative_slope=activation[1], dropout=p)
+        # The FusedLinear its uses elsewhere got, if any (a Linear of a Sequential called here too).
+        (fused,) = fused_layers([Layer(linear, activation[0], activation[1], p)], fusion.made)
         # The fused layer takes the Linear's name, so its parameters keep their state-dict keys.
         setattr(gm, node.target, fused)
         last.replace_all_uses_with(node)
@@ -816,6 +832,7 @@ class _Fusion:
     hooked: List[str]  # modules left unfused for their hooks
     compiled: List[str]  # torch.compile wrappers left as they are
     done: Dict[int, Tuple[nn.Module, nn.Module]] = field(default_factory=dict)  # id -> (module, its result)
+    made: Dict[Tuple, FusedLinear] = field(default_factory=dict)  # fused_layers' (Linear's id, settings) -> layer
 
 
 def _compiled(module: nn.Module) -> bool:
@@ -1033,7 +1050,8 @@ def _fuse_subtree(module: nn.Module, path: str, fusion: _Fusion, keep_root: bool
         if keep and not keep_root:
             fusion.hooked.append(path.rstrip(".") or type(module).__name__)
             return module
-        found = _Fusion([], fusion.pinned, fusion.hooked, fusion.compiled, fusion.done)
+        # Its own report and fused layers, kept only if the traced module replaces this one.
+        found = _Fusion([], fusion.pinned, fusion.hooked, fusion.compiled, fusion.done, dict(fusion.made))
         traced = _fuse_traced(module, path, found)
         if keep_root and traced is not module:
             warnings.warn(f"pyfastnn.fuse(inplace=True) left the forward of the top-level {type(module).__name__} "
@@ -1041,6 +1059,8 @@ def _fuse_subtree(module: nn.Module, path: str, fusion: _Fusion, keep_root: bool
                           f"in place; use `model = pyfastnn.fuse(model)` for that", stacklevel=4)
             return module
         fusion.report.extend(found.report)
+        if traced is not module:
+            fusion.made.update(found.made)
         return traced
     return module
 
@@ -1132,7 +1152,8 @@ def _fuse(model: nn.Module, inplace: bool, report: Optional[List[FusedRun]], ver
                                f"inplace=True, or remove what stops the copy first") from error
     hooked = [name or type(model).__name__ for name, module in model.named_modules()
               if type(module) is nn.Linear and has_hooks(module) and linear_dtype_problem(module) is None]
-    fusion = _Fusion([], _called_from_outside(model), [], [])
+    pinned = _called_from_outside(model)
+    fusion = _Fusion([], pinned | _linears_reused_with_other_settings(model, pinned), [], [])
     model = _fuse_tree(model, "", fusion, keep_root=inplace)
     hooked += fusion.hooked
     if hooked:

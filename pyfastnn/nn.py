@@ -5,7 +5,8 @@ from __future__ import annotations
 import operator
 from collections import OrderedDict
 from copy import copy as shallow_copy
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from copy import deepcopy
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from torch.nn.utils import parametrize
 
 from ._ops import (DEFAULT_NEGATIVE_SLOPE, activation_code, canonical_activation, dropout_probability, run_fused_linear,
                    run_fused_mlp, slope_value)
-from ._patterns import (activation_module, chain_mismatch, dropout_of, is_plain_linear, kept_for_its_own_state,
+from ._patterns import (Layer, activation_module, chain_mismatch, dropout_of, is_plain_linear, kept_for_its_own_state,
                         linear_dtype_problem, link_mismatch, parse_layers)
 
 __all__ = ["FusedLinear", "FusedMLP", "activation_module"]
@@ -389,13 +390,12 @@ class FusedMLP(nn.Module):
                        "layer would bypass or lose)")
             raise ValueError("from_sequential needs a Sequential of Linear -> activation (-> Dropout) "
                              f"layers only; stopped at module {used}: {stop}{why}")
-        fused = [FusedLinear.from_linear(linear, act, negative_slope=slope, dropout=p)
-                 for linear, act, slope, p in layers]
+        fused = fused_layers(layers)
         if copy:
             # One copy of each parameter, as copy.deepcopy of the Sequential makes: a Linear used twice,
             # or a weight tied between Linears, stays one parameter in the copy.
             copies: Dict[int, nn.Parameter] = {}
-            for layer in fused:
+            for layer in {id(layer): layer for layer in fused}.values():  # a layer used twice: once
                 for name, parameter in list(layer.named_parameters(recurse=False)):
                     if id(parameter) not in copies:
                         copies[id(parameter)] = _copied_parameter(parameter)
@@ -457,8 +457,11 @@ class FusedMLP(nn.Module):
             (['Linear', 'GELU', 'Linear'], True)
         """
         modules: Dict[str, nn.Module] = {}
+        plain_of: Dict[int, List[nn.Module]] = {}  # a layer used at several places: its modules, at each
         for name, layer in self._modules.items():
-            for k, module in enumerate(layer._plain_modules(keep_identity=False)):  # type: ignore[union-attr]
+            if id(layer) not in plain_of:
+                plain_of[id(layer)] = layer._plain_modules(keep_identity=False)  # type: ignore[union-attr]
+            for k, module in enumerate(plain_of[id(layer)]):
                 # Each Linear under its layer's name; the modules after it under the next indices,
                 # unless a layer's activation or dropout was added since the indices were given.
                 key = name if k == 0 else str(int(name) + k) if name.isdigit() else f"{name}_{k}"
@@ -512,8 +515,29 @@ def _module_view(module: nn.Module) -> nn.Module:
 
 
 def _copied_parameter(parameter: nn.Parameter) -> nn.Parameter:
-    """A new parameter holding a copy of ``parameter``'s values, with its requires_grad."""
-    return nn.Parameter(parameter.detach().clone(), parameter.requires_grad)
+    """A new parameter holding a copy of ``parameter``'s values, with its requires_grad and class (a
+    Parameter subclass carrying sharding or quantization metadata stays one), as copy.deepcopy makes."""
+    return deepcopy(parameter)
+
+
+def fused_layers(layers: Sequence[Layer], made: Optional[Dict[Tuple, FusedLinear]] = None) -> List[FusedLinear]:
+    """The FusedLinear of each parsed layer, sharing its Linear's parameters. A Linear used at several
+    places with the same activation and dropout (``nn.Sequential(*[nn.Linear(8, 8), nn.Tanh()] * 3)``)
+    gets one FusedLinear for all of them, as it is one module there: its uses stay one layer through
+    whatever rebuilds parameters module by module (``to_empty``, ``load_state_dict(assign=True)``, a
+    parametrization per module). Followed by another activation or dropout at another use, it takes
+    one FusedLinear per kind of use, sharing the parameters as weights tied between modules do (which
+    such rebuilds untie in PyTorch too). ``made``: the FusedLinear of each (Linear's id, activation,
+    slope, dropout) made before, by earlier runs; updated."""
+    made = {} if made is None else made
+    fused = []
+    for layer in layers:
+        key = (id(layer.linear), *layer[1:])
+        if key not in made:
+            made[key] = FusedLinear.from_linear(layer.linear, layer.activation, negative_slope=layer.slope,
+                                                dropout=layer.dropout)
+        fused.append(made[key])
+    return fused
 
 
 def _feature_count(value, name: str) -> int:

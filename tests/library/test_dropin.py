@@ -101,6 +101,17 @@ def test_from_sequential_keeps_a_linear_used_twice_and_tied_weights_as_one_param
     torch.testing.assert_close(fused_grad, plain_grad)
 
 
+def test_copies_keep_a_parameter_subclass_as_deepcopy_does():
+    class Sharded(nn.Parameter):  # a subclass carrying metadata, as sharding or quantization libraries use
+        pass
+
+    linear = nn.Linear(4, 3)
+    linear.weight = Sharded(linear.weight.detach().clone())
+    for copied in (FusedLinear.from_linear(linear, copy=True).weight,
+                   FusedMLP.from_sequential(nn.Sequential(linear, nn.ReLU()), copy=True)[0].weight):
+        assert type(copied) is Sharded and copied is not linear.weight and torch.equal(copied, linear.weight)
+
+
 def test_replacing_a_layer_is_seen_by_forward():
     mlp = _mlp((8, 6, 3))
     new_layer = FusedLinear(8, 6, activation="tanh")

@@ -516,6 +516,66 @@ def test_fuse_leaves_a_dropout_whose_p_is_no_float_alone():
         assert [type(m).__name__ for m in fused] == ["FusedLinear", "Absorbed", "Dropout"]
 
 
+def _train_steps(model, x, steps=5):
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+    return model(x).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("convert", ["fuse", "from_sequential"])
+def test_a_linear_used_at_several_places_stays_one_layer_through_module_by_module_rebuilds(convert):
+    """nn.Sequential(*[nn.Linear(8, 8), nn.Tanh()] * 3) holds one Linear: its fused form holds one
+    FusedLinear, so that a meta-device model loaded from a checkpoint, load_state_dict(assign=True)
+    and a parametrization per module keep its uses one layer, as they do in the original."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(*[nn.Linear(8, 8), nn.Tanh()] * 3, nn.Linear(8, 2))
+    fused = pyfastnn.fuse(plain) if convert == "fuse" else FusedMLP.from_sequential(plain, copy=True)
+    assert isinstance(fused, FusedMLP) and fused[0] is fused[1] is fused[2]
+    assert len(list(fused.parameters())) == 4 and list(fused.state_dict()) == list(plain.state_dict())
+    checkpoint = {key: value.clone() for key, value in plain.state_dict().items()}
+    x = torch.randn(16, 8)
+
+    def rebuilt(model):
+        model = copy.deepcopy(model).to("meta").to_empty(device="cpu")
+        model.load_state_dict(checkpoint)
+        return model
+
+    def assigned(model):
+        model = copy.deepcopy(model)
+        model.load_state_dict({key: value.clone() for key, value in checkpoint.items()}, assign=True)  # trained later
+        return model
+
+    for rebuild in (rebuilt, assigned):
+        expected = _train_steps(rebuild(plain), x)
+        model = rebuild(fused)
+        assert len(list(model.parameters())) == 4, rebuild.__name__
+        assert _train_steps(model, x) == pytest.approx(expected, rel=1e-5), rebuild.__name__
+    for model, kind in ((copy.deepcopy(plain), nn.Linear), (copy.deepcopy(fused), FusedLinear)):
+        for module in list(model.modules()):
+            if isinstance(module, kind):
+                torch.nn.utils.parametrizations.weight_norm(module)
+        assert len(list(model.parameters())) == 6, kind  # a (g, v) pair per module, and two biases
+    back = fused.to_sequential()
+    assert back[0] is back[2] is back[4] and back[1] is back[3]
+
+
+def test_a_linear_followed_by_other_activations_at_its_uses_is_left_to_itself_by_fuse():
+    """No one fused layer can stand for all its uses, and several would be several modules where the
+    model has one; FusedMLP.from_sequential, asked for, gives each kind of use its layer, sharing the
+    parameters as weights tied between modules do."""
+    shared = nn.Linear(8, 8)
+    plain = nn.Sequential(shared, nn.ReLU(), shared, nn.Tanh(), shared, nn.ReLU(), nn.Linear(8, 2))
+    fused = pyfastnn.fuse(plain)
+    assert type(fused[0]) is nn.Linear and fused[0] is fused[2] is fused[4]
+    mlp = FusedMLP.from_sequential(plain)
+    assert mlp[0] is mlp[2] and mlp[1] is not mlp[0] and mlp[1].weight is mlp[0].weight
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(mlp(x), plain(x))
+
+
 def test_fuse_warns_that_its_copy_drops_parameter_hooks_and_attributes():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     model[0].weight.register_hook(lambda grad: grad * 0)
