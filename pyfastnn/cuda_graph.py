@@ -73,6 +73,8 @@ class CUDAGraphStep:
 
     @property
     def captured(self) -> bool:
+        """Whether the step has been captured (after ``warmup_steps`` eager steps): each call then
+        replays the graph."""
         return self.graph is not None
 
     def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
