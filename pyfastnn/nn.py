@@ -464,8 +464,9 @@ class FusedMLP(nn.Module):
             for k, module in enumerate(plain_of[id(layer)]):
                 # Each Linear under its layer's name; the modules after it under the next indices,
                 # unless a layer's activation or dropout was added since the indices were given.
-                key = name if k == 0 else str(int(name) + k) if name.isdigit() else f"{name}_{k}"
-                if k and key in self._modules or key in modules:
+                key = name if k == 0 else (str(int(name) + k) if name.isdigit() else f"{name}_{k}")
+                taken = key in modules or (k > 0 and key in self._modules)  # by an earlier module; another layer's
+                if taken:
                     key = f"{name}_{type(module).__name__.lower()}"
                 modules[key] = module
         plain = nn.Sequential(OrderedDict(modules))
