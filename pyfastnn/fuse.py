@@ -219,19 +219,23 @@ def _fused_module(layers: List[Layer], fusion: "_Fusion", as_mlp: bool = False) 
     return fused[0] if len(fused) == 1 and not as_mlp else FusedMLP.from_layers(fused)
 
 
-def _linears_reused_with_other_settings(model: nn.Module, pinned: Set[int]) -> Set[int]:
-    """ids of the Linears that Sequentials of ``model`` use at several places, followed by another
-    activation or dropout at one of them: no one fused layer can stand for all their uses, and
-    several would be several modules where the model has one, so they stay as they are."""
-    settings: Dict[int, Set[Tuple]] = {}
+def _reused_linears_to_leave(model: nn.Module, pinned: Set[int]) -> Set[int]:
+    """ids of the Linears held at several places of ``model`` that no one fused layer can stand for:
+    followed by another activation or dropout (or by nothing fusable) at another place, or held by a
+    module other than a plain Sequential at one (whose forward may call it in any way). Fused at some
+    places only, such a Linear would become several modules where the model has one, so it stays as
+    it is; one whose places are all alike becomes one FusedLinear (fused_layers)."""
+    places: Dict[int, int] = {}
+    settings: Dict[int, Set[Optional[Tuple]]] = {}
     for module in model.modules():
-        if not _is_sequential(module):
-            continue
         modules = list(module._modules.values())
         for i, child in enumerate(modules):
-            if isinstance(child, nn.Linear) and (layers := parse_layers(modules, i, pinned)[0]):
-                settings.setdefault(id(child), set()).add(tuple(layers[0][1:]))
-    return {linear for linear, found in settings.items() if len(found) > 1}
+            if not isinstance(child, nn.Linear):
+                continue
+            places[id(child)] = places.get(id(child), 0) + 1
+            layers = parse_layers(modules, i, pinned)[0] if _is_sequential(module) else []
+            settings.setdefault(id(child), set()).add(tuple(layers[0][1:]) if layers else None)
+    return {linear for linear, count in places.items() if count > 1 and (len(settings[linear]) > 1 or None in settings[linear])}
 
 
 def _worth_fusing(layers: List[Layer]) -> bool:
@@ -321,7 +325,8 @@ def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_w
         setattr(seq, names[i], fused)
         slots[names[i]] = (fused, names[i])
         linears = [j for j in range(i, end) if any(modules[j] is layer.linear for layer in layers)]
-        layer_names = dict(zip(linears, (name for name, _ in fused.named_children()))) if isinstance(fused, FusedMLP) else {}
+        # Every layer's name, a layer used twice (one Linear at two places) under both.
+        layer_names = dict(zip(linears, fused._modules)) if isinstance(fused, FusedMLP) else {}
         for j in range(i + 1, end):
             if j in layer_names:
                 placeholder = Absorbed(f"{path}{names[i]}", layer_names[j], has_bias=modules[j].bias is not None)
@@ -1153,7 +1158,7 @@ def _fuse(model: nn.Module, inplace: bool, report: Optional[List[FusedRun]], ver
     hooked = [name or type(model).__name__ for name, module in model.named_modules()
               if type(module) is nn.Linear and has_hooks(module) and linear_dtype_problem(module) is None]
     pinned = _called_from_outside(model)
-    fusion = _Fusion([], pinned | _linears_reused_with_other_settings(model, pinned), [], [])
+    fusion = _Fusion([], pinned | _reused_linears_to_leave(model, pinned), [], [])
     model = _fuse_tree(model, "", fusion, keep_root=inplace)
     hooked += fusion.hooked
     if hooked:

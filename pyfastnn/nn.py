@@ -552,7 +552,12 @@ def _feature_count(value, name: str) -> int:
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})") from None
     if count < 0:
         raise ValueError(f"{name} must be >= 0, got {count}")
+    if count > _MAX_FEATURES:  # torch would fail unpacking it, with a C++ backtrace for a message
+        raise ValueError(f"{name} must be < 2**63, got an integer of {len(str(count))} digits")
     return count
+
+
+_MAX_FEATURES = 2 ** 63 - 1  # a tensor dimension is an int64
 
 
 def _layer_sizes(sizes) -> List[int]:
@@ -567,6 +572,8 @@ def _layer_sizes(sizes) -> List[int]:
             result.append(operator.index(n))
         except TypeError:
             raise TypeError(f"sizes must be integers, got {n!r} ({type(n).__name__})") from None
+        if result[-1] > _MAX_FEATURES:
+            raise ValueError(f"sizes must be < 2**63, got an integer of {len(str(result[-1]))} digits")
     return result
 
 

@@ -293,9 +293,9 @@ class MNISTClassifier(nn.Module):
         state dicts are interchangeable."""
         *hidden, last = self.layers
         modules: List[nn.Module] = []
-        for layer in hidden:  # Linear, activation, Dropout (even at p = 0, as in the lesson)
-            linear, activation = list(layer.to_linear())[:2]
-            modules += [linear, activation, nn.Dropout(layer.dropout).train(layer.training)]
+        for layer in hidden:  # Linear, activation (none for identity), Dropout (even at p = 0, as in the lesson)
+            plain = [m for m in layer.to_linear() if not isinstance(m, (nn.Identity, nn.Dropout))]
+            modules += [*plain, nn.Dropout(layer.dropout).train(layer.training)]
         modules += [m for m in last.to_linear() if not isinstance(m, nn.Identity)]
         twin = TorchMNISTClassifier(nn.Sequential(*modules))
         twin.training = twin.flatten.training = twin.layers.training = self.training  # the rest: their layers' modes

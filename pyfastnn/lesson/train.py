@@ -133,10 +133,9 @@ def plain_settings(config: TrainConfig) -> TrainConfig:
         elif isinstance(value, np.bool_):
             changes[field.name] = bool(value)
         elif field.name == "hidden_sizes" and isinstance(value, (list, tuple)):  # a tuple of plain ints
-            widths = tuple(int(width) if isinstance(width, numbers.Integral) and not isinstance(width, bool)
-                           else width for width in value)
-            if widths != value or type(value) is not tuple:
-                changes[field.name] = widths
+            if type(value) is not tuple or any(type(width) is not int for width in value):  # == misses numpy's
+                changes[field.name] = tuple(int(width) if isinstance(width, numbers.Integral)
+                                            and not isinstance(width, bool) else width for width in value)
         # Exact types: numpy's float64 subclasses float, yet a checkpoint (read with weights_only)
         # and metrics.json must hold plain numbers.
         elif isinstance(value, numbers.Integral) and type(value) not in (bool, int):
@@ -174,8 +173,8 @@ def check_config(config: TrainConfig) -> None:
     if not isinstance(config.hidden_sizes, (list, tuple)) or not config.hidden_sizes:
         raise InvalidArgument("hidden_sizes", f"must be the widths of one or more hidden layers, got "
                                               f"{config.hidden_sizes!r}")
-    for width in config.hidden_sizes:
-        check_number("hidden_sizes", width, 1, integer=True)
+    for width in config.hidden_sizes:  # beyond int32, no layer's weight would fit in any memory
+        check_number("hidden_sizes", width, 1, 2 ** 31 - 1, integer=True)
     if config.activation not in ACTIVATIONS:
         raise InvalidArgument("activation", f"must be one of {', '.join(ACTIVATIONS)}, got {config.activation!r}")
     # torch's CPU generator (Mersenne Twister) keeps a seed's low 32 bits: larger ones would repeat a run
@@ -556,6 +555,10 @@ def _misshapen_entries(state: Dict) -> List[str]:
 RUN_SETTINGS = ("dataset", "backend", "lr", "batch_size", "dropout", "hidden_sizes", "activation", "seed")
 
 
+#: The run settings checkpoints have not always recorded, with the value every run had before.
+SETTINGS_BEFORE_RECORDED = {"hidden_sizes": (256, 128), "activation": "relu"}
+
+
 def check_resume_settings(state: Dict, path, config: TrainConfig) -> None:
     """Raises :class:`CheckpointError` naming each run setting of ``config`` that differs from the
     checkpoint's (``epochs``, ``max_steps``, the device and the output options may change)."""
@@ -563,6 +566,7 @@ def check_resume_settings(state: Dict, path, config: TrainConfig) -> None:
     if not isinstance(saved, dict):
         return  # written without its settings: nothing to compare
     wanted = dataclasses.asdict(config)
+    saved = {**SETTINGS_BEFORE_RECORDED, **saved}  # a checkpoint older than a setting trained with its value then
     if isinstance(saved.get("seed"), int) and saved["seed"] >= 2 ** 32:
         # Taken before seeds were held to 32 bits: torch's generator trained it with the low 32 bits.
         saved = {**saved, "seed": saved["seed"] % 2 ** 32}

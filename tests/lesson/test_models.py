@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import pyfastnn
 from pyfastnn import FusedLinear
 from pyfastnn.lesson import models
 
@@ -182,3 +183,13 @@ def test_perceptron_refuses_what_it_cannot_learn_from(y, kwargs, problem):
     with pytest.raises(ValueError, match=problem):
         models.Perceptron(2, seed=0).fit(X, y, **kwargs)
     assert models.Perceptron(2, seed=0).fit(X, models.AND_TARGETS, epochs=0, lr=np.float32(0.1)) is not None
+
+
+@pytest.mark.parametrize("activation", pyfastnn.ACTIVATIONS)
+def test_the_classifiers_twin_has_its_keys_and_outputs_for_every_activation(activation):
+    """The exercises' activations, identity (no activation module, as a Sequential without one) included."""
+    model = models.MNISTClassifier(hidden_sizes=(32, 16), activation=activation).eval()
+    twin = model.to_torch()
+    assert list(twin.state_dict()) == list(model.state_dict())
+    images = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(twin(images), model(images))

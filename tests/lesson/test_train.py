@@ -45,7 +45,7 @@ def test_resume_continues_from_checkpoint(tmp_path, mnist_dir):
 
 def test_the_lessons_five_epochs_reach_its_accuracy_on_the_cpu(mnist_dir):
     """The lesson's run with its settings (784-256-128-10, dropout 0.2, Adam 1e-3, batch 64, 5
-    epochs): 97.77-98.10 % over seeds 0-2, either backend (benchmarks/RESULTS.md)."""
+    epochs), from seed 0 (benchmarks/RESULTS.md: 97.77-98.10 % over seeds 0-2, either backend)."""
     result = train(TrainConfig(data=str(mnist_dir), out=None, progress=False, plots=False))
     assert len(result.metrics["history"]) == 5 and result.metrics["test_accuracy"] >= 0.975
 
@@ -71,6 +71,15 @@ def test_the_exercises_train_other_architectures_and_activations_and_resume_only
         train(TrainConfig(**resume))
     resumed = train(TrainConfig(hidden_sizes=[32, 16], activation="gelu", **resume))  # a list names them too
     assert [h["epoch"] for h in resumed.metrics["history"]] == [1, 2]
+    # A checkpoint from before these settings were recorded trained 784-256-128-10 with relu.
+    train(TrainConfig(out=str(tmp_path / "old"), **common))
+    checkpoint = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)
+    del checkpoint["config"]["hidden_sizes"], checkpoint["config"]["activation"]
+    torch.save(checkpoint, tmp_path / "old.pt")
+    old = dict(resume=str(tmp_path / "old.pt"), out=None, **{**common, "epochs": 2})
+    with pytest.raises(CheckpointError, match=r"activation 'relu' \(asked: 'sigmoid'\)"):
+        train(TrainConfig(activation="sigmoid", **old))
+    assert [h["epoch"] for h in train(TrainConfig(**old)).metrics["history"]] == [1, 2]
 
 
 def test_fused_and_torch_backends_agree(mnist_dir):
@@ -613,7 +622,8 @@ def test_config_checks_for_library_users(tiny_mnist_dir):
     for bad in (dict(lr=0.0), dict(batch_size=0), dict(epochs=1.5), dict(dropout=1.0), dict(device="tpu"),
                 dict(backend="jax"), dict(dataset="cifar"), dict(data=None), dict(max_steps=0),
                 dict(hidden_sizes=()), dict(hidden_sizes=(256, 0)), dict(hidden_sizes=(2.5,)),
-                dict(hidden_sizes="256,64"), dict(activation="softmax"), dict(activation=None)):
+                dict(hidden_sizes="256,64"), dict(hidden_sizes=(2 ** 31,)), dict(activation="softmax"),
+                dict(activation=None)):
         with pytest.raises(InvalidArgument):
             train(TrainConfig(**{**common, **bad}))
 
@@ -652,13 +662,14 @@ def test_settings_of_other_types_are_taken_as_plain_values(tmp_path, tiny_mnist_
         out = tmp_path / f"run_{type(lr).__name__}"
         result = train(TrainConfig(data=tiny_mnist_dir, out=out, device=torch.device("cpu"), lr=lr,
                                    batch_size=np.int64(32), epochs=1, max_steps=1, plots=np.bool_(False),
-                                   progress=False))
+                                   progress=False, hidden_sizes=(np.int64(32), 16)))
         saved = json.loads((out / "metrics.json").read_text())["config"]
         assert saved["out"] == str(out) and saved["device"] == "cpu" and saved["batch_size"] == 32
+        assert saved["hidden_sizes"] == [32, 16]
         assert saved["lr"] == pytest.approx(1e-3) and result.metrics["completed"]
         # The checkpoint holds plain numbers: read back with weights_only, it resumes.
         train(TrainConfig(data=str(tiny_mnist_dir), out=str(out), resume=str(out / "checkpoint.pt"), epochs=2,
-                          max_steps=1, plots=False, progress=False, lr=float(lr), batch_size=32))
+                          max_steps=1, plots=False, progress=False, lr=float(lr), batch_size=32, hidden_sizes=(32, 16)))
 
 
 def test_numpy_strings_are_stored_as_plain_text(tmp_path, tiny_mnist_dir):

@@ -1756,7 +1756,8 @@ def test_fused_linear_sizes_are_checked_as_named_arguments():
     for args, error, message in ((("3", 4), TypeError, "in_features must be an integer, got '3' (str)"),
                                  ((4, 2.0), TypeError, "out_features must be an integer, got 2.0 (float)"),
                                  ((True, 4), TypeError, "in_features must be an integer, got True"),
-                                 ((4, -1), ValueError, "out_features must be >= 0, got -1")):
+                                 ((4, -1), ValueError, "out_features must be >= 0, got -1"),
+                                 ((10 ** 20, 2), ValueError, "in_features must be < 2**63, got an integer of 21 digits")):
         with pytest.raises(error, match=re.escape(message)):
             FusedLinear(*args)
     layer = FusedLinear(torch.tensor(3), torch.tensor(2))  # integer types torch takes as sizes
@@ -1773,6 +1774,8 @@ def test_fused_mlp_argument_checks():
         FusedMLP([8, 3.7, 2])
     with pytest.raises(TypeError, match="sizes must be a sequence of integers, got str"):
         FusedMLP("82")
+    with pytest.raises(ValueError, match=re.escape("sizes must be < 2**63, got an integer of 21 digits")):
+        FusedMLP([8, 10 ** 20, 2])  # torch's own message would carry a C++ backtrace
     for settings in ({"activation": ["relu", "tanh"]}, {"dropout": (0.1, 0.2)}):  # fused_mlp takes lists
         with pytest.raises(TypeError, match=r"FusedMLP takes one \w+ for every hidden layer.*FusedMLP.from_layers"):
             FusedMLP([4, 5, 5, 3], **settings)

@@ -562,6 +562,21 @@ def test_a_linear_used_at_several_places_stays_one_layer_through_module_by_modul
     assert back[0] is back[2] is back[4] and back[1] is back[3]
 
 
+def test_a_linear_used_twice_in_a_partly_fused_sequential_keeps_the_original_keys():
+    shared = nn.Linear(8, 8)
+    plain = nn.Sequential(shared, nn.ReLU(), shared, nn.ReLU(), nn.Linear(8, 2), nn.LayerNorm(2))
+    fused = pyfastnn.fuse(plain)
+    assert isinstance(fused[0], FusedMLP) and fused[0][0] is fused[0][1]
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    assert [repr(fused[i]) for i in (2, 4)] == ["Absorbed(nn.Linear fused into module 0 as its layer '2')",
+                                                "Absorbed(nn.Linear fused into module 0 as its layer '4')"]
+    rebuilt = copy.deepcopy(fused).to("meta").to_empty(device="cpu")
+    rebuilt.load_state_dict(plain.state_dict())
+    assert len(list(rebuilt.parameters())) == len(list(plain.parameters())) == 6
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(rebuilt(x), plain(x))
+
+
 def test_a_linear_followed_by_other_activations_at_its_uses_is_left_to_itself_by_fuse():
     """No one fused layer can stand for all its uses, and several would be several modules where the
     model has one; FusedMLP.from_sequential, asked for, gives each kind of use its layer, sharing the
@@ -574,6 +589,18 @@ def test_a_linear_followed_by_other_activations_at_its_uses_is_left_to_itself_by
     assert mlp[0] is mlp[2] and mlp[1] is not mlp[0] and mlp[1].weight is mlp[0].weight
     x = torch.randn(4, 8)
     torch.testing.assert_close(mlp(x), plain(x))
+
+    class CallsItElsewhere(nn.Module):  # one use in a Sequential, one in its own forward
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.seq = nn.Sequential(self.fc, nn.ReLU(), nn.Linear(8, 2))
+
+        def forward(self, x):
+            return self.seq(torch.tanh(self.fc(x)))
+
+    fused = pyfastnn.fuse(CallsItElsewhere())
+    assert type(fused.fc) is nn.Linear and fused.fc is fused.seq[0]
 
 
 def test_fuse_warns_that_its_copy_drops_parameter_hooks_and_attributes():
