@@ -1,6 +1,7 @@
 """The C++ sources' layout, enforced on their ``#include "..."`` lines:
 
 * no include cycles among the files under csrc/;
+* neither device includes the other's files (csrc/cpu/ nothing of csrc/cuda/, and the reverse);
 * layer.cpp, the device-neutral layer flow, reaches the devices only through their entry headers
   (``cpu/gemm.h`` and ``cuda/gemm.h``, the matrix products of each device); the epilogue launchers it
   calls are declared in the device-neutral ``epilogue.h``. Anything else under csrc/cpu/ or
@@ -75,6 +76,13 @@ def find_cycle(graph: Dict[str, List[str]]) -> Optional[List[str]]:
     return None
 
 
+def cross_device_includes(graph: Dict[str, List[str]]) -> List[str]:
+    """``a -> b`` for each file of one device (csrc/cpu/, csrc/cuda/) that includes one of the other's."""
+    device = {"cpu": "cuda", "cuda": "cpu"}
+    return [f"{f} -> {included}" for f, includes in graph.items() for included in includes
+            if f.split("/")[0] in device and included.split("/")[0] == device[f.split("/")[0]]]
+
+
 def device_internals_in_layer(graph: Dict[str, List[str]]) -> List[str]:
     """The csrc/cpu/ and csrc/cuda/ files layer.cpp includes besides the device entry headers."""
     return [f for f in graph.get(DEVICE_NEUTRAL_LAYER, [])
@@ -115,6 +123,10 @@ def test_no_include_cycles():
     assert find_cycle(include_graph(CSRC)) is None
 
 
+def test_neither_device_includes_the_others_files():
+    assert cross_device_includes(include_graph(CSRC)) == []
+
+
 def test_layer_reaches_devices_only_through_entry_headers():
     assert device_internals_in_layer(include_graph(CSRC)) == []
 
@@ -141,6 +153,16 @@ def test_cycle_is_found(tmp_path):
 def test_self_include_is_a_cycle(tmp_path):
     tree = write_tree(tmp_path, {"a.h": '#include "a.h"\n'})
     assert find_cycle(include_graph(tree)) == ["a.h", "a.h"]
+
+
+def test_cross_device_includes_are_found(tmp_path):
+    tree = write_tree(tmp_path, {
+        "cpu/gemm.cpp": '#include "../cuda/blaslt.h"\n#include "../epilogue.h"\n',
+        "cuda/epilogue.cu": '#include "cpu/vec_math.h"\n',  # relative to csrc/
+        "cuda/blaslt.h": "", "cpu/vec_math.h": "", "epilogue.h": "",
+    })
+    assert cross_device_includes(include_graph(tree)) == ["cpu/gemm.cpp -> cuda/blaslt.h",
+                                                          "cuda/epilogue.cu -> cpu/vec_math.h"]
 
 
 def test_device_internals_in_layer_are_found(tmp_path):
