@@ -221,21 +221,42 @@ def _fused_module(layers: List[Layer], fusion: "_Fusion", as_mlp: bool = False) 
 
 def _reused_linears_to_leave(model: nn.Module, pinned: Set[int]) -> Set[int]:
     """ids of the Linears held at several places of ``model`` that no one fused layer can stand for:
-    followed by another activation or dropout (or by nothing fusable) at another place, or held by a
-    module other than a plain Sequential at one (whose forward may call it in any way). Fused at some
-    places only, such a Linear would become several modules where the model has one, so it stays as
-    it is; one whose places are all alike becomes one FusedLinear (fused_layers)."""
-    places: Dict[int, int] = {}
-    settings: Dict[int, Set[Optional[Tuple]]] = {}
-    for module in model.modules():
-        modules = list(module._modules.values())
-        for i, child in enumerate(modules):
-            if not isinstance(child, nn.Linear):
-                continue
-            places[id(child)] = places.get(id(child), 0) + 1
-            layers = parse_layers(modules, i, pinned)[0] if _is_sequential(module) else []
-            settings.setdefault(id(child), set()).add(tuple(layers[0][1:]) if layers else None)
-    return {linear for linear, count in places.items() if count > 1 and (len(settings[linear]) > 1 or None in settings[linear])}
+    fused at one place and not at another (held there by a module other than a plain Sequential,
+    whose forward may call it in any way, or outside any run worth fusing), or followed by another
+    activation or dropout. Fused at some places only, such a Linear would become several modules
+    where the model has one, so it stays as it is everywhere; one fused alike at all its places
+    becomes one FusedLinear (fused_layers). Leaving one alone can change the runs around it, so the
+    set grows until it is stable."""
+    leave: Set[int] = set()
+    while True:
+        places: Dict[int, List[Optional[Tuple]]] = {}
+        for module in model.modules():
+            children = list(module._modules.values())
+            fused_at = _fused_places(children, pinned | leave) if _is_sequential(module) else {}
+            for i, child in enumerate(children):
+                if isinstance(child, nn.Linear):
+                    places.setdefault(id(child), []).append(fused_at.get(i))
+        more = {linear for linear, found in places.items()
+                if len(found) > 1 and (None in found or len(set(found)) > 1)} - leave
+        if not more:
+            return leave
+        leave |= more
+
+
+def _fused_places(modules: List[nn.Module], pinned: Set[int]) -> Dict[int, Tuple]:
+    """The positions of ``modules`` (a Sequential's) whose Linear _fuse_sequential fuses, each with the
+    (activation, slope, dropout) after it there: its runs, taken as it takes them."""
+    fused_at: Dict[int, Tuple] = {}
+    i = 0
+    while i < len(modules):
+        layers, end = parse_layers(modules, i, pinned)
+        if not _worth_fusing(layers):
+            i += 1
+            continue
+        linears = [j for j in range(i, end) if any(modules[j] is layer.linear for layer in layers)]
+        fused_at.update((j, tuple(layer[1:])) for j, layer in zip(linears, layers))
+        i = end
+    return fused_at
 
 
 def _worth_fusing(layers: List[Layer]) -> bool:

@@ -601,6 +601,13 @@ def test_a_linear_followed_by_other_activations_at_its_uses_is_left_to_itself_by
 
     fused = pyfastnn.fuse(CallsItElsewhere())
     assert type(fused.fc) is nn.Linear and fused.fc is fused.seq[0]
+    # Inside a run worth fusing at one place, alone at another: it stays one Linear at both, and the
+    # run around it changes accordingly.
+    shared = nn.Linear(8, 8)
+    fused = pyfastnn.fuse(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), shared, nn.LayerNorm(8), shared))
+    assert type(fused[0]) is FusedLinear and type(fused[2]) is nn.Linear and fused[2] is fused[4]
+    fused = pyfastnn.fuse(nn.Sequential(nn.Sequential(shared), nn.Sequential(shared, nn.ReLU(), nn.Linear(8, 8))))
+    assert fused[0][0] is fused[1][0] and type(fused[0][0]) is nn.Linear
 
 
 def test_fuse_warns_that_its_copy_drops_parameter_hooks_and_attributes():
