@@ -1,6 +1,6 @@
 """fused_linear vs eager by CPU time on one thread: a comparison that holds on a busy machine.
 
-    python benchmarks/bench_cpu_time.py [--rounds 30]
+    python benchmarks/bench_cpu_time.py [--rounds 15]
 
 Wall-clock medians (bench_fused_linear.py) need a quiet machine; on a shared, oversubscribed one a
 preempted call counts the other processes' time. Here everything runs on the calling thread
@@ -11,7 +11,7 @@ after the other; the eager/fused ratio is measured side by side in one process.
 
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 
 import torch
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import pyfastnn
 from pyfastnn.benchmark import BENCH_ACTIVATIONS
-from pyfastnn.command import positive_int
+from pyfastnn.command import command_parser, positive_int, run_command
 
 SHAPES = [(1, 784, 256), (4, 784, 256), (64, 784, 256), (64, 256, 128), (256, 784, 256)]
 
@@ -34,10 +34,16 @@ def cpu_time_per_call(fn, calls: int, rounds: int) -> float:
     return best * 1e6
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=positive_int, default=15)
-    args = parser.parse_args()
+def main(argv=None) -> int:
+    parser = command_parser("bench_cpu_time.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=positive_int, default=15,
+                        help="rounds per figure, each the CPU time of a batch of calls; the minimum is kept "
+                             "(default: %(default)s)")
+    args = parser.parse_args(argv)
+    return run_command(parser, args, lambda: _run(args))
+
+
+def _run(args) -> int:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     info = pyfastnn.info()
@@ -71,7 +77,8 @@ def main() -> None:
                 t_fused = cpu_time_per_call(fused, calls, args.rounds)
                 t_eager = cpu_time_per_call(eager, calls, args.rounds)
                 print(f"{m:>4}x{k}->{n:<4} {act:>8} {name:>8} {t_fused:9.1f} {t_eager:9.1f} {t_eager / t_fused:10.2f}x")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -33,7 +33,6 @@ time per kernel, longest first) for the first shape in bfloat16: where the time 
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -42,7 +41,7 @@ from torch.utils import benchmark
 
 import pyfastnn
 from pyfastnn.benchmark import cuda_kernels, format_kernels, json_output, write_results
-from pyfastnn.command import output_file_argument, positive_float
+from pyfastnn.command import command_parser, output_file_argument, positive_float, run_command
 
 SHAPES = ((65536, 1024, 1024), (8192, 4096, 4096), (4096, 784, 256))
 QUICK_SHAPES = ((65536, 1024, 1024),)
@@ -244,7 +243,7 @@ def profile_rows(shape=QUICK_SHAPES[0], dtype=torch.bfloat16, layers=3) -> list[
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_parser("bench_cuda.py", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="bfloat16, the first shape, five activations")
     parser.add_argument("--json", metavar="PATH", type=output_file_argument,
                         help="write the results as JSON here (- for standard output, the tables then on stderr)")
@@ -252,8 +251,12 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="list the kernels of each variant instead of timing it (first shape, bfloat16)")
     args = parser.parse_args(argv)
-    with json_output(args.json, parser):  # a bad path fails now, not after minutes of benchmarks
-        return _run(args, parser)
+
+    def body() -> int:
+        with json_output(args.json, parser):  # a bad path fails now, not after minutes of benchmarks
+            return _run(args, parser)
+
+    return run_command(parser, args, body)
 
 
 def _run(args, parser) -> int:

@@ -4,12 +4,13 @@ eval, interleaved rounds, medians.
 
     python benchmarks/bench_mlp_call_overhead.py
 """
-import argparse
+import sys
 
 import torch
 
 import pyfastnn
 from pyfastnn.benchmark import time_interleaved
+from pyfastnn.command import command_parser, run_command
 
 
 def main(rounds: int = 30) -> None:
@@ -31,5 +32,5 @@ def main(rounds: int = 30) -> None:
 
 
 if __name__ == "__main__":
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help; no options
-    main()
+    parser = command_parser("bench_mlp_call_overhead.py", description=__doc__.split("\n\n")[0])  # --help; no options
+    sys.exit(run_command(parser, parser.parse_args(), lambda: main() or 0))

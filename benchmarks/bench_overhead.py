@@ -7,13 +7,14 @@ the dispatcher, the op through its C++ autograd kernel, a whole autograd.grad st
 the same step in eager PyTorch and a trivial autograd.grad call.
 """
 
-import argparse
+import sys
 
 import torch
 import torch.nn.functional as F
 
 import pyfastnn
 from pyfastnn.benchmark import time_interleaved
+from pyfastnn.command import command_parser, run_command
 
 
 def main() -> None:
@@ -38,5 +39,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help; no options
-    main()
+    parser = command_parser("bench_overhead.py", description=__doc__.splitlines()[0])  # --help; no options
+    sys.exit(run_command(parser, parser.parse_args(), lambda: main() or 0))

@@ -350,7 +350,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         description=(
             "Times fused_linear against eager PyTorch, torch.compile and the bare GEMMs, forward and "
             "forward+backward, side by side (medians)."),
-        examples=("pyfastnn bench --quick", "pyfastnn bench --threads 1 2 4 --json bench.json"))
+        examples=("pyfastnn bench --quick", "pyfastnn bench --threads 1 2 --json bench.json"))
     parser.add_argument("--quick", action="store_true",
                         help="4 shapes, relu/gelu, 2 threads, no torch.compile (well under 30 s)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")

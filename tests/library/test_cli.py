@@ -3,6 +3,7 @@ are tested in tests/lesson/test_commands.py."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -478,11 +479,27 @@ def test_a_json_path_ending_in_a_slash_names_a_folder_and_writes_nothing(tmp_pat
     pytest.param("bench_mnist.py", ["--quick", "--json", ""], "argument --json: must be a path, got an empty string",
                  marks=pytest.mark.skipif(bool(missing_lesson_requirements()),
                                           reason="bench_mnist.py runs the lesson: needs the lesson extra")),
+    pytest.param("bench_mnist.py", ["--device", "cuda", "--whole-process", "1"],
+                 "--full-script and --whole-process run on the CPU",  # not ignored without a word
+                 marks=pytest.mark.skipif(bool(missing_lesson_requirements()),
+                                          reason="bench_mnist.py runs the lesson: needs the lesson extra")),
 ])
 def test_benchmark_scripts_refuse_arguments_they_cannot_take(script, arguments, problem):
     path = Path(__file__).resolve().parents[2] / "benchmarks" / script
     result = subprocess.run([sys.executable, str(path), *arguments], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and problem in result.stderr, result.stderr
+
+
+def test_a_benchmark_script_stopped_by_ctrl_c_says_so_in_one_line():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_cpu_time.py"
+    process = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().startswith("pyfastnn ")  # its header: the benchmark has begun
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and err == "bench_cpu_time.py: interrupted\n", err
 
 
 @pytest.mark.skipif(pyfastnn.info()["cuda_available"], reason="this build runs CUDA: the GPU check runs both")
