@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 import pyfastnn
-from pyfastnn.benchmark import cuda_kernels, format_kernels, json_output, write_results
+from pyfastnn.benchmark import cuda_kernels, format_kernels, json_output, results_record, write_results
 from pyfastnn.command import command_parser, output_file_argument, positive_float, run_command
 
 SHAPES = ((65536, 1024, 1024), (8192, 4096, 4096), (4096, 784, 256))
@@ -276,10 +276,9 @@ def _run(args, parser) -> int:
             "fused_mlp": mlp_rows(dtypes, args.min_run_time),
         }
     if args.json:
-        write_results(args.json, {"info": pyfastnn.info(), "torch": torch.__version__,
-                                  "device": torch.cuda.get_device_name(),
-                                  "fp32_precision": getattr(torch.backends.cuda.matmul, "fp32_precision", None),
-                                  **results})
+        write_results(args.json, results_record(
+            args, pyfastnn.info(), torch=torch.__version__, device=torch.cuda.get_device_name(),
+            fp32_precision=getattr(torch.backends.cuda.matmul, "fp32_precision", None), **results))
     return 0
 
 

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from pyfastnn import cuda_graph_step, fuse
 from pyfastnn.benchmark import (cuda_kernels, format_kernels, json_output, saved_for_backward_bytes,
-                                time_interleaved, train_step, write_results)
+                                results_record, time_interleaved, train_step, write_results)
 from pyfastnn.command import command_parser, output_file_argument, path_argument, positive_int, run_command
 from pyfastnn.lesson.data import MNIST_MEAN, MNIST_STD, find_mnist, load_mnist
 from pyfastnn.info import info
@@ -417,7 +417,7 @@ def _run(args, parser) -> int:
         results.append(bench_full_script(data, print, args.epochs))
     if args.whole_process:
         results.append(bench_whole_process(data, print, args.whole_process, args.epochs))
-    _write_json(args.json, build, results)
+    _write_json(args, build, results)
     return 0
 
 
@@ -428,14 +428,14 @@ def _main_cuda(args, parser, build, data) -> int:
     print(f"pyfastnn {build['pyfastnn']} | torch {build['torch']} | {torch.cuda.get_device_name()} | "
           f"(Nx) = that variant's time / FusedMLP+graph's")
     if args.profile:
-        _write_json(args.json, build, [row for batch in (64, 8192) for row in profile_cuda_steps(batch, print)])
+        _write_json(args, build, [row for batch in (64, 8192) for row in profile_cuda_steps(batch, print)])
         return 0
     results = bench_cuda_steps((64, 8192), 5 if args.quick else 9, 100 if args.quick else 500, print)
     if data is not None and not args.quick:
         results.append(bench_cuda_training(data, print, args.epochs))
     elif not args.quick:
         print("5-epoch run skipped: no MNIST (--data DIR or $PYFASTNN_MNIST)")
-    _write_json(args.json, build, results)
+    _write_json(args, build, results)
     return 0
 
 
@@ -459,9 +459,9 @@ def _mnist_folder(data, uses_data: bool, parser):
     return Path(data)
 
 
-def _write_json(path, build, results) -> None:
-    if path:
-        write_results(path, {"info": build, "results": results})
+def _write_json(args, build, results) -> None:
+    if args.json:
+        write_results(args.json, results_record(args, build, results=results))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import math
 import os
 import statistics
@@ -35,7 +36,7 @@ from .info import info
 from .nn import activation_module
 
 __all__ = ["BENCH_ACTIVATIONS", "time_interleaved", "train_step", "saved_for_backward_bytes", "cuda_kernels",
-           "format_kernels", "write_results", "json_output", "run", "main"]
+           "format_kernels", "results_record", "write_results", "json_output", "run", "main"]
 
 FULL_SHAPES = ((1, 784, 256), (64, 784, 256), (256, 784, 256), (1024, 784, 256), (64, 256, 128),
                (4096, 1024, 1024))
@@ -231,6 +232,22 @@ def _variants(m: int, k: int, n: int, activation: str, backward: bool, with_comp
     return fns
 
 
+def results_record(args: argparse.Namespace, build: Mapping[str, object], **content: object) -> Dict[str, object]:
+    """What a benchmark's ``--json`` file holds: when it ran (UTC), its settings (the parsed options
+    but ``--json`` and ``--debug``), the build's :func:`pyfastnn.info` and ``content`` (the figures).
+
+    Example:
+        >>> import argparse
+        >>> from pyfastnn.benchmark import results_record
+        >>> record = results_record(argparse.Namespace(quick=True, json="-"), {"pyfastnn": "0.1.0"}, results=[])
+        >>> sorted(record), record["settings"]
+        (['date', 'info', 'results', 'settings'], {'quick': True})
+    """
+    settings = {key: value for key, value in vars(args).items() if key not in ("json", "debug")}
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return {"date": date, "settings": settings, "info": dict(build), **content}
+
+
 def write_results(path: str, record: Mapping[str, object]) -> None:
     """Writes ``record`` (the build's :func:`pyfastnn.info` and the figures) to ``path`` as indented
     JSON, atomically: an existing file is replaced only by a complete one. A figure that is NaN or
@@ -379,5 +396,5 @@ def _bench_and_save(args) -> int:
           f"float32, times are medians of interleaved rounds")
     results = run(**kwargs)
     if args.json:
-        write_results(args.json, {"info": build, "results": results})
+        write_results(args.json, results_record(args, build, results=results))
     return 0

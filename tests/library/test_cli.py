@@ -50,6 +50,9 @@ def test_cli_bench_quick_writes_json(tmp_path):
     data = json.loads(out.read_text())
     assert {r["pass"] for r in data["results"]} == {"fwd", "fwd+bwd"}
     assert all(r["fused_us"] > 0 and r["eager_us"] > 0 for r in data["results"])
+    # What produced the figures: when, with which options, on which build.
+    assert data["settings"]["quick"] is True and "json" not in data["settings"] and data["date"].endswith("+00:00")
+    assert data["info"]["pyfastnn"] == pyfastnn.__version__
 
 
 def test_bench_json_dash_sends_the_json_alone_to_stdout_and_the_table_to_stderr(monkeypatch, capfd):
