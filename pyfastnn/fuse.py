@@ -61,7 +61,8 @@ from torch import nn
 
 from ._ops import DEFAULT_NEGATIVE_SLOPE, check_flag
 from ._patterns import (ACTIVATION_MODULES, FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, Layer, activation_of,
-                        dropout_joining, fusable_linear, has_hooks, is_plain, linear_dtype_problem, parse_layers)
+                        dropout_joining, dropout_of, fusable_linear, has_hooks, is_plain, linear_dtype_problem,
+                        parse_layers)
 from .nn import FusedLinear, FusedMLP, fused_layers
 
 __all__ = ["fuse", "FusedRun", "Absorbed"]
@@ -241,6 +242,19 @@ def _reused_linears_to_leave(model: nn.Module, pinned: Set[int]) -> Set[int]:
         if not more:
             return leave
         leave |= more
+
+
+def _shared_modules_with_settings(model: nn.Module) -> Set[int]:
+    """ids of the activation and Dropout modules with settings (a LeakyReLU's slope, a GELU's form, a
+    Dropout's p) held at several places of ``model``: absorbed into a fused layer at one place, the
+    setting would be copied there and no longer follow the module, which stays one everywhere."""
+    places: Dict[int, int] = {}
+    for module in model.modules():
+        for child in module._modules.values():
+            if child is not None and not isinstance(child, _STATELESS_ACTIVATIONS) and (
+                    activation_of(child) is not None or dropout_of(child) is not None):
+                places[id(child)] = places.get(id(child), 0) + 1
+    return {module for module, count in places.items() if count > 1}
 
 
 def _fused_places(modules: List[nn.Module], pinned: Set[int]) -> Dict[int, Tuple]:
@@ -610,12 +624,28 @@ def _forward_is_traceable(module: nn.Module) -> bool:
     ``*args``/``**kwargs`` anything."""
     if type(module).__call__ is not nn.Module.__call__:
         return False  # its own __call__ (say, scaling the input first) would be lost in a GraphModule
+    if _overrides_module_machinery(type(module)):
+        return False
     try:
         parameters = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
         return False
     return (len(parameters) == 1 and parameters[0].default is inspect.Parameter.empty
             and parameters[0].kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
+
+
+#: nn.Module methods torch itself calls (train/eval, .to(), state dicts) that a class may override
+#: (a frozen BatchNorm kept in eval by train(), extra state, a checkpoint migration): a GraphModule
+#: made from its forward would have none of them.
+_MODULE_MACHINERY = ("train", "_apply", "state_dict", "_save_to_state_dict", "_load_from_state_dict",
+                     "load_state_dict", "get_extra_state", "set_extra_state")
+
+
+def _overrides_module_machinery(cls: type) -> bool:
+    """Whether ``cls`` overrides what torch calls on modules (:data:`_MODULE_MACHINERY`) or versions
+    its state dict (``_version``)."""
+    return (any(getattr(cls, name, None) is not getattr(nn.Module, name, None) for name in _MODULE_MACHINERY)
+            or getattr(cls, "_version", 1) != nn.Module._version)
 
 
 def _absorbable(module: nn.Module, fusion: "_Fusion") -> bool:
@@ -946,6 +976,10 @@ def _reached_in_source(module: nn.Module) -> Set[int]:
             names.reverse()
             path, target = _submodule_path(module, names)
             if not path:
+                if names[0] in _STRUCTURE_METHODS and getattr(function, "name", "") == "forward":
+                    # self.named_children(), self.get_submodule("a.b"), self._modules[...] in forward:
+                    # anything below may be called (the traced graph, where there is one, says which).
+                    reached |= below
                 continue
             parent = parents.get(node)
             called = isinstance(parent, ast.Call) and parent.func is node
@@ -1178,7 +1212,7 @@ def _fuse(model: nn.Module, inplace: bool, report: Optional[List[FusedRun]], ver
                                f"inplace=True, or remove what stops the copy first") from error
     hooked = [name or type(model).__name__ for name, module in model.named_modules()
               if type(module) is nn.Linear and has_hooks(module) and linear_dtype_problem(module) is None]
-    pinned = _called_from_outside(model)
+    pinned = _called_from_outside(model) | _shared_modules_with_settings(model)
     fusion = _Fusion([], pinned | _reused_linears_to_leave(model, pinned), [], [])
     model = _fuse_tree(model, "", fusion, keep_root=inplace)
     hooked += fusion.hooked

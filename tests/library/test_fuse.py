@@ -610,6 +610,85 @@ def test_a_linear_followed_by_other_activations_at_its_uses_is_left_to_itself_by
     assert fused[0][0] is fused[1][0] and type(fused[0][0]) is nn.Linear
 
 
+def test_fuse_leaves_what_it_cannot_see_through_or_would_split():
+    """A forward that reaches the modules below its children through its own structure
+    (named_children, get_submodule), untraceable so no graph says which; a class overriding what
+    torch calls on modules (train, extra state, a versioned state dict); an activation with a
+    setting held at several places."""
+    import torch.nn.functional as F
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+            self.box = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+        def forward(self, x):
+            if x.dim() == 1:  # data-dependent: no trace
+                x = x.unsqueeze(0)
+            out = {}
+            for name, head in self.named_children():
+                out[name], out[name + "_embedding"] = head(x), head[0](x)  # the first layer's pre-activation
+            return out
+
+    torch.manual_seed(0)
+    heads, x = Heads(), torch.randn(3, 8)
+    fused = pyfastnn.fuse(heads)
+    assert all(torch.equal(fused(x)[key], value) for key, value in heads(x).items())
+
+    class FrozenNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.fc = nn.BatchNorm1d(8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return F.relu(self.fc(self.norm(x)))
+
+        def train(self, mode=True):  # the norm stays in eval, as detection code keeps its BatchNorms
+            super().train(mode)
+            self.norm.eval()
+            return self
+
+    class WithExtraState(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return F.relu(self.fc(x))
+
+        def get_extra_state(self):
+            return {"calibrated": True}
+
+        def set_extra_state(self, state):
+            pass
+
+    for model in (FrozenNorm(), WithExtraState()):
+        fused = pyfastnn.fuse(model).train()
+        assert type(fused) is type(model) and list(fused.state_dict()) == list(model.state_dict())
+    assert not pyfastnn.fuse(FrozenNorm()).train().norm.training
+
+    class Block(nn.Module):
+        def __init__(self, act):
+            super().__init__()
+            self.fc, self.act = nn.Linear(8, 8), act
+
+        def forward(self, x):
+            return self.act(self.fc(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.LeakyReLU(0.1)  # one module, its slope set once for all its places
+            self.first, self.second = Block(self.act), Block(self.act)
+
+        def forward(self, x):
+            return self.act(self.second(self.first(x)))
+
+    fused = pyfastnn.fuse(Net())
+    assert fused.first.act is fused.second.act is fused.act and type(fused.first.fc) is nn.Linear
+
+
 def test_fuse_warns_that_its_copy_drops_parameter_hooks_and_attributes():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     model[0].weight.register_hook(lambda grad: grad * 0)
