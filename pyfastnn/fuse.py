@@ -809,14 +809,18 @@ def _fused_graph_module(module: nn.Module, path: str, fusion: "_Fusion", trace: 
     absorbed: Set[str] = set()  # the activation and Dropout modules the fused layers took over
     fused_before = len(fusion.report)
     call_counts: Dict[str, int] = {}
-    after_linear: Dict[str, int] = {}  # per activation module: its calls right after a Linear's only use
     for node in gm.graph.nodes:
         if node.op == "call_module":
             call_counts[node.target] = call_counts.get(node.target, 0) + 1
-            source = node.args[0] if node.args else None
-            if (isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1
-                    and fusable_linear(gm.get_submodule(source.target))):
-                after_linear[node.target] = after_linear.get(node.target, 0) + 1
+    # Per activation module: its calls right after a Linear the loop below may fuse (a child called
+    # once, used once, not pinned). A call after any other (a Linear called in a loop) keeps it.
+    after_linear: Dict[str, int] = {}
+    for node in gm.graph.nodes:
+        source = node.args[0] if node.op == "call_module" and node.args else None
+        if (isinstance(source, torch.fx.Node) and source.op == "call_module" and "." not in source.target
+                and len(source.users) == 1 and call_counts[source.target] == 1
+                and fusable_linear(linear := gm.get_submodule(source.target)) and _absorbable(linear, fusion)):
+            after_linear[node.target] = after_linear.get(node.target, 0) + 1
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or "." in node.target:  # a grandchild: its owner's business
             continue

@@ -614,7 +614,7 @@ def test_fuse_leaves_what_it_cannot_see_through_or_would_split():
     """A forward that reaches the modules below its children through its own structure
     (named_children, get_submodule), untraceable so no graph says which; a class overriding what
     torch calls on modules (train, extra state, a versioned state dict); an activation with a
-    setting held at several places."""
+    setting held at several places; one called after a Linear that stays (called in a loop) too."""
     import torch.nn.functional as F
 
     class Heads(nn.Module):
@@ -687,6 +687,20 @@ def test_fuse_leaves_what_it_cannot_see_through_or_would_split():
 
     fused = pyfastnn.fuse(Net())
     assert fused.first.act is fused.second.act is fused.act and type(fused.first.fc) is nn.Linear
+
+    class Recurrent(nn.Module):  # one ReLU after a Linear called once and after one called in a loop
+        def __init__(self):
+            super().__init__()
+            self.inp, self.rec, self.act = nn.Linear(8, 8), nn.Linear(8, 8), nn.ReLU()
+
+        def forward(self, x):
+            h = self.act(self.inp(x))
+            for _ in range(2):
+                h = self.act(self.rec(h))
+            return h
+
+    fused = pyfastnn.fuse(Recurrent())  # absorbed at one call only, the ReLU would be two things
+    assert type(fused.inp) is nn.Linear and type(fused.act) is nn.ReLU
 
 
 def test_fuse_warns_that_its_copy_drops_parameter_hooks_and_attributes():
