@@ -220,47 +220,47 @@ def _fused_module(layers: List[Layer], fusion: "_Fusion", as_mlp: bool = False) 
     return fused[0] if len(fused) == 1 and not as_mlp else FusedMLP.from_layers(fused)
 
 
-def _reused_linears_to_leave(model: nn.Module, pinned: Set[int]) -> Set[int]:
-    """ids of the Linears held at several places of ``model`` that no one fused layer can stand for:
-    fused at one place and not at another (held there by a module other than a plain Sequential,
-    whose forward may call it in any way, or outside any run worth fusing), or followed by another
-    activation or dropout. Fused at some places only, such a Linear would become several modules
-    where the model has one, so it stays as it is everywhere; one fused alike at all its places
-    becomes one FusedLinear (fused_layers). Leaving one alone can change the runs around it, so the
-    set grows until it is stable."""
+def _shared_modules_to_leave(model: nn.Module, pinned: Set[int]) -> Set[int]:
+    """ids of the modules held at several places of ``model`` that fusion would make several of,
+    left as they are everywhere:
+
+    - a Linear that no one fused layer can stand for at all its places: fused at one and not at
+      another (held there by a module other than a plain Sequential, whose forward may call it in
+      any way, or outside any run worth fusing), or followed by another activation or dropout. One
+      fused alike at all its places becomes one FusedLinear (fused_layers);
+    - an activation or Dropout module with a setting (a LeakyReLU's slope, a GELU's form, a Dropout's
+      p) absorbed at some of its places only: the fused layers would copy the setting, which would no
+      longer follow the module that stays. Absorbed at all of them, no module is left to differ.
+
+    Leaving one alone can change the runs around it, so the set grows until it is stable."""
     leave: Set[int] = set()
     while True:
-        places: Dict[int, List[Optional[Tuple]]] = {}
+        linear_places: Dict[int, List[Optional[Tuple]]] = {}
+        absorbed_at: Dict[int, List[bool]] = {}  # a module with settings: absorbed at each of its places?
         for module in model.modules():
             children = list(module._modules.values())
-            fused_at = _fused_places(children, pinned | leave) if _is_sequential(module) else {}
+            fused_at, absorbed = _fused_places(children, pinned | leave) if _is_sequential(module) else ({}, set())
             for i, child in enumerate(children):
                 if isinstance(child, nn.Linear):
-                    places.setdefault(id(child), []).append(fused_at.get(i))
-        more = {linear for linear, found in places.items()
-                if len(found) > 1 and (None in found or len(set(found)) > 1)} - leave
+                    linear_places.setdefault(id(child), []).append(fused_at.get(i))
+                elif child is not None and not isinstance(child, _STATELESS_ACTIVATIONS) and (
+                        activation_of(child) is not None or dropout_of(child) is not None):
+                    absorbed_at.setdefault(id(child), []).append(i in absorbed)
+        more = {linear for linear, found in linear_places.items()
+                if len(found) > 1 and (None in found or len(set(found)) > 1)}
+        more |= {other for other, found in absorbed_at.items() if len(found) > 1 and not all(found)}
+        more -= leave
         if not more:
             return leave
         leave |= more
 
 
-def _shared_modules_with_settings(model: nn.Module) -> Set[int]:
-    """ids of the activation and Dropout modules with settings (a LeakyReLU's slope, a GELU's form, a
-    Dropout's p) held at several places of ``model``: absorbed into a fused layer at one place, the
-    setting would be copied there and no longer follow the module, which stays one everywhere."""
-    places: Dict[int, int] = {}
-    for module in model.modules():
-        for child in module._modules.values():
-            if child is not None and not isinstance(child, _STATELESS_ACTIVATIONS) and (
-                    activation_of(child) is not None or dropout_of(child) is not None):
-                places[id(child)] = places.get(id(child), 0) + 1
-    return {module for module, count in places.items() if count > 1}
-
-
-def _fused_places(modules: List[nn.Module], pinned: Set[int]) -> Dict[int, Tuple]:
-    """The positions of ``modules`` (a Sequential's) whose Linear _fuse_sequential fuses, each with the
-    (activation, slope, dropout) after it there: its runs, taken as it takes them."""
+def _fused_places(modules: List[nn.Module], pinned: Set[int]) -> Tuple[Dict[int, Tuple], Set[int]]:
+    """Where _fuse_sequential fuses in ``modules`` (a Sequential's), taking its runs as it takes them:
+    the positions of the Linears it fuses, each with the (activation, slope, dropout) after it, and
+    the positions of the modules it absorbs after them."""
     fused_at: Dict[int, Tuple] = {}
+    absorbed: Set[int] = set()
     i = 0
     while i < len(modules):
         layers, end = parse_layers(modules, i, pinned)
@@ -269,8 +269,9 @@ def _fused_places(modules: List[nn.Module], pinned: Set[int]) -> Dict[int, Tuple
             continue
         linears = [j for j in range(i, end) if any(modules[j] is layer.linear for layer in layers)]
         fused_at.update((j, tuple(layer[1:])) for j, layer in zip(linears, layers))
+        absorbed |= set(range(i, end)) - set(linears)
         i = end
-    return fused_at
+    return fused_at, absorbed
 
 
 def _worth_fusing(layers: List[Layer]) -> bool:
@@ -926,6 +927,9 @@ def _called_from_outside(model: nn.Module) -> Set[int]:
     return pinned
 
 
+#: Of those, the ones that give the children themselves: calling one runs its own forward.
+_CHILDREN_METHODS = frozenset({"children", "named_children", "_modules", "__getitem__"})
+
 #: Module methods that reach a module's children (``next(self.block.children())``).
 _STRUCTURE_METHODS = frozenset({"children", "named_children", "modules", "named_modules", "get_submodule",
                                 "apply", "__getitem__", "_modules"})
@@ -959,6 +963,8 @@ def _reached_in_source(module: nn.Module) -> Set[int]:
         aliases = _aliases(function, me, module)
         through_aliases = any(isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
                               and node.value.id in aliases for node in ast.walk(function))
+        into_aliases = through_aliases or any(isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name)
+                                              and node.value.id in aliases for node in ast.walk(function))
         for node in ast.walk(function):
             if isinstance(node, ast.Name) and node.id == me and isinstance(module, nn.Sequential):
                 parent = parents.get(node)
@@ -980,9 +986,10 @@ def _reached_in_source(module: nn.Module) -> Set[int]:
             names.reverse()
             path, target = _submodule_path(module, names)
             if not path:
-                if names[0] in _STRUCTURE_METHODS and getattr(function, "name", "") == "forward":
-                    # self.named_children(), self.get_submodule("a.b"), self._modules[...] in forward:
-                    # anything below may be called (the traced graph, where there is one, says which).
+                if names[0] in _STRUCTURE_METHODS and getattr(function, "name", "") == "forward" and (
+                        names[0] not in _CHILDREN_METHODS or into_aliases):
+                    # self.get_submodule("a.b"), self.modules() in forward, or its children taken by
+                    # self.named_children() and reached into (head[0](x)): anything below may be called.
                     reached |= below
                 continue
             parent = parents.get(node)
@@ -1216,8 +1223,8 @@ def _fuse(model: nn.Module, inplace: bool, report: Optional[List[FusedRun]], ver
                                f"inplace=True, or remove what stops the copy first") from error
     hooked = [name or type(model).__name__ for name, module in model.named_modules()
               if type(module) is nn.Linear and has_hooks(module) and linear_dtype_problem(module) is None]
-    pinned = _called_from_outside(model) | _shared_modules_with_settings(model)
-    fusion = _Fusion([], pinned | _reused_linears_to_leave(model, pinned), [], [])
+    pinned = _called_from_outside(model)
+    fusion = _Fusion([], pinned | _shared_modules_to_leave(model, pinned), [], [])
     model = _fuse_tree(model, "", fusion, keep_root=inplace)
     hooked += fusion.hooked
     if hooked:

@@ -703,6 +703,33 @@ def test_fuse_leaves_what_it_cannot_see_through_or_would_split():
     assert type(fused.inp) is nn.Linear and type(fused.act) is nn.ReLU
 
 
+def test_what_fuse_leaves_alone_stays_narrow():
+    """A forward looping over its children (each runs its own forward) and an activation or Dropout
+    with a setting shared by places that are all absorbed (none is left to differ) still fuse."""
+    class WalkChildren(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+            self.head = nn.Sequential(nn.Linear(16, 2), nn.Sigmoid())
+
+        def forward(self, x):
+            for _, child in self.named_children():
+                x = child(x)
+            return x
+
+    gelu, dropout = nn.GELU(), nn.Dropout(0.1)
+    for model in (WalkChildren(),
+                  nn.Sequential(nn.Linear(8, 16), gelu, nn.Linear(16, 16), gelu, nn.Linear(16, 2)),
+                  nn.Sequential(nn.Linear(8, 16), nn.ReLU(), dropout, nn.Linear(16, 16), nn.ReLU(), dropout,
+                                nn.Linear(16, 2)),
+                  nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), gelu) for _ in range(3)])):
+        runs = []
+        fused = pyfastnn.fuse(model.eval(), report=runs)
+        assert not any(type(m) in (nn.Linear, nn.GELU, nn.Dropout) for m in fused.modules()), runs
+        x = torch.randn(3, 8)
+        torch.testing.assert_close(fused(x), model(x))
+
+
 def test_fuse_warns_that_its_copy_drops_parameter_hooks_and_attributes():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     model[0].weight.register_hook(lambda grad: grad * 0)
