@@ -54,7 +54,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -255,22 +255,28 @@ def _shared_modules_to_leave(model: nn.Module, pinned: Set[int]) -> Set[int]:
         leave |= more
 
 
-def _fused_places(modules: List[nn.Module], pinned: Set[int]) -> Tuple[Dict[int, Tuple], Set[int]]:
-    """Where _fuse_sequential fuses in ``modules`` (a Sequential's), taking its runs as it takes them:
-    the positions of the Linears it fuses, each with the (activation, slope, dropout) after it, and
-    the positions of the modules it absorbs after them."""
-    fused_at: Dict[int, Tuple] = {}
-    absorbed: Set[int] = set()
+def _runs(modules: List[nn.Module], pinned: Set[int]) -> Iterator[Tuple[int, int, List[Layer], List[int]]]:
+    """The runs of ``modules`` (a Sequential's) worth fusing, first to last, as _fuse_sequential fuses
+    them: each one's first index, the index past it, its layers and the indices of their Linears."""
     i = 0
     while i < len(modules):
         layers, end = parse_layers(modules, i, pinned)
         if not _worth_fusing(layers):
             i += 1
             continue
-        linears = [j for j in range(i, end) if any(modules[j] is layer.linear for layer in layers)]
-        fused_at.update((j, tuple(layer[1:])) for j, layer in zip(linears, layers))
-        absorbed |= set(range(i, end)) - set(linears)
+        yield i, end, layers, [j for j in range(i, end) if any(modules[j] is layer.linear for layer in layers)]
         i = end
+
+
+def _fused_places(modules: List[nn.Module], pinned: Set[int]) -> Tuple[Dict[int, Tuple], Set[int]]:
+    """Where _fuse_sequential fuses in ``modules`` (a Sequential's): the positions of the Linears it
+    fuses, each with the (activation, slope, dropout) after it, and the positions of the modules it
+    absorbs after them."""
+    fused_at: Dict[int, Tuple] = {}
+    absorbed: Set[int] = set()
+    for start, end, layers, linears in _runs(modules, pinned):
+        fused_at.update((j, tuple(layer[1:])) for j, layer in zip(linears, layers))
+        absorbed |= set(range(start, end)) - set(linears)
     return fused_at, absorbed
 
 
@@ -350,17 +356,11 @@ def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_w
     # first module, Absorbed placeholders under the others' (indices, len() and append() keep working).
     renames: Dict[str, str] = {}
     slots: Dict[str, Tuple[nn.Module, str]] = {}
-    i = 0
-    while i < len(modules):
-        layers, end = parse_layers(modules, i, fusion.pinned)
-        if not _worth_fusing(layers):
-            i += 1
-            continue
+    for i, end, layers, linears in _runs(modules, fusion.pinned):
         fused = _fused_module(layers, fusion)
         report.append(FusedRun(f"{path}{names[i]}", tuple(_describe(m) for m in modules[i:end]), type(fused).__name__))
         setattr(seq, names[i], fused)
         slots[names[i]] = (fused, names[i])
-        linears = [j for j in range(i, end) if any(modules[j] is layer.linear for layer in layers)]
         # Every layer's name, a layer used twice (one Linear at two places) under both.
         layer_names = dict(zip(linears, fused._modules)) if isinstance(fused, FusedMLP) else {}
         for j in range(i + 1, end):
@@ -372,7 +372,6 @@ def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_w
             slots[names[j]] = (placeholder, names[i])
         for j, layer_name in layer_names.items():
             renames[names[j]] = f"{names[i]}.{layer_name}"
-        i = end
     if slots:
         guard = FusedSlots(slots, path.rstrip("."))
         seq.register_forward_pre_hook(guard)
