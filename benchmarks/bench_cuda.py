@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 import pyfastnn
-from pyfastnn.benchmark import cuda_kernels, format_kernels, json_output, results_record, write_results
-from pyfastnn.command import command_parser, output_file_argument, positive_float, run_command
+from pyfastnn.benchmark import cuda_kernels, format_kernels, results_record, run_benchmark, write_results
+from pyfastnn.command import command_parser, output_file_argument, positive_float
 
 SHAPES = ((65536, 1024, 1024), (8192, 4096, 4096), (4096, 784, 256))
 QUICK_SHAPES = ((65536, 1024, 1024),)
@@ -251,12 +251,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="list the kernels of each variant instead of timing it (first shape, bfloat16)")
     args = parser.parse_args(argv)
-
-    def body() -> int:
-        with json_output(args.json, parser):  # a bad path fails now, not after minutes of benchmarks
-            return _run(args, parser)
-
-    return run_command(parser, args, body)
+    return run_benchmark(parser, args, lambda: _run(args, parser))
 
 
 def _run(args, parser) -> int:

@@ -45,9 +45,9 @@ from torch import nn
 import torch.nn.functional as F
 
 from pyfastnn import cuda_graph_step, fuse
-from pyfastnn.benchmark import (cuda_kernels, format_kernels, json_output, saved_for_backward_bytes,
-                                results_record, time_interleaved, train_step, write_results)
-from pyfastnn.command import command_parser, output_file_argument, path_argument, positive_int, run_command
+from pyfastnn.benchmark import (cuda_kernels, format_kernels, results_record, run_benchmark, saved_for_backward_bytes,
+                                time_interleaved, train_step, write_results)
+from pyfastnn.command import command_parser, output_file_argument, path_argument, positive_int
 from pyfastnn.lesson.data import MNIST_MEAN, MNIST_STD, find_mnist, load_mnist
 from pyfastnn.info import info
 from pyfastnn.lesson.models import MNISTClassifier
@@ -385,12 +385,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cuda" and (args.full_script or args.whole_process):
         parser.error("--full-script and --whole-process run on the CPU; --device cuda has a 5-epoch run of its own")
-
-    def body() -> int:
-        with json_output(args.json, parser):  # a bad path fails now, not after minutes of benchmarks
-            return _run(args, parser)
-
-    return run_command(parser, args, body)
+    return run_benchmark(parser, args, lambda: _run(args, parser))
 
 
 def _run(args, parser) -> int:

@@ -6,7 +6,7 @@
 - :func:`cuda_kernels` lists the CUDA kernels a callable runs, with their device time (where a
   GPU timing goes), and :func:`format_kernels` prints that list;
 - :func:`write_results` saves a benchmark's figures as JSON (the benchmark scripts' ``--json``), at
-  the end of a :func:`json_output` block;
+  the end of a :func:`json_output` block, which :func:`run_benchmark` opens around a command's body;
 - ``pyfastnn bench`` (:func:`main`, also ``python benchmarks/bench_fused_linear.py``) times
   fused_linear against PyTorch eager, torch.compile and the bare GEMMs, every variant of one case
   interleaved in the same process, so machine noise hits them alike.
@@ -20,8 +20,10 @@ import datetime
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .command import command_parser, describe_error, output_file_argument, positive_int, run_command
+from .extension import PACKAGE, in_source_folder
 from .files import atomic_write, is_standard_output, json_bytes, output_file, restore_output_folder
 from .functional import fused_linear
 from ._ops import canonical_activation
@@ -36,7 +39,8 @@ from .info import info
 from .nn import activation_module
 
 __all__ = ["BENCH_ACTIVATIONS", "time_interleaved", "train_step", "saved_for_backward_bytes", "cuda_kernels",
-           "format_kernels", "results_record", "write_results", "json_output", "run", "main"]
+           "format_kernels", "source_revision", "results_record", "write_results", "json_output", "run_benchmark", "run",
+           "main"]
 
 FULL_SHAPES = ((1, 784, 256), (64, 784, 256), (256, 784, 256), (1024, 784, 256), (64, 256, 128),
                (4096, 1024, 1024))
@@ -232,20 +236,47 @@ def _variants(m: int, k: int, n: int, activation: str, backward: bool, with_comp
     return fns
 
 
+def source_revision(package: Path = PACKAGE) -> Optional[Dict[str, object]]:
+    """The git commit of the source tree ``package`` is imported from, and whether its tracked files
+    differ from it (``modified``): what a figure measured, where the version number stays the same
+    from commit to commit. None for an installed copy or where git cannot tell.
+
+    Example:
+        >>> from pathlib import Path
+        >>> from pyfastnn.benchmark import source_revision
+        >>> source_revision(Path("/site-packages/pyfastnn")) is None
+        True
+    """
+    if not in_source_folder(package):
+        return None
+
+    def git(*arguments: str) -> str:
+        return subprocess.run(["git", "-C", str(package.parent), *arguments], capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        modified = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):  # no git, not a repository, no commit yet
+        return None
+    return {"commit": commit, "modified": modified}
+
+
 def results_record(args: argparse.Namespace, build: Mapping[str, object], **content: object) -> Dict[str, object]:
     """What a benchmark's ``--json`` file holds: when it ran (UTC), its settings (the parsed options
-    but ``--json`` and ``--debug``), the build's :func:`pyfastnn.info` and ``content`` (the figures).
+    but ``--json`` and ``--debug``), the build's :func:`pyfastnn.info`, the source's
+    :func:`source_revision` and ``content`` (the figures).
 
     Example:
         >>> import argparse
         >>> from pyfastnn.benchmark import results_record
         >>> record = results_record(argparse.Namespace(quick=True, json="-"), {"pyfastnn": "0.1.0"}, results=[])
         >>> sorted(record), record["settings"]
-        (['date', 'info', 'results', 'settings'], {'quick': True})
+        (['date', 'info', 'results', 'settings', 'source'], {'quick': True})
     """
     settings = {key: value for key, value in vars(args).items() if key not in ("json", "debug")}
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return {"date": date, "settings": settings, "info": dict(build), **content}
+    return {"date": date, "settings": settings, "info": dict(build), "source": source_revision(), **content}
 
 
 def write_results(path: str, record: Mapping[str, object]) -> None:
@@ -298,6 +329,29 @@ def json_output(path: Optional[str], parser: Optional[argparse.ArgumentParser] =
         if path and is_standard_output(path):
             stack.enter_context(contextlib.redirect_stdout(sys.stderr))
         yield
+
+
+def run_benchmark(parser: argparse.ArgumentParser, args: argparse.Namespace, body: Callable[[], int]) -> int:
+    """Runs a benchmark command's ``body`` as :func:`pyfastnn.command.run_command` does, inside
+    :func:`json_output` for its ``--json`` (``args.json``): a path that cannot be written is the
+    parser's usage error (exit status 2) before anything is timed.
+
+    Example:
+        >>> import contextlib, io
+        >>> from pyfastnn.benchmark import run_benchmark
+        >>> from pyfastnn.command import command_parser
+        >>> parser = command_parser("bench-example")
+        >>> _ = parser.add_argument("--json")
+        >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+        ...     status = run_benchmark(parser, parser.parse_args(["--json", "/dev/stdout"]), lambda: print("table") or 0)
+        >>> status, err.getvalue()
+        (0, 'table\\n')
+    """
+    def guarded() -> int:
+        with json_output(args.json, parser):
+            return body()
+
+    return run_command(parser, args, guarded)
 
 
 def _no_grad(fn):
@@ -375,15 +429,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", metavar="PATH", type=output_file_argument,
                         help="write the results as JSON here (- for standard output, the table then on stderr)")
     args = parser.parse_args(argv)
-    return run_command(parser, args, lambda: _bench(args))
+    return run_benchmark(parser, args, lambda: _bench(args))
 
 
 def _bench(args) -> int:
-    with json_output(args.json):  # a bad path fails now, not after the benchmark has run
-        return _bench_and_save(args)
-
-
-def _bench_and_save(args) -> int:
     # By default 2 threads (the lesson's machine), and 1 in the full run; no more than the CPUs available.
     default_threads = sorted({1, min(2, _available_cpus())}) if not args.quick else [min(2, _available_cpus())]
     if args.quick:

@@ -53,6 +53,29 @@ def test_cli_bench_quick_writes_json(tmp_path):
     # What produced the figures: when, with which options, on which build.
     assert data["settings"]["quick"] is True and "json" not in data["settings"] and data["date"].endswith("+00:00")
     assert data["info"]["pyfastnn"] == pyfastnn.__version__
+    from pyfastnn.benchmark import source_revision
+    assert data["source"] == source_revision()
+
+
+def test_benchmark_records_name_the_commit_of_the_source_tree(tmp_path):
+    """The version number stays the same from commit to commit: a source tree's figures name the
+    commit and whether tracked files differ from it; an installed copy names none."""
+    from pyfastnn.benchmark import source_revision
+    tree = tmp_path / "tree"
+    (tree / "csrc").mkdir(parents=True)
+    (tree / "pyfastnn").mkdir()
+    (tree / "setup.py").write_text("")
+    assert source_revision(tree / "pyfastnn") is None  # not a repository
+    git = ["git", "-C", str(tree), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "setup.py"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "first"], check=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    (tree / "notes.txt").write_text("untracked")  # an untracked file changes nothing measured
+    assert source_revision(tree / "pyfastnn") == {"commit": head, "modified": False}
+    (tree / "setup.py").write_text("# changed")
+    assert source_revision(tree / "pyfastnn") == {"commit": head, "modified": True}
+    assert source_revision(tmp_path / "site-packages" / "pyfastnn") is None
 
 
 def test_bench_json_dash_sends_the_json_alone_to_stdout_and_the_table_to_stderr(monkeypatch, capfd):
@@ -118,11 +141,11 @@ def test_bench_bad_arguments_fail_before_benchmarking(capsys, tmp_path):
     status, _, err = cli(capsys, "bench", "--quick", "--threads", "100000")  # torch aborts on such counts
     assert status == 2 and "argument --threads: must be at most" in error_line(err, "pyfastnn bench")
     status, stdout, err = cli(capsys, "bench", "--quick", "--json", str(tmp_path))
-    assert status == 1 and "is a folder" in error_line(err, "pyfastnn bench") and "fused us" not in stdout
+    assert status == 2 and "is a folder" in error_line(err, "pyfastnn bench") and "fused us" not in stdout
     blocker = tmp_path / "blocker"
     blocker.write_text("")
     status, stdout, err = cli(capsys, "bench", "--quick", "--json", str(blocker / "bench.json"))
-    assert status == 1 and f"{blocker} is a file" in error_line(err, "pyfastnn bench") and "fused us" not in stdout
+    assert status == 2 and f"{blocker} is a file" in error_line(err, "pyfastnn bench") and "fused us" not in stdout
 
 
 def test_info_bad_arguments(capsys):
