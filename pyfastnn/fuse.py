@@ -32,7 +32,8 @@ the Linears and the modules holding Linears it leaves for their hooks (an activa
 hooks just stays). A Linear in a dtype the kernels lack (complex, say) is left as it is. A module
 some ``forward`` calls from outside its owner (``self.block.fc(x)``) is never absorbed either: that
 call would get the fused activation too (such calls are read from the traced graph and from the
-source of the module's class). The fused modules hold the very same parameter
+source of the module's class), and neither is a module some module also holds outside the module
+tree (a plain attribute, a list: whoever calls it there would go on calling the original). The fused modules hold the very same parameter
 tensors; everything else is left alone.
 """
 
@@ -904,9 +905,10 @@ def _compiled(module: nn.Module) -> bool:
 
 def _called_from_outside(model: nn.Module) -> Set[int]:
     """ids of the modules some code of a module's class may call past their owner (``self.block.fc(x)``,
-    ``self.mlp[0](x)``): what its traced graph calls, and what its class's source reaches
-    (:func:`_reached_in_source`), which also sees branches and modes the trace did not take."""
-    pinned: Set[int] = set()
+    ``self.mlp[0](x)``): what its traced graph calls, what its class's source reaches
+    (:func:`_reached_in_source`), which also sees branches and modes the trace did not take, and
+    what a module holds outside the module tree (:func:`_held_outside_the_tree`)."""
+    pinned = _held_outside_the_tree(model)
     for module in model.modules():
         if type(module) is not nn.Sequential and _is_sequential(module) and module._modules:
             pinned |= _reached_in_source(module)  # a subclass's own methods may index it: self[0](x)
@@ -924,6 +926,31 @@ def _called_from_outside(model: nn.Module) -> Set[int]:
             if node.op == "call_module" and "." in node.target:
                 pinned.add(id(module.get_submodule(node.target)))
     return pinned
+
+
+def _held_outside_the_tree(model: nn.Module) -> Set[int]:
+    """ids of the modules of ``model`` that some module also holds outside its children: as a plain
+    attribute or in a list, tuple, set or dict (``self.taps = [self.seq[0]]``), and all below them.
+    Whatever calls them there would go on calling the original after fusion, and a fused layer's
+    parameters, once rebuilt (``load_state_dict(assign=True)``, ``to_empty``), would no longer be theirs."""
+    held: List[nn.Module] = []
+
+    def collect(value: object, depth: int) -> None:
+        if isinstance(value, nn.Module):
+            held.append(value)
+        elif depth and isinstance(value, (list, tuple, set, frozenset)):
+            for item in value:
+                collect(item, depth - 1)
+        elif depth and isinstance(value, dict):
+            for item in value.values():
+                collect(item, depth - 1)
+
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name not in _MODULE_INTERNALS:
+                collect(value, depth=3)
+    inside = {id(m) for m in model.modules()}
+    return {id(below) for module in held for below in module.modules()} & inside
 
 
 #: Of those, the ones that give the children themselves: calling one runs its own forward.
@@ -964,7 +991,11 @@ def _reached_in_source(module: nn.Module) -> Set[int]:
                               and node.value.id in aliases for node in ast.walk(function))
         into_aliases = through_aliases or any(isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name)
                                               and node.value.id in aliases for node in ast.walk(function))
+        in_forward = getattr(function, "name", "") == "forward"
         for node in ast.walk(function):
+            if in_forward and _getattr_of(node, me) and (into_aliases or _read_into(node, parents)):
+                reached |= below  # getattr(self, "seq")[0](x), or its alias indexed: any child's children
+                continue
             if isinstance(node, ast.Name) and node.id == me and isinstance(module, nn.Sequential):
                 parent = parents.get(node)
                 harmless = (isinstance(parent, ast.Attribute)
@@ -985,10 +1016,12 @@ def _reached_in_source(module: nn.Module) -> Set[int]:
             names.reverse()
             path, target = _submodule_path(module, names)
             if not path:
-                if names[0] in _STRUCTURE_METHODS and getattr(function, "name", "") == "forward" and (
-                        names[0] not in _CHILDREN_METHODS or into_aliases):
+                if names[0] in _STRUCTURE_METHODS and in_forward and (
+                        names[0] not in _CHILDREN_METHODS or into_aliases
+                        or _read_into(_child_taken(node, parents), parents)):
                     # self.get_submodule("a.b"), self.modules() in forward, or its children taken by
-                    # self.named_children() and reached into (head[0](x)): anything below may be called.
+                    # self.named_children() or self._modules["a"] and reached into (head[0](x)):
+                    # anything below may be called.
                     reached |= below
                 continue
             parent = parents.get(node)
@@ -1004,6 +1037,39 @@ def _reached_in_source(module: nn.Module) -> Set[int]:
     return reached & below
 
 
+def _getattr_of(node: ast.AST, me: str) -> bool:
+    """Whether ``node`` is ``getattr(self, ...)``: a child by a name the source does not spell."""
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+            and bool(node.args) and isinstance(node.args[0], ast.Name) and node.args[0].id == me)
+
+
+def _child_taken(node: ast.AST, parents: Dict[ast.AST, ast.AST]) -> ast.AST:
+    """The expression taking one child through ``node`` (``self._modules``, ``self.children``, ...),
+    where the source takes one there: ``self._modules["a"]``, ``self._modules.get("a")``,
+    ``self.__getitem__(0)``, ``next(self.children())``, ``list(self.children())[0]``; else ``node``."""
+    parent = parents.get(node)
+    if isinstance(parent, ast.Subscript) and parent.value is node:
+        return parent  # self._modules["a"]
+    if isinstance(parent, ast.Attribute) and parent.value is node and parent.attr == "get":
+        node, parent = parent, parents.get(parent)  # self._modules.get("a")
+    if not (isinstance(parent, ast.Call) and parent.func is node):
+        return node
+    outer = parents.get(parent)  # the method's result: a child, or an iterator of them
+    if isinstance(outer, ast.Call) and isinstance(outer.func, ast.Name) and parent in outer.args:
+        if outer.func.id == "next":
+            return outer
+        wrapper = parents.get(outer)
+        if outer.func.id in ("list", "tuple") and isinstance(wrapper, ast.Subscript) and wrapper.value is outer:
+            return wrapper
+    return parent
+
+
+def _read_into(node: ast.AST, parents: Dict[ast.AST, ast.AST]) -> bool:
+    """Whether the module ``node`` gives is indexed or has an attribute read (``[0]``, ``.fc``)."""
+    parent = parents.get(node)
+    return isinstance(parent, (ast.Subscript, ast.Attribute)) and parent.value is node
+
+
 #: Builtins that take a module without calling into it.
 _HARMLESS_BUILTINS = frozenset({"len", "isinstance", "type", "id", "repr", "str", "hash", "print", "hasattr"})
 
@@ -1012,12 +1078,13 @@ def _aliases(function: ast.AST, me: str, module: nn.Module) -> Set[str]:
     """Names a function binds to something reached from ``self`` (``for b in self.blocks``,
     ``for i, b in enumerate(self.blocks)``, ``blk = self.block``, ``first = self.mlp[0]``). What a
     submodule's call returns is its output, no such thing (``h = self.embed(x)``,
-    ``h = F.relu(self.fc(x))``), whatever it was given."""
+    ``h = F.relu(self.fc(x))``, ``h = getattr(self, name)(x)``), whatever it was given."""
     def from_self(node) -> bool:
         if isinstance(node, ast.Name):
             return node.id == me
-        if isinstance(node, ast.Call) and _submodule_called(node, me, module):
-            return False
+        if isinstance(node, ast.Call) and (_submodule_called(node, me, module)
+                                           or isinstance(node.func, (ast.Call, ast.Subscript))):
+            return False  # self.embed(x), getattr(self, name)(x), self.heads[i](x): an output
         return any(from_self(child) for child in ast.iter_child_nodes(node))
 
     def names(target) -> Set[str]:

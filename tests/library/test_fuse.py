@@ -703,6 +703,72 @@ def test_fuse_leaves_what_it_cannot_see_through_or_would_split():
     assert type(fused.inp) is nn.Linear and type(fused.act) is nn.ReLU
 
 
+class _PreActivation(nn.Module):
+    """A Sequential's first Linear, also called alone by a forward no graph records (data-dependent)."""
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.LayerNorm(8))
+
+
+class _ByGetattr(_PreActivation):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return self.seq(x), getattr(self, "seq")[0](x)
+
+
+class _ByGetattrAlias(_PreActivation):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        seq = getattr(self, "seq")
+        return seq(x), seq[0](x)
+
+
+class _ByModulesDict(_PreActivation):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return self.seq(x), self._modules["seq"][0](x)
+
+
+class _ByChildrenList(_PreActivation):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return self.seq(x), list(self.children())[0][0](x)
+
+
+class _ByPlainList(_PreActivation):
+    def __init__(self):
+        super().__init__()
+        self.taps = [self.seq[0]]  # not a child: the module tree does not see it
+
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return self.seq(x), self.taps[0](x)
+
+
+@pytest.mark.parametrize("model_class", [_ByGetattr, _ByGetattrAlias, _ByModulesDict, _ByChildrenList, _ByPlainList])
+def test_fuse_leaves_a_linear_reached_past_its_sequential_by_any_way(model_class):
+    """getattr(self, ...), self._modules[...], list(self.children()) and a plain list reach a
+    Sequential's Linear alone (its pre-activation): fused with the ReLU after it, that call would get
+    the ReLU, and a Linear kept in a list would keep parameters the fused layer no longer has once
+    rebuilt (load_state_dict(assign=True))."""
+    torch.manual_seed(0)
+    model, x = model_class(), torch.randn(3, 8)
+    fused = pyfastnn.fuse(model)
+    assert type(fused.seq[0]) is nn.Linear
+    for got, expected in zip(fused(x), model(x)):
+        torch.testing.assert_close(got, expected)
+    state = {key: value + 1 for key, value in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    fused.load_state_dict(state, assign=True)
+    for got, expected in zip(fused(x), model(x)):
+        torch.testing.assert_close(got, expected)
+
+
 def test_what_fuse_leaves_alone_stays_narrow():
     """A forward looping over its children (each runs its own forward) and an activation or Dropout
     with a setting shared by places that are all absorbed (none is left to differ) still fuse."""
@@ -717,8 +783,16 @@ def test_what_fuse_leaves_alone_stays_narrow():
                 x = child(x)
             return x
 
+    class ByName(WalkChildren):  # each child called by a name the source does not spell: its own forward
+        def forward(self, x):
+            if x.dim() == 1:  # data-dependent: no trace
+                x = x.unsqueeze(0)
+            for name in ("body", "head"):
+                x = getattr(self, name)(x) if name == "body" else self._modules[name](x)
+            return x
+
     gelu, dropout = nn.GELU(), nn.Dropout(0.1)
-    for model in (WalkChildren(),
+    for model in (WalkChildren(), ByName(),
                   nn.Sequential(nn.Linear(8, 16), gelu, nn.Linear(16, 16), gelu, nn.Linear(16, 2)),
                   nn.Sequential(nn.Linear(8, 16), nn.ReLU(), dropout, nn.Linear(16, 16), nn.ReLU(), dropout,
                                 nn.Linear(16, 2)),
