@@ -33,13 +33,13 @@ if _missing:
                               name=_missing[0])
 
 from .data import Batches, IDXError, find_mnist, load_fashion_mnist, load_mnist, normalize, read_idx  # noqa: E402
-from .models import (MNISTClassifier, NumpyTwoLayerNet, Perceptron, SimpleNN, TwoLayerNet,  # noqa: E402
+from .models import (MNISTClassifier, NeuralNetwork, NumpyTwoLayerNet, Perceptron, SimpleNN, TwoLayerNet,  # noqa: E402
                      XOR_INPUTS, XOR_TARGETS, AND_TARGETS, OR_TARGETS)
 # The train() function stays in its module: exported here it would hide the module pyfastnn.lesson.train.
 from .train import TrainConfig, TrainResult, evaluate, make_adam  # noqa: E402
 
 __all__ = [
-    "Perceptron", "NumpyTwoLayerNet", "TwoLayerNet", "SimpleNN", "MNISTClassifier",
+    "Perceptron", "NumpyTwoLayerNet", "NeuralNetwork", "TwoLayerNet", "SimpleNN", "MNISTClassifier",
     "XOR_INPUTS", "XOR_TARGETS", "AND_TARGETS", "OR_TARGETS",
     "IDXError", "read_idx", "load_mnist", "load_fashion_mnist", "find_mnist", "normalize", "Batches",
     "TrainConfig", "TrainResult", "evaluate", "make_adam",

@@ -102,10 +102,6 @@ def _check_targets(X: np.ndarray, y: np.ndarray, output_size: int) -> None:
                          f"got {y.shape}" + ("; reshape it with y.reshape(-1, 1)" if y.ndim == 1 and output_size == 1 else ""))
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -500, 500)))
-
-
 class NumpyTwoLayerNet:
     """The lesson's from-scratch 2-layer network: sigmoid hidden and output, MSE, manual backprop.
 
@@ -132,18 +128,28 @@ class NumpyTwoLayerNet:
         self.W2 = rng.standard_normal((hidden_size, output_size)) * init_scale
         self.b2 = np.zeros((1, output_size))
 
+    @staticmethod
+    def sigmoid(x: np.ndarray) -> np.ndarray:
+        """The lesson's sigmoid, its input clipped to [-500, 500] so that exp cannot overflow."""
+        return 1.0 / (1.0 + np.exp(-np.clip(x, -500, 500)))
+
+    @staticmethod
+    def sigmoid_derivative(a: np.ndarray) -> np.ndarray:
+        """sigmoid' written from the sigmoid's output ``a``, as the lesson does: a * (1 - a)."""
+        return a * (1 - a)
+
     def forward(self, X: np.ndarray) -> np.ndarray:
         self.z1 = X @ self.W1 + self.b1
-        self.a1 = _sigmoid(self.z1)
+        self.a1 = self.sigmoid(self.z1)
         self.z2 = self.a1 @ self.W2 + self.b2
-        self.a2 = _sigmoid(self.z2)
+        self.a2 = self.sigmoid(self.z2)
         return self.a2
 
     def backward(self, X: np.ndarray, y: np.ndarray, learning_rate: float = 0.1) -> None:
-        """One gradient step from the cached forward pass (sigmoid' written from the outputs)."""
+        """One gradient step from the cached forward pass."""
         m = X.shape[0]
-        output_delta = (self.a2 - y) * self.a2 * (1 - self.a2)
-        hidden_delta = (output_delta @ self.W2.T) * self.a1 * (1 - self.a1)
+        output_delta = (self.a2 - y) * self.sigmoid_derivative(self.a2)
+        hidden_delta = (output_delta @ self.W2.T) * self.sigmoid_derivative(self.a1)
         self.W2 -= learning_rate * self.a1.T @ output_delta / m
         self.b2 -= learning_rate * output_delta.sum(axis=0, keepdims=True) / m
         self.W1 -= learning_rate * X.T @ hidden_delta / m
@@ -179,6 +185,10 @@ class NumpyTwoLayerNet:
             Epoch 100, Loss: 0.2500
         """
         return self.fit(X, y, epochs, learning_rate, print_every=100)
+
+
+#: The lesson's name for :class:`NumpyTwoLayerNet` (``NeuralNetwork(2, 4, 1).train(X, y)``).
+NeuralNetwork = NumpyTwoLayerNet
 
 
 class TwoLayerNet(nn.Module):

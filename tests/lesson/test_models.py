@@ -42,6 +42,23 @@ def test_numpy_net_learns_xor_with_symmetry_broken():
     assert ((net.forward(X) > 0.5) == (models.XOR_TARGETS > 0.5)).all()
 
 
+def test_numpy_net_answers_to_the_lessons_names():
+    """The lesson's class name and methods: NeuralNetwork(2, 4, 1), sigmoid, sigmoid_derivative of
+    the output (a * (1 - a)), forward, backward, train."""
+    from pyfastnn.lesson import NeuralNetwork
+    net = NeuralNetwork(2, 4, 1, seed=0, init_scale=1.0)
+    z = np.array([-1000.0, -2.0, 0.0, 3.0])
+    a = net.sigmoid(z)
+    np.testing.assert_allclose(a, 1 / (1 + np.exp(-np.clip(z, -500, 500))))
+    np.testing.assert_allclose(net.sigmoid_derivative(a), a * (1 - a))
+    before = net.W2.copy()
+    net.forward(X)
+    net.backward(X, models.XOR_TARGETS, learning_rate=1.0)
+    # The output layer's step, by the lesson's formula.
+    delta = (net.a2 - models.XOR_TARGETS) * net.a2 * (1 - net.a2)
+    np.testing.assert_allclose(net.W2, before - net.a1.T @ delta / len(X))
+
+
 def test_numpy_net_stays_on_the_saddle_from_the_lessons_small_initialisation():
     # The lesson's randn * 0.01: every hidden unit starts nearly the same, the network predicts 0.5
     # for every input and the MSE stays at 0.25 (README, the lesson's models).
