@@ -79,6 +79,42 @@ void check_recomputed(const at::Tensor& out) {
                               "(torch.func.jvp of torch.func.vjp) or pass the tangent with torch.autograd.forward_ad");
 }
 
+// A sparse incoming gradient (`y.backward(sparse_grad)`) stands for its dense tensor, as eager
+// F.linear's backward reads it; the backward ops read strided memory only.
+at::Tensor strided_gradient(const at::Tensor& grad) {
+  return grad.defined() && grad.layout() != at::kStrided ? grad.to_dense() : grad;
+}
+
+// NOTE [One tensor in several slots]
+// A tensor may fill several differentiable slots of one op (tied layers: fused_mlp(x, [W, W]), or
+// fused_linear(W, W)). The fused backward gives each slot its own share and autograd adds them up.
+// The recomputed reference graph uses that one tensor at every slot, and autograd::grad returns its
+// whole gradient for each time it is asked: returned in every slot, it would be counted once per
+// slot. So each tensor is asked for once, and its gradient goes to its first slot only.
+// `slots` holds the tensors whose gradients are wanted (undefined: not wanted).
+variable_list reference_gradients(const at::Tensor& out, const at::Tensor& grad_output, const variable_list& slots,
+                                  bool create_graph) {
+  variable_list result(slots.size());
+  variable_list distinct;
+  std::vector<size_t> first_slot;
+  for (size_t i = 0; i < slots.size(); ++i) {
+    if (!slots[i].defined()) continue;
+    const bool seen = std::any_of(distinct.begin(), distinct.end(), [&](const at::Tensor& t) {
+      return t.unsafeGetTensorImpl() == slots[i].unsafeGetTensorImpl();
+    });
+    if (!seen) {
+      distinct.push_back(slots[i]);
+      first_slot.push_back(i);
+    }
+  }
+  if (distinct.empty()) return result;
+  check_recomputed(out);
+  const auto grads = torch::autograd::grad({out}, distinct, {grad_output}, /*retain_graph=*/true, create_graph,
+                                           /*allow_unused=*/true);
+  for (size_t k = 0; k < distinct.size(); ++k) result[first_slot[k]] = grads[k];
+  return result;
+}
+
 bool reads_saved_tensor(int64_t activation) {
   return static_cast<Activation>(activation) != Activation::Identity;
 }
@@ -111,7 +147,7 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     const int64_t activation = ctx->saved_data["activation"].toInt();
     const double negative_slope = ctx->saved_data["negative_slope"].toDouble();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const at::Tensor& grad_output = grad_outputs[0];
+    const at::Tensor grad_output = strided_gradient(grad_outputs[0]);
     const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                    has_bias && ctx->needs_input_grad(2)};
     if (!grad_output.defined() || !(mask[0] || mask[1] || mask[2])) {
@@ -124,18 +160,10 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
       const at::AutoGradMode record(true);  // the recomputed forward records its graph in any case
       std::optional<at::Tensor> bias = has_bias ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
       const at::Tensor out = reference_fused_linear(input, weight, bias, activation, negative_slope);
-      check_recomputed(out);
-      variable_list inputs;
-      if (mask[0]) inputs.push_back(input);
-      if (mask[1]) inputs.push_back(weight);
-      if (mask[2]) inputs.push_back(*bias);
-      auto grads = torch::autograd::grad({out}, inputs, {grad_output}, /*retain_graph=*/true, create_graph,
-                                         /*allow_unused=*/true);
-      variable_list result(5);
-      size_t next = 0;
-      for (size_t i = 0; i < 3; ++i) {
-        if (mask[i]) result[i] = grads[next++];
-      }
+      variable_list slots{mask[0] ? input : at::Tensor(), mask[1] ? weight : at::Tensor(),
+                          mask[2] ? *bias : at::Tensor()};
+      auto result = reference_gradients(out, grad_output, slots, create_graph);
+      result.resize(5);  // and none for activation, negative_slope
       return result;
     }
     auto [grad_input, grad_weight, grad_bias] = ops::fused_linear_backward_op().call(
@@ -209,7 +237,7 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
 
     const size_t variable_inputs = 1 + layers + bias_count;
     variable_list result(variable_inputs + 5);  // + biases list, activations, slope, dropout, training
-    const at::Tensor& grad_output = grad_outputs[0];
+    const at::Tensor grad_output = strided_gradient(grad_outputs[0]);
     if (!grad_output.defined()) return result;
 
     if (backward_through_reference(grad_output)) {
@@ -222,22 +250,14 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
       }
       const at::Tensor out =
           reference_fused_mlp(input, weights, biases, activations, negative_slope, dropout, keep_masks);
-      variable_list inputs{input};
-      inputs.insert(inputs.end(), weights.begin(), weights.end());
-      inputs.insert(inputs.end(), present_biases.begin(), present_biases.end());
-      std::vector<size_t> wanted;
-      variable_list wanted_inputs;
+      variable_list slots{input};
+      slots.insert(slots.end(), weights.begin(), weights.end());
+      slots.insert(slots.end(), present_biases.begin(), present_biases.end());
       for (size_t i = 0; i < variable_inputs; ++i) {
-        if (ctx->needs_input_grad(i)) {
-          wanted.push_back(i);
-          wanted_inputs.push_back(inputs[i]);
-        }
+        if (!ctx->needs_input_grad(i)) slots[i] = at::Tensor();
       }
-      if (wanted.empty()) return result;
-      check_recomputed(out);
-      auto grads = torch::autograd::grad({out}, wanted_inputs, {grad_output}, /*retain_graph=*/true, create_graph,
-                                         /*allow_unused=*/true);
-      for (size_t k = 0; k < wanted.size(); ++k) result[wanted[k]] = grads[k];
+      auto grads = reference_gradients(out, grad_output, slots, create_graph);
+      std::copy(grads.begin(), grads.end(), result.begin());
       return result;
     }
 

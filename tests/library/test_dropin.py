@@ -439,6 +439,53 @@ def test_batched_gradients_of_every_fused_module():
                                torch.autograd.functional.jacobian(mlp, x))
 
 
+def test_a_tensor_in_several_slots_gets_its_gradient_once_on_every_backward_path():
+    """Tied layers (one weight in every slot of fused_mlp, the README's `[nn.Linear, nn.Tanh()] * 3`
+    fused) and fused_linear(W, W): the plain backward, create_graph=True (gradient penalties, MAML),
+    batched gradients and the Hessian all give eager's gradient, not one per slot."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    cases = [(lambda w, b: pyfastnn.fused_linear(w, w, b, "tanh"), lambda w, b: torch.tanh(F.linear(w, w, b))),
+             (lambda w, b: pyfastnn.fused_mlp(x, [w, w, w], [b, None, b], "tanh"),
+              lambda w, b: F.linear(torch.tanh(F.linear(torch.tanh(F.linear(x, w, b)), w)), w, b))]
+    for fused, eager in cases:
+        expected = torch.autograd.grad(eager(w, b).pow(2).sum(), (w, b))
+        for create_graph in (False, True):
+            got = torch.autograd.grad(fused(w, b).pow(2).sum(), (w, b), create_graph=create_graph)
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g, e)
+        y, y_eager = fused(w, b), eager(w, b)
+        grads = torch.randn(3, *y.shape, dtype=torch.float64)
+        torch.testing.assert_close(torch.autograd.grad(y, w, grads, is_grads_batched=True)[0],
+                                   torch.autograd.grad(y_eager, w, grads, is_grads_batched=True)[0])
+        torch.testing.assert_close(torch.autograd.functional.hessian(lambda w: fused(w, b).sum(), w),
+                                   torch.autograd.functional.hessian(lambda w: eager(w, b).sum(), w))
+    seq = nn.Sequential(*[nn.Linear(6, 6, dtype=torch.float64), nn.Tanh()] * 3)
+    fused_seq = pyfastnn.fuse(seq)
+    expected = torch.autograd.grad(seq(x).pow(2).sum(), list(seq.parameters()))
+    got = torch.autograd.grad(fused_seq(x).pow(2).sum(), list(fused_seq.parameters()), create_graph=True)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_a_sparse_incoming_gradient_counts_as_its_dense_tensor():
+    """y.backward(sparse_grad), which eager F.linear takes: the same gradients as the dense one."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, requires_grad=True)
+    w, w2 = torch.randn(5, 4, requires_grad=True), torch.randn(2, 5, requires_grad=True)
+    for run, width in ((lambda: pyfastnn.fused_linear(x, w, None, "gelu"), 5),
+                       (lambda: pyfastnn.fused_mlp(x, [w, w2], None, "relu"), 2)):
+        grad = torch.randn(3, width)
+        grad[1] = 0
+        dense = torch.autograd.grad(run(), (x, w), grad)
+        for create_graph in (False, True):  # the fused backward and the reference's
+            sparse = torch.autograd.grad(run(), (x, w), grad.to_sparse(), create_graph=create_graph)
+            for got, expected in zip(sparse, dense):
+                torch.testing.assert_close(got, expected)
+
+
 def test_vmap_over_one_dimensional_samples_refuses_them_like_the_op():
     """Mapped over a 1-D tensor, each sample is 0-d: the op must refuse it as outside vmap, not read
     the mapped dimension as the features."""
