@@ -13,12 +13,12 @@ from .cuda_options import cuda_relu_epilogue
 from .decompositions import decompositions
 from .denormals import flush_denormals
 from .functional import fused_linear, fused_mlp
-from .fuse import FusedRun, fuse
+from .fuse import SAFE_GLOBALS, FusedRun, fuse
 from .info import info
 from .nn import FusedLinear, FusedMLP, activation_module
 
 __all__ = [
     "ACTIVATIONS", "FusedLinear", "FusedMLP", "FusedRun", "activation_module", "decompositions", "flush_denormals",
-    "fuse", "fused_linear", "fused_mlp", "info", "__version__",
+    "fuse", "fused_linear", "fused_mlp", "info", "SAFE_GLOBALS", "__version__",
     "CUDAGraphStep", "cuda_graph_step", "cuda_relu_epilogue",
 ]

@@ -59,6 +59,7 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _WrappedHook
 
 from ._ops import DEFAULT_NEGATIVE_SLOPE, check_flag
 from ._patterns import (ACTIVATION_MODULES, FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, Layer, activation_of,
@@ -66,7 +67,7 @@ from ._patterns import (ACTIVATION_MODULES, FUNCTION_ACTIVATIONS, METHOD_ACTIVAT
                         parse_layers)
 from .nn import FusedLinear, FusedMLP, fused_layers
 
-__all__ = ["fuse", "FusedRun", "Absorbed"]
+__all__ = ["fuse", "FusedRun", "Absorbed", "SAFE_GLOBALS"]
 
 
 @dataclass(frozen=True)
@@ -310,9 +311,7 @@ class SaveOriginalKeys:
 
 class LoadOriginalKeys:
     """The load_state_dict pre-hook matching :class:`SaveOriginalKeys` (original keys load; so do the
-    module's own, those of its ``named_parameters()``), and, as :meth:`name_original_keys`, its
-    post-hook: missing or unexpected keys, and the keys of size mismatches, are reported by their
-    original names too."""
+    module's own, those of its ``named_parameters()``); :class:`NameOriginalKeys` is its post-hook."""
 
     def __init__(self, renames: Dict[str, str]) -> None:
         self.renames = dict(renames)
@@ -334,11 +333,38 @@ class LoadOriginalKeys:
         return self.prefix + _rename(key[len(self.prefix):], self.originals, levels=2) if key.startswith(self.prefix) else key
 
     def name_original_keys(self, module: nn.Module, incompatible_keys) -> None:
+        # (Once the post-hook itself: models pickled then still call it so.)
         for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
             keys[:] = [self._original(key) for key in keys]
-        self.error_msgs[:] = [re.sub(r"^(size mismatch for )(\S+):", lambda m: m[1] + self._original(m[2]) + ":", message)
+        self.error_msgs[:] = [_KEY_IN_LOAD_ERROR.sub(lambda m: m[1] + self._original(m[2]), message)
                               for message in self.error_msgs]
         self.error_msgs = []  # the load is over: its list is not kept alive
+
+
+#: The key in torch's load_state_dict errors: ``size mismatch for 0.2.weight: ...``, ``While copying
+#: the parameter named "0.2.weight", ...``.
+_KEY_IN_LOAD_ERROR = re.compile(r'^(size mismatch for |While \w+ the parameter named ")([^\s":]+)')
+
+
+class NameOriginalKeys:
+    """The load_state_dict post-hook of :class:`LoadOriginalKeys`: missing and unexpected keys, and
+    the keys torch's errors name, are reported by their original names too. (An object rather than
+    the bound method, which pickle would store through ``getattr``, a global ``torch.load(...,
+    weights_only=True)`` refuses.)"""
+
+    def __init__(self, loader: LoadOriginalKeys) -> None:
+        self.loader = loader
+
+    def __call__(self, module: nn.Module, incompatible_keys) -> None:
+        self.loader.name_original_keys(module, incompatible_keys)
+
+
+#: The classes a saved pyfastnn module may hold beyond the user's own modules: for loading a whole
+#: model with ``torch.load(path, weights_only=True)`` under ``torch.serialization.safe_globals``
+#: (with the model's own classes, ``nn.Sequential`` and the like). Torch's ``_WrappedHook`` wraps
+#: the hooks a partly fused Sequential keeps its state-dict keys with.
+SAFE_GLOBALS = (FusedLinear, FusedMLP, Absorbed, FusedSlots, SaveOriginalKeys, LoadOriginalKeys, NameOriginalKeys,
+                _WrappedHook)
 
 
 def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_whole: bool = True) -> nn.Module:
@@ -382,7 +408,7 @@ def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_w
         seq.register_state_dict_post_hook(SaveOriginalKeys(renames))
         loader = LoadOriginalKeys(renames)
         seq.register_load_state_dict_pre_hook(loader)
-        seq.register_load_state_dict_post_hook(loader.name_original_keys)
+        seq.register_load_state_dict_post_hook(NameOriginalKeys(loader))
     return seq
 
 

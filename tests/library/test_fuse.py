@@ -352,6 +352,31 @@ def test_absorbed_placeholders_say_where_their_linears_went():
     wider = nn.Sequential(nn.Flatten(), nn.Linear(8, 17), nn.ReLU(), nn.Linear(17, 12), nn.ReLU(), nn.Linear(12, 4))
     with pytest.raises(RuntimeError, match=r"size mismatch for 1\.weight:(.|\n)*size mismatch for 3\.weight:"):
         fused.load_state_dict(wider.state_dict())
+    state = seq.state_dict()
+    state["3.weight"] = 3  # torch's other message: "While copying the parameter named ..."
+    with pytest.raises(RuntimeError, match=r'While copying the parameter named "3\.weight", expected torch\.Tensor'):
+        fused.load_state_dict(state)
+
+
+def test_a_partly_fused_model_loads_with_weights_only_given_pyfastnn_safe_globals(tmp_path):
+    """torch.load(weights_only=True) of a whole model: pyfastnn.SAFE_GLOBALS and the model's own
+    classes are all it needs (no `getattr`, which would open the unpickler to any attribute)."""
+    torch.manual_seed(0)
+    model = pyfastnn.fuse(_head_with_a_fused_run())
+    torch.save(model, tmp_path / "model.pt")
+    own = [nn.Sequential, nn.LayerNorm, nn.Softmax]
+    with pytest.raises(Exception, match="Unsupported global"), torch.serialization.safe_globals(own):
+        torch.load(tmp_path / "model.pt", weights_only=True)
+    with torch.serialization.safe_globals([*pyfastnn.SAFE_GLOBALS, *own]):
+        loaded = torch.load(tmp_path / "model.pt", weights_only=True)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(loaded(x), model(x))
+    plain = _head_with_a_fused_run()
+    assert list(loaded.state_dict()) == list(plain.state_dict())
+    state = plain.state_dict()
+    del state["3.weight"]
+    result = loaded.load_state_dict(state, strict=False)  # the loaded hooks name the original keys
+    assert result.missing_keys == ["3.weight"] and result.unexpected_keys == []
 
 
 def _head_with_a_fused_run():
