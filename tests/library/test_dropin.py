@@ -1931,6 +1931,9 @@ def test_nan_and_inf_differences_from_pytorch_are_as_documented():
     xt = xr.detach().clone().requires_grad_()
     torch.relu(xt).sum().backward()
     assert xt.grad.tolist() == [[1.0], [1.0]]
+    # ... except under create_graph=True, whose backward differentiates the ATen reference.
+    (second_order,) = torch.autograd.grad(pyfastnn.fused_linear(xr, w, None, "relu").sum(), xr, create_graph=True)
+    assert second_order.tolist() == [[1.0], [1.0]]
     # relu followed by fused dropout: a dropped element passes no gradient, also an inf one (its zero
     # output stands for the mask); PyTorch's dropout backward makes inf * 0 = NaN there.
     torch.manual_seed(0)
