@@ -32,17 +32,20 @@ the Linears and the modules holding Linears it leaves for their hooks (an activa
 hooks just stays). A Linear in a dtype the kernels lack (complex, say) is left as it is. A module
 some ``forward`` calls from outside its owner (``self.block.fc(x)``) is never absorbed either: that
 call would get the fused activation too (such calls are read from the traced graph and from the
-source of the module's class), and neither is a module some module also holds outside the module
-tree (a plain attribute, a list: whoever calls it there would go on calling the original). The fused modules hold the very same parameter
+source of the module's class, every method of it), and neither is a module some module also holds
+outside the module tree (a plain attribute, a list, a ``functools.partial``: whoever calls it there
+would go on calling the original). The fused modules hold the very same parameter
 tensors; everything else is left alone.
 """
 
 from __future__ import annotations
 
 import ast
+import collections
 import contextlib
 import copy
 import enum
+import functools
 import inspect
 import numbers
 import operator
@@ -955,45 +958,181 @@ def _called_from_outside(model: nn.Module) -> Set[int]:
 
 
 def _held_outside_the_tree(model: nn.Module) -> Set[int]:
-    """ids of the modules of ``model`` that some module also holds outside its children: as a plain
-    attribute or in a list, tuple, set or dict (``self.taps = [self.seq[0]]``), and all below them.
-    Whatever calls them there would go on calling the original after fusion, and a fused layer's
-    parameters, once rebuilt (``load_state_dict(assign=True)``, ``to_empty``), would no longer be theirs."""
+    """ids of the modules of ``model`` that some module also holds outside its children, and all
+    below them: as a plain attribute, in a container (list, tuple, set, dict, deque), a
+    ``functools.partial``, a bound method, or an object's attributes (``self.taps = [self.seq[0]]``,
+    ``self.first = self.seq[0].forward``). Whatever calls them there would go on calling the original
+    after fusion, and a fused layer's parameters, once rebuilt (``load_state_dict(assign=True)``,
+    ``to_empty``), would no longer be theirs."""
     held: List[nn.Module] = []
+    seen: Set[int] = set()
 
     def collect(value: object, depth: int) -> None:
         if isinstance(value, nn.Module):
             held.append(value)
-        elif depth and isinstance(value, (list, tuple, set, frozenset)):
-            for item in value:
-                collect(item, depth - 1)
-        elif depth and isinstance(value, dict):
-            for item in value.values():
-                collect(item, depth - 1)
+            return
+        if depth == 0 or id(value) in seen or isinstance(value, (str, bytes, numbers.Number, torch.Tensor, type,
+                                                                   types.ModuleType, types.FunctionType)):
+            return
+        seen.add(id(value))
+        try:
+            if isinstance(value, dict):
+                items = list(value.values())
+            elif isinstance(value, (list, tuple, set, frozenset, collections.deque)):
+                items = list(value)
+            elif isinstance(value, functools.partial):
+                items = [value.func, *value.args, *value.keywords.values()]
+            elif isinstance(value, types.MethodType):
+                items = [value.__self__]
+            else:  # a dataclass or any other object: what its attributes hold
+                items = list(vars(value).values()) if isinstance(getattr(value, "__dict__", None), dict) else []
+        except Exception:  # a container that cannot be read is not looked into
+            return
+        for item in items:
+            collect(item, depth - 1)
 
     for module in model.modules():
         for name, value in vars(module).items():
             if name not in _MODULE_INTERNALS:
-                collect(value, depth=3)
+                collect(value, depth=6)
     inside = {id(m) for m in model.modules()}
     return {id(below) for module in held for below in module.modules()} & inside
 
 
-#: Of those, the ones that give the children themselves: calling one runs its own forward.
+#: Module methods that give its children (calling one runs its own forward).
 _CHILDREN_METHODS = frozenset({"children", "named_children", "_modules", "__getitem__"})
 
-#: Module methods that reach a module's children (``next(self.block.children())``).
-_STRUCTURE_METHODS = frozenset({"children", "named_children", "modules", "named_modules", "get_submodule",
-                                "apply", "__getitem__", "_modules"})
+#: Module methods that reach modules below it: its children, or any module below (modules(),
+#: get_submodule(), apply(), and the attribute machinery a forward could take a child by).
+_STRUCTURE_METHODS = _CHILDREN_METHODS | frozenset({"modules", "named_modules", "get_submodule", "apply", "__dict__",
+                                                   "__getattr__", "__getattribute__"})
+
+#: Calling a module by these runs its forward, as calling it does.
+_CALL_METHODS = frozenset({"forward", "__call__", "_call_impl", "_wrapped_call_impl"})
+
+#: Builtins that take a module without calling into it.
+_HARMLESS_BUILTINS = frozenset({"len", "isinstance", "issubclass", "type", "id", "repr", "str", "hash", "print",
+                                "hasattr", "callable", "bool"})
+
+#: Builtins whose result holds the modules they are given, as they are (iterating, listing them).
+_TRANSPARENT_BUILTINS = frozenset({"list", "tuple", "iter", "next", "enumerate", "zip", "reversed", "sorted", "dict",
+                                   "set", "frozenset"})
+
+#: Functions that call the module given as their first argument, and nothing else of it
+#: (torch.utils.checkpoint.checkpoint(block, x) runs block(x)).
+_CALLING_FUNCTIONS = frozenset({"checkpoint"})
+
+
+def _function_name(call: ast.Call) -> str:
+    """The name a call is made by: ``len`` for ``len(x)``, ``checkpoint`` for ``torch.utils.checkpoint.checkpoint(...)``."""
+    func = call.func
+    return func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+
+
+class _Uses:
+    """How one method's source uses the expressions it takes from ``self`` (see _reached_in_source)."""
+
+    def __init__(self, function: ast.AST, me: str, module: nn.Module) -> None:
+        self.me, self.module = me, module
+        self.parents = {child: node for node in ast.walk(function) for child in ast.iter_child_nodes(node)}
+        # The attribute names that take a module somewhere below `module` (`.fc`, `.layers`): reading
+        # any other (`.weight`, `.out_features`) reads a module's state, not into the module tree.
+        self.module_names = {name for m in module.modules() for name in m._modules} | _STRUCTURE_METHODS
+        self.aliases = _aliases(function, me, module)
+        # Whether any alias is read into (indexed, a submodule taken), handed to code that may reach
+        # below it, or called.
+        self.aliases_reached_into = self.aliases_called = False
+        for node in ast.walk(function):
+            if isinstance(node, ast.Name) and node.id in self.aliases and isinstance(node.ctx, ast.Load):
+                if self.called(node):
+                    self.aliases_called = True
+                elif self.read_into(node) or self.escapes(node):
+                    self.aliases_reached_into = True
+
+    def outer(self, node: ast.AST) -> ast.AST:
+        """The expression that holds ``node``'s modules as they are: ``enumerate(self.blocks)`` for
+        ``self.blocks`` there, ``list(self.children())`` for ``self.children()``; else ``node``."""
+        parent = self.parents.get(node)
+        while (isinstance(parent, ast.Call) and node is not parent.func and isinstance(parent.func, ast.Name)
+               and parent.func.id in _TRANSPARENT_BUILTINS):
+            node, parent = parent, self.parents.get(parent)
+        return node
+
+    def called(self, node: ast.AST) -> bool:
+        """Whether the value of ``node`` is called (``node(x)``, ``node.forward(x)``, ``checkpoint(node, x)``)."""
+        node = self.outer(node)
+        parent = self.parents.get(node)
+        if isinstance(parent, ast.Call):
+            return parent.func is node or (_function_name(parent) in _CALLING_FUNCTIONS and parent.args[:1] == [node])
+        return (isinstance(parent, ast.Attribute) and parent.attr in _CALL_METHODS
+                and isinstance(self.parents.get(parent), ast.Call) and self.parents[parent].func is parent)
+
+    def read_into(self, node: ast.AST) -> bool:
+        """Whether the module ``node`` gives is indexed or has a submodule (or structure method) taken."""
+        node = self.outer(node)
+        parent = self.parents.get(node)
+        return (isinstance(parent, ast.Subscript) and parent.value is node) or (
+            isinstance(parent, ast.Attribute) and parent.value is node and parent.attr in self.module_names)
+
+    def escapes(self, node: ast.AST) -> bool:
+        """Whether ``node``'s value goes where unseen code may reach below it: an argument of a call
+        (other than the harmless builtins and the calling functions), returned, yielded, stored in a
+        container or an attribute."""
+        node = self.outer(node)
+        parent = self.parents.get(node)
+        if isinstance(parent, ast.Call):
+            return node is not parent.func and _function_name(parent) not in _HARMLESS_BUILTINS and not self.called(node)
+        if isinstance(parent, ast.keyword):
+            return True
+        if isinstance(parent, (ast.Return, ast.Yield, ast.YieldFrom, ast.List, ast.Tuple, ast.Set, ast.Dict, ast.Starred)):
+            return not (isinstance(parent, (ast.Tuple, ast.List)) and isinstance(parent.ctx, ast.Store))
+        if isinstance(parent, (ast.Assign, ast.AnnAssign, ast.AugAssign)) and node is parent.value:
+            targets = parent.targets if isinstance(parent, ast.Assign) else [parent.target]
+            return any(isinstance(inner, (ast.Attribute, ast.Subscript)) for target in targets
+                       for inner in ast.walk(target))  # self.cache = ..., d[k] = ...: stored
+        return False
+
+    def reached_beyond(self, node: ast.AST) -> bool:
+        """Whether the module (or modules) ``node`` gives is read into, escapes, or is bound to a
+        name that is."""
+        return self.read_into(node) or self.escapes(node) or (self.bound(node) and self.aliases_reached_into)
+
+    def bound(self, node: ast.AST) -> bool:
+        """Whether ``node``'s value is bound to a name (assigned, iterated by a loop, a with item)."""
+        parent = self.parents.get(self.outer(node))
+        return isinstance(parent, (ast.Assign, ast.AnnAssign, ast.NamedExpr, ast.For, ast.AsyncFor, ast.comprehension,
+                                   ast.withitem))
+
+
+def _methods(trees: List[ast.Module]) -> Iterator[Tuple[ast.AST, bool]]:
+    """The methods of the classes in ``trees`` and the functions written elsewhere that they hold,
+    each with whether it is ``__init__``, of which only what it leaves to run later counts."""
+    for tree in trees:
+        for node in tree.body:
+            bodies = node.body if isinstance(node, ast.ClassDef) else [node]
+            for function in bodies:
+                if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) and function.args.args:
+                    yield function, function.name == "__init__"
 
 
 def _reached_in_source(module: nn.Module) -> Set[int]:
-    """ids of the modules below `module`'s children that the source of its class may call past their
-    owner: ``self.a.b(...)`` pins ``a.b``; ``self.a`` used otherwise than called or read through
-    (indexed, iterated, passed on, aliased: ``blk = self.block``) pins a's children, and everything
-    below ``a`` where the function also reads attributes through another name (``blk.fc(x)``). In a
-    Sequential subclass, ``self[i]`` and ``for m in self`` pin its own children. All of them where
-    the class's source cannot be read."""
+    """ids of the modules below `module`'s children that the source of its class may call (or reach
+    and read) past their owner, read from every method but what ``__init__`` runs at once:
+
+    - ``self.a.b(...)``, ``self.a.b.forward(...)``, ``checkpoint(self.a.b, x)`` pin ``a.b``; so does
+      reading ``self.a.b.weight`` (after fusion ``a.b`` could be a placeholder, or another layer);
+    - ``self.a`` indexed, iterated or aliased pins a's children (``for blk in self.blocks: blk(x)``);
+      and everything below ``a`` where the result is read into (``self.heads[0][0]``, ``h[0](x)`` of
+      an alias ``h``, ``blk.fc(x)``) or handed on (``f(self.a)``, ``return self.a.b``);
+    - ``self.modules()``, ``self.named_modules()``, ``self.get_submodule(...)`` and the children
+      methods (``self.named_children()``, ``self._modules[...]``, ``getattr(self, name)``), wherever
+      their modules are called below the children, read into or handed on; ``self.apply(fn)`` in
+      ``forward``;
+    - ``self`` itself used otherwise than as the root of an attribute, called, compared or given to
+      a harmless builtin (``first_layer(self, x)``, ``vars(self)``, ``m = self``, ``[self]``) pins
+      everything below, as does the whole class where its source cannot be read.
+
+    In a Sequential subclass, ``self[i]``, ``for m in self`` and its children methods pin its own children."""
     below = {id(m) for m in module.modules()} - {id(module)}
     if not isinstance(module, nn.Sequential):
         below -= {id(m) for m in module.children()}
@@ -1001,66 +1140,103 @@ def _reached_in_source(module: nn.Module) -> Set[int]:
         trees = [_parse(source) for source in _class_sources(type(module))]
     except (OSError, TypeError, SyntaxError):
         return below
-    functions = [function for tree in trees for function in ast.walk(tree)
-                 if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
-                 and getattr(function, "name", "") != "__init__"]  # what __init__ reaches ran before fusing
     reached: Set[int] = set()
-    for function in functions:
-        if not function.args.args:
-            continue
+    for function, is_init in _methods(trees):
         me = function.args.args[0].arg
-        parents = {child: node for node in ast.walk(function) for child in ast.iter_child_nodes(node)}
-        # A loop variable or alias of a child (`for b in self.blocks`, `blk = self.block`) whose
-        # attributes the function reads (`b.fc(x)`) may reach past that child's forward.
-        aliases = _aliases(function, me, module)
-        through_aliases = any(isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                              and node.value.id in aliases for node in ast.walk(function))
-        into_aliases = through_aliases or any(isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name)
-                                              and node.value.id in aliases for node in ast.walk(function))
-        in_forward = getattr(function, "name", "") == "forward"
-        for node in ast.walk(function):
-            if in_forward and _getattr_of(node, me) and (into_aliases or _read_into(node, parents)):
-                reached |= below  # getattr(self, "seq")[0](x), or its alias indexed: any child's children
-                continue
-            if isinstance(node, ast.Name) and node.id == me and isinstance(module, nn.Sequential):
-                parent = parents.get(node)
-                harmless = (isinstance(parent, ast.Attribute)
-                            or (isinstance(parent, ast.Call) and (parent.func is node or (
-                                isinstance(parent.func, ast.Name) and parent.func.id in _HARMLESS_BUILTINS))))
-                if not harmless:
-                    reached |= {id(m) for m in module.children()}  # self[0](x), for m in self, list(self)
-                continue
-            if (not isinstance(node, ast.Attribute) or isinstance(parents.get(node), ast.Attribute)
-                    or isinstance(node.ctx, (ast.Store, ast.Del))):
-                continue  # only whole chains read: self.a.b, not its self.a part, nor `self.a = ...`
-            names, root = [], node
-            while isinstance(root, ast.Attribute):
-                names.append(root.attr)
-                root = root.value
-            if not (isinstance(root, ast.Name) and root.id == me):
-                continue
-            names.reverse()
-            path, target = _submodule_path(module, names)
-            if not path:
-                if names[0] in _STRUCTURE_METHODS and in_forward and (
-                        names[0] not in _CHILDREN_METHODS or into_aliases
-                        or _read_into(_child_taken(node, parents), parents)):
-                    # self.get_submodule("a.b"), self.modules() in forward, or its children taken by
-                    # self.named_children() or self._modules["a"] and reached into (head[0](x)):
-                    # anything below may be called.
-                    reached |= below
-                continue
-            parent = parents.get(node)
-            called = isinstance(parent, ast.Call) and parent.func is node
-            if len(path) == len(names) and called:
-                if len(path) > 1:
-                    reached.add(id(target))  # self.a.b(x): a call past a's forward
-            elif len(path) == len(names) or names[len(path)] in _STRUCTURE_METHODS:
-                reached |= ({id(m) for m in target.modules()} - {id(target)} if through_aliases
-                            else {id(m) for m in target.children()})  # indexed, iterated, passed on
-            elif len(path) > 1:
-                reached.add(id(target))  # self.a.b.weight: read past a
+        uses = _Uses(function, me, module)
+        if is_init:  # only what runs later: closures, and self stored for later (functools.partial(f, self))
+            nodes = [node for inner in ast.walk(function) if isinstance(inner, (ast.Lambda, ast.FunctionDef))
+                     and inner is not function for node in ast.walk(inner)]
+            stored = [node for statement in function.body if isinstance(statement, (ast.Assign, ast.AnnAssign))
+                      and statement.value is not None for node in ast.walk(statement.value)]
+            nodes += [node for node in stored if isinstance(node, ast.Name)]
+        else:
+            nodes = list(ast.walk(function))
+        reached |= _reached_in_nodes(nodes, uses, function.name == "forward", below)
+        if reached >= below:
+            break
     return reached & below
+
+
+def _reached_in_nodes(nodes: List[ast.AST], uses: _Uses, in_forward: bool, below: Set[int]) -> Set[int]:
+    """The part of :func:`_reached_in_source` one method's ``nodes`` reach."""
+    me, module = uses.me, uses.module
+    reached: Set[int] = set()
+    for node in nodes:
+        parent = uses.parents.get(node)
+        if isinstance(node, ast.Call) and _function_name(node) == "super" and isinstance(node.func, ast.Name):
+            if isinstance(parent, ast.Attribute) and parent.attr in ("__getattr__", "__getattribute__", "__dict__"):
+                reached |= below  # super().__getattr__("seq")[0](x)
+            continue
+        if isinstance(node, ast.Call) and _getattr_of(node, me):
+            if isinstance(module, nn.Sequential) or uses.reached_beyond(node):
+                reached |= below  # getattr(self, "seq")[0](x), or its alias indexed: any child's children
+            continue
+        if isinstance(node, ast.Name) and node.id == me and isinstance(node.ctx, ast.Load):
+            harmless = (isinstance(parent, ast.Attribute)  # the root of a chain: read below
+                        or (isinstance(parent, ast.Call) and (parent.func is node or _getattr_of(parent, me)
+                                                              or _function_name(parent) in _HARMLESS_BUILTINS
+                                                              or _function_name(parent) == "super"))
+                        or isinstance(parent, (ast.Compare, ast.Return)))
+            if not harmless:
+                reached |= below  # first_layer(self, x), vars(self), m = self, [self], for m in self, self[0]
+            continue
+        if (not isinstance(node, ast.Attribute) or isinstance(parent, ast.Attribute)
+                or isinstance(node.ctx, (ast.Store, ast.Del))):
+            continue  # only whole chains read: self.a.b, not its self.a part, nor `self.a = ...`
+        names, root = [], node
+        while isinstance(root, ast.Attribute):
+            names.append(root.attr)
+            root = root.value
+        if not (isinstance(root, ast.Name) and root.id == me):
+            continue
+        names.reverse()
+        path, target = _submodule_path(module, names)
+        if not path:
+            reached |= _reached_by_structure(node, names[0], uses, in_forward, below)
+            continue
+        target_below = {id(m) for m in target.modules()} - {id(target)}
+        past_children = {id(target)} if len(path) > 1 else set()  # self.a.b: a module below a child
+        if len(path) == len(names):
+            if uses.called(node):
+                reached |= past_children  # self.a.b(x)
+            elif isinstance(parent, ast.Subscript) and parent.value is node:
+                # self.a[i]: one of a's children, called (its own forward) or read into
+                reached |= past_children | (target_below if uses.reached_beyond(parent) else
+                                            {id(m) for m in target.children()})
+            elif uses.escapes(node) or (uses.bound(node) and uses.aliases_reached_into):
+                reached |= past_children | target_below  # f(self.a), return self.a.b, blk = self.a; blk.fc(x)
+            elif not (isinstance(parent, ast.Call) and _function_name(parent) in _HARMLESS_BUILTINS):
+                reached |= past_children | {id(m) for m in target.children()}  # iterated, aliased and called
+        elif names[len(path)] in _CALL_METHODS:
+            reached |= past_children  # self.a.b.forward(x)
+        elif names[len(path)] in _STRUCTURE_METHODS:
+            taken = _child_taken(node, uses.parents)
+            if names[len(path)] in _CHILDREN_METHODS and not uses.reached_beyond(taken):
+                reached |= past_children | {id(m) for m in target.children()}  # self.a.children(), each called
+            else:
+                reached |= past_children | target_below  # self.a.modules(), self.a.get_submodule(...), ...
+        else:
+            reached |= past_children  # self.a.b.weight: read past a
+    return reached
+
+
+def _reached_by_structure(node: ast.Attribute, method: str, uses: _Uses, in_forward: bool,
+                          below: Set[int]) -> Set[int]:
+    """What ``self.<method>`` reaches, ``method`` being no submodule's name (``self.named_children()``,
+    ``self._modules``, ``self.modules()``, ``self.config``, ``self.helper(x)``)."""
+    if method not in _STRUCTURE_METHODS:
+        return set()  # an attribute or method of the module's own
+    if method == "apply":
+        return below if in_forward else set()  # apply(init_fn) in other methods initialises
+    if method in ("get_submodule", "__dict__", "__getattr__", "__getattribute__"):
+        return below
+    taken = _child_taken(node, uses.parents)
+    if method in ("modules", "named_modules"):  # called, read into or handed on; not init code setting weights
+        reached = uses.reached_beyond(taken) or uses.called(taken) or (uses.bound(taken) and uses.aliases_called)
+    else:  # a Sequential's own children are below it; another's, where read into or handed on
+        reached = isinstance(uses.module, nn.Sequential) or uses.reached_beyond(taken)
+    return below if reached else set()
 
 
 def _getattr_of(node: ast.AST, me: str) -> bool:
@@ -1070,61 +1246,74 @@ def _getattr_of(node: ast.AST, me: str) -> bool:
 
 
 def _child_taken(node: ast.AST, parents: Dict[ast.AST, ast.AST]) -> ast.AST:
-    """The expression taking one child through ``node`` (``self._modules``, ``self.children``, ...),
+    """The expression taking one module through ``node`` (``self._modules``, ``self.children``, ...),
     where the source takes one there: ``self._modules["a"]``, ``self._modules.get("a")``,
-    ``self.__getitem__(0)``, ``next(self.children())``, ``list(self.children())[0]``; else ``node``."""
+    ``self.__getitem__(0)``, ``next(self.children())``, ``list(self.children())[0]``; else the
+    method's result (or ``node``, not called)."""
     parent = parents.get(node)
     if isinstance(parent, ast.Subscript) and parent.value is node:
         return parent  # self._modules["a"]
-    if isinstance(parent, ast.Attribute) and parent.value is node and parent.attr == "get":
+    if isinstance(parent, ast.Attribute) and parent.value is node and parent.attr in ("get", "values", "items"):
         node, parent = parent, parents.get(parent)  # self._modules.get("a")
     if not (isinstance(parent, ast.Call) and parent.func is node):
         return node
-    outer = parents.get(parent)  # the method's result: a child, or an iterator of them
+    outer = parents.get(parent)  # the method's result: a module, or an iterable of them
     if isinstance(outer, ast.Call) and isinstance(outer.func, ast.Name) and parent in outer.args:
         if outer.func.id == "next":
             return outer
         wrapper = parents.get(outer)
-        if outer.func.id in ("list", "tuple") and isinstance(wrapper, ast.Subscript) and wrapper.value is outer:
+        if outer.func.id in ("list", "tuple", "dict") and isinstance(wrapper, ast.Subscript) and wrapper.value is outer:
             return wrapper
     return parent
 
 
-def _read_into(node: ast.AST, parents: Dict[ast.AST, ast.AST]) -> bool:
-    """Whether the module ``node`` gives is indexed or has an attribute read (``[0]``, ``.fc``)."""
-    parent = parents.get(node)
-    return isinstance(parent, (ast.Subscript, ast.Attribute)) and parent.value is node
-
-
-#: Builtins that take a module without calling into it.
-_HARMLESS_BUILTINS = frozenset({"len", "isinstance", "type", "id", "repr", "str", "hash", "print", "hasattr"})
-
-
 def _aliases(function: ast.AST, me: str, module: nn.Module) -> Set[str]:
-    """Names a function binds to something reached from ``self`` (``for b in self.blocks``,
-    ``for i, b in enumerate(self.blocks)``, ``blk = self.block``, ``first = self.mlp[0]``). What a
-    submodule's call returns is its output, no such thing (``h = self.embed(x)``,
-    ``h = F.relu(self.fc(x))``, ``h = getattr(self, name)(x)``), whatever it was given."""
+    """Names a function binds to modules reached from ``self``, also through other such names
+    (``for b in self.blocks``, ``for i, b in enumerate(self.blocks)``, ``blk = self.block``,
+    ``first = self.mlp[0]``, ``s = blk[0]``). What a module's call returns is its output, no such
+    thing (``h = self.embed(x)``, ``h = F.relu(self.fc(x))``, ``h = getattr(self, name)(x)``,
+    ``h = blk(x)``, ``[head(x) for head in self.heads]``), and so is an attribute that is not a
+    module (``w = self.fc.weight``, ``cfg = self.config``), whatever it was given."""
+    bound: Set[str] = set()
+
     def from_self(node) -> bool:
         if isinstance(node, ast.Name):
-            return node.id == me
-        if isinstance(node, ast.Call) and (_submodule_called(node, me, module)
-                                           or isinstance(node.func, (ast.Call, ast.Subscript))):
-            return False  # self.embed(x), getattr(self, name)(x), self.heads[i](x): an output
+            return node.id == me or node.id in bound
+        if isinstance(node, ast.Call) and (_submodule_called(node, me, module) or isinstance(
+                node.func, (ast.Call, ast.Subscript)) or (isinstance(node.func, ast.Name) and node.func.id in bound)):
+            return False  # self.embed(x), getattr(self, name)(x), self.heads[i](x), blk(x): an output
+        if isinstance(node, ast.Attribute):
+            names, root = [], node
+            while isinstance(root, ast.Attribute):
+                names.append(root.attr)
+                root = root.value
+            if isinstance(root, ast.Name) and root.id == me:
+                names.reverse()
+                path = _submodule_path(module, names)[0]
+                return len(path) == len(names) or names[len(path)] in _STRUCTURE_METHODS
+        if isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp)):
+            return from_self(node.elt)
+        if isinstance(node, ast.DictComp):
+            return from_self(node.value)
         return any(from_self(child) for child in ast.iter_child_nodes(node))
 
     def names(target) -> Set[str]:
         return {inner.id for inner in ast.walk(target) if isinstance(inner, ast.Name)}
 
-    bound: Set[str] = set()
-    for node in ast.walk(function):
-        if isinstance(node, (ast.For, ast.AsyncFor, ast.comprehension)) and from_self(node.iter):
-            bound |= names(node.target)
-        elif isinstance(node, ast.Assign) and from_self(node.value):
-            bound |= {name for target in node.targets for name in names(target)}
-        elif isinstance(node, ast.NamedExpr) and from_self(node.value):
-            bound |= names(node.target)
-    return bound - {me}
+    while True:
+        before = len(bound)
+        for node in ast.walk(function):
+            if isinstance(node, (ast.For, ast.AsyncFor, ast.comprehension)) and from_self(node.iter):
+                bound |= names(node.target)
+            elif isinstance(node, ast.Assign) and from_self(node.value):
+                bound |= {name for target in node.targets for name in names(target)}
+            elif isinstance(node, (ast.AnnAssign, ast.NamedExpr)) and node.value is not None and from_self(node.value):
+                bound |= names(node.target)
+            elif isinstance(node, ast.withitem) and node.optional_vars is not None and from_self(node.context_expr):
+                bound |= names(node.optional_vars)
+        bound -= {me}
+        if len(bound) == before:
+            return bound
 
 
 def _submodule_called(call: ast.Call, me: str, module: nn.Module) -> bool:

@@ -494,7 +494,7 @@ def test_a_json_path_ending_in_a_slash_names_a_folder_and_writes_nothing(tmp_pat
     for path in (f"{keep}/", f"{keep}/.", f"{tmp_path / 'new'}/"):  # as the shell's `> path/` refuses it
         result = subprocess.run([sys.executable, "-m", "pyfastnn", "bench", "--quick", "--json", path],
                                 capture_output=True, text=True, timeout=120)
-        assert result.returncode == 1 and f"--json {path} names a folder; give a file name" in result.stderr
+        assert result.returncode == 2 and f"--json {path} names a folder; give a file name" in result.stderr
     assert keep.read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 
 

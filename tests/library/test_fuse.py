@@ -2,6 +2,7 @@
 on module trees it must partly leave alone."""
 
 import copy
+import functools
 import pickle
 import sys
 import threading
@@ -775,12 +776,84 @@ class _ByPlainList(_PreActivation):
         return self.seq(x), self.taps[0](x)
 
 
-@pytest.mark.parametrize("model_class", [_ByGetattr, _ByGetattrAlias, _ByModulesDict, _ByChildrenList, _ByPlainList])
+class _ByHelperMethod(_PreActivation):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return self.seq(x), self.pre_activation(x)
+
+    def pre_activation(self, x):  # not forward, but called by it (or by anyone)
+        return self.get_submodule("seq.0")(x)
+
+
+class _ByAliasIndexed(_PreActivation):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        seq = self.seq
+        return seq(x), seq[0](x)
+
+
+class _InAModuleList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.heads = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.LayerNorm(8))])
+        self.seq = self.heads[0]
+
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return [out for head in self.heads for out in (head(x), head[0](x))]
+
+
+def _first_layer(model, x):
+    return model.seq[0](x)
+
+
+class _BySelfGivenAway(_PreActivation):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return self.seq(x), _first_layer(self, x)
+
+
+class _ByPartialOfSelf(_PreActivation):
+    def __init__(self):
+        super().__init__()
+        self.pre_activation = functools.partial(_first_layer, self)  # runs later, reaching into self
+
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return self.seq(x), self.pre_activation(x)
+
+
+class _Holder:
+    def __init__(self, layer):
+        self.layer = layer
+
+
+class _ByObjectHolding(_PreActivation):
+    def __init__(self):
+        super().__init__()
+        self.holder = _Holder(self.seq[0].forward)  # a plain object holding a bound method
+
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return self.seq(x), self.holder.layer(x)
+
+
+@pytest.mark.parametrize("model_class", [_ByGetattr, _ByGetattrAlias, _ByModulesDict, _ByChildrenList, _ByPlainList,
+                                         _ByHelperMethod, _ByAliasIndexed, _InAModuleList, _BySelfGivenAway,
+                                         _ByPartialOfSelf, _ByObjectHolding])
 def test_fuse_leaves_a_linear_reached_past_its_sequential_by_any_way(model_class):
-    """getattr(self, ...), self._modules[...], list(self.children()) and a plain list reach a
-    Sequential's Linear alone (its pre-activation): fused with the ReLU after it, that call would get
-    the ReLU, and a Linear kept in a list would keep parameters the fused layer no longer has once
-    rebuilt (load_state_dict(assign=True))."""
+    """getattr(self, ...), self._modules[...], list(self.children()), get_submodule in a helper
+    method, an alias indexed, a loop variable indexed, self given to a function (now or through a
+    functools.partial), and a list or plain object holding it reach a Sequential's Linear alone (its
+    pre-activation): fused with the ReLU after it, that call would get the ReLU, and a Linear held
+    outside the module tree would keep parameters the fused layer no longer has once rebuilt
+    (load_state_dict(assign=True))."""
     torch.manual_seed(0)
     model, x = model_class(), torch.randn(3, 8)
     fused = pyfastnn.fuse(model)
@@ -816,8 +889,31 @@ def test_what_fuse_leaves_alone_stays_narrow():
                 x = getattr(self, name)(x) if name == "body" else self._modules[name](x)
             return x
 
+    class Blocks(nn.Module):  # enumerate, a comprehension of outputs, init code walking modules()
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(2)])
+            self.heads = nn.ModuleList([nn.Sequential(nn.Linear(8, 4), nn.Tanh()) for _ in range(2)])
+            self.names = ["layers", "heads"]  # a list of strings: nothing to hold
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.zeros_(m.bias)
+
+        def forward(self, x):
+            if x.dim() == 1:  # data-dependent: no trace
+                x = x.unsqueeze(0)
+            for i, layer in enumerate(self.layers):
+                x = layer(x) + x
+            out = torch.cat([head(x) for head in self.heads], -1)
+            return out.view(len(x), -1)
+
+        def reset_biases(self):
+            for m in self.modules():
+                if isinstance(m, (nn.Linear, FusedLinear)):
+                    nn.init.zeros_(m.bias)
+
     gelu, dropout = nn.GELU(), nn.Dropout(0.1)
-    for model in (WalkChildren(), ByName(),
+    for model in (WalkChildren(), ByName(), Blocks(),
                   nn.Sequential(nn.Linear(8, 16), gelu, nn.Linear(16, 16), gelu, nn.Linear(16, 2)),
                   nn.Sequential(nn.Linear(8, 16), nn.ReLU(), dropout, nn.Linear(16, 16), nn.ReLU(), dropout,
                                 nn.Linear(16, 2)),
