@@ -41,7 +41,7 @@ tensors; everything else is left alone.
 from __future__ import annotations
 
 import ast
-import collections
+import collections.abc
 import contextlib
 import copy
 import enum
@@ -938,15 +938,18 @@ def _called_from_outside(model: nn.Module) -> Set[int]:
     (:func:`_reached_in_source`), which also sees branches and modes the trace did not take, and
     what a module holds outside the module tree (:func:`_held_outside_the_tree`)."""
     pinned = _held_outside_the_tree(model)
+    sources: Dict[type, Optional[List[ast.Module]]] = {}  # each class's parsed source, read once
     for module in model.modules():
+        if module._modules and (module._forward_hooks or module._forward_pre_hooks):
+            pinned |= _reached_by_hooks(module)
         if type(module) is not nn.Sequential and _is_sequential(module) and module._modules:
-            pinned |= _reached_in_source(module)  # a subclass's own methods may index it: self[0](x)
+            pinned |= _reached_in_source(module, sources)  # a subclass's own methods may index it: self[0](x)
             continue
         # Only a module with grandchildren can call past its children.
         if (not any(child._modules for child in module.children()) or isinstance(module, (FusedLinear, FusedMLP))
                 or _is_sequential(module)):
             continue
-        pinned |= _reached_in_source(module)
+        pinned |= _reached_in_source(module, sources)
         try:
             graph = _trace(module).graph
         except Exception:
@@ -959,24 +962,34 @@ def _called_from_outside(model: nn.Module) -> Set[int]:
 
 def _held_outside_the_tree(model: nn.Module) -> Set[int]:
     """ids of the modules of ``model`` that some module also holds outside its children, and all
-    below them: as a plain attribute, in a container (list, tuple, set, dict, deque), a
-    ``functools.partial``, a bound method, or an object's attributes (``self.taps = [self.seq[0]]``,
-    ``self.first = self.seq[0].forward``). Whatever calls them there would go on calling the original
+    below them: as a plain attribute, in a container (list, tuple, set, mapping, deque), a
+    ``functools.partial``, a bound method, a closure, or an object's attributes and slots
+    (``self.taps = [self.seq[0]]``, ``self.first = self.seq[0].forward``). Whatever calls them there would go on calling the original
     after fusion, and a fused layer's parameters, once rebuilt (``load_state_dict(assign=True)``,
     ``to_empty``), would no longer be theirs."""
     held: List[nn.Module] = []
     seen: Set[int] = set()
+
+    def cell_filled(cell) -> bool:
+        try:
+            cell.cell_contents
+        except ValueError:  # a cell not yet filled
+            return False
+        return True
 
     def collect(value: object, depth: int) -> None:
         if isinstance(value, nn.Module):
             held.append(value)
             return
         if depth == 0 or id(value) in seen or isinstance(value, (str, bytes, numbers.Number, torch.Tensor, type,
-                                                                   types.ModuleType, types.FunctionType)):
+                                                                   types.ModuleType)):
             return
         seen.add(id(value))
         try:
-            if isinstance(value, dict):
+            if isinstance(value, types.FunctionType):  # a closure: what its cells and defaults hold
+                items = [cell.cell_contents for cell in value.__closure__ or () if cell_filled(cell)]
+                items += [*(value.__defaults__ or ()), *(value.__kwdefaults__ or {}).values()]
+            elif isinstance(value, collections.abc.Mapping):
                 items = list(value.values())
             elif isinstance(value, (list, tuple, set, frozenset, collections.deque)):
                 items = list(value)
@@ -984,8 +997,10 @@ def _held_outside_the_tree(model: nn.Module) -> Set[int]:
                 items = [value.func, *value.args, *value.keywords.values()]
             elif isinstance(value, types.MethodType):
                 items = [value.__self__]
-            else:  # a dataclass or any other object: what its attributes hold
+            else:  # a dataclass or any other object: what its attributes (and slots) hold
                 items = list(vars(value).values()) if isinstance(getattr(value, "__dict__", None), dict) else []
+                items += [getattr(value, name) for klass in type(value).__mro__
+                          for name in _slot_names(klass) if hasattr(value, name)]
         except Exception:  # a container that cannot be read is not looked into
             return
         for item in items:
@@ -999,8 +1014,13 @@ def _held_outside_the_tree(model: nn.Module) -> Set[int]:
     return {id(below) for module in held for below in module.modules()} & inside
 
 
-#: Module methods that give its children (calling one runs its own forward).
-_CHILDREN_METHODS = frozenset({"children", "named_children", "_modules", "__getitem__"})
+def _slot_names(klass: type) -> Tuple[str, ...]:
+    slots = vars(klass).get("__slots__", ())
+    return (slots,) if isinstance(slots, str) else tuple(slots)
+
+
+#: Module methods that give its children (calling one runs its own forward); a ModuleDict's too.
+_CHILDREN_METHODS = frozenset({"children", "named_children", "_modules", "__getitem__", "__iter__", "values", "items"})
 
 #: Module methods that reach modules below it: its children, or any module below (modules(),
 #: get_submodule(), apply(), and the attribute machinery a forward could take a child by).
@@ -1022,6 +1042,10 @@ _TRANSPARENT_BUILTINS = frozenset({"list", "tuple", "iter", "next", "enumerate",
 #: (torch.utils.checkpoint.checkpoint(block, x) runs block(x)).
 _CALLING_FUNCTIONS = frozenset({"checkpoint"})
 
+#: Functions that call the children of the module given first, one after the other, as a Sequential
+#: does (torch.utils.checkpoint.checkpoint_sequential, timm's checkpoint_seq).
+_CHILDREN_CALLING_FUNCTIONS = frozenset({"checkpoint_sequential", "checkpoint_seq"})
+
 
 def _function_name(call: ast.Call) -> str:
     """The name a call is made by: ``len`` for ``len(x)``, ``checkpoint`` for ``torch.utils.checkpoint.checkpoint(...)``."""
@@ -1030,10 +1054,13 @@ def _function_name(call: ast.Call) -> str:
 
 
 class _Uses:
-    """How one method's source uses the expressions it takes from ``self`` (see _reached_in_source)."""
+    """How one method's source uses the expressions it takes from ``self`` (see _reached_in_source).
+    ``strict``: a method ``forward`` runs, where handing a module on (``f(self.a)``) counts as
+    reaching anything below it; in the others, only calls do (init code hands modules to
+    initialisers, walks and reads them)."""
 
-    def __init__(self, function: ast.AST, me: str, module: nn.Module) -> None:
-        self.me, self.module = me, module
+    def __init__(self, function: ast.AST, me: str, module: nn.Module, strict: bool) -> None:
+        self.me, self.module, self.strict = me, module, strict
         self.parents = {child: node for node in ast.walk(function) for child in ast.iter_child_nodes(node)}
         # The attribute names that take a module somewhere below `module` (`.fc`, `.layers`): reading
         # any other (`.weight`, `.out_features`) reads a module's state, not into the module tree.
@@ -1046,16 +1073,20 @@ class _Uses:
             if isinstance(node, ast.Name) and node.id in self.aliases and isinstance(node.ctx, ast.Load):
                 if self.called(node):
                     self.aliases_called = True
-                elif self.read_into(node) or self.escapes(node):
+                elif self.read_into(node) or (strict and self.escapes(node)):
                     self.aliases_reached_into = True
 
     def outer(self, node: ast.AST) -> ast.AST:
         """The expression that holds ``node``'s modules as they are: ``enumerate(self.blocks)`` for
-        ``self.blocks`` there, ``list(self.children())`` for ``self.children()``; else ``node``."""
+        ``self.blocks`` there, ``list(self.children())`` for ``self.children()``, ``(a if c else
+        b)`` for ``a``; else ``node``."""
         parent = self.parents.get(node)
-        while (isinstance(parent, ast.Call) and node is not parent.func and isinstance(parent.func, ast.Name)
-               and parent.func.id in _TRANSPARENT_BUILTINS):
-            node, parent = parent, self.parents.get(parent)
+        while ((isinstance(parent, ast.Call) and node is not parent.func and isinstance(parent.func, ast.Name)
+                and parent.func.id in _TRANSPARENT_BUILTINS)
+               or (isinstance(parent, ast.IfExp) and node is not parent.test) or isinstance(parent, ast.BoolOp)
+               or (isinstance(parent, ast.NamedExpr) and node is parent.value)
+               or (isinstance(parent, (ast.ListComp, ast.SetComp, ast.GeneratorExp)) and node is parent.elt)):
+            node, parent = parent, self.parents.get(parent)  # a if c else b, a or b, (b := a)
         return node
 
     def called(self, node: ast.AST) -> bool:
@@ -1068,11 +1099,17 @@ class _Uses:
                 and isinstance(self.parents.get(parent), ast.Call) and self.parents[parent].func is parent)
 
     def read_into(self, node: ast.AST) -> bool:
-        """Whether the module ``node`` gives is indexed or has a submodule (or structure method) taken."""
-        node = self.outer(node)
-        parent = self.parents.get(node)
-        return (isinstance(parent, ast.Subscript) and parent.value is node) or (
-            isinstance(parent, ast.Attribute) and parent.value is node and parent.attr in self.module_names)
+        """Whether a module below the one ``node`` gives is taken (indexed, a submodule or structure
+        method: ``node[0]``, ``node.fc``, ``node.children()``) and called, bound to a name or (in a
+        method ``forward`` runs) handed on; reading its state (``node[0].weight``) is not."""
+        node, depth = self.outer(node), 0
+        while True:
+            parent = self.parents.get(node)
+            if not ((isinstance(parent, ast.Subscript) and parent.value is node) or (
+                    isinstance(parent, ast.Attribute) and parent.value is node and parent.attr in self.module_names)):
+                break
+            node, depth = self.outer(parent), depth + 1
+        return depth > 0 and (self.called(node) or self.bound(node) or (self.strict and self.escapes(node)))
 
     def escapes(self, node: ast.AST) -> bool:
         """Whether ``node``'s value goes where unseen code may reach below it: an argument of a call
@@ -1081,7 +1118,8 @@ class _Uses:
         node = self.outer(node)
         parent = self.parents.get(node)
         if isinstance(parent, ast.Call):
-            return node is not parent.func and _function_name(parent) not in _HARMLESS_BUILTINS and not self.called(node)
+            return (node is not parent.func and not self.called(node)
+                    and _function_name(parent) not in _HARMLESS_BUILTINS | _CHILDREN_CALLING_FUNCTIONS)
         if isinstance(parent, ast.keyword):
             return True
         if isinstance(parent, (ast.Return, ast.Yield, ast.YieldFrom, ast.List, ast.Tuple, ast.Set, ast.Dict, ast.Starred)):
@@ -1093,58 +1131,103 @@ class _Uses:
         return False
 
     def reached_beyond(self, node: ast.AST) -> bool:
-        """Whether the module (or modules) ``node`` gives is read into, escapes, or is bound to a
-        name that is."""
-        return self.read_into(node) or self.escapes(node) or (self.bound(node) and self.aliases_reached_into)
+        """Whether the module (or modules) ``node`` gives is read into, bound to a name that is, or
+        (in a method ``forward`` runs) handed on."""
+        return (self.read_into(node) or (self.strict and self.escapes(node))
+                or (self.bound(node) and self.aliases_reached_into))
 
     def bound(self, node: ast.AST) -> bool:
         """Whether ``node``'s value is bound to a name (assigned, iterated by a loop, a with item)."""
         parent = self.parents.get(self.outer(node))
         return isinstance(parent, (ast.Assign, ast.AnnAssign, ast.NamedExpr, ast.For, ast.AsyncFor, ast.comprehension,
-                                   ast.withitem))
+                                   ast.withitem, ast.arguments, ast.Match))
 
 
-def _methods(trees: List[ast.Module]) -> Iterator[Tuple[ast.AST, bool]]:
-    """The methods of the classes in ``trees`` and the functions written elsewhere that they hold,
-    each with whether it is ``__init__``, of which only what it leaves to run later counts."""
+def _methods(trees: List[ast.Module]) -> List[Tuple[ast.AST, str, str]]:
+    """The methods of the classes in ``trees`` (defined under an ``if`` or ``try`` too, or as a
+    lambda: ``first = lambda self, x: ...``, ``Model.first = lambda self, x: ...``) and the functions
+    written elsewhere that they hold, each with its name and the name of its first parameter
+    (``self``)."""
+    found: List[Tuple[ast.AST, str]] = []
+
+    def visit(statements: List[ast.stmt]) -> None:
+        for node in statements:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                found.append((node, node.name))
+            elif isinstance(node, ast.Assign):  # first = lambda self, x: ..., p = property(lambda self: ...)
+                names = [target.id if isinstance(target, ast.Name) else target.attr for target in node.targets
+                         if isinstance(target, (ast.Name, ast.Attribute))]
+                found.extend((inner, name) for inner in ast.walk(node.value) if isinstance(inner, ast.Lambda)
+                             for name in names)
+            elif isinstance(node, (ast.If, ast.Try, ast.With)):
+                for block in (node.body, getattr(node, "orelse", []), getattr(node, "finalbody", []),
+                              *(handler.body for handler in getattr(node, "handlers", []))):
+                    visit(block)
+
     for tree in trees:
         for node in tree.body:
-            bodies = node.body if isinstance(node, ast.ClassDef) else [node]
-            for function in bodies:
-                if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) and function.args.args:
-                    yield function, function.name == "__init__"
+            visit(node.body if isinstance(node, ast.ClassDef) else [node])
+    return [(function, name, parameters[0].arg) for function, name in found
+            for parameters in [function.args.posonlyargs + function.args.args] if parameters]
 
 
-def _reached_in_source(module: nn.Module) -> Set[int]:
+def _run_by_forward(methods: List[Tuple[ast.AST, str, str]]) -> Set[str]:
+    """The names of the methods ``forward`` runs: itself, and those it (or one of them) reaches as
+    ``self.name``."""
+    by_name: Dict[str, List[Tuple[ast.AST, str]]] = {}
+    for function, name, me in methods:
+        by_name.setdefault(name, []).append((function, me))
+    run, todo = set(), ["forward"]
+    while todo:
+        name = todo.pop()
+        if name in run or name not in by_name:
+            continue
+        run.add(name)
+        todo += [node.attr for function, me in by_name[name] for node in ast.walk(function)
+                 if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == me]
+    return run
+
+
+def _reached_in_source(module: nn.Module, sources: Optional[Dict[type, Optional[List[ast.Module]]]] = None) -> Set[int]:
     """ids of the modules below `module`'s children that the source of its class may call (or reach
-    and read) past their owner, read from every method but what ``__init__`` runs at once:
+    and read) past their owner, read from every method but what ``__init__`` runs at once; the
+    rules marked (forward) hold in ``forward`` and the methods it runs (:func:`_run_by_forward`; in
+    a Sequential subclass, all), where handing a module on counts, not in init code and the like:
 
     - ``self.a.b(...)``, ``self.a.b.forward(...)``, ``checkpoint(self.a.b, x)`` pin ``a.b``; so does
       reading ``self.a.b.weight`` (after fusion ``a.b`` could be a placeholder, or another layer);
     - ``self.a`` indexed, iterated or aliased pins a's children (``for blk in self.blocks: blk(x)``);
-      and everything below ``a`` where the result is read into (``self.heads[0][0]``, ``h[0](x)`` of
-      an alias ``h``, ``blk.fc(x)``) or handed on (``f(self.a)``, ``return self.a.b``);
-    - ``self.modules()``, ``self.named_modules()``, ``self.get_submodule(...)`` and the children
-      methods (``self.named_children()``, ``self._modules[...]``, ``getattr(self, name)``), wherever
-      their modules are called below the children, read into or handed on; ``self.apply(fn)`` in
-      ``forward``;
-    - ``self`` itself used otherwise than as the root of an attribute, called, compared or given to
-      a harmless builtin (``first_layer(self, x)``, ``vars(self)``, ``m = self``, ``[self]``) pins
-      everything below, as does the whole class where its source cannot be read.
+      and everything below ``a`` where a module below is taken and called or bound
+      (``self.heads[0][0](x)``, ``h[0](x)`` of an alias ``h``, ``blk.fc(x)``) or (forward) where
+      ``a`` is handed on (``f(self.a)``, ``return self.a.b``);
+    - (forward) ``self.modules()``, ``self.named_modules()``, ``self.get_submodule(...)`` and the
+      children methods (``self.named_children()``, ``self._modules[...]``, ``getattr(self, name)``),
+      wherever their modules are called below the children, read into or handed on;
+      ``self.apply(fn)`` in ``forward`` itself;
+    - (forward) ``self`` itself used otherwise than as the root of an attribute, called, compared
+      or given to a harmless builtin (``first_layer(self, x)``, ``vars(self)``, ``m = self``,
+      ``[self]``) pins everything below, as does the whole class where its source cannot be read.
 
     In a Sequential subclass, ``self[i]``, ``for m in self`` and its children methods pin its own children."""
     below = {id(m) for m in module.modules()} - {id(module)}
     if not isinstance(module, nn.Sequential):
         below -= {id(m) for m in module.children()}
-    try:
-        trees = [_parse(source) for source in _class_sources(type(module))]
-    except (OSError, TypeError, SyntaxError):
+    sources = {} if sources is None else sources
+    if type(module) not in sources:
+        try:
+            sources[type(module)] = [_parse(source) for source in _class_sources(type(module))]
+        except (OSError, TypeError, SyntaxError):
+            sources[type(module)] = None
+    trees = sources[type(module)]
+    if trees is None:
         return below
     reached: Set[int] = set()
-    for function, is_init in _methods(trees):
-        me = function.args.args[0].arg
-        uses = _Uses(function, me, module)
-        if is_init:  # only what runs later: closures, and self stored for later (functools.partial(f, self))
+    methods = _methods(trees)
+    # A Sequential subclass's methods are called on it from outside (self.seq.embed(x)): all are run.
+    run = {name for _, name, _ in methods} if isinstance(module, nn.Sequential) else _run_by_forward(methods)
+    for function, name, me in methods:
+        uses = _Uses(function, me, module, strict=name in run)
+        if name == "__init__":  # only what runs later: closures, and self stored for later (functools.partial(f, self))
             nodes = [node for inner in ast.walk(function) if isinstance(inner, (ast.Lambda, ast.FunctionDef))
                      and inner is not function for node in ast.walk(inner)]
             stored = [node for statement in function.body if isinstance(statement, (ast.Assign, ast.AnnAssign))
@@ -1152,9 +1235,33 @@ def _reached_in_source(module: nn.Module) -> Set[int]:
             nodes += [node for node in stored if isinstance(node, ast.Name)]
         else:
             nodes = list(ast.walk(function))
-        reached |= _reached_in_nodes(nodes, uses, function.name == "forward", below)
+        reached |= _reached_in_nodes(nodes, uses, name == "forward", below)
         if reached >= below:
             break
+    return reached & below
+
+
+def _reached_by_hooks(module: nn.Module) -> Set[int]:
+    """What the forward hooks of ``module`` (functions, or objects with a ``__call__``, given the
+    module first) reach below its children, read as its methods that ``forward`` runs are; all below
+    where a hook's source cannot be read. Hooks that are methods are read with their class."""
+    below = {id(m) for m in module.modules()} - {id(module)}
+    if not isinstance(module, nn.Sequential):
+        below -= {id(m) for m in module.children()}
+    reached: Set[int] = set()
+    for hook in [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]:
+        if isinstance(hook, types.MethodType) or type(hook).__module__.startswith(__name__.rpartition(".")[0] + "."):
+            continue  # a method of a module's class (read with it), or pyfastnn's own FusedSlots
+        functions = _functions_held(hook) or _functions_held(getattr(type(hook), "__call__", None))
+        try:
+            trees = [_parse(inspect.getsource(function)) for function in functions]
+        except (OSError, TypeError, SyntaxError):
+            return below
+        if not trees:
+            return below
+        for function, _, me in _methods(trees):
+            uses = _Uses(function, me, module, strict=True)
+            reached |= _reached_in_nodes(list(ast.walk(function)), uses, True, below)
     return reached & below
 
 
@@ -1165,11 +1272,12 @@ def _reached_in_nodes(nodes: List[ast.AST], uses: _Uses, in_forward: bool, below
     for node in nodes:
         parent = uses.parents.get(node)
         if isinstance(node, ast.Call) and _function_name(node) == "super" and isinstance(node.func, ast.Name):
-            if isinstance(parent, ast.Attribute) and parent.attr in ("__getattr__", "__getattribute__", "__dict__"):
+            if uses.strict and isinstance(parent, ast.Attribute) and parent.attr in (
+                    "__getattr__", "__getattribute__", "__dict__"):
                 reached |= below  # super().__getattr__("seq")[0](x)
             continue
         if isinstance(node, ast.Call) and _getattr_of(node, me):
-            if isinstance(module, nn.Sequential) or uses.reached_beyond(node):
+            if uses.strict and (isinstance(module, nn.Sequential) or uses.reached_beyond(node)):
                 reached |= below  # getattr(self, "seq")[0](x), or its alias indexed: any child's children
             continue
         if isinstance(node, ast.Name) and node.id == me and isinstance(node.ctx, ast.Load):
@@ -1178,7 +1286,7 @@ def _reached_in_nodes(nodes: List[ast.AST], uses: _Uses, in_forward: bool, below
                                                               or _function_name(parent) in _HARMLESS_BUILTINS
                                                               or _function_name(parent) == "super"))
                         or isinstance(parent, (ast.Compare, ast.Return)))
-            if not harmless:
+            if not harmless and uses.strict:
                 reached |= below  # first_layer(self, x), vars(self), m = self, [self], for m in self, self[0]
             continue
         if (not isinstance(node, ast.Attribute) or isinstance(parent, ast.Attribute)
@@ -1193,7 +1301,8 @@ def _reached_in_nodes(nodes: List[ast.AST], uses: _Uses, in_forward: bool, below
         names.reverse()
         path, target = _submodule_path(module, names)
         if not path:
-            reached |= _reached_by_structure(node, names[0], uses, in_forward, below)
+            if uses.strict:
+                reached |= _reached_by_structure(node, names[0], uses, in_forward, below)
             continue
         target_below = {id(m) for m in target.modules()} - {id(target)}
         past_children = {id(target)} if len(path) > 1 else set()  # self.a.b: a module below a child
@@ -1204,9 +1313,10 @@ def _reached_in_nodes(nodes: List[ast.AST], uses: _Uses, in_forward: bool, below
                 # self.a[i]: one of a's children, called (its own forward) or read into
                 reached |= past_children | (target_below if uses.reached_beyond(parent) else
                                             {id(m) for m in target.children()})
-            elif uses.escapes(node) or (uses.bound(node) and uses.aliases_reached_into):
+            elif (uses.strict and uses.escapes(node)) or (uses.bound(node) and uses.aliases_reached_into):
                 reached |= past_children | target_below  # f(self.a), return self.a.b, blk = self.a; blk.fc(x)
-            elif not (isinstance(parent, ast.Call) and _function_name(parent) in _HARMLESS_BUILTINS):
+            elif not (isinstance(parent, ast.Compare)
+                      or (isinstance(parent, ast.Call) and _function_name(parent) in _HARMLESS_BUILTINS)):
                 reached |= past_children | {id(m) for m in target.children()}  # iterated, aliased and called
         elif names[len(path)] in _CALL_METHODS:
             reached |= past_children  # self.a.b.forward(x)
@@ -1280,8 +1390,9 @@ def _aliases(function: ast.AST, me: str, module: nn.Module) -> Set[str]:
         if isinstance(node, ast.Name):
             return node.id == me or node.id in bound
         if isinstance(node, ast.Call) and (_submodule_called(node, me, module) or isinstance(
-                node.func, (ast.Call, ast.Subscript)) or (isinstance(node.func, ast.Name) and node.func.id in bound)):
-            return False  # self.embed(x), getattr(self, name)(x), self.heads[i](x), blk(x): an output
+                node.func, (ast.Call, ast.Subscript)) or (isinstance(node.func, ast.Name) and node.func.id in bound)
+                or _function_name(node) in _CALLING_FUNCTIONS | _CHILDREN_CALLING_FUNCTIONS):
+            return False  # self.embed(x), getattr(self, name)(x), self.heads[i](x), blk(x), checkpoint(...): an output
         if isinstance(node, ast.Attribute):
             names, root = [], node
             while isinstance(root, ast.Attribute):
@@ -1311,6 +1422,16 @@ def _aliases(function: ast.AST, me: str, module: nn.Module) -> Set[str]:
                 bound |= names(node.target)
             elif isinstance(node, ast.withitem) and node.optional_vars is not None and from_self(node.context_expr):
                 bound |= names(node.optional_vars)
+            elif isinstance(node, ast.arguments):  # lambda b=self.blocks[0]: b.fc(x)
+                positional = node.posonlyargs + node.args
+                pairs = list(zip(positional[len(positional) - len(node.defaults):], node.defaults))
+                pairs += [(arg, default) for arg, default in zip(node.kwonlyargs, node.kw_defaults) if default]
+                bound |= {arg.arg for arg, default in pairs if from_self(default)}
+            elif isinstance(node, ast.Match) and from_self(node.subject):  # match self.blocks: case [first, *_]:
+                bound |= {inner.name for case in node.cases for inner in ast.walk(case.pattern)
+                          if isinstance(getattr(inner, "name", None), str)}
+                bound |= {inner.rest for case in node.cases for inner in ast.walk(case.pattern)
+                          if isinstance(inner, ast.MatchMapping) and inner.rest}
         bound -= {me}
         if len(bound) == before:
             return bound
@@ -1347,11 +1468,36 @@ def _class_sources(cls: type) -> List[str]:
             continue
         sources.append(inspect.getsource(klass))
         for value in vars(klass).values():
-            function = inspect.unwrap(getattr(value, "__func__", value))
-            if inspect.isfunction(function) and not function.__qualname__.startswith(klass.__qualname__ + "."):
-                with contextlib.suppress(OSError, TypeError):
-                    sources.append(inspect.getsource(function))
+            for function in _functions_held(value):
+                if not function.__qualname__.startswith(klass.__qualname__ + "."):
+                    with contextlib.suppress(OSError, TypeError):
+                        sources.append(inspect.getsource(function))
     return sources
+
+
+def _functions_held(value: object) -> List[types.FunctionType]:
+    """The functions a class attribute runs: itself, a method's, a property's accessors, a
+    ``functools.partialmethod``'s, each unwrapped from its decorators, and the functions a wrapper
+    closes over (an attribute whose lookup or unwrapping fails holds none; a ``__getattr__`` of its
+    own is not asked)."""
+    candidates = [value]
+    for name in ("__func__", "fget", "fset", "fdel", "func"):
+        with contextlib.suppress(Exception):
+            candidates.append(object.__getattribute__(value, name))
+    functions: List[types.FunctionType] = []
+    for candidate in candidates:
+        try:
+            function = inspect.unwrap(candidate)
+        except Exception:  # noqa: BLE001 - e.g. a wrapper loop
+            continue
+        if inspect.isfunction(function) and function not in functions:
+            functions.append(function)
+            # a decorator's wrapper without functools.wraps: the functions it closes over
+            for cell in function.__closure__ or ():
+                with contextlib.suppress(ValueError):  # a cell not yet filled
+                    if inspect.isfunction(cell.cell_contents) and cell.cell_contents not in functions:
+                        functions.append(cell.cell_contents)
+    return functions
 
 
 def _submodule_path(module: nn.Module, names: List[str]) -> Tuple[List[str], nn.Module]:

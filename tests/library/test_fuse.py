@@ -844,27 +844,94 @@ class _ByObjectHolding(_PreActivation):
         return self.seq(x), self.holder.layer(x)
 
 
+class _ByModuleDictItems(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seqs = nn.ModuleDict({"a": nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.LayerNorm(8))})
+        self.seq = self.seqs["a"]
+
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return [out for _, seq in self.seqs.items() for out in (seq(x), seq[0](x))]
+
+
+class _ByClassLambda(_PreActivation):
+    pre_activation = lambda self, x: self.seq[0](x)  # noqa: E731 - a method written as a lambda
+
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return self.seq(x), self.pre_activation(x)
+
+
+class _ByClosureInInit(_PreActivation):
+    def __init__(self):
+        super().__init__()
+        first = self.seq[0]
+        self.pre_activation = lambda x: first(x)  # the closure holds the Linear
+
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return self.seq(x), self.pre_activation(x)
+
+
+class _ByDefaultArgument(_PreActivation):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        pre_activation = lambda t, seq=self.seq: seq[0](t)  # noqa: E731
+        return self.seq(x), pre_activation(x)
+
+
+def _pre_activation_hook(module, inputs, output):
+    return output, module[0](inputs[0])
+
+
+class _ByHookOnTheSequential(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.LayerNorm(8))
+        self.seq.register_forward_hook(_pre_activation_hook)
+
+    def forward(self, x):
+        return self.seq(x)
+
+
 @pytest.mark.parametrize("model_class", [_ByGetattr, _ByGetattrAlias, _ByModulesDict, _ByChildrenList, _ByPlainList,
                                          _ByHelperMethod, _ByAliasIndexed, _InAModuleList, _BySelfGivenAway,
-                                         _ByPartialOfSelf, _ByObjectHolding])
+                                         _ByPartialOfSelf, _ByObjectHolding, _ByModuleDictItems, _ByClassLambda,
+                                         _ByClosureInInit, _ByDefaultArgument, _ByHookOnTheSequential])
 def test_fuse_leaves_a_linear_reached_past_its_sequential_by_any_way(model_class):
     """getattr(self, ...), self._modules[...], list(self.children()), get_submodule in a helper
-    method, an alias indexed, a loop variable indexed, self given to a function (now or through a
-    functools.partial), and a list or plain object holding it reach a Sequential's Linear alone (its
-    pre-activation): fused with the ReLU after it, that call would get the ReLU, and a Linear held
-    outside the module tree would keep parameters the fused layer no longer has once rebuilt
-    (load_state_dict(assign=True))."""
+    method, an alias indexed, a loop variable indexed (also over a ModuleDict's items()), self given
+    to a function (now or through a functools.partial), a method written as a lambda, a default
+    argument, a forward hook, and a list, plain object or closure holding it reach a Sequential's
+    Linear alone (its pre-activation): fused with the ReLU after it, that call would get the ReLU,
+    and a Linear held outside the module tree would keep parameters the fused layer no longer has
+    once rebuilt (load_state_dict(assign=True))."""
+    x = torch.randn(3, 8)
     torch.manual_seed(0)
-    model, x = model_class(), torch.randn(3, 8)
+    model = model_class()
+    torch.manual_seed(0)
+    in_place = model_class()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a top-level forward that would need tracing stays, with a warning
+        assert pyfastnn.fuse(in_place, inplace=True) is in_place
+    # (fuse's copy of a closure is the closure itself, calling the original's Linear: only in place
+    # is the Linear the closure holds in the model fused.)
+    assert type(in_place.seq[0]) is nn.Linear
     fused = pyfastnn.fuse(model)
-    assert type(fused.seq[0]) is nn.Linear
-    for got, expected in zip(fused(x), model(x)):
-        torch.testing.assert_close(got, expected)
+    for candidate in (fused, in_place):
+        for got, expected in zip(candidate(x), model(x)):
+            torch.testing.assert_close(got, expected)
     state = {key: value + 1 for key, value in model.state_dict().items()}
-    model.load_state_dict(state, assign=True)
-    fused.load_state_dict(state, assign=True)
-    for got, expected in zip(fused(x), model(x)):
-        torch.testing.assert_close(got, expected)
+    for candidate in (model, fused, in_place):
+        candidate.load_state_dict(state, assign=True)
+    for candidate in (fused, in_place):
+        for got, expected in zip(candidate(x), model(x)):
+            torch.testing.assert_close(got, expected)
 
 
 def test_what_fuse_leaves_alone_stays_narrow():
@@ -912,8 +979,35 @@ def test_what_fuse_leaves_alone_stays_narrow():
                 if isinstance(m, (nn.Linear, FusedLinear)):
                     nn.init.zeros_(m.bias)
 
+    class CheckpointedBlocks(nn.Module):  # as timm's models: checkpointing, helpers forward never runs
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(2)])
+            self.grad_checkpointing = False
+
+        def forward(self, x):
+            if x.dim() == 1:
+                x = x.unsqueeze(0)
+            if self.grad_checkpointing:
+                x = checkpoint_sequential(self.blocks, 2, x, use_reentrant=False)
+            else:
+                x = self.blocks(x)
+            return x
+
+        def fix_init_weight(self):
+            for layer_id, layer in enumerate(self.blocks):
+                layer[0].weight.data.div_(layer_id + 1)
+
+        def forward_intermediates(self, x):
+            intermediates = []
+            for block in self.blocks[:2]:
+                x = block(x)
+                intermediates.append(x)
+            return intermediates
+
     gelu, dropout = nn.GELU(), nn.Dropout(0.1)
-    for model in (WalkChildren(), ByName(), Blocks(),
+    from torch.utils.checkpoint import checkpoint_sequential
+    for model in (WalkChildren(), ByName(), Blocks(), CheckpointedBlocks(),
                   nn.Sequential(nn.Linear(8, 16), gelu, nn.Linear(16, 16), gelu, nn.Linear(16, 2)),
                   nn.Sequential(nn.Linear(8, 16), nn.ReLU(), dropout, nn.Linear(16, 16), nn.ReLU(), dropout,
                                 nn.Linear(16, 2)),
