@@ -174,8 +174,11 @@ def want_cuda(choice: str, torch_cuda: Optional[str], cuda_home: Optional[str],
               have_sources: bool, *, torch_version: str) -> tuple[bool, Optional[str]]:
     """Whether to build the CUDA backend, and a warning to show when a CUDA setup was half found.
 
-    choice is PYFASTNN_CUDA ("0", "1" or ""); exits with the reason when "1" cannot be honoured.
+    choice is PYFASTNN_CUDA ("0", "1" or ""); exits with the reason when "1" cannot be honoured, and
+    on any other value (a "true" or "off" taken for unset would build what the user did not ask for).
     """
+    if choice not in ("", "0", "1"):
+        sys.exit(f"PYFASTNN_CUDA must be 0 (CPU only), 1 (CUDA required) or unset (CUDA where available), got {choice!r}")
     if choice == "0":
         return False, None
     problems = []
@@ -279,7 +282,10 @@ def extension_and_command():
     cxx_flags += openmp_compile
     # Python's CFLAGS usually carry -g, which would ship ~30 MB of DWARF in every wheel; the last of
     # -g / -g0 wins, so the choice is made here whatever those flags say.
-    debug_info = os.environ.get("PYFASTNN_DEBUG_INFO", "").strip() == "1"
+    debug_choice = os.environ.get("PYFASTNN_DEBUG_INFO", "").strip()
+    if debug_choice not in ("", "0", "1"):
+        sys.exit(f"PYFASTNN_DEBUG_INFO must be 1 (debug information), 0 or unset, got {debug_choice!r}")
+    debug_info = debug_choice == "1"
     cxx_flags += ["-g"] if debug_info else ["-g0"]
     kernel_sources = sources(BUILD_CONFIG["cpu_kernels"])
     cxx_sources = [s for s in sources(BUILD_CONFIG["cxx_sources"]) if s not in kernel_sources]

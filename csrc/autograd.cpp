@@ -85,33 +85,33 @@ at::Tensor strided_gradient(const at::Tensor& grad) {
   return grad.defined() && grad.layout() != at::kStrided ? grad.to_dense() : grad;
 }
 
-// NOTE [One tensor in several slots]
-// A tensor may fill several differentiable slots of one op (tied layers: fused_mlp(x, [W, W]), or
-// fused_linear(W, W)). The fused backward gives each slot its own share and autograd adds them up.
-// The recomputed reference graph uses that one tensor at every slot, and autograd::grad returns its
-// whole gradient for each time it is asked: returned in every slot, it would be counted once per
-// slot. So each tensor is asked for once, and its gradient goes to its first slot only.
-// `slots` holds the tensors whose gradients are wanted (undefined: not wanted).
+// NOTE [Each slot its own derivative]
+// The reference backward recomputes the op from the saved tensors and differentiates it. But a
+// slot's tensor may reach another slot's through its own history: one tensor in several slots
+// (tied layers: fused_mlp(x, [W, W]), fused_linear(W, W)), a layer applied to what it made itself
+// (fused_linear(fused_linear(x, W), W)), a weight computed from the input (a hypernetwork). Asked
+// for the tensor itself, autograd::grad would follow those paths too and give its total
+// derivative, which the engine then counts again through the other slots and nodes. So the op is
+// recomputed from a view of each slot's tensor, its own, and differentiated with respect to those
+// views: each slot gets its own partial derivative, as from the fused backward, and the views
+// lead back to the tensors for higher orders.
+at::Tensor own_view(const at::Tensor& t) { return t.defined() ? t.view_as(t) : t; }
+
+// The gradients of `out` for the views in `slots` (undefined: not wanted), slot by slot.
 variable_list reference_gradients(const at::Tensor& out, const at::Tensor& grad_output, const variable_list& slots,
                                   bool create_graph) {
   variable_list result(slots.size());
-  variable_list distinct;
-  std::vector<size_t> first_slot;
-  for (size_t i = 0; i < slots.size(); ++i) {
-    if (!slots[i].defined()) continue;
-    const bool seen = std::any_of(distinct.begin(), distinct.end(), [&](const at::Tensor& t) {
-      return t.unsafeGetTensorImpl() == slots[i].unsafeGetTensorImpl();
-    });
-    if (!seen) {
-      distinct.push_back(slots[i]);
-      first_slot.push_back(i);
-    }
+  variable_list wanted;
+  for (const auto& slot : slots) {
+    if (slot.defined()) wanted.push_back(slot);
   }
-  if (distinct.empty()) return result;
+  if (wanted.empty()) return result;
   check_recomputed(out);
-  const auto grads = torch::autograd::grad({out}, distinct, {grad_output}, /*retain_graph=*/true, create_graph,
+  const auto grads = torch::autograd::grad({out}, wanted, {grad_output}, /*retain_graph=*/true, create_graph,
                                            /*allow_unused=*/true);
-  for (size_t k = 0; k < distinct.size(); ++k) result[first_slot[k]] = grads[k];
+  for (size_t i = 0, k = 0; i < slots.size(); ++i) {
+    if (slots[i].defined()) result[i] = grads[k++];
+  }
   return result;
 }
 
@@ -154,13 +154,14 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
       return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
     if (backward_through_reference(grad_output)) {
-      // The saved input, weight and bias keep their history, so the recomputed graph links each
-      // gradient to all it depends on.
+      // Recomputed from views of the saved input, weight and bias, which keep their history, so
+      // the gradients link to all they depend on (NOTE [Each slot its own derivative]).
       const bool create_graph = at::GradMode::is_enabled();
       const at::AutoGradMode record(true);  // the recomputed forward records its graph in any case
-      std::optional<at::Tensor> bias = has_bias ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
-      const at::Tensor out = reference_fused_linear(input, weight, bias, activation, negative_slope);
-      variable_list slots{mask[0] ? input : at::Tensor(), mask[1] ? weight : at::Tensor(),
+      const at::Tensor input_view = own_view(input), weight_view = own_view(weight);
+      std::optional<at::Tensor> bias = has_bias ? std::optional<at::Tensor>(own_view(saved[3])) : std::nullopt;
+      const at::Tensor out = reference_fused_linear(input_view, weight_view, bias, activation, negative_slope);
+      variable_list slots{mask[0] ? input_view : at::Tensor(), mask[1] ? weight_view : at::Tensor(),
                           mask[2] ? *bias : at::Tensor()};
       auto result = reference_gradients(out, grad_output, slots, create_graph);
       result.resize(5);  // and none for activation, negative_slope
@@ -241,18 +242,21 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
     if (!grad_output.defined()) return result;
 
     if (backward_through_reference(grad_output)) {
-      // The ATen reference with the same masks.
+      // The ATen reference with the same masks, recomputed from views of the saved tensors (NOTE
+      // [Each slot its own derivative]).
       const bool create_graph = at::GradMode::is_enabled();
       const at::AutoGradMode record(true);  // the recomputed forward records its graph in any case
+      variable_list views{own_view(input)};  // input, weights, present biases: the variable inputs' order
+      for (const auto& weight : weights) views.push_back(own_view(weight));
+      for (const auto& bias : present_biases) views.push_back(own_view(bias));
+      const std::vector<at::Tensor> weight_views(views.begin() + 1, views.begin() + 1 + layers);
       BiasList biases;
       for (int64_t l = 0, b = 0; l < layers; ++l) {
-        biases.push_back(has_bias.get(l) ? std::optional<at::Tensor>(present_biases[b++]) : std::nullopt);
+        biases.push_back(has_bias.get(l) ? std::optional<at::Tensor>(views[1 + layers + b++]) : std::nullopt);
       }
       const at::Tensor out =
-          reference_fused_mlp(input, weights, biases, activations, negative_slope, dropout, keep_masks);
-      variable_list slots{input};
-      slots.insert(slots.end(), weights.begin(), weights.end());
-      slots.insert(slots.end(), present_biases.begin(), present_biases.end());
+          reference_fused_mlp(views[0], weight_views, biases, activations, negative_slope, dropout, keep_masks);
+      variable_list slots(views);
       for (size_t i = 0; i < variable_inputs; ++i) {
         if (!ctx->needs_input_grad(i)) slots[i] = at::Tensor();
       }

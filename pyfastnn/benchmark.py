@@ -251,12 +251,16 @@ def source_revision(package: Path = PACKAGE) -> Optional[Dict[str, object]]:
         return None
 
     def git(*arguments: str) -> str:
-        return subprocess.run(["git", "-C", str(package.parent), *arguments], capture_output=True, text=True,
-                              check=True, timeout=30).stdout.strip()
+        return subprocess.run(["git", "--no-optional-locks", "-C", str(package.parent), *arguments],
+                              capture_output=True, text=True, check=True, timeout=30).stdout.strip()
 
     try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != package.parent.resolve():
+            return None  # a copy unpacked inside another repository: its commit says nothing of this
         commit = git("rev-parse", "HEAD")
-        modified = bool(git("status", "--porcelain", "--untracked-files=no"))
+        # tracked files changed, or new files where the build and the package read them
+        modified = bool(git("status", "--porcelain", "--untracked-files=no")
+                        or git("status", "--porcelain", "--untracked-files=normal", "--", "csrc", package.name))
     except (OSError, subprocess.SubprocessError):  # no git, not a repository, no commit yet
         return None
     return {"commit": commit, "modified": modified}

@@ -58,11 +58,10 @@ import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Set, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 
 import torch
 from torch import nn
-from torch.nn.modules.module import _WrappedHook
 
 from ._ops import DEFAULT_NEGATIVE_SLOPE, check_flag
 from ._patterns import (ACTIVATION_MODULES, FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, Layer, activation_of,
@@ -366,8 +365,9 @@ class NameOriginalKeys:
 #: model with ``torch.load(path, weights_only=True)`` under ``torch.serialization.safe_globals``
 #: (with the model's own classes, ``nn.Sequential`` and the like). Torch's ``_WrappedHook`` wraps
 #: the hooks a partly fused Sequential keeps its state-dict keys with.
-SAFE_GLOBALS = (FusedLinear, FusedMLP, Absorbed, FusedSlots, SaveOriginalKeys, LoadOriginalKeys, NameOriginalKeys,
-                _WrappedHook)
+SAFE_GLOBALS: Tuple[type, ...] = (FusedLinear, FusedMLP, Absorbed, FusedSlots, SaveOriginalKeys, LoadOriginalKeys,
+                                  NameOriginalKeys) + tuple(
+    hook for hook in [getattr(torch.nn.modules.module, "_WrappedHook", None)] if hook is not None)
 
 
 def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_whole: bool = True) -> nn.Module:
@@ -938,7 +938,7 @@ def _called_from_outside(model: nn.Module) -> Set[int]:
     (:func:`_reached_in_source`), which also sees branches and modes the trace did not take, and
     what a module holds outside the module tree (:func:`_held_outside_the_tree`)."""
     pinned = _held_outside_the_tree(model)
-    sources: Dict[type, Optional[List[ast.Module]]] = {}  # each class's parsed source, read once
+    sources: Dict[type, Optional[List[Tuple[ast.Module, Optional[str]]]]] = {}  # each class's parsed source, read once
     for module in model.modules():
         if module._modules and (module._forward_hooks or module._forward_pre_hooks):
             pinned |= _reached_by_hooks(module)
@@ -964,10 +964,14 @@ def _held_outside_the_tree(model: nn.Module) -> Set[int]:
     """ids of the modules of ``model`` that some module also holds outside its children, and all
     below them: as a plain attribute, in a container (list, tuple, set, mapping, deque), a
     ``functools.partial``, a bound method, a closure, or an object's attributes and slots
-    (``self.taps = [self.seq[0]]``, ``self.first = self.seq[0].forward``). Whatever calls them there would go on calling the original
-    after fusion, and a fused layer's parameters, once rebuilt (``load_state_dict(assign=True)``,
-    ``to_empty``), would no longer be theirs."""
-    held: List[nn.Module] = []
+    (``self.taps = [self.seq[0]]``, ``self.first = self.seq[0].forward``). Whatever calls them there
+    would go on calling the original after fusion, and a fused layer's parameters, once rebuilt
+    (``load_state_dict(assign=True)``, ``to_empty``), would no longer be theirs. A module holding
+    itself or a module above it (a bound method of its own, a GraphModule's graph, a child keeping
+    its root) reaches nothing that way but through the tree; held by a function or a partial
+    (``self.pre = partial(first_layer, self)``, a closure over ``self``), though, it may be reached
+    into, so all below it is taken."""
+    held: List[Tuple[nn.Module, bool]] = []  # each module found, and whether a function holds it
     seen: Set[int] = set()
 
     def cell_filled(cell) -> bool:
@@ -977,9 +981,9 @@ def _held_outside_the_tree(model: nn.Module) -> Set[int]:
             return False
         return True
 
-    def collect(value: object, depth: int) -> None:
+    def collect(value: object, depth: int, by_function: bool) -> None:
         if isinstance(value, nn.Module):
-            held.append(value)
+            held.append((value, by_function))
             return
         if depth == 0 or id(value) in seen or isinstance(value, (str, bytes, numbers.Number, torch.Tensor, type,
                                                                    types.ModuleType)):
@@ -989,12 +993,14 @@ def _held_outside_the_tree(model: nn.Module) -> Set[int]:
             if isinstance(value, types.FunctionType):  # a closure: what its cells and defaults hold
                 items = [cell.cell_contents for cell in value.__closure__ or () if cell_filled(cell)]
                 items += [*(value.__defaults__ or ()), *(value.__kwdefaults__ or {}).values()]
+                by_function = True
+            elif isinstance(value, functools.partial):
+                items = [value.func, *value.args, *value.keywords.values()]
+                by_function = True
             elif isinstance(value, collections.abc.Mapping):
                 items = list(value.values())
             elif isinstance(value, (list, tuple, set, frozenset, collections.deque)):
                 items = list(value)
-            elif isinstance(value, functools.partial):
-                items = [value.func, *value.args, *value.keywords.values()]
             elif isinstance(value, types.MethodType):
                 items = [value.__self__]
             else:  # a dataclass or any other object: what its attributes (and slots) hold
@@ -1004,14 +1010,24 @@ def _held_outside_the_tree(model: nn.Module) -> Set[int]:
         except Exception:  # a container that cannot be read is not looked into
             return
         for item in items:
-            collect(item, depth - 1)
+            collect(item, depth - 1, by_function)
 
+    above: Dict[int, Set[int]] = {id(model): set()}  # each module's ancestors
     for module in model.modules():
+        for child in module.children():
+            above.setdefault(id(child), set()).update(above[id(module)] | {id(module)})
+    pinned: Set[int] = set()
+    for module in model.modules():
+        held.clear()
+        seen.clear()
         for name, value in vars(module).items():
             if name not in _MODULE_INTERNALS:
-                collect(value, depth=6)
-    inside = {id(m) for m in model.modules()}
-    return {id(below) for module in held for below in module.modules()} & inside
+                collect(value, depth=6, by_function=False)
+        for other, by_function in held:
+            own = other is module or id(other) in above[id(module)]
+            if not own or by_function:  # (itself or above it, it is called through the tree anyway)
+                pinned |= {id(below) for below in other.modules()} - ({id(other)} if own else set())
+    return pinned & {id(m) for m in model.modules()}
 
 
 def _slot_names(klass: type) -> Tuple[str, ...]:
@@ -1035,8 +1051,8 @@ _HARMLESS_BUILTINS = frozenset({"len", "isinstance", "issubclass", "type", "id",
                                 "hasattr", "callable", "bool"})
 
 #: Builtins whose result holds the modules they are given, as they are (iterating, listing them).
-_TRANSPARENT_BUILTINS = frozenset({"list", "tuple", "iter", "next", "enumerate", "zip", "reversed", "sorted", "dict",
-                                   "set", "frozenset"})
+_TRANSPARENT_BUILTINS = frozenset({"list", "tuple", "iter", "enumerate", "zip", "reversed", "sorted", "dict", "set",
+                                   "frozenset"})
 
 #: Functions that call the module given as their first argument, and nothing else of it
 #: (torch.utils.checkpoint.checkpoint(block, x) runs block(x)).
@@ -1143,40 +1159,69 @@ class _Uses:
                                    ast.withitem, ast.arguments, ast.Match))
 
 
-def _methods(trees: List[ast.Module]) -> List[Tuple[ast.AST, str, str]]:
+class _Method(NamedTuple):
+    function: ast.AST  # a def or a lambda
+    name: str          # the class attribute holding it
+    me: str            # its first parameter: the module
+    accessor: bool     # a property's: read, not run with inputs
+
+
+#: Decorators of functions that take no module first, and of accessors.
+_NOT_METHODS = frozenset({"staticmethod", "classmethod"})
+_ACCESSORS = frozenset({"property", "cached_property", "setter", "getter", "deleter"})
+
+
+def _decorator_names(decorators: List[ast.expr]) -> Set[str]:
+    """``{"property", "no_grad"}`` for ``@property``, ``@torch.no_grad()``."""
+    names = set()
+    for node in decorators:
+        node = node.func if isinstance(node, ast.Call) else node
+        names.add(node.id if isinstance(node, ast.Name) else getattr(node, "attr", ""))
+    return names
+
+
+def _methods(trees: List[Tuple[ast.Module, Optional[str]]]) -> List[_Method]:
     """The methods of the classes in ``trees`` (defined under an ``if`` or ``try`` too, or as a
     lambda: ``first = lambda self, x: ...``, ``Model.first = lambda self, x: ...``) and the functions
-    written elsewhere that they hold, each with its name and the name of its first parameter
-    (``self``)."""
-    found: List[Tuple[ast.AST, str]] = []
+    written elsewhere that they hold, named by the class attribute holding them (static and class
+    methods are no methods of a module)."""
+    found: List[Tuple[ast.AST, str, bool]] = []
 
-    def visit(statements: List[ast.stmt]) -> None:
+    def visit(statements: List[ast.stmt], bound_name: Optional[str]) -> None:
         for node in statements:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                found.append((node, node.name))
+                decorators = _decorator_names(node.decorator_list)
+                if not decorators & _NOT_METHODS:
+                    found.append((node, bound_name or node.name, bool(decorators & _ACCESSORS)))
             elif isinstance(node, ast.Assign):  # first = lambda self, x: ..., p = property(lambda self: ...)
                 names = [target.id if isinstance(target, ast.Name) else target.attr for target in node.targets
                          if isinstance(target, (ast.Name, ast.Attribute))]
-                found.extend((inner, name) for inner in ast.walk(node.value) if isinstance(inner, ast.Lambda)
-                             for name in names)
+                wrapper = _function_name(node.value) if isinstance(node.value, ast.Call) else ""
+                if wrapper not in _NOT_METHODS:
+                    found.extend((inner, name, wrapper in _ACCESSORS) for inner in ast.walk(node.value)
+                                 if isinstance(inner, ast.Lambda) for name in names)
             elif isinstance(node, (ast.If, ast.Try, ast.With)):
                 for block in (node.body, getattr(node, "orelse", []), getattr(node, "finalbody", []),
                               *(handler.body for handler in getattr(node, "handlers", []))):
-                    visit(block)
+                    visit(block, bound_name)
 
-    for tree in trees:
+    for tree, bound_name in trees:
         for node in tree.body:
-            visit(node.body if isinstance(node, ast.ClassDef) else [node])
-    return [(function, name, parameters[0].arg) for function, name in found
+            if isinstance(node, ast.ClassDef):
+                visit(node.body, None)
+            else:
+                visit([node], bound_name)
+    return [_Method(function, name, parameters[0].arg, accessor) for function, name, accessor in found
             for parameters in [function.args.posonlyargs + function.args.args] if parameters]
 
 
-def _run_by_forward(methods: List[Tuple[ast.AST, str, str]]) -> Set[str]:
+def _run_by_forward(methods: List[_Method]) -> Set[str]:
     """The names of the methods ``forward`` runs: itself, and those it (or one of them) reaches as
-    ``self.name``."""
+    ``self.name``, but accessors (a ``dtype`` property reads parameters, it runs nothing)."""
     by_name: Dict[str, List[Tuple[ast.AST, str]]] = {}
-    for function, name, me in methods:
-        by_name.setdefault(name, []).append((function, me))
+    for function, name, me, accessor in methods:
+        if not accessor:
+            by_name.setdefault(name, []).append((function, me))
     run, todo = set(), ["forward"]
     while todo:
         name = todo.pop()
@@ -1188,7 +1233,8 @@ def _run_by_forward(methods: List[Tuple[ast.AST, str, str]]) -> Set[str]:
     return run
 
 
-def _reached_in_source(module: nn.Module, sources: Optional[Dict[type, Optional[List[ast.Module]]]] = None) -> Set[int]:
+def _reached_in_source(module: nn.Module, sources: Optional[Dict[type, Optional[List[Tuple[ast.Module, Optional[str]]]]]] = None
+                       ) -> Set[int]:
     """ids of the modules below `module`'s children that the source of its class may call (or reach
     and read) past their owner, read from every method but what ``__init__`` runs at once; the
     rules marked (forward) hold in ``forward`` and the methods it runs (:func:`_run_by_forward`; in
@@ -1215,7 +1261,7 @@ def _reached_in_source(module: nn.Module, sources: Optional[Dict[type, Optional[
     sources = {} if sources is None else sources
     if type(module) not in sources:
         try:
-            sources[type(module)] = [_parse(source) for source in _class_sources(type(module))]
+            sources[type(module)] = [(_parse(source), name) for source, name in _class_sources(type(module))]
         except (OSError, TypeError, SyntaxError):
             sources[type(module)] = None
     trees = sources[type(module)]
@@ -1224,15 +1270,16 @@ def _reached_in_source(module: nn.Module, sources: Optional[Dict[type, Optional[
     reached: Set[int] = set()
     methods = _methods(trees)
     # A Sequential subclass's methods are called on it from outside (self.seq.embed(x)): all are run.
-    run = {name for _, name, _ in methods} if isinstance(module, nn.Sequential) else _run_by_forward(methods)
-    for function, name, me in methods:
-        uses = _Uses(function, me, module, strict=name in run)
-        if name == "__init__":  # only what runs later: closures, and self stored for later (functools.partial(f, self))
+    run = {method.name for method in methods} if isinstance(module, nn.Sequential) else _run_by_forward(methods)
+    for function, name, me, _ in methods:
+        # __init__'s closures and what it stores run later, maybe from forward
+        uses = _Uses(function, me, module, strict=name in run or name == "__init__")
+        if name == "__init__":  # only what runs later: closures, and self bound for later (functools.partial(f, self))
             nodes = [node for inner in ast.walk(function) if isinstance(inner, (ast.Lambda, ast.FunctionDef))
                      and inner is not function for node in ast.walk(inner)]
-            stored = [node for statement in function.body if isinstance(statement, (ast.Assign, ast.AnnAssign))
-                      and statement.value is not None for node in ast.walk(statement.value)]
-            nodes += [node for node in stored if isinstance(node, ast.Name)]
+            nodes += [node for call in ast.walk(function) if isinstance(call, ast.Call)
+                      and _function_name(call) in ("partial", "partialmethod", "MethodType")
+                      for node in call.args + [keyword.value for keyword in call.keywords] if isinstance(node, ast.Name)]
         else:
             nodes = list(ast.walk(function))
         reached |= _reached_in_nodes(nodes, uses, name == "forward", below)
@@ -1242,26 +1289,30 @@ def _reached_in_source(module: nn.Module, sources: Optional[Dict[type, Optional[
 
 
 def _reached_by_hooks(module: nn.Module) -> Set[int]:
-    """What the forward hooks of ``module`` (functions, or objects with a ``__call__``, given the
-    module first) reach below its children, read as its methods that ``forward`` runs are; all below
-    where a hook's source cannot be read. Hooks that are methods are read with their class."""
+    """What the forward hooks of ``module`` reach below its children, each read as a method that
+    ``forward`` runs, with its first parameter as the module (a function or lambda whose source can
+    be read); all below for any other hook (a bound method, a callable object, a lambda among others
+    on its line)."""
     below = {id(m) for m in module.modules()} - {id(module)}
     if not isinstance(module, nn.Sequential):
         below -= {id(m) for m in module.children()}
     reached: Set[int] = set()
     for hook in [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]:
-        if isinstance(hook, types.MethodType) or type(hook).__module__.startswith(__name__.rpartition(".")[0] + "."):
-            continue  # a method of a module's class (read with it), or pyfastnn's own FusedSlots
-        functions = _functions_held(hook) or _functions_held(getattr(type(hook), "__call__", None))
+        if type(hook).__module__.startswith(__name__.rpartition(".")[0] + "."):
+            continue  # pyfastnn's own FusedSlots
+        function = hook.func if isinstance(hook, functools.partial) and not hook.args else hook
         try:
-            trees = [_parse(inspect.getsource(function)) for function in functions]
+            tree = _parse(inspect.getsource(function)) if isinstance(function, types.FunctionType) else None
         except (OSError, TypeError, SyntaxError):
+            tree = None
+        name = getattr(function, "__name__", "")
+        nodes = [node for node in ast.walk(tree) if (isinstance(node, ast.Lambda) and name == "<lambda>") or (
+            isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name)] if tree else []
+        parameters = nodes[0].args.posonlyargs + nodes[0].args.args if len(nodes) == 1 else []
+        if not parameters:
             return below
-        if not trees:
-            return below
-        for function, _, me in _methods(trees):
-            uses = _Uses(function, me, module, strict=True)
-            reached |= _reached_in_nodes(list(ast.walk(function)), uses, True, below)
+        uses = _Uses(nodes[0], parameters[0].arg, module, strict=True)
+        reached |= _reached_in_nodes(list(ast.walk(nodes[0])), uses, True, below)
     return reached & below
 
 
@@ -1277,7 +1328,7 @@ def _reached_in_nodes(nodes: List[ast.AST], uses: _Uses, in_forward: bool, below
                 reached |= below  # super().__getattr__("seq")[0](x)
             continue
         if isinstance(node, ast.Call) and _getattr_of(node, me):
-            if uses.strict and (isinstance(module, nn.Sequential) or uses.reached_beyond(node)):
+            if (uses.strict and isinstance(module, nn.Sequential)) or uses.reached_beyond(node):
                 reached |= below  # getattr(self, "seq")[0](x), or its alias indexed: any child's children
             continue
         if isinstance(node, ast.Name) and node.id == me and isinstance(node.ctx, ast.Load):
@@ -1301,8 +1352,10 @@ def _reached_in_nodes(nodes: List[ast.AST], uses: _Uses, in_forward: bool, below
         names.reverse()
         path, target = _submodule_path(module, names)
         if not path:
-            if uses.strict:
-                reached |= _reached_by_structure(node, names[0], uses, in_forward, below)
+            own = names[0] in module._parameters or names[0] in module._buffers or (
+                names[0] in vars(module) and names[0] not in _MODULE_INTERNALS)
+            if not own:
+                reached |= _reached_by_structure(node, names[0], uses, in_forward, below)  # not `self.values`, a buffer
             continue
         target_below = {id(m) for m in target.modules()} - {id(target)}
         past_children = {id(target)} if len(path) > 1 else set()  # self.a.b: a module below a child
@@ -1334,19 +1387,21 @@ def _reached_in_nodes(nodes: List[ast.AST], uses: _Uses, in_forward: bool, below
 def _reached_by_structure(node: ast.Attribute, method: str, uses: _Uses, in_forward: bool,
                           below: Set[int]) -> Set[int]:
     """What ``self.<method>`` reaches, ``method`` being no submodule's name (``self.named_children()``,
-    ``self._modules``, ``self.modules()``, ``self.config``, ``self.helper(x)``)."""
+    ``self._modules``, ``self.modules()``, ``self.config``, ``self.helper(x)``): everything below
+    the children, or nothing."""
     if method not in _STRUCTURE_METHODS:
         return set()  # an attribute or method of the module's own
     if method == "apply":
         return below if in_forward else set()  # apply(init_fn) in other methods initialises
-    if method in ("get_submodule", "__dict__", "__getattr__", "__getattribute__"):
-        return below
     taken = _child_taken(node, uses.parents)
-    if method in ("modules", "named_modules"):  # called, read into or handed on; not init code setting weights
-        reached = uses.reached_beyond(taken) or uses.called(taken) or (uses.bound(taken) and uses.aliases_called)
-    else:  # a Sequential's own children are below it; another's, where read into or handed on
-        reached = isinstance(uses.module, nn.Sequential) or uses.reached_beyond(taken)
-    return below if reached else set()
+    if method in _CHILDREN_METHODS and not isinstance(uses.module, nn.Sequential):
+        # a child called runs its own forward: only a module below it, reached, counts
+        return below if uses.reached_beyond(taken) else set()
+    if uses.strict and method not in ("modules", "named_modules"):
+        return below  # a Sequential's own children, self.get_submodule(...), vars(self) in forward
+    # self.modules() (init code walks it), or any of them in other methods: where a module is used
+    used = uses.called(taken) or uses.reached_beyond(taken) or (uses.bound(taken) and uses.aliases_called)
+    return below if used else set()
 
 
 def _getattr_of(node: ast.AST, me: str) -> bool:
@@ -1458,28 +1513,28 @@ def _parse(source: str) -> ast.Module:
         return ast.parse("if True:\n" + source)
 
 
-def _class_sources(cls: type) -> List[str]:
+def _class_sources(cls: type) -> List[Tuple[str, Optional[str]]]:
     """The source of `cls` and of its bases up to nn.Module, and of every function they hold that is
-    written elsewhere (``forward = shared_forward``; functions without a source, like those
-    ``dataclass`` generates, are skipped)."""
-    sources = []
+    written elsewhere (``forward = shared_forward``), with the name of the class attribute holding
+    it (functions without a source, like those ``dataclass`` generates, are skipped)."""
+    sources: List[Tuple[str, Optional[str]]] = []
     for klass in cls.__mro__:
         if klass in (nn.Module, object) or klass.__module__.startswith("torch."):
             continue
-        sources.append(inspect.getsource(klass))
-        for value in vars(klass).values():
+        sources.append((inspect.getsource(klass), None))
+        for name, value in vars(klass).items():
             for function in _functions_held(value):
-                if not function.__qualname__.startswith(klass.__qualname__ + "."):
-                    with contextlib.suppress(OSError, TypeError):
-                        sources.append(inspect.getsource(function))
+                if not function.__qualname__.startswith(klass.__qualname__ + "."):  # written elsewhere
+                    for held in [function, *_closed_over(function)]:  # a wrapper: what it runs too
+                        with contextlib.suppress(OSError, TypeError):
+                            sources.append((inspect.getsource(held), name))
     return sources
 
 
 def _functions_held(value: object) -> List[types.FunctionType]:
     """The functions a class attribute runs: itself, a method's, a property's accessors, a
-    ``functools.partialmethod``'s, each unwrapped from its decorators, and the functions a wrapper
-    closes over (an attribute whose lookup or unwrapping fails holds none; a ``__getattr__`` of its
-    own is not asked)."""
+    ``functools.partialmethod``'s, each unwrapped from its decorators (an attribute whose lookup or
+    unwrapping fails holds none; a ``__getattr__`` of its own is not asked)."""
     candidates = [value]
     for name in ("__func__", "fget", "fset", "fdel", "func"):
         with contextlib.suppress(Exception):
@@ -1492,11 +1547,16 @@ def _functions_held(value: object) -> List[types.FunctionType]:
             continue
         if inspect.isfunction(function) and function not in functions:
             functions.append(function)
-            # a decorator's wrapper without functools.wraps: the functions it closes over
-            for cell in function.__closure__ or ():
-                with contextlib.suppress(ValueError):  # a cell not yet filled
-                    if inspect.isfunction(cell.cell_contents) and cell.cell_contents not in functions:
-                        functions.append(cell.cell_contents)
+    return functions
+
+
+def _closed_over(function: types.FunctionType) -> List[types.FunctionType]:
+    """The functions ``function`` closes over: what a decorator's wrapper without functools.wraps runs."""
+    functions = []
+    for cell in function.__closure__ or ():
+        with contextlib.suppress(ValueError):  # a cell not yet filled
+            if inspect.isfunction(cell.cell_contents):
+                functions.append(cell.cell_contents)
     return functions
 
 

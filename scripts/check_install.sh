@@ -12,6 +12,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PYFASTNN_VENV:-$ROOT/.venv}"
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac  # relative to the caller's folder, wherever scripts cd
+export PYFASTNN_VENV="$VENV"  # the scripts this one runs take the same environment
 WORK="${PYFASTNN_INSTALL_CHECK_DIR:-$ROOT/build/install-check}"
 [ -x "$VENV/bin/python" ] || { echo "no virtual environment at $VENV: run scripts/setup_env.sh first" >&2; exit 1; }
 rm -rf "$WORK"

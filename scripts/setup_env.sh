@@ -9,12 +9,15 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PYFASTNN_VENV:-$ROOT/.venv}"
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac  # relative to the caller's folder, wherever scripts cd
+export PYFASTNN_VENV="$VENV"  # the scripts this one runs take the same environment
 TORCH_SPEC="${PYFASTNN_TORCH:-torch==2.13.0}"
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating virtual environment $VENV"
   python3 -m venv "$VENV"
 fi
+VENV="$(cd "$VENV" && pwd)"  # one spelling of the folder (the build's settings record it)
 echo "[setup] installing $TORCH_SPEC and the build tools"
 TOOLS=(setuptools wheel ninja)
 # The C++ tests (scripts/build_cpp.sh) need CMake 3.19+: pip's cmake where the machine has none as recent.

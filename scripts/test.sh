@@ -4,6 +4,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PYFASTNN_VENV:-$ROOT/.venv}"
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac  # relative to the caller's folder, wherever scripts cd
+export PYFASTNN_VENV="$VENV"  # the scripts this one runs take the same environment
 "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 "$VENV/bin/python" -m pytest "$@"

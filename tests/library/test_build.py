@@ -216,6 +216,9 @@ def test_cuda_choice(tmp_path):
     assert want_cuda("", "12.8", full, True) == (True, None)
     assert want_cuda("", None, None, True) == (False, None)  # a plain CPU setup: nothing to warn about
     assert want_cuda("0", "12.8", full, True) == (False, None)
+    for typo in ("true", "off", "yes"):  # never read as unset: the user asked for something
+        with pytest.raises(SystemExit, match=f"PYFASTNN_CUDA must be 0 .* got '{typo}'"):
+            want_cuda(typo, "12.8", full, True)
     # Half a CUDA setup, PYFASTNN_CUDA unset: the CPU backend, with a warning saying why.
     with_cuda, warning = want_cuda("", "12.8", nvcc_only, True)
     assert not with_cuda and "cuda_runtime.h" in warning and "CPU backend" in warning

@@ -71,11 +71,19 @@ def test_benchmark_records_name_the_commit_of_the_source_tree(tmp_path):
     subprocess.run(git + ["add", "setup.py"], check=True)
     subprocess.run(git + ["commit", "-q", "-m", "first"], check=True)
     head = subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
-    (tree / "notes.txt").write_text("untracked")  # an untracked file changes nothing measured
+    (tree / "notes.txt").write_text("untracked")  # an untracked file outside the sources changes nothing measured
     assert source_revision(tree / "pyfastnn") == {"commit": head, "modified": False}
+    (tree / "csrc" / "new.cpp").write_text("")  # a new source file is built in
+    assert source_revision(tree / "pyfastnn") == {"commit": head, "modified": True}
+    (tree / "csrc" / "new.cpp").unlink()
     (tree / "setup.py").write_text("# changed")
     assert source_revision(tree / "pyfastnn") == {"commit": head, "modified": True}
     assert source_revision(tmp_path / "site-packages" / "pyfastnn") is None
+    inner = tree / "vendored"  # a copy inside another repository: not that repository's commit
+    (inner / "csrc").mkdir(parents=True)
+    (inner / "pyfastnn").mkdir()
+    (inner / "setup.py").write_text("")
+    assert source_revision(inner / "pyfastnn") is None
 
 
 def test_bench_json_dash_sends_the_json_alone_to_stdout_and_the_table_to_stderr(monkeypatch, capfd):

@@ -54,6 +54,18 @@ def test_export_matches_module_and_leaves_it_working(strict, make):
     assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
 
 
+def test_export_names_parameters_as_named_parameters_and_dynamic_quantization_leaves_fused_layers():
+    """README, "Transforms, export and TorchScript": an exported partly fused Sequential names its
+    parameters as named_parameters() does (the fused module's own names, not the state dict's
+    original keys); quantize_dynamic swaps nn.Linear only, fused layers stay floating point."""
+    model = pyfastnn.fuse(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))).eval()
+    program = torch.export.export(model, (torch.randn(3, 8),))
+    assert "1.2.weight" in program.state_dict and "3.weight" in model.state_dict()
+    assert set(program.state_dict) == {name for name, _ in model.named_parameters()} | {"0.weight", "0.bias"}
+    quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear, FusedLinear}, dtype=torch.qint8)
+    assert quantized[1][0].weight.dtype == torch.float32
+
+
 def test_slicing_a_fused_mlp_is_refused_since_it_would_cut_elsewhere_than_the_sequential_it_replaces():
     plain = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh())
     fused = pyfastnn.fuse(plain)  # the whole Sequential: one FusedMLP, indexed by layer
@@ -441,8 +453,9 @@ def test_batched_gradients_of_every_fused_module():
 
 def test_a_tensor_in_several_slots_gets_its_gradient_once_on_every_backward_path():
     """Tied layers (one weight in every slot of fused_mlp, the README's `[nn.Linear, nn.Tanh()] * 3`
-    fused) and fused_linear(W, W): the plain backward, create_graph=True (gradient penalties, MAML),
-    batched gradients and the Hessian all give eager's gradient, not one per slot."""
+    fused), fused_linear(W, W), a layer applied to its own output and a weight made from the input:
+    the plain backward, create_graph=True (gradient penalties, MAML), batched gradients and the
+    Hessian all give eager's gradient, each slot's own derivative counted once."""
     torch.manual_seed(0)
     w = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(6, dtype=torch.float64, requires_grad=True)
@@ -462,6 +475,28 @@ def test_a_tensor_in_several_slots_gets_its_gradient_once_on_every_backward_path
                                    torch.autograd.grad(y_eager, w, grads, is_grads_batched=True)[0])
         torch.testing.assert_close(torch.autograd.functional.hessian(lambda w: fused(w, b).sum(), w),
                                    torch.autograd.functional.hessian(lambda w: eager(w, b).sum(), w))
+    # A slot's tensor reaching another slot's through its own history: a layer applied to its own
+    # output, a hypernetwork's weight made from the input; and tied layers whose saved tensors come
+    # back through saved-tensor hooks (each unpacking a new tensor).
+    a = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
+    xg = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    cases = [(lambda w: pyfastnn.fused_linear(pyfastnn.fused_linear(xg, w, None, "relu"), w, None, "tanh"),
+              lambda w: torch.tanh(F.linear(torch.relu(F.linear(xg, w)), w)), (w,)),
+             (lambda w: pyfastnn.fused_linear(xg, a * xg.mean(0), b, "tanh"),
+              lambda w: torch.tanh(F.linear(xg, a * xg.mean(0), b)), (xg, a))]
+    for fused, eager, wrt in cases:
+        expected = torch.autograd.grad(eager(w).pow(2).sum(), wrt)
+        for create_graph in (False, True):
+            got = torch.autograd.grad(fused(w).pow(2).sum(), wrt, create_graph=create_graph)
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g, e)
+        grads = torch.randn(3, *eager(w).shape, dtype=torch.float64)
+        torch.testing.assert_close(torch.autograd.grad(fused(w), wrt[0], grads, is_grads_batched=True)[0],
+                                   torch.autograd.grad(eager(w), wrt[0], grads, is_grads_batched=True)[0])
+    with torch.autograd.graph.save_on_cpu():
+        y = pyfastnn.fused_mlp(x, [w, w, w], None, "tanh")
+    expected = torch.autograd.grad(F.linear(torch.tanh(F.linear(torch.tanh(F.linear(x, w)), w)), w).pow(2).sum(), w)
+    torch.testing.assert_close(torch.autograd.grad(y.pow(2).sum(), w, create_graph=True)[0], expected[0])
     seq = nn.Sequential(*[nn.Linear(6, 6, dtype=torch.float64), nn.Tanh()] * 3)
     fused_seq = pyfastnn.fuse(seq)
     expected = torch.autograd.grad(seq(x).pow(2).sum(), list(seq.parameters()))

@@ -885,6 +885,13 @@ class _ByDefaultArgument(_PreActivation):
         return self.seq(x), pre_activation(x)
 
 
+class _ByNextOfIter(_PreActivation):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return self.seq(x), next(iter(self.seq))(x)
+
+
 def _pre_activation_hook(module, inputs, output):
     return output, module[0](inputs[0])
 
@@ -902,7 +909,8 @@ class _ByHookOnTheSequential(nn.Module):
 @pytest.mark.parametrize("model_class", [_ByGetattr, _ByGetattrAlias, _ByModulesDict, _ByChildrenList, _ByPlainList,
                                          _ByHelperMethod, _ByAliasIndexed, _InAModuleList, _BySelfGivenAway,
                                          _ByPartialOfSelf, _ByObjectHolding, _ByModuleDictItems, _ByClassLambda,
-                                         _ByClosureInInit, _ByDefaultArgument, _ByHookOnTheSequential])
+                                         _ByClosureInInit, _ByDefaultArgument, _ByHookOnTheSequential,
+                                         _ByNextOfIter])
 def test_fuse_leaves_a_linear_reached_past_its_sequential_by_any_way(model_class):
     """getattr(self, ...), self._modules[...], list(self.children()), get_submodule in a helper
     method, an alias indexed, a loop variable indexed (also over a ModuleDict's items()), self given
@@ -979,6 +987,25 @@ def test_what_fuse_leaves_alone_stays_narrow():
                 if isinstance(m, (nn.Linear, FusedLinear)):
                     nn.init.zeros_(m.bias)
 
+    class Helpers(nn.Module):  # a static helper, a method of its own kept, a buffer named like a method
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+            self.register_buffer("values", torch.ones(8))
+            self.mix = self._mix_fast  # a bound method of its own: the module itself, held
+
+        @staticmethod
+        def scale(t):
+            return torch.tanh(t)
+
+        def _mix_fast(self, x):
+            return x * self.values
+
+        def forward(self, x):
+            if x.dim() == 1:
+                x = x.unsqueeze(0)
+            return self.scale(self.mix(self.mlp(x)))
+
     class CheckpointedBlocks(nn.Module):  # as timm's models: checkpointing, helpers forward never runs
         def __init__(self):
             super().__init__()
@@ -1007,7 +1034,7 @@ def test_what_fuse_leaves_alone_stays_narrow():
 
     gelu, dropout = nn.GELU(), nn.Dropout(0.1)
     from torch.utils.checkpoint import checkpoint_sequential
-    for model in (WalkChildren(), ByName(), Blocks(), CheckpointedBlocks(),
+    for model in (WalkChildren(), ByName(), Blocks(), Helpers(), CheckpointedBlocks(),
                   nn.Sequential(nn.Linear(8, 16), gelu, nn.Linear(16, 16), gelu, nn.Linear(16, 2)),
                   nn.Sequential(nn.Linear(8, 16), nn.ReLU(), dropout, nn.Linear(16, 16), nn.ReLU(), dropout,
                                 nn.Linear(16, 2)),
