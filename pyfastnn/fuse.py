@@ -1078,9 +1078,9 @@ class _Uses:
     def __init__(self, function: ast.AST, me: str, module: nn.Module, strict: bool) -> None:
         self.me, self.module, self.strict = me, module, strict
         self.parents = {child: node for node in ast.walk(function) for child in ast.iter_child_nodes(node)}
-        # The attribute names that take a module somewhere below `module` (`.fc`, `.layers`): reading
-        # any other (`.weight`, `.out_features`) reads a module's state, not into the module tree.
-        self.module_names = {name for m in module.modules() for name in m._modules} | _STRUCTURE_METHODS
+        # The attribute names that take a module somewhere below `module` (`.fc`, `.layers`, and the
+        # structure methods): reading any other (`.weight`, `.out_features`) reads a module's state.
+        self.reaching_names = {name for m in module.modules() for name in m._modules} | _STRUCTURE_METHODS
         self.aliases = _aliases(function, me, module)
         # Whether any alias is read into (indexed, a submodule taken), handed to code that may reach
         # below it, or called.
@@ -1122,7 +1122,7 @@ class _Uses:
         while True:
             parent = self.parents.get(node)
             if not ((isinstance(parent, ast.Subscript) and parent.value is node) or (
-                    isinstance(parent, ast.Attribute) and parent.value is node and parent.attr in self.module_names)):
+                    isinstance(parent, ast.Attribute) and parent.value is node and parent.attr in self.reaching_names)):
                 break
             node, depth = self.outer(parent), depth + 1
         return depth > 0 and (self.called(node) or self.bound(node) or (self.strict and self.escapes(node)))

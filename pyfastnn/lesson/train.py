@@ -1097,8 +1097,10 @@ def _mnist_from_environment(parser: argparse.ArgumentParser, dataset: str, downl
     """The MNIST folder $PYFASTNN_MNIST names (as ``pyfastnn demo`` reads it), where no --data was
     given; a folder there without MNIST (unless --download fills it) is a usage error naming the
     variable."""
-    if dataset != "mnist" or not os.environ.get("PYFASTNN_MNIST", "").strip():
+    if dataset != "mnist":
         parser.error("the following arguments are required: --data")
+    if not os.environ.get("PYFASTNN_MNIST", "").strip():
+        parser.error("the following arguments are required: --data (or $PYFASTNN_MNIST, the MNIST folder)")
     folder = path_argument(os.environ["PYFASTNN_MNIST"])  # ~ expanded, as for --data
     if not download and find_mnist(folder) is None:
         parser.error(f"$PYFASTNN_MNIST={folder} holds no MNIST files (flat or MNIST/raw): point it, or --data, at "

@@ -306,7 +306,7 @@ def test_the_data_folder_defaults_to_the_environments_as_the_demos_does(tmp_path
     monkeypatch.delenv("PYFASTNN_MNIST")
     with pytest.raises(SystemExit) as usage:
         _train_cli("--epochs", "0")
-    assert usage.value.code == 2 and "the following arguments are required: --data" in capsys.readouterr().err
+    assert usage.value.code == 2 and "required: --data (or $PYFASTNN_MNIST, the MNIST folder)" in capsys.readouterr().err
 
 
 def test_resume_of_a_finished_run_trains_nothing_and_writes_its_files(tmp_path, tiny_mnist_dir, capsys):
