@@ -237,9 +237,10 @@ def _variants(m: int, k: int, n: int, activation: str, backward: bool, with_comp
 
 
 def source_revision(package: Path = PACKAGE) -> Optional[Dict[str, object]]:
-    """The git commit of the source tree ``package`` is imported from, and whether its tracked files
-    differ from it (``modified``): what a figure measured, where the version number stays the same
-    from commit to commit. None for an installed copy or where git cannot tell.
+    """The git commit of the source tree ``package`` is imported from, and whether the sources differ
+    from it (``modified``: a tracked file changed, or a new file in ``csrc`` or the package): what a
+    figure measured, where the version number stays the same from commit to commit. None for an
+    installed copy, a copy inside another repository, or where git cannot tell.
 
     Example:
         >>> from pathlib import Path

@@ -1255,9 +1255,7 @@ def _reached_in_source(module: nn.Module, sources: Optional[Dict[type, Optional[
       ``[self]``) pins everything below, as does the whole class where its source cannot be read.
 
     In a Sequential subclass, ``self[i]``, ``for m in self`` and its children methods pin its own children."""
-    below = {id(m) for m in module.modules()} - {id(module)}
-    if not isinstance(module, nn.Sequential):
-        below -= {id(m) for m in module.children()}
+    below = _below_children(module)
     sources = {} if sources is None else sources
     if type(module) not in sources:
         try:
@@ -1288,14 +1286,21 @@ def _reached_in_source(module: nn.Module, sources: Optional[Dict[type, Optional[
     return reached & below
 
 
+def _below_children(module: nn.Module) -> Set[int]:
+    """ids of the modules a call past ``module``'s children reaches: all below its children (a
+    Sequential's own children too, which its methods may call one by one)."""
+    below = {id(m) for m in module.modules()} - {id(module)}
+    if not isinstance(module, nn.Sequential):
+        below -= {id(m) for m in module.children()}
+    return below
+
+
 def _reached_by_hooks(module: nn.Module) -> Set[int]:
     """What the forward hooks of ``module`` reach below its children, each read as a method that
     ``forward`` runs, with its first parameter as the module (a function or lambda whose source can
     be read); all below for any other hook (a bound method, a callable object, a lambda among others
     on its line)."""
-    below = {id(m) for m in module.modules()} - {id(module)}
-    if not isinstance(module, nn.Sequential):
-        below -= {id(m) for m in module.children()}
+    below = _below_children(module)
     reached: Set[int] = set()
     for hook in [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]:
         if type(hook).__module__.startswith(__name__.rpartition(".")[0] + "."):
@@ -1411,15 +1416,13 @@ def _getattr_of(node: ast.AST, me: str) -> bool:
 
 
 def _child_taken(node: ast.AST, parents: Dict[ast.AST, ast.AST]) -> ast.AST:
-    """The expression taking one module through ``node`` (``self._modules``, ``self.children``, ...),
-    where the source takes one there: ``self._modules["a"]``, ``self._modules.get("a")``,
+    """The expression taking one module through ``node``, a whole attribute chain (``self._modules``,
+    ``self.children``, ``self._modules.get``, ...), where the source takes one there: ``self._modules["a"]``, ``self._modules.get("a")``,
     ``self.__getitem__(0)``, ``next(self.children())``, ``list(self.children())[0]``; else the
     method's result (or ``node``, not called)."""
     parent = parents.get(node)
     if isinstance(parent, ast.Subscript) and parent.value is node:
         return parent  # self._modules["a"]
-    if isinstance(parent, ast.Attribute) and parent.value is node and parent.attr in ("get", "values", "items"):
-        node, parent = parent, parents.get(parent)  # self._modules.get("a")
     if not (isinstance(parent, ast.Call) and parent.func is node):
         return node
     outer = parents.get(parent)  # the method's result: a module, or an iterable of them
