@@ -11,9 +11,7 @@
 #    torch, imports outside the source tree and runs an op on the kernels it reports.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${PYFASTNN_VENV:-$ROOT/.venv}"
-case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac  # relative to the caller's folder, wherever scripts cd
-export PYFASTNN_VENV="$VENV"  # the scripts this one runs take the same environment
+source "$ROOT/scripts/venv.sh"  # VENV, absolute and exported
 WORK="${PYFASTNN_INSTALL_CHECK_DIR:-$ROOT/build/install-check}"
 [ -x "$VENV/bin/python" ] || { echo "no virtual environment at $VENV: run scripts/setup_env.sh first" >&2; exit 1; }
 rm -rf "$WORK"

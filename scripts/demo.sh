@@ -4,9 +4,7 @@
 # MNIST is read from $PYFASTNN_MNIST, else ../shared/data/mnist beside the project; nothing is downloaded.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${PYFASTNN_VENV:-$ROOT/.venv}"
-case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac  # relative to the caller's folder, wherever scripts cd
-export PYFASTNN_VENV="$VENV"  # the scripts this one runs take the same environment
+source "$ROOT/scripts/venv.sh"  # VENV, absolute and exported
 "$ROOT/scripts/setup_env.sh"
 "$VENV/bin/pyfastnn" info
 MNIST="${PYFASTNN_MNIST:-$ROOT/../shared/data/mnist}"

@@ -8,9 +8,7 @@
 # environment (an isolated build would download a separate multi-GB torch just to compile).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${PYFASTNN_VENV:-$ROOT/.venv}"
-case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac  # relative to the caller's folder, wherever scripts cd
-export PYFASTNN_VENV="$VENV"  # the scripts this one runs take the same environment
+source "$ROOT/scripts/venv.sh"  # VENV, absolute and exported
 TORCH_SPEC="${PYFASTNN_TORCH:-torch==2.13.0}"
 
 if [ ! -x "$VENV/bin/python" ]; then

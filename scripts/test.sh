@@ -3,9 +3,7 @@
 # library with CMake against the same libtorch and run its ctest suite.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${PYFASTNN_VENV:-$ROOT/.venv}"
-case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac  # relative to the caller's folder, wherever scripts cd
-export PYFASTNN_VENV="$VENV"  # the scripts this one runs take the same environment
+source "$ROOT/scripts/venv.sh"  # VENV, absolute and exported
 "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 "$VENV/bin/python" -m pytest "$@"

@@ -12,9 +12,7 @@
 # /var/cache/pyfastnn-ci) and recreated when missing or broken; ccache's cache lives beside it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${PYFASTNN_VENV:-$ROOT/.venv}"
-case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac  # relative to the caller's folder, wherever scripts cd
-export PYFASTNN_VENV="$VENV"  # the scripts this one runs take the same environment
+source "$ROOT/scripts/venv.sh"  # VENV, absolute and exported
 CACHE="${PYFASTNN_COMPILERS_CACHE:-/var/cache/pyfastnn-ci}"
 SUITE=trixie
 PACKAGES="g++-13,g++-14,clang-19,cmake,ninja-build,ccache"
