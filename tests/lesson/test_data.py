@@ -65,6 +65,27 @@ def test_wrong_kind_of_file_and_missing_files(tmp_path):
         read_idx(tmp_path / "bad.gz")
 
 
+def test_a_gzip_file_is_read_by_its_content_whatever_its_name(tmp_path):
+    array = np.arange(3 * 28 * 28, dtype=np.uint32).astype(np.uint8).reshape(3, 28, 28)
+    (tmp_path / "compressed").write_bytes(gzip.compress(_idx_bytes(array)))
+    (tmp_path / "plain.gz").write_bytes(_idx_bytes(array))
+    assert np.array_equal(read_idx(tmp_path / "compressed"), array)
+    assert np.array_equal(read_idx(tmp_path / "plain.gz"), array)
+
+
+@pytest.mark.parametrize("images,labels,problem", [
+    (np.zeros((3, 28, 28), np.uint8), np.zeros(2, np.uint8), r"t10k-labels-idx1-ubyte.gz: 2 labels for 3 images"),
+    (np.zeros((3, 32, 32), np.uint8), np.zeros(3, np.uint8), r"t10k-images-idx3-ubyte.gz: expected uint8 28x28 "
+                                                              r"images, got uint8 \(32, 32\)"),
+    (np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8), r"t10k-images-idx3-ubyte.gz: holds no images"),
+])
+def test_images_and_labels_that_do_not_make_a_dataset_raise_naming_the_file(tmp_path, images, labels, problem):
+    for stem, array in (("t10k-images-idx3-ubyte", images), ("t10k-labels-idx1-ubyte", labels)):
+        (tmp_path / (stem + ".gz")).write_bytes(gzip.compress(_idx_bytes(array)))
+    with pytest.raises(IDXError, match=problem):
+        load_mnist(tmp_path, train=False)
+
+
 @pytest.mark.parametrize("bad_label", [10, -1])
 def test_labels_outside_0_to_9_raise_naming_the_file(tmp_path, bad_label):
     _write_split(tmp_path, "t10k", 3)
@@ -246,6 +267,23 @@ def test_batch_indices_gather_the_same_batches_as_iteration():
     batches = Batches(inputs, targets, batch_size=3, seed=2)
     for index, (x, y) in zip(batches.batch_indices(), batches):
         assert index.device == inputs.device and torch.equal(targets[index], y) and torch.equal(inputs[index], x)
+
+
+def test_drop_last_drops_only_a_partial_last_batch():
+    inputs, targets = torch.arange(7).float().reshape(7, 1), torch.arange(7)
+    kept = [len(y) for _, y in Batches(inputs, targets, batch_size=3, drop_last=True)]
+    assert kept == [3, 3] and len(Batches(inputs, targets, batch_size=3, drop_last=True)) == 2
+    assert [len(y) for _, y in Batches(inputs, targets, batch_size=3)] == [3, 3, 1]
+    assert [len(y) for _, y in Batches(inputs[:6], targets[:6], batch_size=3, drop_last=True)] == [3, 3]
+
+
+def test_shards_are_equal_when_the_samples_do_not_divide_among_the_processes():
+    # DDP's collectives run once per batch on every rank: a rank with one more batch would wait forever.
+    inputs, targets = torch.arange(11).float().reshape(11, 1), torch.arange(11)
+    shards = [Batches(inputs, targets, batch_size=2, seed=3, rank=r, world_size=3) for r in range(3)]
+    seen = [torch.cat([y for _, y in shard]) for shard in shards]
+    assert [len(s) for s in seen] == [3, 3, 3] and [len(shard) for shard in shards] == [2, 2, 2]
+    assert len(set(torch.cat(seen).tolist())) == 9  # disjoint
 
 
 def test_find_mnist_never_replaces_a_wrong_folder_by_another(tmp_path, mnist_dir, monkeypatch):
