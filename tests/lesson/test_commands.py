@@ -268,6 +268,16 @@ def test_train_resume_refuses_other_run_settings(capsys, tmp_path, tiny_mnist_di
     line = error_line(err, "pyfastnn train")
     assert status == 1 and "was trained with lr 0.001 (asked: 0.5), dropout 0.2 (asked: 0.5)" in line, line
     assert not (tmp_path / "b").exists()
+    # Every setting that makes another run is named, each alone.
+    for option, value, named in (("--batch-size", "32", "batch_size 64 (asked: 32)"),
+                                 ("--backend", "torch", "backend 'fused' (asked: 'torch')"),
+                                 ("--seed", "7", "seed 0 (asked: 7)"),
+                                 ("--hidden-sizes", "256,64", "hidden_sizes (256, 128) (asked: (256, 64))"),
+                                 ("--activation", "tanh", "activation 'relu' (asked: 'tanh')")):
+        status, _, err = cli(capsys, *common, "--epochs", "2", option, value,
+                             "--resume", str(checkpoint), "--out", str(tmp_path / "b"))
+        line = error_line(err, "pyfastnn train")
+        assert status == 1 and f"was trained with {named}; resume with" in line, line
     assert cli(capsys, *common, "--epochs", "2", "--resume", str(checkpoint), "--out", str(tmp_path / "c"))[0] == 0
 
 

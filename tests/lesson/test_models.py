@@ -25,6 +25,22 @@ def test_perceptron_cannot_learn_xor():
         assert p.predict(X).tolist() != models.XOR_TARGETS.reshape(-1).astype(int).tolist()
 
 
+def test_perceptron_steps_to_1_only_above_zero():
+    # The lesson's step function: 1 if z > 0 else 0, so a weighted sum of exactly 0 is 0.
+    p = models.Perceptron(2, seed=0)
+    p.weights.fill_(1.0)
+    p.bias.fill_(-1.0)
+    assert p.predict([[0, 1], [1, 0], [1, 1], [0, 0]]).tolist() == [0, 0, 1, 0]
+
+
+def test_numpy_net_starts_as_the_lesson_does():
+    # The lesson's initialisation: weights drawn from N(0, 1) scaled by 0.01, biases zero.
+    net = models.NumpyTwoLayerNet(2, 4, 1, seed=0)
+    assert net.W1.shape == (2, 4) and net.W2.shape == (4, 1)
+    assert not net.b1.any() and not net.b2.any() and net.b1.shape == (1, 4) and net.b2.shape == (1, 1)
+    assert 0 < np.abs(np.concatenate([net.W1.ravel(), net.W2.ravel()])).max() < 0.05
+
+
 @pytest.mark.parametrize("init_scale", [0.01, 1.0])
 def test_fused_two_layer_net_follows_numpy_net_exactly(init_scale):
     scratch = models.NumpyTwoLayerNet(2, 4, 1, seed=0, init_scale=init_scale)
