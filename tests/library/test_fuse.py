@@ -214,6 +214,19 @@ def test_fuse_nested_and_partial_runs():
     assert_same_function(model, fused, torch.randn(5, 6))
 
 
+def test_each_torch_activation_module_becomes_its_own_kernel():
+    # Written out here, not read from pyfastnn's table: GELU's erf and tanh forms differ by ~1e-3,
+    # within a loose tolerance, so only the layer's activation name tells them apart reliably.
+    cases = [(nn.ReLU(), "relu"), (nn.LeakyReLU(0.3), "leaky_relu"), (nn.Sigmoid(), "sigmoid"), (nn.Tanh(), "tanh"),
+             (nn.GELU(), "gelu"), (nn.GELU(approximate="tanh"), "gelu_tanh"), (nn.SiLU(), "silu")]
+    x = torch.randn(16, 6, dtype=torch.float64)
+    for module, name in cases:
+        model = nn.Sequential(nn.Linear(6, 5), module, nn.Linear(5, 2)).double()
+        fused = pyfastnn.fuse(model)
+        assert type(fused) is FusedMLP and fused[0].activation == name, (module, fused)
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-12, atol=1e-12)
+
+
 def test_fuse_leaves_unfusable_modules_alone():
     class Untraceable(nn.Module):
         def __init__(self):
