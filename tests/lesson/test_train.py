@@ -713,3 +713,30 @@ def test_a_home_folder_in_the_settings_paths_is_expanded(monkeypatch, tmp_path):
     config = plain_settings(TrainConfig(data="~/mnist", out=Path("~/runs"), resume=np.str_("~/runs/checkpoint.pt")))
     assert config.out == str(tmp_path / "runs") and type(config.out) is str
     assert config.resume == str(tmp_path / "runs" / "checkpoint.pt") and type(config.resume) is str
+
+
+def test_each_epoch_shuffles_anew_from_the_runs_seed(tmp_path, tiny_mnist_dir, monkeypatch):
+    """As the lesson's DataLoader(shuffle=True): every epoch its own order, drawn from the run's seed."""
+    import pyfastnn.lesson.train as train_module
+
+    orders = []
+
+    class RecordingBatches(train_module.Batches):
+        def batch_indices(self):
+            order = []
+            orders.append(order)
+            for index in super().batch_indices():
+                order.extend(index.tolist())
+                yield index
+
+    monkeypatch.setattr(train_module, "Batches", RecordingBatches)
+
+    def epoch_orders(seed, name):
+        orders.clear()
+        train(TrainConfig(data=str(tiny_mnist_dir), epochs=2, max_steps=3, seed=seed, out=str(tmp_path / name),
+                          progress=False, plots=False))
+        return [list(order) for order in orders]
+
+    first, again, other = epoch_orders(0, "a"), epoch_orders(0, "b"), epoch_orders(1, "c")
+    assert len(first) == 2 and len(first[0]) == len(first[1]) > TrainConfig.batch_size
+    assert first[0] != first[1] and first == again and other[0] != first[0]
