@@ -411,6 +411,11 @@ def test_vmap_over_the_batch_and_over_weights():
     ws = torch.randn(5, 4, 7)
     out = torch.vmap(lambda w: pyfastnn.fused_linear(x[0], w, b, "relu"))(ws)
     torch.testing.assert_close(out, torch.stack([F.relu(F.linear(x[0], wi, b)) for wi in ws]))
+    bs = torch.randn(5, 4)  # a bias per sample, inputs batched as rows or not
+    out = torch.vmap(lambda x, b: pyfastnn.fused_linear(x, w, b, "tanh"))(x, bs)
+    torch.testing.assert_close(out, torch.stack([torch.tanh(F.linear(xi, w, bi)) for xi, bi in zip(x, bs)]))
+    out = torch.vmap(lambda b: pyfastnn.fused_linear(x[0], w, b, "tanh"))(bs)
+    torch.testing.assert_close(out, torch.stack([torch.tanh(F.linear(x[0], w, bi)) for bi in bs]))
     weights = [torch.randn(6, 7), torch.randn(2, 6)]
     out = torch.vmap(lambda x: pyfastnn.fused_mlp(x, weights, None, "tanh"))(x)
     torch.testing.assert_close(out, F.linear(torch.tanh(F.linear(x, weights[0])), weights[1]))

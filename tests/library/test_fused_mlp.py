@@ -196,6 +196,15 @@ def test_eval_mode_has_no_dropout_and_train_mode_does():
     assert not torch.allclose(mlp(x), mlp(x))
 
 
+def test_dropout_never_reaches_the_output_layer():
+    # The output is the last Linear's: hidden units are dropped, never the outputs themselves.
+    torch.manual_seed(0)
+    x, w1, w2 = torch.randn(64, 8), torch.randn(16, 8), torch.zeros(4, 16)
+    y = pyfastnn.fused_mlp(x, [w1, w2], [torch.zeros(16), torch.full((4,), 10.0)], activation="relu", dropout=0.5,
+                           training=True)
+    assert torch.equal(y, torch.full((64, 4), 10.0))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
 def test_saturated_outputs_after_dropout_never_turn_the_gradient_sign(activation, dtype):
@@ -281,6 +290,9 @@ BAD_MLP_CALLS = [
     ("weights_not_list", dict(weights=torch.randn(6, 4)), TypeError, "weights must be a list"),
     ("weight_not_tensor", dict(weights=[torch.randn(6, 4), "w"]), TypeError, r"weights\[1\] must be a torch.Tensor"),
     ("activation_count", dict(activation=["relu", "relu"]), ValueError, "expected 1"),
+    ("too_few_activations", dict(weights=[torch.randn(6, 4), torch.randn(6, 6), torch.randn(2, 6)], activation=["relu"]),
+     ValueError, r"got 1 values for activation, expected 2 \(one per hidden layer\)"),
+    ("dropout_count", dict(dropout=[0.1, 0.2], training=True), ValueError, "got 2 values for dropout, expected 1"),
     ("unknown_activation", dict(activation="swish"), ValueError, "unknown activation"),
     ("integer_input", dict(input=torch.ones(3, 4, dtype=torch.long)), TypeError, "floating-point"),
 ]
