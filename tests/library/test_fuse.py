@@ -245,11 +245,42 @@ def test_fuse_leaves_unfusable_modules_alone():
     assert runs == [] and type(fused[0]) is Untraceable and type(fused[1]) is nn.Linear
 
 
+def test_a_traced_linear_or_dropout_used_twice_is_fused_only_where_every_use_allows():
+    class OutputUsedTwice(nn.Module):  # the sum needs the Linear's output before the activation
+        def __init__(self):
+            super().__init__()
+            self.fc, self.relu = nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.relu(h) + h
+
+    class DropoutCalledTwice(nn.Module):  # the second call drops its own input, unfused
+        def __init__(self):
+            super().__init__()
+            self.fc, self.relu, self.drop = nn.Linear(4, 4), nn.ReLU(), nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.drop(self.relu(self.fc(x))) + self.drop(x)
+
+    x = torch.randn(8, 4)
+    model = OutputUsedTwice()
+    fused = pyfastnn.fuse(model)
+    assert type(fused.fc) is nn.Linear
+    assert_same_function(model, fused, x)
+    model = DropoutCalledTwice()
+    fused = pyfastnn.fuse(model)
+    assert type(fused.fc) is FusedLinear and fused.fc.dropout == 0.0 and type(fused.drop) is nn.Dropout
+    assert_same_function(model, fused, x, train_grads=False)
+
+
 def test_fuse_keeps_eval_mode():
     torch.manual_seed(0)
     model = ModernNetwork().eval()
     fused = pyfastnn.fuse(model)
     assert not any(m.training for m in fused.modules())
+    traced = pyfastnn.fuse(SimpleNN(2, 4, 1).eval())  # a module that becomes a GraphModule
+    assert type(traced.layer1) is FusedLinear and not any(m.training for m in traced.modules())
     x = torch.randn(4, 784)
     torch.testing.assert_close(fused(x), model(x))
 
