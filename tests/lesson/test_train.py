@@ -28,6 +28,7 @@ def test_train_cli_writes_metrics_checkpoint_and_plots(tmp_path, mnist_dir):
     assert 0.8 < metrics["test_accuracy"] <= 1.0 and metrics["completed"] is True and metrics["checkpoint_epoch"] == 1
     assert metrics["history"][0]["steps"] == 60
     assert metrics["train_seconds"] == metrics["history"][0]["seconds"] > 0
+    assert 0.3 < metrics["history"][0]["train_accuracy"] <= 1.0 and 0 < metrics["history"][0]["train_loss"] < 2.3
     assert metrics["dataset"] == "mnist" and metrics["device"] == "cpu" and metrics["world_size"] == 1
     for name in ("checkpoint.pt", "curves.png", "predictions.png"):
         assert (out / name).stat().st_size > 0, name
