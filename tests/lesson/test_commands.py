@@ -28,6 +28,17 @@ def test_cli_demo_runs_the_whole_lesson(tmp_path, mnist_dir):
         assert line in result.stdout.splitlines(), line
     for picture in ("activations.png", "xor_scratch_loss.png", "mnist/curves.png", "mnist/predictions.png"):
         assert (tmp_path / picture).stat().st_size > 0, picture
+    # What each part concludes: one neuron learns AND and OR, never XOR; the worked example's numbers;
+    # the larger init's XOR run and SimpleNN (from the demo's seed) solve XOR.
+    lines = result.stdout.splitlines()
+    for gate, verdict in (("AND", "learned"), ("OR", "learned"), ("XOR", "not learnable by one neuron")):
+        assert any(line.strip().startswith(f"{gate}:") and line.endswith(f"-> {verdict}") for line in lines), gate
+    assert "dloss/dw = 8.0 (autograd through the fused op: 8.0), new w = 2.92" in result.stdout
+    xor_runs = [i for i, line in enumerate(lines) if line == "Predictions:"]
+    broken_symmetry = [float(line.split("->")[1].split()[0]) for line in lines[xor_runs[1] + 1:xor_runs[1] + 5]]
+    assert [round(v) for v in broken_symmetry] == [0, 1, 1, 0], broken_symmetry
+    simple_nn = next(line for line in lines if line.startswith("Predictions: ["))
+    assert [round(float(v)) for v in simple_nn.split("[")[1].rstrip("]").split(",")] == [0, 1, 1, 0], simple_nn
 
 
 # --- Mistakes and failures: one line, exit status 2 for usage, 1 for failures, --debug for the traceback ---
