@@ -113,3 +113,18 @@ def test_references_and_cases_refuse_what_they_would_misread():
                                reference_mlp(x, w, [None, None], ["relu", "identity"]))
     with pytest.raises(ValueError, match="unknown layout 'input_transpose'"):
         dataclasses.replace(random_case(random.Random(0)), layout="input_transpose")
+
+
+
+def test_a_wrong_gradient_is_caught(monkeypatch):
+    """check() compares every gradient, not the values alone: an op right forward and off by 10 %
+    backward is reported."""
+    original = pyfastnn.fused_linear
+
+    def steep(*args, **kwargs):
+        out = original(*args, **kwargs)
+        return out + 0.1 * (out - out.detach())  # the same values, gradients scaled by 1.1
+
+    monkeypatch.setattr(pyfastnn, "fused_linear", steep)
+    cases = [random_case(random.Random(seed)) for seed in range(40)]
+    assert sum(check(case) is not None for case in cases) >= 10
