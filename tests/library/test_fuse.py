@@ -632,6 +632,17 @@ def test_a_linear_used_at_several_places_stays_one_layer_through_module_by_modul
     assert back[0] is back[2] is back[4] and back[1] is back[3]
 
 
+def test_a_linear_fusable_at_one_place_and_not_at_another_stays_one_module():
+    # Fused at one place only, it would become two modules sharing parameters, which rebuilds
+    # module by module (assign=True, a meta-device load) would split into two layers.
+    shared = nn.Linear(4, 4)
+    model = nn.ModuleDict({"a": nn.Sequential(shared, nn.ReLU(), nn.Linear(4, 2)),
+                           "b": nn.Sequential(shared, nn.Softmax(-1))})
+    runs = []
+    fused = pyfastnn.fuse(model, report=runs)
+    assert runs == [] and fused["a"][0] is fused["b"][0] and type(fused["a"][0]) is nn.Linear
+
+
 def test_a_linear_used_twice_in_a_partly_fused_sequential_keeps_the_original_keys():
     shared = nn.Linear(8, 8)
     plain = nn.Sequential(shared, nn.ReLU(), shared, nn.ReLU(), nn.Linear(8, 2), nn.LayerNorm(2))
