@@ -258,6 +258,17 @@ def test_evaluate_in_one_forward_matches_chunks():
     assert model.training  # left in the mode it was in
     # correct / total, as the lesson counts it: 0.9645, not float32's 0.9645000100135803 in metrics.json
     assert whole[1] == int((whole[2] == y).sum()) / 2500
+    evaluate(model.eval(), x, y)
+    assert not model.training
+
+
+def test_max_steps_trains_that_many_steps(tmp_path, tiny_mnist_dir):
+    out = tmp_path / "run"
+    train(TrainConfig(data=str(tiny_mnist_dir), epochs=1, max_steps=1, batch_size=8, out=str(out), progress=False,
+                      plots=False))
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["optimizer"]["state"]
+    assert {float(moments["step"]) for moments in state.values()} == {1.0}
+
 
 # --- The files a run leaves: metrics.json says whether it completed; every file is replaced atomically ---
 
