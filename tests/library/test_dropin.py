@@ -964,6 +964,42 @@ def test_a_traced_module_refuses_calls_after_an_attribute_its_forward_read_chang
         torch.testing.assert_close(clone(x), model(x))
 
 
+def test_a_traced_forward_reading_an_absorbed_activations_setting_follows_it():
+    class ReadsTheSlope(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.LeakyReLU(0.2)
+
+        def forward(self, x):
+            return self.act(self.fc(x)) / self.act.negative_slope
+
+    torch.manual_seed(0)
+    model, x = ReadsTheSlope().eval(), torch.randn(2, 4)
+    runs = []
+    fused = pyfastnn.fuse(model, report=runs)
+    assert [str(run) for run in runs] == ["fc: Linear(4, 4) -> act => FusedLinear"]
+    torch.testing.assert_close(fused(x), model(x))  # the absorbed module stays: forward reads it
+    fused.act.negative_slope = 0.3
+    with pytest.raises(RuntimeError, match="traced while act.negative_slope was 0.2; it is now 0.3"):
+        fused(x)
+
+
+def test_a_frozen_number_changed_to_an_equal_value_of_another_type_is_refused():
+    class Offset(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.offset = nn.Linear(4, 4), 1
+
+        def forward(self, x):
+            return torch.relu(self.fc(x)) + torch.full((4,), self.offset).bitwise_not()
+
+    fused = pyfastnn.fuse(Offset())
+    assert isinstance(fused.fc, FusedLinear)
+    fused.offset = True  # == 1, yet ~True is False where ~1 is -2
+    with pytest.raises(RuntimeError, match="traced while offset was 1; it is now True"):
+        fused(torch.randn(2, 4))
+
+
 def _Scaled(name, value, read) -> nn.Module:
     """A module whose forward reads its attribute `name` (set to `value`) through `read`."""
     class Scaled(nn.Module):

@@ -106,6 +106,12 @@ def test_fused_mlp_state_dict_both_ways_and_conversions():
         FusedMLP.from_sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(5, 4)))
 
 
+def test_fused_mlp_from_layers_in_mixed_modes_is_in_eval_mode():
+    mlp = FusedMLP.from_layers([FusedLinear(4, 8, activation="relu"), FusedLinear(8, 2, activation=None).eval()])
+    assert mlp.training is False and [layer.training for layer in mlp] == [True, False]
+    assert FusedMLP.from_layers([FusedLinear(4, 8), FusedLinear(8, 2)]).training is True
+
+
 def test_fused_mlp_repr_len_and_indexing():
     mlp = FusedMLP([784, 256, 128, 10], dropout=0.2)
     assert len(mlp) == 3 and [layer.out_features for layer in mlp] == [256, 128, 10]
@@ -272,6 +278,17 @@ def test_a_traced_linear_or_dropout_used_twice_is_fused_only_where_every_use_all
     fused = pyfastnn.fuse(model)
     assert type(fused.fc) is FusedLinear and fused.fc.dropout == 0.0 and type(fused.drop) is nn.Dropout
     assert_same_function(model, fused, x, train_grads=False)
+
+
+def test_a_linear_followed_by_dropout_alone_is_fused_and_one_alone_is_not():
+    # The dropout rides in the fused epilogue; a lone Linear gains nothing.
+    runs = []
+    fused = pyfastnn.fuse(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Softmax(-1)), report=runs)
+    assert [str(run) for run in runs] == ["0: Linear(4, 8) -> Dropout(0.2) => FusedLinear"]
+    assert type(fused[0]) is FusedLinear and fused[0].dropout == 0.2 and fused[0].activation == "identity"
+    runs = []
+    fused = pyfastnn.fuse(nn.Sequential(nn.Linear(4, 8), nn.Softmax(-1)), report=runs)
+    assert runs == [] and type(fused[0]) is nn.Linear
 
 
 def test_fuse_keeps_eval_mode():
@@ -641,6 +658,53 @@ def test_a_linear_fusable_at_one_place_and_not_at_another_stays_one_module():
     runs = []
     fused = pyfastnn.fuse(model, report=runs)
     assert runs == [] and fused["a"][0] is fused["b"][0] and type(fused["a"][0]) is nn.Linear
+
+
+def test_an_activation_with_a_setting_absorbed_at_one_place_only_stays_one_module():
+    # Absorbed after the Linear and kept after the Softplus, the LeakyReLU's slope would be copied into
+    # the fused layer, and a later change of the module that stays would reach one place only.
+    act = nn.LeakyReLU(0.1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 8), act, nn.Linear(8, 8)), nn.Sequential(nn.Softplus(), act))
+    fused = pyfastnn.fuse(model)
+    assert fused[0][1] is fused[1][1] and type(fused[0][1]) is nn.LeakyReLU
+    for candidate in (model, fused):
+        candidate[1][1].negative_slope = 0.5
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(fused(x), model(x))
+
+
+def test_an_activation_also_held_outside_the_module_tree_is_not_absorbed():
+    class Holder(nn.Module):
+        def __init__(self, activation):
+            super().__init__()
+            self.activations = [activation]  # a plain list: the module tree does not see it
+
+        def forward(self, x):
+            return self.activations[0](x - 1.0)
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(0.2), nn.Linear(8, 8), nn.ReLU())
+    model = nn.Sequential(body, Holder(body[1])).eval()
+    fused = pyfastnn.fuse(model)
+    assert type(fused[0][1]) is nn.LeakyReLU and fused[1].activations[0] is fused[0][1]
+    assert type(fused[0][2]) is FusedLinear  # the run after it still fuses
+    for candidate in (model, fused):
+        candidate[1].activations[0].negative_slope = 0.5  # the user tunes the module they hold
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(fused(x), model(x))
+
+
+def test_a_sequential_a_fused_mlp_would_give_other_keys_is_fused_in_place():
+    # An Identity between the Linears: a FusedMLP in its place would name its layers 0 and 1, where the
+    # Sequential's keys are 0 and 2, and the model's checkpoints would no longer load.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Identity(), nn.Linear(8, 2), nn.Tanh())
+    fused = pyfastnn.fuse(model)
+    assert list(fused.state_dict()) == list(model.state_dict())
+    fused.load_state_dict({key: value + 1 for key, value in model.state_dict().items()})
+    model.load_state_dict({key: value + 1 for key, value in model.state_dict().items()})
+    assert_same_function(model, fused, torch.randn(3, 4))
 
 
 def test_a_linear_used_twice_in_a_partly_fused_sequential_keeps_the_original_keys():
