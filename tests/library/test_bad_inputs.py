@@ -25,6 +25,8 @@ CASES = [
     ("bias_2d", (X, W, B.reshape(1, 3)), {}, ValueError, "bias must have shape"),
     ("unknown_activation", (X, W, None), {"activation": "swish"}, ValueError, "unknown activation 'swish'.*valid: identity, relu"),
     ("activation_not_a_string", (X, W, None), {"activation": 3}, ValueError, "unknown activation 3"),
+    ("activation_unhashable", (X, W, None), {"activation": ["relu"]}, ValueError,
+     r"unknown activation \['relu'\]; valid: identity, relu"),
     ("input_not_a_tensor", ([[1.0] * 5], W, None), {}, TypeError, "input must be a torch.Tensor, got list"),
     ("weight_on_other_device", (X, W.to("meta"), None), {}, TypeError, "weight is on meta but input is on cpu"),
     ("bias_on_other_device", (X, W, B.to("meta")), {}, TypeError, "bias is on meta but input is on cpu"),
@@ -115,6 +117,18 @@ def test_tensors_no_kernel_takes_are_refused_by_name(convert):
         pyfastnn.fused_linear(odd, W)
     with pytest.raises(NotImplementedError, match=r"pyfastnn: weights\[0\] (has layout|is quantized)"):
         pyfastnn.fused_mlp(X, [odd_weight])
+
+
+def test_a_zero_tensor_input_beside_a_mismatched_weight_gets_the_mismatch_named():
+    # Autograd's zero tensors (torch._efficientzerotensor) reach the op as plain zeros: the error is
+    # the mismatch, not a refusal of the zero tensor.
+    zeros = torch._efficientzerotensor((4, 5))
+    with pytest.raises(TypeError, match="weight dtype Double does not match input dtype Float"):
+        pyfastnn.fused_linear(zeros, W.double())
+    with pytest.raises(TypeError, match="weight is on meta but input is on cpu"):
+        pyfastnn.fused_linear(zeros, W.to("meta"))
+    with pytest.raises(TypeError, match=r"weights\[0\] dtype Double does not match input dtype Float"):
+        pyfastnn.fused_mlp(zeros, [W.double()])
 
 
 def test_bad_activation_code_on_raw_op():

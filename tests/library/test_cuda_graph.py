@@ -144,9 +144,10 @@ def test_step_object_checks_each_batch_before_touching_the_graph(monkeypatch):
         step.replay()
 
 
-def test_static_inputs_carry_no_autograd_history(monkeypatch):
+def test_static_inputs_are_copies_carrying_no_autograd_history(monkeypatch):
     # An example batch that requires grad: the buffers take its values, never a node of its graph
-    # (the captured backward would otherwise reach into the user's tensor).
+    # (the captured backward would otherwise reach into the user's tensor). And they are copies: each
+    # step writes its batch into them, which must never overwrite the user's example tensors.
     model, _, (x, y) = _setup()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
     monkeypatch.setattr(torch.Tensor, "device", property(lambda t: torch.device("cuda", 0)))
@@ -155,6 +156,12 @@ def test_static_inputs_carry_no_autograd_history(monkeypatch):
     step = pyfastnn.cuda_graph_step(model, F.cross_entropy, optimizer, (x * 2, y))
     assert step.inputs[0].grad_fn is None and not step.inputs[0].requires_grad
     torch.testing.assert_close(step.inputs[0], x.detach() * 2)
+    example = (x.detach().clone(), y.clone())
+    step = pyfastnn.cuda_graph_step(model, F.cross_entropy, optimizer, example)
+    for buffer, tensor in zip(step.inputs, example):
+        assert torch.equal(buffer, tensor) and buffer.data_ptr() != tensor.data_ptr()
+        buffer.zero_()  # what a step's copy of its batch does to the buffer
+    assert torch.equal(example[0], x.detach()) and torch.equal(example[1], y)
 
 
 # ---------------------------------------------------------------------------------------------

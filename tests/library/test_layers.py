@@ -136,6 +136,20 @@ def test_a_module_or_parameter_given_for_a_setting_is_refused_not_filed_away():
             pyfastnn.activation_module(activation, "x")
 
 
+def test_a_fused_linear_pickled_with_its_settings_as_plain_attributes_still_loads():
+    # Before its settings became checked properties, a FusedLinear kept them as plain attributes: its
+    # pickled state was nn.Linear's plus those three.
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 3)
+    old_state = {**linear.__dict__, "activation": "tanh", "negative_slope": 0.01, "dropout": 0.1}
+    layer = pyfastnn.FusedLinear.__new__(pyfastnn.FusedLinear)
+    layer.__setstate__(old_state)  # what pickle.load does with it
+    assert (layer.activation, layer.negative_slope, layer.dropout) == ("tanh", 0.01, 0.1)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(layer.eval()(x), torch.tanh(linear(x)))
+    assert set(layer.__dict__) == set(pyfastnn.FusedLinear(4, 3).__dict__)
+
+
 def test_a_replaced_fused_mlp_layer_must_chain_with_its_neighbours():
     mlp = pyfastnn.FusedMLP([3, 4, 5], dropout=0.1)
     with pytest.raises(ValueError, match=r"FusedMLP layers '0' and '3' do not chain: "
