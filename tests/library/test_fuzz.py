@@ -84,6 +84,53 @@ def test_a_wrong_relu_gradient_is_still_caught(monkeypatch):
     assert "gradient" in check_mlp(case)
 
 
+def test_a_relu_taking_the_other_side_beyond_rounding_is_caught(monkeypatch):
+    """The allowance covers pre-activations within rounding of 0 only: a last relu layer whose kink
+    sits at 0.5 (values and the pre-activations its backward reads) is reported."""
+    original_mlp, original_forward = torch.ops.pyfastnn.fused_mlp, torch.ops.pyfastnn.fused_mlp_forward
+    identity = pyfastnn.ACTIVATIONS.index("identity")
+
+    def kink_at_half(input, weights, biases, codes, *rest):
+        z = original_mlp(input, weights, biases, list(codes[:-1]) + [identity], *rest)
+        return torch.where(z.detach() > 0.5, z, 0 * z) + (z.clamp(min=0) - torch.where(z > 0.5, z, 0 * z)).detach()
+
+    def forward_kink_at_half(input, weights, biases, codes, *rest):
+        out, hidden, preacts, masks = original_forward(input, weights, biases, list(codes[:-1]) + [identity], *rest)
+        preacts = list(preacts)
+        preacts[-1] = (out - 0.5).reshape(-1, out.shape[-1])
+        return out.clamp(min=0), hidden, preacts, masks
+
+    case = MLPCase(batch=(16,), widths=(17, 16, 32), dtype=torch.float32, activations=("gelu", "relu"),
+                   negative_slope=0.01, biases=(True, True), dropout=(0.0, 0.0), training=False,
+                   input_requires_grad=True, seed=1)
+    assert check_mlp(case) is None
+    monkeypatch.setattr(torch.ops.pyfastnn, "fused_mlp", kink_at_half)
+    monkeypatch.setattr(torch.ops.pyfastnn, "fused_mlp_forward", forward_kink_at_half)
+    assert "layer 1 took a relu pre-activation of 0.4" in check_mlp(case)
+
+
+def test_a_bfloat16_op_far_less_accurate_than_eager_bfloat16_is_caught(monkeypatch):
+    """The bfloat16 allowance (no further from float64 than twice eager PyTorch in bfloat16, or the
+    tolerance) does not pass an op whose error is 15 times eager's."""
+    original = torch.ops.pyfastnn.fused_mlp
+
+    def inaccurate(input, weights, biases, codes, *rest):
+        out = original(input, weights, biases, codes, *rest)
+        activations = [pyfastnn.ACTIVATIONS[code] for code in codes]
+        detached = [[None if t is None else t.detach() for t in ts] for ts in (weights, biases)]
+        expected = reference_mlp(input.detach().double(), *[[None if t is None else t.double() for t in ts]
+                                                            for ts in detached], activations)
+        eager = reference_mlp(input.detach(), *detached, activations).double()
+        return out + ((expected + 15 * (eager - expected)).to(out.dtype) - out).detach()
+
+    case = MLPCase(batch=(64,), widths=(256, 64), dtype=torch.bfloat16, activations=("identity",),
+                   negative_slope=0.01, biases=(True,), dropout=(0.0,), training=False,
+                   input_requires_grad=False, seed=0)
+    assert check_mlp(case) is None
+    monkeypatch.setattr(torch.ops.pyfastnn, "fused_mlp", inaccurate)
+    assert "exceeds twice eager PyTorch's" in check_mlp(case)
+
+
 def test_assert_close_does_not_pass_everything_beside_an_infinity():
     # The absolute tolerance follows the finite values' scale; an infinite one would make it infinite.
     with pytest.raises(AssertionError):
