@@ -215,6 +215,9 @@ def test_train_resume_of_missing_file_or_other_model(capsys, tmp_path, tiny_mnis
     (lambda state: state["optimizer"]["state"][1].pop("exp_avg_sq"), "parameter 1's state holds ['exp_avg', 'step']"),
     (lambda state: state["optimizer"]["param_groups"][0].update(betas=(2.0, 3.0)),
      "betas (2.0, 3.0) (this run: (0.9, 0.999))"),
+    (lambda state: state["optimizer"]["param_groups"][0].update(eps=1e-3), "eps 0.001 (this run: 1e-08)"),
+    (lambda state: state["optimizer"]["param_groups"][0].update(weight_decay=0.1), "weight_decay 0.1 (this run: 0)"),
+    (lambda state: state["optimizer"]["param_groups"][0].update(maximize=True), "maximize True (this run: False)"),
     (lambda state: state["optimizer"]["param_groups"][0].update(lr="x"), "optimizer state does not fit this run's Adam: lr 'x'"),
     # The lr Adam would go on with, whatever the run's recorded settings say (or where there are none).
     (lambda state: state["optimizer"]["param_groups"][0].update(lr=0.5), "lr 0.5 (this run: 0.001)"),
@@ -387,6 +390,11 @@ def test_demo_bad_arguments(capsys, tmp_path, tiny_mnist_dir):
     status, stdout, err = cli(capsys, "demo", "--data", str(tiny_mnist_dir), "--out", str(blocker))
     assert status == 1 and f"output folder {blocker} is a file" in error_line(err, "pyfastnn demo")
     assert "Perceptron" not in stdout
+    # A device no machine has (cuda:99) is refused before the lesson, not at its MNIST part.
+    status, stdout, err = cli(capsys, "demo", "--data", str(tiny_mnist_dir), "--out", str(tmp_path / "out"),
+                              "--device", "cuda:99")
+    assert status == 2 and "argument --device: 'cuda:99' is not available" in error_line(err, "pyfastnn demo")
+    assert "Perceptron" not in stdout and not (tmp_path / "out").exists()
 
 
 def test_pipes_where_output_files_go_are_refused_up_front(capsys, tmp_path, tiny_mnist_dir):
@@ -730,6 +738,48 @@ def test_picture_arguments_are_checked(tmp_path):
     with pytest.raises(NotADirectoryError, match="folder for picture .*a.png is a file, not a folder"):
         plot_activations(tmp_path / "a.png" / "b.png", names="relu")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+@pytest.fixture
+def drawn_figures(monkeypatch):
+    """The matplotlib figures the pictures are made of, as they are saved: what they show is read
+    from their lines and texts."""
+    from matplotlib.figure import Figure
+
+    figures, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: (figures.append(fig), save(fig, *args,
+                                                                                                   **kwargs))[1])
+    return figures
+
+
+def test_the_pictures_draw_what_they_name(tmp_path, drawn_figures):
+    from pyfastnn.lesson.plots import PLOTTED_NEGATIVE_SLOPE, plot_activations, plot_predictions, plot_training_curves
+    from pyfastnn.testing import REFERENCE_ACTIVATIONS
+
+    history = [{"epoch": e, "train_loss": 1.0 / e, "test_loss": 1.5 / e, "train_accuracy": 0.5 + e / 10,
+                "test_accuracy": 0.4 + e / 20} for e in (1, 2, 3)]
+    plot_training_curves(history, tmp_path / "curves.png")
+    (loss_ax, accuracy_ax), = [fig.axes for fig in drawn_figures]
+    for ax, quantity in ((loss_ax, "loss"), (accuracy_ax, "accuracy")):
+        for line in ax.lines:
+            assert list(line.get_xdata()) == [1, 2, 3]
+            assert list(line.get_ydata()) == [h[f"{line.get_label()}_{quantity}"] for h in history], quantity
+        assert sorted(line.get_label() for line in ax.lines) == ["test", "train"]
+
+    names = ["sigmoid", "relu", "tanh", "leaky_relu", "gelu", "silu"]
+    plot_activations(tmp_path / "activations.png", names)
+    for ax, name in zip(drawn_figures[1].axes, names):
+        (x, y), (_, dy) = [(torch.tensor(line.get_xdata()), torch.tensor(line.get_ydata())) for line in ax.lines]
+        assert [line.get_label() for line in ax.lines] == [name, "derivative"]
+        x = x.clone().requires_grad_()
+        expected = REFERENCE_ACTIVATIONS[name](x, PLOTTED_NEGATIVE_SLOPE)
+        (expected_dy,) = torch.autograd.grad(expected.sum(), x)
+        torch.testing.assert_close(y, expected.detach(), msg=name)
+        torch.testing.assert_close(dy, expected_dy, msg=name)
+
+    plot_predictions(torch.rand(3, 28, 28), torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4]), tmp_path / "p.png")
+    captions = [(text.get_text(), text.get_color()) for text in drawn_figures[2].axes[0].texts]
+    assert captions == [("\u2713 1", "green"), ("\u2713 2", "green"), ("\u2717 4 (true 3)", "red")]
 
 
 def test_a_one_epoch_run_plots_whole_epochs_and_the_predictions_say_what_they_show(tmp_path):

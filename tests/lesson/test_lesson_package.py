@@ -82,6 +82,15 @@ def test_debug_shows_the_traceback_of_a_missing_extra():
     assert result.returncode == 1 and "Traceback" in result.stderr and "ModuleNotFoundError" in result.stderr
 
 
+def test_a_missing_module_of_pyfastnn_itself_is_a_broken_install_not_a_missing_extra():
+    result = _without("pyfastnn.lesson.plots", """
+        from pyfastnn.cli import main
+        sys.exit(main(["demo", "--help"]))
+    """)
+    assert result.returncode == 1 and "Traceback" in result.stderr, result.stderr
+    assert "pyfastnn.lesson.plots" in result.stderr.splitlines()[-1] and "pip install" not in result.stderr
+
+
 @pytest.mark.parametrize("module", ["models", "data", "train", "demo", "plots"])
 def test_the_lesson_modules_live_under_pyfastnn_lesson_alone(module):
     assert importlib.import_module(f"pyfastnn.lesson.{module}").__name__ == f"pyfastnn.lesson.{module}"
