@@ -607,7 +607,7 @@ _IN_PLACE_OPERATORS = frozenset({operator.setitem, operator.iadd, operator.isub,
                                  operator.ixor, operator.ilshift, operator.irshift, operator.imatmul})
 _VIEW_METHODS = frozenset({"view", "view_as", "reshape", "expand", "expand_as", "narrow", "select", "t", "transpose",
                            "permute", "squeeze", "unsqueeze", "flatten", "unflatten", "as_strided", "unbind",
-                           "split", "chunk", "diagonal", "movedim", "contiguous", "detach"})
+                           "split", "chunk", "diagonal", "movedim", "contiguous", "detach", "__getitem__"})
 
 
 def _constant_escapes(graph: torch.fx.Graph, constants: Dict[str, torch.Tensor]) -> bool:
@@ -624,9 +624,11 @@ def _constant_escapes(graph: torch.fx.Graph, constants: Dict[str, torch.Tensor])
                     or (user.args[:1] == (node,) and (user.target in _IN_PLACE_OPERATORS or user.kwargs.get("inplace")
                                                       or (name.endswith("_") and not name.endswith("__"))))):
                 return True
+            # A view of it, by a method or by indexing (``acc[i]``: operator.getitem, or the method
+            # ``__getitem__`` where the index is a tensor): changing the view changes it.
             if user not in seen and (user.target is operator.getitem or name in _VIEW_METHODS):
                 seen.add(user)
-                reached.append(user)  # a view of it: changing the view changes it
+                reached.append(user)
     return False
 
 
@@ -1153,8 +1155,13 @@ class _Uses:
                 or (self.bound(node) and self.aliases_reached_into))
 
     def bound(self, node: ast.AST) -> bool:
-        """Whether ``node``'s value is bound to a name (assigned, iterated by a loop, a with item)."""
-        parent = self.parents.get(self.outer(node))
+        """Whether ``node``'s value is bound to a name (assigned, iterated by a loop, a with item), also
+        through a call it is handed to (``with nullcontext(self.blocks) as blocks``), as _aliases binds it."""
+        node = self.outer(node)
+        parent = self.parents.get(node)
+        while isinstance(parent, ast.Call) and node is not parent.func and not self.called(node):
+            node = self.outer(parent)
+            parent = self.parents.get(node)
         return isinstance(parent, (ast.Assign, ast.AnnAssign, ast.NamedExpr, ast.For, ast.AsyncFor, ast.comprehension,
                                    ast.withitem, ast.arguments, ast.Match))
 

@@ -1293,12 +1293,21 @@ class MakesTensors(nn.Module):
             total = torch.zeros(2)
             torch.add(total, h.detach().sum(0), out=total)
             return h + total
+        if self.how == "a row picked by the data written":
+            counts = torch.zeros(2, 2)
+            counts[h.argmax() % 2].add_(1.0)  # indexed by a tensor: a graph node, its result a view
+            return h + counts.sum(0)
+        if self.how == "a view written":
+            total = torch.zeros(3, 2)
+            total.view_as(h)[0].add_(h[0])
+            return h + total
         out = torch.zeros(x.shape[0], 3)
         out[:, :2] = h
         return out  # returned: each call's output its own tensor
 
 
-@pytest.mark.parametrize("how", ["accumulates", "fills", "handed to a module", "written by out="])
+@pytest.mark.parametrize("how", ["accumulates", "fills", "handed to a module", "written by out=",
+                                 "a row picked by the data written", "a view written"])
 def test_tensors_forward_creates_and_changes_in_place_are_never_shared_between_calls(how):
     torch.manual_seed(0)
     model, x = MakesTensors(how), torch.randn(3, 4)
@@ -1309,6 +1318,148 @@ def test_tensors_forward_creates_and_changes_in_place_are_never_shared_between_c
     torch.testing.assert_close(fused(x), model(x))
     if how != "handed to a module":
         torch.testing.assert_close(first, model(x))  # not changed by the second call
+
+
+class _HandsOutItsLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(4, 4), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+    def linear(self):
+        return self.fc
+
+
+class _CallsAChildsLinear(nn.Module):  # traceable: only the graph shows block.fc called past its owner
+    def __init__(self):
+        super().__init__()
+        self.block = _HandsOutItsLinear()
+
+    def forward(self, x):
+        return self.block(x) + self.block.linear()(x)
+
+
+class _LeakyBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(4, 4), nn.LeakyReLU(0.1)
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+
+class _ReadsAGrandchildsSetting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _LeakyBlock()
+
+    def forward(self, x):
+        return self.block(x) * self.block.act.negative_slope
+
+
+class _ReadsASettingBySubmodulePath(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(0.1), nn.LayerNorm(4))
+
+    def forward(self, x):
+        return self.seq(x) * self.get_submodule("seq.1").negative_slope
+
+
+class _DefaultedInput(ReluBlock):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("default_input", torch.randn(3, 4))
+
+    def forward(self, x=None):
+        return super().forward(self.default_input if x is None else x)
+
+
+class _KeywordInputs(ReluBlock):
+    def forward(self, **inputs):
+        h = super().forward(inputs["x"])
+        return h * inputs["scale"] if inputs.get("scale") is not None else h
+
+
+class _DtypeByMode(ReluBlock):
+    def forward(self, x):
+        return super().forward(x) * torch.ones(4, dtype=torch.float64 if self.training else torch.float32)
+
+
+@pytest.mark.parametrize("model_class, call", [
+    (_CallsAChildsLinear, lambda m, x: m(x)),
+    (_ReadsAGrandchildsSetting, lambda m, x: m(x)),
+    (_ReadsASettingBySubmodulePath, lambda m, x: m(x)),
+    (_DefaultedInput, lambda m, x: m()),
+    (_KeywordInputs, lambda m, x: m(x=x)),
+    (_KeywordInputs, lambda m, x: m(x=x, scale=2.0)),
+    (_DtypeByMode, lambda m, x: m.train()(x)),
+], ids=["a child's linear called past it", "a grandchild's setting read", "a setting read by its path",
+        "a defaulted input", "keyword inputs",
+        "keyword inputs given", "a dtype picked by the mode"])
+def test_fuse_keeps_what_forward_reaches_reads_or_is_called_with(model_class, call):
+    torch.manual_seed(0)
+    model, x = model_class().eval(), torch.randn(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # forwards left untraced say so
+        fused = pyfastnn.fuse(model)
+    expected = call(model, x)
+    got = call(fused, x)
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected)
+
+
+class _MigratesOldKeys(ReluBlock):
+    def _load_from_state_dict(self, state_dict, prefix, *args):  # checkpoints of its older versions
+        for key in [k for k in state_dict if k.startswith(prefix + "linear.")]:
+            state_dict[prefix + "fc." + key[len(prefix + "linear."):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+class _KeepsItsScaleInFloat32(ReluBlock):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.ones(4))
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.scale = self.scale.float()
+        return self
+
+
+class _SavesNoBias(ReluBlock):
+    def state_dict(self, *args, **kwargs):
+        return {key: value for key, value in super().state_dict(*args, **kwargs).items() if not key.endswith("bias")}
+
+
+class _Versioned(ReluBlock):
+    _version = 2
+
+
+class _WithExtraState(ReluBlock):
+    def get_extra_state(self):
+        return {"classes": 4}
+
+
+def test_fuse_leaves_a_module_whose_class_overrides_what_torch_calls_on_modules():
+    """Loading, saving and converting run the class's own code; a traced copy would not."""
+    old_checkpoint = {"linear.weight": torch.ones(4, 4), "linear.bias": torch.zeros(4)}
+    for model_class in (_MigratesOldKeys, _KeepsItsScaleInFloat32, _SavesNoBias, _Versioned, _WithExtraState):
+        model = model_class()
+        fused = pyfastnn.fuse(model)
+        assert type(fused) is model_class, model_class.__name__
+        assert list(fused.state_dict()) == list(model.state_dict()), model_class.__name__
+        assert (getattr(fused.state_dict(), "_metadata", {}).get("", {}).get("version") ==
+                getattr(model.state_dict(), "_metadata", {}).get("", {}).get("version")), model_class.__name__
+    for model in (model := _MigratesOldKeys(), pyfastnn.fuse(model)):
+        model.load_state_dict(dict(old_checkpoint))
+        torch.testing.assert_close(model.fc.weight, torch.ones(4, 4))
+    assert pyfastnn.fuse(_KeepsItsScaleInFloat32()).double().scale.dtype == torch.float32
 
 
 def test_fuse_keeps_what_a_linears_extra_attribute_or_an_own_call_would_lose():
