@@ -1,16 +1,19 @@
 """FusedMLP as a module (init, state dicts, conversions) and pyfastnn.fuse on the lesson's models and
 on module trees it must partly leave alone."""
 
+import contextlib
 import copy
 import functools
 import pickle
 import sys
 import threading
+import types
 import warnings
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import pyfastnn
 from pyfastnn import FusedLinear, FusedMLP
@@ -1061,6 +1064,407 @@ def test_fuse_leaves_a_linear_reached_past_its_sequential_by_any_way(model_class
             torch.testing.assert_close(got, expected)
 
 
+# Each model below reaches a Sequential's first Linear alone, by code fuse() reads (its class
+# source, hooks, functions it holds) or by objects holding the Sequential: fused with the ReLU
+# after it, that call would silently get the ReLU too. `_PROBES` says how a user reaches it.
+
+def _sequential():
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.LayerNorm(8))
+
+
+def _first_of(seq, x):
+    return seq[0](x)
+
+
+def _first_of_blocks(blocks, x):
+    return blocks[0][0](x)
+
+
+class _Seq(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = _sequential()
+
+    def forward(self, x):
+        return self.seq(x)
+
+
+class _Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_sequential()])
+
+    def forward(self, x):
+        return self.blocks[0](x)
+
+
+class _HeldByPartial(_Seq):
+    def __init__(self):
+        super().__init__()
+        self.pre = functools.partial(_first_of, self.seq)
+
+
+class _Slots:
+    __slots__ = ("seq",)
+
+    def __init__(self, seq):
+        self.seq = seq
+
+
+class _OneSlot:
+    __slots__ = "seq"  # a single slot, named by a string
+
+    def __init__(self, seq):
+        self.seq = seq
+
+
+class _HeldBySlots(_Seq):
+    def __init__(self):
+        super().__init__()
+        self.holder = _Slots(self.seq)
+
+
+class _HeldByOneSlot(_Seq):
+    def __init__(self):
+        super().__init__()
+        self.holder = _OneSlot(self.seq)
+
+
+class _HeldInAList(_Seq):
+    def __init__(self):
+        super().__init__()
+        self.taps = [self.seq]  # the Sequential, not its Linear
+
+
+class _HeldInADict(_Seq):
+    def __init__(self):
+        super().__init__()
+        self.taps = {"seq": self.seq}
+
+
+class _HeldDeep(_Seq):
+    def __init__(self):
+        super().__init__()
+        self.stages = {"encoder": [(self.seq, "encoder")]}
+
+
+class _BoundToSelfInInit(_Seq):
+    def __init__(self):
+        super().__init__()
+        self.pre = types.MethodType(_first_layer, self)
+
+
+def _add_first_layer(module, inputs):
+    return (inputs[0] + module[0](inputs[0]),)
+
+
+class _TapOutput:  # a callable object as a hook: no function source to read
+    def __call__(self, module, inputs, output):
+        return output + module[0](inputs[0])
+
+
+class _ByPreHook(_Seq):
+    def __init__(self):
+        super().__init__()
+        self.seq.register_forward_pre_hook(_add_first_layer)
+
+
+class _ByCallableObjectHook(_Seq):
+    def __init__(self):
+        super().__init__()
+        self.seq.register_forward_hook(_TapOutput())
+
+
+class _ByBoundGrandchild(_Blocks):
+    def forward(self, x):
+        if x.dim() == 1:  # data-dependent: no graph, the source alone says what forward reaches
+            x = x.unsqueeze(0)
+        first = self.blocks[0][0]
+        return self.blocks[0](x) + first(x)
+
+
+class _ByNestedIndex(_Blocks):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return self.blocks[0](x) + self.blocks[0][0](x)
+
+
+class _ByKeywordArgument(_Blocks):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return self.blocks[0](x) + _first_of_blocks(blocks=self.blocks, x=x)
+
+
+class _ByHandingOn(_Blocks):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return self.blocks[0](x) + _first_of_blocks(self.blocks, x)
+
+
+class _ByAliasHandedOn(_Blocks):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        blocks = self.blocks
+        return self.blocks[0](x) + _first_of_blocks(blocks, x)
+
+
+class _ByAliasOfAlias(_Blocks):
+    def forward(self, x):
+        if x.dim() == 2:
+            blocks = self.blocks
+        else:
+            blocks = self.blocks
+        chosen = blocks
+        return self.blocks[0](x) + chosen[0][0](x)
+
+
+class _ByLambdaDefault(_Blocks):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        pre = lambda t, blocks=self.blocks: blocks[0][0](t)  # noqa: E731
+        return self.blocks[0](x) + pre(x)
+
+
+class _ByReturningHelper(_Blocks):
+    def all_blocks(self):
+        return self.blocks
+
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return self.blocks[0](x) + self.all_blocks()[0][0](x)
+
+
+class _ByHelperHandingOn(_Blocks):
+    def run_first(self, x):  # run by forward
+        return _first_of_blocks(self.blocks, x)
+
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return self.blocks[0](x) + self.run_first(x)
+
+
+class _ByMatch(_Blocks):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        match list(self.blocks):
+            case [first, *_]:
+                return self.blocks[0](x) + first[0](x)
+
+
+class _ByIteration(_Seq):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        for layer in self.seq:
+            return self.seq(x) + layer(x)  # the first layer alone
+
+
+class _ByDunderGetitem(_Seq):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return self.seq(x) + self.seq.__getitem__(0)(x)
+
+
+class _ByDunderGetattr(_Seq):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return self.seq(x) + self.__getattr__("seq")[0](x)
+
+
+class _BySuperGetattr(_Seq):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return self.seq(x) + super().__getattr__("seq")[0](x)
+
+
+class _ByModulesLoop(_Seq):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        out = self.seq(x)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                out = out + module(x)
+        return out
+
+
+class _ByApply(_Seq):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        outs = []
+        self.apply(lambda m: outs.append(m(x)) if type(m) is nn.Linear else None)
+        return self.seq(x) + sum(outs)
+
+
+_STORE = types.SimpleNamespace(held=None)
+
+
+class _ByStoringOutside(_Blocks):
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        _STORE.held = self.blocks  # where other code reaches into it
+        return self.blocks[0](x)
+
+
+class _HookClosingOverSelf(_Seq):
+    def __init__(self):
+        super().__init__()
+        self.seq[2].register_forward_hook(lambda module, inputs, output: output + self.seq[0](inputs[0]))
+
+
+class _ByCheckpointInAMethod(_Blocks):
+    def pre_activation(self, x):  # not run by forward
+        return checkpoint(self.blocks[0][0], x, use_reentrant=False)
+
+
+class _ByWithInAMethod(_Blocks):
+    def pre_activation(self, x):
+        with contextlib.nullcontext(self.blocks) as blocks:
+            return blocks[0][0](x)
+
+
+class _ByMethodUnderAnIf(_Seq):
+    if hasattr(nn.Module, "forward"):
+        def pre_activation(self, x):
+            return self.seq[0](x)
+
+
+class _ByGetSubmoduleForward(_Seq):
+    def pre_activation(self, x):
+        return self.get_submodule("seq.0").forward(x)
+
+
+class _ByNextChild(_Seq):
+    def pre_activation(self, x):
+        return next(self.children())[0](x)
+
+
+class _WithAHelper(_Seq):
+    def pre_activation(self, x):
+        return self.seq[0](x)
+
+
+class _ByBaseClassMethod(_WithAHelper):
+    def forward(self, x):
+        return self.seq(x) * 2
+
+
+def _shared_pre_activation(self, x):
+    return self.seq[0](x)
+
+
+def _logged(function):  # a decorator without functools.wraps
+    def wrapper(*args, **kwargs):
+        return function(*args, **kwargs)
+    return wrapper
+
+
+def _first_layer_module(self):
+    return self.seq[0]
+
+
+class _ByMethodWrittenElsewhere(_Seq):
+    pre_activation = _shared_pre_activation
+
+
+class _ByUnwrappedDecorator(_Seq):
+    pre_activation = _logged(_shared_pre_activation)
+
+
+class _ByLruCache(_Seq):
+    pre_activation = functools.lru_cache(_shared_pre_activation)
+
+
+class _ByPropertyWrittenElsewhere(_Seq):
+    first = property(_first_layer_module)
+
+    def forward(self, x):
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return self.seq(x) + self.first(x)
+
+
+_UNREADABLE = {"_Seq": _Seq}
+exec("class _Unreadable(_Seq):\n"  # a class whose source inspect cannot find
+     "    def forward(self, x):\n"
+     "        if x.dim() == 1:\n"
+     "            x = x.unsqueeze(0)\n"
+     "        return self.seq(x) + self.seq[0](x)\n", _UNREADABLE)
+
+
+def _by_partial_of_the_model():
+    model = _Seq()
+    model.pre = functools.partial(_first_layer, model)  # set by the user's code, outside the class
+    return model
+
+
+_PRE = lambda m, x: m.pre(x)  # noqa: E731
+_PRE_ACTIVATION = lambda m, x: m.pre_activation(x)  # noqa: E731
+_PROBES = {
+    _HeldByPartial: _PRE, _BoundToSelfInInit: _PRE, _by_partial_of_the_model: _PRE,
+    _HeldBySlots: lambda m, x: m.holder.seq[0](x), _HeldByOneSlot: lambda m, x: m.holder.seq[0](x),
+    _HeldInAList: lambda m, x: m.taps[0][0](x), _HeldInADict: lambda m, x: m.taps["seq"][0](x),
+    _HeldDeep: lambda m, x: m.stages["encoder"][0][0][0](x),
+    _ByStoringOutside: lambda m, x: (m(x), _STORE.held[0][0](x))[1],
+    **{cls: _PRE_ACTIVATION for cls in (_ByCheckpointInAMethod, _ByWithInAMethod, _ByMethodUnderAnIf,
+                                        _ByGetSubmoduleForward, _ByNextChild, _ByBaseClassMethod,
+                                        _ByMethodWrittenElsewhere, _ByUnwrappedDecorator, _ByLruCache)},
+}
+
+
+@pytest.mark.parametrize("make", [
+    _HeldByPartial, _HeldBySlots, _HeldByOneSlot, _HeldInAList, _HeldInADict, _HeldDeep, _BoundToSelfInInit,
+    _by_partial_of_the_model, _ByPreHook, _ByCallableObjectHook, _ByBoundGrandchild, _ByNestedIndex,
+    _ByKeywordArgument, _ByHandingOn, _ByAliasHandedOn, _ByAliasOfAlias, _ByLambdaDefault, _ByReturningHelper,
+    _ByHelperHandingOn, _ByMatch, _ByIteration, _ByDunderGetitem, _ByDunderGetattr, _BySuperGetattr, _ByModulesLoop,
+    _ByApply, _ByStoringOutside, _ByCheckpointInAMethod, _ByWithInAMethod, _ByMethodUnderAnIf, _ByGetSubmoduleForward, _ByNextChild,
+    _ByBaseClassMethod, _ByMethodWrittenElsewhere, _ByUnwrappedDecorator, _ByLruCache, _ByPropertyWrittenElsewhere,
+    _UNREADABLE["_Unreadable"],
+], ids=lambda make: make.__name__.strip("_"))
+def test_fuse_leaves_a_linear_its_model_reaches_alone_in_any_way(make):
+    torch.manual_seed(0)
+    model = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # forwards that would need tracing stay, with a warning
+        fused = pyfastnn.fuse(model)
+    probe = _PROBES.get(make, lambda m, x: m(x))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(probe(fused, x), probe(model, x))
+    torch.testing.assert_close(fused(x), model(x))
+
+
+def test_fuse_in_place_leaves_a_linear_reached_by_functions_the_model_holds():
+    # In place, these functions reach the very modules fuse() would replace: a default argument set
+    # by the user's code, and a hook closing over self.
+    def with_default_argument():
+        model = _Seq()
+        model.pre = lambda t, seq=model.seq: seq[0](t)
+        return model
+
+    x = torch.randn(3, 8)
+    for make, probe in ((with_default_argument, _PRE), (_HookClosingOverSelf, lambda m, x: m(x))):
+        torch.manual_seed(1)
+        model = make()
+        torch.manual_seed(1)
+        reference = make()
+        assert pyfastnn.fuse(model, inplace=True) is model
+        torch.testing.assert_close(probe(model, x), probe(reference, x))
+        torch.testing.assert_close(model(x), reference(x))
+
+
 def test_what_fuse_leaves_alone_stays_narrow():
     """A forward looping over its children (each runs its own forward) and an activation or Dropout
     with a setting shared by places that are all absorbed (none is left to differ) still fuse."""
@@ -1151,9 +1555,35 @@ def test_what_fuse_leaves_alone_stays_narrow():
                 intermediates.append(x)
             return intermediates
 
+    class ByProperty(nn.Module):  # an accessor handing out the blocks, looped over whole
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(2)])
+
+        @property
+        def layers(self):
+            return self.blocks
+
+        def forward(self, x):
+            if x.dim() == 1:
+                x = x.unsqueeze(0)
+            for block in self.layers:
+                x = block(x)
+            return x
+
+    class ChildrenListed(nn.Module):  # a child called whole: nothing below it reached alone
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+
+        def forward(self, x):
+            if x.dim() == 1:
+                x = x.unsqueeze(0)
+            return list(self.children())[0](x)
+
     gelu, dropout = nn.GELU(), nn.Dropout(0.1)
     from torch.utils.checkpoint import checkpoint_sequential
-    for model in (WalkChildren(), ByName(), Blocks(), Helpers(), CheckpointedBlocks(),
+    for model in (WalkChildren(), ByName(), Blocks(), Helpers(), CheckpointedBlocks(), ByProperty(), ChildrenListed(),
                   nn.Sequential(nn.Linear(8, 16), gelu, nn.Linear(16, 16), gelu, nn.Linear(16, 2)),
                   nn.Sequential(nn.Linear(8, 16), nn.ReLU(), dropout, nn.Linear(16, 16), nn.ReLU(), dropout,
                                 nn.Linear(16, 2)),
