@@ -605,6 +605,8 @@ def _trace(module: nn.Module, flip_modes: bool = False) -> _Trace:
 _IN_PLACE_OPERATORS = frozenset({operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
                                  operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
                                  operator.ixor, operator.ilshift, operator.irshift, operator.imatmul})
+# The same as methods, which the tracer records where the tensor written is no proxy (``acc[i] = h``).
+_IN_PLACE_DUNDERS = frozenset(f"__{op.__name__}__" for op in _IN_PLACE_OPERATORS)
 _VIEW_METHODS = frozenset({"view", "view_as", "reshape", "expand", "expand_as", "narrow", "select", "t", "transpose",
                            "permute", "squeeze", "unsqueeze", "flatten", "unflatten", "as_strided", "unbind",
                            "split", "chunk", "diagonal", "movedim", "contiguous", "detach", "__getitem__"})
@@ -621,11 +623,13 @@ def _constant_escapes(graph: torch.fx.Graph, constants: Dict[str, torch.Tensor])
             name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
             if (user.op in ("output", "call_module")  # returned, or handed to a module that may change it
                     or user.kwargs.get("out") is node  # written into (torch.add(a, b, out=acc))
-                    or (user.args[:1] == (node,) and (user.target in _IN_PLACE_OPERATORS or user.kwargs.get("inplace")
+                    or (user.args[:1] == (node,) and (user.target in _IN_PLACE_OPERATORS or name in _IN_PLACE_DUNDERS
+                                                      or user.kwargs.get("inplace")
                                                       or (name.endswith("_") and not name.endswith("__"))))):
                 return True
             # A view of it, by a method or by indexing (``acc[i]``: operator.getitem, or the method
-            # ``__getitem__`` where the index is a tensor): changing the view changes it.
+            # ``__getitem__`` where the index is a tensor; followed whether it gives a view or a
+            # copy): changing the view changes it.
             if user not in seen and (user.target is operator.getitem or name in _VIEW_METHODS):
                 seen.add(user)
                 reached.append(user)
@@ -1156,14 +1160,28 @@ class _Uses:
 
     def bound(self, node: ast.AST) -> bool:
         """Whether ``node``'s value is bound to a name (assigned, iterated by a loop, a with item), also
-        through a call it is handed to (``with nullcontext(self.blocks) as blocks``), as _aliases binds it."""
+        where it is held by a container or handed to a call whose result may hold it (``with
+        nullcontext(self.blocks) as blocks``, ``bs = [self.blocks]``), as _aliases takes such values.
+        A call's output (``h = self.embed(x)``, ``checkpoint(...)``) or a builtin's answer about it
+        (``n = len(self.blocks)``) binds no module."""
         node = self.outer(node)
         parent = self.parents.get(node)
-        while isinstance(parent, ast.Call) and node is not parent.func and not self.called(node):
+        while (isinstance(parent, (ast.keyword, ast.Starred, ast.Dict))
+               or (isinstance(parent, (ast.List, ast.Tuple, ast.Set)) and not isinstance(getattr(parent, "ctx", None),
+                                                                                         ast.Store))
+               or (isinstance(parent, ast.Call) and node is not parent.func and self._holds_its_arguments(parent))):
             node = self.outer(parent)
             parent = self.parents.get(node)
         return isinstance(parent, (ast.Assign, ast.AnnAssign, ast.NamedExpr, ast.For, ast.AsyncFor, ast.comprehension,
                                    ast.withitem, ast.arguments, ast.Match))
+
+    def _holds_its_arguments(self, call: ast.Call) -> bool:
+        """Whether a call's result may be (or hold) a module it is given: not a module's call or
+        another call's output (``self.embed(x)``, ``getattr(self, n)(x)``, ``blk(x)``), a calling
+        function's (``checkpoint(self.block, x)``) or a harmless builtin's (``len(self.blocks)``)."""
+        return not (_submodule_called(call, self.me, self.module) or isinstance(call.func, (ast.Call, ast.Subscript))
+                    or (isinstance(call.func, ast.Name) and call.func.id in self.aliases)
+                    or _function_name(call) in _CALLING_FUNCTIONS | _CHILDREN_CALLING_FUNCTIONS | _HARMLESS_BUILTINS)
 
 
 class _Method(NamedTuple):

@@ -851,11 +851,15 @@ def test_fuse_leaves_what_it_cannot_see_through_or_would_split():
     assert type(fused.inp) is nn.Linear and type(fused.act) is nn.ReLU
 
 
+def _sequential():
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.LayerNorm(8))
+
+
 class _PreActivation(nn.Module):
     """A Sequential's first Linear, also called alone by a forward no graph records (data-dependent)."""
     def __init__(self):
         super().__init__()
-        self.seq = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.LayerNorm(8))
+        self.seq = _sequential()
 
 
 class _ByGetattr(_PreActivation):
@@ -1064,13 +1068,10 @@ def test_fuse_leaves_a_linear_reached_past_its_sequential_by_any_way(model_class
             torch.testing.assert_close(got, expected)
 
 
-# Each model below reaches a Sequential's first Linear alone, by code fuse() reads (its class
-# source, hooks, functions it holds) or by objects holding the Sequential: fused with the ReLU
-# after it, that call would silently get the ReLU too. `_PROBES` says how a user reaches it.
-
-def _sequential():
-    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.LayerNorm(8))
-
+# More ways a model reaches a Sequential's first Linear alone, by code fuse() reads (its class
+# source, hooks, functions it holds) or by objects holding the Sequential itself or its parent (the
+# models above hold or reach the Linear from the Sequential's owner): fused with the ReLU after it,
+# that call would silently get the ReLU too. `_PROBES` says how a user reaches it.
 
 def _first_of(seq, x):
     return seq[0](x)
@@ -1336,6 +1337,18 @@ class _ByWithInAMethod(_Blocks):
             return blocks[0][0](x)
 
 
+class _ByWithKeywordInAMethod(_Blocks):
+    def pre_activation(self, x):
+        with contextlib.nullcontext(enter_result=self.blocks) as blocks:
+            return blocks[0][0](x)
+
+
+class _ByAListInAMethod(_Blocks):
+    def pre_activation(self, x):
+        held = [self.blocks]
+        return held[0][0][0](x)
+
+
 class _ByMethodUnderAnIf(_Seq):
     if hasattr(nn.Module, "forward"):
         def pre_activation(self, x):
@@ -1419,7 +1432,8 @@ _PROBES = {
     _HeldInAList: lambda m, x: m.taps[0][0](x), _HeldInADict: lambda m, x: m.taps["seq"][0](x),
     _HeldDeep: lambda m, x: m.stages["encoder"][0][0][0](x),
     _ByStoringOutside: lambda m, x: (m(x), _STORE.held[0][0](x))[1],
-    **{cls: _PRE_ACTIVATION for cls in (_ByCheckpointInAMethod, _ByWithInAMethod, _ByMethodUnderAnIf,
+    **{cls: _PRE_ACTIVATION for cls in (_ByCheckpointInAMethod, _ByWithInAMethod, _ByWithKeywordInAMethod,
+                                        _ByAListInAMethod, _ByMethodUnderAnIf,
                                         _ByGetSubmoduleForward, _ByNextChild, _ByBaseClassMethod,
                                         _ByMethodWrittenElsewhere, _ByUnwrappedDecorator, _ByLruCache)},
 }
@@ -1430,7 +1444,8 @@ _PROBES = {
     _by_partial_of_the_model, _ByPreHook, _ByCallableObjectHook, _ByBoundGrandchild, _ByNestedIndex,
     _ByKeywordArgument, _ByHandingOn, _ByAliasHandedOn, _ByAliasOfAlias, _ByLambdaDefault, _ByReturningHelper,
     _ByHelperHandingOn, _ByMatch, _ByIteration, _ByDunderGetitem, _ByDunderGetattr, _BySuperGetattr, _ByModulesLoop,
-    _ByApply, _ByStoringOutside, _ByCheckpointInAMethod, _ByWithInAMethod, _ByMethodUnderAnIf, _ByGetSubmoduleForward, _ByNextChild,
+    _ByApply, _ByStoringOutside, _ByCheckpointInAMethod, _ByWithInAMethod, _ByWithKeywordInAMethod,
+    _ByAListInAMethod, _ByMethodUnderAnIf, _ByGetSubmoduleForward, _ByNextChild,
     _ByBaseClassMethod, _ByMethodWrittenElsewhere, _ByUnwrappedDecorator, _ByLruCache, _ByPropertyWrittenElsewhere,
     _UNREADABLE["_Unreadable"],
 ], ids=lambda make: make.__name__.strip("_"))
@@ -1571,6 +1586,15 @@ def test_what_fuse_leaves_alone_stays_narrow():
                 x = block(x)
             return x
 
+    class CountsBlocks(ByProperty):  # a builtin's answer about the blocks holds none of them
+        def forward(self, x):
+            if x.dim() == 1:
+                x = x.unsqueeze(0)
+            n = len(self.blocks)
+            for i in range(n):
+                x = self.blocks[i](x)
+            return x
+
     class ChildrenListed(nn.Module):  # a child called whole: nothing below it reached alone
         def __init__(self):
             super().__init__()
@@ -1583,7 +1607,8 @@ def test_what_fuse_leaves_alone_stays_narrow():
 
     gelu, dropout = nn.GELU(), nn.Dropout(0.1)
     from torch.utils.checkpoint import checkpoint_sequential
-    for model in (WalkChildren(), ByName(), Blocks(), Helpers(), CheckpointedBlocks(), ByProperty(), ChildrenListed(),
+    for model in (WalkChildren(), ByName(), Blocks(), Helpers(), CheckpointedBlocks(), ByProperty(), CountsBlocks(),
+                  ChildrenListed(),
                   nn.Sequential(nn.Linear(8, 16), gelu, nn.Linear(16, 16), gelu, nn.Linear(16, 2)),
                   nn.Sequential(nn.Linear(8, 16), nn.ReLU(), dropout, nn.Linear(16, 16), nn.ReLU(), dropout,
                                 nn.Linear(16, 2)),
