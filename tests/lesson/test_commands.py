@@ -216,7 +216,7 @@ def test_train_resume_of_missing_file_or_other_model(capsys, tmp_path, tiny_mnis
     (lambda state: state["optimizer"]["param_groups"][0].update(betas=(2.0, 3.0)),
      "betas (2.0, 3.0) (this run: (0.9, 0.999))"),
     (lambda state: state["optimizer"]["param_groups"][0].update(eps=1e-3), "eps 0.001 (this run: 1e-08)"),
-    (lambda state: state["optimizer"]["param_groups"][0].update(weight_decay=0.1), "weight_decay 0.1 (this run: 0)"),
+    (lambda state: state["optimizer"]["param_groups"][0].update(weight_decay=0.1), "weight_decay 0.1 (this run: 0"),
     (lambda state: state["optimizer"]["param_groups"][0].update(maximize=True), "maximize True (this run: False)"),
     (lambda state: state["optimizer"]["param_groups"][0].update(lr="x"), "optimizer state does not fit this run's Adam: lr 'x'"),
     # The lr Adam would go on with, whatever the run's recorded settings say (or where there are none).

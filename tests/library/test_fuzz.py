@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pyfastnn
-from pyfastnn.testing import MLPCase, assert_close, check, check_mlp, random_case, random_mlp_case, reference_mlp
+from pyfastnn.testing import (TOLERANCES, MLPCase, assert_close, check, check_mlp, random_case, random_mlp_case,
+                              reference_mlp)
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)
@@ -85,8 +86,9 @@ def test_a_wrong_relu_gradient_is_still_caught(monkeypatch):
 
 
 def test_a_relu_taking_the_other_side_beyond_rounding_is_caught(monkeypatch):
-    """The allowance covers pre-activations within rounding of 0 only: a last relu layer whose kink
-    sits at 0.5 (values and the pre-activations its backward reads) is reported."""
+    """The allowance covers pre-activations within rounding of 0 only: a last relu layer whose
+    backward takes its kink at 0.5 (its gradient and the pre-activations it records; its values stay
+    relu's) is reported."""
     original_mlp, original_forward = torch.ops.pyfastnn.fused_mlp, torch.ops.pyfastnn.fused_mlp_forward
     identity = pyfastnn.ACTIVATIONS.index("identity")
 
@@ -109,25 +111,29 @@ def test_a_relu_taking_the_other_side_beyond_rounding_is_caught(monkeypatch):
     assert "layer 1 took a relu pre-activation of 0.4" in check_mlp(case)
 
 
-def test_a_bfloat16_op_far_less_accurate_than_eager_bfloat16_is_caught(monkeypatch):
+def test_a_bfloat16_op_off_beyond_the_tolerance_and_twice_eager_is_caught(monkeypatch):
     """The bfloat16 allowance (no further from float64 than twice eager PyTorch in bfloat16, or the
-    tolerance) does not pass an op whose error is 15 times eager's."""
+    tolerance) does not pass an op that is eager bfloat16 except for one output 1.5 tolerances off
+    (8 to 20 times eager's error here)."""
     original = torch.ops.pyfastnn.fused_mlp
 
-    def inaccurate(input, weights, biases, codes, *rest):
+    def one_output_off(input, weights, biases, codes, *rest):
         out = original(input, weights, biases, codes, *rest)
         activations = [pyfastnn.ACTIVATIONS[code] for code in codes]
         detached = [[None if t is None else t.detach() for t in ts] for ts in (weights, biases)]
         expected = reference_mlp(input.detach().double(), *[[None if t is None else t.double() for t in ts]
                                                             for ts in detached], activations)
-        eager = reference_mlp(input.detach(), *detached, activations).double()
-        return out + ((expected + 15 * (eager - expected)).to(out.dtype) - out).detach()
+        target = reference_mlp(input.detach(), *detached, activations).double()
+        tolerance = TOLERANCES[torch.bfloat16][1] * max(1.0, expected.abs().max().item())
+        smallest = expected.abs().argmin()  # where the relative tolerance adds least
+        target.view(-1)[smallest] = expected.view(-1)[smallest] + 1.5 * tolerance
+        return out + (target.to(out.dtype) - out).detach()
 
     case = MLPCase(batch=(64,), widths=(256, 64), dtype=torch.bfloat16, activations=("identity",),
                    negative_slope=0.01, biases=(True,), dropout=(0.0,), training=False,
                    input_requires_grad=False, seed=0)
     assert check_mlp(case) is None
-    monkeypatch.setattr(torch.ops.pyfastnn, "fused_mlp", inaccurate)
+    monkeypatch.setattr(torch.ops.pyfastnn, "fused_mlp", one_output_off)
     assert "exceeds twice eager PyTorch's" in check_mlp(case)
 
 
