@@ -1169,19 +1169,13 @@ class _Uses:
         while (isinstance(parent, (ast.keyword, ast.Starred, ast.Dict))
                or (isinstance(parent, (ast.List, ast.Tuple, ast.Set)) and not isinstance(getattr(parent, "ctx", None),
                                                                                          ast.Store))
-               or (isinstance(parent, ast.Call) and node is not parent.func and self._holds_its_arguments(parent))):
+               or (isinstance(parent, ast.Call) and node is not parent.func
+                   and not _gives_an_output(parent, self.me, self.module, self.aliases)
+                   and _function_name(parent) not in _HARMLESS_BUILTINS)):
             node = self.outer(parent)
             parent = self.parents.get(node)
         return isinstance(parent, (ast.Assign, ast.AnnAssign, ast.NamedExpr, ast.For, ast.AsyncFor, ast.comprehension,
                                    ast.withitem, ast.arguments, ast.Match))
-
-    def _holds_its_arguments(self, call: ast.Call) -> bool:
-        """Whether a call's result may be (or hold) a module it is given: not a module's call or
-        another call's output (``self.embed(x)``, ``getattr(self, n)(x)``, ``blk(x)``), a calling
-        function's (``checkpoint(self.block, x)``) or a harmless builtin's (``len(self.blocks)``)."""
-        return not (_submodule_called(call, self.me, self.module) or isinstance(call.func, (ast.Call, ast.Subscript))
-                    or (isinstance(call.func, ast.Name) and call.func.id in self.aliases)
-                    or _function_name(call) in _CALLING_FUNCTIONS | _CHILDREN_CALLING_FUNCTIONS | _HARMLESS_BUILTINS)
 
 
 class _Method(NamedTuple):
@@ -1460,6 +1454,15 @@ def _child_taken(node: ast.AST, parents: Dict[ast.AST, ast.AST]) -> ast.AST:
     return parent
 
 
+def _gives_an_output(call: ast.Call, me: str, module: nn.Module, aliases: Set[str]) -> bool:
+    """Whether a call's result is an output, not a module it is given: a module's call
+    (``self.embed(x)``, ``getattr(self, name)(x)``, ``self.heads[i](x)``, ``blk(x)`` with ``blk`` one of
+    ``aliases``) or a calling function's (``checkpoint(self.block, x)``)."""
+    return (_submodule_called(call, me, module) or isinstance(call.func, (ast.Call, ast.Subscript))
+            or (isinstance(call.func, ast.Name) and call.func.id in aliases)
+            or _function_name(call) in _CALLING_FUNCTIONS | _CHILDREN_CALLING_FUNCTIONS)
+
+
 def _aliases(function: ast.AST, me: str, module: nn.Module) -> Set[str]:
     """Names a function binds to modules reached from ``self``, also through other such names
     (``for b in self.blocks``, ``for i, b in enumerate(self.blocks)``, ``blk = self.block``,
@@ -1472,10 +1475,8 @@ def _aliases(function: ast.AST, me: str, module: nn.Module) -> Set[str]:
     def from_self(node) -> bool:
         if isinstance(node, ast.Name):
             return node.id == me or node.id in bound
-        if isinstance(node, ast.Call) and (_submodule_called(node, me, module) or isinstance(
-                node.func, (ast.Call, ast.Subscript)) or (isinstance(node.func, ast.Name) and node.func.id in bound)
-                or _function_name(node) in _CALLING_FUNCTIONS | _CHILDREN_CALLING_FUNCTIONS):
-            return False  # self.embed(x), getattr(self, name)(x), self.heads[i](x), blk(x), checkpoint(...): an output
+        if isinstance(node, ast.Call) and _gives_an_output(node, me, module, bound):
+            return False
         if isinstance(node, ast.Attribute):
             names, root = [], node
             while isinstance(root, ast.Attribute):

@@ -1324,14 +1324,7 @@ def test_tensors_forward_creates_and_changes_in_place_are_never_shared_between_c
         torch.testing.assert_close(first, model(x))  # not changed by the second call
 
 
-class _HandsOutItsLinear(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc, self.act = nn.Linear(4, 4), nn.ReLU()
-
-    def forward(self, x):
-        return self.act(self.fc(x))
-
+class _HandsOutItsLinear(ReluBlock):
     def linear(self):
         return self.fc
 

@@ -1081,11 +1081,7 @@ def _first_of_blocks(blocks, x):
     return blocks[0][0](x)
 
 
-class _Seq(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.seq = _sequential()
-
+class _Seq(_PreActivation):
     def forward(self, x):
         return self.seq(x)
 
@@ -1375,10 +1371,6 @@ class _ByBaseClassMethod(_WithAHelper):
         return self.seq(x) * 2
 
 
-def _shared_pre_activation(self, x):
-    return self.seq[0](x)
-
-
 def _logged(function):  # a decorator without functools.wraps
     def wrapper(*args, **kwargs):
         return function(*args, **kwargs)
@@ -1390,15 +1382,15 @@ def _first_layer_module(self):
 
 
 class _ByMethodWrittenElsewhere(_Seq):
-    pre_activation = _shared_pre_activation
+    pre_activation = _first_layer
 
 
 class _ByUnwrappedDecorator(_Seq):
-    pre_activation = _logged(_shared_pre_activation)
+    pre_activation = _logged(_first_layer)
 
 
 class _ByLruCache(_Seq):
-    pre_activation = functools.lru_cache(_shared_pre_activation)
+    pre_activation = functools.lru_cache(_first_layer)
 
 
 class _ByPropertyWrittenElsewhere(_Seq):
