@@ -1,6 +1,6 @@
-"""The torch.nn vocabulary the fused layers speak, shared by :mod:`pyfastnn.nn` and :mod:`pyfastnn.fuse`:
-which ``torch.nn`` module (and, in traced code, which function) computes each activation, and the
-one parser of ``Linear -> activation (-> Dropout)`` runs.
+"""The torch.nn vocabulary the fused layers speak, shared by :mod:`pyfastnn.nn` and :mod:`pyfastnn.fuse`
+(with its passes' modules): which ``torch.nn`` module (and, in traced code, which function)
+computes each activation, and the one parser of ``Linear -> activation (-> Dropout)`` runs.
 
 Only exact module types count: a subclass may change what ``forward`` does, and a module with hooks
 would have them bypassed by a fused op.
@@ -16,10 +16,10 @@ from torch import nn
 
 from ._ops import ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, DTYPES, canonical_activation, dropout_probability, slope_value
 
-__all__ = ["ACTIVATION_MODULES", "FUNCTION_ACTIVATIONS", "METHOD_ACTIVATIONS", "Layer", "activation_module",
-           "activation_of", "chain_mismatch", "dropout_joining", "dropout_of", "fusable_linear", "has_hooks",
-           "is_plain", "is_plain_linear", "kept_for_its_own_state", "link_mismatch", "linear_dtype_problem",
-           "parse_layers"]
+__all__ = ["ACTIVATION_MODULES", "FUNCTION_ACTIVATIONS", "METHOD_ACTIVATIONS", "STATELESS_ACTIVATIONS", "Layer",
+           "activation_module", "activation_of", "chain_mismatch", "describe", "dropout_joining", "dropout_of",
+           "fusable_linear", "has_hooks", "is_plain", "is_plain_linear", "kept_for_its_own_state", "link_mismatch",
+           "linear_dtype_problem", "parse_layers", "runs_in_sequence"]
 
 #: The one table of activation name -> (torch.nn module type, the attributes that select it).
 #: ``leaky_relu``'s ``negative_slope`` is a parameter of the activation, not part of its identity.
@@ -36,6 +36,10 @@ ACTIVATION_MODULES: Dict[str, Tuple[type, Dict[str, object]]] = {
 if set(ACTIVATION_MODULES) != set(ACTIVATIONS):  # the kernels' enum and this table must agree
     raise ImportError(f"pyfastnn: the kernels implement {sorted(ACTIVATIONS)}, but the torch.nn table names "
                       f"{sorted(ACTIVATION_MODULES)}; rebuild the extension from the same sources")
+#: Activation modules without settings (GELU's approximation and LeakyReLU's slope are settings): one
+#: shared instance may be absorbed at each of its calls.
+STATELESS_ACTIVATIONS = tuple(kind for name, (kind, attributes) in ACTIVATION_MODULES.items()
+                              if not attributes and name != "leaky_relu")
 #: The module types a fused layer stands in for.
 _FUSABLE_KINDS = frozenset({nn.Linear, nn.Dropout, *(kind for kind, _ in ACTIVATION_MODULES.values())})
 
@@ -216,6 +220,28 @@ def chain_mismatch(run: Sequence[Layer], layer: Layer) -> Optional[str]:
     if layer.activation == "leaky_relu" and run_slope is not None and run_slope != layer.slope:
         return f"LeakyReLU slopes {run_slope} and {layer.slope} (one fused op has one slope)"
     return None
+
+
+def runs_in_sequence(module: nn.Module) -> bool:
+    """Whether ``module`` is an nn.Sequential that runs its modules one after the other as
+    Sequential's own forward does (a subclass's forward or ``__iter__``, or a forward set on the
+    instance, may compute something else)."""
+    return (isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+            and type(module).__iter__ is nn.Sequential.__iter__ and "forward" not in vars(module))
+
+
+def describe(module: nn.Module) -> str:
+    """How a fusion report names a module it replaced.
+
+    Example:
+        >>> describe(nn.Linear(784, 256)), describe(nn.Dropout(0.2)), describe(nn.ReLU())
+        ('Linear(784, 256)', 'Dropout(0.2)', 'ReLU')
+    """
+    if type(module) is nn.Linear:
+        return f"Linear({module.in_features}, {module.out_features})"
+    if type(module) is nn.Dropout:
+        return f"Dropout({module.p})"
+    return type(module).__name__
 
 
 def parse_layers(modules: List[nn.Module], start: int,

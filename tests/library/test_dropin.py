@@ -964,6 +964,24 @@ def test_a_traced_module_refuses_calls_after_an_attribute_its_forward_read_chang
         torch.testing.assert_close(clone(x), model(x))
 
 
+def test_a_traced_module_saved_by_an_earlier_version_still_loads():
+    """Its pickle names the function that rebuilds it, its tracer and (in its generated code) the
+    check of frozen values by the module that held them then, pyfastnn.fuse."""
+    torch.manual_seed(0)
+    model, x = MaybeHidden(), torch.randn(4, 8)
+    saved = pickle.dumps(pyfastnn.fuse(model), protocol=0)  # text: a global is "module\nname", a string its text
+    for now, then in [(b"pyfastnn._tracing\nunpickle_keeping_graph_module", b"pyfastnn.fuse\n_unpickle_keeping_graph_module"),
+                      (b"pyfastnn._tracing\nShallowTracer", b"pyfastnn.fuse\n_ShallowTracer"),
+                      (b"from pyfastnn._tracing import check_unchanged as", b"from pyfastnn.fuse import _check_unchanged as")]:
+        assert saved.count(now) == 1, now
+        saved = saved.replace(now, then)
+    loaded = pickle.loads(saved)
+    torch.testing.assert_close(loaded(x), model(x))
+    loaded.return_hidden = True
+    with pytest.raises(RuntimeError, match="traced while return_hidden was False; it is now True"):
+        loaded(x)
+
+
 def test_a_traced_forward_reading_an_absorbed_activations_setting_refuses_calls_after_it_changes():
     class ReadsTheSlope(nn.Module):
         def __init__(self):
