@@ -3,7 +3,9 @@
 - :mod:`~pyfastnn.lesson.models`: the perceptron, the from-scratch numpy network and its fused twin,
   SimpleNN for XOR and the MNIST classifier;
 - :mod:`~pyfastnn.lesson.data`: MNIST / Fashion-MNIST IDX files as tensors and shuffled batches;
-- :mod:`~pyfastnn.lesson.train`: ``pyfastnn train`` (checkpoints, metrics, DDP, CUDA graphs);
+- :mod:`~pyfastnn.lesson.train`: ``pyfastnn train`` (the loop, metrics, pictures, CUDA graphs), with
+  :mod:`~pyfastnn.lesson.checkpoint` (what ``--resume`` reads, checked) and
+  :mod:`~pyfastnn.lesson.processes` (the processes of a DDP run under torchrun);
 - :mod:`~pyfastnn.lesson.demo`: ``pyfastnn demo``, the lesson end to end;
 - :mod:`~pyfastnn.lesson.plots`: the PNG pictures.
 

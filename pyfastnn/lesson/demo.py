@@ -23,8 +23,8 @@ from ..fuse import fuse
 from . import models
 from .data import find_mnist, load_mnist
 from .plots import drawn_by_pyfastnn, plot_activations, plot_loss
-from .train import (PLOT_FILES, RUN_FILES, TrainConfig, check_device, check_no_other_run, launched_processes, make_adam,
-                    train)
+from .processes import launched_processes
+from .train import PLOT_FILES, RUN_FILES, TrainConfig, check_device, check_no_other_run, make_adam, train
 
 
 def _section(title: str) -> None:

@@ -10,19 +10,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import io
 import importlib
-import math
 import numbers
 import os
-import pickle
-import re
-import sys
 import threading
 import time
-import zipfile
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,13 +29,16 @@ from ..cuda_graph import CUDAGraphStep, cuda_graph_step
 from ..denormals import flush_denormals
 from ..files import atomic_write, check_output_names, json_bytes, output_folder
 from ..info import info
+from .checkpoint import (CheckpointError, check_resume_settings, load_checkpoint, restore_checkpoint,
+                         rng_states_of_every_rank, save_checkpoint)
 from .data import Batches, find_mnist, load_fashion_mnist, load_mnist, normalize
 from .models import MNISTClassifier
 from .plots import plot_predictions, plot_training_curves
+from .processes import (another_process_stopped, global_tally, join_run, launched_processes, rank_seed,
+                        torchrun_local_rank)
 
 LOADERS = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist}
 BACKENDS = ("fused", "torch")
-CHECKPOINT_KEYS = ("model", "optimizer", "history", "epoch", "rng_state")
 PLOT_FILES = ("curves.png", "predictions.png")
 RUN_FILES = ("checkpoint.pt", "metrics.json")
 
@@ -109,10 +106,6 @@ class TrainResult:
 
     model: nn.Module
     metrics: Dict
-
-
-class CheckpointError(ValueError):
-    """A ``--resume`` checkpoint is missing, unreadable, or not one that fits this model."""
 
 
 def plain_settings(config: TrainConfig) -> TrainConfig:
@@ -223,7 +216,7 @@ def check_device(device: str, backend: str) -> None:
     if parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise InvalidArgument("device", f"{device!r} is not available: {torch.cuda.device_count()} CUDA device(s)")
     # torchrun: each process trains on cuda:$LOCAL_RANK (a single process ignores a stray LOCAL_RANK)
-    if launched_processes() > 1 and (local_rank := _local_rank()) is not None:
+    if launched_processes() > 1 and (local_rank := torchrun_local_rank()) is not None:
         if parsed.index is not None and parsed.index != local_rank:
             raise InvalidArgument("device", f"{device!r}: under torchrun each process trains on cuda:$LOCAL_RANK "
                                             f"(here cuda:{local_rank}; pass cuda)")
@@ -256,374 +249,6 @@ def make_adam(params, lr: float, capturable: bool = False) -> torch.optim.Optimi
         return torch.optim.Adam(params, lr=lr, **options)
 
 
-#: The optimizer settings a checkpoint's param_groups must share with this run's Adam. Its lr is the
-#: run's --lr, also checked with the run's settings; here against the lr Adam would really go on
-#: with (a checkpoint without its settings, or whose settings and optimizer disagree).
-ADAM_SETTINGS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
-
-
-def _optimizer_state_problems(optimizer: torch.optim.Optimizer, state: Dict) -> List[str]:
-    """What in a checkpoint's optimizer state does not fit ``optimizer``: torch's load_state_dict
-    checks only the parameter counts, and Adam's fused kernel reads moment tensors of another shape
-    out of bounds (a crash, or memory silently overwritten) at the first step."""
-    groups, per_parameter = state.get("param_groups"), state.get("state")
-    if not isinstance(groups, list) or not isinstance(per_parameter, dict) or len(groups) != len(optimizer.param_groups):
-        return ["it is not the state of one Adam parameter group"]
-    problems = []
-    for group, own in zip(groups, optimizer.param_groups):
-        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
-            return ["its parameter group is not a dict listing its parameters"]
-        lr = group.get("lr")
-        bad_lr = not (_is_number(lr) and math.isfinite(lr) and lr > 0)
-        if bad_lr:
-            problems.append(f"lr {lr!r}")
-        problems += [f"{key} {group.get(key)!r} (this run: {own[key]!r})" for key in ADAM_SETTINGS
-                     if key in own and group.get(key) != own[key] and not (key == "lr" and bad_lr)]
-        if len(group["params"]) != len(own["params"]):
-            problems.append(f"{len(group['params'])} parameters (this model: {len(own['params'])})")
-            continue
-        for index, parameter in zip(group["params"], own["params"]):
-            moments = per_parameter.get(index)
-            if moments is None:
-                continue  # a parameter that never stepped has no state yet
-            wanted = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if own.get("amsgrad") else set())
-            if not isinstance(moments, dict) or set(moments) != wanted:
-                problems.append(f"parameter {index}'s state holds {sorted(moments) if isinstance(moments, dict) else moments!r}"
-                                f" (Adam's: {sorted(wanted)})")
-                continue
-            for name in sorted(wanted - {"step"}):
-                tensor = moments[name]
-                if not (isinstance(tensor, torch.Tensor) and tensor.shape == parameter.shape
-                        and tensor.dtype == parameter.dtype and tensor.layout == torch.strided):
-                    problems.append(f"parameter {index}'s {name} is {_describe_tensor(tensor)} "
-                                    f"(the parameter: {_describe_tensor(parameter)})")
-                elif name.endswith("exp_avg_sq") and bool((tensor < 0).any()):  # averages of squares
-                    problems.append(f"parameter {index}'s {name} holds negative values")
-            step = moments["step"]
-            if not ((isinstance(step, torch.Tensor) and step.numel() == 1) or _is_number(step)):
-                problems.append(f"parameter {index}'s step is {step!r}")
-            else:  # a parameter with state has taken a whole, positive number of steps
-                count = float(step.item() if isinstance(step, torch.Tensor) else step)
-                if not (math.isfinite(count) and count >= 1 and count == int(count)):
-                    problems.append(f"parameter {index}'s step is {count!r}, not a count of steps")
-    return problems
-
-
-def _describe_tensor(value) -> str:
-    """``(256, 784) float32``, with the layout where it is not a dense tensor's; a non-tensor's type."""
-    if not isinstance(value, torch.Tensor):
-        return type(value).__name__
-    layout = "" if value.layout == torch.strided else f" {str(value.layout).replace('torch.', '')}"
-    return f"{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}{layout}"
-
-
-def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict, path) -> None:
-    """Loads a checkpoint's optimizer state but keeps this optimizer's implementation flags (a
-    checkpoint written on a GPU with ``capturable=True`` resumes on the CPU and the other way round)."""
-    problems = _optimizer_state_problems(optimizer, state)
-    if problems:
-        raise CheckpointError(f"checkpoint {path}: its optimizer state does not fit this run's Adam: "
-                              f"{'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}")
-    flags = [{key: group[key] for key in ("fused", "foreach", "capturable") if key in group}
-             for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, own in zip(optimizer.param_groups, flags):
-        group.update(own)
-        on_param_device = group.get("fused") or group.get("capturable")
-        for parameter in group["params"]:
-            moments = optimizer.state.get(parameter, {})
-            step = moments.get("step")
-            if isinstance(step, torch.Tensor):  # fused and capturable Adam count steps where the parameter is
-                moments["step"] = step.to(parameter.device if on_param_device else "cpu", torch.float32)
-            for name, moment in moments.items():
-                # Laid out as the parameter: fused Adam walks the moments in the parameter's element
-                # order, so one saved transposed (same values, other strides) would be updated wrongly.
-                if name != "step" and moment.stride() != parameter.stride():
-                    moments[name] = torch.empty_like(parameter).copy_(moment)
-
-
-def launched_processes() -> int:
-    """How many processes train this run together: the size of the process group this process has
-    joined already (one its caller set up, say under ``torch.multiprocessing.spawn``), else the
-    WORLD_SIZE torchrun sets, 1 outside both; a WORLD_SIZE that is no count is refused by name, not
-    run as a single process."""
-    import torch.distributed as dist  # imported by torch itself: costs nothing here
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    value = os.environ.get("WORLD_SIZE", "1")
-    if not value.strip().isdigit() or int(value) < 1:
-        raise ValueError(f"the environment variable WORLD_SIZE (set by torchrun) must be a count of processes "
-                         f">= 1, got {value!r}")
-    return int(value)
-
-
-def _local_rank() -> Optional[int]:
-    """This process's index among those torchrun started on its node (LOCAL_RANK); None without it
-    (one process, or a process group its caller set up)."""
-    value = os.environ.get("LOCAL_RANK")
-    if value is None:
-        return None
-    if not value.strip().isdigit():
-        raise ValueError(f"the environment variable LOCAL_RANK (set by torchrun) must be an index >= 0, got {value!r}")
-    return int(value)
-
-
-def _process_device(device: str, backend: str) -> str:
-    """The device this process of a multi-process run trains on, made current where it is a GPU:
-    under torchrun cuda:$LOCAL_RANK; in a process group its caller set up, the GPU ``device`` names,
-    else the current one (such callers set it per process). A group whose backend cannot reach the
-    device is refused by name (nccl reduces CUDA tensors only)."""
-    if not device.startswith("cuda"):
-        if backend == "nccl":
-            raise InvalidArgument("device", f"{device!r}: the run's process group uses nccl, which reduces CUDA "
-                                            f"tensors only (train on cuda, or set up a gloo group)")
-        return device
-    local_rank = _local_rank()
-    index = local_rank if local_rank is not None else torch.device(device).index
-    device = f"cuda:{torch.cuda.current_device() if index is None else index}"
-    torch.cuda.set_device(device)
-    return device
-
-
-#: Seconds the processes of a run may take to meet before a line says what each one waits for.
-RENDEZVOUS_NOTICE_S = 10.0
-
-
-def _distributed(device: str):
-    world_size = launched_processes()
-    if world_size <= 1:
-        return 0, 1, device
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        join_process_group("nccl" if device.startswith("cuda") else "gloo", world_size)
-    return dist.get_rank(), dist.get_world_size(), _process_device(device, dist.get_backend())
-
-
-@dataclasses.dataclass
-class _Join:
-    """One join of the run's processes: its backend, set ``done`` when it ended, and its failure."""
-
-    backend: str
-    done: threading.Event = dataclasses.field(default_factory=threading.Event)
-    failure: Optional[BaseException] = None
-
-
-# The last join; one interrupted by Ctrl-C goes on in the background.
-_last_join: Optional[_Join] = None
-_join_lock = threading.Lock()
-
-
-def join_process_group(backend: str, world_size: int,
-                       init_process_group: Optional[Callable[..., None]] = None) -> None:
-    """Joins this process to its run: ``init_process_group(backend=backend)`` (torch.distributed's
-    by default), waited for from a helper thread. torch waits up to 30 minutes in native code for the
-    run's other processes, where Ctrl-C and SIGTERM cannot stop it (a WORLD_SIZE left in the shell, a
-    process stuck at startup); the calling thread stays in Python and can. After
-    RENDEZVOUS_NOTICE_S seconds one line says what it waits for. A join interrupted so goes on in
-    the background (torch cannot cancel it): a later call in the same interpreter waits for that one
-    rather than joining a second time as the same rank. With nccl the device is set after the join,
-    on the calling thread (the helper thread's current device is its own)."""
-    global _last_join
-    import torch.distributed as dist
-
-    init = init_process_group or dist.init_process_group
-    with _join_lock:  # one join at a time: two would join as the same rank
-        join = _last_join
-        if join is not None and not join.done.is_set():  # interrupted earlier, still under way
-            if join.backend != backend:
-                raise RuntimeError(f"an interrupted {join.backend} join of this run's processes is still under way; "
-                                   f"a {backend} one cannot start beside it (restart the interpreter)")
-        elif join is not None and join.failure is None and dist.is_initialized():
-            return  # that join ended meanwhile: the process group is there
-        else:
-            join = _last_join = _Join(backend)
-
-            def run(join: _Join = join) -> None:
-                try:
-                    init(backend=backend)
-                except BaseException as error:  # noqa: BLE001 - raised again on the waiting thread
-                    join.failure = error
-                finally:
-                    join.done.set()
-
-            threading.Thread(target=run, name="pyfastnn-rendezvous", daemon=True).start()
-    # An event, not Thread.join: a join interrupted by Ctrl-C may mark a running thread as stopped.
-    notice_at = time.monotonic() + RENDEZVOUS_NOTICE_S
-    # Short waits: Python runs its signal handlers between them, whichever thread got the signal.
-    while not join.done.wait(0.1):
-        if notice_at is not None and time.monotonic() >= notice_at:
-            notice_at = None
-            where = f"{os.environ.get('MASTER_ADDR', 'localhost')}:{os.environ.get('MASTER_PORT', '?')}"
-            print(f"rank {os.environ.get('RANK', '?')} waits for the other processes of the run at {where} "
-                  f"(WORLD_SIZE={world_size} in the environment, as torchrun sets it); Ctrl-C stops",
-                  file=sys.stderr, flush=True)
-    if join.failure is not None:
-        raise join.failure
-
-
-# What gloo and NCCL say when another process of the run has gone (killed, crashed, stopped).
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited")
-
-
-def _another_process_stopped(error: RuntimeError, rank: int) -> Optional[ConnectionError]:
-    """A one-line ConnectionError for a collective that failed because another process of the run
-    stopped (gloo's message starts with its source file and goes on for lines), else None."""
-    text = str(error)
-    if not any(marker in text for marker in _PEER_GONE):
-        return None
-    reason = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0]).split(". ")[0]
-    return ConnectionError(f"another process of the run stopped, so rank {rank} stops too ({reason})")
-
-
-def load_checkpoint(path) -> Dict:
-    """Reads a checkpoint written by :func:`train` (tensors on the CPU); :class:`CheckpointError` names the file.
-
-    Only tensors and plain data are unpickled (``weights_only=True``): a checkpoint cannot run code.
-    """
-    path = Path(path)
-    if not path.is_file():
-        what = ("is a folder, not a file" if path.is_dir() else "is not a regular file (a device or a pipe)"
-                if path.exists() else "no such file")
-        raise CheckpointError(f"checkpoint {path}: {what}")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged or another file
-        raise CheckpointError(f"checkpoint {path}: not a checkpoint file (truncated, damaged or another kind of file)")
-    try:  # torch.load does not verify the archive's checksums: damaged tensor bytes would load silently
-        with zipfile.ZipFile(path) as archive:
-            failing = archive.testzip()
-            names = archive.namelist()
-        damaged = None if failing is None else f"{failing} fails its checksum"
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        damaged = str(e) or type(e).__name__
-    if damaged is not None:
-        raise CheckpointError(f"checkpoint {path}: cannot be read, damaged ({damaged})")
-    # torch.save's archive holds <name>/data.pkl; TorchScript's (torch.jit.save) also its code.
-    if not any(name.endswith("/data.pkl") for name in names):
-        raise CheckpointError(f"checkpoint {path}: not a checkpoint file (a zip archive torch.save did not write)")
-    if any(name.endswith("/constants.pkl") for name in names):
-        raise CheckpointError(f"checkpoint {path}: a TorchScript module (torch.jit.save), not a training checkpoint")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        detail = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line), "")
-        raise CheckpointError(f"checkpoint {path}: holds objects other than tensors and plain data, which are not "
-                              f"loaded ({detail or type(e).__name__})") from e
-    except Exception as e:  # torch reports a damaged archive as RuntimeError, OSError or EOFError
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path}: cannot be read, damaged ({reason})") from e
-    missing = [key for key in CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
-    if missing:
-        raise CheckpointError(f"checkpoint {path}: not a pyfastnn training checkpoint (no {', '.join(missing)})")
-    wrong = _misshapen_entries(state)
-    if wrong:
-        raise CheckpointError(f"checkpoint {path}: not a pyfastnn training checkpoint ({'; '.join(wrong)})")
-    return state
-
-
-#: What each history entry holds (metrics.json and the plots read them all).
-HISTORY_FIELDS = ("epoch", "steps", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds",
-                  "samples_per_s")
-
-
-def _is_number(value) -> bool:
-    """An int or a float, not a bool (which Python counts as an int)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _misshapen_entries(state: Dict) -> List[str]:
-    """What in a checkpoint's entries is not what :func:`save_checkpoint` writes (edited, or another program's)."""
-    wrong = [f"{key} is {type(state[key]).__name__}, not {kind.__name__}"
-             for key, kind in (("model", dict), ("optimizer", dict), ("history", list), ("epoch", int),
-                               ("rng_state", torch.Tensor))
-             if not isinstance(state[key], kind) or isinstance(state[key], bool)]
-    if isinstance(state["epoch"], int) and state["epoch"] < 0:
-        wrong.append(f"epoch is {state['epoch']}")
-    elif (isinstance(state["epoch"], int) and isinstance(state["history"], list)
-          and state["epoch"] != len(state["history"])):  # one history entry per epoch done
-        wrong.append(f"epoch is {state['epoch']} but history holds {len(state['history'])} epoch(s)")
-    if isinstance(state["history"], list):
-        for i, entry in enumerate(state["history"]):
-            if not isinstance(entry, dict) or not all(_is_number(entry.get(name)) for name in HISTORY_FIELDS):
-                wrong.append(f"history entry {i} lacks a number for one of {', '.join(HISTORY_FIELDS)}")
-                break
-    return wrong
-
-
-#: The settings that define a run: a resumed run continues with the checkpoint's (its optimizer state
-#: carries the learning rate), so asking for others is refused rather than recorded but not applied.
-RUN_SETTINGS = ("dataset", "backend", "lr", "batch_size", "dropout", "hidden_sizes", "activation", "seed")
-
-
-#: The run settings checkpoints have not always recorded, with the value every run had before.
-SETTINGS_BEFORE_RECORDED = {"hidden_sizes": (256, 128), "activation": "relu"}
-
-
-def check_resume_settings(state: Dict, path, config: TrainConfig) -> None:
-    """Raises :class:`CheckpointError` naming each run setting of ``config`` that differs from the
-    checkpoint's (``epochs``, ``max_steps``, the device and the output options may change)."""
-    saved = state.get("config")
-    if not isinstance(saved, dict):
-        return  # written without its settings: nothing to compare
-    wanted = dataclasses.asdict(config)
-    saved = {**SETTINGS_BEFORE_RECORDED, **saved}  # a checkpoint older than a setting trained with its value then
-    if isinstance(saved.get("seed"), int) and saved["seed"] >= 2 ** 32:
-        # Taken before seeds were held to 32 bits: torch's generator trained it with the low 32 bits.
-        saved = {**saved, "seed": saved["seed"] % 2 ** 32}
-    differ = [f"{name} {saved[name]!r} (asked: {wanted[name]!r})" for name in RUN_SETTINGS
-              if name in saved and _setting(saved[name]) != _setting(wanted[name])]
-    # Each process trains on its shard of every epoch: another count is another run.
-    processes = launched_processes()
-    if state.get("world_size", processes) != processes:
-        differ.append(f"{state['world_size']!r} process(es) (asked: {processes})")
-    if differ:
-        raise CheckpointError(f"checkpoint {path}: was trained with {', '.join(differ)}; resume with the "
-                              f"checkpoint's settings, or start a new run without --resume")
-
-
-def _setting(value):
-    """A setting as compared: the layer widths as a tuple, whether a list or a tuple holds them."""
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _renamed_from_earlier_layouts(weights: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Checkpoints written before the classifier took the lesson's keys in every case (the plain
-    twin's ``1.weight``, ``4.weight`` ...; at dropout 0, ``layers.2.weight`` ...) hold the same
-    tensors in the same order: they get this model's keys. Anything else is returned as it is."""
-    expected = model.state_dict()
-    if list(weights) == list(expected) or len(weights) != len(expected):
-        return weights
-    if [tuple(t.shape) for t in weights.values()] != [tuple(t.shape) for t in expected.values()]:
-        return weights
-    return dict(zip(expected, weights.values()))
-
-
-def restore_checkpoint(state: Dict, path, model: nn.Module, optimizer: torch.optim.Optimizer, device: str,
-                       rank: int = 0):
-    """Puts a loaded checkpoint's weights, optimizer state and RNG state (``rank``'s own, under DDP)
-    back; returns (history, epoch)."""
-    try:
-        model.load_state_dict(_renamed_from_earlier_layouts(state["model"], model))
-        _load_optimizer_state(optimizer, state["optimizer"], path)
-    except CheckpointError:
-        raise
-    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        # load_state_dict's first line is only a header ("Error(s) in loading state_dict for ...:").
-        reason = " ".join(line.strip() for line in str(e).strip().splitlines()[:2]) or type(e).__name__
-        raise CheckpointError(f"checkpoint {path}: does not fit this model ({reason})") from e
-    try:  # dropout masks continue exactly where they stopped
-        rng_state, cuda_rng_state = state["rng_state"], state.get("cuda_rng_state")
-        if state.get("rank_rng_states") is not None:  # a DDP run: each rank its own
-            rng_state, cuda_rng_state = state["rank_rng_states"][rank]
-        torch.set_rng_state(rng_state.cpu())
-        if device.startswith("cuda") and cuda_rng_state is not None:
-            torch.cuda.set_rng_state(cuda_rng_state.cpu(), device)
-    except (RuntimeError, TypeError, AttributeError, IndexError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path}: its random-number generator state cannot be restored "
-                              f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
-    return list(state["history"]), int(state["epoch"])
-
-
 def check_no_other_run(out: Path, resume: Optional[str], resume_as: Optional[TrainConfig] = None) -> None:
     """Raises FileExistsError where ``out`` holds files of a run other than the one resumed (or
     pictures of the names a run writes): a new run would replace its checkpoint after the first epoch
@@ -635,53 +260,13 @@ def check_no_other_run(out: Path, resume: Optional[str], resume_as: Optional[Tra
     resume_hint = ""
     if resume_as is not None and "checkpoint.pt" in held:
         try:  # only a resume that would be accepted is suggested
-            check_resume_settings(load_checkpoint(out / "checkpoint.pt"), out / "checkpoint.pt", resume_as)
+            check_resume_settings(load_checkpoint(out / "checkpoint.pt"), out / "checkpoint.pt",
+                                  dataclasses.asdict(resume_as))
             resume_hint = f"continue it with --resume {out / 'checkpoint.pt'}, "
         except (CheckpointError, OSError):
             pass
     raise FileExistsError(f"output folder {out} holds another run ({', '.join(held)}): {resume_hint}start over "
                           f"there with --overwrite, or choose another --out")
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """The seed of process ``rank``'s random numbers (dropout masks) after the weights are made:
-    distinct per rank of a run (the ranks' seeds spread over 64 bits by golden-ratio steps)."""
-    return (seed + rank * 0x9E3779B97F4A7C15) % 2 ** 64
-
-
-def _rng_state(device: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """This process's generator states: the CPU's, and the device's where it is a GPU."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.startswith("cuda") else None
-
-
-def _rng_states_of_every_rank(device: str, world_size: int) -> Optional[List]:
-    """Under DDP, every rank's generator states (each draws its own dropout masks), for rank 0's
-    checkpoint; None for one process. Every rank must call it at the same point."""
-    if world_size == 1:
-        return None
-    import torch.distributed as dist
-
-    states: List = [None] * world_size
-    dist.all_gather_object(states, _rng_state(device))
-    return states
-
-
-def save_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer, history: List[Dict], epoch: int,
-                    config: TrainConfig, device: str, world_size: int = 1,
-                    rank_rng_states: Optional[List] = None) -> None:
-    """Everything :func:`restore_checkpoint` needs to continue exactly, written atomically
-    (``rank_rng_states``: under DDP, every rank's generator states, see :func:`_rng_states_of_every_rank`)."""
-    # Serialized in memory first: torch.save writing into a full disk reports only "unexpected pos";
-    # the file write then fails with the system's own reason, naming the file.
-    serialized = io.BytesIO()
-    rng_state, cuda_rng_state = _rng_state(device)
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "history": history, "epoch": epoch, "config": dataclasses.asdict(config), "world_size": world_size,
-                "rng_state": rng_state, "cuda_rng_state": cuda_rng_state,
-                "rank_rng_states": [list(states) for states in rank_rng_states] if rank_rng_states else None},
-               serialized)
-    with atomic_write(path) as f:
-        f.write(serialized.getbuffer())
 
 
 def run_metrics(config: TrainConfig, device: str, world_size: int, graphed: bool, history: List[Dict],
@@ -734,8 +319,8 @@ def train(config: TrainConfig) -> TrainResult:
     check_config(config)
     resumed = load_checkpoint(config.resume) if config.resume else None
     if resumed is not None:
-        check_resume_settings(resumed, config.resume, config)
-    rank, world_size, device = _distributed(config.device)
+        check_resume_settings(resumed, config.resume, dataclasses.asdict(config))
+    rank, world_size, device = join_run(config.device)
     try:
         if config.out is None or rank > 0:
             return _run(config, resumed, None, rank, world_size, device)
@@ -747,7 +332,7 @@ def train(config: TrainConfig) -> TrainResult:
                 check_no_other_run(out, config.resume, resume_as=config)
             return _run(config, resumed, out, rank, world_size, device)
     except RuntimeError as error:
-        stopped = _another_process_stopped(error, rank) if world_size > 1 else None
+        stopped = another_process_stopped(error, rank) if world_size > 1 else None
         if stopped is None:
             raise
         raise stopped from error
@@ -795,12 +380,13 @@ def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank
         # Every rank's generator state goes into rank 0's checkpoint: a collective, so every rank
         # calls this at the same points (config.out is the same on all of them).
         nonlocal checkpoint_epoch
-        rank_rng = _rng_states_of_every_rank(device, world_size)
+        rank_rng = rng_states_of_every_rank(device, world_size)
         if out is not None:
             path = out / "checkpoint.pt"
             before = _file_identity(path)
             try:
-                save_checkpoint(path, model, optimizer, history, epochs_done, config, device, world_size, rank_rng)
+                save_checkpoint(path, model, optimizer, history, epochs_done, dataclasses.asdict(config), device,
+                                world_size, rank_rng)
             finally:  # metrics.json names the checkpoint on disk: the new one once it replaced the old (a new file)
                 if _file_identity(path) != before:
                     checkpoint_epoch = epochs_done
@@ -864,7 +450,7 @@ def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank
                 if progress is not None:
                     progress.close()
             # waits for the epoch's last step; under DDP the sums of every rank's shard
-            train_loss, train_correct, total_seen = _global_tally(loss_sum, correct, seen, world_size)
+            train_loss, train_correct, total_seen = global_tally(loss_sum, correct, seen, world_size)
             seconds = time.perf_counter() - started
             test_loss, test_accuracy, predicted = evaluate(model, x_test, y_test, batch_size=None if on_cuda else 1000)
             history.append({
@@ -957,20 +543,6 @@ def _finishes_its_own_run(out: Path, config: TrainConfig, start_epoch: int) -> b
         return False
     own = out / "checkpoint.pt"
     return own.is_file() and os.path.samefile(config.resume, own)
-
-
-def _global_tally(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, world_size: int):
-    """(summed loss, correct predictions, samples) of the epoch over all processes: each rank
-    tallied only its own shard."""
-    if world_size == 1:
-        return loss_sum.item(), correct.item(), seen
-    import torch.distributed as dist
-
-    tally = torch.stack([loss_sum.to(torch.float64), correct.to(torch.float64),
-                         torch.tensor(float(seen), dtype=torch.float64, device=loss_sum.device)])
-    dist.all_reduce(tally)  # on the training device: nccl reduces only GPU tensors
-    loss, right, samples = tally.tolist()
-    return loss, int(right), int(samples)
 
 
 def _import_in_background(module: str) -> threading.Thread:

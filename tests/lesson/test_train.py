@@ -56,7 +56,7 @@ def test_the_lessons_five_epochs_reach_its_accuracy_on_the_cpu(mnist_dir):
 def test_the_exercises_train_other_architectures_and_activations_and_resume_only_as_such(tmp_path, tiny_mnist_dir):
     """The lesson's exercises: another architecture (a funnel) and another activation, on both
     backends, recorded with the run, and a checkpoint continues only as the network it holds."""
-    from pyfastnn.lesson.train import CheckpointError
+    from pyfastnn.lesson.checkpoint import CheckpointError
 
     common = dict(data=str(tiny_mnist_dir), epochs=1, max_steps=2, dropout=0.0, progress=False, plots=False)
     funnel = dict(hidden_sizes=(32, 16), activation="gelu")
@@ -442,7 +442,7 @@ def test_a_process_waiting_for_the_others_of_its_run_says_so_and_stops_when_aske
         port = free.getsockname()[1]
     env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port)}
-    program = ("import sys, pyfastnn.lesson.train as t; t.RENDEZVOUS_NOTICE_S = 0.5; from pyfastnn.cli import run; "
+    program = ("import sys, pyfastnn.lesson.processes as p; p.RENDEZVOUS_NOTICE_S = 0.5; from pyfastnn.cli import run; "
                f"sys.argv = ['pyfastnn', 'train', 'mnist', '--data', {str(tiny_mnist_dir)!r}, '--out', "
                f"{str(tmp_path / 'run')!r}]; run()")
     process = subprocess.Popen([sys.executable, "-c", program], stderr=subprocess.PIPE, text=True, env=env)
@@ -469,12 +469,12 @@ def test_a_collective_broken_by_another_process_stopping_ends_in_one_line(tmp_pa
     def broken(*args, **kwargs):
         raise RuntimeError(gloo)
 
-    monkeypatch.setattr(train_module, "_distributed", lambda device: (1, 2, "cpu"))
+    monkeypatch.setattr(train_module, "join_run", lambda device: (1, 2, "cpu"))
     monkeypatch.setattr(train_module, "_run", broken)
     assert _train_cli("--data", str(tiny_mnist_dir), "--out", str(tmp_path / "run")) == 1
     assert capsys.readouterr().err == ("pyfastnn train: error: another process of the run stopped, so rank 1 stops "
                                        "too (Connection closed by peer [127.0.0.1]:41708)\n")
-    monkeypatch.setattr(train_module, "_distributed", lambda device: (0, 1, "cpu"))  # one process: not another's
+    monkeypatch.setattr(train_module, "join_run", lambda device: (0, 1, "cpu"))  # one process: not another's
     with pytest.raises(RuntimeError, match="Connection closed by peer"):
         train(TrainConfig(data=str(tiny_mnist_dir), out=None, progress=False))
 
@@ -503,7 +503,7 @@ def test_a_join_interrupted_by_ctrl_c_is_waited_for_not_repeated(monkeypatch):
     import _thread
     import threading
 
-    import pyfastnn.lesson.train as train_module
+    from pyfastnn.lesson import processes
 
     release, calls = threading.Event(), []
 
@@ -511,14 +511,14 @@ def test_a_join_interrupted_by_ctrl_c_is_waited_for_not_repeated(monkeypatch):
         calls.append(backend)
         release.wait(60)
 
-    monkeypatch.setattr(train_module, "RENDEZVOUS_NOTICE_S", 0.05)
+    monkeypatch.setattr(processes, "RENDEZVOUS_NOTICE_S", 0.05)
     threading.Timer(0.3, _thread.interrupt_main).start()  # Ctrl-C while it waits
     with pytest.raises(KeyboardInterrupt):
-        train_module.join_process_group("gloo", 2, init_process_group)
+        processes.join_process_group("gloo", 2, init_process_group)
     with pytest.raises(RuntimeError, match="an interrupted gloo join of this run's processes is still under way"):
-        train_module.join_process_group("nccl", 2, init_process_group)
+        processes.join_process_group("nccl", 2, init_process_group)
     threading.Timer(0.3, release.set).start()
-    train_module.join_process_group("gloo", 2, init_process_group)
+    processes.join_process_group("gloo", 2, init_process_group)
     assert calls == ["gloo"]
 
 
@@ -532,7 +532,7 @@ def test_more_processes_than_training_samples_are_refused_before_the_folder_is_t
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     capsys.readouterr()
     # Rank 0 of 97 processes, as torchrun would start them, for the 96 training images.
-    monkeypatch.setattr(train_module, "_distributed", lambda device: (0, 97, "cpu"))
+    monkeypatch.setattr(train_module, "join_run", lambda device: (0, 97, "cpu"))
     assert _train_cli(*common, "--overwrite") == 1
     assert "96 samples cannot be shared among 97 processes" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # metrics.json and pictures as they were
