@@ -180,11 +180,27 @@ class Case:
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:  # a misspelt layout would be tested as contiguous
             raise ValueError(f"Case: unknown layout {self.layout!r} (known: {', '.join(LAYOUTS)})")
+        _check_activations("Case", (self.activation,))
+        _check_dtype("Case", self.dtype)
+        if (not isinstance(self.requires_grad, tuple) or len(self.requires_grad) != 3
+                or not all(isinstance(flag, bool) for flag in self.requires_grad)):
+            raise ValueError(f"Case: requires_grad takes three flags (input, weight, bias), got {self.requires_grad!r}")
 
     def describe(self) -> str:
         return (f"batch={self.batch} {self.in_features}->{self.out_features} {self.dtype} {self.activation}"
                 f"({self.negative_slope}) bias={self.bias} {self.layout} grad={self.requires_grad} seed={self.seed}"
                 f" device={self.device}")
+
+
+def _check_activations(what: str, activations: Sequence[str]) -> None:
+    unknown = [name for name in activations if name not in pyfastnn.ACTIVATIONS]
+    if unknown:
+        raise ValueError(f"{what}: unknown activation {unknown[0]!r} (known: {', '.join(pyfastnn.ACTIVATIONS)})")
+
+
+def _check_dtype(what: str, dtype: torch.dtype) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"{what}: dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype!r}")
 
 
 def random_case(rng: random.Random, device: str = "cpu") -> Case:
@@ -249,6 +265,23 @@ def _grad_output(out: torch.Tensor, case) -> torch.Tensor:
                        dtype=torch.float64).to(dtype=case.dtype, device=out.device)
 
 
+def _assert_made_like(out: torch.Tensor, case) -> None:
+    """The op's output is in the case's dtype, on its device (assert_close compares values alone)."""
+    assert out.dtype == case.dtype, f"output dtype {out.dtype} for {case.dtype} inputs"
+    assert out.device.type == torch.device(case.device).type, f"output on {out.device} for inputs on {case.device}"
+
+
+def _gradients(out: torch.Tensor, needs: Sequence[torch.Tensor], grad_out: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """The op's gradients of ``needs``, checking that its backward leaves ``grad_out`` as it was:
+    the reference is handed the same values afterwards, and would otherwise be fed the change."""
+    before = grad_out.clone()
+    grads = torch.autograd.grad(out, needs, grad_out)
+    assert torch.equal(grad_out, before), "the op's backward wrote into the incoming gradient"
+    for got, leaf in zip(grads, needs):
+        assert got.dtype == leaf.dtype, f"gradient dtype {got.dtype} for a {leaf.dtype} input"
+    return grads
+
+
 def _assert_gradients_close(grads, expected_grads, dtype: torch.dtype, scale: float = 1.0) -> None:
     """Gradient by gradient; `scale` divides both sides, widening the absolute tolerance by it."""
     for got, want in zip(grads, expected_grads):
@@ -275,14 +308,27 @@ def check(case: Case) -> Optional[str]:
     try:
         out = pyfastnn.fused_linear(*unpack(ours_in), **kwargs)
         expected = reference(*unpack(ref_in), **kwargs)
+        _assert_made_like(out, case)
         assert_close(out, expected, case.dtype)
         needs = [t for t in ours_in if t.requires_grad]
-        if needs and out.numel():
+        if needs:  # an empty output too: its weight and bias (or input) gradients are zeros
             grad_out = _grad_output(out, case)
-            grads = torch.autograd.grad(out, needs, grad_out)
+            grads = _gradients(out, needs, grad_out)
             expected_grads = torch.autograd.grad(expected, [t for t in ref_in if t.requires_grad],
                                                  grad_out.to(torch.float64))
-            _assert_gradients_close(grads, expected_grads, case.dtype)
+            try:
+                _assert_gradients_close(grads, expected_grads, case.dtype)
+            except AssertionError:
+                if case.dtype not in (torch.bfloat16, torch.float16):
+                    raise
+                # A gradient summed over many terms in bfloat16/float16 carries the rounding of its
+                # partial sums beyond the tolerance, PyTorch's own too (a 1 -> 127 tanh layer's input
+                # gradient, say): then pyfastnn must be no further from float64 than twice eager's.
+                eager_in = [t.detach().requires_grad_(r) for t, r in zip(leaves, flags)]
+                eager = reference(*unpack(eager_in), **kwargs)
+                eager_grads = torch.autograd.grad(eager, [t for t in eager_in if t.requires_grad], grad_out)
+                for got, eager_grad, want in zip(grads, eager_grads, expected_grads):
+                    _assert_no_worse_than_eager(got, eager_grad, want, "gradient")
     except AssertionError as e:
         return _mismatch(case, e)
     return None
@@ -308,6 +354,16 @@ def checked_cases(cases: int, seed: int = 0, mlp: bool = False, device: str = "c
     (a long run can then report as it goes, and stop early)."""
     if isinstance(cases, bool) or not isinstance(cases, numbers.Integral) or cases < 0:
         raise ValueError(f"cases must be a count >= 0, got {cases!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # the cases repeat from it
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if not isinstance(mlp, bool):
+        raise TypeError(f"mlp must be True or False, got {mlp!r}")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):  # the checks compare values, which other devices (meta) do not hold
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
     make, verify = (random_mlp_case, check_mlp) if mlp else (random_case, check)
     rng = random.Random(seed)
     for _ in range(cases):
@@ -327,6 +383,17 @@ class MLPCase:
     input_requires_grad: bool
     seed: int
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        layers = len(self.widths) - 1
+        if layers < 1:
+            raise ValueError(f"MLPCase: widths takes the input's and each layer's, two at least, got {self.widths!r}")
+        for name in ("activations", "biases", "dropout"):  # zip would drop or ignore layers silently
+            if len(getattr(self, name)) != layers:
+                raise ValueError(f"MLPCase: {len(getattr(self, name))} {name} for {layers} layers "
+                                 f"(widths {self.widths!r})")
+        _check_activations("MLPCase", self.activations)
+        _check_dtype("MLPCase", self.dtype)
 
     def describe(self) -> str:
         return (f"batch={self.batch} widths={self.widths} {self.dtype} {self.activations}({self.negative_slope}) "
@@ -457,6 +524,7 @@ def _check_mlp(case: MLPCase) -> Optional[str]:
             replay = torch.ops.pyfastnn.fused_mlp_forward(*split([t.detach() for t in ours]), *args)
         masks = replay[3]
         expected, _ = _mlp_reference(*split(refs), case, masks)
+        _assert_made_like(out, case)
         try:
             assert_close(out, expected, case.dtype)
         except AssertionError:
@@ -471,9 +539,9 @@ def _check_mlp(case: MLPCase) -> Optional[str]:
             scaled_atol = TOLERANCES[case.dtype][1] * max(1.0, expected.abs().max().item()) * _dropout_scale(case)
             _assert_no_worse_than_eager(out, eager, expected, str(case.dtype), scaled_atol)
         needs = [t for t in ours if t.requires_grad]
-        if out.numel() and needs:
+        if needs:  # an empty output too: its weight and bias gradients are zeros
             grad_out = _grad_output(out, case)
-            grads = torch.autograd.grad(out, needs, grad_out)  # bfloat16 too: it must run
+            grads = _gradients(out, needs, grad_out)  # bfloat16 too: it must run
             # Gradients are compared in float32/float64. In bfloat16 every backpropagated gradient is
             # rounded again and relu-like masks flip on pre-activations within rounding of 0, so
             # bfloat16 gradients of a deep stack (PyTorch's own included) drift from float64 by more

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pyfastnn
-from pyfastnn.testing import (TOLERANCES, MLPCase, assert_close, check, check_mlp, random_case, random_mlp_case,
-                              reference_mlp)
+from pyfastnn.testing import (TOLERANCES, Case, MLPCase, assert_close, check, check_mlp, random_case,
+                              random_mlp_case, reference_mlp, run)
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)
@@ -137,6 +137,25 @@ def test_a_bfloat16_op_off_beyond_the_tolerance_and_twice_eager_is_caught(monkey
     assert "exceeds twice eager PyTorch's" in check_mlp(case)
 
 
+# A case of `run(3000, seed=11)` whose bfloat16 input gradient, a sum of 127 terms, ends 0.045 from
+# float64 (on a scale of 1.56) in eager PyTorch and in the op alike: beyond the one-layer tolerance.
+SUMMED_IN_BFLOAT16 = Case(batch=(5,), in_features=1, out_features=127, dtype=torch.bfloat16, activation="tanh",
+                          negative_slope=-0.5, bias=False, layout="input_transposed", requires_grad=(True, True, True),
+                          seed=1963329147)
+
+
+def test_a_half_precision_gradient_as_far_from_float64_as_eagers_is_no_mismatch(monkeypatch):
+    assert check(SUMMED_IN_BFLOAT16) is None
+    original = pyfastnn.fused_linear
+
+    def steep(*args, **kwargs):  # the same values, gradients 1.1 times as large
+        out = original(*args, **kwargs)
+        return out + 0.1 * (out - out.detach())
+
+    monkeypatch.setattr(pyfastnn, "fused_linear", steep)
+    assert "exceeds twice eager PyTorch's" in check(SUMMED_IN_BFLOAT16)
+
+
 def test_assert_close_does_not_pass_everything_beside_an_infinity():
     # The absolute tolerance follows the finite values' scale; an infinite one would make it infinite.
     with pytest.raises(AssertionError):
@@ -166,6 +185,79 @@ def test_references_and_cases_refuse_what_they_would_misread():
                                reference_mlp(x, w, [None, None], ["relu", "identity"]))
     with pytest.raises(ValueError, match="unknown layout 'input_transpose'"):
         dataclasses.replace(random_case(random.Random(0)), layout="input_transpose")
+    # Each field the checks would misread is named: an unknown activation, a layer count that zip
+    # would cut or pad, a flag missing, a device whose tensors hold no values, a seed that repeats nothing.
+    case, mlp_case = random_case(random.Random(0)), random_mlp_case(random.Random(0))
+    layers = len(mlp_case.widths) - 1
+    with pytest.raises(ValueError, match="MLPCase: unknown activation 'bogus'"):
+        dataclasses.replace(mlp_case, activations=("bogus",) * layers)
+    with pytest.raises(ValueError, match=f"MLPCase: {layers + 2} biases for {layers} layers"):
+        dataclasses.replace(mlp_case, biases=mlp_case.biases + (True, True))
+    with pytest.raises(ValueError, match="Case: unknown activation 'ReLU'"):
+        dataclasses.replace(case, activation="ReLU")
+    with pytest.raises(ValueError, match=r"Case: requires_grad takes three flags \(input, weight, bias\), got \(True,\)"):
+        dataclasses.replace(case, requires_grad=(True,))
+    with pytest.raises(ValueError, match="MLPCase: dtype must be one of"):
+        dataclasses.replace(mlp_case, dtype=torch.int32)
+    with pytest.raises(ValueError, match="device must be cpu, cuda or cuda:N, got 'meta'"):
+        run(2, device="meta")
+    with pytest.raises(TypeError, match="seed must be an integer, got 'abc'"):
+        run(2, seed="abc")
+    with pytest.raises(TypeError, match="mlp must be True or False, got 'yes'"):
+        run(2, mlp="yes")
+
+
+class _PassedThrough(torch.autograd.Function):
+    """The op's output as it is forward; backward, the incoming gradient through to it and, for the
+    weight, ``weight_gradient(grad)`` (a broken op's extra term)."""
+
+    @staticmethod
+    def forward(ctx, out, weight, weight_gradient):
+        ctx.weight, ctx.weight_gradient = weight.detach(), weight_gradient
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, ctx.weight_gradient(grad, ctx.weight), None
+
+
+def _with_backward(weight_gradient):
+    original = pyfastnn.fused_linear
+    return lambda x, w, *args, **kwargs: _PassedThrough.apply(original(x, w, *args, **kwargs), w, weight_gradient)
+
+
+def test_an_output_in_another_dtype_is_caught(monkeypatch):
+    """assert_close compares values in float64: an op giving float64 for bfloat16 inputs would pass it."""
+    case = dataclasses.replace(random_case(random.Random(2)), batch=(3,), in_features=4, out_features=5,
+                               dtype=torch.bfloat16, layout="contiguous")
+    assert check(case) is None
+    original = pyfastnn.fused_linear
+    monkeypatch.setattr(pyfastnn, "fused_linear", lambda *args, **kwargs: original(*args, **kwargs).double())
+    assert "output dtype torch.float64 for torch.bfloat16 inputs" in check(case)
+
+
+def test_the_gradients_of_an_empty_batch_are_checked(monkeypatch):
+    """No rows: the weight gradient is zeros, which an op adding one to it breaks."""
+    case = dataclasses.replace(random_case(random.Random(3)), batch=(0,), in_features=3, out_features=2,
+                               dtype=torch.float32, layout="contiguous", requires_grad=(False, True, True))
+    assert check(case) is None
+    monkeypatch.setattr(pyfastnn, "fused_linear", _with_backward(lambda grad, w: torch.ones_like(w)))
+    assert "Tensor-likes are not close" in check(case)
+
+
+def test_a_backward_writing_into_the_incoming_gradient_is_caught(monkeypatch):
+    """The reference is handed the same gradient afterwards: an op doubling it in place would have
+    fed the reference the doubled one, and passed with every gradient doubled."""
+    case = dataclasses.replace(random_case(random.Random(4)), batch=(3,), in_features=4, out_features=2,
+                               dtype=torch.float64, layout="contiguous", requires_grad=(True, True, True))
+    assert check(case) is None
+
+    def doubling(grad, weight):
+        grad.mul_(2)  # in place: the next backward step, and the caller's tensor, see it doubled
+        return torch.zeros_like(weight)
+
+    monkeypatch.setattr(pyfastnn, "fused_linear", _with_backward(doubling))
+    assert "the op's backward wrote into the incoming gradient" in check(case)
 
 
 
