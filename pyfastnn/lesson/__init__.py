@@ -4,8 +4,8 @@
   SimpleNN for XOR and the MNIST classifier;
 - :mod:`~pyfastnn.lesson.data`: MNIST / Fashion-MNIST IDX files as tensors and shuffled batches;
 - :mod:`~pyfastnn.lesson.train`: ``pyfastnn train`` (the loop, metrics, pictures, CUDA graphs), with
-  :mod:`~pyfastnn.lesson.checkpoint` (what ``--resume`` reads, checked) and
-  :mod:`~pyfastnn.lesson.processes` (the processes of a DDP run under torchrun);
+  :mod:`~pyfastnn.lesson.settings` (``TrainConfig``), :mod:`~pyfastnn.lesson.checkpoint` (what
+  ``--resume`` reads, checked) and :mod:`~pyfastnn.lesson.processes` (a DDP run's processes);
 - :mod:`~pyfastnn.lesson.demo`: ``pyfastnn demo``, the lesson end to end;
 - :mod:`~pyfastnn.lesson.plots`: the PNG pictures.
 
@@ -38,7 +38,8 @@ from .data import Batches, IDXError, find_mnist, load_fashion_mnist, load_mnist,
 from .models import (MNISTClassifier, NeuralNetwork, NumpyTwoLayerNet, Perceptron, SimpleNN, TwoLayerNet,  # noqa: E402
                      XOR_INPUTS, XOR_TARGETS, AND_TARGETS, OR_TARGETS)
 # The train() function stays in its module: exported here it would hide the module pyfastnn.lesson.train.
-from .train import TrainConfig, TrainResult, evaluate, make_adam  # noqa: E402
+from .settings import TrainConfig  # noqa: E402
+from .train import TrainResult, evaluate, make_adam  # noqa: E402
 
 __all__ = [
     "Perceptron", "NumpyTwoLayerNet", "NeuralNetwork", "TwoLayerNet", "SimpleNN", "MNISTClassifier",

@@ -6,6 +6,7 @@ program's, another model's or another run's: :class:`CheckpointError`).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import pickle
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..files import atomic_write
 from .processes import launched_processes
+from .settings import TrainConfig
 
 #: What every checkpoint holds; its ``config``, ``world_size`` and CUDA generator states are read where present.
 CHECKPOINT_KEYS = ("model", "optimizer", "history", "epoch", "rng_state")
@@ -196,14 +198,13 @@ RUN_SETTINGS = ("dataset", "backend", "lr", "batch_size", "dropout", "hidden_siz
 SETTINGS_BEFORE_RECORDED = {"hidden_sizes": (256, 128), "activation": "relu"}
 
 
-def check_resume_settings(state: Dict, path, settings: Dict[str, object]) -> None:
-    """Raises :class:`CheckpointError` naming each run setting (:data:`RUN_SETTINGS`) of ``settings``
-    (a run's :class:`~pyfastnn.lesson.train.TrainConfig` as a dict) that differs from the
+def check_resume_settings(state: Dict, path, config: TrainConfig) -> None:
+    """Raises :class:`CheckpointError` naming each run setting of ``config`` that differs from the
     checkpoint's (``epochs``, ``max_steps``, the device and the output options may change)."""
     saved = state.get("config")
     if not isinstance(saved, dict):
         return  # written without its settings: nothing to compare
-    wanted = settings
+    wanted = dataclasses.asdict(config)
     saved = {**SETTINGS_BEFORE_RECORDED, **saved}  # a checkpoint older than a setting trained with its value then
     if isinstance(saved.get("seed"), int) and saved["seed"] >= 2 ** 32:
         # Taken before seeds were held to 32 bits: torch's generator trained it with the low 32 bits.
@@ -280,17 +281,16 @@ def rng_states_of_every_rank(device: str, world_size: int) -> Optional[List]:
 
 
 def save_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer, history: List[Dict], epoch: int,
-                    settings: Dict[str, object], device: str, world_size: int = 1,
+                    config: TrainConfig, device: str, world_size: int = 1,
                     rank_rng_states: Optional[List] = None) -> None:
-    """Everything :func:`restore_checkpoint` needs to continue exactly, written atomically: ``settings``
-    are the run's (its TrainConfig as a dict), ``rank_rng_states`` under DDP every rank's generator
-    states (see :func:`rng_states_of_every_rank`)."""
+    """Everything :func:`restore_checkpoint` needs to continue exactly, written atomically
+    (``rank_rng_states``: under DDP, every rank's generator states, see :func:`rng_states_of_every_rank`)."""
     # Serialized in memory first: torch.save writing into a full disk reports only "unexpected pos";
     # the file write then fails with the system's own reason, naming the file.
     serialized = io.BytesIO()
     rng_state, cuda_rng_state = _rng_state(device)
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "history": history, "epoch": epoch, "config": settings, "world_size": world_size,
+                "history": history, "epoch": epoch, "config": dataclasses.asdict(config), "world_size": world_size,
                 "rng_state": rng_state, "cuda_rng_state": cuda_rng_state,
                 "rank_rng_states": [list(states) for states in rank_rng_states] if rank_rng_states else None},
                serialized)

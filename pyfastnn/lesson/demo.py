@@ -24,7 +24,8 @@ from . import models
 from .data import find_mnist, load_mnist
 from .plots import drawn_by_pyfastnn, plot_activations, plot_loss
 from .processes import launched_processes
-from .train import PLOT_FILES, RUN_FILES, TrainConfig, check_device, check_no_other_run, make_adam, train
+from .settings import TrainConfig
+from .train import PLOT_FILES, RUN_FILES, check_device, check_no_other_run, make_adam, train
 
 
 def _section(title: str) -> None:

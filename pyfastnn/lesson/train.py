@@ -36,67 +36,12 @@ from .models import MNISTClassifier
 from .plots import plot_predictions, plot_training_curves
 from .processes import (another_process_stopped, global_tally, join_run, launched_processes, rank_seed,
                         torchrun_local_rank)
+from .settings import TrainConfig
 
 LOADERS = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist}
 BACKENDS = ("fused", "torch")
 PLOT_FILES = ("curves.png", "predictions.png")
 RUN_FILES = ("checkpoint.pt", "metrics.json")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """The settings of one training run: ``pyfastnn train``'s options, for
-    :func:`pyfastnn.lesson.train.train` (``from pyfastnn.lesson.train import train``).
-
-    Attributes:
-        dataset: ``"mnist"`` or ``"fashion-mnist"``.
-        data: the folder with the IDX files (flat or ``<Name>/raw``); required.
-        epochs, batch_size, lr, dropout, seed: the lesson's hyper-parameters (batch size per
-            process under torchrun); the seed is 0 to 2**32 - 1.
-        hidden_sizes, activation: the hidden layers' widths and activation (one of
-            ``pyfastnn.ACTIVATIONS``), for the lesson's exercises: other architectures, other
-            activation functions.
-        backend: ``"fused"`` (pyfastnn's layers) or ``"torch"`` (the plain ``nn.Linear`` twin).
-        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        out: the run's folder (checkpoint.pt, metrics.json, pictures); None writes nothing.
-        resume: a checkpoint.pt to continue from (its settings must match).
-        max_steps: stop each epoch after this many steps (quick runs, tests).
-        progress: the progress bar; summaries: each epoch's one-line summary (rank 0 only).
-        plots: the pictures; download: fetch missing files into ``data``.
-        cuda_graph: the whole step as one CUDA graph; None: on CUDA in one process.
-        flush_denormals: CPU: denormal floats become zero on every thread while training.
-        overwrite: start a new run in an ``out`` folder that holds another run's files.
-        label: free text kept in metrics.json's config (the demo marks its runs).
-
-    Example:
-        >>> from pyfastnn.lesson import TrainConfig
-        >>> config = TrainConfig(data="data/mnist", epochs=1, out=None)
-        >>> config.batch_size, config.lr
-        (64, 0.001)
-    """
-
-    dataset: str = "mnist"
-    data: Optional[str] = None
-    epochs: int = 5
-    batch_size: int = 64
-    lr: float = 1e-3
-    dropout: float = 0.2
-    hidden_sizes: Tuple[int, ...] = (256, 128)
-    activation: str = "relu"
-    backend: str = "fused"  # "fused" (pyfastnn layers) or "torch" (the plain nn.Linear twin)
-    device: str = "cpu"
-    seed: int = 0
-    out: Optional[str] = "runs/mnist"
-    resume: Optional[str] = None
-    max_steps: Optional[int] = None  # stop each epoch after this many steps (quick runs, tests)
-    progress: bool = True  # the progress bar (rank 0)
-    summaries: bool = True  # each epoch's one-line summary and the "nothing to train" line (rank 0)
-    plots: bool = True
-    download: bool = False
-    cuda_graph: Optional[bool] = None  # the whole step as one CUDA graph; None: on CUDA in one process
-    flush_denormals: bool = True  # CPU: denormal floats become zero on every thread while training
-    overwrite: bool = False  # start a new run in an ``out`` folder that holds another run's files
-    label: Optional[str] = None  # free text kept in metrics.json's config (the demo marks its runs)
 
 
 @dataclasses.dataclass
@@ -260,8 +205,7 @@ def check_no_other_run(out: Path, resume: Optional[str], resume_as: Optional[Tra
     resume_hint = ""
     if resume_as is not None and "checkpoint.pt" in held:
         try:  # only a resume that would be accepted is suggested
-            check_resume_settings(load_checkpoint(out / "checkpoint.pt"), out / "checkpoint.pt",
-                                  dataclasses.asdict(resume_as))
+            check_resume_settings(load_checkpoint(out / "checkpoint.pt"), out / "checkpoint.pt", resume_as)
             resume_hint = f"continue it with --resume {out / 'checkpoint.pt'}, "
         except (CheckpointError, OSError):
             pass
@@ -319,7 +263,7 @@ def train(config: TrainConfig) -> TrainResult:
     check_config(config)
     resumed = load_checkpoint(config.resume) if config.resume else None
     if resumed is not None:
-        check_resume_settings(resumed, config.resume, dataclasses.asdict(config))
+        check_resume_settings(resumed, config.resume, config)
     rank, world_size, device = join_run(config.device)
     try:
         if config.out is None or rank > 0:
@@ -385,8 +329,7 @@ def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank
             path = out / "checkpoint.pt"
             before = _file_identity(path)
             try:
-                save_checkpoint(path, model, optimizer, history, epochs_done, dataclasses.asdict(config), device,
-                                world_size, rank_rng)
+                save_checkpoint(path, model, optimizer, history, epochs_done, config, device, world_size, rank_rng)
             finally:  # metrics.json names the checkpoint on disk: the new one once it replaced the old (a new file)
                 if _file_identity(path) != before:
                     checkpoint_epoch = epochs_done

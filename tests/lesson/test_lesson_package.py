@@ -21,7 +21,8 @@ def test_the_lesson_exports_its_classes_and_functions():
         assert cls.__name__ in pyfastnn.lesson.__all__
     for name in pyfastnn.lesson.__all__:
         assert hasattr(pyfastnn.lesson, name), name
-    for module in ("models", "data", "train", "demo", "plots"):  # no exported name hides a module
+    # no exported name hides a module
+    for module in ("models", "data", "settings", "train", "checkpoint", "processes", "demo", "plots"):
         assert importlib.import_module(f"pyfastnn.lesson.{module}") is getattr(pyfastnn.lesson, module)
 
 
@@ -91,7 +92,7 @@ def test_a_missing_module_of_pyfastnn_itself_is_a_broken_install_not_a_missing_e
     assert "pyfastnn.lesson.plots" in result.stderr.splitlines()[-1] and "pip install" not in result.stderr
 
 
-@pytest.mark.parametrize("module", ["models", "data", "train", "demo", "plots"])
+@pytest.mark.parametrize("module", ["models", "data", "settings", "train", "checkpoint", "processes", "demo", "plots"])
 def test_the_lesson_modules_live_under_pyfastnn_lesson_alone(module):
     assert importlib.import_module(f"pyfastnn.lesson.{module}").__name__ == f"pyfastnn.lesson.{module}"
     with pytest.raises(ModuleNotFoundError, match=f"No module named 'pyfastnn.{module}'"):
