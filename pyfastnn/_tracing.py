@@ -477,7 +477,7 @@ def _fused_graph_module(module: nn.Module, path: str, pinned: AbstractSet[int], 
         if node.op != "call_module" or "." in node.target:  # a grandchild: its owner's business
             continue
         linear = gm.get_submodule(node.target)
-        if not fusable_linear(linear) or not id(linear) not in pinned:
+        if not fusable_linear(linear) or id(linear) in pinned:
             continue
         if len(node.users) != 1 or call_counts[node.target] != 1:
             # A Linear called at several places must stay one: fusing it (swapped by name) would
