@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ._patterns import runs_in_sequence
-from ._tracing import plain_attribute_names, trace_forward
+from ._tracing import is_plain_attribute, plain_attribute_names, trace_forward
 from .nn import FusedLinear, FusedMLP
 
 __all__ = ["called_from_outside"]
@@ -465,8 +465,8 @@ def _reached_in_nodes(nodes: List[ast.AST], uses: _Uses, in_forward: bool, below
         names.reverse()
         path, target = _submodule_path(module, names)
         if not path:
-            own = names[0] in module._parameters or names[0] in module._buffers or (
-                names[0] in plain_attribute_names(module))
+            own = (names[0] in module._parameters or names[0] in module._buffers
+                   or is_plain_attribute(module, names[0]))
             if not own:
                 reached |= _reached_by_structure(node, names[0], uses, in_forward, below)  # not `self.values`, a buffer
             continue

@@ -32,8 +32,8 @@ from ._patterns import (FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, STATELESS_ACTI
                         describe, dropout_joining, fusable_linear)
 from .nn import FusedLinear, fused_layers
 
-__all__ = ["ShallowTracer", "Trace", "check_unchanged", "fuse_traced", "plain_attribute_names", "trace_forward",
-           "unpickle_keeping_graph_module"]
+__all__ = ["ShallowTracer", "Trace", "check_unchanged", "fuse_traced", "is_plain_attribute", "plain_attribute_names",
+           "trace_forward", "unpickle_keeping_graph_module"]
 
 
 def _execution_modes() -> Tuple:
@@ -374,10 +374,15 @@ class _KeepingGraphModule(torch.fx.GraphModule):
         return unpickle_keeping_graph_module, (rebuild, arguments, self._kept(), type(self).__name__)
 
 
+def is_plain_attribute(module: nn.Module, name: str) -> bool:
+    """Whether ``name`` is one of the user's own attributes of `module` (``self.num_classes``,
+    ``self._scale``): held in its __dict__, and not one of nn.Module's internals."""
+    return name in vars(module) and name not in _MODULE_INTERNALS
+
+
 def plain_attribute_names(module: nn.Module) -> List[str]:
-    """The user's own attributes of `module` (``self.num_classes``, ``self._scale``): what its
-    __dict__ holds beyond nn.Module's internals."""
-    return [name for name in vars(module) if name not in _MODULE_INTERNALS]
+    """The user's own attributes of `module` (:func:`is_plain_attribute`), in their order."""
+    return [name for name in vars(module) if is_plain_attribute(module, name)]
 
 
 _GRAPH_MODULE_NAMES: Set[str] = set()
