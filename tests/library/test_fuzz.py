@@ -144,15 +144,20 @@ SUMMED_IN_BFLOAT16 = Case(batch=(5,), in_features=1, out_features=127, dtype=tor
                           seed=1963329147)
 
 
-def test_a_half_precision_gradient_as_far_from_float64_as_eagers_is_no_mismatch(monkeypatch):
-    assert check(SUMMED_IN_BFLOAT16) is None
+def _steeper():
+    """fused_linear with the same values and every gradient 1.1 times as large."""
     original = pyfastnn.fused_linear
 
-    def steep(*args, **kwargs):  # the same values, gradients 1.1 times as large
+    def steep(*args, **kwargs):
         out = original(*args, **kwargs)
         return out + 0.1 * (out - out.detach())
 
-    monkeypatch.setattr(pyfastnn, "fused_linear", steep)
+    return steep
+
+
+def test_a_half_precision_gradient_as_far_from_float64_as_eagers_is_no_mismatch(monkeypatch):
+    assert check(SUMMED_IN_BFLOAT16) is None
+    monkeypatch.setattr(pyfastnn, "fused_linear", _steeper())
     mismatch = check(SUMMED_IN_BFLOAT16)
     assert mismatch is not None and "exceeds twice eager PyTorch's" in mismatch
 
@@ -210,7 +215,7 @@ def test_references_and_cases_refuse_what_they_would_misread():
 
 class _PassedThrough(torch.autograd.Function):
     """The op's output as it is forward; backward, the incoming gradient through to it and, for the
-    weight, ``weight_gradient(grad)`` (a broken op's extra term)."""
+    weight, ``weight_gradient(grad, weight)`` (a broken op's extra term)."""
 
     @staticmethod
     def forward(ctx, out, weight, weight_gradient):
@@ -264,16 +269,9 @@ def test_a_backward_writing_into_the_incoming_gradient_is_caught(monkeypatch):
     assert mismatch is not None and "the op's backward wrote into the incoming gradient" in mismatch
 
 
-
 def test_a_wrong_gradient_is_caught(monkeypatch):
     """check() compares every gradient, not the values alone: an op right forward and off by 10 %
     backward is reported."""
-    original = pyfastnn.fused_linear
-
-    def steep(*args, **kwargs):
-        out = original(*args, **kwargs)
-        return out + 0.1 * (out - out.detach())  # the same values, gradients scaled by 1.1
-
-    monkeypatch.setattr(pyfastnn, "fused_linear", steep)
+    monkeypatch.setattr(pyfastnn, "fused_linear", _steeper())
     cases = [random_case(random.Random(seed)) for seed in range(40)]
     assert sum(check(case) is not None for case in cases) >= 10
