@@ -8,6 +8,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -27,16 +29,22 @@ enum class Activation : int64_t {
   Tanh = 4,
   Gelu = 5,      // x * Phi(x), erf form (F.gelu default)
   GeluTanh = 6,  // tanh approximation (F.gelu(approximate="tanh"))
-  Silu = 7,
+  Silu = 7,  // the last: kNumActivations counts up to it
 };
 
-constexpr int64_t kNumActivations = 8;
-constexpr const char* kActivationNames[kNumActivations] = {
+constexpr int64_t kNumActivations = static_cast<int64_t>(Activation::Silu) + 1;
+constexpr const char* kActivationNames[] = {
     "identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu"};
+static_assert(sizeof(kActivationNames) / sizeof(kActivationNames[0]) == kNumActivations,
+              "one name per activation, in the enum's order");
 
 inline bool is_valid_activation(int64_t code) {
   return code >= 0 && code < kNumActivations;
 }
+
+// Whether backward reads a saved tensor (the output or the pre-activation) at all: every activation
+// but identity, whose derivative is 1.
+PYFASTNN_HOST_DEVICE bool reads_saved_tensor(Activation act) { return act != Activation::Identity; }
 
 // Whether backward takes the derivative from the activation's output (so the output, which the
 // caller keeps anyway, is all that must be saved) or from the pre-activation, for an output the
@@ -136,11 +144,12 @@ struct LeakyRelu {
 };
 
 struct Sigmoid {
-  template <typename T> PYFASTNN_HOST_DEVICE static T forward(T x, T) {
+  template <typename T> PYFASTNN_HOST_DEVICE static T of(T x) {
     using M = MathOps<T>;
     const T one = M::constant(1.0);
     return one / (one + M::exp(M::constant(0.0) - x));
   }
+  template <typename T> PYFASTNN_HOST_DEVICE static T forward(T x, T) { return of(x); }
   // y is clamped to sigmoid's range: an output saved after dropout in half or bfloat16 and scaled
   // back by (1 - p) can round just past 1, which would turn the derivative's sign (NaN stays NaN).
   template <typename T> PYFASTNN_HOST_DEVICE static T derivative(T y, T) {
@@ -176,18 +185,20 @@ struct Gelu {  // x * Phi(x), Phi the standard normal CDF
   }
 };
 
-struct GeluTanh {  // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+struct GeluTanh {  // 0.5 x (1 + tanh(inner(x))), inner(x) = sqrt(2/pi) (x + 0.044715 x^3)
+  template <typename T> PYFASTNN_HOST_DEVICE static T inner(T x) {
+    using M = MathOps<T>;
+    return M::constant(0.79788456080286535588) * (x + M::constant(0.044715) * x * x * x);
+  }
   template <typename T> PYFASTNN_HOST_DEVICE static T forward(T x, T) {
     using M = MathOps<T>;
-    const T inner = M::constant(0.79788456080286535588) * (x + M::constant(0.044715) * x * x * x);
-    return M::constant(0.5) * x * (M::constant(1.0) + M::tanh(inner));
+    return M::constant(0.5) * x * (M::constant(1.0) + M::tanh(inner(x)));
   }
   template <typename T> PYFASTNN_HOST_DEVICE static T derivative(T x, T) {
     using M = MathOps<T>;
     const T one = M::constant(1.0);
-    const T x_sq = x * x;
-    const T t = M::tanh(M::constant(0.79788456080286535588) * (x + M::constant(0.044715) * x_sq * x));
-    const T d_inner = M::constant(0.79788456080286535588) * (one + M::constant(3.0 * 0.044715) * x_sq);
+    const T t = M::tanh(inner(x));
+    const T d_inner = M::constant(0.79788456080286535588) * (one + M::constant(3.0 * 0.044715) * x * x);
     return M::constant(0.5) * (one + t) + M::constant(0.5) * x * (one - t * t) * d_inner;
   }
 };
@@ -199,9 +210,8 @@ struct Silu {  // x * sigmoid(x)
   }
   // s (1 + x (1 - s)), s = sigmoid(x)
   template <typename T> PYFASTNN_HOST_DEVICE static T derivative(T x, T) {
-    using M = MathOps<T>;
-    const T one = M::constant(1.0);
-    const T s = one / (one + M::exp(M::constant(0.0) - x));
+    const T one = MathOps<T>::constant(1.0);
+    const T s = Sigmoid::of(x);
     return s * (one + x * (one - s));
   }
 };
@@ -224,10 +234,13 @@ PYFASTNN_HOST_DEVICE T chain_rule(T g, T s, T slope) {
 // `visit_activation(a, [&](auto functor) { using F = decltype(functor); ... })` instantiates the
 // body once per activation, so the per-element loop never branches on the activation. Host code
 // only (the CPU loops and the CUDA launchers): under nvcc a __host__ __device__ visitor of a host
-// lambda draws a warning per instantiation.
+// lambda draws a warning per instantiation. No default case: -Wswitch names an activation left out,
+// and a code outside the enum (which the ops' checks refuse first) throws rather than computing
+// something else.
 template <typename Body>
 inline decltype(auto) visit_activation(Activation a, Body&& body) {
   switch (a) {
+    case Activation::Identity: return body(act::Identity{});
     case Activation::Relu: return body(act::Relu{});
     case Activation::LeakyRelu: return body(act::LeakyRelu{});
     case Activation::Sigmoid: return body(act::Sigmoid{});
@@ -235,9 +248,9 @@ inline decltype(auto) visit_activation(Activation a, Body&& body) {
     case Activation::Gelu: return body(act::Gelu{});
     case Activation::GeluTanh: return body(act::GeluTanh{});
     case Activation::Silu: return body(act::Silu{});
-    case Activation::Identity:
-    default: return body(act::Identity{});
   }
+  throw std::invalid_argument("pyfastnn: activation code " + std::to_string(static_cast<int64_t>(a)) +
+                              " is outside the activation table");
 }
 
 }  // namespace pyfastnn

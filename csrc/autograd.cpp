@@ -115,17 +115,14 @@ variable_list reference_gradients(const at::Tensor& out, const at::Tensor& grad_
   return result;
 }
 
-bool reads_saved_tensor(int64_t activation) {
-  return static_cast<Activation>(activation) != Activation::Identity;
-}
-
 class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, int64_t activation,
                             double negative_slope) {
     // Keep only what the derivative needs: the output (returned anyway, so free) or the pre-activation.
-    const bool from_output = derivative_from_output(static_cast<Activation>(activation));
+    const auto act = static_cast<Activation>(activation);
+    const bool from_output = derivative_from_output(act);
     at::Tensor output, preact;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -135,7 +132,7 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["negative_slope"] = negative_slope;
     ctx->saved_data["has_bias"] = has_tensor(bias);
-    ctx->save_for_backward({input, weight, saved_if_read(reads_saved_tensor(activation), from_output ? output : preact),
+    ctx->save_for_backward({input, weight, saved_if_read(reads_saved_tensor(act), from_output ? output : preact),
                             has_tensor(bias) ? *bias : at::Tensor()});
     return output;
   }
@@ -194,9 +191,9 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
     ctx->saved_data["negative_slope"] = negative_slope;
     ctx->saved_data["dropout"] = dropout.vec();
     // The output layer's derivative reads the output or its saved pre-activation (gelu, silu, leaky_relu).
-    const auto output_activation = activations.back();
+    const auto output_activation = static_cast<Activation>(activations.back());
     variable_list to_save{input, saved_if_read(reads_saved_tensor(output_activation) &&
-                                                   derivative_from_output(static_cast<Activation>(output_activation)),
+                                                   derivative_from_output(output_activation),
                                                output)};
     to_save.insert(to_save.end(), weights.begin(), weights.end());
     to_save.insert(to_save.end(), present_biases.begin(), present_biases.end());

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "activations.h"
+#include "dropout.h"
 
 namespace pyfastnn {
 
@@ -148,10 +149,13 @@ void check_fused_mlp_args(const at::Tensor& input, at::TensorList weights,
 }
 
 void check_dropout_probability(double p, int64_t layer) {
-  if (p >= 0.0 && p < 1.0) return;  // false for NaN
-  constexpr const char* kMessage = "pyfastnn: dropout probability must be in [0, 1), got ";
-  if (layer >= 0) TORCH_CHECK_VALUE(false, kMessage, p, " for layer ", layer);
-  TORCH_CHECK_VALUE(false, kMessage, p);
+  if (dropout_drawable(p)) return;
+  const std::string problem = p >= 0.0 && p < 1.0
+      ? "pyfastnn: dropout probability must be at least 2^-33 below 1 (the 32-bit random draws would keep "
+        "nothing), got " + shortest_text(p)
+      : "pyfastnn: dropout probability must be in [0, 1), got " + shortest_text(p);
+  if (layer >= 0) TORCH_CHECK_VALUE(false, problem, " for layer ", layer);
+  TORCH_CHECK_VALUE(false, problem);
 }
 
 void check_negative_slope(double negative_slope) {
@@ -243,7 +247,7 @@ void check_fused_linear_backward_args(const at::Tensor& grad_output, const at::T
   check_fused_linear_args(input, weight, std::nullopt, activation, negative_slope);
   const auto shape = output_sym_shape(input, weight.sym_size(0));
   check_saved_sym("grad_output", grad_output, input, shape);
-  if (static_cast<Activation>(activation) != Activation::Identity) check_saved_sym("saved activation", saved, input, shape);
+  if (reads_saved_tensor(static_cast<Activation>(activation))) check_saved_sym("saved activation", saved, input, shape);
 }
 
 void check_fused_mlp_backward_args(const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,

@@ -17,14 +17,25 @@ namespace pyfastnn {
 // pyfastnn._ops.dropout_runs, follow the same rule).
 inline bool dropout_runs(double p, bool training) { return training && p > 0.0; }
 
+// The factor kept elements are multiplied by, as nn.Dropout's: 1 / (1 - p).
+PYFASTNN_HOST_DEVICE double dropout_kept_scale(double p) { return 1.0 / (1.0 - p); }
+
+// Both streams keep an element when its 32-bit draw is >= this threshold: p * 2^32, rounded, so the
+// keep probability is 1 - p rounded to a multiple of 2^-32 (torch's CUDA dropout rounds it to 2^-24).
+inline uint64_t dropout_threshold(double p) { return static_cast<uint64_t>(std::nearbyint(p * 4294967296.0)); }
+
+// Whether p is a probability the streams draw as asked: in [0, 1) and at least 2^-33 from 1, since
+// a keep probability under 2^-33 rounds to keeping nothing, while the kept scale 1 / (1 - p) would
+// still promise an unchanged mean (check_dropout_probability refuses the rest).
+inline bool dropout_drawable(double p) {
+  return p >= 0.0 && p < 1.0 && dropout_threshold(p) < (uint64_t{1} << 32);  // false for NaN
+}
+
 struct DropoutStream {
   uint64_t seed;
-  uint64_t threshold;  // keep when the 32-bit draw is >= threshold; p * 2^32, rounded
+  uint64_t threshold;  // dropout_threshold(p)
 
-  static DropoutStream make(uint64_t seed, double p) {
-    const double scaled = std::nearbyint(p * 4294967296.0);
-    return {seed, scaled >= 4294967295.0 ? uint64_t{4294967295u} : static_cast<uint64_t>(scaled)};
-  }
+  static DropoutStream make(uint64_t seed, double p) { return {seed, dropout_threshold(p)}; }
 
   PYFASTNN_HOST_DEVICE bool keep(int64_t element) const {
     // SplitMix64 (Steele, Lea & Flood 2014): state = seed + (e + 1) * golden gamma, then the
@@ -69,13 +80,21 @@ struct Philox4x32 {
   }
 };
 
-// keep(e) for the CUDA stream: the 32-bit draw >= threshold (the same threshold as DropoutStream).
+// keep(e) for the CUDA stream: the 32-bit draw >= threshold (dropout_threshold, as DropoutStream's).
+// One Philox call gives the draws of 4 elements, so the kernels call draws() once per block of 4
+// and kept() for each element; keep() is the two together.
 struct PhiloxDropout {
   uint64_t seed, offset, threshold;
 
+  PYFASTNN_HOST_DEVICE Philox4x32 draws(uint64_t element) const {
+    return Philox4x32::generate(offset / 4, element >> 2, seed);
+  }
+  PYFASTNN_HOST_DEVICE bool kept(const Philox4x32& block, uint64_t element) const {
+    return block.word[element & 3] >= threshold;
+  }
   PYFASTNN_HOST_DEVICE bool keep(int64_t element) const {
     const auto e = static_cast<uint64_t>(element);
-    return Philox4x32::generate(offset / 4, e >> 2, seed).word[e & 3] >= threshold;
+    return kept(draws(e), e);
   }
 };
 

@@ -47,8 +47,9 @@ struct BackwardEpilogue {
   const void* grad_out;  // rows x cols
   const void* saved;     // rows x cols output or pre-activation; unused for identity
   void* grad_pre;        // rows x cols, or null (identity: grad_out is grad_pre)
-  void* column_sums;     // or null. Launchers: blocks x cols zeroed accumulators (float, double for
-                         // double), row b summing rows [b * rows_per_block, ...). Kernels: one row.
+  void* column_sums;     // or null. Launchers: blocks x cols accumulators (float, double for double),
+                         // row b summing rows [b * rows_per_block, ...): the CPU kernels add into
+                         // zeros, the CUDA kernel writes each row whole. Kernels: one row.
   // The forward's dropout mask, or null. With a mask, grad_pre is also multiplied by keep / (1 - p),
   // and a saved *output* is the dropped-out one: kept elements are rescaled by (1 - p) before the
   // derivative is taken from them where its value matters (dropped ones get no gradient anyway).
@@ -65,7 +66,7 @@ struct BackwardFlags {
   bool mask_implied;   // the saved output went through dropout and act' vanishes where it is 0
                        // (relu, sigmoid): skip reading the mask
   double saved_scale;  // 1 - p
-  double kept_scale;   // 1 / (1 - p) with a mask, else 1
+  double kept_scale;   // dropout_kept_scale(p) with a mask, else 1
   double negative_slope;
 };
 
@@ -78,7 +79,7 @@ inline BackwardFlags backward_flags(const BackwardEpilogue& a) {
   flags.rescale_saved = dropped_out_output && !derivative_reads_positivity_only(a.activation);
   flags.mask_implied = dropped_out_output && derivative_vanishes_at_zero_output(a.activation);
   flags.saved_scale = 1.0 - a.dropout_p;
-  flags.kept_scale = a.keep_mask != nullptr ? 1.0 / (1.0 - a.dropout_p) : 1.0;
+  flags.kept_scale = a.keep_mask != nullptr ? dropout_kept_scale(a.dropout_p) : 1.0;
   flags.negative_slope = a.negative_slope;
   return flags;
 }

@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward(
   check_fused_linear_backward_args(grad_output, input, weight, saved, activation, negative_slope);
   const KernelScope scope(input, &grad_output);  // NOTE [Kernels run below autograd]
   const auto act = static_cast<Activation>(activation);
-  const bool needs_saved = act != Activation::Identity;
+  const bool needs_saved = reads_saved_tensor(act);
 
   const at::Tensor grad_out = detail::as_matrix(grad_output).contiguous();  // e.g. expanded by sum().backward()
   const at::Tensor s = needs_saved ? detail::as_matrix(saved).contiguous() : at::Tensor();

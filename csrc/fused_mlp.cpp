@@ -8,6 +8,7 @@
 #include <mutex>
 
 #include "checks.h"
+#include "dropout.h"
 #include "layer.h"
 
 namespace pyfastnn {
@@ -141,7 +142,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
     // pre-activation, see derivative_from_output).
     const bool from_output = derivative_from_output(act, negative_slope, /*hidden_layer=*/!last);
     at::Tensor saved;
-    if (act != Activation::Identity) {
+    if (reads_saved_tensor(act)) {
       if (from_output && last) {  // the op's output, in the caller's shape
         check_saved_tensor("saved output", output, input, out_shape);
         saved = detail::as_matrix(output);
@@ -177,7 +178,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> fused_m
         check_saved_tensor("saved pre-activation", preacts[l - 1], input, {rows, features});
       }
       below = detail::BelowLayer{below_act, preacts[l - 1].contiguous(),
-                                 has_mask[l - 1] ? static_cast<float>(1.0 / (1.0 - dropout[l - 1])) : 1.0f};
+                                 has_mask[l - 1] ? static_cast<float>(dropout_kept_scale(dropout[l - 1])) : 1.0f};
     }
     auto grads = detail::layer_backward(grad, layer_input, weights[l], saved, from_output, act, negative_slope,
                                         layer_dropout, l > lowest || need_input, output_mask.get(1 + l),

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include "activations.h"
+#include "dropout.h"
 
 namespace pyfastnn {
 
@@ -35,7 +36,7 @@ at::Tensor reference_fused_mlp(const at::Tensor& input, at::TensorList weights, 
       // once (rounding 1 / (1 - p) to half first, as nn.Dropout on the CPU does, moves values by an ulp).
       const auto dtype = x.scalar_type();
       const auto opmath = at::promote_types(dtype, at::kFloat);
-      x = (x.to(opmath) * keep_masks[l].view(x.sizes()).to(opmath) * (1.0 / (1.0 - dropout[l]))).to(dtype);
+      x = (x.to(opmath) * keep_masks[l].view(x.sizes()).to(opmath) * dropout_kept_scale(dropout[l])).to(dtype);
     }
   }
   return x;

@@ -80,7 +80,7 @@ void forward_rows(const ForwardEpilogue& a, int64_t row_begin, int64_t row_end) 
   auto* preact = static_cast<scalar_t*>(a.preact);
   auto* out = static_cast<scalar_t*>(a.out);
   uint8_t* keep = a.keep_mask;
-  const auto kept_scale = static_cast<Math>(1.0 / (1.0 - a.dropout_p));
+  const auto kept_scale = static_cast<Math>(dropout_kept_scale(a.dropout_p));
   for_each_step<IO>(row_begin, row_end, a.cols, [&](int64_t offset, int64_t j, int64_t n) {
     auto v = IO::load(acc + offset, n);
     if (bias != nullptr) {

@@ -73,7 +73,7 @@ __device__ __forceinline__ void for_each_chunk(int64_t chunks, const Load& load,
 struct DropoutArgs {
   at::PhiloxCudaState philox;
   uint64_t threshold;
-  double kept_scale;  // 1 / (1 - p)
+  double kept_scale;  // dropout_kept_scale(p)
 };
 
 // A forward dropout inside a kernel: element e is kept by word e % 4 of Philox block e / 4
@@ -97,10 +97,8 @@ struct KernelDropout {
   // starts a block or the chunk (one Philox call serves 4 elements).
   template <int kVec>
   __device__ __forceinline__ bool keep(int j, uint64_t e, Philox4x32& draws) const {
-    if (kVec % 4 == 0 ? j % 4 == 0 : (j == 0 || (e & 3) == 0)) {
-      draws = Philox4x32::generate(stream.offset / 4, e >> 2, stream.seed);
-    }
-    return draws.word[e & 3] >= stream.threshold;
+    if (kVec % 4 == 0 ? j % 4 == 0 : (j == 0 || (e & 3) == 0)) draws = stream.draws(e);
+    return stream.kept(draws, e);
   }
   // Multiplied, as nn.Dropout does (inf * 0 is NaN).
   __device__ __forceinline__ opmath_t apply(opmath_t y, bool kept) const {
@@ -345,8 +343,8 @@ void launch_forward_epilogue(const ForwardEpilogue& a, int64_t rows) {
   DropoutArgs dropout{};
   if (a.keep_mask != nullptr) {
     dropout.philox = draw_philox_state();
-    dropout.threshold = DropoutStream::make(0, a.dropout_p).threshold;
-    dropout.kept_scale = 1.0 / (1.0 - a.dropout_p);
+    dropout.threshold = dropout_threshold(a.dropout_p);
+    dropout.kept_scale = dropout_kept_scale(a.dropout_p);
   }
   // The relu pass writes the bit mask itself where rows split into 8-element chunks (one mask byte);
   // otherwise a second pass packs it from the output. Bit masks are kept for float, half, bfloat16.

@@ -18,7 +18,7 @@ bool lt_gelu_matches_torch(at::ScalarType dtype) { return dtype == at::kHalf || 
 }  // namespace
 
 bool gemm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, Activation activation,
-                  bool dropout_runs, bool relu_epilogue, const at::Tensor& out, const at::Tensor* preact,
+                  bool dropout_follows, bool relu_epilogue, const at::Tensor& out, const at::Tensor* preact,
                   const at::Tensor* relu_mask) {
   const int64_t rows = x.size(0), out_features = w.size(0), in_features = w.size(1);
   const at::Tensor& acc = preact != nullptr ? *preact : out;
@@ -34,7 +34,7 @@ bool gemm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
     gemm.bias = bias.defined() ? bias.data_ptr() : nullptr;
     gemm.epilogue = bias.defined() ? GemmEpilogue::Bias : GemmEpilogue::Default;
     bool finished = false;
-    if (!dropout_runs) {
+    if (!dropout_follows) {
       if (activation == Activation::Identity && preact == nullptr) {
         finished = true;
       } else if (activation == Activation::Relu && preact == nullptr && relu_epilogue) {

@@ -14,12 +14,12 @@
 namespace pyfastnn::cuda {
 
 // x @ W^T (+ bias b, undefined: none) for a layer, with the activation fused where cuBLASLt has it
-// (relu where relu_epilogue allows it, the tanh-form GELU; identity) and no dropout follows. Returns
+// (relu where relu_epilogue allows it, the tanh-form GELU; identity) unless dropout_follows. Returns
 // true when that finished the layer (out, preact where given and relu_mask where given written);
 // otherwise the GEMM result with its bias is in the accumulation buffer (preact if given, else out)
 // and the element-wise pass must follow.
 bool gemm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, Activation activation,
-                  bool dropout_runs, bool relu_epilogue, const at::Tensor& out, const at::Tensor* preact,
+                  bool dropout_follows, bool relu_epilogue, const at::Tensor& out, const at::Tensor* preact,
                   const at::Tensor* relu_mask);
 
 // scale * (grad_pre @ W) with the derivative of the layer below fused in (relu from its bit mask,

@@ -426,7 +426,7 @@ void test_philox_known_answers() {
     const pyfastnn::Philox4x32 draws = pyfastnn::Philox4x32::generate(v.low, v.high, v.key);
     expect(std::equal(draws.word, draws.word + 4, v.expected), "Philox4x32-10 known answer");
   }
-  const pyfastnn::PhiloxDropout stream{12345, 8, pyfastnn::DropoutStream::make(0, 0.5).threshold};
+  const pyfastnn::PhiloxDropout stream{12345, 8, pyfastnn::dropout_threshold(0.5)};
   for (int64_t e = 0; e < 64; ++e) {
     const auto draw = pyfastnn::Philox4x32::generate(8 / 4, static_cast<uint64_t>(e) / 4, 12345).word[e % 4];
     expect(stream.keep(e) == (draw >= stream.threshold),
