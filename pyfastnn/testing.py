@@ -33,11 +33,11 @@ import torch.nn.functional as F
 
 import pyfastnn
 
-from ._ops import DTYPES
+from ._ops import DTYPES, check_flag
 
 __all__ = ["TOLERANCES", "REFERENCE_ACTIVATIONS", "DTYPES", "assert_close", "reference", "reference_mlp",
            "Case", "MLPCase", "random_tensor", "random_case", "random_mlp_case", "build", "check", "check_mlp", "run",
-           "checked_cases"]
+           "checked_cases", "split_mlp_tensors"]
 
 # (rtol, atol) per dtype for comparisons against the PyTorch reference.
 TOLERANCES = {
@@ -165,6 +165,9 @@ LAYOUTS = ("contiguous", "input_transposed", "input_strided", "weight_transposed
 
 @dataclasses.dataclass
 class Case:
+    """One random call of fused_linear: shapes, dtype, activation, layout, which tensors need a
+    gradient, and the seed its tensors (:func:`build`) and incoming gradient are drawn from."""
+
     batch: Tuple[int, ...]
     in_features: int
     out_features: int
@@ -187,6 +190,7 @@ class Case:
             raise ValueError(f"Case: requires_grad takes three flags (input, weight, bias), got {self.requires_grad!r}")
 
     def describe(self) -> str:
+        """One line that names the case, as a mismatch reports it."""
         return (f"batch={self.batch} {self.in_features}->{self.out_features} {self.dtype} {self.activation}"
                 f"({self.negative_slope}) bias={self.bias} {self.layout} grad={self.requires_grad} seed={self.seed}"
                 f" device={self.device}")
@@ -204,6 +208,16 @@ def _check_dtype(what: str, dtype: torch.dtype) -> None:
 
 
 def random_case(rng: random.Random, device: str = "cpu") -> Case:
+    """A random :class:`Case` drawn from ``rng`` (0, 1, primes and powers of two around SIMD widths,
+    sometimes a large ``in_features``; every dtype, activation and layout).
+
+    Example:
+        >>> import random
+        >>> from pyfastnn.testing import check, random_case
+        >>> case = random_case(random.Random(0))
+        >>> check(case) is None  # None: no mismatch
+        True
+    """
     ndim = rng.choice((1, 1, 1, 2, 3))
     batch = tuple(rng.choice(SIZES[:9]) for _ in range(ndim))
     in_features = rng.choice(SIZES + LARGE_K) if rng.random() < 0.15 else rng.choice(SIZES)
@@ -330,18 +344,12 @@ def check(case: Case) -> Optional[str]:
                 if case.dtype not in (torch.bfloat16, torch.float16):
                     raise
                 # A gradient summed over many terms in bfloat16/float16 may carry the rounding of its
-                # partial sums beyond the tolerance (a 1 -> 127 tanh layer's input gradient, say):
-                # where eager PyTorch's in the same dtype does too, pyfastnn's must be no further
-                # from float64 than twice eager's; where eager's is within it, so must pyfastnn's be.
+                # partial sums beyond the tolerance (a 1 -> 127 tanh layer's input gradient, say).
                 eager_in = [t.detach().requires_grad_(r) for t, r in zip(leaves, flags)]
                 eager = reference(*unpack(eager_in), **kwargs)
                 eager_grads = torch.autograd.grad(eager, [t for t in eager_in if t.requires_grad], grad_out)
                 for got, eager_grad, want in zip(grads, eager_grads, expected_grads):
-                    if _within_tolerance(got, want, case.dtype):
-                        continue
-                    if _within_tolerance(eager_grad, want, case.dtype):
-                        assert_close(got, want, case.dtype)  # raises: eager stays within the tolerance
-                    _assert_no_worse_than_eager(got, eager_grad, want, "gradient")
+                    _assert_close_or_no_worse_than_eager(got, eager_grad, want, case.dtype, "gradient")
     except AssertionError as e:
         return _mismatch(case, e)
     return None
@@ -369,8 +377,7 @@ def checked_cases(cases: int, seed: int = 0, mlp: bool = False, device: str = "c
         raise ValueError(f"cases must be a count >= 0, got {cases!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # the cases repeat from it
         raise TypeError(f"seed must be an integer, got {seed!r}")
-    if not isinstance(mlp, bool):
-        raise TypeError(f"mlp must be True or False, got {mlp!r}")
+    check_flag("checked_cases", "mlp", mlp)
     try:
         kind = torch.device(device).type
     except (RuntimeError, TypeError, ValueError):
@@ -385,6 +392,9 @@ def checked_cases(cases: int, seed: int = 0, mlp: bool = False, device: str = "c
 
 @dataclasses.dataclass
 class MLPCase:
+    """One random call of fused_mlp: the input's leading shape, each layer's width, activation, bias
+    and dropout, whether it trains, whether the input needs a gradient, and the seed of its tensors."""
+
     batch: Tuple[int, ...]
     widths: Tuple[int, ...]
     dtype: torch.dtype
@@ -409,12 +419,23 @@ class MLPCase:
         _check_dtype("MLPCase", self.dtype)
 
     def describe(self) -> str:
+        """One line that names the case, as a mismatch reports it."""
         return (f"batch={self.batch} widths={self.widths} {self.dtype} {self.activations}({self.negative_slope}) "
                 f"biases={self.biases} dropout={self.dropout} training={self.training} "
                 f"input_grad={self.input_requires_grad} seed={self.seed} device={self.device}")
 
 
 def random_mlp_case(rng: random.Random, device: str = "cpu") -> MLPCase:
+    """A random :class:`MLPCase` drawn from ``rng``: 1 to 4 layers of random widths, activations,
+    biases and dropout, in training or not.
+
+    Example:
+        >>> import random
+        >>> from pyfastnn.testing import random_mlp_case
+        >>> case = random_mlp_case(random.Random(0))
+        >>> len(case.widths) == len(case.activations) + 1
+        True
+    """
     layers = rng.choice((1, 2, 3, 4))
     widths = tuple(rng.choice(SIZES[1:]) for _ in range(layers + 1))
     return MLPCase(
@@ -425,17 +446,25 @@ def random_mlp_case(rng: random.Random, device: str = "cpu") -> MLPCase:
         input_requires_grad=rng.random() < 0.5, seed=rng.randrange(2**31), device=device)
 
 
-def _assert_no_worse_than_eager(ours: torch.Tensor, eager: torch.Tensor, expected: torch.Tensor, what: str,
-                                tolerance: float = 0.0) -> None:
-    """``ours`` no further from the float64 ``expected`` than twice ``eager`` (PyTorch in the same
-    dtype) is, or than ``tolerance``."""
+def _assert_close_or_no_worse_than_eager(ours: torch.Tensor, eager: torch.Tensor, expected: torch.Tensor,
+                                         dtype: torch.dtype, what: str, scale: float = 1.0,
+                                         atol: float = 0.0) -> None:
+    """The fallback of every check, for a result whose rounding can legitimately exceed the dtype's
+    tolerance (``scale`` widening its absolute part, as in :func:`_assert_gradients_close`): where
+    ``ours`` is beyond it, eager PyTorch's ``eager`` (the same computation in the same dtype) must be
+    beyond it too, and ``ours`` no further from the float64 ``expected`` than twice eager's, or than
+    ``atol``."""
+    if _within_tolerance(ours / scale, expected / scale, dtype):
+        return
+    if _within_tolerance(eager / scale, expected / scale, dtype):
+        raise AssertionError(f"{what} beyond the tolerance, where eager PyTorch's is within it")
     if not expected.numel():
         return
     ours_error = (ours.detach().double() - expected).abs().max().item()
     eager_error = (eager.detach().double() - expected).abs().max().item()
-    assert ours_error <= max(2 * eager_error, tolerance), (
+    assert ours_error <= max(2 * eager_error, atol), (
         f"{what} error {ours_error:.4g} exceeds twice eager PyTorch's ({eager_error:.4g})"
-        + (f" and the tolerance scaled by dropout ({tolerance:.4g})" if tolerance else ""))
+        + (f" and the tolerance scaled by dropout ({atol:.4g})" if atol else ""))
 
 
 def _mlp_reference(x: torch.Tensor, weights, biases, case: MLPCase, masks,
@@ -511,46 +540,82 @@ def check_mlp(case: MLPCase) -> Optional[str]:
         return _check_mlp(case)
 
 
+def split_mlp_tensors(tensors: Sequence[torch.Tensor], has_bias: Sequence[bool]):
+    """(input, weights, biases) from a flat sequence laid out as input, each weight, then the biases
+    that exist (``has_bias`` per layer; a missing bias is None): how fused_mlp's tensors travel
+    through ``torch.autograd.grad`` and ``opcheck``, which take flat lists.
+
+    Example:
+        >>> from pyfastnn.testing import split_mlp_tensors
+        >>> split_mlp_tensors(["x", "w0", "w1", "b1"], [False, True])
+        ('x', ['w0', 'w1'], [None, 'b1'])
+    """
+    layers = len(has_bias)
+    rest = iter(tensors[1 + layers:])
+    return tensors[0], list(tensors[1:1 + layers]), [next(rest) if has else None for has in has_bias]
+
+
+@dataclasses.dataclass
+class _MLPLeaves:
+    """An MLP case's tensors as one flat list (input, weights, present biases), as autograd takes
+    them, and which of them need a gradient."""
+
+    case: MLPCase
+    tensors: List[torch.Tensor]
+    requires_grad: List[bool]
+
+    @classmethod
+    def draw(cls, case: MLPCase) -> "_MLPLeaves":
+        g = torch.Generator().manual_seed(case.seed)
+        x = random_tensor((*case.batch, case.widths[0]), case.dtype, g, None, case.device)
+        weights = [random_tensor((n, k), case.dtype, g, None, case.device, scale=k ** -0.5)
+                   for k, n in zip(case.widths[:-1], case.widths[1:])]
+        biases = [random_tensor((n,), case.dtype, g, None, case.device)
+                  for n, has in zip(case.widths[1:], case.biases) if has]
+        tensors = [x, *weights, *biases]
+        return cls(case, tensors, [case.input_requires_grad] + [True] * (len(tensors) - 1))
+
+    def copies(self, dtype: Optional[torch.dtype] = None) -> List[torch.Tensor]:
+        """Fresh leaves (in ``dtype``), requiring a gradient as the case says: no check shares a
+        tensor with another, so an op writing into its inputs cannot hide."""
+        return [t.detach().to(dtype or t.dtype, copy=True).requires_grad_(r)
+                for t, r in zip(self.tensors, self.requires_grad)]
+
+    def split(self, tensors: Sequence[torch.Tensor]):
+        return split_mlp_tensors(tensors, self.case.biases)
+
+    def eager(self, tensors: Sequence[torch.Tensor], masks) -> torch.Tensor:
+        """PyTorch's own network on ``tensors`` in their dtype, with the op's dropout ``masks``."""
+        case = self.case
+        return reference_mlp(*self.split(tensors), case.activations, case.negative_slope, masks, case.dropout)
+
+
 def _check_mlp(case: MLPCase) -> Optional[str]:
-    g = torch.Generator().manual_seed(case.seed)
-    x = random_tensor((*case.batch, case.widths[0]), case.dtype, g, None, case.device)
-    weights = [random_tensor((n, k), case.dtype, g, None, case.device, scale=k ** -0.5)
-               for k, n in zip(case.widths[:-1], case.widths[1:])]
-    biases = [random_tensor((n,), case.dtype, g, None, case.device) if has else None
-              for n, has in zip(case.widths[1:], case.biases)]
-    leaves = [x, *weights, *[b for b in biases if b is not None]]
-    flags = [case.input_requires_grad] + [True] * (len(leaves) - 1)
-    ours = [t.detach().clone().requires_grad_(r) for t, r in zip(leaves, flags)]
-    refs = [t.detach().to(torch.float64).requires_grad_(r) for t, r in zip(leaves, flags)]
-
-    def split(ts):
-        rest = iter(ts[1 + len(weights):])
-        return ts[0], list(ts[1:1 + len(weights)]), [next(rest) if b is not None else None for b in biases]
-
+    leaves = _MLPLeaves.draw(case)
+    ours = leaves.copies()
     codes = [pyfastnn.ACTIVATIONS.index(a) for a in case.activations]
     args = (codes, case.negative_slope, list(case.dropout), case.training)
     try:
         torch.manual_seed(case.seed)
-        out = torch.ops.pyfastnn.fused_mlp(*split(ours), *args)
+        out = torch.ops.pyfastnn.fused_mlp(*leaves.split(ours), *args)
         torch.manual_seed(case.seed)  # the same draws again, for the masks
         with torch.no_grad():
-            replay = torch.ops.pyfastnn.fused_mlp_forward(*split([t.detach() for t in ours]), *args)
+            replay = torch.ops.pyfastnn.fused_mlp_forward(*leaves.split([t.detach() for t in ours]), *args)
         masks = replay[3]
-        expected, _ = _mlp_reference(*split(refs), case, masks)
+        refs = leaves.copies(torch.float64)
+        expected, _ = _mlp_reference(*leaves.split(refs), case, masks)
         _assert_made_like(out, case)
         try:
             assert_close(out, expected, case.dtype)
         except AssertionError:
             if case.dtype not in (torch.bfloat16, torch.float16):
                 raise
-            # Deep bfloat16/float16 stacks (with 1/(1-p) up to 10x) can exceed the one-layer tolerance;
-            # then pyfastnn must be no further from float64 than twice eager PyTorch's own run.
+            # Deep bfloat16/float16 stacks (with 1/(1-p) up to 10x) can exceed the one-layer tolerance.
             # Where a kept value is scaled by 1/(1-p), the rounding of the sum before it is scaled too:
             # an absolute tolerance that many times the one-layer one also passes.
-            eager = reference_mlp(*split([t.detach() for t in leaves]), case.activations, case.negative_slope,
-                                  masks, case.dropout)
             scaled_atol = TOLERANCES[case.dtype][1] * max(1.0, expected.abs().max().item()) * _dropout_scale(case)
-            _assert_no_worse_than_eager(out, eager, expected, str(case.dtype), scaled_atol)
+            _assert_close_or_no_worse_than_eager(out, leaves.eager(leaves.tensors, masks), expected, case.dtype,
+                                                 str(case.dtype), atol=scaled_atol)
         needs = [t for t in ours if t.requires_grad]
         if needs:  # an empty output too: its weight and bias gradients are zeros
             grad_out = _grad_output(out, case)
@@ -561,40 +626,48 @@ def _check_mlp(case: MLPCase) -> Optional[str]:
             # than any fixed tolerance; they are checked against PyTorch's bfloat16 in
             # tests/library/test_fused_mlp.py instead.
             if case.dtype not in (torch.bfloat16, torch.float16):
-                expected_grads = torch.autograd.grad(expected, [t for t in refs if t.requires_grad],
-                                                     grad_out.to(torch.float64))
-                # Each dropout scales the terms of the gradient sums by 1/(1-p) (10x at p = 0.9), and
-                # their rounding with them, while cancellation can leave the sum itself small: the
-                # absolute tolerance grows by that factor.
-                try:
-                    _assert_gradients_close(grads, expected_grads, case.dtype, _dropout_scale(case))
-                except AssertionError:
-                    decided = _kink_decisions(case, replay)
-                    if decided is not None:
-                        # A relu-like layer may take a pre-activation within rounding of 0 for the
-                        # other side than float64 does (eager PyTorch in the op's dtype may too): both
-                        # slopes are right there. Where the op's choices differ from float64's only at
-                        # such elements, its gradients must match the float64 network that makes its
-                        # choices.
-                        refs = [t.detach().to(torch.float64).requires_grad_(r) for t, r in zip(leaves, flags)]
-                        as_decided, preacts = _mlp_reference(*split(refs), case, masks, decided)
-                        _assert_flips_within_rounding(case, decided, preacts, masks)
-                        decided_grads = torch.autograd.grad(as_decided, [t for t in refs if t.requires_grad],
-                                                            grad_out.to(torch.float64))
-                        try:
-                            _assert_gradients_close(grads, decided_grads, case.dtype, _dropout_scale(case))
-                            return None
-                        except AssertionError:
-                            pass
-                    # A sum through a narrow layer can cancel to far below its terms, whose rounding
-                    # the tolerance (on the result's scale) does not see: then pyfastnn must be no
-                    # further from float64 than twice eager PyTorch in the same dtype.
-                    eager_in = [t.detach().clone().requires_grad_(r) for t, r in zip(leaves, flags)]
-                    eager = reference_mlp(*split(eager_in), case.activations, case.negative_slope, masks,
-                                          case.dropout)
-                    eager_grads = torch.autograd.grad(eager, [t for t in eager_in if t.requires_grad], grad_out)
-                    for got, eager_grad, want in zip(grads, eager_grads, expected_grads):
-                        _assert_no_worse_than_eager(got, eager_grad, want, "gradient")
+                _check_mlp_gradients(leaves, grads, expected, refs, grad_out, replay)
     except AssertionError as e:
         return _mismatch(case, e)
     return None
+
+
+def _check_mlp_gradients(leaves: _MLPLeaves, grads, expected: torch.Tensor, refs: List[torch.Tensor],
+                         grad_out: torch.Tensor, replay) -> None:
+    """The op's float32/float64 gradients ``grads`` against the float64 network ``expected`` (of the
+    leaves ``refs``), with the two fallbacks rounding calls for; raises AssertionError."""
+    case = leaves.case
+    expected_grads = torch.autograd.grad(expected, [t for t in refs if t.requires_grad], grad_out.to(torch.float64))
+    # Each dropout scales the terms of the gradient sums by 1/(1-p) (10x at p = 0.9), and their
+    # rounding with them, while cancellation can leave the sum itself small: the absolute tolerance
+    # grows by that factor.
+    scale = _dropout_scale(case)
+    try:
+        _assert_gradients_close(grads, expected_grads, case.dtype, scale)
+        return
+    except AssertionError:
+        pass
+    masks = replay[3]
+    decided = _kink_decisions(case, replay)
+    if decided is not None:
+        # A relu-like layer may take a pre-activation within rounding of 0 for the other side than
+        # float64 does (eager PyTorch in the op's dtype may too): both slopes are right there. Where
+        # the op's choices differ from float64's only at such elements, its gradients must match the
+        # float64 network that makes its choices.
+        decided_refs = leaves.copies(torch.float64)
+        as_decided, preacts = _mlp_reference(*leaves.split(decided_refs), case, masks, decided)
+        _assert_flips_within_rounding(case, decided, preacts, masks)
+        decided_grads = torch.autograd.grad(as_decided, [t for t in decided_refs if t.requires_grad],
+                                            grad_out.to(torch.float64))
+        try:
+            _assert_gradients_close(grads, decided_grads, case.dtype, scale)
+            return
+        except AssertionError:
+            pass
+    # A sum through a narrow layer can cancel to far below its terms, whose rounding the tolerance (on
+    # the result's scale) does not see.
+    eager_in = leaves.copies()
+    eager_grads = torch.autograd.grad(leaves.eager(eager_in, masks), [t for t in eager_in if t.requires_grad],
+                                      grad_out)
+    for got, eager_grad, want in zip(grads, eager_grads, expected_grads):
+        _assert_close_or_no_worse_than_eager(got, eager_grad, want, case.dtype, "gradient", scale)

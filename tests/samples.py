@@ -9,7 +9,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 import torch
 
 import pyfastnn
-from pyfastnn.testing import DTYPES, random_tensor
+from pyfastnn.testing import DTYPES, random_tensor, split_mlp_tensors
 
 
 @dataclasses.dataclass
@@ -122,9 +122,7 @@ class MLPSample:
 
     def rebuild(self, tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, list, list]:
         """(input, weights, biases) from a flat tuple laid out like tensors()."""
-        layers = len(self.weights)
-        rest = iter(tensors[1 + layers:])
-        return tensors[0], list(tensors[1:1 + layers]), [next(rest) if b is not None else None for b in self.biases]
+        return split_mlp_tensors(tensors, [b is not None for b in self.biases])
 
     def op_args(self, training: bool, tensors: Optional[Sequence[torch.Tensor]] = None) -> tuple:
         """Positional arguments of torch.ops.pyfastnn.fused_mlp / fused_mlp_forward."""
