@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
@@ -164,10 +164,7 @@ def run_fused_linear(input, weight, bias, code: int, negative_slope: float) -> t
     try:
         return _fused_linear_op(input, weight, bias, code, negative_slope)
     except (RuntimeError, TypeError, AttributeError):  # the latter two from meta tensors' fake kernels
-        for name, value in (("input", input), ("weight", weight), ("bias", bias)):
-            if not isinstance(value, torch.Tensor) and not (name == "bias" and value is None):
-                raise TypeError(f"pyfastnn: {name} must be a torch.Tensor, got {type(value).__name__}") from None
-        _refuse_unsupported_tensors([("input", input), ("weight", weight), ("bias", bias)])
+        _name_the_refused_argument([("input", input), ("weight", weight)], [("bias", bias)])
         raise
 
 
@@ -177,22 +174,21 @@ def run_fused_mlp(input, weights, biases, codes, negative_slope: float, dropout,
     try:
         return _fused_mlp_op(input, weights, biases, codes, negative_slope, dropout, training)
     except (RuntimeError, TypeError, AttributeError):  # the latter two from meta tensors' fake kernels
-        if not isinstance(input, torch.Tensor):
-            raise TypeError(f"pyfastnn: input must be a torch.Tensor, got {type(input).__name__}") from None
-        for name, values in (("weights", weights), ("biases", biases)):
-            for i, value in enumerate(values):
-                if not isinstance(value, torch.Tensor) and not (name == "biases" and value is None):
-                    raise TypeError(f"pyfastnn: {name}[{i}] must be a torch.Tensor, got {type(value).__name__}") from None
-        _refuse_unsupported_tensors([("input", input), *((f"weights[{i}]", w) for i, w in enumerate(weights)),
-                                     *((f"biases[{i}]", b) for i, b in enumerate(biases))])
+        _name_the_refused_argument([("input", input), *((f"weights[{i}]", w) for i, w in enumerate(weights))],
+                                   [(f"biases[{i}]", b) for i, b in enumerate(biases)])
         raise
 
 
-def _refuse_unsupported_tensors(named: Iterable[Tuple[str, Optional[torch.Tensor]]]) -> None:
-    """Nested, sparse, mkldnn and quantized tensors reach no kernel, and the dispatcher's error names
-    only the op and a backend: the kernels' own check (``check_readable``) names the argument and what
-    to pass instead."""
-    for name, tensor in named:
+def _name_the_refused_argument(required: Sequence[Tuple[str, object]], optional: Sequence[Tuple[str, object]]) -> None:
+    """After the dispatcher refused a call, the error that names the argument instead: TypeError for
+    one that is no tensor (None allowed for the ``optional`` ones), NotImplementedError for a tensor
+    no kernel reads (nested, sparse, mkldnn, quantized: the kernels' own check, ``check_readable``,
+    names it and what to pass instead). Returns where every argument looks right."""
+    arguments = [(name, value, False) for name, value in required] + [(name, value, True) for name, value in optional]
+    for name, value, may_be_none in arguments:
+        if not isinstance(value, torch.Tensor) and not (may_be_none and value is None):
+            raise TypeError(f"pyfastnn: {name} must be a torch.Tensor, got {type(value).__name__}") from None
+    for name, tensor, _ in arguments:
         if tensor is not None and not tensor._is_zerotensor():  # the dispatcher gives the op plain zeros
             try:
                 native.check_readable(name, tensor)

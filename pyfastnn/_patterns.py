@@ -18,7 +18,7 @@ from ._ops import ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, DTYPES, canonical_activat
 
 __all__ = ["ACTIVATION_MODULES", "FUNCTION_ACTIVATIONS", "METHOD_ACTIVATIONS", "STATELESS_ACTIVATIONS", "Layer",
            "activation_module", "activation_of", "chain_mismatch", "describe", "dropout_joining", "dropout_of",
-           "fusable_linear", "has_hooks", "is_plain", "is_plain_linear", "kept_for_its_own_state", "link_mismatch",
+           "function_activation", "fusable_linear", "has_call_hooks", "has_hooks", "is_plain", "is_plain_linear", "kept_for_its_own_state", "link_mismatch",
            "linear_dtype_problem", "parse_layers", "runs_in_sequence"]
 
 #: The one table of activation name -> (torch.nn module type, the attributes that select it).
@@ -43,10 +43,14 @@ STATELESS_ACTIVATIONS = tuple(kind for name, (kind, attributes) in ACTIVATION_MO
 #: The module types a fused layer stands in for.
 _FUSABLE_KINDS = frozenset({nn.Linear, nn.Dropout, *(kind for kind, _ in ACTIVATION_MODULES.values())})
 
-#: Functions a traced ``forward`` may apply to a Linear's output (called on it alone, no keywords
-#: but ``inplace``), and tensor methods likewise.
-FUNCTION_ACTIVATIONS: Dict[Callable, str] = {torch.relu: "relu", F.relu: "relu", torch.sigmoid: "sigmoid",
-                                             torch.tanh: "tanh", F.silu: "silu", F.gelu: "gelu"}
+#: Functions a traced ``forward`` may apply to a Linear's output: the activation, and the settings
+#: the function takes after its input (positionally or by keyword, in this order), which
+#: :func:`function_activation` reads. Tensor methods, called without arguments, likewise.
+FUNCTION_ACTIVATIONS: Dict[Callable, Tuple[str, Tuple[str, ...]]] = {
+    torch.relu: ("relu", ()), F.relu: ("relu", ("inplace",)), torch.sigmoid: ("sigmoid", ()),
+    torch.tanh: ("tanh", ()), F.silu: ("silu", ("inplace",)), F.gelu: ("gelu", ("approximate",)),
+    F.leaky_relu: ("leaky_relu", ("negative_slope", "inplace")),
+}
 METHOD_ACTIVATIONS: Dict[str, str] = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
 
 
@@ -66,12 +70,19 @@ def activation_module(activation: Optional[str], negative_slope: float = DEFAULT
     return kind(slope) if name == "leaky_relu" else kind(**attributes)
 
 
+def has_call_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward or backward hooks of its own, which ``nn.Module.__call__`` runs
+    around its ``forward``."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
 def has_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has hooks of its own, which a fused module in its place would not have:
     forward/backward hooks (bypassed) and state-dict hooks (a key renamed or added for it lost)."""
-    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
-                or module._backward_pre_hooks or module._state_dict_hooks or module._state_dict_pre_hooks
-                or module._load_state_dict_pre_hooks or module._load_state_dict_post_hooks)
+    return has_call_hooks(module) or bool(
+        module._state_dict_hooks or module._state_dict_pre_hooks or module._load_state_dict_pre_hooks
+        or module._load_state_dict_post_hooks)
 
 
 def is_plain(module: nn.Module, kind: type, with_children: bool = False) -> bool:
@@ -133,6 +144,39 @@ def activation_of(module: nn.Module) -> Optional[Tuple[str, float]]:
             except (TypeError, ValueError):  # a slope the fused layers refuse (nan, inf, beyond float32)
                 return None
     return None
+
+
+def function_activation(function: Callable, args: Sequence[object],
+                        kwargs: Dict[str, object]) -> Optional[Tuple[str, float]]:
+    """(activation name, negative_slope) for ``function(input, *args, **kwargs)``, a call of
+    :data:`FUNCTION_ACTIVATIONS` whose settings the kernels implement, else None: ``approximate``
+    ``"none"`` or ``"tanh"``, a slope the fused layers take, never ``inplace`` (conservatively: the
+    in-place form could be meant for the Linear's output that other code also reads).
+
+    Example:
+        >>> function_activation(F.gelu, (), {"approximate": "tanh"}), function_activation(F.leaky_relu, (0.2,), {})
+        (('gelu_tanh', 0.01), ('leaky_relu', 0.2))
+        >>> function_activation(F.relu, (), {"inplace": True}) is None
+        True
+    """
+    name, parameters = FUNCTION_ACTIVATIONS[function]
+    if len(args) > len(parameters) or set(kwargs) - set(parameters[len(args):]):
+        return None  # a call eager would refuse, or a setting this table does not know
+    settings = {**dict(zip(parameters, args)), **kwargs}
+    if settings.get("inplace", False) is not False:
+        return None
+    if name == "gelu":
+        approximate = settings.get("approximate", "none")
+        if approximate not in ("none", "tanh"):  # also a value computed in forward (a graph node)
+            return None
+        return ("gelu" if approximate == "none" else "gelu_tanh"), DEFAULT_NEGATIVE_SLOPE
+    slope = settings.get("negative_slope", DEFAULT_NEGATIVE_SLOPE)
+    if isinstance(slope, bool) or not isinstance(slope, (int, float)):  # a graph node, a tensor
+        return None
+    try:
+        return name, slope_value(slope)
+    except (TypeError, ValueError):  # a slope the fused layers refuse (nan, inf, beyond float32)
+        return None
 
 
 def dropout_of(module: nn.Module) -> Optional[float]:

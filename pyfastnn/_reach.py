@@ -25,10 +25,10 @@ from ._patterns import runs_in_sequence
 from ._tracing import is_plain_attribute, plain_attribute_names, trace_forward
 from .nn import FusedLinear, FusedMLP
 
-__all__ = ["called_from_outside"]
+__all__ = ["reached_past_their_owner"]
 
 
-def called_from_outside(model: nn.Module) -> Set[int]:
+def reached_past_their_owner(model: nn.Module) -> Set[int]:
     """ids of the modules some code of a module's class may call past their owner (``self.block.fc(x)``,
     ``self.mlp[0](x)``): what its traced graph calls, what its class's source reaches
     (:func:`_reached_in_source`), which also sees branches and modes the trace did not take, and
@@ -341,7 +341,7 @@ def _run_by_forward(methods: List[_Method]) -> Set[str]:
     return run
 
 
-def _reached_in_source(module: nn.Module, sources: Optional[Dict[type, Optional[List[Tuple[ast.Module, Optional[str]]]]]] = None
+def _reached_in_source(module: nn.Module, sources: Dict[type, Optional[List[Tuple[ast.Module, Optional[str]]]]]
                        ) -> Set[int]:
     """ids of the modules below `module`'s children that the source of its class may call (or reach
     and read) past their owner, read from every method but what ``__init__`` runs at once; the
@@ -362,9 +362,9 @@ def _reached_in_source(module: nn.Module, sources: Optional[Dict[type, Optional[
       or given to a harmless builtin (``first_layer(self, x)``, ``vars(self)``, ``m = self``,
       ``[self]``) pins everything below, as does the whole class where its source cannot be read.
 
-    In a Sequential subclass, ``self[i]``, ``for m in self`` and its children methods pin its own children."""
+    In a Sequential subclass, ``self[i]``, ``for m in self`` and its children methods pin its own children.
+    ``sources`` caches each class's parsed source (None: unreadable) across the modules of one model."""
     below = _below_children(module)
-    sources = {} if sources is None else sources
     if type(module) not in sources:
         try:
             sources[type(module)] = [(_parse(source), name) for source, name in _class_sources(type(module))]
@@ -456,13 +456,9 @@ def _reached_in_nodes(nodes: List[ast.AST], uses: _Uses, in_forward: bool, below
         if (not isinstance(node, ast.Attribute) or isinstance(parent, ast.Attribute)
                 or isinstance(node.ctx, (ast.Store, ast.Del))):
             continue  # only whole chains read: self.a.b, not its self.a part, nor `self.a = ...`
-        names, root = [], node
-        while isinstance(root, ast.Attribute):
-            names.append(root.attr)
-            root = root.value
-        if not (isinstance(root, ast.Name) and root.id == me):
+        names = _self_chain(node, me)
+        if names is None:
             continue
-        names.reverse()
         path, target = _submodule_path(module, names)
         if not path:
             own = (names[0] in module._parameters or names[0] in module._buffers
@@ -566,15 +562,9 @@ def _aliases(function: ast.AST, me: str, module: nn.Module) -> Set[str]:
             return node.id == me or node.id in bound
         if isinstance(node, ast.Call) and _gives_an_output(node, me, module, bound):
             return False
-        if isinstance(node, ast.Attribute):
-            names, root = [], node
-            while isinstance(root, ast.Attribute):
-                names.append(root.attr)
-                root = root.value
-            if isinstance(root, ast.Name) and root.id == me:
-                names.reverse()
-                path = _submodule_path(module, names)[0]
-                return len(path) == len(names) or names[len(path)] in _STRUCTURE_METHODS
+        if isinstance(node, ast.Attribute) and (names := _self_chain(node, me)) is not None:
+            path = _submodule_path(module, names)[0]
+            return len(path) == len(names) or names[len(path)] in _STRUCTURE_METHODS
         if isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp)):
             return from_self(node.elt)
         if isinstance(node, ast.DictComp):
@@ -612,14 +602,18 @@ def _aliases(function: ast.AST, me: str, module: nn.Module) -> Set[str]:
 
 def _submodule_called(call: ast.Call, me: str, module: nn.Module) -> bool:
     """Whether ``call`` calls a submodule by its attribute path (``self.embed(x)``, ``self.a.b(x)``)."""
-    names, node = [], call.func
+    names = _self_chain(call.func, me)
+    return bool(names) and len(_submodule_path(module, names)[0]) == len(names)
+
+
+def _self_chain(node: ast.expr, me: str) -> Optional[List[str]]:
+    """The attribute names of a chain read from the module, ``self.a.b`` -> ``["a", "b"]`` (``me``
+    is the name ``self`` goes by), or None where ``node`` is no such chain (``self`` alone: [])."""
+    names = []
     while isinstance(node, ast.Attribute):
         names.append(node.attr)
         node = node.value
-    if not (names and isinstance(node, ast.Name) and node.id == me):
-        return False
-    names.reverse()
-    return len(_submodule_path(module, names)[0]) == len(names)
+    return names[::-1] if isinstance(node, ast.Name) and node.id == me else None
 
 
 def _parse(source: str) -> ast.Module:

@@ -29,7 +29,7 @@ from torch import nn
 
 from ._ops import DEFAULT_NEGATIVE_SLOPE
 from ._patterns import (FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, STATELESS_ACTIVATIONS, Layer, activation_of,
-                        describe, dropout_joining, fusable_linear)
+                        describe, dropout_joining, function_activation, fusable_linear)
 from .nn import FusedLinear, fused_layers
 
 __all__ = ["ShallowTracer", "Trace", "check_unchanged", "fuse_traced", "is_plain_attribute", "plain_attribute_names",
@@ -67,17 +67,25 @@ class ShallowTracer(torch.fx.Tracer):
 
 def _node_activation(gm: torch.fx.GraphModule, node: torch.fx.Node, source: torch.fx.Node):
     """(name, slope) when `node` applies a supported activation to `source` and nothing else."""
-    if node.args[:1] != (source,) or len(node.args) > 1:
+    if node.args[:1] != (source,):
+        return None
+    if node.op == "call_function" and node.target in FUNCTION_ACTIVATIONS:
+        return function_activation(node.target, node.args[1:], node.kwargs)
+    if len(node.args) > 1 or node.kwargs:
         return None
     if node.op == "call_module":
-        return None if node.kwargs else activation_of(gm.get_submodule(node.target))
-    if node.op == "call_function" and node.target in FUNCTION_ACTIVATIONS:
-        if node.kwargs.get("inplace", False) or set(node.kwargs) - {"inplace"}:
-            return None
-        return FUNCTION_ACTIVATIONS[node.target], DEFAULT_NEGATIVE_SLOPE
-    if node.op == "call_method" and node.target in METHOD_ACTIVATIONS and not node.kwargs:
+        return activation_of(gm.get_submodule(node.target))
+    if node.op == "call_method" and node.target in METHOD_ACTIVATIONS:
         return METHOD_ACTIVATIONS[node.target], DEFAULT_NEGATIVE_SLOPE
     return None
+
+
+def _describe_call(node: torch.fx.Node) -> str:
+    """How fuse()'s report names an activation the graph applies: a module's path, or a function or
+    method with the settings it was called with (``gelu(approximate='tanh')``)."""
+    name = getattr(node.target, "__name__", str(node.target))
+    settings = [repr(value) for value in node.args[1:]] + [f"{key}={value!r}" for key, value in node.kwargs.items()]
+    return f"{name}({', '.join(settings)})" if settings else name
 
 
 @dataclass
@@ -502,7 +510,7 @@ def _fused_graph_module(module: nn.Module, path: str, pinned: AbstractSet[int], 
         activation = _node_activation(gm, act_node, node)
         if activation is None:
             continue
-        last, p, described = act_node, 0.0, [describe(linear), getattr(act_node.target, "__name__", str(act_node.target))]
+        last, p, described = act_node, 0.0, [describe(linear), _describe_call(act_node)]
         if len(act_node.users) == 1:
             after = next(iter(act_node.users))
             if (after.op == "call_module" and after.args == (act_node,) and not after.kwargs

@@ -80,8 +80,8 @@ class InvalidArgument(ValueError):
         return "--" + self.name.replace("_", "-")
 
 
-def check_number(name: str, value, minimum=None, maximum=None, *, integer: bool = False,
-                 include_minimum: bool = True, include_maximum: bool = True) -> None:
+def check_number(name: str, value: object, minimum: Optional[float] = None, maximum: Optional[float] = None, *,
+                 integer: bool = False, include_minimum: bool = True, include_maximum: bool = True) -> None:
     """Raises :class:`InvalidArgument` unless ``value`` is a finite number in the given range.
 
     Example:
@@ -119,21 +119,25 @@ def check_number(name: str, value, minimum=None, maximum=None, *, integer: bool 
         raise InvalidArgument(name, f"must be {'<=' if include_maximum else '<'} {maximum}, got {value!r}")
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
+def positive_int(text: str) -> int:
+    """An integer >= 1 on the command line (a count, a size).
 
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
-positive_int = _int_at_least(1)
+    Example:
+        >>> from pyfastnn.command import positive_int
+        >>> positive_int("64")
+        64
+        >>> positive_int("0")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: must be >= 1, got 0
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def positive_float(text: str) -> float:

@@ -96,33 +96,53 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), shown)
     descriptor = _descriptor_of(path)
     path = Path(os.path.realpath(path))
-    if descriptor is None and path.is_dir():
+    if descriptor is not None:
+        writer = _write_through_descriptor(descriptor, shown)
+    elif path.is_dir():
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), shown)
-    if descriptor is not None:  # the whole content once the block succeeds, as a replaced file would get it
-        buffer = io.BytesIO()
-        yield buffer
-        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):  # what was printed comes first
-            with contextlib.suppress(Exception):
-                stream.flush()
-        try:
-            with os.fdopen(os.dup(descriptor), "wb") as f:  # a copy: closing it leaves the process's open
-                f.write(buffer.getvalue())
-        except OSError as e:
-            _raise_naming(e, shown, cause=False)
-        return
-    if path.exists() and not path.is_file():  # a device or a pipe: nothing to replace
-        try:
-            f = open(path, "wb")
-        except OSError as e:
-            _raise_naming(e, shown, cause=False)
-        try:
-            with f:
-                yield f
-        except OSError as e:  # "disk full" from a write or the closing flush names the device
-            if e.filename is None or os.fspath(e.filename) == str(path):
-                _raise_naming(e, shown)
-            raise
-        return
+    elif path.exists() and not path.is_file():  # a device or a pipe: nothing to replace
+        writer = _write_into_device(path, shown)
+    else:
+        writer = _replace_file(path, shown)
+    with writer as f:
+        yield f
+
+
+@contextlib.contextmanager
+def _write_through_descriptor(descriptor: int, shown: str) -> Iterator[BinaryIO]:
+    """atomic_write to one of the process's own descriptors (``/dev/stdout``): the whole content once
+    the block succeeds, as a replaced file would get it."""
+    buffer = io.BytesIO()
+    yield buffer
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):  # what was printed comes first
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        with os.fdopen(os.dup(descriptor), "wb") as f:  # a copy: closing it leaves the process's open
+            f.write(buffer.getvalue())
+    except OSError as e:
+        _raise_naming(e, shown, cause=False)
+
+
+@contextlib.contextmanager
+def _write_into_device(path: Path, shown: str) -> Iterator[BinaryIO]:
+    """atomic_write to a device or a pipe, which has no file to replace: written as it comes."""
+    try:
+        f = open(path, "wb")
+    except OSError as e:
+        _raise_naming(e, shown, cause=False)
+    try:
+        with f:
+            yield f
+    except OSError as e:  # "disk full" from a write or the closing flush names the device
+        if e.filename is None or os.fspath(e.filename) == str(path):
+            _raise_naming(e, shown)
+        raise
+
+
+@contextlib.contextmanager
+def _replace_file(path: Path, shown: str) -> Iterator[BinaryIO]:
+    """atomic_write to a file: a temporary file beside it, renamed over it once complete and on disk."""
     # Same folder, so the rename stays on one file system and is atomic; a dot name keeps it out of globs.
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:

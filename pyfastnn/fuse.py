@@ -52,9 +52,9 @@ import torch
 from torch import nn
 
 from ._ops import check_flag
-from ._patterns import (STATELESS_ACTIVATIONS, Layer, activation_of, describe, dropout_of, fusable_linear, has_hooks,
-                        is_plain, linear_dtype_problem, parse_layers, runs_in_sequence)
-from ._reach import called_from_outside
+from ._patterns import (STATELESS_ACTIVATIONS, Layer, activation_of, describe, dropout_of, fusable_linear,
+                        has_call_hooks, has_hooks, is_plain, linear_dtype_problem, parse_layers, runs_in_sequence)
+from ._reach import reached_past_their_owner
 from ._tracing import ShallowTracer, check_unchanged, fuse_traced, unpickle_keeping_graph_module
 from .nn import FusedLinear, FusedMLP, fused_layers
 
@@ -103,19 +103,17 @@ class Absorbed(nn.Identity):
         AttributeError: this module stands for an nn.Linear that fuse() folded into module 0, whose layer '2' holds its weight (0.2.weight ...
     """
 
-    def __init__(self, fused_into: Optional[str] = None, layer_name: Optional[str] = None,
-                 has_bias: bool = True) -> None:
+    def __init__(self, fused_into: str, layer_name: Optional[str] = None, has_bias: bool = True) -> None:
         super().__init__()
         # fused_into: the fused module's path in the model fuse() returned; layer_name: its layer
         # holding the parameters, where the absorbed module was an nn.Linear.
         self.fused_into, self.layer_name, self.has_bias = fused_into, layer_name, has_bias
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        # nn.Module.__call__ runs hooks only where some are registered; without any this costs nothing.
-        if self._forward_pre_hooks or self._forward_hooks or self._backward_hooks or self._backward_pre_hooks:
-            where = f" into module {self.fused_into}" if self.fused_into is not None else ""
+        # Hooks would run around this forward (nn.Module.__call__), seeing the input passed through.
+        if has_call_hooks(self):
             raise RuntimeError(f"pyfastnn: this Absorbed placeholder has hooks, but fuse() folded the module that "
-                               f"stood here{where}, which computes it; the placeholder only passes that module's "
+                               f"stood here into module {self.fused_into}, which computes it; the placeholder only passes that module's "
                                f"output on, so hooks here would never see the absorbed module's input, output or "
                                f"gradient. Register them on the model before fuse() (a module with hooks is left "
                                f"unfused), or on the fused module")
@@ -145,8 +143,6 @@ class Absorbed(nn.Identity):
         super().register_buffer(name, tensor, persistent)
 
     def extra_repr(self) -> str:
-        if self.fused_into is None:
-            return ""
         if self.layer_name is None:
             return f"fused into module {self.fused_into}"
         return f"nn.Linear fused into module {self.fused_into} as its layer {self.layer_name!r}"
@@ -405,7 +401,7 @@ def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_w
 @dataclass
 class _Fusion:
     report: List[FusedRun]
-    pinned: Set[int]   # ids of modules called from outside their owner's forward
+    pinned: Set[int]   # ids of modules left where they are: reached past their owner, or shared in ways fusion would split
     hooked: List[str]  # modules left unfused for their hooks
     compiled: List[str]  # torch.compile wrappers left as they are
     done: Dict[int, Tuple[nn.Module, nn.Module]] = field(default_factory=dict)  # id -> (module, its result)
@@ -492,8 +488,9 @@ def fuse(model: nn.Module, inplace: bool = False, *, report: Optional[List[Fused
     """Returns ``model`` with its ``Linear -> activation (-> Dropout)`` runs fused.
 
     Supported activations: ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.Sigmoid``, ``nn.Tanh``, ``nn.GELU``
-    (both forms), ``nn.SiLU``, ``nn.Identity`` (and, in traced modules, ``torch.relu``,
-    ``F.relu``, ``torch.sigmoid``, ``torch.tanh``, ``F.silu``, ``F.gelu``). Outputs equal the original
+    (both forms), ``nn.SiLU``, ``nn.Identity`` (and, in traced modules, ``torch.relu``, ``F.relu``,
+    ``torch.sigmoid``, ``torch.tanh``, ``F.silu``, ``F.gelu`` (both forms), ``F.leaky_relu`` and the
+    methods ``x.relu()``, ``x.sigmoid()``, ``x.tanh()``; not in place). Outputs equal the original
     model's (to float rounding) in ``eval()``, and gradients too in ``train()`` without dropout;
     dropout masks are drawn differently from ``nn.Dropout``'s but with the same distribution.
 
@@ -555,7 +552,7 @@ def _fuse(model: nn.Module, inplace: bool, report: Optional[List[FusedRun]], ver
                                f"inplace=True, or remove what stops the copy first") from error
     hooked = [name or type(model).__name__ for name, module in model.named_modules()
               if type(module) is nn.Linear and has_hooks(module) and linear_dtype_problem(module) is None]
-    pinned = called_from_outside(model)
+    pinned = reached_past_their_owner(model)
     fusion = _Fusion([], pinned | _shared_modules_to_leave(model, pinned), [], [])
     model = _fuse_tree(model, "", fusion, keep_root=inplace)
     hooked += fusion.hooked

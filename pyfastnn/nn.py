@@ -12,10 +12,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._ops import (DEFAULT_NEGATIVE_SLOPE, activation_code, canonical_activation, dropout_probability, run_fused_linear,
-                   run_fused_mlp, slope_value)
-from ._patterns import (Layer, activation_module, chain_mismatch, dropout_of, is_plain_linear, kept_for_its_own_state,
-                        linear_dtype_problem, link_mismatch, parse_layers)
+from ._ops import (DEFAULT_NEGATIVE_SLOPE, activation_code, canonical_activation, dropout_probability, dropout_runs,
+                   run_fused_linear, run_fused_mlp, slope_value)
+from ._patterns import (Layer, activation_module, chain_mismatch, dropout_of, has_call_hooks, is_plain_linear,
+                        kept_for_its_own_state, linear_dtype_problem, link_mismatch, parse_layers)
 
 __all__ = ["FusedLinear", "FusedMLP", "activation_module"]
 
@@ -131,7 +131,9 @@ class FusedLinear(nn.Module):
         raise _NotScriptable(type(self).__name__)  # torch.jit.script asks each module first
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.dropout > 0.0 and self.training:  # a one-layer fused MLP with dropout after it
+        """``act(input @ weight.T + bias)`` for ``input`` of shape ``(*, in_features)``, then dropout
+        in training mode."""
+        if dropout_runs(self.dropout, self.training):  # a one-layer fused MLP with dropout after it
             return run_fused_mlp(input, [self.weight], [self.bias], [self._activation_code], self.negative_slope,
                               [self.dropout], True)
         return run_fused_linear(input, self.weight, self.bias, self._activation_code, self.negative_slope)
@@ -288,8 +290,8 @@ class FusedMLP(nn.Module):
     ) -> None:
         super().__init__()
         sizes = _layer_sizes(sizes)
-        if len(sizes) < 2 or any(n < 0 for n in sizes):
-            raise ValueError(f"sizes must list at least in_features and out_features (>= 0), got {sizes}")
+        if len(sizes) < 2:
+            raise ValueError(f"sizes must list at least in_features and out_features, got {sizes}")
         for name, value in (("activation", activation), ("dropout", dropout)):
             if isinstance(value, (list, tuple)):
                 raise TypeError(f"FusedMLP takes one {name} for every hidden layer, got {value!r}; for settings per "
@@ -477,6 +479,8 @@ class FusedMLP(nn.Module):
         raise _NotScriptable(type(self).__name__)  # torch.jit.script asks each module first
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """The whole network on ``input`` of shape ``(*, sizes[0])`` as one fused op (its backward
+        one op too), each layer in its own train/eval mode."""
         # Everything is read from the layers on every call (a few microseconds): replacing a layer,
         # assigning a parameter or an attribute, export's attribute snapshots, parametrizations and
         # hook-based reparametrizations are all seen.
@@ -484,8 +488,7 @@ class FusedMLP(nn.Module):
         slope: Optional[float] = None
         for name, layer in self._modules.items():
             _check_layer(layer, name)
-            if layer._forward_pre_hooks or layer._forward_hooks or layer._backward_hooks or \
-                    layer._backward_pre_hooks:
+            if has_call_hooks(layer):
                 _run_layer_pre_hooks(layer, name, (input,) if not weights else ())
             parameters = layer._parameters
             # A parametrized or hook-reparametrized layer computes its weight on access.
@@ -561,20 +564,11 @@ _MAX_FEATURES = 2 ** 63 - 1  # a tensor dimension is an int64
 
 
 def _layer_sizes(sizes) -> List[int]:
-    """``FusedMLP``'s ``sizes`` as integers; floats, strings and other non-integers are refused."""
+    """``FusedMLP``'s ``sizes``, each checked as :func:`_feature_count` checks a layer's: a sequence
+    of integers >= 0."""
     if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
         raise TypeError(f"sizes must be a sequence of integers, got {type(sizes).__name__}")
-    result = []
-    for n in sizes:
-        if isinstance(n, bool):
-            raise TypeError(f"sizes must be integers, got {n!r}")
-        try:
-            result.append(operator.index(n))
-        except TypeError:
-            raise TypeError(f"sizes must be integers, got {n!r} ({type(n).__name__})") from None
-        if result[-1] > _MAX_FEATURES:
-            raise ValueError(f"sizes must be < 2**63, got an integer of {len(str(result[-1]))} digits")
-    return result
+    return [_feature_count(n, f"sizes[{i}]") for i, n in enumerate(sizes)]
 
 
 def _check_layers(layers: Sequence[FusedLinear], names: Optional[Sequence[str]] = None) -> None:

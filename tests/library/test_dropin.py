@@ -2063,11 +2063,13 @@ def test_fused_mlp_argument_checks():
         pyfastnn.fused_mlp(x, [w], activation="swish")
     with pytest.raises(ValueError, match="dropout probability"):
         pyfastnn.fused_mlp(x, [w], dropout=2.0)
-    with pytest.raises(TypeError, match="sizes must be integers, got 3.7"):
+    with pytest.raises(TypeError, match=re.escape("sizes[1] must be an integer, got 3.7 (float)")):
         FusedMLP([8, 3.7, 2])
+    with pytest.raises(ValueError, match=re.escape("sizes[2] must be >= 0, got -2")):
+        FusedMLP([8, 3, -2])
     with pytest.raises(TypeError, match="sizes must be a sequence of integers, got str"):
         FusedMLP("82")
-    with pytest.raises(ValueError, match=re.escape("sizes must be < 2**63, got an integer of 21 digits")):
+    with pytest.raises(ValueError, match=re.escape("sizes[1] must be < 2**63, got an integer of 21 digits")):
         FusedMLP([8, 10 ** 20, 2])  # torch's own message would carry a C++ backtrace
     for settings in ({"activation": ["relu", "tanh"]}, {"dropout": (0.1, 0.2)}):  # fused_mlp takes lists
         with pytest.raises(TypeError, match=r"FusedMLP takes one \w+ for every hidden layer.*FusedMLP.from_layers"):

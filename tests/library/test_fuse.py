@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -234,6 +235,42 @@ def test_each_torch_activation_module_becomes_its_own_kernel():
         fused = pyfastnn.fuse(model)
         assert type(fused) is FusedMLP and fused[0].activation == name, (module, fused)
         torch.testing.assert_close(fused(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_each_activation_function_a_traced_forward_calls_becomes_its_own_kernel():
+    # (function of the Linear's output, the fused layer's activation and slope; None: left unfused)
+    cases = [(lambda h: F.relu(h), ("relu", 0.01)), (lambda h: F.relu(h, False), ("relu", 0.01)),
+             (lambda h: h.sigmoid(), ("sigmoid", 0.01)), (lambda h: torch.tanh(h), ("tanh", 0.01)),
+             (lambda h: F.gelu(h), ("gelu", 0.01)), (lambda h: F.gelu(h, approximate="none"), ("gelu", 0.01)),
+             (lambda h: F.gelu(h, approximate="tanh"), ("gelu_tanh", 0.01)), (lambda h: F.silu(h), ("silu", 0.01)),
+             (lambda h: F.leaky_relu(h), ("leaky_relu", 0.01)), (lambda h: F.leaky_relu(h, 0.2), ("leaky_relu", 0.2)),
+             (lambda h: F.leaky_relu(h, negative_slope=-0.5), ("leaky_relu", -0.5)),
+             (lambda h: F.relu(h, inplace=True), None), (lambda h: F.leaky_relu(h, 0.2, True), None),
+             (lambda h: F.leaky_relu(h, float("nan")), None), (lambda h: F.leaky_relu(h, 1e39), None)]
+
+    def model_applying(function):
+        class Model(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc, self.out = nn.Linear(6, 5), nn.Linear(5, 2)
+
+            def forward(self, x):
+                return self.out(function(self.fc(x)))
+
+        return Model().double()
+
+    x = torch.randn(16, 6, dtype=torch.float64)
+    for function, expected in cases:
+        model, runs = model_applying(function), []
+        fused = pyfastnn.fuse(model, report=runs)
+        if expected is None:
+            assert runs == [] and type(fused.fc) is nn.Linear, fused
+            continue
+        assert (fused.fc.activation, fused.fc.negative_slope) == expected, fused
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-12, atol=1e-12)
+    runs = []
+    pyfastnn.fuse(model_applying(lambda h: F.gelu(h, approximate="tanh")), report=runs)
+    assert "gelu(approximate='tanh')" in str(runs[0])  # the report says which form it took
 
 
 def test_fuse_leaves_unfusable_modules_alone():
