@@ -211,7 +211,7 @@ def find_mnist(explicit: Optional[PathLike] = None) -> Optional[Path]:
 
 def normalize(images: torch.Tensor, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> torch.Tensor:
     """uint8 images -> float32 ``(x / 255 - mean) / std``, flattened to ``(N, 784)``, once for all."""
-    flat = images.reshape(images.shape[0], -1).to(torch.float32)
+    flat = images.flatten(1).to(torch.float32)  # (reshape(N, -1) cannot infer -1 for N = 0)
     if flat.data_ptr() == images.data_ptr():  # already float32: .to() returned the caller's tensor
         flat = flat.clone()
     # In place: the same arithmetic as the expression, without two more arrays the size of the set.
@@ -222,7 +222,9 @@ class Batches:
     """Shuffled mini-batches from in-memory tensors (no per-sample Python work).
 
     With ``world_size > 1`` each rank takes its own shard of every epoch's permutation, like
-    ``DistributedSampler`` (the permutation depends only on seed and epoch, so ranks agree).
+    ``DistributedSampler`` (the permutation depends only on seed and epoch, so ranks agree; it is
+    seeded with ``seed + epoch``, as ``DistributedSampler`` seeds it, so seeds s and s + 1 draw the
+    same orders one epoch apart).
     """
 
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, shuffle: bool = True,

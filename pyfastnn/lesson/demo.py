@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -25,7 +26,7 @@ from .data import find_mnist, load_mnist
 from .plots import drawn_by_pyfastnn, plot_activations, plot_loss
 from .processes import launched_processes
 from .settings import TrainConfig
-from .train import PLOT_FILES, RUN_FILES, check_device, check_no_other_run, make_adam, train
+from .train import METRICS_FILE, PLOT_FILES, RUN_FILES, check_device, check_no_other_run, make_adam, train
 
 
 def _section(title: str) -> None:
@@ -80,7 +81,7 @@ DEMO_RUN_LABEL = "pyfastnn demo"
 
 def _holds_a_demo_run(mnist_out: Path) -> bool:
     try:
-        metrics = json.loads((mnist_out / "metrics.json").read_text())
+        metrics = json.loads((mnist_out / METRICS_FILE).read_text())
         return metrics["config"]["label"] == DEMO_RUN_LABEL
     except (OSError, ValueError, KeyError, TypeError):  # no metrics.json, or not the demo's
         return False
@@ -180,7 +181,7 @@ def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bo
         summary["mnist_test_accuracy"] = result.metrics["test_accuracy"]
         steps = sum(h["steps"] for h in result.metrics["history"])  # an epoch may hold fewer than asked
         print(f"test accuracy after {steps} steps: {result.metrics['test_accuracy']:.4f} "
-              f"(full run: pyfastnn train mnist --data {root} --device {device})")
+              f"(full run: pyfastnn train mnist --data {shlex.quote(str(root))} --device {device})")
     print(f"\nPictures are in {out.resolve()}")
     return summary
 

@@ -89,6 +89,8 @@ def _check_training(X: np.ndarray, epochs: int, learning_rate: float, name: str 
         raise ValueError(f"X must be 2-D (samples x features), got shape {X.shape}")
     if X.shape[0] == 0:  # a mean over no samples is NaN, and a step with it would make the weights NaN
         raise ValueError("X holds no samples to train on")
+    if not np.isfinite(X).all():  # one step with it would make the weights NaN, silently
+        raise ValueError("X holds NaN or infinite values")
     check_number("epochs", epochs, 0, integer=True)
     check_number(name, learning_rate, 0, include_minimum=False)  # 0 never learns; < 0 climbs the loss
 
@@ -100,6 +102,8 @@ def _check_targets(X: np.ndarray, y: np.ndarray, output_size: int) -> None:
     if y.shape != expected:
         raise ValueError(f"y must have shape {expected} (one row of {output_size} target(s) per sample), "
                          f"got {y.shape}" + ("; reshape it with y.reshape(-1, 1)" if y.ndim == 1 and output_size == 1 else ""))
+    if not np.isfinite(y).all():
+        raise ValueError("y holds NaN or infinite values")
 
 
 class NumpyTwoLayerNet:

@@ -74,6 +74,8 @@ def plot_activations(path, names: Sequence[str] = ("sigmoid", "relu", "tanh", "l
 
 def plot_training_curves(history: List[Dict], path) -> Path:
     """Loss and accuracy per epoch, train and test."""
+    if not history:
+        raise ValueError("plot_training_curves: the history holds no epoch to plot")
     epochs = [h["epoch"] for h in history]
     fig = _figure(figsize=(10, 4))
     loss_ax, acc_ax = fig.subplots(1, 2)

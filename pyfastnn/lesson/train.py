@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
+import json
 import numbers
 import os
 import threading
@@ -41,7 +42,8 @@ from .settings import TrainConfig
 LOADERS = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist}
 BACKENDS = ("fused", "torch")
 PLOT_FILES = ("curves.png", "predictions.png")
-RUN_FILES = ("checkpoint.pt", "metrics.json")
+CHECKPOINT_FILE, METRICS_FILE = "checkpoint.pt", "metrics.json"
+RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE)
 
 
 @dataclasses.dataclass
@@ -200,17 +202,32 @@ def check_no_other_run(out: Path, resume: Optional[str], resume_as: Optional[Tra
     and its pictures at once. ``resume_as``: the settings of a command that has ``--resume``, which
     the message suggests where that run's checkpoint would continue with them."""
     held = [name for name in RUN_FILES + PLOT_FILES if (out / name).exists()]
-    if not held or (resume is not None and "checkpoint.pt" in held and os.path.samefile(resume, out / "checkpoint.pt")):
+    if not held or (resume is not None and CHECKPOINT_FILE in held and os.path.samefile(resume, out / CHECKPOINT_FILE)):
         return
     resume_hint = ""
-    if resume_as is not None and "checkpoint.pt" in held:
+    if resume_as is not None and CHECKPOINT_FILE in held:
         try:  # only a resume that would be accepted is suggested
-            check_resume_settings(load_checkpoint(out / "checkpoint.pt"), out / "checkpoint.pt", resume_as)
-            resume_hint = f"continue it with --resume {out / 'checkpoint.pt'}, "
+            state = load_checkpoint(out / CHECKPOINT_FILE)
+            check_resume_settings(state, out / CHECKPOINT_FILE, resume_as)
+            more = f" and --epochs above {state['epoch']}" if state["epoch"] >= resume_as.epochs else ""
+            resume_hint = f"continue it with --resume {out / CHECKPOINT_FILE}{more}, "
         except (CheckpointError, OSError):
             pass
-    raise FileExistsError(f"output folder {out} holds another run ({', '.join(held)}): {resume_hint}start over "
-                          f"there with --overwrite, or choose another --out")
+    stopped = ", which stopped before its first checkpoint" if _stopped_before_a_checkpoint(out, held) else ""
+    raise FileExistsError(f"output folder {out} holds another run ({', '.join(held)}){stopped}: {resume_hint}start "
+                          f"over there with --overwrite, or choose another --out")
+
+
+def _stopped_before_a_checkpoint(out: Path, held: List[str]) -> bool:
+    """Whether ``out`` holds a run's metrics.json that says no checkpoint was written (the run was
+    stopped in its first epoch), and no checkpoint."""
+    if CHECKPOINT_FILE in held or METRICS_FILE not in held:
+        return False
+    try:
+        metrics = json.loads((out / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(metrics, dict) and metrics.get("completed") is False and metrics.get("checkpoint_epoch") is None
 
 
 def run_metrics(config: TrainConfig, device: str, world_size: int, graphed: bool, history: List[Dict],
@@ -234,7 +251,8 @@ def write_json(path, data: Dict) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: Optional[int] = 1000):
+def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+             batch_size: Optional[int] = 1000) -> Tuple[float, float, torch.Tensor]:
     """(mean cross-entropy, accuracy, predictions) over the whole set, in eval mode; in chunks of
     ``batch_size`` rows, or in one forward with ``batch_size=None`` (on a GPU, one launch per layer)."""
     was_training = model.training
@@ -312,7 +330,7 @@ def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank
     checkpoint_epoch: Optional[int] = None
 
     def write_metrics(completed: bool = False) -> None:  # the run so far, naming the checkpoint on disk
-        write_json(out / "metrics.json", run_metrics(config, device, world_size, graphed, history, completed,
+        write_json(out / METRICS_FILE, run_metrics(config, device, world_size, graphed, history, completed,
                                                      checkpoint_epoch))
 
     if out is not None and not _finishes_its_own_run(out, config, start_epoch):
@@ -326,7 +344,7 @@ def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank
         nonlocal checkpoint_epoch
         rank_rng = rng_states_of_every_rank(device, world_size)
         if out is not None:
-            path = out / "checkpoint.pt"
+            path = out / CHECKPOINT_FILE
             before = _file_identity(path)
             try:
                 save_checkpoint(path, model, optimizer, history, epochs_done, config, device, world_size, rank_rng)
@@ -351,51 +369,60 @@ def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank
         return loss
 
     graph_steps: Dict[int, CUDAGraphStep] = {}  # one graph per batch size (the last batch is smaller)
+
+    def train_epoch(epoch: int, steps: int) -> Tuple[int, float]:
+        """Runs the epoch's steps (the running sums zeroed first): (samples seen, when its steps began)."""
+        batches.set_epoch(epoch)
+        trained.train()
+        progress = _progress(steps, f"epoch {epoch + 1}/{config.epochs}", config.progress and rank == 0)
+        loss_sum.zero_()
+        correct.zero_()
+        seen, started = 0, time.perf_counter()
+        try:  # an interrupted epoch closes its bar too, so what is printed next starts a line
+            for step, index in enumerate(batches.batch_indices()):
+                if step >= steps:
+                    break
+                if graphed:
+                    graph_step = graph_steps.get(len(index))
+                    if graph_step is None:  # its example batch is this batch; later ones are gathered into it
+                        graph_step = graph_steps[len(index)] = cuda_graph_step(
+                            trained, loss_and_tally, optimizer, (x_train[index], y_train[index]),
+                            warmup_steps=1 if graph_steps else 3)  # the first graph's warm-up made the lazy state
+                    else:
+                        torch.index_select(x_train, 0, index, out=graph_step.inputs[0])
+                        torch.index_select(y_train, 0, index, out=graph_step.inputs[1])
+                    graph_step.replay()
+                else:
+                    x, y = x_train.index_select(0, index), y_train.index_select(0, index)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_and_tally(trained(x), y).backward()
+                    optimizer.step()
+                seen += len(index)
+                if progress is not None:
+                    progress.update(1)
+                    if step % 50 == 0 or step == steps - 1:
+                        rate = seen * world_size / (time.perf_counter() - started)
+                        progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
+                                             acc=f"{correct.item() / seen:.4f}", samples_s=f"{rate:,.0f}")
+        finally:
+            if progress is not None:
+                progress.close()
+        return seen, started
+
+    def evaluate_test_set() -> Tuple[float, float, torch.Tensor]:
+        return evaluate(model, x_test, y_test, batch_size=None if on_cuda else 1000)
+
     predicted = None
     # Adam's moments of units that stop learning decay into denormals, which slow every CPU thread's
     # arithmetic from the second epoch on (NOTE [Denormals on every thread] in csrc/cpu/denormals.h).
     with flush_denormals(config.flush_denormals and not on_cuda):
         for epoch in range(start_epoch, config.epochs):
-            batches.set_epoch(epoch)
-            trained.train()
             steps = len(batches) if config.max_steps is None else min(len(batches), config.max_steps)
-            progress = _progress(steps, f"epoch {epoch + 1}/{config.epochs}", config.progress and rank == 0)
-            loss_sum.zero_()
-            correct.zero_()
-            seen, started = 0, time.perf_counter()
-            try:  # an interrupted epoch closes its bar too, so what is printed next starts a line
-                for step, index in enumerate(batches.batch_indices()):
-                    if step >= steps:
-                        break
-                    if graphed:
-                        graph_step = graph_steps.get(len(index))
-                        if graph_step is None:  # its example batch is this batch; later ones are gathered into it
-                            graph_step = graph_steps[len(index)] = cuda_graph_step(
-                                trained, loss_and_tally, optimizer, (x_train[index], y_train[index]),
-                                warmup_steps=1 if graph_steps else 3)  # the first graph's warm-up made the lazy state
-                        else:
-                            torch.index_select(x_train, 0, index, out=graph_step.inputs[0])
-                            torch.index_select(y_train, 0, index, out=graph_step.inputs[1])
-                        graph_step.replay()
-                    else:
-                        x, y = x_train.index_select(0, index), y_train.index_select(0, index)
-                        optimizer.zero_grad(set_to_none=True)
-                        loss_and_tally(trained(x), y).backward()
-                        optimizer.step()
-                    seen += len(index)
-                    if progress is not None:
-                        progress.update(1)
-                        if step % 50 == 0 or step == steps - 1:
-                            rate = seen * world_size / (time.perf_counter() - started)
-                            progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
-                                                 acc=f"{correct.item() / seen:.4f}", samples_s=f"{rate:,.0f}")
-            finally:
-                if progress is not None:
-                    progress.close()
+            seen, started = train_epoch(epoch, steps)
             # waits for the epoch's last step; under DDP the sums of every rank's shard
             train_loss, train_correct, total_seen = global_tally(loss_sum, correct, seen, world_size)
             seconds = time.perf_counter() - started
-            test_loss, test_accuracy, predicted = evaluate(model, x_test, y_test, batch_size=None if on_cuda else 1000)
+            test_loss, test_accuracy, predicted = evaluate_test_set()
             history.append({
                 "epoch": epoch + 1, "steps": steps, "train_loss": train_loss / max(total_seen, 1),
                 "train_accuracy": train_correct / max(total_seen, 1), "test_loss": test_loss,
@@ -425,15 +452,21 @@ def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank
     metrics = run_metrics(config, device, world_size, graphed, history, True, checkpoint_epoch)
     if out is not None:
         if config.plots and history:
-            plot_training_curves(history, out / "curves.png")
             if predicted is None:  # resumed from a finished run: nothing trained, nothing evaluated yet
-                _, _, predicted = evaluate(model, x_test, y_test, batch_size=None if on_cuda else 1000)
-            predicted = predicted.cpu()
-            shown = pictured_examples(predicted, test_labels)
-            plot_predictions(test_images[shown], test_labels[shown], predicted[shown], out / "predictions.png",
-                             title=predictions_title(len(test_labels), len(shown), history[-1]["test_accuracy"]))
-        write_json(out / "metrics.json", metrics)
+                _, _, predicted = evaluate_test_set()
+            _write_pictures(out, history, predicted.cpu(), test_images, test_labels)
+        write_json(out / METRICS_FILE, metrics)
     return TrainResult(model=model, metrics=metrics)
+
+
+def _write_pictures(out: Path, history: List[Dict], predicted: torch.Tensor, test_images: torch.Tensor,
+                    test_labels: torch.Tensor) -> None:
+    """curves.png (the history's losses and accuracies) and predictions.png (test images with the
+    model's labels) into ``out``."""
+    plot_training_curves(history, out / "curves.png")
+    shown = pictured_examples(predicted, test_labels)
+    plot_predictions(test_images[shown], test_labels[shown], predicted[shown], out / "predictions.png",
+                     title=predictions_title(len(test_labels), len(shown), history[-1]["test_accuracy"]))
 
 
 #: predictions.png shows the first PICTURED_FIRST test images (three rows of eight), then up to
@@ -484,7 +517,7 @@ def _finishes_its_own_run(out: Path, config: TrainConfig, start_epoch: int) -> b
     pictures and metrics then stay as they are (a later step redraws them, or --no-plots keeps them)."""
     if config.resume is None or start_epoch < config.epochs:
         return False
-    own = out / "checkpoint.pt"
+    own = out / CHECKPOINT_FILE
     return own.is_file() and os.path.samefile(config.resume, own)
 
 
@@ -547,8 +580,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: on; they slow each step as Adam's moments of idle units decay)")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed,
                         help="seeds the weights, the shuffle and dropout: 0 to 2**32 - 1 (default: %(default)s)")
-    parser.add_argument("--out", type=path_argument, default=TrainConfig.out,
-                        help="checkpoint, metrics.json and plots go here (default: %(default)s)")
+    parser.add_argument("--out", type=path_argument,
+                        help="checkpoint, metrics.json and plots go here (default: with --resume of a run's own "
+                             f"{CHECKPOINT_FILE}, that run's folder; else {TrainConfig.out})")
     parser.add_argument("--resume", type=path_argument, help="checkpoint to continue from")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in an --out folder that holds another run (its files are replaced)")
@@ -600,12 +634,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.data = _mnist_from_environment(parser, args.dataset, args.download)
     config = TrainConfig(
         dataset=args.dataset, data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        dropout=args.dropout, hidden_sizes=args.hidden_sizes, activation=args.activation, backend=args.backend, device=args.device, seed=args.seed, out=args.out,
+        dropout=args.dropout, hidden_sizes=args.hidden_sizes, activation=args.activation, backend=args.backend,
+        device=args.device, seed=args.seed, out=args.out if args.out is not None else _default_out(args.resume),
         resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress,
         plots=not args.no_plots, download=args.download, cuda_graph=args.cuda_graph,
         flush_denormals=args.flush_denormals, overwrite=args.overwrite,
     )
     return run_command(parser, args, lambda: _train_and_report(config))
+
+
+def _default_out(resume: Optional[str]) -> str:
+    """--out where none is given: the folder of the --resume checkpoint where that is a run's own
+    checkpoint.pt (metrics.json beside it), so the run continues in place; else TrainConfig.out."""
+    if resume is not None:
+        folder = Path(resume).parent
+        if Path(resume).name == CHECKPOINT_FILE and (folder / METRICS_FILE).is_file():
+            return str(folder)
+    return TrainConfig.out
 
 
 def _mnist_from_environment(parser: argparse.ArgumentParser, dataset: str, download: bool) -> str:

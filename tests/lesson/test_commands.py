@@ -272,6 +272,34 @@ def test_a_new_run_never_replaces_another_runs_files_unless_asked(capsys, tmp_pa
     assert (pictures / "curves.png").read_bytes() == b"mine"
 
 
+def test_resuming_a_runs_own_checkpoint_continues_in_its_folder_and_hints_say_what_would_work(
+        capsys, tmp_path, tiny_mnist_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default --out would go
+    common = ["train", "mnist", "--data", str(tiny_mnist_dir), "--max-steps", "1", "--no-progress", "--no-plots"]
+    out = tmp_path / "run"
+    assert cli(capsys, *common, "--epochs", "1", "--out", str(out))[0] == 0
+    # The same command again: the run it finds has its epochs done, so resuming needs more of them.
+    status, _, err = cli(capsys, *common, "--epochs", "1", "--out", str(out))
+    line = error_line(err, "pyfastnn train")
+    assert status == 1 and f"continue it with --resume {out / 'checkpoint.pt'} and --epochs above 1," in line, line
+    # Without --out, a run's own checkpoint continues in its folder (not in the default one).
+    assert cli(capsys, *common, "--epochs", "2", "--resume", str(out / "checkpoint.pt"))[0] == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert json.loads((out / "metrics.json").read_text())["checkpoint_epoch"] == 2
+    assert not (tmp_path / "runs").exists()
+    # A checkpoint file of another name is no run folder's: the default --out holds the new run.
+    (tmp_path / "saved.pt").write_bytes((out / "checkpoint.pt").read_bytes())
+    assert cli(capsys, *common, "--epochs", "3", "--resume", str(tmp_path / "saved.pt"))[0] == 0
+    assert torch.load(tmp_path / "runs" / "mnist" / "checkpoint.pt", weights_only=True)["epoch"] == 3
+    # A run stopped in its first epoch left a metrics.json naming no checkpoint: the message says so.
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "metrics.json").write_text(json.dumps({"completed": False, "checkpoint_epoch": None}))
+    status, _, err = cli(capsys, *common, "--epochs", "1", "--out", str(stopped))
+    line = error_line(err, "pyfastnn train")
+    assert status == 1 and "holds another run (metrics.json), which stopped before its first checkpoint" in line, line
+
+
 def test_train_resume_refuses_other_run_settings(capsys, tmp_path, tiny_mnist_dir):
     common = ["train", "mnist", "--data", str(tiny_mnist_dir), "--max-steps", "1", "--no-progress", "--no-plots"]
     assert cli(capsys, *common, "--epochs", "1", "--out", str(tmp_path / "a"))[0] == 0
@@ -765,6 +793,8 @@ def test_the_pictures_draw_what_they_name(tmp_path, drawn_figures):
             assert list(line.get_xdata()) == [1, 2, 3]
             assert list(line.get_ydata()) == [h[f"{line.get_label()}_{quantity}"] for h in history], quantity
         assert sorted(line.get_label() for line in ax.lines) == ["test", "train"]
+    with pytest.raises(ValueError, match="the history holds no epoch to plot"):
+        plot_training_curves([], tmp_path / "none.png")
 
     names = ["sigmoid", "relu", "tanh", "leaky_relu", "gelu", "silu"]
     plot_activations(tmp_path / "activations.png", names)

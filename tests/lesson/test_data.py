@@ -207,6 +207,7 @@ def test_normalize_is_the_formula_bit_for_bit_and_leaves_its_input_alone():
     before = as_float.clone()
     normalize(as_float)
     assert torch.equal(as_float, before)
+    assert normalize(torch.zeros(0, 28, 28, dtype=torch.uint8)).shape == (0, 784)  # an empty set stays one
 
 
 def test_batches_refuse_mismatched_inputs_and_targets():

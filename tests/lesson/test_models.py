@@ -190,6 +190,11 @@ def test_two_layer_nets_refuse_targets_of_another_shape():
             net.fit(np.zeros((0, 2)), np.zeros((0, 1)), epochs=1)
         with pytest.raises(ValueError, match="3 features.*(network takes |expects in_features=)2"):
             net.fit(np.ones((4, 3)), models.XOR_TARGETS, epochs=1)
+        for bad in (np.nan, np.inf):  # one step would make every weight NaN, without a word
+            with pytest.raises(ValueError, match="X holds NaN or infinite values"):
+                net.fit(np.where(X == 0, bad, X), models.XOR_TARGETS, epochs=1)
+            with pytest.raises(ValueError, match="y holds NaN or infinite values"):
+                net.fit(X, np.where(models.XOR_TARGETS == 0, bad, models.XOR_TARGETS), epochs=1)
         assert all(np.array_equal(w, v) for w, v in zip(weights, (scratch.W1, scratch.b1, scratch.W2, scratch.b2)))
 
 
@@ -211,10 +216,13 @@ def test_lesson_models_name_a_bad_seed_and_take_numpy_integers():
     (models.AND_TARGETS, {"epochs": -1}, "epochs must be >= 0, got -1"),
     (models.AND_TARGETS, {"lr": float("inf")}, "lr must be a finite number, got inf"),
     (models.AND_TARGETS, {"lr": -1}, "lr must be > 0, got -1"),
+    (np.array([0, 0, 0, np.nan]), {}, r"y must hold labels 0 and 1, got \[nan\]"),
+    (models.AND_TARGETS, {"X": np.where(X == 0, np.nan, X)}, "X holds NaN or infinite values"),
 ])
 def test_perceptron_refuses_what_it_cannot_learn_from(y, kwargs, problem):
+    inputs, kwargs = kwargs.get("X", X), {key: value for key, value in kwargs.items() if key != "X"}
     with pytest.raises(ValueError, match=problem):
-        models.Perceptron(2, seed=0).fit(X, y, **kwargs)
+        models.Perceptron(2, seed=0).fit(inputs, y, **kwargs)
     assert models.Perceptron(2, seed=0).fit(X, models.AND_TARGETS, epochs=0, lr=np.float32(0.1)) is not None
 
 
