@@ -82,9 +82,11 @@ def _node_activation(gm: torch.fx.GraphModule, node: torch.fx.Node, source: torc
 
 def _describe_call(node: torch.fx.Node) -> str:
     """How fuse()'s report names an activation the graph applies: a module's path, or a function or
-    method with the settings it was called with (``gelu(approximate='tanh')``)."""
+    method with the settings it was called with (``gelu(approximate='tanh')``; ``inplace=False``,
+    which torch.fx adds to every call that takes it, left out)."""
     name = getattr(node.target, "__name__", str(node.target))
-    settings = [repr(value) for value in node.args[1:]] + [f"{key}={value!r}" for key, value in node.kwargs.items()]
+    settings = [repr(value) for value in node.args[1:]] + [f"{key}={value!r}" for key, value in node.kwargs.items()
+                                                          if (key, value) != ("inplace", False)]
     return f"{name}({', '.join(settings)})" if settings else name
 
 

@@ -581,8 +581,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=TrainConfig.seed,
                         help="seeds the weights, the shuffle and dropout: 0 to 2**32 - 1 (default: %(default)s)")
     parser.add_argument("--out", type=path_argument,
-                        help="checkpoint, metrics.json and plots go here (default: with --resume of a run's own "
-                             f"{CHECKPOINT_FILE}, that run's folder; else {TrainConfig.out})")
+                        help=f"checkpoint, metrics.json and plots go here (default: {TrainConfig.out}; with --resume "
+                             f"of a run's own {CHECKPOINT_FILE}, that run's folder)")
     parser.add_argument("--resume", type=path_argument, help="checkpoint to continue from")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in an --out folder that holds another run (its files are replaced)")

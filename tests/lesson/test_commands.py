@@ -732,7 +732,7 @@ def test_train_help_shows_the_defaults(capsys):
     status, stdout, _ = cli(capsys, "train", "--help")
     assert status == 0
     for shown in ("(default: 5)", "(default: 64)", "(default: 0.001)", "(default: 0.2)", "(default: fused)",
-                  "(default: cpu)", "(default: runs/mnist)"):
+                  "(default: cpu)", "(default: runs/mnist; with --resume of a run's own checkpoint.pt, that run's folder)"):
         assert shown in " ".join(stdout.split()), shown
 
 
