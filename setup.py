@@ -54,6 +54,7 @@ VERSION = package_constant("_version", "__version__")
 BUILD_CONFIG = json.loads((ROOT / "cmake" / "sources.json").read_text())
 INSTALL_COMMAND = package_constant("extension", "INSTALL_COMMAND")
 EDITABLE_COMMAND = package_constant("extension", "EDITABLE_COMMAND")
+RECORD_SUFFIX = package_constant("extension", "RECORD_SUFFIX")
 
 
 def import_torch():
@@ -227,9 +228,10 @@ def cuda_include_dirs(cuda_home: str, site_dirs: Sequence[str]) -> list[str]:
 
 
 def build_record_path(extension_path: str) -> str:
-    """Where the build records the torch it compiled against: beside the extension, as pyfastnn/extension.py
-    expects (``_C.cpython-311-x86_64-linux-gnu.so`` -> ``_C.cpython-311-x86_64-linux-gnu.json``)."""
-    return str(Path(extension_path).with_suffix(".json"))
+    """Where the build records the torch it compiled against: beside the extension, where
+    pyfastnn/extension.py's record_path looks (``_C.cpython-311-x86_64-linux-gnu.so`` ->
+    ``_C.cpython-311-x86_64-linux-gnu.json``)."""
+    return str(Path(extension_path).with_suffix(RECORD_SUFFIX))
 
 
 def extension_and_command():

@@ -151,7 +151,7 @@ void check_fused_mlp_args(const at::Tensor& input, at::TensorList weights,
 void check_dropout_probability(double p, int64_t layer) {
   if (dropout_drawable(p)) return;
   const std::string problem = p >= 0.0 && p < 1.0
-      ? "pyfastnn: dropout probability must be at least 2^-33 below 1 (the 32-bit random draws would keep "
+      ? "pyfastnn: dropout probability must be more than 2^-33 below 1 (the 32-bit random draws would keep "
         "nothing), got " + shortest_text(p)
       : "pyfastnn: dropout probability must be in [0, 1), got " + shortest_text(p);
   if (layer >= 0) TORCH_CHECK_VALUE(false, problem, " for layer ", layer);

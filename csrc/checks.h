@@ -49,7 +49,8 @@ void check_fused_mlp_backward_args(const at::Tensor& grad_output, const at::Tens
 void check_negative_slope(double negative_slope);
 
 // A dropout probability p must be in [0, 1) (NaN is not): "pyfastnn: dropout probability must be in
-// [0, 1), got <p>", followed by " for layer <layer>" when layer >= 0.
+// [0, 1), got <p>", and more than 2^-33 below 1 (dropout_drawable), each message followed by
+// " for layer <layer>" when layer >= 0.
 void check_dropout_probability(double p, int64_t layer = -1);
 
 // The input of a kernel call (the direct C++ functions run without the dispatcher, which would refuse

@@ -24,9 +24,9 @@ PYFASTNN_HOST_DEVICE double dropout_kept_scale(double p) { return 1.0 / (1.0 - p
 // keep probability is 1 - p rounded to a multiple of 2^-32 (torch's CUDA dropout rounds it to 2^-24).
 inline uint64_t dropout_threshold(double p) { return static_cast<uint64_t>(std::nearbyint(p * 4294967296.0)); }
 
-// Whether p is a probability the streams draw as asked: in [0, 1) and at least 2^-33 from 1, since
-// a keep probability under 2^-33 rounds to keeping nothing, while the kept scale 1 / (1 - p) would
-// still promise an unchanged mean (check_dropout_probability refuses the rest).
+// Whether p is a probability the streams draw as asked: in [0, 1) and more than 2^-33 below 1, since
+// a keep probability of 2^-33 or less rounds to keeping nothing, while the kept scale 1 / (1 - p)
+// would still promise an unchanged mean (check_dropout_probability refuses the rest).
 inline bool dropout_drawable(double p) {
   return p >= 0.0 && p < 1.0 && dropout_threshold(p) < (uint64_t{1} << 32);  // false for NaN
 }

@@ -109,7 +109,8 @@ def slope_value(negative_slope: float) -> float:
 
 
 def dropout_probability(p: float) -> float:
-    """``p`` as a float, or ValueError unless it is a dropout probability the kernels take: [0, 1).
+    """``p`` as a float, or ValueError unless it is a dropout probability the kernels take: in
+    [0, 1) and more than 2^-33 below 1 (the 32-bit random draws would keep nothing).
 
     The check and its message are the kernels' own (``check_dropout_probability``, also run by
     ``check_fused_mlp_args``); this is the entry for values given before any tensor exists (layer
@@ -174,7 +175,8 @@ def run_fused_mlp(input, weights, biases, codes, negative_slope: float, dropout,
     try:
         return _fused_mlp_op(input, weights, biases, codes, negative_slope, dropout, training)
     except (RuntimeError, TypeError, AttributeError):  # the latter two from meta tensors' fake kernels
-        _name_the_refused_argument([("input", input), *((f"weights[{i}]", w) for i, w in enumerate(weights))],
+        _name_the_refused_argument([("input", input)], [])  # first: the lists may be the problem too
+        _name_the_refused_argument([(f"weights[{i}]", w) for i, w in enumerate(weights)],
                                    [(f"biases[{i}]", b) for i, b in enumerate(biases)])
         raise
 

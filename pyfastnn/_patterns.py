@@ -180,7 +180,8 @@ def function_activation(function: Callable, args: Sequence[object],
 
 
 def dropout_of(module: nn.Module) -> Optional[float]:
-    """The probability of an ``nn.Dropout`` the kernels can apply, else None (``p = 1`` included)."""
+    """The probability of an ``nn.Dropout`` the kernels can apply, else None (``p = 1`` and a ``p``
+    within 2^-33 of it included)."""
     if not is_plain(module, nn.Dropout):
         return None
     try:

@@ -45,6 +45,10 @@ def rebuild_hint(package: Path = PACKAGE) -> str:
             f"`{INSTALL_COMMAND}` (or install the torch it was built with)")
 
 
+#: The build record's suffix: it lies beside the extension file under the same name (setup.py reads this).
+RECORD_SUFFIX = ".json"
+
+
 def record_path(extension_file: str) -> Path:
     """The build record beside an extension file (``_C.cpython-311-x86_64-linux-gnu.so`` ->
     ``_C.cpython-311-x86_64-linux-gnu.json``), as setup.py writes it.
@@ -53,7 +57,7 @@ def record_path(extension_file: str) -> Path:
         >>> record_path("/site/pyfastnn/_C.cpython-311-x86_64-linux-gnu.so").name
         '_C.cpython-311-x86_64-linux-gnu.json'
     """
-    return Path(extension_file).with_suffix(".json")
+    return Path(extension_file).with_suffix(RECORD_SUFFIX)
 
 
 def release(version: str) -> str:

@@ -120,7 +120,8 @@ class FusedLinear(nn.Module):
 
     @property
     def dropout(self) -> float:
-        """Dropout probability after the activation in ``train()`` mode; must be in ``[0, 1)``."""
+        """Dropout probability after the activation in ``train()`` mode; must be in ``[0, 1)`` (and
+        more than 2^-33 below 1)."""
         return self._dropout
 
     @dropout.setter

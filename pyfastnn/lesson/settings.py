@@ -25,7 +25,8 @@ class TrainConfig:
         out: the run's folder (checkpoint.pt, metrics.json, pictures); None writes nothing.
         resume: a checkpoint.pt to continue from (its settings must match).
         max_steps: stop each epoch after this many steps (quick runs, tests).
-        progress: the progress bar; summaries: each epoch's one-line summary (rank 0 only).
+        progress: the progress bar; summaries: each epoch's one-line summary and the "nothing to
+            train" line (both on rank 0 only).
         plots: the pictures; download: fetch missing files into ``data``.
         cuda_graph: the whole step as one CUDA graph; None: on CUDA in one process.
         flush_denormals: CPU: denormal floats become zero on every thread while training.
@@ -47,17 +48,17 @@ class TrainConfig:
     dropout: float = 0.2
     hidden_sizes: Tuple[int, ...] = (256, 128)
     activation: str = "relu"
-    backend: str = "fused"  # "fused" (pyfastnn layers) or "torch" (the plain nn.Linear twin)
+    backend: str = "fused"
     device: str = "cpu"
     seed: int = 0
     out: Optional[str] = "runs/mnist"
     resume: Optional[str] = None
-    max_steps: Optional[int] = None  # stop each epoch after this many steps (quick runs, tests)
-    progress: bool = True  # the progress bar (rank 0)
-    summaries: bool = True  # each epoch's one-line summary and the "nothing to train" line (rank 0)
+    max_steps: Optional[int] = None
+    progress: bool = True
+    summaries: bool = True
     plots: bool = True
     download: bool = False
-    cuda_graph: Optional[bool] = None  # the whole step as one CUDA graph; None: on CUDA in one process
-    flush_denormals: bool = True  # CPU: denormal floats become zero on every thread while training
-    overwrite: bool = False  # start a new run in an ``out`` folder that holds another run's files
-    label: Optional[str] = None  # free text kept in metrics.json's config (the demo marks its runs)
+    cuda_graph: Optional[bool] = None
+    flush_denormals: bool = True
+    overwrite: bool = False
+    label: Optional[str] = None

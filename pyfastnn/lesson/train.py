@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ACTIVATIONS
+from .. import ACTIVATIONS, FusedLinear
 from ..command import InvalidArgument, check_number, command_parser, path_argument, run_command
 from ..cuda_graph import CUDAGraphStep, cuda_graph_step
 from ..denormals import flush_denormals
@@ -110,6 +110,10 @@ def check_config(config: TrainConfig) -> None:
     check_number("batch_size", config.batch_size, 1, integer=True)
     check_number("lr", config.lr, 0, include_minimum=False)
     check_number("dropout", config.dropout, 0, 1, include_maximum=False)
+    try:  # the fused layers' own limit (a p within 2^-33 of 1 too), for both backends' runs alike
+        FusedLinear(0, 0, dropout=config.dropout)
+    except ValueError as error:
+        raise InvalidArgument("dropout", str(error).split("dropout probability ", 1)[-1]) from None
     if not isinstance(config.hidden_sizes, (list, tuple)) or not config.hidden_sizes:
         raise InvalidArgument("hidden_sizes", f"must be the widths of one or more hidden layers, got "
                                               f"{config.hidden_sizes!r}")

@@ -52,6 +52,7 @@ def test_cli_demo_runs_the_whole_lesson(tmp_path, mnist_dir):
     ("--epochs", "-1", "must be >= 0"),
     ("--dropout", "1", "must be < 1"),
     ("--dropout", "-0.1", "must be >= 0"),
+    ("--dropout", "0.99999999999", "must be more than 2^-33 below 1"),  # the fused layers would draw no mask
     ("--max-steps", "0", "must be >= 1"),
     ("--seed", "-3", "must be >= 0"),
     ("--seed", str(2 ** 32), "must be <= 4294967295"),  # it would repeat seed 0's run

@@ -202,12 +202,11 @@ def test_a_dropout_probability_beyond_any_float_is_refused_by_name():
         pyfastnn.FusedLinear(3, 4, dropout=fractions.Fraction(10 ** 400, 3))
 
 
-
 def test_a_dropout_probability_the_random_draws_would_round_to_keeping_nothing_is_refused():
-    # Kept elements are those whose 32-bit draw is >= round(p * 2^32): a keep probability 1 - p below
-    # 2^-33 rounds to none kept, while 1 / (1 - p) would still promise an unchanged mean.
+    # Kept elements are those whose 32-bit draw is >= round(p * 2^32): a keep probability 1 - p of at
+    # most 2^-33 rounds to none kept, while 1 / (1 - p) would still promise an unchanged mean.
     too_close, closest = 1 - 2.0 ** -34, 1 - 2.0 ** -32
-    message = r"at least 2\^-33 below 1 \(the 32-bit random draws would keep nothing\), got 0.9999999999417923"
+    message = r"more than 2\^-33 below 1 \(the 32-bit random draws would keep nothing\), got 0.9999999999417923"
     for make in (lambda: pyfastnn.FusedLinear(3, 4, dropout=too_close),
                  lambda: pyfastnn.fused_mlp(X, [W, W[:, :3]], dropout=too_close, training=True)):
         with pytest.raises(ValueError, match=message):
@@ -221,6 +220,7 @@ def test_a_dropout_probability_the_random_draws_would_round_to_keeping_nothing_i
     # fuse() fuses the Linear and ReLU before such an nn.Dropout and leaves the Dropout to torch.
     fused = pyfastnn.fuse(torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.ReLU(), torch.nn.Dropout(too_close)))
     assert isinstance(fused[0], pyfastnn.FusedLinear) and type(fused[2]) is torch.nn.Dropout
+
 
 def _backward_arguments():
     """Each backward op's arguments from a real forward, by name (fused_mlp: two layers, dropout
