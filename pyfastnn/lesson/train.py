@@ -110,8 +110,8 @@ def check_config(config: TrainConfig) -> None:
     check_number("batch_size", config.batch_size, 1, integer=True)
     check_number("lr", config.lr, 0, include_minimum=False)
     check_number("dropout", config.dropout, 0, 1, include_maximum=False)
-    try:  # the fused layers' own limit (a p within 2^-33 of 1 too), for both backends' runs alike
-        FusedLinear(0, 0, dropout=config.dropout)
+    try:  # the fused layers' own limit (a p within 2^-33 of 1 too), for both backends' runs alike;
+        FusedLinear(1, 1, dropout=config.dropout, device="meta")  # on meta: no memory, no random draws
     except ValueError as error:
         raise InvalidArgument("dropout", str(error).split("dropout probability ", 1)[-1]) from None
     if not isinstance(config.hidden_sizes, (list, tuple)) or not config.hidden_sizes:
