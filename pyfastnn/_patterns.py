@@ -18,8 +18,8 @@ from ._ops import ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, DTYPES, canonical_activat
 
 __all__ = ["ACTIVATION_MODULES", "FUNCTION_ACTIVATIONS", "METHOD_ACTIVATIONS", "STATELESS_ACTIVATIONS", "Layer",
            "activation_module", "activation_of", "chain_mismatch", "describe", "dropout_joining", "dropout_of",
-           "function_activation", "fusable_linear", "has_call_hooks", "has_hooks", "is_plain", "is_plain_linear", "kept_for_its_own_state", "link_mismatch",
-           "linear_dtype_problem", "parse_layers", "runs_in_sequence"]
+           "function_activation", "fusable_linear", "has_call_hooks", "has_hooks", "is_plain", "is_plain_linear",
+           "kept_for_its_own_state", "link_mismatch", "linear_dtype_problem", "parse_layers", "runs_in_sequence"]
 
 #: The one table of activation name -> (torch.nn module type, the attributes that select it).
 #: ``leaky_relu``'s ``negative_slope`` is a parameter of the activation, not part of its identity.

@@ -113,10 +113,10 @@ class Absorbed(nn.Identity):
         # Hooks would run around this forward (nn.Module.__call__), seeing the input passed through.
         if has_call_hooks(self):
             raise RuntimeError(f"pyfastnn: this Absorbed placeholder has hooks, but fuse() folded the module that "
-                               f"stood here into module {self.fused_into}, which computes it; the placeholder only passes that module's "
-                               f"output on, so hooks here would never see the absorbed module's input, output or "
-                               f"gradient. Register them on the model before fuse() (a module with hooks is left "
-                               f"unfused), or on the fused module")
+                               f"stood here into module {self.fused_into}, which computes it; the placeholder only "
+                               f"passes that module's output on, so hooks here would never see the absorbed module's "
+                               f"input, output or gradient. Register them on the model before fuse() (a module with "
+                               f"hooks is left unfused), or on the fused module")
         return input
 
     def _refuse(self, name: str) -> None:
@@ -401,7 +401,7 @@ def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_w
 @dataclass
 class _Fusion:
     report: List[FusedRun]
-    pinned: Set[int]   # ids of modules left where they are: reached past their owner, or shared in ways fusion would split
+    pinned: Set[int]   # ids of modules left as they are: reached past their owner, or shared so fusion would split them
     hooked: List[str]  # modules left unfused for their hooks
     compiled: List[str]  # torch.compile wrappers left as they are
     done: Dict[int, Tuple[nn.Module, nn.Module]] = field(default_factory=dict)  # id -> (module, its result)

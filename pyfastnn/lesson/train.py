@@ -110,7 +110,7 @@ def check_config(config: TrainConfig) -> None:
     check_number("batch_size", config.batch_size, 1, integer=True)
     check_number("lr", config.lr, 0, include_minimum=False)
     check_number("dropout", config.dropout, 0, 1, include_maximum=False)
-    try:  # the fused layers' own limit (a p within 2^-33 of 1 too), for both backends' runs alike;
+    try:  # the fused layers' own limit (a p within 2^-33 of 1 too), for both backends' runs alike
         FusedLinear(1, 1, dropout=config.dropout, device="meta")  # on meta: no memory, no random draws
     except ValueError as error:
         raise InvalidArgument("dropout", str(error).split("dropout probability ", 1)[-1]) from None
@@ -335,7 +335,7 @@ def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank
 
     def write_metrics(completed: bool = False) -> None:  # the run so far, naming the checkpoint on disk
         write_json(out / METRICS_FILE, run_metrics(config, device, world_size, graphed, history, completed,
-                                                     checkpoint_epoch))
+                                                   checkpoint_epoch))
 
     if out is not None and not _finishes_its_own_run(out, config, start_epoch):
         for name in PLOT_FILES:  # the previous run's pictures would pass for this run's
