@@ -377,7 +377,7 @@ def checked_cases(cases: int, seed: int = 0, mlp: bool = False, device: str = "c
         raise ValueError(f"cases must be a count >= 0, got {cases!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # the cases repeat from it
         raise TypeError(f"seed must be an integer, got {seed!r}")
-    check_flag("checked_cases", "mlp", mlp)
+    check_flag("pyfastnn.testing", "mlp", mlp)
     try:
         kind = torch.device(device).type
     except (RuntimeError, TypeError, ValueError):
