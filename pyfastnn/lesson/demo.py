@@ -7,7 +7,6 @@ fused twin, SimpleNN on XOR, the activation plot, a quick benchmark and, when MN
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 from pathlib import Path
@@ -26,7 +25,7 @@ from .data import find_mnist, load_mnist
 from .plots import drawn_by_pyfastnn, plot_activations, plot_loss
 from .processes import launched_processes
 from .settings import TrainConfig
-from .train import METRICS_FILE, PLOT_FILES, RUN_FILES, check_device, check_no_other_run, make_adam, train
+from .train import PLOT_FILES, RUN_FILES, check_device, check_no_other_run, make_adam, read_run_metrics, train
 
 
 def _section(title: str) -> None:
@@ -80,10 +79,10 @@ DEMO_RUN_LABEL = "pyfastnn demo"
 
 
 def _holds_a_demo_run(mnist_out: Path) -> bool:
+    metrics = read_run_metrics(mnist_out)
     try:
-        metrics = json.loads((mnist_out / METRICS_FILE).read_text())
         return metrics["config"]["label"] == DEMO_RUN_LABEL
-    except (OSError, ValueError, KeyError, TypeError):  # no metrics.json, or not the demo's
+    except (KeyError, TypeError):  # no metrics.json, or not the demo's
         return False
 
 

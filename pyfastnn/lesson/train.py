@@ -222,16 +222,21 @@ def check_no_other_run(out: Path, resume: Optional[str], resume_as: Optional[Tra
                           f"over there with --overwrite, or choose another --out")
 
 
-def _stopped_before_a_checkpoint(out: Path, held: List[str]) -> bool:
-    """Whether ``out`` holds a run's metrics.json that says no checkpoint was written (the run was
-    stopped in its first epoch), and no checkpoint."""
-    if CHECKPOINT_FILE in held or METRICS_FILE not in held:
-        return False
+def read_run_metrics(out: Path) -> Optional[Dict]:
+    """The metrics.json a run left in ``out``, or None where none is readable (missing, not JSON,
+    not an object)."""
     try:
         metrics = json.loads((out / METRICS_FILE).read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(metrics, dict) and metrics.get("completed") is False and metrics.get("checkpoint_epoch") is None
+        return None
+    return metrics if isinstance(metrics, dict) else None
+
+
+def _stopped_before_a_checkpoint(out: Path, held: List[str]) -> bool:
+    """Whether ``out`` holds a run's metrics.json that says no checkpoint was written (the run was
+    stopped in its first epoch), and no checkpoint."""
+    metrics = read_run_metrics(out) if CHECKPOINT_FILE not in held else None
+    return metrics is not None and metrics.get("completed") is False and metrics.get("checkpoint_epoch") is None
 
 
 def run_metrics(config: TrainConfig, device: str, world_size: int, graphed: bool, history: List[Dict],
