@@ -35,11 +35,13 @@ def torch_threads():
 
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
-    """The real MNIST files: $PYFASTNN_MNIST, else ../shared/data/mnist beside the project.
+    """The folder of the real MNIST IDX files (``t10k-images-idx3-ubyte.gz`` and the others directly
+    in it): $PYFASTNN_MNIST, else ../shared/data/mnist beside the project (an empty variable counts
+    as unset, as the lesson's loader takes it). scripts/gpu_check.sh looks for the same file.
 
     Missing data skips locally but fails under CI, where the files are always provided.
     """
-    path = Path(os.environ.get("PYFASTNN_MNIST", _SHARED_MNIST))
+    path = Path(os.environ.get("PYFASTNN_MNIST", "").strip() or _SHARED_MNIST)
     if not (path / "t10k-images-idx3-ubyte.gz").exists() and not (path / "t10k-images-idx3-ubyte").exists():
         message = f"MNIST IDX files not found at {path} (set PYFASTNN_MNIST)"
         if os.environ.get("CI"):

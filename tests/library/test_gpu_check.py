@@ -72,14 +72,13 @@ def test_the_racecheck_selection_reaches_the_shared_memory_kernel_in_float32_the
     # The bias sums (pyfastnn's one kernel with shared memory) run on the fallback path's backward and,
     # under frozen weights, for the hidden layers on the cuBLASLt path (the stack test's last part).
     assert any("fallback" in i for i in ids) and any("stack_on_both_paths[cublaslt" in i for i in ids), result.stdout
-    # float32 on both paths; half precision on the fallback path only, after every float32 stack test
-    # (collection order), and no test that runs opcheck or the profiler.
+    # float32 on both paths; half precision on the fallback path only, after every float32 test
+    # (pytest runs them in collection order), and no test that runs opcheck or the profiler.
     dtypes = [next(d for d in ("float32", "bfloat16", "float16") if d in i) for i in ids]
     assert set(dtypes) == {"float32", "float16"}, ids
     half = [i for i, d in zip(ids, dtypes) if d == "float16"]
     assert all("fallback" in i and "stack_on_both_paths" in i for i in half), half
-    last_float32_stack = max(n for n, i in enumerate(ids) if "stack_on_both_paths" in i and "float32" in i)
-    assert ids.index(half[0]) > last_float32_stack, ids
+    assert dtypes == sorted(dtypes, key=("float32", "float16").index), ids
     names = {i.split("::")[1].split("[")[0] for i in ids}
     test_source = (ROOT / "tests/library/test_cuda.py").read_text()
     for name in names:
@@ -145,6 +144,27 @@ def test_relative_data_folders_are_taken_from_where_it_was_called(tmp_path):
                                  "GPU_CHECK_ONLY": "test_cuda_train"})
     assert f"MNIST={tmp_path / 'mnist'} " in log.read_text() and "test_cuda_train: rc=0" in result.stdout
 
+
+def test_mnist_is_looked_for_where_the_tests_read_it(tmp_path):
+    # The tests' mnist_dir fixture reads the IDX files directly in $PYFASTNN_MNIST, so a folder the
+    # lesson's loader would also take (torchvision's MNIST/raw layout) is noted, not handed to tests that
+    # would fail under CI=1; the training tests that need no MNIST still run, with CI unset.
+    log = tmp_path / "calls.log"
+    python = stand_in_python(tmp_path, f'echo "CI=$CI $*" >> {log}\n'
+                             'case "$*" in *verify_ninja_availability*) exit 0 ;; esac\nexit 0')
+    nested = tmp_path / "data" / "MNIST" / "raw"
+    nested.mkdir(parents=True)
+    (nested / "t10k-images-idx3-ubyte.gz").touch()
+    result = run_script(tmp_path / "out", python=python, PYFASTNN_MNIST=str(tmp_path / "data"),
+                        GPU_CHECK_ONLY="test_cuda_train")
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "test_cuda_train: rc=0" in summary and result.returncode == 1, summary
+    assert f"test_cuda_train_mnist: NOT RUN: no t10k-images-idx3-ubyte[.gz] in {tmp_path / 'data'} " in summary
+    assert [line for line in log.read_text().splitlines() if "test_cuda_train.py" in line][0].startswith("CI= ")
+    # The folder of the files themselves: the tests run under CI=1.
+    result = run_script(tmp_path / "out2", python=python, PYFASTNN_MNIST=str(nested), GPU_CHECK_ONLY="test_cuda_train")
+    assert result.returncode == 0 and "NOT RUN" not in (tmp_path / "out2" / "summary.txt").read_text()
+    assert [line for line in log.read_text().splitlines() if "test_cuda_train.py" in line][-1].startswith("CI=1 ")
 
 def test_without_a_gpu_it_fails_instead_of_skipping_every_test(tmp_path):
     # pip succeeds; the check that torch sees a GPU and pyfastnn has CUDA fails, as on a CPU machine.
