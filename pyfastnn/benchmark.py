@@ -8,8 +8,11 @@
 - :func:`write_results` saves a benchmark's figures as JSON (the benchmark scripts' ``--json``), at
   the end of a :func:`json_output` block, which :func:`run_benchmark` opens around a command's body;
 - ``pyfastnn bench`` (:func:`main`, also ``python benchmarks/bench_fused_linear.py``) times
-  fused_linear against PyTorch eager, torch.compile and the bare GEMMs, every variant of one case
-  interleaved in the same process, so machine noise hits them alike.
+  fused_linear against PyTorch eager, torch.compile and the bare GEMMs on the CPU (:func:`run`),
+  every variant of one case interleaved in the same process, so machine noise hits them alike;
+- ``pyfastnn bench --device cuda`` (also ``python benchmarks/bench_cuda.py``) times it on the GPU
+  against eager PyTorch, cuBLASLt's own epilogue and the bare GEMMs (:func:`run_cuda`), and
+  ``--profile`` lists the kernels each variant runs (:func:`profile_cuda`).
 """
 
 from __future__ import annotations
@@ -24,23 +27,27 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .command import command_parser, describe_error, output_file_argument, positive_int, run_command
+from .command import command_parser, describe_error, output_file_argument, positive_float, positive_int, run_command
+from .cuda_options import cuda_relu_epilogue
 from .extension import PACKAGE, in_source_folder
 from .files import atomic_write, is_standard_output, json_bytes, output_file, restore_output_folder
-from .functional import fused_linear
-from ._ops import canonical_activation
+from .functional import fused_linear, fused_mlp
+from ._ops import ACTIVATIONS, canonical_activation
 from .info import info
 from .nn import activation_module
 
 __all__ = ["BENCH_ACTIVATIONS", "time_interleaved", "train_step", "saved_for_backward_bytes", "cuda_kernels",
            "format_kernels", "source_revision", "results_record", "write_results", "json_output", "run_benchmark", "run",
-           "main"]
+           "CUDA_SHAPES", "CUDA_QUICK_ACTIVATIONS", "CUDA_MLP", "run_cuda", "profile_cuda", "main"]
+
+#: Why a CUDA benchmark cannot run here (no GPU visible, or a build of pyfastnn without CUDA).
+CUDA_NEEDED = "needs a CUDA GPU and a CUDA build of pyfastnn (see pyfastnn info)"
 
 FULL_SHAPES = ((1, 784, 256), (64, 784, 256), (256, 784, 256), (1024, 784, 256), (64, 256, 128),
                (4096, 1024, 1024))
@@ -406,6 +413,276 @@ def run(shapes: Sequence = FULL_SHAPES, activations: Sequence[str] = BENCH_ACTIV
     return results
 
 
+# CUDA: `pyfastnn bench --device cuda`. Timings are medians of CUDA-synchronised runs
+# (torch.utils.benchmark), in microseconds; what each column means is in run_cuda's docstring.
+
+#: The shapes (rows, in_features, out_features) `pyfastnn bench --device cuda` times; --quick the first.
+CUDA_SHAPES = ((65536, 1024, 1024), (8192, 4096, 4096), (4096, 784, 256))
+CUDA_QUICK_ACTIVATIONS = ("identity", "relu", "gelu_tanh", "gelu", "silu")
+#: The MLP timed after the layers: rows, width, layers (relu hidden, identity output).
+CUDA_MLP = (65536, 1024, 3)
+_ADDMM_ACTIVATIONS = {"relu": False, "gelu_tanh": True}  # those torch._addmm_activation takes (use_gelu)
+
+
+def _log_flushed(line: str) -> None:
+    print(line, flush=True)  # each line out at once: a run stopped by a time limit keeps what it measured
+
+
+def _cuda_median_us(fn: Callable[[], object], min_run_time: float) -> float:
+    from torch.utils import benchmark
+
+    fn()  # warm-up: cuBLASLt heuristics, caching allocator
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e6
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _cuda_layer_calls(m: int, k: int, n: int, dtype: torch.dtype, activations: Sequence[str]):
+    """One layer's tensors on the GPU and, per activation and pass (False: forward under no_grad,
+    True: forward+backward of input, weight and bias), pyfastnn's and eager's call."""
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda", dtype=dtype) * max(k, 1) ** -0.5
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    grad = torch.randn(m, n, device="cuda", dtype=dtype)
+    params = tuple(t.clone().requires_grad_() for t in (x, w, b))
+    calls = {}
+    for name in activations:
+        act = activation_module(name).forward  # eager's torch.nn activation
+
+        @torch.no_grad()
+        def fused_fwd(name=name):
+            return fused_linear(x, w, b, name)
+
+        @torch.no_grad()
+        def eager_fwd(act=act):
+            return act(F.linear(x, w, b))
+
+        def fused_bwd(name=name):
+            return torch.autograd.grad(fused_linear(*params, name), params, grad)
+
+        def eager_bwd(act=act):
+            return torch.autograd.grad(act(F.linear(*params)), params, grad)
+
+        calls[name] = {False: {"pyfastnn": fused_fwd, "eager": eager_fwd},
+                       True: {"pyfastnn": fused_bwd, "eager": eager_bwd}}
+    return (x, w, b, grad), calls
+
+
+def _cuda_mlp_calls(rows: int, width: int, layers: int, dtype: torch.dtype, dropout: float = 0.0):
+    """The relu stack's tensors and its forward+backward (weights and biases) by pyfastnn and eager,
+    with ``dropout`` after each hidden layer (training mode)."""
+    x = torch.randn(rows, width, device="cuda", dtype=dtype)
+    weights = [(torch.randn(width, width, device="cuda", dtype=dtype) * width ** -0.5).requires_grad_()
+               for _ in range(layers)]
+    biases = [torch.randn(width, device="cuda", dtype=dtype, requires_grad=True) for _ in range(layers)]
+    grad = torch.randn(rows, width, device="cuda", dtype=dtype)
+    params = (*weights, *biases)
+
+    def fused():
+        out = fused_mlp(x, weights, biases, "relu", "identity", dropout=dropout, training=True)
+        return torch.autograd.grad(out, params, grad)
+
+    def eager():
+        h = x
+        for layer in range(layers):
+            h = F.linear(h, weights[layer], biases[layer])
+            if layer + 1 < layers:
+                h = F.dropout(torch.relu(h), dropout, training=True) if dropout else torch.relu(h)
+        return torch.autograd.grad(h, params, grad)
+
+    return (x, [t.detach() for t in weights], grad), {"pyfastnn": fused, "eager": eager}
+
+
+def _pass_bandwidth(fn: Callable[[], object], backward: bool, bytes_moved: int) -> Optional[float]:
+    """GB/s of pyfastnn's own element-wise kernels in one call of fn, from their device time: the
+    backward pass's (its name says so) or, for a forward-only call, every pyfastnn kernel. None
+    where there is no such kernel (the activation rode in cuBLASLt's epilogue)."""
+    us = sum(kernel["us"] for kernel in cuda_kernels(fn, iters=3)
+             if "pyfastnn" in kernel["kernel"] and (not backward or "backward" in kernel["kernel"]))
+    return bytes_moved / us / 1e3 if us > 0 else None
+
+
+def _cuda_copy_rows(dtypes: Sequence[torch.dtype], min_run_time: float, log: Callable[[str], object],
+                    elements: int = 65536 * 1024) -> List[dict]:
+    rows = []
+    for dtype in dtypes:
+        src = torch.randn(elements, device="cuda", dtype=dtype)
+        dst = torch.empty_like(src)
+        us = _cuda_median_us(lambda: dst.copy_(src), min_run_time)
+        gbps = 2 * elements * src.element_size() / us / 1e3
+        rows.append({"copy_elements": elements, "dtype": _dtype_name(dtype), "copy_us": us, "copy_GBps": gbps})
+        log(f"device-to-device copy {elements} x {rows[-1]['dtype']}: {us:.1f} us, {gbps:.0f} GB/s")
+    return rows
+
+
+def _cuda_layer_rows(shapes: Sequence, dtypes: Sequence[torch.dtype], activations: Sequence[str],
+                     min_run_time: float, copy_gbps: Mapping[torch.dtype, float],
+                     log: Callable[[str], object]) -> List[dict]:
+    rows = []
+    for m, k, n in shapes:
+        for dtype in dtypes:
+            (x, w, b, grad), calls = _cuda_layer_calls(m, k, n, dtype, activations)
+            with torch.no_grad():
+                gemm_us = _cuda_median_us(lambda: x @ w.t(), min_run_time)
+                floor_us = _cuda_median_us(lambda: (x @ w.t(), grad @ w, grad.t() @ x), min_run_time)
+            for name in activations:
+                for backward in (False, True):
+                    fused, eager = calls[name][backward]["pyfastnn"], calls[name][backward]["eager"]
+                    times = {"pyfastnn": _cuda_median_us(fused, min_run_time)}
+                    if name == "relu":
+                        with cuda_relu_epilogue():
+                            times["relu_epi"] = _cuda_median_us(fused, min_run_time)
+                    times["eager"] = _cuda_median_us(eager, min_run_time)
+                    if backward:
+                        times["3gemm"] = floor_us
+                    else:
+                        if name in _ADDMM_ACTIVATIONS:
+                            use_gelu = _ADDMM_ACTIVATIONS[name]
+                            with torch.no_grad():
+                                times["addmm_act"] = _cuda_median_us(
+                                    lambda: torch._addmm_activation(b, x, w.t(), use_gelu=use_gelu), min_run_time)
+                        times["gemm"] = gemm_us
+                    floor = times["3gemm" if backward else "gemm"]
+                    row = {"shape": [m, k, n], "dtype": _dtype_name(dtype), "activation": name,
+                           "pass": "fwd+bwd" if backward else "fwd", **{f"{key}_us": v for key, v in times.items()},
+                           "pyfastnn_vs_eager": times["eager"] / times["pyfastnn"],
+                           "pyfastnn_over_floor": times["pyfastnn"] / floor}
+                    if name != "identity":
+                        gbps = _pass_bandwidth(fused, backward, (3 if backward else 2) * m * n * x.element_size())
+                        if gbps is not None:
+                            row["pass_GBps"] = gbps
+                            row["pass_share_of_copy"] = gbps / copy_gbps[dtype]
+                    rows.append(row)
+                    timed = " ".join(f"{key}={value:8.1f}" for key, value in times.items())
+                    log(f"{m}x{k}->{n} {row['dtype']:>8} {name:>10} {row['pass']:>7} {timed}  "
+                        f"eager/pyfastnn={row['pyfastnn_vs_eager']:.2f}x "
+                        f"pyfastnn/floor={row['pyfastnn_over_floor']:.2f}x"
+                        + (f" pass={row['pass_GBps']:.0f} GB/s ({row['pass_share_of_copy']:.0%} of copy)"
+                           if "pass_GBps" in row else ""))
+    return rows
+
+
+def _bare_mlp_gemms(x: torch.Tensor, weights: Sequence[torch.Tensor], grad: torch.Tensor) -> None:
+    """The stack's GEMMs with nothing around them: 3 forward, then per layer a weight GEMM and (above
+    the first) a data GEMM."""
+    h = [x]
+    for w in weights:
+        h.append(h[-1] @ w.t())
+    g = grad
+    for layer in reversed(range(len(weights))):
+        g.t() @ h[layer]
+        if layer > 0:
+            g = g @ weights[layer]
+
+
+def _cuda_mlp_rows(dtypes: Sequence[torch.dtype], min_run_time: float, mlp: Tuple[int, int, int],
+                   log: Callable[[str], object]) -> List[dict]:
+    rows_, width, layers = mlp
+    rows = []
+    for dtype in dtypes:
+        gemm_us = None  # the same GEMMs with or without dropout: timed once per dtype
+        for dropout in (0.0, 0.2):
+            (x, w, grad), calls = _cuda_mlp_calls(rows_, width, layers, dtype, dropout)
+            fused_us = _cuda_median_us(calls["pyfastnn"], min_run_time)
+            epilogue_us = None
+            if not dropout:  # with dropout after it, relu never takes cuBLASLt's epilogue
+                with cuda_relu_epilogue():
+                    epilogue_us = _cuda_median_us(calls["pyfastnn"], min_run_time)
+            eager_us = _cuda_median_us(calls["eager"], min_run_time)
+            if gemm_us is None:
+                with torch.no_grad():
+                    gemm_us = _cuda_median_us(lambda: _bare_mlp_gemms(x, w, grad), min_run_time)
+            row = {"mlp": f"{rows_}x{width}" + f"->{width}" * layers, "dtype": _dtype_name(dtype),
+                   "dropout": dropout, "pyfastnn_us": fused_us, "relu_epi_us": epilogue_us, "eager_us": eager_us,
+                   "bare_gemms_us": gemm_us, "pyfastnn_vs_eager": eager_us / fused_us,
+                   "pyfastnn_over_gemms": fused_us / gemm_us,
+                   "relu_epi_over_gemms": epilogue_us / gemm_us if epilogue_us else None}
+            rows.append(row)
+            epilogue = f"relu_epi={epilogue_us:8.1f}" if epilogue_us else f"relu_epi={'-':>8}"
+            epilogue_ratio = f" relu_epi/gemms={row['relu_epi_over_gemms']:.2f}x" if epilogue_us else ""
+            log(f"fused_mlp {row['mlp']} {row['dtype']:>8} dropout={dropout:.1f} fwd+bwd pyfastnn={fused_us:8.1f} "
+                f"{epilogue} eager={eager_us:8.1f} {3 * layers - 1}gemm={gemm_us:8.1f}  "
+                f"eager/pyfastnn={row['pyfastnn_vs_eager']:.2f}x pyfastnn/gemms={row['pyfastnn_over_gemms']:.2f}x"
+                f"{epilogue_ratio}")
+    return rows
+
+
+def run_cuda(shapes: Sequence = CUDA_SHAPES, dtypes: Sequence[torch.dtype] = (torch.bfloat16, torch.float16,
+                                                                                torch.float32),
+             activations: Sequence[str] = ACTIVATIONS, mlp: Optional[Tuple[int, int, int]] = CUDA_MLP,
+             min_run_time: float = 0.2, log: Callable[[str], object] = _log_flushed) -> Dict[str, List[dict]]:
+    """Times pyfastnn on the current GPU against eager PyTorch, cuBLASLt's own epilogue and the bare
+    GEMMs, side by side in this process; logs a table and returns its rows (``copy``, ``layers``,
+    ``fused_mlp``). Microseconds, medians of CUDA-synchronised timings. Per shape x dtype x
+    activation, forward (under ``torch.no_grad()``: inference) and forward+backward (gradients of
+    input, weight and bias):
+
+    - ``pyfastnn``: ``fused_linear``; ``relu_epi`` (relu): the same inside
+      :func:`pyfastnn.cuda_relu_epilogue` (relu in cuBLASLt's epilogue, opt-in: NaN
+      pre-activations may become 0); ``eager``: ``act(F.linear(x, w, b))``;
+    - ``addmm_act`` (relu, gelu_tanh; forward only: it has no backward): ``torch._addmm_activation``,
+      cuBLASLt's relu / tanh-GELU epilogue as torch calls it;
+    - ``gemm``: the bare forward GEMM; ``3gemm``: it and the two backward GEMMs, the floor of a
+      layer's forward+backward;
+    - ``pass_GBps`` where pyfastnn runs its own element-wise pass: that kernel's bandwidth, from its
+      device time (``torch.profiler``) over the bytes it moves, and ``pass_share_of_copy``: that
+      over a device-to-device copy's bandwidth in the dtype (the ``copy`` rows, measured first).
+
+    Then, unless ``mlp`` is None, ``fused_mlp`` of ``mlp = (rows, width, layers)`` (relu hidden,
+    identity output, the input needing no gradient) forward+backward without and with dropout 0.2
+    after each hidden layer, against eager and the stack's bare GEMMs (``3 * layers - 1``).
+
+    Example:
+        >>> import torch, pyfastnn
+        >>> from pyfastnn.benchmark import run_cuda
+        >>> if pyfastnn.info()["cuda_available"]:  # one small layer in bfloat16, relu only
+        ...     table = []
+        ...     rows = run_cuda(shapes=((4096, 1024, 1024),), dtypes=(torch.bfloat16,), activations=("relu",),
+        ...                     mlp=None, min_run_time=0.05, log=table.append)
+        ...     assert [row["pass"] for row in rows["layers"]] == ["fwd", "fwd+bwd"] and len(table) == 3
+    """
+    activations = [canonical_activation(a) for a in activations]  # an unknown name fails here, before timing
+    if not 0 < min_run_time < math.inf:
+        raise ValueError(f"pyfastnn: run_cuda's min_run_time must be a finite number of seconds > 0, "
+                         f"got {min_run_time}")
+    if not info()["cuda_available"]:
+        raise RuntimeError(f"pyfastnn: run_cuda {CUDA_NEEDED}")
+    copy = _cuda_copy_rows(dtypes, min_run_time, log)
+    copy_gbps = {dtype: row["copy_GBps"] for dtype, row in zip(dtypes, copy)}
+    results = {"copy": copy, "layers": _cuda_layer_rows(shapes, dtypes, activations, min_run_time, copy_gbps, log)}
+    if mlp is not None:
+        results["fused_mlp"] = _cuda_mlp_rows(dtypes, min_run_time, mlp, log)
+    return results
+
+
+def profile_cuda(shape: Tuple[int, int, int] = CUDA_SHAPES[0], dtype: torch.dtype = torch.bfloat16,
+                 layers: int = 3, log: Callable[[str], object] = _log_flushed) -> List[dict]:
+    """The CUDA kernels (:func:`cuda_kernels`) of pyfastnn and eager for one layer of ``shape``
+    (identity, relu, gelu_tanh and gelu; forward, and forward+backward) and the relu ``fused_mlp``
+    stack of ``layers`` layers of its width (without and with dropout): where the time of
+    :func:`run_cuda`'s rows goes. Logs each kernel table and returns one row per case and variant."""
+    if not info()["cuda_available"]:
+        raise RuntimeError(f"pyfastnn: profile_cuda {CUDA_NEEDED}")
+    m, k, n = shape
+    names = ("identity", "relu", "gelu_tanh", "gelu")
+    _, calls = _cuda_layer_calls(m, k, n, dtype, names)
+    cases = [(f"{name} {'fwd+bwd' if backward else 'fwd'}", calls[name][backward])
+             for name in names for backward in (False, True) if not (backward and name == "identity")]
+    for dropout in (0.0, 0.2):
+        _, stack = _cuda_mlp_calls(m, k, layers, dtype, dropout)
+        cases.append((f"fused_mlp {m}x{k}" + f"->{k}" * layers + f" relu dropout={dropout:.1f} fwd+bwd", stack))
+    rows = []
+    for case, variants in cases:
+        for variant, fn in variants.items():
+            kernels = cuda_kernels(fn)
+            rows.append({"shape": [m, k, n], "dtype": _dtype_name(dtype), "case": case, "variant": variant,
+                         "kernel_us": sum(row["us"] for row in kernels), "kernels": kernels})
+            log(format_kernels(f"{m}x{k}->{n} {rows[-1]['dtype']} {case}, {variant}", kernels))
+    return rows
+
+
 def _available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -424,16 +701,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = command_parser(
         "pyfastnn bench",
         description=(
-            "Times fused_linear against eager PyTorch, torch.compile and the bare GEMMs, forward and "
-            "forward+backward, side by side (medians)."),
-        examples=("pyfastnn bench --quick", "pyfastnn bench --threads 1 2 --json bench.json"))
+            "Times fused_linear against eager PyTorch, the bare GEMMs and torch.compile (CPU) or cuBLASLt's "
+            "own epilogue (CUDA), forward and forward+backward, side by side (medians)."),
+        examples=("pyfastnn bench --quick", "pyfastnn bench --threads 1 2 --json bench.json",
+                  "pyfastnn bench --device cuda --quick", "pyfastnn bench --device cuda --profile"))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (default): float32 on torch's CPU threads; cuda: bfloat16, float16 and float32 on "
+                             "the current GPU, then a fused_mlp stack (columns: help(pyfastnn.benchmark.run_cuda))")
     parser.add_argument("--quick", action="store_true",
-                        help="4 shapes, relu/gelu, 2 threads, no torch.compile (well under 30 s)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
-    parser.add_argument("--threads", type=thread_count, nargs="+", help="thread counts (default: 1 2, with --quick 2; never more than the CPUs available)")
+                        help="cpu: 4 shapes, relu/gelu, 2 threads, no torch.compile (well under 30 s); "
+                             "cuda: bfloat16, the first shape, five activations")
+    parser.add_argument("--no-compile", action="store_true", help="(cpu) skip the torch.compile column")
+    parser.add_argument("--threads", type=thread_count, nargs="+",
+                        help="(cpu) thread counts (default: 1 2, with --quick 2; never more than the CPUs available)")
+    parser.add_argument("--min-run-time", type=positive_float, metavar="SECONDS",
+                        help="(cuda) seconds per measurement (default 0.2)")
+    parser.add_argument("--profile", action="store_true",
+                        help="(cuda) list the kernels of each variant, with their device time, instead of timing it "
+                             "(the first shape, bfloat16)")
     parser.add_argument("--json", metavar="PATH", type=output_file_argument,
                         help="write the results as JSON here (- for standard output, the table then on stderr)")
     args = parser.parse_args(argv)
+    # An option of the other device's benchmark is refused, not ignored.
+    cpu_only = {"--threads": args.threads is not None, "--no-compile": args.no_compile}
+    cuda_only = {"--min-run-time": args.min_run_time is not None, "--profile": args.profile}
+    other = cpu_only if args.device == "cuda" else cuda_only
+    refused = [option for option, given in other.items() if given]
+    if refused:
+        parser.error(f"{refused[0]} does not apply to --device {args.device}")
+    if args.device == "cuda":
+        if not info()["cuda_available"]:
+            parser.error(f"--device cuda {CUDA_NEEDED}")
+        return run_benchmark(parser, args, lambda: _bench_cuda(args))
     return run_benchmark(parser, args, lambda: _bench(args))
 
 
@@ -451,4 +750,22 @@ def _bench(args) -> int:
     results = run(**kwargs)
     if args.json:
         write_results(args.json, results_record(args, build, results=results))
+    return 0
+
+
+def _bench_cuda(args) -> int:
+    build = info()
+    device = torch.cuda.get_device_name()
+    _log_flushed(f"pyfastnn {build['pyfastnn']} | torch {build['torch']} | {device} | "
+                 f"times are medians of CUDA-synchronised runs, in microseconds")
+    if args.profile:
+        results = {"profile": profile_cuda()}
+    else:
+        min_run_time = 0.2 if args.min_run_time is None else args.min_run_time
+        results = run_cuda(**(dict(shapes=CUDA_SHAPES[:1], dtypes=(torch.bfloat16,), activations=CUDA_QUICK_ACTIVATIONS)
+                              if args.quick else {}), min_run_time=min_run_time)
+    if args.json:
+        write_results(args.json, results_record(
+            args, build, torch=torch.__version__, device=device,
+            fp32_precision=getattr(torch.backends.cuda.matmul, "fp32_precision", None), **results))
     return 0

@@ -139,7 +139,7 @@ class _OutputDroppedWhenItCannotBeWritten:
 #: The subcommands and their one-line help.
 _COMMANDS = {
     "info": "versions, compiled backends, CPU code path, threads (see info --help)",
-    "bench": "fused_linear vs eager / torch.compile / bare GEMM (see bench --help)",
+    "bench": "fused_linear vs eager / torch.compile / bare GEMM, on the CPU or a GPU (see bench --help)",
     "train": "train the lesson's MNIST classifier (see train --help)",
     "demo": "the neural-network lesson end to end (see demo --help)",
 }

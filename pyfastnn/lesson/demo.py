@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..benchmark import run as run_bench
-from ..benchmark import time_interleaved, train_step
+from ..benchmark import run_cuda, time_interleaved, train_step
 from ..command import command_parser, path_argument, positive_int, run_command
 from ..files import check_output_names, ensure_writable_folder, hold_folder
 from ..functional import fused_linear
@@ -158,11 +158,18 @@ def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bo
     print("wrote", plot_activations(out / DEMO_PICTURES[1]))
 
     if bench:
-        _section("Quick benchmark: fused_linear vs PyTorch eager (float32, medians)")
-        run_bench(shapes=((64, 784, 256), (1, 784, 256)), activations=("relu", "gelu"),
-                  threads=(torch.get_num_threads(),), with_compile=False, rounds=5, target_s=0.01)
+        if torch.device(device).type == "cuda":  # the device the lesson trains on
+            _section("Quick benchmark on the GPU: fused_linear vs PyTorch eager and the bare GEMMs (bfloat16, "
+                     "microseconds; the columns: pyfastnn bench --help)")
+            with torch.cuda.device(torch.device(device)):
+                run_cuda(shapes=((8192, 1024, 1024),), dtypes=(torch.bfloat16,), activations=("relu", "gelu"),
+                         mlp=None, min_run_time=0.05)
+        else:
+            _section("Quick benchmark: fused_linear vs PyTorch eager (float32, medians)")
+            run_bench(shapes=((64, 784, 256), (1, 784, 256)), activations=("relu", "gelu"),
+                      threads=(torch.get_num_threads(),), with_compile=False, rounds=5, target_s=0.01)
 
-        _section("Whole-network fusion: pyfastnn.fuse on the lesson's MNIST network (train step, batch 64)")
+        _section("Whole-network fusion: pyfastnn.fuse on the lesson's MNIST network (CPU train step, batch 64)")
         summary["fuse_step_speedup"] = _fuse_demo()
 
     root = find_mnist(data)
@@ -203,7 +210,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="at most this many MNIST training steps, one epoch at most (default: %(default)s)")
     parser.add_argument("--no-bench", action="store_true", help="skip the quick benchmark and the fusion timing")
     parser.add_argument("--device", default="cpu",
-                        help="where the MNIST run trains: cpu, cuda or cuda:N (default: %(default)s)")
+                        help="where the MNIST run trains (and the quick benchmark runs): cpu, cuda or cuda:N "
+                             "(default: %(default)s)")
     args = parser.parse_args(argv)
     return run_command(parser, args, lambda: _demo(args))
 

@@ -121,10 +121,12 @@ def test_ddp_nccl_two_gpus_match_one_process(tmp_path, mnist_dir):
 
 
 def test_demo_runs_the_lesson_on_the_gpu(tmp_path, mnist_dir):
-    result = subprocess.run([sys.executable, "-m", "pyfastnn", "demo", "--device", "cuda", "--no-bench",
+    result = subprocess.run([sys.executable, "-m", "pyfastnn", "demo", "--device", "cuda",
                              "--data", str(mnist_dir), "--mnist-steps", "200", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    benchmark = result.stdout.split("Quick benchmark on the GPU")[1].split("Whole-network fusion")[0]
+    assert "8192x1024->1024 bfloat16       relu     fwd pyfastnn=" in benchmark, benchmark
     metrics = json.loads((tmp_path / "mnist" / "metrics.json").read_text())
     assert metrics["device"].startswith("cuda") and metrics["test_accuracy"] > 0.85
 

@@ -156,6 +156,56 @@ def test_bench_bad_arguments_fail_before_benchmarking(capsys, tmp_path):
     assert status == 2 and f"{blocker} is a file" in error_line(err, "pyfastnn bench") and "fused us" not in stdout
 
 
+def test_bench_refuses_the_other_devices_options_and_cuda_without_a_gpu(capsys, monkeypatch):
+    for arguments, problem in ((["--device", "cuda", "--threads", "2"], "--threads does not apply to --device cuda"),
+                               (["--device", "cuda", "--no-compile"], "--no-compile does not apply to --device cuda"),
+                               (["--profile"], "--profile does not apply to --device cpu"),
+                               (["--min-run-time", "0.1"], "--min-run-time does not apply to --device cpu")):
+        status, stdout, err = cli(capsys, "bench", "--quick", *arguments)
+        assert status == 2 and problem in error_line(err, "pyfastnn bench") and stdout == "", arguments
+    import pyfastnn.benchmark as benchmark
+
+    monkeypatch.setattr(benchmark, "info", lambda: {**pyfastnn.info(), "cuda_available": False})
+    status, stdout, err = cli(capsys, "bench", "--device", "cuda", "--quick")
+    assert status == 2 and stdout == ""
+    assert error_line(err, "pyfastnn bench").endswith("--device cuda needs a CUDA GPU and a CUDA build of pyfastnn "
+                                                      "(see pyfastnn info)")
+
+
+def test_bench_device_cuda_runs_the_cuda_benchmark_with_its_options(capsys, monkeypatch, tmp_path):
+    # Where a GPU is: the quick run is one shape in bfloat16, the full run every shape and dtype, and
+    # --profile the kernel tables; the JSON names the device. (The benchmark itself: test_cuda.py.)
+    import pyfastnn.benchmark as benchmark
+
+    asked = []
+    monkeypatch.setattr(benchmark, "info", lambda: {**pyfastnn.info(), "cuda_available": True})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *device: "a GPU")
+    monkeypatch.setattr(benchmark, "run_cuda", lambda **kwargs: asked.append(kwargs) or {"layers": []})
+    monkeypatch.setattr(benchmark, "profile_cuda", lambda: asked.append("profile") or [])
+    assert benchmark.main(["--device", "cuda", "--quick", "--json", str(tmp_path / "quick.json")]) == 0
+    assert asked.pop() == {"shapes": benchmark.CUDA_SHAPES[:1], "dtypes": (torch.bfloat16,),
+                           "activations": benchmark.CUDA_QUICK_ACTIVATIONS, "min_run_time": 0.2}
+    record = json.loads((tmp_path / "quick.json").read_text())
+    assert record["device"] == "a GPU" and record["settings"]["device"] == "cuda" and record["layers"] == []
+    assert benchmark.main(["--device", "cuda", "--min-run-time", "0.05"]) == 0
+    assert asked.pop() == {"min_run_time": 0.05}  # run_cuda's defaults: every shape, dtype and activation
+    assert benchmark.main(["--device", "cuda", "--profile"]) == 0 and asked.pop() == "profile"
+    assert capsys.readouterr().out.startswith(f"pyfastnn {pyfastnn.__version__} | torch ")
+
+
+def test_the_cuda_benchmark_functions_refuse_bad_settings_and_name_what_they_need():
+    from pyfastnn.benchmark import profile_cuda, run_cuda
+
+    with pytest.raises(ValueError, match="run_cuda's min_run_time must be a finite number of seconds > 0, got inf"):
+        run_cuda(min_run_time=float("inf"))
+    with pytest.raises(ValueError, match="unknown activation 'relu6'"):
+        run_cuda(activations=("relu", "relu6"))
+    if not pyfastnn.info()["cuda_available"]:  # (where there is a GPU, test_cuda.py runs them)
+        for function in (run_cuda, profile_cuda):
+            with pytest.raises(RuntimeError, match=f"{function.__name__} needs a CUDA GPU and a CUDA build"):
+                function()
+
+
 def test_info_bad_arguments(capsys):
     status, _, err = cli(capsys, "info", "--verbose")
     assert status == 2 and "unrecognized arguments: --verbose" in err and "Traceback" not in err

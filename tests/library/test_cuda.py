@@ -658,3 +658,33 @@ def test_forward_and_backward_captured_in_a_cuda_graph(dtype):
         assert_close(static_out, expected, dtype)
         for got, want in zip(static_grads, expected_grads):
             assert_close(got, want, dtype)
+
+
+# --- pyfastnn bench --device cuda -------------------------------------------------------------------
+
+def test_the_cuda_benchmark_reports_every_column_and_the_kernel_profile():
+    # Small shapes: that every column is measured and every ratio is a positive figure (the figures
+    # themselves are pyfastnn bench --device cuda's, on the real shapes).
+    from pyfastnn.benchmark import profile_cuda, run_cuda
+
+    table = []
+    results = run_cuda(shapes=((256, 128, 64),), dtypes=(torch.bfloat16, torch.float32),
+                       activations=("identity", "relu", "gelu_tanh", "gelu"), mlp=(256, 64, 3), min_run_time=0.01,
+                       log=table.append)
+    assert [row["dtype"] for row in results["copy"]] == ["bfloat16", "float32"]
+    layers = results["layers"]
+    assert len(layers) == 2 * 4 * 2 and len(table) == 2 + len(layers) + 2 * 2
+    for row in layers:
+        floor = "3gemm_us" if row["pass"] == "fwd+bwd" else "gemm_us"
+        assert row["pyfastnn_us"] > 0 and row["eager_us"] > 0 and row[floor] > 0, row
+        assert ("relu_epi_us" in row) == (row["activation"] == "relu"), row
+        assert ("addmm_act_us" in row) == (row["pass"] == "fwd" and row["activation"] in ("relu", "gelu_tanh")), row
+        assert row["pyfastnn_vs_eager"] > 0 and row["pyfastnn_over_floor"] > 0
+    # the erf gelu is always pyfastnn's own pass, so its bandwidth is measured
+    assert all(row["pass_GBps"] > 0 for row in layers if row["activation"] == "gelu"), layers
+    assert [(row["dtype"], row["dropout"]) for row in results["fused_mlp"]] == [
+        ("bfloat16", 0.0), ("bfloat16", 0.2), ("float32", 0.0), ("float32", 0.2)]
+    assert all(row["pyfastnn_us"] > 0 and row["bare_gemms_us"] > 0 for row in results["fused_mlp"])
+    profile = profile_cuda(shape=(256, 128, 64), dtype=torch.float32, log=table.append)
+    assert {row["variant"] for row in profile} == {"pyfastnn", "eager"} and len(profile) == 2 * (7 + 2)
+    assert all(row["kernel_us"] > 0 and row["kernels"] for row in profile)
