@@ -12,5 +12,15 @@ import sys
 
 from pyfastnn.benchmark import main
 
+
+def _names_a_device(argument: str) -> bool:
+    option = argument.split("=", 1)[0]
+    return len(option) >= len("--dev") and "--device".startswith(option)  # argparse takes unique prefixes
+
+
 if __name__ == "__main__":
+    if any(_names_a_device(argument) for argument in sys.argv[1:]):
+        print("bench_cuda.py: error: --device: this script benchmarks the GPU (the CPU's: pyfastnn bench)",
+              file=sys.stderr)
+        sys.exit(2)
     sys.exit(main(["--device", "cuda", *sys.argv[1:]]))

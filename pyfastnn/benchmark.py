@@ -662,7 +662,15 @@ def profile_cuda(shape: Tuple[int, int, int] = CUDA_SHAPES[0], dtype: torch.dtyp
     """The CUDA kernels (:func:`cuda_kernels`) of pyfastnn and eager for one layer of ``shape``
     (identity, relu, gelu_tanh and gelu; forward, and forward+backward) and the relu ``fused_mlp``
     stack of ``layers`` layers of its width (without and with dropout): where the time of
-    :func:`run_cuda`'s rows goes. Logs each kernel table and returns one row per case and variant."""
+    :func:`run_cuda`'s rows goes. Logs each kernel table and returns one row per case and variant.
+
+    Example:
+        >>> import torch, pyfastnn
+        >>> from pyfastnn.benchmark import profile_cuda
+        >>> if pyfastnn.info()["cuda_available"]:  # one small layer in float32
+        ...     rows = profile_cuda(shape=(256, 128, 64), dtype=torch.float32, log=lambda table: None)
+        ...     assert {row["variant"] for row in rows} == {"pyfastnn", "eager"}
+    """
     if not info()["cuda_available"]:
         raise RuntimeError(f"pyfastnn: profile_cuda {CUDA_NEEDED}")
     m, k, n = shape
@@ -729,9 +737,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     refused = [option for option, given in other.items() if given]
     if refused:
         parser.error(f"{refused[0]} does not apply to --device {args.device}")
+    timing_only = [option for option, given in (("--quick", args.quick), ("--min-run-time", args.min_run_time))
+                   if given]
+    if args.profile and timing_only:
+        parser.error(f"{timing_only[0]} does not apply to --profile (the kernels of the first shape, in bfloat16)")
     if args.device == "cuda":
         if not info()["cuda_available"]:
             parser.error(f"--device cuda {CUDA_NEEDED}")
+        if args.min_run_time is None:
+            args.min_run_time = 0.2  # (the JSON's settings then say what ran)
         return run_benchmark(parser, args, lambda: _bench_cuda(args))
     return run_benchmark(parser, args, lambda: _bench(args))
 
@@ -761,9 +775,8 @@ def _bench_cuda(args) -> int:
     if args.profile:
         results = {"profile": profile_cuda()}
     else:
-        min_run_time = 0.2 if args.min_run_time is None else args.min_run_time
         results = run_cuda(**(dict(shapes=CUDA_SHAPES[:1], dtypes=(torch.bfloat16,), activations=CUDA_QUICK_ACTIVATIONS)
-                              if args.quick else {}), min_run_time=min_run_time)
+                              if args.quick else {}), min_run_time=args.min_run_time)
     if args.json:
         write_results(args.json, results_record(
             args, build, torch=torch.__version__, device=device,

@@ -157,10 +157,11 @@ def test_bench_bad_arguments_fail_before_benchmarking(capsys, tmp_path):
 
 
 def test_bench_refuses_the_other_devices_options_and_cuda_without_a_gpu(capsys, monkeypatch):
-    for arguments, problem in ((["--device", "cuda", "--threads", "2"], "--threads does not apply to --device cuda"),
+    for arguments, problem in ((["--device", "cuda", "--threads", "1"], "--threads does not apply to --device cuda"),
                                (["--device", "cuda", "--no-compile"], "--no-compile does not apply to --device cuda"),
                                (["--profile"], "--profile does not apply to --device cpu"),
-                               (["--min-run-time", "0.1"], "--min-run-time does not apply to --device cpu")):
+                               (["--min-run-time", "0.1"], "--min-run-time does not apply to --device cpu"),
+                               (["--device", "cuda", "--profile"], "--quick does not apply to --profile")):
         status, stdout, err = cli(capsys, "bench", "--quick", *arguments)
         assert status == 2 and problem in error_line(err, "pyfastnn bench") and stdout == "", arguments
     import pyfastnn.benchmark as benchmark
@@ -186,7 +187,12 @@ def test_bench_device_cuda_runs_the_cuda_benchmark_with_its_options(capsys, monk
     assert asked.pop() == {"shapes": benchmark.CUDA_SHAPES[:1], "dtypes": (torch.bfloat16,),
                            "activations": benchmark.CUDA_QUICK_ACTIVATIONS, "min_run_time": 0.2}
     record = json.loads((tmp_path / "quick.json").read_text())
-    assert record["device"] == "a GPU" and record["settings"]["device"] == "cuda" and record["layers"] == []
+    assert record["device"] == "a GPU" and record["torch"] == torch.__version__ and "fp32_precision" in record
+    assert record["settings"]["device"] == "cuda" and record["settings"]["min_run_time"] == 0.2
+    assert record["layers"] == []
+    # scripts/gpu_check.sh's quick run
+    assert benchmark.main(["--device", "cuda", "--quick", "--min-run-time", "0.05"]) == 0
+    assert asked.pop()["min_run_time"] == 0.05
     assert benchmark.main(["--device", "cuda", "--min-run-time", "0.05"]) == 0
     assert asked.pop() == {"min_run_time": 0.05}  # run_cuda's defaults: every shape, dtype and activation
     assert benchmark.main(["--device", "cuda", "--profile"]) == 0 and asked.pop() == "profile"
@@ -560,6 +566,7 @@ def test_a_json_path_ending_in_a_slash_names_a_folder_and_writes_nothing(tmp_pat
     ("bench_overhead.py", ["--bogus"], "unrecognized arguments: --bogus"),
     ("bench_mlp_call_overhead.py", ["--bogus"], "unrecognized arguments: --bogus"),
     ("bench_cuda.py", ["--min-run-time", "inf"], "argument --min-run-time: must be a finite number > 0"),
+    ("bench_cuda.py", ["--dev=cpu"], "--device: this script benchmarks the GPU"),
     pytest.param("bench_mnist.py", ["--quick", "--json", ""], "argument --json: must be a path, got an empty string",
                  marks=pytest.mark.skipif(bool(missing_lesson_requirements()),
                                           reason="bench_mnist.py runs the lesson: needs the lesson extra")),

@@ -166,6 +166,7 @@ def test_mnist_is_looked_for_where_the_tests_read_it(tmp_path):
     assert result.returncode == 0 and "NOT RUN" not in (tmp_path / "out2" / "summary.txt").read_text()
     assert [line for line in log.read_text().splitlines() if "test_cuda_train.py" in line][-1].startswith("CI=1 ")
 
+
 def test_without_a_gpu_it_fails_instead_of_skipping_every_test(tmp_path):
     # pip succeeds; the check that torch sees a GPU and pyfastnn has CUDA fails, as on a CPU machine.
     python = stand_in_python(tmp_path, 'case "$*" in *torch.cuda.is_available*) exit 1 ;; esac\nexit 0')
