@@ -6,8 +6,7 @@
 # (rc, seconds), under a failed step the lines of its log that say what failed (the failed tests,
 # the sanitizer's reports, the first error lines), under a benchmark its printed figures and under a
 # test step the figures its tests recorded (pytest's record_property), and the final status:
-# summary.txt alone tells what to fix and what was measured. Most telling first, so a run cut short
-# still says the most:
+# summary.txt alone tells what to fix and what was measured. The steps, in order:
 #   env                     nvidia-smi, torch, nvcc, CUDA_HOME, pytest, ninja, the lesson extra's
 #                           packages, compute-sanitizer (env.log)
 #   tools                   only where ninja or pytest is missing and GPU_CHECK_WHEELS names a folder
@@ -15,19 +14,14 @@
 #                           compile the sources one at a time (about a quarter of an hour), without
 #                           pytest every test step would fail: either missing, the run stops here
 #   build                   pip install -e . with PYFASTNN_CUDA=1 (TORCH_CUDA_ARCH_LIST, default 9.0)
-#   lesson_extra            only where the lesson extra is missing and GPU_CHECK_WHEELS names a folder
-#                           of wheels for it (a machine without network): pip install --no-index from it
 #   (then stops at once unless torch sees a GPU and pyfastnn has its CUDA backend: every GPU test
 #    would otherwise be skipped and pass)
-#   test_cuda               tests/library/test_cuda.py (cuBLASLt and fallback paths, dropout, CUDA graphs)
+# Side by side where the GPU is shared (nvidia-smi's compute mode Default; else, or with
+# GPU_CHECK_SIDE_BY_SIDE=0, one after the other), each reported when all have ended:
+#   test_cuda               tests/library/test_cuda.py (cuBLASLt and fallback paths, dropout, CUDA graphs),
+#                           side by side in GPU_CHECK_SHARDS processes (default 4), steps test_cuda.1 ...
 #   test_cuda_graph         tests/library/test_cuda_graph.py (the captured step against the eager loop,
 #                           dropout masks per replay; no lesson or MNIST needed) + its doctest
-#   bench_cuda              benchmarks/bench_cuda.py --quick (--full: every shape and dtype) --json OUTDIR/bench_cuda.json
-#   test_cuda_train         tests/lesson/test_cuda_train.py (training on the GPU, the last partial
-#                           batch's graph, resume, DDP, the demo and the 5-epoch run; those that read
-#                           MNIST need it in $PYFASTNN_MNIST, else are skipped and noted as NOT RUN;
-#                           all need the lesson extra)
-#   bench_mnist_cuda        benchmarks/bench_mnist.py --device cuda --quick --json OUTDIR/bench_mnist_cuda.json
 #   memcheck / racecheck    compute-sanitizer (where it can run on the device: a probe says so first)
 #                           on pyfastnn's own kernels over selections of test_cuda.py. memcheck's
 #                           reaches each kernel (vectorized and one-element passes, dropout, the
@@ -38,6 +32,15 @@
 #   fuzz_cuda / fuzz_mlp_cuda   scripts/fuzz_fused_linear.py --device cuda (FUZZ_CASES each; mismatches
 #                           are logged as found, and the run stops in time to print its count; under
 #                           --full every case must run)
+# Then alone on the GPU, since their figures are timed:
+#   lesson_extra            only where the lesson extra is missing and GPU_CHECK_WHEELS names a folder
+#                           of wheels for it (a machine without network): pip install --no-index from it
+#   test_cuda_train         tests/lesson/test_cuda_train.py (training on the GPU, the last partial
+#                           batch's graph, resume, DDP, the demo and the 5-epoch run; those that read
+#                           MNIST need it in $PYFASTNN_MNIST, else are skipped and noted as NOT RUN;
+#                           all need the lesson extra)
+#   bench_cuda              benchmarks/bench_cuda.py --quick (--full: every shape and dtype) --json OUTDIR/bench_cuda.json
+#   bench_mnist_cuda        benchmarks/bench_mnist.py --device cuda --quick --json OUTDIR/bench_mnist_cuda.json
 #   test_cpu_on_cuda_build  (--full only) the CPU suite on the same build
 #   profile_cuda            (--full, or named in GPU_CHECK_ONLY) benchmarks/bench_cuda.py --profile --json
 #                           OUTDIR/profile_cuda.json and (with the lesson extra) benchmarks/bench_mnist.py
@@ -158,13 +161,16 @@ finish() {  # the summary's last line, the whole summary printed, the logs packe
   [ -z "$logs" ] || (cd "$OUT" && tar -czf "$archive" $logs && rm -f $logs)
   exit $status
 }
-STEP_PID=
-trap '[ -z "$STEP_PID" ] || kill -TERM "$STEP_PID" 2>/dev/null; echo "[gpu_check] stopped by a signal" >> "$OUT/summary.txt"; status=1; finish' TERM INT
+# The steps running now (launched, not yet reported): name -> pid, start time and limit.
+declare -A STEP_PIDS=() STEP_STARTS=() STEP_LIMITS=()
+LAUNCHED=()
+trap 'for pid in "${STEP_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+      echo "[gpu_check] stopped by a signal" >> "$OUT/summary.txt"; status=1; finish' TERM INT
 
-step() {  # step NAME LIMIT_S COMMAND...: runs within the budget left, logs, records rc and time
+launch() {  # launch NAME LIMIT_S COMMAND...: starts a step in the background within the budget left
   local name="$1" limit="$2"; shift 2
-  case " $(echo $CHECK_STEPS) " in *" $name "*)
-    if ! wanted "$name"; then echo "[gpu_check] $name: skipped (not in GPU_CHECK_ONLY)" | tee -a "$OUT/summary.txt"; return 0; fi ;;
+  case " $(echo $CHECK_STEPS) " in *" ${name%%.*} "*)  # (a shard, test_cuda.2, is its step's)
+    if ! wanted "${name%%.*}"; then echo "[gpu_check] $name: skipped (not in GPU_CHECK_ONLY)" | tee -a "$OUT/summary.txt"; return 0; fi ;;
   esac
   local left=$((BUDGET - SECONDS - 10))  # 10 s: timeout's grace before it kills
   if [ "$left" -lt 20 ] || [ $((left * 3)) -lt "$limit" ]; then  # cut to a fraction, it would time out
@@ -173,14 +179,19 @@ step() {  # step NAME LIMIT_S COMMAND...: runs within the budget left, logs, rec
   [ "$limit" -gt "$left" ] && limit="$left"
   echo "[gpu_check] $name (limit $limit s)"
   rm -f "$OUT/$name.xml"  # pytest writes it only at the end: a step stopped before must not show an older one
-  local start=$SECONDS
+  STEP_STARTS[$name]=$SECONDS STEP_LIMITS[$name]=$limit
   # In the background and waited for, so that a signal reaches the trap (which stops the step) at once.
   GPU_CHECK_STEP_LIMIT="$limit" timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1 &
-  STEP_PID=$!
-  wait "$STEP_PID"
-  local rc=$?
-  STEP_PID=
-  local line="$name: rc=$rc in $((SECONDS - start)) s"
+  STEP_PIDS[$name]=$!
+  LAUNCHED+=("$name")
+}
+
+report() {  # report NAME: waits for a launched step, then records its rc and time; returns the rc
+  local name="$1"
+  wait "${STEP_PIDS[$name]}"
+  local rc=$? limit="${STEP_LIMITS[$name]}"
+  unset "STEP_PIDS[$name]"
+  local line="$name: rc=$rc in $((SECONDS - STEP_STARTS[$name])) s"
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then line="$line (timed out after $limit s)"; fi
   echo "[gpu_check] $line" | tee -a "$OUT/summary.txt"
   tail -n 3 "$OUT/$name.log"
@@ -189,6 +200,20 @@ step() {  # step NAME LIMIT_S COMMAND...: runs within the budget left, logs, rec
     status=1
   fi
   figures "$name" >> "$OUT/summary.txt"
+  return $rc
+}
+
+step() {  # step NAME LIMIT_S COMMAND...: runs a step within the budget left, logs, records rc and time
+  launch "$@" || return $?
+  [ -z "${STEP_PIDS[$1]:-}" ] || report "$1"
+}
+
+report_launched() {  # the steps launched side by side, reported in the order they were launched
+  local name rc=0
+  for name in "${LAUNCHED[@]}"; do
+    [ -z "${STEP_PIDS[$name]:-}" ] || report "$name" || rc=1
+  done
+  LAUNCHED=()
   return $rc
 }
 
@@ -240,43 +265,35 @@ if ! "$PYTHON" -c "import sys, torch, pyfastnn; sys.exit(not (torch.cuda.is_avai
   finish
 fi
 
-# (about 1,100 tests on a GPU, more than the first H200 run had in its 150 s limit. The budget still
-# bounds the whole run: a slow test_cuda finishes at the cost of later steps, listed NOT RUN for a
-# GPU_CHECK_ONLY run to finish)
-step test_cuda 240 "${PYTEST[@]}" tests/library/test_cuda.py --junitxml="$OUT/test_cuda.xml"
-step test_cuda_graph 60 "${PYTEST[@]}" tests/library/test_cuda_graph.py pyfastnn/cuda_graph.py \
+# The steps that only check (tests, sanitizers, fuzzing) run side by side on the one GPU where it is
+# shared (compute mode Default, which nvidia-smi reports), test_cuda.py's ~1,100 small tests in
+# GPU_CHECK_SHARDS pytest processes (default 4; tests/conftest.py's --shard) beside the others: they
+# are bound by Python and launches, not by the GPU. The steps whose figures are timed (the training
+# test's 5-epoch run, the benchmarks) run after them, alone. Elsewhere, or with
+# GPU_CHECK_SIDE_BY_SIDE=0, every step runs alone, in the same order.
+SHARDS=1
+if [ "${GPU_CHECK_SIDE_BY_SIDE:-1}" = 1 ] &&
+    [ "$(nvidia-smi --query-gpu=compute_mode --format=csv,noheader 2>/dev/null | head -n 1)" = Default ]; then
+  SHARDS="${GPU_CHECK_SHARDS:-4}"
+  case "$SHARDS" in "" | *[!0-9]* | 0) echo "[gpu_check] GPU_CHECK_SHARDS must be a whole number >= 1, got '$SHARDS'" \
+    | tee -a "$OUT/summary.txt"; status=1; finish ;; esac
+  together() { launch "$@"; }
+  echo "[gpu_check] side by side: test_cuda in $SHARDS processes, test_cuda_graph, the sanitizers and the fuzzers" \
+    | tee -a "$OUT/summary.txt"
+else
+  together() { step "$@"; }
+fi
+
+if [ "$SHARDS" = 1 ]; then
+  together test_cuda 240 "${PYTEST[@]}" tests/library/test_cuda.py --junitxml="$OUT/test_cuda.xml"
+else
+  for shard in $(seq 1 "$SHARDS"); do
+    together "test_cuda.$shard" 240 "${PYTEST[@]}" tests/library/test_cuda.py --shard="$((shard - 1))/$SHARDS" \
+      --junitxml="$OUT/test_cuda.$shard.xml"
+  done
+fi
+together test_cuda_graph 60 "${PYTEST[@]}" tests/library/test_cuda_graph.py pyfastnn/cuda_graph.py \
   --junitxml="$OUT/test_cuda_graph.xml"
-step bench_cuda "$BENCH_CUDA_LIMIT" "$PYTHON" benchmarks/bench_cuda.py ${BENCH_CUDA_SIZE[@]+"${BENCH_CUDA_SIZE[@]}"} --min-run-time 0.05 \
-  --json "$OUT/bench_cuda.json"
-lesson_missing() { "$PYTHON" -c "from pyfastnn.extras import missing_lesson_requirements as m; print(' '.join(m()))"; }
-LESSON_MISSING="$(lesson_missing)"
-# Where the tests read MNIST (tests/conftest.py's mnist_dir): the IDX files directly in that folder.
-MNIST_FILES="${PYFASTNN_MNIST:-$ROOT/../shared/data/mnist}"
-if [ -n "$LESSON_MISSING" ] && [ -d "${GPU_CHECK_WHEELS:-}" ] && wanted test_cuda_train bench_mnist_cuda; then
-  # shellcheck disable=SC2086 # one package name per word
-  step lesson_extra 60 "$PYTHON" -m pip install --no-index --find-links "$GPU_CHECK_WHEELS" $LESSON_MISSING
-  LESSON_MISSING="$(lesson_missing)"
-fi
-if ! wanted test_cuda_train; then
-  step test_cuda_train 0 true  # listed as skipped
-elif [ -n "$LESSON_MISSING" ]; then
-  note test_cuda_train "NOT RUN: the lesson extra lacks $LESSON_MISSING"
-elif [ ! -e "$MNIST_FILES/t10k-images-idx3-ubyte.gz" ] && [ ! -e "$MNIST_FILES/t10k-images-idx3-ubyte" ]; then
-  # cuda_graph_step's GPU tests need no MNIST: they run; the training tests skip (CI unset), noted.
-  CI= step test_cuda_train 150 "${PYTEST[@]}" tests/lesson/test_cuda_train.py -k "not bench_mnist_cuda_quick" \
-    --junitxml="$OUT/test_cuda_train.xml"
-  note test_cuda_train_mnist \
-    "NOT RUN: no t10k-images-idx3-ubyte[.gz] in $MNIST_FILES (set PYFASTNN_MNIST to the folder of the IDX files)"
-else
-  # (its bench_mnist test runs as the bench_mnist_cuda step below, with the figures kept)
-  step test_cuda_train 150 "${PYTEST[@]}" tests/lesson/test_cuda_train.py -k "not bench_mnist_cuda_quick" \
-    --junitxml="$OUT/test_cuda_train.xml"
-fi
-if [ -z "$LESSON_MISSING" ] || ! wanted bench_mnist_cuda; then
-  step bench_mnist_cuda 60 "$PYTHON" benchmarks/bench_mnist.py --device cuda --quick --json "$OUT/bench_mnist_cuda.json"
-else
-  note bench_mnist_cuda "NOT RUN: the lesson extra lacks $LESSON_MISSING"
-fi
 
 # Sanitizers check pyfastnn's kernels only (kernel names hold "pyfastnn"; cuBLAS's and ATen's are
 # torch's business and their Hopper kernels give racecheck false positives). memcheck runs without
@@ -303,9 +320,9 @@ elif ! timeout 60 "$SANITIZER" --tool memcheck --report-api-errors no --error-ex
     "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()" > "$OUT/sanitizer_probe.log" 2>&1; then
   note sanitizers "NOT RUN: compute-sanitizer cannot run on this device (sanitizer_probe.log)"
 else
-  step memcheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --kernel-name kns=pyfastnn \
+  together memcheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --kernel-name kns=pyfastnn \
     --report-api-errors no --error-exitcode 1 "${PYTEST[@]}" tests/library/test_cuda.py -k "$MEMCHECK_TESTS"
-  step racecheck 90 "$SANITIZER" --tool racecheck --kernel-name kns=pyfastnn --report-api-errors no \
+  together racecheck 90 "$SANITIZER" --tool racecheck --kernel-name kns=pyfastnn --report-api-errors no \
     --error-exitcode 1 "${PYTEST[@]}" tests/library/test_cuda.py -k "$RACECHECK_TESTS"
 fi
 
@@ -318,8 +335,42 @@ fuzz() {  # the step's limit, as the budget left it (GPU_CHECK_STEP_LIMIT), less
   "$PYTHON" scripts/fuzz_fused_linear.py --device cuda --cases "$FUZZ_CASES" "${stop[@]}" "$@"
 }
 export -f fuzz; export PYTHON FUZZ_CASES MODE
-step fuzz_cuda "$FUZZ_LIMIT" bash -c fuzz
-step fuzz_mlp_cuda "$FUZZ_LIMIT" bash -c 'fuzz --mlp'
+together fuzz_cuda "$FUZZ_LIMIT" bash -c fuzz
+together fuzz_mlp_cuda "$FUZZ_LIMIT" bash -c 'fuzz --mlp'
+report_launched
+
+# Alone on the GPU from here: the training tests (the 5-epoch run is timed), then the benchmarks.
+lesson_missing() { "$PYTHON" -c "from pyfastnn.extras import missing_lesson_requirements as m; print(' '.join(m()))"; }
+LESSON_MISSING="$(lesson_missing)"
+# Where the tests read MNIST (tests/conftest.py's mnist_dir): the IDX files directly in that folder.
+MNIST_FILES="${PYFASTNN_MNIST:-$ROOT/../shared/data/mnist}"
+if [ -n "$LESSON_MISSING" ] && [ -d "${GPU_CHECK_WHEELS:-}" ] && wanted test_cuda_train bench_mnist_cuda; then
+  # shellcheck disable=SC2086 # one package name per word
+  step lesson_extra 60 "$PYTHON" -m pip install --no-index --find-links "$GPU_CHECK_WHEELS" $LESSON_MISSING
+  LESSON_MISSING="$(lesson_missing)"
+fi
+if ! wanted test_cuda_train; then
+  step test_cuda_train 0 true  # listed as skipped
+elif [ -n "$LESSON_MISSING" ]; then
+  note test_cuda_train "NOT RUN: the lesson extra lacks $LESSON_MISSING"
+elif [ ! -e "$MNIST_FILES/t10k-images-idx3-ubyte.gz" ] && [ ! -e "$MNIST_FILES/t10k-images-idx3-ubyte" ]; then
+  # cuda_graph_step's GPU tests need no MNIST: they run; the training tests skip (CI unset), noted.
+  CI= step test_cuda_train 150 "${PYTEST[@]}" tests/lesson/test_cuda_train.py -k "not bench_mnist_cuda_quick" \
+    --junitxml="$OUT/test_cuda_train.xml"
+  note test_cuda_train_mnist \
+    "NOT RUN: no t10k-images-idx3-ubyte[.gz] in $MNIST_FILES (set PYFASTNN_MNIST to the folder of the IDX files)"
+else
+  # (its bench_mnist test runs as the bench_mnist_cuda step below, with the figures kept)
+  step test_cuda_train 150 "${PYTEST[@]}" tests/lesson/test_cuda_train.py -k "not bench_mnist_cuda_quick" \
+    --junitxml="$OUT/test_cuda_train.xml"
+fi
+step bench_cuda "$BENCH_CUDA_LIMIT" "$PYTHON" benchmarks/bench_cuda.py ${BENCH_CUDA_SIZE[@]+"${BENCH_CUDA_SIZE[@]}"} --min-run-time 0.05 \
+  --json "$OUT/bench_cuda.json"
+if [ -z "$LESSON_MISSING" ] || ! wanted bench_mnist_cuda; then
+  step bench_mnist_cuda 60 "$PYTHON" benchmarks/bench_mnist.py --device cuda --quick --json "$OUT/bench_mnist_cuda.json"
+else
+  note bench_mnist_cuda "NOT RUN: the lesson extra lacks $LESSON_MISSING"
+fi
 
 if [ "$MODE" = "--full" ]; then
   step test_cpu_on_cuda_build 600 "${PYTEST[@]}" tests --ignore=tests/library/test_cuda.py \

@@ -9,6 +9,24 @@ torch.manual_seed(0)
 _SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--shard", metavar="K/N",
+                     help="run only the collected tests at positions K, K + N, K + 2N, ... (0 <= K < N): N pytest "
+                          "processes given K = 0 ... N-1 run every test once, side by side (scripts/gpu_check.sh)")
+
+
+def pytest_collection_modifyitems(config, items):
+    shard = config.getoption("--shard")
+    if shard is None:
+        return
+    k, slash, n = shard.partition("/")
+    if not (slash and k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise pytest.UsageError(f"--shard must be K/N with whole numbers 0 <= K < N, got {shard!r}")
+    k, n = int(k), int(n)
+    config.hook.pytest_deselected(items=[item for index, item in enumerate(items) if index % n != k])
+    items[:] = items[k::n]
+
+
 @pytest.fixture(autouse=True)
 def cuda_context_survives(request):
     """After each test that used the GPU, wait for its kernels: a device-side assert or fault breaks

@@ -4,10 +4,14 @@ no GPU are run with a stand-in Python: a refused mode, a failed build, a machine
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
@@ -232,8 +236,8 @@ def test_only_the_steps_asked_for_run_after_the_build(tmp_path):
 
     ran, skipped = steps(": rc=0 in "), steps(": skipped (not in GPU_CHECK_ONLY)")
     assert ran == ["build", "memcheck", "fuzz_mlp_cuda"], summary
-    assert skipped == ["test_cuda", "test_cuda_graph", "bench_cuda", "test_cuda_train", "bench_mnist_cuda",
-                       "racecheck", "fuzz_cuda", "profile_cuda"], summary
+    assert skipped == ["test_cuda", "test_cuda_graph", "racecheck", "fuzz_cuda", "test_cuda_train", "bench_cuda",
+                       "bench_mnist_cuda", "profile_cuda"], summary
     assert ", status 0;" in summary[-1] and result.returncode == 0, summary
 
 
@@ -259,8 +263,8 @@ def test_a_step_of_the_full_run_only_is_refused_without_full_and_blank_means_eve
 
 
 def test_the_default_run_fits_six_minutes_and_full_benchmarks_every_shape(tmp_path):
-    # The default run is the quick check (bench_cuda --quick, a 360 s budget for everything; the tests and
-    # benchmarks first, then the sanitizers, the fuzzing last); --full is the acceptance run (every
+    # The default run is the quick check (bench_cuda --quick, a 360 s budget for everything: the steps
+    # that only check side by side, then the timed ones alone); --full is the acceptance run (every
     # bench_cuda shape and dtype).
     assert re.search(r'BUDGET="\$\{GPU_CHECK_BUDGET_S:-360\}"', TEXT)
     bench_arguments = {}
@@ -272,9 +276,83 @@ def test_the_default_run_fits_six_minutes_and_full_benchmarks_every_shape(tmp_pa
         assert len(calls) == 1, calls
         bench_arguments[mode] = calls[0].split()
     assert "--quick" in bench_arguments[""] and "--quick" not in bench_arguments["--full"]
-    order = re.findall(r'^\s*(?:CI= )?step (\w+) ', TEXT, flags=re.M)
-    assert order.index("memcheck") > max(order.index(name) for name in ("test_cuda", "bench_cuda", "bench_mnist_cuda"))
+    order = re.findall(r'^\s*(?:CI= )?(?:step|together) "?(\w+)', TEXT, flags=re.M)
+    checks = ("test_cuda", "test_cuda_graph", "memcheck", "racecheck", "fuzz_cuda", "fuzz_mlp_cuda")
+    timed = ("test_cuda_train", "bench_cuda", "bench_mnist_cuda")
+    assert max(order.index(name) for name in checks) < min(order.index(name) for name in timed), order
     assert order.index("racecheck") < order.index("fuzz_cuda")
+
+
+def shared_gpu(folder: Path, mode: str = "Default") -> str:
+    """A PATH with stand-ins for compute-sanitizer and nvidia-smi, which reports the GPU's compute mode."""
+    (folder / "bin").mkdir(exist_ok=True)
+    stand_in_python(folder / "bin", "exit 0").rename(folder / "bin" / "compute-sanitizer")
+    stand_in_python(folder / "bin", f'case "$*" in *compute_mode*) echo {mode} ;; esac').rename(folder / "bin" / "nvidia-smi")
+    return f"{folder / 'bin'}:{os.environ['PATH']}"
+
+
+def test_the_checks_run_side_by_side_on_a_shared_gpu_and_the_timed_steps_alone(tmp_path):
+    # Each step's stand-in takes a second: side by side, the ten checks (test_cuda in 4 shards) all start
+    # before the first ends; each is reported in launch order once all have ended.
+    log = tmp_path / "calls.log"
+    python = stand_in_python(tmp_path, 'case "$*" in *verify_ninja_availability*|*import*) exit 0 ;; esac\n'
+                             f'echo "start $*" >> {log}; sleep 1; echo "end $*" >> {log}')
+    result = run_script(tmp_path / "out", python=python, PYFASTNN_MNIST=mnist_stand_in(tmp_path),
+                        PATH=shared_gpu(tmp_path))
+    summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    steps = [line.split()[1].rstrip(":") for line in summary if ": rc=0 in " in line]
+    assert steps == ["build", "test_cuda.1", "test_cuda.2", "test_cuda.3", "test_cuda.4", "test_cuda_graph",
+                     "memcheck", "racecheck", "fuzz_cuda", "fuzz_mlp_cuda", "test_cuda_train", "bench_cuda",
+                     "bench_mnist_cuda"], summary
+    assert "side by side: test_cuda in 4 processes" in summary[1] and result.returncode == 0, summary
+    calls = log.read_text().splitlines()
+    calls = calls[max(n for n, line in enumerate(calls) if "pip install" in line) + 1:]  # after the build
+    shards = sorted(re.search(r"--shard=(\S+)", line).group(1) for line in calls if line.startswith("start")
+                    and "test_cuda.py" in line and "-k" not in line)
+    assert shards == ["0/4", "1/4", "2/4", "3/4"], calls
+    # every check started before the first ended (the 4 shards, test_cuda_graph and the 2 fuzzers; the
+    # sanitizers' stand-in runs no Python); the timed steps each after the one before had ended
+    first_end = next(n for n, line in enumerate(calls) if line.startswith("end"))
+    assert sum(line.startswith("start") for line in calls[:first_end]) == 7, calls
+    timed = [n for n, line in enumerate(calls) if "test_cuda_train.py" in line or "bench_" in line]
+    assert [calls[n].split()[0] for n in timed] == ["start", "end"] * 3, calls
+
+
+@pytest.mark.parametrize("setting", [{"mode": "Exclusive_Process"}, {"GPU_CHECK_SIDE_BY_SIDE": "0"}])
+def test_one_step_at_a_time_where_the_gpu_is_not_shared_or_when_asked(tmp_path, setting):
+    log = tmp_path / "calls.log"
+    python = stand_in_python(tmp_path, 'case "$*" in *verify_ninja_availability*|*import*) exit 0 ;; esac\n'
+                             f'echo "start $*" >> {log}; echo "end $*" >> {log}')
+    env = {key: value for key, value in setting.items() if key != "mode"}
+    result = run_script(tmp_path / "out", python=python, GPU_CHECK_ONLY="test_cuda memcheck",
+                        PATH=shared_gpu(tmp_path, setting.get("mode", "Default")), **env)
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "side by side" not in summary and "test_cuda: rc=0" in summary and result.returncode == 0, summary
+    calls = log.read_text().splitlines()
+    assert all(calls[n].startswith("start") and calls[n + 1].startswith("end") for n in range(0, len(calls), 2))
+    assert not [line for line in calls if "--shard" in line], calls
+
+
+def test_a_signal_stops_every_step_running_side_by_side(tmp_path):
+    pids = tmp_path / "pids"
+    python = stand_in_python(tmp_path, 'case "$*" in *verify_ninja_availability*|*import*) exit 0 ;; esac\n'
+                             f'case "$*" in *test_cuda*) echo $$ >> {pids}; exec sleep 60 ;; esac')
+    process = subprocess.Popen(["bash", str(SCRIPT), str(tmp_path / "out")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHON": str(python), "PATH": shared_gpu(tmp_path),
+                                    "GPU_CHECK_ONLY": "test_cuda test_cuda_graph"})
+    try:
+        deadline = time.monotonic() + 30
+        while (not pids.exists() or len(pids.read_text().split()) < 5) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the four shards and test_cuda_graph have started
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    finally:
+        process.kill()
+    summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    assert summary[-2] == "[gpu_check] stopped by a signal" and process.returncode == 1, summary
+    time.sleep(0.5)  # the stand-ins' sleeps are gone (timeout passed the signal on)
+    assert [pid for pid in pids.read_text().split() if Path(f"/proc/{pid}").exists()] == []
 
 
 def test_a_failed_step_leaves_what_failed_in_the_summary(tmp_path):
