@@ -16,10 +16,12 @@
 #   build                   pip install -e . with PYFASTNN_CUDA=1 (TORCH_CUDA_ARCH_LIST, default 9.0)
 #   (then stops at once unless torch sees a GPU and pyfastnn has its CUDA backend: every GPU test
 #    would otherwise be skipped and pass)
-# Side by side where the GPU is shared (nvidia-smi's compute mode Default; else, or with
-# GPU_CHECK_SIDE_BY_SIDE=0, one after the other), each reported when all have ended:
+# Side by side where the GPU is shared (nvidia-smi's compute mode Default), each reported, with its
+# own time, when all have ended (else, or with GPU_CHECK_SIDE_BY_SIDE=0, all run one at a time, the
+# sanitizers and fuzzers after the timed steps, so that a run cut short still says the most):
 #   test_cuda               tests/library/test_cuda.py (cuBLASLt and fallback paths, dropout, CUDA graphs),
 #                           side by side in GPU_CHECK_SHARDS processes (default 4), steps test_cuda.1 ...
+#                           (GPU_CHECK_ONLY names them test_cuda)
 #   test_cuda_graph         tests/library/test_cuda_graph.py (the captured step against the eager loop,
 #                           dropout masks per replay; no lesson or MNIST needed) + its doctest
 #   memcheck / racecheck    compute-sanitizer (where it can run on the device: a probe says so first)
@@ -57,7 +59,7 @@
 # in place instead of building again. Exit status 0 only if every step asked for ran and passed.
 #
 #   PYFASTNN_MNIST=DIR [GPU_CHECK_WHEELS=DIR] [GPU_CHECK_ONLY="STEP ..."] [GPU_CHECK_BUDGET_S=S] \
-#     [GPU_CHECK_SKIP_BUILD=1] scripts/gpu_check.sh OUTDIR [--full]
+#     [GPU_CHECK_SKIP_BUILD=1] [GPU_CHECK_SIDE_BY_SIDE=0] [GPU_CHECK_SHARDS=N] scripts/gpu_check.sh OUTDIR [--full]
 #
 # The wheels for an offline machine with Python 3.12, fetched where there is network:
 #   pip download --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
@@ -75,9 +77,12 @@ if [ "$MODE" = "--full" ]; then
 else
   FUZZ_CASES="${FUZZ_CASES:-1000}" BUDGET="${GPU_CHECK_BUDGET_S:-360}" BENCH_CUDA_SIZE=(--quick) BENCH_CUDA_LIMIT=60
 fi
-for number in "$FUZZ_CASES" "$BUDGET"; do
-  case "$number" in "" | *[!0-9]*) echo "scripts/gpu_check.sh: FUZZ_CASES and GPU_CHECK_BUDGET_S must be whole numbers, got '$number'" >&2; exit 2 ;; esac
+SHARDS="${GPU_CHECK_SHARDS:-4}"
+for number in "$FUZZ_CASES" "$BUDGET" "$SHARDS"; do
+  case "$number" in "" | *[!0-9]*) echo "scripts/gpu_check.sh: FUZZ_CASES, GPU_CHECK_BUDGET_S and GPU_CHECK_SHARDS must be whole numbers, got '$number'" >&2; exit 2 ;; esac
 done
+SHARDS=$((10#$SHARDS))
+if [ "$SHARDS" -lt 1 ]; then echo "scripts/gpu_check.sh: GPU_CHECK_SHARDS must be at least 1, got '$GPU_CHECK_SHARDS'" >&2; exit 2; fi
 CHECK_STEPS="test_cuda test_cuda_graph bench_cuda test_cuda_train bench_mnist_cuda memcheck racecheck fuzz_cuda
   fuzz_mlp_cuda test_cpu_on_cuda_build profile_cuda"
 set -f  # the names are words, never file patterns
@@ -161,11 +166,15 @@ finish() {  # the summary's last line, the whole summary printed, the logs packe
   [ -z "$logs" ] || (cd "$OUT" && tar -czf "$archive" $logs && rm -f $logs)
   exit $status
 }
-# The steps running now (launched, not yet reported): name -> pid, start time and limit.
-declare -A STEP_PIDS=() STEP_STARTS=() STEP_LIMITS=()
+# The steps launched and not yet reported (LAUNCHED, in launch order), their start times and limits;
+# of those still running, the pid (STEP_PIDS); of those ended, the rc and end time.
+declare -A STEP_PIDS=() STEP_STARTS=() STEP_LIMITS=() STEP_RCS=() STEP_ENDS=()
 LAUNCHED=()
-trap 'for pid in "${STEP_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-      echo "[gpu_check] stopped by a signal" >> "$OUT/summary.txt"; status=1; finish' TERM INT
+# A signal stops the steps running, then reports every step launched (those that had ended with
+# their own results), so that the summary keeps what was found.
+trap 'trap "" TERM INT
+      for pid in "${STEP_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+      report_launched; echo "[gpu_check] stopped by a signal" >> "$OUT/summary.txt"; status=1; finish' TERM INT
 
 launch() {  # launch NAME LIMIT_S COMMAND...: starts a step in the background within the budget left
   local name="$1" limit="$2"; shift 2
@@ -186,35 +195,42 @@ launch() {  # launch NAME LIMIT_S COMMAND...: starts a step in the background wi
   LAUNCHED+=("$name")
 }
 
-report() {  # report NAME: waits for a launched step, then records its rc and time; returns the rc
+reap() {  # reap NAME: waits for a launched step to end; notes its rc and end time
   local name="$1"
   wait "${STEP_PIDS[$name]}"
-  local rc=$? limit="${STEP_LIMITS[$name]}"
+  STEP_RCS[$name]=$? STEP_ENDS[$name]=$SECONDS
   unset "STEP_PIDS[$name]"
-  local line="$name: rc=$rc in $((SECONDS - STEP_STARTS[$name])) s"
-  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then line="$line (timed out after $limit s)"; fi
+}
+
+report() {  # report NAME: an ended step's summary lines (rc, time, what failed, its figures); returns its rc
+  local name="$1"
+  local rc="${STEP_RCS[$name]}" limit="${STEP_LIMITS[$name]}"
+  local line="$name: rc=$rc in $((STEP_ENDS[$name] - STEP_STARTS[$name])) s"
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then line="$line (timed out after $limit s)"; fi
   echo "[gpu_check] $line" | tee -a "$OUT/summary.txt"
   tail -n 3 "$OUT/$name.log"
-  if [ $rc -ne 0 ]; then
+  if [ "$rc" -ne 0 ]; then
     digest "$OUT/$name.log" >> "$OUT/summary.txt"
     status=1
   fi
   figures "$name" >> "$OUT/summary.txt"
-  return $rc
+  return "$rc"
 }
 
-step() {  # step NAME LIMIT_S COMMAND...: runs a step within the budget left, logs, records rc and time
-  launch "$@" || return $?
-  [ -z "${STEP_PIDS[$1]:-}" ] || report "$1"
-}
-
-report_launched() {  # the steps launched side by side, reported in the order they were launched
+report_launched() {  # waits for every launched step, then reports each in the order they were launched
   local name rc=0
-  for name in "${LAUNCHED[@]}"; do
-    [ -z "${STEP_PIDS[$name]:-}" ] || report "$name" || rc=1
+  while [ "${#STEP_PIDS[@]}" -gt 0 ]; do  # each reaped once ended (looked at twice a second), for its own time
+    for name in "${!STEP_PIDS[@]}"; do kill -0 "${STEP_PIDS[$name]}" 2>/dev/null || reap "$name"; done
+    [ "${#STEP_PIDS[@]}" -eq 0 ] || sleep 0.5
   done
+  for name in "${LAUNCHED[@]}"; do report "$name" || rc=1; done
   LAUNCHED=()
   return $rc
+}
+
+step() {  # step NAME LIMIT_S COMMAND...: runs a step alone within the budget left, logs, records rc and time
+  launch "$@" || return $?
+  [ -z "${STEP_PIDS[$1]:-}" ] || { reap "$1"; report_launched; }
 }
 
 {
@@ -265,36 +281,6 @@ if ! "$PYTHON" -c "import sys, torch, pyfastnn; sys.exit(not (torch.cuda.is_avai
   finish
 fi
 
-# The steps that only check (tests, sanitizers, fuzzing) run side by side on the one GPU where it is
-# shared (compute mode Default, which nvidia-smi reports), test_cuda.py's ~1,100 small tests in
-# GPU_CHECK_SHARDS pytest processes (default 4; tests/conftest.py's --shard) beside the others: they
-# are bound by Python and launches, not by the GPU. The steps whose figures are timed (the training
-# test's 5-epoch run, the benchmarks) run after them, alone. Elsewhere, or with
-# GPU_CHECK_SIDE_BY_SIDE=0, every step runs alone, in the same order.
-SHARDS=1
-if [ "${GPU_CHECK_SIDE_BY_SIDE:-1}" = 1 ] &&
-    [ "$(nvidia-smi --query-gpu=compute_mode --format=csv,noheader 2>/dev/null | head -n 1)" = Default ]; then
-  SHARDS="${GPU_CHECK_SHARDS:-4}"
-  case "$SHARDS" in "" | *[!0-9]* | 0) echo "[gpu_check] GPU_CHECK_SHARDS must be a whole number >= 1, got '$SHARDS'" \
-    | tee -a "$OUT/summary.txt"; status=1; finish ;; esac
-  together() { launch "$@"; }
-  echo "[gpu_check] side by side: test_cuda in $SHARDS processes, test_cuda_graph, the sanitizers and the fuzzers" \
-    | tee -a "$OUT/summary.txt"
-else
-  together() { step "$@"; }
-fi
-
-if [ "$SHARDS" = 1 ]; then
-  together test_cuda 240 "${PYTEST[@]}" tests/library/test_cuda.py --junitxml="$OUT/test_cuda.xml"
-else
-  for shard in $(seq 1 "$SHARDS"); do
-    together "test_cuda.$shard" 240 "${PYTEST[@]}" tests/library/test_cuda.py --shard="$((shard - 1))/$SHARDS" \
-      --junitxml="$OUT/test_cuda.$shard.xml"
-  done
-fi
-together test_cuda_graph 60 "${PYTEST[@]}" tests/library/test_cuda_graph.py pyfastnn/cuda_graph.py \
-  --junitxml="$OUT/test_cuda_graph.xml"
-
 # Sanitizers check pyfastnn's kernels only (kernel names hold "pyfastnn"; cuBLAS's and ATen's are
 # torch's business and their Hopper kernels give racecheck false positives). memcheck runs without
 # the caching allocator, which would otherwise hide out-of-bounds accesses inside its blocks; that
@@ -310,8 +296,10 @@ MEMCHECK_TESTS='(misaligned and relu and float32) or (gradients_use_the_same_mas
 # with its report instead of hiding the float32 results. Dropout changes only what the sums read
 # from global memory, not their shared memory, so no dropout test is needed here.
 RACECHECK_TESTS='(misaligned and relu and float32) or (stack_on_both_paths and not relu_epilogue and (float32 or (torch.float16 and fallback and identity)))'
+# Whether the sanitizers run: decided (and compute-sanitizer probed) before any step is launched.
+SANITIZERS=no
 if ! wanted memcheck racecheck; then
-  step memcheck 0 true; step racecheck 0 true  # listed as skipped
+  SANITIZERS=skipped
 elif [ ! -x "$SANITIZER" ]; then
   note sanitizers "NOT RUN: compute-sanitizer not found ($SANITIZER)"
 elif [ $((BUDGET - SECONDS)) -lt 120 ]; then  # the probe's minute and one sanitizer step at least
@@ -320,10 +308,7 @@ elif ! timeout 60 "$SANITIZER" --tool memcheck --report-api-errors no --error-ex
     "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()" > "$OUT/sanitizer_probe.log" 2>&1; then
   note sanitizers "NOT RUN: compute-sanitizer cannot run on this device (sanitizer_probe.log)"
 else
-  together memcheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --kernel-name kns=pyfastnn \
-    --report-api-errors no --error-exitcode 1 "${PYTEST[@]}" tests/library/test_cuda.py -k "$MEMCHECK_TESTS"
-  together racecheck 90 "$SANITIZER" --tool racecheck --kernel-name kns=pyfastnn --report-api-errors no \
-    --error-exitcode 1 "${PYTEST[@]}" tests/library/test_cuda.py -k "$RACECHECK_TESTS"
+  SANITIZERS=yes
 fi
 
 # 45 s per thousand cases (at least 45 s); the fuzzer stops 15 s before, to print its count. Not in
@@ -335,9 +320,52 @@ fuzz() {  # the step's limit, as the budget left it (GPU_CHECK_STEP_LIMIT), less
   "$PYTHON" scripts/fuzz_fused_linear.py --device cuda --cases "$FUZZ_CASES" "${stop[@]}" "$@"
 }
 export -f fuzz; export PYTHON FUZZ_CASES MODE
-together fuzz_cuda "$FUZZ_LIMIT" bash -c fuzz
-together fuzz_mlp_cuda "$FUZZ_LIMIT" bash -c 'fuzz --mlp'
-report_launched
+
+# The steps that only check (tests, sanitizers, fuzzing) run side by side on the one GPU where it is
+# shared (compute mode Default, which nvidia-smi reports), test_cuda.py's ~1,100 small tests in
+# GPU_CHECK_SHARDS pytest processes (default 4; tests/conftest.py's --shard) beside the others: they
+# are bound by Python and launches, not by the GPU. Side by side, each step's limit is doubled (they
+# share the CPUs and the GPU; the shards' limit bounds the phase anyway) and each process has its
+# share of the CPUs as torch's thread count. The steps whose figures are timed (the training test's
+# 5-epoch run, the benchmarks) then run alone. Elsewhere, or with GPU_CHECK_SIDE_BY_SIDE=0, every
+# step runs alone, in the order of a run cut short says the most: the tests, the timed steps, then
+# the sanitizers and the fuzzers.
+if [ "${GPU_CHECK_SIDE_BY_SIDE:-1}" = 1 ] &&
+    [ "$(nvidia-smi --query-gpu=compute_mode --format=csv,noheader 2>/dev/null | head -n 1)" = Default ]; then
+  SIDE_BY_SIDE=1
+  THREADS_EACH=$(( $(nproc) / (SHARDS + 5) > 1 ? $(nproc) / (SHARDS + 5) : 1 ))
+  together() { local name="$1" limit="$2"; shift 2; OMP_NUM_THREADS="$THREADS_EACH" launch "$name" $((limit * 2)) "$@"; }
+  echo "[gpu_check] side by side: test_cuda in $SHARDS processes, test_cuda_graph, the sanitizers and the fuzzers" \
+    | tee -a "$OUT/summary.txt"
+else
+  SIDE_BY_SIDE=0 SHARDS=1
+  together() { step "$@"; }
+fi
+
+checks() {  # the sanitizers and the fuzzers
+  if [ "$SANITIZERS" = skipped ]; then
+    step memcheck 0 true; step racecheck 0 true  # listed as skipped
+  elif [ "$SANITIZERS" = yes ]; then
+    together memcheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --kernel-name kns=pyfastnn \
+      --report-api-errors no --error-exitcode 1 "${PYTEST[@]}" tests/library/test_cuda.py -k "$MEMCHECK_TESTS"
+    together racecheck 90 "$SANITIZER" --tool racecheck --kernel-name kns=pyfastnn --report-api-errors no \
+      --error-exitcode 1 "${PYTEST[@]}" tests/library/test_cuda.py -k "$RACECHECK_TESTS"
+  fi
+  together fuzz_cuda "$FUZZ_LIMIT" bash -c fuzz
+  together fuzz_mlp_cuda "$FUZZ_LIMIT" bash -c 'fuzz --mlp'
+}
+
+if [ "$SHARDS" = 1 ]; then
+  together test_cuda 240 "${PYTEST[@]}" tests/library/test_cuda.py --junitxml="$OUT/test_cuda.xml"
+else
+  for shard in $(seq 1 "$SHARDS"); do
+    OMP_NUM_THREADS="$THREADS_EACH" launch "test_cuda.$shard" 240 "${PYTEST[@]}" tests/library/test_cuda.py \
+      --shard="$((shard - 1))/$SHARDS" --junitxml="$OUT/test_cuda.$shard.xml"
+  done
+fi
+together test_cuda_graph 60 "${PYTEST[@]}" tests/library/test_cuda_graph.py pyfastnn/cuda_graph.py \
+  --junitxml="$OUT/test_cuda_graph.xml"
+[ "$SIDE_BY_SIDE" = 0 ] || { checks; report_launched; }
 
 # Alone on the GPU from here: the training tests (the 5-epoch run is timed), then the benchmarks.
 lesson_missing() { "$PYTHON" -c "from pyfastnn.extras import missing_lesson_requirements as m; print(' '.join(m()))"; }
@@ -371,6 +399,8 @@ if [ -z "$LESSON_MISSING" ] || ! wanted bench_mnist_cuda; then
 else
   note bench_mnist_cuda "NOT RUN: the lesson extra lacks $LESSON_MISSING"
 fi
+
+[ "$SIDE_BY_SIDE" = 1 ] || checks
 
 if [ "$MODE" = "--full" ]; then
   step test_cpu_on_cuda_build 600 "${PYTEST[@]}" tests --ignore=tests/library/test_cuda.py \

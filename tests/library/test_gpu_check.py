@@ -19,7 +19,9 @@ TEXT = SCRIPT.read_text()
 
 
 def run_script(out: Path, *args: str, python: Optional[Path] = None, **env: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **env, **({"PYTHON": str(python)} if python else {})}
+    # One step at a time unless a test asks otherwise: on a machine whose GPU is shared, the script
+    # would otherwise run its checks side by side (test_the_checks_run_side_by_side_...).
+    env = {**os.environ, "GPU_CHECK_SIDE_BY_SIDE": "0", **env, **({"PYTHON": str(python)} if python else {})}
     return subprocess.run(["bash", str(SCRIPT), str(out), *args], capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -145,7 +147,7 @@ def test_relative_data_folders_are_taken_from_where_it_was_called(tmp_path):
     mnist_stand_in(tmp_path)
     result = subprocess.run(["bash", str(SCRIPT), "out"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
                             env={**os.environ, "PYTHON": str(python), "PYFASTNN_MNIST": "mnist",
-                                 "GPU_CHECK_ONLY": "test_cuda_train"})
+                                 "GPU_CHECK_ONLY": "test_cuda_train", "GPU_CHECK_SIDE_BY_SIDE": "0"})
     assert f"MNIST={tmp_path / 'mnist'} " in log.read_text() and "test_cuda_train: rc=0" in result.stdout
 
 
@@ -236,8 +238,8 @@ def test_only_the_steps_asked_for_run_after_the_build(tmp_path):
 
     ran, skipped = steps(": rc=0 in "), steps(": skipped (not in GPU_CHECK_ONLY)")
     assert ran == ["build", "memcheck", "fuzz_mlp_cuda"], summary
-    assert skipped == ["test_cuda", "test_cuda_graph", "racecheck", "fuzz_cuda", "test_cuda_train", "bench_cuda",
-                       "bench_mnist_cuda", "profile_cuda"], summary
+    assert skipped == ["test_cuda", "test_cuda_graph", "test_cuda_train", "bench_cuda", "bench_mnist_cuda",
+                       "racecheck", "fuzz_cuda", "profile_cuda"], summary
     assert ", status 0;" in summary[-1] and result.returncode == 0, summary
 
 
@@ -296,9 +298,12 @@ def test_the_checks_run_side_by_side_on_a_shared_gpu_and_the_timed_steps_alone(t
     # before the first ends; each is reported in launch order once all have ended.
     log = tmp_path / "calls.log"
     python = stand_in_python(tmp_path, 'case "$*" in *verify_ninja_availability*|*import*) exit 0 ;; esac\n'
-                             f'echo "start $*" >> {log}; sleep 1; echo "end $*" >> {log}')
-    result = run_script(tmp_path / "out", python=python, PYFASTNN_MNIST=mnist_stand_in(tmp_path),
-                        PATH=shared_gpu(tmp_path))
+                             f'echo "start $*" >> {log}; echo "threads=$OMP_NUM_THREADS $*" >> {log}.threads\n'
+                             f'sleep 1; echo "end $*" >> {log}')
+    environment = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    result = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                            env={**environment, "PYTHON": str(python), "PYFASTNN_MNIST": mnist_stand_in(tmp_path),
+                                 "PATH": shared_gpu(tmp_path), "GPU_CHECK_SIDE_BY_SIDE": "1"})
     summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
     steps = [line.split()[1].rstrip(":") for line in summary if ": rc=0 in " in line]
     assert steps == ["build", "test_cuda.1", "test_cuda.2", "test_cuda.3", "test_cuda.4", "test_cuda_graph",
@@ -316,6 +321,11 @@ def test_the_checks_run_side_by_side_on_a_shared_gpu_and_the_timed_steps_alone(t
     assert sum(line.startswith("start") for line in calls[:first_end]) == 7, calls
     timed = [n for n, line in enumerate(calls) if "test_cuda_train.py" in line or "bench_" in line]
     assert [calls[n].split()[0] for n in timed] == ["start", "end"] * 3, calls
+    # side by side, each process takes its share of the CPUs as torch's threads; alone, torch's default
+    threads = (tmp_path / "calls.log.threads").read_text().splitlines()
+    share = max(1, len(os.sched_getaffinity(0)) // 9)  # (nproc's count) over 4 shards + 5 other checks
+    assert all(line.startswith(f"threads={share} ") for line in threads if "test_cuda.py" in line), threads
+    assert all(line.startswith("threads= ") for line in threads if "bench_" in line), threads
 
 
 @pytest.mark.parametrize("setting", [{"mode": "Exclusive_Process"}, {"GPU_CHECK_SIDE_BY_SIDE": "0"}])
@@ -323,7 +333,7 @@ def test_one_step_at_a_time_where_the_gpu_is_not_shared_or_when_asked(tmp_path, 
     log = tmp_path / "calls.log"
     python = stand_in_python(tmp_path, 'case "$*" in *verify_ninja_availability*|*import*) exit 0 ;; esac\n'
                              f'echo "start $*" >> {log}; echo "end $*" >> {log}')
-    env = {key: value for key, value in setting.items() if key != "mode"}
+    env = {"GPU_CHECK_SIDE_BY_SIDE": "1", **{key: value for key, value in setting.items() if key != "mode"}}
     result = run_script(tmp_path / "out", python=python, GPU_CHECK_ONLY="test_cuda memcheck",
                         PATH=shared_gpu(tmp_path, setting.get("mode", "Default")), **env)
     summary = (tmp_path / "out" / "summary.txt").read_text()
@@ -333,26 +343,50 @@ def test_one_step_at_a_time_where_the_gpu_is_not_shared_or_when_asked(tmp_path, 
     assert not [line for line in calls if "--shard" in line], calls
 
 
-def test_a_signal_stops_every_step_running_side_by_side(tmp_path):
+def test_side_by_side_each_step_reports_its_own_time_and_rc(tmp_path):
+    # Reported in launch order once all have ended, each with the time it took and its own status.
+    python = stand_in_python(tmp_path, 'case "$*" in *verify_ninja_availability*|*import*) exit 0 ;; esac\n'
+                             'case "$*" in *--shard=0/2*) sleep 4; exit 1 ;; *--shard=1/2*) exit 0 ;; esac\nexit 0')
+    result = run_script(tmp_path / "out", python=python, GPU_CHECK_ONLY="test_cuda", GPU_CHECK_SHARDS="2",
+                        PATH=shared_gpu(tmp_path), GPU_CHECK_SIDE_BY_SIDE="1")
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    first, second = (re.search(rf"test_cuda\.{n}: rc=(\d+) in (\d+) s", summary).groups() for n in (1, 2))
+    assert first[0] == "1" and int(first[1]) >= 4 and second == ("0", "0"), summary
+    assert summary.index("test_cuda.1: rc=1") < summary.index("test_cuda.2: rc=0") and result.returncode == 1
+
+
+def test_a_signal_stops_every_step_running_side_by_side_and_keeps_what_had_ended(tmp_path):
     pids = tmp_path / "pids"
     python = stand_in_python(tmp_path, 'case "$*" in *verify_ninja_availability*|*import*) exit 0 ;; esac\n'
+                             'case "$*" in *--shard=0/4*) echo "FAILED test_cuda.py::test_x" ; exit 1 ;; esac\n'
                              f'case "$*" in *test_cuda*) echo $$ >> {pids}; exec sleep 60 ;; esac')
     process = subprocess.Popen(["bash", str(SCRIPT), str(tmp_path / "out")], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHON": str(python), "PATH": shared_gpu(tmp_path),
-                                    "GPU_CHECK_ONLY": "test_cuda test_cuda_graph"})
+                                    "GPU_CHECK_ONLY": "test_cuda test_cuda_graph", "GPU_CHECK_SIDE_BY_SIDE": "1"})
     try:
         deadline = time.monotonic() + 30
-        while (not pids.exists() or len(pids.read_text().split()) < 5) and time.monotonic() < deadline:
-            time.sleep(0.1)  # the four shards and test_cuda_graph have started
+        while (not pids.exists() or len(pids.read_text().split()) < 4) and time.monotonic() < deadline:
+            time.sleep(0.1)  # three shards and test_cuda_graph are running; the first shard failed
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=30)
     finally:
         process.kill()
     summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
     assert summary[-2] == "[gpu_check] stopped by a signal" and process.returncode == 1, summary
-    time.sleep(0.5)  # the stand-ins' sleeps are gone (timeout passed the signal on)
+    assert "[gpu_check] test_cuda.1: rc=1 in 0 s" in summary and "    FAILED test_cuda.py::test_x" in summary, summary
+    assert len([line for line in summary if re.match(r"\[gpu_check\] test_cuda(\.\d|_graph): rc=", line)]) == 5
+    deadline = time.monotonic() + 10
+    while [pid for pid in pids.read_text().split() if Path(f"/proc/{pid}").exists()] and time.monotonic() < deadline:
+        time.sleep(0.1)  # the stand-ins' sleeps end (timeout passes the signal on)
     assert [pid for pid in pids.read_text().split() if Path(f"/proc/{pid}").exists()] == []
+
+
+@pytest.mark.parametrize("shards", ["0", "00", "two", "-1"])
+def test_a_shard_count_that_is_not_a_whole_number_above_0_is_refused_before_the_build(tmp_path, shards):
+    result = run_script(tmp_path / "out", GPU_CHECK_SHARDS=shards)
+    assert result.returncode == 2 and "GPU_CHECK_SHARDS must be" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_failed_step_leaves_what_failed_in_the_summary(tmp_path):
