@@ -328,8 +328,8 @@ export -f fuzz; export PYTHON FUZZ_CASES MODE
 # share the CPUs and the GPU; the shards' limit bounds the phase anyway) and each process has its
 # share of the CPUs as torch's thread count. The steps whose figures are timed (the training test's
 # 5-epoch run, the benchmarks) then run alone. Elsewhere, or with GPU_CHECK_SIDE_BY_SIDE=0, every
-# step runs alone, in the order of a run cut short says the most: the tests, the timed steps, then
-# the sanitizers and the fuzzers.
+# step runs alone, in an order that lets a run cut short say the most: the tests, the timed steps,
+# then the sanitizers and the fuzzers.
 if [ "${GPU_CHECK_SIDE_BY_SIDE:-1}" = 1 ] &&
     [ "$(nvidia-smi --query-gpu=compute_mode --format=csv,noheader 2>/dev/null | head -n 1)" = Default ]; then
   SIDE_BY_SIDE=1

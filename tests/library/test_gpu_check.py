@@ -289,7 +289,8 @@ def shared_gpu(folder: Path, mode: str = "Default") -> str:
     """A PATH with stand-ins for compute-sanitizer and nvidia-smi, which reports the GPU's compute mode."""
     (folder / "bin").mkdir(exist_ok=True)
     stand_in_python(folder / "bin", "exit 0").rename(folder / "bin" / "compute-sanitizer")
-    stand_in_python(folder / "bin", f'case "$*" in *compute_mode*) echo {mode} ;; esac').rename(folder / "bin" / "nvidia-smi")
+    nvidia_smi = stand_in_python(folder / "bin", f'case "$*" in *compute_mode*) echo {mode} ;; esac')
+    nvidia_smi.rename(folder / "bin" / "nvidia-smi")
     return f"{folder / 'bin'}:{os.environ['PATH']}"
 
 
@@ -380,6 +381,21 @@ def test_a_signal_stops_every_step_running_side_by_side_and_keeps_what_had_ended
     while [pid for pid in pids.read_text().split() if Path(f"/proc/{pid}").exists()] and time.monotonic() < deadline:
         time.sleep(0.1)  # the stand-ins' sleeps end (timeout passes the signal on)
     assert [pid for pid in pids.read_text().split() if Path(f"/proc/{pid}").exists()] == []
+
+
+def test_the_shards_run_every_test_once():
+    # tests/conftest.py's --shard K/N, as the script gives it to test_cuda.py's processes (here on this file).
+    def collected(*arguments):
+        result = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__)), "--collect-only", "-q",
+                                 "-p", "no:cacheprovider", *arguments], cwd=ROOT, capture_output=True, text=True,
+                                timeout=120)
+        return [line for line in result.stdout.splitlines() if "::" in line], result
+
+    everything, _ = collected()
+    shards = [collected(f"--shard={k}/3")[0] for k in range(3)]
+    assert sorted(sum(shards, [])) == sorted(everything) and all(shards) and len(everything) > 3, shards
+    _, refused = collected("--shard=3/3")
+    assert refused.returncode != 0 and "--shard must be K/N with whole numbers 0 <= K < N, got '3/3'" in refused.stderr
 
 
 @pytest.mark.parametrize("shards", ["0", "00", "two", "-1"])
