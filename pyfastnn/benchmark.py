@@ -195,6 +195,22 @@ def format_kernels(title: str, kernels: Sequence[dict], width: int = 140) -> str
     return "\n".join(lines)
 
 
+def _fused_and_eager(activation: str) -> Tuple[Callable, Callable]:
+    """``layer(x, w, b)`` by pyfastnn and by eager PyTorch (``act(F.linear(x, w, b))``)."""
+    act = activation_module(activation).forward  # eager's torch.nn activation, without Module.__call__
+    return (lambda x, w, b: fused_linear(x, w, b, activation)), (lambda x, w, b: act(F.linear(x, w, b)))
+
+
+def _layer_call(layer: Callable, backward: bool, tensors: Sequence[torch.Tensor], grad: torch.Tensor,
+                leaves: Sequence[torch.Tensor]) -> Callable[[], object]:
+    """One timed call of ``layer(x, w, b)``: the forward under ``torch.no_grad()`` (inference) on
+    ``tensors``, or with ``backward`` the forward on ``leaves`` (clones of them that require grad) and
+    the gradients of all three for ``grad``."""
+    if not backward:
+        return lambda: _no_grad(lambda: layer(*tensors))
+    return lambda: torch.autograd.grad(layer(*leaves), leaves, grad)
+
+
 def _variants(m: int, k: int, n: int, activation: str, backward: bool, with_compile: bool):
     if with_compile:
         torch._dynamo.reset()  # each case compiles afresh instead of hitting the recompile limit
@@ -203,43 +219,20 @@ def _variants(m: int, k: int, n: int, activation: str, backward: bool, with_comp
     w = torch.randn(n, k, generator=g) * max(k, 1) ** -0.5
     b = torch.randn(n, generator=g)
     grad = torch.randn(m, n, generator=g)
-    act = activation_module(activation).forward  # eager's torch.nn activation, without Module.__call__
+    leaves = tuple(t.clone().requires_grad_() for t in (x, w, b))
+    fused, eager = _fused_and_eager(activation)
 
-    def eager(x, w, b):
-        return act(F.linear(x, w, b))
-
-    def fused(x, w, b):
-        return fused_linear(x, w, b, activation)
-
-    if not backward:
-        wt = w.t()
-        fns = {
-            "fused": lambda: fused(x, w, b),
-            "eager": lambda: eager(x, w, b),
-            "gemm": lambda: torch.mm(x, wt),
-        }
-        if with_compile:
-            compiled = torch.compile(eager, dynamic=False)
-            fns["compile"] = lambda: compiled(x, w, b)
-        return {name: (lambda f=f: _no_grad(f)) for name, f in fns.items()}
-
-    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
-
-    def forward_and_gradients(fn):
-        def run():
-            out = fn(xs, ws, bs)
-            return torch.autograd.grad(out, (xs, ws, bs), grad)
-        return run
+    def timed(layer):
+        return _layer_call(layer, backward, (x, w, b), grad, leaves)
 
     wt = w.t()
-    fns = {
-        "fused": forward_and_gradients(fused),
-        "eager": forward_and_gradients(eager),
-        # The floor: the three GEMMs of forward + backward and nothing else.
-        "gemm": lambda: (torch.mm(x, wt), torch.mm(grad, w), torch.mm(grad.t(), x)),
-    }
+    fns = {"fused": timed(fused), "eager": timed(eager)}
+    if backward:  # the floor: the three GEMMs of forward + backward and nothing else
+        fns["gemm"] = lambda: (torch.mm(x, wt), torch.mm(grad, w), torch.mm(grad.t(), x))
+    else:
+        fns["gemm"] = lambda: _no_grad(lambda: torch.mm(x, wt))
     if with_compile:
-        fns["compile"] = forward_and_gradients(torch.compile(eager, dynamic=False))
+        fns["compile"] = timed(torch.compile(eager, dynamic=False))
     return fns
 
 
@@ -446,27 +439,13 @@ def _cuda_layer_calls(m: int, k: int, n: int, dtype: torch.dtype, activations: S
     w = torch.randn(n, k, device="cuda", dtype=dtype) * max(k, 1) ** -0.5
     b = torch.randn(n, device="cuda", dtype=dtype)
     grad = torch.randn(m, n, device="cuda", dtype=dtype)
-    params = tuple(t.clone().requires_grad_() for t in (x, w, b))
+    leaves = tuple(t.clone().requires_grad_() for t in (x, w, b))
     calls = {}
     for name in activations:
-        act = activation_module(name).forward  # eager's torch.nn activation
-
-        @torch.no_grad()
-        def fused_fwd(name=name):
-            return fused_linear(x, w, b, name)
-
-        @torch.no_grad()
-        def eager_fwd(act=act):
-            return act(F.linear(x, w, b))
-
-        def fused_bwd(name=name):
-            return torch.autograd.grad(fused_linear(*params, name), params, grad)
-
-        def eager_bwd(act=act):
-            return torch.autograd.grad(act(F.linear(*params)), params, grad)
-
-        calls[name] = {False: {"pyfastnn": fused_fwd, "eager": eager_fwd},
-                       True: {"pyfastnn": fused_bwd, "eager": eager_bwd}}
+        fused, eager = _fused_and_eager(name)
+        calls[name] = {backward: {"pyfastnn": _layer_call(fused, backward, (x, w, b), grad, leaves),
+                                  "eager": _layer_call(eager, backward, (x, w, b), grad, leaves)}
+                       for backward in (False, True)}
     return (x, w, b, grad), calls
 
 

@@ -333,7 +333,7 @@ export -f fuzz; export PYTHON FUZZ_CASES MODE
 if [ "${GPU_CHECK_SIDE_BY_SIDE:-1}" = 1 ] &&
     [ "$(nvidia-smi --query-gpu=compute_mode --format=csv,noheader 2>/dev/null | head -n 1)" = Default ]; then
   SIDE_BY_SIDE=1
-  THREADS_EACH=$(( $(nproc) / (SHARDS + 5) > 1 ? $(nproc) / (SHARDS + 5) : 1 ))
+  THREADS_EACH=$(( $(nproc) / (SHARDS + 5) > 1 ? $(nproc) / (SHARDS + 5) : 1 ))  # the shards + 5 other checks
   together() { local name="$1" limit="$2"; shift 2; OMP_NUM_THREADS="$THREADS_EACH" launch "$name" $((limit * 2)) "$@"; }
   echo "[gpu_check] side by side: test_cuda in $SHARDS processes, test_cuda_graph, the sanitizers and the fuzzers" \
     | tee -a "$OUT/summary.txt"
