@@ -2167,9 +2167,12 @@ def test_nan_and_inf_differences_from_pytorch_are_as_documented():
     for activation in pyfastnn.ACTIVATIONS:
         out = pyfastnn.fused_linear(x, w, None, activation)
         expected = reference(x, w, None, activation)
-        if activation == "gelu":  # PyTorch overflows to inf at 3e38 and gives NaN at +inf; x * Phi(x) = x
+        if activation == "gelu":  # x * Phi(x) = x at huge inputs
             assert out[1].item() == torch.tensor(3e38).item() and out[2].item() == float("inf")
-            assert expected[1].item() == float("inf") and expected[2].isnan()
+            # PyTorch's answer there depends on the CPU kernel it runs: its AVX-512 one overflows to inf
+            # at 3e38 and gives NaN at +inf; its AVX2 and scalar ones agree with ours.
+            theirs = (expected[1].item(), expected[2].item())
+            assert theirs == (out[1].item(), out[2].item()) or (theirs[0] == float("inf") and expected[2].isnan())
             out, expected = out[[0, 3, 4]], expected[[0, 3, 4]]
         torch.testing.assert_close(out, expected, equal_nan=True)
     # relu's gradient at a NaN pre-activation: 0 here; PyTorch's threshold_backward passes the gradient.
