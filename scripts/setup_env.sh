@@ -45,7 +45,7 @@ up_to_date() {
 import importlib.util, sys, pyfastnn, pyfastnn.extras
 want, cuda = sys.argv[1], pyfastnn.info()["backends"]["cuda"]
 extras_missing = pyfastnn.extras.missing_lesson_requirements() or [
-    name for name in ("pytest", "hypothesis", "expecttest", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+    name for name in ("pytest", "xdist", "hypothesis", "expecttest", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
 sys.exit(bool(extras_missing) or (want == "1" and not cuda) or (want == "0" and cuda))
 PY
 }

@@ -15,6 +15,16 @@ def pytest_addoption(parser):
                           "processes given K = 0 ... N-1 run every test once, side by side (scripts/gpu_check.sh)")
 
 
+def pytest_configure(config):
+    # scripts/test.sh runs one pytest-xdist worker per CPU; each takes its share of the CPUs for
+    # torch's threads (N workers at one thread per CPU each would run N threads per CPU), but at
+    # least 2, so the kernels' multithreaded paths still run.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(min(threads, max(2, threads // workers)))
+
+
 def pytest_collection_modifyitems(config, items):
     shard = config.getoption("--shard")
     if shard is None:
