@@ -4,8 +4,6 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.manual_seed(0)
-
 _SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 
 
@@ -38,6 +36,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from torch's seed 0: its random draws are the same whichever tests ran
+    before it in its process (pytest-xdist hands tests to its workers in no fixed order)."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
 def cuda_context_survives(request):
     """After each test that used the GPU, wait for its kernels: a device-side assert or fault breaks
     the CUDA context for every later test in the process, so stop there, naming the test that broke
@@ -48,8 +53,11 @@ def cuda_context_survives(request):
         try:
             torch.cuda.synchronize()
         except RuntimeError as error:  # torch.AcceleratorError is one
-            pytest.exit(f"{request.node.nodeid} left the CUDA context broken, so no later test can run in "
-                        f"this process: {error}", returncode=1)
+            # (pytest.exit inside a pytest-xdist worker ends in xdist's internal error, losing this message)
+            message = (f"{request.node.nodeid} left the CUDA context broken, so no later test can run in this "
+                       f"process: {error}")
+            request.session.shouldstop = message
+            pytest.fail(message, pytrace=False)
 
 
 @pytest.fixture

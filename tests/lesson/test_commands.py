@@ -358,7 +358,8 @@ def test_python_m_pyfastnn_exit_statuses_and_one_line_errors(tmp_path):
     usage = run_cli("train", "mnist", "--data", str(missing), "--batch-size", "0")
     assert usage.returncode == 2 and usage.stderr.strip().endswith("argument --batch-size: must be >= 1, got 0")
     traced = subprocess.run([sys.executable, "-m", "pyfastnn", "train", "mnist", "--data", str(missing)],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYFASTNN_DEBUG": "1"})
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYFASTNN_DEBUG": "1"},
+                            cwd=tmp_path)  # its default --out, runs/mnist, is made there, not in the checkout
     assert traced.returncode == 1 and "Traceback" in traced.stderr and "IDXError" in traced.stderr
     assert run_cli("nonsense").returncode == 2
     assert run_cli("info", "--bogus").returncode == 2

@@ -437,26 +437,28 @@ def test_a_process_waiting_for_the_others_of_its_run_says_so_and_stops_when_aske
     import signal
     import socket
 
-    with socket.socket() as free:  # a port no process of this run listens on
-        free.bind(("127.0.0.1", 0))
+    with socket.socket() as free:  # a port no process listens on, held (bound, not listening) to the end so
+        free.bind(("127.0.0.1", 0))  # that no other test's process is given it meanwhile
         port = free.getsockname()[1]
-    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}
-    program = ("import sys, pyfastnn.lesson.processes as p; p.RENDEZVOUS_NOTICE_S = 0.5; from pyfastnn.cli import run; "
-               f"sys.argv = ['pyfastnn', 'train', 'mnist', '--data', {str(tiny_mnist_dir)!r}, '--out', "
-               f"{str(tmp_path / 'run')!r}]; run()")
-    process = subprocess.Popen([sys.executable, "-c", program], stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        ready, _, _ = select.select([process.stderr], [], [], 120)  # never torch's 30 minutes
-        assert ready, "no notice within 120 s"
-        notice = process.stderr.readline()
-        assert f"rank 1 waits for the other processes of the run at 127.0.0.1:{port} (WORLD_SIZE=2" in notice, notice
-        process.send_signal(getattr(signal, stop))
-        status = process.wait(timeout=30)
-    finally:
-        process.kill()
-    assert status == (130 if stop == "SIGINT" else 143)
-    assert process.stderr.read() == "pyfastnn train: interrupted\n"
+        env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        program = ("import sys, pyfastnn.lesson.processes as p; p.RENDEZVOUS_NOTICE_S = 0.5; "
+                   "from pyfastnn.cli import run; "
+                   f"sys.argv = ['pyfastnn', 'train', 'mnist', '--data', {str(tiny_mnist_dir)!r}, '--out', "
+                   f"{str(tmp_path / 'run')!r}]; run()")
+        process = subprocess.Popen([sys.executable, "-c", program], stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            ready, _, _ = select.select([process.stderr], [], [], 120)  # never torch's 30 minutes
+            assert ready, "no notice within 120 s"
+            notice = process.stderr.readline()
+            waits = f"rank 1 waits for the other processes of the run at 127.0.0.1:{port} (WORLD_SIZE=2"
+            assert waits in notice, notice
+            process.send_signal(getattr(signal, stop))
+            status = process.wait(timeout=30)
+        finally:
+            process.kill()
+        assert status == (130 if stop == "SIGINT" else 143)
+        assert process.stderr.read() == "pyfastnn train: interrupted\n"
 
 
 def test_a_collective_broken_by_another_process_stopping_ends_in_one_line(tmp_path, tiny_mnist_dir, monkeypatch,
