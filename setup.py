@@ -340,7 +340,8 @@ if __name__ == "__main__":  # also how pip's setuptools backend runs this file; 
         install_requires=[torch_requirement(import_torch()[0].__version__)],
         # onnxscript + onnxruntime: the test that a decomposed program converts to ONNX and runs there.
         extras_require={"lesson": lesson_requires,
-                        "test": ["pytest", "pytest-xdist", "hypothesis", "expecttest", "onnxscript", "onnxruntime", *lesson_requires]},
+                        "test": ["pytest", "pytest-xdist", "hypothesis", "expecttest", "onnxscript", "onnxruntime",
+                                 *lesson_requires]},
         ext_modules=[extension],
         cmdclass={"build_ext": build_ext},
         entry_points={"console_scripts": ["pyfastnn = pyfastnn.cli:run"]},

