@@ -296,7 +296,7 @@ def shared_gpu(folder: Path, mode: str = "Default") -> str:
 
 def test_the_checks_run_side_by_side_on_a_shared_gpu_and_the_timed_steps_alone(tmp_path):
     # Each check's stand-in takes 3 seconds (time enough for the script to launch the rest on a busy
-    # machine), each timed step's one: side by side, the ten checks (test_cuda in 4 shards) all start
+    # machine), each timed step's 1 second: side by side, the ten checks (test_cuda in 4 shards) all start
     # before the first ends; each is reported in launch order once all have ended.
     log = tmp_path / "calls.log"
     python = stand_in_python(tmp_path, 'case "$*" in *verify_ninja_availability*|*import*) exit 0 ;; esac\n'
