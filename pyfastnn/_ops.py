@@ -58,6 +58,21 @@ def canonical_activation(activation: Union[str, None]) -> str:
     return ACTIVATIONS[activation_code(activation)]
 
 
+def output_kept_for_backward(activation: Union[str, None]) -> bool:
+    """Whether backward of a fused layer (its output layer, for ``fused_mlp``) reads the layer's own
+    output: relu, sigmoid and tanh take their derivative from it, as torch's do, and keep doing so
+    after the layer's dropout, where torch would have kept the output before dropout as a tensor of
+    its own. Changing what such a layer returns in place then makes backward raise torch's in-place
+    error.
+
+    Example:
+        >>> output_kept_for_backward("relu"), output_kept_for_backward("gelu"), output_kept_for_backward(None)
+        (True, False, False)
+    """
+    code = activation_code(activation)
+    return code != _ACTIVATION_CODES["identity"] and native.derivative_from_output(code, DEFAULT_NEGATIVE_SLOPE, False)
+
+
 def _real_number(value: object, what: str) -> float:
     """``value`` as a float, or TypeError naming ``what`` unless it is a real number (``bool``, a
     string or a tensor would otherwise pass through ``float()``); ValueError for a number beyond any

@@ -14,6 +14,7 @@ import enum
 import inspect
 import numbers
 import operator
+import random
 import re
 import sys
 import threading
@@ -22,18 +23,19 @@ import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import AbstractSet, Dict, List, Optional, Set, Tuple
+from typing import AbstractSet, Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
 import torch
 from torch import nn
 
-from ._ops import DEFAULT_NEGATIVE_SLOPE
+from ._ops import DEFAULT_NEGATIVE_SLOPE, output_kept_for_backward
 from ._patterns import (FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, STATELESS_ACTIVATIONS, Layer, activation_of,
-                        describe, dropout_joining, function_activation, fusable_linear)
-from .nn import FusedLinear, fused_layers
+                        describe, dropout_joining, function_activation, fusable_linear, has_call_hooks,
+                        runs_in_sequence)
+from .nn import FusedLinear, FusedMLP, fused_layers
 
-__all__ = ["ShallowTracer", "Trace", "check_unchanged", "fuse_traced", "is_plain_attribute", "plain_attribute_names",
-           "trace_forward", "unpickle_keeping_graph_module"]
+__all__ = ["ShallowTracer", "Trace", "check_unchanged", "fuse_traced", "is_plain_attribute", "keeps_its_input",
+           "plain_attribute_names", "trace_forward", "unpickle_keeping_graph_module"]
 
 
 def _execution_modes() -> Tuple:
@@ -48,7 +50,19 @@ class ShallowTracer(torch.fx.Tracer):
     from those the trace began in. :func:`fuse_traced` traces each module twice, in opposite modes, so
     ``with torch.no_grad():``, ``torch.enable_grad()``, ``torch.autocast(...)`` in either sense show
     up in one of the two. (These modes are the thread's own; torch.fx's tracing itself, though,
-    patches ``nn.Module.__call__`` for every thread while it runs: see :func:`pyfastnn.fuse`.)"""
+    patches ``nn.Module.__call__`` for every thread while it runs: see :func:`pyfastnn.fuse`.)
+
+    Buffers are proxies too, as parameters are: forward's in-place updates of a buffer
+    (``self.avg.mul_(0.9)``) are recorded in the graph instead of running on the buffer while
+    traced, and a buffer's value turned into a Python one (``float(self.scale)``, ``if
+    self.flag:``), which a graph would freeze, fails the trace, so the module is left alone; so does
+    an assignment to an attribute of a traced value (``self.ema.data = ...``), which a graph does
+    not record either."""
+
+    proxy_buffer_attributes = True
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _NoAssignmentProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
@@ -63,6 +77,17 @@ class ShallowTracer(torch.fx.Tracer):
     def create_node(self, *args, **kwargs):
         self.switches_modes |= _execution_modes() != self.modes
         return super().create_node(*args, **kwargs)
+
+
+class _NoAssignmentProxy(torch.fx.Proxy):
+    """A traced value refusing attribute assignment (``self.ema.data = new``, ``w.grad = g``): the
+    graph would not record it, so the fused module would silently skip it."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in ("node", "tracer"):  # what the proxy itself is made of
+            object.__setattr__(self, name, value)
+        else:
+            raise torch.fx.proxy.TraceError(f"forward assigns .{name} of a traced value, which a graph does not record")
 
 
 def _node_activation(gm: torch.fx.GraphModule, node: torch.fx.Node, source: torch.fx.Node):
@@ -180,6 +205,51 @@ def _tracing_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+class _RandomStates(NamedTuple):
+    """The states of the global generators a forward may draw from outside the graph: Python's
+    ``random``, numpy's ``np.random`` (where numpy is loaded), torch's CPU generator and, where CUDA
+    is started, each GPU's default one. Compared around a trace (a draw there is frozen into the
+    graph: ``if random.random() < p:`` takes one branch forever) and restored after it (``fuse``
+    draws nothing from the caller's streams). A generator of forward's own (a module-level
+    ``np.random.default_rng()``) is not among them."""
+
+    python: object
+    numpy: Optional[tuple]
+    torch_cpu: torch.Tensor
+    torch_cuda: Optional[List[torch.Tensor]]
+
+    @staticmethod
+    def now() -> "_RandomStates":
+        numpy = sys.modules.get("numpy")
+        return _RandomStates(random.getstate(), numpy.random.get_state() if numpy is not None else None,
+                             torch.random.get_rng_state(),
+                             torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+
+    def same_as(self, other: "_RandomStates") -> bool:
+        return (self.python == other.python and _equal_states(self.numpy, other.numpy)
+                and _equal_states(self.torch_cpu, other.torch_cpu) and _equal_states(self.torch_cuda, other.torch_cuda))
+
+    def restore(self) -> None:
+        random.setstate(self.python)
+        if self.numpy is not None:
+            sys.modules["numpy"].random.set_state(self.numpy)
+        torch.random.set_rng_state(self.torch_cpu)
+        if self.torch_cuda is not None:
+            torch.cuda.set_rng_state_all(self.torch_cuda)
+
+
+def _equal_states(a: object, b: object) -> bool:
+    """Equality of generator states, which hold arrays and tensors (numpy's, torch's) in tuples and lists."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return (isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b)
+                and all(map(_equal_states, a, b)))
+    if hasattr(a, "shape") or hasattr(b, "shape"):  # numpy's key array
+        return bool(sys.modules["numpy"].array_equal(a, b))
+    return a == b
+
+
 def trace_forward(module: nn.Module, flip_modes: bool = False) -> Trace:
     """`module.forward` traced on a :func:`_tracing_copy` as it stands (grad mode on, autocast off),
     or with the train/eval flag of the module and of each of its submodules flipped (grad mode off,
@@ -204,11 +274,14 @@ def trace_forward(module: nn.Module, flip_modes: bool = False) -> Trace:
         for _, m in named:
             m.__class__ = _recording_class(type(m))
         _reads.watched, _reads.values = watched, {}
+        random_states = _RandomStates.now()
         try:
             graph = tracer.trace(module)
             reads = _reads.values
+            draws = not _RandomStates.now().same_as(random_states)
         finally:
             _reads.watched = _reads.values = None
+            random_states.restore()
     attributes, parameters, buffers, children = before[module]
     existing = set(attributes) | set(parameters) | set(buffers) | set(children)
     constants = {node.target: getattr(module, node.target) for node in graph.nodes
@@ -223,6 +296,7 @@ def trace_forward(module: nn.Module, flip_modes: bool = False) -> Trace:
     unfreezable = sorted(name for name, value in reads.items() if not _frozen_value(value))
     frozen = (f"forward assigns {', '.join(sorted(changed))}" if changed else
               "forward sets grad mode, inference mode or autocast" if tracer.switches_modes else
+              "forward draws random numbers outside the graph (Python's, numpy's or torch's generator)" if draws else
               f"forward reads {', '.join(unfreezable)}, which a graph cannot follow" if unfreezable else None)
     return Trace(graph, constants, reads, frozen)
 
@@ -237,19 +311,46 @@ _VIEW_METHODS = frozenset({"view", "view_as", "reshape", "expand", "expand_as", 
                            "split", "chunk", "diagonal", "movedim", "contiguous", "detach", "__getitem__"})
 
 
-def _constant_escapes(graph: torch.fx.Graph, constants: Dict[str, torch.Tensor]) -> bool:
-    """Whether a tensor forward creates (a graph constant, made once) is changed in place or returned:
-    forward makes a fresh one per call (``acc = torch.zeros(2); acc += y``), the graph would share one."""
-    reached = [node for node in graph.nodes if node.op == "get_attr" and node.target in constants]
+def keeps_its_input(module: Optional[nn.Module]) -> bool:
+    """Whether calling ``module`` leaves its input as it is and keeps it to itself: a Linear or a fused
+    layer (plain, without hooks), or a plain Sequential whose first module does. A Dropout whose
+    output only such modules read may join a fused layer that keeps its output for backward (NOTE
+    [A Dropout ending a fused layer])."""
+    if module is None or has_call_hooks(module):
+        return False
+    if type(module) in (nn.Linear, FusedLinear, FusedMLP):
+        return True
+    first = next(iter(module._modules.values()), None)
+    return runs_in_sequence(module) and keeps_its_input(first)
+
+
+def _passes_in_place(user: torch.fx.Node) -> bool:
+    """Whether the call `user` asks for in place: ``inplace=True``, by keyword or by position."""
+    if user.kwargs.get("inplace"):
+        return True
+    if user.op != "call_function":
+        return False
+    try:
+        return bool(inspect.signature(user.target).bind(*user.args, **user.kwargs).arguments.get("inplace"))
+    except (TypeError, ValueError):  # no signature to read, or not this call's
+        return False
+
+
+def _changed_or_passed_on(starts: List[torch.fx.Node],
+                          module_keeps_input: Callable[[torch.fx.Node], bool] = lambda call: False) -> bool:
+    """Whether the value of the nodes `starts` (or a view of it) is changed in place, written into,
+    returned, or handed to a module whose call ``module_keeps_input`` does not vouch for."""
+    reached = list(starts)
     seen = set(reached)
     while reached:
         node = reached.pop()
         for user in node.users:
             name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
-            if (user.op in ("output", "call_module")  # returned, or handed to a module that may change it
+            if (user.op == "output"
+                    or (user.op == "call_module" and not module_keeps_input(user))
                     or user.kwargs.get("out") is node  # written into (torch.add(a, b, out=acc))
                     or (user.args[:1] == (node,) and (user.target in _IN_PLACE_OPERATORS or name in _IN_PLACE_DUNDERS
-                                                      or user.kwargs.get("inplace")
+                                                      or _passes_in_place(user)
                                                       or (name.endswith("_") and not name.endswith("__"))))):
                 return True
             # A view of it, by a method or by indexing (``acc[i]``: operator.getitem, or the method
@@ -259,6 +360,12 @@ def _constant_escapes(graph: torch.fx.Graph, constants: Dict[str, torch.Tensor])
                 seen.add(user)
                 reached.append(user)
     return False
+
+
+def _constant_escapes(graph: torch.fx.Graph, constants: Dict[str, torch.Tensor]) -> bool:
+    """Whether a tensor forward creates (a graph constant, made once) is changed in place or returned:
+    forward makes a fresh one per call (``acc = torch.zeros(2); acc += y``), the graph would share one."""
+    return _changed_or_passed_on([node for node in graph.nodes if node.op == "get_attr" and node.target in constants])
 
 
 def _same_constants(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> bool:
@@ -518,7 +625,10 @@ def _fused_graph_module(module: nn.Module, path: str, pinned: AbstractSet[int], 
             if (after.op == "call_module" and after.args == (act_node,) and not after.kwargs
                     and call_counts[after.target] == 1
                     and id(dropout := gm.get_submodule(after.target)) not in pinned
-                    and (found_p := dropout_joining(linear, dropout)) is not None):
+                    and (found_p := dropout_joining(linear, dropout)) is not None
+                    and (not output_kept_for_backward(activation[0])
+                         or not _changed_or_passed_on(
+                             [after], lambda call: keeps_its_input(gm.get_submodule(call.target))))):
                 p = found_p
                 last = after
                 described.append(describe(dropout))

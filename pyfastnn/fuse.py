@@ -4,7 +4,9 @@ Two passes, innermost modules first:
 
 * inside every ``nn.Sequential`` (nested ones too), each maximal run of ``nn.Linear``, optional
   supported activation, optional ``nn.Dropout`` layers becomes one :class:`~pyfastnn.FusedMLP`
-  (two or more layers) or :class:`~pyfastnn.FusedLinear` (one layer); a Sequential that is one
+  (two or more layers) or :class:`~pyfastnn.FusedLinear` (one layer), but for a Dropout ending
+  the run after relu, sigmoid or tanh where code after the run may change its output in place (NOTE
+  [A Dropout ending a fused layer]); a Sequential that is one
   run altogether (and holds no parameter, buffer or attribute of its own) is replaced by a
   FusedMLP with the same state-dict keys. In a Sequential that
   keeps other modules, the fused module takes the index of the run's first module and the
@@ -20,8 +22,9 @@ Two passes, innermost modules first:
   ``eval()`` (a ``self.training`` branch or ``F.dropout(..., self.training)``, a child's flag too;
   a graph would freeze one mode), and forwards doing what a graph does not record (taking more
   than one input, assigning to the module, setting grad mode, inference mode or autocast, making
-  tensors that differ between traces, reading mutable or class-level values or missing
-  attributes) are left as they are, and so is a Sequential whose ``forward`` or ``__iter__`` is
+  tensors that differ between traces, drawing random numbers outside the graph, turning a buffer
+  into a Python value, reading mutable or class-level values or missing attributes) are left as
+  they are, and so is a Sequential whose ``forward`` or ``__iter__`` is
   not Sequential's (a subclass's, or a forward set on the instance). Tracing runs on a copy
   sharing the tensors, so forward's writes never reach the model. The immutable attributes a
   traced forward reads are frozen into its graph, whose first step raises if one changed.
@@ -51,11 +54,11 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 import torch
 from torch import nn
 
-from ._ops import check_flag
+from ._ops import check_flag, output_kept_for_backward
 from ._patterns import (STATELESS_ACTIVATIONS, Layer, activation_of, describe, dropout_of, fusable_linear,
                         has_call_hooks, has_hooks, is_plain, linear_dtype_problem, parse_layers, runs_in_sequence)
 from ._reach import reached_past_their_owner
-from ._tracing import ShallowTracer, check_unchanged, fuse_traced, unpickle_keeping_graph_module
+from ._tracing import ShallowTracer, check_unchanged, fuse_traced, keeps_its_input, unpickle_keeping_graph_module
 from .nn import FusedLinear, FusedMLP, fused_layers
 
 __all__ = ["fuse", "FusedRun", "Absorbed", "SAFE_GLOBALS"]
@@ -201,7 +204,7 @@ def _fused_module(layers: List[Layer], fusion: "_Fusion", as_mlp: bool = False) 
     return fused[0] if len(fused) == 1 and not as_mlp else FusedMLP.from_layers(fused)
 
 
-def _shared_modules_to_leave(model: nn.Module, pinned: Set[int]) -> Set[int]:
+def _shared_modules_to_leave(model: nn.Module, pinned: Set[int], read_safely: Set[int]) -> Set[int]:
     """ids of the modules held at several places of ``model`` that fusion would make several of,
     left as they are everywhere:
 
@@ -220,7 +223,8 @@ def _shared_modules_to_leave(model: nn.Module, pinned: Set[int]) -> Set[int]:
         absorbed_at: Dict[int, List[bool]] = {}  # a module with settings: absorbed at each of its places?
         for module in model.modules():
             children = list(module._modules.values())
-            fused_at, absorbed = _fused_places(children, pinned | leave) if runs_in_sequence(module) else ({}, set())
+            fused_at, absorbed = (_fused_places(children, pinned | leave, id(module) in read_safely)
+                                  if runs_in_sequence(module) else ({}, set()))
             for i, child in enumerate(children):
                 if isinstance(child, nn.Linear):
                     linear_places.setdefault(id(child), []).append(fused_at.get(i))
@@ -236,12 +240,14 @@ def _shared_modules_to_leave(model: nn.Module, pinned: Set[int]) -> Set[int]:
         leave |= more
 
 
-def _runs(modules: List[nn.Module], pinned: Set[int]) -> Iterator[Tuple[int, int, List[Layer], List[int]]]:
-    """The runs of ``modules`` (a Sequential's) worth fusing, first to last, as _fuse_sequential fuses
-    them: each one's first index, the index past it, its layers and the indices of their Linears."""
+def _runs(modules: List[nn.Module], pinned: Set[int],
+          read_safely: bool) -> Iterator[Tuple[int, int, List[Layer], List[int]]]:
+    """The runs of ``modules`` (a Sequential's, whose output is read as ``read_safely`` says) worth
+    fusing, first to last, as _fuse_sequential fuses them: each one's first index, the index past it,
+    its layers and the indices of their Linears."""
     i = 0
     while i < len(modules):
-        layers, end = parse_layers(modules, i, pinned)
+        layers, end = _parse_run(modules, i, pinned, read_safely)
         if not _worth_fusing(layers):
             i += 1
             continue
@@ -249,16 +255,63 @@ def _runs(modules: List[nn.Module], pinned: Set[int]) -> Iterator[Tuple[int, int
         i = end
 
 
-def _fused_places(modules: List[nn.Module], pinned: Set[int]) -> Tuple[Dict[int, Tuple], Set[int]]:
+def _fused_places(modules: List[nn.Module], pinned: Set[int], read_safely: bool) -> Tuple[Dict[int, Tuple], Set[int]]:
     """Where _fuse_sequential fuses in ``modules`` (a Sequential's): the positions of the Linears it
     fuses, each with the (activation, slope, dropout) after it, and the positions of the modules it
     absorbs after them."""
     fused_at: Dict[int, Tuple] = {}
     absorbed: Set[int] = set()
-    for start, end, layers, linears in _runs(modules, pinned):
+    for start, end, layers, linears in _runs(modules, pinned, read_safely):
         fused_at.update((j, tuple(layer[1:])) for j, layer in zip(linears, layers))
         absorbed |= set(range(start, end)) - set(linears)
     return fused_at, absorbed
+
+
+# NOTE [A Dropout ending a fused layer]
+# Backward of a relu, sigmoid or tanh layer reads the layer's output, also after its fused dropout
+# (output_kept_for_backward), where torch's Dropout gives a tensor of its own that nothing keeps:
+# code may change it in place (a residual block's `h += x`) and still train. A Dropout that would
+# end a fused run after such an activation therefore joins it only where what reads the run's
+# output keeps it as it is (keeps_its_input: a Linear, a fused layer, a Sequential starting with
+# one): the next module of the Sequential or, past its end, whatever reads the Sequential's output
+# where a plain Sequential holds it (_outputs_read_safely); in a traced forward, the graph's uses.
+# Anywhere else it stays a Dropout after the fused layer.
+def _parse_run(modules: List[nn.Module], start: int, pinned: Set[int], read_safely: bool) -> Tuple[List[Layer], int]:
+    """parse_layers' run from ``modules[start]``, without a last Dropout that must stay a Dropout
+    (NOTE [A Dropout ending a fused layer]); ``read_safely``: whether the Sequential's own output is
+    read only by modules keeping their input."""
+    layers, end = parse_layers(modules, start, pinned)
+    if (layers and modules[end - 1] is not layers[-1].linear and dropout_of(modules[end - 1]) is not None
+            and output_kept_for_backward(layers[-1].activation)
+            and not (keeps_its_input(modules[end]) if end < len(modules) else read_safely)):
+        layers[-1] = layers[-1]._replace(dropout=0.0)
+        end -= 1
+    return layers, end
+
+
+def _outputs_read_safely(model: nn.Module) -> Set[int]:
+    """ids of the Sequentials (below ``model``) whose output, at every place they are held, only
+    modules keeping their input read: the next module of the plain Sequential holding them or, past
+    its end, what reads that Sequential's output. A module held by any other module, whose forward
+    may do anything with what it returns, or by none (``model``'s output goes to the caller), is not
+    one."""
+    verdicts: Dict[int, bool] = {}
+    visited: Set[Tuple[int, bool]] = set()  # a module below a place read alike gives the same verdicts
+
+    def visit(module: nn.Module, read_safely: bool) -> None:
+        if (id(module), read_safely) in visited:  # also a module holding one above it
+            return
+        visited.add((id(module), read_safely))
+        children = list(module._modules.values())
+        in_sequence = runs_in_sequence(module)
+        for i, child in enumerate(children):
+            if child is not None:
+                safe = in_sequence and (keeps_its_input(children[i + 1]) if i + 1 < len(children) else read_safely)
+                verdicts[id(child)] = verdicts.get(id(child), True) and safe
+                visit(child, safe)
+
+    visit(model, False)
+    return {module for module, safe in verdicts.items() if safe}
 
 
 def _worth_fusing(layers: List[Layer]) -> bool:
@@ -356,7 +409,8 @@ _check_unchanged = check_unchanged
 def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_whole: bool = True) -> nn.Module:
     names, modules = list(seq._modules), list(seq._modules.values())
     report = fusion.report
-    layers, end = parse_layers(modules, 0, fusion.pinned)
+    read_safely = id(seq) in fusion.read_safely
+    layers, end = _parse_run(modules, 0, fusion.pinned, read_safely)
     # A FusedMLP in the Sequential's place would lose any parameter, buffer or attribute of its own.
     if replace_whole and _worth_fusing(layers) and end == len(modules) and is_plain(seq, nn.Sequential, True):
         # The whole Sequential is one run: a FusedMLP takes its place, and its layers take the
@@ -369,7 +423,7 @@ def _fuse_sequential(seq: nn.Sequential, path: str, fusion: "_Fusion", replace_w
     # first module, Absorbed placeholders under the others' (indices, len() and append() keep working).
     renames: Dict[str, str] = {}
     slots: Dict[str, Tuple[nn.Module, str]] = {}
-    for i, end, layers, linears in _runs(modules, fusion.pinned):
+    for i, end, layers, linears in _runs(modules, fusion.pinned, read_safely):
         fused = _fused_module(layers, fusion)
         report.append(FusedRun(f"{path}{names[i]}", tuple(describe(m) for m in modules[i:end]), type(fused).__name__))
         setattr(seq, names[i], fused)
@@ -404,6 +458,7 @@ class _Fusion:
     pinned: Set[int]   # ids of modules left as they are: reached past their owner, or shared so fusion would split them
     hooked: List[str]  # modules left unfused for their hooks
     compiled: List[str]  # torch.compile wrappers left as they are
+    read_safely: Set[int]  # ids of the Sequentials whose output only modules keeping their input read
     done: Dict[int, Tuple[nn.Module, nn.Module]] = field(default_factory=dict)  # id -> (module, its result)
     made: Dict[Tuple, FusedLinear] = field(default_factory=dict)  # fused_layers' (Linear's id, settings) -> layer
 
@@ -508,8 +563,8 @@ def fuse(model: nn.Module, inplace: bool = False, *, report: Optional[List[Fused
     tensor hooks or attributes set on parameters (``copy.deepcopy`` drops them): fuse warns where
     there were some. Tracing uses ``torch.fx``, which replaces ``nn.Module.__call__`` for the whole
     process while it traces: calls to ``fuse`` run one at a time, and other threads should not run
-    modules while one does. Tracing draws no random numbers from torch's CPU generator as far as
-    the model can see: its state is restored afterwards.
+    modules while one does. Tracing draws no random numbers as far as the caller can see: the
+    states of torch's, Python's and numpy's generators are restored afterwards.
 
     Example:
         >>> import torch, pyfastnn
@@ -535,9 +590,9 @@ def fuse(model: nn.Module, inplace: bool = False, *, report: Optional[List[Fused
         raise TypeError("pyfastnn.fuse got a torch.compile'd model, which would go on running the module it "
                         "compiled: fuse first, then compile (torch.compile(pyfastnn.fuse(model)); the original is "
                         "its _orig_mod)")
-    # torch.fx patches nn.Module process-wide while it traces: one fuse at a time. The generator is
-    # forked around the whole fusion, not each trace: traces of a forward that draws random numbers
-    # must differ (so it is left alone), and the caller's stream must not move.
+    # torch.fx patches nn.Module process-wide while it traces: one fuse at a time. The caller's
+    # stream must not move: the generator is forked around the whole fusion (each trace also puts
+    # back the generators it watches for a forward's own draws: _tracing.trace_forward).
     with _FUSING, torch.random.fork_rng(devices=[]):
         return _fuse(model, inplace, report, verbose)
 
@@ -553,7 +608,8 @@ def _fuse(model: nn.Module, inplace: bool, report: Optional[List[FusedRun]], ver
     hooked = [name or type(model).__name__ for name, module in model.named_modules()
               if type(module) is nn.Linear and has_hooks(module) and linear_dtype_problem(module) is None]
     pinned = reached_past_their_owner(model)
-    fusion = _Fusion([], pinned | _shared_modules_to_leave(model, pinned), [], [])
+    read_safely = _outputs_read_safely(model)
+    fusion = _Fusion([], pinned | _shared_modules_to_leave(model, pinned, read_safely), [], [], read_safely)
     model = _fuse_tree(model, "", fusion, keep_root=inplace)
     hooked += fusion.hooked
     if hooked:

@@ -435,13 +435,12 @@ class FusedMLP(nn.Module):
             >>> mlp[-1].out_features, len(list(mlp)[1:])
             (4, 2)
         """
-        _refuse_slice(index)
-        return list(self._modules.values())[index]  # type: ignore[return-value]
+        return list(self._modules.values())[_layer_position(index, len(self._modules))]  # type: ignore[return-value]
 
     def __setitem__(self, index: int, layer: FusedLinear) -> None:
         """Replaces the index-th layer (by position); it keeps that layer's name, so the state-dict keys
         stay. The layers must still chain (checked now, not at the next call)."""
-        _refuse_slice(index)
+        index = _layer_position(index, len(self._modules))
         layers = list(self)
         layers[index] = layer
         _check_layers(layers, list(self._modules))
@@ -602,11 +601,21 @@ def _check_layer(layer, name: Optional[str] = None) -> None:
                         f"put such a layer in an nn.Sequential instead")
 
 
-def _refuse_slice(index) -> None:
+def _layer_position(index: object, count: int) -> int:
+    """The position in ``range(count)`` a FusedMLP index names (negative ones count from the end)."""
     if isinstance(index, slice):
         raise TypeError("FusedMLP indexes layers, not the modules of its nn.Sequential equivalent, so it refuses "
                         "slices; slice the layers (FusedMLP.from_layers(list(mlp)[1:])) or the plain modules "
                         "(mlp.to_sequential()[2:])")
+    try:
+        position = operator.index(index)
+    except TypeError:
+        raise TypeError(f"FusedMLP indices are integers (a layer by position), got {type(index).__name__}; "
+                        f"take a layer by name with get_submodule (its Linear's index in the nn.Sequential: "
+                        f"'0', '2', ...)") from None
+    if not -count <= position < count:
+        raise IndexError(f"FusedMLP index {position} is out of range: it has {count} layer{'s' * (count != 1)}")
+    return position % count
 
 
 class _NotScriptable(torch.jit.frontend.NotSupportedError):

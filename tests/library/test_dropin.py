@@ -6,6 +6,7 @@ in-place ops after identity outputs, live layer attributes and hook-based repara
 import copy
 import io
 import pickle
+import random
 import re
 import subprocess
 import sys
@@ -74,6 +75,15 @@ def test_slicing_a_fused_mlp_is_refused_since_it_would_cut_elsewhere_than_the_se
         fused[:-1]  # plain[:-1] drops the Tanh; by layers it would drop a whole layer
     with pytest.raises(TypeError, match="refuses slices"):
         fused[0:1] = [FusedLinear(8, 8)]
+    # Layer positions, as a list takes them; anything else is named.
+    assert fused[-2] is fused[0] is fused[torch.tensor(0)] and len(list(fused)) == 2
+    with pytest.raises(IndexError, match="FusedMLP index 2 is out of range: it has 2 layers"):
+        fused[2]
+    with pytest.raises(IndexError, match="index -3 is out of range"):
+        fused[-3] = FusedLinear(8, 8)
+    with pytest.raises(TypeError, match="FusedMLP indices are integers .* got str; take a layer by name with "
+                                        "get_submodule"):
+        fused["2"]
     head_off = FusedMLP.from_layers(list(fused)[:-1])  # what the message offers instead
     x = torch.randn(3, 8)
     torch.testing.assert_close(head_off(x), plain[:2](x))
@@ -1093,6 +1103,9 @@ class ReadsAround(nn.Module):
     def __init__(self, how):
         super().__init__()
         self.fc, self.head, self.how, self._config = nn.Linear(4, 4), Head(), how, {"scale": 1.0}
+        self.register_buffer("slope", torch.tensor(0.3))
+        self.register_buffer("flip", torch.tensor(True))
+        self.register_buffer("cache", torch.zeros(3))
 
     def __getattr__(self, name):
         if name == "config_scale":
@@ -1113,22 +1126,90 @@ class ReadsAround(nn.Module):
             return h * torch.tensor(2.0 if torch.is_grad_enabled() else 1.0)
         if self.how == "random constant":
             return h + torch.randn(4)
+        if self.how == "torch random branch":
+            return h.flip(0) if torch.rand(()) < 0.5 else h
+        if self.how == "Python random branch":
+            return h.flip(0) if random.random() < 0.5 else h
+        if self.how == "numpy random number":
+            return h * float(sys.modules["numpy"].random.rand())
+        if self.how == "buffer as a number":
+            return F.leaky_relu(h, float(self.slope))
+        if self.how == "buffer as a branch":
+            return h.flip(0) if self.flip else h
+        if self.how == "buffer's data assigned":
+            self.cache.data = self.cache.data + h.detach().sum()
+        if self.how == "buffer item assigned":
+            self.cache[0] = h.detach().sum()
         if self.how == "inference-mode branch":
             return h * 3.0 if torch.is_inference_mode_enabled() else h
         return h
 
 
 @pytest.mark.parametrize("how", ["class attribute", "__dict__", "training-dependent constant",
-                                 "grad-dependent constant", "random constant", "inference-mode branch"])
+                                 "grad-dependent constant", "random constant", "torch random branch",
+                                 "Python random branch", "numpy random number", "buffer as a number",
+                                 "buffer as a branch", "buffer's data assigned", "buffer item assigned",
+                                 "inference-mode branch"])
 def test_fuse_leaves_forwards_alone_that_a_graph_would_freeze_unseen(how):
     torch.manual_seed(0)
     model = ReadsAround(how)
-    generator = torch.get_rng_state()
+    # numpy is the lesson's dependency, not the library's: its generator is checked where it is loaded.
+    np = pytest.importorskip("numpy") if how == "numpy random number" else sys.modules.get("numpy")
+    generators = torch.get_rng_state(), random.getstate(), np.random.get_state() if np else ()
     fused = pyfastnn.fuse(model)
     assert type(fused) is ReadsAround and type(fused.fc) is nn.Linear
-    # Its traces drew random numbers ("random constant": different ones, so it is left alone, not
-    # frozen); the caller's generator is where it was.
-    assert torch.equal(torch.get_rng_state(), generator)
+    # Its traces drew random numbers (every time a draw is seen, not only where two traces' draws
+    # differ: a branch on one would often be taken alike twice); the caller's generators are where
+    # they were.
+    assert torch.equal(torch.get_rng_state(), generators[0]) and random.getstate() == generators[1]
+    assert np is None or all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), generators[2]))
+    assert model.slope.item() == pytest.approx(0.3) and bool(model.flip) and not model.cache.any()
+
+
+class KeepsRunningStatistics(nn.Module):
+    """Updates buffers in place in forward, as running statistics do."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("running_mean", torch.zeros(4))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        self.running_mean.mul_(0.9).add_(h.detach().mean(0), alpha=0.1)
+        self.seen.add_(x.shape[0])
+        return h
+
+
+class CountsCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1  # an assignment to the module too (the result of += is stored back)
+        return torch.relu(self.fc(x))
+
+
+def test_traced_fuse_records_a_forwards_in_place_buffer_updates_and_runs_none_of_them():
+    torch.manual_seed(0)
+    for child in (KeepsRunningStatistics, CountsCalls):
+        model = nn.Sequential(nn.LayerNorm(4), child())
+        eager = copy.deepcopy(model)
+        for fused in (pyfastnn.fuse(model), pyfastnn.fuse(model, inplace=True)):
+            # The traces ran no update: the buffers are as they were, in the model and in the result.
+            assert all(not buffer.any() for m in (model, fused) for buffer in m[1].buffers())
+        # The updates are in the graph: the fused model's buffers follow the original's call by call.
+        # (`self.calls += 1` stores into the module, which no graph does: that module is left alone.)
+        assert isinstance(fused[1].fc, FusedLinear if child is KeepsRunningStatistics else nn.Linear)
+        for _ in range(3):
+            x = torch.randn(5, 4)
+            torch.testing.assert_close(fused(x), eager(x))
+        for (name, got), want in zip(fused[1].named_buffers(), eager[1].buffers()):
+            assert got.any(), name
+            torch.testing.assert_close(got, want)
 
 
 def test_a_childs_attribute_forward_reads_is_guarded_also_under_torch_compile():
@@ -1770,6 +1851,83 @@ def test_fuse_keeps_a_model_changing_a_leaky_relu_output_in_place_trainable():
     grads = [torch.autograd.grad(m(x).square().sum(), list(m.parameters())) for m in (model, fused)]
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want)
+
+
+class _DroppedResidual(nn.Module):
+    """Blocks that change their dropped-out output in place: legal in training after torch's Dropout,
+    whose output is a tensor of its own, whatever the activation before it kept for backward."""
+
+    def __init__(self, activation: type, traced: bool) -> None:
+        super().__init__()
+        self.traced = traced
+        self.body = nn.Sequential(nn.Linear(8, 8), activation(), nn.Dropout(0.25), nn.Linear(8, 8), activation(),
+                                  nn.Dropout(0.25))
+        self.fc1, self.fc2, self.act1, self.act2 = nn.Linear(8, 8), nn.Linear(8, 8), activation(), activation()
+        self.drop1, self.drop2 = nn.Dropout(0.25), nn.Dropout(0.25)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.traced:
+            h = self.drop2(self.act2(self.fc2(self.drop1(self.act1(self.fc1(x))))))
+        else:
+            h = self.body(x)
+        h += x
+        return h
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["sequential", "traced"])
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU])
+def test_fuse_keeps_a_block_changing_its_dropped_out_output_in_place_trainable(activation, traced):
+    # The fused layer keeps relu's, sigmoid's and tanh's output for backward: the Dropout whose
+    # output leaves the Sequential for a forward that may change it stays a Dropout after it (NOTE
+    # [A Dropout ending a fused layer]); one feeding the next Linear, and any after gelu (whose
+    # backward reads its pre-activation), joins its layer. A traced forward records `h += x` out of
+    # place (a graph value has no in-place add): there the Dropout joins its layer too.
+    torch.manual_seed(0)
+    model = _DroppedResidual(activation, traced).train()
+    fused = pyfastnn.fuse(model)
+    mlp = fused.body if isinstance(fused.body, FusedMLP) else fused.body[0]
+    first, last = (fused.fc1, fused.fc2) if traced else mlp.children()
+    assert first.dropout == 0.25
+    assert last.dropout == (0.25 if traced or activation is nn.GELU else 0.0)
+    if not traced and activation is not nn.GELU:
+        assert type(fused.body[5]) is nn.Dropout
+    x = torch.randn(4, 8)
+    for module in (model, fused):
+        module(x).square().sum().backward()  # a fused layer reading the changed output would raise here
+        assert all(p.grad is not None for name, p in module.named_parameters() if traced == name.startswith("fc"))
+
+
+def _dropout_block(width: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Dropout(0.2))
+
+
+class _DroppedHead(nn.Module):
+    def __init__(self, classifier: nn.Module, in_place: bool = False) -> None:
+        super().__init__()
+        self.fc, self.drop, self.classifier, self.in_place = nn.Linear(8, 8), nn.Dropout(0.2), classifier, in_place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(F.relu(self.fc(x)))
+        return self.classifier(F.relu(h, inplace=True) if self.in_place else h)
+
+
+def test_a_dropout_ending_a_relu_run_is_fused_where_only_layers_keeping_their_input_read_its_output():
+    # NOTE [A Dropout ending a fused layer]: blocks built as Sequentials (the usual MLP builder) keep
+    # their dropout fused when a Linear, a fused layer or a Sequential starting with one reads them.
+    torch.manual_seed(0)
+    dropouts = lambda model: [m.dropout for m in model.modules() if isinstance(m, FusedLinear)]
+    builder = nn.Sequential(_dropout_block(8), nn.Sequential(_dropout_block(8), _dropout_block(8)), nn.Linear(8, 2))
+    assert dropouts(pyfastnn.fuse(builder)) == [0.2, 0.2, 0.2]
+    # What the caller gets, what any other module reads, or what one changes in place: a Dropout.
+    for model in (_dropout_block(8), nn.Sequential(_dropout_block(8), nn.LayerNorm(8)),
+                  _DroppedHead(nn.Identity()), _DroppedHead(nn.Linear(8, 2), in_place=True)):
+        fused = pyfastnn.fuse(model)
+        assert dropouts(fused) == [0.0] and sum(type(m) is nn.Dropout for m in fused.modules()) == 1, fused
+    for classifier in (nn.Linear(8, 2), nn.Sequential(nn.Linear(8, 2), nn.ReLU())):
+        assert pyfastnn.fuse(_DroppedHead(classifier)).fc.dropout == 0.2
+    x = torch.randn(4, 8)
+    for model in (builder, _DroppedHead(nn.Linear(8, 2))):  # in eval, the same values
+        torch.testing.assert_close(pyfastnn.fuse(model).eval()(x), model.eval()(x))
 
 
 def test_inplace_op_after_identity_output_like_nn_linear():
