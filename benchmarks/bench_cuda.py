@@ -23,4 +23,5 @@ if __name__ == "__main__":
         print("bench_cuda.py: error: --device: this script benchmarks the GPU (the CPU's: pyfastnn bench)",
               file=sys.stderr)
         sys.exit(2)
-    sys.exit(main(["--device", "cuda", *sys.argv[1:]]))
+    sys.exit(main(["--device", "cuda", *sys.argv[1:]], prog="bench_cuda.py",
+                  examples=("python benchmarks/bench_cuda.py --quick", "python benchmarks/bench_cuda.py --profile")))

@@ -8,4 +8,7 @@ import sys
 from pyfastnn.benchmark import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Its usage and errors name this script, as the other benchmark scripts' do.
+    sys.exit(main(prog="bench_fused_linear.py",
+                  examples=("python benchmarks/bench_fused_linear.py --quick",
+                            "python benchmarks/bench_fused_linear.py --threads 1 2 --json bench.json")))

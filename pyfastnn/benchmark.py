@@ -684,14 +684,21 @@ def thread_count(text: str) -> int:
     return count
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+#: The command lines ``pyfastnn bench --help`` shows.
+BENCH_EXAMPLES = ("pyfastnn bench --quick", "pyfastnn bench --threads 1 2 --json bench.json",
+                  "pyfastnn bench --device cuda --quick", "pyfastnn bench --device cuda --profile")
+
+
+def main(argv: Optional[Sequence[str]] = None, *, prog: str = "pyfastnn bench",
+         examples: Sequence[str] = BENCH_EXAMPLES) -> int:
+    """``pyfastnn bench``, or a benchmark script's command line: ``prog`` is the name its usage and
+    errors give (the script's file name), ``examples`` the command lines its help shows."""
     parser = command_parser(
-        "pyfastnn bench",
+        prog,
         description=(
             "Times fused_linear against eager PyTorch, the bare GEMMs and torch.compile (CPU) or cuBLASLt's "
             "own epilogue (CUDA), forward and forward+backward, side by side (medians)."),
-        examples=("pyfastnn bench --quick", "pyfastnn bench --threads 1 2 --json bench.json",
-                  "pyfastnn bench --device cuda --quick", "pyfastnn bench --device cuda --profile"))
+        examples=examples)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu (default): float32 on torch's CPU threads; cuda: bfloat16, float16 and float32 on "
                              "the current GPU, then a fused_mlp stack (columns: help(pyfastnn.benchmark.run_cuda))")

@@ -9,5 +9,7 @@ source "$ROOT/scripts/venv.sh"  # VENV, absolute and exported
 "$VENV/bin/pyfastnn" info
 MNIST="${PYFASTNN_MNIST:-$ROOT/../shared/data/mnist}"
 DATA=()
-if [ -d "$MNIST" ]; then DATA=(--data "$MNIST"); else echo "[demo] no MNIST at $MNIST: the MNIST part is skipped"; fi
+# A folder $PYFASTNN_MNIST names is the user's choice: a wrong one is refused, never skipped.
+if [ -n "${PYFASTNN_MNIST:-}" ] || [ -d "$MNIST" ]; then DATA=(--data "$MNIST")
+else echo "[demo] no MNIST at $MNIST: the MNIST part is skipped"; fi
 "$VENV/bin/pyfastnn" demo "${DATA[@]}" --out "${PYFASTNN_DEMO_OUT:-$ROOT/demo_output}"

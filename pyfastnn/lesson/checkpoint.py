@@ -35,10 +35,11 @@ class CheckpointError(ValueError):
 ADAM_SETTINGS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
 
 
-def _optimizer_state_problems(optimizer: torch.optim.Optimizer, state: Dict) -> List[str]:
-    """What in a checkpoint's optimizer state does not fit ``optimizer``: torch's load_state_dict
-    checks only the parameter counts, and Adam's fused kernel reads moment tensors of another shape
-    out of bounds (a crash, or memory silently overwritten) at the first step."""
+def _optimizer_state_problems(optimizer: torch.optim.Optimizer, state: Dict, epochs_done: int) -> List[str]:
+    """What in a checkpoint's optimizer state does not fit ``optimizer``, after ``epochs_done`` epochs
+    of training: torch's load_state_dict checks only the parameter counts, and Adam's fused kernel
+    reads moment tensors of another shape out of bounds (a crash, or memory silently overwritten) at
+    the first step."""
     groups, per_parameter = state.get("param_groups"), state.get("state")
     if not isinstance(groups, list) or not isinstance(per_parameter, dict) or len(groups) != len(optimizer.param_groups):
         return ["it is not the state of one Adam parameter group"]
@@ -55,10 +56,12 @@ def _optimizer_state_problems(optimizer: torch.optim.Optimizer, state: Dict) -> 
         if len(group["params"]) != len(own["params"]):
             problems.append(f"{len(group['params'])} parameters (this model: {len(own['params'])})")
             continue
+        stateless = []
         for index, parameter in zip(group["params"], own["params"]):
             moments = per_parameter.get(index)
-            if moments is None:
-                continue  # a parameter that never stepped has no state yet
+            if moments is None:  # a parameter that never stepped has no state yet
+                stateless.append(index)
+                continue
             wanted = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if own.get("amsgrad") else set())
             if not isinstance(moments, dict) or set(moments) != wanted:
                 problems.append(f"parameter {index}'s state holds {sorted(moments) if isinstance(moments, dict) else moments!r}"
@@ -79,6 +82,11 @@ def _optimizer_state_problems(optimizer: torch.optim.Optimizer, state: Dict) -> 
                 count = float(step.item() if isinstance(step, torch.Tensor) else step)
                 if not (math.isfinite(count) and count >= 1 and count == int(count)):
                     problems.append(f"parameter {index}'s step is {count!r}, not a count of steps")
+        # Every step updates every parameter of the classifier: after an epoch each has Adam's moments,
+        # and going on with fresh ones would not continue the run.
+        if stateless and epochs_done > 0:
+            problems.append(f"no state for parameter(s) {', '.join(map(str, stateless))} after {epochs_done} "
+                            f"epoch(s) of training")
     return problems
 
 
@@ -90,10 +98,11 @@ def _describe_tensor(value) -> str:
     return f"{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}{layout}"
 
 
-def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict, path) -> None:
-    """Loads a checkpoint's optimizer state but keeps this optimizer's implementation flags (a
-    checkpoint written on a GPU with ``capturable=True`` resumes on the CPU and the other way round)."""
-    problems = _optimizer_state_problems(optimizer, state)
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict, path, epochs_done: int) -> None:
+    """Loads a checkpoint's optimizer state (of a run ``epochs_done`` epochs in) but keeps this
+    optimizer's implementation flags (a checkpoint written on a GPU with ``capturable=True`` resumes
+    on the CPU and the other way round)."""
+    problems = _optimizer_state_problems(optimizer, state, epochs_done)
     if problems:
         raise CheckpointError(f"checkpoint {path}: its optimizer state does not fit this run's Adam: "
                               f"{'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}")
@@ -126,9 +135,39 @@ def load_checkpoint(path) -> Dict:
         what = ("is a folder, not a file" if path.is_dir() else "is not a regular file (a device or a pipe)"
                 if path.exists() else "no such file")
         raise CheckpointError(f"checkpoint {path}: {what}")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged or another file
-        raise CheckpointError(f"checkpoint {path}: not a checkpoint file (truncated, damaged or another kind of file)")
-    try:  # torch.load does not verify the archive's checksums: damaged tensor bytes would load silently
+    # torch.save writes a zip archive; anything else is the format before it (which torch.save writes with
+    # _use_new_zipfile_serialization=False, and torch.load still reads), or damaged, or another file.
+    legacy = not zipfile.is_zipfile(path)
+    if not legacy:
+        _check_archive(path)
+    not_a_checkpoint = f"checkpoint {path}: not a checkpoint file (truncated, damaged or another kind of file)"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line), "")
+        if legacy and "Unsupported global" not in detail:  # not even the older format's pickles: another file
+            raise CheckpointError(not_a_checkpoint) from e
+        raise CheckpointError(f"checkpoint {path}: holds objects other than tensors and plain data, which are not "
+                              f"loaded ({detail or type(e).__name__})") from e
+    except Exception as e:  # torch reports a damaged file as RuntimeError, OSError, EOFError or struct.error
+        if legacy:  # without an archive's directory to tell, a file cut short or another file look alike
+            raise CheckpointError(not_a_checkpoint) from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path}: cannot be read, damaged ({reason})") from e
+    missing = [key for key in CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: not a pyfastnn training checkpoint (no {', '.join(missing)})")
+    wrong = _misshapen_entries(state)
+    if wrong:
+        raise CheckpointError(f"checkpoint {path}: not a pyfastnn training checkpoint ({'; '.join(wrong)})")
+    return state
+
+
+def _check_archive(path: Path) -> None:
+    """Raises :class:`CheckpointError` unless the zip archive at ``path`` is whole and one that
+    torch.save wrote (torch.load does not verify the archive's checksums: damaged tensor bytes would
+    load silently)."""
+    try:
         with zipfile.ZipFile(path) as archive:
             failing = archive.testzip()
             names = archive.namelist()
@@ -142,22 +181,6 @@ def load_checkpoint(path) -> Dict:
         raise CheckpointError(f"checkpoint {path}: not a checkpoint file (a zip archive torch.save did not write)")
     if any(name.endswith("/constants.pkl") for name in names):
         raise CheckpointError(f"checkpoint {path}: a TorchScript module (torch.jit.save), not a training checkpoint")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        detail = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line), "")
-        raise CheckpointError(f"checkpoint {path}: holds objects other than tensors and plain data, which are not "
-                              f"loaded ({detail or type(e).__name__})") from e
-    except Exception as e:  # torch reports a damaged archive as RuntimeError, OSError or EOFError
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path}: cannot be read, damaged ({reason})") from e
-    missing = [key for key in CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
-    if missing:
-        raise CheckpointError(f"checkpoint {path}: not a pyfastnn training checkpoint (no {', '.join(missing)})")
-    wrong = _misshapen_entries(state)
-    if wrong:
-        raise CheckpointError(f"checkpoint {path}: not a pyfastnn training checkpoint ({'; '.join(wrong)})")
-    return state
 
 
 #: What each history entry holds (metrics.json and the plots read them all).
@@ -181,6 +204,14 @@ def _misshapen_entries(state: Dict) -> List[str]:
     elif (isinstance(state["epoch"], int) and isinstance(state["history"], list)
           and state["epoch"] != len(state["history"])):  # one history entry per epoch done
         wrong.append(f"epoch is {state['epoch']} but history holds {len(state['history'])} epoch(s)")
+    if "config" in state:  # every checkpoint save_checkpoint wrote records the run's settings there
+        config = state["config"]
+        if not isinstance(config, dict):
+            wrong.append(f"config is {type(config).__name__}, not dict")
+        else:  # without them the resume checks would compare nothing
+            missing = [name for name in RUN_SETTINGS if name not in config and name not in SETTINGS_BEFORE_RECORDED]
+            if missing:
+                wrong.append(f"config lacks {', '.join(missing)}")
     if isinstance(state["history"], list):
         for i, entry in enumerate(state["history"]):
             if not isinstance(entry, dict) or not all(_is_number(entry.get(name)) for name in HISTORY_FIELDS):
@@ -203,7 +234,7 @@ def check_resume_settings(state: Dict, path, config: TrainConfig) -> None:
     checkpoint's (``epochs``, ``max_steps``, the device and the output options may change)."""
     saved = state.get("config")
     if not isinstance(saved, dict):
-        return  # written without its settings: nothing to compare
+        return  # written without its settings (load_checkpoint refuses an edited entry): nothing to compare
     wanted = dataclasses.asdict(config)
     saved = {**SETTINGS_BEFORE_RECORDED, **saved}  # a checkpoint older than a setting trained with its value then
     if isinstance(saved.get("seed"), int) and saved["seed"] >= 2 ** 32:
@@ -243,7 +274,7 @@ def restore_checkpoint(state: Dict, path, model: nn.Module, optimizer: torch.opt
     back; returns (history, epoch)."""
     try:
         model.load_state_dict(_renamed_from_earlier_layouts(state["model"], model))
-        _load_optimizer_state(optimizer, state["optimizer"], path)
+        _load_optimizer_state(optimizer, state["optimizer"], path, state["epoch"])
     except CheckpointError:
         raise
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:

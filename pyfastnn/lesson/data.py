@@ -24,6 +24,7 @@ import torch
 
 from ..command import check_number
 from ..files import atomic_write
+from .settings import check_seed
 
 __all__ = ["IDXError", "read_idx", "load_mnist", "load_fashion_mnist", "normalize", "Batches",
            "MNIST_MEAN", "MNIST_STD", "find_mnist"]
@@ -199,13 +200,20 @@ def load_fashion_mnist(root: PathLike, train: bool = True, download: bool = Fals
     return _load(root, _FASHION, train, download)
 
 
+def mnist_folder_from_environment() -> Optional[str]:
+    """The folder ``$PYFASTNN_MNIST`` names, ``~`` expanded as the shell would; None where it is unset
+    or blank."""
+    named = os.environ.get("PYFASTNN_MNIST", "").strip()
+    return os.path.expanduser(named) if named else None
+
+
 def find_mnist(explicit: Optional[PathLike] = None) -> Optional[Path]:
     """A folder holding MNIST: ``explicit`` when given (None if it holds none: a wrong folder is not
     silently replaced by another), else ``$PYFASTNN_MNIST``, else None."""
-    candidate = explicit if explicit is not None else os.environ.get("PYFASTNN_MNIST", "").strip()
+    candidate = explicit if explicit is not None else mnist_folder_from_environment()
     if not candidate:
         return None
-    folder = Path(candidate).expanduser()  # ~ as the shell would expand it, also in the variable
+    folder = Path(candidate).expanduser()
     return folder if _locate(folder, _MNIST, "t10k-images-idx3-ubyte") else None
 
 
@@ -230,6 +238,7 @@ class Batches:
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, shuffle: bool = True,
                  seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
         check_number("batch_size", batch_size, 1, integer=True)
+        check_seed(seed)  # here, not at the first epoch's shuffle
         if inputs.shape[0] != targets.shape[0] or inputs.device != targets.device:
             raise ValueError(f"inputs ({inputs.shape[0]} rows on {inputs.device}) and targets ({targets.shape[0]} rows "
                              f"on {targets.device}) must have as many rows, on one device")
@@ -240,7 +249,7 @@ class Batches:
                              f"{inputs.shape[0]} samples cannot be shared among {world_size} processes: "
                              f"each needs at least one")
         self.inputs, self.targets = inputs, targets
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, int(seed)
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch = 0
 

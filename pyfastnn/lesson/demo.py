@@ -21,7 +21,7 @@ from ..files import check_output_names, ensure_writable_folder, hold_folder
 from ..functional import fused_linear
 from ..fuse import fuse
 from . import models
-from .data import find_mnist, load_mnist
+from .data import IDXError, find_mnist, load_mnist, mnist_folder_from_environment
 from .plots import drawn_by_pyfastnn, plot_activations, plot_loss
 from .processes import launched_processes
 from .settings import TrainConfig
@@ -174,7 +174,7 @@ def run(out: Path, data: Optional[str] = None, mnist_steps: int = 300, bench: bo
 
     root = find_mnist(data)
     if root is None:
-        env = os.environ.get("PYFASTNN_MNIST")
+        env = mnist_folder_from_environment()
         fetch = "pyfastnn train mnist --download --data DIR fetches the files"
         _section(f"MNIST: skipped ($PYFASTNN_MNIST={env} holds no MNIST files; pass --data DIR; {fetch})" if env else
                  f"MNIST: skipped (no data; pass --data DIR or set PYFASTNN_MNIST; {fetch})")
@@ -228,13 +228,17 @@ def _demo(args) -> int:
                          "trains across processes")
     # Mistakes in --data, --device or --out fail now, naming the problem, not after minutes of lesson.
     check_device(args.device, "fused")
-    data = args.data if args.data is not None else find_mnist()  # --data, else $PYFASTNN_MNIST if it holds MNIST
+    # --data, else $PYFASTNN_MNIST: a folder either names is checked alike (only with neither is MNIST skipped)
+    data = args.data if args.data is not None else mnist_folder_from_environment()
     if data is not None:  # both splits: a damaged training file would otherwise fail last
-        # Where $PYFASTNN_MNIST named the folder, the hint says so: no --data was passed.
-        hint = (DEMO_MISSING_HINT if args.data is not None else
-                "point $PYFASTNN_MNIST, which named this folder, or --data at the folder that holds them")
-        load_mnist(data, train=False, missing_hint=hint)
-        load_mnist(data, train=True, missing_hint=hint)
+        hint = DEMO_MISSING_HINT if args.data is not None else "point it, or --data, at the folder that holds them"
+        try:
+            for train_split in (False, True):
+                load_mnist(data, train=train_split, missing_hint=hint)
+        except IDXError as error:
+            if args.data is not None:
+                raise
+            raise IDXError(f"$PYFASTNN_MNIST: {error}") from error  # no --data: it says where the folder came from
     out = ensure_writable_folder(args.out)
     with hold_folder(out):  # a second demo into this folder stops now, not after rewriting its pictures
         check_output_names(out, DEMO_PICTURES)

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..command import check_number
+from ..command import InvalidArgument, check_number
 from ..functional import fused_linear
 from ..nn import FusedLinear, FusedMLP
+from .settings import check_seed
 
 __all__ = ["Perceptron", "NumpyTwoLayerNet", "TwoLayerNet", "SimpleNN", "MNISTClassifier", "TorchMNISTClassifier",
            "XOR_INPUTS", "XOR_TARGETS", "AND_TARGETS", "OR_TARGETS"]
@@ -43,10 +44,11 @@ class Perceptron:
     """
 
     def __init__(self, n_inputs: int, seed: Optional[int] = None) -> None:
-        if seed is not None:  # torch's CPU generator keeps a seed's low 32 bits
-            check_number("seed", seed, 0, 2 ** 32 - 1, integer=True)
+        check_number("n_inputs", n_inputs, 1, integer=True)
+        if seed is not None:
+            check_seed(seed)
         generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        self.weights = torch.randn(1, n_inputs, dtype=torch.float64, generator=generator)
+        self.weights = torch.randn(1, int(n_inputs), dtype=torch.float64, generator=generator)
         self.bias = torch.randn(1, dtype=torch.float64, generator=generator)
 
     def weighted_sum(self, X) -> torch.Tensor:
@@ -124,6 +126,10 @@ class NumpyTwoLayerNet:
 
     def __init__(self, input_size: int, hidden_size: int, output_size: int, seed: int = 0,
                  init_scale: float = 0.01) -> None:
+        for name, size in (("input_size", input_size), ("hidden_size", hidden_size), ("output_size", output_size)):
+            check_number(name, size, 1, integer=True)
+        # A standard deviation: 0 is one (every unit alike, the symmetry the lesson's 0.01 nearly has); NaN never trains
+        check_number("init_scale", init_scale, 0)
         if isinstance(seed, numbers.Integral):  # None, a SeedSequence or a Generator: numpy's own
             check_number("seed", seed, 0, integer=True)
         rng = np.random.default_rng(seed)
@@ -131,6 +137,7 @@ class NumpyTwoLayerNet:
         self.b1 = np.zeros((1, hidden_size))
         self.W2 = rng.standard_normal((hidden_size, output_size)) * init_scale
         self.b2 = np.zeros((1, output_size))
+        self.a2: Optional[np.ndarray] = None  # the forward pass's output, which backward reads
 
     @staticmethod
     def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -151,6 +158,8 @@ class NumpyTwoLayerNet:
 
     def backward(self, X: np.ndarray, y: np.ndarray, learning_rate: float = 0.1) -> None:
         """One gradient step from the cached forward pass."""
+        if self.a2 is None:
+            raise RuntimeError("backward needs the activations of a forward pass: call forward(X) first")
         m = X.shape[0]
         output_delta = (self.a2 - y) * self.sigmoid_derivative(self.a2)
         hidden_delta = (output_delta @ self.W2.T) * self.sigmoid_derivative(self.a1)
@@ -293,6 +302,9 @@ class MNISTClassifier(nn.Module):
     def __init__(self, hidden_sizes: Sequence[int] = (256, 128), dropout: float = 0.2,
                  in_features: int = 28 * 28, num_classes: int = 10, activation: str = "relu") -> None:
         super().__init__()
+        check_hidden_sizes(hidden_sizes)
+        check_number("in_features", in_features, 1, integer=True)
+        check_number("num_classes", num_classes, 1, integer=True)
         # Built with dropout, the layers sit at the lesson's indices (0, 3, 6: its Sequential has a
         # Dropout after each hidden ReLU whatever p is); the indices stay when p is then set.
         self.layers = FusedMLP([in_features, *hidden_sizes, num_classes], activation=activation, dropout=0.5)
@@ -314,6 +326,16 @@ class MNISTClassifier(nn.Module):
         twin = TorchMNISTClassifier(nn.Sequential(*modules))
         twin.training = twin.flatten.training = twin.layers.training = self.training  # the rest: their layers' modes
         return _detached_copy(twin)
+
+
+def check_hidden_sizes(hidden_sizes: Sequence[int]) -> None:
+    """Raises :class:`~pyfastnn.command.InvalidArgument` unless ``hidden_sizes`` lists the widths of
+    one or more hidden layers, each an integer from 1 to 2**31 - 1 (a width of 0 would build a
+    network with no hidden units)."""
+    if not isinstance(hidden_sizes, (list, tuple)) or not hidden_sizes:
+        raise InvalidArgument("hidden_sizes", f"must be the widths of one or more hidden layers, got {hidden_sizes!r}")
+    for width in hidden_sizes:  # beyond int32, no layer's weight would fit in any memory
+        check_number("hidden_sizes", width, 1, 2 ** 31 - 1, integer=True)
 
 
 class TorchMNISTClassifier(nn.Module):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
+from ..command import check_number
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -62,3 +64,18 @@ class TrainConfig:
     flush_denormals: bool = True
     overwrite: bool = False
     label: Optional[str] = None
+
+
+def check_seed(seed: int) -> None:
+    """Raises :class:`~pyfastnn.command.InvalidArgument` unless ``seed`` is an integer from 0 to
+    2**32 - 1, a seed of torch's CPU generator (a training run's, a perceptron's, the batches' order).
+
+    Example:
+        >>> from pyfastnn.lesson.settings import check_seed
+        >>> check_seed(2 ** 32)
+        Traceback (most recent call last):
+        ...
+        pyfastnn.command.InvalidArgument: seed must be <= 4294967295, got 4294967296
+    """
+    # torch's CPU generator (Mersenne Twister) keeps a seed's low 32 bits: larger ones repeat smaller ones' draws
+    check_number("seed", seed, 0, 2 ** 32 - 1, integer=True)

@@ -32,12 +32,12 @@ from ..files import atomic_write, check_output_names, json_bytes, output_folder
 from ..info import info
 from .checkpoint import (CheckpointError, check_resume_settings, load_checkpoint, restore_checkpoint,
                          rng_states_of_every_rank, save_checkpoint)
-from .data import Batches, find_mnist, load_fashion_mnist, load_mnist, normalize
-from .models import MNISTClassifier
+from .data import Batches, find_mnist, load_fashion_mnist, load_mnist, mnist_folder_from_environment, normalize
+from .models import MNISTClassifier, check_hidden_sizes
 from .plots import plot_predictions, plot_training_curves
 from .processes import (another_process_stopped, global_tally, join_run, launched_processes, rank_seed,
                         torchrun_local_rank)
-from .settings import TrainConfig
+from .settings import TrainConfig, check_seed
 
 LOADERS = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist}
 BACKENDS = ("fused", "torch")
@@ -114,15 +114,10 @@ def check_config(config: TrainConfig) -> None:
         FusedLinear(1, 1, dropout=config.dropout, device="meta")  # on meta: no memory, no random draws
     except ValueError as error:
         raise InvalidArgument("dropout", str(error).split("dropout probability ", 1)[-1]) from None
-    if not isinstance(config.hidden_sizes, (list, tuple)) or not config.hidden_sizes:
-        raise InvalidArgument("hidden_sizes", f"must be the widths of one or more hidden layers, got "
-                                              f"{config.hidden_sizes!r}")
-    for width in config.hidden_sizes:  # beyond int32, no layer's weight would fit in any memory
-        check_number("hidden_sizes", width, 1, 2 ** 31 - 1, integer=True)
+    check_hidden_sizes(config.hidden_sizes)
     if config.activation not in ACTIVATIONS:
         raise InvalidArgument("activation", f"must be one of {', '.join(ACTIVATIONS)}, got {config.activation!r}")
-    # torch's CPU generator (Mersenne Twister) keeps a seed's low 32 bits: larger ones would repeat a run
-    check_number("seed", config.seed, 0, 2 ** 32 - 1, integer=True)
+    check_seed(config.seed)
     if config.max_steps is not None:
         check_number("max_steps", config.max_steps, 1, integer=True)
     for name in FLAG_SETTINGS:
@@ -264,10 +259,12 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
              batch_size: Optional[int] = 1000) -> Tuple[float, float, torch.Tensor]:
     """(mean cross-entropy, accuracy, predictions) over the whole set, in eval mode; in chunks of
     ``batch_size`` rows, or in one forward with ``batch_size=None`` (on a GPU, one launch per layer)."""
+    if batch_size is not None:  # 0 or less would slice no chunk, or chunks of the wrong rows
+        check_number("batch_size", batch_size, 1, integer=True)
     was_training = model.training
     model.eval()
     total_loss, predictions = 0.0, []
-    batch_size = batch_size or max(1, inputs.shape[0])
+    batch_size = max(1, inputs.shape[0]) if batch_size is None else batch_size
     for start in range(0, inputs.shape[0], batch_size):
         logits = model(inputs[start:start + batch_size])
         total_loss += F.cross_entropy(logits, targets[start:start + batch_size], reduction="sum").item()
@@ -333,6 +330,9 @@ def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank
     start_epoch = 0
     if resumed is not None:
         history, start_epoch = restore_checkpoint(resumed, config.resume, model, optimizer, device, rank)
+    asked_epochs = config.epochs
+    if start_epoch > asked_epochs:  # nothing to train: the files record the epochs the run holds, not fewer
+        config = dataclasses.replace(config, epochs=start_epoch)
     # Made before the folder is touched: too few training samples for the processes is refused here.
     batches = Batches(x_train, y_train, config.batch_size, shuffle=True, seed=config.seed,
                       rank=rank, world_size=world_size)
@@ -455,7 +455,7 @@ def _run(config: TrainConfig, resumed: Optional[Dict], out: Optional[Path], rank
 
     if rank == 0 and config.summaries and start_epoch >= config.epochs:
         done = f"the checkpoint has {start_epoch} epoch(s) done, " if resumed is not None else ""
-        print(f"nothing to train: {done}epochs is {config.epochs}")
+        print(f"nothing to train: {done}epochs is {asked_epochs}")
     if start_epoch >= config.epochs and config.out is not None:  # no epoch ran: the folder still gets its state
         save_state(start_epoch)
     metrics = run_metrics(config, device, world_size, graphed, history, True, checkpoint_epoch)
@@ -668,9 +668,9 @@ def _mnist_from_environment(parser: argparse.ArgumentParser, dataset: str, downl
     variable."""
     if dataset != "mnist":
         parser.error("the following arguments are required: --data")
-    if not os.environ.get("PYFASTNN_MNIST", "").strip():
+    folder = mnist_folder_from_environment()  # ~ expanded, as for --data
+    if folder is None:
         parser.error("the following arguments are required: --data (or $PYFASTNN_MNIST, the MNIST folder)")
-    folder = path_argument(os.environ["PYFASTNN_MNIST"])  # ~ expanded, as for --data
     if not download and find_mnist(folder) is None:
         parser.error(f"$PYFASTNN_MNIST={folder} holds no MNIST files (flat or MNIST/raw): point it, or --data, at "
                      "the folder that holds them (or add --download)")

@@ -173,6 +173,38 @@ def test_train_corrupt_resume_checkpoint_is_one_line_naming_it(capsys, tmp_path,
     assert "Errno" not in line and "epoch" not in stdout
 
 
+def test_a_checkpoint_saved_again_in_torchs_older_format_resumes_and_a_damaged_one_is_named(capsys, tmp_path,
+                                                                                            tiny_mnist_dir):
+    """torch.save(..., _use_new_zipfile_serialization=False) writes the format before the zip archive,
+    which torch.load(weights_only=True) reads: such a copy of a checkpoint continues the run."""
+    from pyfastnn.lesson.train import TrainConfig, train
+
+    common = dict(data=str(tiny_mnist_dir), max_steps=1, progress=False, plots=False)
+    train(TrainConfig(epochs=1, out=str(tmp_path / "a"), **common))
+    state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    older = tmp_path / "older.pt"
+    torch.save(state, older, _use_new_zipfile_serialization=False)
+    straight = train(TrainConfig(epochs=2, out=None, **common))
+    resumed = train(TrainConfig(epochs=2, out=str(tmp_path / "b"), resume=str(older), **common))
+    assert [h["epoch"] for h in resumed.metrics["history"]] == [1, 2]
+    for (name, p), q in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(p, q), name
+    # Cut short, or holding code, it is refused in one line as a zip checkpoint would be.
+    data = older.read_bytes()
+    capsys.readouterr()
+    for content, problem in ((data[: len(data) // 2], "not a checkpoint file (truncated, damaged or another kind"),
+                             (data[:40], "not a checkpoint file (truncated, damaged or another kind")):
+        older.write_bytes(content)
+        status, stdout, err = cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--epochs", "2",
+                                  "--resume", str(older), "--out", str(tmp_path / "c"))
+        line = error_line(err, "pyfastnn train")
+        assert status == 1 and f"checkpoint {older}: {problem}" in line and "epoch" not in stdout, line
+    torch.save({"model": _Unsafe()}, older, _use_new_zipfile_serialization=False)
+    status, _, err = cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--resume", str(older), "--out",
+                         str(tmp_path / "c"))
+    assert status == 1 and "holds objects other than tensors and plain data" in error_line(err, "pyfastnn train")
+
+
 def test_train_resume_of_missing_file_or_other_model(capsys, tmp_path, tiny_mnist_dir):
     missing = tmp_path / "missing.pt"
     status, _, err = cli(capsys, "train", "mnist", "--data", str(tiny_mnist_dir), "--resume", str(missing),
@@ -231,6 +263,14 @@ def test_train_resume_of_missing_file_or_other_model(capsys, tmp_path, tiny_mnis
     (lambda state: state["optimizer"]["state"][2].update(step=torch.tensor(float("nan"))), "parameter 2's step is nan"),
     (lambda state: state["optimizer"]["state"][1]["exp_avg_sq"].fill_(-1.0), "parameter 1's exp_avg_sq holds negative"),
     (lambda state: state.update(world_size=2), "was trained with 2 process(es) (asked: 1)"),  # torchrun's shards
+    # Settings that say nothing would let every settings check pass unseen.
+    (lambda state: state.update(config=None), "not a pyfastnn training checkpoint (config is NoneType, not dict)"),
+    (lambda state: state.update(config={}), "(config lacks dataset, backend, lr, batch_size, dropout, seed)"),
+    (lambda state: state["config"].pop("lr"), "(config lacks lr)"),
+    # After an epoch every parameter has Adam's moments: fresh ones would not continue the run.
+    (lambda state: state["optimizer"].update(state={}),
+     "optimizer state does not fit this run's Adam: no state for parameter(s) 0, 1, 2, 3, 4, 5 after 1 epoch(s)"),
+    (lambda state: state["optimizer"]["state"].pop(4), "no state for parameter(s) 4 after 1 epoch(s) of training"),
 ])
 def test_train_resume_of_an_edited_checkpoint_names_what_is_wrong(capsys, tmp_path, tiny_mnist_dir, edit, problem):
     from pyfastnn.lesson.train import TrainConfig, train
@@ -577,8 +617,25 @@ def test_demo_missing_mnist_files_name_pyfastnn_mnist_where_it_gave_the_folder(c
     monkeypatch.setenv("PYFASTNN_MNIST", str(partial))
     status, stdout, err = cli(capsys, "demo", "--out", str(tmp_path / "pictures"), "--no-bench")
     line = error_line(err, "pyfastnn demo")
-    assert status == 1 and "train-" in line and "point $PYFASTNN_MNIST, which named this folder, or --data" in line
-    assert "Perceptron" not in stdout
+    assert status == 1 and line.startswith("pyfastnn demo: error: $PYFASTNN_MNIST: train-") and str(partial) in line
+    assert line.endswith("point it, or --data, at the folder that holds them") and "Perceptron" not in stdout
+
+
+def test_demo_takes_a_pyfastnn_mnist_without_mnist_for_the_mistake_a_wrong_data_is(capsys, tmp_path, monkeypatch):
+    """The variable set is a folder asked for, as --data is: one that holds no MNIST stops the demo
+    before the lesson, naming the variable (train stops too); unset, the demo skips its MNIST part."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for named, problem in ((tmp_path / "nosuch", f"data folder {tmp_path / 'nosuch'} does not exist"),
+                           (empty, f"t10k-images-idx3-ubyte[.gz] not found under {empty}")):
+        monkeypatch.setenv("PYFASTNN_MNIST", str(named))
+        status, stdout, err = cli(capsys, "demo", "--out", str(tmp_path / "pictures"), "--no-bench")
+        line = error_line(err, "pyfastnn demo")
+        assert status == 1 and line.startswith(f"pyfastnn demo: error: $PYFASTNN_MNIST: {problem}"), line
+        assert "Perceptron" not in stdout and not (tmp_path / "pictures").exists()
+    monkeypatch.setenv("PYFASTNN_MNIST", " ")  # blank: as if unset
+    status, stdout, err = cli(capsys, "demo", "--out", str(tmp_path / "pictures"), "--no-bench")
+    assert status == 0 and "=== MNIST: skipped (no data; pass --data DIR or set PYFASTNN_MNIST" in stdout, err
 
 
 @pytest.mark.parametrize("name", ["checkpoint.pt", "metrics.json", "curves.png"])

@@ -227,6 +227,20 @@ def test_batches_refuse_a_rank_outside_the_world(rank, world_size, problem):
         Batches(torch.zeros(8, 2), torch.zeros(8), batch_size=2, rank=rank, world_size=world_size)
 
 
+@pytest.mark.parametrize("seed,problem", [
+    (None, "must be an integer, got None"),
+    (1.5, "must be an integer, got 1.5"),
+    (-1, "must be >= 0, got -1"),
+    (2 ** 64, "must be <= 4294967295"),  # torch's generator would take its low 32 bits at best
+])
+def test_batches_check_their_seed_when_made_not_when_iterated(seed, problem):
+    with pytest.raises(ValueError, match=f"seed {problem}"):
+        Batches(torch.zeros(10, 2), torch.zeros(10), batch_size=5, seed=seed)
+    batches = Batches(torch.zeros(10, 2), torch.arange(10), batch_size=5, seed=np.int64(2 ** 32 - 1))
+    batches.set_epoch(1)  # its order is drawn with seed + epoch, beyond 32 bits here
+    assert sorted(torch.cat([y for _, y in batches]).tolist()) == list(range(10))
+
+
 def test_batches_refuse_more_processes_than_samples():
     with pytest.raises(ValueError, match="1 samples cannot be shared among 2 processes: each needs at least one"):
         Batches(torch.zeros(1, 2), torch.zeros(1), batch_size=2, rank=0, world_size=2)

@@ -209,6 +209,62 @@ def test_lesson_models_name_a_bad_seed_and_take_numpy_integers():
         models.Perceptron(2, seed=2 ** 32)
 
 
+@pytest.mark.parametrize("n_inputs,problem", [(-1, "must be >= 1, got -1"), (0, "must be >= 1, got 0"),
+                                               (2.5, "must be an integer, got 2.5"), ("2", "must be an integer")])
+def test_perceptron_names_a_number_of_inputs_it_cannot_have(n_inputs, problem):
+    with pytest.raises(ValueError, match=f"n_inputs {problem}"):
+        models.Perceptron(n_inputs, seed=0)
+    assert models.Perceptron(np.int64(2), seed=0).weights.shape == (1, 2)
+
+
+@pytest.mark.parametrize("sizes,kwargs,problem", [
+    ((0, 4, 1), {}, "input_size must be >= 1, got 0"),
+    ((2, -1, 1), {}, "hidden_size must be >= 1, got -1"),
+    ((2, 4, 1.5), {}, "output_size must be an integer, got 1.5"),
+    ((2, 4, 1), {"init_scale": float("nan")}, "init_scale must be a finite number, got nan"),  # NaN losses
+    ((2, 4, 1), {"init_scale": float("inf")}, "init_scale must be a finite number, got inf"),
+    ((2, 4, 1), {"init_scale": -1.0}, "init_scale must be >= 0, got -1.0"),
+    ((2, 4, 1), {"init_scale": "1"}, "init_scale must be a finite number, got '1'"),
+])
+def test_numpy_net_refuses_sizes_and_initial_scales_it_cannot_train_with(sizes, kwargs, problem):
+    with pytest.raises(ValueError, match=problem):
+        models.NumpyTwoLayerNet(*sizes, seed=0, **kwargs)
+
+
+def test_numpy_net_takes_a_zero_initial_scale_whose_hidden_units_stay_alike():
+    # All weights 0: the symmetry the lesson's 0.01 nearly has, exactly; every hidden unit learns the same.
+    net = models.NumpyTwoLayerNet(2, 4, 1, seed=0, init_scale=0.0)
+    losses = net.fit(X, models.XOR_TARGETS, epochs=100, learning_rate=1.0)
+    assert np.isfinite(losses).all() and np.allclose(net.W1, net.W1[:, :1]) and np.allclose(net.W2, net.W2[0])
+
+
+def test_numpy_net_backward_before_any_forward_says_to_run_forward_first():
+    net = models.NumpyTwoLayerNet(2, 4, 1, seed=0)
+    with pytest.raises(RuntimeError, match=r"call forward\(X\) first"):
+        net.backward(X, models.XOR_TARGETS)
+    net.forward(X)
+    net.backward(X, models.XOR_TARGETS)  # the lesson's order
+
+
+@pytest.mark.parametrize("kwargs,problem", [
+    ({"hidden_sizes": (0,)}, "hidden_sizes must be >= 1, got 0"),  # no hidden unit: the train command refuses it too
+    ({"hidden_sizes": (256, -3)}, "hidden_sizes must be >= 1, got -3"),
+    ({"hidden_sizes": (2.5,)}, "hidden_sizes must be an integer, got 2.5"),
+    ({"hidden_sizes": ()}, r"hidden_sizes must be the widths of one or more hidden layers, got \(\)"),
+    ({"hidden_sizes": 256}, "hidden_sizes must be the widths of one or more hidden layers, got 256"),
+    ({"in_features": 0}, "in_features must be >= 1, got 0"),
+    ({"num_classes": 0}, "num_classes must be >= 1, got 0"),
+])
+def test_mnist_classifier_refuses_widths_as_the_train_command_does(kwargs, problem):
+    with pytest.raises(ValueError, match=problem):
+        models.MNISTClassifier(**kwargs)
+    from pyfastnn.lesson.train import TrainConfig, check_config
+
+    if "hidden_sizes" in kwargs:  # the same words for the same setting
+        with pytest.raises(ValueError, match=problem):
+            check_config(TrainConfig(data="mnist", **kwargs))
+
+
 @pytest.mark.parametrize("y,kwargs,problem", [
     (models.AND_TARGETS[:3], {}, "X has 4 rows but y has 3 labels"),
     (np.append(models.AND_TARGETS, 1), {}, "X has 4 rows but y has 5 labels"),

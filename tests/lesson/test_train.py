@@ -262,6 +262,14 @@ def test_evaluate_in_one_forward_matches_chunks():
     assert not model.training
 
 
+@pytest.mark.parametrize("batch_size,problem", [(0, "must be >= 1, got 0"), (-5, "must be >= 1, got -5"),
+                                                (2.5, "must be an integer, got 2.5")])
+def test_evaluate_refuses_a_batch_size_that_is_not_a_chunk_of_rows(batch_size, problem):
+    model, x, y = MNISTClassifier(hidden_sizes=(8,)), torch.randn(10, 784), torch.randint(0, 10, (10,))
+    with pytest.raises(ValueError, match=f"batch_size {problem}"):  # None is the one forward over all rows
+        evaluate(model, x, y, batch_size=batch_size)
+
+
 def test_max_steps_trains_that_many_steps(tmp_path, tiny_mnist_dir):
     out = tmp_path / "run"
     train(TrainConfig(data=str(tiny_mnist_dir), epochs=1, max_steps=1, batch_size=8, out=str(out), progress=False,
@@ -340,6 +348,23 @@ def test_resume_of_a_finished_run_trains_nothing_and_writes_its_files(tmp_path, 
     assert after["epoch"] == 2
     for name, tensor in before["model"].items():
         assert torch.equal(tensor, after["model"][name]), name
+
+
+def test_a_resume_that_trains_nothing_records_the_epochs_its_run_holds(tmp_path, tiny_mnist_dir, capsys):
+    """Asked for fewer epochs than the checkpoint has done, nothing trains: the files it writes (in the
+    run's own folder, or a new one) say as many epochs as their history holds, not the number asked."""
+    common = ["--data", str(tiny_mnist_dir), "--batch-size", "32", "--max-steps", "1", "--no-plots"]
+    run = tmp_path / "run"
+    assert _train_cli(*common, "--epochs", "2", "--out", str(run)) == 0
+    checkpoint = run / "checkpoint.pt"
+    for asked, out in (("0", run), ("1", run), ("1", tmp_path / "elsewhere")):
+        capsys.readouterr()
+        assert _train_cli(*common, "--epochs", asked, "--resume", str(checkpoint), "--out", str(out)) == 0
+        assert f"nothing to train: the checkpoint has 2 epoch(s) done, epochs is {asked}" in capsys.readouterr().out
+        metrics, state = _metrics(out), torch.load(out / "checkpoint.pt", weights_only=True)
+        assert len(metrics["history"]) == metrics["config"]["epochs"] == 2 and metrics["completed"] is True, asked
+        assert state["epoch"] == state["config"]["epochs"] == 2, asked
+        assert metrics["config"]["max_steps"] == state["config"]["max_steps"] == 1  # the rest as given
 
 
 def test_resuming_a_finished_run_in_its_own_folder_keeps_its_pictures(tmp_path, tiny_mnist_dir):

@@ -562,6 +562,20 @@ def test_a_json_path_ending_in_a_slash_names_a_folder_and_writes_nothing(tmp_pat
     assert keep.read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 
 
+@pytest.mark.parametrize("program,prog", [(["benchmarks/bench_fused_linear.py"], "bench_fused_linear.py"),
+                                          (["benchmarks/bench_cuda.py"], "bench_cuda.py"),
+                                          (["-m", "pyfastnn", "bench"], "pyfastnn bench")])
+def test_benchmark_scripts_give_their_own_name_in_usage_and_errors(program, prog):
+    root = Path(__file__).resolve().parents[2]  # the checkout: the scripts run from there
+    refused, shown = (subprocess.run([sys.executable, *program, argument], capture_output=True, text=True,
+                                     timeout=120, cwd=root) for argument in ("--bogus", "--help"))
+    assert refused.returncode == 2 and refused.stderr.startswith(f"usage: {prog} [-h]"), refused.stderr
+    assert error_line(refused.stderr, prog) == f"{prog}: error: unrecognized arguments: --bogus"
+    # The help's examples are the program's own command lines.
+    assert shown.stdout.startswith(f"usage: {prog} [-h]")
+    assert ("pyfastnn bench" in shown.stdout) == (prog == "pyfastnn bench"), shown.stdout
+
+
 @pytest.mark.parametrize("script,arguments,problem", [
     ("bench_overhead.py", ["--bogus"], "unrecognized arguments: --bogus"),
     ("bench_mlp_call_overhead.py", ["--bogus"], "unrecognized arguments: --bogus"),
