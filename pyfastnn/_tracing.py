@@ -34,8 +34,8 @@ from ._patterns import (FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, STATELESS_ACTI
                         runs_in_sequence)
 from .nn import FusedLinear, FusedMLP, fused_layers
 
-__all__ = ["ShallowTracer", "Trace", "check_unchanged", "fuse_traced", "is_plain_attribute", "keeps_its_input",
-           "plain_attribute_names", "trace_forward", "unpickle_keeping_graph_module"]
+__all__ = ["ShallowTracer", "Trace", "check_unchanged", "dropout_may_end_layer", "fuse_traced", "is_plain_attribute",
+           "keeps_its_input", "plain_attribute_names", "trace_forward", "unpickle_keeping_graph_module"]
 
 
 def _execution_modes() -> Tuple:
@@ -316,12 +316,19 @@ def keeps_its_input(module: Optional[nn.Module]) -> bool:
     layer (plain, without hooks), or a plain Sequential whose first module does. A Dropout whose
     output only such modules read may join a fused layer that keeps its output for backward (NOTE
     [A Dropout ending a fused layer])."""
-    if module is None or has_call_hooks(module):
+    if module is None or has_call_hooks(module) or "forward" in vars(module):  # its own forward may do anything
         return False
     if type(module) in (nn.Linear, FusedLinear, FusedMLP):
         return True
     first = next(iter(module._modules.values()), None)
     return runs_in_sequence(module) and keeps_its_input(first)
+
+
+def dropout_may_end_layer(activation: str, output_read_safely: bool) -> bool:
+    """Whether a Dropout after ``activation`` may join the fused layer as its last step: where
+    backward does not read the layer's output, or where only modules keeping their input read the
+    Dropout's (NOTE [A Dropout ending a fused layer] in :mod:`pyfastnn.fuse`)."""
+    return output_read_safely or not output_kept_for_backward(activation)
 
 
 def _passes_in_place(user: torch.fx.Node) -> bool:
@@ -331,9 +338,11 @@ def _passes_in_place(user: torch.fx.Node) -> bool:
     if user.op != "call_function":
         return False
     try:
-        return bool(inspect.signature(user.target).bind(*user.args, **user.kwargs).arguments.get("inplace"))
+        call = inspect.signature(user.target).bind(*user.args, **user.kwargs)
     except (TypeError, ValueError):  # no signature to read, or not this call's
         return False
+    call.apply_defaults()  # a function changing its input unless told otherwise
+    return bool(call.arguments.get("inplace"))
 
 
 def _changed_or_passed_on(starts: List[torch.fx.Node],
@@ -353,10 +362,10 @@ def _changed_or_passed_on(starts: List[torch.fx.Node],
                                                       or _passes_in_place(user)
                                                       or (name.endswith("_") and not name.endswith("__"))))):
                 return True
-            # A view of it, by a method or by indexing (``acc[i]``: operator.getitem, or the method
-            # ``__getitem__`` where the index is a tensor; followed whether it gives a view or a
-            # copy): changing the view changes it.
-            if user not in seen and (user.target is operator.getitem or name in _VIEW_METHODS):
+            # A view of it, by a method, an attribute (``h.data``, ``h.T``) or by indexing (``acc[i]``:
+            # operator.getitem, or the method ``__getitem__`` where the index is a tensor; followed
+            # whether it gives a view or a copy): changing the view changes it.
+            if user not in seen and (user.target in (operator.getitem, getattr) or name in _VIEW_METHODS):
                 seen.add(user)
                 reached.append(user)
     return False
@@ -626,9 +635,8 @@ def _fused_graph_module(module: nn.Module, path: str, pinned: AbstractSet[int], 
                     and call_counts[after.target] == 1
                     and id(dropout := gm.get_submodule(after.target)) not in pinned
                     and (found_p := dropout_joining(linear, dropout)) is not None
-                    and (not output_kept_for_backward(activation[0])
-                         or not _changed_or_passed_on(
-                             [after], lambda call: keeps_its_input(gm.get_submodule(call.target))))):
+                    and dropout_may_end_layer(activation[0], not _changed_or_passed_on(
+                        [after], lambda call: keeps_its_input(gm.get_submodule(call.target))))):
                 p = found_p
                 last = after
                 described.append(describe(dropout))

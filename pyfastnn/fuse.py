@@ -54,11 +54,12 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 import torch
 from torch import nn
 
-from ._ops import check_flag, output_kept_for_backward
+from ._ops import check_flag
 from ._patterns import (STATELESS_ACTIVATIONS, Layer, activation_of, describe, dropout_of, fusable_linear,
                         has_call_hooks, has_hooks, is_plain, linear_dtype_problem, parse_layers, runs_in_sequence)
 from ._reach import reached_past_their_owner
-from ._tracing import ShallowTracer, check_unchanged, fuse_traced, keeps_its_input, unpickle_keeping_graph_module
+from ._tracing import (ShallowTracer, check_unchanged, dropout_may_end_layer, fuse_traced, keeps_its_input,
+                       unpickle_keeping_graph_module)
 from .nn import FusedLinear, FusedMLP, fused_layers
 
 __all__ = ["fuse", "FusedRun", "Absorbed", "SAFE_GLOBALS"]
@@ -282,19 +283,20 @@ def _parse_run(modules: List[nn.Module], start: int, pinned: Set[int], read_safe
     read only by modules keeping their input."""
     layers, end = parse_layers(modules, start, pinned)
     if (layers and modules[end - 1] is not layers[-1].linear and dropout_of(modules[end - 1]) is not None
-            and output_kept_for_backward(layers[-1].activation)
-            and not (keeps_its_input(modules[end]) if end < len(modules) else read_safely)):
+            and not dropout_may_end_layer(layers[-1].activation,
+                                          keeps_its_input(modules[end]) if end < len(modules) else read_safely)):
         layers[-1] = layers[-1]._replace(dropout=0.0)
         end -= 1
     return layers, end
 
 
-def _outputs_read_safely(model: nn.Module) -> Set[int]:
+def _outputs_read_safely(model: nn.Module, reached: Set[int]) -> Set[int]:
     """ids of the Sequentials (below ``model``) whose output, at every place they are held, only
     modules keeping their input read: the next module of the plain Sequential holding them or, past
     its end, what reads that Sequential's output. A module held by any other module, whose forward
     may do anything with what it returns, or by none (``model``'s output goes to the caller), is not
-    one."""
+    one, and neither is one with call hooks (which see its output) or one in ``reached`` (called
+    from elsewhere too), nor anything inside such a one past its end."""
     verdicts: Dict[int, bool] = {}
     visited: Set[Tuple[int, bool]] = set()  # a module below a place read alike gives the same verdicts
 
@@ -306,7 +308,8 @@ def _outputs_read_safely(model: nn.Module) -> Set[int]:
         in_sequence = runs_in_sequence(module)
         for i, child in enumerate(children):
             if child is not None:
-                safe = in_sequence and (keeps_its_input(children[i + 1]) if i + 1 < len(children) else read_safely)
+                safe = (in_sequence and not has_call_hooks(child) and id(child) not in reached
+                        and (keeps_its_input(children[i + 1]) if i + 1 < len(children) else read_safely))
                 verdicts[id(child)] = verdicts.get(id(child), True) and safe
                 visit(child, safe)
 
@@ -608,7 +611,7 @@ def _fuse(model: nn.Module, inplace: bool, report: Optional[List[FusedRun]], ver
     hooked = [name or type(model).__name__ for name, module in model.named_modules()
               if type(module) is nn.Linear and has_hooks(module) and linear_dtype_problem(module) is None]
     pinned = reached_past_their_owner(model)
-    read_safely = _outputs_read_safely(model)
+    read_safely = _outputs_read_safely(model, pinned)
     fusion = _Fusion([], pinned | _shared_modules_to_leave(model, pinned, read_safely), [], [], read_safely)
     model = _fuse_tree(model, "", fusion, keep_root=inplace)
     hooked += fusion.hooked

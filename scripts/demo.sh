@@ -9,7 +9,8 @@ source "$ROOT/scripts/venv.sh"  # VENV, absolute and exported
 "$VENV/bin/pyfastnn" info
 MNIST="${PYFASTNN_MNIST:-$ROOT/../shared/data/mnist}"
 DATA=()
-# A folder $PYFASTNN_MNIST names is the user's choice: a wrong one is refused, never skipped.
-if [ -n "${PYFASTNN_MNIST:-}" ] || [ -d "$MNIST" ]; then DATA=(--data "$MNIST")
-else echo "[demo] no MNIST at $MNIST: the MNIST part is skipped"; fi
+# Set, $PYFASTNN_MNIST is read by the demo itself, which refuses a wrong folder naming the variable.
+if [ -z "${PYFASTNN_MNIST:-}" ]; then
+  if [ -d "$MNIST" ]; then DATA=(--data "$MNIST"); else echo "[demo] no MNIST at $MNIST: the MNIST part is skipped"; fi
+fi
 "$VENV/bin/pyfastnn" demo "${DATA[@]}" --out "${PYFASTNN_DEMO_OUT:-$ROOT/demo_output}"

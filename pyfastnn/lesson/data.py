@@ -27,7 +27,7 @@ from ..files import atomic_write
 from .settings import check_seed
 
 __all__ = ["IDXError", "read_idx", "load_mnist", "load_fashion_mnist", "normalize", "Batches",
-           "MNIST_MEAN", "MNIST_STD", "find_mnist"]
+           "MNIST_MEAN", "MNIST_STD", "find_mnist", "mnist_folder_from_environment"]
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 PathLike = Union[str, os.PathLike]

@@ -23,7 +23,7 @@ from ..nn import FusedLinear, FusedMLP
 from .settings import check_seed
 
 __all__ = ["Perceptron", "NumpyTwoLayerNet", "TwoLayerNet", "SimpleNN", "MNISTClassifier", "TorchMNISTClassifier",
-           "XOR_INPUTS", "XOR_TARGETS", "AND_TARGETS", "OR_TARGETS"]
+           "XOR_INPUTS", "XOR_TARGETS", "AND_TARGETS", "OR_TARGETS", "check_hidden_sizes"]
 
 XOR_INPUTS = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float64)
 XOR_TARGETS = np.array([[0], [1], [1], [0]], dtype=np.float64)

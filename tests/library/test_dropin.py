@@ -1911,6 +1911,32 @@ class _DroppedHead(nn.Module):
         return self.classifier(F.relu(h, inplace=True) if self.in_place else h)
 
 
+class _ChangesItsDataInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.drop, self.head = nn.Linear(8, 8), nn.Dropout(0.2), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(F.relu(self.fc(x)))
+        h.data.mul_(2)  # unseen by autograd: a fused layer's backward would read the changed values
+        return self.head(h)
+
+
+class _CallsItsBlock(nn.Module):
+    """Calls the first module of its Sequential itself and changes its output in place (not traced:
+    forward takes two inputs)."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        first = _dropout_block(8) if depth == 1 else nn.Sequential(nn.Linear(8, 8), _dropout_block(8))
+        self.outer = nn.Sequential(first, nn.Linear(8, 2))
+
+    def forward(self, x: torch.Tensor, shift: float = 1.0) -> torch.Tensor:
+        h = self.outer[0](x)
+        h += shift
+        return self.outer(x).sum() + h.sum()
+
+
 def test_a_dropout_ending_a_relu_run_is_fused_where_only_layers_keeping_their_input_read_its_output():
     # NOTE [A Dropout ending a fused layer]: blocks built as Sequentials (the usual MLP builder) keep
     # their dropout fused when a Linear, a fused layer or a Sequential starting with one reads them.
@@ -1925,9 +1951,19 @@ def test_a_dropout_ending_a_relu_run_is_fused_where_only_layers_keeping_their_in
         assert dropouts(fused) == [0.0] and sum(type(m) is nn.Dropout for m in fused.modules()) == 1, fused
     for classifier in (nn.Linear(8, 2), nn.Sequential(nn.Linear(8, 2), nn.ReLU())):
         assert pyfastnn.fuse(_DroppedHead(classifier)).fc.dropout == 0.2
+    assert pyfastnn.fuse(_ChangesItsDataInPlace()).fc.dropout == 0.0
     x = torch.randn(4, 8)
     for model in (builder, _DroppedHead(nn.Linear(8, 2))):  # in eval, the same values
         torch.testing.assert_close(pyfastnn.fuse(model).eval()(x), model.eval()(x))
+    # Whatever else gets a Sequential's output, a hook or a forward calling it, keeps it a Dropout:
+    # all of these train after fuse as before.
+    hooked = nn.Sequential(_dropout_block(8), nn.Linear(8, 2))
+    hooked[0].register_forward_hook(lambda module, args, output: output.mul_(2))
+    for model in (hooked, _CallsItsBlock(depth=1), _CallsItsBlock(depth=2)):
+        fused = pyfastnn.fuse(model.train())
+        assert dropouts(fused)[0] == 0.0, fused
+        for module in (model, fused):
+            module(x).sum().backward()  # a fused layer reading the changed output would raise here
 
 
 def test_inplace_op_after_identity_output_like_nn_linear():
