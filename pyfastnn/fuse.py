@@ -275,8 +275,9 @@ def _fused_places(modules: List[nn.Module], pinned: Set[int], read_safely: bool)
 # end a fused run after such an activation therefore joins it only where what reads the run's
 # output keeps it as it is (keeps_its_input: a Linear, a fused layer, a Sequential starting with
 # one): the next module of the Sequential or, past its end, whatever reads the Sequential's output
-# where a plain Sequential holds it (_outputs_read_safely); in a traced forward, the graph's uses.
-# Anywhere else it stays a Dropout after the fused layer.
+# where a plain Sequential holds it and nothing else sees it (no hooks, no calls from elsewhere:
+# _outputs_read_safely); in a traced forward, the graph's uses. Anywhere else it stays a Dropout
+# after the fused layer.
 def _parse_run(modules: List[nn.Module], start: int, pinned: Set[int], read_safely: bool) -> Tuple[List[Layer], int]:
     """parse_layers' run from ``modules[start]``, without a last Dropout that must stay a Dropout
     (NOTE [A Dropout ending a fused layer]); ``read_safely``: whether the Sequential's own output is
